@@ -1,0 +1,57 @@
+# One command each: `make test`, `make bench`, `make wheel`. Each creates (or reuses) .venv, installs what it needs,
+# builds the C++ extension, then runs.
+#
+# On a machine that already has a CUDA torch and no network (the lent GPU machine), use that Python as it is:
+#     make test VENV= PYTHON=python3
+# (VENV empty = no virtual environment and no installs; the extension is rebuilt against that Python's torch.)
+PYTHON ?= python3
+VENV ?= .venv
+JOBS ?= 2
+
+ifeq ($(strip $(VENV)),)
+PY := $(PYTHON)
+DEPS := .deps-system
+else
+PY := $(VENV)/bin/python
+DEPS := $(VENV)/.seqfast-deps
+endif
+
+# Rebuild when any source changes (ninja then recompiles only what changed).
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc)
+
+.PHONY: test test-wheel bench build wheel clean
+
+$(VENV)/.seqfast-deps: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+.deps-system:
+	@$(PY) -c "import torch, triton, pytest, pytest_benchmark" || \
+	  (echo "VENV= mode uses $(PY) as it is: it needs torch, triton, pytest and pytest-benchmark installed"; exit 1)
+
+# The extension is built in place (editable install: seqfast/_C*.so, kernels/ mapped to seqfast.kernels).
+# flock: one C++ build at a time on this 2-core machine.
+.build-stamp: $(DEPS) $(SOURCES)
+	MAX_JOBS=$(JOBS) flock /tmp/seqfast-build.lock \
+	  $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: .build-stamp
+
+test: .build-stamp
+	$(PY) -m pytest tests
+
+bench: .build-stamp
+	$(PY) benchmarks/run.py
+
+wheel: $(DEPS)
+	MAX_JOBS=$(JOBS) flock /tmp/seqfast-build.lock \
+	  $(PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .
+
+test-wheel: wheel
+	$(PY) -m pytest tests/test_wheel.py --run-wheel
+
+clean:
+	rm -rf build dist *.egg-info .build-stamp seqfast/_C*.so

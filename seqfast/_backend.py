@@ -1,0 +1,76 @@
+"""Which kernel family runs an op: chosen by the tensors' device, overridable for tests and debugging.
+
+    cpu  -> "cpp"     (seqfast._C; "reference" when the extension is unavailable)
+    cuda -> "triton"  (seqfast.kernels)
+    else -> "reference"
+
+Override with the environment variable SEQFAST_BACKEND=reference|cpp|triton (read at import) or, scoped,
+``with seqfast.use_backend("triton"): ...``. Forcing "triton" on CPU tensors runs Triton's interpreter, which needs
+TRITON_INTERPRET=1 set before triton is first imported (the test suite does this).
+"""
+import contextlib
+import os
+import threading
+
+import torch
+
+BACKENDS = ("reference", "cpp", "triton")
+
+# dtypes each compiled backend implements; anything else runs the reference (identical results, plain PyTorch).
+_DTYPES = {
+    "cpp": (torch.float32, torch.float64, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+}
+
+
+def _check(name):
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"seqfast backend must be one of {BACKENDS} or None, got {name!r}")
+    return name
+
+
+_state = threading.local()
+_env_default = _check(os.environ.get("SEQFAST_BACKEND") or None)
+
+
+def forced_backend():
+    """The backend forced by use_backend() or SEQFAST_BACKEND, or None for selection by device."""
+    return getattr(_state, "forced", _env_default)
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Run every seqfast op inside the block on backend ``name`` ("reference", "cpp", "triton"; None = by device)."""
+    _check(name)
+    previous = forced_backend()
+    _state.forced = name
+    try:
+        yield
+    finally:
+        _state.forced = previous
+
+
+def select(device, dtype):
+    """The backend that runs an op whose tensors live on ``device`` with floating dtype ``dtype``."""
+    forced = forced_backend()
+    if forced is None:
+        if device.type == "cuda":
+            forced = "triton"
+        elif device.type == "cpu":
+            forced = "cpp"
+        else:
+            return "reference"
+    if forced == "reference":
+        return "reference"
+    if forced == "cpp" and device.type != "cpu":
+        raise RuntimeError(f"seqfast backend 'cpp' runs CPU tensors only, got tensors on {device}")
+    if forced == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("seqfast backend 'triton' on CPU tensors needs Triton's interpreter: set "
+                           "TRITON_INTERPRET=1 before importing triton")
+    if dtype not in _DTYPES[forced]:
+        return "reference"
+    if forced == "cpp":
+        from . import _ext
+        if not _ext.available():
+            return "reference"
+    return forced

@@ -1,0 +1,105 @@
+"""The functional API: one function per fused op, with torch's argument checks and error messages.
+
+Cells take batched 2-D input ([B, I]) and states ([B, H]); the nn modules add unbatched input and default states.
+"""
+import torch
+
+from . import reference as _reference
+from .ops import rnn_cell as _cells
+from .ops import rnn_sequence as _seq
+
+
+def _check_cell(name, input, hx_list, w_ih, w_hh):
+    """The checks (and messages) of torch's _VF.*_cell, plus the dtype/device mismatches its GEMM would reject."""
+    if input.size(1) != w_ih.size(1):
+        raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {w_ih.size(1)}")
+    for i, h in enumerate(hx_list):
+        if input.size(0) != h.size(0):
+            raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{i} batch size {h.size(0)}")
+        if h.size(1) != w_hh.size(1):
+            raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {h.size(1)}, expected {w_hh.size(1)}")
+        if h.dim() != 2:
+            raise RuntimeError(f"{name}: expected hidden{i} to be 2-D, got {h.dim()}-D")
+    for t, what in [(w_ih, "weight_ih")] + [(h, f"hidden{i}") for i, h in enumerate(hx_list)]:
+        if t.dtype != input.dtype:
+            raise RuntimeError(f"{name}: expected {what} to have dtype {input.dtype} (the input's), got {t.dtype}")
+        if t.device != input.device:
+            raise RuntimeError(f"{name}: expected {what} on device {input.device} (the input's), got {t.device}")
+
+
+def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One LSTM step, as torch._VF.lstm_cell: ``hx`` is ``(h, c)``; returns ``(h', c')``."""
+    if len(hx) != 2:
+        raise RuntimeError("lstm_cell expects two hidden states")
+    h, c = hx
+    _check_cell("lstm_cell", input, (h, c), w_ih, w_hh)
+    hy, cy, _ = _cells.lstm_cell(input.contiguous(), h.contiguous(), c.contiguous(), w_ih.contiguous(),
+                                 w_hh.contiguous(), b_ih, b_hh)
+    return hy, cy
+
+
+def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One GRU step, as torch._VF.gru_cell; returns ``h'``."""
+    _check_cell("gru_cell", input, (hx,), w_ih, w_hh)
+    hy, _ = _cells.gru_cell(input.contiguous(), hx.contiguous(), w_ih.contiguous(), w_hh.contiguous(), b_ih, b_hh)
+    return hy
+
+
+def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
+    """One Elman RNN step (``nonlinearity`` "tanh" or "relu"), as torch._VF.rnn_tanh_cell / rnn_relu_cell."""
+    if nonlinearity not in ("tanh", "relu"):
+        raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")
+    _check_cell("rnn_cell", input, (hx,), w_ih, w_hh)
+    return _cells.rnn_cell(input.contiguous(), hx.contiguous(), w_ih.contiguous(), w_hh.contiguous(), b_ih, b_hh,
+                           nonlinearity == "relu")
+
+
+def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, bidirectional=False, dropout=0.0,
+              training=False, nonlinearity="tanh", proj_size=0):
+    """A multi-layer (bi)directional LSTM / GRU / RNN over a whole sequence, as torch._VF.lstm/gru/rnn_*.
+
+    input: time-major [T, B, I] (padded), or packed data [N, I] with ``batch_sizes`` (PackedSequence's).
+    h0 / c0: [layers * directions, B, H] (c0 for LSTM only). weights: per layer and direction, torch's parameter
+    list [w_ih, w_hh, (b_ih, b_hh), (w_hr)]. Returns (output, h_n, c_n or None), output in input's layout.
+    """
+    padded = batch_sizes is None
+    if padded:
+        T, B = input.shape[0], input.shape[1]
+        x = input.reshape(T * B, input.shape[2])
+        batch_sizes = torch.full((T,), B, dtype=torch.int64)
+    else:
+        x = input
+        batch_sizes = batch_sizes.cpu()
+    dirs = 2 if bidirectional else 1
+    lstm = kind == "lstm"
+    bias = len(weights[0]) >= 4
+    h_out, c_out = [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(dirs):
+            idx = layer * dirs + d
+            w = weights[idx]
+            w_ih, w_hh = w[0].contiguous(), w[1].contiguous()
+            b_ih, b_hh = (w[2], w[3]) if bias else (None, None)
+            x_c, h = x.contiguous(), h0[idx].contiguous()
+            reverse = d == 1
+            if lstm and proj_size > 0:
+                # no fused kernel for the projection yet: the plain PyTorch reference, differentiated by autograd
+                out, hn, cn, _, _ = _reference.lstm_layer_forward(x_c, batch_sizes, h, c0[idx], w_ih, w_hh, b_ih,
+                                                                  b_hh, reverse, w_hr=w[-1])
+            elif lstm:
+                out, hn, cn, _, _ = _seq.lstm_layer(x_c, batch_sizes, h, c0[idx].contiguous(), w_ih, w_hh, b_ih,
+                                                    b_hh, reverse)
+            elif kind == "gru":
+                (out, hn, _), cn = _seq.gru_layer(x_c, batch_sizes, h, w_ih, w_hh, b_ih, b_hh, reverse), None
+            else:
+                (out, hn), cn = _seq.rnn_layer(x_c, batch_sizes, h, w_ih, w_hh, b_ih, b_hh,
+                                               nonlinearity == "relu", reverse), None
+            outs.append(out)
+            h_out.append(hn)
+            c_out.append(cn)
+        x = outs[0] if dirs == 1 else torch.cat(outs, 1)
+        if dropout and training and layer < num_layers - 1:
+            x = torch.nn.functional.dropout(x, dropout, True)
+    output = x.view(T, B, x.shape[1]) if padded else x
+    return output, torch.stack(h_out), (torch.stack(c_out) if lstm else None)

@@ -1,0 +1,117 @@
+"""Fused single-step LSTM, GRU and RNN cells: seqfast::lstm_cell, seqfast::gru_cell, seqfast::rnn_cell.
+
+Forward kernels compute the gate GEMMs with bias, activations and state update fused; backward kernels compute all
+gate derivatives in one pass, then the input/hidden/weight GEMMs. Shapes: x [B, I], states [B, H], w_ih [G*H, I],
+w_hh [G*H, H] (G = 4 LSTM, 3 GRU, 1 RNN).
+"""
+import torch
+
+from ._fused import FusedOp
+
+_W = "Tensor x, Tensor hx"
+_P = "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh"
+
+
+def _empty_like_rows(x, hx, cols):
+    return hx.new_empty((x.shape[0], cols))
+
+
+# ---------------------------------------------------------------- LSTM
+def _lstm_fake(x, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    return torch.empty_like(hx), torch.empty_like(cx), _empty_like_rows(x, hx, w_ih.shape[0])
+
+
+def _lstm_bwd_fake(ghy, gcy, x, hx, cx, w_ih, w_hh, gates, cy):
+    return (torch.empty_like(x), torch.empty_like(hx), torch.empty_like(cx), torch.empty_like(w_ih),
+            torch.empty_like(w_hh), w_ih.new_empty(w_ih.shape[0]))
+
+
+def _lstm_save(ctx, inputs, output):
+    x, hx, cx, w_ih, w_hh, b_ih, b_hh = inputs
+    hy, cy, gates = output
+    ctx.save_for_backward(x, hx, cx, w_ih, w_hh, gates, cy)
+    ctx.bias = (b_ih is not None, b_hh is not None)
+
+
+def _lstm_grad(ctx, grads, run_backward):
+    x, hx, cx, w_ih, w_hh, gates, cy = ctx.saved_tensors
+    ghy, gcy = _defined(grads[0], hx), _defined(grads[1], cx)
+    dx, dhx, dcx, dw_ih, dw_hh, db = run_backward(ghy, gcy, x, hx, cx, w_ih, w_hh, gates, cy)
+    return dx, dhx, dcx, dw_ih, dw_hh, db if ctx.bias[0] else None, db if ctx.bias[1] else None
+
+
+lstm_cell = FusedOp(
+    "lstm_cell", triton_module="rnn_cell",
+    schema=f"(Tensor x, Tensor hx, Tensor cx, {_P}) -> (Tensor, Tensor, Tensor)",
+    backward_schema="(Tensor grad_hy, Tensor grad_cy, Tensor x, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, "
+                    "Tensor gates, Tensor cy) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fake=_lstm_fake, backward_fake=_lstm_bwd_fake, save=_lstm_save, grad=_lstm_grad,
+    num_outputs_differentiable=2)
+
+
+# ---------------------------------------------------------------- GRU
+def _gru_fake(x, hx, w_ih, w_hh, b_ih, b_hh):
+    return torch.empty_like(hx), _empty_like_rows(x, hx, 4 * hx.shape[1])
+
+
+def _gru_bwd_fake(ghy, x, hx, w_ih, w_hh, ws):
+    return (torch.empty_like(x), torch.empty_like(hx), torch.empty_like(w_ih), torch.empty_like(w_hh),
+            w_ih.new_empty(w_ih.shape[0]), w_hh.new_empty(w_hh.shape[0]))
+
+
+def _gru_save(ctx, inputs, output):
+    x, hx, w_ih, w_hh, b_ih, b_hh = inputs
+    ctx.save_for_backward(x, hx, w_ih, w_hh, output[1])
+    ctx.bias = (b_ih is not None, b_hh is not None)
+
+
+def _gru_grad(ctx, grads, run_backward):
+    x, hx, w_ih, w_hh, ws = ctx.saved_tensors
+    dx, dhx, dw_ih, dw_hh, db_ih, db_hh = run_backward(_defined(grads[0], hx), x, hx, w_ih, w_hh, ws)
+    return dx, dhx, dw_ih, dw_hh, db_ih if ctx.bias[0] else None, db_hh if ctx.bias[1] else None
+
+
+gru_cell = FusedOp(
+    "gru_cell", triton_module="rnn_cell",
+    schema=f"({_W}, {_P}) -> (Tensor, Tensor)",
+    backward_schema="(Tensor grad_hy, Tensor x, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor ws) "
+                    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fake=_gru_fake, backward_fake=_gru_bwd_fake, save=_gru_save, grad=_gru_grad,
+    num_outputs_differentiable=1)
+
+
+# ---------------------------------------------------------------- Elman RNN (tanh / relu)
+def _rnn_fake(x, hx, w_ih, w_hh, b_ih, b_hh, relu):
+    return torch.empty_like(hx)
+
+
+def _rnn_bwd_fake(ghy, x, hx, w_ih, w_hh, hy, relu):
+    return (torch.empty_like(x), torch.empty_like(hx), torch.empty_like(w_ih), torch.empty_like(w_hh),
+            w_ih.new_empty(w_ih.shape[0]))
+
+
+def _rnn_save(ctx, inputs, output):
+    x, hx, w_ih, w_hh, b_ih, b_hh, relu = inputs
+    ctx.save_for_backward(x, hx, w_ih, w_hh, output)
+    ctx.bias = (b_ih is not None, b_hh is not None)
+    ctx.relu = relu
+
+
+def _rnn_grad(ctx, grads, run_backward):
+    x, hx, w_ih, w_hh, hy = ctx.saved_tensors
+    dx, dhx, dw_ih, dw_hh, db = run_backward(_defined(grads[0], hx), x, hx, w_ih, w_hh, hy, ctx.relu)
+    return dx, dhx, dw_ih, dw_hh, db if ctx.bias[0] else None, db if ctx.bias[1] else None, None
+
+
+rnn_cell = FusedOp(
+    "rnn_cell", triton_module="rnn_cell",
+    schema=f"({_W}, {_P}, bool relu) -> Tensor",
+    backward_schema="(Tensor grad_hy, Tensor x, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor hy, bool relu) "
+                    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fake=_rnn_fake, backward_fake=_rnn_bwd_fake, save=_rnn_save, grad=_rnn_grad,
+    num_outputs_differentiable=1)
+
+
+def _defined(grad, like):
+    """Autograd passes None for an output nobody used; the kernels take dense zeros."""
+    return torch.zeros_like(like) if grad is None else grad.contiguous()

@@ -1,0 +1,120 @@
+"""One recurrent layer in one direction over a whole sequence: seqfast::lstm_layer, seqfast::gru_layer,
+seqfast::rnn_layer. The input projection of every step is one GEMM; the time loop runs inside the kernel layer
+(C++ on CPU, Triton on CUDA); the backward walks time in reverse there and forms weight gradients with one GEMM over
+all steps.
+
+Layout (PackedSequence's, time-major): x [N, I], step t in rows [off_t, off_t + bs_t), batch_sizes [T] int64 on the
+CPU, non-increasing; padded input is bs_t = B for every t. See seqfast.reference for the exact semantics.
+"""
+import torch
+
+from ._fused import FusedOp
+from .rnn_cell import _defined
+
+_P = "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh"
+
+
+def _rows(x, h0, width=None):
+    return h0.new_empty((x.shape[0], h0.shape[1] if width is None else width))
+
+
+# ---------------------------------------------------------------- LSTM
+def _lstm_fake(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
+    return (_rows(x, h0), torch.empty_like(h0), torch.empty_like(c0), _rows(x, h0, w_ih.shape[0]), _rows(x, c0))
+
+
+def _lstm_bwd_fake(g_out, g_hn, g_cn, x, batch_sizes, h0, c0, w_ih, w_hh, out, gates, cs, reverse):
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
+            torch.empty_like(w_hh), w_ih.new_empty(w_ih.shape[0]))
+
+
+def _lstm_save(ctx, inputs, output):
+    x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse = inputs
+    out, hn, cn, gates, cs = output
+    ctx.save_for_backward(x, batch_sizes, h0, c0, w_ih, w_hh, out, gates, cs)
+    ctx.bias, ctx.reverse = (b_ih is not None, b_hh is not None), reverse
+
+
+def _lstm_grad(ctx, grads, run_backward):
+    x, batch_sizes, h0, c0, w_ih, w_hh, out, gates, cs = ctx.saved_tensors
+    dx, dh0, dc0, dw_ih, dw_hh, db = run_backward(
+        _defined(grads[0], out), _defined(grads[1], h0), _defined(grads[2], c0), x, batch_sizes, h0, c0, w_ih, w_hh,
+        out, gates, cs, ctx.reverse)
+    return (dx, None, dh0, dc0, dw_ih, dw_hh, db if ctx.bias[0] else None, db if ctx.bias[1] else None, None)
+
+
+lstm_layer = FusedOp(
+    "lstm_layer", triton_module="rnn_sequence",
+    schema=f"(Tensor x, Tensor batch_sizes, Tensor h0, Tensor c0, {_P}, bool reverse) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    backward_schema="(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor x, Tensor batch_sizes, Tensor h0, "
+                    "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor out, Tensor gates, Tensor cs, bool reverse) "
+                    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fake=_lstm_fake, backward_fake=_lstm_bwd_fake, save=_lstm_save, grad=_lstm_grad,
+    num_outputs_differentiable=3)
+
+
+# ---------------------------------------------------------------- GRU
+def _gru_fake(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse):
+    return _rows(x, h0), torch.empty_like(h0), _rows(x, h0, 4 * h0.shape[1])
+
+
+def _gru_bwd_fake(g_out, g_hn, x, batch_sizes, h0, w_ih, w_hh, out, ws, reverse):
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(w_ih), torch.empty_like(w_hh),
+            w_ih.new_empty(w_ih.shape[0]), w_hh.new_empty(w_hh.shape[0]))
+
+
+def _gru_save(ctx, inputs, output):
+    x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse = inputs
+    out, hn, ws = output
+    ctx.save_for_backward(x, batch_sizes, h0, w_ih, w_hh, out, ws)
+    ctx.bias, ctx.reverse = (b_ih is not None, b_hh is not None), reverse
+
+
+def _gru_grad(ctx, grads, run_backward):
+    x, batch_sizes, h0, w_ih, w_hh, out, ws = ctx.saved_tensors
+    dx, dh0, dw_ih, dw_hh, db_ih, db_hh = run_backward(
+        _defined(grads[0], out), _defined(grads[1], h0), x, batch_sizes, h0, w_ih, w_hh, out, ws, ctx.reverse)
+    return dx, None, dh0, dw_ih, dw_hh, db_ih if ctx.bias[0] else None, db_hh if ctx.bias[1] else None, None
+
+
+gru_layer = FusedOp(
+    "gru_layer", triton_module="rnn_sequence",
+    schema=f"(Tensor x, Tensor batch_sizes, Tensor h0, {_P}, bool reverse) -> (Tensor, Tensor, Tensor)",
+    backward_schema="(Tensor grad_out, Tensor grad_hn, Tensor x, Tensor batch_sizes, Tensor h0, Tensor w_ih, "
+                    "Tensor w_hh, Tensor out, Tensor ws, bool reverse) "
+                    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fake=_gru_fake, backward_fake=_gru_bwd_fake, save=_gru_save, grad=_gru_grad,
+    num_outputs_differentiable=2)
+
+
+# ---------------------------------------------------------------- Elman RNN
+def _rnn_fake(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, relu, reverse):
+    return _rows(x, h0), torch.empty_like(h0)
+
+
+def _rnn_bwd_fake(g_out, g_hn, x, batch_sizes, h0, w_ih, w_hh, out, relu, reverse):
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(w_ih), torch.empty_like(w_hh),
+            w_ih.new_empty(w_ih.shape[0]))
+
+
+def _rnn_save(ctx, inputs, output):
+    x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, relu, reverse = inputs
+    ctx.save_for_backward(x, batch_sizes, h0, w_ih, w_hh, output[0])
+    ctx.bias, ctx.relu, ctx.reverse = (b_ih is not None, b_hh is not None), relu, reverse
+
+
+def _rnn_grad(ctx, grads, run_backward):
+    x, batch_sizes, h0, w_ih, w_hh, out = ctx.saved_tensors
+    dx, dh0, dw_ih, dw_hh, db = run_backward(
+        _defined(grads[0], out), _defined(grads[1], h0), x, batch_sizes, h0, w_ih, w_hh, out, ctx.relu, ctx.reverse)
+    return dx, None, dh0, dw_ih, dw_hh, db if ctx.bias[0] else None, db if ctx.bias[1] else None, None, None
+
+
+rnn_layer = FusedOp(
+    "rnn_layer", triton_module="rnn_sequence",
+    schema=f"(Tensor x, Tensor batch_sizes, Tensor h0, {_P}, bool relu, bool reverse) -> (Tensor, Tensor)",
+    backward_schema="(Tensor grad_out, Tensor grad_hn, Tensor x, Tensor batch_sizes, Tensor h0, Tensor w_ih, "
+                    "Tensor w_hh, Tensor out, bool relu, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fake=_rnn_fake, backward_fake=_rnn_bwd_fake, save=_rnn_save, grad=_rnn_grad,
+    num_outputs_differentiable=2)

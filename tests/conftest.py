@@ -1,0 +1,64 @@
+"""Test set-up: Triton kernels run through Triton's interpreter on CPU tensors when there is no GPU. The variable must
+be set before triton is first imported, hence here, before anything imports seqfast.kernels."""
+import os
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Pin the reference side's precision: float32 parity must not be judged against TF32 results on a GPU.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+import seqfast  # noqa: E402  (after TRITON_INTERPRET)
+
+try:
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def backend_device(backend):
+    """Where a backend's tests run: cpp on CPU; triton on CUDA when present, else the interpreter on CPU."""
+    return "cpu" if backend == "cpp" else DEVICE
+
+
+# (backend, dtype) pairs each compiled path implements; the reference covers the rest.
+BACKEND_DTYPES = [
+    ("reference", torch.float64), ("reference", torch.float32),
+    ("cpp", torch.float64), ("cpp", torch.float32),
+    ("triton", torch.float32), ("triton", torch.float16), ("triton", torch.bfloat16),
+]
+
+# Tolerances (rtol, atol) against float64 torch.nn on the same (rounded) inputs. fp16/bf16 carry their storage
+# rounding of gates and states (~2^-11 and 2^-8 relative) through a few ops, as Liger/flash-attn tests allow.
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # random inputs every test, reproducible per test
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "triton" in item.nodeid and not HAVE_TRITON:
+            item.add_marker(pytest.mark.skip(reason="triton not installed"))
+        if item.get_closest_marker("cuda") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU")

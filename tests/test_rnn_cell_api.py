@@ -1,0 +1,117 @@
+"""The cell modules behave as torch's: constructor, parameters, state_dict both ways, unbatched input, omitted
+states, errors; the C++ path passes float64 gradcheck; the custom ops pass torch.library.opcheck."""
+import pytest
+import torch
+
+import seqfast
+from seqfast.ops import rnn_cell as cell_ops
+
+PAIRS = [(seqfast.nn.LSTMCell, torch.nn.LSTMCell), (seqfast.nn.GRUCell, torch.nn.GRUCell),
+         (seqfast.nn.RNNCell, torch.nn.RNNCell)]
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls", PAIRS)
+def test_state_dict_both_ways_and_isinstance(ours_cls, torch_cls):
+    ours, theirs = ours_cls(6, 9, bias=False), torch_cls(6, 9, bias=False)
+    assert isinstance(ours, torch_cls)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+    assert repr(ours) == repr(theirs)
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls", PAIRS)
+def test_unbatched_and_default_state(ours_cls, torch_cls):
+    ours, theirs = ours_cls(4, 5), torch_cls(4, 5)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(4)
+    for args in [(x,), (torch.randn(2, 4),)]:
+        a, b = ours(*args), theirs(*args)
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert u.shape == v.shape
+            torch.testing.assert_close(u, v)
+    state = (torch.randn(5), torch.randn(5)) if torch_cls is torch.nn.LSTMCell else torch.randn(5)
+    a, b = ours(x, state), theirs(x, state)
+    for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+        torch.testing.assert_close(u, v)
+
+
+def _bad_calls(torch_cls):
+    h = lambda *s: (torch.randn(*s), torch.randn(*s)) if torch_cls is torch.nn.LSTMCell else torch.randn(*s)  # noqa
+    return [
+        (torch.randn(2, 5), None),            # wrong input size
+        (torch.randn(2, 8), h(3, 16)),        # batch mismatch
+        (torch.randn(2, 8), h(2, 4)),         # wrong hidden size
+        (torch.randn(2, 3, 8), None),         # 3-D input
+        (torch.randn(8), h(2, 16)),           # unbatched input, batched state
+        (torch.randn(2, 8), h(2, 16, 1)),     # 3-D state
+        (torch.randn(2, 8, dtype=torch.float64), None),  # dtype mismatch with the weights
+    ]
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls", PAIRS)
+@pytest.mark.parametrize("case", range(7))
+def test_errors_match_torch(ours_cls, torch_cls, case):
+    ours, theirs = ours_cls(8, 16), torch_cls(8, 16)
+    x, state = _bad_calls(torch_cls)[case]
+    args = (x,) if state is None else (x, state)
+    with pytest.raises(Exception) as expected:
+        theirs(*args)
+    with pytest.raises(expected.type) as got:
+        ours(*args)
+    if case < 6:  # the shape messages are torch's own; the dtype one names the argument instead
+        assert str(got.value) == str(expected.value)
+
+
+def test_lstm_cell_needs_two_states():
+    with pytest.raises(RuntimeError, match="two hidden states"):
+        seqfast.nn.LSTMCell(3, 4)(torch.randn(2, 3), (torch.randn(2, 4),))
+
+
+def test_unknown_nonlinearity():
+    with pytest.raises(RuntimeError, match="Unknown nonlinearity"):  # torch checks at forward time too
+        seqfast.nn.RNNCell(3, 4, nonlinearity="gelu")(torch.randn(2, 3))
+    with pytest.raises(RuntimeError, match="Unknown nonlinearity"):
+        seqfast.functional.rnn_cell(torch.randn(1, 3), torch.randn(1, 4), torch.randn(4, 3), torch.randn(4, 4),
+                                    nonlinearity="gelu")
+
+
+def test_bad_backend_name():
+    with pytest.raises(ValueError, match="backend"):
+        with seqfast.use_backend("cuda"):
+            pass
+
+
+def _cell_args(kind, dtype=torch.float64, batch=3, input_size=4, hidden=5, bias=True):
+    g = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
+    x = torch.randn(batch, input_size, dtype=dtype, requires_grad=True)
+    states = [torch.randn(batch, hidden, dtype=dtype, requires_grad=True) for _ in range(2 if kind == "lstm" else 1)]
+    w_ih = torch.randn(g * hidden, input_size, dtype=dtype, requires_grad=True)
+    w_hh = torch.randn(g * hidden, hidden, dtype=dtype, requires_grad=True)
+    b = [torch.randn(g * hidden, dtype=dtype, requires_grad=True) if bias else None for _ in range(2)]
+    return [x, *states, w_ih, w_hh, *b] + ([True] if kind == "rnn" else [])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_cpp_float64(kind, bias):
+    op = getattr(cell_ops, f"{kind}_cell")
+    args = _cell_args(kind, bias=bias)
+    if kind == "rnn":
+        args[-1] = False  # tanh: smooth everywhere, gradcheck-friendly
+
+    def f(*a):
+        out = op(*a)
+        return out[: (2 if kind == "lstm" else 1)] if isinstance(out, tuple) else out
+
+    with seqfast.use_backend("cpp"):
+        assert torch.autograd.gradcheck(f, tuple(args), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_opcheck_custom_ops(kind):
+    """Schema, fake implementation, and autograd registration of the torch.compile path."""
+    op = getattr(cell_ops, f"{kind}_cell").op
+    for bias in (True, False):
+        torch.library.opcheck(op, tuple(_cell_args(kind, torch.float32, bias=bias)))
