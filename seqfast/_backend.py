@@ -50,8 +50,9 @@ def use_backend(name):
         _state.forced = previous
 
 
-def select(device, dtype):
-    """The backend that runs an op whose tensors live on ``device`` with floating dtype ``dtype``."""
+def select(device, dtype, dtypes=None):
+    """The backend that runs an op whose tensors live on ``device`` with floating dtype ``dtype``; ``dtypes``
+    ({backend: dtypes}) narrows what an op's kernels cover."""
     forced = forced_backend()
     if forced is None:
         if device.type == "cuda":
@@ -67,7 +68,7 @@ def select(device, dtype):
     if forced == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("seqfast backend 'triton' on CPU tensors needs Triton's interpreter: set "
                            "TRITON_INTERPRET=1 before importing triton")
-    if dtype not in _DTYPES[forced]:
+    if dtype not in (dtypes or _DTYPES).get(forced, _DTYPES[forced]):
         return "reference"
     if forced == "cpp":
         from . import _ext

@@ -5,6 +5,7 @@ Cells take batched 2-D input ([B, I]) and states ([B, H]); the nn modules add un
 import torch
 
 from . import reference as _reference
+from .ops import attention as _attn
 from .ops import rnn_cell as _cells
 from .ops import rnn_sequence as _seq
 
@@ -103,3 +104,69 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
             x = torch.nn.functional.dropout(x, dropout, True)
     output = x.view(T, B, x.shape[1]) if padded else x
     return output, torch.stack(h_out), (torch.stack(c_out) if lstm else None)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """torch.nn.functional.scaled_dot_product_attention, fused (same signature, semantics and errors).
+
+    query [..., Hq, L, E], key [..., Hk, S, E], value [..., Hk, S, Ev] (leading dims broadcast; Hk may divide Hq with
+    enable_gqa). attn_mask: bool (True = attend) or additive float, broadcastable to [..., Hq, L, S]; with is_causal
+    too, both apply. dropout_p > 0 runs the reference (torch's random masks cannot be reproduced anyway).
+    """
+    if not (query.dtype == key.dtype == value.dtype):
+        raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got query.dtype: "
+                           f"{query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead.")
+    if not (query.device == key.device == value.device):
+        raise RuntimeError(f"Expected query, key, and value to be on the same device, got {query.device}, "
+                           f"{key.device} and {value.device}")
+    if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
+        raise RuntimeError("scaled_dot_product_attention: query, key and value must be at least 2-D")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
+    if query.shape[-1] != key.shape[-1]:
+        raise RuntimeError(f"scaled_dot_product_attention: query and key must have the same embedding size, got "
+                           f"query {tuple(query.shape)} and key {tuple(key.shape)}")
+    if key.shape[-2] != value.shape[-2]:
+        raise RuntimeError(f"scaled_dot_product_attention: key and value must have the same sequence length, got "
+                           f"key {tuple(key.shape)} and value {tuple(value.shape)}")
+    if attn_mask is not None and attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, but got "
+                           f"attn_mask.dtype: {attn_mask.dtype} and  query.dtype: {query.dtype} instead.")
+    L, E, S, Ev = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
+    scale = E ** -0.5 if scale is None else float(scale)
+
+    # to [N, H, len, dim]: broadcast leading dims (views), keep kv heads apart for GQA
+    q4, k4, v4 = (t.reshape((1,) * (4 - t.dim()) + t.shape) if t.dim() < 4 else t for t in (query, key, value))
+    hq, hk = q4.shape[-3], k4.shape[-3]
+    if enable_gqa and hq != hk:
+        if hq % hk != 0 or v4.shape[-3] != hk:
+            raise RuntimeError(f"scaled_dot_product_attention: with enable_gqa, the number of query heads ({hq}) "
+                               f"must be a multiple of the number of key/value heads ({hk})")
+    else:
+        hk = hq = torch.broadcast_shapes(q4.shape[-3:-2], k4.shape[-3:-2], v4.shape[-3:-2])[0]
+    batch = torch.broadcast_shapes(q4.shape[:-3], k4.shape[:-3], v4.shape[:-3])
+    q4 = q4.expand(*batch, hq, L, E).reshape(-1, hq, L, E)
+    k4 = k4.expand(*batch, hk, S, E).reshape(-1, hk, S, E)
+    v4 = v4.expand(*batch, hk, S, Ev).reshape(-1, hk, S, Ev)
+    out_shape = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2][:-1] + query.shape[-3:-2]
+                                       if query.dim() >= 3 else key.shape[:-2]) + (L, Ev)
+
+    bias = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            bias = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)
+            bias.masked_fill_(~attn_mask, float("-inf"))
+        else:
+            bias = attn_mask.to(query.dtype)
+        try:
+            bias = bias.expand(*batch, hq, L, S).reshape(-1, hq, L, S)  # a view unless batch dims must merge
+        except RuntimeError:
+            raise RuntimeError(f"scaled_dot_product_attention: attn_mask of shape {tuple(attn_mask.shape)} does "
+                               f"not broadcast to {tuple(batch) + (hq, L, S)}") from None
+
+    if dropout_p > 0.0 or (bias is not None and bias.requires_grad):
+        out = _reference.sdpa_dropout(q4, k4, v4, bias, is_causal, scale, dropout_p)
+    else:
+        out = _attn.sdpa(q4.contiguous(), k4.contiguous(), v4.contiguous(), bias, is_causal, scale)[0]
+    return out.reshape(out_shape)

@@ -115,3 +115,20 @@ def test_opcheck_custom_ops(kind):
     op = getattr(cell_ops, f"{kind}_cell").op
     for bias in (True, False):
         torch.library.opcheck(op, tuple(_cell_args(kind, torch.float32, bias=bias)))
+
+
+def test_backends_run_their_own_kernels():
+    """Forcing a backend runs that backend's kernel for every fused op: no silent fall back to the reference."""
+    from seqfast import _ext, reference
+    from seqfast.ops import attention, rnn_sequence
+    from conftest import HAVE_TRITON, backend_device
+    assert _ext.available(), "seqfast._C did not load: `make build`"
+    ops = [cell_ops.lstm_cell, cell_ops.gru_cell, cell_ops.rnn_cell, rnn_sequence.lstm_layer, rnn_sequence.gru_layer,
+           rnn_sequence.rnn_layer, attention.sdpa, attention.additive_attention]
+    for backend in ["cpp"] + (["triton"] if HAVE_TRITON else []):
+        t = torch.zeros(1, device=backend_device(backend))
+        with seqfast.use_backend(backend):
+            for op in ops:
+                for suffix in ("forward", "backward"):
+                    fn = op.kernel(t, f"{op.name}_{suffix}")
+                    assert fn is not getattr(reference, f"{op.name}_{suffix}"), (backend, op.name, suffix)

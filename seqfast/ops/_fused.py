@@ -38,8 +38,9 @@ class FusedOp:
     """
 
     def __init__(self, name, *, triton_module, schema, backward_schema, fake, backward_fake, save, grad,
-                 num_outputs_differentiable):
+                 num_outputs_differentiable, dtypes=None):
         self.name = name
+        self._dtypes = dtypes  # {backend: dtypes} where this op's kernels cover less than the backend's default
         self._triton_module = triton_module
         self._save = save
         self._grad = grad
@@ -82,13 +83,13 @@ class FusedOp:
         self._function = _Function
 
     def kernel(self, tensor, fn_name):
-        backend = _backend.select(tensor.device, tensor.dtype)
+        backend = _backend.select(tensor.device, tensor.dtype, self._dtypes)
         return _kernel(backend, self._triton_module, fn_name)
 
     def _setup(self, ctx, inputs, output):
         first = inputs[0]
         # the backward runs on the backend the forward ran on, even if use_backend() has been left by then
-        ctx.seqfast_backend = _backend.select(first.device, first.dtype)
+        ctx.seqfast_backend = _backend.select(first.device, first.dtype, self._dtypes)
         if isinstance(output, tuple):  # workspace outputs carry no gradient
             ctx.mark_non_differentiable(*output[self._n_diff:])
         self._save(ctx, inputs, output)
@@ -100,8 +101,20 @@ class FusedOp:
         return backward
 
     def __call__(self, *args):
+        args = _autocast(args)
         if torch.compiler.is_compiling():
             return self.op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return self._function.apply(*args)
         return self.run_forward(*args)
+
+
+def _autocast(args):
+    """Under torch.autocast, run in the autocast dtype, as torch's RNN, cell and SDPA ops do (their GEMMs are on
+    autocast's lower-precision list): floating tensors are cast, other arguments pass through."""
+    first = args[0]
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return args
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)

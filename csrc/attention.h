@@ -1,0 +1,44 @@
+// C++ CPU kernels for attention (seqfast._C). Declarations only; see attention.cpp / additive_attention.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace seqfast {
+
+// Flash-style scaled dot-product attention forward.
+//   q [N,Hq,Lq,D], k [N,Hk,Lk,D], v [N,Hk,Lk,Dv] (Hq % Hk == 0; query head h reads kv head h / (Hq/Hk)),
+//   bias: optional additive mask, q's dtype, any strides (0-strides from expand() are fine), shape [N,Hq,Lq,Lk].
+//   is_causal: top-left alignment (query i sees keys j <= i).
+// Returns (out [N,Hq,Lq,Dv] in q's dtype, lse [N,Hq,Lq]).
+//   lse dtype: float64 for float64 inputs, float32 otherwise. A fully masked row gives out 0 and lse = +inf
+//   (so that backward's exp(s - lse) is exactly 0 there without special cases).
+std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const std::optional<at::Tensor>& bias, bool is_causal,
+                                                double scale);
+
+// Flash-style backward. out / lse are what sdpa_forward returned. Returns (dq, dk [N,Hk,Lk,D], dv [N,Hk,Lk,Dv]),
+// all in q's dtype; for GQA dk/dv are summed over the query heads of each group.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                                                             const at::Tensor& k, const at::Tensor& v,
+                                                             const at::Tensor& out, const at::Tensor& lse,
+                                                             const std::optional<at::Tensor>& bias, bool is_causal,
+                                                             double scale);
+
+// Fused additive (Bahdanau) attention, one decoder step.
+//   qp [N,A], kp [N,S,A], v [A], values [N,S,Dv], mask [N,S] bool (True = keep) or None.
+// Returns (context [N,Dv], weights [N,S]). A row with every key masked gives zero context and zero weights.
+std::tuple<at::Tensor, at::Tensor> additive_attention_forward(const at::Tensor& qp, const at::Tensor& kp,
+                                                              const at::Tensor& v, const at::Tensor& values,
+                                                              const std::optional<at::Tensor>& mask);
+
+// Backward of the above: returns (dqp [N,A], dkp [N,S,A], dv [A], dvalues [N,S,Dv]).
+// grad_weights must be defined (zeros if unused). tanh is recomputed, not stored.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_backward(
+    const at::Tensor& grad_context, const at::Tensor& grad_weights, const at::Tensor& qp, const at::Tensor& kp,
+    const at::Tensor& v, const at::Tensor& values, const std::optional<at::Tensor>& mask,
+    const at::Tensor& weights);
+
+}  // namespace seqfast

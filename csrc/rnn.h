@@ -1,0 +1,70 @@
+#pragma once
+// C++ CPU kernels for RNN cells and single-layer, single-direction sequences (seqfast._C).
+// All tensors contiguous, same dtype (float32/float64; bfloat16 where noted), validated by the Python caller.
+// Gate order as torch.nn: LSTM [i f g o], GRU [r z n]. Optional biases may be absent or undefined (bias=False).
+#include <ATen/ATen.h>
+#include <optional>
+#include <tuple>
+
+namespace seqfast {
+using at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+
+// ---- cells (x[B,I], h[B,H]) -------------------------------------------------------------------------------------
+// -> (hy, cy, gates[B,4H] = activated [i f g o], saved for backward)
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& cx,
+                                                     const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                                     const OptTensor& b_hh);
+// -> (dx, dhx, dcx, dw_ih, dw_hh, db[4H]); db is the grad of b_ih and of b_hh alike.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
+    const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& x, const Tensor& hx, const Tensor& cx,
+    const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates, const Tensor& cy);
+// -> (hy, ws[B,4H] = [r, z, n, hn], hn = W_hn h + b_hn)
+std::tuple<Tensor, Tensor> gru_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+                                            const OptTensor& b_ih, const OptTensor& b_hh);
+// -> (dx, dhx, dw_ih, dw_hh, db_ih[3H], db_hh[3H])
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward(const Tensor& grad_hy, const Tensor& x,
+                                                                             const Tensor& hx, const Tensor& w_ih,
+                                                                             const Tensor& w_hh, const Tensor& ws);
+// -> hy ; relu selects nonlinearity='relu' (else tanh)
+Tensor rnn_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+                        const OptTensor& b_ih, const OptTensor& b_hh, bool relu);
+// -> (dx, dhx, dw_ih, dw_hh, db[H])
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward(const Tensor& grad_hy, const Tensor& x,
+                                                                     const Tensor& hx, const Tensor& w_ih,
+                                                                     const Tensor& w_hh, const Tensor& hy, bool relu);
+
+// ---- sequences: one layer, one direction, time-major packed input -----------------------------------------------
+// x[N,I]: step t occupies rows [off_t, off_t + bs_t); batch_sizes[T] int64 CPU, non-increasing; B = h0.size(0).
+// reverse walks t from T-1 to 0. Rows inactive at a step keep their state; hn holds each row's final state.
+// -> (out[N,H], hn[B,H], cn[B,H], gates[N,4H] activated gates, cs[N,H] cell state after each step)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(const Tensor& x, const Tensor& batch_sizes,
+                                                                      const Tensor& h0, const Tensor& c0,
+                                                                      const Tensor& w_ih, const Tensor& w_hh,
+                                                                      const OptTensor& b_ih, const OptTensor& b_hh,
+                                                                      bool reverse);
+// -> (dx[N,I], dh0, dc0, dw_ih, dw_hh, db[4H])
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
+    const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& x, const Tensor& batch_sizes,
+    const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& out,
+    const Tensor& gates, const Tensor& cs, bool reverse);
+// -> (out, hn, ws[N,4H] = [r, z, n, hn] per row)
+std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
+                                                     const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                                     const OptTensor& b_hh, bool reverse);
+// -> (dx, dh0, dw_ih, dw_hh, db_ih, db_hh)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
+    const Tensor& grad_out, const Tensor& grad_hn, const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
+    const Tensor& w_ih, const Tensor& w_hh, const Tensor& out, const Tensor& ws, bool reverse);
+// -> (out, hn)
+std::tuple<Tensor, Tensor> rnn_layer_forward(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
+                                             const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                             const OptTensor& b_hh, bool relu, bool reverse);
+// -> (dx, dh0, dw_ih, dw_hh, db)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const Tensor& grad_out, const Tensor& grad_hn,
+                                                                      const Tensor& x, const Tensor& batch_sizes,
+                                                                      const Tensor& h0, const Tensor& w_ih,
+                                                                      const Tensor& w_hh, const Tensor& out,
+                                                                      bool relu, bool reverse);
+
+}  // namespace seqfast

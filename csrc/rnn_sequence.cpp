@@ -1,0 +1,529 @@
+// Whole-sequence RNN layers (one layer, one direction) for CPU, time loop in C++.
+// Input is time-major packed: x[N,I], step t = rows [off_t, off_t + bs_t), bs non-increasing. Forward:
+//   1. one GEMM for the input projection of all steps (bias folded in);
+//   2. per step: recurrent GEMM of the active rows (own GEMV for small batches, MKL otherwise) + fused pointwise.
+// There is no separate state buffer: a row's previous h (and c) is read straight from the previous step's output
+// rows, or from h0 when the row was not active at the previous processed step (only possible with reverse=True,
+// where a row starts at its own last step). hn/cn are gathered from each row's last processed step at the end.
+// Backward walks the processing order backwards, keeping a running dh (and dc) [B,H]: per step a fused pointwise
+// pass writes the gate grads of all steps into one [N,*] buffer, and one GEMM propagates dh to the previous step;
+// dx, dW_ih, dW_hh and the bias grads are single big GEMMs/reductions over all steps at the end.
+#include "rnn.h"
+#include "rnn_pointwise.h"
+
+#include <ATen/Dispatch.h>
+#include <array>
+#include <cstring>
+#include <vector>
+
+namespace seqfast {
+
+namespace {
+
+using kern::kMaxSmallB;
+
+// Step schedule derived from batch_sizes.
+struct Steps {
+  int64_t T = 0;
+  std::vector<int64_t> bs, off;
+  bool reverse = false;
+  Steps(const Tensor& batch_sizes, bool rev) : reverse(rev) {
+    Tensor b = batch_sizes.to(at::kLong).contiguous();
+    T = b.numel();
+    bs.resize(T);
+    off.resize(T);
+    const int64_t* p = b.const_data_ptr<int64_t>();
+    int64_t o = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      bs[t] = p[t];
+      off[t] = o;
+      o += p[t];
+    }
+  }
+  // t of the p-th processed step
+  int64_t at(int64_t p) const { return reverse ? T - 1 - p : p; }
+  // Previous processed step of time t, or -1.
+  int64_t prev(int64_t t) const {
+    if (reverse) return t + 1 < T ? t + 1 : -1;
+    return t - 1;
+  }
+  // Number of rows of step t whose previous state is a row of the previous processed step (the rest read h0).
+  int64_t n_from_prev(int64_t t) const {
+    const int64_t tp = prev(t);
+    return tp < 0 ? 0 : std::min(bs[t], bs[tp]);
+  }
+  // Time of the last processed step of batch row b, or -1 if the row is never active.
+  int64_t last_step(int64_t b) const {
+    if (T == 0 || bs[0] <= b) return -1;
+    if (reverse) return 0;
+    int64_t len = 0;
+    while (len < T && bs[len] > b) ++len;
+    return len - 1;
+  }
+};
+
+inline bool has(const OptTensor& b) { return b.has_value() && b->defined(); }
+
+// x @ w^T (+ bias), one GEMM over all steps.
+Tensor input_proj(const Tensor& x, const Tensor& w, const Tensor* bias) {
+  return bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+}
+
+// bf16 input projection: GEMM in bf16 (fp32 accumulation inside oneDNN/MKL), result widened to fp32, fp32 bias.
+Tensor proj_bf16(const Tensor& x, const Tensor& w, const Tensor& bias_f32) {
+  Tensor r = at::mm(x, w.t()).to(at::kFloat);
+  if (bias_f32.defined()) r.add_(bias_f32);
+  return r;
+}
+
+// Pointers to the previous-state rows of step t: rows [0, nprev) of the previous step in `buf`, the rest from init.
+template <typename T>
+inline const T* prev_row(const Steps& s, int64_t t, int64_t b, const T* buf, const T* init, int64_t H) {
+  const int64_t tp = s.prev(t);
+  if (tp >= 0 && b < s.bs[tp]) return buf + (s.off[tp] + b) * H;
+  return init + b * H;
+}
+
+// Recurrent GEMM with MKL for step t: dst[0:bs] (+)= hprev[0:bs] @ w^T, hprev split into the contiguous block
+// from the previous step's rows and the block from init (h0).
+inline void recur_mm(const Steps& s, int64_t t, const Tensor& buf, const Tensor& init, const Tensor& w, Tensor dst,
+                     bool accumulate) {
+  const int64_t bs = s.bs[t];
+  const int64_t np = s.n_from_prev(t);
+  const int64_t tp = s.prev(t);
+  if (np > 0) {
+    Tensor d = dst.narrow(0, 0, np);
+    Tensor h = buf.narrow(0, s.off[tp], np);
+    if (accumulate) d.addmm_(h, w.t()); else at::mm_out(d, h, w.t());
+  }
+  if (bs > np) {
+    Tensor d = dst.narrow(0, np, bs - np);
+    Tensor h = init.narrow(0, np, bs - np);
+    if (accumulate) d.addmm_(h, w.t()); else at::mm_out(d, h, w.t());
+  }
+}
+
+// bfloat16 forward: the time loop runs in float32 (state, gates, pointwise), while the big GEMMs run in bf16
+// (2.5x the fp32 GEMM rate here): the input projection, and for large batches the per-step recurrent GEMM, which
+// reads this bf16 mirror of the outputs (written every step) and the bf16 h0/W_hh.
+struct LowP {
+  Tensor out, h0, w_hh;  // bf16 [N,H], [B,H], [G*H,H]
+};
+
+// Recurrent GEMM of step t, either in the loop dtype (MKL) or, with lp, in bf16 added/copied into the fp32 dst.
+inline void recur(const Steps& s, int64_t t, const Tensor& buf, const Tensor& init, const Tensor& w, Tensor dst,
+                  bool accumulate, const LowP* lp) {
+  if (!lp) {
+    recur_mm(s, t, buf, init, w, dst, accumulate);
+    return;
+  }
+  const int64_t bs = s.bs[t];
+  const int64_t np = s.n_from_prev(t);
+  const int64_t tp = s.prev(t);
+  auto one = [&](Tensor d, const Tensor& h) {
+    Tensor r = at::mm(h, lp->w_hh.t());
+    if (accumulate) d.add_(r); else d.copy_(r);
+  };
+  if (np > 0) one(dst.narrow(0, 0, np), lp->out.narrow(0, s.off[tp], np));
+  if (bs > np) one(dst.narrow(0, np, bs - np), lp->h0.narrow(0, np, bs - np));
+}
+
+inline void mirror(const LowP* lp, const Tensor& out, int64_t off, int64_t bs) {
+  if (lp) lp->out.narrow(0, off, bs).copy_(out.narrow(0, off, bs));
+}
+
+// [N,H] matrix of the previous state of every row (for dW_hh = dgates^T @ Hprev as one GEMM).
+Tensor gather_prev(const Steps& s, const Tensor& buf, const Tensor& init) {
+  const int64_t H = buf.size(1);
+  Tensor out = at::empty_like(buf);
+  const int64_t es = buf.element_size();
+  const char* bp = static_cast<const char*>(buf.const_data_ptr());
+  const char* ip = static_cast<const char*>(init.const_data_ptr());
+  char* op = static_cast<char*>(out.data_ptr());
+  for (int64_t t = 0; t < s.T; ++t) {
+    const int64_t np = s.n_from_prev(t), tp = s.prev(t), bs = s.bs[t];
+    if (np > 0) std::memcpy(op + s.off[t] * H * es, bp + s.off[tp] * H * es, np * H * es);
+    if (bs > np) std::memcpy(op + (s.off[t] + np) * H * es, ip + np * H * es, (bs - np) * H * es);
+  }
+  return out;
+}
+
+// Final state of each row: its output at its last processed step, or init when never active.
+Tensor gather_last(const Steps& s, const Tensor& buf, const Tensor& init) {
+  Tensor out = init.clone();
+  const int64_t B = init.size(0), H = init.size(1);
+  const int64_t es = buf.element_size();
+  const char* bp = static_cast<const char*>(buf.const_data_ptr());
+  char* op = static_cast<char*>(out.data_ptr());
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t t = s.last_step(b);
+    if (t >= 0) std::memcpy(op + b * H * es, bp + (s.off[t] + b) * H * es, H * es);
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// LSTM
+template <typename T>
+void lstm_fwd_loop(const Steps& s, const Tensor& h0, const Tensor& c0, const Tensor& w_hh, Tensor& gates, Tensor& out,
+                   Tensor& cs, const LowP* lp) {
+  const int64_t H = h0.size(1);
+  T* g = gates.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  T* c = cs.data_ptr<T>();
+  const T* h0p = h0.const_data_ptr<T>();
+  const T* c0p = c0.const_data_ptr<T>();
+  const T* wh = w_hh.const_data_ptr<T>();
+  for (int64_t p = 0; p < s.T; ++p) {
+    const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
+    if (bs == 0) continue;
+    std::array<const T*, kMaxSmallB> hr, cr;
+    if (kern::use_small(bs)) {
+      std::array<T*, kMaxSmallB> gr;
+      for (int64_t b = 0; b < bs; ++b) {
+        hr[b] = prev_row<T>(s, t, b, o, h0p, H);
+        cr[b] = prev_row<T>(s, t, b, c, c0p, H);
+        gr[b] = g + (off + b) * 4 * H;
+      }
+      kern::par_units(H, bs * 4 * H * H, [&](int64_t k0, int64_t k1) {
+        for (int64_t q = 0; q < 4; ++q)
+          kern::gemv<T>(bs, hr.data(), wh, H, nullptr, nullptr, 0, gr.data(), q * H + k0, q * H + k1, true);
+        for (int64_t b = 0; b < bs; ++b)
+          kern::lstm_fwd_row<T>(gr[b], nullptr, nullptr, cr[b], c + (off + b) * H, o + (off + b) * H, H, k0, k1);
+      });
+    } else {
+      recur(s, t, out, h0, w_hh, gates.narrow(0, off, bs), true, lp);
+      kern::par_rows(bs, 64 * H, [&](int64_t r0, int64_t r1) {
+        for (int64_t b = r0; b < r1; ++b)
+          kern::lstm_fwd_row<T>(g + (off + b) * 4 * H, nullptr, nullptr, prev_row<T>(s, t, b, c, c0p, H),
+                                c + (off + b) * H, o + (off + b) * H, H, 0, H);
+      });
+    }
+    mirror(lp, out, off, bs);
+  }
+}
+
+template <typename T>
+void lstm_bwd_loop(const Steps& s, const Tensor& grad_out, const Tensor& c0, const Tensor& w_hh, const Tensor& gates,
+                   const Tensor& cs, Tensor& dgates, Tensor& dh, Tensor& dc) {
+  const int64_t H = c0.size(1);
+  const T* g = gates.const_data_ptr<T>();
+  const T* c = cs.const_data_ptr<T>();
+  const T* c0p = c0.const_data_ptr<T>();
+  const T* go = grad_out.const_data_ptr<T>();
+  T* dg = dgates.data_ptr<T>();
+  T* dhp = dh.data_ptr<T>();
+  T* dcp = dc.data_ptr<T>();
+  Tensor whhT;  // [H, 4H] so the small-batch GEMV reads contiguous rows for dh = dg @ W_hh
+  const T* whT = nullptr;
+  for (int64_t p = s.T - 1; p >= 0; --p) {
+    const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
+    if (bs == 0) continue;
+    kern::par_rows(bs, 64 * H, [&](int64_t r0, int64_t r1) {
+      for (int64_t b = r0; b < r1; ++b)
+        kern::lstm_bwd_row<T>(g + (off + b) * 4 * H, prev_row<T>(s, t, b, c, c0p, H), c + (off + b) * H,
+                              dhp + b * H, go + (off + b) * H, dcp + b * H, dg + (off + b) * 4 * H, dcp + b * H, H,
+                              0, H);
+    });
+    if (kern::use_small(bs)) {
+      if (!whT) {
+        whhT = w_hh.t().contiguous();
+        whT = whhT.const_data_ptr<T>();
+      }
+      std::array<const T*, kMaxSmallB> xr;
+      std::array<T*, kMaxSmallB> yr;
+      for (int64_t b = 0; b < bs; ++b) {
+        xr[b] = dg + (off + b) * 4 * H;
+        yr[b] = dhp + b * H;
+      }
+      kern::par_units(H, bs * 4 * H * H, [&](int64_t k0, int64_t k1) {
+        kern::gemv<T>(bs, xr.data(), whT, 4 * H, nullptr, nullptr, 0, yr.data(), k0, k1, false);
+      });
+    } else {
+      Tensor d = dh.narrow(0, 0, bs);
+      at::mm_out(d, dgates.narrow(0, off, bs), w_hh);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// GRU
+template <typename T>
+void gru_fwd_loop(const Steps& s, const Tensor& h0, const Tensor& w_hh, const T* bhh, const Tensor& gi, Tensor& out,
+                  Tensor& ws, const LowP* lp) {
+  const int64_t H = h0.size(1), B = h0.size(0);
+  Tensor gh = at::empty({std::max<int64_t>(B, 1), 3 * H}, h0.options());  // per-step W_hh h, reused
+  T* ghp = gh.data_ptr<T>();
+  const T* gip = gi.const_data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  T* w = ws.data_ptr<T>();
+  const T* h0p = h0.const_data_ptr<T>();
+  const T* wh = w_hh.const_data_ptr<T>();
+  for (int64_t p = 0; p < s.T; ++p) {
+    const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
+    if (bs == 0) continue;
+    std::array<const T*, kMaxSmallB> hr;
+    if (kern::use_small(bs)) {
+      std::array<T*, kMaxSmallB> gr;
+      for (int64_t b = 0; b < bs; ++b) {
+        hr[b] = prev_row<T>(s, t, b, o, h0p, H);
+        gr[b] = ghp + b * 3 * H;
+      }
+      kern::par_units(H, bs * 3 * H * H, [&](int64_t k0, int64_t k1) {
+        for (int64_t q = 0; q < 3; ++q)
+          kern::gemv<T>(bs, hr.data(), wh, H, nullptr, nullptr, 0, gr.data(), q * H + k0, q * H + k1, false);
+        for (int64_t b = 0; b < bs; ++b)
+          kern::gru_fwd_row<T>(gip + (off + b) * 3 * H, nullptr, gr[b], bhh, hr[b], o + (off + b) * H,
+                               w + (off + b) * 4 * H, H, k0, k1);
+      });
+    } else {
+      recur(s, t, out, h0, w_hh, gh.narrow(0, 0, bs), false, lp);
+      kern::par_rows(bs, 64 * H, [&](int64_t r0, int64_t r1) {
+        for (int64_t b = r0; b < r1; ++b)
+          kern::gru_fwd_row<T>(gip + (off + b) * 3 * H, nullptr, ghp + b * 3 * H, bhh,
+                               prev_row<T>(s, t, b, o, h0p, H), o + (off + b) * H, w + (off + b) * 4 * H, H, 0, H);
+      });
+    }
+    mirror(lp, out, off, bs);
+  }
+}
+
+template <typename T>
+void gru_bwd_loop(const Steps& s, const Tensor& grad_out, const Tensor& h0, const Tensor& w_hh, const Tensor& out,
+                  const Tensor& ws, Tensor& dgi, Tensor& dgh, Tensor& dh) {
+  const int64_t H = h0.size(1);
+  const T* o = out.const_data_ptr<T>();
+  const T* h0p = h0.const_data_ptr<T>();
+  const T* w = ws.const_data_ptr<T>();
+  const T* go = grad_out.const_data_ptr<T>();
+  T* dgip = dgi.data_ptr<T>();
+  T* dghp = dgh.data_ptr<T>();
+  T* dhp = dh.data_ptr<T>();
+  Tensor whhT;
+  const T* whT = nullptr;
+  for (int64_t p = s.T - 1; p >= 0; --p) {
+    const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
+    if (bs == 0) continue;
+    kern::par_rows(bs, 64 * H, [&](int64_t r0, int64_t r1) {
+      for (int64_t b = r0; b < r1; ++b)
+        kern::gru_bwd_row<T>(dhp + b * H, go + (off + b) * H, prev_row<T>(s, t, b, o, h0p, H),
+                             w + (off + b) * 4 * H, dgip + (off + b) * 3 * H, dghp + (off + b) * 3 * H, dhp + b * H,
+                             H, 0, H);
+    });
+    if (kern::use_small(bs)) {
+      if (!whT) {
+        whhT = w_hh.t().contiguous();
+        whT = whhT.const_data_ptr<T>();
+      }
+      std::array<const T*, kMaxSmallB> xr;
+      std::array<T*, kMaxSmallB> yr;
+      for (int64_t b = 0; b < bs; ++b) {
+        xr[b] = dghp + (off + b) * 3 * H;
+        yr[b] = dhp + b * H;
+      }
+      kern::par_units(H, bs * 3 * H * H, [&](int64_t k0, int64_t k1) {
+        kern::gemv<T>(bs, xr.data(), whT, 3 * H, nullptr, nullptr, 0, yr.data(), k0, k1, true);
+      });
+    } else {
+      dh.narrow(0, 0, bs).addmm_(dgh.narrow(0, off, bs), w_hh);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Elman RNN: out holds x W_ih^T + b_ih on entry and is activated in place, step by step.
+template <typename T>
+void rnn_fwd_loop(const Steps& s, const Tensor& h0, const Tensor& w_hh, const T* bhh, bool relu, Tensor& out,
+                  const LowP* lp) {
+  const int64_t H = h0.size(1);
+  T* o = out.data_ptr<T>();
+  const T* h0p = h0.const_data_ptr<T>();
+  const T* wh = w_hh.const_data_ptr<T>();
+  for (int64_t p = 0; p < s.T; ++p) {
+    const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
+    if (bs == 0) continue;
+    if (kern::use_small(bs)) {
+      std::array<const T*, kMaxSmallB> hr;
+      std::array<T*, kMaxSmallB> yr;
+      for (int64_t b = 0; b < bs; ++b) {
+        hr[b] = prev_row<T>(s, t, b, o, h0p, H);
+        yr[b] = o + (off + b) * H;
+      }
+      kern::par_units(H, bs * H * H, [&](int64_t k0, int64_t k1) {
+        kern::gemv<T>(bs, hr.data(), wh, H, nullptr, nullptr, 0, yr.data(), k0, k1, true);
+        for (int64_t b = 0; b < bs; ++b) kern::rnn_fwd_row<T>(yr[b], bhh, nullptr, yr[b], relu, k0, k1);
+      });
+    } else {
+      recur(s, t, out, h0, w_hh, out.narrow(0, off, bs), true, lp);
+      kern::par_rows(bs, 16 * H, [&](int64_t r0, int64_t r1) {
+        for (int64_t b = r0; b < r1; ++b)
+          kern::rnn_fwd_row<T>(o + (off + b) * H, bhh, nullptr, o + (off + b) * H, relu, 0, H);
+      });
+    }
+    mirror(lp, out, off, bs);
+  }
+}
+
+template <typename T>
+void rnn_bwd_loop(const Steps& s, const Tensor& grad_out, const Tensor& w_hh, const Tensor& out, bool relu,
+                  Tensor& dpre, Tensor& dh) {
+  const int64_t H = dh.size(1);
+  const T* o = out.const_data_ptr<T>();
+  const T* go = grad_out.const_data_ptr<T>();
+  T* dp = dpre.data_ptr<T>();
+  T* dhp = dh.data_ptr<T>();
+  Tensor whhT;
+  const T* whT = nullptr;
+  for (int64_t p = s.T - 1; p >= 0; --p) {
+    const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
+    if (bs == 0) continue;
+    kern::par_rows(bs, 8 * H, [&](int64_t r0, int64_t r1) {
+      for (int64_t b = r0; b < r1; ++b)
+        kern::rnn_bwd_row<T>(dhp + b * H, go + (off + b) * H, o + (off + b) * H, dp + (off + b) * H, relu, 0, H);
+    });
+    if (kern::use_small(bs)) {
+      if (!whT) {
+        whhT = w_hh.t().contiguous();
+        whT = whhT.const_data_ptr<T>();
+      }
+      std::array<const T*, kMaxSmallB> xr;
+      std::array<T*, kMaxSmallB> yr;
+      for (int64_t b = 0; b < bs; ++b) {
+        xr[b] = dp + (off + b) * H;
+        yr[b] = dhp + b * H;
+      }
+      kern::par_units(H, bs * H * H, [&](int64_t k0, int64_t k1) {
+        kern::gemv<T>(bs, xr.data(), whT, H, nullptr, nullptr, 0, yr.data(), k0, k1, false);
+      });
+    } else {
+      Tensor d = dh.narrow(0, 0, bs);
+      at::mm_out(d, dpre.narrow(0, off, bs), w_hh);
+    }
+  }
+}
+
+}  // namespace
+
+// ==================================================================================================================
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(const Tensor& x, const Tensor& batch_sizes,
+                                                                      const Tensor& h0, const Tensor& c0,
+                                                                      const Tensor& w_ih, const Tensor& w_hh,
+                                                                      const OptTensor& b_ih, const OptTensor& b_hh,
+                                                                      bool reverse) {
+  kern::check_cpu();
+  const Steps s(batch_sizes, reverse);
+  const int64_t H = h0.size(1);
+  const bool bf = x.scalar_type() == at::kBFloat16;
+  const auto fopt = x.options().dtype(bf ? at::kFloat : x.scalar_type());
+  Tensor bias;
+  if (has(b_ih) && has(b_hh)) bias = b_ih->to(fopt.dtype()) + b_hh->to(fopt.dtype());
+  else if (has(b_ih)) bias = b_ih->to(fopt.dtype());
+  else if (has(b_hh)) bias = b_hh->to(fopt.dtype());
+  Tensor gates = bf ? proj_bf16(x, w_ih, bias) : input_proj(x, w_ih, bias.defined() ? &bias : nullptr);  // [N,4H]
+  Tensor out = at::empty({x.size(0), H}, fopt);
+  Tensor cs = at::empty({x.size(0), H}, fopt);
+  if (bf) {
+    const LowP lp{at::empty({x.size(0), H}, x.options()), h0, w_hh};
+    Tensor h0f = h0.to(at::kFloat), c0f = c0.to(at::kFloat);
+    lstm_fwd_loop<float>(s, h0f, c0f, w_hh.to(at::kFloat), gates, out, cs, &lp);
+    return {lp.out, gather_last(s, out, h0f).to(at::kBFloat16), gather_last(s, cs, c0f).to(at::kBFloat16), gates,
+            cs};
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::lstm_layer_forward",
+                             [&] { lstm_fwd_loop<scalar_t>(s, h0, c0, w_hh, gates, out, cs, nullptr); });
+  return {out, gather_last(s, out, h0), gather_last(s, cs, c0), gates, cs};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
+    const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& x, const Tensor& batch_sizes,
+    const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& out,
+    const Tensor& gates, const Tensor& cs, bool reverse) {
+  kern::check_cpu();
+  const Steps s(batch_sizes, reverse);
+  Tensor dgates = at::empty_like(gates);
+  Tensor dh = grad_hn.clone();
+  Tensor dc = grad_cn.clone();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::lstm_layer_backward",
+                             [&] { lstm_bwd_loop<scalar_t>(s, grad_out, c0, w_hh, gates, cs, dgates, dh, dc); });
+  Tensor dw_hh = dgates.t().mm(gather_prev(s, out, h0));
+  return {dgates.mm(w_ih), dh, dc, dgates.t().mm(x), dw_hh, dgates.sum(0)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
+                                                     const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                                     const OptTensor& b_hh, bool reverse) {
+  kern::check_cpu();
+  const Steps s(batch_sizes, reverse);
+  const int64_t H = h0.size(1);
+  const bool bf = x.scalar_type() == at::kBFloat16;
+  const auto fopt = x.options().dtype(bf ? at::kFloat : x.scalar_type());
+  Tensor out = at::empty({x.size(0), H}, fopt);
+  Tensor ws = at::empty({x.size(0), 4 * H}, fopt);
+  if (bf) {
+    Tensor gi = proj_bf16(x, w_ih, has(b_ih) ? b_ih->to(at::kFloat) : Tensor());
+    Tensor bhh = has(b_hh) ? b_hh->to(at::kFloat) : Tensor();
+    const LowP lp{at::empty({x.size(0), H}, x.options()), h0, w_hh};
+    Tensor h0f = h0.to(at::kFloat);
+    gru_fwd_loop<float>(s, h0f, w_hh.to(at::kFloat), bhh.defined() ? bhh.const_data_ptr<float>() : nullptr, gi, out,
+                        ws, &lp);
+    return {lp.out, gather_last(s, out, h0f).to(at::kBFloat16), ws};
+  }
+  Tensor gi = input_proj(x, w_ih, has(b_ih) ? &*b_ih : nullptr);  // [N, 3H]
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::gru_layer_forward", [&] {
+    gru_fwd_loop<scalar_t>(s, h0, w_hh, kern::opt_ptr<scalar_t>(b_hh), gi, out, ws, nullptr);
+  });
+  return {out, gather_last(s, out, h0), ws};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
+    const Tensor& grad_out, const Tensor& grad_hn, const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
+    const Tensor& w_ih, const Tensor& w_hh, const Tensor& out, const Tensor& ws, bool reverse) {
+  kern::check_cpu();
+  const Steps s(batch_sizes, reverse);
+  const int64_t N = x.size(0), H = h0.size(1);
+  Tensor dgi = at::empty({N, 3 * H}, x.options());
+  Tensor dgh = at::empty({N, 3 * H}, x.options());
+  Tensor dh = grad_hn.clone();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::gru_layer_backward",
+                             [&] { gru_bwd_loop<scalar_t>(s, grad_out, h0, w_hh, out, ws, dgi, dgh, dh); });
+  Tensor dw_hh = dgh.t().mm(gather_prev(s, out, h0));
+  return {dgi.mm(w_ih), dh, dgi.t().mm(x), dw_hh, dgi.sum(0), dgh.sum(0)};
+}
+
+std::tuple<Tensor, Tensor> rnn_layer_forward(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
+                                             const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                             const OptTensor& b_hh, bool relu, bool reverse) {
+  kern::check_cpu();
+  const Steps s(batch_sizes, reverse);
+  if (x.scalar_type() == at::kBFloat16) {
+    Tensor out = proj_bf16(x, w_ih, has(b_ih) ? b_ih->to(at::kFloat) : Tensor());  // fp32 [N,H]
+    Tensor bhh = has(b_hh) ? b_hh->to(at::kFloat) : Tensor();
+    const LowP lp{at::empty({x.size(0), h0.size(1)}, x.options()), h0, w_hh};
+    Tensor h0f = h0.to(at::kFloat);
+    rnn_fwd_loop<float>(s, h0f, w_hh.to(at::kFloat), bhh.defined() ? bhh.const_data_ptr<float>() : nullptr, relu,
+                        out, &lp);
+    return {lp.out, gather_last(s, out, h0f).to(at::kBFloat16)};
+  }
+  Tensor out = input_proj(x, w_ih, has(b_ih) ? &*b_ih : nullptr);  // [N, H], activated in place
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::rnn_layer_forward", [&] {
+    rnn_fwd_loop<scalar_t>(s, h0, w_hh, kern::opt_ptr<scalar_t>(b_hh), relu, out, nullptr);
+  });
+  return {out, gather_last(s, out, h0)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const Tensor& grad_out, const Tensor& grad_hn,
+                                                                      const Tensor& x, const Tensor& batch_sizes,
+                                                                      const Tensor& h0, const Tensor& w_ih,
+                                                                      const Tensor& w_hh, const Tensor& out,
+                                                                      bool relu, bool reverse) {
+  kern::check_cpu();
+  const Steps s(batch_sizes, reverse);
+  Tensor dpre = at::empty_like(out);
+  Tensor dh = grad_hn.clone();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::rnn_layer_backward",
+                             [&] { rnn_bwd_loop<scalar_t>(s, grad_out, w_hh, out, relu, dpre, dh); });
+  Tensor dw_hh = dpre.t().mm(gather_prev(s, out, h0));
+  return {dpre.mm(w_ih), dh, dpre.t().mm(x), dw_hh, dpre.sum(0)};
+}
+
+}  // namespace seqfast

@@ -1,0 +1,768 @@
+"""Triton kernels for whole-sequence RNN/LSTM/GRU layers (one layer, one direction), forward and backward.
+
+Input layout: time-major packed x[N, I]; step t owns rows [off_t, off_t + bs_t) (batch_sizes[T], int64 on the
+CPU, non-increasing; padded input is bs_t = B for every t). At step t only rows b < bs_t are active; a row that
+is inactive keeps its state. reverse=True walks t from T-1 down to 0 (row b starts from h0 at t = len_b - 1).
+
+Plan:
+  * The input projection of all steps is ONE GEMM (torch.addmm -> cuBLAS): gx[N, G*H] = x W_ih^T + b_ih.
+  * The recurrence needs h_{t-1} @ W_hh^T fused with the gate math. No separate state buffer is kept: because
+    batch_sizes is non-increasing, every active row of step t was active at its previous step too, so the
+    previous state of row b is simply row b of the previous step's slice of `out` (or of h0 for a row's first
+    step). The kernels pick that per row with a pointer select, and write hn/cn for a row at its last step.
+    Two launch strategies share one @triton.jit step body per cell type:
+      - per-step: one launch per time step, grid (batch tiles, hidden tiles). Good for large batch / hidden.
+      - persistent: one launch for the whole sequence; grid = batch tiles only; each program owns ALL hidden
+        units of its batch rows and loops over time inside the kernel, with a CTA barrier between steps.
+        Why this design: a step's hidden tiles all need the complete previous h of the same rows; if one
+        program owns all of them, a __syncthreads (tl.debug_barrier) is enough to publish h (global writes of a
+        CTA are visible to the CTA after bar.sync), so no grid-wide synchronisation, no co-residency
+        assumption, no deadlock risk, and it is testable in the interpreter (which runs programs one after
+        another, so a grid-wide spin barrier would hang there). W_hh is re-read each step, from L2 (it stays
+        resident: <= 512 KB for H <= 256 in bf16), so the win is removing the per-step launch overhead, which
+        dominates at small batch / hidden. It is picked automatically for H <= 256.
+  * Backward walks time in reverse processing order, one fused launch per step (or persistent): the program
+    computes dh for its tile as grad_out + (next step's gate grads) @ W_hh (tl.dot) + carried terms, then the
+    gate-derivative math, and writes the pre-activation gate grads of the step. dx, dW_ih, dW_hh, db are then
+    GEMMs over all steps at once (torch.mm), dh0 one more GEMM over each row's first step.
+
+Workspaces (returned by the forward, consumed by the backward):
+  LSTM: gates[N, 4H] activated [i, f, g, o] in the input dtype; cs[N, H] the cell state of every step in FLOAT32
+        (keeps the c recurrence and its backward in fp32 even for fp16/bf16 inputs).
+  GRU:  ws[N, 4H] = [r, z, n, hn] (hn = W_hn h + b_hn) in the input dtype.
+  RNN:  none (the backward uses `out`).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .rnn_cell import (_cdiv, _gemm_blocks, _gemm_gates, _interpreting, _precision, _sigmoid,
+                       _tanh)
+
+__all__ = [
+    "lstm_layer_forward", "lstm_layer_backward",
+    "gru_layer_forward", "gru_layer_backward",
+    "rnn_layer_forward", "rnn_layer_backward",
+]
+
+_NSCHED = 6  # per-step schedule entries: off_t, bs_t, prev_off, n_prev, next_off, n_next
+# The per-step scalars change every launch; without this Triton would compile a variant per value class
+# (==1, multiple of 16) of each of them.
+_STEP_FWD_ARGS = ["off_t", "bs_t", "prev_off", "n_prev", "n_next"]
+_STEP_BWD_ARGS = ["off_t", "bs_t", "prev_off", "n_prev", "next_off", "n_next"]
+_STEP_RNN_BWD_ARGS = ["off_t", "bs_t", "next_off", "n_next"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# step bodies (one tile of batch rows x hidden units of one time step)
+#   prev = the step processed before this one (the state source), next = the step processed after it.
+#   rows b < n_prev read their previous state from rows prev_off + b; other active rows start from h0/c0.
+#   rows b >= n_next have no next step: this is their last step, so they write hn/cn (forward) or take
+#   grad_hn/grad_cn (backward).
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _lstm_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, gates_ptr, hn_ptr, cn_ptr,
+                   off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
+                   HAS_BHH: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                   INTERP: tl.constexpr, PREC: tl.constexpr):
+    b = (pid_b * BB + tl.arange(0, BB)).to(tl.int64)
+    cols = pid_h * BH + tl.arange(0, BH)
+    rmask = b < bs_t
+    cmask = cols < H
+    m = rmask[:, None] & cmask[None, :]
+    has_prev = b < n_prev
+    h_rows = tl.where(has_prev, out_ptr + (prev_off + b) * H, h0_ptr + b * H)
+    acc_i = tl.zeros((BB, BH), tl.float32)
+    acc_f = tl.zeros((BB, BH), tl.float32)
+    acc_g = tl.zeros((BB, BH), tl.float32)
+    acc_o = tl.zeros((BB, BH), tl.float32)
+    acc_i, acc_f, acc_g, acc_o = _gemm_gates(acc_i, acc_f, acc_g, acc_o, h_rows, rmask,
+                                             whh_ptr, H, 1, H * H, cols, cmask, H, 4, BK, INTERP, PREC)
+    g_ptrs = gx_ptr + (off_t + b)[:, None] * (4 * H) + cols[None, :]
+    acc_i += tl.load(g_ptrs, mask=m, other=0.0).to(tl.float32)
+    acc_f += tl.load(g_ptrs + H, mask=m, other=0.0).to(tl.float32)
+    acc_g += tl.load(g_ptrs + 2 * H, mask=m, other=0.0).to(tl.float32)
+    acc_o += tl.load(g_ptrs + 3 * H, mask=m, other=0.0).to(tl.float32)
+    if HAS_BHH:
+        acc_i += tl.load(bhh_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc_f += tl.load(bhh_ptr + H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc_g += tl.load(bhh_ptr + 2 * H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc_o += tl.load(bhh_ptr + 3 * H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    ig = _sigmoid(acc_i)
+    fg = _sigmoid(acc_f)
+    gg = _tanh(acc_g)
+    og = _sigmoid(acc_o)
+    # previous cell state: fp32 cs of the previous step, or c0 (input dtype) -> two disjoint masked loads
+    c = tl.load(cs_ptr + (prev_off + b)[:, None] * H + cols[None, :], mask=m & has_prev[:, None], other=0.0)
+    c += tl.load(c0_ptr + b[:, None] * H + cols[None, :], mask=m & (~has_prev)[:, None], other=0.0).to(tl.float32)
+    c_new = fg * c + ig * gg
+    h_new = og * _tanh(c_new)
+    ty = out_ptr.dtype.element_ty
+    o_off = (off_t + b)[:, None] * H + cols[None, :]
+    tl.store(out_ptr + o_off, h_new.to(ty), mask=m)
+    tl.store(cs_ptr + o_off, c_new, mask=m)
+    gw = gates_ptr + (off_t + b)[:, None] * (4 * H) + cols[None, :]
+    tl.store(gw, ig.to(ty), mask=m)
+    tl.store(gw + H, fg.to(ty), mask=m)
+    tl.store(gw + 2 * H, gg.to(ty), mask=m)
+    tl.store(gw + 3 * H, og.to(ty), mask=m)
+    last = m & (b >= n_next)[:, None]
+    n_off = b[:, None] * H + cols[None, :]
+    tl.store(hn_ptr + n_off, h_new.to(ty), mask=last)
+    tl.store(cn_ptr + n_off, c_new.to(ty), mask=last)
+
+
+@triton.jit
+def _lstm_bwd_tile(gout_ptr, ghn_ptr, dc_ptr, whh_ptr, gates_ptr, cs_ptr, c0_ptr, dg_ptr,
+                   off_t, bs_t, prev_off, n_prev, next_off, n_next, H, pid_b, pid_h,
+                   BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                   INTERP: tl.constexpr, PREC: tl.constexpr):
+    b = (pid_b * BB + tl.arange(0, BB)).to(tl.int64)
+    cols = pid_h * BH + tl.arange(0, BH)
+    rmask = b < bs_t
+    cmask = cols < H
+    m = rmask[:, None] & cmask[None, :]
+    has_next = b < n_next
+    # dh = grad_out_t + (rows with a next step: dgates_next @ W_hh ; rows at their last step: grad_hn)
+    acc = tl.zeros((BB, BH), tl.float32)
+    acc, _u1, _u2, _u3 = _gemm_gates(acc, acc, acc, acc, dg_ptr + (next_off + b) * (4 * H), rmask & has_next,
+                                     whh_ptr, 1, H, 0, cols, cmask, 4 * H, 1, BK, INTERP, PREC)
+    h_off = b[:, None] * H + cols[None, :]
+    o_off = (off_t + b)[:, None] * H + cols[None, :]
+    dh = acc + tl.load(gout_ptr + o_off, mask=m, other=0.0).to(tl.float32)
+    dh += tl.load(ghn_ptr + h_off, mask=m & (~has_next)[:, None], other=0.0).to(tl.float32)
+    # dc carry (fp32 [B, H]): grad_cn until the row's last step, then dc * f of the step after
+    dc = tl.load(dc_ptr + h_off, mask=m, other=0.0)
+    gp = gates_ptr + (off_t + b)[:, None] * (4 * H) + cols[None, :]
+    ig = tl.load(gp, mask=m, other=0.0).to(tl.float32)
+    fg = tl.load(gp + H, mask=m, other=0.0).to(tl.float32)
+    gg = tl.load(gp + 2 * H, mask=m, other=0.0).to(tl.float32)
+    og = tl.load(gp + 3 * H, mask=m, other=0.0).to(tl.float32)
+    tc = _tanh(tl.load(cs_ptr + o_off, mask=m, other=0.0))
+    has_prev = (b < n_prev)[:, None]
+    c = tl.load(cs_ptr + (prev_off + b)[:, None] * H + cols[None, :], mask=m & has_prev, other=0.0)
+    c += tl.load(c0_ptr + h_off, mask=m & (~has_prev), other=0.0).to(tl.float32)
+    dc = dc + dh * og * (1.0 - tc * tc)
+    ty = dg_ptr.dtype.element_ty
+    dgp = dg_ptr + (off_t + b)[:, None] * (4 * H) + cols[None, :]
+    tl.store(dgp, (dc * gg * ig * (1.0 - ig)).to(ty), mask=m)
+    tl.store(dgp + H, (dc * c * fg * (1.0 - fg)).to(ty), mask=m)
+    tl.store(dgp + 2 * H, (dc * ig * (1.0 - gg * gg)).to(ty), mask=m)
+    tl.store(dgp + 3 * H, (dh * tc * og * (1.0 - og)).to(ty), mask=m)
+    tl.store(dc_ptr + h_off, dc * fg, mask=m)
+
+
+@triton.jit
+def _gru_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, ws_ptr, hn_ptr,
+                  off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
+                  HAS_BHH: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                  INTERP: tl.constexpr, PREC: tl.constexpr):
+    b = (pid_b * BB + tl.arange(0, BB)).to(tl.int64)
+    cols = pid_h * BH + tl.arange(0, BH)
+    rmask = b < bs_t
+    cmask = cols < H
+    m = rmask[:, None] & cmask[None, :]
+    h_rows = tl.where(b < n_prev, out_ptr + (prev_off + b) * H, h0_ptr + b * H)
+    acc_r = tl.zeros((BB, BH), tl.float32)
+    acc_z = tl.zeros((BB, BH), tl.float32)
+    acc_hn = tl.zeros((BB, BH), tl.float32)
+    acc_r, acc_z, acc_hn, _u = _gemm_gates(acc_r, acc_z, acc_hn, acc_hn, h_rows, rmask,
+                                           whh_ptr, H, 1, H * H, cols, cmask, H, 3, BK, INTERP, PREC)
+    if HAS_BHH:
+        acc_r += tl.load(bhh_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc_z += tl.load(bhh_ptr + H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc_hn += tl.load(bhh_ptr + 2 * H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    g_ptrs = gx_ptr + (off_t + b)[:, None] * (3 * H) + cols[None, :]
+    r = _sigmoid(acc_r + tl.load(g_ptrs, mask=m, other=0.0).to(tl.float32))
+    z = _sigmoid(acc_z + tl.load(g_ptrs + H, mask=m, other=0.0).to(tl.float32))
+    n = _tanh(tl.load(g_ptrs + 2 * H, mask=m, other=0.0).to(tl.float32) + r * acc_hn)
+    h = tl.load(h_rows[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    h_new = (1.0 - z) * n + z * h
+    ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + (off_t + b)[:, None] * H + cols[None, :], h_new.to(ty), mask=m)
+    wp = ws_ptr + (off_t + b)[:, None] * (4 * H) + cols[None, :]
+    tl.store(wp, r.to(ty), mask=m)
+    tl.store(wp + H, z.to(ty), mask=m)
+    tl.store(wp + 2 * H, n.to(ty), mask=m)
+    tl.store(wp + 3 * H, acc_hn.to(ty), mask=m)
+    tl.store(hn_ptr + b[:, None] * H + cols[None, :], h_new.to(ty), mask=m & (b >= n_next)[:, None])
+
+
+@triton.jit
+def _gru_bwd_tile(gout_ptr, carry_ptr, whh_ptr, ws_ptr, out_ptr, h0_ptr, dgi_ptr, dgh_ptr,
+                  off_t, bs_t, prev_off, n_prev, next_off, n_next, H, pid_b, pid_h,
+                  BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                  INTERP: tl.constexpr, PREC: tl.constexpr):
+    b = (pid_b * BB + tl.arange(0, BB)).to(tl.int64)
+    cols = pid_h * BH + tl.arange(0, BH)
+    rmask = b < bs_t
+    cmask = cols < H
+    m = rmask[:, None] & cmask[None, :]
+    # dh = grad_out_t + carry (grad_hn before the row's last step, then dh*z of the step after)
+    #      + dgh_next @ W_hh (rows with a next step)
+    acc = tl.zeros((BB, BH), tl.float32)
+    acc, _u1, _u2, _u3 = _gemm_gates(acc, acc, acc, acc, dgh_ptr + (next_off + b) * (3 * H), rmask & (b < n_next),
+                                     whh_ptr, 1, H, 0, cols, cmask, 3 * H, 1, BK, INTERP, PREC)
+    h_off = b[:, None] * H + cols[None, :]
+    dh = acc + tl.load(gout_ptr + (off_t + b)[:, None] * H + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    dh += tl.load(carry_ptr + h_off, mask=m, other=0.0)
+    wp = ws_ptr + (off_t + b)[:, None] * (4 * H) + cols[None, :]
+    r = tl.load(wp, mask=m, other=0.0).to(tl.float32)
+    z = tl.load(wp + H, mask=m, other=0.0).to(tl.float32)
+    n = tl.load(wp + 2 * H, mask=m, other=0.0).to(tl.float32)
+    hn = tl.load(wp + 3 * H, mask=m, other=0.0).to(tl.float32)
+    h_rows = tl.where(b < n_prev, out_ptr + (prev_off + b) * H, h0_ptr + b * H)
+    h = tl.load(h_rows[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    dn = dh * (1.0 - z) * (1.0 - n * n)
+    dz = dh * (h - n) * z * (1.0 - z)
+    dr = dn * hn * r * (1.0 - r)
+    ty = dgi_ptr.dtype.element_ty
+    g_off = (off_t + b)[:, None] * (3 * H) + cols[None, :]
+    tl.store(dgi_ptr + g_off, dr.to(ty), mask=m)
+    tl.store(dgi_ptr + g_off + H, dz.to(ty), mask=m)
+    tl.store(dgi_ptr + g_off + 2 * H, dn.to(ty), mask=m)
+    tl.store(dgh_ptr + g_off, dr.to(ty), mask=m)
+    tl.store(dgh_ptr + g_off + H, dz.to(ty), mask=m)
+    tl.store(dgh_ptr + g_off + 2 * H, (dn * r).to(ty), mask=m)
+    tl.store(carry_ptr + h_off, dh * z, mask=m)
+
+
+@triton.jit
+def _rnn_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, hn_ptr,
+                  off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
+                  HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
+                  BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    b = (pid_b * BB + tl.arange(0, BB)).to(tl.int64)
+    cols = pid_h * BH + tl.arange(0, BH)
+    rmask = b < bs_t
+    cmask = cols < H
+    m = rmask[:, None] & cmask[None, :]
+    h_rows = tl.where(b < n_prev, out_ptr + (prev_off + b) * H, h0_ptr + b * H)
+    acc = tl.zeros((BB, BH), tl.float32)
+    acc, _u1, _u2, _u3 = _gemm_gates(acc, acc, acc, acc, h_rows, rmask,
+                                     whh_ptr, H, 1, 0, cols, cmask, H, 1, BK, INTERP, PREC)
+    if HAS_BHH:
+        acc += tl.load(bhh_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    o_off = (off_t + b)[:, None] * H + cols[None, :]
+    acc += tl.load(gx_ptr + o_off, mask=m, other=0.0).to(tl.float32)
+    if RELU:
+        h_new = tl.maximum(acc, 0.0)
+    else:
+        h_new = _tanh(acc)
+    ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + o_off, h_new.to(ty), mask=m)
+    tl.store(hn_ptr + b[:, None] * H + cols[None, :], h_new.to(ty), mask=m & (b >= n_next)[:, None])
+
+
+@triton.jit
+def _rnn_bwd_tile(gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr,
+                  off_t, bs_t, next_off, n_next, H, pid_b, pid_h,
+                  RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                  INTERP: tl.constexpr, PREC: tl.constexpr):
+    b = (pid_b * BB + tl.arange(0, BB)).to(tl.int64)
+    cols = pid_h * BH + tl.arange(0, BH)
+    rmask = b < bs_t
+    cmask = cols < H
+    m = rmask[:, None] & cmask[None, :]
+    has_next = b < n_next
+    acc = tl.zeros((BB, BH), tl.float32)
+    acc, _u1, _u2, _u3 = _gemm_gates(acc, acc, acc, acc, dp_ptr + (next_off + b) * H, rmask & has_next,
+                                     whh_ptr, 1, H, 0, cols, cmask, H, 1, BK, INTERP, PREC)
+    o_off = (off_t + b)[:, None] * H + cols[None, :]
+    dh = acc + tl.load(gout_ptr + o_off, mask=m, other=0.0).to(tl.float32)
+    dh += tl.load(ghn_ptr + b[:, None] * H + cols[None, :], mask=m & (~has_next)[:, None],
+                  other=0.0).to(tl.float32)
+    y = tl.load(out_ptr + o_off, mask=m, other=0.0).to(tl.float32)
+    if RELU:
+        d = tl.where(y > 0.0, dh, 0.0)
+    else:
+        d = dh * (1.0 - y * y)
+    tl.store(dp_ptr + o_off, d.to(dp_ptr.dtype.element_ty), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kernels: per-step (scalars as arguments, grid = batch tiles x hidden tiles) and persistent (schedule read from a
+# small device table, grid = batch tiles, time and hidden tiles looped inside, CTA barrier between steps)
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=_STEP_FWD_ARGS)
+def _lstm_fwd_step_kernel(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, gates_ptr, hn_ptr, cn_ptr,
+                          off_t, bs_t, prev_off, n_prev, n_next, H,
+                          HAS_BHH: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                          INTERP: tl.constexpr, PREC: tl.constexpr):
+    _lstm_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, gates_ptr, hn_ptr, cn_ptr,
+                   off_t, bs_t, prev_off, n_prev, n_next, H, tl.program_id(0), tl.program_id(1),
+                   HAS_BHH, BB, BH, BK, INTERP, PREC)
+
+
+@triton.jit
+def _lstm_fwd_persistent_kernel(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, gates_ptr, hn_ptr,
+                                cn_ptr, sched_ptr, T, H,
+                                HAS_BHH: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                                INTERP: tl.constexpr, PREC: tl.constexpr):
+    pid_b = tl.program_id(0)
+    for s in range(0, T):
+        sp = sched_ptr + s * 6
+        bs_t = tl.load(sp + 1)
+        if pid_b * BB < bs_t:
+            off_t = tl.load(sp)
+            prev_off = tl.load(sp + 2)
+            n_prev = tl.load(sp + 3)
+            n_next = tl.load(sp + 5)
+            for pid_h in range(0, tl.cdiv(H, BH)):
+                _lstm_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, gates_ptr, hn_ptr,
+                               cn_ptr, off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
+                               HAS_BHH, BB, BH, BK, INTERP, PREC)
+        # publish this step's h/c to every thread of the CTA before the next step reads them
+        tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=_STEP_BWD_ARGS)
+def _lstm_bwd_step_kernel(gout_ptr, ghn_ptr, dc_ptr, whh_ptr, gates_ptr, cs_ptr, c0_ptr, dg_ptr,
+                          off_t, bs_t, prev_off, n_prev, next_off, n_next, H,
+                          BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                          INTERP: tl.constexpr, PREC: tl.constexpr):
+    _lstm_bwd_tile(gout_ptr, ghn_ptr, dc_ptr, whh_ptr, gates_ptr, cs_ptr, c0_ptr, dg_ptr,
+                   off_t, bs_t, prev_off, n_prev, next_off, n_next, H, tl.program_id(0), tl.program_id(1),
+                   BB, BH, BK, INTERP, PREC)
+
+
+@triton.jit
+def _lstm_bwd_persistent_kernel(gout_ptr, ghn_ptr, dc_ptr, whh_ptr, gates_ptr, cs_ptr, c0_ptr, dg_ptr,
+                                sched_ptr, T, H,
+                                BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                                INTERP: tl.constexpr, PREC: tl.constexpr):
+    pid_b = tl.program_id(0)
+    for s in range(0, T):
+        sp = sched_ptr + (T - 1 - s) * 6  # reverse processing order
+        bs_t = tl.load(sp + 1)
+        if pid_b * BB < bs_t:
+            off_t = tl.load(sp)
+            prev_off = tl.load(sp + 2)
+            n_prev = tl.load(sp + 3)
+            next_off = tl.load(sp + 4)
+            n_next = tl.load(sp + 5)
+            for pid_h in range(0, tl.cdiv(H, BH)):
+                _lstm_bwd_tile(gout_ptr, ghn_ptr, dc_ptr, whh_ptr, gates_ptr, cs_ptr, c0_ptr, dg_ptr,
+                               off_t, bs_t, prev_off, n_prev, next_off, n_next, H, pid_b, pid_h,
+                               BB, BH, BK, INTERP, PREC)
+        tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=_STEP_FWD_ARGS)
+def _gru_fwd_step_kernel(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, ws_ptr, hn_ptr,
+                         off_t, bs_t, prev_off, n_prev, n_next, H,
+                         HAS_BHH: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                         INTERP: tl.constexpr, PREC: tl.constexpr):
+    _gru_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, ws_ptr, hn_ptr,
+                  off_t, bs_t, prev_off, n_prev, n_next, H, tl.program_id(0), tl.program_id(1),
+                  HAS_BHH, BB, BH, BK, INTERP, PREC)
+
+
+@triton.jit
+def _gru_fwd_persistent_kernel(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, ws_ptr, hn_ptr, sched_ptr, T, H,
+                               HAS_BHH: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                               INTERP: tl.constexpr, PREC: tl.constexpr):
+    pid_b = tl.program_id(0)
+    for s in range(0, T):
+        sp = sched_ptr + s * 6
+        bs_t = tl.load(sp + 1)
+        if pid_b * BB < bs_t:
+            off_t = tl.load(sp)
+            prev_off = tl.load(sp + 2)
+            n_prev = tl.load(sp + 3)
+            n_next = tl.load(sp + 5)
+            for pid_h in range(0, tl.cdiv(H, BH)):
+                _gru_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, ws_ptr, hn_ptr,
+                              off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
+                              HAS_BHH, BB, BH, BK, INTERP, PREC)
+        tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=_STEP_BWD_ARGS)
+def _gru_bwd_step_kernel(gout_ptr, carry_ptr, whh_ptr, ws_ptr, out_ptr, h0_ptr, dgi_ptr, dgh_ptr,
+                         off_t, bs_t, prev_off, n_prev, next_off, n_next, H,
+                         BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                         INTERP: tl.constexpr, PREC: tl.constexpr):
+    _gru_bwd_tile(gout_ptr, carry_ptr, whh_ptr, ws_ptr, out_ptr, h0_ptr, dgi_ptr, dgh_ptr,
+                  off_t, bs_t, prev_off, n_prev, next_off, n_next, H, tl.program_id(0), tl.program_id(1),
+                  BB, BH, BK, INTERP, PREC)
+
+
+@triton.jit
+def _gru_bwd_persistent_kernel(gout_ptr, carry_ptr, whh_ptr, ws_ptr, out_ptr, h0_ptr, dgi_ptr, dgh_ptr,
+                               sched_ptr, T, H,
+                               BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                               INTERP: tl.constexpr, PREC: tl.constexpr):
+    pid_b = tl.program_id(0)
+    for s in range(0, T):
+        sp = sched_ptr + (T - 1 - s) * 6
+        bs_t = tl.load(sp + 1)
+        if pid_b * BB < bs_t:
+            off_t = tl.load(sp)
+            prev_off = tl.load(sp + 2)
+            n_prev = tl.load(sp + 3)
+            next_off = tl.load(sp + 4)
+            n_next = tl.load(sp + 5)
+            for pid_h in range(0, tl.cdiv(H, BH)):
+                _gru_bwd_tile(gout_ptr, carry_ptr, whh_ptr, ws_ptr, out_ptr, h0_ptr, dgi_ptr, dgh_ptr,
+                              off_t, bs_t, prev_off, n_prev, next_off, n_next, H, pid_b, pid_h,
+                              BB, BH, BK, INTERP, PREC)
+        tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=_STEP_FWD_ARGS)
+def _rnn_fwd_step_kernel(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, hn_ptr,
+                         off_t, bs_t, prev_off, n_prev, n_next, H,
+                         HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
+                         BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    _rnn_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, hn_ptr,
+                  off_t, bs_t, prev_off, n_prev, n_next, H, tl.program_id(0), tl.program_id(1),
+                  HAS_BHH, RELU, BB, BH, BK, INTERP, PREC)
+
+
+@triton.jit
+def _rnn_fwd_persistent_kernel(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, hn_ptr, sched_ptr, T, H,
+                               HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
+                               BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    pid_b = tl.program_id(0)
+    for s in range(0, T):
+        sp = sched_ptr + s * 6
+        bs_t = tl.load(sp + 1)
+        if pid_b * BB < bs_t:
+            off_t = tl.load(sp)
+            prev_off = tl.load(sp + 2)
+            n_prev = tl.load(sp + 3)
+            n_next = tl.load(sp + 5)
+            for pid_h in range(0, tl.cdiv(H, BH)):
+                _rnn_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, hn_ptr,
+                              off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
+                              HAS_BHH, RELU, BB, BH, BK, INTERP, PREC)
+        tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=_STEP_RNN_BWD_ARGS)
+def _rnn_bwd_step_kernel(gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr,
+                         off_t, bs_t, next_off, n_next, H,
+                         RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                         INTERP: tl.constexpr, PREC: tl.constexpr):
+    _rnn_bwd_tile(gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr, off_t, bs_t, next_off, n_next, H,
+                  tl.program_id(0), tl.program_id(1), RELU, BB, BH, BK, INTERP, PREC)
+
+
+@triton.jit
+def _rnn_bwd_persistent_kernel(gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr, sched_ptr, T, H,
+                               RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                               INTERP: tl.constexpr, PREC: tl.constexpr):
+    pid_b = tl.program_id(0)
+    for s in range(0, T):
+        sp = sched_ptr + (T - 1 - s) * 6
+        bs_t = tl.load(sp + 1)
+        if pid_b * BB < bs_t:
+            off_t = tl.load(sp)
+            next_off = tl.load(sp + 4)
+            n_next = tl.load(sp + 5)
+            for pid_h in range(0, tl.cdiv(H, BH)):
+                _rnn_bwd_tile(gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr, off_t, bs_t, next_off, n_next, H,
+                              pid_b, pid_h, RELU, BB, BH, BK, INTERP, PREC)
+        tl.debug_barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# host-side schedule and helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+class _Plan:
+    """Per-sequence bookkeeping derived from batch_sizes (CPU), built without touching the device."""
+
+    def __init__(self, batch_sizes, reverse, device):
+        self.batch_sizes = batch_sizes.to("cpu", torch.int64)
+        self.reverse = bool(reverse)
+        bs = self.batch_sizes.tolist()
+        self.T = len(bs)
+        self.B = bs[0] if bs else 0
+        offs = [0] * (self.T + 1)
+        for t, n in enumerate(bs):
+            offs[t + 1] = offs[t] + n
+        self.N = offs[-1]
+        order = range(self.T - 1, -1, -1) if reverse else range(self.T)
+        steps = []
+        for t in order:
+            if not reverse:
+                prev_off, n_prev = (offs[t - 1], bs[t]) if t > 0 else (0, 0)
+                next_off, n_next = (offs[t + 1], bs[t + 1]) if t + 1 < self.T else (0, 0)
+            else:
+                prev_off, n_prev = (offs[t + 1], bs[t + 1]) if t + 1 < self.T else (0, 0)
+                next_off, n_next = (offs[t - 1], bs[t]) if t > 0 else (0, 0)
+            steps.append((offs[t], bs[t], prev_off, n_prev, next_off, n_next))
+        self.steps = steps  # in forward-processing order
+        self.device = device
+        self._sched = None
+
+    def sched(self):
+        if self._sched is None:
+            flat = [v for st in self.steps for v in st] or [0] * _NSCHED
+            self._sched = torch.tensor(flat, dtype=torch.int64).to(self.device, non_blocking=True)
+        return self._sched
+
+    def prev_and_first_index(self):
+        """prev[N]: index of each row's previous state in cat([out, h0]) (N + b for h0); first[B]: row index of
+        each batch row's first processed step. Vectorised on the CPU (N can be large), then moved over."""
+        bs = self.batch_sizes
+        T, N = self.T, self.N
+        offs = torch.zeros(T + 1, dtype=torch.int64)
+        torch.cumsum(bs, 0, out=offs[1:])
+        t = torch.repeat_interleave(torch.arange(T), bs)
+        rows = torch.arange(N)
+        b = rows - offs[t]
+        if not self.reverse:
+            has_prev = t > 0
+            prev = offs[(t - 1).clamp(min=0)] + b
+        else:
+            tn = (t + 1).clamp(max=T - 1)
+            has_prev = (t < T - 1) & (b < bs[tn])
+            prev = offs[tn] + b
+        prev = torch.where(has_prev, prev, N + b)
+        first = torch.zeros(self.B, dtype=torch.int64)
+        first[b[~has_prev]] = rows[~has_prev]
+        return prev.to(self.device), first.to(self.device)
+
+
+def _use_persistent(persistent, H):
+    if persistent is None:
+        # W_hh (<= 4*256*256*2 B = 512 KB) stays L2-resident; above that the per-step grid spreads the weight
+        # reads over many SMs and wins.
+        return H <= 256
+    return bool(persistent)
+
+
+def _input_proj(x, w_ih, b_ih):
+    # one GEMM over all time steps (cuBLAS); b_ih folded in; b_hh is added inside the step kernel
+    if b_ih is not None:
+        return torch.addmm(b_ih, x, w_ih.t())
+    return torch.mm(x, w_ih.t())
+
+
+def _seq_blocks(B, persistent):
+    if persistent and not _interpreting():
+        # persistent: one program per 16-row batch tile (more programs -> more SMs streaming W_hh from L2)
+        return 16, 64, 64, 4
+    return _gemm_blocks(B)
+
+
+def _prev_states(plan, out, h0):
+    prev, first = plan.prev_and_first_index()
+    return torch.cat([out, h0], 0).index_select(0, prev), first
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LSTM
+# ----------------------------------------------------------------------------------------------------------------
+
+def lstm_layer_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, reverse=False,
+                       persistent=None, allow_tf32: bool = False):
+    """x[N,I] packed time-major, batch_sizes[T] (CPU int64), h0/c0[B,H], w_ih[4H,I], w_hh[4H,H], biases[4H]|None
+    -> (out[N,H], hn[B,H], cn[B,H], gates[N,4H] (activated i,f,g,o; input dtype), cs[N,H] (float32))."""
+    plan = _Plan(batch_sizes, reverse, x.device)
+    N, H, B = x.shape[0], h0.shape[1], h0.shape[0]
+    dev, dt = x.device, x.dtype
+    out = torch.empty((N, H), device=dev, dtype=dt)
+    hn = torch.empty((B, H), device=dev, dtype=dt)
+    cn = torch.empty((B, H), device=dev, dtype=dt)
+    gates = torch.empty((N, 4 * H), device=dev, dtype=dt)
+    cs = torch.empty((N, H), device=dev, dtype=torch.float32)
+    if N == 0 or H == 0:
+        return out, hn.copy_(h0), cn.copy_(c0), gates, cs
+    gx = _input_proj(x, w_ih, b_ih)
+    pers = _use_persistent(persistent, H)
+    BB, BH, BK, nw = _seq_blocks(B, pers)
+    interp, prec = _interpreting(), _precision(dt, allow_tf32)
+    bhh = b_hh if b_hh is not None else w_hh
+    if pers:
+        _lstm_fwd_persistent_kernel[(_cdiv(B, BB),)](gx, w_hh, bhh, h0, c0, out, cs, gates, hn, cn, plan.sched(),
+                                                     plan.T, H, b_hh is not None, BB, BH, BK, interp, prec,
+                                                     num_warps=nw)
+    else:
+        for (off, n, prev_off, n_prev, _next_off, n_next) in plan.steps:
+            if n == 0:
+                continue
+            _lstm_fwd_step_kernel[(_cdiv(n, BB), _cdiv(H, BH))](gx, w_hh, bhh, h0, c0, out, cs, gates, hn, cn,
+                                                                off, n, prev_off, n_prev, n_next, H,
+                                                                b_hh is not None, BB, BH, BK, interp, prec,
+                                                                num_warps=nw)
+    return out, hn, cn, gates, cs
+
+
+def lstm_layer_backward(grad_out, grad_hn, grad_cn, x, batch_sizes, h0, c0, w_ih, w_hh, out, gates, cs,
+                        reverse=False, persistent=None, allow_tf32: bool = False):
+    """-> (dx[N,I], dh0[B,H], dc0[B,H], dw_ih[4H,I], dw_hh[4H,H], db[4H]); db is the grad of b_ih and b_hh."""
+    plan = _Plan(batch_sizes, reverse, x.device)
+    N, H, B = x.shape[0], h0.shape[1], h0.shape[0]
+    dev, dt = x.device, x.dtype
+    dgates = torch.empty((N, 4 * H), device=dev, dtype=dt)
+    dc = grad_cn.to(torch.float32, copy=True)  # carry: grad_cn -> dc*f of later steps -> dc0
+    if N > 0 and H > 0:
+        pers = _use_persistent(persistent, H)
+        BB, BH, BK, nw = _seq_blocks(B, pers)
+        interp, prec = _interpreting(), _precision(dt, allow_tf32)
+        if pers:
+            _lstm_bwd_persistent_kernel[(_cdiv(B, BB),)](grad_out, grad_hn, dc, w_hh, gates, cs, c0, dgates,
+                                                         plan.sched(), plan.T, H, BB, BH, BK, interp, prec,
+                                                         num_warps=nw)
+        else:
+            for (off, n, prev_off, n_prev, next_off, n_next) in reversed(plan.steps):
+                if n == 0:
+                    continue
+                _lstm_bwd_step_kernel[(_cdiv(n, BB), _cdiv(H, BH))](grad_out, grad_hn, dc, w_hh, gates, cs, c0,
+                                                                    dgates, off, n, prev_off, n_prev, next_off,
+                                                                    n_next, H, BB, BH, BK, interp, prec,
+                                                                    num_warps=nw)
+    hprev, first = _prev_states(plan, out, h0)
+    if N > 0:
+        dh0 = torch.mm(dgates.index_select(0, first), w_hh)
+    else:
+        dh0 = grad_hn.clone()
+    dx = torch.mm(dgates, w_ih)
+    dw_ih = torch.mm(dgates.t(), x)
+    dw_hh = torch.mm(dgates.t(), hprev)
+    db = dgates.sum(0, dtype=torch.float32).to(dt)
+    return dx, dh0, dc.to(dt), dw_ih, dw_hh, db
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GRU
+# ----------------------------------------------------------------------------------------------------------------
+
+def gru_layer_forward(x, batch_sizes, h0, w_ih, w_hh, b_ih=None, b_hh=None, reverse=False,
+                      persistent=None, allow_tf32: bool = False):
+    """x[N,I], batch_sizes[T], h0[B,H], w_ih[3H,I], w_hh[3H,H] -> (out[N,H], hn[B,H], ws[N,4H] = [r,z,n,hn])."""
+    plan = _Plan(batch_sizes, reverse, x.device)
+    N, H, B = x.shape[0], h0.shape[1], h0.shape[0]
+    dev, dt = x.device, x.dtype
+    out = torch.empty((N, H), device=dev, dtype=dt)
+    hn = torch.empty((B, H), device=dev, dtype=dt)
+    ws = torch.empty((N, 4 * H), device=dev, dtype=dt)
+    if N == 0 or H == 0:
+        return out, hn.copy_(h0), ws
+    gx = _input_proj(x, w_ih, b_ih)
+    pers = _use_persistent(persistent, H)
+    BB, BH, BK, nw = _seq_blocks(B, pers)
+    interp, prec = _interpreting(), _precision(dt, allow_tf32)
+    bhh = b_hh if b_hh is not None else w_hh
+    if pers:
+        _gru_fwd_persistent_kernel[(_cdiv(B, BB),)](gx, w_hh, bhh, h0, out, ws, hn, plan.sched(), plan.T, H,
+                                                    b_hh is not None, BB, BH, BK, interp, prec, num_warps=nw)
+    else:
+        for (off, n, prev_off, n_prev, _next_off, n_next) in plan.steps:
+            if n == 0:
+                continue
+            _gru_fwd_step_kernel[(_cdiv(n, BB), _cdiv(H, BH))](gx, w_hh, bhh, h0, out, ws, hn,
+                                                               off, n, prev_off, n_prev, n_next, H,
+                                                               b_hh is not None, BB, BH, BK, interp, prec,
+                                                               num_warps=nw)
+    return out, hn, ws
+
+
+def gru_layer_backward(grad_out, grad_hn, x, batch_sizes, h0, w_ih, w_hh, out, ws, reverse=False,
+                       persistent=None, allow_tf32: bool = False):
+    """-> (dx[N,I], dh0[B,H], dw_ih[3H,I], dw_hh[3H,H], db_ih[3H], db_hh[3H])."""
+    plan = _Plan(batch_sizes, reverse, x.device)
+    N, H, B = x.shape[0], h0.shape[1], h0.shape[0]
+    dev, dt = x.device, x.dtype
+    dgi = torch.empty((N, 3 * H), device=dev, dtype=dt)
+    dgh = torch.empty((N, 3 * H), device=dev, dtype=dt)
+    carry = grad_hn.to(torch.float32, copy=True)  # grad_hn -> dh*z of later steps (direct path)
+    if N > 0 and H > 0:
+        pers = _use_persistent(persistent, H)
+        BB, BH, BK, nw = _seq_blocks(B, pers)
+        interp, prec = _interpreting(), _precision(dt, allow_tf32)
+        if pers:
+            _gru_bwd_persistent_kernel[(_cdiv(B, BB),)](grad_out, carry, w_hh, ws, out, h0, dgi, dgh,
+                                                        plan.sched(), plan.T, H, BB, BH, BK, interp, prec,
+                                                        num_warps=nw)
+        else:
+            for (off, n, prev_off, n_prev, next_off, n_next) in reversed(plan.steps):
+                if n == 0:
+                    continue
+                _gru_bwd_step_kernel[(_cdiv(n, BB), _cdiv(H, BH))](grad_out, carry, w_hh, ws, out, h0, dgi, dgh,
+                                                                   off, n, prev_off, n_prev, next_off, n_next,
+                                                                   H, BB, BH, BK, interp, prec, num_warps=nw)
+    hprev, first = _prev_states(plan, out, h0)
+    if N > 0:
+        dh0 = torch.addmm(carry.to(dt), dgh.index_select(0, first), w_hh)
+    else:
+        dh0 = grad_hn.clone()
+    dx = torch.mm(dgi, w_ih)
+    dw_ih = torch.mm(dgi.t(), x)
+    dw_hh = torch.mm(dgh.t(), hprev)
+    db_ih = dgi.sum(0, dtype=torch.float32).to(dt)
+    db_hh = dgh.sum(0, dtype=torch.float32).to(dt)
+    return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Elman RNN (tanh / relu)
+# ----------------------------------------------------------------------------------------------------------------
+
+def rnn_layer_forward(x, batch_sizes, h0, w_ih, w_hh, b_ih=None, b_hh=None, relu=False, reverse=False,
+                      persistent=None, allow_tf32: bool = False):
+    """x[N,I], batch_sizes[T], h0[B,H], w_ih[H,I], w_hh[H,H] -> (out[N,H], hn[B,H])."""
+    plan = _Plan(batch_sizes, reverse, x.device)
+    N, H, B = x.shape[0], h0.shape[1], h0.shape[0]
+    dev, dt = x.device, x.dtype
+    out = torch.empty((N, H), device=dev, dtype=dt)
+    hn = torch.empty((B, H), device=dev, dtype=dt)
+    if N == 0 or H == 0:
+        return out, hn.copy_(h0)
+    gx = _input_proj(x, w_ih, b_ih)
+    pers = _use_persistent(persistent, H)
+    BB, BH, BK, nw = _seq_blocks(B, pers)
+    interp, prec = _interpreting(), _precision(dt, allow_tf32)
+    bhh = b_hh if b_hh is not None else w_hh
+    if pers:
+        _rnn_fwd_persistent_kernel[(_cdiv(B, BB),)](gx, w_hh, bhh, h0, out, hn, plan.sched(), plan.T, H,
+                                                    b_hh is not None, bool(relu), BB, BH, BK, interp, prec,
+                                                    num_warps=nw)
+    else:
+        for (off, n, prev_off, n_prev, _next_off, n_next) in plan.steps:
+            if n == 0:
+                continue
+            _rnn_fwd_step_kernel[(_cdiv(n, BB), _cdiv(H, BH))](gx, w_hh, bhh, h0, out, hn,
+                                                               off, n, prev_off, n_prev, n_next, H,
+                                                               b_hh is not None, bool(relu), BB, BH, BK, interp,
+                                                               prec, num_warps=nw)
+    return out, hn
+
+
+def rnn_layer_backward(grad_out, grad_hn, x, batch_sizes, h0, w_ih, w_hh, out, relu=False, reverse=False,
+                       persistent=None, allow_tf32: bool = False):
+    """-> (dx[N,I], dh0[B,H], dw_ih[H,I], dw_hh[H,H], db[H]); db is the grad of b_ih and of b_hh."""
+    plan = _Plan(batch_sizes, reverse, x.device)
+    N, H, B = x.shape[0], h0.shape[1], h0.shape[0]
+    dev, dt = x.device, x.dtype
+    dpre = torch.empty((N, H), device=dev, dtype=dt)
+    if N > 0 and H > 0:
+        pers = _use_persistent(persistent, H)
+        BB, BH, BK, nw = _seq_blocks(B, pers)
+        interp, prec = _interpreting(), _precision(dt, allow_tf32)
+        if pers:
+            _rnn_bwd_persistent_kernel[(_cdiv(B, BB),)](grad_out, grad_hn, w_hh, out, dpre, plan.sched(), plan.T,
+                                                        H, bool(relu), BB, BH, BK, interp, prec, num_warps=nw)
+        else:
+            for (off, n, _prev_off, _n_prev, next_off, n_next) in reversed(plan.steps):
+                if n == 0:
+                    continue
+                _rnn_bwd_step_kernel[(_cdiv(n, BB), _cdiv(H, BH))](grad_out, grad_hn, w_hh, out, dpre,
+                                                                   off, n, next_off, n_next, H, bool(relu),
+                                                                   BB, BH, BK, interp, prec, num_warps=nw)
+    hprev, first = _prev_states(plan, out, h0)
+    if N > 0:
+        dh0 = torch.mm(dpre.index_select(0, first), w_hh)
+    else:
+        dh0 = grad_hn.clone()
+    dx = torch.mm(dpre, w_ih)
+    dw_ih = torch.mm(dpre.t(), x)
+    dw_hh = torch.mm(dpre.t(), hprev)
+    db = dpre.sum(0, dtype=torch.float32).to(dt)
+    return dx, dh0, dw_ih, dw_hh, db

@@ -1,0 +1,121 @@
+"""Parity of seqfast's LSTM / GRU / RNN with torch.nn on every backend and dtype: outputs, final states and the
+gradients of the input, the initial states and every parameter, across the module options."""
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import seqfast
+from conftest import BACKEND_DTYPES, TOL, backend_device
+
+KINDS = {
+    "lstm": ("LSTM", {}), "gru": ("GRU", {}),
+    "rnn_tanh": ("RNN", {"nonlinearity": "tanh"}), "rnn_relu": ("RNN", {"nonlinearity": "relu"}),
+}
+# module options x input form; T=4, B=3, input 5, hidden 6 unless said
+OPTIONS = {
+    "1layer": dict(mod={}, packed=False),
+    "2layer_bidir": dict(mod={"num_layers": 2, "bidirectional": True}, packed=False),
+    "batch_first_nobias": dict(mod={"batch_first": True, "bias": False}, packed=False),
+    "packed_unsorted_bidir": dict(mod={"num_layers": 2, "bidirectional": True}, packed=True),
+    "packed_batch_first": dict(mod={"batch_first": True}, packed=True),
+    "unbatched": dict(mod={"bidirectional": True}, packed=False, unbatched=True),
+    "no_state": dict(mod={"num_layers": 2}, packed=False, no_state=True),
+    "len1_hidden1": dict(mod={}, packed=False, T=1, H=1),
+    "dropout_eval": dict(mod={"num_layers": 2, "dropout": 0.5}, packed=False, eval=True),
+}
+
+
+def _flat(out):
+    if isinstance(out, PackedSequence):
+        return [out.data]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flat(o)]
+    return [out]
+
+
+def _build(kind, opts, dtype, device, extra=None):
+    cls_name, kw = KINDS[kind]
+    kw = {**kw, **opts["mod"], **(extra or {})}
+    H = opts.get("H", 6)
+    ref = getattr(torch.nn, cls_name)(5, H, **kw).double()
+    ours = getattr(seqfast.nn, cls_name)(5, H, **kw)
+    ours.load_state_dict(ref.state_dict())
+    ours.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for p_ref, p in zip(ref.parameters(), ours.parameters()):
+            p_ref.copy_(p.double().cpu())
+    if opts.get("eval"):
+        ref.eval(), ours.eval()
+    return ref, ours
+
+
+def _inputs(ref, opts, dtype, device):
+    T, B = opts.get("T", 4), 3
+    bf = ref.batch_first
+    x = torch.randn((B, T, 5) if bf else (T, B, 5), dtype=dtype, device=device)
+    if opts.get("unbatched"):
+        x = x[0] if bf else x[:, 0]
+        B = None
+    dirs = 2 if ref.bidirectional else 1
+    H = ref.hidden_size
+    out_h = ref.proj_size if getattr(ref, "proj_size", 0) else H
+    shape = (ref.num_layers * dirs,) + (() if B is None else (B,))
+    states = [torch.randn(shape + (out_h,), dtype=dtype, device=device)]
+    if isinstance(ref, torch.nn.LSTM):
+        states.append(torch.randn(shape + (H,), dtype=dtype, device=device))
+    return x, (None if opts.get("no_state") else states)
+
+
+def _call(module, x, states, packed, lengths):
+    if packed:
+        x = pack_padded_sequence(x, lengths, batch_first=module.batch_first, enforce_sorted=False)
+    if states is None:
+        return module(x)
+    return module(x, tuple(states) if isinstance(module, torch.nn.LSTM) else states[0])
+
+
+def check_close(actual, expected, dtype, what):
+    rtol, atol = TOL[dtype]
+    # low precision: the recurrence compounds rounding over steps and layers
+    scale = 1 if dtype in (torch.float32, torch.float64) else 2
+    torch.testing.assert_close(actual.double().cpu(), expected, rtol=rtol * scale, atol=atol * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _parity(kind, opts, backend, dtype, extra=None):
+    device = backend_device(backend)
+    ref, ours = _build(kind, opts, dtype, device, extra)
+    x, states = _inputs(ref, opts, dtype, device)
+    lengths = torch.tensor([2, opts.get("T", 4), 3])  # unsorted, spread
+    xs = x.detach().clone().requires_grad_(True)
+    ss = None if states is None else [s.detach().clone().requires_grad_(True) for s in states]
+    xr = x.detach().cpu().double().requires_grad_(True)
+    sr = None if states is None else [s.detach().cpu().double().requires_grad_(True) for s in states]
+    with seqfast.use_backend(backend):
+        out = _flat(_call(ours, xs, ss, opts["packed"], lengths))
+    out_ref = _flat(_call(ref, xr, sr, opts["packed"], lengths))
+    for i, (a, b) in enumerate(zip(out, out_ref)):
+        assert a.shape == b.shape and a.dtype == dtype
+        check_close(a, b.detach(), dtype, f"output {i}")
+    grads = [torch.randn_like(o) for o in out_ref]
+    torch.autograd.backward(out, [g.to(device=device, dtype=dtype) for g in grads])
+    torch.autograd.backward(out_ref, grads)
+    check_close(xs.grad, xr.grad, dtype, "grad input")
+    for i, (s, r) in enumerate(zip(ss or [], sr or [])):
+        check_close(s.grad, r.grad, dtype, f"grad state {i}")
+    for (name, p), p_ref in zip(ours.named_parameters(), ref.parameters()):
+        check_close(p.grad, p_ref.grad, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_rnn_parity(kind, option, backend, dtype):
+    _parity(kind, OPTIONS[option], backend, dtype)
+
+
+@pytest.mark.parametrize("backend,dtype", [("reference", torch.float64), ("cpp", torch.float32)],
+                         ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("option", ["2layer_bidir", "packed_unsorted_bidir", "unbatched"])
+def test_lstm_proj_size(option, backend, dtype):
+    _parity("lstm", OPTIONS[option], backend, dtype, extra={"proj_size": 4})

@@ -1,0 +1,135 @@
+"""seqfast.functional.scaled_dot_product_attention against torch.nn.functional.scaled_dot_product_attention on every
+backend and dtype: outputs and the gradients of query, key and value, for masks, causal, scale, GQA, lengths."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import seqfast
+from conftest import BACKEND_DTYPES, TOL, backend_device
+
+sdpa = seqfast.functional.scaled_dot_product_attention
+
+# name -> (q shape, k shape, v shape, kwargs); masks are built in _mask
+CASES = {
+    "basic": ((2, 3, 5, 16), (2, 3, 7, 16), (2, 3, 7, 16), {}),
+    "causal_square": ((1, 2, 33, 16), (1, 2, 33, 16), (1, 2, 33, 16), {"is_causal": True}),
+    "causal_lq_gt_lk": ((1, 2, 9, 16), (1, 2, 5, 16), (1, 2, 5, 8), {"is_causal": True}),
+    "causal_lq_lt_lk": ((1, 2, 5, 16), (1, 2, 19, 16), (1, 2, 19, 16), {"is_causal": True}),
+    "decoder_step": ((3, 2, 1, 16), (3, 2, 37, 16), (3, 2, 37, 16), {"mask": "key_padding"}),
+    "bool_mask_2d": ((2, 2, 6, 16), (2, 2, 7, 16), (2, 2, 7, 16), {"mask": "bool"}),
+    "float_mask": ((2, 2, 6, 16), (2, 2, 7, 16), (2, 2, 7, 16), {"mask": "float"}),
+    "mask_and_causal": ((1, 2, 7, 16), (1, 2, 7, 16), (1, 2, 7, 16), {"mask": "float", "is_causal": True}),
+    "fully_masked_row": ((2, 2, 4, 16), (2, 2, 6, 16), (2, 2, 6, 16), {"mask": "row_off"}),
+    "gqa": ((1, 4, 6, 16), (1, 2, 9, 16), (1, 2, 9, 16), {"enable_gqa": True}),
+    "scale_and_dv": ((2, 1, 4, 32), (2, 1, 5, 32), (2, 1, 5, 24), {"scale": 0.37}),
+    "no_head_dim": ((4, 16), (6, 16), (6, 16), {}),
+    "extra_batch_dims": ((2, 2, 2, 3, 16), (2, 2, 2, 4, 16), (2, 2, 2, 4, 16), {"is_causal": True}),
+    "length_one": ((2, 2, 1, 16), (2, 2, 1, 16), (2, 2, 1, 16), {}),
+    "head_dim_80": ((1, 2, 5, 80), (1, 2, 6, 80), (1, 2, 6, 80), {}),
+}
+
+
+def _mask(kind, q, k):
+    L, S = q.shape[-2], k.shape[-2]
+    if kind == "bool":
+        m = torch.rand(L, S) > 0.4
+        m[:, 0] = True
+        return m
+    if kind == "float":
+        return torch.randn(L, S)
+    if kind == "key_padding":  # [N, 1, 1, S], True = attend
+        m = torch.ones(q.shape[0], 1, 1, S, dtype=torch.bool)
+        m[0, ..., S // 2:] = False
+        return m
+    if kind == "row_off":
+        m = torch.ones(L, S, dtype=torch.bool)
+        m[1] = False
+        return m
+    return None
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("case", list(CASES))
+def test_sdpa_parity(case, backend, dtype):
+    qs, ks, vs, kw = CASES[case]
+    kw = dict(kw)
+    device = backend_device(backend)
+    q64, k64, v64 = (torch.randn(s, dtype=torch.float64) for s in (qs, ks, vs))
+    mask = _mask(kw.pop("mask", None), q64, k64)
+    # the reference sees exactly the rounded values the backend sees
+    q, k, v = (t.to(dtype).to(device).requires_grad_(True) for t in (q64, k64, v64))
+    qr, kr, vr = (t.detach().cpu().double().requires_grad_(True) for t in (q, k, v))
+    m = None if mask is None else (mask if mask.dtype == torch.bool else mask.to(dtype)).to(device)
+    mr = None if mask is None else (mask if mask.dtype == torch.bool else m.double().cpu())
+    with seqfast.use_backend(backend):
+        out = sdpa(q, k, v, attn_mask=m, **kw)
+    ref = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mr, **kw)
+    assert out.shape == ref.shape and out.dtype == dtype
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), rtol=rtol, atol=atol)
+    g = torch.randn_like(ref)
+    out.backward(g.to(device=device, dtype=dtype))
+    ref.backward(g)
+    for name, a, b in (("dq", q, qr), ("dk", k, kr), ("dv", v, vr)):
+        assert torch.isfinite(a.grad).all(), name
+        torch.testing.assert_close(a.grad.double().cpu(), b.grad, rtol=rtol * 2, atol=atol * 2,
+                                   msg=lambda msg: f"{name}: {msg}")
+
+
+def test_fully_masked_row_is_zero():
+    q, k, v = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)
+    m = torch.ones(3, 4, dtype=torch.bool)
+    m[1] = False
+    for backend in ("reference", "cpp"):
+        with seqfast.use_backend(backend):
+            out = sdpa(q, k, v, attn_mask=m)
+        assert torch.equal(out[0, 0, 1], torch.zeros(8))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_gradcheck_float64(backend):
+    q = torch.randn(1, 2, 4, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 5, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 5, 6, dtype=torch.float64, requires_grad=True)
+    mask = torch.randn(4, 5, dtype=torch.float64)
+    with seqfast.use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: sdpa(q, k, v, attn_mask=mask, is_causal=True, enable_gqa=True), (q, k, v))
+
+
+def test_dropout_statistics_and_backward_mask():
+    """dropout_p > 0: the expectation is kept (1/(1-p) scaling), about p of the weights drop, and the backward uses
+    the forward's mask (gradient of sum(out * g) equals the one recomputed with the same mask)."""
+    torch.manual_seed(0)
+    p = 0.3
+    q = torch.randn(1, 1, 64, 16)
+    k = torch.randn(1, 1, 64, 16)
+    v = torch.eye(64).reshape(1, 1, 64, 64)  # out = dropped, rescaled attention weights
+    outs = torch.stack([sdpa(q, k, v, dropout_p=p) for _ in range(50)])
+    weights = torch.softmax(q @ k.transpose(-1, -2) / 4, -1)
+    dropped = (outs == 0).float().mean().item()
+    assert abs(dropped - p) < 0.02
+    torch.testing.assert_close(outs.mean(0), weights, atol=0.05, rtol=0)
+    # the backward uses the forward's mask: with v = I, out is the dropped weights P and d sum(out) / dv = P^T 1,
+    # i.e. every column of v's gradient is the column sums of that same P
+    vv = v.clone().requires_grad_(True)
+    out = sdpa(q, k, vv, dropout_p=p)
+    out.sum().backward()
+    column_sums = out[0, 0].detach().sum(0)
+    torch.testing.assert_close(vv.grad[0, 0], column_sums[:, None].expand(64, 64))
+
+
+@pytest.mark.parametrize("kwargs,exc", [
+    (dict(query=torch.randn(2, 4, 8).double()), RuntimeError),              # dtype mismatch
+    (dict(dropout_p=1.5), RuntimeError),                                     # bad probability
+    (dict(attn_mask=torch.ones(4, 5, dtype=torch.int64)), RuntimeError),     # integer mask
+    (dict(attn_mask=torch.randn(3, 4)), RuntimeError),                       # mask does not broadcast
+    (dict(key=torch.randn(2, 5, 7)), RuntimeError),                          # embedding size mismatch
+])
+def test_errors_match_torch(kwargs, exc):
+    args = dict(query=torch.randn(2, 4, 8), key=torch.randn(2, 5, 8), value=torch.randn(2, 5, 8))
+    args.update(kwargs)
+    with pytest.raises(exc):
+        F.scaled_dot_product_attention(**args)
+    with pytest.raises(exc):
+        sdpa(**args)
