@@ -51,7 +51,7 @@ wheel: $(DEPS)
 	  $(PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .
 
 test-wheel: wheel
-	$(PY) -m pytest tests/test_wheel.py --run-wheel
+	SEQFAST_TEST_WHEEL=1 SEQFAST_WHEEL_DIR=dist $(PY) -m pytest tests/test_wheel.py
 
 clean:
 	rm -rf build dist *.egg-info .build-stamp seqfast/_C*.so

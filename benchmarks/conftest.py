@@ -22,12 +22,18 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
 
 @pytest.fixture
 def timed(benchmark):
-    """benchmark(fn) with CUDA synchronisation, so GPU timings cover the kernels, not their launch."""
-    def run(fn, device):
+    """benchmark(fn) with CUDA synchronisation, so GPU timings cover the kernels, not their launch.
+    rounds: a fixed round count for slow cases (one warm-up round first)."""
+    import seqfast._backend as backend
+
+    def run(fn, device, rounds=None):
+        benchmark.extra_info["backend"] = backend.select(torch.device(device), torch.float32)
+        call = fn
         if device == "cuda":
-            def fn_sync():
+            def call():
                 fn()
                 torch.cuda.synchronize()
-            return benchmark(fn_sync)
-        return benchmark(fn)
+        if rounds:
+            return benchmark.pedantic(call, rounds=rounds, warmup_rounds=1)
+        return benchmark(call)
     return run

@@ -1,7 +1,7 @@
 """Prints the torch/seqfast ratio table of a pytest-benchmark JSON file (benchmarks/run.py calls it).
 
 Each benchmark group holds one case timed for both implementations in the same run; ratio = torch median / seqfast
-median (> 1: seqfast is faster)."""
+median (> 1: seqfast is faster). Cases run as a PackedSequence and padded also get a padded/packed table."""
 import json
 import sys
 from collections import defaultdict
@@ -11,17 +11,32 @@ def table(path):
     with open(path) as f:
         data = json.load(f)
     groups = defaultdict(dict)
+    backends = {}
     for b in data["benchmarks"]:
         groups[b["group"]][b["params"]["impl"]] = b["stats"]["median"]
+        if b["params"]["impl"] == "seqfast":
+            backends[b["group"]] = b.get("extra_info", {}).get("backend", "?")
     info = data.get("seqfast", {})
-    lines = [f"# seqfast vs torch ({path})", "",
-             f"torch {info.get('torch')}, {info.get('threads')} threads, CPU: {data['machine_info'].get('cpu', {}).get('brand_raw')}, "
-             f"GPU: {info.get('cuda_device')}, date {data.get('datetime', '')[:10]}", "",
-             "| case | torch median | seqfast median | ratio torch/seqfast |", "| --- | ---: | ---: | ---: |"]
+    cpu = data["machine_info"].get("cpu", {}).get("brand_raw")
+    lines = [f"# seqfast vs torch", "",
+             f"torch {info.get('torch')}, {info.get('threads')} threads, CPU: {cpu}, GPU: {info.get('cuda_device')}, "
+             f"run {data.get('datetime', '')[:19]}, raw: {path.rsplit('/', 1)[-1]}", "",
+             "| case | torch median | seqfast median | seqfast backend | ratio torch/seqfast |",
+             "| --- | ---: | ---: | --- | ---: |"]
     for group in sorted(groups):
         g = groups[group]
         if "torch" in g and "seqfast" in g:
-            lines.append(f"| {group} | {_fmt(g['torch'])} | {_fmt(g['seqfast'])} | {g['torch'] / g['seqfast']:.2f}x |")
+            lines.append(f"| {group} | {_fmt(g['torch'])} | {_fmt(g['seqfast'])} | {backends.get(group)} | "
+                         f"{g['torch'] / g['seqfast']:.2f}x |")
+    packed = [(grp, grp.replace(" packed ", " padded ")) for grp in sorted(groups) if " packed " in grp]
+    if packed:
+        lines += ["", "| packed vs padded (same sequences) | impl | padded | packed | ratio padded/packed |",
+                  "| --- | --- | ---: | ---: | ---: |"]
+        for grp, pad in packed:
+            for impl in ("torch", "seqfast"):
+                if impl in groups[grp] and impl in groups.get(pad, {}):
+                    a, b = groups[pad][impl], groups[grp][impl]
+                    lines.append(f"| {grp.replace(' packed', '')} | {impl} | {_fmt(a)} | {_fmt(b)} | {a / b:.2f}x |")
     return "\n".join(lines)
 
 

@@ -73,6 +73,7 @@ inline void gemm_cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, 
   const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
   const int ia = static_cast<int>(lda), ib = static_cast<int>(ldb), ic = static_cast<int>(ldc);
   const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
+#ifndef SEQFAST_ATTN_FORCE_FALLBACK  // (defined only to test the fallback)
   if constexpr (std::is_same<T, float>::value) {
     if (sgemm_ != nullptr && k > 0) return sgemm_(&ca, &cb, &im, &in, &ik, &alpha, a, &ia, b, &ib, &beta, c, &ic);
   } else if constexpr (std::is_same<T, double>::value) {
@@ -83,6 +84,7 @@ inline void gemm_cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, 
                                     reinterpret_cast<const uint16_t*>(a), ia, reinterpret_cast<const uint16_t*>(b),
                                     ib, beta, c, ic);
   }
+#endif
   gemm_fallback<T, A>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 

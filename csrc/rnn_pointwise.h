@@ -117,8 +117,8 @@ inline void lstm_fwd_row(T* g, const T* b1, const T* b2, const T* cp, T* cy, T* 
 
 // g: activated gates; cp: previous cell; cy: this step's cell; dh = dh1 + dh2 (dh2 optional: the sequence passes
 // the running recurrent grad and grad_out separately to avoid an extra pass); dc_in: grad wrt cy.
-// Writes dg (4H pre-activation grads) and dc_out = grad wrt cp. dc_out may alias dc_in, dh1 may alias nothing
-// that is written here except through the caller's later GEMM.
+// Writes dg (4H pre-activation grads) and dc_out = grad wrt cp. dc_out may alias dc_in (each element is read
+// before it is written); dh1/dh2 must not alias dg.
 template <typename T>
 inline void lstm_bwd_row(const T* g, const T* cp, const T* cy, const T* dh1, const T* dh2, const T* dc_in, T* dg,
                          T* dc_out, int64_t H, int64_t k0, int64_t k1) {

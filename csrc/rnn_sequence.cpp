@@ -8,11 +8,14 @@
 // Backward walks the processing order backwards, keeping a running dh (and dc) [B,H]: per step a fused pointwise
 // pass writes the gate grads of all steps into one [N,*] buffer, and one GEMM propagates dh to the previous step;
 // dx, dW_ih, dW_hh and the bias grads are single big GEMMs/reductions over all steps at the end.
+// Dtypes: float32/float64 throughout; bfloat16 forward = bf16 GEMMs + float32 loop (see LowP), float32 workspaces;
+// bfloat16 backward = float32 backward on upcast inputs.
 #include "rnn.h"
 #include "rnn_pointwise.h"
 
 #include <ATen/Dispatch.h>
 #include <array>
+#include <tuple>
 #include <cstring>
 #include <vector>
 
@@ -402,6 +405,15 @@ void rnn_bwd_loop(const Steps& s, const Tensor& grad_out, const Tensor& w_hh, co
   }
 }
 
+// bf16 backward: upcast everything to float32 (the forward's workspaces already are float32), run the float32
+// backward, round the grads to bf16. Correct, not tuned.
+inline Tensor f32(const Tensor& t) { return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; }
+template <class Tup>
+Tup to_bf16(Tup r) {
+  std::apply([](auto&... t) { ((t = t.to(at::kBFloat16)), ...); }, r);
+  return r;
+}
+
 }  // namespace
 
 // ==================================================================================================================
@@ -439,6 +451,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
     const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& out,
     const Tensor& gates, const Tensor& cs, bool reverse) {
   kern::check_cpu();
+  if (x.scalar_type() == at::kBFloat16)
+    return to_bf16(lstm_layer_backward(f32(grad_out), f32(grad_hn), f32(grad_cn), f32(x), batch_sizes, f32(h0),
+                                       f32(c0), f32(w_ih), f32(w_hh), f32(out), f32(gates), f32(cs), reverse));
   const Steps s(batch_sizes, reverse);
   Tensor dgates = at::empty_like(gates);
   Tensor dh = grad_hn.clone();
@@ -479,6 +494,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
     const Tensor& grad_out, const Tensor& grad_hn, const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
     const Tensor& w_ih, const Tensor& w_hh, const Tensor& out, const Tensor& ws, bool reverse) {
   kern::check_cpu();
+  if (x.scalar_type() == at::kBFloat16)
+    return to_bf16(gru_layer_backward(f32(grad_out), f32(grad_hn), f32(x), batch_sizes, f32(h0), f32(w_ih),
+                                      f32(w_hh), f32(out), f32(ws), reverse));
   const Steps s(batch_sizes, reverse);
   const int64_t N = x.size(0), H = h0.size(1);
   Tensor dgi = at::empty({N, 3 * H}, x.options());
@@ -517,6 +535,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const Tens
                                                                       const Tensor& w_hh, const Tensor& out,
                                                                       bool relu, bool reverse) {
   kern::check_cpu();
+  if (x.scalar_type() == at::kBFloat16)
+    return to_bf16(rnn_layer_backward(f32(grad_out), f32(grad_hn), f32(x), batch_sizes, f32(h0), f32(w_ih),
+                                      f32(w_hh), f32(out), relu, reverse));
   const Steps s(batch_sizes, reverse);
   Tensor dpre = at::empty_like(out);
   Tensor dh = grad_hn.clone();

@@ -21,8 +21,9 @@ def _check_cell(name, input, hx_list, w_ih, w_hh):
             raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {h.size(1)}, expected {w_hh.size(1)}")
         if h.dim() != 2:
             raise RuntimeError(f"{name}: expected hidden{i} to be 2-D, got {h.dim()}-D")
+    autocast = torch.is_autocast_enabled(input.device.type)  # the op casts its arguments itself then
     for t, what in [(w_ih, "weight_ih")] + [(h, f"hidden{i}") for i, h in enumerate(hx_list)]:
-        if t.dtype != input.dtype:
+        if t.dtype != input.dtype and not autocast:
             raise RuntimeError(f"{name}: expected {what} to have dtype {input.dtype} (the input's), got {t.dtype}")
         if t.device != input.device:
             raise RuntimeError(f"{name}: expected {what} on device {input.device} (the input's), got {t.device}")

@@ -74,15 +74,24 @@ def _call(module, x, states, packed, lengths):
     return module(x, tuple(states) if isinstance(module, torch.nn.LSTM) else states[0])
 
 
-def check_close(actual, expected, dtype, what):
+def check_close(actual, expected, dtype, what, kinks=False):
     rtol, atol = TOL[dtype]
     # low precision: the recurrence compounds rounding over steps and layers
-    scale = 1 if dtype in (torch.float32, torch.float64) else 2
-    torch.testing.assert_close(actual.double().cpu(), expected, rtol=rtol * scale, atol=atol * scale,
-                               msg=lambda m: f"{what}: {m}")
+    low = dtype not in (torch.float32, torch.float64)
+    scale = 2 if low else 1
+    actual = actual.double().cpu()
+    if kinks and low:
+        # ReLU's derivative jumps at 0: where a pre-activation within rounding of 0 lands on the other side than in
+        # float64, the gradient through that unit differs by O(1) (the plain PyTorch reference run in bf16 shows the
+        # same), so element-wise tolerances are ill-posed. Judge the whole gradient instead: relative error in norm.
+        err = (actual - expected).norm() / expected.norm().clamp_min(1e-12)
+        assert err <= 0.25, f"{what}: relative error {err:.3f} in norm"
+        return
+    torch.testing.assert_close(actual, expected, rtol=rtol * scale, atol=atol * scale, msg=lambda m: f"{what}: {m}")
 
 
 def _parity(kind, opts, backend, dtype, extra=None):
+    kinks = kind == "rnn_relu"
     device = backend_device(backend)
     ref, ours = _build(kind, opts, dtype, device, extra)
     x, states = _inputs(ref, opts, dtype, device)
@@ -100,14 +109,14 @@ def _parity(kind, opts, backend, dtype, extra=None):
     grads = [torch.randn_like(o) for o in out_ref]
     torch.autograd.backward(out, [g.to(device=device, dtype=dtype) for g in grads])
     torch.autograd.backward(out_ref, grads)
-    check_close(xs.grad, xr.grad, dtype, "grad input")
+    check_close(xs.grad, xr.grad, dtype, "grad input", kinks)
     for i, (s, r) in enumerate(zip(ss or [], sr or [])):
-        check_close(s.grad, r.grad, dtype, f"grad state {i}")
+        check_close(s.grad, r.grad, dtype, f"grad state {i}", kinks)
     for (name, p), p_ref in zip(ours.named_parameters(), ref.parameters()):
-        check_close(p.grad, p_ref.grad, dtype, f"grad {name}")
+        check_close(p.grad, p_ref.grad, dtype, f"grad {name}", kinks)
 
 
-@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES + [("cpp", torch.bfloat16)], ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_rnn_parity(kind, option, backend, dtype):

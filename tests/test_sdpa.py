@@ -48,7 +48,7 @@ def _mask(kind, q, k):
     return None
 
 
-@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES + [("cpp", torch.bfloat16)], ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("case", list(CASES))
 def test_sdpa_parity(case, backend, dtype):
     qs, ks, vs, kw = CASES[case]

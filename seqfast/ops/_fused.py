@@ -10,6 +10,7 @@ seqfast._C (C++), seqfast.kernels.<module> (Triton) and seqfast.reference (plain
   itself). A custom-op call costs ~16 us more than a Python call on this CPU, a third of a batch-1 LSTMCell step,
   so eager mode skips the dispatcher; both paths run the same kernels and the same backward formula.
 """
+import functools
 import importlib
 
 import torch
@@ -38,8 +39,9 @@ class FusedOp:
     """
 
     def __init__(self, name, *, triton_module, schema, backward_schema, fake, backward_fake, save, grad,
-                 num_outputs_differentiable, dtypes=None):
+                 num_outputs_differentiable, dtypes=None, cpu_autocast=True):
         self.name = name
+        self._cpu_autocast = cpu_autocast
         self._dtypes = dtypes  # {backend: dtypes} where this op's kernels cover less than the backend's default
         self._triton_module = triton_module
         self._save = save
@@ -48,10 +50,10 @@ class FusedOp:
         fwd_name, bwd_name = f"{name}_forward", f"{name}_backward"
 
         def run_forward(*args):
-            return self.kernel(args[0], fwd_name)(*args)
+            return _without_autocast(self.kernel(args[0], fwd_name), args)
 
         def run_backward(*args):
-            return self.kernel(args[0], bwd_name)(*args)
+            return _without_autocast(self.kernel(args[0], bwd_name), args)
 
         self.run_forward, self.run_backward = run_forward, run_backward
 
@@ -101,7 +103,7 @@ class FusedOp:
         return backward
 
     def __call__(self, *args):
-        args = _autocast(args)
+        args = _autocast(args, self._cpu_autocast)
         if torch.compiler.is_compiling():
             return self.op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
@@ -109,12 +111,27 @@ class FusedOp:
         return self.run_forward(*args)
 
 
-def _autocast(args):
-    """Under torch.autocast, run in the autocast dtype, as torch's RNN, cell and SDPA ops do (their GEMMs are on
-    autocast's lower-precision list): floating tensors are cast, other arguments pass through."""
-    first = args[0]
-    device_type = first.device.type
+def _without_autocast(kernel, args):
+    """Kernels run in the dtypes they are given (``_autocast`` already chose them): ATen calls inside a kernel must not
+    be re-cast by an enclosing torch.autocast region."""
+    device_type = args[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return kernel(*args)
+    return kernel(*args)
+
+
+def _autocast(args, cpu_autocast):
+    """Under torch.autocast, run in the dtype torch's own op produces there: the autocast dtype where torch's RNN,
+    cell and SDPA ops run their GEMMs in it (all of them on CUDA; on CPU, per op, as measured on torch 2.13:
+    LSTM, RNN, RNNCell and SDPA yes; GRU, LSTMCell and GRUCell give float32), else the widest floating dtype among
+    the arguments (autocast's "promote" rule). Non-floating arguments pass through."""
+    device_type = args[0].device.type
     if not torch.is_autocast_enabled(device_type):
         return args
-    dtype = torch.get_autocast_dtype(device_type)
+    floats = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    if device_type != "cpu" or cpu_autocast:
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = functools.reduce(torch.promote_types, (a.dtype for a in floats))
     return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)

@@ -39,7 +39,7 @@ sdpa = FusedOp(
     backward_schema="(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? bias, "
                     "bool is_causal, float scale) -> (Tensor, Tensor, Tensor)",
     fake=_sdpa_fake, backward_fake=_sdpa_bwd_fake, save=_sdpa_save, grad=_sdpa_grad,
-    num_outputs_differentiable=1, dtypes={"cpp": (torch.float32, torch.float64)})
+    num_outputs_differentiable=1, dtypes={"cpp": (torch.float32, torch.float64, torch.bfloat16)})
 
 
 def _add_fake(qp, kp, v, values, mask):
@@ -70,4 +70,4 @@ additive_attention = FusedOp(
     backward_schema="(Tensor grad_context, Tensor grad_weights, Tensor qp, Tensor kp, Tensor v, Tensor values, "
                     "Tensor? mask, Tensor weights) -> (Tensor, Tensor, Tensor, Tensor)",
     fake=_add_fake, backward_fake=_add_bwd_fake, save=_add_save, grad=_add_grad,
-    num_outputs_differentiable=2, dtypes={"cpp": (torch.float32, torch.float64)})
+    num_outputs_differentiable=2, dtypes={"cpp": (torch.float32, torch.float64, torch.bfloat16)})

@@ -8,6 +8,9 @@ import torch
 
 from ._fused import FusedOp
 
+# the C++ cell kernels are float32/float64 (bfloat16 cells run the reference on CPU)
+_DTYPES = {"cpp": (torch.float32, torch.float64)}
+
 _W = "Tensor x, Tensor hx"
 _P = "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh"
 
@@ -46,7 +49,7 @@ lstm_cell = FusedOp(
     backward_schema="(Tensor grad_hy, Tensor grad_cy, Tensor x, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, "
                     "Tensor gates, Tensor cy) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     fake=_lstm_fake, backward_fake=_lstm_bwd_fake, save=_lstm_save, grad=_lstm_grad,
-    num_outputs_differentiable=2)
+    num_outputs_differentiable=2, cpu_autocast=False, dtypes=_DTYPES)
 
 
 # ---------------------------------------------------------------- GRU
@@ -77,7 +80,7 @@ gru_cell = FusedOp(
     backward_schema="(Tensor grad_hy, Tensor x, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor ws) "
                     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     fake=_gru_fake, backward_fake=_gru_bwd_fake, save=_gru_save, grad=_gru_grad,
-    num_outputs_differentiable=1)
+    num_outputs_differentiable=1, cpu_autocast=False, dtypes=_DTYPES)
 
 
 # ---------------------------------------------------------------- Elman RNN (tanh / relu)
@@ -109,7 +112,7 @@ rnn_cell = FusedOp(
     backward_schema="(Tensor grad_hy, Tensor x, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor hy, bool relu) "
                     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     fake=_rnn_fake, backward_fake=_rnn_bwd_fake, save=_rnn_save, grad=_rnn_grad,
-    num_outputs_differentiable=1)
+    num_outputs_differentiable=1, dtypes=_DTYPES)
 
 
 def _defined(grad, like):

@@ -14,13 +14,21 @@ from .rnn_cell import _defined
 _P = "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh"
 
 
-def _rows(x, h0, width=None):
-    return h0.new_empty((x.shape[0], h0.shape[1] if width is None else width))
+def _rows(x, h0, width=None, dtype=None):
+    return h0.new_empty((x.shape[0], h0.shape[1] if width is None else width), dtype=dtype)
+
+
+def _workspace_dtype(x, kind):
+    """dtype of a workspace output. The cell state `cs` is kept at least in float32 (both kernels); gate
+    workspaces too on CPU for bfloat16 (the C++ kernel runs its gate math in float32), in the input dtype on CUDA."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    return wide if kind == "cs" or x.device.type == "cpu" else x.dtype
 
 
 # ---------------------------------------------------------------- LSTM
 def _lstm_fake(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
-    return (_rows(x, h0), torch.empty_like(h0), torch.empty_like(c0), _rows(x, h0, w_ih.shape[0]), _rows(x, c0))
+    return (_rows(x, h0), torch.empty_like(h0), torch.empty_like(c0),
+            _rows(x, h0, w_ih.shape[0], _workspace_dtype(x, "gates")), _rows(x, c0, dtype=_workspace_dtype(x, "cs")))
 
 
 def _lstm_bwd_fake(g_out, g_hn, g_cn, x, batch_sizes, h0, c0, w_ih, w_hh, out, gates, cs, reverse):
@@ -56,7 +64,7 @@ lstm_layer = FusedOp(
 
 # ---------------------------------------------------------------- GRU
 def _gru_fake(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse):
-    return _rows(x, h0), torch.empty_like(h0), _rows(x, h0, 4 * h0.shape[1])
+    return _rows(x, h0), torch.empty_like(h0), _rows(x, h0, 4 * h0.shape[1], _workspace_dtype(x, "gates"))
 
 
 def _gru_bwd_fake(g_out, g_hn, x, batch_sizes, h0, w_ih, w_hh, out, ws, reverse):
@@ -85,7 +93,7 @@ gru_layer = FusedOp(
                     "Tensor w_hh, Tensor out, Tensor ws, bool reverse) "
                     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     fake=_gru_fake, backward_fake=_gru_bwd_fake, save=_gru_save, grad=_gru_grad,
-    num_outputs_differentiable=2)
+    num_outputs_differentiable=2, cpu_autocast=False)
 
 
 # ---------------------------------------------------------------- Elman RNN
