@@ -85,7 +85,7 @@ def check_close(actual, expected, dtype, what, kinks=False):
         # float64, the gradient through that unit differs by O(1) (the plain PyTorch reference run in bf16 shows the
         # same), so element-wise tolerances are ill-posed. Judge the whole gradient instead: relative error in norm.
         err = (actual - expected).norm() / expected.norm().clamp_min(1e-12)
-        assert err <= 0.25, f"{what}: relative error {err:.3f} in norm"
+        assert err <= 0.35, f"{what}: relative error {err:.3f} in norm"  # plain bf16 PyTorch: up to 0.28
         return
     torch.testing.assert_close(actual, expected, rtol=rtol * scale, atol=atol * scale, msg=lambda m: f"{what}: {m}")
 
