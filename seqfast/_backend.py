@@ -29,13 +29,16 @@ def _check(name):
     return name
 
 
-_state = threading.local()
-_env_default = _check(os.environ.get("SEQFAST_BACKEND") or None)
+class _State(threading.local):
+    forced = _check(os.environ.get("SEQFAST_BACKEND") or None)  # per thread; the class attribute is the default
+
+
+_state = _State()
 
 
 def forced_backend():
     """The backend forced by use_backend() or SEQFAST_BACKEND, or None for selection by device."""
-    return getattr(_state, "forced", _env_default)
+    return _state.forced
 
 
 @contextlib.contextmanager

@@ -10,23 +10,29 @@ from .ops import rnn_cell as _cells
 from .ops import rnn_sequence as _seq
 
 
-def _check_cell(name, input, hx_list, w_ih, w_hh):
-    """The checks (and messages) of torch's _VF.*_cell, plus the dtype/device mismatches its GEMM would reject."""
-    if input.size(1) != w_ih.size(1):
-        raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {w_ih.size(1)}")
-    for i, h in enumerate(hx_list):
-        if input.size(0) != h.size(0):
-            raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{i} batch size {h.size(0)}")
-        if h.size(1) != w_hh.size(1):
-            raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {h.size(1)}, expected {w_hh.size(1)}")
-        if h.dim() != 2:
-            raise RuntimeError(f"{name}: expected hidden{i} to be 2-D, got {h.dim()}-D")
-    autocast = torch.is_autocast_enabled(input.device.type)  # the op casts its arguments itself then
-    for t, what in [(w_ih, "weight_ih")] + [(h, f"hidden{i}") for i, h in enumerate(hx_list)]:
-        if t.dtype != input.dtype and not autocast:
-            raise RuntimeError(f"{name}: expected {what} to have dtype {input.dtype} (the input's), got {t.dtype}")
-        if t.device != input.device:
-            raise RuntimeError(f"{name}: expected {what} on device {input.device} (the input's), got {t.device}")
+def _check_cell(name, input, states, w_ih, w_hh):
+    """The checks (and messages) of torch's _VF.*_cell, plus the dtype/device mismatches its GEMM would reject.
+    Kept lean: it runs on every step of a decoder loop."""
+    batch, input_size = input.shape[0], input.shape[1]
+    if input_size != w_ih.shape[1]:
+        raise RuntimeError(f"input has inconsistent input_size: got {input_size} expected {w_ih.shape[1]}")
+    hidden, dtype, device = w_hh.shape[1], input.dtype, input.device
+    mismatch = w_ih.dtype != dtype or w_ih.device != device
+    for i, h in enumerate(states):
+        shape = h.shape
+        if batch != shape[0]:
+            raise RuntimeError(f"Input batch size {batch} doesn't match hidden{i} batch size {shape[0]}")
+        if shape[1] != hidden:
+            raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {shape[1]}, expected {hidden}")
+        if len(shape) != 2:
+            raise RuntimeError(f"{name}: expected hidden{i} to be 2-D, got {len(shape)}-D")
+        mismatch = mismatch or h.dtype != dtype or h.device != device
+    if mismatch and not torch._C._is_any_autocast_enabled():  # under autocast the op casts its arguments itself
+        for t, what in [(w_ih, "weight_ih")] + [(h, f"hidden{i}") for i, h in enumerate(states)]:
+            if t.dtype != dtype:
+                raise RuntimeError(f"{name}: expected {what} to have dtype {dtype} (the input's), got {t.dtype}")
+            if t.device != device:
+                raise RuntimeError(f"{name}: expected {what} on device {device} (the input's), got {t.device}")
 
 
 def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):

@@ -5,18 +5,15 @@ import torch
 from .. import functional as F
 
 
-def _batch(module_name, input, states, names):
-    """torch's unbatched-input handling: returns (input [B, I], states as [B, H] or None, was_batched)."""
-    if input.dim() not in (1, 2):
-        raise ValueError(f"{module_name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+def _unbatched(module_name, input, states, names):
+    """torch's input-rank checks; True when input is 1-D (one sample), after which the caller unsqueezes."""
+    dim = input.dim()
+    if dim != 1 and dim != 2:
+        raise ValueError(f"{module_name}: Expected input to be 1D or 2D, got {dim}D instead")
     for name, value in zip(names, states):
         if value is not None and value.dim() not in (1, 2):
             raise ValueError(f"{module_name}: Expected {name} to be 1D or 2D, got {value.dim()}D instead")
-    batched = input.dim() == 2
-    if not batched:
-        input = input.unsqueeze(0)
-        states = [None if s is None else s.unsqueeze(0) for s in states]
-    return input, states, batched
+    return dim == 1
 
 
 def _zeros(module, input):
@@ -27,29 +24,40 @@ class LSTMCell(torch.nn.LSTMCell):
     __doc__ = torch.nn.LSTMCell.__doc__
 
     def forward(self, input, hx=None):
-        states = [None, None] if hx is None else list(hx)
-        input, states, batched = _batch("LSTMCell", input, states, [f"hx[{i}]" for i in range(len(states))])
+        states = (None, None) if hx is None else hx
+        single = _unbatched("LSTMCell", input, states, ("hx[0]", "hx[1]", "hx[2]"))
+        if single:
+            input = input.unsqueeze(0)
+            if hx is not None:
+                hx = [h.unsqueeze(0) for h in hx]
         if hx is None:
-            states = [_zeros(self, input)] * 2
-        hy, cy = F.lstm_cell(input, states, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-        return (hy, cy) if batched else (hy.squeeze(0), cy.squeeze(0))
+            zeros = _zeros(self, input)
+            hx = (zeros, zeros)
+        hy, cy = F.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return (hy.squeeze(0), cy.squeeze(0)) if single else (hy, cy)
 
 
 class GRUCell(torch.nn.GRUCell):
     __doc__ = torch.nn.GRUCell.__doc__
 
     def forward(self, input, hx=None):
-        input, (hx,), batched = _batch("GRUCell", input, [hx], ["hidden"])
+        single = _unbatched("GRUCell", input, (hx,), ("hidden",))
+        if single:
+            input = input.unsqueeze(0)
+            hx = None if hx is None else hx.unsqueeze(0)
         hy = F.gru_cell(input, _zeros(self, input) if hx is None else hx, self.weight_ih, self.weight_hh,
                         self.bias_ih, self.bias_hh)
-        return hy if batched else hy.squeeze(0)
+        return hy.squeeze(0) if single else hy
 
 
 class RNNCell(torch.nn.RNNCell):
     __doc__ = torch.nn.RNNCell.__doc__
 
     def forward(self, input, hx=None):
-        input, (hx,), batched = _batch("RNNCell", input, [hx], ["hidden"])
+        single = _unbatched("RNNCell", input, (hx,), ("hidden",))
+        if single:
+            input = input.unsqueeze(0)
+            hx = None if hx is None else hx.unsqueeze(0)
         hy = F.rnn_cell(input, _zeros(self, input) if hx is None else hx, self.weight_ih, self.weight_hh,
                         self.bias_ih, self.bias_hh, self.nonlinearity)
-        return hy if batched else hy.squeeze(0)
+        return hy.squeeze(0) if single else hy

@@ -47,13 +47,14 @@ class FusedOp:
         self._save = save
         self._grad = grad
         self._n_diff = num_outputs_differentiable
-        fwd_name, bwd_name = f"{name}_forward", f"{name}_backward"
+        self._names = (f"{name}_forward", f"{name}_backward")
+        self._resolved = {}  # (forced backend, dtype, device, forward/backward) -> kernel
 
         def run_forward(*args):
-            return _without_autocast(self.kernel(args[0], fwd_name), args)
+            return _without_autocast(self._resolve(args[0], 0), args)
 
         def run_backward(*args):
-            return _without_autocast(self.kernel(args[0], bwd_name), args)
+            return _without_autocast(self._resolve(args[0], 1), args)
 
         self.run_forward, self.run_backward = run_forward, run_backward
 
@@ -88,6 +89,14 @@ class FusedOp:
         backend = _backend.select(tensor.device, tensor.dtype, self._dtypes)
         return _kernel(backend, self._triton_module, fn_name)
 
+    def _resolve(self, tensor, which):
+        """kernel() for the forward (0) or backward (1), memoised: this runs on every eager call."""
+        key = (_backend.forced_backend(), tensor.dtype, tensor.device, which)
+        fn = self._resolved.get(key)
+        if fn is None:
+            fn = self._resolved[key] = self.kernel(tensor, self._names[which])
+        return fn
+
     def _setup(self, ctx, inputs, output):
         first = inputs[0]
         # the backward runs on the backend the forward ran on, even if use_backend() has been left by then
@@ -103,20 +112,22 @@ class FusedOp:
         return backward
 
     def __call__(self, *args):
-        args = _autocast(args, self._cpu_autocast)
+        if torch._C._is_any_autocast_enabled():
+            args = _autocast(args, self._cpu_autocast)
         if torch.compiler.is_compiling():
             return self.op(*args)
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return self._function.apply(*args)
+        if torch.is_grad_enabled():
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    return self._function.apply(*args)
         return self.run_forward(*args)
 
 
 def _without_autocast(kernel, args):
     """Kernels run in the dtypes they are given (``_autocast`` already chose them): ATen calls inside a kernel must not
     be re-cast by an enclosing torch.autocast region."""
-    device_type = args[0].device.type
-    if torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
+    if torch._C._is_any_autocast_enabled():
+        with torch.autocast(args[0].device.type, enabled=False):
             return kernel(*args)
     return kernel(*args)
 
