@@ -51,7 +51,8 @@ class _SeqfastRNNMixin:
             is_batched = True
         else:
             if input.dim() not in (2, 3):
-                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+                noun = " tensor" if self._kind == "rnn" else ""  # torch's RNN words it so
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D{noun} instead")
             is_batched = input.dim() == 3
             if not is_batched:
                 input = input.unsqueeze(0 if self.batch_first else 1)

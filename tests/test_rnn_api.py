@@ -1,0 +1,120 @@
+"""seqfast.nn.LSTM / GRU / RNN behave as torch's: state_dict both ways, flatten_parameters, dropout between layers
+only in training, errors; the C++ layer ops pass float64 gradcheck (padded and packed, both directions)."""
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import seqfast
+from seqfast.ops import rnn_sequence
+
+PAIRS = [(seqfast.nn.LSTM, torch.nn.LSTM), (seqfast.nn.GRU, torch.nn.GRU), (seqfast.nn.RNN, torch.nn.RNN)]
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls", PAIRS)
+def test_state_dict_both_ways(ours_cls, torch_cls):
+    kw = dict(num_layers=2, bidirectional=True, bias=False)
+    ours, theirs = ours_cls(4, 6, **kw), torch_cls(4, 6, **kw)
+    assert isinstance(ours, torch_cls) and repr(ours) == repr(theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(5, 2, 4)
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0])
+
+
+def test_flatten_parameters_and_proj_state_dict():
+    ours, theirs = seqfast.nn.LSTM(4, 6, proj_size=3), torch.nn.LSTM(4, 6, proj_size=3)
+    ours.flatten_parameters()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(5, 2, 4)
+    for a, b in zip(ours(x)[1], theirs(x)[1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_dropout_only_between_layers_in_training():
+    torch.manual_seed(0)
+    m = seqfast.nn.GRU(4, 8, num_layers=2, dropout=0.5)
+    x = torch.randn(6, 3, 4)
+    m.eval()
+    ref = m(x)[0]
+    torch.testing.assert_close(m(x)[0], ref)          # eval: deterministic, no dropout
+    m.train()
+    a, b = m(x)[0], m(x)[0]
+    assert not torch.allclose(a, b) and not torch.allclose(a, ref)   # training: fresh masks between layers
+    one = seqfast.nn.GRU(4, 8, num_layers=1, dropout=0.0)
+    one.train()
+    torch.testing.assert_close(one(x)[0], one(x)[0])  # no dropout after the last layer
+
+
+def _bad_calls(cls):
+    lstm = cls is torch.nn.LSTM
+    h = (lambda *s: (torch.randn(*s), torch.randn(*s))) if lstm else (lambda *s: torch.randn(*s))
+    return [
+        (torch.randn(5, 3, 7), None),          # wrong input size
+        (torch.randn(5, 3, 4), h(1, 2, 6)),    # wrong batch in the state
+        (torch.randn(5, 3, 4), h(2, 3, 6)),    # wrong number of layers in the state
+        (torch.randn(5, 3, 4), h(3, 6)),       # 2-D state for batched input
+        (torch.randn(5, 4), h(1, 3, 6)),       # 3-D state for unbatched input
+        (torch.randn(2, 5, 3, 4), None),       # 4-D input
+    ]
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls", PAIRS)
+@pytest.mark.parametrize("case", range(6))
+def test_errors_match_torch(ours_cls, torch_cls, case):
+    ours, theirs = ours_cls(4, 6), torch_cls(4, 6)
+    x, state = _bad_calls(torch_cls)[case]
+    args = (x,) if state is None else (x, state)
+    with pytest.raises(Exception) as expected:
+        theirs(*args)
+    with pytest.raises(expected.type) as got:
+        ours(*args)
+    assert str(got.value) == str(expected.value)
+
+
+def _layer_args(kind, packed, reverse):
+    g = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
+    H, I, B = 3, 2, 3
+    batch_sizes = torch.tensor([3, 2, 2, 1]) if packed else torch.tensor([3, 3, 3])
+    N = int(batch_sizes.sum())
+    d = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(N, I, **d)
+    h0 = [torch.randn(B, H, **d) for _ in range(2 if kind == "lstm" else 1)]
+    w = [torch.randn(g * H, I, **d), torch.randn(g * H, H, **d), torch.randn(g * H, **d), torch.randn(g * H, **d)]
+    return [x, batch_sizes, *h0, *w] + ([False] if kind == "rnn" else []) + [reverse]
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_gradcheck_cpp_layer_float64(kind, packed, reverse):
+    op = getattr(rnn_sequence, f"{kind}_layer")
+    args = _layer_args(kind, packed, reverse)
+    n_out = {"lstm": 3, "gru": 2, "rnn": 2}[kind]
+
+    def f(*a):
+        return op(*a)[:n_out]
+
+    with seqfast.use_backend("cpp"):
+        assert torch.autograd.gradcheck(f, tuple(args), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_opcheck_layer_ops(kind):
+    op = getattr(rnn_sequence, f"{kind}_layer").op
+    args = [a.detach().float().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in _layer_args(kind, True, False)]
+    torch.library.opcheck(op, tuple(args))
+
+
+def test_packed_output_matches_torch_with_enforce_sorted_false():
+    ours, theirs = seqfast.nn.LSTM(3, 4, batch_first=True), torch.nn.LSTM(3, 4, batch_first=True)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(4, 6, 3)
+    packed = pack_padded_sequence(x, torch.tensor([3, 6, 1, 4]), batch_first=True, enforce_sorted=False)
+    (po, (h, c)), (pt, (ht, ct)) = ours(packed), theirs(packed)
+    assert torch.equal(po.batch_sizes, pt.batch_sizes)
+    assert torch.equal(po.sorted_indices, pt.sorted_indices) and torch.equal(po.unsorted_indices, pt.unsorted_indices)
+    torch.testing.assert_close(po.data, pt.data)
+    torch.testing.assert_close(h, ht)
+    torch.testing.assert_close(c, ct)
