@@ -21,6 +21,7 @@ def main():
            "--rootdir", HERE, *sys.argv[1:]]
     rc = subprocess.call(cmd, cwd=HERE)
     if os.path.exists(out):
+        _drop_round_data(out)
         sys.path.insert(0, HERE)
         from report import table
         text = table(out)
@@ -28,6 +29,17 @@ def main():
         with open(out[:-5] + ".md", "w") as f:
             f.write(text + "\n")
     return rc
+
+
+def _drop_round_data(path):
+    """Keep each benchmark's statistics, not every round's timing (tens of MB per run otherwise)."""
+    import json
+    with open(path) as f:
+        data = json.load(f)
+    for b in data["benchmarks"]:
+        b["stats"].pop("data", None)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
 
 
 if __name__ == "__main__":

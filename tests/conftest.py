@@ -62,3 +62,13 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
+
+
+def assert_raises_like_torch(torch_module, our_module, args, same_message=True):
+    """Our module raises the exception type torch's raises on the same bad call (and, by default, its message)."""
+    with pytest.raises(Exception) as expected:
+        torch_module(*args)
+    with pytest.raises(expected.type) as got:
+        our_module(*args)
+    if same_message:
+        assert str(got.value) == str(expected.value)

@@ -5,6 +5,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import seqfast
+from conftest import assert_raises_like_torch
 from seqfast.ops import rnn_sequence
 
 PAIRS = [(seqfast.nn.LSTM, torch.nn.LSTM), (seqfast.nn.GRU, torch.nn.GRU), (seqfast.nn.RNN, torch.nn.RNN)]
@@ -64,12 +65,7 @@ def _bad_calls(cls):
 def test_errors_match_torch(ours_cls, torch_cls, case):
     ours, theirs = ours_cls(4, 6), torch_cls(4, 6)
     x, state = _bad_calls(torch_cls)[case]
-    args = (x,) if state is None else (x, state)
-    with pytest.raises(Exception) as expected:
-        theirs(*args)
-    with pytest.raises(expected.type) as got:
-        ours(*args)
-    assert str(got.value) == str(expected.value)
+    assert_raises_like_torch(theirs, ours, (x,) if state is None else (x, state))
 
 
 def _layer_args(kind, packed, reverse):
