@@ -2,6 +2,9 @@
 // Input is time-major packed: x[N,I], step t = rows [off_t, off_t + bs_t), bs non-increasing. Forward:
 //   1. one GEMM for the input projection of all steps (bias folded in);
 //   2. per step: recurrent GEMM of the active rows (own GEMV for small batches, MKL otherwise) + fused pointwise.
+//   For float32/float64 LSTM/GRU with a first step above the GEMV batch range, steps 2 (and the backward's per-step
+//   work) run inside ONE OpenMP region per sequence, each thread owning a hidden-unit slice (see "Fused time loop";
+//   env knobs for A/B timing: SEQFAST_CPU_NO_FUSED, SEQFAST_CPU_NO_PACK).
 // There is no separate state buffer: a row's previous h (and c) is read straight from the previous step's output
 // rows, or from h0 when the row was not active at the previous processed step (only possible with reverse=True,
 // where a row starts at its own last step). hn/cn are gathered from each row's last processed step at the end.
@@ -18,6 +21,9 @@
 #include <tuple>
 #include <cstring>
 #include <vector>
+#include <cstdlib>
+#include <type_traits>
+#include <omp.h>
 
 namespace seqfast {
 
@@ -163,6 +169,327 @@ Tensor gather_last(const Steps& s, const Tensor& buf, const Tensor& init) {
     if (t >= 0) std::memcpy(op + b * H * es, bp + (s.off[t] + b) * H * es, H * es);
   }
   return out;
+}
+
+// ---- Fused time loop (one parallel region per sequence) ----
+// For batches above the GEMV range, a per-step at::mm + a separate pointwise pass costs two fork/joins per step and
+// a second sweep over the gates. Instead one OpenMP region spans the whole time loop: each thread owns a slice of
+// hidden units (all gates of those units), runs its own single-threaded BLAS GEMM for that slice (MKL runs
+// sequentially inside an active OpenMP region) plus the fused pointwise, then one barrier per step. Every gate
+// pointwise function is unit-local, so a thread only ever needs other threads' data through the GEMM operands.
+// BLAS entry points are bound weakly (as in attention.cpp); without them the per-step path below is used.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+// MKL packed GEMM (CBLAS enums: 102 col-major, 111 N, 112 T, 151 packed, 161 A matrix).
+size_t cblas_sgemm_pack_get_size(int, int, int, int) __attribute__((weak));
+void cblas_sgemm_pack(int, int, int, int, int, int, float, const float*, int, float*) __attribute__((weak));
+void cblas_sgemm_compute(int, int, int, int, int, int, const float*, int, const float*, int, float, float*, int)
+    __attribute__((weak));
+}
+
+template <typename T>
+inline bool have_blas() {
+  if constexpr (std::is_same_v<T, float>) return sgemm_ != nullptr;
+  else return dgemm_ != nullptr;
+}
+
+// Column-major BLAS GEMM.
+template <typename T>
+inline void gemm_cm(char ta, char tb, int64_t m, int64_t n, int64_t k, T beta, const T* a, int64_t lda, const T* b,
+                    int64_t ldb, T* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  const int im = m, in = n, ik = k, ia = lda, ib = ldb, ic = ldc;
+  const T one = 1;
+  if constexpr (std::is_same_v<T, float>) sgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ia, b, &ib, &beta, c, &ic);
+  else dgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ia, b, &ib, &beta, c, &ic);
+}
+
+// Row-major C[rows, nk] (ldc) = beta C + A[rows, K] (lda) @ W[nk, K]^T (ldw).
+template <typename T>
+inline void mm_wt(int64_t rows, int64_t nk, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw, T beta, T* C,
+                  int64_t ldc) {
+  gemm_cm<T>('T', 'N', nk, rows, K, beta, W, ldw, A, lda, C, ldc);
+}
+
+// Threads for the fused loop (1 = run it on the calling thread), or 0 = use the per-step path.
+template <typename T>
+inline int fused_threads(const Steps& s, int64_t H, int64_t G) {
+  if (!have_blas<T>() || s.T == 0 || kern::use_small(s.bs[0]) || at::in_parallel_region()) return 0;
+  if (std::getenv("SEQFAST_CPU_NO_FUSED")) return 0;
+  int nt = at::get_num_threads();
+  nt = (int)std::min<int64_t>(nt, std::max<int64_t>(1, H / 16));
+  if (s.bs[0] * G * H * H < kern::par_min_work()) nt = 1;
+  return std::max(nt, 1);
+}
+
+// Unit slice [k0, k1) of thread tid, in whole 16-unit blocks.
+inline void unit_slice(int64_t H, int nt, int tid, int64_t& k0, int64_t& k1) {
+  const int64_t nblk = (H + 15) / 16;
+  const int64_t b0 = nblk * tid / nt, b1 = nblk * (tid + 1) / nt;
+  k0 = std::min(H, b0 * 16);
+  k1 = std::min(H, b1 * 16);
+}
+
+// Runs body(tid, nt) on nt threads (one region) or inline.
+template <typename F>
+inline void run_region(int nt, const F& body) {
+  if (nt <= 1) {
+    body(0, 1);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    body(omp_get_thread_num(), omp_get_num_threads());
+  }
+}
+#define SEQFAST_BARRIER(nt) \
+  do {                      \
+    if ((nt) > 1) {         \
+      _Pragma("omp barrier") \
+    }                       \
+  } while (0)
+
+// Rows of step t: GEMM the previous-state rows (prev step's rows + h0 rows) against W slice.
+template <typename T>
+inline void step_mm(const Steps& s, int64_t t, const T* buf, const T* init, int64_t H, const T* W, int64_t nk, T beta,
+                    T* C, int64_t ldc) {
+  const int64_t bs = s.bs[t], np = s.n_from_prev(t), tp = s.prev(t);
+  if (np > 0) mm_wt<T>(np, nk, H, buf + s.off[tp] * H, H, W, H, beta, C, ldc);
+  if (bs > np) mm_wt<T>(bs - np, nk, H, init + np * H, H, W, H, beta, C + np * ldc, ldc);
+}
+
+inline bool pack_enabled() {
+  return cblas_sgemm_compute && cblas_sgemm_pack && cblas_sgemm_pack_get_size && !std::getenv("SEQFAST_CPU_NO_PACK");
+}
+
+// A weight slice packed once by MKL (float only) and reused by every step: column-major C(m x n) = beta C +
+// op(A)(m x k) @ B(k x n). ok() is false for double or without the MKL packed API (callers then use gemm_cm).
+template <typename T>
+struct PackedA {
+  float* p = nullptr;
+  int64_t m = 0, k = 0;
+  void init(bool trans, int64_t m_, int64_t nmax, int64_t k_, const T* a, int64_t lda) {
+    if constexpr (std::is_same_v<T, float>) {
+      // Narrow slices (< 128 units) showed no gain from packing in timings here; keep the plain GEMM for them.
+      if (!pack_enabled() || m_ < 128 || k_ <= 0 || nmax <= 0) return;
+      m = m_;
+      k = k_;
+      const size_t bytes = (cblas_sgemm_pack_get_size(161, m, nmax, k) + 63) / 64 * 64;
+      p = static_cast<float*>(std::aligned_alloc(64, bytes));
+      if (p) cblas_sgemm_pack(102, 161, trans ? 112 : 111, m, nmax, k, 1.f, a, lda, p);
+    }
+  }
+  bool ok() const { return p != nullptr; }
+  void mm(int64_t n, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (n > 0) cblas_sgemm_compute(102, 151, 111, m, n, k, p, m, b, ldb, beta, c, ldc);
+    }
+  }
+  ~PackedA() { std::free(p); }
+};
+
+// step_mm through a packed W slice.
+template <typename T>
+inline void step_mm_pk(const Steps& s, int64_t t, const T* buf, const T* init, int64_t H, const PackedA<T>& W, T beta,
+                       T* C, int64_t ldc) {
+  const int64_t bs = s.bs[t], np = s.n_from_prev(t), tp = s.prev(t);
+  if (np > 0) W.mm(np, buf + s.off[tp] * H, H, beta, C, ldc);
+  if (bs > np) W.mm(bs - np, init + np * H, H, beta, C + np * ldc, ldc);
+}
+
+template <typename T>
+void lstm_fwd_fused(const Steps& s, int nt, const Tensor& h0, const Tensor& c0, const Tensor& w_hh, Tensor& gates,
+                    Tensor& out, Tensor& cs) {
+  const int64_t H = h0.size(1);
+  T* g = gates.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  T* c = cs.data_ptr<T>();
+  const T* h0p = h0.const_data_ptr<T>();
+  const T* c0p = c0.const_data_ptr<T>();
+  const T* wh = w_hh.const_data_ptr<T>();
+  run_region(nt, [&](int tid, int nth) {
+    int64_t k0, k1;
+    unit_slice(H, nth, tid, k0, k1);
+    // W_hh slice of this thread, one MKL-packed panel per gate, reused by every step's GEMM.
+    PackedA<T> pk[4];
+    for (int64_t q = 0; q < 4 && k1 > k0; ++q) pk[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H);
+    for (int64_t p = 0; p < s.T; ++p) {
+      const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
+      if (bs == 0) continue;
+      if (k1 > k0) {
+        if (kern::use_small(bs)) {
+          std::array<const T*, kMaxSmallB> hr;
+          std::array<T*, kMaxSmallB> gr;
+          for (int64_t b = 0; b < bs; ++b) {
+            hr[b] = prev_row<T>(s, t, b, o, h0p, H);
+            gr[b] = g + (off + b) * 4 * H;
+          }
+          for (int64_t q = 0; q < 4; ++q)
+            kern::gemv<T>(bs, hr.data(), wh, H, nullptr, nullptr, 0, gr.data(), q * H + k0, q * H + k1, true);
+        } else if (pk[0].ok()) {
+          for (int64_t q = 0; q < 4; ++q)
+            step_mm_pk<T>(s, t, o, h0p, H, pk[q], T(1), g + off * 4 * H + q * H + k0, 4 * H);
+        } else {
+          for (int64_t q = 0; q < 4; ++q)
+            step_mm<T>(s, t, o, h0p, H, wh + (q * H + k0) * H, k1 - k0, T(1), g + off * 4 * H + q * H + k0, 4 * H);
+        }
+        for (int64_t b = 0; b < bs; ++b)
+          kern::lstm_fwd_row<T>(g + (off + b) * 4 * H, nullptr, nullptr, prev_row<T>(s, t, b, c, c0p, H),
+                                c + (off + b) * H, o + (off + b) * H, H, k0, k1);
+      }
+      SEQFAST_BARRIER(nth);
+    }
+  });
+}
+
+template <typename T>
+void lstm_bwd_fused(const Steps& s, int nt, const Tensor& grad_out, const Tensor& c0, const Tensor& w_hh,
+                    const Tensor& gates, const Tensor& cs, Tensor& dgates, Tensor& dh, Tensor& dc) {
+  const int64_t H = c0.size(1);
+  const T* g = gates.const_data_ptr<T>();
+  const T* c = cs.const_data_ptr<T>();
+  const T* c0p = c0.const_data_ptr<T>();
+  const T* go = grad_out.const_data_ptr<T>();
+  T* dg = dgates.data_ptr<T>();
+  T* dhp = dh.data_ptr<T>();
+  T* dcp = dc.data_ptr<T>();
+  const T* wh = w_hh.const_data_ptr<T>();
+  bool any_small = false;
+  int64_t max_bs = 0;
+  for (int64_t t = 0; t < s.T; ++t) {
+    any_small |= s.bs[t] > 0 && kern::use_small(s.bs[t]);
+    max_bs = std::max(max_bs, s.bs[t]);
+  }
+  Tensor whhT = any_small ? w_hh.t().contiguous() : Tensor();
+  const T* whT = any_small ? whhT.const_data_ptr<T>() : nullptr;
+  run_region(nt, [&](int tid, int nth) {
+    int64_t k0, k1;
+    unit_slice(H, nth, tid, k0, k1);
+    PackedA<T> pk;
+    if (k1 > k0) pk.init(false, k1 - k0, max_bs, 4 * H, wh + k0, H);
+    for (int64_t p = s.T - 1; p >= 0; --p) {
+      const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
+      if (bs == 0) continue;
+      for (int64_t b = 0; b < bs && k1 > k0; ++b)
+        kern::lstm_bwd_row<T>(g + (off + b) * 4 * H, prev_row<T>(s, t, b, c, c0p, H), c + (off + b) * H,
+                              dhp + b * H, go + (off + b) * H, dcp + b * H, dg + (off + b) * 4 * H, dcp + b * H, H,
+                              k0, k1);
+      SEQFAST_BARRIER(nth);
+      if (k1 <= k0) continue;
+      if (kern::use_small(bs)) {
+        std::array<const T*, kMaxSmallB> xr;
+        std::array<T*, kMaxSmallB> yr;
+        for (int64_t b = 0; b < bs; ++b) {
+          xr[b] = dg + (off + b) * 4 * H;
+          yr[b] = dhp + b * H;
+        }
+        kern::gemv<T>(bs, xr.data(), whT, 4 * H, nullptr, nullptr, 0, yr.data(), k0, k1, false);
+      } else if (pk.ok()) {
+        pk.mm(bs, dg + off * 4 * H, 4 * H, T(0), dhp + k0, H);
+      } else {
+        // dh[:, k0:k1] = dg[bs, 4H] @ W_hh[:, k0:k1]
+        gemm_cm<T>('N', 'N', k1 - k0, bs, 4 * H, T(0), wh + k0, H, dg + off * 4 * H, 4 * H, dhp + k0, H);
+      }
+    }
+  });
+}
+
+template <typename T>
+void gru_fwd_fused(const Steps& s, int nt, const Tensor& h0, const Tensor& w_hh, const T* bhh, const Tensor& gi,
+                   Tensor& out, Tensor& ws) {
+  const int64_t H = h0.size(1), B = h0.size(0);
+  Tensor gh = at::empty({std::max<int64_t>(B, 1), 3 * H}, h0.options());
+  T* ghp = gh.data_ptr<T>();
+  const T* gip = gi.const_data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  T* w = ws.data_ptr<T>();
+  const T* h0p = h0.const_data_ptr<T>();
+  const T* wh = w_hh.const_data_ptr<T>();
+  run_region(nt, [&](int tid, int nth) {
+    int64_t k0, k1;
+    unit_slice(H, nth, tid, k0, k1);
+    PackedA<T> pk[3];
+    for (int64_t q = 0; q < 3 && k1 > k0; ++q) pk[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H);
+    for (int64_t p = 0; p < s.T; ++p) {
+      const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
+      if (bs == 0) continue;
+      if (k1 > k0) {
+        if (kern::use_small(bs)) {
+          std::array<const T*, kMaxSmallB> hr;
+          std::array<T*, kMaxSmallB> gr;
+          for (int64_t b = 0; b < bs; ++b) {
+            hr[b] = prev_row<T>(s, t, b, o, h0p, H);
+            gr[b] = ghp + b * 3 * H;
+          }
+          for (int64_t q = 0; q < 3; ++q)
+            kern::gemv<T>(bs, hr.data(), wh, H, nullptr, nullptr, 0, gr.data(), q * H + k0, q * H + k1, false);
+        } else if (pk[0].ok()) {
+          for (int64_t q = 0; q < 3; ++q) step_mm_pk<T>(s, t, o, h0p, H, pk[q], T(0), ghp + q * H + k0, 3 * H);
+        } else {
+          for (int64_t q = 0; q < 3; ++q)
+            step_mm<T>(s, t, o, h0p, H, wh + (q * H + k0) * H, k1 - k0, T(0), ghp + q * H + k0, 3 * H);
+        }
+        for (int64_t b = 0; b < bs; ++b)
+          kern::gru_fwd_row<T>(gip + (off + b) * 3 * H, nullptr, ghp + b * 3 * H, bhh,
+                               prev_row<T>(s, t, b, o, h0p, H), o + (off + b) * H, w + (off + b) * 4 * H, H, k0, k1);
+      }
+      SEQFAST_BARRIER(nth);
+    }
+  });
+}
+
+template <typename T>
+void gru_bwd_fused(const Steps& s, int nt, const Tensor& grad_out, const Tensor& h0, const Tensor& w_hh,
+                   const Tensor& out, const Tensor& ws, Tensor& dgi, Tensor& dgh, Tensor& dh) {
+  const int64_t H = h0.size(1);
+  const T* o = out.const_data_ptr<T>();
+  const T* h0p = h0.const_data_ptr<T>();
+  const T* w = ws.const_data_ptr<T>();
+  const T* go = grad_out.const_data_ptr<T>();
+  T* dgip = dgi.data_ptr<T>();
+  T* dghp = dgh.data_ptr<T>();
+  T* dhp = dh.data_ptr<T>();
+  const T* wh = w_hh.const_data_ptr<T>();
+  bool any_small = false;
+  int64_t max_bs = 0;
+  for (int64_t t = 0; t < s.T; ++t) {
+    any_small |= s.bs[t] > 0 && kern::use_small(s.bs[t]);
+    max_bs = std::max(max_bs, s.bs[t]);
+  }
+  Tensor whhT = any_small ? w_hh.t().contiguous() : Tensor();
+  const T* whT = any_small ? whhT.const_data_ptr<T>() : nullptr;
+  run_region(nt, [&](int tid, int nth) {
+    int64_t k0, k1;
+    unit_slice(H, nth, tid, k0, k1);
+    PackedA<T> pk;
+    if (k1 > k0) pk.init(false, k1 - k0, max_bs, 3 * H, wh + k0, H);
+    for (int64_t p = s.T - 1; p >= 0; --p) {
+      const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
+      if (bs == 0) continue;
+      for (int64_t b = 0; b < bs && k1 > k0; ++b)
+        kern::gru_bwd_row<T>(dhp + b * H, go + (off + b) * H, prev_row<T>(s, t, b, o, h0p, H),
+                             w + (off + b) * 4 * H, dgip + (off + b) * 3 * H, dghp + (off + b) * 3 * H, dhp + b * H,
+                             H, k0, k1);
+      SEQFAST_BARRIER(nth);
+      if (k1 <= k0) continue;
+      if (kern::use_small(bs)) {
+        std::array<const T*, kMaxSmallB> xr;
+        std::array<T*, kMaxSmallB> yr;
+        for (int64_t b = 0; b < bs; ++b) {
+          xr[b] = dghp + (off + b) * 3 * H;
+          yr[b] = dhp + b * H;
+        }
+        kern::gemv<T>(bs, xr.data(), whT, 3 * H, nullptr, nullptr, 0, yr.data(), k0, k1, true);
+      } else if (pk.ok()) {
+        pk.mm(bs, dghp + off * 3 * H, 3 * H, T(1), dhp + k0, H);
+      } else {
+        gemm_cm<T>('N', 'N', k1 - k0, bs, 3 * H, T(1), wh + k0, H, dghp + off * 3 * H, 3 * H, dhp + k0, H);
+      }
+    }
+  });
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -442,7 +769,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(const Tens
             cs};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::lstm_layer_forward",
-                             [&] { lstm_fwd_loop<scalar_t>(s, h0, c0, w_hh, gates, out, cs, nullptr); });
+                             [&] {
+    const int nt = fused_threads<scalar_t>(s, H, 4);
+    if (nt) lstm_fwd_fused<scalar_t>(s, nt, h0, c0, w_hh, gates, out, cs);
+    else lstm_fwd_loop<scalar_t>(s, h0, c0, w_hh, gates, out, cs, nullptr);
+  });
   return {out, gather_last(s, out, h0), gather_last(s, cs, c0), gates, cs};
 }
 
@@ -459,7 +790,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
   Tensor dh = grad_hn.clone();
   Tensor dc = grad_cn.clone();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::lstm_layer_backward",
-                             [&] { lstm_bwd_loop<scalar_t>(s, grad_out, c0, w_hh, gates, cs, dgates, dh, dc); });
+                             [&] {
+    const int nt = fused_threads<scalar_t>(s, c0.size(1), 4);
+    if (nt) lstm_bwd_fused<scalar_t>(s, nt, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
+    else lstm_bwd_loop<scalar_t>(s, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
+  });
   Tensor dw_hh = dgates.t().mm(gather_prev(s, out, h0));
   return {dgates.mm(w_ih), dh, dc, dgates.t().mm(x), dw_hh, dgates.sum(0)};
 }
@@ -485,7 +820,9 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(const Tensor& x, const Tens
   }
   Tensor gi = input_proj(x, w_ih, has(b_ih) ? &*b_ih : nullptr);  // [N, 3H]
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::gru_layer_forward", [&] {
-    gru_fwd_loop<scalar_t>(s, h0, w_hh, kern::opt_ptr<scalar_t>(b_hh), gi, out, ws, nullptr);
+    const int nt = fused_threads<scalar_t>(s, H, 3);
+    if (nt) gru_fwd_fused<scalar_t>(s, nt, h0, w_hh, kern::opt_ptr<scalar_t>(b_hh), gi, out, ws);
+    else gru_fwd_loop<scalar_t>(s, h0, w_hh, kern::opt_ptr<scalar_t>(b_hh), gi, out, ws, nullptr);
   });
   return {out, gather_last(s, out, h0), ws};
 }
@@ -503,7 +840,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
   Tensor dgh = at::empty({N, 3 * H}, x.options());
   Tensor dh = grad_hn.clone();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::gru_layer_backward",
-                             [&] { gru_bwd_loop<scalar_t>(s, grad_out, h0, w_hh, out, ws, dgi, dgh, dh); });
+                             [&] {
+    const int nt = fused_threads<scalar_t>(s, H, 3);
+    if (nt) gru_bwd_fused<scalar_t>(s, nt, grad_out, h0, w_hh, out, ws, dgi, dgh, dh);
+    else gru_bwd_loop<scalar_t>(s, grad_out, h0, w_hh, out, ws, dgi, dgh, dh);
+  });
   Tensor dw_hh = dgh.t().mm(gather_prev(s, out, h0));
   return {dgi.mm(w_ih), dh, dgi.t().mm(x), dw_hh, dgi.sum(0), dgh.sum(0)};
 }

@@ -50,7 +50,7 @@ def _build(kind, opts, dtype, device, extra=None):
 
 
 def _inputs(ref, opts, dtype, device):
-    T, B = opts.get("T", 4), 3
+    T, B = opts.get("T", 4), opts.get("B", 3)
     bf = ref.batch_first
     x = torch.randn((B, T, 5) if bf else (T, B, 5), dtype=dtype, device=device)
     if opts.get("unbatched"):
@@ -95,7 +95,8 @@ def _parity(kind, opts, backend, dtype, extra=None):
     device = backend_device(backend)
     ref, ours = _build(kind, opts, dtype, device, extra)
     x, states = _inputs(ref, opts, dtype, device)
-    lengths = torch.tensor([2, opts.get("T", 4), 3])  # unsorted, spread
+    T, B = opts.get("T", 4), opts.get("B", 3)
+    lengths = torch.tensor([2, T, 3] + [1 + (5 * i) % T for i in range(B - 3)])  # unsorted, spread
     xs = x.detach().clone().requires_grad_(True)
     ss = None if states is None else [s.detach().clone().requires_grad_(True) for s in states]
     xr = x.detach().cpu().double().requires_grad_(True)
@@ -128,3 +129,18 @@ def test_rnn_parity(kind, option, backend, dtype):
 @pytest.mark.parametrize("option", ["2layer_bidir", "packed_unsorted_bidir", "unbatched"])
 def test_lstm_proj_size(option, backend, dtype):
     _parity("lstm", OPTIONS[option], backend, dtype, extra={"proj_size": 4})
+
+
+# batch > 8 and hidden >= 128 per thread take the C++ kernels' whole-sequence parallel region (and packed weights)
+LARGE = {
+    "padded_bidir": dict(mod={"bidirectional": True}, packed=False, T=5, B=12, H=256),
+    "packed": dict(mod={}, packed=True, T=6, B=12, H=256),
+}
+
+
+@pytest.mark.parametrize("backend,dtype", [("cpp", torch.float32), ("cpp", torch.float64)],
+                         ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("option", list(LARGE))
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_rnn_parity_large_batch_cpp(kind, option, backend, dtype):
+    _parity(kind, LARGE[option], backend, dtype)
