@@ -67,4 +67,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const Tens
                                                                       const Tensor& w_hh, const Tensor& out,
                                                                       bool relu, bool reverse);
 
+// False on an x86-64 CPU without AVX2+FMA, where the RNN kernels refuse to run (Python then uses the reference).
+bool rnn_kernels_supported();
+
 }  // namespace seqfast

@@ -231,4 +231,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward(const Tenso
   return {dp.mm(w_ih), dp.mm(w_hh), dp.t().mm(x), dp.t().mm(hx), dp.sum(0)};
 }
 
+bool rnn_kernels_supported() { return kern::cpu_supported(); }
+
 }  // namespace seqfast

@@ -128,3 +128,22 @@ def test_backends_run_their_own_kernels():
                 for suffix in ("forward", "backward"):
                     fn = op.kernel(t, f"{op.name}_{suffix}")
                     assert fn is not getattr(reference, f"{op.name}_{suffix}"), (backend, op.name, suffix)
+
+
+def test_cpu_without_the_kernels_isa_runs_the_reference(monkeypatch):
+    """On an x86 CPU without AVX2+FMA the C++ RNN kernels refuse to run: the op then takes the reference."""
+    from seqfast import _ext, reference
+    from seqfast.ops import _fused
+
+    class NoAVX2:
+        lstm_cell_forward = staticmethod(_ext.module().lstm_cell_forward)
+
+        @staticmethod
+        def rnn_kernels_supported():
+            return False
+
+    assert _fused._kernel("cpp", "rnn_cell", "lstm_cell_forward", "rnn_kernels_supported") is not \
+        reference.lstm_cell_forward
+    monkeypatch.setattr(_ext, "_C", NoAVX2)
+    assert _fused._kernel("cpp", "rnn_cell", "lstm_cell_forward", "rnn_kernels_supported") is \
+        reference.lstm_cell_forward

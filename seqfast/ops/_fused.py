@@ -18,10 +18,13 @@ import torch
 from .. import _backend, _ext, reference
 
 
-def _kernel(backend, triton_module, fn_name):
-    """The kernel ``fn_name`` of ``backend``; the reference when that backend lacks it."""
+def _kernel(backend, triton_module, fn_name, cpp_check=None):
+    """The kernel ``fn_name`` of ``backend``; the reference when that backend lacks it (or, for C++ kernels with a
+    ``cpp_check``, when seqfast._C.<cpp_check>() says this CPU cannot run them)."""
     if backend == "cpp":
-        fn = getattr(_ext.module(), fn_name, None)
+        module = _ext.module()
+        usable = cpp_check is None or getattr(module, cpp_check)()
+        fn = getattr(module, fn_name, None) if usable else None
     elif backend == "triton":
         fn = getattr(importlib.import_module(f"seqfast.kernels.{triton_module}"), fn_name, None)
     else:
@@ -39,8 +42,9 @@ class FusedOp:
     """
 
     def __init__(self, name, *, triton_module, schema, backward_schema, fake, backward_fake, save, grad,
-                 num_outputs_differentiable, dtypes=None, cpu_autocast=True):
+                 num_outputs_differentiable, dtypes=None, cpu_autocast=True, cpp_check=None):
         self.name = name
+        self._cpp_check = cpp_check
         self._cpu_autocast = cpu_autocast
         self._dtypes = dtypes  # {backend: dtypes} where this op's kernels cover less than the backend's default
         self._triton_module = triton_module
@@ -87,7 +91,7 @@ class FusedOp:
 
     def kernel(self, tensor, fn_name):
         backend = _backend.select(tensor.device, tensor.dtype, self._dtypes)
-        return _kernel(backend, self._triton_module, fn_name)
+        return _kernel(backend, self._triton_module, fn_name, self._cpp_check)
 
     def _resolve(self, tensor, which):
         """kernel() for the forward (0) or backward (1), memoised: this runs on every eager call."""

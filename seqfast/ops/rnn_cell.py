@@ -44,7 +44,7 @@ def _lstm_grad(ctx, grads, run_backward):
 
 
 lstm_cell = FusedOp(
-    "lstm_cell", triton_module="rnn_cell",
+    "lstm_cell", triton_module="rnn_cell", cpp_check="rnn_kernels_supported",
     schema=f"(Tensor x, Tensor hx, Tensor cx, {_P}) -> (Tensor, Tensor, Tensor)",
     backward_schema="(Tensor grad_hy, Tensor grad_cy, Tensor x, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, "
                     "Tensor gates, Tensor cy) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
@@ -75,7 +75,7 @@ def _gru_grad(ctx, grads, run_backward):
 
 
 gru_cell = FusedOp(
-    "gru_cell", triton_module="rnn_cell",
+    "gru_cell", triton_module="rnn_cell", cpp_check="rnn_kernels_supported",
     schema=f"({_W}, {_P}) -> (Tensor, Tensor)",
     backward_schema="(Tensor grad_hy, Tensor x, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor ws) "
                     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
@@ -107,7 +107,7 @@ def _rnn_grad(ctx, grads, run_backward):
 
 
 rnn_cell = FusedOp(
-    "rnn_cell", triton_module="rnn_cell",
+    "rnn_cell", triton_module="rnn_cell", cpp_check="rnn_kernels_supported",
     schema=f"({_W}, {_P}, bool relu) -> Tensor",
     backward_schema="(Tensor grad_hy, Tensor x, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor hy, bool relu) "
                     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",

@@ -52,7 +52,7 @@ def _lstm_grad(ctx, grads, run_backward):
 
 
 lstm_layer = FusedOp(
-    "lstm_layer", triton_module="rnn_sequence",
+    "lstm_layer", triton_module="rnn_sequence", cpp_check="rnn_kernels_supported",
     schema=f"(Tensor x, Tensor batch_sizes, Tensor h0, Tensor c0, {_P}, bool reverse) "
            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     backward_schema="(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor x, Tensor batch_sizes, Tensor h0, "
@@ -87,7 +87,7 @@ def _gru_grad(ctx, grads, run_backward):
 
 
 gru_layer = FusedOp(
-    "gru_layer", triton_module="rnn_sequence",
+    "gru_layer", triton_module="rnn_sequence", cpp_check="rnn_kernels_supported",
     schema=f"(Tensor x, Tensor batch_sizes, Tensor h0, {_P}, bool reverse) -> (Tensor, Tensor, Tensor)",
     backward_schema="(Tensor grad_out, Tensor grad_hn, Tensor x, Tensor batch_sizes, Tensor h0, Tensor w_ih, "
                     "Tensor w_hh, Tensor out, Tensor ws, bool reverse) "
@@ -120,7 +120,7 @@ def _rnn_grad(ctx, grads, run_backward):
 
 
 rnn_layer = FusedOp(
-    "rnn_layer", triton_module="rnn_sequence",
+    "rnn_layer", triton_module="rnn_sequence", cpp_check="rnn_kernels_supported",
     schema=f"(Tensor x, Tensor batch_sizes, Tensor h0, {_P}, bool relu, bool reverse) -> (Tensor, Tensor)",
     backward_schema="(Tensor grad_out, Tensor grad_hn, Tensor x, Tensor batch_sizes, Tensor h0, Tensor w_ih, "
                     "Tensor w_hh, Tensor out, bool relu, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
