@@ -156,8 +156,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q4 = q4.expand(*batch, hq, L, E).reshape(-1, hq, L, E)
     k4 = k4.expand(*batch, hk, S, E).reshape(-1, hk, S, E)
     v4 = v4.expand(*batch, hk, S, Ev).reshape(-1, hk, S, Ev)
-    out_shape = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2][:-1] + query.shape[-3:-2]
-                                       if query.dim() >= 3 else key.shape[:-2]) + (L, Ev)
+    # torch's output has the rank of the highest-rank input
+    out_shape = (tuple(batch) + (hq, L, Ev))[-max(query.dim(), key.dim(), value.dim()):]
 
     bias = None
     if attn_mask is not None:

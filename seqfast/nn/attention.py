@@ -200,22 +200,8 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check, num_head
     else:
         # torch's layout: [len, B, E] -> [B * H, len, head_dim]
         q = q.reshape(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)
-        if static_k is None:
-            k = k.reshape(k.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
-        else:
-            if static_k.size(0) != bsz * num_heads:
-                raise AssertionError(f"expecting static_k.size(0) of {bsz * num_heads}, but got {static_k.size(0)}")
-            if static_k.size(2) != head_dim:
-                raise AssertionError(f"expecting static_k.size(2) of {head_dim}, but got {static_k.size(2)}")
-            k = static_k
-        if static_v is None:
-            v = v.reshape(v.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
-        else:
-            if static_v.size(0) != bsz * num_heads:
-                raise AssertionError(f"expecting static_v.size(0) of {bsz * num_heads}, but got {static_v.size(0)}")
-            if static_v.size(2) != head_dim:
-                raise AssertionError(f"expecting static_v.size(2) of {head_dim}, but got {static_v.size(2)}")
-            v = static_v
+        k = _to_head_batches(k, static_k, "static_k", bsz * num_heads, head_dim)
+        v = _to_head_batches(v, static_v, "static_v", bsz * num_heads, head_dim)
         if add_zero_attn:
             zeros = torch.zeros((bsz * num_heads, 1, head_dim), dtype=k.dtype, device=k.device)
             k = torch.cat([k, zeros], dim=1)
@@ -500,3 +486,14 @@ class BahdanauAttention(torch.nn.Module):
         context, weights = _attn.additive_attention(qp.contiguous(), kp.contiguous(), self.v, values.contiguous(),
                                                     None if mask is None else mask.contiguous())
         return (context, weights) if batched else (context.squeeze(0), weights.squeeze(0))
+
+
+def _to_head_batches(t, static, name, batch_heads, head_dim):
+    """[len, B, E] -> [B * H, len, head_dim], or the caller's precomputed ``static`` tensor after torch's checks."""
+    if static is None:
+        return t.reshape(t.shape[0], batch_heads, head_dim).transpose(0, 1)
+    if static.size(0) != batch_heads:
+        raise AssertionError(f"expecting {name}.size(0) of {batch_heads}, but got {static.size(0)}")
+    if static.size(2) != head_dim:
+        raise AssertionError(f"expecting {name}.size(2) of {head_dim}, but got {static.size(2)}")
+    return static

@@ -72,6 +72,7 @@ class FusedOp:
 
         # --- eager fast path: same kernels and formula, no dispatcher ---
         op = self
+        eager_backward = self._make_backward(run_backward)
 
         class _Function(torch.autograd.Function):
             @staticmethod
@@ -84,7 +85,7 @@ class FusedOp:
 
             @staticmethod
             def backward(ctx, *grads):
-                return op._make_backward(run_backward)(ctx, *grads)
+                return eager_backward(ctx, *grads)
 
         _Function.__name__ = f"{name}_function"
         self._function = _Function
