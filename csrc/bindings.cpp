@@ -5,6 +5,7 @@
 
 #include "rnn.h"
 #include "attention.h"
+#include "sgemm_ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "seqfast C++ CPU kernels";

@@ -43,6 +43,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(const Tens
                                                                       const Tensor& w_ih, const Tensor& w_hh,
                                                                       const OptTensor& b_ih, const OptTensor& b_hh,
                                                                       bool reverse);
+// Same outputs without keeping the backward's workspaces where the kernel can avoid them (gates may come back with
+// 0 rows). Called by the eager no-grad path only.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_inference(const Tensor& x, const Tensor& batch_sizes,
+                                                                        const Tensor& h0, const Tensor& c0,
+                                                                        const Tensor& w_ih, const Tensor& w_hh,
+                                                                        const OptTensor& b_ih, const OptTensor& b_hh,
+                                                                        bool reverse);
 // -> (dx[N,I], dh0, dc0, dw_ih, dw_hh, db[4H])
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
     const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& x, const Tensor& batch_sizes,

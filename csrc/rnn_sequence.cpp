@@ -15,6 +15,8 @@
 // bfloat16 backward = float32 backward on upcast inputs.
 #include "rnn.h"
 #include "rnn_pointwise.h"
+#include "sgemm.h"
+#include "sgemm_ops.h"
 
 #include <ATen/Dispatch.h>
 #include <array>
@@ -73,10 +75,13 @@ struct Steps {
 
 inline bool has(const OptTensor& b) { return b.has_value() && b->defined(); }
 
-// x @ w^T (+ bias), one GEMM over all steps.
-Tensor input_proj(const Tensor& x, const Tensor& w, const Tensor* bias) {
-  return bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+// 2-D a @ b: the own AVX-512 GEMM for float32 where available (sgemm_ops.h); transposed views cost no copy.
+inline Tensor gemm(const Tensor& a, const Tensor& b, const Tensor* bias = nullptr) {
+  return mm_f32(a, b, bias ? OptTensor(*bias) : OptTensor());
 }
+
+// x @ w^T (+ bias), one GEMM over all steps.
+Tensor input_proj(const Tensor& x, const Tensor& w, const Tensor* bias) { return gemm(x, w.t(), bias); }
 
 // bf16 input projection: GEMM in bf16 (fp32 accumulation inside oneDNN/MKL), result widened to fp32, fp32 bias.
 Tensor proj_bf16(const Tensor& x, const Tensor& w, const Tensor& bias_f32) {
@@ -280,8 +285,17 @@ template <typename T>
 struct PackedA {
   float* p = nullptr;
   int64_t m = 0, k = 0;
+  sgemm::PackedB own;  // the own AVX-512 GEMM's packing, preferred when available
   void init(bool trans, int64_t m_, int64_t nmax, int64_t k_, const T* a, int64_t lda) {
     if constexpr (std::is_same_v<T, float>) {
+      if (sgemm::available() && m_ > 0) {
+        // Row-major view: C[n, m] = B[n, k] @ op(A)^T, i.e. the GEMM's packed operand is op(A)^T (k x m).
+        m = m_;
+        k = k_;
+        if (trans) own.pack(k, m, a, 1, lda);
+        else own.pack(k, m, a, lda, 1);
+        if (own.ok()) return;
+      }
       // Narrow slices (< 128 units) showed no gain from packing in timings here; keep the plain GEMM for them.
       if (!pack_enabled() || m_ < 128 || k_ <= 0 || nmax <= 0) return;
       m = m_;
@@ -291,9 +305,10 @@ struct PackedA {
       if (p) cblas_sgemm_pack(102, 161, trans ? 112 : 111, m, nmax, k, 1.f, a, lda, p);
     }
   }
-  bool ok() const { return p != nullptr; }
+  bool ok() const { return p != nullptr || own.ok(); }
   void mm(int64_t n, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) const {
     if constexpr (std::is_same_v<T, float>) {
+      if (own.ok()) return sgemm::gemm(n, m, k, b, ldb, 1, own.p, beta, c, ldc);
       if (n > 0) cblas_sgemm_compute(102, 151, 111, m, n, k, p, m, b, ldb, beta, c, ldc);
     }
   }
@@ -309,11 +324,25 @@ inline void step_mm_pk(const Steps& s, int64_t t, const T* buf, const T* init, i
   if (bs > np) W.mm(bs - np, init + np * H, H, beta, C + np * ldc, ldc);
 }
 
+// Input projection inside the fused region (float32 with the own GEMM, batched steps): each thread computes its own
+// gate columns of x_t W_ih^T + b at every step, right before the recurrent GEMM adds W_hh h. The pre-activations of
+// all steps then never round-trip through memory, and inference needs no [N, 4H] buffer at all.
+struct InProj {
+  const float* x = nullptr;     // [N, I], contiguous
+  int64_t I = 0;
+  const float* w_ih = nullptr;  // [G*H, I], contiguous
+  const float* bias = nullptr;  // [G*H] or nullptr (b_ih + b_hh for LSTM)
+};
+
+// gates: [N, 4H] workspace, or undefined with ip (inference): then each step works in a [B, 4H] scratch whose
+// columns are split between the threads like the gates.
 template <typename T>
 void lstm_fwd_fused(const Steps& s, int nt, const Tensor& h0, const Tensor& c0, const Tensor& w_hh, Tensor& gates,
-                    Tensor& out, Tensor& cs) {
-  const int64_t H = h0.size(1);
-  T* g = gates.data_ptr<T>();
+                    Tensor& out, Tensor& cs, const InProj* ip) {
+  const int64_t H = h0.size(1), G = 4 * H;
+  const bool save = gates.defined();
+  Tensor scratch = save ? Tensor() : at::empty({std::max<int64_t>(s.bs[0], 1), G}, out.options());
+  T* g = save ? gates.data_ptr<T>() : scratch.data_ptr<T>();
   T* o = out.data_ptr<T>();
   T* c = cs.data_ptr<T>();
   const T* h0p = h0.const_data_ptr<T>();
@@ -322,32 +351,43 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& h0, const Tensor& c0, 
   run_region(nt, [&](int tid, int nth) {
     int64_t k0, k1;
     unit_slice(H, nth, tid, k0, k1);
-    // W_hh slice of this thread, one MKL-packed panel per gate, reused by every step's GEMM.
+    // W_hh slice of this thread, one packed panel set per gate, reused by every step's GEMM (and W_ih's with ip).
     PackedA<T> pk[4];
-    for (int64_t q = 0; q < 4 && k1 > k0; ++q) pk[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H);
+    sgemm::PackedB pi[4];
+    for (int64_t q = 0; q < 4 && k1 > k0; ++q) {
+      pk[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H);
+      if constexpr (std::is_same_v<T, float>)
+        if (ip) pi[q].pack(ip->I, k1 - k0, ip->w_ih + (q * H + k0) * ip->I, 1, ip->I);
+    }
     for (int64_t p = 0; p < s.T; ++p) {
       const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
       if (bs == 0) continue;
+      T* gs = save ? g + off * G : g;  // this step's gate rows
       if (k1 > k0) {
+        if constexpr (std::is_same_v<T, float>) {
+          if (ip)
+            for (int64_t q = 0; q < 4; ++q)
+              sgemm::gemm(bs, k1 - k0, ip->I, ip->x + off * ip->I, ip->I, 1, pi[q].p, 0.f, gs + q * H + k0, G,
+                          ip->bias ? ip->bias + q * H + k0 : nullptr);
+        }
         if (kern::use_small(bs)) {
           std::array<const T*, kMaxSmallB> hr;
           std::array<T*, kMaxSmallB> gr;
           for (int64_t b = 0; b < bs; ++b) {
             hr[b] = prev_row<T>(s, t, b, o, h0p, H);
-            gr[b] = g + (off + b) * 4 * H;
+            gr[b] = gs + b * G;
           }
           for (int64_t q = 0; q < 4; ++q)
             kern::gemv<T>(bs, hr.data(), wh, H, nullptr, nullptr, 0, gr.data(), q * H + k0, q * H + k1, true);
         } else if (pk[0].ok()) {
-          for (int64_t q = 0; q < 4; ++q)
-            step_mm_pk<T>(s, t, o, h0p, H, pk[q], T(1), g + off * 4 * H + q * H + k0, 4 * H);
+          for (int64_t q = 0; q < 4; ++q) step_mm_pk<T>(s, t, o, h0p, H, pk[q], T(1), gs + q * H + k0, G);
         } else {
           for (int64_t q = 0; q < 4; ++q)
-            step_mm<T>(s, t, o, h0p, H, wh + (q * H + k0) * H, k1 - k0, T(1), g + off * 4 * H + q * H + k0, 4 * H);
+            step_mm<T>(s, t, o, h0p, H, wh + (q * H + k0) * H, k1 - k0, T(1), gs + q * H + k0, G);
         }
         for (int64_t b = 0; b < bs; ++b)
-          kern::lstm_fwd_row<T>(g + (off + b) * 4 * H, nullptr, nullptr, prev_row<T>(s, t, b, c, c0p, H),
-                                c + (off + b) * H, o + (off + b) * H, H, k0, k1);
+          kern::lstm_fwd_row<T>(gs + b * G, nullptr, nullptr, prev_row<T>(s, t, b, c, c0p, H), c + (off + b) * H,
+                                o + (off + b) * H, H, k0, k1);
       }
       SEQFAST_BARRIER(nth);
     }
@@ -753,11 +793,13 @@ Tup to_bf16(Tup r) {
 }  // namespace
 
 // ==================================================================================================================
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(const Tensor& x, const Tensor& batch_sizes,
-                                                                      const Tensor& h0, const Tensor& c0,
-                                                                      const Tensor& w_ih, const Tensor& w_hh,
-                                                                      const OptTensor& b_ih, const OptTensor& b_hh,
-                                                                      bool reverse) {
+namespace {
+// save = false (inference): the gate workspace is not kept (returned empty) where the fused loop can avoid it.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tensor& x, const Tensor& batch_sizes,
+                                                                     const Tensor& h0, const Tensor& c0,
+                                                                     const Tensor& w_ih, const Tensor& w_hh,
+                                                                     const OptTensor& b_ih, const OptTensor& b_hh,
+                                                                     bool reverse, bool save) {
   kern::check_cpu();
   const Steps s(batch_sizes, reverse);
   const int64_t H = h0.size(1);
@@ -767,23 +809,53 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(const Tens
   if (has(b_ih) && has(b_hh)) bias = b_ih->to(fopt.dtype()) + b_hh->to(fopt.dtype());
   else if (has(b_ih)) bias = b_ih->to(fopt.dtype());
   else if (has(b_hh)) bias = b_hh->to(fopt.dtype());
-  Tensor gates = bf ? proj_bf16(x, w_ih, bias) : input_proj(x, w_ih, bias.defined() ? &bias : nullptr);  // [N,4H]
   Tensor out = at::empty({x.size(0), H}, fopt);
   Tensor cs = at::empty({x.size(0), H}, fopt);
   if (bf) {
+    Tensor gates = proj_bf16(x, w_ih, bias);  // [N,4H] fp32
     const LowP lp{at::empty({x.size(0), H}, x.options()), h0, w_hh};
     Tensor h0f = h0.to(at::kFloat), c0f = c0.to(at::kFloat);
     lstm_fwd_loop<float>(s, h0f, c0f, w_hh.to(at::kFloat), gates, out, cs, &lp);
     return {lp.out, gather_last(s, out, h0f).to(at::kBFloat16), gather_last(s, cs, c0f).to(at::kBFloat16), gates,
             cs};
   }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::lstm_layer_forward",
-                             [&] {
+  Tensor gates;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::lstm_layer_forward", [&] {
     const int nt = fused_threads<scalar_t>(s, H, 4);
-    if (nt) lstm_fwd_fused<scalar_t>(s, nt, h0, c0, w_hh, gates, out, cs);
+    // In-region projection: float32, own GEMM, batches above the GEMV range (GEMV-sized steps keep one big GEMM).
+    const bool in_region = std::is_same_v<scalar_t, float> && nt && sgemm::available() &&
+                           s.T > 0 && !kern::use_small(s.bs[0]);
+    if (in_region) {
+      const Tensor xc = x.contiguous(), wc = w_ih.contiguous();
+      const InProj ip{xc.const_data_ptr<float>(), x.size(1), wc.const_data_ptr<float>(),
+                      bias.defined() ? bias.const_data_ptr<float>() : nullptr};
+      if (save) gates = at::empty({x.size(0), 4 * H}, fopt);
+      lstm_fwd_fused<scalar_t>(s, nt, h0, c0, w_hh, gates, out, cs, &ip);
+      if (!save) gates = at::empty({0, 4 * H}, fopt);
+      return;
+    }
+    gates = input_proj(x, w_ih, bias.defined() ? &bias : nullptr);  // [N,4H]
+    if (nt) lstm_fwd_fused<scalar_t>(s, nt, h0, c0, w_hh, gates, out, cs, nullptr);
     else lstm_fwd_loop<scalar_t>(s, h0, c0, w_hh, gates, out, cs, nullptr);
   });
   return {out, gather_last(s, out, h0), gather_last(s, cs, c0), gates, cs};
+}
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(const Tensor& x, const Tensor& batch_sizes,
+                                                                      const Tensor& h0, const Tensor& c0,
+                                                                      const Tensor& w_ih, const Tensor& w_hh,
+                                                                      const OptTensor& b_ih, const OptTensor& b_hh,
+                                                                      bool reverse) {
+  return lstm_forward_impl(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, true);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_inference(const Tensor& x, const Tensor& batch_sizes,
+                                                                        const Tensor& h0, const Tensor& c0,
+                                                                        const Tensor& w_ih, const Tensor& w_hh,
+                                                                        const OptTensor& b_ih, const OptTensor& b_hh,
+                                                                        bool reverse) {
+  return lstm_forward_impl(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, false);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
@@ -804,8 +876,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
     if (nt) lstm_bwd_fused<scalar_t>(s, nt, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
     else lstm_bwd_loop<scalar_t>(s, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
   });
-  Tensor dw_hh = dgates.t().mm(gather_prev(s, out, h0));
-  return {dgates.mm(w_ih), dh, dc, dgates.t().mm(x), dw_hh, dgates.sum(0)};
+  Tensor dw_hh = gemm(dgates.t(), gather_prev(s, out, h0));
+  return {gemm(dgates, w_ih), dh, dc, gemm(dgates.t(), x), dw_hh, dgates.sum(0)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
@@ -854,8 +926,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
     if (nt) gru_bwd_fused<scalar_t>(s, nt, grad_out, h0, w_hh, out, ws, dgi, dgh, dh);
     else gru_bwd_loop<scalar_t>(s, grad_out, h0, w_hh, out, ws, dgi, dgh, dh);
   });
-  Tensor dw_hh = dgh.t().mm(gather_prev(s, out, h0));
-  return {dgi.mm(w_ih), dh, dgi.t().mm(x), dw_hh, dgi.sum(0), dgh.sum(0)};
+  Tensor dw_hh = gemm(dgh.t(), gather_prev(s, out, h0));
+  return {gemm(dgi, w_ih), dh, gemm(dgi.t(), x), dw_hh, dgi.sum(0), dgh.sum(0)};
 }
 
 std::tuple<Tensor, Tensor> rnn_layer_forward(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
@@ -893,8 +965,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const Tens
   Tensor dh = grad_hn.clone();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::rnn_layer_backward",
                              [&] { rnn_bwd_loop<scalar_t>(s, grad_out, w_hh, out, relu, dpre, dh); });
-  Tensor dw_hh = dpre.t().mm(gather_prev(s, out, h0));
-  return {dpre.mm(w_ih), dh, dpre.t().mm(x), dw_hh, dpre.sum(0)};
+  Tensor dw_hh = gemm(dpre.t(), gather_prev(s, out, h0));
+  return {gemm(dpre, w_ih), dh, gemm(dpre.t(), x), dw_hh, dpre.sum(0)};
 }
 
 }  // namespace seqfast

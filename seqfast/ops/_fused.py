@@ -18,9 +18,10 @@ import torch
 from .. import _backend, _ext, reference
 
 
-def _kernel(backend, triton_module, fn_name, cpp_check=None):
+def _kernel(backend, triton_module, fn_name, cpp_check=None, fallback=None):
     """The kernel ``fn_name`` of ``backend``; the reference when that backend lacks it (or, for C++ kernels with a
-    ``cpp_check``, when seqfast._C.<cpp_check>() says this CPU cannot run them)."""
+    ``cpp_check``, when seqfast._C.<cpp_check>() says this CPU cannot run them). With ``fallback`` (an optional
+    kernel such as ``<name>_inference``), a backend without ``fn_name`` gives its ``fallback`` kernel instead."""
     if backend == "cpp":
         module = _ext.module()
         usable = cpp_check is None or getattr(module, cpp_check)()
@@ -29,6 +30,8 @@ def _kernel(backend, triton_module, fn_name, cpp_check=None):
         fn = getattr(importlib.import_module(f"seqfast.kernels.{triton_module}"), fn_name, None)
     else:
         fn = None
+    if fn is None and fallback is not None:
+        return _kernel(backend, triton_module, fallback, cpp_check)
     return fn if fn is not None else getattr(reference, fn_name)
 
 
@@ -51,8 +54,9 @@ class FusedOp:
         self._save = save
         self._grad = grad
         self._n_diff = num_outputs_differentiable
-        self._names = (f"{name}_forward", f"{name}_backward")
-        self._resolved = {}  # (forced backend, dtype, device, forward/backward) -> kernel
+        # forward, backward, and the optional no-grad forward (same outputs, workspaces may come back empty)
+        self._names = (f"{name}_forward", f"{name}_backward", f"{name}_inference")
+        self._resolved = {}  # (forced backend, dtype, device, forward/backward/inference) -> kernel
 
         def run_forward(*args):
             return _without_autocast(self._resolve(args[0], 0), args)
@@ -90,16 +94,18 @@ class FusedOp:
         _Function.__name__ = f"{name}_function"
         self._function = _Function
 
-    def kernel(self, tensor, fn_name):
+    def kernel(self, tensor, fn_name, fallback=None):
         backend = _backend.select(tensor.device, tensor.dtype, self._dtypes)
-        return _kernel(backend, self._triton_module, fn_name, self._cpp_check)
+        return _kernel(backend, self._triton_module, fn_name, self._cpp_check, fallback)
 
     def _resolve(self, tensor, which):
-        """kernel() for the forward (0) or backward (1), memoised: this runs on every eager call."""
+        """kernel() for the forward (0), backward (1) or no-grad forward (2, falling back to the forward where a
+        backend has none), memoised: this runs on every eager call."""
         key = (_backend.forced_backend(), tensor.dtype, tensor.device, which)
         fn = self._resolved.get(key)
         if fn is None:
-            fn = self._resolved[key] = self.kernel(tensor, self._names[which])
+            fallback = self._names[0] if which == 2 else None
+            fn = self._resolved[key] = self.kernel(tensor, self._names[which], fallback)
         return fn
 
     def _setup(self, ctx, inputs, output):
@@ -125,7 +131,7 @@ class FusedOp:
             for a in args:
                 if isinstance(a, torch.Tensor) and a.requires_grad:
                     return self._function.apply(*args)
-        return self.run_forward(*args)
+        return _without_autocast(self._resolve(args[0], 2), args)
 
 
 def _without_autocast(kernel, args):
