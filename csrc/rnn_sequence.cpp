@@ -17,6 +17,7 @@
 #include "rnn_pointwise.h"
 #include "sgemm.h"
 #include "sgemm_ops.h"
+#include "lstm_step.h"
 
 #include <ATen/Dispatch.h>
 #include <array>
@@ -219,6 +220,16 @@ inline void mm_wt(int64_t rows, int64_t nk, int64_t K, const T* A, int64_t lda, 
   gemm_cm<T>('T', 'N', nk, rows, K, beta, W, ldw, A, lda, C, ldc);
 }
 
+// Batch rows up to which the fused loops take the AVX2 GEMV. float32 with the own AVX-512 GEMM: 1-2 rows only
+// (measured, T64: LSTM B4 H512 9.8 -> 7.5 ms, GRU 7.5 -> 5.9 ms, B8 LSTM 25 -> 13 ms on the GEMM / fused step);
+// otherwise, or with SEQFAST_CPU_SMALL_BATCH set, the GEMV range of rnn_pointwise.h.
+template <typename T>
+inline bool fused_gemv(int64_t nb) {
+  static const bool own = sgemm::available() && !std::getenv("SEQFAST_CPU_SMALL_BATCH");
+  if (std::is_same_v<T, float> && own) return nb <= 2;
+  return kern::use_small(nb);
+}
+
 // Threads for the fused loop (1 = run it on the calling thread), or 0 = use the per-step path.
 template <typename T>
 inline int fused_threads(const Steps& s, int64_t H, int64_t G) {
@@ -227,7 +238,7 @@ inline int fused_threads(const Steps& s, int64_t H, int64_t G) {
   int nt = at::get_num_threads();
   nt = (int)std::min<int64_t>(nt, std::max<int64_t>(1, H / 16));
   const int64_t work = s.bs[0] * G * H * H;
-  if (kern::use_small(s.bs[0])) {
+  if (fused_gemv<T>(s.bs[0])) {
     // GEMV-sized batches: the per-step path runs steps below par_min_work on one thread; in the band just below it,
     // one region lets both threads stream half of W_hh each from their own cache (measured, T64: LSTM B1 H128
     // 0.40 -> 0.30 ms). Above it the per-step path is already parallel and faster than per-gate GEMV slices
@@ -324,25 +335,11 @@ inline void step_mm_pk(const Steps& s, int64_t t, const T* buf, const T* init, i
   if (bs > np) W.mm(bs - np, init + np * H, H, beta, C + np * ldc, ldc);
 }
 
-// Input projection inside the fused region (float32 with the own GEMM, batched steps): each thread computes its own
-// gate columns of x_t W_ih^T + b at every step, right before the recurrent GEMM adds W_hh h. The pre-activations of
-// all steps then never round-trip through memory, and inference needs no [N, 4H] buffer at all.
-struct InProj {
-  const float* x = nullptr;     // [N, I], contiguous
-  int64_t I = 0;
-  const float* w_ih = nullptr;  // [G*H, I], contiguous
-  const float* bias = nullptr;  // [G*H] or nullptr (b_ih + b_hh for LSTM)
-};
-
-// gates: [N, 4H] workspace, or undefined with ip (inference): then each step works in a [B, 4H] scratch whose
-// columns are split between the threads like the gates.
 template <typename T>
 void lstm_fwd_fused(const Steps& s, int nt, const Tensor& h0, const Tensor& c0, const Tensor& w_hh, Tensor& gates,
-                    Tensor& out, Tensor& cs, const InProj* ip) {
-  const int64_t H = h0.size(1), G = 4 * H;
-  const bool save = gates.defined();
-  Tensor scratch = save ? Tensor() : at::empty({std::max<int64_t>(s.bs[0], 1), G}, out.options());
-  T* g = save ? gates.data_ptr<T>() : scratch.data_ptr<T>();
+                    Tensor& out, Tensor& cs) {
+  const int64_t H = h0.size(1);
+  T* g = gates.data_ptr<T>();
   T* o = out.data_ptr<T>();
   T* c = cs.data_ptr<T>();
   const T* h0p = h0.const_data_ptr<T>();
@@ -351,46 +348,99 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& h0, const Tensor& c0, 
   run_region(nt, [&](int tid, int nth) {
     int64_t k0, k1;
     unit_slice(H, nth, tid, k0, k1);
-    // W_hh slice of this thread, one packed panel set per gate, reused by every step's GEMM (and W_ih's with ip).
+    // W_hh slice of this thread, one packed panel set per gate, reused by every step's GEMM.
     PackedA<T> pk[4];
-    sgemm::PackedB pi[4];
-    for (int64_t q = 0; q < 4 && k1 > k0; ++q) {
-      pk[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H);
-      if constexpr (std::is_same_v<T, float>)
-        if (ip) pi[q].pack(ip->I, k1 - k0, ip->w_ih + (q * H + k0) * ip->I, 1, ip->I);
-    }
+    for (int64_t q = 0; q < 4 && k1 > k0; ++q) pk[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H);
     for (int64_t p = 0; p < s.T; ++p) {
       const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
       if (bs == 0) continue;
-      T* gs = save ? g + off * G : g;  // this step's gate rows
       if (k1 > k0) {
-        if constexpr (std::is_same_v<T, float>) {
-          if (ip)
-            for (int64_t q = 0; q < 4; ++q)
-              sgemm::gemm(bs, k1 - k0, ip->I, ip->x + off * ip->I, ip->I, 1, pi[q].p, 0.f, gs + q * H + k0, G,
-                          ip->bias ? ip->bias + q * H + k0 : nullptr);
-        }
-        if (kern::use_small(bs)) {
+        if (fused_gemv<T>(bs)) {
           std::array<const T*, kMaxSmallB> hr;
           std::array<T*, kMaxSmallB> gr;
           for (int64_t b = 0; b < bs; ++b) {
             hr[b] = prev_row<T>(s, t, b, o, h0p, H);
-            gr[b] = gs + b * G;
+            gr[b] = g + (off + b) * 4 * H;
           }
           for (int64_t q = 0; q < 4; ++q)
             kern::gemv<T>(bs, hr.data(), wh, H, nullptr, nullptr, 0, gr.data(), q * H + k0, q * H + k1, true);
         } else if (pk[0].ok()) {
-          for (int64_t q = 0; q < 4; ++q) step_mm_pk<T>(s, t, o, h0p, H, pk[q], T(1), gs + q * H + k0, G);
+          for (int64_t q = 0; q < 4; ++q)
+            step_mm_pk<T>(s, t, o, h0p, H, pk[q], T(1), g + off * 4 * H + q * H + k0, 4 * H);
         } else {
           for (int64_t q = 0; q < 4; ++q)
-            step_mm<T>(s, t, o, h0p, H, wh + (q * H + k0) * H, k1 - k0, T(1), gs + q * H + k0, G);
+            step_mm<T>(s, t, o, h0p, H, wh + (q * H + k0) * H, k1 - k0, T(1), g + off * 4 * H + q * H + k0, 4 * H);
         }
         for (int64_t b = 0; b < bs; ++b)
-          kern::lstm_fwd_row<T>(gs + b * G, nullptr, nullptr, prev_row<T>(s, t, b, c, c0p, H), c + (off + b) * H,
-                                o + (off + b) * H, H, k0, k1);
+          kern::lstm_fwd_row<T>(g + (off + b) * 4 * H, nullptr, nullptr, prev_row<T>(s, t, b, c, c0p, H),
+                                c + (off + b) * H, o + (off + b) * H, H, k0, k1);
       }
       SEQFAST_BARRIER(nth);
     }
+  });
+}
+
+// float32 LSTM forward on the fused AVX-512 step kernel (lstm_step.h): per thread, its units' W_ih / W_hh / bias
+// packed gate-interleaved once, then per step one call that does both gate GEMMs and the cell update in registers.
+// gates: [N, 4H] activated-gate workspace for the backward, or undefined (inference: not written).
+void lstm_fwd_fused_avx512(const Steps& s, int nt, const Tensor& x, const Tensor& h0, const Tensor& c0,
+                           const Tensor& w_ih, const Tensor& w_hh, const Tensor& bias, Tensor& gates, Tensor& out,
+                           Tensor& cs) {
+  const int64_t H = h0.size(1), I = x.size(1);
+  const float* xp = x.const_data_ptr<float>();
+  const float* wi = w_ih.const_data_ptr<float>();
+  const float* wh = w_hh.const_data_ptr<float>();
+  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  float* g = gates.defined() ? gates.data_ptr<float>() : nullptr;
+  float* o = out.data_ptr<float>();
+  float* c = cs.data_ptr<float>();
+  const float* h0p = h0.const_data_ptr<float>();
+  const float* c0p = c0.const_data_ptr<float>();
+  run_region(nt, [&](int tid, int nth) {
+    int64_t k0, k1;
+    unit_slice(H, nth, tid, k0, k1);
+    const int64_t nu = k1 - k0;
+    const int64_t nblk = (nu + lstm_step::kUnits - 1) / lstm_step::kUnits;
+    float* pw_i = sgemm::scratch_alloc(lstm_step::pack_size(I, nu));
+    float* pw_h = sgemm::scratch_alloc(lstm_step::pack_size(H, nu));
+    float* pb = sgemm::scratch_alloc(nblk * 64);
+    std::vector<const float*> hr(s.bs.empty() ? 0 : s.bs[0]), cr(hr.size());
+    if (nu > 0) {
+      lstm_step::pack_weights(wi, I, I, H, k0, k1, pw_i);
+      lstm_step::pack_weights(wh, H, H, H, k0, k1, pw_h);
+      lstm_step::pack_bias(bp, H, k0, k1, pb);
+    }
+    lstm_step::StepArgs a;
+    a.ldx = I;
+    a.I = I;
+    a.wx = pw_i;
+    a.wh = pw_h;
+    a.H = H;
+    a.bias = pb;
+    a.u0 = k0;
+    a.u1 = k1;
+    for (int64_t p = 0; p < s.T; ++p) {
+      const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
+      if (bs == 0) continue;
+      if (nu > 0) {
+        for (int64_t b = 0; b < bs; ++b) {
+          hr[b] = prev_row<float>(s, t, b, o, h0p, H);
+          cr[b] = prev_row<float>(s, t, b, c, c0p, H);
+        }
+        a.rows = bs;
+        a.x = xp + off * I;
+        a.h = hr.data();
+        a.cprev = cr.data();
+        a.c = c + off * H;
+        a.hout = o + off * H;
+        a.gates = g ? g + off * 4 * H : nullptr;
+        lstm_step::step(a);
+      }
+      SEQFAST_BARRIER(nth);
+    }
+    sgemm::scratch_free(pw_i, lstm_step::pack_size(I, nu));
+    sgemm::scratch_free(pw_h, lstm_step::pack_size(H, nu));
+    sgemm::scratch_free(pb, nblk * 64);
   });
 }
 
@@ -409,7 +459,7 @@ void lstm_bwd_fused(const Steps& s, int nt, const Tensor& grad_out, const Tensor
   bool any_small = false;
   int64_t max_bs = 0;
   for (int64_t t = 0; t < s.T; ++t) {
-    any_small |= s.bs[t] > 0 && kern::use_small(s.bs[t]);
+    any_small |= s.bs[t] > 0 && fused_gemv<T>(s.bs[t]);
     max_bs = std::max(max_bs, s.bs[t]);
   }
   Tensor whhT = any_small ? w_hh.t().contiguous() : Tensor();
@@ -428,7 +478,7 @@ void lstm_bwd_fused(const Steps& s, int nt, const Tensor& grad_out, const Tensor
                               k0, k1);
       SEQFAST_BARRIER(nth);
       if (k1 <= k0) continue;
-      if (kern::use_small(bs)) {
+      if (fused_gemv<T>(bs)) {
         std::array<const T*, kMaxSmallB> xr;
         std::array<T*, kMaxSmallB> yr;
         for (int64_t b = 0; b < bs; ++b) {
@@ -466,7 +516,7 @@ void gru_fwd_fused(const Steps& s, int nt, const Tensor& h0, const Tensor& w_hh,
       const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
       if (bs == 0) continue;
       if (k1 > k0) {
-        if (kern::use_small(bs)) {
+        if (fused_gemv<T>(bs)) {
           std::array<const T*, kMaxSmallB> hr;
           std::array<T*, kMaxSmallB> gr;
           for (int64_t b = 0; b < bs; ++b) {
@@ -505,7 +555,7 @@ void gru_bwd_fused(const Steps& s, int nt, const Tensor& grad_out, const Tensor&
   bool any_small = false;
   int64_t max_bs = 0;
   for (int64_t t = 0; t < s.T; ++t) {
-    any_small |= s.bs[t] > 0 && kern::use_small(s.bs[t]);
+    any_small |= s.bs[t] > 0 && fused_gemv<T>(s.bs[t]);
     max_bs = std::max(max_bs, s.bs[t]);
   }
   Tensor whhT = any_small ? w_hh.t().contiguous() : Tensor();
@@ -524,7 +574,7 @@ void gru_bwd_fused(const Steps& s, int nt, const Tensor& grad_out, const Tensor&
                              H, k0, k1);
       SEQFAST_BARRIER(nth);
       if (k1 <= k0) continue;
-      if (kern::use_small(bs)) {
+      if (fused_gemv<T>(bs)) {
         std::array<const T*, kMaxSmallB> xr;
         std::array<T*, kMaxSmallB> yr;
         for (int64_t b = 0; b < bs; ++b) {
@@ -822,20 +872,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
   Tensor gates;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::lstm_layer_forward", [&] {
     const int nt = fused_threads<scalar_t>(s, H, 4);
-    // In-region projection: float32, own GEMM, batches above the GEMV range (GEMV-sized steps keep one big GEMM).
+    // Fused AVX-512 step (input projection, gate GEMMs and cell update per step in registers): float32 batches above
+    // the GEMV range; GEMV-sized batches keep one big input GEMM + the GEMV loop (faster there).
     const bool in_region = std::is_same_v<scalar_t, float> && nt && sgemm::available() &&
-                           s.T > 0 && !kern::use_small(s.bs[0]);
+                           s.T > 0 && !fused_gemv<float>(s.bs[0]);
     if (in_region) {
-      const Tensor xc = x.contiguous(), wc = w_ih.contiguous();
-      const InProj ip{xc.const_data_ptr<float>(), x.size(1), wc.const_data_ptr<float>(),
-                      bias.defined() ? bias.const_data_ptr<float>() : nullptr};
+      const Tensor xc = x.contiguous(), wc = w_ih.contiguous(), whc = w_hh.contiguous();
       if (save) gates = at::empty({x.size(0), 4 * H}, fopt);
-      lstm_fwd_fused<scalar_t>(s, nt, h0, c0, w_hh, gates, out, cs, &ip);
+      lstm_fwd_fused_avx512(s, nt, xc, h0.contiguous(), c0.contiguous(), wc, whc, bias, gates, out, cs);
       if (!save) gates = at::empty({0, 4 * H}, fopt);
       return;
     }
     gates = input_proj(x, w_ih, bias.defined() ? &bias : nullptr);  // [N,4H]
-    if (nt) lstm_fwd_fused<scalar_t>(s, nt, h0, c0, w_hh, gates, out, cs, nullptr);
+    if (nt) lstm_fwd_fused<scalar_t>(s, nt, h0, c0, w_hh, gates, out, cs);
     else lstm_fwd_loop<scalar_t>(s, h0, c0, w_hh, gates, out, cs, nullptr);
   });
   return {out, gather_last(s, out, h0), gather_last(s, cs, c0), gates, cs};

@@ -1,0 +1,171 @@
+// Fused AVX-512 LSTM step: gate GEMMs and cell update in registers. See lstm_step.h.
+// Compiled for AVX-512 by the target pragma below; no ATen headers here (same reason as sgemm.cpp).
+#include "lstm_step.h"
+
+#include <algorithm>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SEQFAST_HAVE_AVX512_LSTM 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
+#include <immintrin.h>
+#endif
+
+namespace seqfast {
+namespace lstm_step {
+
+#ifdef SEQFAST_HAVE_AVX512_LSTM
+namespace {
+
+constexpr int kMR = 6;  // rows per register tile: 6 x 4 gate vectors = 24 accumulators
+
+// exp(x) for float32: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial for e^r (Cephes expf, ~1 ulp), scaled by
+// 2^n with scalef (no integer exponent tricks, so overflow gives +inf and underflow 0 as expf does). |x| > 100 is
+// clamped first only to keep r finite; the result there is already +inf / 0.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.f)), _mm512_set1_ps(100.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 sigmoid_ps(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+// tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|): no cancellation for large |x|, ~1e-7 absolute near 0.
+inline __m512 tanh_ps(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 sign = _mm512_and_ps(x, _mm512_set1_ps(-0.f));
+  const __m512 a = _mm512_andnot_ps(_mm512_set1_ps(-0.f), x);
+  const __m512 e = exp_ps(_mm512_mul_ps(a, _mm512_set1_ps(-2.f)));
+  return _mm512_or_ps(_mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e)), sign);
+}
+
+// acc[r][q] += sum_k rows[r][k] * w[k][16q + lane] over k < K.
+template <int MR>
+inline __attribute__((always_inline)) void accumulate(__m512 (&acc)[MR][4], const float* const (&rows)[MR], int64_t K,
+                                                      const float* w) {
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 w0 = _mm512_load_ps(w), w1 = _mm512_load_ps(w + 16), w2 = _mm512_load_ps(w + 32),
+                 w3 = _mm512_load_ps(w + 48);
+    w += 64;
+    for (int r = 0; r < MR; ++r) {
+      const __m512 v = _mm512_set1_ps(rows[r][k]);
+      acc[r][0] = _mm512_fmadd_ps(v, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(v, w1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(v, w2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(v, w3, acc[r][3]);
+    }
+  }
+}
+
+// Rows [r0, r0 + MR) x units of block blk.
+template <int MR>
+void tile(const StepArgs& a, int64_t r0, int64_t blk) {
+  const int64_t u = a.u0 + blk * kUnits;
+  const __mmask16 m = a.u1 - u >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (a.u1 - u)) - 1u);
+  __m512 acc[MR][4];
+  for (int q = 0; q < 4; ++q) {
+    const __m512 b = a.bias ? _mm512_load_ps(a.bias + blk * 64 + 16 * q) : _mm512_setzero_ps();
+    for (int r = 0; r < MR; ++r) acc[r][q] = b;
+  }
+  if (a.x) {
+    const float* xr[MR];
+    for (int r = 0; r < MR; ++r) xr[r] = a.x + (r0 + r) * a.ldx;
+    accumulate<MR>(acc, xr, a.I, a.wx + blk * a.I * 64);
+  }
+  {
+    const float* hr[MR];
+    for (int r = 0; r < MR; ++r) hr[r] = a.h[r0 + r];
+    accumulate<MR>(acc, hr, a.H, a.wh + blk * a.H * 64);
+  }
+  const int64_t H = a.H;
+  for (int r = 0; r < MR; ++r) {
+    const int64_t row = r0 + r;
+    const __m512 i = sigmoid_ps(acc[r][0]), f = sigmoid_ps(acc[r][1]), g = tanh_ps(acc[r][2]),
+                 o = sigmoid_ps(acc[r][3]);
+    const __m512 cp = _mm512_maskz_loadu_ps(m, a.cprev[row] + u);
+    const __m512 c = _mm512_fmadd_ps(f, cp, _mm512_mul_ps(i, g));
+    const __m512 h = _mm512_mul_ps(o, tanh_ps(c));
+    _mm512_mask_storeu_ps(a.c + row * H + u, m, c);
+    _mm512_mask_storeu_ps(a.hout + row * H + u, m, h);
+    if (a.gates) {
+      float* gr = a.gates + row * 4 * H + u;
+      _mm512_mask_storeu_ps(gr, m, i);
+      _mm512_mask_storeu_ps(gr + H, m, f);
+      _mm512_mask_storeu_ps(gr + 2 * H, m, g);
+      _mm512_mask_storeu_ps(gr + 3 * H, m, o);
+    }
+  }
+}
+
+}  // namespace
+
+void pack_weights(const float* w, int64_t ldw, int64_t K, int64_t H, int64_t u0, int64_t u1, float* dst) {
+  const int64_t nb = (u1 - u0 + kUnits - 1) / kUnits;
+  for (int64_t b = 0; b < nb; ++b) {
+    float* d = dst + b * K * 64;
+    for (int64_t q = 0; q < 4; ++q)
+      for (int64_t j = 0; j < kUnits; ++j) {
+        const int64_t u = u0 + b * kUnits + j;
+        if (u < u1) {
+          const float* src = w + (q * H + u) * ldw;
+          for (int64_t k = 0; k < K; ++k) d[k * 64 + q * 16 + j] = src[k];
+        } else {
+          for (int64_t k = 0; k < K; ++k) d[k * 64 + q * 16 + j] = 0.f;
+        }
+      }
+  }
+}
+
+void pack_bias(const float* bias, int64_t H, int64_t u0, int64_t u1, float* dst) {
+  const int64_t nb = (u1 - u0 + kUnits - 1) / kUnits;
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t q = 0; q < 4; ++q)
+      for (int64_t j = 0; j < kUnits; ++j) {
+        const int64_t u = u0 + b * kUnits + j;
+        dst[b * 64 + q * 16 + j] = (bias && u < u1) ? bias[q * H + u] : 0.f;
+      }
+}
+
+void step(const StepArgs& a) {
+  const int64_t nb = (a.u1 - a.u0 + kUnits - 1) / kUnits;
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    int64_t r = 0;
+    for (; r + kMR <= a.rows; r += kMR) tile<kMR>(a, r, blk);
+    switch (a.rows - r) {
+      case 5: tile<5>(a, r, blk); break;
+      case 4: tile<4>(a, r, blk); break;
+      case 3: tile<3>(a, r, blk); break;
+      case 2: tile<2>(a, r, blk); break;
+      case 1: tile<1>(a, r, blk); break;
+      default: break;
+    }
+  }
+}
+
+#else
+
+void pack_weights(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*) {}
+void pack_bias(const float*, int64_t, int64_t, int64_t, float*) {}
+void step(const StepArgs&) {}
+
+#endif
+
+}  // namespace lstm_step
+}  // namespace seqfast
+
+#ifdef SEQFAST_HAVE_AVX512_LSTM
+#pragma GCC pop_options
+#endif

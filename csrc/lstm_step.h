@@ -1,0 +1,48 @@
+// Fused float32 LSTM step for x86-64 CPUs with AVX-512 (seqfast._C internal; implementation in lstm_step.cpp).
+//
+// One step of one layer for a range of hidden units, entirely in registers: for a tile of 6 batch rows x 16 units
+// the 4 gate pre-activations (6 x 64 floats = 24 zmm accumulators) start at the bias, accumulate x_t W_ih^T and
+// h_{t-1} W_hh^T from weights packed gate-interleaved (per 16-unit block: [i16 f16 g16 o16] per k), and the cell
+// update runs on them before anything is stored: c and h are written, and the activated gates only when a backward
+// will need them. Compared with GEMM-then-pointwise this never writes or re-reads the [B, 4H] pre-activations and
+// needs no separate projection pass.
+//
+// Callers check sgemm::available() (same ISA requirement) first. No allocation, no threading: the RNN layer splits
+// the units between its threads in 16-unit blocks and calls step() per thread and step.
+#pragma once
+
+#include <cstdint>
+
+namespace seqfast {
+namespace lstm_step {
+
+constexpr int64_t kUnits = 16;  // units per packed block
+
+// Floats needed for the packed gate weights of `nunits` units with K inputs: ceil(nunits / 16) blocks x K x 64.
+inline int64_t pack_size(int64_t K, int64_t nunits) { return (nunits + kUnits - 1) / kUnits * K * 4 * kUnits; }
+
+// Packs W [4H, K] (torch layout: gate blocks i, f, g, o of H rows each; row stride ldw) for units [u0, u1).
+void pack_weights(const float* w, int64_t ldw, int64_t K, int64_t H, int64_t u0, int64_t u1, float* dst);
+// Packs bias [4H] (or zeros when bias == nullptr) for units [u0, u1): ceil(n / 16) x 64 floats.
+void pack_bias(const float* bias, int64_t H, int64_t u0, int64_t u1, float* dst);
+
+struct StepArgs {
+  int64_t rows = 0;              // active batch rows of this step
+  const float* x = nullptr;      // input rows (row r at x + r * ldx), I floats each; nullptr: no input term
+  int64_t ldx = 0, I = 0;
+  const float* wx = nullptr;     // pack_weights(W_ih) for [u0, u1)
+  const float* const* h = nullptr;      // previous hidden row pointers (H floats each)
+  const float* wh = nullptr;            // pack_weights(W_hh) for [u0, u1)
+  int64_t H = 0;
+  const float* bias = nullptr;          // pack_bias for [u0, u1)
+  const float* const* cprev = nullptr;  // previous cell row pointers
+  float* c = nullptr;            // this step's cell rows (row r at c + r * H)
+  float* hout = nullptr;         // this step's hidden rows (row r at hout + r * H)
+  float* gates = nullptr;        // activated gates rows [i f g o] (row r at gates + r * 4H), or nullptr
+  int64_t u0 = 0, u1 = 0;        // unit range; u0 a multiple of 16
+};
+
+void step(const StepArgs& a);
+
+}  // namespace lstm_step
+}  // namespace seqfast
