@@ -15,12 +15,15 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cmath>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "attention_vec.h"
+#include "attention_avx512.h"
+#include "sgemm.h"
 
 namespace seqfast {
 namespace {
@@ -495,6 +498,69 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
   }
 }
 
+// float32 forward on the AVX-512 block kernel (attention_avx512.h): same tasks as fwd_kernel (one per (n, h,
+// query block), causal blocks interleaved for balance), each task one fwd_block call.
+void fwd_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* bias, bool causal,
+                double scale, at::Tensor& out, at::Tensor& lse) {
+  const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Hk = k.size(1), Lk = k.size(2), Dv = v.size(3);
+  const int64_t G = Hq / Hk, Bq = attn512::kBq;
+  const int64_t nqb = (Lq + Bq - 1) / Bq;
+  const float* qp = q.const_data_ptr<float>();
+  const float* kp = k.const_data_ptr<float>();
+  const float* vp = v.const_data_ptr<float>();
+  BiasView<float> bv;
+  if (bias != nullptr) {
+    bv.ptr = bias->const_data_ptr<float>();
+    bv.sn = bias->stride(0), bv.sh = bias->stride(1), bv.si = bias->stride(2), bv.sj = bias->stride(3);
+  }
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  // V of every kv head packed once for the P V GEMMs of all its query blocks.
+  const int64_t vsz = sgemm::pack_size(Lk, Dv);
+  float* vpack = sgemm::scratch_alloc(N * Hk * vsz);
+  TORCH_CHECK(vpack != nullptr, "seqfast sdpa: out of memory packing V");
+  at::parallel_for(0, N * Hk, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      sgemm::pack_b(Lk, Dv, vp + (t / Hk) * v.stride(0) + (t % Hk) * v.stride(1), v.stride(2), 1, vpack + t * vsz);
+  });
+  const int64_t wsz = attn512::fwd_workspace(D, Dv);
+  at::parallel_for(0, N * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+    float* ws = sgemm::scratch_alloc(wsz);
+    TORCH_CHECK(ws != nullptr, "seqfast sdpa: out of memory for the attention workspace");
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nh = t / nqb, idx = t % nqb;
+      const int64_t qb = causal ? ((idx % 2 == 0) ? idx / 2 : nqb - 1 - idx / 2) : idx;
+      const int64_t n = nh / Hq, h = nh % Hq, hk = h / G;
+      attn512::FwdBlock a;
+      a.i0 = qb * Bq;
+      a.mq = std::min(Bq, Lq - a.i0);
+      a.q = qp + n * q.stride(0) + h * q.stride(1) + a.i0 * q.stride(2);
+      a.sq = q.stride(2);
+      a.D = D;
+      a.k = kp + n * k.stride(0) + hk * k.stride(1);
+      a.sk = k.stride(2);
+      a.vp = vpack + (n * Hk + hk) * vsz;
+      a.Lk = Lk;
+      a.Dv = Dv;
+      a.kv_end = causal ? std::min(Lk, a.i0 + a.mq) : Lk;
+      if (bv.ptr) {
+        a.bias = bv.ptr + n * bv.sn + h * bv.sh + a.i0 * bv.si;
+        a.bsi = bv.si;
+        a.bsj = bv.sj;
+      }
+      a.causal = causal;
+      a.scale = static_cast<float>(scale);
+      a.out = op + (nh * Lq + a.i0) * Dv;
+      a.so = Dv;
+      a.lse = lp + nh * Lq + a.i0;
+      attn512::fwd_block(a, ws);
+    }
+    sgemm::scratch_free(ws, wsz);
+  });
+  sgemm::scratch_free(vpack, N * Hk * vsz);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
@@ -511,6 +577,10 @@ std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q_, const at::
   if (Lq == 1 && q.scalar_type() != at::kBFloat16 && N * Hk >= at::get_num_threads()) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "seqfast_sdpa_decode",
                                [&] { decode_kernel<scalar_t>(q, k, v, bp, is_causal, scale, out, lse); });
+    return {out, lse};
+  }
+  if (q.scalar_type() == at::kFloat && sgemm::available() && !std::getenv("SEQFAST_CPU_NO_AVX512_ATTN")) {
+    fwd_avx512(q, k, v, bp, is_causal, scale, out, lse);
     return {out, lse};
   }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "seqfast_sdpa_forward",

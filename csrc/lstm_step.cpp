@@ -9,6 +9,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
 #include <immintrin.h>
+
+#include "avx512_math.h"
 #endif
 
 namespace seqfast {
@@ -19,38 +21,8 @@ namespace {
 
 constexpr int kMR = 6;  // rows per register tile: 6 x 4 gate vectors = 24 accumulators
 
-// exp(x) for float32: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial for e^r (Cephes expf, ~1 ulp), scaled by
-// 2^n with scalef (no integer exponent tricks, so overflow gives +inf and underflow 0 as expf does). |x| > 100 is
-// clamped first only to keep r finite; the result there is already +inf / 0.
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.f)), _mm512_set1_ps(100.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline __m512 sigmoid_ps(__m512 x) {
-  const __m512 one = _mm512_set1_ps(1.f);
-  return _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-}
-
-// tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|): no cancellation for large |x|, ~1e-7 absolute near 0.
-inline __m512 tanh_ps(__m512 x) {
-  const __m512 one = _mm512_set1_ps(1.f);
-  const __m512 sign = _mm512_and_ps(x, _mm512_set1_ps(-0.f));
-  const __m512 a = _mm512_andnot_ps(_mm512_set1_ps(-0.f), x);
-  const __m512 e = exp_ps(_mm512_mul_ps(a, _mm512_set1_ps(-2.f)));
-  return _mm512_or_ps(_mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e)), sign);
-}
+using avx512::sigmoid_ps;
+using avx512::tanh_ps;
 
 // acc[r][q] += sum_k rows[r][k] * w[k][16q + lane] over k < K.
 template <int MR>

@@ -86,6 +86,25 @@ inline void panel_rows(int64_t m, int64_t kc, const float* a, int64_t ar, int64_
   }
 }
 
+// In-register transpose of a 16 x 16 float block: four rounds swap the off-diagonal b x b sub-blocks of row pairs
+// (i, i + b) for b = 8, 4, 2, 1.
+inline void transpose16(__m512 (&r)[16]) {
+  for (int b = 8; b >= 1; b /= 2) {
+    alignas(64) int lo[16], hi[16];
+    for (int j = 0; j < 16; ++j) {
+      lo[j] = (j & b) ? 16 + j - b : j;   // row i keeps its left part, takes row i+b's left part on the right
+      hi[j] = (j & b) ? 16 + j : j + b;   // row i+b takes row i's right part on the left, keeps its right part
+    }
+    const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi);
+    for (int i = 0; i < 16; ++i) {
+      if (i & b) continue;
+      const __m512 a = r[i], c = r[i + b];
+      r[i] = _mm512_permutex2var_ps(a, ilo, c);
+      r[i + b] = _mm512_permutex2var_ps(a, ihi, c);
+    }
+  }
+}
+
 inline __mmask16 mask_of(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? 0 : __mmask16((1u << n) - 1u); }
 
 // C = beta C (+ bias) when K == 0.
@@ -123,17 +142,19 @@ void pack_b(int64_t K, int64_t N, const float* src, int64_t sk, int64_t sj, floa
       for (int64_t k = 0; k < K; ++k)
         for (int64_t jj = 0; jj < kNR; ++jj) d[k * kNR + jj] = jj < nj ? src[k * sk + (j0 + jj) * sj] : 0.f;
     } else {
-      // Transposed source (e.g. a torch weight [N, K] for B = W^T): gather one panel row (32 source rows, same k)
-      // per step; the reads walk the 32 source rows in parallel, k-contiguous.
-      const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                             _mm512_set1_epi32(int(sj)));
-      const __mmask16 g0 = mask_of(nj), g1 = mask_of(nj - 16);
-      const float* s0 = src + j0 * sj;
-      const float* s1 = src + (j0 + 16) * sj;
-      for (int64_t k = 0; k < K; ++k) {
-        _mm512_store_ps(d + k * kNR, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), g0, idx, s0 + k, 4));
-        _mm512_store_ps(d + k * kNR + 16,
-                        g1 ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), g1, idx, s1 + k, 4) : _mm512_setzero_ps());
+      // Transposed source (e.g. a torch weight [N, K] for B = W^T, or a Q block for Q^T): 16 x 16 blocks read as
+      // 16 k-contiguous source rows, transposed in registers, stored as 16 panel rows.
+      for (int64_t h = 0; h < 2; ++h) {
+        const int64_t jn = std::min<int64_t>(16, nj - 16 * h);  // live source rows of this half (may be <= 0)
+        for (int64_t k0 = 0; k0 < K; k0 += 16) {
+          const int64_t nk = std::min<int64_t>(16, K - k0);
+          __m512 r[16];
+          for (int64_t jj = 0; jj < 16; ++jj)
+            r[jj] = jj < jn ? _mm512_maskz_loadu_ps(mask_of(nk), src + (j0 + 16 * h + jj) * sj + k0)
+                            : _mm512_setzero_ps();
+          transpose16(r);
+          for (int64_t kk = 0; kk < nk; ++kk) _mm512_store_ps(d + (k0 + kk) * kNR + 16 * h, r[kk]);
+        }
       }
     }
   }
@@ -160,8 +181,9 @@ void pack_a(int64_t mb, int64_t kc, const float* a, int64_t ar, int64_t ak, floa
 }  // namespace
 
 void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t ak, const float* bp, float beta,
-          float* c, int64_t ldc, const float* bias) {
+          float* c, int64_t ldc, const float* bias, int64_t pstride) {
   if (M <= 0 || N <= 0) return;
+  if (pstride <= 0) pstride = K * kNR;
   if (K <= 0) return scale_only(M, N, beta, c, ldc, bias);
   const int64_t np = (N + kNR - 1) / kNR;
   // Pack a transposed A (k-strided) when its block is reused by enough panels to pay for the copy (measured: dW
@@ -178,7 +200,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t a
       for (int64_t p = 0; p < np; ++p) {
         const int64_t nj = std::min(kNR, N - p * kNR);
         const __mmask16 m0k = mask_of(nj), m1k = mask_of(nj - 16);
-        const float* bpp = bp + p * K * kNR + k0 * kNR;
+        const float* bpp = bp + p * pstride + k0 * kNR;
         float* cp = c + m0 * ldc + p * kNR;
         const float* bias_p = bias ? bias + p * kNR : nullptr;
         if (pack) {
@@ -200,7 +222,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t a
 bool available() { return false; }
 void pack_b(int64_t, int64_t, const float*, int64_t, int64_t, float*) {}
 void gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, float, float*, int64_t,
-          const float*) {}
+          const float*, int64_t) {}
 
 #endif
 

@@ -35,8 +35,10 @@ void pack_b_parallel(int nt, int64_t K, int64_t N, const float* src, int64_t sk,
 // C[M, N] (row stride ldc) = beta * C + A @ B (+ bias[j] when bias != nullptr; bias requires beta == 0),
 // A(r, k) = a[r * ar + k * ak], B packed by pack_b with the same K and N (or a whole-panel column window of a
 // larger packing: pass bp + p0 * K * kNR and the window's N). beta is 0 or 1. Single-threaded.
+// pstride: floats between consecutive panels of bp (0 = K * kNR). A K-row window [k0, k0 + K) of a packing made
+// with more rows Kp is bp = base + k0 * kNR with pstride = Kp * kNR (attention reuses one packed V this way).
 void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t ak, const float* bp, float beta,
-          float* c, int64_t ldc, const float* bias = nullptr);
+          float* c, int64_t ldc, const float* bias = nullptr, int64_t pstride = 0);
 
 // Same, split over nt OpenMP threads by panels of B (each thread writes its own columns of C). nt <= 1 or a
 // call from inside a parallel region runs single-threaded.

@@ -26,6 +26,10 @@ CASES = {
     "extra_batch_dims": ((2, 2, 2, 3, 16), (2, 2, 2, 4, 16), (2, 2, 2, 4, 16), {"is_causal": True}),
     "length_one": ((2, 2, 1, 16), (2, 2, 1, 16), (2, 2, 1, 16), {}),
     "head_dim_80": ((1, 2, 5, 80), (1, 2, 6, 80), (1, 2, 6, 80), {}),
+    # several query blocks (64) and key blocks (256) of the C++ kernels, partial last blocks
+    "blocks_causal": ((1, 2, 130, 16), (1, 2, 300, 16), (1, 2, 300, 24), {"is_causal": True}),
+    "blocks_float_mask": ((1, 1, 70, 16), (1, 1, 270, 16), (1, 1, 270, 16), {"mask": "float"}),
+    "blocks_key_padding": ((2, 1, 70, 16), (2, 1, 270, 16), (2, 1, 270, 16), {"mask": "key_padding"}),
 }
 
 

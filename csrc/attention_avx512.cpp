@@ -1,0 +1,152 @@
+// AVX-512 float32 flash-attention forward block. See attention_avx512.h for the transposed-score layout.
+// Compiled for AVX-512 by the target pragma below; no ATen headers here (same reason as sgemm.cpp).
+#include "attention_avx512.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "sgemm.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SEQFAST_HAVE_AVX512_ATTN 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
+#include <immintrin.h>
+
+#include "avx512_math.h"
+#endif
+
+namespace seqfast {
+namespace attn512 {
+
+namespace {
+inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+}  // namespace
+
+int64_t fwd_workspace(int64_t D, int64_t Dv) {
+  return round16(sgemm::pack_size(D, kBq)) + kBk * kBq + round16(kBq * Dv) + 4 * kBq;
+}
+
+#ifdef SEQFAST_HAVE_AVX512_ATTN
+
+void fwd_block(const FwdBlock& a, float* ws) {
+  using avx512::exp_ps;
+  const int64_t mq = a.mq, D = a.D, Dv = a.Dv;
+  float* qT = ws;                                          // Q^T packed: B(d, i) = q[i, d]
+  float* ST = qT + round16(sgemm::pack_size(D, kBq));      // S^T block [kBk keys][kBq queries]
+  float* acc = ST + kBk * kBq;                             // unnormalised output [mq][Dv]
+  float* mrow = acc + round16(kBq * Dv);                   // running max per query
+  float* lrow = mrow + kBq;                                // running sum per query
+  float* arow = lrow + kBq;                                // rescale factor of this block per query
+  const int nv = int((mq + 15) / 16);                      // live 16-query lane groups
+  const float ninf = -std::numeric_limits<float>::infinity();
+
+  sgemm::pack_b(D, mq, a.q, 1, a.sq, qT);
+  for (int64_t r = 0; r < kBq; ++r) {
+    mrow[r] = ninf;
+    lrow[r] = 0.f;
+  }
+  std::memset(acc, 0, sizeof(float) * mq * Dv);
+  // The score GEMM writes only the mq live query columns; keep the rest of the lane groups finite (zeros).
+  if (mq % 16 != 0) std::memset(ST, 0, sizeof(float) * kBk * kBq);
+  const __m512 vscale = _mm512_set1_ps(a.scale);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+
+  for (int64_t j0 = 0; j0 < a.kv_end; j0 += kBk) {
+    const int64_t nk = std::min(kBk, a.kv_end - j0);
+    // S^T = K_blk Q^T (keys x queries), row stride kBq.
+    sgemm::gemm(nk, mq, D, a.k + j0 * a.sk, a.sk, 1, qT, 0.f, ST, kBq);
+    // scale, mask, block max per query (vertical over keys).
+    const bool diag = a.causal && j0 + nk - 1 > a.i0;
+    __m512 mx[4];
+    for (int v = 0; v < 4; ++v) mx[v] = _mm512_set1_ps(ninf);
+    for (int64_t j = 0; j < nk; ++j) {
+      float* s = ST + j * kBq;
+      const int64_t key = j0 + j;
+      for (int v = 0; v < nv; ++v) {
+        __m512 x = _mm512_mul_ps(_mm512_load_ps(s + 16 * v), vscale);
+        if (a.bias) {
+          const float* b = a.bias + key * a.bsj + int64_t(16 * v) * a.bsi;
+          if (a.bsi == 0) {
+            x = _mm512_add_ps(x, _mm512_set1_ps(b[0]));
+          } else {
+            const __mmask16 live = mq - 16 * v >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (mq - 16 * v)) - 1u);
+            const __m512i idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int(a.bsi)));
+            x = _mm512_add_ps(x, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idx, b, 4));
+          }
+        }
+        if (diag) {
+          // query i0 + 16v + lane sees key j0 + j only if key <= query
+          const __m512i qi = _mm512_add_epi32(lane, _mm512_set1_epi32(int(a.i0 + 16 * v)));
+          const __mmask16 masked = _mm512_cmplt_epi32_mask(qi, _mm512_set1_epi32(int(key)));
+          x = _mm512_mask_mov_ps(x, masked, _mm512_set1_ps(ninf));
+        }
+        _mm512_store_ps(s + 16 * v, x);
+        mx[v] = _mm512_max_ps(mx[v], x);
+      }
+    }
+    // online softmax update; a query whose scores are all -inf so far keeps m = -inf and contributes 0.
+    __m512 mu[4];
+    bool rescale = false;
+    for (int v = 0; v < nv; ++v) {
+      const __m512 mold = _mm512_load_ps(mrow + 16 * v);
+      const __m512 mnew = _mm512_max_ps(mold, mx[v]);
+      const __mmask16 dead = _mm512_cmp_ps_mask(mnew, _mm512_set1_ps(ninf), _CMP_EQ_OQ);
+      mu[v] = _mm512_mask_mov_ps(mnew, dead, _mm512_setzero_ps());
+      const __m512 alpha = exp_ps(_mm512_sub_ps(mold, mu[v]));  // exp(-inf) = 0 for a first live block
+      rescale |= _mm512_cmp_ps_mask(mold, mnew, _CMP_NEQ_UQ) != 0;
+      _mm512_store_ps(mrow + 16 * v, mnew);
+      _mm512_store_ps(arow + 16 * v, alpha);
+    }
+    __m512 sum[4];
+    for (int v = 0; v < 4; ++v) sum[v] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < nk; ++j) {
+      float* s = ST + j * kBq;
+      for (int v = 0; v < nv; ++v) {
+        const __m512 p = exp_ps(_mm512_sub_ps(_mm512_load_ps(s + 16 * v), mu[v]));
+        _mm512_store_ps(s + 16 * v, p);
+        sum[v] = _mm512_add_ps(sum[v], p);
+      }
+    }
+    for (int v = 0; v < nv; ++v) {
+      const __m512 l = _mm512_load_ps(lrow + 16 * v);
+      _mm512_store_ps(lrow + 16 * v, _mm512_fmadd_ps(l, _mm512_load_ps(arow + 16 * v), sum[v]));
+    }
+    if (rescale && j0 > 0)
+      for (int64_t r = 0; r < mq; ++r) {
+        const float al = arow[r];
+        if (al == 1.f) continue;
+        float* o = acc + r * Dv;
+        for (int64_t c = 0; c < Dv; ++c) o[c] *= al;
+      }
+    // acc += P V: P^T in place as the transposed A operand (A(i, j) = ST[j * kBq + i]).
+    sgemm::gemm(mq, Dv, nk, ST, 1, kBq, a.vp + j0 * sgemm::kNR, 1.f, acc, Dv, nullptr, a.Lk * sgemm::kNR);
+  }
+  for (int64_t r = 0; r < mq; ++r) {
+    float* o = a.out + r * a.so;
+    const float l = lrow[r];
+    if (l > 0.f) {
+      const float inv = 1.f / l;
+      for (int64_t c = 0; c < Dv; ++c) o[c] = acc[r * Dv + c] * inv;
+      a.lse[r] = mrow[r] + std::log(l);
+    } else {  // fully masked row (or no keys): torch gives 0; lse = +inf makes the backward's P exactly 0
+      for (int64_t c = 0; c < Dv; ++c) o[c] = 0.f;
+      a.lse[r] = std::numeric_limits<float>::infinity();
+    }
+  }
+}
+
+#else
+
+void fwd_block(const FwdBlock&, float*) {}
+
+#endif
+
+}  // namespace attn512
+}  // namespace seqfast
+
+#ifdef SEQFAST_HAVE_AVX512_ATTN
+#pragma GCC pop_options
+#endif

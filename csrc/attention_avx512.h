@@ -1,0 +1,47 @@
+// float32 flash-attention forward block for x86-64 CPUs with AVX-512 (seqfast._C internal; attention_avx512.cpp).
+//
+// One task = one query block (up to kBq = 64 rows) of one (batch, head). The score block is computed transposed,
+// S^T [keys x queries] = K_blk Q_blk^T, so that:
+//   * K is read in place as the GEMM's broadcast operand (rows of K are k-contiguous) and only the small Q block is
+//     packed (transposed) once per task, instead of packing every K block transposed;
+//   * the online softmax runs down the columns: the running max and sum of 64 queries live in 4 zmm registers and
+//     every reduction over keys is a vertical max/add (no horizontal reductions);
+//   * P V takes P^T in place as a transposed A operand of the own GEMM (sgemm.h), and V packed once per head
+//     (every query block of the head reads it).
+// Causal key blocks past the diagonal are never visited. Callers check sgemm::available() first.
+#pragma once
+
+#include <cstdint>
+
+namespace seqfast {
+namespace attn512 {
+
+constexpr int64_t kBq = 64;   // query rows per task
+constexpr int64_t kBk = 256;  // keys per score block
+
+struct FwdBlock {
+  int64_t mq = 0;                 // query rows in this block (<= kBq)
+  const float* q = nullptr;       // row r at q + r * sq (D floats)
+  int64_t sq = 0, D = 0;
+  const float* k = nullptr;       // key j at k + j * sk
+  int64_t sk = 0;
+  const float* vp = nullptr;      // all values of the head packed once: sgemm::pack_b(Lk, Dv, V, sv, 1)
+  int64_t Lk = 0, Dv = 0;
+  int64_t kv_end = 0;             // keys [0, kv_end) are visited
+  const float* bias = nullptr;    // additive mask of row r, key j at bias + r * bsi + j * bsj, or nullptr
+  int64_t bsi = 0, bsj = 0;
+  bool causal = false;
+  int64_t i0 = 0;                 // query index of row 0 (causal: row r sees keys j <= i0 + r)
+  float scale = 1.f;
+  float* out = nullptr;           // row r at out + r * so (Dv floats)
+  int64_t so = 0;
+  float* lse = nullptr;           // mq floats; +inf for a fully masked row (whose output is 0)
+};
+
+// Floats of scratch a task needs (64-byte aligned, caller-owned, reusable across tasks).
+int64_t fwd_workspace(int64_t D, int64_t Dv);
+
+void fwd_block(const FwdBlock& a, float* ws);
+
+}  // namespace attn512
+}  // namespace seqfast

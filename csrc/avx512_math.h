@@ -1,0 +1,43 @@
+// float32 exp / sigmoid / tanh on zmm registers, shared by the AVX-512 translation units (lstm_step.cpp,
+// attention_avx512.cpp). Include only after `#pragma GCC target("avx512f,...")` and <immintrin.h>.
+#pragma once
+
+namespace seqfast {
+namespace avx512 {
+
+// exp(x): x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial for e^r (Cephes expf, ~1 ulp), scaled by 2^n with
+// scalef, so large x gives +inf as expf does. x < -87.5 (results below the normal range, and -inf) gives exactly 0,
+// which the softmax and the gates rely on for masked / saturated entries.
+inline __m512 exp_ps(__m512 x) {
+  const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.5f), _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.5f)), _mm512_set1_ps(100.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_mask_mov_ps(_mm512_scalef_ps(p, n), under, _mm512_setzero_ps());
+}
+
+inline __m512 sigmoid_ps(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+// tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|): no cancellation for large |x|, ~1e-7 absolute near 0.
+inline __m512 tanh_ps(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 sign = _mm512_and_ps(x, _mm512_set1_ps(-0.f));
+  const __m512 a = _mm512_andnot_ps(_mm512_set1_ps(-0.f), x);
+  const __m512 e = exp_ps(_mm512_mul_ps(a, _mm512_set1_ps(-2.f)));
+  return _mm512_or_ps(_mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e)), sign);
+}
+
+}  // namespace avx512
+}  // namespace seqfast
