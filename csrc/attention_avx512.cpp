@@ -71,6 +71,10 @@ void fwd_block(const FwdBlock& a, float* ws) {
           const float* b = a.bias + key * a.bsj + int64_t(16 * v) * a.bsi;
           if (a.bsi == 0) {
             x = _mm512_add_ps(x, _mm512_set1_ps(b[0]));
+          } else if (a.bsi > (int64_t(1) << 26) || a.bsi < 0) {  // gather offsets would overflow int32
+            alignas(64) float tmp[16] = {};
+            for (int64_t i = 0; i < 16 && 16 * v + i < mq; ++i) tmp[i] = b[i * a.bsi];
+            x = _mm512_add_ps(x, _mm512_load_ps(tmp));
           } else {
             const __mmask16 live = mq - 16 * v >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (mq - 16 * v)) - 1u);
             const __m512i idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int(a.bsi)));

@@ -170,3 +170,18 @@ def test_rnn_no_grad_matches_torch_cpp(kind, option):
     for i, (a, b) in enumerate(zip(out, out_ref)):
         assert a.shape == b.shape
         check_close(a, b, torch.float32, f"output {i}")
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_nan_propagates_like_torch_cpp(kind):
+    """A NaN in one batch row's input poisons that row's later outputs and nothing else, as in torch (the fused C++
+    step's own exp/sigmoid/tanh must not clamp NaN into finite numbers)."""
+    opts = LARGE["padded_bidir"]
+    ref, ours = _build(kind, opts, torch.float32, "cpu")
+    ref = ref.float()
+    x, _ = _inputs(ref, opts, torch.float32, "cpu")
+    x[2, 4] = float("nan")
+    with torch.no_grad(), seqfast.use_backend("cpp"):
+        out, _ = ours(x)
+        out_ref, _ = ref(x)
+    assert torch.equal(torch.isnan(out), torch.isnan(out_ref))
