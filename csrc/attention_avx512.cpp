@@ -60,8 +60,8 @@ void fwd_block(const FwdBlock& a, float* ws) {
     sgemm::gemm(nk, mq, D, a.k + j0 * a.sk, a.sk, 1, qT, 0.f, ST, kBq);
     // scale, mask, block max per query (vertical over keys).
     const bool diag = a.causal && j0 + nk - 1 > a.i0;
-    __m512 mx[4];
-    for (int v = 0; v < 4; ++v) mx[v] = _mm512_set1_ps(ninf);
+    __m512 mx[kBq / 16];
+    for (int v = 0; v < kBq / 16; ++v) mx[v] = _mm512_set1_ps(ninf);
     for (int64_t j = 0; j < nk; ++j) {
       float* s = ST + j * kBq;
       const int64_t key = j0 + j;
@@ -92,7 +92,7 @@ void fwd_block(const FwdBlock& a, float* ws) {
       }
     }
     // online softmax update; a query whose scores are all -inf so far keeps m = -inf and contributes 0.
-    __m512 mu[4];
+    __m512 mu[kBq / 16];
     bool rescale = false;
     for (int v = 0; v < nv; ++v) {
       const __m512 mold = _mm512_load_ps(mrow + 16 * v);
@@ -104,8 +104,8 @@ void fwd_block(const FwdBlock& a, float* ws) {
       _mm512_store_ps(mrow + 16 * v, mnew);
       _mm512_store_ps(arow + 16 * v, alpha);
     }
-    __m512 sum[4];
-    for (int v = 0; v < 4; ++v) sum[v] = _mm512_setzero_ps();
+    __m512 sum[kBq / 16];
+    for (int v = 0; v < kBq / 16; ++v) sum[v] = _mm512_setzero_ps();
     for (int64_t j = 0; j < nk; ++j) {
       float* s = ST + j * kBq;
       for (int v = 0; v < nv; ++v) {

@@ -9,8 +9,10 @@ from seqfast import _ext
 _C = _ext.module()
 pytestmark = pytest.mark.skipif(_C is None, reason="seqfast._C not built")
 
-SHAPES = [(1, 1, 1), (7, 33, 5), (8, 32, 512), (13, 45, 1000), (64, 256, 513), (67, 31, 0), (0, 5, 3), (3, 0, 4),
-          (100, 70, 1100)]
+# M >= 256 takes the own kernel (shorter A operands run MKL): partial 8-row tiles, partial 32-column panels, several
+# 64-row and 512-deep blocks, K = 0; the small shapes check the fallback keeps the same contract.
+SHAPES = [(256, 1, 1), (263, 33, 5), (264, 32, 512), (300, 45, 1000), (257, 256, 513), (270, 31, 0), (0, 5, 3),
+          (300, 0, 4), (1, 1, 1), (13, 45, 1000)]
 
 
 @pytest.mark.parametrize("M,N,K", SHAPES)
@@ -29,8 +31,8 @@ def test_mm_f32_parity(M, N, K, a_t, b_t, bias):
 
 def test_mm_f32_strided_rows():
     # row strides larger than the row (a slice of a wider matrix), as the RNN layers pass
-    big_a, big_b = torch.randn(20, 50), torch.randn(40, 90)
-    a, b = big_a[2:19, 5:40], big_b[3:38, 7:80]
+    big_a, big_b = torch.randn(300, 50), torch.randn(40, 90)
+    a, b = big_a[2:290, 5:40], big_b[3:38, 7:80]
     torch.testing.assert_close(_C.mm_f32(a, b, None), a @ b, rtol=1e-5, atol=1e-4)
 
 
