@@ -31,6 +31,83 @@ int64_t fwd_workspace(int64_t D, int64_t Dv) {
 
 #ifdef SEQFAST_HAVE_AVX512_ATTN
 
+namespace {
+
+// What the score epilogue needs for one key block.
+static_assert(kBq == 2 * sgemm::kNR, "score_tile covers exactly two packed 32-query panels");
+
+struct ScoreCtx {
+  const FwdBlock* a;
+  int64_t j0;   // first key of the block
+  int nv;       // live 16-query lane groups
+  bool diag;    // block crosses the causal diagonal
+};
+
+// Scale, additive mask and causal mask of 16 scores (queries 16v.. of this block, one key).
+inline __m512 finish(const ScoreCtx& c, __m512 x, int64_t key, int v) {
+  const FwdBlock& a = *c.a;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  x = _mm512_mul_ps(x, _mm512_set1_ps(a.scale));
+  if (a.bias) {
+    const float* b = a.bias + key * a.bsj + int64_t(16 * v) * a.bsi;
+    if (a.bsi == 0) {
+      x = _mm512_add_ps(x, _mm512_set1_ps(b[0]));
+    } else if (a.bsi > (int64_t(1) << 26) || a.bsi < 0) {  // gather offsets would overflow int32
+      alignas(64) float tmp[16] = {};
+      for (int64_t i = 0; i < 16 && 16 * v + i < a.mq; ++i) tmp[i] = b[i * a.bsi];
+      x = _mm512_add_ps(x, _mm512_load_ps(tmp));
+    } else {
+      const int64_t left = a.mq - 16 * v;
+      const __mmask16 live = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+      const __m512i idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int(a.bsi)));
+      x = _mm512_add_ps(x, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idx, b, 4));
+    }
+  }
+  if (c.diag) {  // query i0 + 16v + lane sees the key only if key <= query
+    const __m512i qi = _mm512_add_epi32(lane, _mm512_set1_epi32(int(a.i0 + 16 * v)));
+    const __mmask16 masked = _mm512_cmplt_epi32_mask(qi, _mm512_set1_epi32(int(key)));
+    x = _mm512_mask_mov_ps(x, masked, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+  }
+  return x;
+}
+
+// Scores of keys [j, j + MR) of the block against all kBq queries: a 6 x 64 register tile (24 accumulators) over
+// the head dim, K rows broadcast in place, Q^T from its two packed 32-query panels; the epilogue masks, stores S^T
+// rows and folds the block's running max per query, so the scores are written once and never re-read for it.
+template <int MR>
+inline void score_tile(const ScoreCtx& c, const float* qT, int64_t j, float* ST, __m512 (&mx)[kBq / 16]) {
+  const FwdBlock& a = *c.a;
+  const int64_t D = a.D;
+  __m512 acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
+  const float* kr[MR];
+  for (int r = 0; r < MR; ++r) kr[r] = a.k + (c.j0 + j + r) * a.sk;
+  const float* p0 = qT;
+  const float* p1 = qT + D * sgemm::kNR;
+  for (int64_t d = 0; d < D; ++d) {
+    const __m512 w0 = _mm512_load_ps(p0 + d * 32), w1 = _mm512_load_ps(p0 + d * 32 + 16),
+                 w2 = _mm512_load_ps(p1 + d * 32), w3 = _mm512_load_ps(p1 + d * 32 + 16);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 kv = _mm512_set1_ps(kr[r][d]);
+      acc[r][0] = _mm512_fmadd_ps(kv, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(kv, w1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(kv, w2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(kv, w3, acc[r][3]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    float* s = ST + (j + r) * kBq;
+    for (int v = 0; v < c.nv; ++v) {
+      const __m512 x = finish(c, acc[r][v], c.j0 + j + r, v);
+      _mm512_store_ps(s + 16 * v, x);
+      mx[v] = _mm512_max_ps(mx[v], x);
+    }
+  }
+}
+
+}  // namespace
+
 void fwd_block(const FwdBlock& a, float* ws) {
   using avx512::exp_ps;
   const int64_t mq = a.mq, D = a.D, Dv = a.Dv;
@@ -44,52 +121,28 @@ void fwd_block(const FwdBlock& a, float* ws) {
   const float ninf = -std::numeric_limits<float>::infinity();
 
   sgemm::pack_b(D, mq, a.q, 1, a.sq, qT);
+  if (mq <= sgemm::kNR) std::memset(qT + D * sgemm::kNR, 0, sizeof(float) * D * sgemm::kNR);  // unused 2nd panel
   for (int64_t r = 0; r < kBq; ++r) {
     mrow[r] = ninf;
     lrow[r] = 0.f;
   }
   std::memset(acc, 0, sizeof(float) * mq * Dv);
-  // The score GEMM writes only the mq live query columns; keep the rest of the lane groups finite (zeros).
-  if (mq % 16 != 0) std::memset(ST, 0, sizeof(float) * kBk * kBq);
-  const __m512 vscale = _mm512_set1_ps(a.scale);
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 
   for (int64_t j0 = 0; j0 < a.kv_end; j0 += kBk) {
     const int64_t nk = std::min(kBk, a.kv_end - j0);
-    // S^T = K_blk Q^T (keys x queries), row stride kBq.
-    sgemm::gemm(nk, mq, D, a.k + j0 * a.sk, a.sk, 1, qT, 0.f, ST, kBq);
-    // scale, mask, block max per query (vertical over keys).
-    const bool diag = a.causal && j0 + nk - 1 > a.i0;
+    // S^T = K_blk Q^T (keys x queries, row stride kBq), scaled and masked, with the block max per query.
+    const ScoreCtx sc{&a, j0, nv, a.causal && j0 + nk - 1 > a.i0};
     __m512 mx[kBq / 16];
     for (int v = 0; v < kBq / 16; ++v) mx[v] = _mm512_set1_ps(ninf);
-    for (int64_t j = 0; j < nk; ++j) {
-      float* s = ST + j * kBq;
-      const int64_t key = j0 + j;
-      for (int v = 0; v < nv; ++v) {
-        __m512 x = _mm512_mul_ps(_mm512_load_ps(s + 16 * v), vscale);
-        if (a.bias) {
-          const float* b = a.bias + key * a.bsj + int64_t(16 * v) * a.bsi;
-          if (a.bsi == 0) {
-            x = _mm512_add_ps(x, _mm512_set1_ps(b[0]));
-          } else if (a.bsi > (int64_t(1) << 26) || a.bsi < 0) {  // gather offsets would overflow int32
-            alignas(64) float tmp[16] = {};
-            for (int64_t i = 0; i < 16 && 16 * v + i < mq; ++i) tmp[i] = b[i * a.bsi];
-            x = _mm512_add_ps(x, _mm512_load_ps(tmp));
-          } else {
-            const __mmask16 live = mq - 16 * v >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (mq - 16 * v)) - 1u);
-            const __m512i idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int(a.bsi)));
-            x = _mm512_add_ps(x, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idx, b, 4));
-          }
-        }
-        if (diag) {
-          // query i0 + 16v + lane sees key j0 + j only if key <= query
-          const __m512i qi = _mm512_add_epi32(lane, _mm512_set1_epi32(int(a.i0 + 16 * v)));
-          const __mmask16 masked = _mm512_cmplt_epi32_mask(qi, _mm512_set1_epi32(int(key)));
-          x = _mm512_mask_mov_ps(x, masked, _mm512_set1_ps(ninf));
-        }
-        _mm512_store_ps(s + 16 * v, x);
-        mx[v] = _mm512_max_ps(mx[v], x);
-      }
+    int64_t j = 0;
+    for (; j + 6 <= nk; j += 6) score_tile<6>(sc, qT, j, ST, mx);
+    switch (nk - j) {
+      case 5: score_tile<5>(sc, qT, j, ST, mx); break;
+      case 4: score_tile<4>(sc, qT, j, ST, mx); break;
+      case 3: score_tile<3>(sc, qT, j, ST, mx); break;
+      case 2: score_tile<2>(sc, qT, j, ST, mx); break;
+      case 1: score_tile<1>(sc, qT, j, ST, mx); break;
+      default: break;
     }
     // online softmax update; a query whose scores are all -inf so far keeps m = -inf and contributes 0.
     __m512 mu[kBq / 16];
