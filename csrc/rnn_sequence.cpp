@@ -18,6 +18,7 @@
 #include "sgemm.h"
 #include "sgemm_ops.h"
 #include "lstm_step.h"
+#include "workspace_pool.h"
 
 #include <ATen/Dispatch.h>
 #include <array>
@@ -860,7 +861,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
   else if (has(b_ih)) bias = b_ih->to(fopt.dtype());
   else if (has(b_hh)) bias = b_hh->to(fopt.dtype());
   Tensor out = at::empty({x.size(0), H}, fopt);
-  Tensor cs = at::empty({x.size(0), H}, fopt);
+  Tensor cs = pooled_empty({x.size(0), H}, fopt);  // workspace: saved for backward, never a user-visible output
   if (bf) {
     Tensor gates = proj_bf16(x, w_ih, bias);  // [N,4H] fp32
     const LowP lp{at::empty({x.size(0), H}, x.options()), h0, w_hh};
@@ -878,7 +879,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
                            s.T > 0 && !fused_gemv<float>(s.bs[0]);
     if (in_region) {
       const Tensor xc = x.contiguous(), wc = w_ih.contiguous(), whc = w_hh.contiguous();
-      if (save) gates = at::empty({x.size(0), 4 * H}, fopt);
+      if (save) gates = pooled_empty({x.size(0), 4 * H}, fopt);
       lstm_fwd_fused_avx512(s, nt, xc, h0.contiguous(), c0.contiguous(), wc, whc, bias, gates, out, cs);
       if (!save) gates = at::empty({0, 4 * H}, fopt);
       return;
@@ -916,7 +917,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
     return to_bf16(lstm_layer_backward(f32(grad_out), f32(grad_hn), f32(grad_cn), f32(x), batch_sizes, f32(h0),
                                        f32(c0), f32(w_ih), f32(w_hh), f32(out), f32(gates), f32(cs), reverse));
   const Steps s(batch_sizes, reverse);
-  Tensor dgates = at::empty_like(gates);
+  Tensor dgates = pooled_empty(gates.sizes(), gates.options());
   Tensor dh = grad_hn.clone();
   Tensor dc = grad_cn.clone();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::lstm_layer_backward",
@@ -938,7 +939,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(const Tensor& x, const Tens
   const bool bf = x.scalar_type() == at::kBFloat16;
   const auto fopt = x.options().dtype(bf ? at::kFloat : x.scalar_type());
   Tensor out = at::empty({x.size(0), H}, fopt);
-  Tensor ws = at::empty({x.size(0), 4 * H}, fopt);
+  Tensor ws = pooled_empty({x.size(0), 4 * H}, fopt);
   if (bf) {
     Tensor gi = proj_bf16(x, w_ih, has(b_ih) ? b_ih->to(at::kFloat) : Tensor());
     Tensor bhh = has(b_hh) ? b_hh->to(at::kFloat) : Tensor();
@@ -966,8 +967,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
                                       f32(w_hh), f32(out), f32(ws), reverse));
   const Steps s(batch_sizes, reverse);
   const int64_t N = x.size(0), H = h0.size(1);
-  Tensor dgi = at::empty({N, 3 * H}, x.options());
-  Tensor dgh = at::empty({N, 3 * H}, x.options());
+  Tensor dgi = pooled_empty({N, 3 * H}, x.options());
+  Tensor dgh = pooled_empty({N, 3 * H}, x.options());
   Tensor dh = grad_hn.clone();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::gru_layer_backward",
                              [&] {
@@ -1010,7 +1011,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const Tens
     return to_bf16(rnn_layer_backward(f32(grad_out), f32(grad_hn), f32(x), batch_sizes, f32(h0), f32(w_ih),
                                       f32(w_hh), f32(out), relu, reverse));
   const Steps s(batch_sizes, reverse);
-  Tensor dpre = at::empty_like(out);
+  Tensor dpre = pooled_empty(out.sizes(), out.options());
   Tensor dh = grad_hn.clone();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::rnn_layer_backward",
                              [&] { rnn_bwd_loop<scalar_t>(s, grad_out, w_hh, out, relu, dpre, dh); });

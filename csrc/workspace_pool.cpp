@@ -1,0 +1,79 @@
+// Workspace pool; see workspace_pool.h.
+#include "workspace_pool.h"
+
+#include <cstdlib>
+#include <mutex>
+#include <vector>
+
+namespace seqfast {
+namespace {
+
+constexpr size_t kMinBytes = size_t(1) << 20;  // below this malloc does not mmap; nothing to gain
+constexpr int kSlots = 8;
+
+struct Pool {
+  std::mutex mu;
+  std::vector<std::pair<void*, size_t>> idle;  // (block, capacity in bytes)
+  size_t idle_bytes = 0;
+  const size_t cap = [] {
+    const char* e = std::getenv("SEQFAST_CPU_POOL_MB");
+    return size_t(e ? std::atoll(e) : 256) << 20;
+  }();
+
+  void* take(size_t bytes, size_t& got) {
+    {
+      std::lock_guard<std::mutex> g(mu);
+      int best = -1;
+      for (int i = 0; i < int(idle.size()); ++i)  // smallest idle block that fits within 1.25x
+        if (idle[i].second >= bytes && idle[i].second <= bytes + bytes / 4 &&
+            (best < 0 || idle[i].second < idle[best].second))
+          best = i;
+      if (best >= 0) {
+        void* p = idle[best].first;
+        got = idle[best].second;
+        idle_bytes -= got;
+        idle.erase(idle.begin() + best);
+        return p;
+      }
+    }
+    got = (bytes + 63) / 64 * 64;
+    return std::aligned_alloc(64, got);
+  }
+
+  void give(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> g(mu);
+    if (bytes > cap) {
+      std::free(p);
+      return;
+    }
+    idle.emplace_back(p, bytes);
+    idle_bytes += bytes;
+    // over budget: drop the oldest idle blocks
+    while (idle.size() > size_t(kSlots) || idle_bytes > cap) {
+      std::free(idle.front().first);
+      idle_bytes -= idle.front().second;
+      idle.erase(idle.begin());
+    }
+  }
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: blocks may be returned during interpreter shutdown
+  return *p;
+}
+
+}  // namespace
+
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  int64_t n = 1;
+  for (int64_t s : sizes) n *= s;
+  const size_t bytes = size_t(std::max<int64_t>(n, 0)) * options.dtype().itemsize();
+  if (!options.device().is_cpu() || bytes < kMinBytes || pool().cap == 0) return at::empty(sizes, options);
+  size_t got = 0;
+  void* p = pool().take(bytes, got);
+  TORCH_CHECK(p != nullptr, "seqfast: out of memory allocating a ", bytes, "-byte workspace");
+  return at::from_blob(
+      p, sizes, [got](void* q) { pool().give(q, got); }, options);
+}
+
+}  // namespace seqfast
