@@ -113,6 +113,21 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
     return output, torch.stack(h_out), (torch.stack(c_out) if lstm else None)
 
 
+def _broadcast(*shapes):
+    """torch.broadcast_shapes, without its ~30 us of Python when the shapes already agree (the common case)."""
+    first = shapes[0]
+    return first if all(s == first for s in shapes[1:]) else torch.broadcast_shapes(*shapes)
+
+
+def _as_4d(t, batch, heads):
+    """t [..., h, len, dim] broadcast to [*batch, heads, len, dim] and flattened to [N, heads, len, dim] (views
+    unless batch dims must merge); a 4-D tensor already of that shape is returned as is."""
+    shape = (*batch, heads, *t.shape[-2:])
+    if t.dim() == 4 and tuple(t.shape) == shape:
+        return t
+    return t.expand(shape).reshape(-1, heads, *t.shape[-2:])
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
     """torch.nn.functional.scaled_dot_product_attention, fused (same signature, semantics and errors).
@@ -151,11 +166,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             raise RuntimeError(f"scaled_dot_product_attention: with enable_gqa, the number of query heads ({hq}) "
                                f"must be a multiple of the number of key/value heads ({hk})")
     else:
-        hk = hq = torch.broadcast_shapes(q4.shape[-3:-2], k4.shape[-3:-2], v4.shape[-3:-2])[0]
-    batch = torch.broadcast_shapes(q4.shape[:-3], k4.shape[:-3], v4.shape[:-3])
-    q4 = q4.expand(*batch, hq, L, E).reshape(-1, hq, L, E)
-    k4 = k4.expand(*batch, hk, S, E).reshape(-1, hk, S, E)
-    v4 = v4.expand(*batch, hk, S, Ev).reshape(-1, hk, S, Ev)
+        hk = hq = _broadcast(q4.shape[-3:-2], k4.shape[-3:-2], v4.shape[-3:-2])[0]
+    batch = _broadcast(q4.shape[:-3], k4.shape[:-3], v4.shape[:-3])
+    q4, k4, v4 = (_as_4d(t, batch, h) for t, h in ((q4, hq), (k4, hk), (v4, hk)))
     # torch's output has the rank of the highest-rank input
     out_shape = (tuple(batch) + (hq, L, Ev))[-max(query.dim(), key.dim(), value.dim()):]
 
