@@ -7,6 +7,8 @@
 // second GEMM. Key blocks entirely above the causal diagonal are never visited (the speed win over torch).
 // bfloat16 runs the GEMMs on bf16 operands with fp32 accumulation (P / dS are rounded to bf16 as flash-attn does);
 // softmax state is fp32. float64 is exact-ish and is what the gradient tests use.
+// float32 forwards on CPUs with AVX-512 take attention_avx512.h instead (own GEMM, transposed score blocks); the
+// backward and the other dtypes run the BLAS path below.
 #include "attention.h"
 
 #include <ATen/Dispatch.h>

@@ -1,16 +1,20 @@
 // Whole-sequence RNN layers (one layer, one direction) for CPU, time loop in C++.
 // Input is time-major packed: x[N,I], step t = rows [off_t, off_t + bs_t), bs non-increasing. Forward:
 //   1. one GEMM for the input projection of all steps (bias folded in);
-//   2. per step: recurrent GEMM of the active rows (own GEMV for small batches, MKL otherwise) + fused pointwise.
+//   2. per step: recurrent GEMM of the active rows (own GEMV for small batches, a GEMM otherwise) + fused pointwise.
 //   For float32/float64 LSTM/GRU with a first step above the GEMV batch range, steps 2 (and the backward's per-step
 //   work) run inside ONE OpenMP region per sequence, each thread owning a hidden-unit slice (see "Fused time loop";
 //   env knobs for A/B timing: SEQFAST_CPU_NO_FUSED, SEQFAST_CPU_NO_PACK).
+//   On CPUs with AVX-512 (SEQFAST_CPU_NO_OWN_GEMM unset), float32 GEMMs run the own kernel of sgemm.h instead of the
+//   bundled MKL, and a batched float32 LSTM runs steps 1-2 as one fused kernel per step and thread (lstm_step.h:
+//   input and recurrent gate GEMMs plus the cell update in registers; no [N, 4H] pre-activation buffer).
 // There is no separate state buffer: a row's previous h (and c) is read straight from the previous step's output
 // rows, or from h0 when the row was not active at the previous processed step (only possible with reverse=True,
 // where a row starts at its own last step). hn/cn are gathered from each row's last processed step at the end.
 // Backward walks the processing order backwards, keeping a running dh (and dc) [B,H]: per step a fused pointwise
 // pass writes the gate grads of all steps into one [N,*] buffer, and one GEMM propagates dh to the previous step;
 // dx, dW_ih, dW_hh and the bias grads are single big GEMMs/reductions over all steps at the end.
+// Workspaces saved for the backward and gate-gradient buffers come from workspace_pool.h (reused across steps).
 // Dtypes: float32/float64 throughout; bfloat16 forward = bf16 GEMMs + float32 loop (see LowP), float32 workspaces;
 // bfloat16 backward = float32 backward on upcast inputs.
 #include "rnn.h"

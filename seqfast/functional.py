@@ -110,7 +110,8 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
         if dropout and training and layer < num_layers - 1:
             x = torch.nn.functional.dropout(x, dropout, True)
     output = x.view(T, B, x.shape[1]) if padded else x
-    return output, torch.stack(h_out), (torch.stack(c_out) if lstm else None)
+    stack = (lambda ts: ts[0].unsqueeze(0)) if len(h_out) == 1 else torch.stack  # noqa: E731 (one layer: a view)
+    return output, stack(h_out), (stack(c_out) if lstm else None)
 
 
 def _broadcast(*shapes):

@@ -38,7 +38,8 @@ class _SeqfastRNNMixin:
         return hx if is_batched else hx.unsqueeze(1)
 
     def forward(self, input, hx=None):
-        self._update_flat_weights()
+        # (no self._update_flat_weights(): torch keeps _flat_weights for its cuDNN/oneDNN calls; the weights are read
+        # by name in _layer_weights, which is all seqfast uses, and the check costs ~10 us per call)
         packed = isinstance(input, PackedSequence)
         name = type(self).__name__
         if packed:
