@@ -176,6 +176,12 @@ inline void to_operand(const acc_t* src, scalar_t* dst, int64_t ld, int64_t mq, 
     for (int64_t c = 0; c < nk; ++c) dst[r * ld + c] = static_cast<scalar_t>(src[r * ld + c]);
 }
 
+// Query block of the idx-th task of a head. Causal: interleave cheap (early) and expensive (late) query blocks so
+// that at::parallel_for's contiguous chunks carry equal work even when N*Hq is small.
+inline int64_t query_block_order(int64_t idx, int64_t nqb, bool causal) {
+  return causal ? ((idx % 2 == 0) ? idx / 2 : nqb - 1 - idx / 2) : idx;
+}
+
 template <typename scalar_t>
 void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* bias, bool causal,
                 double scale_d, at::Tensor& out, at::Tensor& lse) {
@@ -210,9 +216,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
     std::vector<scalar_t> P(kSame ? 0 : Bq * Bk);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t nh = t / nqb, idx = t % nqb;
-      // Causal: interleave cheap (early) and expensive (late) query blocks so that at::parallel_for's contiguous
-      // chunks carry equal work even when N*Hq is small.
-      const int64_t qb = causal ? ((idx % 2 == 0) ? idx / 2 : nqb - 1 - idx / 2) : idx;
+      const int64_t qb = query_block_order(idx, nqb, causal);
       const int64_t n = nh / Hq, h = nh % Hq, hk = h / G;
       const int64_t i0 = qb * Bq, mq = std::min(Bq, Lq - i0);
       const int64_t kv_end = causal ? std::min(Lk, i0 + mq) : Lk;
@@ -532,7 +536,7 @@ void fwd_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
     TORCH_CHECK(ws != nullptr, "seqfast sdpa: out of memory for the attention workspace");
     for (int64_t t = begin; t < end; ++t) {
       const int64_t nh = t / nqb, idx = t % nqb;
-      const int64_t qb = causal ? ((idx % 2 == 0) ? idx / 2 : nqb - 1 - idx / 2) : idx;
+      const int64_t qb = query_block_order(idx, nqb, causal);
       const int64_t n = nh / Hq, h = nh % Hq, hk = h / G;
       attn512::FwdBlock a;
       a.i0 = qb * Bq;

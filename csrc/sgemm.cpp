@@ -8,6 +8,8 @@
 // AVX-512 instantiation of a shared inline function can leak into default-ISA code; callers check available().
 #include "sgemm.h"
 
+#include "block_pool.h"
+
 #include <algorithm>
 #include <cstring>
 #include <omp.h>
@@ -251,53 +253,14 @@ void gemm_parallel(int nt, int64_t M, int64_t N, int64_t K, const float* a, int6
   }
 }
 
-namespace {
-struct ScratchCache {
-  static constexpr int kSlots = 8;
-  static constexpr int64_t kMaxBytes = int64_t(16) << 20;  // per buffer; at most 8 x 16 MB held per thread
-  float* ptr[kSlots] = {};
-  int64_t cap[kSlots] = {};
-  ~ScratchCache() {
-    for (int i = 0; i < kSlots; ++i) std::free(ptr[i]);
-  }
-};
-thread_local ScratchCache tl_scratch;
-}  // namespace
-
 float* scratch_alloc(int64_t floats) {
-  floats = std::max<int64_t>(floats, 16);
-  ScratchCache& sc = tl_scratch;
-  int best = -1;
-  for (int i = 0; i < ScratchCache::kSlots; ++i)  // smallest cached buffer that fits, within 2x
-    if (sc.ptr[i] && sc.cap[i] >= floats && sc.cap[i] <= 2 * floats && (best < 0 || sc.cap[i] < sc.cap[best])) best = i;
-  if (best >= 0) {
-    float* p = sc.ptr[best];
-    sc.ptr[best] = nullptr;
-    return p;
-  }
-  const size_t bytes = (size_t(floats) * sizeof(float) + 63) / 64 * 64;
-  return static_cast<float*>(std::aligned_alloc(64, bytes));
+  size_t got = 0;
+  return static_cast<float*>(block_pool::take(size_t(std::max<int64_t>(floats, 16)) * sizeof(float), got));
 }
 
 void scratch_free(float* p, int64_t floats) {
-  if (!p) return;
-  floats = std::max<int64_t>(floats, 16);
-  ScratchCache& sc = tl_scratch;
-  if (floats * int64_t(sizeof(float)) <= ScratchCache::kMaxBytes) {
-    int slot = -1;
-    for (int i = 0; i < ScratchCache::kSlots && slot < 0; ++i)
-      if (!sc.ptr[i]) slot = i;
-    if (slot < 0) {  // full: evict the smallest
-      slot = 0;
-      for (int i = 1; i < ScratchCache::kSlots; ++i)
-        if (sc.cap[i] < sc.cap[slot]) slot = i;
-      std::free(sc.ptr[slot]);
-    }
-    sc.ptr[slot] = p;
-    sc.cap[slot] = floats;
-    return;
-  }
-  std::free(p);
+  // the requested size, not the capacity: the pool may under-count a block, never over-count it
+  if (p) block_pool::give(p, size_t(std::max<int64_t>(floats, 16)) * sizeof(float));
 }
 
 void pack_b_parallel(int nt, int64_t K, int64_t N, const float* src, int64_t sk, int64_t sj, float* dst) {

@@ -45,8 +45,8 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t a
 void gemm_parallel(int nt, int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t ak, const float* bp,
                    float beta, float* c, int64_t ldc, const float* bias = nullptr);
 
-// 64-byte aligned scratch for packed operands. Freed buffers go to a small per-thread cache (a few, bounded in
-// bytes) so that a layer called every training step does not page-fault fresh megabytes of packing each time.
+// 64-byte aligned scratch for packed operands, from the kernels' block pool (block_pool.h), so that a layer called
+// every step does not page-fault fresh megabytes of packing each time.
 float* scratch_alloc(int64_t floats);
 void scratch_free(float* p, int64_t floats);
 

@@ -1,6 +1,8 @@
 // Workspace pool; see workspace_pool.h.
 #include "workspace_pool.h"
 
+#include "block_pool.h"
+
 #include <cstdlib>
 #include <mutex>
 #include <vector>
@@ -8,8 +10,8 @@
 namespace seqfast {
 namespace {
 
-constexpr size_t kMinBytes = size_t(1) << 20;  // below this malloc does not mmap; nothing to gain
-constexpr int kSlots = 8;
+constexpr size_t kMinBytes = size_t(1) << 20;  // tensors below this: malloc does not mmap them; nothing to gain
+constexpr int kSlots = 16;
 
 struct Pool {
   std::mutex mu;
@@ -64,16 +66,21 @@ Pool& pool() {
 
 }  // namespace
 
+namespace block_pool {
+void* take(size_t bytes, size_t& got) { return pool().take(bytes, got); }
+void give(void* p, size_t got) { pool().give(p, got); }
+}  // namespace block_pool
+
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   int64_t n = 1;
   for (int64_t s : sizes) n *= s;
   const size_t bytes = size_t(std::max<int64_t>(n, 0)) * options.dtype().itemsize();
   if (!options.device().is_cpu() || bytes < kMinBytes || pool().cap == 0) return at::empty(sizes, options);
   size_t got = 0;
-  void* p = pool().take(bytes, got);
+  void* p = block_pool::take(bytes, got);
   TORCH_CHECK(p != nullptr, "seqfast: out of memory allocating a ", bytes, "-byte workspace");
   return at::from_blob(
-      p, sizes, [got](void* q) { pool().give(q, got); }, options);
+      p, sizes, [got](void* q) { block_pool::give(q, got); }, options);
 }
 
 }  // namespace seqfast

@@ -4,7 +4,8 @@
 // gate gradients). glibc serves such blocks with mmap and unmaps them on free, so every step page-faults them in
 // afresh: measured on the dev box, LSTM T64 B64 H512 forward with workspaces 116 ms vs 91 ms without. These tensors
 // come from a small pool instead: a freed block goes back to the pool and the next request of a similar size takes
-// it. Bounded: at most kSlots idle blocks and SEQFAST_CPU_POOL_MB (default 256) MB idle in total; 0 disables it.
+// it. Bounded: at most 16 idle blocks and SEQFAST_CPU_POOL_MB (default 256) MB idle in total; 0 disables it. The
+// same pool (block_pool.h) holds the kernels' packed-weight and attention scratch.
 // Only kernel-internal workspaces use it (tensors saved for backward, temporaries), never tensors handed to users
 // as outputs or gradients (pooled storage cannot be resized).
 #pragma once
