@@ -1,5 +1,5 @@
-// float32 exp / sigmoid / tanh on zmm registers, shared by the AVX-512 translation units (lstm_step.cpp,
-// attention_avx512.cpp). Include only after `#pragma GCC target("avx512f,...")` and <immintrin.h>.
+// float32 exp / sigmoid / tanh and a 16 x 16 transpose on zmm registers, shared by the AVX-512 translation units (lstm_step.cpp,
+// attention_avx512.cpp, sgemm.cpp). Include only after `#pragma GCC target("avx512f,...")` and <immintrin.h>.
 #pragma once
 
 namespace seqfast {
@@ -38,6 +38,25 @@ inline __m512 tanh_ps(__m512 x) {
   const __m512 a = _mm512_andnot_ps(_mm512_set1_ps(-0.f), x);
   const __m512 e = exp_ps(_mm512_mul_ps(a, _mm512_set1_ps(-2.f)));
   return _mm512_or_ps(_mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e)), sign);
+}
+
+// In-register transpose of a 16 x 16 float block: four rounds swap the off-diagonal b x b sub-blocks of row pairs
+// (i, i + b) for b = 8, 4, 2, 1.
+inline void transpose16(__m512 (&r)[16]) {
+  for (int b = 8; b >= 1; b /= 2) {
+    alignas(64) int lo[16], hi[16];
+    for (int j = 0; j < 16; ++j) {
+      lo[j] = (j & b) ? 16 + j - b : j;   // row i keeps its left part, takes row i+b's left part on the right
+      hi[j] = (j & b) ? 16 + j : j + b;   // row i+b takes row i's right part on the left, keeps its right part
+    }
+    const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi);
+    for (int i = 0; i < 16; ++i) {
+      if (i & b) continue;
+      const __m512 a = r[i], c = r[i + b];
+      r[i] = _mm512_permutex2var_ps(a, ilo, c);
+      r[i + b] = _mm512_permutex2var_ps(a, ihi, c);
+    }
+  }
 }
 
 }  // namespace avx512

@@ -85,18 +85,21 @@ void tile(const StepArgs& a, int64_t r0, int64_t blk) {
 }  // namespace
 
 void pack_weights(const float* w, int64_t ldw, int64_t K, int64_t H, int64_t u0, int64_t u1, float* dst) {
+  // Per block and gate: 16 unit rows x 16 k read k-contiguous, transposed in registers, stored as 16 k rows of the
+  // block's [i16 f16 g16 o16] layout (units past u1 are zero).
   const int64_t nb = (u1 - u0 + kUnits - 1) / kUnits;
   for (int64_t b = 0; b < nb; ++b) {
     float* d = dst + b * K * 64;
+    const int64_t ub = u0 + b * kUnits, nu = std::min<int64_t>(kUnits, u1 - ub);
     for (int64_t q = 0; q < 4; ++q)
-      for (int64_t j = 0; j < kUnits; ++j) {
-        const int64_t u = u0 + b * kUnits + j;
-        if (u < u1) {
-          const float* src = w + (q * H + u) * ldw;
-          for (int64_t k = 0; k < K; ++k) d[k * 64 + q * 16 + j] = src[k];
-        } else {
-          for (int64_t k = 0; k < K; ++k) d[k * 64 + q * 16 + j] = 0.f;
-        }
+      for (int64_t k0 = 0; k0 < K; k0 += 16) {
+        const int64_t nk = std::min<int64_t>(16, K - k0);
+        const __mmask16 km = nk >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nk) - 1u);
+        __m512 r[16];
+        for (int64_t j = 0; j < 16; ++j)
+          r[j] = j < nu ? _mm512_maskz_loadu_ps(km, w + (q * H + ub + j) * ldw + k0) : _mm512_setzero_ps();
+        avx512::transpose16(r);
+        for (int64_t kk = 0; kk < nk; ++kk) _mm512_store_ps(d + (k0 + kk) * 64 + q * 16, r[kk]);
       }
   }
 }

@@ -19,6 +19,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
 #include <immintrin.h>
+
+#include "avx512_math.h"
 #endif
 
 namespace seqfast {
@@ -88,25 +90,6 @@ inline void panel_rows(int64_t m, int64_t kc, const float* a, int64_t ar, int64_
   }
 }
 
-// In-register transpose of a 16 x 16 float block: four rounds swap the off-diagonal b x b sub-blocks of row pairs
-// (i, i + b) for b = 8, 4, 2, 1.
-inline void transpose16(__m512 (&r)[16]) {
-  for (int b = 8; b >= 1; b /= 2) {
-    alignas(64) int lo[16], hi[16];
-    for (int j = 0; j < 16; ++j) {
-      lo[j] = (j & b) ? 16 + j - b : j;   // row i keeps its left part, takes row i+b's left part on the right
-      hi[j] = (j & b) ? 16 + j : j + b;   // row i+b takes row i's right part on the left, keeps its right part
-    }
-    const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi);
-    for (int i = 0; i < 16; ++i) {
-      if (i & b) continue;
-      const __m512 a = r[i], c = r[i + b];
-      r[i] = _mm512_permutex2var_ps(a, ilo, c);
-      r[i + b] = _mm512_permutex2var_ps(a, ihi, c);
-    }
-  }
-}
-
 inline __mmask16 mask_of(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? 0 : __mmask16((1u << n) - 1u); }
 
 // C = beta C (+ bias) when K == 0.
@@ -154,7 +137,7 @@ void pack_b(int64_t K, int64_t N, const float* src, int64_t sk, int64_t sj, floa
           for (int64_t jj = 0; jj < 16; ++jj)
             r[jj] = jj < jn ? _mm512_maskz_loadu_ps(mask_of(nk), src + (j0 + 16 * h + jj) * sj + k0)
                             : _mm512_setzero_ps();
-          transpose16(r);
+          avx512::transpose16(r);
           for (int64_t kk = 0; kk < nk; ++kk) _mm512_store_ps(d + (k0 + kk) * kNR + 16 * h, r[kk]);
         }
       }
