@@ -142,6 +142,17 @@ struct BiasView {
   int64_t sn = 0, sh = 0, si = 0, sj = 0;
 };
 
+// Pointer and strides of an optional [N, H, Lq, Lk] additive mask (any strides, 0-strides from expand() too).
+template <typename T>
+BiasView<T> bias_view(const at::Tensor* bias) {
+  BiasView<T> bv;
+  if (bias != nullptr) {
+    bv.ptr = bias->const_data_ptr<T>();
+    bv.sn = bias->stride(0), bv.sh = bias->stride(1), bv.si = bias->stride(2), bv.sj = bias->stride(3);
+  }
+  return bv;
+}
+
 // S[r, c] += bias[i0 + r, j0 + c] (bias already offset to (n, h)); then causal mask j > i -> -inf.
 template <typename scalar_t, typename acc_t>
 inline void mask_block(acc_t* S, int64_t ldS, int64_t mq, int64_t nk, int64_t i0, int64_t j0, const scalar_t* bias,
@@ -201,11 +212,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   const int64_t sqn = q.stride(0), sqh = q.stride(1), sql = q.stride(2);
   const int64_t skn = k.stride(0), skh = k.stride(1), skl = k.stride(2);
   const int64_t svn = v.stride(0), svh = v.stride(1), svl = v.stride(2);
-  BiasView<scalar_t> bv;
-  if (bias != nullptr) {
-    bv.ptr = bias->const_data_ptr<scalar_t>();
-    bv.sn = bias->stride(0), bv.sh = bias->stride(1), bv.si = bias->stride(2), bv.sj = bias->stride(3);
-  }
+  const BiasView<scalar_t> bv = bias_view<scalar_t>(bias);
   scalar_t* op = out.data_ptr<scalar_t>();
   acc_t* lp = lse.data_ptr<acc_t>();
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
@@ -291,11 +298,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t sqn = q.stride(0), sqh = q.stride(1);
   const int64_t skn = k.stride(0), skh = k.stride(1), skl = k.stride(2);
   const int64_t svn = v.stride(0), svh = v.stride(1), svl = v.stride(2);
-  BiasView<T> bv;
-  if (bias != nullptr) {
-    bv.ptr = bias->const_data_ptr<T>();
-    bv.sn = bias->stride(0), bv.sh = bias->stride(1), bv.sj = bias->stride(3);
-  }
+  const BiasView<T> bv = bias_view<T>(bias);
   T* op = out.data_ptr<T>();
   T* lp = lse.data_ptr<T>();
   const T ninf = -std::numeric_limits<T>::infinity();
@@ -384,11 +387,7 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
   const int64_t svn = v.stride(0), svh = v.stride(1), svl = v.stride(2);
   const int64_t sgn = go.stride(0), sgh = go.stride(1), sgl = go.stride(2);
   const int64_t son = o.stride(0), soh = o.stride(1), sol = o.stride(2);
-  BiasView<scalar_t> bv;
-  if (bias != nullptr) {
-    bv.ptr = bias->const_data_ptr<scalar_t>();
-    bv.sn = bias->stride(0), bv.sh = bias->stride(1), bv.si = bias->stride(2), bv.sj = bias->stride(3);
-  }
+  const BiasView<scalar_t> bv = bias_view<scalar_t>(bias);
   scalar_t* dqp = dq.data_ptr<scalar_t>();
   scalar_t* dkp = dk.data_ptr<scalar_t>();
   scalar_t* dvp = dv.data_ptr<scalar_t>();
@@ -515,11 +514,7 @@ void fwd_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   const float* qp = q.const_data_ptr<float>();
   const float* kp = k.const_data_ptr<float>();
   const float* vp = v.const_data_ptr<float>();
-  BiasView<float> bv;
-  if (bias != nullptr) {
-    bv.ptr = bias->const_data_ptr<float>();
-    bv.sn = bias->stride(0), bv.sh = bias->stride(1), bv.si = bias->stride(2), bv.sj = bias->stride(3);
-  }
+  const BiasView<float> bv = bias_view<float>(bias);
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   // V of every kv head packed once for the P V GEMMs of all its query blocks.

@@ -211,6 +211,13 @@ void gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float
 
 #endif
 
+// Thread tid's share of np panels of an N-column B: first panel p0, columns [j0, j1) (may be empty).
+inline void panel_share(int64_t np, int64_t N, int tid, int nth, int64_t& p0, int64_t& j0, int64_t& j1) {
+  p0 = np * tid / nth;
+  j0 = p0 * kNR;
+  j1 = std::min(N, np * (tid + 1) / nth * kNR);
+}
+
 void gemm_parallel(int nt, int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t ak, const float* bp,
                    float beta, float* c, int64_t ldc, const float* bias) {
   const int64_t np = (N + kNR - 1) / kNR;
@@ -228,8 +235,8 @@ void gemm_parallel(int nt, int64_t M, int64_t N, int64_t K, const float* a, int6
       const int64_t r0 = std::min(M, nblk * tid / nth * kAlign), r1 = std::min(M, nblk * (tid + 1) / nth * kAlign);
       if (r1 > r0) gemm(r1 - r0, N, K, a + r0 * ar, ar, ak, bp, beta, c + r0 * ldc, ldc, bias);
     } else {
-      const int64_t p0 = np * tid / nth, p1 = np * (tid + 1) / nth;
-      const int64_t j0 = p0 * kNR, j1 = std::min(N, p1 * kNR);
+      int64_t p0, j0, j1;
+      panel_share(np, N, tid, nth, p0, j0, j1);
       if (j1 > j0)
         gemm(M, j1 - j0, K, a, ar, ak, bp + p0 * K * kNR, beta, c + j0, ldc, bias ? bias + j0 : nullptr);
     }
@@ -252,9 +259,8 @@ void pack_b_parallel(int nt, int64_t K, int64_t N, const float* src, int64_t sk,
   if (nt <= 1 || omp_in_parallel() || K * N < (int64_t(1) << 16)) return pack_b(K, N, src, sk, sj, dst);
 #pragma omp parallel num_threads(nt)
   {
-    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    const int64_t p0 = np * tid / nth, p1 = np * (tid + 1) / nth;
-    const int64_t j0 = p0 * kNR, j1 = std::min(N, p1 * kNR);
+    int64_t p0, j0, j1;
+    panel_share(np, N, omp_get_thread_num(), omp_get_num_threads(), p0, j0, j1);
     if (j1 > j0) pack_b(K, j1 - j0, src + j0 * sj, sk, sj, dst + p0 * K * kNR);
   }
 }
