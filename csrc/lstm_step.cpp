@@ -28,7 +28,25 @@ using avx512::tanh_ps;
 template <int MR>
 inline __attribute__((always_inline)) void accumulate(__m512 (&acc)[MR][4], const float* const (&rows)[MR], int64_t K,
                                                       const float* w) {
-  for (int64_t k = 0; k < K; ++k) {
+  int64_t k = 0;
+  if constexpr (MR <= 2) {
+    // 1-2 rows have only 4-8 accumulators, too few to cover the FMA latency: odd k go to a second set.
+    __m512 acc2[MR][4];
+    for (int r = 0; r < MR; ++r)
+      for (int q = 0; q < 4; ++q) acc2[r][q] = _mm512_setzero_ps();
+    for (; k + 2 <= K; k += 2, w += 128) {
+      for (int r = 0; r < MR; ++r) {
+        const __m512 v0 = _mm512_set1_ps(rows[r][k]), v1 = _mm512_set1_ps(rows[r][k + 1]);
+        for (int q = 0; q < 4; ++q) {
+          acc[r][q] = _mm512_fmadd_ps(v0, _mm512_load_ps(w + 16 * q), acc[r][q]);
+          acc2[r][q] = _mm512_fmadd_ps(v1, _mm512_load_ps(w + 64 + 16 * q), acc2[r][q]);
+        }
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_add_ps(acc[r][q], acc2[r][q]);
+  }
+  for (; k < K; ++k) {
     const __m512 w0 = _mm512_load_ps(w), w1 = _mm512_load_ps(w + 16), w2 = _mm512_load_ps(w + 32),
                  w3 = _mm512_load_ps(w + 48);
     w += 64;
@@ -50,7 +68,8 @@ void tile(const StepArgs& a, int64_t r0, int64_t blk) {
   __m512 acc[MR][4];
   for (int q = 0; q < 4; ++q) {
     const __m512 b = a.bias ? _mm512_load_ps(a.bias + blk * 64 + 16 * q) : _mm512_setzero_ps();
-    for (int r = 0; r < MR; ++r) acc[r][q] = b;
+    for (int r = 0; r < MR; ++r)
+      acc[r][q] = a.pre ? _mm512_add_ps(b, _mm512_maskz_loadu_ps(m, a.pre + (r0 + r) * a.ldpre + q * a.H + u)) : b;
   }
   if (a.x) {
     const float* xr[MR];
@@ -80,6 +99,115 @@ void tile(const StepArgs& a, int64_t r0, int64_t blk) {
       _mm512_mask_storeu_ps(gr + 3 * H, m, o);
     }
   }
+}
+
+// Horizontal sums of 16 vectors into one: lane L = sum of a[L]'s lanes. Each round adds the two halves (256, 128,
+// 64, 32 bits) of pairs of vectors, so 15 adds and 30 shuffles replace 16 separate reductions; the last permute
+// undoes the lane order the rounds leave ([0 2 1 3 8 10 9 11 4 6 5 7 12 14 13 15]).
+inline __m512 reduce16(__m512 (&a)[16]) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(a[i], a[i + 8], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 4; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[i], b[i + 4], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[i], b[i + 4], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int i = 0; i < 2; ++i) {
+    const __m512d x = _mm512_castps_pd(c[i]), y = _mm512_castps_pd(c[i + 2]);
+    d[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+  return _mm512_permutexvar_ps(order, e);
+}
+
+// Lane b * U + j of a row-pair vector = row b, unit u + j (U = 16 / NB units per block, j < n valid).
+template <int NB>
+inline __m512 load_rows(const float* const* rows, int64_t off, int n) {
+  if constexpr (NB == 1) {
+    return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1u), rows[0] + off);
+  } else {
+    const __mmask8 m = __mmask8((1u << n) - 1u);
+    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_maskz_loadu_ps(m, rows[0] + off)),
+                              _mm256_maskz_loadu_ps(m, rows[1] + off), 1);
+  }
+}
+template <int NB>
+inline void store_rows(float* base, int64_t stride, int64_t off, int n, __m512 v) {
+  if constexpr (NB == 1) {
+    _mm512_mask_storeu_ps(base + off, __mmask16((1u << n) - 1u), v);
+  } else {
+    const __mmask8 m = __mmask8((1u << n) - 1u);
+    _mm256_mask_storeu_ps(base + off, m, _mm512_castps512_ps256(v));
+    _mm256_mask_storeu_ps(base + stride + off, m, _mm512_extractf32x8_ps(v, 1));
+  }
+}
+
+// One block of n <= 16 / NB units starting at unit u, NB rows.
+template <int NB>
+void small_block(const StepArgs& a, const float* w, int64_t u, int n) {
+  constexpr int U = 16 / NB;
+  const int64_t H = a.H;
+  const float* pre[NB];
+  for (int b = 0; b < NB; ++b) pre[b] = a.pre + b * a.ldpre;
+  __m512 gate[4];
+  for (int q = 0; q < 4; ++q) {
+    __m512 acc[16];
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+    const float* wq = w + (q * H + u) * H;
+    for (int64_t k = 0; k < H; k += 16) {
+      const __mmask16 km = H - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (H - k)) - 1u);
+      __m512 hv[NB];
+      for (int b = 0; b < NB; ++b) hv[b] = _mm512_maskz_loadu_ps(km, a.h[b] + k);
+      for (int j = 0; j < U; ++j) {
+        if (j >= n) break;
+        const __m512 wv = _mm512_maskz_loadu_ps(km, wq + j * H + k);
+        for (int b = 0; b < NB; ++b) acc[b * U + j] = _mm512_fmadd_ps(hv[b], wv, acc[b * U + j]);
+      }
+    }
+    gate[q] = _mm512_add_ps(reduce16(acc), load_rows<NB>(pre, q * H + u, n));
+  }
+  const __m512 i = sigmoid_ps(gate[0]), f = sigmoid_ps(gate[1]), g = tanh_ps(gate[2]), o = sigmoid_ps(gate[3]);
+  const __m512 c = _mm512_fmadd_ps(f, load_rows<NB>(a.cprev, u, n), _mm512_mul_ps(i, g));
+  const __m512 h = _mm512_mul_ps(o, tanh_ps(c));
+  store_rows<NB>(a.c, H, u, n, c);
+  store_rows<NB>(a.hout, H, u, n, h);
+  if (a.gates) {
+    float* gr = a.gates + u;
+    store_rows<NB>(gr, 4 * H, 0, n, i);
+    store_rows<NB>(gr, 4 * H, H, n, f);
+    store_rows<NB>(gr, 4 * H, 2 * H, n, g);
+    store_rows<NB>(gr, 4 * H, 3 * H, n, o);
+  }
+}
+
+// y[b][k : k + 16 NV] for gemv_t_small: NV x NB accumulators, W rows read sequentially.
+template <int NB>
+void gemv_t_cols(const float* const* x, const int64_t* j0, int nblocks, int64_t n, const float* w, int64_t ldw,
+                 int64_t k, int nk, float* const* y) {
+  constexpr int NV = 8;
+  __mmask16 m[NV];
+  for (int c = 0; c < NV; ++c) {
+    const int r = nk - 16 * c;
+    m[c] = r >= 16 ? __mmask16(0xFFFF) : (r <= 0 ? __mmask16(0) : __mmask16((1u << r) - 1u));
+  }
+  __m512 acc[NB][NV];
+  for (int b = 0; b < NB; ++b)
+    for (int c = 0; c < NV; ++c) acc[b][c] = _mm512_setzero_ps();
+  for (int i = 0; i < nblocks; ++i)
+    for (int64_t j = j0[i]; j < j0[i] + n; ++j) {
+      const float* wr = w + j * ldw + k;
+      __m512 wv[NV];
+      for (int c = 0; c < NV; ++c) wv[c] = _mm512_maskz_loadu_ps(m[c], wr + 16 * c);
+      for (int b = 0; b < NB; ++b) {
+        const __m512 v = _mm512_set1_ps(x[b][j]);
+        for (int c = 0; c < NV; ++c) acc[b][c] = _mm512_fmadd_ps(v, wv[c], acc[b][c]);
+      }
+    }
+  for (int b = 0; b < NB; ++b)
+    for (int c = 0; c < NV; ++c)
+      if (m[c]) _mm512_mask_storeu_ps(y[b] + k + 16 * c, m[c], acc[b][c]);
 }
 
 }  // namespace
@@ -130,11 +258,32 @@ void step(const StepArgs& a) {
   }
 }
 
+void step_small(const StepArgs& a, const float* w_hh) {
+  const int64_t U = a.rows == 1 ? 16 : 8;
+  for (int64_t u = a.u0; u < a.u1; u += U) {
+    const int n = (int)std::min<int64_t>(U, a.u1 - u);
+    if (a.rows == 1) small_block<1>(a, w_hh, u, n);
+    else small_block<2>(a, w_hh, u, n);
+  }
+}
+
+void gemv_t_small(int64_t rows, const float* const* x, const int64_t* j0, int nblocks, int64_t n, const float* w,
+                  int64_t ldw, int64_t N, float* const* y) {
+  for (int64_t k = 0; k < N; k += 128) {
+    const int nk = (int)std::min<int64_t>(128, N - k);
+    if (rows == 1) gemv_t_cols<1>(x, j0, nblocks, n, w, ldw, k, nk, y);
+    else gemv_t_cols<2>(x, j0, nblocks, n, w, ldw, k, nk, y);
+  }
+}
+
 #else
 
 void pack_weights(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*) {}
 void pack_bias(const float*, int64_t, int64_t, int64_t, float*) {}
 void step(const StepArgs&) {}
+void step_small(const StepArgs&, const float*) {}
+void gemv_t_small(int64_t, const float* const*, const int64_t*, int, int64_t, const float*, int64_t, int64_t,
+                  float* const*) {}
 
 #endif
 

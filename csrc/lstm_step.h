@@ -1,7 +1,8 @@
 // Fused float32 LSTM step for x86-64 CPUs with AVX-512 (seqfast._C internal; implementation in lstm_step.cpp).
 //
 // One step of one layer for a range of hidden units, entirely in registers: for a tile of 6 batch rows x 16 units
-// the 4 gate pre-activations (6 x 64 floats = 24 zmm accumulators) start at the bias, accumulate x_t W_ih^T and
+// the 4 gate pre-activations (6 x 64 floats = 24 zmm accumulators) start at the bias (or at precomputed input
+// pre-activations: the 1-2 row batches, where streaming W_ih every step costs more than one input GEMM), accumulate x_t W_ih^T and
 // h_{t-1} W_hh^T from weights packed gate-interleaved (per 16-unit block: [i16 f16 g16 o16] per k), and the cell
 // update runs on them before anything is stored: c and h are written, and the activated gates only when a backward
 // will need them. Compared with GEMM-then-pointwise this never writes or re-reads the [B, 4H] pre-activations and
@@ -35,6 +36,11 @@ struct StepArgs {
   const float* wh = nullptr;            // pack_weights(W_hh) for [u0, u1)
   int64_t H = 0;
   const float* bias = nullptr;          // pack_bias for [u0, u1)
+  // Precomputed input pre-activations (x_t W_ih^T + bias, torch gate layout: gate q of unit u at q * H + u; row r at
+  // pre + r * ldpre), added at the start instead of x / bias; nullptr: none. May alias `gates` (each tile reads its
+  // pre-activations before it writes the same positions), so the backward's workspace can be filled in place.
+  const float* pre = nullptr;
+  int64_t ldpre = 0;
   const float* const* cprev = nullptr;  // previous cell row pointers
   float* c = nullptr;            // this step's cell rows (row r at c + r * H)
   float* hout = nullptr;         // this step's hidden rows (row r at hout + r * H)
@@ -43,6 +49,20 @@ struct StepArgs {
 };
 
 void step(const StepArgs& a);
+
+// The same step for 1-2 rows (a.rows <= 2), with `pre` required and W_hh read in place: w_hh is the torch-layout
+// [4H, H] matrix (row stride H), nothing packed. At one or two rows a step is a single pass over W_hh, so packing it
+// (a transpose per call) would cost a good part of the whole sequence; instead each output's dot product runs along
+// W's contiguous rows and 16 partial-sum vectors are reduced into one with a shuffle tree (16 / rows units per block,
+// both rows in one vector for the cell update). a.wx, a.wh, a.bias and a.x are ignored.
+void step_small(const StepArgs& a, const float* w_hh);
+
+// The backward's recurrent product for 1-2 rows, W in place: y[b][0:N] = sum over j in the row blocks
+// [j0[i], j0[i] + n) of x[b][j] * w[j][0:N] (w row-major, row stride ldw). For the LSTM each thread passes its own
+// units' four gate-row blocks of W_hh (x = the step's gate grads): it reads only rows it owns, contiguously, and the
+// threads' partial sums are added afterwards.
+void gemv_t_small(int64_t rows, const float* const* x, const int64_t* j0, int nblocks, int64_t n, const float* w,
+                  int64_t ldw, int64_t N, float* const* y);
 
 }  // namespace lstm_step
 }  // namespace seqfast

@@ -7,7 +7,9 @@
 //   env knobs for A/B timing: SEQFAST_CPU_NO_FUSED, SEQFAST_CPU_NO_PACK).
 //   On CPUs with AVX-512 (SEQFAST_CPU_NO_OWN_GEMM unset), float32 GEMMs run the own kernel of sgemm.h instead of the
 //   bundled MKL, and a batched float32 LSTM runs steps 1-2 as one fused kernel per step and thread (lstm_step.h:
-//   input and recurrent gate GEMMs plus the cell update in registers; no [N, 4H] pre-activation buffer).
+//   input and recurrent gate GEMMs plus the cell update in registers; no [N, 4H] pre-activation buffer); at 1-2 rows
+//   the LSTM keeps the input GEMM and its step reads W_hh in place (forward and backward), synchronised per step by
+//   spin_barrier.h.
 // There is no separate state buffer: a row's previous h (and c) is read straight from the previous step's output
 // rows, or from h0 when the row was not active at the previous processed step (only possible with reverse=True,
 // where a row starts at its own last step). hn/cn are gathered from each row's last processed step at the end.
@@ -23,6 +25,7 @@
 #include "sgemm_ops.h"
 #include "lstm_step.h"
 #include "workspace_pool.h"
+#include "spin_barrier.h"
 
 #include <ATen/Dispatch.h>
 #include <array>
@@ -255,6 +258,18 @@ inline int fused_threads(const Steps& s, int64_t H, int64_t G) {
   return std::max(nt, 1);
 }
 
+// Threads for the fused AVX-512 LSTM step at 1-2 rows: one step streams the packed W_hh (4H x H floats) once, so
+// two threads each keep half of it in their own L2 once it is big enough to pay for a barrier per step.
+inline int small_step_threads(int64_t H) {
+  if (at::in_parallel_region()) return 1;
+  static const int64_t min_h = [] {
+    const char* e = std::getenv("SEQFAST_CPU_STEP_PAR_MIN_H");
+    return e ? std::atoll(e) : int64_t(64);
+  }();
+  const int nt = (int)std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, H / 32));
+  return H >= min_h ? std::max(nt, 1) : 1;
+}
+
 // Unit slice [k0, k1) of thread tid, in whole 16-unit blocks.
 inline void unit_slice(int64_t H, int nt, int tid, int64_t& k0, int64_t& k1) {
   const int64_t nblk = (H + 15) / 16;
@@ -263,23 +278,29 @@ inline void unit_slice(int64_t H, int nt, int tid, int64_t& k0, int64_t& k1) {
   k1 = std::min(H, b1 * 16);
 }
 
-// Runs body(tid, nt) on nt threads (one region) or inline.
+// The running region's step barrier (set by run_region for each of its threads).
+thread_local SpinBarrier* tl_step_barrier = nullptr;
+
+// Runs body(tid, nt) on nt threads (one region) or inline. Inside, SEQFAST_BARRIER(nt) is the SpinBarrier.
 template <typename F>
 inline void run_region(int nt, const F& body) {
   if (nt <= 1) {
     body(0, 1);
     return;
   }
+  SpinBarrier bar;
 #pragma omp parallel num_threads(nt)
   {
+#pragma omp single
+    bar.set_threads(omp_get_num_threads());  // the team may be smaller than asked; single ends in a barrier
+    tl_step_barrier = &bar;
     body(omp_get_thread_num(), omp_get_num_threads());
+    tl_step_barrier = nullptr;
   }
 }
-#define SEQFAST_BARRIER(nt) \
-  do {                      \
-    if ((nt) > 1) {         \
-      _Pragma("omp barrier") \
-    }                       \
+#define SEQFAST_BARRIER(nt)                    \
+  do {                                         \
+    if ((nt) > 1) tl_step_barrier->wait();     \
   } while (0)
 
 // Rows of step t: GEMM the previous-state rows (prev step's rows + h0 rows) against W slice.
@@ -355,7 +376,7 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& h0, const Tensor& c0, 
     unit_slice(H, nth, tid, k0, k1);
     // W_hh slice of this thread, one packed panel set per gate, reused by every step's GEMM.
     PackedA<T> pk[4];
-    for (int64_t q = 0; q < 4 && k1 > k0; ++q) pk[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H);
+    for (int64_t q = 0; q < 4 && k1 > k0 && !fused_gemv<T>(s.bs[0]); ++q) pk[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H);
     for (int64_t p = 0; p < s.T; ++p) {
       const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
       if (bs == 0) continue;
@@ -387,15 +408,19 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& h0, const Tensor& c0, 
 
 // float32 LSTM forward on the fused AVX-512 step kernel (lstm_step.h): per thread, its units' W_ih / W_hh / bias
 // packed gate-interleaved once, then per step one call that does both gate GEMMs and the cell update in registers.
-// gates: [N, 4H] activated-gate workspace for the backward, or undefined (inference: not written).
-void lstm_fwd_fused_avx512(const Steps& s, int nt, const Tensor& x, const Tensor& h0, const Tensor& c0,
-                           const Tensor& w_ih, const Tensor& w_hh, const Tensor& bias, Tensor& gates, Tensor& out,
-                           Tensor& cs) {
-  const int64_t H = h0.size(1), I = x.size(1);
+// pre: [N, 4H] input pre-activations x W_ih^T + bias from one GEMM (1-2 row batches: streaming W_ih per step costs
+// more there), or undefined (the step kernel does the input GEMM from the packed W_ih).
+// gates: [N, 4H] activated-gate workspace for the backward (may be `pre` itself: filled in place), or undefined
+// (inference: not written).
+void lstm_fwd_fused_avx512(const Steps& s, int nt, const Tensor& x, const Tensor& pre, const Tensor& h0,
+                           const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& bias, Tensor& gates,
+                           Tensor& out, Tensor& cs) {
+  const int64_t H = h0.size(1), I = pre.defined() ? 0 : x.size(1);
   const float* xp = x.const_data_ptr<float>();
+  const float* pp = pre.defined() ? pre.const_data_ptr<float>() : nullptr;
   const float* wi = w_ih.const_data_ptr<float>();
   const float* wh = w_hh.const_data_ptr<float>();
-  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  const float* bp = bias.defined() && !pp ? bias.const_data_ptr<float>() : nullptr;
   float* g = gates.defined() ? gates.data_ptr<float>() : nullptr;
   float* o = out.data_ptr<float>();
   float* c = cs.data_ptr<float>();
@@ -406,13 +431,15 @@ void lstm_fwd_fused_avx512(const Steps& s, int nt, const Tensor& x, const Tensor
     unit_slice(H, nth, tid, k0, k1);
     const int64_t nu = k1 - k0;
     const int64_t nblk = (nu + lstm_step::kUnits - 1) / lstm_step::kUnits;
-    float* pw_i = sgemm::scratch_alloc(lstm_step::pack_size(I, nu));
-    float* pw_h = sgemm::scratch_alloc(lstm_step::pack_size(H, nu));
+    // 1-2 rows (pre given): lstm_step::step_small reads W_hh in place, nothing to pack.
+    const bool small = pp != nullptr && s.bs[0] <= 2;
+    float* pw_i = I ? sgemm::scratch_alloc(lstm_step::pack_size(I, nu)) : nullptr;
+    float* pw_h = small ? nullptr : sgemm::scratch_alloc(lstm_step::pack_size(H, nu));
     float* pb = sgemm::scratch_alloc(nblk * 64);
     std::vector<const float*> hr(s.bs.empty() ? 0 : s.bs[0]), cr(hr.size());
     if (nu > 0) {
-      lstm_step::pack_weights(wi, I, I, H, k0, k1, pw_i);
-      lstm_step::pack_weights(wh, H, H, H, k0, k1, pw_h);
+      if (I) lstm_step::pack_weights(wi, I, I, H, k0, k1, pw_i);
+      if (!small) lstm_step::pack_weights(wh, H, H, H, k0, k1, pw_h);
       lstm_step::pack_bias(bp, H, k0, k1, pb);
     }
     lstm_step::StepArgs a;
@@ -422,6 +449,7 @@ void lstm_fwd_fused_avx512(const Steps& s, int nt, const Tensor& x, const Tensor
     a.wh = pw_h;
     a.H = H;
     a.bias = pb;
+    a.ldpre = 4 * H;
     a.u0 = k0;
     a.u1 = k1;
     for (int64_t p = 0; p < s.T; ++p) {
@@ -433,18 +461,20 @@ void lstm_fwd_fused_avx512(const Steps& s, int nt, const Tensor& x, const Tensor
           cr[b] = prev_row<float>(s, t, b, c, c0p, H);
         }
         a.rows = bs;
-        a.x = xp + off * I;
+        a.x = I ? xp + off * I : nullptr;
+        a.pre = pp ? pp + off * 4 * H : nullptr;
         a.h = hr.data();
         a.cprev = cr.data();
         a.c = c + off * H;
         a.hout = o + off * H;
         a.gates = g ? g + off * 4 * H : nullptr;
-        lstm_step::step(a);
+        if (small) lstm_step::step_small(a, wh);
+        else lstm_step::step(a);
       }
       SEQFAST_BARRIER(nth);
     }
-    sgemm::scratch_free(pw_i, lstm_step::pack_size(I, nu));
-    sgemm::scratch_free(pw_h, lstm_step::pack_size(H, nu));
+    if (I) sgemm::scratch_free(pw_i, lstm_step::pack_size(I, nu));
+    if (!small) sgemm::scratch_free(pw_h, lstm_step::pack_size(H, nu));
     sgemm::scratch_free(pb, nblk * 64);
   });
 }
@@ -473,7 +503,7 @@ void lstm_bwd_fused(const Steps& s, int nt, const Tensor& grad_out, const Tensor
     int64_t k0, k1;
     unit_slice(H, nth, tid, k0, k1);
     PackedA<T> pk;
-    if (k1 > k0) pk.init(false, k1 - k0, max_bs, 4 * H, wh + k0, H);
+    if (k1 > k0 && !fused_gemv<T>(max_bs)) pk.init(false, k1 - k0, max_bs, 4 * H, wh + k0, H);  // GEMV-only: unused
     for (int64_t p = s.T - 1; p >= 0; --p) {
       const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
       if (bs == 0) continue;
@@ -501,6 +531,56 @@ void lstm_bwd_fused(const Steps& s, int nt, const Tensor& grad_out, const Tensor
   });
 }
 
+// float32 LSTM backward for 1-2 row batches on AVX-512 (fused_gemv range with the own kernels): per step each thread
+// runs the pointwise backward of its units, then the partial dh of its own gate rows of W_hh (lstm_step::gemv_t_small:
+// the same rows its forward step read, contiguous, no transposed copy of W_hh), and after the barrier sums the
+// threads' partials for its units. Partials are double-buffered: a thread can be at most one step ahead of the rest.
+void lstm_bwd_small_avx512(const Steps& s, int nt, const Tensor& grad_out, const Tensor& c0, const Tensor& w_hh,
+                           const Tensor& gates, const Tensor& cs, Tensor& dgates, Tensor& dh, Tensor& dc) {
+  const int64_t H = c0.size(1);
+  const float* g = gates.const_data_ptr<float>();
+  const float* c = cs.const_data_ptr<float>();
+  const float* c0p = c0.const_data_ptr<float>();
+  const float* go = grad_out.const_data_ptr<float>();
+  const float* wh = w_hh.const_data_ptr<float>();
+  float* dg = dgates.data_ptr<float>();
+  float* dhp = dh.data_ptr<float>();
+  float* dcp = dc.data_ptr<float>();
+  nt = std::max(nt, 1);
+  Tensor part_t = at::empty({2, nt, 2, H}, dh.options());  // [buffer, thread, row, unit]
+  float* part = part_t.data_ptr<float>();
+  run_region(nt, [&](int tid, int nth) {
+    int64_t k0, k1;
+    unit_slice(H, nth, tid, k0, k1);
+    const int64_t j0[4] = {k0, H + k0, 2 * H + k0, 3 * H + k0};
+    int buf = 0;
+    for (int64_t p = s.T - 1; p >= 0; --p) {
+      const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
+      if (bs == 0) continue;
+      const float* xr[2];
+      float* yr[2];
+      for (int64_t b = 0; b < bs; ++b) {
+        kern::lstm_bwd_row<float>(g + (off + b) * 4 * H, prev_row<float>(s, t, b, c, c0p, H), c + (off + b) * H,
+                                  dhp + b * H, go + (off + b) * H, dcp + b * H, dg + (off + b) * 4 * H, dcp + b * H,
+                                  H, k0, k1);
+        xr[b] = dg + (off + b) * 4 * H;
+        yr[b] = part + ((buf * nth + tid) * 2 + b) * H;
+      }
+      if (k1 > k0) lstm_step::gemv_t_small(bs, xr, j0, 4, k1 - k0, wh, H, H, yr);
+      else
+        for (int64_t b = 0; b < bs; ++b) std::fill(yr[b], yr[b] + H, 0.f);
+      SEQFAST_BARRIER(nth);
+      for (int64_t b = 0; b < bs; ++b)
+        for (int64_t u = k0; u < k1; ++u) {
+          float sum = 0.f;
+          for (int i = 0; i < nth; ++i) sum += part[((buf * nth + i) * 2 + b) * H + u];
+          dhp[b * H + u] = sum;
+        }
+      buf ^= 1;
+    }
+  });
+}
+
 template <typename T>
 void gru_fwd_fused(const Steps& s, int nt, const Tensor& h0, const Tensor& w_hh, const T* bhh, const Tensor& gi,
                    Tensor& out, Tensor& ws) {
@@ -516,7 +596,7 @@ void gru_fwd_fused(const Steps& s, int nt, const Tensor& h0, const Tensor& w_hh,
     int64_t k0, k1;
     unit_slice(H, nth, tid, k0, k1);
     PackedA<T> pk[3];
-    for (int64_t q = 0; q < 3 && k1 > k0; ++q) pk[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H);
+    for (int64_t q = 0; q < 3 && k1 > k0 && !fused_gemv<T>(s.bs[0]); ++q) pk[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H);
     for (int64_t p = 0; p < s.T; ++p) {
       const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
       if (bs == 0) continue;
@@ -569,7 +649,7 @@ void gru_bwd_fused(const Steps& s, int nt, const Tensor& grad_out, const Tensor&
     int64_t k0, k1;
     unit_slice(H, nth, tid, k0, k1);
     PackedA<T> pk;
-    if (k1 > k0) pk.init(false, k1 - k0, max_bs, 3 * H, wh + k0, H);
+    if (k1 > k0 && !fused_gemv<T>(max_bs)) pk.init(false, k1 - k0, max_bs, 3 * H, wh + k0, H);  // GEMV-only: unused
     for (int64_t p = s.T - 1; p >= 0; --p) {
       const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
       if (bs == 0) continue;
@@ -877,16 +957,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
   Tensor gates;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::lstm_layer_forward", [&] {
     const int nt = fused_threads<scalar_t>(s, H, 4);
-    // Fused AVX-512 step (input projection, gate GEMMs and cell update per step in registers): float32 batches above
-    // the GEMV range. GEMV-sized batches keep one big input GEMM + the GEMV loop: per step the fused step streams
-    // W_ih and W_hh, the GEMV only W_hh, and at 1-2 rows that stream is the cost (measured B1 H128: 5.3 us vs
-    // ~2.6 us per step on one thread).
-    if (std::is_same_v<scalar_t, float> && nt && sgemm::available() && s.T > 0 && !fused_gemv<float>(s.bs[0])) {
-      const Tensor xc = x.contiguous(), wc = w_ih.contiguous(), whc = w_hh.contiguous();
-      if (save) gates = pooled_empty({x.size(0), 4 * H}, fopt);
-      lstm_fwd_fused_avx512(s, nt, xc, h0.contiguous(), c0.contiguous(), wc, whc, bias, gates, out, cs);
-      if (!save) gates = at::empty({0, 4 * H}, fopt);
-      return;
+    // Fused AVX-512 step (gate GEMMs and cell update per step in registers) for float32. Batches above the GEMV range
+    // also do the input projection inside the step; 1-2 row batches take it from one big GEMM first, because at one
+    // row the step is a stream of the packed weights and W_ih would double it.
+    if (std::is_same_v<scalar_t, float> && sgemm::available() && s.T > 0 && !std::getenv("SEQFAST_CPU_NO_FUSED")) {
+      const bool small = fused_gemv<float>(s.bs[0]);
+      const int n = small ? small_step_threads(H) : nt;
+      if (n) {
+        const Tensor xc = x.contiguous(), wc = w_ih.contiguous(), whc = w_hh.contiguous();
+        Tensor pre;
+        if (small) pre = input_proj(x, w_ih, bias.defined() ? &bias : nullptr);  // [N,4H], becomes the workspace
+        if (save) gates = small ? pre : pooled_empty({x.size(0), 4 * H}, fopt);
+        lstm_fwd_fused_avx512(s, n, xc, pre, h0.contiguous(), c0.contiguous(), wc, whc, bias, gates, out, cs);
+        if (!save) gates = at::empty({0, 4 * H}, fopt);
+        return;
+      }
     }
     gates = input_proj(x, w_ih, bias.defined() ? &bias : nullptr);  // [N,4H]
     if (nt) lstm_fwd_fused<scalar_t>(s, nt, h0, c0, w_hh, gates, out, cs);
@@ -927,6 +1012,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::lstm_layer_backward",
                              [&] {
     const int nt = fused_threads<scalar_t>(s, c0.size(1), 4);
+    if (std::is_same_v<scalar_t, float> && sgemm::available() && s.T > 0 && fused_gemv<float>(s.bs[0]) &&
+        s.bs[0] <= 2 && !std::getenv("SEQFAST_CPU_NO_FUSED"))
+      return lstm_bwd_small_avx512(s, small_step_threads(c0.size(1)), grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
     if (nt) lstm_bwd_fused<scalar_t>(s, nt, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
     else lstm_bwd_loop<scalar_t>(s, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
   });

@@ -96,7 +96,7 @@ def _parity(kind, opts, backend, dtype, extra=None):
     ref, ours = _build(kind, opts, dtype, device, extra)
     x, states = _inputs(ref, opts, dtype, device)
     T, B = opts.get("T", 4), opts.get("B", 3)
-    lengths = torch.tensor([2, T, 3] + [1 + (5 * i) % T for i in range(B - 3)])  # unsorted, spread
+    lengths = torch.tensor(([2, T, 3] + [1 + (5 * i) % T for i in range(B - 3)])[:B])  # unsorted, spread
     xs = x.detach().clone().requires_grad_(True)
     ss = None if states is None else [s.detach().clone().requires_grad_(True) for s in states]
     xr = x.detach().cpu().double().requires_grad_(True)
@@ -145,6 +145,24 @@ SMALL_REGION = {
 }
 
 
+# 1-2 row batches: the float32 AVX-512 LSTM step reads W_hh in place (16 or 8 units per block, threads from hidden
+# 64): hidden sizes that leave partial blocks and thread slices, packed rows that stop early, both directions
+SMALL_ROWS = {
+    "b1_h37_bidir": dict(mod={"bidirectional": True}, packed=False, T=5, B=1, H=37),
+    "b1_h100_2layer": dict(mod={"num_layers": 2}, packed=False, T=4, B=1, H=100),
+    "b2_h70_packed_bidir": dict(mod={"bidirectional": True}, packed=True, T=6, B=2, H=70),
+    "b2_h21_batch_first": dict(mod={"batch_first": True}, packed=False, T=3, B=2, H=21),
+}
+
+
+@pytest.mark.parametrize("backend,dtype", [("cpp", torch.float32), ("cpp", torch.float64)],
+                         ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("option", list(SMALL_ROWS))
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_rnn_parity_small_rows_cpp(kind, option, backend, dtype):
+    _parity(kind, SMALL_ROWS[option], backend, dtype)
+
+
 @pytest.mark.parametrize("backend,dtype", [("cpp", torch.float32), ("cpp", torch.float64)],
                          ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("option", list(LARGE) + ["small_batch_region"])
@@ -153,16 +171,16 @@ def test_rnn_parity_large_batch_cpp(kind, option, backend, dtype):
     _parity(kind, SMALL_REGION[kind] if option == "small_batch_region" else LARGE[option], backend, dtype)
 
 
-@pytest.mark.parametrize("option", list(LARGE) + ["1layer", "packed_unsorted_bidir"])
+@pytest.mark.parametrize("option", list(LARGE) + list(SMALL_ROWS) + ["1layer", "packed_unsorted_bidir"])
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 def test_rnn_no_grad_matches_torch_cpp(kind, option):
     """The eager no-grad path runs the ops' inference kernels (C++ LSTM: no gate workspace, input projection inside
     the time loop); outputs and final states must equal torch's as the training path's do."""
-    opts = {**LARGE, **OPTIONS}[option]
+    opts = {**LARGE, **SMALL_ROWS, **OPTIONS}[option]
     ref, ours = _build(kind, opts, torch.float32, "cpu")
     x, states = _inputs(ref, opts, torch.float32, "cpu")
     T, B = opts.get("T", 4), opts.get("B", 3)
-    lengths = torch.tensor([2, T, 3] + [1 + (5 * i) % T for i in range(B - 3)])
+    lengths = torch.tensor(([2, T, 3] + [1 + (5 * i) % T for i in range(B - 3)])[:B])
     with torch.no_grad(), seqfast.use_backend("cpp"):
         out = _flat(_call(ours, x, states, opts["packed"], lengths))
     out_ref = _flat(_call(ref, x.double(), None if states is None else [s.double() for s in states], opts["packed"],
