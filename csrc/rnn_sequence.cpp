@@ -258,16 +258,19 @@ inline int fused_threads(const Steps& s, int64_t H, int64_t G) {
   return std::max(nt, 1);
 }
 
-// Threads for the fused AVX-512 LSTM step at 1-2 rows: one step streams the packed W_hh (4H x H floats) once, so
-// two threads each keep half of it in their own L2 once it is big enough to pay for a barrier per step.
+// Threads for the fused AVX-512 LSTM step at 1-2 rows, or 0 = not that path. One step streams W_hh (4H x H floats)
+// once; two threads each keep half of it in their own L2 once it is big enough to pay for a barrier per step. The
+// path pays while each thread's share stays L2-resident (<= 256 KB, hidden <= ~180 on 2 threads): beyond that the
+// rows are streamed from L3 and the per-step GEMV (parallel over rows) was faster (measured, T64 B1: H512
+// inference 4.2 vs 5.7 ms, backward 7.0 vs 13.6 ms).
 inline int small_step_threads(int64_t H) {
-  if (at::in_parallel_region()) return 1;
   static const int64_t min_h = [] {
     const char* e = std::getenv("SEQFAST_CPU_STEP_PAR_MIN_H");
     return e ? std::atoll(e) : int64_t(64);
   }();
-  const int nt = (int)std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, H / 32));
-  return H >= min_h ? std::max(nt, 1) : 1;
+  const int nt = at::in_parallel_region() ? 1
+                 : H >= min_h ? (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H / 32)) : 1;
+  return 16 * H * H / nt <= (int64_t(256) << 10) ? nt : 0;
 }
 
 // Unit slice [k0, k1) of thread tid, in whole 16-unit blocks.
@@ -958,8 +961,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::lstm_layer_forward", [&] {
     const int nt = fused_threads<scalar_t>(s, H, 4);
     // Fused AVX-512 step (gate GEMMs and cell update per step in registers) for float32. Batches above the GEMV range
-    // also do the input projection inside the step; 1-2 row batches take it from one big GEMM first, because at one
-    // row the step is a stream of the packed weights and W_ih would double it.
+    // also do the input projection inside the step; 1-2 row batches take it from one big GEMM first (at one row the
+    // step is a stream of the weights and W_ih would double it) and read W_hh in place, up to the hidden size
+    // small_step_threads allows.
     if (std::is_same_v<scalar_t, float> && sgemm::available() && s.T > 0 && !std::getenv("SEQFAST_CPU_NO_FUSED")) {
       const bool small = fused_gemv<float>(s.bs[0]);
       const int n = small ? small_step_threads(H) : nt;
@@ -1012,9 +1016,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::lstm_layer_backward",
                              [&] {
     const int nt = fused_threads<scalar_t>(s, c0.size(1), 4);
+    const int small_nt = small_step_threads(c0.size(1));
     if (std::is_same_v<scalar_t, float> && sgemm::available() && s.T > 0 && fused_gemv<float>(s.bs[0]) &&
-        s.bs[0] <= 2 && !std::getenv("SEQFAST_CPU_NO_FUSED"))
-      return lstm_bwd_small_avx512(s, small_step_threads(c0.size(1)), grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
+        s.bs[0] <= 2 && small_nt && !std::getenv("SEQFAST_CPU_NO_FUSED"))
+      return lstm_bwd_small_avx512(s, small_nt, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
     if (nt) lstm_bwd_fused<scalar_t>(s, nt, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
     else lstm_bwd_loop<scalar_t>(s, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
   });
