@@ -302,10 +302,38 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   T* op = out.data_ptr<T>();
   T* lp = lse.data_ptr<T>();
   const T ninf = -std::numeric_limits<T>::infinity();
+  bool avx512 = false;
+  if constexpr (std::is_same_v<T, float>) avx512 = sgemm::available() && !std::getenv("SEQFAST_CPU_NO_AVX512_ATTN");
   at::parallel_for(0, N * Hk, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> S(G * std::max<int64_t>(kv_end, 1)), acc(G * Dv), inv(G);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / Hk, hk = t % Hk;
+      if constexpr (std::is_same_v<T, float>) {
+        if (avx512) {
+          attn512::DecodeHead a;
+          a.G = G;
+          a.q = qp + n * sqn + hk * G * sqh;
+          a.sq = sqh;
+          a.D = q.size(3);
+          a.k = kp + n * skn + hk * skh;
+          a.sk = skl;
+          a.v = vp + n * svn + hk * svh;
+          a.sv = svl;
+          a.Dv = Dv;
+          a.kv_end = kv_end;
+          if (bv.ptr) {
+            a.bias = bv.ptr + n * bv.sn + hk * G * bv.sh;
+            a.bsg = bv.sh;
+            a.bsj = bv.sj;
+          }
+          a.scale = scale;
+          a.out = op + (n * Hq + hk * G) * Dv;
+          a.so = Dv;
+          a.lse = lp + n * Hq + hk * G;
+          attn512::decode_head(a, S.data());
+          continue;
+        }
+      }
       const T* K = kp + n * skn + hk * skh;
       const T* V = vp + n * svn + hk * svh;
       const T* Q = qp + n * sqn + hk * G * sqh;

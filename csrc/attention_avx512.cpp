@@ -195,9 +195,107 @@ void fwd_block(const FwdBlock& a, float* ws) {
   }
 }
 
+namespace {
+
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
+
+// scores[g][j0 : j0 + nj] for one block of nj <= 16 keys, all G heads (the block stays in L1 across heads).
+void decode_scores(const DecodeHead& a, int64_t j0, int64_t nj, float* scores) {
+  const __mmask16 jm = tail_mask(nj);
+  for (int64_t g = 0; g < a.G; ++g) {
+    const float* q = a.q + g * a.sq;
+    __m512 acc[16];
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+    // key by key, each row read front to back (the block is nj * D contiguous floats when K is contiguous): the
+    // op streams K from memory, and sequential rows keep the hardware prefetchers ahead
+    for (int64_t j = 0; j < nj; ++j) {
+      const float* kr = a.k + (j0 + j) * a.sk;
+      for (int64_t d = 0; d < a.D; d += 16) {
+        const __mmask16 dm = tail_mask(a.D - d);
+        acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(dm, q + d), _mm512_maskz_loadu_ps(dm, kr + d), acc[j]);
+      }
+    }
+    __m512 sc = _mm512_mul_ps(avx512::reduce16(acc), _mm512_set1_ps(a.scale));
+    if (a.bias) {
+      const float* b = a.bias + g * a.bsg + j0 * a.bsj;
+      if (a.bsj == 1) {
+        sc = _mm512_add_ps(sc, _mm512_maskz_loadu_ps(jm, b));
+      } else {
+        alignas(64) float t[16] = {};
+        for (int64_t j = 0; j < nj; ++j) t[j] = b[j * a.bsj];
+        sc = _mm512_add_ps(sc, _mm512_load_ps(t));
+      }
+    }
+    _mm512_mask_storeu_ps(scores + g * a.kv_end + j0, jm, sc);
+  }
+}
+
+// out[c0 : c0 + 64] = sum_j p[j] v[j][c0 : c0 + 64] * inv: four keys in flight, 16 accumulators.
+void decode_pv(const DecodeHead& a, const float* p, int64_t c0, float inv, float* out) {
+  __mmask16 m[4];
+  for (int c = 0; c < 4; ++c) m[c] = a.Dv - c0 - 16 * c > 0 ? tail_mask(a.Dv - c0 - 16 * c) : __mmask16(0);
+  __m512 acc[4][4];
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+  const float* v = a.v + c0;
+  int64_t j = 0;
+  for (; j + 4 <= a.kv_end; j += 4)
+    for (int r = 0; r < 4; ++r) {
+      const __m512 pj = _mm512_set1_ps(p[j + r]);
+      const float* vr = v + (j + r) * a.sv;
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m[c], vr + 16 * c), acc[r][c]);
+    }
+  for (; j < a.kv_end; ++j) {
+    const __m512 pj = _mm512_set1_ps(p[j]);
+    const float* vr = v + j * a.sv;
+    for (int c = 0; c < 4; ++c) acc[0][c] = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m[c], vr + 16 * c), acc[0][c]);
+  }
+  const __m512 s = _mm512_set1_ps(inv);
+  for (int c = 0; c < 4; ++c) {
+    const __m512 t = _mm512_add_ps(_mm512_add_ps(acc[0][c], acc[1][c]), _mm512_add_ps(acc[2][c], acc[3][c]));
+    if (m[c]) _mm512_mask_storeu_ps(out + c0 + 16 * c, m[c], _mm512_mul_ps(t, s));
+  }
+}
+
+}  // namespace
+
+void decode_head(const DecodeHead& a, float* scores) {
+  const int64_t L = a.kv_end;
+  for (int64_t j0 = 0; j0 < L; j0 += 16) decode_scores(a, j0, std::min<int64_t>(16, L - j0), scores);
+  for (int64_t g = 0; g < a.G; ++g) {
+    float* s = scores + g * L;
+    float* out = a.out + g * a.so;
+    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < L; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(L - j), s + j));
+    const float m = _mm512_reduce_max_ps(mx);
+    if (!(m > -std::numeric_limits<float>::infinity())) {  // fully masked (or no keys; NaN scores propagate below)
+      if (m != m) {
+        std::fill(out, out + a.Dv, m);
+        a.lse[g] = m;
+      } else {
+        std::fill(out, out + a.Dv, 0.f);
+        a.lse[g] = std::numeric_limits<float>::infinity();
+      }
+      continue;
+    }
+    __m512 sum = _mm512_setzero_ps();
+    const __m512 mv = _mm512_set1_ps(m);
+    for (int64_t j = 0; j < L; j += 16) {
+      const __mmask16 jm = tail_mask(L - j);
+      const __m512 e = avx512::exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(jm, s + j), mv));
+      _mm512_mask_storeu_ps(s + j, jm, e);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(jm, e));
+    }
+    const float l = _mm512_reduce_add_ps(sum);
+    a.lse[g] = m + std::log(l);
+    for (int64_t c0 = 0; c0 < a.Dv; c0 += 64) decode_pv(a, s, c0, 1.f / l, out);
+  }
+}
+
 #else
 
 void fwd_block(const FwdBlock&, float*) {}
+void decode_head(const DecodeHead&, float*) {}
 
 #endif
 

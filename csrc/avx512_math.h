@@ -1,4 +1,4 @@
-// float32 exp / sigmoid / tanh and a 16 x 16 transpose on zmm registers, shared by the AVX-512 translation units (lstm_step.cpp,
+// float32 exp / sigmoid / tanh, a 16 x 16 transpose and a 16-vector horizontal sum on zmm registers, shared by the AVX-512 translation units (lstm_step.cpp,
 // attention_avx512.cpp, sgemm.cpp). Include only after `#pragma GCC target("avx512f,...")` and <immintrin.h>.
 #pragma once
 
@@ -57,6 +57,27 @@ inline void transpose16(__m512 (&r)[16]) {
       r[i + b] = _mm512_permutex2var_ps(a, ihi, c);
     }
   }
+}
+
+// Horizontal sums of 16 vectors into one: lane L = sum of a[L]'s lanes. Each round adds the two halves (256, 128,
+// 64, 32 bits) of pairs of vectors, so 15 adds and 30 shuffles replace 16 separate reductions; the last permute
+// undoes the lane order the rounds leave ([0 2 1 3 8 10 9 11 4 6 5 7 12 14 13 15]).
+inline __m512 reduce16(__m512 (&a)[16]) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(a[i], a[i + 8], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 4; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[i], b[i + 4], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[i], b[i + 4], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int i = 0; i < 2; ++i) {
+    const __m512d x = _mm512_castps_pd(c[i]), y = _mm512_castps_pd(c[i + 2]);
+    d[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+  return _mm512_permutexvar_ps(order, e);
 }
 
 }  // namespace avx512

@@ -23,6 +23,7 @@ constexpr int kMR = 6;  // rows per register tile: 6 x 4 gate vectors = 24 accum
 
 using avx512::sigmoid_ps;
 using avx512::tanh_ps;
+using avx512::reduce16;
 
 // acc[r][q] += sum_k rows[r][k] * w[k][16q + lane] over k < K.
 template <int MR>
@@ -99,27 +100,6 @@ void tile(const StepArgs& a, int64_t r0, int64_t blk) {
       _mm512_mask_storeu_ps(gr + 3 * H, m, o);
     }
   }
-}
-
-// Horizontal sums of 16 vectors into one: lane L = sum of a[L]'s lanes. Each round adds the two halves (256, 128,
-// 64, 32 bits) of pairs of vectors, so 15 adds and 30 shuffles replace 16 separate reductions; the last permute
-// undoes the lane order the rounds leave ([0 2 1 3 8 10 9 11 4 6 5 7 12 14 13 15]).
-inline __m512 reduce16(__m512 (&a)[16]) {
-  __m512 b[8], c[4], d[2];
-  for (int i = 0; i < 8; ++i)
-    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_f32x4(a[i], a[i + 8], _MM_SHUFFLE(3, 2, 3, 2)));
-  for (int i = 0; i < 4; ++i)
-    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[i], b[i + 4], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(b[i], b[i + 4], _MM_SHUFFLE(3, 1, 3, 1)));
-  for (int i = 0; i < 2; ++i) {
-    const __m512d x = _mm512_castps_pd(c[i]), y = _mm512_castps_pd(c[i + 2]);
-    d[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                 _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
-  return _mm512_permutexvar_ps(order, e);
 }
 
 // Lane b * U + j of a row-pair vector = row b, unit u + j (U = 16 / NB units per block, j < n valid).

@@ -16,6 +16,12 @@ CASES = {
     "causal_lq_gt_lk": ((1, 2, 9, 16), (1, 2, 5, 16), (1, 2, 5, 8), {"is_causal": True}),
     "causal_lq_lt_lk": ((1, 2, 5, 16), (1, 2, 19, 16), (1, 2, 19, 16), {"is_causal": True}),
     "decoder_step": ((3, 2, 1, 16), (3, 2, 37, 16), (3, 2, 37, 16), {"mask": "key_padding"}),
+    # query length 1 takes the decode kernels: GQA heads sharing keys, head dims off the 16-float vectors, value
+    # dim over one 64-column pass, a broadcast float mask, a batch whose keys are all masked, causal (key 0 only)
+    "decoder_step_gqa_float_mask": ((2, 4, 1, 20), (2, 2, 33, 20), (2, 2, 33, 70),
+                                    {"mask": "float", "enable_gqa": True}),
+    "decoder_step_all_masked": ((2, 2, 1, 16), (2, 2, 17, 16), (2, 2, 17, 16), {"mask": "key_padding_all"}),
+    "decoder_step_causal": ((2, 2, 1, 16), (2, 2, 9, 16), (2, 2, 9, 16), {"is_causal": True}),
     "bool_mask_2d": ((2, 2, 6, 16), (2, 2, 7, 16), (2, 2, 7, 16), {"mask": "bool"}),
     "float_mask": ((2, 2, 6, 16), (2, 2, 7, 16), (2, 2, 7, 16), {"mask": "float"}),
     "mask_and_causal": ((1, 2, 7, 16), (1, 2, 7, 16), (1, 2, 7, 16), {"mask": "float", "is_causal": True}),
@@ -44,6 +50,10 @@ def _mask(kind, q, k):
     if kind == "key_padding":  # [N, 1, 1, S], True = attend
         m = torch.ones(q.shape[0], 1, 1, S, dtype=torch.bool)
         m[0, ..., S // 2:] = False
+        return m
+    if kind == "key_padding_all":  # batch 0 attends to nothing
+        m = torch.ones(q.shape[0], 1, 1, S, dtype=torch.bool)
+        m[0] = False
         return m
     if kind == "row_off":
         m = torch.ones(L, S, dtype=torch.bool)
