@@ -29,25 +29,7 @@ using avx512::reduce16;
 template <int MR>
 inline __attribute__((always_inline)) void accumulate(__m512 (&acc)[MR][4], const float* const (&rows)[MR], int64_t K,
                                                       const float* w) {
-  int64_t k = 0;
-  if constexpr (MR <= 2) {
-    // 1-2 rows have only 4-8 accumulators, too few to cover the FMA latency: odd k go to a second set.
-    __m512 acc2[MR][4];
-    for (int r = 0; r < MR; ++r)
-      for (int q = 0; q < 4; ++q) acc2[r][q] = _mm512_setzero_ps();
-    for (; k + 2 <= K; k += 2, w += 128) {
-      for (int r = 0; r < MR; ++r) {
-        const __m512 v0 = _mm512_set1_ps(rows[r][k]), v1 = _mm512_set1_ps(rows[r][k + 1]);
-        for (int q = 0; q < 4; ++q) {
-          acc[r][q] = _mm512_fmadd_ps(v0, _mm512_load_ps(w + 16 * q), acc[r][q]);
-          acc2[r][q] = _mm512_fmadd_ps(v1, _mm512_load_ps(w + 64 + 16 * q), acc2[r][q]);
-        }
-      }
-    }
-    for (int r = 0; r < MR; ++r)
-      for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_add_ps(acc[r][q], acc2[r][q]);
-  }
-  for (; k < K; ++k) {
+  for (int64_t k = 0; k < K; ++k) {
     const __m512 w0 = _mm512_load_ps(w), w1 = _mm512_load_ps(w + 16), w2 = _mm512_load_ps(w + 32),
                  w3 = _mm512_load_ps(w + 48);
     w += 64;
@@ -69,8 +51,7 @@ void tile(const StepArgs& a, int64_t r0, int64_t blk) {
   __m512 acc[MR][4];
   for (int q = 0; q < 4; ++q) {
     const __m512 b = a.bias ? _mm512_load_ps(a.bias + blk * 64 + 16 * q) : _mm512_setzero_ps();
-    for (int r = 0; r < MR; ++r)
-      acc[r][q] = a.pre ? _mm512_add_ps(b, _mm512_maskz_loadu_ps(m, a.pre + (r0 + r) * a.ldpre + q * a.H + u)) : b;
+    for (int r = 0; r < MR; ++r) acc[r][q] = b;
   }
   if (a.x) {
     const float* xr[MR];

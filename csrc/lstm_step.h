@@ -1,8 +1,7 @@
 // Fused float32 LSTM step for x86-64 CPUs with AVX-512 (seqfast._C internal; implementation in lstm_step.cpp).
 //
 // One step of one layer for a range of hidden units, entirely in registers: for a tile of 6 batch rows x 16 units
-// the 4 gate pre-activations (6 x 64 floats = 24 zmm accumulators) start at the bias (or at precomputed input
-// pre-activations: the 1-2 row batches, where streaming W_ih every step costs more than one input GEMM), accumulate x_t W_ih^T and
+// the 4 gate pre-activations (6 x 64 floats = 24 zmm accumulators) start at the bias, accumulate x_t W_ih^T and
 // h_{t-1} W_hh^T from weights packed gate-interleaved (per 16-unit block: [i16 f16 g16 o16] per k), and the cell
 // update runs on them before anything is stored: c and h are written, and the activated gates only when a backward
 // will need them. Compared with GEMM-then-pointwise this never writes or re-reads the [B, 4H] pre-activations and
@@ -36,9 +35,9 @@ struct StepArgs {
   const float* wh = nullptr;            // pack_weights(W_hh) for [u0, u1)
   int64_t H = 0;
   const float* bias = nullptr;          // pack_bias for [u0, u1)
-  // Precomputed input pre-activations (x_t W_ih^T + bias, torch gate layout: gate q of unit u at q * H + u; row r at
-  // pre + r * ldpre), added at the start instead of x / bias; nullptr: none. May alias `gates` (each tile reads its
-  // pre-activations before it writes the same positions), so the backward's workspace can be filled in place.
+  // step_small only: precomputed input pre-activations (x_t W_ih^T + bias, torch gate layout: gate q of unit u at
+  // q * H + u; row r at pre + r * ldpre). May alias `gates` (each block reads its pre-activations before it writes
+  // the same positions), so the backward's workspace is filled in place.
   const float* pre = nullptr;
   int64_t ldpre = 0;
   const float* const* cprev = nullptr;  // previous cell row pointers

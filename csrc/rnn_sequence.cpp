@@ -260,9 +260,9 @@ inline int fused_threads(const Steps& s, int64_t H, int64_t G) {
 
 // Threads for the fused AVX-512 LSTM step at 1-2 rows, or 0 = not that path. One step streams W_hh (4H x H floats)
 // once; two threads each keep half of it in their own L2 once it is big enough to pay for a barrier per step. The
-// path pays while each thread's share stays L2-resident (<= 256 KB, hidden <= ~180 on 2 threads): beyond that the
-// rows are streamed from L3 and the per-step GEMV (parallel over rows) was faster (measured, T64 B1: H512
-// inference 4.2 vs 5.7 ms, backward 7.0 vs 13.6 ms).
+// path is used while each thread's share stays L2-resident (<= 256 KB, hidden <= ~180 on 2 threads); beyond that
+// its rows would stream from L3 every step, and hidden 256-512 keep the per-step GEMV path (parallel over rows): one
+// T64 B1 comparison favoured it there, though by less than this VM's run-to-run noise.
 inline int small_step_threads(int64_t H) {
   static const int64_t min_h = [] {
     const char* e = std::getenv("SEQFAST_CPU_STEP_PAR_MIN_H");
@@ -379,7 +379,8 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& h0, const Tensor& c0, 
     unit_slice(H, nth, tid, k0, k1);
     // W_hh slice of this thread, one packed panel set per gate, reused by every step's GEMM.
     PackedA<T> pk[4];
-    for (int64_t q = 0; q < 4 && k1 > k0 && !fused_gemv<T>(s.bs[0]); ++q) pk[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H);
+    for (int64_t q = 0; q < 4 && k1 > k0 && !fused_gemv<T>(s.bs[0]); ++q)  // GEMV-only: unused
+      pk[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H);
     for (int64_t p = 0; p < s.T; ++p) {
       const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
       if (bs == 0) continue;
@@ -411,8 +412,9 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& h0, const Tensor& c0, 
 
 // float32 LSTM forward on the fused AVX-512 step kernel (lstm_step.h): per thread, its units' W_ih / W_hh / bias
 // packed gate-interleaved once, then per step one call that does both gate GEMMs and the cell update in registers.
-// pre: [N, 4H] input pre-activations x W_ih^T + bias from one GEMM (1-2 row batches: streaming W_ih per step costs
-// more there), or undefined (the step kernel does the input GEMM from the packed W_ih).
+// pre: [N, 4H] input pre-activations x W_ih^T + bias from one GEMM, for 1-2 row batches (streaming W_ih per step
+// would double the step's traffic there; lstm_step::step_small), or undefined (the step kernel does the input GEMM
+// from the packed W_ih).
 // gates: [N, 4H] activated-gate workspace for the backward (may be `pre` itself: filled in place), or undefined
 // (inference: not written).
 void lstm_fwd_fused_avx512(const Steps& s, int nt, const Tensor& x, const Tensor& pre, const Tensor& h0,
@@ -435,7 +437,8 @@ void lstm_fwd_fused_avx512(const Steps& s, int nt, const Tensor& x, const Tensor
     const int64_t nu = k1 - k0;
     const int64_t nblk = (nu + lstm_step::kUnits - 1) / lstm_step::kUnits;
     // 1-2 rows (pre given): lstm_step::step_small reads W_hh in place, nothing to pack.
-    const bool small = pp != nullptr && s.bs[0] <= 2;
+    const bool small = pp != nullptr;
+    TORCH_CHECK(!small || s.bs[0] <= 2, "seqfast: the in-place LSTM step takes 1-2 rows, got ", s.bs[0]);
     float* pw_i = I ? sgemm::scratch_alloc(lstm_step::pack_size(I, nu)) : nullptr;
     float* pw_h = small ? nullptr : sgemm::scratch_alloc(lstm_step::pack_size(H, nu));
     float* pb = sgemm::scratch_alloc(nblk * 64);
@@ -599,7 +602,8 @@ void gru_fwd_fused(const Steps& s, int nt, const Tensor& h0, const Tensor& w_hh,
     int64_t k0, k1;
     unit_slice(H, nth, tid, k0, k1);
     PackedA<T> pk[3];
-    for (int64_t q = 0; q < 3 && k1 > k0 && !fused_gemv<T>(s.bs[0]); ++q) pk[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H);
+    for (int64_t q = 0; q < 3 && k1 > k0 && !fused_gemv<T>(s.bs[0]); ++q)  // GEMV-only: unused
+      pk[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H);
     for (int64_t p = 0; p < s.T; ++p) {
       const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
       if (bs == 0) continue;
@@ -965,7 +969,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
     // step is a stream of the weights and W_ih would double it) and read W_hh in place, up to the hidden size
     // small_step_threads allows.
     if (std::is_same_v<scalar_t, float> && sgemm::available() && s.T > 0 && !std::getenv("SEQFAST_CPU_NO_FUSED")) {
-      const bool small = fused_gemv<float>(s.bs[0]);
+      const bool small = s.bs[0] <= 2;
       const int n = small ? small_step_threads(H) : nt;
       if (n) {
         const Tensor xc = x.contiguous(), wc = w_ih.contiguous(), whc = w_hh.contiguous();
@@ -1017,8 +1021,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
                              [&] {
     const int nt = fused_threads<scalar_t>(s, c0.size(1), 4);
     const int small_nt = small_step_threads(c0.size(1));
-    if (std::is_same_v<scalar_t, float> && sgemm::available() && s.T > 0 && fused_gemv<float>(s.bs[0]) &&
-        s.bs[0] <= 2 && small_nt && !std::getenv("SEQFAST_CPU_NO_FUSED"))
+    if (std::is_same_v<scalar_t, float> && sgemm::available() && s.T > 0 && s.bs[0] <= 2 && small_nt &&
+        !std::getenv("SEQFAST_CPU_NO_FUSED"))
       return lstm_bwd_small_avx512(s, small_nt, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
     if (nt) lstm_bwd_fused<scalar_t>(s, nt, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
     else lstm_bwd_loop<scalar_t>(s, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
