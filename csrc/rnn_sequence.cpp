@@ -4,7 +4,7 @@
 //   2. per step: recurrent GEMM of the active rows (own GEMV for small batches, a GEMM otherwise) + fused pointwise.
 //   For float32/float64 LSTM/GRU with a first step above the GEMV batch range, steps 2 (and the backward's per-step
 //   work) run inside ONE OpenMP region per sequence, each thread owning a hidden-unit slice (see "Fused time loop";
-//   env knobs for A/B timing: SEQFAST_CPU_NO_FUSED, SEQFAST_CPU_NO_PACK).
+//   env knobs for A/B timing: SEQFAST_CPU_NO_FUSED, SEQFAST_CPU_NO_PACK, SEQFAST_CPU_STEP_PAR_MIN_H).
 //   On CPUs with AVX-512 (SEQFAST_CPU_NO_OWN_GEMM unset), float32 GEMMs run the own kernel of sgemm.h instead of the
 //   bundled MKL, and a batched float32 LSTM runs steps 1-2 as one fused kernel per step and thread (lstm_step.h:
 //   input and recurrent gate GEMMs plus the cell update in registers; no [N, 4H] pre-activation buffer); at 1-2 rows
