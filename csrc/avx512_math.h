@@ -40,23 +40,32 @@ inline __m512 tanh_ps(__m512 x) {
   return _mm512_or_ps(_mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e)), sign);
 }
 
+// One round of transpose16: swaps the off-diagonal B x B sub-blocks of row pairs (i, i + B). B is a template
+// parameter so that every index is a constant and r[] stays in registers (a runtime B made GCC spill r[] to the stack).
+template <int B>
+inline void transpose16_round(__m512 (&r)[16]) {
+  alignas(64) int lo[16], hi[16];
+  for (int j = 0; j < 16; ++j) {
+    lo[j] = (j & B) ? 16 + j - B : j;   // row i keeps its left part, takes row i+B's left part on the right
+    hi[j] = (j & B) ? 16 + j : j + B;   // row i+B takes row i's right part on the left, keeps its right part
+  }
+  const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi);
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+    if (i & B) continue;
+    const __m512 a = r[i], c = r[i + B];
+    r[i] = _mm512_permutex2var_ps(a, ilo, c);
+    r[i + B] = _mm512_permutex2var_ps(a, ihi, c);
+  }
+}
+
 // In-register transpose of a 16 x 16 float block: four rounds swap the off-diagonal b x b sub-blocks of row pairs
 // (i, i + b) for b = 8, 4, 2, 1.
 inline void transpose16(__m512 (&r)[16]) {
-  for (int b = 8; b >= 1; b /= 2) {
-    alignas(64) int lo[16], hi[16];
-    for (int j = 0; j < 16; ++j) {
-      lo[j] = (j & b) ? 16 + j - b : j;   // row i keeps its left part, takes row i+b's left part on the right
-      hi[j] = (j & b) ? 16 + j : j + b;   // row i+b takes row i's right part on the left, keeps its right part
-    }
-    const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi);
-    for (int i = 0; i < 16; ++i) {
-      if (i & b) continue;
-      const __m512 a = r[i], c = r[i + b];
-      r[i] = _mm512_permutex2var_ps(a, ilo, c);
-      r[i + b] = _mm512_permutex2var_ps(a, ihi, c);
-    }
-  }
+  transpose16_round<8>(r);
+  transpose16_round<4>(r);
+  transpose16_round<2>(r);
+  transpose16_round<1>(r);
 }
 
 // Horizontal sums of 16 vectors into one: lane L = sum of a[L]'s lanes. Each round adds the two halves (256, 128,
