@@ -58,7 +58,7 @@ inline __m512 finish(const ScoreCtx& c, __m512 x, int64_t key, int v) {
       x = _mm512_add_ps(x, _mm512_load_ps(tmp));
     } else {
       const int64_t left = a.mq - 16 * v;
-      const __mmask16 live = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+      const __mmask16 live = avx512::mask16(left);
       const __m512i idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int(a.bsi)));
       x = _mm512_add_ps(x, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idx, b, 4));
     }
@@ -197,11 +197,11 @@ void fwd_block(const FwdBlock& a, float* ws) {
 
 namespace {
 
-inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
+using avx512::mask16;
 
 // scores[g][j0 : j0 + nj] for one block of nj <= 16 keys, all G heads (the block stays in L1 across heads).
 void decode_scores(const DecodeHead& a, int64_t j0, int64_t nj, float* scores) {
-  const __mmask16 jm = tail_mask(nj);
+  const __mmask16 jm = mask16(nj);
   for (int64_t g = 0; g < a.G; ++g) {
     const float* q = a.q + g * a.sq;
     __m512 acc[16];
@@ -211,7 +211,7 @@ void decode_scores(const DecodeHead& a, int64_t j0, int64_t nj, float* scores) {
     for (int64_t j = 0; j < nj; ++j) {
       const float* kr = a.k + (j0 + j) * a.sk;
       for (int64_t d = 0; d < a.D; d += 16) {
-        const __mmask16 dm = tail_mask(a.D - d);
+        const __mmask16 dm = mask16(a.D - d);
         acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(dm, q + d), _mm512_maskz_loadu_ps(dm, kr + d), acc[j]);
       }
     }
@@ -233,7 +233,7 @@ void decode_scores(const DecodeHead& a, int64_t j0, int64_t nj, float* scores) {
 // out[c0 : c0 + 64] = sum_j p[j] v[j][c0 : c0 + 64] * inv: four keys in flight, 16 accumulators.
 void decode_pv(const DecodeHead& a, const float* p, int64_t c0, float inv, float* out) {
   __mmask16 m[4];
-  for (int c = 0; c < 4; ++c) m[c] = a.Dv - c0 - 16 * c > 0 ? tail_mask(a.Dv - c0 - 16 * c) : __mmask16(0);
+  for (int c = 0; c < 4; ++c) m[c] = mask16(a.Dv - c0 - 16 * c);
   __m512 acc[4][4];
   for (int r = 0; r < 4; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -266,7 +266,7 @@ void decode_head(const DecodeHead& a, float* scores) {
     float* s = scores + g * L;
     float* out = a.out + g * a.so;
     __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t j = 0; j < L; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(L - j), s + j));
+    for (int64_t j = 0; j < L; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, mask16(L - j), s + j));
     const float m = _mm512_reduce_max_ps(mx);
     if (!(m > -std::numeric_limits<float>::infinity())) {  // fully masked (or no keys; NaN scores propagate below)
       if (m != m) {
@@ -281,7 +281,7 @@ void decode_head(const DecodeHead& a, float* scores) {
     __m512 sum = _mm512_setzero_ps();
     const __m512 mv = _mm512_set1_ps(m);
     for (int64_t j = 0; j < L; j += 16) {
-      const __mmask16 jm = tail_mask(L - j);
+      const __mmask16 jm = mask16(L - j);
       const __m512 e = avx512::exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(jm, s + j), mv));
       _mm512_mask_storeu_ps(s + j, jm, e);
       sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(jm, e));

@@ -1,9 +1,17 @@
-// float32 exp / sigmoid / tanh, a 16 x 16 transpose and a 16-vector horizontal sum on zmm registers, shared by the AVX-512 translation units (lstm_step.cpp,
-// attention_avx512.cpp, sgemm.cpp). Include only after `#pragma GCC target("avx512f,...")` and <immintrin.h>.
+// float32 exp / sigmoid / tanh, a 16 x 16 transpose, a 16-vector horizontal sum and tail masks on zmm registers,
+// shared by the AVX-512 translation units (lstm_step.cpp, attention_avx512.cpp, sgemm.cpp). Include only after
+// `#pragma GCC target("avx512f,...")` and <immintrin.h>.
 #pragma once
+
+#include <cstdint>
 
 namespace seqfast {
 namespace avx512 {
+
+// Lanes [0, n) of a 16-lane mask: all for n >= 16, none for n <= 0.
+inline __mmask16 mask16(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
+}
 
 // exp(x): x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial for e^r (Cephes expf, ~1 ulp), scaled by 2^n with
 // scalef, so large x gives +inf as expf does. x < -87.5 (results below the normal range, and -inf) gives exactly 0,

@@ -24,6 +24,7 @@ constexpr int kMR = 6;  // rows per register tile: 6 x 4 gate vectors = 24 accum
 using avx512::sigmoid_ps;
 using avx512::tanh_ps;
 using avx512::reduce16;
+using avx512::mask16;
 
 // acc[r][q] += sum_k rows[r][k] * w[k][16q + lane] over k < K.
 template <int MR>
@@ -47,7 +48,7 @@ inline __attribute__((always_inline)) void accumulate(__m512 (&acc)[MR][4], cons
 template <int MR>
 void tile(const StepArgs& a, int64_t r0, int64_t blk) {
   const int64_t u = a.u0 + blk * kUnits;
-  const __mmask16 m = a.u1 - u >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (a.u1 - u)) - 1u);
+  const __mmask16 m = mask16(a.u1 - u);
   __m512 acc[MR][4];
   for (int q = 0; q < 4; ++q) {
     const __m512 b = a.bias ? _mm512_load_ps(a.bias + blk * 64 + 16 * q) : _mm512_setzero_ps();
@@ -87,9 +88,9 @@ void tile(const StepArgs& a, int64_t r0, int64_t blk) {
 template <int NB>
 inline __m512 load_rows(const float* const* rows, int64_t off, int n) {
   if constexpr (NB == 1) {
-    return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1u), rows[0] + off);
+    return _mm512_maskz_loadu_ps(mask16(n), rows[0] + off);
   } else {
-    const __mmask8 m = __mmask8((1u << n) - 1u);
+    const __mmask8 m = __mmask8(mask16(n));
     return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_maskz_loadu_ps(m, rows[0] + off)),
                               _mm256_maskz_loadu_ps(m, rows[1] + off), 1);
   }
@@ -97,9 +98,9 @@ inline __m512 load_rows(const float* const* rows, int64_t off, int n) {
 template <int NB>
 inline void store_rows(float* base, int64_t stride, int64_t off, int n, __m512 v) {
   if constexpr (NB == 1) {
-    _mm512_mask_storeu_ps(base + off, __mmask16((1u << n) - 1u), v);
+    _mm512_mask_storeu_ps(base + off, mask16(n), v);
   } else {
-    const __mmask8 m = __mmask8((1u << n) - 1u);
+    const __mmask8 m = __mmask8(mask16(n));
     _mm256_mask_storeu_ps(base + off, m, _mm512_castps512_ps256(v));
     _mm256_mask_storeu_ps(base + stride + off, m, _mm512_extractf32x8_ps(v, 1));
   }
@@ -118,7 +119,7 @@ void small_block(const StepArgs& a, const float* w, int64_t u, int n) {
     for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
     const float* wq = w + (q * H + u) * H;
     for (int64_t k = 0; k < H; k += 16) {
-      const __mmask16 km = H - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (H - k)) - 1u);
+      const __mmask16 km = mask16(H - k);
       __m512 hv[NB];
       for (int b = 0; b < NB; ++b) hv[b] = _mm512_maskz_loadu_ps(km, a.h[b] + k);
       for (int j = 0; j < U; ++j) {
@@ -149,10 +150,7 @@ void gemv_t_cols(const float* const* x, const int64_t* j0, int nblocks, int64_t 
                  int64_t k, int nk, float* const* y) {
   constexpr int NV = 8;
   __mmask16 m[NV];
-  for (int c = 0; c < NV; ++c) {
-    const int r = nk - 16 * c;
-    m[c] = r >= 16 ? __mmask16(0xFFFF) : (r <= 0 ? __mmask16(0) : __mmask16((1u << r) - 1u));
-  }
+  for (int c = 0; c < NV; ++c) m[c] = mask16(nk - 16 * c);
   __m512 acc[NB][NV];
   for (int b = 0; b < NB; ++b)
     for (int c = 0; c < NV; ++c) acc[b][c] = _mm512_setzero_ps();
@@ -183,7 +181,7 @@ void pack_weights(const float* w, int64_t ldw, int64_t K, int64_t H, int64_t u0,
     for (int64_t q = 0; q < 4; ++q)
       for (int64_t k0 = 0; k0 < K; k0 += 16) {
         const int64_t nk = std::min<int64_t>(16, K - k0);
-        const __mmask16 km = nk >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nk) - 1u);
+        const __mmask16 km = mask16(nk);
         __m512 r[16];
         for (int64_t j = 0; j < 16; ++j)
           r[j] = j < nu ? _mm512_maskz_loadu_ps(km, w + (q * H + ub + j) * ldw + k0) : _mm512_setzero_ps();

@@ -90,7 +90,7 @@ inline void panel_rows(int64_t m, int64_t kc, const float* a, int64_t ar, int64_
   }
 }
 
-inline __mmask16 mask_of(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? 0 : __mmask16((1u << n) - 1u); }
+using avx512::mask16;
 
 // C = beta C (+ bias) when K == 0.
 void scale_only(int64_t M, int64_t N, float beta, float* c, int64_t ldc, const float* bias) {
@@ -119,8 +119,8 @@ void pack_b(int64_t K, int64_t N, const float* src, int64_t sk, int64_t sj, floa
       // Rows of B are contiguous: copy 32-float row segments.
       for (int64_t k = 0; k < K; ++k) {
         const float* s = src + k * sk + j0;
-        _mm512_store_ps(d + k * kNR, _mm512_maskz_loadu_ps(mask_of(nj), s));
-        _mm512_store_ps(d + k * kNR + 16, _mm512_maskz_loadu_ps(mask_of(nj - 16), s + 16));
+        _mm512_store_ps(d + k * kNR, _mm512_maskz_loadu_ps(mask16(nj), s));
+        _mm512_store_ps(d + k * kNR + 16, _mm512_maskz_loadu_ps(mask16(nj - 16), s + 16));
       }
     } else if (sk != 1) {
       // General strides (not used by seqfast's callers today): element by element.
@@ -135,7 +135,7 @@ void pack_b(int64_t K, int64_t N, const float* src, int64_t sk, int64_t sj, floa
           const int64_t nk = std::min<int64_t>(16, K - k0);
           __m512 r[16];
           for (int64_t jj = 0; jj < 16; ++jj)
-            r[jj] = jj < jn ? _mm512_maskz_loadu_ps(mask_of(nk), src + (j0 + 16 * h + jj) * sj + k0)
+            r[jj] = jj < jn ? _mm512_maskz_loadu_ps(mask16(nk), src + (j0 + 16 * h + jj) * sj + k0)
                             : _mm512_setzero_ps();
           avx512::transpose16(r);
           for (int64_t kk = 0; kk < nk; ++kk) _mm512_store_ps(d + (k0 + kk) * kNR + 16 * h, r[kk]);
@@ -184,7 +184,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t a
       if (pack) pack_a(mb, kc, ab, ar, ak, abuf);
       for (int64_t p = 0; p < np; ++p) {
         const int64_t nj = std::min(kNR, N - p * kNR);
-        const __mmask16 m0k = mask_of(nj), m1k = mask_of(nj - 16);
+        const __mmask16 m0k = mask16(nj), m1k = mask16(nj - 16);
         const float* bpp = bp + p * pstride + k0 * kNR;
         float* cp = c + m0 * ldc + p * kNR;
         const float* bias_p = bias ? bias + p * kNR : nullptr;
