@@ -7,8 +7,8 @@
 // second GEMM. Key blocks entirely above the causal diagonal are never visited (the speed win over torch).
 // bfloat16 runs the GEMMs on bf16 operands with fp32 accumulation (P / dS are rounded to bf16 as flash-attn does);
 // softmax state is fp32. float64 is exact-ish and is what the gradient tests use.
-// float32 forwards on CPUs with AVX-512 take attention_avx512.h instead (own GEMM, transposed score blocks); the
-// backward and the other dtypes run the BLAS path below.
+// float32 forwards on CPUs with AVX-512 take attention_avx512.h instead (register-tiled score and P V loops on
+// transposed blocks); the backward and the other dtypes run the BLAS path below.
 #include "attention.h"
 
 #include <ATen/Dispatch.h>
@@ -545,14 +545,6 @@ void fwd_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   const BiasView<float> bv = bias_view<float>(bias);
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
-  // V of every kv head packed once for the P V GEMMs of all its query blocks.
-  const int64_t vsz = sgemm::pack_size(Lk, Dv);
-  float* vpack = sgemm::scratch_alloc(N * Hk * vsz);
-  TORCH_CHECK(vpack != nullptr, "seqfast sdpa: out of memory packing V");
-  at::parallel_for(0, N * Hk, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t)
-      sgemm::pack_b(Lk, Dv, vp + (t / Hk) * v.stride(0) + (t % Hk) * v.stride(1), v.stride(2), 1, vpack + t * vsz);
-  });
   const int64_t wsz = attn512::fwd_workspace(D, Dv);
   at::parallel_for(0, N * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
     float* ws = sgemm::scratch_alloc(wsz);
@@ -569,8 +561,8 @@ void fwd_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       a.D = D;
       a.k = kp + n * k.stride(0) + hk * k.stride(1);
       a.sk = k.stride(2);
-      a.vp = vpack + (n * Hk + hk) * vsz;
-      a.Lk = Lk;
+      a.v = vp + n * v.stride(0) + hk * v.stride(1);
+      a.sv = v.stride(2);
       a.Dv = Dv;
       a.kv_end = causal ? std::min(Lk, a.i0 + a.mq) : Lk;
       if (bv.ptr) {
@@ -587,7 +579,6 @@ void fwd_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
     }
     sgemm::scratch_free(ws, wsz);
   });
-  sgemm::scratch_free(vpack, N * Hk * vsz);
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "sgemm.h"
 
@@ -26,28 +27,40 @@ inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 }  // namespace
 
 int64_t fwd_workspace(int64_t D, int64_t Dv) {
-  return round16(sgemm::pack_size(D, kBq)) + kBk * kBq + round16(kBq * Dv) + 4 * kBq;
+  return round16(sgemm::pack_size(D, kBq)) + kBk * kBq + Dv * kBq + 3 * kBq;
 }
 
 #ifdef SEQFAST_HAVE_AVX512_ATTN
 
 namespace {
 
-// What the score epilogue needs for one key block.
 static_assert(kBq == 2 * sgemm::kNR, "score_tile covers exactly two packed 32-query panels");
+static_assert(kBq == 64, "the causal lane-group segments below assume four 16-query groups");
+
+// Causal structure of one key block, in block-relative keys: keys >= seg[w] are masked for the queries of lane groups
+// v < w (queries i0 + 16v .. i0 + 16v + 15 see keys <= their own index), so the score and P V loops skip those
+// groups there. seg[1..3] = nk off the diagonal (every group live).
+struct Segments {
+  int64_t seg[4];
+  Segments(const FwdBlock& a, int64_t j0, int64_t nk, bool diag) {
+    seg[0] = 0;
+    for (int w = 1; w < 4; ++w) seg[w] = diag ? std::min(nk, std::max<int64_t>(0, a.i0 + 16 * w - j0)) : nk;
+  }
+  // lane groups fully masked for every key >= j
+  int dead(int64_t j) const { return (j >= seg[1]) + (j >= seg[2]) + (j >= seg[3]); }
+};
 
 struct ScoreCtx {
   const FwdBlock* a;
   int64_t j0;   // first key of the block
-  int nv;       // live 16-query lane groups
+  int nv;       // live 16-query lane groups (queries < mq)
   bool diag;    // block crosses the causal diagonal
 };
 
-// Scale, additive mask and causal mask of 16 scores (queries 16v.. of this block, one key).
+// Additive and causal mask of 16 scores (queries 16v.. of this block, one key). The scale is already in Q^T.
 inline __m512 finish(const ScoreCtx& c, __m512 x, int64_t key, int v) {
   const FwdBlock& a = *c.a;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  x = _mm512_mul_ps(x, _mm512_set1_ps(a.scale));
   if (a.bias) {
     const float* b = a.bias + key * a.bsj + int64_t(16 * v) * a.bsi;
     if (a.bsi == 0) {
@@ -71,34 +84,36 @@ inline __m512 finish(const ScoreCtx& c, __m512 x, int64_t key, int v) {
   return x;
 }
 
-// Scores of keys [j, j + MR) of the block against all kBq queries: a 6 x 64 register tile (24 accumulators) over
-// the head dim, K rows broadcast in place, Q^T from its two packed 32-query panels; the epilogue masks, stores S^T
-// rows and folds the block's running max per query, so the scores are written once and never re-read for it.
-template <int MR>
+// Scores of keys [j, j + MR) of the block against the kBq queries: an MR x 64 register tile over the head dim, K rows
+// broadcast in place, Q^T from its two packed 32-query panels. Lane groups v < V0 are causally masked for all MR keys:
+// not computed, stored as -inf. Groups past the last query (v >= nv) are stored as 0 so that P V reads defined values
+// there. The epilogue masks, stores S^T rows and folds the block's running max per query.
+template <int MR, int V0>
 inline void score_tile(const ScoreCtx& c, const float* qT, int64_t j, float* ST, __m512 (&mx)[kBq / 16]) {
   const FwdBlock& a = *c.a;
   const int64_t D = a.D;
   __m512 acc[MR][4];
   for (int r = 0; r < MR; ++r)
-    for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
+    for (int q = V0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
   const float* kr[MR];
   for (int r = 0; r < MR; ++r) kr[r] = a.k + (c.j0 + j + r) * a.sk;
-  const float* p0 = qT;
-  const float* p1 = qT + D * sgemm::kNR;
   for (int64_t d = 0; d < D; ++d) {
-    const __m512 w0 = _mm512_load_ps(p0 + d * 32), w1 = _mm512_load_ps(p0 + d * 32 + 16),
-                 w2 = _mm512_load_ps(p1 + d * 32), w3 = _mm512_load_ps(p1 + d * 32 + 16);
+    __m512 w[4];
+    for (int q = V0; q < 4; ++q) w[q] = _mm512_load_ps(qT + (q / 2) * D * sgemm::kNR + d * sgemm::kNR + 16 * (q % 2));
     for (int r = 0; r < MR; ++r) {
       const __m512 kv = _mm512_set1_ps(kr[r][d]);
-      acc[r][0] = _mm512_fmadd_ps(kv, w0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(kv, w1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(kv, w2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(kv, w3, acc[r][3]);
+      for (int q = V0; q < 4; ++q) acc[r][q] = _mm512_fmadd_ps(kv, w[q], acc[r][q]);
     }
   }
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int r = 0; r < MR; ++r) {
     float* s = ST + (j + r) * kBq;
-    for (int v = 0; v < c.nv; ++v) {
+    for (int v = 0; v < V0; ++v) _mm512_store_ps(s + 16 * v, ninf);
+    for (int v = V0; v < 4; ++v) {
+      if (v >= c.nv) {
+        _mm512_store_ps(s + 16 * v, _mm512_setzero_ps());
+        continue;
+      }
       const __m512 x = finish(c, acc[r][v], c.j0 + j + r, v);
       _mm512_store_ps(s + 16 * v, x);
       mx[v] = _mm512_max_ps(mx[v], x);
@@ -106,44 +121,125 @@ inline void score_tile(const ScoreCtx& c, const float* qT, int64_t j, float* ST,
   }
 }
 
+// What the P V tiles of one key block share.
+struct PvCtx {
+  const float* ST;      // P^T of the block: key j's 64 probabilities at ST + j * kBq
+  const Segments* sg;
+  int64_t nk;
+  const float* v;       // value row of the block's first key; key j at v + j * sv
+  int64_t sv;
+  float* accT;          // unnormalised output transposed: column c of the output at accT + c * kBq (64 queries)
+  const float* alpha;   // per-query rescale of the running output for this block, or nullptr (none needed)
+};
+
+// accT[c0 .. c0 + NC) = alpha * accT + V[:, c0 .. c0 + NC)^T P^T: the output is accumulated transposed (value
+// columns x queries), so P^T rows are the vector operand as the score loop stored them, V is read in place as the
+// broadcast operand (no packing of P or V), and the per-query rescale is one vector multiply per register. Keys past
+// seg[w] skip the lane groups v < w (their P is 0 there).
+template <int NC>
+inline void pv_tile(const PvCtx& c, int64_t c0) {
+  __m512 acc[NC][4];
+  float* o = c.accT + c0 * kBq;
+  for (int r = 0; r < NC; ++r)
+    for (int q = 0; q < 4; ++q) {
+      acc[r][q] = _mm512_load_ps(o + r * kBq + 16 * q);
+      if (c.alpha) acc[r][q] = _mm512_mul_ps(acc[r][q], _mm512_load_ps(c.alpha + 16 * q));
+    }
+  const float* vc = c.v + c0;
+  auto run = [&](auto v0, int64_t jb, int64_t je) {
+    constexpr int V0 = decltype(v0)::value;
+    for (int64_t j = jb; j < je; ++j) {
+      const float* p = c.ST + j * kBq;
+      __m512 pj[4];
+      for (int q = V0; q < 4; ++q) pj[q] = _mm512_load_ps(p + 16 * q);
+      const float* vj = vc + j * c.sv;
+      for (int r = 0; r < NC; ++r) {
+        const __m512 b = _mm512_set1_ps(vj[r]);
+        for (int q = V0; q < 4; ++q) acc[r][q] = _mm512_fmadd_ps(b, pj[q], acc[r][q]);
+      }
+    }
+  };
+  const int64_t* seg = c.sg->seg;
+  run(std::integral_constant<int, 0>{}, 0, seg[1]);
+  run(std::integral_constant<int, 1>{}, seg[1], seg[2]);
+  run(std::integral_constant<int, 2>{}, seg[2], seg[3]);
+  run(std::integral_constant<int, 3>{}, seg[3], c.nk);
+  for (int r = 0; r < NC; ++r)
+    for (int q = 0; q < 4; ++q) _mm512_store_ps(o + r * kBq + 16 * q, acc[r][q]);
+}
+
+constexpr int kPvCols = 6;  // value columns per P V register tile (6 x 4 accumulators)
+
+void pv_block(const PvCtx& c, int64_t Dv) {
+  int64_t c0 = 0;
+  for (; c0 + kPvCols <= Dv; c0 += kPvCols) pv_tile<kPvCols>(c, c0);
+  switch (Dv - c0) {
+    case 5: pv_tile<5>(c, c0); break;
+    case 4: pv_tile<4>(c, c0); break;
+    case 3: pv_tile<3>(c, c0); break;
+    case 2: pv_tile<2>(c, c0); break;
+    case 1: pv_tile<1>(c, c0); break;
+    default: break;
+  }
+}
+
+// All score tiles of one key block. Full 6-key tiles take the dead lane groups of their first key (a group masked
+// for key j is masked for every later key); the tail tile computes every group and leaves the masking to finish().
+void score_block(const ScoreCtx& sc, const Segments& sg, int64_t nk, const float* qT, float* ST,
+                 __m512 (&mx)[kBq / 16]) {
+  int64_t j = 0;
+  for (; j + 6 <= nk; j += 6) {
+    switch (sg.dead(j)) {
+      case 0: score_tile<6, 0>(sc, qT, j, ST, mx); break;
+      case 1: score_tile<6, 1>(sc, qT, j, ST, mx); break;
+      case 2: score_tile<6, 2>(sc, qT, j, ST, mx); break;
+      default: score_tile<6, 3>(sc, qT, j, ST, mx); break;
+    }
+  }
+  switch (nk - j) {
+    case 5: score_tile<5, 0>(sc, qT, j, ST, mx); break;
+    case 4: score_tile<4, 0>(sc, qT, j, ST, mx); break;
+    case 3: score_tile<3, 0>(sc, qT, j, ST, mx); break;
+    case 2: score_tile<2, 0>(sc, qT, j, ST, mx); break;
+    case 1: score_tile<1, 0>(sc, qT, j, ST, mx); break;
+    default: break;
+  }
+}
+
 }  // namespace
 
 void fwd_block(const FwdBlock& a, float* ws) {
-  using avx512::exp_ps;
   const int64_t mq = a.mq, D = a.D, Dv = a.Dv;
-  float* qT = ws;                                          // Q^T packed: B(d, i) = q[i, d]
-  float* ST = qT + round16(sgemm::pack_size(D, kBq));      // S^T block [kBk keys][kBq queries]
-  float* acc = ST + kBk * kBq;                             // unnormalised output [mq][Dv]
-  float* mrow = acc + round16(kBq * Dv);                   // running max per query
+  float* qT = ws;                                          // scale * Q^T packed: B(d, i) = scale * q[i, d]
+  float* ST = qT + round16(sgemm::pack_size(D, kBq));      // S^T block [kBk keys][kBq queries], then P^T
+  float* accT = ST + kBk * kBq;                            // unnormalised output transposed [Dv][kBq]
+  float* mrow = accT + Dv * kBq;                           // running max per query
   float* lrow = mrow + kBq;                                // running sum per query
   float* arow = lrow + kBq;                                // rescale factor of this block per query
   const int nv = int((mq + 15) / 16);                      // live 16-query lane groups
   const float ninf = -std::numeric_limits<float>::infinity();
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
 
   sgemm::pack_b(D, mq, a.q, 1, a.sq, qT);
   if (mq <= sgemm::kNR) std::memset(qT + D * sgemm::kNR, 0, sizeof(float) * D * sgemm::kNR);  // unused 2nd panel
+  // the softmax scale folded into Q^T once per task: the score epilogue then needs no multiply
+  const __m512 sv = _mm512_set1_ps(a.scale);
+  for (int64_t i = 0; i < D * kBq; i += 16) _mm512_store_ps(qT + i, _mm512_mul_ps(_mm512_load_ps(qT + i), sv));
   for (int64_t r = 0; r < kBq; ++r) {
     mrow[r] = ninf;
     lrow[r] = 0.f;
   }
-  std::memset(acc, 0, sizeof(float) * mq * Dv);
+  std::memset(accT, 0, sizeof(float) * Dv * kBq);
 
   for (int64_t j0 = 0; j0 < a.kv_end; j0 += kBk) {
     const int64_t nk = std::min(kBk, a.kv_end - j0);
-    // S^T = K_blk Q^T (keys x queries, row stride kBq), scaled and masked, with the block max per query.
-    const ScoreCtx sc{&a, j0, nv, a.causal && j0 + nk - 1 > a.i0};
+    const bool diag = a.causal && j0 + nk - 1 > a.i0;
+    const Segments sg(a, j0, nk, diag);
+    // S^T = K_blk (scale Q)^T (keys x queries, row stride kBq), masked, with the block max per query.
+    const ScoreCtx sc{&a, j0, nv, diag};
     __m512 mx[kBq / 16];
     for (int v = 0; v < kBq / 16; ++v) mx[v] = _mm512_set1_ps(ninf);
-    int64_t j = 0;
-    for (; j + 6 <= nk; j += 6) score_tile<6>(sc, qT, j, ST, mx);
-    switch (nk - j) {
-      case 5: score_tile<5>(sc, qT, j, ST, mx); break;
-      case 4: score_tile<4>(sc, qT, j, ST, mx); break;
-      case 3: score_tile<3>(sc, qT, j, ST, mx); break;
-      case 2: score_tile<2>(sc, qT, j, ST, mx); break;
-      case 1: score_tile<1>(sc, qT, j, ST, mx); break;
-      default: break;
-    }
+    score_block(sc, sg, nk, qT, ST, mx);
     // online softmax update; a query whose scores are all -inf so far keeps m = -inf and contributes 0.
     __m512 mu[kBq / 16];
     bool rescale = false;
@@ -152,17 +248,19 @@ void fwd_block(const FwdBlock& a, float* ws) {
       const __m512 mnew = _mm512_max_ps(mold, mx[v]);
       const __mmask16 dead = _mm512_cmp_ps_mask(mnew, _mm512_set1_ps(ninf), _CMP_EQ_OQ);
       mu[v] = _mm512_mask_mov_ps(mnew, dead, _mm512_setzero_ps());
-      const __m512 alpha = exp_ps(_mm512_sub_ps(mold, mu[v]));  // exp(-inf) = 0 for a first live block
+      // exp(-inf) = 0 for a first live block
+      const __m512 alpha = avx512::exp2_ps(_mm512_mul_ps(_mm512_sub_ps(mold, mu[v]), log2e));
       rescale |= _mm512_cmp_ps_mask(mold, mnew, _CMP_NEQ_UQ) != 0;
       _mm512_store_ps(mrow + 16 * v, mnew);
       _mm512_store_ps(arow + 16 * v, alpha);
     }
+    // P = exp(S - m), in place; lane groups a key is causally masked for stay untouched (P V skips them).
     __m512 sum[kBq / 16];
     for (int v = 0; v < kBq / 16; ++v) sum[v] = _mm512_setzero_ps();
     for (int64_t j = 0; j < nk; ++j) {
       float* s = ST + j * kBq;
-      for (int v = 0; v < nv; ++v) {
-        const __m512 p = exp_ps(_mm512_sub_ps(_mm512_load_ps(s + 16 * v), mu[v]));
+      for (int v = sg.dead(j); v < nv; ++v) {
+        const __m512 p = avx512::exp2_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(s + 16 * v), mu[v]), log2e));
         _mm512_store_ps(s + 16 * v, p);
         sum[v] = _mm512_add_ps(sum[v], p);
       }
@@ -171,27 +269,30 @@ void fwd_block(const FwdBlock& a, float* ws) {
       const __m512 l = _mm512_load_ps(lrow + 16 * v);
       _mm512_store_ps(lrow + 16 * v, _mm512_fmadd_ps(l, _mm512_load_ps(arow + 16 * v), sum[v]));
     }
-    if (rescale && j0 > 0)
-      for (int64_t r = 0; r < mq; ++r) {
-        const float al = arow[r];
-        if (al == 1.f) continue;
-        float* o = acc + r * Dv;
-        for (int64_t c = 0; c < Dv; ++c) o[c] *= al;
+    // accT = alpha accT + V_blk^T P^T
+    const PvCtx pc{ST, &sg, nk, a.v + j0 * a.sv, a.sv, accT, (rescale && j0 > 0) ? arow : nullptr};
+    pv_block(pc, Dv);
+  }
+  // out = accT^T / l, 16 x 16 blocks transposed in registers; a fully masked row (or no keys) gives 0 as torch does,
+  // and lse = +inf makes the backward's P exactly 0 there.
+  for (int v = 0; v < nv; ++v) {
+    const int rows = int(std::min<int64_t>(16, mq - 16 * v));
+    for (int64_t cb = 0; cb < Dv; cb += 16) {
+      __m512 t[16];
+      for (int64_t i = 0; i < 16; ++i)
+        t[i] = cb + i < Dv ? _mm512_load_ps(accT + (cb + i) * kBq + 16 * v) : _mm512_setzero_ps();
+      avx512::transpose16(t);
+      const __mmask16 cm = avx512::mask16(Dv - cb);
+      for (int i = 0; i < rows; ++i) {
+        const float l = lrow[16 * v + i];
+        const __m512 x = l > 0.f ? _mm512_mul_ps(t[i], _mm512_set1_ps(1.f / l)) : _mm512_setzero_ps();
+        _mm512_mask_storeu_ps(a.out + (16 * v + i) * a.so + cb, cm, x);
       }
-    // acc += P V: P^T in place as the transposed A operand (A(i, j) = ST[j * kBq + i]).
-    sgemm::gemm(mq, Dv, nk, ST, 1, kBq, a.vp + j0 * sgemm::kNR, 1.f, acc, Dv, nullptr, a.Lk * sgemm::kNR);
+    }
   }
   for (int64_t r = 0; r < mq; ++r) {
-    float* o = a.out + r * a.so;
     const float l = lrow[r];
-    if (l > 0.f) {
-      const float inv = 1.f / l;
-      for (int64_t c = 0; c < Dv; ++c) o[c] = acc[r * Dv + c] * inv;
-      a.lse[r] = mrow[r] + std::log(l);
-    } else {  // fully masked row (or no keys): torch gives 0; lse = +inf makes the backward's P exactly 0
-      for (int64_t c = 0; c < Dv; ++c) o[c] = 0.f;
-      a.lse[r] = std::numeric_limits<float>::infinity();
-    }
+    a.lse[r] = l > 0.f ? mrow[r] + std::log(l) : std::numeric_limits<float>::infinity();
   }
 }
 

@@ -1,14 +1,17 @@
 // float32 flash-attention forward block for x86-64 CPUs with AVX-512 (seqfast._C internal; attention_avx512.cpp).
 //
-// One task = one query block (up to kBq = 64 rows) of one (batch, head). The score block is computed transposed,
-// S^T [keys x queries] = K_blk Q_blk^T, so that:
-//   * K is read in place as the GEMM's broadcast operand (rows of K are k-contiguous) and only the small Q block is
-//     packed (transposed) once per task, instead of packing every K block transposed;
+// One task = one query block (up to kBq = 64 rows) of one (batch, head). Everything is computed transposed, queries
+// along the vector lanes (4 zmm registers of 16 queries):
+//   * S^T [keys x queries] = K_blk (scale Q_blk)^T: K is read in place as the broadcast operand (rows of K are
+//     k-contiguous) and only the small Q block is packed (transposed, scaled) once per task;
 //   * the online softmax runs down the columns: the running max and sum of 64 queries live in 4 zmm registers and
-//     every reduction over keys is a vertical max/add (no horizontal reductions);
-//   * P V takes P^T in place as a transposed A operand of the own GEMM (sgemm.h), and V packed once per head
-//     (every query block of the head reads it).
-// Causal key blocks past the diagonal are never visited. Callers check sgemm::available() first.
+//     every reduction over keys is a vertical max/add (no horizontal reductions); exp is exp2 on (s - m) log2(e);
+//   * O^T [value columns x queries] += V_blk^T P^T: V read in place as the broadcast operand, P^T rows as stored by
+//     the softmax, so neither P nor V is packed, and the per-query rescale is a vector multiply; O^T is transposed
+//     to the output once per task.
+// Both register tiles are 6 x 64 (24 accumulators) and FMA-bound. Causal key blocks past the diagonal are never
+// visited, and on the diagonal block the 16-query lane groups a key is masked for are skipped (not computed).
+// Callers check sgemm::available() first.
 #pragma once
 
 #include <cstdint>
@@ -25,8 +28,8 @@ struct FwdBlock {
   int64_t sq = 0, D = 0;
   const float* k = nullptr;       // key j at k + j * sk
   int64_t sk = 0;
-  const float* vp = nullptr;      // all values of the head packed once: sgemm::pack_b(Lk, Dv, V, sv, 1)
-  int64_t Lk = 0, Dv = 0;
+  const float* v = nullptr;       // value j at v + j * sv (Dv floats)
+  int64_t sv = 0, Dv = 0;
   int64_t kv_end = 0;             // keys [0, kv_end) are visited
   const float* bias = nullptr;    // additive mask of row r, key j at bias + r * bsi + j * bsj, or nullptr
   int64_t bsi = 0, bsj = 0;

@@ -133,6 +133,38 @@ def test_dropout_statistics_and_backward_mask():
     torch.testing.assert_close(vv.grad[0, 0], column_sums[:, None].expand(64, 64))
 
 
+# The C++ float32 forward's block structure at sizes the interpreter-backed parity cases above cannot afford: several
+# 64-query tasks and 256-key blocks, the causal diagonal in every position within a key block (query blocks start at
+# offsets 0, 64, 128 and 192 of it), head and value dims off the 16-float vectors and the 6-column register tiles, a
+# partial last query block, masks read per key (float [L, S]) and broadcast over queries ([N, 1, 1, S]).
+@pytest.mark.parametrize("lq,lk,D,Dv,causal,mask", [
+    (600, 600, 72, 40, True, None),
+    (520, 700, 64, 64, True, None),
+    (300, 530, 128, 17, False, "float"),
+    (200, 530, 33, 130, False, "key_padding"),
+    (130, 300, 16, 24, False, "row_off"),
+], ids=lambda v: str(v))
+def test_cpp_float32_blocks(lq, lk, D, Dv, causal, mask):
+    torch.manual_seed(0)
+    q64, k64, v64 = torch.randn(2, 2, lq, D).double(), torch.randn(2, 2, lk, D).double(), torch.randn(2, 2, lk, Dv).double()
+    m = _mask(mask, q64, k64)
+    q, k, v = (t.float().requires_grad_(True) for t in (q64, k64, v64))
+    qr, kr, vr = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    mf = None if m is None else (m if m.dtype == torch.bool else m.float())
+    mr = None if m is None else (m if m.dtype == torch.bool else mf.double())
+    with seqfast.use_backend("cpp"):
+        out = sdpa(q, k, v, attn_mask=mf, is_causal=causal)
+    ref = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mr, is_causal=causal)
+    rtol, atol = TOL[torch.float32]
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=rtol, atol=atol)
+    g = torch.randn_like(ref)
+    out.backward(g.float())
+    ref.backward(g)
+    for name, a, b in (("dq", q, qr), ("dk", k, kr), ("dv", v, vr)):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=rtol * 2, atol=atol * 2,
+                                   msg=lambda msg: f"{name}: {msg}")
+
+
 @pytest.mark.parametrize("kwargs,exc", [
     (dict(query=torch.randn(2, 4, 8).double()), RuntimeError),              # dtype mismatch
     (dict(dropout_p=1.5), RuntimeError),                                     # bad probability
