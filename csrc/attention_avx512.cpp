@@ -27,7 +27,7 @@ inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 }  // namespace
 
 int64_t fwd_workspace(int64_t D, int64_t Dv) {
-  return round16(sgemm::pack_size(D, kBq)) + kBk * kBq + Dv * kBq + 3 * kBq;
+  return round16(sgemm::pack_size(D, kBq)) + 2 * kBk * kBq + Dv * kBq + 3 * kBq;
 }
 
 #ifdef SEQFAST_HAVE_AVX512_ATTN
@@ -52,31 +52,43 @@ struct Segments {
 
 struct ScoreCtx {
   const FwdBlock* a;
-  int64_t j0;   // first key of the block
-  int nv;       // live 16-query lane groups (queries < mq)
-  bool diag;    // block crosses the causal diagonal
+  int64_t j0;        // first key of the block
+  int nv;            // live 16-query lane groups (queries < mq)
+  bool diag;         // block crosses the causal diagonal
+  const float* BT;   // the mask of the block transposed (key j's 64 queries at BT + j * kBq) when it varies by query
 };
+
+// BT[j][r] = bias(r, j0 + j) for the block's nk keys (0 for rows past mq): the mask in the score block's transposed
+// layout, so the epilogue adds it with one aligned load instead of a 16-way strided gather per key.
+void transpose_bias(const FwdBlock& a, int64_t j0, int64_t nk, float* BT) {
+  const float* b = a.bias + j0 * a.bsj;
+  for (int64_t v = 0; v < kBq / 16; ++v) {
+    const int64_t rows = std::min<int64_t>(16, a.mq - 16 * v);
+    for (int64_t jb = 0; jb < nk; jb += 16) {
+      const int64_t nj = std::min<int64_t>(16, nk - jb);
+      if (a.bsj == 1) {
+        __m512 t[16];
+        for (int64_t i = 0; i < 16; ++i)
+          t[i] = i < rows ? _mm512_maskz_loadu_ps(avx512::mask16(nj), b + (16 * v + i) * a.bsi + jb)
+                          : _mm512_setzero_ps();
+        avx512::transpose16(t);
+        for (int64_t k = 0; k < nj; ++k) _mm512_store_ps(BT + (jb + k) * kBq + 16 * v, t[k]);
+      } else {
+        for (int64_t k = 0; k < nj; ++k)
+          for (int64_t i = 0; i < 16; ++i)
+            BT[(jb + k) * kBq + 16 * v + i] = i < rows ? b[(16 * v + i) * a.bsi + (jb + k) * a.bsj] : 0.f;
+      }
+    }
+  }
+}
 
 // Additive and causal mask of 16 scores (queries 16v.. of this block, one key). The scale is already in Q^T.
 inline __m512 finish(const ScoreCtx& c, __m512 x, int64_t key, int v) {
   const FwdBlock& a = *c.a;
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  if (a.bias) {
-    const float* b = a.bias + key * a.bsj + int64_t(16 * v) * a.bsi;
-    if (a.bsi == 0) {
-      x = _mm512_add_ps(x, _mm512_set1_ps(b[0]));
-    } else if (a.bsi > (int64_t(1) << 26) || a.bsi < 0) {  // gather offsets would overflow int32
-      alignas(64) float tmp[16] = {};
-      for (int64_t i = 0; i < 16 && 16 * v + i < a.mq; ++i) tmp[i] = b[i * a.bsi];
-      x = _mm512_add_ps(x, _mm512_load_ps(tmp));
-    } else {
-      const int64_t left = a.mq - 16 * v;
-      const __mmask16 live = avx512::mask16(left);
-      const __m512i idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int(a.bsi)));
-      x = _mm512_add_ps(x, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idx, b, 4));
-    }
-  }
+  if (c.BT) x = _mm512_add_ps(x, _mm512_load_ps(c.BT + (key - c.j0) * kBq + 16 * v));
+  else if (a.bias) x = _mm512_add_ps(x, _mm512_set1_ps(a.bias[key * a.bsj]));  // the same for every query
   if (c.diag) {  // query i0 + 16v + lane sees the key only if key <= query
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i qi = _mm512_add_epi32(lane, _mm512_set1_epi32(int(a.i0 + 16 * v)));
     const __mmask16 masked = _mm512_cmplt_epi32_mask(qi, _mm512_set1_epi32(int(key)));
     x = _mm512_mask_mov_ps(x, masked, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
@@ -212,7 +224,8 @@ void fwd_block(const FwdBlock& a, float* ws) {
   const int64_t mq = a.mq, D = a.D, Dv = a.Dv;
   float* qT = ws;                                          // scale * Q^T packed: B(d, i) = scale * q[i, d]
   float* ST = qT + round16(sgemm::pack_size(D, kBq));      // S^T block [kBk keys][kBq queries], then P^T
-  float* accT = ST + kBk * kBq;                            // unnormalised output transposed [Dv][kBq]
+  float* BT = ST + kBk * kBq;                              // the block's mask transposed, when it varies by query
+  float* accT = BT + kBk * kBq;                            // unnormalised output transposed [Dv][kBq]
   float* mrow = accT + Dv * kBq;                           // running max per query
   float* lrow = mrow + kBq;                                // running sum per query
   float* arow = lrow + kBq;                                // rescale factor of this block per query
@@ -236,7 +249,9 @@ void fwd_block(const FwdBlock& a, float* ws) {
     const bool diag = a.causal && j0 + nk - 1 > a.i0;
     const Segments sg(a, j0, nk, diag);
     // S^T = K_blk (scale Q)^T (keys x queries, row stride kBq), masked, with the block max per query.
-    const ScoreCtx sc{&a, j0, nv, diag};
+    const bool per_query = a.bias && a.bsi != 0;
+    if (per_query) transpose_bias(a, j0, nk, BT);
+    const ScoreCtx sc{&a, j0, nv, diag, per_query ? BT : nullptr};
     __m512 mx[kBq / 16];
     for (int v = 0; v < kBq / 16; ++v) mx[v] = _mm512_set1_ps(ninf);
     score_block(sc, sg, nk, qT, ST, mx);

@@ -47,6 +47,8 @@ def _mask(kind, q, k):
         return m
     if kind == "float":
         return torch.randn(L, S)
+    if kind == "float_transposed":  # a mask view whose keys are strided (stride 1 along queries)
+        return torch.randn(S, L).t()
     if kind == "key_padding":  # [N, 1, 1, S], True = attend
         m = torch.ones(q.shape[0], 1, 1, S, dtype=torch.bool)
         m[0, ..., S // 2:] = False
@@ -141,6 +143,7 @@ def test_dropout_statistics_and_backward_mask():
     (600, 600, 72, 40, True, None),
     (520, 700, 64, 64, True, None),
     (300, 530, 128, 17, False, "float"),
+    (100, 270, 24, 16, False, "float_transposed"),
     (200, 530, 33, 130, False, "key_padding"),
     (130, 300, 16, 24, False, "row_off"),
 ], ids=lambda v: str(v))
