@@ -16,6 +16,7 @@
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
 #include <immintrin.h>
 
+#include "attention_avx512_tiles.h"
 #include "avx512_math.h"
 #endif
 
@@ -34,21 +35,8 @@ int64_t fwd_workspace(int64_t D, int64_t Dv) {
 
 namespace {
 
-static_assert(kBq == 2 * sgemm::kNR, "score_tile covers exactly two packed 32-query panels");
-static_assert(kBq == 64, "the causal lane-group segments below assume four 16-query groups");
-
-// Causal structure of one key block, in block-relative keys: keys >= seg[w] are masked for the queries of lane groups
-// v < w (queries i0 + 16v .. i0 + 16v + 15 see keys <= their own index), so the score and P V loops skip those
-// groups there. seg[1..3] = nk off the diagonal (every group live).
-struct Segments {
-  int64_t seg[4];
-  Segments(const FwdBlock& a, int64_t j0, int64_t nk, bool diag) {
-    seg[0] = 0;
-    for (int w = 1; w < 4; ++w) seg[w] = diag ? std::min(nk, std::max<int64_t>(0, a.i0 + 16 * w - j0)) : nk;
-  }
-  // lane groups fully masked for every key >= j
-  int dead(int64_t j) const { return (j >= seg[1]) + (j >= seg[2]) + (j >= seg[3]); }
-};
+static_assert(kBq == tiles::kLanes, "a task's query block is one lane block of the shared tiles");
+using tiles::Segments;
 
 struct ScoreCtx {
   const FwdBlock* a;
@@ -103,20 +91,10 @@ inline __m512 finish(const ScoreCtx& c, __m512 x, int64_t key, int v) {
 template <int MR, int V0>
 inline void score_tile(const ScoreCtx& c, const float* qT, int64_t j, float* ST, __m512 (&mx)[kBq / 16]) {
   const FwdBlock& a = *c.a;
-  const int64_t D = a.D;
-  __m512 acc[MR][4];
-  for (int r = 0; r < MR; ++r)
-    for (int q = V0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
   const float* kr[MR];
   for (int r = 0; r < MR; ++r) kr[r] = a.k + (c.j0 + j + r) * a.sk;
-  for (int64_t d = 0; d < D; ++d) {
-    __m512 w[4];
-    for (int q = V0; q < 4; ++q) w[q] = _mm512_load_ps(qT + (q / 2) * D * sgemm::kNR + d * sgemm::kNR + 16 * (q % 2));
-    for (int r = 0; r < MR; ++r) {
-      const __m512 kv = _mm512_set1_ps(kr[r][d]);
-      for (int q = V0; q < 4; ++q) acc[r][q] = _mm512_fmadd_ps(kv, w[q], acc[r][q]);
-    }
-  }
+  __m512 acc[MR][4];
+  tiles::dot_rows<MR, V0>(kr, a.D, qT, acc);
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int r = 0; r < MR; ++r) {
     float* s = ST + (j + r) * kBq;
@@ -130,68 +108,6 @@ inline void score_tile(const ScoreCtx& c, const float* qT, int64_t j, float* ST,
       _mm512_store_ps(s + 16 * v, x);
       mx[v] = _mm512_max_ps(mx[v], x);
     }
-  }
-}
-
-// What the P V tiles of one key block share.
-struct PvCtx {
-  const float* ST;      // P^T of the block: key j's 64 probabilities at ST + j * kBq
-  const Segments* sg;
-  int64_t nk;
-  const float* v;       // value row of the block's first key; key j at v + j * sv
-  int64_t sv;
-  float* accT;          // unnormalised output transposed: column c of the output at accT + c * kBq (64 queries)
-  const float* alpha;   // per-query rescale of the running output for this block, or nullptr (none needed)
-};
-
-// accT[c0 .. c0 + NC) = alpha * accT + V[:, c0 .. c0 + NC)^T P^T: the output is accumulated transposed (value
-// columns x queries), so P^T rows are the vector operand as the score loop stored them, V is read in place as the
-// broadcast operand (no packing of P or V), and the per-query rescale is one vector multiply per register. Keys past
-// seg[w] skip the lane groups v < w (their P is 0 there).
-template <int NC>
-inline void pv_tile(const PvCtx& c, int64_t c0) {
-  __m512 acc[NC][4];
-  float* o = c.accT + c0 * kBq;
-  for (int r = 0; r < NC; ++r)
-    for (int q = 0; q < 4; ++q) {
-      acc[r][q] = _mm512_load_ps(o + r * kBq + 16 * q);
-      if (c.alpha) acc[r][q] = _mm512_mul_ps(acc[r][q], _mm512_load_ps(c.alpha + 16 * q));
-    }
-  const float* vc = c.v + c0;
-  auto run = [&](auto v0, int64_t jb, int64_t je) {
-    constexpr int V0 = decltype(v0)::value;
-    for (int64_t j = jb; j < je; ++j) {
-      const float* p = c.ST + j * kBq;
-      __m512 pj[4];
-      for (int q = V0; q < 4; ++q) pj[q] = _mm512_load_ps(p + 16 * q);
-      const float* vj = vc + j * c.sv;
-      for (int r = 0; r < NC; ++r) {
-        const __m512 b = _mm512_set1_ps(vj[r]);
-        for (int q = V0; q < 4; ++q) acc[r][q] = _mm512_fmadd_ps(b, pj[q], acc[r][q]);
-      }
-    }
-  };
-  const int64_t* seg = c.sg->seg;
-  run(std::integral_constant<int, 0>{}, 0, seg[1]);
-  run(std::integral_constant<int, 1>{}, seg[1], seg[2]);
-  run(std::integral_constant<int, 2>{}, seg[2], seg[3]);
-  run(std::integral_constant<int, 3>{}, seg[3], c.nk);
-  for (int r = 0; r < NC; ++r)
-    for (int q = 0; q < 4; ++q) _mm512_store_ps(o + r * kBq + 16 * q, acc[r][q]);
-}
-
-constexpr int kPvCols = 6;  // value columns per P V register tile (6 x 4 accumulators)
-
-void pv_block(const PvCtx& c, int64_t Dv) {
-  int64_t c0 = 0;
-  for (; c0 + kPvCols <= Dv; c0 += kPvCols) pv_tile<kPvCols>(c, c0);
-  switch (Dv - c0) {
-    case 5: pv_tile<5>(c, c0); break;
-    case 4: pv_tile<4>(c, c0); break;
-    case 3: pv_tile<3>(c, c0); break;
-    case 2: pv_tile<2>(c, c0); break;
-    case 1: pv_tile<1>(c, c0); break;
-    default: break;
   }
 }
 
@@ -247,7 +163,7 @@ void fwd_block(const FwdBlock& a, float* ws) {
   for (int64_t j0 = 0; j0 < a.kv_end; j0 += kBk) {
     const int64_t nk = std::min(kBk, a.kv_end - j0);
     const bool diag = a.causal && j0 + nk - 1 > a.i0;
-    const Segments sg(a, j0, nk, diag);
+    const Segments sg(a.i0, j0, nk, diag);
     // S^T = K_blk (scale Q)^T (keys x queries, row stride kBq), masked, with the block max per query.
     const bool per_query = a.bias && a.bsi != 0;
     if (per_query) transpose_bias(a, j0, nk, BT);
@@ -285,8 +201,8 @@ void fwd_block(const FwdBlock& a, float* ws) {
       _mm512_store_ps(lrow + 16 * v, _mm512_fmadd_ps(l, _mm512_load_ps(arow + 16 * v), sum[v]));
     }
     // accT = alpha accT + V_blk^T P^T
-    const PvCtx pc{ST, &sg, nk, a.v + j0 * a.sv, a.sv, accT, (rescale && j0 > 0) ? arow : nullptr};
-    pv_block(pc, Dv);
+    const tiles::AccumCtx pc{ST, &sg, nk, a.v + j0 * a.sv, a.sv, accT, (rescale && j0 > 0) ? arow : nullptr};
+    tiles::accum_block(pc, Dv);
   }
   // out = accT^T / l, 16 x 16 blocks transposed in registers; a fully masked row (or no keys) gives 0 as torch does,
   // and lse = +inf makes the backward's P exactly 0 there.

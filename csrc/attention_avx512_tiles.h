@@ -1,0 +1,111 @@
+// Register tiles shared by the AVX-512 attention forward (attention_avx512.cpp) and backward
+// (attention_avx512_bwd.cpp). A block of 64 queries lives along the vector lanes: four zmm registers of 16 queries
+// (lane groups). Include only inside the `#pragma GCC target("avx512f,...")` region, after <immintrin.h>.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "sgemm.h"
+
+namespace seqfast {
+namespace attn512 {
+namespace tiles {
+
+constexpr int64_t kLanes = 64;  // queries per block, = 2 packed 32-query panels
+static_assert(kLanes == 2 * sgemm::kNR, "a query block is exactly two packed panels");
+
+// Causal structure of one key block [j0, j0 + nk) against queries i0 .. i0 + 63, in block-relative keys: keys >=
+// seg[w] are masked for the queries of lane groups v < w (query i sees keys <= i), so loops skip those groups there.
+// seg[1..3] = nk off the diagonal (every group live).
+struct Segments {
+  int64_t seg[4];
+  Segments(int64_t i0, int64_t j0, int64_t nk, bool diag) {
+    seg[0] = 0;
+    for (int w = 1; w < 4; ++w) seg[w] = diag ? std::min(nk, std::max<int64_t>(0, i0 + 16 * w - j0)) : nk;
+  }
+  // lane groups masked for every key >= j
+  int dead(int64_t j) const { return (j >= seg[1]) + (j >= seg[2]) + (j >= seg[3]); }
+};
+
+// acc[r][q] = sum_d x_r[d] * pT[d][16q .. 16q + 15] for lane groups q >= V0: MR rows (keys) read in place as the
+// broadcast operand against a packed 64-query operand pT (sgemm::pack_b layout, two panels of D rows x 32).
+// MR = 6 gives 24 accumulators, FMA-bound.
+template <int MR, int V0>
+inline void dot_rows(const float* const (&x)[MR], int64_t D, const float* pT, __m512 (&acc)[MR][4]) {
+  for (int r = 0; r < MR; ++r)
+    for (int q = V0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 w[4];
+    for (int q = V0; q < 4; ++q) w[q] = _mm512_load_ps(pT + (q / 2) * D * sgemm::kNR + d * sgemm::kNR + 16 * (q % 2));
+    for (int r = 0; r < MR; ++r) {
+      const __m512 kv = _mm512_set1_ps(x[r][d]);
+      for (int q = V0; q < 4; ++q) acc[r][q] = _mm512_fmadd_ps(kv, w[q], acc[r][q]);
+    }
+  }
+}
+
+// What the transposed accumulation of one key block reads and writes.
+struct AccumCtx {
+  const float* WT;      // block weights transposed: key j's 64 query weights at WT + j * kLanes
+  const Segments* sg;
+  int64_t nk;
+  const float* y;       // row of the block's first key; key j at y + j * sy (ncols floats used)
+  int64_t sy;
+  float* outT;          // column c of the result at outT + c * kLanes (64 queries)
+  const float* alpha;   // per-query factor applied to outT first, or nullptr
+};
+
+// outT[c0 .. c0 + NC) = alpha * outT + Y[:, c0 .. c0 + NC)^T W^T, i.e. out += W Y accumulated transposed (result
+// columns x queries): W^T rows are the vector operand, Y is read in place as the broadcast operand (nothing packed),
+// and a per-query rescale is one multiply per register. Keys past seg[w] skip lane groups v < w (W is 0 there).
+template <int NC>
+inline void accum_tile(const AccumCtx& c, int64_t c0) {
+  __m512 acc[NC][4];
+  float* o = c.outT + c0 * kLanes;
+  for (int r = 0; r < NC; ++r)
+    for (int q = 0; q < 4; ++q) {
+      acc[r][q] = _mm512_load_ps(o + r * kLanes + 16 * q);
+      if (c.alpha) acc[r][q] = _mm512_mul_ps(acc[r][q], _mm512_load_ps(c.alpha + 16 * q));
+    }
+  const float* yc = c.y + c0;
+  auto run = [&](auto v0, int64_t jb, int64_t je) {
+    constexpr int V0 = decltype(v0)::value;
+    for (int64_t j = jb; j < je; ++j) {
+      const float* w = c.WT + j * kLanes;
+      __m512 wj[4];
+      for (int q = V0; q < 4; ++q) wj[q] = _mm512_load_ps(w + 16 * q);
+      const float* yj = yc + j * c.sy;
+      for (int r = 0; r < NC; ++r) {
+        const __m512 b = _mm512_set1_ps(yj[r]);
+        for (int q = V0; q < 4; ++q) acc[r][q] = _mm512_fmadd_ps(b, wj[q], acc[r][q]);
+      }
+    }
+  };
+  const int64_t* seg = c.sg->seg;
+  run(std::integral_constant<int, 0>{}, 0, seg[1]);
+  run(std::integral_constant<int, 1>{}, seg[1], seg[2]);
+  run(std::integral_constant<int, 2>{}, seg[2], seg[3]);
+  run(std::integral_constant<int, 3>{}, seg[3], c.nk);
+  for (int r = 0; r < NC; ++r)
+    for (int q = 0; q < 4; ++q) _mm512_store_ps(o + r * kLanes + 16 * q, acc[r][q]);
+}
+
+// accum_tile over all ncols columns: 6-column tiles (6 x 4 accumulators), then the remainder.
+inline void accum_block(const AccumCtx& c, int64_t ncols) {
+  int64_t c0 = 0;
+  for (; c0 + 6 <= ncols; c0 += 6) accum_tile<6>(c, c0);
+  switch (ncols - c0) {
+    case 5: accum_tile<5>(c, c0); break;
+    case 4: accum_tile<4>(c, c0); break;
+    case 3: accum_tile<3>(c, c0); break;
+    case 2: accum_tile<2>(c, c0); break;
+    case 1: accum_tile<1>(c, c0); break;
+    default: break;
+  }
+}
+
+}  // namespace tiles
+}  // namespace attn512
+}  // namespace seqfast
