@@ -432,7 +432,15 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
   std::vector<acc_t> dq_part;  // [splits, N, Hq, Lq, D] when splits > 1
   if (splits > 1) dq_part.assign(static_cast<size_t>(splits) * N * Hq * Lq * D, acc_t(0));
 
+  // float32 on AVX-512: each query block's key range runs on attn512::bwd_block (same tasks, same dQ/dK/dV buffers).
+  bool use_avx512 = false;
+  if constexpr (std::is_same_v<scalar_t, float>)
+    use_avx512 = sgemm::available() && !std::getenv("SEQFAST_CPU_NO_AVX512_ATTN");  // Bq <= kBq
+  const int64_t ws512_size = use_avx512 ? attn512::bwd_workspace(D, Dv) : 0;
+
   at::parallel_for(0, N * Hk * splits, 1, [&](int64_t begin, int64_t end) {
+    float* ws512 = use_avx512 ? sgemm::scratch_alloc(ws512_size) : nullptr;
+    TORCH_CHECK(!use_avx512 || ws512 != nullptr, "seqfast sdpa backward: out of memory for the workspace");
     std::vector<acc_t> S(Bq * Bk), dS(Bq * Bk), dQa(Bq * D), delta(Bq), lser(Bq);
     std::vector<acc_t> dKa, dVa;
     std::vector<scalar_t> P(kSame ? 0 : Bq * Bk), dSm(kSame ? 0 : Bq * Bk);
@@ -475,7 +483,39 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
             lser[r] = lp[nh * Lq + i0 + r];
             any_live |= std::isfinite(static_cast<double>(lser[r]));
           }
-          if (any_live) {
+          if (any_live && use_avx512) {
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              attn512::BwdBlock a;
+              a.mq = mq;
+              a.i0 = i0;
+              a.q = Q;
+              a.sq = sql;
+              a.D = D;
+              a.dout = dO;
+              a.sdo = sgl;
+              a.Dv = Dv;
+              a.k = K;
+              a.sk = skl;
+              a.v = V;
+              a.sv = svl;
+              a.j_lo = jlo;
+              a.kv_end = kv_end;
+              if (B) {
+                a.bias = B + i0 * bv.si;
+                a.bsi = bv.si;
+                a.bsj = bv.sj;
+              }
+              a.causal = causal;
+              a.scale = scale;
+              a.lse = lser.data();
+              a.delta = delta.data();
+              a.dq = dQout;
+              a.sdq = D;
+              a.dk = dKa.data();
+              a.dv = dVa.data();
+              attn512::bwd_block(a, ws512);
+            }
+          } else if (any_live) {
             for (int64_t j0 = jlo; j0 < kv_end; j0 += Bk) {
               const int64_t nk = std::min(Bk, kv_end - j0);
               mm_nt<scalar_t, acc_t>(mq, nk, D, scale, Q, sql, K + j0 * skl, skl, acc_t(0), S.data(), Bk);
@@ -517,6 +557,7 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
       for (int64_t x = 0; x < nj * D; ++x) dKo[x] = static_cast<scalar_t>(dKa[x]);
       for (int64_t x = 0; x < nj * Dv; ++x) dVo[x] = static_cast<scalar_t>(dVa[x]);
     }
+    if (ws512) sgemm::scratch_free(ws512, ws512_size);
   });
 
   if (splits > 1) {

@@ -46,30 +46,6 @@ struct ScoreCtx {
   const float* BT;   // the mask of the block transposed (key j's 64 queries at BT + j * kBq) when it varies by query
 };
 
-// BT[j][r] = bias(r, j0 + j) for the block's nk keys (0 for rows past mq): the mask in the score block's transposed
-// layout, so the epilogue adds it with one aligned load instead of a 16-way strided gather per key.
-void transpose_bias(const FwdBlock& a, int64_t j0, int64_t nk, float* BT) {
-  const float* b = a.bias + j0 * a.bsj;
-  for (int64_t v = 0; v < kBq / 16; ++v) {
-    const int64_t rows = std::min<int64_t>(16, a.mq - 16 * v);
-    for (int64_t jb = 0; jb < nk; jb += 16) {
-      const int64_t nj = std::min<int64_t>(16, nk - jb);
-      if (a.bsj == 1) {
-        __m512 t[16];
-        for (int64_t i = 0; i < 16; ++i)
-          t[i] = i < rows ? _mm512_maskz_loadu_ps(avx512::mask16(nj), b + (16 * v + i) * a.bsi + jb)
-                          : _mm512_setzero_ps();
-        avx512::transpose16(t);
-        for (int64_t k = 0; k < nj; ++k) _mm512_store_ps(BT + (jb + k) * kBq + 16 * v, t[k]);
-      } else {
-        for (int64_t k = 0; k < nj; ++k)
-          for (int64_t i = 0; i < 16; ++i)
-            BT[(jb + k) * kBq + 16 * v + i] = i < rows ? b[(16 * v + i) * a.bsi + (jb + k) * a.bsj] : 0.f;
-      }
-    }
-  }
-}
-
 // Additive and causal mask of 16 scores (queries 16v.. of this block, one key). The scale is already in Q^T.
 inline __m512 finish(const ScoreCtx& c, __m512 x, int64_t key, int v) {
   const FwdBlock& a = *c.a;
@@ -166,7 +142,7 @@ void fwd_block(const FwdBlock& a, float* ws) {
     const Segments sg(a.i0, j0, nk, diag);
     // S^T = K_blk (scale Q)^T (keys x queries, row stride kBq), masked, with the block max per query.
     const bool per_query = a.bias && a.bsi != 0;
-    if (per_query) transpose_bias(a, j0, nk, BT);
+    if (per_query) tiles::transpose_mask(a.bias + j0 * a.bsj, a.bsi, a.bsj, mq, nk, BT);
     const ScoreCtx sc{&a, j0, nv, diag, per_query ? BT : nullptr};
     __m512 mx[kBq / 16];
     for (int v = 0; v < kBq / 16; ++v) mx[v] = _mm512_set1_ps(ninf);

@@ -46,6 +46,40 @@ int64_t fwd_workspace(int64_t D, int64_t Dv);
 
 void fwd_block(const FwdBlock& a, float* ws);
 
+// Backward of one query block (up to kBq rows) of one head against keys [j_lo, kv_end), in key blocks of kBkBwd,
+// with the same transposed layout: S^T and dP^T as rows-x-packed tiles (K and V read in place, scale Q^T and dO^T
+// packed once per call), dQ^T accumulated transposed (K read in place), dV += P^T dO and dK += dS^T (scale Q) on the
+// own GEMM (sgemm.h) with P^T / dS^T read in place and dO / scale Q packed once per call. Causal blocks past the
+// diagonal are never visited; on the diagonal, masked 16-query lane groups are skipped.
+constexpr int64_t kBkBwd = 128;  // keys per backward block
+
+struct BwdBlock {
+  int64_t mq = 0, i0 = 0;           // query rows (<= kBq) and the index of row 0 (causal: row r sees keys <= i0 + r)
+  const float* q = nullptr;         // row r at q + r * sq (D floats)
+  int64_t sq = 0, D = 0;
+  const float* dout = nullptr;      // gradient of the output, row r at dout + r * sdo (Dv floats)
+  int64_t sdo = 0, Dv = 0;
+  const float* k = nullptr;         // key j at k + j * sk (absolute key index)
+  int64_t sk = 0;
+  const float* v = nullptr;         // value j at v + j * sv
+  int64_t sv = 0;
+  int64_t j_lo = 0, kv_end = 0;     // keys [j_lo, kv_end) are visited
+  const float* bias = nullptr;      // additive mask of row r, key j at bias + r * bsi + j * bsj, or nullptr
+  int64_t bsi = 0, bsj = 0;
+  bool causal = false;
+  float scale = 1.f;
+  const float* lse = nullptr;       // mq floats from the forward (+inf: fully masked row, whose P is 0)
+  const float* delta = nullptr;     // mq floats: rowsum(dout * out)
+  float* dq = nullptr;              // += : row r at dq + r * sdq (D floats)
+  int64_t sdq = 0;
+  float* dk = nullptr;              // += : key j at dk + (j - j_lo) * D
+  float* dv = nullptr;              // += : key j at dv + (j - j_lo) * Dv
+};
+
+int64_t bwd_workspace(int64_t D, int64_t Dv);
+
+void bwd_block(const BwdBlock& a, float* ws);
+
 // Decoder step (one query row per head): the G query heads of one kv head against its keys [0, kv_end). Memory-bound
 // (each K and V element is used G times), so K and V are read once, row by row, in place: scores of 16 keys at a
 // time as row dot products summed by avx512::reduce16, an exact softmax over the scores kept in `scores`, then P V

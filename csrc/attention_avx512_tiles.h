@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "avx512_math.h"
 #include "sgemm.h"
 
 namespace seqfast {
@@ -103,6 +104,29 @@ inline void accum_block(const AccumCtx& c, int64_t ncols) {
     case 2: accum_tile<2>(c, c0); break;
     case 1: accum_tile<1>(c, c0); break;
     default: break;
+  }
+}
+
+// BT[j][r] = mask(r, j) = b[r * bsi + j * bsj] for nk keys and the block's mq queries (0 for rows past mq): a mask
+// that varies by query in the transposed layout of the score block, so the score epilogue adds it with one aligned
+// load instead of a 16-way strided gather per key.
+inline void transpose_mask(const float* b, int64_t bsi, int64_t bsj, int64_t mq, int64_t nk, float* BT) {
+  for (int64_t v = 0; v < kLanes / 16; ++v) {
+    const int64_t rows = std::min<int64_t>(16, mq - 16 * v);
+    for (int64_t jb = 0; jb < nk; jb += 16) {
+      const int64_t nj = std::min<int64_t>(16, nk - jb);
+      if (bsj == 1) {
+        __m512 t[16];
+        for (int64_t i = 0; i < 16; ++i)
+          t[i] = i < rows ? _mm512_maskz_loadu_ps(avx512::mask16(nj), b + (16 * v + i) * bsi + jb) : _mm512_setzero_ps();
+        avx512::transpose16(t);
+        for (int64_t k = 0; k < nj; ++k) _mm512_store_ps(BT + (jb + k) * kLanes + 16 * v, t[k]);
+      } else {
+        for (int64_t k = 0; k < nj; ++k)
+          for (int64_t i = 0; i < 16; ++i)
+            BT[(jb + k) * kLanes + 16 * v + i] = i < rows ? b[(16 * v + i) * bsi + (jb + k) * bsj] : 0.f;
+      }
+    }
   }
 }
 
