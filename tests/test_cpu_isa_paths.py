@@ -34,11 +34,16 @@ SCRIPT = textwrap.dedent("""
             torch.testing.assert_close(p.grad.double(), pr.grad, rtol=1e-5, atol=1e-5)
         with torch.no_grad(), seqfast.use_backend("cpp"):
             torch.testing.assert_close(ours(x)[0].double(), ref_out.detach(), rtol=1e-5, atol=1e-5)
-    q, k, v = (torch.randn(1, 2, 130, 16) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 130, 16, requires_grad=True) for _ in range(3))
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
     with seqfast.use_backend("cpp"):
         out = seqfast.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    ref = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    out.backward(g.float()); ref.backward(g)
+    for a, b in ((q, qr), (k, kr), (v, vr)):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=2e-5, atol=2e-5)
     print("ok")
 """)
 
