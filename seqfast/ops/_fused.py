@@ -91,6 +91,15 @@ class FusedOp:
             def backward(ctx, *grads):
                 return eager_backward(ctx, *grads)
 
+            @classmethod
+            def apply(cls, *args):
+                # torch's apply binds default arguments with inspect.signature on every call when setup_context is
+                # defined (~25 us, as much as a small kernel); forward takes *args, so there is nothing to bind.
+                # Under functorch transforms torch's own apply runs.
+                if torch._C._are_functorch_transforms_active():
+                    return super().apply(*args)
+                return super(torch.autograd.Function, cls).apply(*args)
+
         _Function.__name__ = f"{name}_function"
         self._function = _Function
 
