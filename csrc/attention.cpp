@@ -7,8 +7,8 @@
 // second GEMM. Key blocks entirely above the causal diagonal are never visited (the speed win over torch).
 // bfloat16 runs the GEMMs on bf16 operands with fp32 accumulation (P / dS are rounded to bf16 as flash-attn does);
 // softmax state is fp32. float64 is exact-ish and is what the gradient tests use.
-// float32 forwards on CPUs with AVX-512 take attention_avx512.h instead (register-tiled score and P V loops on
-// transposed blocks); the backward and the other dtypes run the BLAS path below.
+// float32 on CPUs with AVX-512 takes attention_avx512.h instead, forward and backward (register-tiled loops on
+// transposed blocks, attention_avx512*.cpp); float64, bfloat16 and CPUs without AVX-512 run the BLAS path below.
 #include "attention.h"
 
 #include <ATen/Dispatch.h>
