@@ -23,10 +23,6 @@
 namespace seqfast {
 namespace attn512 {
 
-namespace {
-inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
-}  // namespace
-
 int64_t fwd_workspace(int64_t D, int64_t Dv) {
   return round16(sgemm::pack_size(D, kBq)) + 2 * kBk * kBq + Dv * kBq + 3 * kBq;
 }
@@ -67,10 +63,8 @@ inline __m512 finish(const ScoreCtx& c, __m512 x, int64_t key, int v) {
 template <int MR, int V0>
 inline void score_tile(const ScoreCtx& c, const float* qT, int64_t j, float* ST, __m512 (&mx)[kBq / 16]) {
   const FwdBlock& a = *c.a;
-  const float* kr[MR];
-  for (int r = 0; r < MR; ++r) kr[r] = a.k + (c.j0 + j + r) * a.sk;
   __m512 acc[MR][4];
-  tiles::dot_rows<MR, V0>(kr, a.D, qT, acc);
+  tiles::dot_rows<MR, V0>(a.k + (c.j0 + j) * a.sk, a.sk, a.D, qT, acc);
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int r = 0; r < MR; ++r) {
     float* s = ST + (j + r) * kBq;

@@ -19,6 +19,9 @@
 namespace seqfast {
 namespace attn512 {
 
+// Workspace parts are rounded up to 16 floats so each starts 64-byte aligned.
+inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
 constexpr int64_t kBq = 64;   // query rows per task
 constexpr int64_t kBk = 256;  // keys per score block
 

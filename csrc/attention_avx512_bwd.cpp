@@ -22,7 +22,6 @@ namespace seqfast {
 namespace attn512 {
 
 namespace {
-inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
 // Workspace layout (floats, each part 64-byte aligned).
 struct BwdWs {
@@ -69,10 +68,8 @@ struct BlockCtx {
 template <int MR, int V0>
 inline void p_tile(const BlockCtx& c, int64_t j) {
   const BwdBlock& a = *c.a;
-  const float* kr[MR];
-  for (int r = 0; r < MR; ++r) kr[r] = a.k + (c.j0 + j + r) * a.sk;
   __m512 acc[MR][4];
-  tiles::dot_rows<MR, V0>(kr, a.D, c.w->qT, acc);
+  tiles::dot_rows<MR, V0>(a.k + (c.j0 + j) * a.sk, a.sk, a.D, c.w->qT, acc);
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
   for (int r = 0; r < MR; ++r) {
@@ -103,10 +100,8 @@ inline void p_tile(const BlockCtx& c, int64_t j) {
 template <int MR, int V0>
 inline void ds_tile(const BlockCtx& c, int64_t j) {
   const BwdBlock& a = *c.a;
-  const float* vr[MR];
-  for (int r = 0; r < MR; ++r) vr[r] = a.v + (c.j0 + j + r) * a.sv;
   __m512 acc[MR][4];
-  tiles::dot_rows<MR, V0>(vr, a.Dv, c.w->doT, acc);
+  tiles::dot_rows<MR, V0>(a.v + (c.j0 + j) * a.sv, a.sv, a.Dv, c.w->doT, acc);
   for (int r = 0; r < MR; ++r) {
     const float* p = c.w->ST + (j + r) * kBq;
     float* ds = c.w->dST + (j + r) * kBq;

@@ -30,18 +30,18 @@ struct Segments {
   int dead(int64_t j) const { return (j >= seg[1]) + (j >= seg[2]) + (j >= seg[3]); }
 };
 
-// acc[r][q] = sum_d x_r[d] * pT[d][16q .. 16q + 15] for lane groups q >= V0: MR rows (keys) read in place as the
-// broadcast operand against a packed 64-query operand pT (sgemm::pack_b layout, two panels of D rows x 32).
+// acc[r][q] = sum_d x[r * sx + d] * pT[d][16q .. 16q + 15] for lane groups q >= V0: MR rows (keys) read in place as
+// the broadcast operand against a packed 64-query operand pT (sgemm::pack_b layout, two panels of D rows x 32).
 // MR = 6 gives 24 accumulators, FMA-bound.
 template <int MR, int V0>
-inline void dot_rows(const float* const (&x)[MR], int64_t D, const float* pT, __m512 (&acc)[MR][4]) {
+inline void dot_rows(const float* x, int64_t sx, int64_t D, const float* pT, __m512 (&acc)[MR][4]) {
   for (int r = 0; r < MR; ++r)
     for (int q = V0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; ++d) {
     __m512 w[4];
     for (int q = V0; q < 4; ++q) w[q] = _mm512_load_ps(pT + (q / 2) * D * sgemm::kNR + d * sgemm::kNR + 16 * (q % 2));
     for (int r = 0; r < MR; ++r) {
-      const __m512 kv = _mm512_set1_ps(x[r][d]);
+      const __m512 kv = _mm512_set1_ps(x[r * sx + d]);
       for (int q = V0; q < 4; ++q) acc[r][q] = _mm512_fmadd_ps(kv, w[q], acc[r][q]);
     }
   }
@@ -118,7 +118,8 @@ inline void transpose_mask(const float* b, int64_t bsi, int64_t bsj, int64_t mq,
       if (bsj == 1) {
         __m512 t[16];
         for (int64_t i = 0; i < 16; ++i)
-          t[i] = i < rows ? _mm512_maskz_loadu_ps(avx512::mask16(nj), b + (16 * v + i) * bsi + jb) : _mm512_setzero_ps();
+          t[i] = i < rows ? _mm512_maskz_loadu_ps(avx512::mask16(nj), b + (16 * v + i) * bsi + jb)
+                          : _mm512_setzero_ps();
         avx512::transpose16(t);
         for (int64_t k = 0; k < nj; ++k) _mm512_store_ps(BT + (jb + k) * kLanes + 16 * v, t[k]);
       } else {

@@ -149,7 +149,7 @@ def test_dropout_statistics_and_backward_mask():
 ], ids=lambda v: str(v))
 def test_cpp_float32_blocks(lq, lk, D, Dv, causal, mask):
     torch.manual_seed(0)
-    q64, k64, v64 = torch.randn(2, 2, lq, D).double(), torch.randn(2, 2, lk, D).double(), torch.randn(2, 2, lk, Dv).double()
+    q64, k64, v64 = (torch.randn(2, 2, n, d, dtype=torch.float64) for n, d in ((lq, D), (lk, D), (lk, Dv)))
     m = _mask(mask, q64, k64)
     q, k, v = (t.float().requires_grad_(True) for t in (q64, k64, v64))
     qr, kr, vr = (t.detach().double().requires_grad_(True) for t in (q, k, v))
