@@ -119,23 +119,21 @@ void fwd_block(const FwdBlock& a, float* ws) {
   const float ninf = -std::numeric_limits<float>::infinity();
   const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
 
-  sgemm::pack_b(D, mq, a.q, 1, a.sq, qT);
-  if (mq <= sgemm::kNR) std::memset(qT + D * sgemm::kNR, 0, sizeof(float) * D * sgemm::kNR);  // unused 2nd panel
   // the softmax scale folded into Q^T once per task: the score epilogue then needs no multiply
-  const __m512 sv = _mm512_set1_ps(a.scale);
-  for (int64_t i = 0; i < D * kBq; i += 16) _mm512_store_ps(qT + i, _mm512_mul_ps(_mm512_load_ps(qT + i), sv));
+  tiles::pack_lanes(D, mq, a.q, a.sq, a.scale, qT);
   for (int64_t r = 0; r < kBq; ++r) {
     mrow[r] = ninf;
     lrow[r] = 0.f;
+    arow[r] = 1.f;  // lanes past mq keep 1: the P V tiles rescale all 64 lanes
   }
   std::memset(accT, 0, sizeof(float) * Dv * kBq);
+  const bool per_query = a.bias && a.bsi != 0;  // the mask varies by query: transposed per key block
 
   for (int64_t j0 = 0; j0 < a.kv_end; j0 += kBk) {
     const int64_t nk = std::min(kBk, a.kv_end - j0);
     const bool diag = a.causal && j0 + nk - 1 > a.i0;
     const Segments sg(a.i0, j0, nk, diag);
     // S^T = K_blk (scale Q)^T (keys x queries, row stride kBq), masked, with the block max per query.
-    const bool per_query = a.bias && a.bsi != 0;
     if (per_query) tiles::transpose_mask(a.bias + j0 * a.bsj, a.bsi, a.bsj, mq, nk, BT);
     const ScoreCtx sc{&a, j0, nv, diag, per_query ? BT : nullptr};
     __m512 mx[kBq / 16];

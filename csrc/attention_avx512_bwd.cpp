@@ -145,30 +145,16 @@ struct DsTile {
   static void run(const BlockCtx& c, int64_t j) { ds_tile<MR, V0>(c, j); }
 };
 
-// Packs the 64-lane operands of the query block: B(d, i) = src[i * s + d] * mul for i < mq (two panels, zero past mq).
-void pack_lanes(int64_t K, int64_t mq, const float* src, int64_t s, float mul, float* dst) {
-  sgemm::pack_b(K, mq, src, 1, s, dst);
-  if (mq <= sgemm::kNR) std::memset(dst + K * sgemm::kNR, 0, sizeof(float) * K * sgemm::kNR);
-  if (mul != 1.f) {
-    const __m512 m = _mm512_set1_ps(mul);
-    for (int64_t i = 0; i < K * kBq; i += 16) _mm512_store_ps(dst + i, _mm512_mul_ps(_mm512_load_ps(dst + i), m));
-  }
-}
-
 }  // namespace
 
 void bwd_block(const BwdBlock& a, float* ws) {
   const BwdWs w(ws, a.D, a.Dv);
   const int64_t mq = a.mq, D = a.D, Dv = a.Dv;
   const int nv = int((mq + 15) / 16);
-  pack_lanes(D, mq, a.q, a.sq, a.scale, w.qT);
-  pack_lanes(Dv, mq, a.dout, a.sdo, 1.f, w.doT);
+  tiles::pack_lanes(D, mq, a.q, a.sq, a.scale, w.qT);
+  tiles::pack_lanes(Dv, mq, a.dout, a.sdo, 1.f, w.doT);
   sgemm::pack_b(mq, D, a.q, a.sq, 1, w.qp);
-  {
-    const __m512 m = _mm512_set1_ps(a.scale);
-    for (int64_t i = 0; i < sgemm::pack_size(mq, D); i += 16)
-      _mm512_store_ps(w.qp + i, _mm512_mul_ps(_mm512_load_ps(w.qp + i), m));
-  }
+  tiles::scale_in_place(w.qp, sgemm::pack_size(mq, D), a.scale);
   sgemm::pack_b(mq, Dv, a.dout, a.sdo, 1, w.dop);
   for (int64_t r = 0; r < kBq; ++r) {
     w.lse[r] = r < mq ? a.lse[r] : std::numeric_limits<float>::infinity();

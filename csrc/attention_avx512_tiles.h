@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "avx512_math.h"
@@ -105,6 +106,21 @@ inline void accum_block(const AccumCtx& c, int64_t ncols) {
     case 1: accum_tile<1>(c, c0); break;
     default: break;
   }
+}
+
+// p[0 .. n) *= s (n a multiple of 16, p 64-byte aligned).
+inline void scale_in_place(float* p, int64_t n, float s) {
+  if (s == 1.f) return;
+  const __m512 m = _mm512_set1_ps(s);
+  for (int64_t i = 0; i < n; i += 16) _mm512_store_ps(p + i, _mm512_mul_ps(_mm512_load_ps(p + i), m));
+}
+
+// The 64-lane operand of a query block: B(d, i) = mul * src[i * s + d] for d < K, i < mq, packed as two 32-query
+// panels (sgemm::pack_b layout), zero past mq.
+inline void pack_lanes(int64_t K, int64_t mq, const float* src, int64_t s, float mul, float* dst) {
+  sgemm::pack_b(K, mq, src, 1, s, dst);
+  if (mq <= sgemm::kNR) std::memset(dst + K * sgemm::kNR, 0, sizeof(float) * K * sgemm::kNR);
+  scale_in_place(dst, K * kLanes, mul);
 }
 
 // BT[j][r] = mask(r, j) = b[r * bsi + j * bsj] for nk keys and the block's mq queries (0 for rows past mq): a mask
