@@ -6,7 +6,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 
 #include "sgemm.h"
 
@@ -40,20 +39,16 @@ struct ScoreCtx {
   int nv;            // live 16-query lane groups (queries < mq)
   bool diag;         // block crosses the causal diagonal
   const float* BT;   // the mask of the block transposed (key j's 64 queries at BT + j * kBq) when it varies by query
+  const float* qT;   // scale * Q^T packed
+  float* ST;         // S^T of the block
+  __m512* mx;        // the block's running max per query, 4 lane groups
 };
 
 // Additive and causal mask of 16 scores (queries 16v.. of this block, one key). The scale is already in Q^T.
 inline __m512 finish(const ScoreCtx& c, __m512 x, int64_t key, int v) {
   const FwdBlock& a = *c.a;
-  if (c.BT) x = _mm512_add_ps(x, _mm512_load_ps(c.BT + (key - c.j0) * kBq + 16 * v));
-  else if (a.bias) x = _mm512_add_ps(x, _mm512_set1_ps(a.bias[key * a.bsj]));  // the same for every query
-  if (c.diag) {  // query i0 + 16v + lane sees the key only if key <= query
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i qi = _mm512_add_epi32(lane, _mm512_set1_epi32(int(a.i0 + 16 * v)));
-    const __mmask16 masked = _mm512_cmplt_epi32_mask(qi, _mm512_set1_epi32(int(key)));
-    x = _mm512_mask_mov_ps(x, masked, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
-  }
-  return x;
+  x = tiles::add_mask(x, c.BT, key - c.j0, v, a.bias, a.bsj, key);
+  return c.diag ? tiles::causal_mask(x, a.i0 + 16 * v, key) : x;
 }
 
 // Scores of keys [j, j + MR) of the block against the kBq queries: an MR x 64 register tile over the head dim, K rows
@@ -61,13 +56,13 @@ inline __m512 finish(const ScoreCtx& c, __m512 x, int64_t key, int v) {
 // not computed, stored as -inf. Groups past the last query (v >= nv) are stored as 0 so that P V reads defined values
 // there. The epilogue masks, stores S^T rows and folds the block's running max per query.
 template <int MR, int V0>
-inline void score_tile(const ScoreCtx& c, const float* qT, int64_t j, float* ST, __m512 (&mx)[kBq / 16]) {
+inline void score_tile(const ScoreCtx& c, int64_t j) {
   const FwdBlock& a = *c.a;
   __m512 acc[MR][4];
-  tiles::dot_rows<MR, V0>(a.k + (c.j0 + j) * a.sk, a.sk, a.D, qT, acc);
+  tiles::dot_rows<MR, V0>(a.k + (c.j0 + j) * a.sk, a.sk, a.D, c.qT, acc);
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int r = 0; r < MR; ++r) {
-    float* s = ST + (j + r) * kBq;
+    float* s = c.ST + (j + r) * kBq;
     for (int v = 0; v < V0; ++v) _mm512_store_ps(s + 16 * v, ninf);
     for (int v = V0; v < 4; ++v) {
       if (v >= c.nv) {
@@ -76,33 +71,15 @@ inline void score_tile(const ScoreCtx& c, const float* qT, int64_t j, float* ST,
       }
       const __m512 x = finish(c, acc[r][v], c.j0 + j + r, v);
       _mm512_store_ps(s + 16 * v, x);
-      mx[v] = _mm512_max_ps(mx[v], x);
+      c.mx[v] = _mm512_max_ps(c.mx[v], x);
     }
   }
 }
 
-// All score tiles of one key block. Full 6-key tiles take the dead lane groups of their first key (a group masked
-// for key j is masked for every later key); the tail tile computes every group and leaves the masking to finish().
-void score_block(const ScoreCtx& sc, const Segments& sg, int64_t nk, const float* qT, float* ST,
-                 __m512 (&mx)[kBq / 16]) {
-  int64_t j = 0;
-  for (; j + 6 <= nk; j += 6) {
-    switch (sg.dead(j)) {
-      case 0: score_tile<6, 0>(sc, qT, j, ST, mx); break;
-      case 1: score_tile<6, 1>(sc, qT, j, ST, mx); break;
-      case 2: score_tile<6, 2>(sc, qT, j, ST, mx); break;
-      default: score_tile<6, 3>(sc, qT, j, ST, mx); break;
-    }
-  }
-  switch (nk - j) {
-    case 5: score_tile<5, 0>(sc, qT, j, ST, mx); break;
-    case 4: score_tile<4, 0>(sc, qT, j, ST, mx); break;
-    case 3: score_tile<3, 0>(sc, qT, j, ST, mx); break;
-    case 2: score_tile<2, 0>(sc, qT, j, ST, mx); break;
-    case 1: score_tile<1, 0>(sc, qT, j, ST, mx); break;
-    default: break;
-  }
-}
+template <int MR, int V0>
+struct ScoreTile {
+  static void run(const ScoreCtx& c, int64_t j) { score_tile<MR, V0>(c, j); }
+};
 
 }  // namespace
 
@@ -135,10 +112,10 @@ void fwd_block(const FwdBlock& a, float* ws) {
     const Segments sg(a.i0, j0, nk, diag);
     // S^T = K_blk (scale Q)^T (keys x queries, row stride kBq), masked, with the block max per query.
     if (per_query) tiles::transpose_mask(a.bias + j0 * a.bsj, a.bsi, a.bsj, mq, nk, BT);
-    const ScoreCtx sc{&a, j0, nv, diag, per_query ? BT : nullptr};
     __m512 mx[kBq / 16];
     for (int v = 0; v < kBq / 16; ++v) mx[v] = _mm512_set1_ps(ninf);
-    score_block(sc, sg, nk, qT, ST, mx);
+    const ScoreCtx sc{&a, j0, nv, diag, per_query ? BT : nullptr, qT, ST, mx};
+    tiles::key_tiles<ScoreTile>(sc, sg, nk);
     // online softmax update; a query whose scores are all -inf so far keeps m = -inf and contributes 0.
     __m512 mu[kBq / 16];
     bool rescale = false;

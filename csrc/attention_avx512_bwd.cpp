@@ -70,7 +70,6 @@ inline void p_tile(const BlockCtx& c, int64_t j) {
   const BwdBlock& a = *c.a;
   __m512 acc[MR][4];
   tiles::dot_rows<MR, V0>(a.k + (c.j0 + j) * a.sk, a.sk, a.D, c.w->qT, acc);
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
   for (int r = 0; r < MR; ++r) {
     const int64_t key = c.j0 + j + r;
@@ -81,16 +80,10 @@ inline void p_tile(const BlockCtx& c, int64_t j) {
         _mm512_store_ps(p + 16 * v, _mm512_setzero_ps());
         continue;
       }
-      __m512 x = acc[r][v];
-      if (c.BT) x = _mm512_add_ps(x, _mm512_load_ps(c.BT + (j + r) * kBq + 16 * v));
-      else if (a.bias) x = _mm512_add_ps(x, _mm512_set1_ps(a.bias[key * a.bsj]));
+      const __m512 x = tiles::add_mask(acc[r][v], c.BT, j + r, v, a.bias, a.bsj, key);
       // x - lse: a fully masked row has lse = +inf, so P = 0 there (exp2 of -inf)
       __m512 e = _mm512_mul_ps(_mm512_sub_ps(x, _mm512_load_ps(c.w->lse + 16 * v)), log2e);
-      if (c.diag) {  // query i0 + 16v + lane sees the key only if key <= query
-        const __m512i qi = _mm512_add_epi32(lane, _mm512_set1_epi32(int(a.i0 + 16 * v)));
-        const __mmask16 masked = _mm512_cmplt_epi32_mask(qi, _mm512_set1_epi32(int(key)));
-        e = _mm512_mask_mov_ps(e, masked, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
-      }
+      if (c.diag) e = tiles::causal_mask(e, a.i0 + 16 * v, key);
       _mm512_store_ps(p + 16 * v, avx512::exp2_ps(e));
     }
   }
@@ -110,29 +103,6 @@ inline void ds_tile(const BlockCtx& c, int64_t j) {
       const __m512 d = _mm512_sub_ps(acc[r][v], _mm512_load_ps(c.w->delta + 16 * v));
       _mm512_store_ps(ds + 16 * v, _mm512_mul_ps(_mm512_load_ps(p + 16 * v), d));
     }
-  }
-}
-
-// All rows of the block for one of the two tiles: 6-key tiles take the dead lane groups of their first key; the tail
-// computes every group (the causal mask inside p_tile, and P = 0 inside ds_tile, keep it exact).
-template <template <int, int> class Tile>
-inline void rows(const BlockCtx& c, const Segments& sg, int64_t nk) {
-  int64_t j = 0;
-  for (; j + 6 <= nk; j += 6) {
-    switch (sg.dead(j)) {
-      case 0: Tile<6, 0>::run(c, j); break;
-      case 1: Tile<6, 1>::run(c, j); break;
-      case 2: Tile<6, 2>::run(c, j); break;
-      default: Tile<6, 3>::run(c, j); break;
-    }
-  }
-  switch (nk - j) {
-    case 5: Tile<5, 0>::run(c, j); break;
-    case 4: Tile<4, 0>::run(c, j); break;
-    case 3: Tile<3, 0>::run(c, j); break;
-    case 2: Tile<2, 0>::run(c, j); break;
-    case 1: Tile<1, 0>::run(c, j); break;
-    default: break;
   }
 }
 
@@ -169,10 +139,10 @@ void bwd_block(const BwdBlock& a, float* ws) {
     const Segments sg(a.i0, j0, nk, diag);
     if (per_query) tiles::transpose_mask(a.bias + j0 * a.bsj, a.bsi, a.bsj, mq, nk, w.BT);
     const BlockCtx c{&a, &w, j0, nv, diag, per_query ? w.BT : nullptr};
-    rows<PTile>(c, sg, nk);
+    tiles::key_tiles<PTile>(c, sg, nk);
     // dV += P^T dO (P^T rows read in place as the GEMM's A, k = query)
     sgemm::gemm(nk, Dv, mq, w.ST, kBq, 1, w.dop, 1.f, a.dv + (j0 - a.j_lo) * Dv, Dv);
-    rows<DsTile>(c, sg, nk);
+    tiles::key_tiles<DsTile>(c, sg, nk);
     // dQ^T += K_blk^T dS^T (scale applied once at the end); dK += dS^T (scale Q)
     const tiles::AccumCtx dq{w.dST, &sg, nk, a.k + j0 * a.sk, a.sk, w.dqT, nullptr};
     tiles::accum_block(dq, D);

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "avx512_math.h"
@@ -46,6 +47,46 @@ inline void dot_rows(const float* x, int64_t sx, int64_t D, const float* pT, __m
       for (int q = V0; q < 4; ++q) acc[r][q] = _mm512_fmadd_ps(kv, w[q], acc[r][q]);
     }
   }
+}
+
+// Runs Tile<MR, V0>::run(c, j) over the nk keys of a block in 6-key tiles: each full tile skips the lane groups
+// masked for its first key (a group masked for key j is masked for every later key); the tail tile computes every
+// group and leaves the masking to the tile's epilogue.
+template <template <int, int> class Tile, class Ctx>
+inline void key_tiles(const Ctx& c, const Segments& sg, int64_t nk) {
+  int64_t j = 0;
+  for (; j + 6 <= nk; j += 6) {
+    switch (sg.dead(j)) {
+      case 0: Tile<6, 0>::run(c, j); break;
+      case 1: Tile<6, 1>::run(c, j); break;
+      case 2: Tile<6, 2>::run(c, j); break;
+      default: Tile<6, 3>::run(c, j); break;
+    }
+  }
+  switch (nk - j) {
+    case 5: Tile<5, 0>::run(c, j); break;
+    case 4: Tile<4, 0>::run(c, j); break;
+    case 3: Tile<3, 0>::run(c, j); break;
+    case 2: Tile<2, 0>::run(c, j); break;
+    case 1: Tile<1, 0>::run(c, j); break;
+    default: break;
+  }
+}
+
+// x + the additive mask of 16 scores of lane group v, block-relative key jb: from the block's transposed mask BT
+// when the mask varies by query, else bias[key * bsj] (the same for every query), else nothing.
+inline __m512 add_mask(__m512 x, const float* BT, int64_t jb, int v, const float* bias, int64_t bsj, int64_t key) {
+  if (BT) return _mm512_add_ps(x, _mm512_load_ps(BT + jb * kLanes + 16 * v));
+  if (bias) return _mm512_add_ps(x, _mm512_set1_ps(bias[key * bsj]));
+  return x;
+}
+
+// x with -inf where query q0 + lane is before the key (causal: query i sees keys <= i).
+inline __m512 causal_mask(__m512 x, int64_t q0, int64_t key) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i qi = _mm512_add_epi32(lane, _mm512_set1_epi32(int(q0)));
+  const __mmask16 masked = _mm512_cmplt_epi32_mask(qi, _mm512_set1_epi32(int(key)));
+  return _mm512_mask_mov_ps(x, masked, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
 }
 
 // What the transposed accumulation of one key block reads and writes.
