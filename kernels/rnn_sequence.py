@@ -10,10 +10,13 @@ Plan:
     batch_sizes is non-increasing, every active row of step t was active at its previous step too, so the
     previous state of row b is simply row b of the previous step's slice of `out` (or of h0 for a row's first
     step). The kernels pick that per row with a pointer select, and write hn/cn for a row at its last step.
-    Two launch strategies share one @triton.jit step body per cell type:
+    One kernel per cell type and direction serves two launch strategies (PERSISTENT constexpr):
       - per-step: one launch per time step, grid (batch tiles, hidden tiles). Good for large batch / hidden.
       - persistent: one launch for the whole sequence; grid = batch tiles only; each program owns ALL hidden
         units of its batch rows and loops over time inside the kernel, with a CTA barrier between steps.
+    Either way the kernel reads its step's schedule itself: computed in-kernel for padded input (UNIFORM: every
+    step has B rows, no host-built tensor at all, so the per-step launches can be captured in a CUDA graph), or
+    from a small device table for packed input (built once per distinct batch_sizes, cached).
         Why this design: a step's hidden tiles all need the complete previous h of the same rows; if one
         program owns all of them, a __syncthreads (tl.debug_barrier) is enough to publish h (global writes of a
         CTA are visible to the CTA after bar.sync), so no grid-wide synchronisation, no co-residency
@@ -32,25 +35,62 @@ Workspaces (returned by the forward, consumed by the backward):
   GRU:  ws[N, 4H] = [r, z, n, hn] (hn = W_hn h + b_hn) in the input dtype.
   RNN:  none (the backward uses `out`).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .rnn_cell import (_cdiv, _gemm_blocks, _gemm_gates, _interpreting, _precision, _sigmoid,
-                       _tanh)
+from .common import (Launch, add_bias, cdiv, check_dtypes, dot_precision, gemm_gates, interpreting, on_device,
+                     rnn_tiles, sigmoid, tanh)
 
 __all__ = [
     "lstm_layer_forward", "lstm_layer_backward",
     "gru_layer_forward", "gru_layer_backward",
     "rnn_layer_forward", "rnn_layer_backward",
+    "sequence_launch", "use_persistent",
 ]
 
-_NSCHED = 6  # per-step schedule entries: off_t, bs_t, prev_off, n_prev, next_off, n_next
-# The per-step scalars change every launch; without this Triton would compile a variant per value class
-# (==1, multiple of 16) of each of them.
-_STEP_FWD_ARGS = ["off_t", "bs_t", "prev_off", "n_prev", "n_next"]
-_STEP_BWD_ARGS = ["off_t", "bs_t", "prev_off", "n_prev", "next_off", "n_next"]
-_STEP_RNN_BWD_ARGS = ["off_t", "bs_t", "next_off", "n_next"]
+_NSCHED = 6  # schedule entries per step: off_t, bs_t, prev_off, n_prev, next_off, n_next
+
+
+@triton.jit
+def _step_schedule(sched_ptr, s, T, Bu, UNIFORM: tl.constexpr, REVERSE: tl.constexpr):
+    """(off_t, bs_t, prev_off, n_prev, next_off, n_next) of processing step s (int64). UNIFORM: every step has Bu
+    rows, computed here; otherwise read from the [T, 6] table."""
+    if UNIFORM:
+        if REVERSE:
+            t = T - 1 - s
+            d = -1
+        else:
+            t = s
+            d = 1
+        bu = Bu.to(tl.int64)
+        off_t = t.to(tl.int64) * bu
+        bs_t = bu
+        n_prev = tl.where(s > 0, bu, 0)
+        prev_off = tl.where(s > 0, off_t - d * bu, 0)
+        n_next = tl.where(s < T - 1, bu, 0)
+        next_off = tl.where(s < T - 1, off_t + d * bu, 0)
+    else:
+        sp = sched_ptr + s * 6
+        off_t = tl.load(sp)
+        bs_t = tl.load(sp + 1)
+        prev_off = tl.load(sp + 2)
+        n_prev = tl.load(sp + 3)
+        next_off = tl.load(sp + 4)
+        n_next = tl.load(sp + 5)
+    return off_t, bs_t, prev_off, n_prev, next_off, n_next
+
+
+@triton.jit
+def _tile(pid_b, pid_h, bs_t, H, BB: tl.constexpr, BH: tl.constexpr):
+    """Rows b (int64), columns, their masks and the 2-D mask of one tile of a step with bs_t active rows."""
+    b = (pid_b * BB + tl.arange(0, BB)).to(tl.int64)
+    cols = pid_h * BH + tl.arange(0, BH)
+    rmask = b < bs_t
+    cmask = cols < H
+    return b, cols, rmask, cmask, rmask[:, None] & cmask[None, :]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -66,38 +106,33 @@ def _lstm_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, ga
                    off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
                    HAS_BHH: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                    INTERP: tl.constexpr, PREC: tl.constexpr):
-    b = (pid_b * BB + tl.arange(0, BB)).to(tl.int64)
-    cols = pid_h * BH + tl.arange(0, BH)
-    rmask = b < bs_t
-    cmask = cols < H
-    m = rmask[:, None] & cmask[None, :]
+    b, cols, rmask, cmask, m = _tile(pid_b, pid_h, bs_t, H, BB, BH)
     has_prev = b < n_prev
     h_rows = tl.where(has_prev, out_ptr + (prev_off + b) * H, h0_ptr + b * H)
     acc_i = tl.zeros((BB, BH), tl.float32)
     acc_f = tl.zeros((BB, BH), tl.float32)
     acc_g = tl.zeros((BB, BH), tl.float32)
     acc_o = tl.zeros((BB, BH), tl.float32)
-    acc_i, acc_f, acc_g, acc_o = _gemm_gates(acc_i, acc_f, acc_g, acc_o, h_rows, rmask,
+    acc_i, acc_f, acc_g, acc_o = gemm_gates(acc_i, acc_f, acc_g, acc_o, h_rows, rmask,
                                              whh_ptr, H, 1, H * H, cols, cmask, H, 4, BK, INTERP, PREC)
     g_ptrs = gx_ptr + (off_t + b)[:, None] * (4 * H) + cols[None, :]
     acc_i += tl.load(g_ptrs, mask=m, other=0.0).to(tl.float32)
     acc_f += tl.load(g_ptrs + H, mask=m, other=0.0).to(tl.float32)
     acc_g += tl.load(g_ptrs + 2 * H, mask=m, other=0.0).to(tl.float32)
     acc_o += tl.load(g_ptrs + 3 * H, mask=m, other=0.0).to(tl.float32)
-    if HAS_BHH:
-        acc_i += tl.load(bhh_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        acc_f += tl.load(bhh_ptr + H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        acc_g += tl.load(bhh_ptr + 2 * H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        acc_o += tl.load(bhh_ptr + 3 * H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    ig = _sigmoid(acc_i)
-    fg = _sigmoid(acc_f)
-    gg = _tanh(acc_g)
-    og = _sigmoid(acc_o)
+    acc_i = add_bias(acc_i, bhh_ptr, 0, cols, cmask, HAS_BHH)
+    acc_f = add_bias(acc_f, bhh_ptr, H, cols, cmask, HAS_BHH)
+    acc_g = add_bias(acc_g, bhh_ptr, 2 * H, cols, cmask, HAS_BHH)
+    acc_o = add_bias(acc_o, bhh_ptr, 3 * H, cols, cmask, HAS_BHH)
+    ig = sigmoid(acc_i)
+    fg = sigmoid(acc_f)
+    gg = tanh(acc_g)
+    og = sigmoid(acc_o)
     # previous cell state: fp32 cs of the previous step, or c0 (input dtype) -> two disjoint masked loads
     c = tl.load(cs_ptr + (prev_off + b)[:, None] * H + cols[None, :], mask=m & has_prev[:, None], other=0.0)
     c += tl.load(c0_ptr + b[:, None] * H + cols[None, :], mask=m & (~has_prev)[:, None], other=0.0).to(tl.float32)
     c_new = fg * c + ig * gg
-    h_new = og * _tanh(c_new)
+    h_new = og * tanh(c_new)
     ty = out_ptr.dtype.element_ty
     o_off = (off_t + b)[:, None] * H + cols[None, :]
     tl.store(out_ptr + o_off, h_new.to(ty), mask=m)
@@ -118,15 +153,11 @@ def _lstm_bwd_tile(gout_ptr, ghn_ptr, dc_ptr, whh_ptr, gates_ptr, cs_ptr, c0_ptr
                    off_t, bs_t, prev_off, n_prev, next_off, n_next, H, pid_b, pid_h,
                    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                    INTERP: tl.constexpr, PREC: tl.constexpr):
-    b = (pid_b * BB + tl.arange(0, BB)).to(tl.int64)
-    cols = pid_h * BH + tl.arange(0, BH)
-    rmask = b < bs_t
-    cmask = cols < H
-    m = rmask[:, None] & cmask[None, :]
+    b, cols, rmask, cmask, m = _tile(pid_b, pid_h, bs_t, H, BB, BH)
     has_next = b < n_next
     # dh = grad_out_t + (rows with a next step: dgates_next @ W_hh ; rows at their last step: grad_hn)
     acc = tl.zeros((BB, BH), tl.float32)
-    acc, _u1, _u2, _u3 = _gemm_gates(acc, acc, acc, acc, dg_ptr + (next_off + b) * (4 * H), rmask & has_next,
+    acc, _u1, _u2, _u3 = gemm_gates(acc, acc, acc, acc, dg_ptr + (next_off + b) * (4 * H), rmask & has_next,
                                      whh_ptr, 1, H, 0, cols, cmask, 4 * H, 1, BK, INTERP, PREC)
     h_off = b[:, None] * H + cols[None, :]
     o_off = (off_t + b)[:, None] * H + cols[None, :]
@@ -139,7 +170,7 @@ def _lstm_bwd_tile(gout_ptr, ghn_ptr, dc_ptr, whh_ptr, gates_ptr, cs_ptr, c0_ptr
     fg = tl.load(gp + H, mask=m, other=0.0).to(tl.float32)
     gg = tl.load(gp + 2 * H, mask=m, other=0.0).to(tl.float32)
     og = tl.load(gp + 3 * H, mask=m, other=0.0).to(tl.float32)
-    tc = _tanh(tl.load(cs_ptr + o_off, mask=m, other=0.0))
+    tc = tanh(tl.load(cs_ptr + o_off, mask=m, other=0.0))
     has_prev = (b < n_prev)[:, None]
     c = tl.load(cs_ptr + (prev_off + b)[:, None] * H + cols[None, :], mask=m & has_prev, other=0.0)
     c += tl.load(c0_ptr + h_off, mask=m & (~has_prev), other=0.0).to(tl.float32)
@@ -158,25 +189,20 @@ def _gru_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, ws_ptr, hn_ptr,
                   off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
                   HAS_BHH: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                   INTERP: tl.constexpr, PREC: tl.constexpr):
-    b = (pid_b * BB + tl.arange(0, BB)).to(tl.int64)
-    cols = pid_h * BH + tl.arange(0, BH)
-    rmask = b < bs_t
-    cmask = cols < H
-    m = rmask[:, None] & cmask[None, :]
+    b, cols, rmask, cmask, m = _tile(pid_b, pid_h, bs_t, H, BB, BH)
     h_rows = tl.where(b < n_prev, out_ptr + (prev_off + b) * H, h0_ptr + b * H)
     acc_r = tl.zeros((BB, BH), tl.float32)
     acc_z = tl.zeros((BB, BH), tl.float32)
     acc_hn = tl.zeros((BB, BH), tl.float32)
-    acc_r, acc_z, acc_hn, _u = _gemm_gates(acc_r, acc_z, acc_hn, acc_hn, h_rows, rmask,
+    acc_r, acc_z, acc_hn, _u = gemm_gates(acc_r, acc_z, acc_hn, acc_hn, h_rows, rmask,
                                            whh_ptr, H, 1, H * H, cols, cmask, H, 3, BK, INTERP, PREC)
-    if HAS_BHH:
-        acc_r += tl.load(bhh_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        acc_z += tl.load(bhh_ptr + H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        acc_hn += tl.load(bhh_ptr + 2 * H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    acc_r = add_bias(acc_r, bhh_ptr, 0, cols, cmask, HAS_BHH)
+    acc_z = add_bias(acc_z, bhh_ptr, H, cols, cmask, HAS_BHH)
+    acc_hn = add_bias(acc_hn, bhh_ptr, 2 * H, cols, cmask, HAS_BHH)
     g_ptrs = gx_ptr + (off_t + b)[:, None] * (3 * H) + cols[None, :]
-    r = _sigmoid(acc_r + tl.load(g_ptrs, mask=m, other=0.0).to(tl.float32))
-    z = _sigmoid(acc_z + tl.load(g_ptrs + H, mask=m, other=0.0).to(tl.float32))
-    n = _tanh(tl.load(g_ptrs + 2 * H, mask=m, other=0.0).to(tl.float32) + r * acc_hn)
+    r = sigmoid(acc_r + tl.load(g_ptrs, mask=m, other=0.0).to(tl.float32))
+    z = sigmoid(acc_z + tl.load(g_ptrs + H, mask=m, other=0.0).to(tl.float32))
+    n = tanh(tl.load(g_ptrs + 2 * H, mask=m, other=0.0).to(tl.float32) + r * acc_hn)
     h = tl.load(h_rows[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
     h_new = (1.0 - z) * n + z * h
     ty = out_ptr.dtype.element_ty
@@ -194,15 +220,11 @@ def _gru_bwd_tile(gout_ptr, carry_ptr, whh_ptr, ws_ptr, out_ptr, h0_ptr, dgi_ptr
                   off_t, bs_t, prev_off, n_prev, next_off, n_next, H, pid_b, pid_h,
                   BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                   INTERP: tl.constexpr, PREC: tl.constexpr):
-    b = (pid_b * BB + tl.arange(0, BB)).to(tl.int64)
-    cols = pid_h * BH + tl.arange(0, BH)
-    rmask = b < bs_t
-    cmask = cols < H
-    m = rmask[:, None] & cmask[None, :]
+    b, cols, rmask, cmask, m = _tile(pid_b, pid_h, bs_t, H, BB, BH)
     # dh = grad_out_t + carry (grad_hn before the row's last step, then dh*z of the step after)
     #      + dgh_next @ W_hh (rows with a next step)
     acc = tl.zeros((BB, BH), tl.float32)
-    acc, _u1, _u2, _u3 = _gemm_gates(acc, acc, acc, acc, dgh_ptr + (next_off + b) * (3 * H), rmask & (b < n_next),
+    acc, _u1, _u2, _u3 = gemm_gates(acc, acc, acc, acc, dgh_ptr + (next_off + b) * (3 * H), rmask & (b < n_next),
                                      whh_ptr, 1, H, 0, cols, cmask, 3 * H, 1, BK, INTERP, PREC)
     h_off = b[:, None] * H + cols[None, :]
     dh = acc + tl.load(gout_ptr + (off_t + b)[:, None] * H + cols[None, :], mask=m, other=0.0).to(tl.float32)
@@ -233,23 +255,18 @@ def _rnn_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, hn_ptr,
                   off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
                   HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
                   BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
-    b = (pid_b * BB + tl.arange(0, BB)).to(tl.int64)
-    cols = pid_h * BH + tl.arange(0, BH)
-    rmask = b < bs_t
-    cmask = cols < H
-    m = rmask[:, None] & cmask[None, :]
+    b, cols, rmask, cmask, m = _tile(pid_b, pid_h, bs_t, H, BB, BH)
     h_rows = tl.where(b < n_prev, out_ptr + (prev_off + b) * H, h0_ptr + b * H)
     acc = tl.zeros((BB, BH), tl.float32)
-    acc, _u1, _u2, _u3 = _gemm_gates(acc, acc, acc, acc, h_rows, rmask,
+    acc, _u1, _u2, _u3 = gemm_gates(acc, acc, acc, acc, h_rows, rmask,
                                      whh_ptr, H, 1, 0, cols, cmask, H, 1, BK, INTERP, PREC)
-    if HAS_BHH:
-        acc += tl.load(bhh_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    acc = add_bias(acc, bhh_ptr, 0, cols, cmask, HAS_BHH)
     o_off = (off_t + b)[:, None] * H + cols[None, :]
     acc += tl.load(gx_ptr + o_off, mask=m, other=0.0).to(tl.float32)
     if RELU:
         h_new = tl.maximum(acc, 0.0)
     else:
-        h_new = _tanh(acc)
+        h_new = tanh(acc)
     ty = out_ptr.dtype.element_ty
     tl.store(out_ptr + o_off, h_new.to(ty), mask=m)
     tl.store(hn_ptr + b[:, None] * H + cols[None, :], h_new.to(ty), mask=m & (b >= n_next)[:, None])
@@ -260,14 +277,10 @@ def _rnn_bwd_tile(gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr,
                   off_t, bs_t, next_off, n_next, H, pid_b, pid_h,
                   RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                   INTERP: tl.constexpr, PREC: tl.constexpr):
-    b = (pid_b * BB + tl.arange(0, BB)).to(tl.int64)
-    cols = pid_h * BH + tl.arange(0, BH)
-    rmask = b < bs_t
-    cmask = cols < H
-    m = rmask[:, None] & cmask[None, :]
+    b, cols, rmask, cmask, m = _tile(pid_b, pid_h, bs_t, H, BB, BH)
     has_next = b < n_next
     acc = tl.zeros((BB, BH), tl.float32)
-    acc, _u1, _u2, _u3 = _gemm_gates(acc, acc, acc, acc, dp_ptr + (next_off + b) * H, rmask & has_next,
+    acc, _u1, _u2, _u3 = gemm_gates(acc, acc, acc, acc, dp_ptr + (next_off + b) * H, rmask & has_next,
                                      whh_ptr, 1, H, 0, cols, cmask, H, 1, BK, INTERP, PREC)
     o_off = (off_t + b)[:, None] * H + cols[None, :]
     dh = acc + tl.load(gout_ptr + o_off, mask=m, other=0.0).to(tl.float32)
@@ -282,210 +295,163 @@ def _rnn_bwd_tile(gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# kernels: per-step (scalars as arguments, grid = batch tiles x hidden tiles) and persistent (schedule read from a
-# small device table, grid = batch tiles, time and hidden tiles looped inside, CTA barrier between steps)
+# kernels: one per cell type and direction. Program (pid_b[, pid_h]) walks n_steps processing steps from s0 (up in
+# the forward, down in the backward). PERSISTENT: grid = batch tiles, every hidden tile looped here, a CTA barrier
+# publishes each step's state before the next step reads it. Otherwise: grid = (batch tiles, hidden tiles), one step.
 # ----------------------------------------------------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=_STEP_FWD_ARGS)
-def _lstm_fwd_step_kernel(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, gates_ptr, hn_ptr, cn_ptr,
-                          off_t, bs_t, prev_off, n_prev, n_next, H,
-                          HAS_BHH: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
-                          INTERP: tl.constexpr, PREC: tl.constexpr):
-    _lstm_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, gates_ptr, hn_ptr, cn_ptr,
-                   off_t, bs_t, prev_off, n_prev, n_next, H, tl.program_id(0), tl.program_id(1),
-                   HAS_BHH, BB, BH, BK, INTERP, PREC)
-
-
-@triton.jit
-def _lstm_fwd_persistent_kernel(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, gates_ptr, hn_ptr,
-                                cn_ptr, sched_ptr, T, H,
-                                HAS_BHH: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
-                                INTERP: tl.constexpr, PREC: tl.constexpr):
+@triton.jit(do_not_specialize=["s0"])
+def _lstm_fwd_kernel(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, gates_ptr, hn_ptr, cn_ptr,
+                     sched_ptr, s0, n_steps, T, Bu, H,
+                     HAS_BHH: tl.constexpr, UNIFORM: tl.constexpr, REVERSE: tl.constexpr, PERSISTENT: tl.constexpr,
+                     BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     pid_b = tl.program_id(0)
-    for s in range(0, T):
-        sp = sched_ptr + s * 6
-        bs_t = tl.load(sp + 1)
+    for i in range(0, n_steps):
+        off_t, bs_t, prev_off, n_prev, _next_off, n_next = _step_schedule(sched_ptr, s0 + i, T, Bu, UNIFORM, REVERSE)
         if pid_b * BB < bs_t:
-            off_t = tl.load(sp)
-            prev_off = tl.load(sp + 2)
-            n_prev = tl.load(sp + 3)
-            n_next = tl.load(sp + 5)
-            for pid_h in range(0, tl.cdiv(H, BH)):
-                _lstm_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, gates_ptr, hn_ptr,
-                               cn_ptr, off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
+            for pid_h in range(tl.program_id(1), _h_end(H, BH, PERSISTENT)):
+                _lstm_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, gates_ptr, hn_ptr, cn_ptr,
+                               off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
                                HAS_BHH, BB, BH, BK, INTERP, PREC)
-        # publish this step's h/c to every thread of the CTA before the next step reads them
-        tl.debug_barrier()
+        if PERSISTENT:
+            tl.debug_barrier()
 
 
-@triton.jit(do_not_specialize=_STEP_BWD_ARGS)
-def _lstm_bwd_step_kernel(gout_ptr, ghn_ptr, dc_ptr, whh_ptr, gates_ptr, cs_ptr, c0_ptr, dg_ptr,
-                          off_t, bs_t, prev_off, n_prev, next_off, n_next, H,
-                          BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
-                          INTERP: tl.constexpr, PREC: tl.constexpr):
-    _lstm_bwd_tile(gout_ptr, ghn_ptr, dc_ptr, whh_ptr, gates_ptr, cs_ptr, c0_ptr, dg_ptr,
-                   off_t, bs_t, prev_off, n_prev, next_off, n_next, H, tl.program_id(0), tl.program_id(1),
-                   BB, BH, BK, INTERP, PREC)
-
-
-@triton.jit
-def _lstm_bwd_persistent_kernel(gout_ptr, ghn_ptr, dc_ptr, whh_ptr, gates_ptr, cs_ptr, c0_ptr, dg_ptr,
-                                sched_ptr, T, H,
-                                BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
-                                INTERP: tl.constexpr, PREC: tl.constexpr):
+@triton.jit(do_not_specialize=["s0"])
+def _lstm_bwd_kernel(gout_ptr, ghn_ptr, dc_ptr, whh_ptr, gates_ptr, cs_ptr, c0_ptr, dg_ptr,
+                     sched_ptr, s0, n_steps, T, Bu, H,
+                     UNIFORM: tl.constexpr, REVERSE: tl.constexpr, PERSISTENT: tl.constexpr,
+                     BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     pid_b = tl.program_id(0)
-    for s in range(0, T):
-        sp = sched_ptr + (T - 1 - s) * 6  # reverse processing order
-        bs_t = tl.load(sp + 1)
+    for i in range(0, n_steps):
+        off_t, bs_t, prev_off, n_prev, next_off, n_next = _step_schedule(sched_ptr, s0 - i, T, Bu, UNIFORM, REVERSE)
         if pid_b * BB < bs_t:
-            off_t = tl.load(sp)
-            prev_off = tl.load(sp + 2)
-            n_prev = tl.load(sp + 3)
-            next_off = tl.load(sp + 4)
-            n_next = tl.load(sp + 5)
-            for pid_h in range(0, tl.cdiv(H, BH)):
+            for pid_h in range(tl.program_id(1), _h_end(H, BH, PERSISTENT)):
                 _lstm_bwd_tile(gout_ptr, ghn_ptr, dc_ptr, whh_ptr, gates_ptr, cs_ptr, c0_ptr, dg_ptr,
                                off_t, bs_t, prev_off, n_prev, next_off, n_next, H, pid_b, pid_h,
                                BB, BH, BK, INTERP, PREC)
-        tl.debug_barrier()
+        if PERSISTENT:
+            tl.debug_barrier()
 
 
-@triton.jit(do_not_specialize=_STEP_FWD_ARGS)
-def _gru_fwd_step_kernel(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, ws_ptr, hn_ptr,
-                         off_t, bs_t, prev_off, n_prev, n_next, H,
-                         HAS_BHH: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
-                         INTERP: tl.constexpr, PREC: tl.constexpr):
-    _gru_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, ws_ptr, hn_ptr,
-                  off_t, bs_t, prev_off, n_prev, n_next, H, tl.program_id(0), tl.program_id(1),
-                  HAS_BHH, BB, BH, BK, INTERP, PREC)
-
-
-@triton.jit
-def _gru_fwd_persistent_kernel(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, ws_ptr, hn_ptr, sched_ptr, T, H,
-                               HAS_BHH: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
-                               INTERP: tl.constexpr, PREC: tl.constexpr):
+@triton.jit(do_not_specialize=["s0"])
+def _gru_fwd_kernel(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, ws_ptr, hn_ptr,
+                    sched_ptr, s0, n_steps, T, Bu, H,
+                    HAS_BHH: tl.constexpr, UNIFORM: tl.constexpr, REVERSE: tl.constexpr, PERSISTENT: tl.constexpr,
+                    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     pid_b = tl.program_id(0)
-    for s in range(0, T):
-        sp = sched_ptr + s * 6
-        bs_t = tl.load(sp + 1)
+    for i in range(0, n_steps):
+        off_t, bs_t, prev_off, n_prev, _next_off, n_next = _step_schedule(sched_ptr, s0 + i, T, Bu, UNIFORM, REVERSE)
         if pid_b * BB < bs_t:
-            off_t = tl.load(sp)
-            prev_off = tl.load(sp + 2)
-            n_prev = tl.load(sp + 3)
-            n_next = tl.load(sp + 5)
-            for pid_h in range(0, tl.cdiv(H, BH)):
+            for pid_h in range(tl.program_id(1), _h_end(H, BH, PERSISTENT)):
                 _gru_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, ws_ptr, hn_ptr,
                               off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
                               HAS_BHH, BB, BH, BK, INTERP, PREC)
-        tl.debug_barrier()
+        if PERSISTENT:
+            tl.debug_barrier()
 
 
-@triton.jit(do_not_specialize=_STEP_BWD_ARGS)
-def _gru_bwd_step_kernel(gout_ptr, carry_ptr, whh_ptr, ws_ptr, out_ptr, h0_ptr, dgi_ptr, dgh_ptr,
-                         off_t, bs_t, prev_off, n_prev, next_off, n_next, H,
-                         BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
-                         INTERP: tl.constexpr, PREC: tl.constexpr):
-    _gru_bwd_tile(gout_ptr, carry_ptr, whh_ptr, ws_ptr, out_ptr, h0_ptr, dgi_ptr, dgh_ptr,
-                  off_t, bs_t, prev_off, n_prev, next_off, n_next, H, tl.program_id(0), tl.program_id(1),
-                  BB, BH, BK, INTERP, PREC)
-
-
-@triton.jit
-def _gru_bwd_persistent_kernel(gout_ptr, carry_ptr, whh_ptr, ws_ptr, out_ptr, h0_ptr, dgi_ptr, dgh_ptr,
-                               sched_ptr, T, H,
-                               BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
-                               INTERP: tl.constexpr, PREC: tl.constexpr):
+@triton.jit(do_not_specialize=["s0"])
+def _gru_bwd_kernel(gout_ptr, carry_ptr, whh_ptr, ws_ptr, out_ptr, h0_ptr, dgi_ptr, dgh_ptr,
+                    sched_ptr, s0, n_steps, T, Bu, H,
+                    UNIFORM: tl.constexpr, REVERSE: tl.constexpr, PERSISTENT: tl.constexpr,
+                    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     pid_b = tl.program_id(0)
-    for s in range(0, T):
-        sp = sched_ptr + (T - 1 - s) * 6
-        bs_t = tl.load(sp + 1)
+    for i in range(0, n_steps):
+        off_t, bs_t, prev_off, n_prev, next_off, n_next = _step_schedule(sched_ptr, s0 - i, T, Bu, UNIFORM, REVERSE)
         if pid_b * BB < bs_t:
-            off_t = tl.load(sp)
-            prev_off = tl.load(sp + 2)
-            n_prev = tl.load(sp + 3)
-            next_off = tl.load(sp + 4)
-            n_next = tl.load(sp + 5)
-            for pid_h in range(0, tl.cdiv(H, BH)):
+            for pid_h in range(tl.program_id(1), _h_end(H, BH, PERSISTENT)):
                 _gru_bwd_tile(gout_ptr, carry_ptr, whh_ptr, ws_ptr, out_ptr, h0_ptr, dgi_ptr, dgh_ptr,
                               off_t, bs_t, prev_off, n_prev, next_off, n_next, H, pid_b, pid_h,
                               BB, BH, BK, INTERP, PREC)
-        tl.debug_barrier()
+        if PERSISTENT:
+            tl.debug_barrier()
 
 
-@triton.jit(do_not_specialize=_STEP_FWD_ARGS)
-def _rnn_fwd_step_kernel(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, hn_ptr,
-                         off_t, bs_t, prev_off, n_prev, n_next, H,
-                         HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
-                         BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
-    _rnn_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, hn_ptr,
-                  off_t, bs_t, prev_off, n_prev, n_next, H, tl.program_id(0), tl.program_id(1),
-                  HAS_BHH, RELU, BB, BH, BK, INTERP, PREC)
-
-
-@triton.jit
-def _rnn_fwd_persistent_kernel(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, hn_ptr, sched_ptr, T, H,
-                               HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
-                               BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+@triton.jit(do_not_specialize=["s0"])
+def _rnn_fwd_kernel(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, hn_ptr,
+                    sched_ptr, s0, n_steps, T, Bu, H,
+                    HAS_BHH: tl.constexpr, RELU: tl.constexpr,
+                    UNIFORM: tl.constexpr, REVERSE: tl.constexpr, PERSISTENT: tl.constexpr,
+                    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     pid_b = tl.program_id(0)
-    for s in range(0, T):
-        sp = sched_ptr + s * 6
-        bs_t = tl.load(sp + 1)
+    for i in range(0, n_steps):
+        off_t, bs_t, prev_off, n_prev, _next_off, n_next = _step_schedule(sched_ptr, s0 + i, T, Bu, UNIFORM, REVERSE)
         if pid_b * BB < bs_t:
-            off_t = tl.load(sp)
-            prev_off = tl.load(sp + 2)
-            n_prev = tl.load(sp + 3)
-            n_next = tl.load(sp + 5)
-            for pid_h in range(0, tl.cdiv(H, BH)):
+            for pid_h in range(tl.program_id(1), _h_end(H, BH, PERSISTENT)):
                 _rnn_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, hn_ptr,
                               off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
                               HAS_BHH, RELU, BB, BH, BK, INTERP, PREC)
-        tl.debug_barrier()
+        if PERSISTENT:
+            tl.debug_barrier()
 
 
-@triton.jit(do_not_specialize=_STEP_RNN_BWD_ARGS)
-def _rnn_bwd_step_kernel(gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr,
-                         off_t, bs_t, next_off, n_next, H,
-                         RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
-                         INTERP: tl.constexpr, PREC: tl.constexpr):
-    _rnn_bwd_tile(gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr, off_t, bs_t, next_off, n_next, H,
-                  tl.program_id(0), tl.program_id(1), RELU, BB, BH, BK, INTERP, PREC)
+@triton.jit(do_not_specialize=["s0"])
+def _rnn_bwd_kernel(gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr,
+                    sched_ptr, s0, n_steps, T, Bu, H,
+                    RELU: tl.constexpr, UNIFORM: tl.constexpr, REVERSE: tl.constexpr, PERSISTENT: tl.constexpr,
+                    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    pid_b = tl.program_id(0)
+    for i in range(0, n_steps):
+        off_t, bs_t, _prev_off, _n_prev, next_off, n_next = _step_schedule(sched_ptr, s0 - i, T, Bu, UNIFORM,
+                                                                           REVERSE)
+        if pid_b * BB < bs_t:
+            for pid_h in range(tl.program_id(1), _h_end(H, BH, PERSISTENT)):
+                _rnn_bwd_tile(gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr, off_t, bs_t, next_off, n_next, H,
+                              pid_b, pid_h, RELU, BB, BH, BK, INTERP, PREC)
+        if PERSISTENT:
+            tl.debug_barrier()
 
 
 @triton.jit
-def _rnn_bwd_persistent_kernel(gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr, sched_ptr, T, H,
-                               RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
-                               INTERP: tl.constexpr, PREC: tl.constexpr):
-    pid_b = tl.program_id(0)
-    for s in range(0, T):
-        sp = sched_ptr + (T - 1 - s) * 6
-        bs_t = tl.load(sp + 1)
-        if pid_b * BB < bs_t:
-            off_t = tl.load(sp)
-            next_off = tl.load(sp + 4)
-            n_next = tl.load(sp + 5)
-            for pid_h in range(0, tl.cdiv(H, BH)):
-                _rnn_bwd_tile(gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr, off_t, bs_t, next_off, n_next, H,
-                              pid_b, pid_h, RELU, BB, BH, BK, INTERP, PREC)
-        tl.debug_barrier()
+def _h_end(H, BH: tl.constexpr, PERSISTENT: tl.constexpr):
+    # persistent programs loop over every hidden tile; a per-step program does only its own (program_id(1))
+    if PERSISTENT:
+        return tl.cdiv(H, BH)
+    else:
+        return tl.program_id(1) + 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# host-side schedule and helpers
+# launch configuration (pure) and the host-side schedule
 # ----------------------------------------------------------------------------------------------------------------
+
+def use_persistent(persistent, H: int) -> bool:
+    if persistent is None:
+        # W_hh (<= 4*256*256*2 B = 512 KB) stays L2-resident; above that the per-step grid spreads the weight
+        # reads over many SMs and wins.
+        return H <= 256
+    return bool(persistent)
+
+
+def sequence_launch(B: int, H: int, n_gates: int, dtype: torch.dtype, *, persistent: bool, step_rows=None,
+                    allow_tf32=None, block_m=None, interp=None) -> Launch:
+    """The launch of a sequence kernel: B = rows of the first step, H hidden units, n_gates accumulators of the
+    step's GEMM (4 LSTM forward, 3 GRU forward, 1 for RNN and every backward). Per-step launches cover step_rows
+    rows (default B). The constexprs UNIFORM / REVERSE and the cell's own flags are added by the launcher."""
+    interp = interpreting() if interp is None else interp
+    t = rnn_tiles(B, n_gates, block_m, interp)
+    rows = B if step_rows is None else step_rows
+    grid = (cdiv(B, t.BB),) if persistent else (cdiv(rows, t.BB), cdiv(H, t.BH))
+    return Launch(grid, dict(PERSISTENT=bool(persistent), BB=t.BB, BH=t.BH, BK=t.BK, INTERP=interp,
+                             PREC=dot_precision(dtype, allow_tf32, "cudnn")), t.num_warps, 1)
+
 
 class _Plan:
-    """Per-sequence bookkeeping derived from batch_sizes (CPU), built without touching the device."""
+    """Per-sequence bookkeeping derived from batch_sizes (CPU). Padded input (every step B rows) needs nothing on
+    the device; packed input gets its schedule table and gather indices built once per distinct batch_sizes."""
 
-    def __init__(self, batch_sizes, reverse, device):
-        self.batch_sizes = batch_sizes.to("cpu", torch.int64)
-        self.reverse = bool(reverse)
-        bs = self.batch_sizes.tolist()
+    def __init__(self, bs, reverse, device):
+        self.bs = bs
+        self.reverse = reverse
         self.T = len(bs)
         self.B = bs[0] if bs else 0
+        self.N = sum(bs)
+        self.uniform = all(n == self.B for n in bs)
+        self.device = device
         offs = [0] * (self.T + 1)
         for t, n in enumerate(bs):
             offs[t + 1] = offs[t] + n
-        self.N = offs[-1]
         order = range(self.T - 1, -1, -1) if reverse else range(self.T)
         steps = []
         for t in order:
@@ -497,22 +463,19 @@ class _Plan:
                 next_off, n_next = (offs[t - 1], bs[t]) if t > 0 else (0, 0)
             steps.append((offs[t], bs[t], prev_off, n_prev, next_off, n_next))
         self.steps = steps  # in forward-processing order
-        self.device = device
-        self._sched = None
+        self.sched = None
+        self.prev = self.first = None
+        if not self.uniform:
+            flat = [v for st in steps for v in st]
+            self.sched = torch.tensor(flat, dtype=torch.int64).to(device)
+            self.prev, self.first = self._gather_indices(offs)
 
-    def sched(self):
-        if self._sched is None:
-            flat = [v for st in self.steps for v in st] or [0] * _NSCHED
-            self._sched = torch.tensor(flat, dtype=torch.int64).to(self.device, non_blocking=True)
-        return self._sched
-
-    def prev_and_first_index(self):
+    def _gather_indices(self, offs):
         """prev[N]: index of each row's previous state in cat([out, h0]) (N + b for h0); first[B]: row index of
-        each batch row's first processed step. Vectorised on the CPU (N can be large), then moved over."""
-        bs = self.batch_sizes
+        each batch row's first processed step. Vectorised on the CPU, then moved over."""
+        bs = torch.tensor(self.bs, dtype=torch.int64)
+        offs = torch.tensor(offs, dtype=torch.int64)
         T, N = self.T, self.N
-        offs = torch.zeros(T + 1, dtype=torch.int64)
-        torch.cumsum(bs, 0, out=offs[1:])
         t = torch.repeat_interleave(torch.arange(T), bs)
         rows = torch.arange(N)
         b = rows - offs[t]
@@ -528,13 +491,49 @@ class _Plan:
         first[b[~has_prev]] = rows[~has_prev]
         return prev.to(self.device), first.to(self.device)
 
+    def prev_states(self, out, h0):
+        """[N, H]: the state each row's step started from (the previous step's output, or h0)."""
+        if self.uniform:
+            B = self.B
+            if self.reverse:
+                return torch.cat([out[B:], h0], 0)
+            return torch.cat([h0, out[:self.N - B]], 0)
+        return torch.cat([out, h0], 0).index_select(0, self.prev)
 
-def _use_persistent(persistent, H):
-    if persistent is None:
-        # W_hh (<= 4*256*256*2 B = 512 KB) stays L2-resident; above that the per-step grid spreads the weight
-        # reads over many SMs and wins.
-        return H <= 256
-    return bool(persistent)
+    def first_rows(self, g):
+        """Rows of g at each batch row's first processed step ([B, ...])."""
+        if self.uniform:
+            return g[self.N - self.B:] if self.reverse else g[:self.B]
+        return g.index_select(0, self.first)
+
+    def launches(self, kernel, launch, tensors, H, backward):
+        """Runs `kernel` over the whole sequence: one persistent launch, or one launch per step."""
+        sched = self.sched if self.sched is not None else tensors[0]  # any pointer; UNIFORM never reads it
+        consts = dict(launch.constexprs, UNIFORM=self.uniform, REVERSE=self.reverse)
+        if launch.constexprs["PERSISTENT"]:
+            s0 = self.T - 1 if backward else 0
+            Launch(launch.grid, consts, launch.num_warps, launch.num_stages).run(
+                kernel, *tensors, sched, s0, self.T, self.T, self.B, H)
+            return
+        order = range(self.T - 1, -1, -1) if backward else range(self.T)
+        bb = consts["BB"]
+        for s in order:
+            n = self.steps[s][1]
+            if n == 0:
+                continue
+            grid = (cdiv(n, bb), launch.grid[1])
+            Launch(grid, consts, launch.num_warps, launch.num_stages).run(
+                kernel, *tensors, sched, s, 1, self.T, self.B, H)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_plan(bs, reverse, device):
+    return _Plan(list(bs), reverse, device)
+
+
+def _plan(batch_sizes, reverse, device):
+    # batch_sizes lives on the CPU (PackedSequence's convention), so reading it costs no device sync
+    return _cached_plan(tuple(batch_sizes.tolist()), bool(reverse), device)
 
 
 def _input_proj(x, w_ih, b_ih):
@@ -544,16 +543,11 @@ def _input_proj(x, w_ih, b_ih):
     return torch.mm(x, w_ih.t())
 
 
-def _seq_blocks(B, persistent):
-    if persistent and not _interpreting():
-        # persistent: one program per 16-row batch tile (more programs -> more SMs streaming W_hh from L2)
-        return 16, 64, 64, 4
-    return _gemm_blocks(B)
-
-
-def _prev_states(plan, out, h0):
-    prev, first = plan.prev_and_first_index()
-    return torch.cat([out, h0], 0).index_select(0, prev), first
+def _launch(B, H, n_gates, dt, persistent, allow_tf32, block_m, **flags):
+    launch = sequence_launch(B, H, n_gates, dt, persistent=use_persistent(persistent, H), allow_tf32=allow_tf32,
+                             block_m=block_m)
+    launch.constexprs.update(flags)
+    return launch
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -561,10 +555,12 @@ def _prev_states(plan, out, h0):
 # ----------------------------------------------------------------------------------------------------------------
 
 def lstm_layer_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, reverse=False,
-                       persistent=None, allow_tf32: bool = False):
+                       persistent=None, allow_tf32=None, *, block_m=None):
     """x[N,I] packed time-major, batch_sizes[T] (CPU int64), h0/c0[B,H], w_ih[4H,I], w_hh[4H,H], biases[4H]|None
-    -> (out[N,H], hn[B,H], cn[B,H], gates[N,4H] (activated i,f,g,o; input dtype), cs[N,H] (float32))."""
-    plan = _Plan(batch_sizes, reverse, x.device)
+    -> (out[N,H], hn[B,H], cn[B,H], gates[N,4H] (activated i,f,g,o; input dtype), cs[N,H] (float32)).
+    persistent=None picks by H; allow_tf32=None follows torch.backends.cudnn.allow_tf32; block_m forces the batch
+    tile."""
+    check_dtypes(x.dtype, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
     N, H, B = x.shape[0], h0.shape[1], h0.shape[0]
     dev, dt = x.device, x.dtype
     out = torch.empty((N, H), device=dev, dtype=dt)
@@ -574,59 +570,36 @@ def lstm_layer_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None,
     cs = torch.empty((N, H), device=dev, dtype=torch.float32)
     if N == 0 or H == 0:
         return out, hn.copy_(h0), cn.copy_(c0), gates, cs
-    gx = _input_proj(x, w_ih, b_ih)
-    pers = _use_persistent(persistent, H)
-    BB, BH, BK, nw = _seq_blocks(B, pers)
-    interp, prec = _interpreting(), _precision(dt, allow_tf32)
-    bhh = b_hh if b_hh is not None else w_hh
-    if pers:
-        _lstm_fwd_persistent_kernel[(_cdiv(B, BB),)](gx, w_hh, bhh, h0, c0, out, cs, gates, hn, cn, plan.sched(),
-                                                     plan.T, H, b_hh is not None, BB, BH, BK, interp, prec,
-                                                     num_warps=nw)
-    else:
-        for (off, n, prev_off, n_prev, _next_off, n_next) in plan.steps:
-            if n == 0:
-                continue
-            _lstm_fwd_step_kernel[(_cdiv(n, BB), _cdiv(H, BH))](gx, w_hh, bhh, h0, c0, out, cs, gates, hn, cn,
-                                                                off, n, prev_off, n_prev, n_next, H,
-                                                                b_hh is not None, BB, BH, BK, interp, prec,
-                                                                num_warps=nw)
+    plan = _plan(batch_sizes, reverse, dev)
+    with on_device(x):
+        gx = _input_proj(x, w_ih, b_ih)
+        launch = _launch(B, H, 4, dt, persistent, allow_tf32, block_m, HAS_BHH=b_hh is not None)
+        plan.launches(_lstm_fwd_kernel, launch, (gx, w_hh, _or(b_hh, w_hh), h0, c0, out, cs, gates, hn, cn), H,
+                      backward=False)
     return out, hn, cn, gates, cs
 
 
 def lstm_layer_backward(grad_out, grad_hn, grad_cn, x, batch_sizes, h0, c0, w_ih, w_hh, out, gates, cs,
-                        reverse=False, persistent=None, allow_tf32: bool = False):
+                        reverse=False, persistent=None, allow_tf32=None, *, block_m=None):
     """-> (dx[N,I], dh0[B,H], dc0[B,H], dw_ih[4H,I], dw_hh[4H,H], db[4H]); db is the grad of b_ih and b_hh."""
-    plan = _Plan(batch_sizes, reverse, x.device)
     N, H, B = x.shape[0], h0.shape[1], h0.shape[0]
     dev, dt = x.device, x.dtype
     dgates = torch.empty((N, 4 * H), device=dev, dtype=dt)
     dc = grad_cn.to(torch.float32, copy=True)  # carry: grad_cn -> dc*f of later steps -> dc0
-    if N > 0 and H > 0:
-        pers = _use_persistent(persistent, H)
-        BB, BH, BK, nw = _seq_blocks(B, pers)
-        interp, prec = _interpreting(), _precision(dt, allow_tf32)
-        if pers:
-            _lstm_bwd_persistent_kernel[(_cdiv(B, BB),)](grad_out, grad_hn, dc, w_hh, gates, cs, c0, dgates,
-                                                         plan.sched(), plan.T, H, BB, BH, BK, interp, prec,
-                                                         num_warps=nw)
-        else:
-            for (off, n, prev_off, n_prev, next_off, n_next) in reversed(plan.steps):
-                if n == 0:
-                    continue
-                _lstm_bwd_step_kernel[(_cdiv(n, BB), _cdiv(H, BH))](grad_out, grad_hn, dc, w_hh, gates, cs, c0,
-                                                                    dgates, off, n, prev_off, n_prev, next_off,
-                                                                    n_next, H, BB, BH, BK, interp, prec,
-                                                                    num_warps=nw)
-    hprev, first = _prev_states(plan, out, h0)
-    if N > 0:
-        dh0 = torch.mm(dgates.index_select(0, first), w_hh)
-    else:
-        dh0 = grad_hn.clone()
-    dx = torch.mm(dgates, w_ih)
-    dw_ih = torch.mm(dgates.t(), x)
-    dw_hh = torch.mm(dgates.t(), hprev)
-    db = dgates.sum(0, dtype=torch.float32).to(dt)
+    if N == 0:
+        return (torch.zeros_like(x), grad_hn.clone(), dc.to(dt), torch.zeros_like(w_ih), torch.zeros_like(w_hh),
+                torch.zeros(4 * H, device=dev, dtype=dt))
+    plan = _plan(batch_sizes, reverse, dev)
+    with on_device(x):
+        if H > 0:
+            launch = _launch(B, H, 1, dt, persistent, allow_tf32, block_m)
+            plan.launches(_lstm_bwd_kernel, launch, (grad_out, grad_hn, dc, w_hh, gates, cs, c0, dgates), H,
+                          backward=True)
+        dh0 = torch.mm(plan.first_rows(dgates), w_hh)
+        dx = torch.mm(dgates, w_ih)
+        dw_ih = torch.mm(dgates.t(), x)
+        dw_hh = torch.mm(dgates.t(), plan.prev_states(out, h0))
+        db = dgates.sum(0, dtype=torch.float32).to(dt)
     return dx, dh0, dc.to(dt), dw_ih, dw_hh, db
 
 
@@ -635,9 +608,9 @@ def lstm_layer_backward(grad_out, grad_hn, grad_cn, x, batch_sizes, h0, c0, w_ih
 # ----------------------------------------------------------------------------------------------------------------
 
 def gru_layer_forward(x, batch_sizes, h0, w_ih, w_hh, b_ih=None, b_hh=None, reverse=False,
-                      persistent=None, allow_tf32: bool = False):
+                      persistent=None, allow_tf32=None, *, block_m=None):
     """x[N,I], batch_sizes[T], h0[B,H], w_ih[3H,I], w_hh[3H,H] -> (out[N,H], hn[B,H], ws[N,4H] = [r,z,n,hn])."""
-    plan = _Plan(batch_sizes, reverse, x.device)
+    check_dtypes(x.dtype, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
     N, H, B = x.shape[0], h0.shape[1], h0.shape[0]
     dev, dt = x.device, x.dtype
     out = torch.empty((N, H), device=dev, dtype=dt)
@@ -645,59 +618,36 @@ def gru_layer_forward(x, batch_sizes, h0, w_ih, w_hh, b_ih=None, b_hh=None, reve
     ws = torch.empty((N, 4 * H), device=dev, dtype=dt)
     if N == 0 or H == 0:
         return out, hn.copy_(h0), ws
-    gx = _input_proj(x, w_ih, b_ih)
-    pers = _use_persistent(persistent, H)
-    BB, BH, BK, nw = _seq_blocks(B, pers)
-    interp, prec = _interpreting(), _precision(dt, allow_tf32)
-    bhh = b_hh if b_hh is not None else w_hh
-    if pers:
-        _gru_fwd_persistent_kernel[(_cdiv(B, BB),)](gx, w_hh, bhh, h0, out, ws, hn, plan.sched(), plan.T, H,
-                                                    b_hh is not None, BB, BH, BK, interp, prec, num_warps=nw)
-    else:
-        for (off, n, prev_off, n_prev, _next_off, n_next) in plan.steps:
-            if n == 0:
-                continue
-            _gru_fwd_step_kernel[(_cdiv(n, BB), _cdiv(H, BH))](gx, w_hh, bhh, h0, out, ws, hn,
-                                                               off, n, prev_off, n_prev, n_next, H,
-                                                               b_hh is not None, BB, BH, BK, interp, prec,
-                                                               num_warps=nw)
+    plan = _plan(batch_sizes, reverse, dev)
+    with on_device(x):
+        gx = _input_proj(x, w_ih, b_ih)
+        launch = _launch(B, H, 3, dt, persistent, allow_tf32, block_m, HAS_BHH=b_hh is not None)
+        plan.launches(_gru_fwd_kernel, launch, (gx, w_hh, _or(b_hh, w_hh), h0, out, ws, hn), H, backward=False)
     return out, hn, ws
 
 
 def gru_layer_backward(grad_out, grad_hn, x, batch_sizes, h0, w_ih, w_hh, out, ws, reverse=False,
-                       persistent=None, allow_tf32: bool = False):
+                       persistent=None, allow_tf32=None, *, block_m=None):
     """-> (dx[N,I], dh0[B,H], dw_ih[3H,I], dw_hh[3H,H], db_ih[3H], db_hh[3H])."""
-    plan = _Plan(batch_sizes, reverse, x.device)
     N, H, B = x.shape[0], h0.shape[1], h0.shape[0]
     dev, dt = x.device, x.dtype
     dgi = torch.empty((N, 3 * H), device=dev, dtype=dt)
     dgh = torch.empty((N, 3 * H), device=dev, dtype=dt)
     carry = grad_hn.to(torch.float32, copy=True)  # grad_hn -> dh*z of later steps (direct path)
-    if N > 0 and H > 0:
-        pers = _use_persistent(persistent, H)
-        BB, BH, BK, nw = _seq_blocks(B, pers)
-        interp, prec = _interpreting(), _precision(dt, allow_tf32)
-        if pers:
-            _gru_bwd_persistent_kernel[(_cdiv(B, BB),)](grad_out, carry, w_hh, ws, out, h0, dgi, dgh,
-                                                        plan.sched(), plan.T, H, BB, BH, BK, interp, prec,
-                                                        num_warps=nw)
-        else:
-            for (off, n, prev_off, n_prev, next_off, n_next) in reversed(plan.steps):
-                if n == 0:
-                    continue
-                _gru_bwd_step_kernel[(_cdiv(n, BB), _cdiv(H, BH))](grad_out, carry, w_hh, ws, out, h0, dgi, dgh,
-                                                                   off, n, prev_off, n_prev, next_off, n_next,
-                                                                   H, BB, BH, BK, interp, prec, num_warps=nw)
-    hprev, first = _prev_states(plan, out, h0)
-    if N > 0:
-        dh0 = torch.addmm(carry.to(dt), dgh.index_select(0, first), w_hh)
-    else:
-        dh0 = grad_hn.clone()
-    dx = torch.mm(dgi, w_ih)
-    dw_ih = torch.mm(dgi.t(), x)
-    dw_hh = torch.mm(dgh.t(), hprev)
-    db_ih = dgi.sum(0, dtype=torch.float32).to(dt)
-    db_hh = dgh.sum(0, dtype=torch.float32).to(dt)
+    if N == 0:
+        z = torch.zeros(3 * H, device=dev, dtype=dt)
+        return torch.zeros_like(x), grad_hn.clone(), torch.zeros_like(w_ih), torch.zeros_like(w_hh), z, z.clone()
+    plan = _plan(batch_sizes, reverse, dev)
+    with on_device(x):
+        if H > 0:
+            launch = _launch(B, H, 1, dt, persistent, allow_tf32, block_m)
+            plan.launches(_gru_bwd_kernel, launch, (grad_out, carry, w_hh, ws, out, h0, dgi, dgh), H, backward=True)
+        dh0 = torch.addmm(carry.to(dt), plan.first_rows(dgh), w_hh)
+        dx = torch.mm(dgi, w_ih)
+        dw_ih = torch.mm(dgi.t(), x)
+        dw_hh = torch.mm(dgh.t(), plan.prev_states(out, h0))
+        db_ih = dgi.sum(0, dtype=torch.float32).to(dt)
+        db_hh = dgh.sum(0, dtype=torch.float32).to(dt)
     return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
 
 
@@ -706,63 +656,45 @@ def gru_layer_backward(grad_out, grad_hn, x, batch_sizes, h0, w_ih, w_hh, out, w
 # ----------------------------------------------------------------------------------------------------------------
 
 def rnn_layer_forward(x, batch_sizes, h0, w_ih, w_hh, b_ih=None, b_hh=None, relu=False, reverse=False,
-                      persistent=None, allow_tf32: bool = False):
+                      persistent=None, allow_tf32=None, *, block_m=None):
     """x[N,I], batch_sizes[T], h0[B,H], w_ih[H,I], w_hh[H,H] -> (out[N,H], hn[B,H])."""
-    plan = _Plan(batch_sizes, reverse, x.device)
+    check_dtypes(x.dtype, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
     N, H, B = x.shape[0], h0.shape[1], h0.shape[0]
     dev, dt = x.device, x.dtype
     out = torch.empty((N, H), device=dev, dtype=dt)
     hn = torch.empty((B, H), device=dev, dtype=dt)
     if N == 0 or H == 0:
         return out, hn.copy_(h0)
-    gx = _input_proj(x, w_ih, b_ih)
-    pers = _use_persistent(persistent, H)
-    BB, BH, BK, nw = _seq_blocks(B, pers)
-    interp, prec = _interpreting(), _precision(dt, allow_tf32)
-    bhh = b_hh if b_hh is not None else w_hh
-    if pers:
-        _rnn_fwd_persistent_kernel[(_cdiv(B, BB),)](gx, w_hh, bhh, h0, out, hn, plan.sched(), plan.T, H,
-                                                    b_hh is not None, bool(relu), BB, BH, BK, interp, prec,
-                                                    num_warps=nw)
-    else:
-        for (off, n, prev_off, n_prev, _next_off, n_next) in plan.steps:
-            if n == 0:
-                continue
-            _rnn_fwd_step_kernel[(_cdiv(n, BB), _cdiv(H, BH))](gx, w_hh, bhh, h0, out, hn,
-                                                               off, n, prev_off, n_prev, n_next, H,
-                                                               b_hh is not None, bool(relu), BB, BH, BK, interp,
-                                                               prec, num_warps=nw)
+    plan = _plan(batch_sizes, reverse, dev)
+    with on_device(x):
+        gx = _input_proj(x, w_ih, b_ih)
+        launch = _launch(B, H, 1, dt, persistent, allow_tf32, block_m, HAS_BHH=b_hh is not None, RELU=bool(relu))
+        plan.launches(_rnn_fwd_kernel, launch, (gx, w_hh, _or(b_hh, w_hh), h0, out, hn), H, backward=False)
     return out, hn
 
 
 def rnn_layer_backward(grad_out, grad_hn, x, batch_sizes, h0, w_ih, w_hh, out, relu=False, reverse=False,
-                       persistent=None, allow_tf32: bool = False):
+                       persistent=None, allow_tf32=None, *, block_m=None):
     """-> (dx[N,I], dh0[B,H], dw_ih[H,I], dw_hh[H,H], db[H]); db is the grad of b_ih and of b_hh."""
-    plan = _Plan(batch_sizes, reverse, x.device)
     N, H, B = x.shape[0], h0.shape[1], h0.shape[0]
     dev, dt = x.device, x.dtype
     dpre = torch.empty((N, H), device=dev, dtype=dt)
-    if N > 0 and H > 0:
-        pers = _use_persistent(persistent, H)
-        BB, BH, BK, nw = _seq_blocks(B, pers)
-        interp, prec = _interpreting(), _precision(dt, allow_tf32)
-        if pers:
-            _rnn_bwd_persistent_kernel[(_cdiv(B, BB),)](grad_out, grad_hn, w_hh, out, dpre, plan.sched(), plan.T,
-                                                        H, bool(relu), BB, BH, BK, interp, prec, num_warps=nw)
-        else:
-            for (off, n, _prev_off, _n_prev, next_off, n_next) in reversed(plan.steps):
-                if n == 0:
-                    continue
-                _rnn_bwd_step_kernel[(_cdiv(n, BB), _cdiv(H, BH))](grad_out, grad_hn, w_hh, out, dpre,
-                                                                   off, n, next_off, n_next, H, bool(relu),
-                                                                   BB, BH, BK, interp, prec, num_warps=nw)
-    hprev, first = _prev_states(plan, out, h0)
-    if N > 0:
-        dh0 = torch.mm(dpre.index_select(0, first), w_hh)
-    else:
-        dh0 = grad_hn.clone()
-    dx = torch.mm(dpre, w_ih)
-    dw_ih = torch.mm(dpre.t(), x)
-    dw_hh = torch.mm(dpre.t(), hprev)
-    db = dpre.sum(0, dtype=torch.float32).to(dt)
+    if N == 0:
+        return (torch.zeros_like(x), grad_hn.clone(), torch.zeros_like(w_ih), torch.zeros_like(w_hh),
+                torch.zeros(H, device=dev, dtype=dt))
+    plan = _plan(batch_sizes, reverse, dev)
+    with on_device(x):
+        if H > 0:
+            launch = _launch(B, H, 1, dt, persistent, allow_tf32, block_m, RELU=bool(relu))
+            plan.launches(_rnn_bwd_kernel, launch, (grad_out, grad_hn, w_hh, out, dpre), H, backward=True)
+        dh0 = torch.mm(plan.first_rows(dpre), w_hh)
+        dx = torch.mm(dpre, w_ih)
+        dw_ih = torch.mm(dpre.t(), x)
+        dw_hh = torch.mm(dpre.t(), plan.prev_states(out, h0))
+        db = dpre.sum(0, dtype=torch.float32).to(dt)
     return dx, dh0, dw_ih, dw_hh, db
+
+
+def _or(t, dummy):
+    # an absent bias is passed as any valid pointer; HAS_BHH keeps the kernel from reading it
+    return t if t is not None else dummy
