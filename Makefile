@@ -19,7 +19,7 @@ endif
 # Rebuild when any source changes (ninja then recompiles only what changed).
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc)
 
-.PHONY: test test-wheel bench build wheel clean
+.PHONY: test test-wheel bench bench-sweep build wheel clean
 
 $(VENV)/.seqfast-deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,8 +43,21 @@ build: .build-stamp
 test: .build-stamp
 	$(PY) -m pytest tests
 
-bench: .build-stamp
-	$(PY) benchmarks/run.py
+# Benchmarks: plots, progress bars, the optional ONNX Runtime comparison (requirements-bench.txt; VENV= mode uses
+# what that Python has). BENCH_ARGS passes options through, e.g. `make bench BENCH_ARGS=--quick`.
+BENCH_DEPS := $(if $(strip $(VENV)),$(VENV)/.seqfast-bench-deps,)
+
+$(VENV)/.seqfast-bench-deps: requirements-bench.txt $(DEPS)
+	$(PY) -m pip install -q -r requirements-bench.txt
+	touch $@
+
+# torch eager vs seqfast on every op and module (quick default: minutes), tables + plots in benchmarks/results/
+bench: .build-stamp $(BENCH_DEPS)
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+# the performance-floor sweep (ops x dtypes x batch x hidden x inference/training, SDPA, decoder steps; <= 20 min)
+bench-sweep: .build-stamp $(BENCH_DEPS)
+	$(PY) benchmarks/sweep.py $(BENCH_ARGS)
 
 wheel: $(DEPS)
 	MAX_JOBS=$(JOBS) flock /tmp/seqfast-build.lock \

@@ -1,0 +1,44 @@
+"""Interleaved timing: every implementation of a case runs in each round, in rotating order, so that a slow spell of a
+shared machine hits all of them alike; the spread of the per-round ratios shows how steady the run was."""
+import statistics
+import time
+
+
+def interleaved(fns, rounds, round_time, sync=None):
+    """fns: {name: zero-argument callable}. -> {name: [seconds per call, one entry per round]}.
+
+    Each callable first runs twice (warm-up: allocations, pools, lazy initialisation), then is called n times per round,
+    n chosen once so that a round of the slowest-per-call implementation lasts about round_time."""
+    sync = sync or (lambda: None)
+    per_call = {}
+    for name, fn in fns.items():
+        fn()
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        per_call[name] = time.perf_counter() - start
+    calls = {name: max(1, int(round_time / max(t, 1e-7))) for name, t in per_call.items()}
+    names = list(fns)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, n = fns[name], calls[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync()
+            times[name].append((time.perf_counter() - start) / n)
+    return times
+
+
+def summarize(times, baseline="torch", candidate="seqfast"):
+    """Medians / minima per implementation, the ratio baseline/candidate of the medians (> 1: the candidate is faster)
+    and the min / max of the per-round ratios (each round times both, so a round's ratio is a paired measurement)."""
+    out = {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "rounds": len(t)}
+           for name, t in times.items()}
+    if baseline in times and candidate in times:
+        paired = [a / b for a, b in zip(times[baseline], times[candidate])]
+        out["ratio"] = out[baseline]["median_s"] / out[candidate]["median_s"]
+        out["ratio_min"], out["ratio_max"] = min(paired), max(paired)
+    return out
