@@ -76,8 +76,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--round-time", type=float, default=0.04, help="seconds per implementation per round")
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--out", default=results.RESULTS, help="folder for the .md / .png (summary.jsonl always in "
-                        "benchmarks/results)")
+    parser.add_argument("--out", default=results.RESULTS, help="folder for the .md / .png and the summary.jsonl appended to")
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
@@ -113,7 +112,7 @@ def main(argv=None):
     png = os.path.join(args.out, stem + ".png")
     results.plot(rows, png, f"seqfast vs torch eager: {m['cpu']}, {m['threads']} threads, torch {m['torch']} "
                  f"({m['device']}, {m['date'][:10]})")
-    results.append_summary(m, "bench", rows)
+    results.append_summary(m, "bench", rows, os.path.join(args.out, "summary.jsonl"))
     raw = results.write_raw(stem, {"machine": m, "rows": rows})
     print("\n".join(family_lines(rows)))
     print(f"\n{md}\n{png}\nraw: {raw}\n{len(rows)} cases in {elapsed / 60:.1f} min")

@@ -1,0 +1,213 @@
+"""`make bench-sweep`: the performance floor. Ops (LSTM/GRU/RNN sequences, LSTMCell/GRUCell/RNNCell, SDPA, SDPA
+decoder steps) x float32/bfloat16 x batch {1, 8, 32, 64, 256} x hidden {64 .. 1024} x inference/training, sampled to
+fit the time; torch and seqfast (and ONNX Runtime for float32 inference, where installed) interleaved in one run.
+
+Prints every ratio torch/seqfast, the geomean and every case below 1.0x; decoder steps also print GB/s beside a plain
+read (torch.sum) of as many bytes in the same rounds. Writes benchmarks/results/sweep-<device>-<date>.md, appends to
+benchmarks/results/summary.jsonl, and writes benchmarks/results/sweep-latest.json (per-case parameters and times, for
+deriving dispatch rules).
+
+    python benchmarks/sweep.py            # the full sweep (about 20 minutes on 2 cores)
+    python benchmarks/sweep.py --quick    # a few cases of every kind: checks the pipeline end to end
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+if "TRITON_INTERPRET" in os.environ:
+    del os.environ["TRITON_INTERPRET"]  # the interpreter is never benchmarked
+
+import torch  # noqa: E402
+
+import cases as C  # noqa: E402
+import machine as machine_info  # noqa: E402
+import onnx_step  # noqa: E402
+import results  # noqa: E402
+import timing  # noqa: E402
+
+BATCHES = (1, 8, 32, 64, 256)
+HIDDENS = (64, 128, 256, 512, 1024)
+T = 32
+# Sequences whose batch x hidden^2 exceeds this (batch 256 at hidden 1024) take seconds per training call in torch on
+# two cores; the sweep leaves them out to fit its time.
+MAX_SEQUENCE_WORK = 64 * 1024 ** 2
+
+
+def _pairs(shift, quick):
+    """Sampled (batch, hidden) pairs: every batch with two hiddens, rotated by `shift` so that different ops cover
+    different pairs and every hidden appears for every op."""
+    if quick:
+        return [(BATCHES[shift % 2], HIDDENS[(shift + 1) % 3])]
+    return [(b, HIDDENS[(i + shift + k) % len(HIDDENS)]) for i, b in enumerate(BATCHES) for k in (0, 2)]
+
+
+def sweep_cases(quick=False, with_onnx=True):
+    cases = []
+    dtypes = ("float32", "bfloat16")
+    for shift, kind in enumerate(("lstm", "gru", "rnn")):
+        for dtype in dtypes:
+            for mode in ("infer", "train"):
+                ort = with_onnx and dtype == "float32" and mode == "infer"
+                impls = ("torch", "seqfast") + (("onnxruntime",) if ort else ())
+                for batch, hidden in _pairs(shift + (dtype == "bfloat16"), quick):
+                    if batch * hidden * hidden <= MAX_SEQUENCE_WORK:
+                        cases.append(C.Case("rnn_sequence", f"{kind.upper()} {dtype} T{T} B{batch} H{hidden} {mode}",
+                                            C.sequence, dict(kind=kind, T=T, batch=batch, hidden=hidden, mode=mode,
+                                                             dtype=dtype), batch * hidden, "batch x hidden", impls))
+                for batch, hidden in _pairs(shift + 3 + (dtype == "bfloat16"), quick):
+                    cases.append(C.Case("rnn_cell", f"{kind.upper()}Cell {dtype} B{batch} H{hidden} {mode}", C.cell,
+                                        dict(kind=kind, batch=batch, hidden=hidden, mode=mode, dtype=dtype),
+                                        batch * hidden, "batch x hidden", impls))
+    lengths = (512,) if quick else (128, 512, 2048)
+    for dtype in dtypes:
+        for i, L in enumerate(lengths):
+            for D in ((64,) if quick else (64, 128)):
+                for causal in (True, False):
+                    for mode in ("infer", "train"):
+                        if not quick and (i + (D == 128) + causal + (mode == "train")) % 2:
+                            continue  # half of the grid, alternating, so every axis value keeps cases
+                        if L == 2048 and not causal and mode == "train":
+                            continue
+                        ort = with_onnx and dtype == "float32" and mode == "infer"
+                        cases.append(C.Case("attention", f"SDPA {dtype} B1 H8 L{L} D{D} {'causal' if causal else 'full'}"
+                                            f" {mode}", C.sdpa, dict(batch=1, heads=8, L=L, D=D, causal=causal,
+                                                                     mode=mode, dtype=dtype), L, "sequence length",
+                                            ("torch", "seqfast") + (("onnxruntime",) if ort else ())))
+        for keys in ((256,) if quick else (256, 1024, 4096)):
+            cases.append(C.Case("decoder_step", f"SDPA decoder step {dtype} B16 H8 keys {keys} D64", C.sdpa,
+                                dict(batch=16, heads=8, L=1, D=64, causal=False, mode="infer", dtype=dtype,
+                                     keys=keys), keys, "keys", ("torch", "seqfast", "read")))
+    return cases
+
+
+def _kv_bytes(case):
+    p = case.params
+    return 2 * p["batch"] * p["heads"] * p["keys"] * p["D"] * torch.empty((), dtype=getattr(torch, p["dtype"])).element_size()
+
+
+def run_case(case, device, rounds, round_time):
+    steps, notes = {}, []
+    for impl in case.impls:
+        try:
+            steps[impl] = case.build(impl, device)
+        except Exception as e:
+            if impl in ("torch", "seqfast"):
+                raise
+            notes.append(f"{impl} skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    row = timing.summarize(timing.interleaved(steps, rounds, round_time,
+                                              torch.cuda.synchronize if device == "cuda" else None))
+    row.update(case=case.name, family=case.family, size=case.size, size_label=case.size_label, params=case.params,
+               notes=notes)
+    if "onnxruntime" in row:
+        row["ratio_vs_onnxruntime"] = row["onnxruntime"]["median_s"] / row["seqfast"]["median_s"]
+    if case.family == "decoder_step":
+        nbytes = _kv_bytes(case)
+        row["bytes"] = nbytes
+        for impl in ("torch", "seqfast", "read"):
+            row[impl]["gb_per_s"] = nbytes / row[impl]["median_s"] / 1e9
+        row["seqfast_vs_read"] = row["read"]["median_s"] / row["seqfast"]["median_s"]
+    return row
+
+
+def line(row):
+    if "error" in row:
+        return f"{row['case']:52s} ERROR {row['error']}"
+    text = (f"{row['case']:52s} torch {results.fmt_time(row['torch']['median_s']):>9s}  seqfast "
+            f"{results.fmt_time(row['seqfast']['median_s']):>9s}  {row['ratio']:5.2f}x "
+            f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f})")
+    if "ratio_vs_onnxruntime" in row:
+        text += f"  vs ORT {row['ratio_vs_onnxruntime']:.2f}x"
+    if "bytes" in row:
+        text += (f"  GB/s torch {row['torch']['gb_per_s']:.1f} seqfast {row['seqfast']['gb_per_s']:.1f} read "
+                 f"{row['read']['gb_per_s']:.1f} (seqfast at {row['seqfast_vs_read']:.0%} of the read)")
+    return text + "".join(f"  [{n}]" for n in row.get("notes", []))
+
+
+def summary_lines(rows, onnx_note):
+    ok = [r for r in rows if "ratio" in r]
+    ratios = [r["ratio"] for r in ok]
+    out = [f"- cases: {len(ok)} timed, {len(rows) - len(ok)} failed",
+           f"- geomean torch/seqfast: {results.geomean(ratios):.2f}x; worst {min(ratios):.2f}x; "
+           f"below 1.0x: {sum(r < 1.0 for r in ratios)}; below 0.95x: {sum(r < 0.95 for r in ratios)}"
+           if ratios else "- no case timed"]
+    for fam in sorted({r["family"] for r in ok}):
+        fr = [r["ratio"] for r in ok if r["family"] == fam]
+        out.append(f"  - {fam}: {len(fr)} cases, geomean {results.geomean(fr):.2f}x, worst {min(fr):.2f}x")
+    ort = [r["ratio_vs_onnxruntime"] for r in ok if "ratio_vs_onnxruntime" in r]
+    if ort:
+        out.append(f"- against ONNX Runtime (float32 inference, {len(ort)} cases): geomean ORT/seqfast "
+                   f"{results.geomean(ort):.2f}x, worst {min(ort):.2f}x, below 1.0x: {sum(r < 1.0 for r in ort)}")
+    out.append(f"- ONNX Runtime: {onnx_note}")
+    dec = [r for r in ok if "bytes" in r]
+    if dec:
+        out.append("- decoder steps, seqfast's time against a plain read of the same bytes: " + ", ".join(
+            f"{r['params']['dtype']} {r['params']['keys']} keys {r['seqfast_vs_read']:.0%}" for r in dec))
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few cases of every kind, 3 rounds")
+    parser.add_argument("-k", dest="filter", default=None, help="only cases whose name contains this")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--round-time", type=float, default=0.03, help="seconds per implementation per round")
+    parser.add_argument("--no-onnx", action="store_true", help="leave ONNX Runtime out")
+    parser.add_argument("--out", default=results.RESULTS, help="folder for the .md, sweep-latest.json and the summary.jsonl appended to")
+    args = parser.parse_args(argv)
+    from tqdm import tqdm
+
+    with_onnx = not args.no_onnx and args.device == "cpu" and onnx_step.available()
+    onnx_note = ("timed on float32 inference cases" if with_onnx else
+                 "left out (--no-onnx)" if args.no_onnx else "not on CUDA runs" if args.device != "cpu" else
+                 "skipped: onnx / onnxruntime not installed (pip install -r requirements-bench.txt)")
+    rounds = args.rounds or (3 if args.quick else 5)
+    selected = [c for c in sweep_cases(args.quick, with_onnx)
+                if not args.filter or args.filter.lower() in c.name.lower()]
+    m = machine_info.machine(args.device)
+    stem = f"sweep-{m['device']}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    print("\n".join(["# seqfast performance-floor sweep"] + machine_info.header_lines(m) + [f"- ONNX Runtime: {onnx_note}"]),
+          flush=True)
+    rows, start = [], time.perf_counter()
+    for case in tqdm(selected, desc="sweep", unit="case", mininterval=2.0):
+        try:
+            row = run_case(case, args.device, rounds, args.round_time)
+        except Exception as e:  # one broken case must not lose the rest of the run
+            row = dict(case=case.name, family=case.family, params=case.params,
+                       error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        rows.append(row)
+        tqdm.write(line(row))
+    elapsed = time.perf_counter() - start
+
+    ok = [r for r in rows if "ratio" in r]
+    below = sorted((r for r in ok if r["ratio"] < 1.0), key=lambda r: r["ratio"])
+    summary = summary_lines(rows, onnx_note)
+    print("\n" + "\n".join(summary))
+    print(f"\ncases below 1.0x ({len(below)}):")
+    for r in below:
+        print("  " + line(r))
+    md = ["# seqfast performance-floor sweep (`make bench-sweep`)", ""] + machine_info.header_lines(m) + [
+        f"- {len(rows)} cases, {rounds} rounds each ({args.round_time:g} s per implementation per round), interleaved;"
+        f" sequences T {T}; took {elapsed / 60:.1f} min", ""] + summary + [
+        "", "Ratio = torch median / seqfast median (> 1: seqfast faster), with the min and max of the per-round ratios. "
+        "vs ORT = ONNX Runtime median / seqfast median.", "", f"## Cases below 1.0x ({len(below)})", "", "```"] + \
+        [line(r) for r in below] + ["```", "", "## All cases", "", "```"] + [line(r) for r in rows] + ["```"]
+    os.makedirs(args.out, exist_ok=True)
+    md_path = os.path.join(args.out, stem + ".md")
+    with open(md_path, "w") as f:
+        f.write("\n".join(md) + "\n")
+    latest = os.path.join(args.out, "sweep-latest.json")
+    with open(latest, "w") as f:
+        json.dump({"machine": m, "rounds": rounds, "round_time_s": args.round_time, "sequence_length": T,
+                   "onnxruntime": onnx_note, "cases": rows}, f, indent=1)
+    results.append_summary(m, "sweep", rows, os.path.join(args.out, "summary.jsonl"))
+    print(f"\n{md_path}\n{latest}\n{len(rows)} cases in {elapsed / 60:.1f} min")
+    return 1 if len(ok) < len(rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
