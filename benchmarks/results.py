@@ -42,11 +42,15 @@ def append_summary(machine, suite, rows, path=SUMMARY):
                 "ratio_max": round(r["ratio_max"], 4)}) + "\n")
 
 
-def write_raw(stem, payload):
-    """The full per-run data, outside the repository."""
+def scratch_folder():
     folder = os.path.join(tempfile.gettempdir(), "seqfast-bench")
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, stem + ".json")
+    return folder
+
+
+def write_raw(stem, payload):
+    """The full per-run data, outside the repository."""
+    path = os.path.join(scratch_folder(), stem + ".json")
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     return path

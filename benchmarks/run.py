@@ -3,7 +3,8 @@
 Per case: the ratio torch/seqfast of the median times with its spread over rounds (min / max of the per-round ratios),
 and the peak memory of each implementation (CPU: resident-set high-water mark of a child process, C++ allocations
 included; GPU: torch.cuda.max_memory_allocated). Writes benchmarks/results/<device>-<date>.md and .png, appends to
-benchmarks/results/summary.jsonl, keeps the raw JSON in a temporary folder.
+benchmarks/results/summary.jsonl, keeps the raw JSON in a temporary folder; a full run (no -k, no --quick) also
+copies its table and plot to benchmarks/results/latest-<device>.{md,png}, which the README shows.
 
     python benchmarks/run.py            # the default set (a few minutes on 2 cores)
     python benchmarks/run.py --quick    # one small case per op: checks the pipeline end to end
@@ -76,9 +77,13 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--round-time", type=float, default=0.04, help="seconds per implementation per round")
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--out", default=results.RESULTS, help="folder for the .md / .png and the summary.jsonl appended to")
+    parser.add_argument("--out", default=None, help="folder for the .md, .png, summary.jsonl (default "
+                        "benchmarks/results; with --quick a temporary folder)")
     args = parser.parse_args(argv)
     from tqdm import tqdm
+
+    if args.out is None:  # a quick run checks the pipeline: its numbers stay out of the repository
+        args.out = results.scratch_folder() if args.quick else results.RESULTS
 
     rounds = args.rounds or (3 if args.quick else 7)
     selected = [c for c in case_list.bench_cases(args.quick)
@@ -113,6 +118,11 @@ def main(argv=None):
     results.plot(rows, png, f"seqfast vs torch eager: {m['cpu']}, {m['threads']} threads, torch {m['torch']} "
                  f"({m['device']}, {m['date'][:10]})")
     results.append_summary(m, "bench", rows, os.path.join(args.out, "summary.jsonl"))
+    if not args.filter and not args.quick:  # the README shows the latest full run's plot and table under fixed names
+        import shutil
+        shutil.copyfile(png, os.path.join(args.out, f"latest-{m['device']}.png"))
+        with open(os.path.join(args.out, f"latest-{m['device']}.md"), "w") as f:
+            f.write("\n".join(lines).replace(f"]({stem}.png)", f"](latest-{m['device']}.png)") + "\n")
     raw = results.write_raw(stem, {"machine": m, "rows": rows})
     print("\n".join(family_lines(rows)))
     print(f"\n{md}\n{png}\nraw: {raw}\n{len(rows)} cases in {elapsed / 60:.1f} min")

@@ -157,9 +157,13 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--round-time", type=float, default=0.03, help="seconds per implementation per round")
     parser.add_argument("--no-onnx", action="store_true", help="leave ONNX Runtime out")
-    parser.add_argument("--out", default=results.RESULTS, help="folder for the .md, sweep-latest.json and the summary.jsonl appended to")
+    parser.add_argument("--out", default=None, help="folder for the .md, sweep-latest.json, summary.jsonl "
+                        "(default benchmarks/results; with --quick a temporary folder)")
     args = parser.parse_args(argv)
     from tqdm import tqdm
+
+    if args.out is None:  # a quick run checks the pipeline: its numbers stay out of the repository
+        args.out = results.scratch_folder() if args.quick else results.RESULTS
 
     with_onnx = not args.no_onnx and args.device == "cpu" and onnx_step.available()
     onnx_note = ("timed on float32 inference cases" if with_onnx else
