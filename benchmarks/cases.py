@@ -185,7 +185,8 @@ def bench_cases(quick=False):
         for batch, hidden in cell_shapes:
             for mode in modes:
                 cases.append(Case("rnn_cell", f"{kind.upper()}Cell B{batch} H{hidden} {_mode_name(mode)}", cell,
-                                  dict(kind=kind, batch=batch, hidden=hidden, mode=mode), batch * hidden, "batch x hidden"))
+                                  dict(kind=kind, batch=batch, hidden=hidden, mode=mode), batch * hidden,
+                                  "batch x hidden"))
     T = 16 if quick else 64
     seq_shapes = [(1, 128)] if quick else [(1, 128), (8, 128), (8, 512), (64, 512)]
     for kind in SEQUENCES:
@@ -195,8 +196,10 @@ def bench_cases(quick=False):
                                   sequence, dict(kind=kind, T=T, batch=batch, hidden=hidden, mode=mode),
                                   batch * hidden, "batch x hidden"))
     extras = [] if quick else [
-        ("2 layers", dict(batch=8, hidden=256, layers=2)), ("bidirectional", dict(batch=8, hidden=256, bidirectional=True)),
-        ("packed, lengths 1..T", dict(batch=32, hidden=256, packed=True)), ("bf16", dict(batch=64, hidden=512, dtype="bfloat16"))]
+        ("2 layers", dict(batch=8, hidden=256, layers=2)),
+        ("bidirectional", dict(batch=8, hidden=256, bidirectional=True)),
+        ("packed, lengths 1..T", dict(batch=32, hidden=256, packed=True)),
+        ("bf16", dict(batch=64, hidden=512, dtype="bfloat16"))]
     for label, extra in extras:
         for kind in ("lstm", "gru"):
             for mode in modes:

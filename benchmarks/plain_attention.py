@@ -4,7 +4,8 @@ import torch
 
 
 class LuongAttention(torch.nn.Module):
-    """seqfast.nn.LuongAttention(score="general") in plain PyTorch: scores keys . (W q), masked softmax, weighted sum."""
+    """seqfast.nn.LuongAttention(score="general") in plain PyTorch: scores keys . (W q), masked softmax, weighted
+    sum."""
 
     def __init__(self, query_size, key_size):
         super().__init__()

@@ -37,7 +37,8 @@ def append_summary(machine, suite, rows, path=SUMMARY):
                 "isa": " ".join(i for i in machine["isa"] if i.startswith(("avx512f", "avx512_bf16", "amx")) or
                                 i == "avx2"),
                 "threads": machine["threads"], "torch": machine["torch"], "commit": machine["commit"],
-                "case": r["case"], "torch_median_s": r["torch"]["median_s"], "seqfast_median_s": r["seqfast"]["median_s"],
+                "case": r["case"], "torch_median_s": r["torch"]["median_s"],
+                "seqfast_median_s": r["seqfast"]["median_s"],
                 "ratio": round(r["ratio"], 4), "ratio_min": round(r["ratio_min"], 4),
                 "ratio_max": round(r["ratio_max"], 4)}) + "\n")
 

@@ -50,7 +50,8 @@ def table(rows):
             continue
         lines.append(f"| {r['case']} | {results.fmt_time(r['torch']['median_s'])} | "
                      f"{results.fmt_time(r['seqfast']['median_s'])} | {r['ratio']:.2f}x | "
-                     f"{r['ratio_min']:.2f}x - {r['ratio_max']:.2f}x | {results.fmt_mb(r['torch'].get('peak_bytes'))} | "
+                     f"{r['ratio_min']:.2f}x - {r['ratio_max']:.2f}x | "
+                     f"{results.fmt_mb(r['torch'].get('peak_bytes'))} | "
                      f"{results.fmt_mb(r['seqfast'].get('peak_bytes'))} |")
     return lines
 

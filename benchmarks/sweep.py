@@ -73,9 +73,10 @@ def sweep_cases(quick=False, with_onnx=True):
                         if L == 2048 and not causal and mode == "train":
                             continue
                         ort = with_onnx and dtype == "float32" and mode == "infer"
-                        cases.append(C.Case("attention", f"SDPA {dtype} B1 H8 L{L} D{D} {'causal' if causal else 'full'}"
-                                            f" {mode}", C.sdpa, dict(batch=1, heads=8, L=L, D=D, causal=causal,
-                                                                     mode=mode, dtype=dtype), L, "sequence length",
+                        shape = 'causal' if causal else 'full'
+                        cases.append(C.Case("attention", f"SDPA {dtype} B1 H8 L{L} D{D} {shape} {mode}", C.sdpa,
+                                            dict(batch=1, heads=8, L=L, D=D, causal=causal, mode=mode, dtype=dtype),
+                                            L, "sequence length",
                                             ("torch", "seqfast") + (("onnxruntime",) if ort else ())))
         for keys in ((256,) if quick else (256, 1024, 4096)):
             cases.append(C.Case("decoder_step", f"SDPA decoder step {dtype} B16 H8 keys {keys} D64", C.sdpa,
@@ -86,7 +87,8 @@ def sweep_cases(quick=False, with_onnx=True):
 
 def _kv_bytes(case):
     p = case.params
-    return 2 * p["batch"] * p["heads"] * p["keys"] * p["D"] * torch.empty((), dtype=getattr(torch, p["dtype"])).element_size()
+    itemsize = torch.empty((), dtype=getattr(torch, p["dtype"])).element_size()
+    return 2 * p["batch"] * p["heads"] * p["keys"] * p["D"] * itemsize
 
 
 def run_case(case, device, rounds, round_time):
@@ -174,8 +176,8 @@ def main(argv=None):
                 if not args.filter or args.filter.lower() in c.name.lower()]
     m = machine_info.machine(args.device)
     stem = f"sweep-{m['device']}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    print("\n".join(["# seqfast performance-floor sweep"] + machine_info.header_lines(m) + [f"- ONNX Runtime: {onnx_note}"]),
-          flush=True)
+    print("\n".join(["# seqfast performance-floor sweep"] + machine_info.header_lines(m) +
+                    [f"- ONNX Runtime: {onnx_note}"]), flush=True)
     rows, start = [], time.perf_counter()
     for case in tqdm(selected, desc="sweep", unit="case", mininterval=2.0):
         try:
@@ -197,8 +199,9 @@ def main(argv=None):
     md = ["# seqfast performance-floor sweep (`make bench-sweep`)", ""] + machine_info.header_lines(m) + [
         f"- {len(rows)} cases, {rounds} rounds each ({args.round_time:g} s per implementation per round), interleaved;"
         f" sequences T {T}; took {elapsed / 60:.1f} min", ""] + summary + [
-        "", "Ratio = torch median / seqfast median (> 1: seqfast faster), with the min and max of the per-round ratios. "
-        "vs ORT = ONNX Runtime median / seqfast median.", "", f"## Cases below 1.0x ({len(below)})", "", "```"] + \
+        "", "Ratio = torch median / seqfast median (> 1: seqfast faster), with the min and max of the per-round "
+        "ratios. vs ORT = ONNX Runtime median / seqfast median.", "",
+        f"## Cases below 1.0x ({len(below)})", "", "```"] + \
         [line(r) for r in below] + ["```", "", "## All cases", "", "```"] + [line(r) for r in rows] + ["```"]
     os.makedirs(args.out, exist_ok=True)
     md_path = os.path.join(args.out, stem + ".md")

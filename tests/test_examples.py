@@ -53,6 +53,7 @@ def test_seq2seq_models_agree():
 
 def test_gradient_flow_runs(tmp_path):
     import gradient_flow
-    norms = gradient_flow.main(["--steps", "20", "--seeds", "1", "--batch", "2", "--hidden", "8", "--out", str(tmp_path)])
+    norms = gradient_flow.main(["--steps", "20", "--seeds", "1", "--batch", "2", "--hidden", "8",
+                                "--out", str(tmp_path)])
     assert (tmp_path / "gradient_flow.png").stat().st_size > 0
     assert all(len(g) == 20 for g in norms.values())
