@@ -57,10 +57,23 @@ def write_raw(stem, payload):
     return path
 
 
+def progress(items, desc):
+    """(iterable, print function): a tqdm bar where tqdm is installed (lines printed above the bar), else plain."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items, print
+    return tqdm(items, desc=desc, unit="case", mininterval=2.0), tqdm.write
+
+
 def plot(rows, path, title):
     """Top: each case's speedup by family (dots; whiskers: min / max of the per-round ratios; bar: the family's
     geomean). Bottom: the speedup against the case's size, one panel per family (its size axis named there)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no plot ({path}): matplotlib is not installed (pip install -r requirements-bench.txt)")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in rows if r.get("ratio")]

@@ -81,7 +81,6 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="folder for the .md, .png, summary.jsonl (default "
                         "benchmarks/results; with --quick a temporary folder)")
     args = parser.parse_args(argv)
-    from tqdm import tqdm
 
     if args.out is None:  # a quick run checks the pipeline: its numbers stay out of the repository
         args.out = results.scratch_folder() if args.quick else results.RESULTS
@@ -93,13 +92,14 @@ def main(argv=None):
     stem = f"{m['device']}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     print("\n".join(["# seqfast vs torch eager"] + machine_info.header_lines(m)), flush=True)
     rows, start = [], time.perf_counter()
-    for case in tqdm(selected, desc="bench", unit="case", mininterval=2.0):
+    cases_iter, write = results.progress(selected, "bench")
+    for case in cases_iter:
         try:
             row = measure(case, args.device, rounds, args.round_time, not args.no_memory)
-            tqdm.write(f"{case.name:60s} {row['ratio']:5.2f}x  ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})")
+            write(f"{case.name:60s} {row['ratio']:5.2f}x  ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})")
         except Exception as e:  # one broken case must not lose the rest of the run
             row = dict(case=case.name, family=case.family, error=f"{type(e).__name__}: {str(e)[:200]}")
-            tqdm.write(f"{case.name:60s} ERROR {row['error']}")
+            write(f"{case.name:60s} ERROR {row['error']}")
         rows.append(row)
     elapsed = time.perf_counter() - start
 
@@ -121,7 +121,8 @@ def main(argv=None):
     results.append_summary(m, "bench", rows, os.path.join(args.out, "summary.jsonl"))
     if not args.filter and not args.quick:  # the README shows the latest full run's plot and table under fixed names
         import shutil
-        shutil.copyfile(png, os.path.join(args.out, f"latest-{m['device']}.png"))
+        if os.path.exists(png):
+            shutil.copyfile(png, os.path.join(args.out, f"latest-{m['device']}.png"))
         with open(os.path.join(args.out, f"latest-{m['device']}.md"), "w") as f:
             f.write("\n".join(lines).replace(f"]({stem}.png)", f"](latest-{m['device']}.png)") + "\n")
     raw = results.write_raw(stem, {"machine": m, "rows": rows})

@@ -162,7 +162,6 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="folder for the .md, sweep-latest.json, summary.jsonl "
                         "(default benchmarks/results; with --quick a temporary folder)")
     args = parser.parse_args(argv)
-    from tqdm import tqdm
 
     if args.out is None:  # a quick run checks the pipeline: its numbers stay out of the repository
         args.out = results.scratch_folder() if args.quick else results.RESULTS
@@ -179,14 +178,15 @@ def main(argv=None):
     print("\n".join(["# seqfast performance-floor sweep"] + machine_info.header_lines(m) +
                     [f"- ONNX Runtime: {onnx_note}"]), flush=True)
     rows, start = [], time.perf_counter()
-    for case in tqdm(selected, desc="sweep", unit="case", mininterval=2.0):
+    cases_iter, write = results.progress(selected, "sweep")
+    for case in cases_iter:
         try:
             row = run_case(case, args.device, rounds, args.round_time)
         except Exception as e:  # one broken case must not lose the rest of the run
             row = dict(case=case.name, family=case.family, params=case.params,
                        error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         rows.append(row)
-        tqdm.write(line(row))
+        write(line(row))
     elapsed = time.perf_counter() - start
 
     ok = [r for r in rows if "ratio" in r]
