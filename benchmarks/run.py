@@ -94,12 +94,14 @@ def main(argv=None):
     rows, start = [], time.perf_counter()
     cases_iter, write = results.progress(selected, "bench")
     for case in cases_iter:
+        case_start = time.perf_counter()
         try:
             row = measure(case, args.device, rounds, args.round_time, not args.no_memory)
             write(f"{case.name:60s} {row['ratio']:5.2f}x  ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})")
         except Exception as e:  # one broken case must not lose the rest of the run
             row = dict(case=case.name, family=case.family, error=f"{type(e).__name__}: {str(e)[:200]}")
             write(f"{case.name:60s} ERROR {row['error']}")
+        row["wall_s"] = round(time.perf_counter() - case_start, 2)  # the case's share of the run's time
         rows.append(row)
     elapsed = time.perf_counter() - start
 

@@ -180,11 +180,13 @@ def main(argv=None):
     rows, start = [], time.perf_counter()
     cases_iter, write = results.progress(selected, "sweep")
     for case in cases_iter:
+        case_start = time.perf_counter()
         try:
             row = run_case(case, args.device, rounds, args.round_time)
         except Exception as e:  # one broken case must not lose the rest of the run
             row = dict(case=case.name, family=case.family, params=case.params,
                        error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        row["wall_s"] = round(time.perf_counter() - case_start, 2)  # the case's share of the run's time
         rows.append(row)
         write(line(row))
     elapsed = time.perf_counter() - start

@@ -4,7 +4,7 @@ Encoder: a bidirectional GRU over packed variable-length batches. Decoder: a GRU
 Luong ("general") attention over the encoder states (keys and values), with input feeding. Trained with teacher
 forcing on sentences generated on the fly; decoded greedily and with beam search on held-out numbers.
 
-    python examples/seq2seq_translate.py --steps 1000 --out examples/results --impl seqfast
+    python examples/seq2seq_translate.py --steps 600 --out examples/results --impl seqfast
 
 Writes OUT/attention.png (attention of a few test sentences) and OUT/metrics.json, and prints the training throughput
 of the same model and data run by seqfast's modules and by torch's own (same weights, interleaved rounds).
@@ -194,7 +194,7 @@ def plot_attention(model, task, path, count=4):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--out", default="examples/results")
     parser.add_argument("--impl", choices=["seqfast", "torch"], default="seqfast")
     parser.add_argument("--batch", type=int, default=128)
