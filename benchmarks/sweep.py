@@ -101,7 +101,7 @@ def run_case(case, device, rounds, round_time):
                 raise
             notes.append(f"{impl} skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
     row = timing.summarize(timing.interleaved(steps, rounds, round_time,
-                                              torch.cuda.synchronize if device == "cuda" else None))
+                                              torch.cuda.synchronize if device == "cuda" else None, case_budget=3.0))
     row.update(case=case.name, family=case.family, size=case.size, size_label=case.size_label, params=case.params,
                notes=notes)
     if "onnxruntime" in row:
@@ -199,7 +199,8 @@ def main(argv=None):
     for r in below:
         print("  " + line(r))
     md = ["# seqfast performance-floor sweep (`make bench-sweep`)", ""] + machine_info.header_lines(m) + [
-        f"- {len(rows)} cases, {rounds} rounds each ({args.round_time:g} s per implementation per round), interleaved;"
+        f"- {len(rows)} cases, {rounds} rounds each (3 for the slowest cases; {args.round_time:g} s per implementation"
+        f" per round), interleaved;"
         f" sequences T {T}; took {elapsed / 60:.1f} min", ""] + summary + [
         "", "Ratio = torch median / seqfast median (> 1: seqfast faster), with the min and max of the per-round "
         "ratios. vs ORT = ONNX Runtime median / seqfast median.", "",

@@ -4,11 +4,12 @@ import statistics
 import time
 
 
-def interleaved(fns, rounds, round_time, sync=None):
+def interleaved(fns, rounds, round_time, sync=None, case_budget=None, min_rounds=3):
     """fns: {name: zero-argument callable}. -> {name: [seconds per call, one entry per round]}.
 
     Each callable first runs twice (warm-up: allocations, pools, lazy initialisation), then is called n times per round,
-    n chosen once so that a round of the slowest-per-call implementation lasts about round_time."""
+    n chosen once so that its round lasts about round_time (at least one call). case_budget (seconds): cases whose
+    calls are slow get fewer rounds, down to min_rounds, so that a few large shapes do not take most of a run."""
     sync = sync or (lambda: None)
     per_call = {}
     for name, fn in fns.items():
@@ -19,6 +20,9 @@ def interleaved(fns, rounds, round_time, sync=None):
         sync()
         per_call[name] = time.perf_counter() - start
     calls = {name: max(1, int(round_time / max(t, 1e-7))) for name, t in per_call.items()}
+    if case_budget:
+        per_round = sum(calls[name] * per_call[name] for name in fns)
+        rounds = max(min(rounds, min_rounds), min(rounds, int(case_budget / max(per_round, 1e-9))))
     names = list(fns)
     times = {name: [] for name in names}
     for r in range(rounds):
