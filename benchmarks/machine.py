@@ -27,6 +27,12 @@ def cpu_info():
             "isa": sorted(f for f in flags if f.startswith(ISA_PREFIXES))}
 
 
+def native_bf16():
+    """Whether the CPU computes in bfloat16 (AVX512_BF16 or AMX). Without it torch's bfloat16 RNN training is emulated
+    and takes minutes at sizes that take milliseconds in float32, so the suites shrink their bfloat16 shapes."""
+    return any(f in ("avx512_bf16", "amx_bf16") for f in cpu_info()["isa"])
+
+
 def git_commit():
     here = os.path.dirname(os.path.abspath(__file__))
     try:
@@ -48,6 +54,7 @@ def machine(device):
         "cpu": cpu["model"],
         "cpu_family_model": f"family {cpu['family']} model {cpu['model_number']} stepping {cpu['stepping']}",
         "isa": cpu["isa"],
+        "native_bf16": native_bf16(),
         "threads": torch.get_num_threads(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch": torch.__version__,
@@ -68,7 +75,8 @@ def header_lines(m):
     """Markdown lines naming the machine and software of a run."""
     isa = ", ".join(m["isa"]) or "none of avx2/avx512/amx"
     lines = [f"- date: {m['date']}, device: {m['device']}" + (f" ({m['gpu']})" if m["gpu"] else ""),
-             f"- CPU: {m['cpu']} ({m['cpu_family_model']}), ISA: {isa}",
+             f"- CPU: {m['cpu']} ({m['cpu_family_model']}), ISA: {isa}; bfloat16 "
+             + ("native" if m["native_bf16"] else "emulated (no avx512_bf16/amx: bfloat16 shapes shrunk)"),
              f"- threads: {m['threads']} torch threads, {m['usable_cpus']} usable CPUs",
              f"- torch {m['torch']}, seqfast {m['seqfast']} at commit {m['commit']}"]
     return lines
