@@ -152,11 +152,11 @@ def _additive_bwd_pass2_kernel(
 
 
 def additive_blocks(A, Dv, block_s=None, block_a=None, block_dv=None):
-    """(BLOCK_S, BLOCK_A, BLOCK_DV): the [BLOCK_S, BLOCK_A] and [BLOCK_S, BLOCK_DV] register tiles stay around 4K
+    """(BLOCK_S, BLOCK_A, BLOCK_DV): the [BLOCK_S, BLOCK_A] and [BLOCK_S, BLOCK_DV] register tiles stay around 2K
     elements (no spills on sm_90a); value dims above 256 are walked in blocks."""
     bdv = block_dv or min(256, triton.next_power_of_2(max(int(Dv), 1)))
     ba = block_a or min(128, triton.next_power_of_2(max(int(A), 1)))
-    bs = block_s or max(4, min(64, 4096 // max(ba, bdv)))
+    bs = block_s or max(4, min(64, 2048 // max(ba, bdv)))
     return bs, ba, bdv
 
 

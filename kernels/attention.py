@@ -463,7 +463,7 @@ def _fwd_config(bd, elt):
     if bd <= 64:
         return 64, 32, 8, 2
     if bd <= 128:
-        return 32, 32, 8, 2
+        return 32, 16, 8, 2
     return 32, 16, 8, 1
 
 
@@ -488,7 +488,9 @@ def _bwd_q_config(bd, elt):
         return 64, 16, 8, 2
     if bd <= 64:
         return 64, 16, 8, 1
-    return 32, 16, 8, 1
+    if bd <= 128:
+        return 32, 16, 8, 1
+    return 16, 16, 8, 1
 
 
 def _blocks(cfg, block_m, block_n, interp):

@@ -154,16 +154,15 @@ class GemmTiles(NamedTuple):
 def rnn_tiles(n_rows: int, n_gates: int, block_m=None, interp=None) -> GemmTiles:
     """Tiles of the fused gate GEMM for `n_rows` batch rows and `n_gates` accumulators.
 
-    tl.dot needs every block dim >= 16, so the batch tile is at least 16 and masks cover the rest. The n_gates fp32
-    accumulators of BB x BH are sized to <= 64 registers per thread (with the operand tiles, under the 255-register
-    cap: no spills, checked by tests/kernels/test_compile_sm90.py). Small batches take narrow hidden tiles so the
-    weight reads of a bandwidth-bound step spread over many SMs. block_m forces the batch tile (tests).
+    tl.dot needs every block dim >= 16, so the batch tile is at least 16 and masks cover the rest. Tiles stay at
+    most 32 x 32 per gate (32 x 64 for one gate): the fp32 accumulators, the operand tiles and their 64-bit row
+    pointers then fit the registers without spilling (checked by tests/kernels/test_compile_sm90.py; 64-row tiles
+    spilled up to 11 KB). Narrow tiles also spread the weight reads of a bandwidth-bound small-batch step over many
+    SMs. block_m forces the batch tile (tests).
     Under the interpreter fewer, larger programs are faster (numpy does the work per program)."""
     interp = interpreting() if interp is None else interp
     if interp:
         bb = block_m or 16
         return GemmTiles(bb, 32, 32, 4)
-    bb = block_m or (16 if n_rows <= 16 else 32 if n_rows <= 32 else 64)
-    bh = 32 if bb <= 16 or n_gates >= 3 else 64
-    warps = 4 if bb * bh * n_gates <= 4 * 32 * 64 else 8
-    return GemmTiles(bb, bh, 32, warps)
+    bb = block_m or (16 if n_rows <= 16 else 32)
+    return GemmTiles(bb, 32 if bb == 16 or n_gates == 1 else 16, 32, 8)

@@ -65,13 +65,13 @@ def _step_schedule(sched_ptr, s, T, Bu, UNIFORM: tl.constexpr, REVERSE: tl.const
         else:
             t = s
             d = 1
-        bu = Bu.to(tl.int64)
-        off_t = t.to(tl.int64) * bu
-        bs_t = bu
-        n_prev = tl.where(s > 0, bu, 0)
-        prev_off = tl.where(s > 0, off_t - d * bu, 0)
-        n_next = tl.where(s < T - 1, bu, 0)
-        next_off = tl.where(s < T - 1, off_t + d * bu, 0)
+        off_t = t.to(tl.int64) * Bu  # int64 whether or not Bu was specialised to a constant (Bu == 1)
+        zero = off_t * 0
+        bs_t = zero + Bu
+        n_prev = tl.where(s > 0, bs_t, zero)
+        prev_off = tl.where(s > 0, off_t - d * Bu, zero)
+        n_next = tl.where(s < T - 1, bs_t, zero)
+        next_off = tl.where(s < T - 1, off_t + d * Bu, zero)
     else:
         sp = sched_ptr + s * 6
         off_t = tl.load(sp)
