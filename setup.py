@@ -28,7 +28,7 @@ setup(
     name="seqfast",
     version=_version(),
     description="Fused LSTM/GRU/RNN and attention kernels (Triton on CUDA, C++ on CPU), drop-in for torch.nn",
-    packages=["seqfast", "seqfast.nn", "seqfast.ops", "seqfast.kernels"],
+    packages=["seqfast", "seqfast.functional", "seqfast.nn", "seqfast.ops", "seqfast.reference", "seqfast.kernels"],
     package_dir={"seqfast.kernels": "kernels"},
     ext_modules=[CppExtension("seqfast._C", _sources, extra_compile_args={"cxx": _cflags},
                                extra_link_args=["-fopenmp"])],

@@ -1,12 +1,15 @@
 """Which kernel family runs an op: chosen by the tensors' device, overridable for tests and debugging.
 
-    cpu  -> "cpp"     (seqfast._C; "reference" when the extension is unavailable)
+    cpu  -> "cpp"     (seqfast._C)
     cuda -> "triton"  (seqfast.kernels)
-    else -> "reference"
+    where seqfast has no kernel for a case (device, dtype, CPU ISA, a missing extension, a feature such as LSTM
+    proj_size or attention dropout) -> "torch": torch's own op (torch._VF.lstm, torch.lstm_cell,
+    F.scaled_dot_product_attention, ...), never a Python time loop.
 
-Override with the environment variable SEQFAST_BACKEND=reference|cpp|triton (read at import) or, scoped,
-``with seqfast.use_backend("triton"): ...``. Forcing "triton" on CPU tensors runs Triton's interpreter, which needs
-TRITON_INTERPRET=1 set before triton is first imported (the test suite does this).
+Override with the environment variable SEQFAST_BACKEND=reference|cpp|triton|torch (read at import) or, scoped,
+``with seqfast.use_backend("triton"): ...``. "reference" runs seqfast's plain PyTorch oracle (seqfast.reference);
+"torch" runs torch's own ops wherever torch has one. Forcing "triton" on CPU tensors runs Triton's interpreter, which
+needs TRITON_INTERPRET=1 set before triton is first imported (the test suite does this).
 """
 import contextlib
 import os
@@ -14,7 +17,7 @@ import threading
 
 import torch
 
-BACKENDS = ("reference", "cpp", "triton")
+BACKENDS = ("reference", "cpp", "triton", "torch")
 
 # dtypes each compiled backend implements; anything else runs the reference (identical results, plain PyTorch).
 _DTYPES = {
@@ -43,7 +46,8 @@ def forced_backend():
 
 @contextlib.contextmanager
 def use_backend(name):
-    """Run every seqfast op inside the block on backend ``name`` ("reference", "cpp", "triton"; None = by device)."""
+    """Run every seqfast op inside the block on backend ``name`` ("reference", "cpp", "triton", "torch"; None = by
+    device)."""
     _check(name)
     previous = forced_backend()
     _state.forced = name
@@ -54,10 +58,11 @@ def use_backend(name):
 
 
 def select(device, dtype, dtypes=None):
-    """The backend that runs an op whose tensors live on ``device`` with floating dtype ``dtype``; ``dtypes``
-    ({backend: dtypes}) narrows what an op's kernels cover."""
+    """The seqfast kernel family ("reference", "cpp" or "triton") that runs an op whose tensors live on ``device``
+    with floating dtype ``dtype``; ``dtypes`` ({backend: dtypes}) narrows what an op's kernels cover. "reference"
+    here means no kernel covers the case: see :func:`use_torch_op` for when torch's own op runs instead."""
     forced = forced_backend()
-    if forced is None:
+    if forced is None or forced == "torch":
         if device.type == "cuda":
             forced = "triton"
         elif device.type == "cpu":
@@ -78,3 +83,16 @@ def select(device, dtype, dtypes=None):
         if not _ext.available():
             return "reference"
     return forced
+
+
+def use_torch_op(kernel_backend):
+    """Whether a call should run torch's own op instead of a seqfast kernel: "torch" is forced, or nothing is forced
+    and seqfast has no kernel for the case (``kernel_backend``, from :func:`select`, is "reference")."""
+    forced = forced_backend()
+    return forced == "torch" or (forced is None and kernel_backend == "reference")
+
+
+def use_torch_for_feature():
+    """Whether a feature no seqfast kernel implements (LSTM proj_size, attention dropout, a mask that needs a
+    gradient) runs torch's own op: always, unless the reference is forced (then seqfast's plain PyTorch oracle)."""
+    return forced_backend() != "reference"

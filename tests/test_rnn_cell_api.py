@@ -115,25 +115,25 @@ def test_opcheck_custom_ops(kind):
 
 def test_backends_run_their_own_kernels():
     """Forcing a backend runs that backend's kernel for every fused op: no silent fall back to the reference."""
-    from seqfast import _ext, reference
-    from seqfast.ops import attention, rnn_sequence
+    from seqfast import _ext
+    from seqfast.ops import additive_attention, attention, rnn_sequence
     from conftest import HAVE_TRITON, backend_device
     assert _ext.available(), "seqfast._C did not load: `make build`"
     ops = [cell_ops.lstm_cell, cell_ops.gru_cell, cell_ops.rnn_cell, rnn_sequence.lstm_layer, rnn_sequence.gru_layer,
-           rnn_sequence.rnn_layer, attention.sdpa, attention.additive_attention]
+           rnn_sequence.rnn_layer, attention.sdpa, additive_attention.additive_attention]
     for backend in ["cpp"] + (["triton"] if HAVE_TRITON else []):
         t = torch.zeros(1, device=backend_device(backend))
         with seqfast.use_backend(backend):
             for op in ops:
-                for suffix in ("forward", "backward"):
-                    fn = op.kernel(t, f"{op.name}_{suffix}")
-                    assert fn is not getattr(reference, f"{op.name}_{suffix}"), (backend, op.name, suffix)
+                ours, reference = op.kernels_for(t), op.kernels("reference")
+                assert ours.forward is not reference.forward, (backend, op.name)
+                assert ours.backward is not reference.backward, (backend, op.name)
 
 
 def test_cpu_without_the_kernels_isa_runs_the_reference(monkeypatch):
     """On an x86 CPU without AVX2+FMA the C++ RNN kernels refuse to run: the op then takes the reference."""
-    from seqfast import _ext, reference
-    from seqfast.ops import _fused
+    from seqfast import _ext
+    from seqfast.ops.fused_op import FusedOp
 
     class NoAVX2:
         lstm_cell_forward = staticmethod(_ext.module().lstm_cell_forward)
@@ -142,8 +142,7 @@ def test_cpu_without_the_kernels_isa_runs_the_reference(monkeypatch):
         def rnn_kernels_supported():
             return False
 
-    assert _fused._kernel("cpp", "rnn_cell", "lstm_cell_forward", "rnn_kernels_supported") is not \
-        reference.lstm_cell_forward
+    build = FusedOp._cpp_builder(lambda C: C.lstm_cell_forward, "rnn_kernels_supported")
+    assert build() is _ext.module().lstm_cell_forward
     monkeypatch.setattr(_ext, "_C", NoAVX2)
-    assert _fused._kernel("cpp", "rnn_cell", "lstm_cell_forward", "rnn_kernels_supported") is \
-        reference.lstm_cell_forward
+    assert build() is None  # FusedOp.kernels() then gives the reference's table

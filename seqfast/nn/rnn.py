@@ -3,7 +3,7 @@ with a forward that runs seqfast's fused per-layer recurrences (seqfast.function
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-from .. import functional as F
+from .. import functional as seqfast_F
 
 
 class _SeqfastRNNMixin:
@@ -63,7 +63,7 @@ class _SeqfastRNNMixin:
             batch_sizes = None
             data = input.transpose(0, 1) if self.batch_first else input  # time-major
         h0, c0 = hx if self._kind == "lstm" else (hx, None)
-        out, hn, cn = F.recurrent(
+        out, hn, cn = seqfast_F.recurrent(
             self._kind, data, h0, c0, self._layer_weights(), batch_sizes=batch_sizes,
             num_layers=self.num_layers, bidirectional=self.bidirectional, dropout=self.dropout,
             training=self.training, nonlinearity=getattr(self, "nonlinearity", "tanh"),

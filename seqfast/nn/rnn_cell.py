@@ -2,7 +2,7 @@
 forward that runs seqfast's fused cell kernels."""
 import torch
 
-from .. import functional as F
+from .. import functional as seqfast_F
 
 
 def _unbatched(module_name, input, states, names):
@@ -33,7 +33,7 @@ class LSTMCell(torch.nn.LSTMCell):
         if hx is None:
             zeros = _zeros(self, input)
             hx = (zeros, zeros)
-        hy, cy = F.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        hy, cy = seqfast_F.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         return (hy.squeeze(0), cy.squeeze(0)) if single else (hy, cy)
 
 
@@ -45,7 +45,7 @@ class GRUCell(torch.nn.GRUCell):
         if single:
             input = input.unsqueeze(0)
             hx = None if hx is None else hx.unsqueeze(0)
-        hy = F.gru_cell(input, _zeros(self, input) if hx is None else hx, self.weight_ih, self.weight_hh,
+        hy = seqfast_F.gru_cell(input, _zeros(self, input) if hx is None else hx, self.weight_ih, self.weight_hh,
                         self.bias_ih, self.bias_hh)
         return hy.squeeze(0) if single else hy
 
@@ -58,6 +58,6 @@ class RNNCell(torch.nn.RNNCell):
         if single:
             input = input.unsqueeze(0)
             hx = None if hx is None else hx.unsqueeze(0)
-        hy = F.rnn_cell(input, _zeros(self, input) if hx is None else hx, self.weight_ih, self.weight_hh,
+        hy = seqfast_F.rnn_cell(input, _zeros(self, input) if hx is None else hx, self.weight_ih, self.weight_hh,
                         self.bias_ih, self.bias_hh, self.nonlinearity)
         return hy.squeeze(0) if single else hy

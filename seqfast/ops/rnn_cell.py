@@ -6,13 +6,19 @@ w_hh [G*H, H] (G = 4 LSTM, 3 GRU, 1 RNN).
 """
 import torch
 
-from ._fused import FusedOp
+from ..reference import rnn_cell as reference
+from .fused_op import FusedOp, Kernels, defined_grad
 
 # the C++ cell kernels are float32/float64 (bfloat16 cells run the reference on CPU)
 _DTYPES = {"cpp": (torch.float32, torch.float64)}
 
 _W = "Tensor x, Tensor hx"
 _P = "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh"
+
+
+def _triton():
+    from ..kernels import rnn_cell  # imports triton: on first use only
+    return rnn_cell
 
 
 def _empty_like_rows(x, hx, cols):
@@ -38,13 +44,16 @@ def _lstm_save(ctx, inputs, output):
 
 def _lstm_grad(ctx, grads, run_backward):
     x, hx, cx, w_ih, w_hh, gates, cy = ctx.saved_tensors
-    ghy, gcy = _defined(grads[0], hx), _defined(grads[1], cx)
+    ghy, gcy = defined_grad(grads[0], hx), defined_grad(grads[1], cx)
     dx, dhx, dcx, dw_ih, dw_hh, db = run_backward(ghy, gcy, x, hx, cx, w_ih, w_hh, gates, cy)
     return dx, dhx, dcx, dw_ih, dw_hh, db if ctx.bias[0] else None, db if ctx.bias[1] else None
 
 
 lstm_cell = FusedOp(
-    "lstm_cell", triton_module="rnn_cell", cpp_check="rnn_kernels_supported",
+    "lstm_cell", cpp_check="rnn_kernels_supported",
+    reference=Kernels(reference.lstm_cell_forward, reference.lstm_cell_backward),
+    cpp=lambda C: Kernels(C.lstm_cell_forward, C.lstm_cell_backward),
+    triton=lambda: Kernels(_triton().lstm_cell_forward, _triton().lstm_cell_backward),
     schema=f"(Tensor x, Tensor hx, Tensor cx, {_P}) -> (Tensor, Tensor, Tensor)",
     backward_schema="(Tensor grad_hy, Tensor grad_cy, Tensor x, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, "
                     "Tensor gates, Tensor cy) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
@@ -70,12 +79,15 @@ def _gru_save(ctx, inputs, output):
 
 def _gru_grad(ctx, grads, run_backward):
     x, hx, w_ih, w_hh, ws = ctx.saved_tensors
-    dx, dhx, dw_ih, dw_hh, db_ih, db_hh = run_backward(_defined(grads[0], hx), x, hx, w_ih, w_hh, ws)
+    dx, dhx, dw_ih, dw_hh, db_ih, db_hh = run_backward(defined_grad(grads[0], hx), x, hx, w_ih, w_hh, ws)
     return dx, dhx, dw_ih, dw_hh, db_ih if ctx.bias[0] else None, db_hh if ctx.bias[1] else None
 
 
 gru_cell = FusedOp(
-    "gru_cell", triton_module="rnn_cell", cpp_check="rnn_kernels_supported",
+    "gru_cell", cpp_check="rnn_kernels_supported",
+    reference=Kernels(reference.gru_cell_forward, reference.gru_cell_backward),
+    cpp=lambda C: Kernels(C.gru_cell_forward, C.gru_cell_backward),
+    triton=lambda: Kernels(_triton().gru_cell_forward, _triton().gru_cell_backward),
     schema=f"({_W}, {_P}) -> (Tensor, Tensor)",
     backward_schema="(Tensor grad_hy, Tensor x, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor ws) "
                     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
@@ -102,19 +114,18 @@ def _rnn_save(ctx, inputs, output):
 
 def _rnn_grad(ctx, grads, run_backward):
     x, hx, w_ih, w_hh, hy = ctx.saved_tensors
-    dx, dhx, dw_ih, dw_hh, db = run_backward(_defined(grads[0], hx), x, hx, w_ih, w_hh, hy, ctx.relu)
+    dx, dhx, dw_ih, dw_hh, db = run_backward(defined_grad(grads[0], hx), x, hx, w_ih, w_hh, hy, ctx.relu)
     return dx, dhx, dw_ih, dw_hh, db if ctx.bias[0] else None, db if ctx.bias[1] else None, None
 
 
 rnn_cell = FusedOp(
-    "rnn_cell", triton_module="rnn_cell", cpp_check="rnn_kernels_supported",
+    "rnn_cell", cpp_check="rnn_kernels_supported",
+    reference=Kernels(reference.rnn_cell_forward, reference.rnn_cell_backward),
+    cpp=lambda C: Kernels(C.rnn_cell_forward, C.rnn_cell_backward),
+    triton=lambda: Kernels(_triton().rnn_cell_forward, _triton().rnn_cell_backward),
     schema=f"({_W}, {_P}, bool relu) -> Tensor",
     backward_schema="(Tensor grad_hy, Tensor x, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor hy, bool relu) "
                     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     fake=_rnn_fake, backward_fake=_rnn_bwd_fake, save=_rnn_save, grad=_rnn_grad,
     num_outputs_differentiable=1, dtypes=_DTYPES)
 
-
-def _defined(grad, like):
-    """Autograd passes None for an output nobody used; the kernels take dense zeros."""
-    return torch.zeros_like(like) if grad is None else grad.contiguous()

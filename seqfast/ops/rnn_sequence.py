@@ -4,14 +4,20 @@ seqfast::rnn_layer. The input projection of every step is one GEMM; the time loo
 all steps.
 
 Layout (PackedSequence's, time-major): x [N, I], step t in rows [off_t, off_t + bs_t), batch_sizes [T] int64 on the
-CPU, non-increasing; padded input is bs_t = B for every t. See seqfast.reference for the exact semantics.
+CPU, non-increasing; padded input is bs_t = B for every t. See seqfast.reference.rnn_sequence for the exact
+semantics.
 """
 import torch
 
-from ._fused import FusedOp
-from .rnn_cell import _defined
+from ..reference import rnn_sequence as reference
+from .fused_op import FusedOp, Kernels, defined_grad
 
 _P = "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh"
+
+
+def _triton():
+    from ..kernels import rnn_sequence  # imports triton: on first use only
+    return rnn_sequence
 
 
 def _rows(x, h0, width=None, dtype=None):
@@ -46,13 +52,16 @@ def _lstm_save(ctx, inputs, output):
 def _lstm_grad(ctx, grads, run_backward):
     x, batch_sizes, h0, c0, w_ih, w_hh, out, gates, cs = ctx.saved_tensors
     dx, dh0, dc0, dw_ih, dw_hh, db = run_backward(
-        _defined(grads[0], out), _defined(grads[1], h0), _defined(grads[2], c0), x, batch_sizes, h0, c0, w_ih, w_hh,
+        defined_grad(grads[0], out), defined_grad(grads[1], h0), defined_grad(grads[2], c0), x, batch_sizes, h0, c0, w_ih, w_hh,
         out, gates, cs, ctx.reverse)
     return (dx, None, dh0, dc0, dw_ih, dw_hh, db if ctx.bias[0] else None, db if ctx.bias[1] else None, None)
 
 
 lstm_layer = FusedOp(
-    "lstm_layer", triton_module="rnn_sequence", cpp_check="rnn_kernels_supported",
+    "lstm_layer", cpp_check="rnn_kernels_supported",
+    reference=Kernels(reference.lstm_layer_forward, reference.lstm_layer_backward),
+    cpp=lambda C: Kernels(C.lstm_layer_forward, C.lstm_layer_backward, C.lstm_layer_inference),
+    triton=lambda: Kernels(_triton().lstm_layer_forward, _triton().lstm_layer_backward),
     schema=f"(Tensor x, Tensor batch_sizes, Tensor h0, Tensor c0, {_P}, bool reverse) "
            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     backward_schema="(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor x, Tensor batch_sizes, Tensor h0, "
@@ -82,12 +91,15 @@ def _gru_save(ctx, inputs, output):
 def _gru_grad(ctx, grads, run_backward):
     x, batch_sizes, h0, w_ih, w_hh, out, ws = ctx.saved_tensors
     dx, dh0, dw_ih, dw_hh, db_ih, db_hh = run_backward(
-        _defined(grads[0], out), _defined(grads[1], h0), x, batch_sizes, h0, w_ih, w_hh, out, ws, ctx.reverse)
+        defined_grad(grads[0], out), defined_grad(grads[1], h0), x, batch_sizes, h0, w_ih, w_hh, out, ws, ctx.reverse)
     return dx, None, dh0, dw_ih, dw_hh, db_ih if ctx.bias[0] else None, db_hh if ctx.bias[1] else None, None
 
 
 gru_layer = FusedOp(
-    "gru_layer", triton_module="rnn_sequence", cpp_check="rnn_kernels_supported",
+    "gru_layer", cpp_check="rnn_kernels_supported",
+    reference=Kernels(reference.gru_layer_forward, reference.gru_layer_backward),
+    cpp=lambda C: Kernels(C.gru_layer_forward, C.gru_layer_backward),
+    triton=lambda: Kernels(_triton().gru_layer_forward, _triton().gru_layer_backward),
     schema=f"(Tensor x, Tensor batch_sizes, Tensor h0, {_P}, bool reverse) -> (Tensor, Tensor, Tensor)",
     backward_schema="(Tensor grad_out, Tensor grad_hn, Tensor x, Tensor batch_sizes, Tensor h0, Tensor w_ih, "
                     "Tensor w_hh, Tensor out, Tensor ws, bool reverse) "
@@ -115,12 +127,15 @@ def _rnn_save(ctx, inputs, output):
 def _rnn_grad(ctx, grads, run_backward):
     x, batch_sizes, h0, w_ih, w_hh, out = ctx.saved_tensors
     dx, dh0, dw_ih, dw_hh, db = run_backward(
-        _defined(grads[0], out), _defined(grads[1], h0), x, batch_sizes, h0, w_ih, w_hh, out, ctx.relu, ctx.reverse)
+        defined_grad(grads[0], out), defined_grad(grads[1], h0), x, batch_sizes, h0, w_ih, w_hh, out, ctx.relu, ctx.reverse)
     return dx, None, dh0, dw_ih, dw_hh, db if ctx.bias[0] else None, db if ctx.bias[1] else None, None, None
 
 
 rnn_layer = FusedOp(
-    "rnn_layer", triton_module="rnn_sequence", cpp_check="rnn_kernels_supported",
+    "rnn_layer", cpp_check="rnn_kernels_supported",
+    reference=Kernels(reference.rnn_layer_forward, reference.rnn_layer_backward),
+    cpp=lambda C: Kernels(C.rnn_layer_forward, C.rnn_layer_backward),
+    triton=lambda: Kernels(_triton().rnn_layer_forward, _triton().rnn_layer_backward),
     schema=f"(Tensor x, Tensor batch_sizes, Tensor h0, {_P}, bool relu, bool reverse) -> (Tensor, Tensor)",
     backward_schema="(Tensor grad_out, Tensor grad_hn, Tensor x, Tensor batch_sizes, Tensor h0, Tensor w_ih, "
                     "Tensor w_hh, Tensor out, bool relu, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",

@@ -1,61 +1,58 @@
-"""The machinery every fused op shares: backend kernels, the torch custom op, its autograd formula, and the eager
-fast path.
+"""The machinery every fused op shares: its kernel table per backend, the torch custom op, its autograd formula,
+and the eager fast path.
 
-A fused op ``name`` is a pair of kernels ``<name>_forward`` / ``<name>_backward`` with the same signature in
-seqfast._C (C++), seqfast.kernels.<module> (Triton) and seqfast.reference (plain PyTorch). It is exposed two ways:
+A fused op ``name`` is a pair of kernels (forward, backward) with the same signature on every backend. Each op file
+(seqfast/ops/<family>.py) names them in a :class:`Kernels` table per backend, by importable name: seqfast._C's
+``<name>_forward`` (C++), ``seqfast.kernels.<family>.<name>_forward`` (Triton) and
+``seqfast.reference.<family>.<name>_forward`` (plain PyTorch), so an editor follows a call from the op to every
+backend. The op is exposed two ways:
 
 * ``torch.ops.seqfast.<name>`` (+ ``<name>_backward``): registered custom ops with fake implementations and a
   registered autograd formula, so torch.compile(fullgraph=True) traces through them;
 * an eager fast path: a torch.autograd.Function calling the kernels directly (or, with no grad needed, the kernel
-  itself). A custom-op call costs ~16 us more than a Python call on this CPU, a third of a batch-1 LSTMCell step,
+  itself). A custom-op call costs ~16 us more than a Python call (DESIGN.md), a third of a batch-1 LSTMCell step,
   so eager mode skips the dispatcher; both paths run the same kernels and the same backward formula.
 """
 import functools
-import importlib
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from .. import _backend, _ext, reference
+from .. import _backend, _ext
 
 
-def _kernel(backend, triton_module, fn_name, cpp_check=None, fallback=None):
-    """The kernel ``fn_name`` of ``backend``; the reference when that backend lacks it (or, for C++ kernels with a
-    ``cpp_check``, when seqfast._C.<cpp_check>() says this CPU cannot run them). With ``fallback`` (an optional
-    kernel such as ``<name>_inference``), a backend without ``fn_name`` gives its ``fallback`` kernel instead."""
-    if backend == "cpp":
-        module = _ext.module()
-        usable = cpp_check is None or getattr(module, cpp_check)()
-        fn = getattr(module, fn_name, None) if usable else None
-    elif backend == "triton":
-        fn = getattr(importlib.import_module(f"seqfast.kernels.{triton_module}"), fn_name, None)
-    else:
-        fn = None
-    if fn is None and fallback is not None:
-        return _kernel(backend, triton_module, fallback, cpp_check)
-    return fn if fn is not None else getattr(reference, fn_name)
+class Kernels(NamedTuple):
+    """One backend's kernels for an op. ``inference``: an optional no-grad forward (same outputs; the backward's
+    workspaces may come back empty), used by the eager no-grad path; the forward serves where it is None."""
+    forward: Callable
+    backward: Callable
+    inference: Optional[Callable] = None
 
 
 class FusedOp:
     """One fused operation (see module docstring).
 
+    reference: the plain PyTorch :class:`Kernels` (the oracle; also what runs where no kernel covers a case).
+    cpp(module) / triton(): build the C++ / Triton :class:`Kernels` table on first use (seqfast._C is passed in; the
+        Triton module is imported there, so seqfast imports without triton); None where the backend has no kernel.
+    cpp_check: name of a seqfast._C function saying whether this CPU can run the op's C++ kernels.
     schema / backward_schema: torch.library schemas of forward and backward (without the op name).
     fake / backward_fake: shape-only implementations for tracing.
     save(ctx, inputs, outputs): what the backward needs (ctx.save_for_backward, attributes).
     grad(ctx, grads, run_backward): turns output grads into the backward kernel's call and returns input grads.
     """
 
-    def __init__(self, name, *, triton_module, schema, backward_schema, fake, backward_fake, save, grad,
+    def __init__(self, name, *, reference, cpp, triton, schema, backward_schema, fake, backward_fake, save, grad,
                  num_outputs_differentiable, dtypes=None, cpu_autocast=True, cpp_check=None):
         self.name = name
-        self._cpp_check = cpp_check
+        self._builders = {"reference": lambda: reference, "cpp": cpp and self._cpp_builder(cpp, cpp_check),
+                          "triton": triton}
+        self._tables = {}  # backend -> Kernels, built on first use
         self._cpu_autocast = cpu_autocast
         self._dtypes = dtypes  # {backend: dtypes} where this op's kernels cover less than the backend's default
-        self._triton_module = triton_module
         self._save = save
         self._grad = grad
         self._n_diff = num_outputs_differentiable
-        # forward, backward, and the optional no-grad forward (same outputs, workspaces may come back empty)
-        self._names = (f"{name}_forward", f"{name}_backward", f"{name}_inference")
         self._resolved = {}  # (forced backend, dtype, device, forward/backward/inference) -> kernel
 
         def run_forward(*args):
@@ -103,18 +100,51 @@ class FusedOp:
         _Function.__name__ = f"{name}_function"
         self._function = _Function
 
-    def kernel(self, tensor, fn_name, fallback=None):
-        backend = _backend.select(tensor.device, tensor.dtype, self._dtypes)
-        return _kernel(backend, self._triton_module, fn_name, self._cpp_check, fallback)
+    @staticmethod
+    def _cpp_builder(cpp, cpp_check):
+        def build():
+            module = _ext.module()
+            if cpp_check is not None and not getattr(module, cpp_check)():
+                return None  # this CPU lacks the ISA the op's C++ kernels need
+            return cpp(module)
+        return build
+
+    def kernels(self, backend):
+        """The :class:`Kernels` that ``backend`` runs for this op: its own, or the reference's where it has none."""
+        table = self._tables.get(backend)
+        if table is None:
+            build = self._builders.get(backend)
+            table = self._tables[backend] = (build and build()) or self._builders["reference"]()
+        return table
+
+    def kernels_for(self, tensor):
+        """The :class:`Kernels` that run for ``tensor`` (its device and dtype, and any forced backend)."""
+        return self.kernels(_backend.select(tensor.device, tensor.dtype, self._dtypes))
+
+    def runs_torch_op(self, tensor):
+        """Whether torch's own op runs a call on ``tensor`` instead of a seqfast kernel (forced "torch", or no
+        kernel for its device, dtype or CPU: see seqfast._backend.use_torch_op); memoised per call site key."""
+        if torch.compiler.is_compiling():
+            # no memo while tracing: Dynamo would guard on the memo's contents and recompile once it fills
+            return _backend.use_torch_op(_backend.select(tensor.device, tensor.dtype, self._dtypes))
+        key = (_backend.forced_backend(), tensor.dtype, tensor.device, "torch")
+        hit = self._resolved.get(key)
+        if hit is None:
+            backend = _backend.select(tensor.device, tensor.dtype, self._dtypes)
+            if self.kernels(backend) is self.kernels("reference"):
+                backend = "reference"
+            hit = self._resolved[key] = _backend.use_torch_op(backend)
+        return hit
 
     def _resolve(self, tensor, which):
-        """kernel() for the forward (0), backward (1) or no-grad forward (2, falling back to the forward where a
-        backend has none), memoised: this runs on every eager call."""
+        """The forward (0), backward (1) or no-grad forward (2: the forward where a backend has none) for
+        ``tensor``, memoised: this runs on every eager call."""
         key = (_backend.forced_backend(), tensor.dtype, tensor.device, which)
         fn = self._resolved.get(key)
         if fn is None:
-            fallback = self._names[0] if which == 2 else None
-            fn = self._resolved[key] = self.kernel(tensor, self._names[which], fallback)
+            table = self.kernels_for(tensor)
+            fn = (table.forward, table.backward, table.inference or table.forward)[which]
+            self._resolved[key] = fn
         return fn
 
     def _setup(self, ctx, inputs, output):
@@ -123,13 +153,39 @@ class FusedOp:
         ctx.seqfast_backend = _backend.select(first.device, first.dtype, self._dtypes)
         if isinstance(output, tuple):  # workspace outputs carry no gradient
             ctx.mark_non_differentiable(*output[self._n_diff:])
+        ctx.seqfast_inputs = inputs  # for a double backward (see _differentiable_backward); no copies
         self._save(ctx, inputs, output)
 
     def _make_backward(self, run_backward):
         def backward(ctx, *grads):
+            if torch.is_grad_enabled():  # backward(create_graph=True): the gradients must be differentiable again
+                return self._differentiable_backward(ctx, grads)
             with _backend.use_backend(ctx.seqfast_backend):
                 return self._grad(ctx, grads, run_backward)
         return backward
+
+    def _differentiable_backward(self, ctx, grads):
+        """Gradients that autograd can differentiate again (a gradient penalty, a Hessian-vector product): the
+        kernels' fused backward is not itself differentiable, so autograd differentiates the reference forward,
+        recomputed from the saved inputs, with create_graph=True."""
+        inputs = ctx.seqfast_inputs
+        wanted, seen = [], set()
+        for i, a in enumerate(inputs):
+            # one gradient per tensor: an input passed twice (q is k in self-attention) gets it at its first place
+            if isinstance(a, torch.Tensor) and a.requires_grad and id(a) not in seen:
+                wanted.append(i)
+                seen.add(id(a))
+        with torch.enable_grad():
+            outputs = _without_autocast(self.kernels("reference").forward, inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs[:self._n_diff], grads) if g is not None and o.requires_grad]
+        result = [None] * len(inputs)
+        if pairs and wanted:
+            got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                      create_graph=True, allow_unused=True)
+            for i, g in zip(wanted, got):
+                result[i] = g
+        return tuple(result)
 
     def __call__(self, *args):
         if torch._C._is_any_autocast_enabled():
@@ -166,3 +222,8 @@ def _autocast(args, cpu_autocast):
     else:
         dtype = functools.reduce(torch.promote_types, (a.dtype for a in floats))
     return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def defined_grad(grad, like):
+    """Autograd passes None for an output nobody used; the backward kernels take dense contiguous gradients."""
+    return torch.zeros_like(like) if grad is None else grad.contiguous()

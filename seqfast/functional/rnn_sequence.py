@@ -1,0 +1,137 @@
+"""Functional multi-layer (bidirectional) LSTM / GRU / RNN over a whole sequence, as torch._VF.lstm / gru / rnn_*."""
+import torch
+
+from .. import _backend
+from ..ops import rnn_sequence as _ops
+from ..reference import rnn_sequence as _reference
+
+_NATIVE = {"lstm": torch._VF.lstm, "gru": torch._VF.gru, "tanh": torch._VF.rnn_tanh, "relu": torch._VF.rnn_relu}
+_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def _check_steps(input, batch_sizes, h0):
+    """A sequence the kernels can walk: at least one step; for packed input, batch_sizes as a PackedSequence has them
+    (1-D int64, every size >= 1, non-increasing, summing to the packed rows, the first matching the states' batch).
+    A hand-built PackedSequence that breaks these would make a kernel read or write past its buffers."""
+    if batch_sizes is None:
+        if input.shape[0] == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        return
+    if batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64:
+        raise RuntimeError(f"batch_sizes must be a 1-D int64 tensor (a PackedSequence's), got a "
+                           f"{batch_sizes.dim()}-D {batch_sizes.dtype} tensor")
+    sizes = batch_sizes.tolist()
+    if not sizes:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    if any(later > earlier for earlier, later in zip(sizes, sizes[1:])):
+        raise RuntimeError(f"batch_sizes must be non-increasing (a PackedSequence's), got {sizes}")
+    if sizes[-1] < 1:
+        raise RuntimeError(f"batch_sizes must be positive, got {sizes}")
+    if sum(sizes) != input.shape[0]:
+        raise RuntimeError(f"batch_sizes sum to {sum(sizes)} rows, but the packed input has {input.shape[0]} rows")
+    if h0.shape[1] != sizes[0]:
+        raise RuntimeError(f"Expected hidden size {(h0.shape[0], sizes[0], h0.shape[2])}, got {list(h0.shape)}")
+
+
+def _check_states(input, states):
+    if torch._C._is_any_autocast_enabled():  # the op casts its arguments itself
+        return
+    for name, t in states:
+        if t.dtype != input.dtype:
+            raise RuntimeError(f"Expected {name} to have dtype {input.dtype} (the input's), got {t.dtype}")
+        if t.device != input.device:
+            raise RuntimeError(f"Expected {name} on device {input.device} (the input's), got {t.device}")
+
+
+def _kernel_layout(kind, weights, input_size, num_layers, dirs, proj_size):
+    """Whether every layer's weights have the shapes the kernels read (torch's op raises or copes otherwise)."""
+    if len(weights) != num_layers * dirs:
+        return False
+    hidden = weights[0][-1].shape[1] if proj_size else weights[0][1].shape[1]
+    rows, out_size = _GATES[kind] * hidden, proj_size or hidden
+    for i, w in enumerate(weights):
+        layer_input = input_size if i < dirs else dirs * out_size
+        if w[0].shape != (rows, layer_input) or w[1].shape != (rows, out_size):
+            return False
+        if len(w) >= 4 and (w[2].shape != (rows,) or w[3].shape != (rows,)):
+            return False
+    return True
+
+
+def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, bidirectional=False, dropout=0.0,
+              training=False, nonlinearity="tanh", proj_size=0):
+    """A multi-layer (bi)directional LSTM / GRU / RNN over a whole sequence, as torch._VF.lstm/gru/rnn_*.
+
+    input: time-major [T, B, I] (padded), or packed data [N, I] with ``batch_sizes`` (PackedSequence's).
+    h0 / c0: [layers * directions, B, H] (c0 for LSTM only). weights: per layer and direction, torch's parameter
+    list [w_ih, w_hh, (b_ih, b_hh), (w_hr)]. Returns (output, h_n, c_n or None), output in input's layout.
+
+    LSTM proj_size has no seqfast kernel: it runs torch's own op (the reference only when that is forced), as does
+    any case no seqfast kernel covers (see seqfast._backend).
+    """
+    lstm = kind == "lstm"
+    _check_steps(input, batch_sizes, h0)
+    _check_states(input, [("hx", h0)] + ([("cx", c0)] if lstm else []))
+    op = _ops.lstm_layer if lstm else _ops.gru_layer if kind == "gru" else _ops.rnn_layer
+    projected = lstm and proj_size > 0
+    usual = _kernel_layout(kind, weights, input.shape[-1], num_layers, 2 if bidirectional else 1, proj_size)
+    if not usual or op.runs_torch_op(input) or (projected and _backend.use_torch_for_feature()):
+        return _torch_recurrent(kind, input, h0, c0, weights, batch_sizes, num_layers, bidirectional, dropout,
+                                training, nonlinearity)
+    padded = batch_sizes is None
+    if padded:
+        T, B = input.shape[0], input.shape[1]
+        x = input.reshape(T * B, input.shape[2])
+        batch_sizes = torch.full((T,), B, dtype=torch.int64)
+    else:
+        x = input
+        batch_sizes = batch_sizes.cpu()
+    dirs = 2 if bidirectional else 1
+    bias = len(weights[0]) >= 4
+    h_out, c_out = [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(dirs):
+            idx = layer * dirs + d
+            w = weights[idx]
+            w_ih, w_hh = w[0].contiguous(), w[1].contiguous()
+            # biases can arrive strided or expanded (stride 0), e.g. through torch.func.functional_call
+            b_ih, b_hh = (w[2].contiguous(), w[3].contiguous()) if bias else (None, None)
+            x_c, h = x.contiguous(), h0[idx].contiguous()
+            reverse = d == 1
+            if projected:
+                # forced reference: the plain PyTorch oracle with the projection, differentiated by autograd
+                out, hn, cn, _, _ = _reference.lstm_layer_forward(x_c, batch_sizes, h, c0[idx], w_ih, w_hh, b_ih,
+                                                                  b_hh, reverse, w_hr=w[-1])
+            elif lstm:
+                out, hn, cn, _, _ = _ops.lstm_layer(x_c, batch_sizes, h, c0[idx].contiguous(), w_ih, w_hh, b_ih,
+                                                    b_hh, reverse)
+            elif kind == "gru":
+                (out, hn, _), cn = _ops.gru_layer(x_c, batch_sizes, h, w_ih, w_hh, b_ih, b_hh, reverse), None
+            else:
+                (out, hn), cn = _ops.rnn_layer(x_c, batch_sizes, h, w_ih, w_hh, b_ih, b_hh,
+                                               nonlinearity == "relu", reverse), None
+            outs.append(out)
+            h_out.append(hn)
+            c_out.append(cn)
+        x = outs[0] if dirs == 1 else torch.cat(outs, 1)
+        if dropout and training and layer < num_layers - 1:
+            x = torch.nn.functional.dropout(x, dropout, True)
+    output = x.view(T, B, x.shape[1]) if padded else x
+    stack = (lambda ts: ts[0].unsqueeze(0)) if len(h_out) == 1 else torch.stack  # noqa: E731 (one layer: a view)
+    return output, stack(h_out), (stack(c_out) if lstm else None)
+
+
+def _torch_recurrent(kind, input, h0, c0, weights, batch_sizes, num_layers, bidirectional, dropout, training,
+                     nonlinearity):
+    """The same call on torch's own op (torch._VF.lstm / gru / rnn_tanh / rnn_relu: oneDNN / cuDNN / ATen)."""
+    native = _NATIVE[nonlinearity if kind == "rnn" else kind]
+    flat = [w for layer in weights for w in layer]
+    has_biases = len(weights[0]) >= 4
+    hx = (h0, c0) if kind == "lstm" else h0
+    if batch_sizes is None:
+        output, *states = native(input, hx, flat, has_biases, num_layers, dropout, training, bidirectional, False)
+    else:
+        output, *states = native(input, batch_sizes, hx, flat, has_biases, num_layers, dropout, training,
+                                 bidirectional)
+    return output, states[0], (states[1] if kind == "lstm" else None)
