@@ -162,10 +162,21 @@ def replace_modules(model, *, include=None):
 # ----------------------------------------------------------------------------------------------------------------
 # patch_torch
 
-# where torch exposes each class: torch.nn, torch.nn.modules and the defining module
-def _homes(original):
-    homes = [torch.nn, torch.nn.modules, sys.modules[original.__module__]]
-    return [m for i, m in enumerate(homes) if m not in homes[:i]]
+def _bindings(original):
+    """Every module attribute that names ``original``: torch.nn, torch.nn.modules, the defining module, and the
+    modules that bound it by name at import (torch.nn.modules.transformer's MultiheadAttention, which
+    nn.TransformerEncoderLayer / DecoderLayer / Transformer build; a third-party ``from torch.nn import LSTM``).
+    seqfast's own modules are left alone."""
+    found = []
+    for module_name, module in list(sys.modules.items()):
+        if module is None or module_name == "seqfast" or module_name.startswith("seqfast."):
+            continue
+        try:
+            names = [name for name, value in list(vars(module).items()) if value is original]
+        except TypeError:  # a module-like object without a __dict__
+            continue
+        found += [(module, name) for name in names]
+    return found
 
 
 class _PatchMeta(type):
@@ -206,6 +217,9 @@ def _standin(original, seqfast_cls):
 
 
 _patch_lock = threading.Lock()
+# original class -> [number of active patches holding it, [(module, name) rebound to its stand-in]]. Patches count:
+# the first one rebinds, the last one to end restores, whichever thread or nesting order they end in.
+_active = {}
 
 
 class _TorchPatch:
@@ -216,29 +230,40 @@ class _TorchPatch:
         classes, prefixes = _resolve_include(include, table)
         if prefixes:
             raise ValueError(f"patch_torch: include= takes classes or class names, got {list(prefixes)}")
-        self._undo = []  # (module, name, original) set by this patch
+        self._held = []  # originals this handle holds a count on
         with _patch_lock:
             for original in classes:
-                standin = _standin(original, table[original])
-                for home in _homes(original):
-                    if getattr(home, original.__name__, None) is original:  # not already patched (nested patch)
-                        setattr(home, original.__name__, standin)
-                        self._undo.append((home, original.__name__, original, standin))
-        self.patched = sorted({f"torch.nn.{name}" for _, name, _, _ in self._undo})
+                entry = _active.get(original)
+                if entry is None:
+                    standin = _standin(original, table[original])
+                    places = _bindings(original)
+                    for module, name in places:
+                        setattr(module, name, standin)
+                    entry = _active[original] = [0, places]
+                entry[0] += 1
+                self._held.append(original)
+        self.patched = sorted(f"torch.nn.{cls.__name__}" for cls in self._held)
         if self.patched:
             logger.info("seqfast.patch_torch: %s now build seqfast modules", ", ".join(self.patched))
 
     @property
     def active(self):
-        return bool(self._undo)
+        return bool(self._held)
 
     def undo(self):
-        """Restore torch.nn's classes (only those this patch replaced and nobody replaced since). Idempotent."""
+        """Release this patch; torch's classes come back when no other patch (any thread) still holds them.
+        Idempotent."""
         with _patch_lock:
-            for home, name, original, standin in reversed(self._undo):
-                if getattr(home, name, None) is standin:
-                    setattr(home, name, original)
-            self._undo = []
+            for original in self._held:
+                entry = _active[original]
+                entry[0] -= 1
+                if entry[0] == 0:
+                    standin = _standins[original]
+                    for module, name in reversed(entry[1]):
+                        if getattr(module, name, None) is standin:
+                            setattr(module, name, original)
+                    del _active[original]
+            self._held = []
 
     def __enter__(self):
         return self
@@ -257,12 +282,14 @@ def patch_torch(*, include=None):
 
     Takes effect at once and returns a handle: use it as a context manager (``with seqfast.patch_torch(): ...``
     restores torch on exit) or call ``handle.undo()``. ``include``: classes or class names to patch (default all).
-    Nested patches are fine (the inner one leaves what the outer one patched to the outer one).
+    Patches are counted: nested or overlapping ones (in one thread or several) keep torch.nn patched until the last
+    one ends. The patch is process-wide: while any is active, every thread's torch.nn.LSTM builds seqfast's.
 
     While active, ``isinstance(m, torch.nn.LSTM)`` and ``issubclass(C, torch.nn.LSTM)`` answer as for torch's
     class (true for torch's and seqfast's modules alike); ``type(m) is torch.nn.LSTM`` does not hold for anything.
-    Only names looked up while the patch is active are affected: ``from torch.nn import LSTM`` executed before
-    patching keeps torch's class.
+    Every module-level name bound to a patched class is rebound while the patch is active, including names bound
+    before it by ``from torch.nn import LSTM`` and torch's own (nn.TransformerEncoderLayer, TransformerDecoderLayer
+    and Transformer then build seqfast's MultiheadAttention); names held elsewhere (a local variable, a dict) are not.
     """
     return _TorchPatch(include)
 

@@ -15,7 +15,8 @@ HOMES = [torch.nn, torch.nn.modules] + [importlib.import_module(c.__module__) fo
 
 
 def _all_restored():
-    return all(getattr(home, name) is cls for name, cls in ORIGINALS.items() for home in HOMES
+    import torch.nn.modules.transformer as transformer
+    return all(getattr(home, name) is cls for name, cls in ORIGINALS.items() for home in HOMES + [transformer]
                if hasattr(home, name))
 
 
@@ -92,10 +93,59 @@ def test_restores_on_exception():
 def test_nested_patches():
     with patch_torch():
         with patch_torch(include="LSTM") as inner:
-            assert not inner.active  # already patched by the outer one
+            assert inner.active  # holds its own count on LSTM
             assert type(nn.LSTM(2, 2)) is seqfast.nn.LSTM
         assert type(nn.LSTM(2, 2)) is seqfast.nn.LSTM  # the inner exit left the outer patch alone
     assert _all_restored()
+
+
+def test_overlapping_patches_end_in_any_order():
+    """Two blocks that overlap without nesting (as two threads' blocks do): torch stays patched until the last ends."""
+    first = patch_torch()
+    second = patch_torch(include=["LSTM", "GRU"])
+    first.undo()
+    assert type(nn.LSTM(2, 2)) is seqfast.nn.LSTM  # still held by the second
+    assert type(nn.LSTMCell(2, 2)) is ORIGINALS["LSTMCell"]  # only the first held it
+    second.undo()
+    assert _all_restored()
+
+
+def test_overlapping_patches_in_two_threads():
+    import threading
+    inside, release, seen = threading.Event(), threading.Event(), []
+
+    def other():
+        with patch_torch():
+            inside.set()
+            release.wait(10)
+            seen.append(type(nn.GRU(2, 2)))
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    inside.wait(10)
+    with patch_torch():
+        pass  # ends while the other thread's block is still running
+    release.set()
+    thread.join(10)
+    assert seen == [seqfast.nn.GRU]
+    assert _all_restored()
+
+
+def test_torch_transformer_layers_build_seqfast_attention():
+    """torch's transformer module bound MultiheadAttention at its own import: the patch reaches that binding."""
+    mha = twins()[ORIGINALS["MultiheadAttention"]]
+    with patch_torch():
+        enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
+        dec = nn.TransformerDecoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
+        full = nn.Transformer(8, 2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=16, dropout=0.0)
+    assert type(enc.self_attn) is mha
+    assert type(dec.self_attn) is mha and type(dec.multihead_attn) is mha
+    assert all(type(m) is mha for m in full.modules() if isinstance(m, ORIGINALS["MultiheadAttention"]))
+    assert type(nn.TransformerEncoderLayer(8, 2).self_attn) is ORIGINALS["MultiheadAttention"]  # restored
+    x = torch.randn(5, 3, 8)
+    reference = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
+    reference.load_state_dict(enc.state_dict())
+    torch.testing.assert_close(enc(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
 def test_include():
