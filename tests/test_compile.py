@@ -245,9 +245,16 @@ def test_autocast_cpu_bfloat16_dtype_matches_torch(name, build, call):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            ref = call(torch_module, x)
             out = call(module, x)
-    assert out.dtype == ref.dtype, f"{name}: seqfast gives {out.dtype} under autocast, torch {ref.dtype}"
+            try:
+                ref_dtype = call(torch_module, x).dtype
+            except RuntimeError as exc:
+                # torch's oneDNN LSTM has no bfloat16 primitive on CPUs without AVX512_BF16 (seen on AMD Zen 3):
+                # torch fails there; seqfast runs, in the dtype torch gives where it works
+                if "primitive descriptor" not in str(exc):
+                    raise
+                ref_dtype = torch.bfloat16
+    assert out.dtype == ref_dtype, f"{name}: seqfast gives {out.dtype} under autocast, torch {ref_dtype}"
     torch.testing.assert_close(out.float(), expected32, rtol=5e-2, atol=5e-2)
 
 
@@ -266,7 +273,14 @@ def test_autocast_backward_gives_float32_parameter_grads():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for m in (torch_model, model):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            try:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out, _ = m(x)
+            except RuntimeError as exc:
+                # torch's oneDNN LSTM has no bfloat16 primitive on CPUs without AVX512_BF16 (seen on AMD Zen 3):
+                # compare with torch's float32 gradients instead (within the same bfloat16 tolerance)
+                if m is model or "primitive descriptor" not in str(exc):
+                    raise
                 out, _ = m(x)
             out.float().pow(2).mean().backward()
     for (name, p), q in zip(torch_model.named_parameters(), model.parameters()):
