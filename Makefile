@@ -19,7 +19,7 @@ endif
 # Rebuild when any source changes (ninja then recompiles only what changed).
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc)
 
-.PHONY: test test-wheel bench bench-sweep build wheel clean
+.PHONY: test test-wheel bench bench-sweep build wheel clean gpu-check
 
 $(VENV)/.seqfast-deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,12 @@ bench: .build-stamp $(BENCH_DEPS)
 # the performance-floor sweep (ops x dtypes x batch x hidden x inference/training, SDPA, decoder steps; <= 20 min)
 bench-sweep: .build-stamp $(BENCH_DEPS)
 	$(PY) benchmarks/sweep.py $(BENCH_ARGS)
+
+# On a lent GPU machine (no network): `make gpu-check VENV= PYTHON=python3` builds the extension against that torch,
+# runs the CUDA tests and the GPU benchmarks, and writes benchmarks/results/<gpu>-<date>.md, within 8 minutes.
+# Without CUDA it is a dry run (Triton's interpreter, tiny shapes). GPU_CHECK_ARGS passes options through.
+gpu-check: $(if $(strip $(VENV)),$(DEPS),)
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 wheel: $(DEPS)
 	MAX_JOBS=$(JOBS) flock /tmp/seqfast-build.lock \

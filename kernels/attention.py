@@ -45,6 +45,24 @@ def _fold(pid, L, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _query_block(pid, Hq, G, Lq, BLOCK_M: tl.constexpr):
+    """(row of (n, head) = pid_bh, n, query head h, kv head hk, first query row, query rows, their mask) of a
+    folded program id."""
+    pid_m, pid_bh = _fold(pid, Lq, BLOCK_M)
+    h = pid_bh % Hq
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    return pid_bh, (pid_bh // Hq).to(tl.int64), h.to(tl.int64), (h // G).to(tl.int64), start_m, offs_m, offs_m < Lq
+
+
+@triton.jit
+def _head_dims(HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    return offs_d, offs_d < HEAD_D, offs_dv, offs_dv < HEAD_DV
+
+
+@triton.jit
 def _finish(acc, l_i, m_i):
     """Normalised output and natural-log lse of an online softmax; rows that saw no key get 0 and -inf."""
     empty = l_i == 0.0
@@ -116,18 +134,8 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
-    pid_m, pid_bh = _fold(tl.program_id(0), Lq, BLOCK_M)
-    n = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
-    hk = (h // G).to(tl.int64)
-    h = h.to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    m_mask = offs_m < Lq
-    d_mask = offs_d < HEAD_D
-    dv_mask = offs_dv < HEAD_DV
+    pid_bh, n, h, hk, start_m, offs_m, m_mask = _query_block(tl.program_id(0), Hq, G, Lq, BLOCK_M)
+    offs_d, d_mask, offs_dv, dv_mask = _head_dims(HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV)
 
     q_ptrs = Q + n * s_qn + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd
     q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
@@ -144,8 +152,8 @@ def _attn_fwd_kernel(
     if IS_CAUSAL:
         # causal block skipping: rows of this block see keys j <= max row index only.  Key blocks lying wholly left
         # of the block's first row need no causal mask (phase 1); only the diagonal blocks do (phase 2).
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
-        mid = tl.minimum(hi, ((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(Lk, start_m + BLOCK_M)
+        mid = tl.minimum(hi, (start_m // BLOCK_N) * BLOCK_N)
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, m_mask, offs_d, d_mask,
                                         offs_dv, dv_mask, s_kl, s_kd, s_vl, s_vd, s_bm, s_bl, Lk, qk_scale, 0, mid,
                                         False, HAS_BIAS, BLOCK_N, DOT_PREC, INTERP)
@@ -191,10 +199,7 @@ def _attn_decode_kernel(
     offs_r = tl.arange(0, BLOCK_H)
     r_mask = offs_r < G
     heads = hk * G + offs_r  # query heads of this group (int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    d_mask = offs_d < HEAD_D
-    dv_mask = offs_dv < HEAD_DV
+    offs_d, d_mask, offs_dv, dv_mask = _head_dims(HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV)
 
     q = tl.load(Q + n * s_qn + heads[:, None] * s_qh + offs_d[None, :] * s_qd,
                 mask=r_mask[:, None] & d_mask[None, :], other=0.0)
@@ -305,11 +310,8 @@ def _attn_bwd_dkdv_kernel(
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_d, d_mask, offs_dv, dv_mask = _head_dims(HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV)
     n_mask = offs_n < Lk
-    d_mask = offs_d < HEAD_D
-    dv_mask = offs_dv < HEAD_DV
 
     k = tl.load(K + n * s_kn + hk * s_kh + offs_n[:, None] * s_kl + offs_d[None, :] * s_kd,
                 mask=n_mask[:, None] & d_mask[None, :], other=0.0)
@@ -381,19 +383,9 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
-    pid_m, pid_bh = _fold(tl.program_id(0), Lq, BLOCK_M)
-    n = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
-    hk = (h // G).to(tl.int64)
-    h = h.to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh, n, h, hk, start_m, offs_m, m_mask = _query_block(tl.program_id(0), Hq, G, Lq, BLOCK_M)
+    offs_d, d_mask, offs_dv, dv_mask = _head_dims(HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    m_mask = offs_m < Lq
-    d_mask = offs_d < HEAD_D
-    dv_mask = offs_dv < HEAD_DV
 
     q = tl.load(Q + n * s_qn + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
@@ -412,7 +404,7 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     hi = Lk
     if IS_CAUSAL:
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
+        hi = tl.minimum(Lk, start_m + BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n0
         c_mask = cols < Lk

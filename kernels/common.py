@@ -133,6 +133,16 @@ def _gate_dot(acc, a, w_ptrs, wmask, INTERP: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def tile(pid_b, pid_h, n_rows, H, BB: tl.constexpr, BH: tl.constexpr):
+    """Rows b (int64), columns, their masks and the 2-D mask of tile (pid_b, pid_h) of an [n_rows, H] array."""
+    b = (pid_b * BB + tl.arange(0, BB)).to(tl.int64)
+    cols = pid_h * BH + tl.arange(0, BH)
+    rmask = b < n_rows
+    cmask = cols < H
+    return b, cols, rmask, cmask, rmask[:, None] & cmask[None, :]
+
+
+@triton.jit
 def add_bias(acc, b_ptr, off, cols, cmask, HAS: tl.constexpr):
     """acc + b[off + cols] broadcast over rows (nothing when HAS is false)."""
     if HAS:

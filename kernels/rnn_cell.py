@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import (Launch, add_bias, cdiv, check_dtypes, dot_precision, gemm_gates, interpreting, on_device,
-                     rnn_tiles, sigmoid, tanh)
+                     rnn_tiles, sigmoid, tanh, tile)
 
 __all__ = [
     "lstm_cell_forward", "lstm_cell_backward",
@@ -38,12 +38,7 @@ def _lstm_cell_fwd_kernel(x_ptr, hx_ptr, cx_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_
                           HAS_BIH: tl.constexpr, HAS_BHH: tl.constexpr,
                           BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                           INTERP: tl.constexpr, PREC: tl.constexpr):
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    rows = (pid_b * BB + tl.arange(0, BB)).to(tl.int64)
-    cols = pid_h * BH + tl.arange(0, BH)
-    rmask = rows < B
-    cmask = cols < H
+    rows, cols, rmask, cmask, m = tile(tl.program_id(0), tl.program_id(1), B, H, BB, BH)
     acc_i = tl.zeros((BB, BH), tl.float32)
     acc_f = tl.zeros((BB, BH), tl.float32)
     acc_g = tl.zeros((BB, BH), tl.float32)
@@ -62,7 +57,6 @@ def _lstm_cell_fwd_kernel(x_ptr, hx_ptr, cx_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_
     fg = sigmoid(acc_f)
     gg = tanh(acc_g)
     og = sigmoid(acc_o)
-    m = rmask[:, None] & cmask[None, :]
     hoff = rows[:, None] * H + cols[None, :]
     c = tl.load(cx_ptr + hoff, mask=m, other=0.0).to(tl.float32)
     c_new = fg * c + ig * gg
@@ -84,12 +78,7 @@ def _gru_cell_fwd_kernel(x_ptr, hx_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_ptr,
                          HAS_BIH: tl.constexpr, HAS_BHH: tl.constexpr,
                          BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                          INTERP: tl.constexpr, PREC: tl.constexpr):
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    rows = (pid_b * BB + tl.arange(0, BB)).to(tl.int64)
-    cols = pid_h * BH + tl.arange(0, BH)
-    rmask = rows < B
-    cmask = cols < H
+    rows, cols, rmask, cmask, m = tile(tl.program_id(0), tl.program_id(1), B, H, BB, BH)
     # r and z take x- and h-parts summed; n needs its h-part (hn) separately because r scales it.
     acc_r = tl.zeros((BB, BH), tl.float32)
     acc_z = tl.zeros((BB, BH), tl.float32)
@@ -107,7 +96,6 @@ def _gru_cell_fwd_kernel(x_ptr, hx_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_ptr,
     r = sigmoid(acc_r)
     z = sigmoid(acc_z)
     n = tanh(acc_in + r * acc_hn)
-    m = rmask[:, None] & cmask[None, :]
     hoff = rows[:, None] * H + cols[None, :]
     h = tl.load(hx_ptr + hoff, mask=m, other=0.0).to(tl.float32)
     h_new = (1.0 - z) * n + z * h
@@ -126,12 +114,7 @@ def _rnn_cell_fwd_kernel(x_ptr, hx_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_ptr, hy_p
                          HAS_BIH: tl.constexpr, HAS_BHH: tl.constexpr, RELU: tl.constexpr,
                          BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                          INTERP: tl.constexpr, PREC: tl.constexpr):
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    rows = (pid_b * BB + tl.arange(0, BB)).to(tl.int64)
-    cols = pid_h * BH + tl.arange(0, BH)
-    rmask = rows < B
-    cmask = cols < H
+    rows, cols, rmask, cmask, m = tile(tl.program_id(0), tl.program_id(1), B, H, BB, BH)
     acc = tl.zeros((BB, BH), tl.float32)
     # NG=1: only the first accumulator is used; the other slots are passed through untouched
     acc, _u1, _u2, _u3 = gemm_gates(acc, acc, acc, acc, x_ptr + rows * I, rmask,
@@ -143,7 +126,6 @@ def _rnn_cell_fwd_kernel(x_ptr, hx_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_ptr, hy_p
         h_new = tl.maximum(acc, 0.0)
     else:
         h_new = tanh(acc)
-    m = rmask[:, None] & cmask[None, :]
     tl.store(hy_ptr + rows[:, None] * H + cols[None, :], h_new.to(hy_ptr.dtype.element_ty), mask=m)
 
 
@@ -154,9 +136,7 @@ def _rnn_cell_fwd_kernel(x_ptr, hx_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_ptr, hy_p
 @triton.jit
 def _lstm_cell_bwd_kernel(ghy_ptr, gcy_ptr, cx_ptr, gates_ptr, cy_ptr, dgates_ptr, dcx_ptr,
                           B, H, BR: tl.constexpr, BC: tl.constexpr):
-    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
-    m = (rows < B)[:, None] & (cols < H)[None, :]
+    rows, cols, _rmask, _cmask, m = tile(tl.program_id(0), tl.program_id(1), B, H, BR, BC)
     hoff = rows[:, None] * H + cols[None, :]
     goff = rows[:, None] * (4 * H) + cols[None, :]
     ig = tl.load(gates_ptr + goff, mask=m, other=0.0).to(tl.float32)
@@ -179,9 +159,7 @@ def _lstm_cell_bwd_kernel(ghy_ptr, gcy_ptr, cx_ptr, gates_ptr, cy_ptr, dgates_pt
 @triton.jit
 def _gru_cell_bwd_kernel(ghy_ptr, hx_ptr, ws_ptr, dgi_ptr, dgh_ptr, dhd_ptr,
                          B, H, BR: tl.constexpr, BC: tl.constexpr):
-    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
-    m = (rows < B)[:, None] & (cols < H)[None, :]
+    rows, cols, _rmask, _cmask, m = tile(tl.program_id(0), tl.program_id(1), B, H, BR, BC)
     hoff = rows[:, None] * H + cols[None, :]
     woff = rows[:, None] * (4 * H) + cols[None, :]
     goff = rows[:, None] * (3 * H) + cols[None, :]
@@ -207,9 +185,7 @@ def _gru_cell_bwd_kernel(ghy_ptr, hx_ptr, ws_ptr, dgi_ptr, dgh_ptr, dhd_ptr,
 @triton.jit
 def _rnn_cell_bwd_kernel(ghy_ptr, hy_ptr, dpre_ptr, B, H, RELU: tl.constexpr,
                          BR: tl.constexpr, BC: tl.constexpr):
-    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
-    m = (rows < B)[:, None] & (cols < H)[None, :]
+    rows, cols, _rmask, _cmask, m = tile(tl.program_id(0), tl.program_id(1), B, H, BR, BC)
     hoff = rows[:, None] * H + cols[None, :]
     dh = tl.load(ghy_ptr + hoff, mask=m, other=0.0).to(tl.float32)
     y = tl.load(hy_ptr + hoff, mask=m, other=0.0).to(tl.float32)

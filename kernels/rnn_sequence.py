@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .common import (Launch, add_bias, cdiv, check_dtypes, dot_precision, gemm_gates, interpreting, on_device,
-                     rnn_tiles, sigmoid, tanh)
+                     rnn_tiles, sigmoid, tanh, tile)
 
 __all__ = [
     "lstm_layer_forward", "lstm_layer_backward",
@@ -83,16 +83,6 @@ def _step_schedule(sched_ptr, s, T, Bu, UNIFORM: tl.constexpr, REVERSE: tl.const
     return off_t, bs_t, prev_off, n_prev, next_off, n_next
 
 
-@triton.jit
-def _tile(pid_b, pid_h, bs_t, H, BB: tl.constexpr, BH: tl.constexpr):
-    """Rows b (int64), columns, their masks and the 2-D mask of one tile of a step with bs_t active rows."""
-    b = (pid_b * BB + tl.arange(0, BB)).to(tl.int64)
-    cols = pid_h * BH + tl.arange(0, BH)
-    rmask = b < bs_t
-    cmask = cols < H
-    return b, cols, rmask, cmask, rmask[:, None] & cmask[None, :]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # step bodies (one tile of batch rows x hidden units of one time step)
 #   prev = the step processed before this one (the state source), next = the step processed after it.
@@ -106,7 +96,7 @@ def _lstm_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, ga
                    off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
                    HAS_BHH: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                    INTERP: tl.constexpr, PREC: tl.constexpr):
-    b, cols, rmask, cmask, m = _tile(pid_b, pid_h, bs_t, H, BB, BH)
+    b, cols, rmask, cmask, m = tile(pid_b, pid_h, bs_t, H, BB, BH)
     has_prev = b < n_prev
     h_rows = tl.where(has_prev, out_ptr + (prev_off + b) * H, h0_ptr + b * H)
     acc_i = tl.zeros((BB, BH), tl.float32)
@@ -153,7 +143,7 @@ def _lstm_bwd_tile(gout_ptr, ghn_ptr, dc_ptr, whh_ptr, gates_ptr, cs_ptr, c0_ptr
                    off_t, bs_t, prev_off, n_prev, next_off, n_next, H, pid_b, pid_h,
                    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                    INTERP: tl.constexpr, PREC: tl.constexpr):
-    b, cols, rmask, cmask, m = _tile(pid_b, pid_h, bs_t, H, BB, BH)
+    b, cols, rmask, cmask, m = tile(pid_b, pid_h, bs_t, H, BB, BH)
     has_next = b < n_next
     # dh = grad_out_t + (rows with a next step: dgates_next @ W_hh ; rows at their last step: grad_hn)
     acc = tl.zeros((BB, BH), tl.float32)
@@ -189,7 +179,7 @@ def _gru_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, ws_ptr, hn_ptr,
                   off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
                   HAS_BHH: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                   INTERP: tl.constexpr, PREC: tl.constexpr):
-    b, cols, rmask, cmask, m = _tile(pid_b, pid_h, bs_t, H, BB, BH)
+    b, cols, rmask, cmask, m = tile(pid_b, pid_h, bs_t, H, BB, BH)
     h_rows = tl.where(b < n_prev, out_ptr + (prev_off + b) * H, h0_ptr + b * H)
     acc_r = tl.zeros((BB, BH), tl.float32)
     acc_z = tl.zeros((BB, BH), tl.float32)
@@ -220,7 +210,7 @@ def _gru_bwd_tile(gout_ptr, carry_ptr, whh_ptr, ws_ptr, out_ptr, h0_ptr, dgi_ptr
                   off_t, bs_t, prev_off, n_prev, next_off, n_next, H, pid_b, pid_h,
                   BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                   INTERP: tl.constexpr, PREC: tl.constexpr):
-    b, cols, rmask, cmask, m = _tile(pid_b, pid_h, bs_t, H, BB, BH)
+    b, cols, rmask, cmask, m = tile(pid_b, pid_h, bs_t, H, BB, BH)
     # dh = grad_out_t + carry (grad_hn before the row's last step, then dh*z of the step after)
     #      + dgh_next @ W_hh (rows with a next step)
     acc = tl.zeros((BB, BH), tl.float32)
@@ -255,7 +245,7 @@ def _rnn_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, hn_ptr,
                   off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
                   HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
                   BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
-    b, cols, rmask, cmask, m = _tile(pid_b, pid_h, bs_t, H, BB, BH)
+    b, cols, rmask, cmask, m = tile(pid_b, pid_h, bs_t, H, BB, BH)
     h_rows = tl.where(b < n_prev, out_ptr + (prev_off + b) * H, h0_ptr + b * H)
     acc = tl.zeros((BB, BH), tl.float32)
     acc, _u1, _u2, _u3 = gemm_gates(acc, acc, acc, acc, h_rows, rmask,
@@ -277,7 +267,7 @@ def _rnn_bwd_tile(gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr,
                   off_t, bs_t, next_off, n_next, H, pid_b, pid_h,
                   RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                   INTERP: tl.constexpr, PREC: tl.constexpr):
-    b, cols, rmask, cmask, m = _tile(pid_b, pid_h, bs_t, H, BB, BH)
+    b, cols, rmask, cmask, m = tile(pid_b, pid_h, bs_t, H, BB, BH)
     has_next = b < n_next
     acc = tl.zeros((BB, BH), tl.float32)
     acc, _u1, _u2, _u3 = gemm_gates(acc, acc, acc, acc, dp_ptr + (next_off + b) * H, rmask & has_next,
