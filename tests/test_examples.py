@@ -27,9 +27,14 @@ def test_number_words():
 
 
 def test_seq2seq_translate_runs(tmp_path):
+    import torch
     import seq2seq_translate
-    metrics = seq2seq_translate.main(["--steps", "3", "--batch", "16", "--test-size", "16", "--throughput-rounds", "1",
-                                      "--out", str(tmp_path)])
+    threads = torch.get_num_threads()
+    try:  # one thread: tiny steps on a shared machine otherwise spend most of their time waiting for OpenMP peers
+        metrics = seq2seq_translate.main(["--steps", "3", "--batch", "16", "--test-size", "16", "--throughput-rounds",
+                                          "1", "--threads", "1", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
     assert (tmp_path / "attention.png").stat().st_size > 0
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["steps"] == 3 and 0.0 <= saved["greedy_exact_match"] <= 1.0 and 0.0 <= saved["beam_exact_match"] <= 1.0
