@@ -51,13 +51,11 @@ __all__ = [
     "sequence_launch", "use_persistent",
 ]
 
-_NSCHED = 6  # schedule entries per step: off_t, bs_t, prev_off, n_prev, next_off, n_next
-
 
 @triton.jit
 def _step_schedule(sched_ptr, s, T, Bu, UNIFORM: tl.constexpr, REVERSE: tl.constexpr):
     """(off_t, bs_t, prev_off, n_prev, next_off, n_next) of processing step s (int64). UNIFORM: every step has Bu
-    rows, computed here; otherwise read from the [T, 6] table."""
+    rows, computed here; otherwise read from the [T, 6] table of _Plan (those six values per step)."""
     if UNIFORM:
         if REVERSE:
             t = T - 1 - s

@@ -5,7 +5,7 @@ launchers are called on meta tensors (shapes only, no memory), Triton's driver i
 sm_90a target, and every launch is turned into a compile (JITFunction.run with warmup=True). Each distinct
 (kernel, compile-time constants, pointer dtypes) is compiled once: further integer specialisations of the same
 configuration (sizes that are or are not multiples of 16) are sampled by the first shape that reaches it. Prints one
-JSON object: {"skip": reason} when Triton's NVIDIA backend or its ptxas is missing, else {"configs": [...],
+JSON object (the --full grid or the core sample, see CELL_SHAPES): {"skip": reason} when Triton's NVIDIA backend or its ptxas is missing, else {"configs": [...],
 "errors": [...]} where each config carries its grids, registers, spilled stack bytes and shared memory.
 
 Why meta tensors and the real launchers rather than a table of configurations: the test then checks exactly what
@@ -119,14 +119,26 @@ def meta(*shape, dtype=torch.float32):
 # the shape grid: batch 1-4096, hidden 16-2048 (multiples of 16 and not), head dims 16-256, every dtype
 # ----------------------------------------------------------------------------------------------------------------
 
-CELL_SHAPES = [(1, 2048), (16, 100), (33, 650), (4096, 1024)]
-SEQ_SHAPES = [(1, 200), (16, 256), (33, 100), (4096, 2048)]
-HEAD_DIMS = [16, 72, 128, 256]
+# The full grid (argument --full; a cold compile of it takes a quarter of an hour on 2 cores) and the core sample
+# `make test` compiles: every kernel, every dtype and precision, the tile buckets and head dims where registers are
+# tightest (the other shapes reuse the same compile-time constants and differ only in integer specialisation).
+CELL_SHAPES = {"full": [(1, 2048), (16, 100), (33, 650), (4096, 1024)], "core": [(1, 2048), (33, 650)]}
+SEQ_SHAPES = {"full": [(1, 200), (16, 256), (33, 100), (4096, 2048)], "core": [(33, 100)]}
+HEAD_DIMS = {"full": [16, 72, 128, 256], "core": [72, 128, 256]}
+ADDITIVE = {"full": [(1, 50, 16, 40), (64, 300, 256, 8192), (4096, 7, 1000, 72)], "core": [(64, 300, 256, 8192)]}
+SCOPE = "core"
+
+
+def _narrow(shapes, dtype, allow_tf32):
+    """Core sample: the widest set for exact fp32 and bf16 (most registers), the last entry for TF32 and fp16."""
+    if SCOPE == "full" or (dtype in (torch.float32, torch.bfloat16) and not allow_tf32):
+        return shapes[SCOPE]
+    return shapes[SCOPE][-1:]
 
 
 def cells(dtype, allow_tf32):
     from seqfast.kernels import rnn_cell as C
-    for B, H in CELL_SHAPES:
+    for B, H in _narrow(CELL_SHAPES, dtype, allow_tf32):
         x, h = meta(B, H, dtype=dtype), meta(B, H, dtype=dtype)
         for g, fwd in ((4, C.lstm_cell_forward), (3, C.gru_cell_forward), (1, C.rnn_cell_forward)):
             w, b = meta(g * H, H, dtype=dtype), meta(g * H, dtype=dtype)
@@ -144,8 +156,10 @@ def cells(dtype, allow_tf32):
 def sequences(dtype, allow_tf32):
     from seqfast.kernels import rnn_sequence as S
     T = 2
-    for B, H in SEQ_SHAPES:
-        for bs in ([B] * T, [B, max(1, B // 2)]):  # padded (in-kernel schedule) and packed (schedule table)
+    exact_fp32 = dtype == torch.float32 and not allow_tf32
+    for B, H in _narrow(SEQ_SHAPES, dtype, allow_tf32):
+        # padded (in-kernel schedule) and packed (schedule table); the core sample packs exact fp32 only
+        for bs in ([B] * T, [B, max(1, B // 2)])[:2 if SCOPE == "full" or exact_fp32 else 1]:
             batch_sizes = torch.tensor(bs)
             N = sum(bs)
             x, h0 = meta(N, H, dtype=dtype), meta(B, H, dtype=dtype)
@@ -165,9 +179,8 @@ def sequences(dtype, allow_tf32):
 def attention(dtype, allow_tf32):
     from seqfast.kernels import attention as A
     # (N, Hq, Hk, Lq, Lk): a long sequence, batch*heads past 65535, a decoder step with a long cache, GQA
-    for D in HEAD_DIMS:
-        for N, Hq, Hk, Lq, Lk in ((2, 4, 4, 1024, 1024), (4096, 32, 32, 64, 64), (64, 8, 2, 1, 8192),
-                                  (4096, 32, 8, 1, 300)):
+    for D in _narrow(HEAD_DIMS, dtype, allow_tf32):
+        for N, Hq, Hk, Lq, Lk in ((2, 4, 4, 1024, 1024), (4096, 32, 32, 64, 64), (64, 8, 2, 1, 8192)):
             q, k, v = meta(N, Hq, Lq, D, dtype=dtype), meta(N, Hk, Lk, D, dtype=dtype), meta(N, Hk, Lk, D, dtype=dtype)
             for has_bias, causal in ((False, True), (True, False)):
                 bias = meta(N, Hq, Lq, Lk, dtype=dtype).expand(N, Hq, Lq, Lk) if has_bias else None
@@ -180,7 +193,7 @@ def attention(dtype, allow_tf32):
 
 def additive(dtype):
     from seqfast.kernels import additive_attention as AA
-    for N, S, A_, Dv in ((1, 50, 16, 40), (64, 300, 256, 8192), (4096, 7, 1000, 72)):
+    for N, S, A_, Dv in ADDITIVE[SCOPE]:
         qp, kp, v = meta(N, A_, dtype=dtype), meta(N, S, A_, dtype=dtype), meta(A_, dtype=dtype)
         vals, mask = meta(N, S, Dv, dtype=dtype), meta(N, S, dtype=torch.bool)
         ctx, w = AA.additive_attention_forward(qp, kp, v, vals, mask)
@@ -188,8 +201,11 @@ def additive(dtype):
 
 
 def main(argv):
-    """argv: optional family names (cells sequences attention additive) and dtype names (float32 ...) to narrow
-    the run; none means everything."""
+    """argv: --full for the whole shape grid; optional family names (cells sequences attention additive) and dtype
+    names (float32 ...) to narrow the run; none means every family and dtype."""
+    global SCOPE
+    SCOPE = "full" if "--full" in argv else "core"
+    argv = [a for a in argv if a != "--full"]
     only = {a for a in argv if not a.startswith("float") and not a.startswith("bfloat")}
     dtypes = [d for d in DTYPES if str(d).split(".")[1] in argv] or DTYPES
     tools, reason = _tools()

@@ -73,8 +73,8 @@ def _layer(kind, batch_sizes, reverse, H=5, I=3, **kw):
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per_step"])
-@pytest.mark.parametrize("batch_sizes", [[3, 3, 3], [3, 2, 2, 1]], ids=["padded", "packed"])
-@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("batch_sizes,reverse", [([3, 3, 3], False), ([3, 2, 2, 1], True), ([3, 3, 1], False)],
+                         ids=["padded_fwd", "packed_rev", "packed_fwd"])
 def test_sequence_paths(kind, persistent, batch_sizes, reverse):
     ours, ref = _layer(kind, batch_sizes, reverse, persistent=persistent)
     close(ours, ref)
@@ -157,8 +157,7 @@ def _sdpa_case(N, Hq, Hk, Lq, Lk, D, bias=False, dtype=torch.float32):
     return q, k, v, b
 
 
-@pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 16), (16, 32)])
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_m,block_n,causal", [(16, 16, False), (32, 16, True), (16, 32, True)])
 def test_attention_block_sizes(block_m, block_n, causal):
     q, k, v, b = _sdpa_case(1, 4, 2, 37, 41, 24, bias=True)
     scale = 0.3
@@ -319,3 +318,21 @@ def test_launches_run_on_the_tensors_device():
     torch.cuda.synchronize(1)
     close((out,), (torch.nn.functional.scaled_dot_product_attention(q, q, q),), rtol=2e-3, atol=2e-3)
     assert hy.device == x.device
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per_step"])
+def test_padded_sequence_captures_in_a_cuda_graph(persistent):
+    """Padded input builds nothing on the host per call, so the whole layer (per-step launches included) can be
+    captured in a CUDA graph and replayed."""
+    B, T, I, H = 4, 5, 8, 16
+    bs = torch.tensor([B] * T)
+    x, h0, c0 = randn(B * T, I), randn(B, H), randn(B, H)
+    w, u, b = randn(4 * H, I), randn(4 * H, H), randn(4 * H)
+    eager = S.lstm_layer_forward(x, bs, h0, c0, w, u, b, b, persistent=persistent)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = S.lstm_layer_forward(x, bs, h0, c0, w, u, b, b, persistent=persistent)
+    graph.replay()
+    torch.cuda.synchronize()
+    close(captured[:3], eager[:3], rtol=0, atol=0)
