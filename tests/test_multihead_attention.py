@@ -401,8 +401,8 @@ def test_transformer_encoder_fast_path_untouched():
 
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_functional_static_kv(need_weights):
-    """seqfast.nn.attention.multi_head_attention_forward takes torch's functional signature, static_k/v included."""
-    from seqfast.nn.attention import multi_head_attention_forward
+    """seqfast.functional.multi_head_attention_forward takes torch's functional signature, static_k/v included."""
+    from seqfast.functional import multi_head_attention_forward
     ref = torch.nn.MultiheadAttention(E, H).double()
     x = torch.randn(L, B, E, dtype=torch.float64)
     S = 4

@@ -7,7 +7,7 @@ import warnings
 import torch
 import torch.nn.functional as torch_F
 
-from .. import _backend
+from .. import _backend, _rules
 from ..ops import attention as _ops
 from ..reference import attention as _reference
 
@@ -100,7 +100,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                f"not broadcast to {tuple(batch) + (hq, L, S)}") from None
 
     feature = dropout_p > 0.0 or (bias is not None and bias.requires_grad)
-    if (feature and _backend.use_torch_for_feature()) or _ops.sdpa.runs_torch_op(q4):
+    if ((feature and _backend.use_torch_for_feature()) or _ops.sdpa.runs_torch_op(q4)
+            or (_rules.RULES and _rules.prefer_torch("sdpa", q4, _rules.needs_grad(q4, k4, v4), L, S))):
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
                                                                 scale=scale, enable_gqa=enable_gqa)
     if feature:  # forced reference

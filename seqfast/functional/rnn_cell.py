@@ -7,6 +7,7 @@ result or error.
 """
 import torch
 
+from .. import _rules
 from ..ops import rnn_cell as _ops
 
 
@@ -44,6 +45,13 @@ def _check_cell(name, gates, input, states, w_ih, w_hh, b_ih, b_hh):
     return True
 
 
+def _torch_faster(family, input, states, w_ih, w_hh, b_ih, b_hh):
+    """The performance floor (seqfast._rules): torch's own cell where it beats seqfast's kernel on this CPU."""
+    return _rules.RULES and _rules.prefer_torch(family, input, _rules.needs_grad(input, *states, w_ih, w_hh, b_ih,
+                                                                                 b_hh), input.shape[0],
+                                                w_hh.shape[1])
+
+
 def _dense(b):
     # biases can arrive strided or expanded (stride 0), e.g. through torch.func.functional_call
     return None if b is None else b.contiguous()
@@ -54,7 +62,8 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     if len(hx) != 2:
         raise RuntimeError("lstm_cell expects two hidden states")
     h, c = hx
-    if not _check_cell("lstm_cell", 4, input, (h, c), w_ih, w_hh, b_ih, b_hh) or _ops.lstm_cell.runs_torch_op(input):
+    if (not _check_cell("lstm_cell", 4, input, (h, c), w_ih, w_hh, b_ih, b_hh) or _ops.lstm_cell.runs_torch_op(input)
+            or _torch_faster("lstm_cell", input, (h, c), w_ih, w_hh, b_ih, b_hh)):
         return torch._VF.lstm_cell(input, (h, c), w_ih, w_hh, b_ih, b_hh)
     hy, cy, _ = _ops.lstm_cell(input.contiguous(), h.contiguous(), c.contiguous(), w_ih.contiguous(),
                                w_hh.contiguous(), _dense(b_ih), _dense(b_hh))
@@ -63,7 +72,8 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
 
 def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """One GRU step, as torch._VF.gru_cell; returns ``h'``."""
-    if not _check_cell("gru_cell", 3, input, (hx,), w_ih, w_hh, b_ih, b_hh) or _ops.gru_cell.runs_torch_op(input):
+    if (not _check_cell("gru_cell", 3, input, (hx,), w_ih, w_hh, b_ih, b_hh) or _ops.gru_cell.runs_torch_op(input)
+            or _torch_faster("gru_cell", input, (hx,), w_ih, w_hh, b_ih, b_hh)):
         return torch._VF.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
     hy, _ = _ops.gru_cell(input.contiguous(), hx.contiguous(), w_ih.contiguous(), w_hh.contiguous(), _dense(b_ih),
                           _dense(b_hh))
@@ -74,7 +84,8 @@ def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
     """One Elman RNN step (``nonlinearity`` "tanh" or "relu"), as torch._VF.rnn_tanh_cell / rnn_relu_cell."""
     if nonlinearity not in ("tanh", "relu"):
         raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")
-    if not _check_cell("rnn_cell", 1, input, (hx,), w_ih, w_hh, b_ih, b_hh) or _ops.rnn_cell.runs_torch_op(input):
+    if (not _check_cell("rnn_cell", 1, input, (hx,), w_ih, w_hh, b_ih, b_hh) or _ops.rnn_cell.runs_torch_op(input)
+            or _torch_faster("rnn_cell", input, (hx,), w_ih, w_hh, b_ih, b_hh)):
         native = torch._VF.rnn_relu_cell if nonlinearity == "relu" else torch._VF.rnn_tanh_cell
         return native(input, hx, w_ih, w_hh, b_ih, b_hh)
     return _ops.rnn_cell(input.contiguous(), hx.contiguous(), w_ih.contiguous(), w_hh.contiguous(), _dense(b_ih),

@@ -1,7 +1,7 @@
 """Functional multi-layer (bidirectional) LSTM / GRU / RNN over a whole sequence, as torch._VF.lstm / gru / rnn_*."""
 import torch
 
-from .. import _backend
+from .. import _backend, _rules
 from ..ops import rnn_sequence as _ops
 from ..reference import rnn_sequence as _reference
 
@@ -75,7 +75,8 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
     op = _ops.lstm_layer if lstm else _ops.gru_layer if kind == "gru" else _ops.rnn_layer
     projected = lstm and proj_size > 0
     usual = _kernel_layout(kind, weights, input.shape[-1], num_layers, 2 if bidirectional else 1, proj_size)
-    if not usual or op.runs_torch_op(input) or (projected and _backend.use_torch_for_feature()):
+    if (not usual or op.runs_torch_op(input) or (projected and _backend.use_torch_for_feature())
+            or (_rules.RULES and _torch_faster(kind, input, h0, c0, weights, batch_sizes))):
         return _torch_recurrent(kind, input, h0, c0, weights, batch_sizes, num_layers, bidirectional, dropout,
                                 training, nonlinearity)
     padded = batch_sizes is None
@@ -135,3 +136,10 @@ def _torch_recurrent(kind, input, h0, c0, weights, batch_sizes, num_layers, bidi
         output, *states = native(input, batch_sizes, hx, flat, has_biases, num_layers, dropout, training,
                                  bidirectional)
     return output, states[0], (states[1] if kind == "lstm" else None)
+
+
+def _torch_faster(kind, input, h0, c0, weights, batch_sizes):
+    """The performance floor (seqfast._rules): torch's own op where it beats seqfast's kernels on this CPU."""
+    training = _rules.needs_grad(input, h0, c0, *(w for layer in weights for w in layer))
+    batch = h0.shape[1]
+    return _rules.prefer_torch(kind, input, training, batch, weights[0][1].shape[1])

@@ -1,0 +1,68 @@
+"""Where torch's own op beats seqfast's kernel: the performance floor's rule table.
+
+A drop-in must never be slower than what it replaces. ``make bench-sweep`` times torch and seqfast on the same
+inputs over ops x dtypes x batch x hidden x inference/training; each rule below names a region where torch's op was
+the faster one on a class of CPU, with the run it comes from. Dispatch (seqfast.functional) asks
+:func:`prefer_torch` before it calls a seqfast kernel, and runs torch's op there instead (same results, torch's
+speed). A forced backend (``SEQFAST_BACKEND`` / ``seqfast.use_backend``) bypasses the table.
+
+CPU classes come from the features torch reports at run time, not from a model name: "avx512_bf16" (AVX-512 with
+AVX512_BF16 or AMX: torch's bfloat16 RNNs and GEMMs run native oneDNN kernels there), "avx512", "avx2" (AVX2+FMA, no
+AVX-512: the C++ kernels take their AVX2 / MKL paths), "other".
+"""
+import functools
+
+import torch
+
+from . import _backend
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_class():
+    """The CPU class of this machine (see the module docstring)."""
+    cpu = torch.cpu
+    if cpu._is_avx512_supported():
+        return "avx512_bf16" if (cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported()) else "avx512"
+    return "avx2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "other"
+
+
+class Rule:
+    """torch's op is faster for ``family`` ("lstm", "gru", "rnn", "lstm_cell", "gru_cell", "rnn_cell", "sdpa") in
+    ``dtype`` on ``cpus`` when every given bound holds: ``training`` (True / False / None = either), ``batch`` and
+    ``hidden`` as inclusive (low, high) ranges (None = any). ``source``: the sweep run that measured it."""
+
+    def __init__(self, family, dtype, cpus, *, training=None, batch=None, hidden=None, source):
+        self.family, self.dtype, self.cpus = family, dtype, frozenset(cpus)
+        self.training, self.batch, self.hidden, self.source = training, batch, hidden, source
+
+    def matches(self, family, dtype, cpu, training, batch, hidden):
+        return (family == self.family and dtype == self.dtype and cpu in self.cpus
+                and (self.training is None or self.training == training)
+                and (self.batch is None or self.batch[0] <= batch <= self.batch[1])
+                and (self.hidden is None or self.hidden[0] <= hidden <= self.hidden[1]))
+
+
+BF16 = torch.bfloat16
+F32 = torch.float32
+
+RULES = []
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup(family, dtype, cpu, training, batch, hidden):
+    return any(rule.matches(family, dtype, cpu, training, batch, hidden) for rule in RULES)
+
+
+def prefer_torch(family, tensor, training, batch, hidden):
+    """Whether torch's own op is the faster choice for this call: CPU tensors, no backend forced, not while
+    torch.compile traces (the graph keeps seqfast's ops), and a rule matches (memoised per shape). For "sdpa",
+    ``batch`` is the query length and ``hidden`` the key length."""
+    if (tensor.device.type != "cpu" or not RULES or _backend.forced_backend() is not None
+            or torch.compiler.is_compiling()):
+        return False
+    return _lookup(family, tensor.dtype, cpu_class(), bool(training), int(batch), int(hidden))
+
+
+def needs_grad(*tensors):
+    """Whether autograd will record this call (the training side of a rule)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
