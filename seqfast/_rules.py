@@ -45,7 +45,20 @@ class Rule:
 BF16 = torch.bfloat16
 F32 = torch.float32
 
-RULES = []
+INF = 1 << 62
+AVX512_BF16 = ("avx512_bf16",)
+
+RULES = [
+    # bfloat16 on AVX512_BF16 CPUs: torch runs oneDNN's native bf16 RNN kernels; seqfast's C++ path computes its gates
+    # in float32 and its bf16 backward upcasts. Measured on main ed888a7 (issue 15's sweep on an AVX512_BF16 EPYC:
+    # bf16 LSTM 0.39-0.90x at every shape tried, bf16 GRU training 0.64-0.72x at batch >= 64, bf16 causal SDPA
+    # training at length 2048 0.77x) and on the Zen 4 the kernels were tuned on (benchmarks/results/
+    # cpu-20261127-134733.md: bf16 GRU T64 B64 H512 training 0.77x; earlier runs bf16 LSTM B64 H512 0.65-0.80x).
+    Rule("lstm", BF16, AVX512_BF16, source="issue 15 sweep (main ed888a7); cpu-20261127 runs"),
+    Rule("gru", BF16, AVX512_BF16, training=True, batch=(64, INF), source="issue 15 sweep; cpu-20261127-134733"),
+    Rule("sdpa", BF16, AVX512_BF16, training=True, batch=(2048, INF), hidden=(2048, INF),
+         source="issue 15 sweep (main ed888a7)"),
+]
 
 
 @functools.lru_cache(maxsize=4096)

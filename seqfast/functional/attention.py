@@ -70,7 +70,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if E == 0:  # no scores to scale (torch gives an empty or uniform result): torch's own op, exactly
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
                                                                 scale=scale, enable_gqa=enable_gqa)
-    scale = E ** -0.5 if scale is None else float(scale)
+    given_scale, scale = scale, (E ** -0.5 if scale is None else float(scale))
 
     # to [N, H, len, dim]: broadcast leading dims (views), keep kv heads apart for GQA
     q4, k4, v4 = (t.reshape((1,) * (4 - t.dim()) + t.shape) if t.dim() < 4 else t for t in (query, key, value))
@@ -103,7 +103,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if ((feature and _backend.use_torch_for_feature()) or _ops.sdpa.runs_torch_op(q4)
             or (_rules.RULES and _rules.prefer_torch("sdpa", q4, _rules.needs_grad(q4, k4, v4), L, S))):
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
-                                                                scale=scale, enable_gqa=enable_gqa)
+                                                                scale=given_scale, enable_gqa=enable_gqa)
     if feature:  # forced reference
         out = _reference.sdpa_dropout(q4, k4, v4, bias, is_causal, scale, dropout_p)
     else:
