@@ -66,16 +66,26 @@ def _lookup(family, dtype, cpu, training, batch, hidden):
     return any(rule.matches(family, dtype, cpu, training, batch, hidden) for rule in RULES)
 
 
-def prefer_torch(family, tensor, training, batch, hidden):
+def prefer_torch(family, tensor, batch, hidden, grad_tensors):
     """Whether torch's own op is the faster choice for this call: CPU tensors, no backend forced, not while
     torch.compile traces (the graph keeps seqfast's ops), and a rule matches (memoised per shape). For "sdpa",
-    ``batch`` is the query length and ``hidden`` the key length."""
-    if (tensor.device.type != "cpu" or not RULES or _backend.forced_backend() is not None
-            or torch.compiler.is_compiling()):
+    ``batch`` is the query length and ``hidden`` the key length. The call trains (a rule's ``training`` side) when
+    grad mode is on and one of ``grad_tensors`` requires grad."""
+    if (family, tensor.dtype) not in _families_here() or tensor.device.type != "cpu":
+        return False  # the common case, decided in one set lookup (this runs on every decoder step)
+    if _backend.forced_backend() is not None or torch.compiler.is_compiling():
         return False
-    return _lookup(family, tensor.dtype, cpu_class(), bool(training), int(batch), int(hidden))
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_tensors)
+    return _lookup(family, tensor.dtype, cpu_class(), training, int(batch), int(hidden))
 
 
-def needs_grad(*tensors):
-    """Whether autograd will record this call (the training side of a rule)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+_families = {}
+
+
+def _families_here():
+    """{(family, dtype)} some rule covers on this CPU class (recomputed when RULES is replaced, as tests do)."""
+    key = id(RULES)
+    found = _families.get(key)
+    if found is None:
+        found = _families[key] = frozenset((r.family, r.dtype) for r in RULES if cpu_class() in r.cpus)
+    return found

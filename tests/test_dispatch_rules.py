@@ -36,9 +36,9 @@ def test_sequence_rule_runs_torchs_op(rule_for, name, family, monkeypatch):
     torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=0, atol=0)  # torch's op: bit for bit
     assert calls and original(*calls[-1])
     with torch.no_grad():  # training=True only: inference keeps seqfast's kernel (close, not bitwise)
-        assert not original(family, x, False, 2, 4)
+        assert not original(family, x, 2, 4, (x,))
     with seqfast.use_backend("cpp"):  # a forced backend bypasses the table
-        assert not original(family, x, True, 2, 4)
+        assert not original(family, x, 2, 4, (x,))
 
 
 @pytest.mark.parametrize("name,family", [("LSTMCell", "lstm_cell"), ("GRUCell", "gru_cell"), ("RNNCell", "rnn_cell")])

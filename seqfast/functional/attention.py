@@ -101,7 +101,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     feature = dropout_p > 0.0 or (bias is not None and bias.requires_grad)
     if ((feature and _backend.use_torch_for_feature()) or _ops.sdpa.runs_torch_op(q4)
-            or (_rules.RULES and _rules.prefer_torch("sdpa", q4, _rules.needs_grad(q4, k4, v4), L, S))):
+            or (_rules.prefer_torch("sdpa", q4, L, S, (q4, k4, v4)))):
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
                                                                 scale=given_scale, enable_gqa=enable_gqa)
     if feature:  # forced reference
@@ -209,7 +209,8 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check, num_head
     tgt_len, bsz, embed_dim = query.shape
     src_len = key.shape[0]
 
-    key_padding_mask = canonical_mask(key_padding_mask, "key_padding_mask", None if attn_mask is None else attn_mask.dtype,
+    mask_dtype = None if attn_mask is None else attn_mask.dtype
+    key_padding_mask = canonical_mask(key_padding_mask, "key_padding_mask", mask_dtype,
                                        "attn_mask", query.dtype)
     if is_causal and attn_mask is None:
         raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "

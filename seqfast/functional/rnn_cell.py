@@ -47,9 +47,7 @@ def _check_cell(name, gates, input, states, w_ih, w_hh, b_ih, b_hh):
 
 def _torch_faster(family, input, states, w_ih, w_hh, b_ih, b_hh):
     """The performance floor (seqfast._rules): torch's own cell where it beats seqfast's kernel on this CPU."""
-    return _rules.RULES and _rules.prefer_torch(family, input, _rules.needs_grad(input, *states, w_ih, w_hh, b_ih,
-                                                                                 b_hh), input.shape[0],
-                                                w_hh.shape[1])
+    return _rules.prefer_torch(family, input, input.shape[0], w_hh.shape[1], (input, *states, w_ih, w_hh, b_ih, b_hh))
 
 
 def _dense(b):

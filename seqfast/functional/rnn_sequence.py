@@ -76,7 +76,7 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
     projected = lstm and proj_size > 0
     usual = _kernel_layout(kind, weights, input.shape[-1], num_layers, 2 if bidirectional else 1, proj_size)
     if (not usual or op.runs_torch_op(input) or (projected and _backend.use_torch_for_feature())
-            or (_rules.RULES and _torch_faster(kind, input, h0, c0, weights, batch_sizes))):
+            or (_torch_faster(kind, input, h0, c0, weights, batch_sizes))):
         return _torch_recurrent(kind, input, h0, c0, weights, batch_sizes, num_layers, bidirectional, dropout,
                                 training, nonlinearity)
     padded = batch_sizes is None
@@ -140,6 +140,5 @@ def _torch_recurrent(kind, input, h0, c0, weights, batch_sizes, num_layers, bidi
 
 def _torch_faster(kind, input, h0, c0, weights, batch_sizes):
     """The performance floor (seqfast._rules): torch's own op where it beats seqfast's kernels on this CPU."""
-    training = _rules.needs_grad(input, h0, c0, *(w for layer in weights for w in layer))
-    batch = h0.shape[1]
-    return _rules.prefer_torch(kind, input, training, batch, weights[0][1].shape[1])
+    grad_tensors = (input, h0, c0, *(w for layer in weights for w in layer))
+    return _rules.prefer_torch(kind, input, h0.shape[1], weights[0][1].shape[1], grad_tensors)

@@ -52,8 +52,8 @@ def _lstm_save(ctx, inputs, output):
 def _lstm_grad(ctx, grads, run_backward):
     x, batch_sizes, h0, c0, w_ih, w_hh, out, gates, cs = ctx.saved_tensors
     dx, dh0, dc0, dw_ih, dw_hh, db = run_backward(
-        defined_grad(grads[0], out), defined_grad(grads[1], h0), defined_grad(grads[2], c0), x, batch_sizes, h0, c0, w_ih, w_hh,
-        out, gates, cs, ctx.reverse)
+        defined_grad(grads[0], out), defined_grad(grads[1], h0), defined_grad(grads[2], c0), x, batch_sizes, h0, c0,
+        w_ih, w_hh, out, gates, cs, ctx.reverse)
     return (dx, None, dh0, dc0, dw_ih, dw_hh, db if ctx.bias[0] else None, db if ctx.bias[1] else None, None)
 
 
@@ -127,7 +127,8 @@ def _rnn_save(ctx, inputs, output):
 def _rnn_grad(ctx, grads, run_backward):
     x, batch_sizes, h0, w_ih, w_hh, out = ctx.saved_tensors
     dx, dh0, dw_ih, dw_hh, db = run_backward(
-        defined_grad(grads[0], out), defined_grad(grads[1], h0), x, batch_sizes, h0, w_ih, w_hh, out, ctx.relu, ctx.reverse)
+        defined_grad(grads[0], out), defined_grad(grads[1], h0), x, batch_sizes, h0, w_ih, w_hh, out, ctx.relu,
+        ctx.reverse)
     return dx, None, dh0, dw_ih, dw_hh, db if ctx.bias[0] else None, db if ctx.bias[1] else None, None, None
 
 

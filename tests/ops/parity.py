@@ -19,9 +19,9 @@ def _close(got, want, dtype, what, scale=1.0):
 
 def check_op(op, backend, dtype, args, *, n_out, backward_args, n_grads, forward_kwargs=None, backward_kwargs=None,
              grad_scale=2.0):
-    """Runs ``op``'s ``backend`` kernels (with launcher keyword arguments, e.g. a forced internal path) and its reference
-    on ``args`` (floating tensors cast to ``dtype`` / float64) and compares the first ``n_out`` outputs and the
-    ``n_grads`` input gradients. ``backward_args(args, outputs, grads)`` builds the backward call's arguments from
+    """Runs ``op``'s ``backend`` kernels (with launcher keyword arguments, e.g. a forced internal path) and its
+    reference on ``args`` (floating tensors cast to ``dtype`` / float64) and compares the first ``n_out`` outputs and
+    the ``n_grads`` input gradients. ``backward_args(args, outputs, grads)`` builds the backward call's arguments from
     the forward's inputs, its outputs (workspaces included) and the output gradients."""
     ours, ref = op.kernels(backend), op.kernels("reference")
     assert ours.forward is not ref.forward, f"{backend} has no kernel for {op.name}"

@@ -22,7 +22,8 @@ def _bwd(args, out, grads):
 
 
 @pytest.mark.parametrize("mask", [False, True], ids=["no-mask", "mask"])
-@pytest.mark.parametrize("shape", [(2, 5, 4, 3), (3, 17, 9, 1), (1, 1, 1, 2)], ids=lambda s: "N{}-S{}-A{}-Dv{}".format(*s))
+@pytest.mark.parametrize("shape", [(2, 5, 4, 3), (3, 17, 9, 1), (1, 1, 1, 2)],
+                         ids=lambda s: "N{}-S{}-A{}-Dv{}".format(*s))
 @pytest.mark.parametrize("backend,dtype", BACKENDS, ids=lambda v: str(v).replace("torch.", ""))
 def test_additive_attention_kernels_match_reference(backend, dtype, shape, mask):
     check_op(ops.additive_attention, backend, dtype, _args(*shape, mask), n_out=2, backward_args=_bwd, n_grads=4)
