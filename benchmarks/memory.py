@@ -45,7 +45,7 @@ def _child(case, impl, calls, conn):
         conn.close()
 
 
-def peak_cpu(case, impl, calls=2, timeout=300):
+def peak_cpu(case, impl, calls=1, timeout=300):
     """Bytes by which `calls` calls of the case raise the child's resident set above what its inputs already hold;
     None where /proc is missing or the child failed."""
     if not os.path.exists("/proc/self/status"):

@@ -112,7 +112,7 @@ def main(argv=None):
         "Speedup = torch median time / seqfast median time (> 1: seqfast faster); round spread = min and max of the "
         "per-round ratios (each round times both). Peak MB: " +
         ("torch.cuda.max_memory_allocated over one call." if args.device == "cuda" else
-         "resident-set high-water mark of a child process over two calls, above what its inputs hold (C++ "
+         "resident-set high-water mark of a child process over one call (its first), above what its inputs hold (C++ "
          "allocations included)."), "", f"![speedup]({stem}.png)", ""] + family_lines(rows) + [""] + table(rows)
     os.makedirs(args.out, exist_ok=True)
     md = os.path.join(args.out, stem + ".md")
