@@ -17,9 +17,9 @@ DEPS := $(VENV)/.seqfast-deps
 endif
 
 # Rebuild when any source changes (ninja then recompiles only what changed).
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc)
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.inc)
 
-.PHONY: test test-wheel bench bench-sweep build wheel clean gpu-check
+.PHONY: test test-wheel test-asan bench bench-sweep build wheel clean gpu-check
 
 $(VENV)/.seqfast-deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -71,6 +71,19 @@ wheel: $(DEPS)
 
 test-wheel: wheel
 	SEQFAST_TEST_WHEEL=1 SEQFAST_WHEEL_DIR=dist $(PY) -m pytest tests/test_wheel.py
+
+# The C++-backed tests against the extension built with AddressSanitizer + UBSan (setup.py, SEQFAST_SANITIZE) in
+# build/asan/ (the in-place extension is left alone); the sanitizer runtime is preloaded into Python. Not in CI: slow.
+ASAN_TESTS ?= tests/test_cpp_*.py tests/test_own_gemm.py tests/test_sdpa.py tests/test_rnn.py tests/test_rnn_cell.py
+test-asan: $(DEPS)
+	rm -rf build/asan/pkg && mkdir -p build/asan/pkg
+	SEQFAST_SANITIZE=1 MAX_JOBS=$(JOBS) flock /tmp/seqfast-build.lock \
+	  $(PY) setup.py -q build_ext --build-lib build/asan/lib --build-temp build/asan/tmp
+	cp -r seqfast build/asan/pkg/ && rm -f build/asan/pkg/seqfast/_C*.so && cp build/asan/lib/seqfast/_C*.so build/asan/pkg/seqfast/
+	cp -r kernels build/asan/pkg/seqfast/kernels
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  PYTHONPATH=build/asan/pkg $(PY) -P -m pytest -p no:cacheprovider -q $(ASAN_TESTS)
 
 clean:
 	rm -rf build dist *.egg-info .build-stamp seqfast/_C*.so

@@ -1,14 +1,129 @@
-// The Python bindings of seqfast._C. This is the only translation unit that includes <torch/extension.h>
-// (about a minute to compile on 2 cores); the kernel files include ATen headers only. Each kernel family keeps its
-// m.def(...) lines in its own csrc/<family>_bindings.inc next to its sources.
+// The Python bindings of seqfast._C. This is the only translation unit that includes <torch/extension.h> (it
+// compiles slowly); the kernel files include ATen headers only.
+// Every kernel binding releases the GIL: the kernels touch no Python objects, and a server's other Python threads
+// keep running meanwhile.
 #include <torch/extension.h>
 
-#include "rnn.h"
-#include "attention.h"
-#include "sgemm_ops.h"
+#include "attention/attention.h"
+#include "cpu/config.h"
+#include "cpu/gemm.h"
+#include "cpu/isa.h"
+#include "cpu/team.h"
+#include "rnn/rnn.h"
+
+namespace py = pybind11;
+
+namespace {
+
+py::dict config_dict() {
+  const seqfast::cpu::Config& c = seqfast::cpu::config();
+  py::dict d;
+  d["own_gemm"] = c.own_gemm;
+  d["fused"] = c.fused;
+  d["mkl_pack"] = c.mkl_pack;
+  d["avx512_attention"] = c.avx512_attention;
+  d["par_min_work"] = c.par_min_work;
+  d["small_batch"] = c.small_batch;
+  d["small_batch_set"] = c.small_batch_set;
+  d["step_par_min_h"] = c.step_par_min_h;
+  d["pool_mb"] = c.pool_mb;
+  d["max_threads"] = c.max_threads;
+  return d;
+}
+
+// set_config(own_gemm=False, ...): the named fields change, the rest keep their value; returns the new config.
+py::dict set_config(const py::kwargs& kw) {
+  seqfast::cpu::Config c = seqfast::cpu::config();
+  for (const auto& item : kw) {
+    const std::string k = py::cast<std::string>(item.first);
+    const py::handle v = item.second;
+    if (k == "own_gemm") c.own_gemm = py::cast<bool>(v);
+    else if (k == "fused") c.fused = py::cast<bool>(v);
+    else if (k == "mkl_pack") c.mkl_pack = py::cast<bool>(v);
+    else if (k == "avx512_attention") c.avx512_attention = py::cast<bool>(v);
+    else if (k == "par_min_work") c.par_min_work = py::cast<int64_t>(v);
+    else if (k == "small_batch") {
+      c.small_batch = py::cast<int64_t>(v);
+      c.small_batch_set = true;
+    } else if (k == "small_batch_set") c.small_batch_set = py::cast<bool>(v);
+    else if (k == "step_par_min_h") c.step_par_min_h = py::cast<int64_t>(v);
+    else if (k == "pool_mb") c.pool_mb = py::cast<int64_t>(v);
+    else if (k == "max_threads") c.max_threads = py::cast<int64_t>(v);
+    else throw py::type_error("set_config() got an unexpected keyword argument '" + k + "'");
+  }
+  TORCH_CHECK(c.small_batch >= 0 && c.small_batch <= 16, "set_config: small_batch must be in [0, 16], got ",
+              c.small_batch);
+  seqfast::cpu::set_config(c);
+  return config_dict();
+}
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "seqfast C++ CPU kernels";
-#include "rnn_bindings.inc"
-#include "attention_bindings.inc"
+  using GIL = py::call_guard<py::gil_scoped_release>;
+
+  // ---- configuration (cpu/config.h) and the machine ----
+  m.def("get_config", &config_dict, "the kernels' configuration (read from SEQFAST_CPU_* at load) as a dict");
+  m.def("set_config", &set_config, "set configuration fields by name, e.g. set_config(own_gemm=False); returns it");
+  m.def("reload_config", [] {
+    seqfast::cpu::reload_config();
+    return config_dict();
+  }, "re-read the SEQFAST_CPU_* environment variables and the usable CPU count");
+  m.def("usable_cpus", &seqfast::cpu::usable_cpus, "CPUs this process may use (affinity and cgroup quota)");
+  m.def("has_avx2", &seqfast::cpu::has_avx2_fma);
+  m.def("has_avx512", &seqfast::cpu::has_avx512);
+  m.def("_raise_in_parallel_region", &seqfast::cpu::raise_in_parallel_region, GIL(), py::arg("team"),
+        "test hook: an error thrown inside a parallel region must surface as RuntimeError");
+
+  // ---- RNN cells and sequences (rnn/rnn.h) ----
+  m.def("rnn_kernels_supported", &seqfast::rnn_kernels_supported);
+  // The GEMM entry point (cpu/gemm.h), bound for its parity tests.
+  m.def("own_gemm_available", &seqfast::own_gemm_available);
+  m.def("mm_f32", &seqfast::mm_f32, GIL(), py::arg("a"), py::arg("b"), py::arg("bias") = py::none());
+  m.def("lstm_cell_forward", &seqfast::lstm_cell_forward, GIL(), py::arg("x"), py::arg("hx"), py::arg("cx"),
+        py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"));
+  m.def("lstm_cell_backward", &seqfast::lstm_cell_backward, GIL(), py::arg("grad_hy"), py::arg("grad_cy"),
+        py::arg("x"), py::arg("hx"), py::arg("cx"), py::arg("w_ih"), py::arg("w_hh"), py::arg("gates"), py::arg("cy"));
+  m.def("gru_cell_forward", &seqfast::gru_cell_forward, GIL(), py::arg("x"), py::arg("hx"), py::arg("w_ih"),
+        py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"));
+  m.def("gru_cell_backward", &seqfast::gru_cell_backward, GIL(), py::arg("grad_hy"), py::arg("x"), py::arg("hx"),
+        py::arg("w_ih"), py::arg("w_hh"), py::arg("ws"));
+  m.def("rnn_cell_forward", &seqfast::rnn_cell_forward, GIL(), py::arg("x"), py::arg("hx"), py::arg("w_ih"),
+        py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("relu"));
+  m.def("rnn_cell_backward", &seqfast::rnn_cell_backward, GIL(), py::arg("grad_hy"), py::arg("x"), py::arg("hx"),
+        py::arg("w_ih"), py::arg("w_hh"), py::arg("hy"), py::arg("relu"));
+  m.def("lstm_layer_forward", &seqfast::lstm_layer_forward, GIL(), py::arg("x"), py::arg("batch_sizes"),
+        py::arg("h0"), py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
+        py::arg("reverse"));
+  m.def("lstm_layer_inference", &seqfast::lstm_layer_inference, GIL(), py::arg("x"), py::arg("batch_sizes"),
+        py::arg("h0"), py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
+        py::arg("reverse"));
+  m.def("lstm_layer_backward", &seqfast::lstm_layer_backward, GIL(), py::arg("grad_out"), py::arg("grad_hn"),
+        py::arg("grad_cn"), py::arg("x"), py::arg("batch_sizes"), py::arg("h0"), py::arg("c0"), py::arg("w_ih"),
+        py::arg("w_hh"), py::arg("out"), py::arg("gates"), py::arg("cs"), py::arg("reverse"));
+  m.def("gru_layer_forward", &seqfast::gru_layer_forward, GIL(), py::arg("x"), py::arg("batch_sizes"), py::arg("h0"),
+        py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("reverse"));
+  m.def("gru_layer_backward", &seqfast::gru_layer_backward, GIL(), py::arg("grad_out"), py::arg("grad_hn"),
+        py::arg("x"), py::arg("batch_sizes"), py::arg("h0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("out"),
+        py::arg("ws"), py::arg("reverse"));
+  m.def("rnn_layer_forward", &seqfast::rnn_layer_forward, GIL(), py::arg("x"), py::arg("batch_sizes"), py::arg("h0"),
+        py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("relu"), py::arg("reverse"));
+  m.def("rnn_layer_backward", &seqfast::rnn_layer_backward, GIL(), py::arg("grad_out"), py::arg("grad_hn"),
+        py::arg("x"), py::arg("batch_sizes"), py::arg("h0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("out"),
+        py::arg("relu"), py::arg("reverse"));
+
+  // ---- attention (attention/attention.h) ----
+  m.def("sdpa_forward", &seqfast::sdpa_forward, GIL(), "flash SDPA forward -> (out, lse)", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("bias"), py::arg("is_causal"), py::arg("scale"));
+  m.def("sdpa_backward", &seqfast::sdpa_backward, GIL(), "flash SDPA backward -> (dq, dk, dv)", py::arg("grad_out"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("bias"),
+        py::arg("is_causal"), py::arg("scale"));
+  m.def("additive_attention_forward", &seqfast::additive_attention_forward, GIL(),
+        "fused Bahdanau attention step -> (context, weights)", py::arg("qp"), py::arg("kp"), py::arg("v"),
+        py::arg("values"), py::arg("mask"));
+  m.def("additive_attention_backward", &seqfast::additive_attention_backward, GIL(),
+        "fused Bahdanau attention backward -> (dqp, dkp, dv, dvalues)", py::arg("grad_context"),
+        py::arg("grad_weights"), py::arg("qp"), py::arg("kp"), py::arg("v"), py::arg("values"), py::arg("mask"),
+        py::arg("weights"));
 }

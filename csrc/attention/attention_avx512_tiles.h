@@ -9,8 +9,8 @@
 #include <limits>
 #include <type_traits>
 
-#include "avx512_math.h"
-#include "sgemm.h"
+#include "cpu/avx512_math.h"
+#include "cpu/sgemm.h"
 
 namespace seqfast {
 namespace attn512 {

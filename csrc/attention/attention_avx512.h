@@ -11,7 +11,7 @@
 //     to the output once per task.
 // Both register tiles are 6 x 64 (24 accumulators) and FMA-bound. Causal key blocks past the diagonal are never
 // visited, and on the diagonal block the 16-query lane groups a key is masked for are skipped (not computed).
-// Callers check sgemm::available() first.
+// Callers check sgemm::available() first (attention.cpp: use_avx512()).
 #pragma once
 
 #include <cstdint>
@@ -41,7 +41,7 @@ struct FwdBlock {
   float scale = 1.f;
   float* out = nullptr;           // row r at out + r * so (Dv floats)
   int64_t so = 0;
-  float* lse = nullptr;           // mq floats; +inf for a fully masked row (whose output is 0)
+  float* lse = nullptr;           // mq floats; -inf for a fully masked row (whose output is 0)
 };
 
 // Floats of scratch a task needs (64-byte aligned, caller-owned, reusable across tasks).
@@ -71,7 +71,8 @@ struct BwdBlock {
   int64_t bsi = 0, bsj = 0;
   bool causal = false;
   float scale = 1.f;
-  const float* lse = nullptr;       // mq floats from the forward (+inf: fully masked row, whose P is 0)
+  const float* lse = nullptr;       // mq floats, +inf for a fully masked row (P = 0 there; sdpa_backward maps the
+                                    // forward's -inf to +inf)
   const float* delta = nullptr;     // mq floats: rowsum(dout * out)
   float* dq = nullptr;              // += : row r at dq + r * sdq (D floats)
   int64_t sdq = 0;
@@ -101,7 +102,7 @@ struct DecodeHead {
   float scale = 1.f;
   float* out = nullptr;           // head g at out + g * so (Dv floats); 0 for a fully masked head
   int64_t so = 0;
-  float* lse = nullptr;           // head g at lse[g]; +inf for a fully masked head
+  float* lse = nullptr;           // head g at lse[g]; -inf for a fully masked head
 };
 
 // scores: G * kv_end floats of scratch.

@@ -1,4 +1,4 @@
-// Fused float32 LSTM step for x86-64 CPUs with AVX-512 (seqfast._C internal; implementation in lstm_step.cpp).
+// Fused float32 LSTM step for x86-64 CPUs with AVX-512 (seqfast._C internal; rnn_sequence_lstm_step.cpp).
 //
 // One step of one layer for a range of hidden units, entirely in registers: for a tile of 6 batch rows x 16 units
 // the 4 gate pre-activations (6 x 64 floats = 24 zmm accumulators) start at the bias, accumulate x_t W_ih^T and

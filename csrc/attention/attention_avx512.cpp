@@ -1,22 +1,22 @@
 // AVX-512 float32 flash-attention forward block. See attention_avx512.h for the transposed-score layout.
 // Compiled for AVX-512 by the target pragma below; no ATen headers here (same reason as sgemm.cpp).
-#include "attention_avx512.h"
+#include "attention/attention_avx512.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 
-#include "sgemm.h"
+#include "cpu/isa.h"
+#include "cpu/sgemm.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef SEQFAST_X86_TARGETS
 #define SEQFAST_HAVE_AVX512_ATTN 1
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
+SEQFAST_TARGET_AVX512_BEGIN
 #include <immintrin.h>
 
-#include "attention_avx512_tiles.h"
-#include "avx512_math.h"
+#include "attention/attention_avx512_tiles.h"
+#include "cpu/avx512_math.h"
 #endif
 
 namespace seqfast {
@@ -149,8 +149,8 @@ void fwd_block(const FwdBlock& a, float* ws) {
     const tiles::AccumCtx pc{ST, &sg, nk, a.v + j0 * a.sv, a.sv, accT, (rescale && j0 > 0) ? arow : nullptr};
     tiles::accum_block(pc, Dv);
   }
-  // out = accT^T / l, 16 x 16 blocks transposed in registers; a fully masked row (or no keys) gives 0 as torch does,
-  // and lse = +inf makes the backward's P exactly 0 there.
+  // out = accT^T / l, 16 x 16 blocks transposed in registers; a fully masked row (or no keys: l == 0) gives 0 as
+  // torch does, with lse = -inf (attention.h). A NaN score made l NaN: out and lse are NaN, as in torch.
   for (int v = 0; v < nv; ++v) {
     const int rows = int(std::min<int64_t>(16, mq - 16 * v));
     for (int64_t cb = 0; cb < Dv; cb += 16) {
@@ -161,14 +161,14 @@ void fwd_block(const FwdBlock& a, float* ws) {
       const __mmask16 cm = avx512::mask16(Dv - cb);
       for (int i = 0; i < rows; ++i) {
         const float l = lrow[16 * v + i];
-        const __m512 x = l > 0.f ? _mm512_mul_ps(t[i], _mm512_set1_ps(1.f / l)) : _mm512_setzero_ps();
+        const __m512 x = l != 0.f ? _mm512_mul_ps(t[i], _mm512_set1_ps(1.f / l)) : _mm512_setzero_ps();
         _mm512_mask_storeu_ps(a.out + (16 * v + i) * a.so + cb, cm, x);
       }
     }
   }
   for (int64_t r = 0; r < mq; ++r) {
     const float l = lrow[r];
-    a.lse[r] = l > 0.f ? mrow[r] + std::log(l) : std::numeric_limits<float>::infinity();
+    a.lse[r] = l != 0.f ? mrow[r] + std::log(l) : -std::numeric_limits<float>::infinity();
   }
 }
 
@@ -251,7 +251,7 @@ void decode_head(const DecodeHead& a, float* scores) {
         a.lse[g] = m;
       } else {
         std::fill(out, out + a.Dv, 0.f);
-        a.lse[g] = std::numeric_limits<float>::infinity();
+        a.lse[g] = -std::numeric_limits<float>::infinity();
       }
       continue;
     }
@@ -280,5 +280,5 @@ void decode_head(const DecodeHead&, float*) {}
 }  // namespace seqfast
 
 #ifdef SEQFAST_HAVE_AVX512_ATTN
-#pragma GCC pop_options
+SEQFAST_TARGET_END
 #endif

@@ -1,11 +1,13 @@
-// Workspace pool; see workspace_pool.h.
-#include "workspace_pool.h"
+// Workspace pool; see pool.h.
+#include "cpu/pool.h"
 
-#include "block_pool.h"
+#include <pthread.h>
 
 #include <cstdlib>
 #include <mutex>
 #include <vector>
+
+#include "cpu/config.h"
 
 namespace seqfast {
 namespace {
@@ -13,14 +15,12 @@ namespace {
 constexpr size_t kMinBytes = size_t(1) << 20;  // tensors below this: malloc does not mmap them; nothing to gain
 constexpr int kSlots = 16;
 
+size_t cap_bytes() { return size_t(std::max<int64_t>(cpu::config().pool_mb, 0)) << 20; }
+
 struct Pool {
   std::mutex mu;
   std::vector<std::pair<void*, size_t>> idle;  // (block, capacity in bytes)
   size_t idle_bytes = 0;
-  const size_t cap = [] {
-    const char* e = std::getenv("SEQFAST_CPU_POOL_MB");
-    return size_t(e ? std::atoll(e) : 256) << 20;
-  }();
 
   void* take(size_t bytes, size_t& got) {
     {
@@ -43,6 +43,7 @@ struct Pool {
   }
 
   void give(void* p, size_t bytes) {
+    const size_t cap = cap_bytes();
     std::lock_guard<std::mutex> g(mu);
     if (bytes > cap) {
       std::free(p);
@@ -59,8 +60,19 @@ struct Pool {
   }
 };
 
+Pool* g_pool = nullptr;
+
+// fork() while another thread holds the lock would leave the child's copy locked forever: hold it across the fork
+// (no thread is then inside the pool) and release it in both processes.
+void before_fork() { g_pool->mu.lock(); }
+void after_fork() { g_pool->mu.unlock(); }
+
 Pool& pool() {
-  static Pool* p = new Pool();  // never destroyed: blocks may be returned during interpreter shutdown
+  static Pool* p = [] {
+    g_pool = new Pool();  // never destroyed: blocks may be returned during interpreter shutdown
+    pthread_atfork(before_fork, after_fork, after_fork);
+    return g_pool;
+  }();
   return *p;
 }
 
@@ -75,7 +87,7 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options)
   int64_t n = 1;
   for (int64_t s : sizes) n *= s;
   const size_t bytes = size_t(std::max<int64_t>(n, 0)) * options.dtype().itemsize();
-  if (!options.device().is_cpu() || bytes < kMinBytes || pool().cap == 0) return at::empty(sizes, options);
+  if (!options.device().is_cpu() || bytes < kMinBytes || cap_bytes() == 0) return at::empty(sizes, options);
   size_t got = 0;
   void* p = block_pool::take(bytes, got);
   TORCH_CHECK(p != nullptr, "seqfast: out of memory allocating a ", bytes, "-byte workspace");

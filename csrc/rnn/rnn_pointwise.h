@@ -3,23 +3,23 @@
 // computes gate pre-activations without going through MKL. Shared by rnn_cell.cpp and rnn_sequence.cpp.
 // Everything here works on raw pointers: shapes, dtypes and strides were checked by the caller.
 //
-// ISA: the extension is built with plain -O3 (no -mavx2), so ATen's Vectorized would fall back to its scalar
-// "generic" implementation. On x86-64 with GCC we compile just this header's code for AVX2+FMA (push/pop of the
-// target pragma around it) and put ATen's vector classes into a private inline namespace (CPU_CAPABILITY), so
-// none of these AVX2 instantiations can be merged with default-ISA copies of the same inline functions elsewhere.
-// Callers must check seqfast::kern::cpu_supported() (AVX2+FMA present) before calling in.
+// ISA (cpu/isa.h): this header's kernels are an AVX2 region. The extension is built for the baseline ISA, where
+// ATen's Vectorized is its scalar "generic" implementation; here the region's target pragma enables AVX2+FMA and
+// ATen's vector classes go into a private inline namespace (CPU_CAPABILITY), so none of these AVX2 instantiations
+// can be merged with default-ISA copies of the same inline functions elsewhere. The kernels' public entries check
+// kern::check_cpu() (cpu::has_avx2_fma()) before calling in.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(CPU_CAPABILITY) && \
-    !defined(__AVX2__)
+#include "cpu/config.h"
+#include "cpu/isa.h"
+#include "cpu/team.h"
+
+#if defined(SEQFAST_X86_TARGETS) && !defined(CPU_CAPABILITY) && !defined(__AVX2__)
 #define SEQFAST_TARGET_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+SEQFAST_TARGET_AVX2_BEGIN
 #define CPU_CAPABILITY seqfast_avx2
 #define CPU_CAPABILITY_AVX2
 // sleef.h (pulled in by vec256) declares its 256-bit entry points only under __AVX__; the pragma enables the ISA
@@ -306,7 +306,7 @@ inline void gemv(int64_t nb, const T* const* x1, const T* w1, int64_t K1, const 
 }  // namespace seqfast
 
 #ifdef SEQFAST_TARGET_AVX2
-#pragma GCC pop_options
+SEQFAST_TARGET_END
 #endif
 
 namespace seqfast {
@@ -315,43 +315,29 @@ namespace kern {
 // Compiled for the default ISA on purpose: this is what guards entry into the AVX2 code above.
 inline bool cpu_supported() {
 #ifdef SEQFAST_TARGET_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+  return cpu::has_avx2_fma();
 #else
   return true;
 #endif
 }
 
-// Work (multiply-adds) below which a parallel region costs more than it saves (2-thread OpenMP fork/join is a few
-// microseconds). Overridable for tuning with SEQFAST_CPU_PAR_MIN_WORK.
-inline int64_t par_min_work() {
-  static const int64_t v = [] {
-    const char* e = std::getenv("SEQFAST_CPU_PAR_MIN_WORK");
-    return e ? std::atoll(e) : int64_t(1) << 17;
-  }();
-  return v;
-}
+// Work (multiply-adds) below which a parallel region costs more than it saves (config().par_min_work).
+inline int64_t par_min_work() { return cpu::config().par_min_work; }
 
-// Largest number of active batch rows for which the hand-written GEMV is used instead of MKL.
-inline int64_t small_batch_max() {
-  static const int64_t v = [] {
-    const char* e = std::getenv("SEQFAST_CPU_SMALL_BATCH");
-    return e ? std::atoll(e) : int64_t(8);
-  }();
-  return v;
-}
+// Largest number of active batch rows for which the hand-written GEMV is used instead of a GEMM.
+inline int64_t small_batch_max() { return cpu::config().small_batch; }
 
 // Runs f(k0, k1) over hidden units [0, H), split across threads in blocks of 16 units (whole vectors) when the
 // total work is large enough; otherwise inline on the calling thread.
 template <typename F>
 inline void par_units(int64_t H, int64_t work, const F& f) {
   if (H <= 0) return;
-  if (work < par_min_work() || at::get_num_threads() <= 1 || at::in_parallel_region()) {
+  if (work < par_min_work()) {
     f(int64_t(0), H);
     return;
   }
   const int64_t nblk = (H + 15) / 16;
-  at::parallel_for(0, nblk, 1, [&](int64_t a, int64_t b) { f(a * 16, std::min(H, b * 16)); });
+  cpu::parallel_for(nblk, 1, [&](int64_t a, int64_t b, int) { f(a * 16, std::min(H, b * 16)); });
 }
 
 // Same for batch rows [0, n) each costing work_per_row.
@@ -359,11 +345,7 @@ template <typename F>
 inline void par_rows(int64_t n, int64_t work_per_row, const F& f) {
   if (n <= 0) return;
   const int64_t grain = std::max<int64_t>(1, par_min_work() / std::max<int64_t>(1, work_per_row));
-  if (n <= grain || at::get_num_threads() <= 1 || at::in_parallel_region()) {
-    f(int64_t(0), n);
-    return;
-  }
-  at::parallel_for(0, n, grain, f);
+  cpu::parallel_for(n, grain, [&](int64_t a, int64_t b, int) { f(a, b); });
 }
 
 }  // namespace kern

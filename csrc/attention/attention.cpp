@@ -1,116 +1,53 @@
 // Flash-style scaled dot-product attention on CPU: forward and backward.
 //
 // Shape of the work: every (batch, query head, query block) is an independent task. A task walks the key blocks,
-// computes the score block S = scale * Q K^T with one BLAS GEMM (MKL via at::native::cpublas, called on raw pointers
-// with the tensors' own row strides, so no copies and no per-call ATen overhead), applies bias / causal masking,
+// computes the score block S = scale * Q K^T with one GEMM (cpu/gemm.h: BLAS on raw pointers with the tensors' own
+// row strides, so no copies and no per-call ATen overhead), applies bias / causal masking,
 // does the online-softmax update (running max m, running sum l, rescaled accumulator), and accumulates P V with a
 // second GEMM. Key blocks entirely above the causal diagonal are never visited (the speed win over torch).
 // bfloat16 runs the GEMMs on bf16 operands with fp32 accumulation (P / dS are rounded to bf16 as flash-attn does);
 // softmax state is fp32. float64 is exact-ish and is what the gradient tests use.
 // float32 on CPUs with AVX-512 takes attention_avx512.h instead, forward and backward (register-tiled loops on
 // transposed blocks, attention_avx512*.cpp); float64, bfloat16 and CPUs without AVX-512 run the BLAS path below.
-#include "attention.h"
-
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
-#include <cstdlib>
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
-#include "attention_vec.h"
-#include "attention_avx512.h"
-#include "sgemm.h"
+#include "attention/attention.h"
+#include "attention/attention_avx512.h"
+#include "attention/attention_vec.h"
+#include "cpu/block_pool.h"
+#include "cpu/config.h"
+#include "cpu/gemm.h"
+#include "cpu/team.h"
 
 namespace seqfast {
 namespace {
 
 namespace av = attn_vec;
 
-// ---- GEMM backend ----
-// at::native::cpublas::gemm is not exported from libtorch_cpu, and at::mm on from_blob blocks costs a few us of
-// dispatch per call (hundreds of block GEMMs per head). The x86 torch wheels link MKL statically and export the
-// standard Fortran BLAS entry points (sgemm_, dgemm_) plus MKL's cblas_gemm_bf16bf16f32, so we bind them as weak
-// symbols: present -> direct calls with no overhead; absent (other torch builds) -> the at::addmm_out fallback below.
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
-            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
-            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
-// MKL: layout 102 = column major, trans 111 = N, 112 = T; MKL_BF16 is uint16_t; LP64 ints.
-void cblas_gemm_bf16bf16f32(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
-                            float*, int) __attribute__((weak));
-}
+using gemm::mm_nn;
+using gemm::mm_nt;
+using gemm::mm_tn;
 
-// Fallback: column-major C(m x n, ldc) = alpha op(A) op(B) + beta C through ATen on views of the raw buffers.
-template <typename T, typename A>
-void gemm_fallback(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, const T* a, int64_t lda, const T* b,
-                   int64_t ldb, A beta, A* c, int64_t ldc) {
-  const auto to = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const auto co = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
-  // column-major X (r x c, ld) is the row-major [c, r] tensor with strides [ld, 1], transposed.
-  at::Tensor opA = ta ? at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, to)
-                      : at::from_blob(const_cast<T*>(a), {k, m}, {lda, 1}, to).t();
-  at::Tensor opB = tb ? at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, to)
-                      : at::from_blob(const_cast<T*>(b), {n, k}, {ldb, 1}, to).t();
-  at::Tensor C = at::from_blob(c, {n, m}, {ldc, 1}, co).t();
-  if (!std::is_same<T, A>::value) opA = opA.to(co.dtype()), opB = opB.to(co.dtype());
-  if (k == 0) {
-    if (beta == A(0)) C.zero_(); else C.mul_(beta);
-    return;
-  }
-  at::addmm_out(C, C, opA, opB, beta, alpha);
-}
+// float32 runs the AVX-512 block kernels (attention_avx512.h) where the CPU has them and the configuration allows.
+inline bool use_avx512() { return sgemm::available() && cpu::config().avx512_attention; }
 
-template <typename T, typename A>
-inline void gemm_cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, const T* a, int64_t lda, const T* b,
-                    int64_t ldb, A beta, A* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  // BLAS wants ld >= rows of the stored matrix even when that dim is 1.
-  lda = std::max<int64_t>(lda, ta ? k : m);
-  ldb = std::max<int64_t>(ldb, tb ? n : k);
-  lda = std::max<int64_t>(lda, 1), ldb = std::max<int64_t>(ldb, 1);
-  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
-  const int ia = static_cast<int>(lda), ib = static_cast<int>(ldb), ic = static_cast<int>(ldc);
-  const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
-#ifndef SEQFAST_ATTN_FORCE_FALLBACK  // (defined only to test the fallback)
-  if constexpr (std::is_same<T, float>::value) {
-    if (sgemm_ != nullptr && k > 0) return sgemm_(&ca, &cb, &im, &in, &ik, &alpha, a, &ia, b, &ib, &beta, c, &ic);
-  } else if constexpr (std::is_same<T, double>::value) {
-    if (dgemm_ != nullptr && k > 0) return dgemm_(&ca, &cb, &im, &in, &ik, &alpha, a, &ia, b, &ib, &beta, c, &ic);
-  } else if constexpr (std::is_same<T, at::BFloat16>::value) {
-    if (cblas_gemm_bf16bf16f32 != nullptr && k > 0)
-      return cblas_gemm_bf16bf16f32(102, ta ? 112 : 111, tb ? 112 : 111, im, in, ik, alpha,
-                                    reinterpret_cast<const uint16_t*>(a), ia, reinterpret_cast<const uint16_t*>(b),
-                                    ib, beta, c, ic);
-  }
-#endif
-  gemm_fallback<T, A>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-// Row-major GEMM helpers on top of column-major BLAS (a row-major X is the column-major X^T).
-// C[m,n] = alpha * A[m,k] B[n,k]^T + beta * C
-template <typename T, typename A>
-inline void mm_nt(int64_t m, int64_t n, int64_t k, A alpha, const T* a, int64_t lda, const T* b, int64_t ldb, A beta,
-                  A* c, int64_t ldc) {
-  gemm_cm<T, A>(true, false, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
-}
-// C[m,n] = alpha * A[m,k] B[k,n] + beta * C
-template <typename T, typename A>
-inline void mm_nn(int64_t m, int64_t n, int64_t k, A alpha, const T* a, int64_t lda, const T* b, int64_t ldb, A beta,
-                  A* c, int64_t ldc) {
-  gemm_cm<T, A>(false, false, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
-}
-// C[m,n] = alpha * A[k,m]^T B[k,n] + beta * C
-template <typename T, typename A>
-inline void mm_tn(int64_t m, int64_t n, int64_t k, A alpha, const T* a, int64_t lda, const T* b, int64_t ldb, A beta,
-                  A* c, int64_t ldc) {
-  gemm_cm<T, A>(false, true, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+// True when some of the n scores is NaN (a row whose finite maximum is -inf may still hold NaN, which must reach
+// the output as in torch).
+template <typename T>
+inline bool any_nan(const T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (x[i] != x[i]) return true;
+  return false;
 }
 
 // BLAS needs unit stride on the last dim and a row stride >= the row length; anything else (rare: transposed or
@@ -125,7 +62,7 @@ struct Blocks {
   int64_t bq, bk;
 };
 
-// Block sizes: the score block (bq x bk floats) plus the accumulator stay in L1/L2. Measured on this 2-core AVX-512
+// Block sizes: the score block (bq x bk floats) plus the accumulator stay in L1/L2. Chosen by timing on a 2-core AVX-512
 // box (see the report); a single query row (decoder step) takes the whole key range in larger chunks since there
 // is nothing to reuse across rows and fewer online-softmax rescales is cheaper.
 Blocks pick_blocks(int64_t Lq, int64_t Lk, bool causal) {
@@ -188,12 +125,12 @@ inline void to_operand(const acc_t* src, scalar_t* dst, int64_t ld, int64_t mq, 
 }
 
 // Query block of the idx-th task of a head. Causal: interleave cheap (early) and expensive (late) query blocks so
-// that at::parallel_for's contiguous chunks carry equal work even when N*Hq is small.
+// that parallel_for's contiguous chunks carry equal work even when N*Hq is small.
 inline int64_t query_block_order(int64_t idx, int64_t nqb, bool causal) {
   return causal ? ((idx % 2 == 0) ? idx / 2 : nqb - 1 - idx / 2) : idx;
 }
 
-template <typename scalar_t>
+template <class R, typename scalar_t>
 void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* bias, bool causal,
                 double scale_d, at::Tensor& out, at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -216,9 +153,8 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   scalar_t* op = out.data_ptr<scalar_t>();
   acc_t* lp = lse.data_ptr<acc_t>();
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  const acc_t pinf = std::numeric_limits<acc_t>::infinity();
 
-  at::parallel_for(0, N * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(N * Hq * nqb, 1, [&](int64_t begin, int64_t end, int) {
     std::vector<acc_t> S(Bq * Bk), acc(Bq * Dv), m(Bq), l(Bq);
     std::vector<scalar_t> P(kSame ? 0 : Bq * Bk);
     for (int64_t t = begin; t < end; ++t) {
@@ -240,14 +176,15 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
         mask_block<scalar_t, acc_t>(S.data(), Bk, mq, nk, i0, j0, B, bv.si, bv.sj, causal);
         for (int64_t r = 0; r < mq; ++r) {
           acc_t* s = S.data() + r * Bk;
-          const acc_t mx = av::row_max(s, nk);
+          const acc_t mx = R::row_max(s, nk);
           const acc_t mn = std::max(m[r], mx);
           if (mn == ninf) {  // everything so far masked: contributes nothing (and must not make NaN in the GEMM)
+            if (any_nan(s, nk)) l[r] = std::numeric_limits<acc_t>::quiet_NaN();  // the row's output is NaN
             std::fill(s, s + nk, acc_t(0));
             continue;
           }
           const acc_t alpha = av::exp_(m[r] - mn);  // 0 when m[r] == -inf
-          const acc_t sum = av::row_exp_sub_sum(s, nk, mn);
+          const acc_t sum = R::row_exp_sub_sum(s, nk, mn);
           l[r] = l[r] * alpha + sum;
           m[r] = mn;
           if (alpha != acc_t(1)) {
@@ -268,13 +205,13 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       acc_t* LS = lp + nh * Lq + i0;
       for (int64_t r = 0; r < mq; ++r) {
         const acc_t lr = l[r];
-        if (lr > acc_t(0)) {
+        if (lr != acc_t(0)) {  // NaN (a NaN score) propagates through inv
           const acc_t inv = acc_t(1) / lr;
           for (int64_t c = 0; c < Dv; ++c) O[r * Dv + c] = static_cast<scalar_t>(acc[r * Dv + c] * inv);
           LS[r] = m[r] + std::log(lr);
-        } else {  // fully masked row: torch gives 0; lse = +inf makes backward's P exactly 0
+        } else {  // fully masked row: torch gives 0; lse = -inf (attention.h)
           for (int64_t c = 0; c < Dv; ++c) O[r * Dv + c] = scalar_t(0);
-          LS[r] = pinf;
+          LS[r] = ninf;
         }
       }
     }
@@ -284,7 +221,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
 // Decoder step (Lq == 1): one task per kv head (n, hk) handles all G query heads of its group, so each K and V row
 // is streamed from memory exactly once (the op is memory-bound: ~2 FLOP per loaded element). Scores for the whole key
 // range fit a small buffer, so the softmax is exact in one shot (no online rescaling), then one pass over V.
-template <typename T>
+template <class R, typename T>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* bias, bool causal,
                    double scale_d, at::Tensor& out, at::Tensor& lse) {
   const int64_t N = q.size(0), Hq = q.size(1), D = q.size(3);
@@ -303,8 +240,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   T* lp = lse.data_ptr<T>();
   const T ninf = -std::numeric_limits<T>::infinity();
   bool avx512 = false;
-  if constexpr (std::is_same_v<T, float>) avx512 = sgemm::available() && !std::getenv("SEQFAST_CPU_NO_AVX512_ATTN");
-  at::parallel_for(0, N * Hk, 1, [&](int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<T, float>) avx512 = use_avx512();
+  cpu::parallel_for(N * Hk, 1, [&](int64_t begin, int64_t end, int) {
     std::vector<T> S(G * std::max<int64_t>(kv_end, 1)), acc(G * Dv), inv(G);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / Hk, hk = t % Hk;
@@ -342,13 +279,13 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         const T* kr = K + j * skl;
         for (int64_t g = 0; g < G; ++g) {
           T d4[4];
-          av::dot4(Q + g * sqh, kr, skl, D, d4);
+          R::dot4(Q + g * sqh, kr, skl, D, d4);
           for (int r = 0; r < 4; ++r) S[g * kv_end + j + r] = scale * d4[r];
         }
       }
       for (; j < kv_end; ++j) {
         const T* kr = K + j * skl;
-        for (int64_t g = 0; g < G; ++g) S[g * kv_end + j] = scale * av::dot(Q + g * sqh, kr, D);
+        for (int64_t g = 0; g < G; ++g) S[g * kv_end + j] = scale * R::dot(Q + g * sqh, kr, D);
       }
       for (int64_t g = 0; g < G; ++g) {
         T* s = S.data() + g * kv_end;
@@ -357,38 +294,39 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           const T* b = bv.ptr + n * bv.sn + h * bv.sh;
           for (int64_t j = 0; j < kv_end; ++j) s[j] += b[j * bv.sj];
         }
-        const T mx = av::row_max(s, kv_end);
-        if (mx == ninf) {  // fully masked (or no keys): out 0, lse +inf
+        const T mx = R::row_max(s, kv_end);
+        if (mx == ninf) {  // fully masked (or no keys): out 0, lse -inf; NaN scores make out and lse NaN
+          const T nan_or_0 = any_nan(s, kv_end) ? std::numeric_limits<T>::quiet_NaN() : T(0);
           std::fill(s, s + kv_end, T(0));
-          inv[g] = T(0);
-          lp[n * Hq + h] = std::numeric_limits<T>::infinity();
+          inv[g] = nan_or_0;
+          lp[n * Hq + h] = nan_or_0 == T(0) ? ninf : nan_or_0;
           continue;
         }
-        const T l = av::row_exp_sub_sum(s, kv_end, mx);
+        const T l = R::row_exp_sub_sum(s, kv_end, mx);
         inv[g] = T(1) / l;
         lp[n * Hq + h] = mx + std::log(l);
       }
       std::fill(acc.begin(), acc.end(), T(0));
       for (j = 0; j + 4 <= kv_end; j += 4) {
         const T* vr = V + j * svl;
-        for (int64_t g = 0; g < G; ++g) av::axpy4(acc.data() + g * Dv, vr, svl, S.data() + g * kv_end + j, 1, Dv);
+        for (int64_t g = 0; g < G; ++g) R::axpy4(acc.data() + g * Dv, vr, svl, S.data() + g * kv_end + j, 1, Dv);
       }
       for (; j < kv_end; ++j) {
         const T* vr = V + j * svl;
         for (int64_t g = 0; g < G; ++g) {
           const T p = S[g * kv_end + j];
-          if (p != T(0)) av::axpy(acc.data() + g * Dv, vr, p, Dv);
+          if (p != T(0)) R::axpy(acc.data() + g * Dv, vr, p, Dv);
         }
       }
       for (int64_t g = 0; g < G; ++g) {
         T* o = op + (n * Hq + hk * G + g) * Dv;
-        for (int64_t c = 0; c < Dv; ++c) o[c] = acc[g * Dv + c] * inv[g];
+        for (int64_t c = 0; c < Dv; ++c) o[c] = acc[g * Dv + c] * inv[g];  // 0 * NaN: NaN, as it must
       }
     }
   });
 }
 
-template <typename scalar_t>
+template <class R, typename scalar_t>
 void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const at::Tensor& o, const at::Tensor& lse, const at::Tensor* bias, bool causal, double scale_d,
                 at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
@@ -398,7 +336,7 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
   const int64_t Hk = k.size(1), Lk = k.size(2), Dv = v.size(3);
   const int64_t G = Hq / Hk;
   const acc_t scale = static_cast<acc_t>(scale_d);
-  // Backward blocks (64 x 128): five GEMMs per block and private dK/dV rows; measured 1.5-1.9x torch causal as is.
+  // Backward blocks (64 x 128): five GEMMs per block and private dK/dV rows.
   const int64_t Bq = std::min<int64_t>(std::max<int64_t>(Lq, 1), 64);
   const int64_t Bk = std::min<int64_t>(std::max<int64_t>(Lk, 1), 128);
   const int64_t nqb = (Lq + Bq - 1) / Bq;
@@ -422,25 +360,33 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
 
   // Work split: a task owns one kv head (n, hk) and a range [kb0, kb1) of its key blocks, so dK/dV of that range are
   // private to it. Normally one task per kv head covers all key blocks (dQ is then private too and written directly).
-  // When N*Hk is smaller than the thread count, key blocks are split across tasks and each writes a private fp32
-  // partial dQ that is summed afterwards.
-  const int64_t nthreads = at::get_num_threads();
+  // When N*Hk is smaller than the thread count, key blocks are split across tasks; each task then adds its dQ
+  // block into one shared accumulator (dq itself, or one float32 copy for bfloat16) under a lock striped by query
+  // block, so the extra memory does not grow with the thread count.
+  const int64_t nthreads = cpu::threads();
   int64_t splits = 1;
   if (N * Hk < nthreads && nkb > 1) splits = std::min<int64_t>(nkb, (nthreads + N * Hk - 1) / (N * Hk));
   const int64_t kb_per = (nkb + splits - 1) / std::max<int64_t>(splits, 1);
   splits = nkb > 0 ? (nkb + kb_per - 1) / kb_per : 1;
-  std::vector<acc_t> dq_part;  // [splits, N, Hq, Lq, D] when splits > 1
-  if (splits > 1) dq_part.assign(static_cast<size_t>(splits) * N * Hq * Lq * D, acc_t(0));
+  at::Tensor dq_acc_t;  // splits > 1: the shared dQ accumulator
+  acc_t* dq_acc = nullptr;
+  if (splits > 1) {
+    dq_acc_t = kSame ? dq : at::empty(dq.sizes(), dq.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    dq_acc_t.zero_();
+    dq_acc = dq_acc_t.data_ptr<acc_t>();
+  }
+  std::array<std::mutex, 64> dq_locks;
 
   // float32 on AVX-512: each query block's key range runs on attn512::bwd_block (same tasks, same dQ/dK/dV buffers).
-  bool use_avx512 = false;
-  if constexpr (std::is_same_v<scalar_t, float>)
-    use_avx512 = sgemm::available() && !std::getenv("SEQFAST_CPU_NO_AVX512_ATTN");  // Bq <= kBq
-  const int64_t ws512_size = use_avx512 ? attn512::bwd_workspace(D, Dv) : 0;
+  bool avx512 = false;
+  if constexpr (std::is_same_v<scalar_t, float>) avx512 = use_avx512();  // Bq <= kBq
+  const int64_t ws512_size = avx512 ? attn512::bwd_workspace(D, Dv) : 0;
 
-  at::parallel_for(0, N * Hk * splits, 1, [&](int64_t begin, int64_t end) {
-    float* ws512 = use_avx512 ? sgemm::scratch_alloc(ws512_size) : nullptr;
-    TORCH_CHECK(!use_avx512 || ws512 != nullptr, "seqfast sdpa backward: out of memory for the workspace");
+  cpu::parallel_for(N * Hk * splits, 1, [&](int64_t begin, int64_t end, int) {
+    block_pool::Floats ws512_buf;
+    if (avx512) ws512_buf.reset(ws512_size);
+    TORCH_CHECK(!avx512 || ws512_buf.ok(), "seqfast sdpa backward: out of memory for the workspace");
+    float* ws512 = ws512_buf.get();
     std::vector<acc_t> S(Bq * Bk), dS(Bq * Bk), dQa(Bq * D), delta(Bq), lser(Bq);
     std::vector<acc_t> dKa, dVa;
     std::vector<scalar_t> P(kSame ? 0 : Bq * Bk), dSm(kSame ? 0 : Bq * Bk);
@@ -464,8 +410,8 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
           const scalar_t* Q = qp + n * sqn + h * sqh + i0 * sql;
           const scalar_t* dO = gp + n * sgn + h * sgh + i0 * sgl;
           const scalar_t* O = opp + n * son + h * soh + i0 * sol;
-          acc_t* dQout = splits > 1 ? dq_part.data() + ((sp * N * Hq + nh) * Lq + i0) * D : dQa.data();
-          if (splits == 1) std::fill(dQa.begin(), dQa.begin() + mq * D, acc_t(0));
+          acc_t* dQout = dQa.data();
+          std::fill(dQa.begin(), dQa.begin() + mq * D, acc_t(0));
           if (kv_end <= jlo) {
             if (splits == 1) {
               scalar_t* dst = dqp + (nh * Lq + i0) * D;
@@ -481,9 +427,10 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
             for (int64_t c = 0; c < Dv; ++c) d += static_cast<acc_t>(a[c]) * static_cast<acc_t>(b[c]);
             delta[r] = d;
             lser[r] = lp[nh * Lq + i0 + r];
-            any_live |= std::isfinite(static_cast<double>(lser[r]));
+            // +inf: a fully masked row (sdpa_backward maps the forward's -inf), P = 0. NaN stays live: NaN grads.
+            any_live |= !(lser[r] == std::numeric_limits<acc_t>::infinity());
           }
-          if (any_live && use_avx512) {
+          if (any_live && avx512) {
             if constexpr (std::is_same_v<scalar_t, float>) {
               attn512::BwdBlock a;
               a.mq = mq;
@@ -520,7 +467,7 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
               const int64_t nk = std::min(Bk, kv_end - j0);
               mm_nt<scalar_t, acc_t>(mq, nk, D, scale, Q, sql, K + j0 * skl, skl, acc_t(0), S.data(), Bk);
               mask_block<scalar_t, acc_t>(S.data(), Bk, mq, nk, i0, j0, B, bv.si, bv.sj, causal);
-              for (int64_t r = 0; r < mq; ++r) av::row_exp_sub(S.data() + r * Bk, nk, lser[r]);
+              for (int64_t r = 0; r < mq; ++r) R::row_exp_sub(S.data() + r * Bk, nk, lser[r]);
               const scalar_t* Pp;
               if constexpr (kSame) {
                 Pp = S.data();
@@ -533,7 +480,7 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
                                      Dv);
               // dP = dO V^T ; dS = P * (dP - delta)
               mm_nt<scalar_t, acc_t>(mq, nk, Dv, acc_t(1), dO, sgl, V + j0 * svl, svl, acc_t(0), dS.data(), Bk);
-              for (int64_t r = 0; r < mq; ++r) av::row_dsoftmax(S.data() + r * Bk, dS.data() + r * Bk, nk, delta[r]);
+              for (int64_t r = 0; r < mq; ++r) R::row_dsoftmax(S.data() + r * Bk, dS.data() + r * Bk, nk, delta[r]);
               const scalar_t* dSp;
               if constexpr (kSame) {
                 dSp = dS.data();
@@ -549,6 +496,10 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
           if (splits == 1) {
             scalar_t* dst = dqp + (nh * Lq + i0) * D;
             for (int64_t x = 0; x < mq * D; ++x) dst[x] = static_cast<scalar_t>(dQa[x]);
+          } else if (any_live) {
+            std::lock_guard<std::mutex> lock(dq_locks[(nh * nqb + qb) % dq_locks.size()]);
+            acc_t* dst = dq_acc + (nh * Lq + i0) * D;
+            for (int64_t x = 0; x < mq * D; ++x) dst[x] += dQa[x];
           }
         }
       }
@@ -557,19 +508,9 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
       for (int64_t x = 0; x < nj * D; ++x) dKo[x] = static_cast<scalar_t>(dKa[x]);
       for (int64_t x = 0; x < nj * Dv; ++x) dVo[x] = static_cast<scalar_t>(dVa[x]);
     }
-    if (ws512) sgemm::scratch_free(ws512, ws512_size);
   });
 
-  if (splits > 1) {
-    const int64_t total = N * Hq * Lq * D;
-    at::parallel_for(0, total, 4096, [&](int64_t b, int64_t e) {
-      for (int64_t x = b; x < e; ++x) {
-        acc_t s = 0;
-        for (int64_t sp = 0; sp < splits; ++sp) s += dq_part[sp * total + x];
-        dqp[x] = static_cast<scalar_t>(s);
-      }
-    });
-  }
+  if (splits > 1 && !kSame) dq.copy_(dq_acc_t);
 }
 
 // float32 forward on the AVX-512 block kernel (attention_avx512.h): same tasks as fwd_kernel (one per (n, h,
@@ -587,9 +528,10 @@ void fwd_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   const int64_t wsz = attn512::fwd_workspace(D, Dv);
-  at::parallel_for(0, N * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
-    float* ws = sgemm::scratch_alloc(wsz);
-    TORCH_CHECK(ws != nullptr, "seqfast sdpa: out of memory for the attention workspace");
+  cpu::parallel_for(N * Hq * nqb, 1, [&](int64_t begin, int64_t end, int) {
+    block_pool::Floats ws_buf(wsz);
+    TORCH_CHECK(ws_buf.ok(), "seqfast sdpa: out of memory for the attention workspace");
+    float* ws = ws_buf.get();
     for (int64_t t = begin; t < end; ++t) {
       const int64_t nh = t / nqb, idx = t % nqb;
       const int64_t qb = query_block_order(idx, nqb, causal);
@@ -618,8 +560,42 @@ void fwd_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       a.lse = lp + nh * Lq + a.i0;
       attn512::fwd_block(a, ws);
     }
-    sgemm::scratch_free(ws, wsz);
   });
+}
+
+// The checks every SDPA entry makes before a kernel reads a raw pointer (RuntimeError naming the argument).
+void check_sdpa_inputs(const char* fn, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& bias) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
+    TORCH_CHECK(t->defined() && t->device().is_cpu(), fn, ": ", name, " must be a CPU tensor");
+    TORCH_CHECK(t->dim() == 4, fn, ": ", name, " must be 4-D [N, H, L, D], got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), fn, ": ", name, " has dtype ", t->scalar_type(), " but q has ",
+                q.scalar_type());
+  }
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble || q.scalar_type() == at::kBFloat16,
+              fn, ": q must be float32, float64 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), fn, ": q, k and v must have the same batch size, got ",
+              q.size(0), ", ", k.size(0), " and ", v.size(0));
+  TORCH_CHECK(k.size(1) > 0 && v.size(1) == k.size(1) && q.size(1) % k.size(1) == 0, fn,
+              ": k and v must have the same number of heads, dividing q's, got q ", q.size(1), ", k ", k.size(1),
+              ", v ", v.size(1));
+  TORCH_CHECK(k.size(3) == q.size(3), fn, ": k's last dimension must match q's (", q.size(3), "), got ", k.size(3));
+  TORCH_CHECK(v.size(2) == k.size(2), fn, ": v must have as many keys as k (", k.size(2), "), got ", v.size(2));
+  if (bias.has_value() && bias->defined()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.device().is_cpu() && b.scalar_type() == q.scalar_type(), fn, ": bias must be a CPU tensor of q's dtype (",
+                q.scalar_type(), "), got ", b.scalar_type());
+    TORCH_CHECK(b.dim() == 4 && b.size(0) == q.size(0) && b.size(1) == q.size(1) && b.size(2) == q.size(2) &&
+                    b.size(3) == k.size(2),
+                fn, ": bias must be [", q.size(0), ", ", q.size(1), ", ", q.size(2), ", ", k.size(2),
+                "] (expanded views are fine), got ", b.sizes());
+  }
+}
+
+void check_like(const char* fn, const char* name, const at::Tensor& t, at::IntArrayRef sizes, at::ScalarType dtype) {
+  TORCH_CHECK(t.defined() && t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.sizes() == sizes, fn, ": ", name, " must be ", sizes, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, fn, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
 }
 
 }  // namespace
@@ -627,6 +603,7 @@ void fwd_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
 std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                                                 const std::optional<at::Tensor>& bias, bool is_causal,
                                                 double scale) {
+  check_sdpa_inputs("sdpa_forward", q_, k_, v_, bias);
   const at::Tensor q = blas_ready(q_), k = blas_ready(k_), v = blas_ready(v_);
   const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), Dv = v.size(3);
   at::Tensor out = at::empty({N, Hq, Lq, Dv}, q.options());
@@ -635,17 +612,19 @@ std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q_, const at::
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   const at::Tensor* bp = (bias.has_value() && bias->defined()) ? &*bias : nullptr;
   const int64_t Hk = k.size(1);
-  if (Lq == 1 && q.scalar_type() != at::kBFloat16 && N * Hk >= at::get_num_threads()) {
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "seqfast_sdpa_decode",
-                               [&] { decode_kernel<scalar_t>(q, k, v, bp, is_causal, scale, out, lse); });
+  if (Lq == 1 && q.scalar_type() != at::kBFloat16 && N * Hk >= cpu::threads()) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "seqfast_sdpa_decode", [&] {
+      av::with_rows([&](auto rows) { decode_kernel<decltype(rows), scalar_t>(q, k, v, bp, is_causal, scale, out, lse); });
+    });
     return {out, lse};
   }
-  if (q.scalar_type() == at::kFloat && sgemm::available() && !std::getenv("SEQFAST_CPU_NO_AVX512_ATTN")) {
+  if (q.scalar_type() == at::kFloat && use_avx512()) {
     fwd_avx512(q, k, v, bp, is_causal, scale, out, lse);
     return {out, lse};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "seqfast_sdpa_forward",
-                                 [&] { fwd_kernel<scalar_t>(q, k, v, bp, is_causal, scale, out, lse); });
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "seqfast_sdpa_forward", [&] {
+    av::with_rows([&](auto rows) { fwd_kernel<decltype(rows), scalar_t>(q, k, v, bp, is_causal, scale, out, lse); });
+  });
   return {out, lse};
 }
 
@@ -654,10 +633,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(const at::Tensor& g
                                                              const at::Tensor& out, const at::Tensor& lse,
                                                              const std::optional<at::Tensor>& bias, bool is_causal,
                                                              double scale) {
+  check_sdpa_inputs("sdpa_backward", q_, k_, v_, bias);
+  const std::vector<int64_t> out_sizes{q_.size(0), q_.size(1), q_.size(2), v_.size(3)};
+  check_like("sdpa_backward", "grad_out", grad_out, out_sizes, q_.scalar_type());
+  check_like("sdpa_backward", "out", out, out_sizes, q_.scalar_type());
+  TORCH_CHECK(lse.defined() && lse.device().is_cpu() && lse.sizes() == q_.sizes().slice(0, 3),
+              "sdpa_backward: lse must be a CPU tensor of size ", q_.sizes().slice(0, 3), ", got ", lse.sizes());
   const at::Tensor q = blas_ready(q_), k = blas_ready(k_), v = blas_ready(v_);
   const at::Tensor go = blas_ready(grad_out), o = blas_ready(out);
   const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor l = lse.to(lse_dtype).contiguous();
+  // The kernels take +inf as "fully masked row" (exp(s - lse) is then exactly 0); the forward's contract is -inf.
+  at::Tensor l = lse.to(lse_dtype).contiguous();
+  l = at::where(l == -std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity(), l);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
@@ -667,7 +654,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(const at::Tensor& g
   }
   const at::Tensor* bp = (bias.has_value() && bias->defined()) ? &*bias : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "seqfast_sdpa_backward", [&] {
-    bwd_kernel<scalar_t>(go, q, k, v, o, l, bp, is_causal, scale, dq, dk, dv);
+    av::with_rows(
+        [&](auto rows) { bwd_kernel<decltype(rows), scalar_t>(go, q, k, v, o, l, bp, is_causal, scale, dq, dk, dv); });
   });
   return {dq, dk, dv};
 }

@@ -3,38 +3,38 @@
 //   1. one GEMM for the input projection of all steps (bias folded in);
 //   2. per step: recurrent GEMM of the active rows (own GEMV for small batches, a GEMM otherwise) + fused pointwise.
 //   For float32/float64 LSTM/GRU with a first step above the GEMV batch range, steps 2 (and the backward's per-step
-//   work) run inside ONE OpenMP region per sequence, each thread owning a hidden-unit slice (see "Fused time loop";
-//   env knobs for A/B timing: SEQFAST_CPU_NO_FUSED, SEQFAST_CPU_NO_PACK, SEQFAST_CPU_STEP_PAR_MIN_H).
-//   On CPUs with AVX-512 (SEQFAST_CPU_NO_OWN_GEMM unset), float32 GEMMs run the own kernel of sgemm.h instead of the
-//   bundled MKL, and a batched float32 LSTM runs steps 1-2 as one fused kernel per step and thread (lstm_step.h:
+//   work) run inside ONE parallel region per sequence, each thread owning a hidden-unit slice (see "Fused time loop";
+//   switches for A/B timing in cpu/config.h: fused, mkl_pack, step_par_min_h).
+//   On CPUs with AVX-512 (config().own_gemm), float32 GEMMs run the own kernel of cpu/sgemm.h instead of the
+//   bundled MKL, and a batched float32 LSTM runs steps 1-2 as one fused kernel per step and thread (rnn_sequence_lstm_step.h:
 //   input and recurrent gate GEMMs plus the cell update in registers; no [N, 4H] pre-activation buffer); at 1-2 rows
 //   the LSTM keeps the input GEMM and its step reads W_hh in place (forward and backward), synchronised per step by
-//   spin_barrier.h.
+//   the team barrier of cpu/team.h.
 // There is no separate state buffer: a row's previous h (and c) is read straight from the previous step's output
 // rows, or from h0 when the row was not active at the previous processed step (only possible with reverse=True,
 // where a row starts at its own last step). hn/cn are gathered from each row's last processed step at the end.
 // Backward walks the processing order backwards, keeping a running dh (and dc) [B,H]: per step a fused pointwise
 // pass writes the gate grads of all steps into one [N,*] buffer, and one GEMM propagates dh to the previous step;
 // dx, dW_ih, dW_hh and the bias grads are single big GEMMs/reductions over all steps at the end.
-// Workspaces saved for the backward and gate-gradient buffers come from workspace_pool.h (reused across steps).
+// Workspaces saved for the backward and gate-gradient buffers come from cpu/pool.h (reused across steps).
 // Dtypes: float32/float64 throughout; bfloat16 forward = bf16 GEMMs + float32 loop (see LowP), float32 workspaces;
 // bfloat16 backward = float32 backward on upcast inputs.
-#include "rnn.h"
-#include "rnn_pointwise.h"
-#include "sgemm.h"
-#include "sgemm_ops.h"
-#include "lstm_step.h"
-#include "workspace_pool.h"
-#include "spin_barrier.h"
+#include "rnn/rnn.h"
+#include "rnn/rnn_args.h"
+#include "rnn/rnn_pointwise.h"
+#include "rnn/rnn_sequence_lstm_step.h"
+#include "cpu/block_pool.h"
+#include "cpu/config.h"
+#include "cpu/gemm.h"
+#include "cpu/pool.h"
+#include "cpu/team.h"
 
 #include <ATen/Dispatch.h>
 #include <array>
-#include <tuple>
 #include <cstring>
-#include <vector>
-#include <cstdlib>
+#include <tuple>
 #include <type_traits>
-#include <omp.h>
+#include <vector>
 
 namespace seqfast {
 
@@ -84,9 +84,9 @@ struct Steps {
 
 inline bool has(const OptTensor& b) { return b.has_value() && b->defined(); }
 
-// 2-D a @ b: the own AVX-512 GEMM for float32 where available (sgemm_ops.h); transposed views cost no copy.
+// 2-D a @ b through the GEMM entry point (cpu/gemm.h); transposed views cost no copy.
 inline Tensor gemm(const Tensor& a, const Tensor& b, const Tensor* bias = nullptr) {
-  return mm_f32(a, b, bias ? OptTensor(*bias) : OptTensor());
+  return gemm::mm(a, b, bias ? OptTensor(*bias) : OptTensor());
 }
 
 // x @ w^T (+ bias), one GEMM over all steps.
@@ -191,66 +191,34 @@ Tensor gather_last(const Steps& s, const Tensor& buf, const Tensor& init) {
 // hidden units (all gates of those units), runs its own single-threaded BLAS GEMM for that slice (MKL runs
 // sequentially inside an active OpenMP region) plus the fused pointwise, then one barrier per step. Every gate
 // pointwise function is unit-local, so a thread only ever needs other threads' data through the GEMM operands.
-// BLAS entry points are bound weakly (as in attention.cpp); without them the per-step path below is used.
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
-            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
-            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
-// MKL packed GEMM (CBLAS enums: 102 col-major, 111 N, 112 T, 151 packed, 161 A matrix).
-size_t cblas_sgemm_pack_get_size(int, int, int, int) __attribute__((weak));
-void cblas_sgemm_pack(int, int, int, int, int, int, float, const float*, int, float*) __attribute__((weak));
-void cblas_sgemm_compute(int, int, int, int, int, int, const float*, int, const float*, int, float, float*, int)
-    __attribute__((weak));
-}
-
-template <typename T>
-inline bool have_blas() {
-  if constexpr (std::is_same_v<T, float>) return sgemm_ != nullptr;
-  else return dgemm_ != nullptr;
-}
-
-// Column-major BLAS GEMM.
-template <typename T>
-inline void gemm_cm(char ta, char tb, int64_t m, int64_t n, int64_t k, T beta, const T* a, int64_t lda, const T* b,
-                    int64_t ldb, T* c, int64_t ldc) {
-  if (m <= 0 || n <= 0) return;
-  const int im = m, in = n, ik = k, ia = lda, ib = ldb, ic = ldc;
-  const T one = 1;
-  if constexpr (std::is_same_v<T, float>) sgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ia, b, &ib, &beta, c, &ic);
-  else dgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ia, b, &ib, &beta, c, &ic);
-}
+// Without a linked BLAS (gemm::blas_available) the per-step path below is used.
 
 // Row-major C[rows, nk] (ldc) = beta C + A[rows, K] (lda) @ W[nk, K]^T (ldw).
 template <typename T>
 inline void mm_wt(int64_t rows, int64_t nk, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw, T beta, T* C,
                   int64_t ldc) {
-  gemm_cm<T>('T', 'N', nk, rows, K, beta, W, ldw, A, lda, C, ldc);
+  gemm::cm(true, false, nk, rows, K, T(1), W, ldw, A, lda, beta, C, ldc);
 }
 
 // Batch rows up to which the fused loops take the AVX2 GEMV. float32 with the own AVX-512 GEMM: 1-2 rows only
-// (measured, T64: LSTM B4 H512 9.8 -> 7.5 ms, GRU 7.5 -> 5.9 ms, B8 LSTM 25 -> 13 ms on the GEMM / fused step);
-// otherwise, or with SEQFAST_CPU_SMALL_BATCH set, the GEMV range of rnn_pointwise.h.
+// (from 4 rows on, the GEMM / fused step won when this was tuned); otherwise, or with config().small_batch given explicitly, the GEMV range of rnn_pointwise.h.
 template <typename T>
 inline bool fused_gemv(int64_t nb) {
-  static const bool own = sgemm::available() && !std::getenv("SEQFAST_CPU_SMALL_BATCH");
-  if (std::is_same_v<T, float> && own) return nb <= 2;
+  if (std::is_same_v<T, float> && sgemm::available() && !cpu::config().small_batch_set) return nb <= 2;
   return kern::use_small(nb);
 }
 
 // Threads for the fused loop (1 = run it on the calling thread), or 0 = use the per-step path.
 template <typename T>
 inline int fused_threads(const Steps& s, int64_t H, int64_t G) {
-  if (!have_blas<T>() || s.T == 0 || at::in_parallel_region()) return 0;
-  if (std::getenv("SEQFAST_CPU_NO_FUSED")) return 0;
-  int nt = at::get_num_threads();
-  nt = (int)std::min<int64_t>(nt, std::max<int64_t>(1, H / 16));
+  if (!gemm::blas_available<T>() || s.T == 0 || at::in_parallel_region() || !cpu::config().fused) return 0;
+  int nt = cpu::threads(std::max<int64_t>(1, H / 16));
   const int64_t work = s.bs[0] * G * H * H;
   if (fused_gemv<T>(s.bs[0])) {
     // GEMV-sized batches: the per-step path runs steps below par_min_work on one thread; in the band just below it,
-    // one region lets both threads stream half of W_hh each from their own cache (measured, T64: LSTM B1 H128
-    // 0.40 -> 0.30 ms). Above it the per-step path is already parallel and faster than per-gate GEMV slices
-    // (LSTM B1 H512: 2.9 ms per-step vs 7.1 ms in a region), so it keeps those.
+    // one region lets both threads stream half of W_hh each from their own cache (LSTM B1 H128 gained). Above it
+    // the per-step path is already parallel and was faster than per-gate GEMV slices (LSTM B1 H512), so it keeps
+    // those.
     const int64_t lim = kern::par_min_work();
     return (nt >= 2 && work >= lim / 2 && work < lim) ? nt : 0;
   }
@@ -264,12 +232,7 @@ inline int fused_threads(const Steps& s, int64_t H, int64_t G) {
 // its rows would stream from L3 every step, and hidden 256-512 keep the per-step GEMV path (parallel over rows): one
 // T64 B1 comparison favoured it there, though by less than this VM's run-to-run noise.
 inline int small_step_threads(int64_t H) {
-  static const int64_t min_h = [] {
-    const char* e = std::getenv("SEQFAST_CPU_STEP_PAR_MIN_H");
-    return e ? std::atoll(e) : int64_t(64);
-  }();
-  const int nt = at::in_parallel_region() ? 1
-                 : H >= min_h ? (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H / 32)) : 1;
+  const int nt = H >= cpu::config().step_par_min_h ? cpu::threads(std::max<int64_t>(1, H / 32)) : 1;
   return 16 * H * H / nt <= (int64_t(256) << 10) ? nt : 0;
 }
 
@@ -281,31 +244,6 @@ inline void unit_slice(int64_t H, int nt, int tid, int64_t& k0, int64_t& k1) {
   k1 = std::min(H, b1 * 16);
 }
 
-// The running region's step barrier (set by run_region for each of its threads).
-thread_local SpinBarrier* tl_step_barrier = nullptr;
-
-// Runs body(tid, nt) on nt threads (one region) or inline. Inside, SEQFAST_BARRIER(nt) is the SpinBarrier.
-template <typename F>
-inline void run_region(int nt, const F& body) {
-  if (nt <= 1) {
-    body(0, 1);
-    return;
-  }
-  SpinBarrier bar;
-#pragma omp parallel num_threads(nt)
-  {
-#pragma omp single
-    bar.set_threads(omp_get_num_threads());  // the team may be smaller than asked; single ends in a barrier
-    tl_step_barrier = &bar;
-    body(omp_get_thread_num(), omp_get_num_threads());
-    tl_step_barrier = nullptr;
-  }
-}
-#define SEQFAST_BARRIER(nt)                    \
-  do {                                         \
-    if ((nt) > 1) tl_step_barrier->wait();     \
-  } while (0)
-
 // Rows of step t: GEMM the previous-state rows (prev step's rows + h0 rows) against W slice.
 template <typename T>
 inline void step_mm(const Steps& s, int64_t t, const T* buf, const T* init, int64_t H, const T* W, int64_t nk, T beta,
@@ -315,45 +253,15 @@ inline void step_mm(const Steps& s, int64_t t, const T* buf, const T* init, int6
   if (bs > np) mm_wt<T>(bs - np, nk, H, init + np * H, H, W, H, beta, C + np * ldc, ldc);
 }
 
-inline bool pack_enabled() {
-  return cblas_sgemm_compute && cblas_sgemm_pack && cblas_sgemm_pack_get_size && !std::getenv("SEQFAST_CPU_NO_PACK");
-}
-
-// A weight slice packed once by MKL (float only) and reused by every step: column-major C(m x n) = beta C +
-// op(A)(m x k) @ B(k x n). ok() is false for double or without the MKL packed API (callers then use gemm_cm).
+// A W_hh slice packed once and reused by every step (gemm::PackedWeight; float only: double never packs).
 template <typename T>
 struct PackedA {
-  float* p = nullptr;
-  int64_t m = 0, k = 0;
-  sgemm::PackedB own;  // the own AVX-512 GEMM's packing, preferred when available
-  void init(bool trans, int64_t m_, int64_t nmax, int64_t k_, const T* a, int64_t lda) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (sgemm::available() && m_ > 0) {
-        // Row-major view: C[n, m] = B[n, k] @ op(A)^T, i.e. the GEMM's packed operand is op(A)^T (k x m).
-        m = m_;
-        k = k_;
-        if (trans) own.pack(k, m, a, 1, lda);
-        else own.pack(k, m, a, lda, 1);
-        if (own.ok()) return;
-      }
-      // Narrow slices (< 128 units) showed no gain from packing in timings here; keep the plain GEMM for them.
-      if (!pack_enabled() || m_ < 128 || k_ <= 0 || nmax <= 0) return;
-      m = m_;
-      k = k_;
-      const size_t bytes = (cblas_sgemm_pack_get_size(161, m, nmax, k) + 63) / 64 * 64;
-      p = static_cast<float*>(std::aligned_alloc(64, bytes));
-      if (p) cblas_sgemm_pack(102, 161, trans ? 112 : 111, m, nmax, k, 1.f, a, lda, p);
-    }
-  }
-  bool ok() const { return p != nullptr || own.ok(); }
-  void mm(int64_t n, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) const {
-    if constexpr (std::is_same_v<T, float>) {
-      if (own.ok()) return sgemm::gemm(n, m, k, b, ldb, 1, own.p, beta, c, ldc);
-      if (n > 0) cblas_sgemm_compute(102, 151, 111, m, n, k, p, m, b, ldb, beta, c, ldc);
-    }
-  }
-  ~PackedA() { std::free(p); }
+  void init(bool, int64_t, int64_t, int64_t, const T*, int64_t) {}
+  bool ok() const { return false; }
+  void mm(int64_t, const T*, int64_t, T, T*, int64_t) const {}
 };
+template <>
+struct PackedA<float> : gemm::PackedWeight {};
 
 // step_mm through a packed W slice.
 template <typename T>
@@ -363,6 +271,96 @@ inline void step_mm_pk(const Steps& s, int64_t t, const T* buf, const T* init, i
   if (np > 0) W.mm(np, buf + s.off[tp] * H, H, beta, C, ldc);
   if (bs > np) W.mm(bs - np, init + np * H, H, beta, C + np * ldc, ldc);
 }
+
+// The recurrent GEMM of a fused forward step, for one thread's slice [k0, k1) of the units of each of the G gate
+// blocks: row b of dst, column q H + u, gets (accumulate ? itself : 0) + h_prev[b] . W_hh[q H + u]. Small batches
+// take the GEMV; larger ones the slice packed once for the whole sequence (PackedA) or, without packing, a GEMM.
+template <typename T, int G>
+class RecurrentForward {
+ public:
+  RecurrentForward(const Steps& s, const T* wh, int64_t H, int64_t k0, int64_t k1)
+      : s_(s), wh_(wh), H_(H), k0_(k0), k1_(k1) {
+    for (int q = 0; q < G && k1 > k0 && !fused_gemv<T>(s.bs[0]); ++q)  // GEMV-only sequences never pack
+      pk_[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H);
+  }
+  // Step t; previous states from the output rows o (or h0p); row b of dst at dst + b * ldc.
+  void step(int64_t t, const T* o, const T* h0p, T* dst, int64_t ldc, bool accumulate) {
+    const int64_t bs = s_.bs[t], H = H_;
+    if (fused_gemv<T>(bs)) {
+      std::array<const T*, kMaxSmallB> hr;
+      std::array<T*, kMaxSmallB> gr;
+      for (int64_t b = 0; b < bs; ++b) {
+        hr[b] = prev_row<T>(s_, t, b, o, h0p, H);
+        gr[b] = dst + b * ldc;
+      }
+      for (int64_t q = 0; q < G; ++q)
+        kern::gemv<T>(bs, hr.data(), wh_, H, nullptr, nullptr, 0, gr.data(), q * H + k0_, q * H + k1_, accumulate);
+    } else if (pk_[0].ok()) {
+      for (int64_t q = 0; q < G; ++q) step_mm_pk<T>(s_, t, o, h0p, H, pk_[q], T(accumulate), dst + q * H + k0_, ldc);
+    } else {
+      for (int64_t q = 0; q < G; ++q)
+        step_mm<T>(s_, t, o, h0p, H, wh_ + (q * H + k0_) * H, k1_ - k0_, T(accumulate), dst + q * H + k0_, ldc);
+    }
+  }
+
+ private:
+  const Steps& s_;
+  const T* wh_;
+  int64_t H_, k0_, k1_;
+  PackedA<T> pk_[G];
+};
+
+// Largest batch of any step (the packed slices are sized by it).
+inline int64_t max_rows(const Steps& s) {
+  int64_t m = 0;
+  for (int64_t t = 0; t < s.T; ++t) m = std::max(m, s.bs[t]);
+  return m;
+}
+
+// W_hh^T [H, G H], for the backward's small-batch GEMV (contiguous rows for dh = dg W_hh), when some step takes it;
+// made once before the region and shared by its threads.
+template <typename T>
+Tensor transposed_for_gemv(const Steps& s, const Tensor& w_hh) {
+  for (int64_t t = 0; t < s.T; ++t)
+    if (s.bs[t] > 0 && fused_gemv<T>(s.bs[t])) return w_hh.t().contiguous();
+  return Tensor();
+}
+
+// The recurrent product of a fused backward step, for one thread's units [k0, k1): dh[b][k0:k1] = (accumulate ?
+// itself : 0) + sum over j < G H of dg[b][j] W_hh[j][k0:k1]. Small batches take the GEMV on W_hh^T, larger ones the
+// slice packed once or a GEMM.
+template <typename T, int G>
+class RecurrentBackward {
+ public:
+  RecurrentBackward(const Steps& s, const T* wh, const Tensor& whT, int64_t H, int64_t k0, int64_t k1)
+      : wh_(wh), whT_(whT.defined() ? whT.const_data_ptr<T>() : nullptr), H_(H), k0_(k0), k1_(k1) {
+    const int64_t mb = max_rows(s);
+    if (k1 > k0 && !fused_gemv<T>(mb)) pk_.init(false, k1 - k0, mb, G * H, wh + k0, H);  // GEMV-only: never packs
+  }
+  // dg: the step's first gate-gradient row (row stride G H); dh: [B, H].
+  void step(int64_t bs, const T* dg, T* dh, bool accumulate) {
+    const int64_t H = H_;
+    if (fused_gemv<T>(bs)) {
+      std::array<const T*, kMaxSmallB> xr;
+      std::array<T*, kMaxSmallB> yr;
+      for (int64_t b = 0; b < bs; ++b) {
+        xr[b] = dg + b * G * H;
+        yr[b] = dh + b * H;
+      }
+      kern::gemv<T>(bs, xr.data(), whT_, G * H, nullptr, nullptr, 0, yr.data(), k0_, k1_, accumulate);
+    } else if (pk_.ok()) {
+      pk_.mm(bs, dg, G * H, T(accumulate), dh + k0_, H);
+    } else {
+      gemm::cm(false, false, k1_ - k0_, bs, G * H, T(1), wh_ + k0_, H, dg, G * H, T(accumulate), dh + k0_, H);
+    }
+  }
+
+ private:
+  const T* wh_;
+  const T* whT_;
+  int64_t H_, k0_, k1_;
+  PackedA<T> pk_;
+};
 
 template <typename T>
 void lstm_fwd_fused(const Steps& s, int nt, const Tensor& h0, const Tensor& c0, const Tensor& w_hh, Tensor& gates,
@@ -374,43 +372,25 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& h0, const Tensor& c0, 
   const T* h0p = h0.const_data_ptr<T>();
   const T* c0p = c0.const_data_ptr<T>();
   const T* wh = w_hh.const_data_ptr<T>();
-  run_region(nt, [&](int tid, int nth) {
+  cpu::run_team(nt, [&](int tid, int nth) {
     int64_t k0, k1;
     unit_slice(H, nth, tid, k0, k1);
-    // W_hh slice of this thread, one packed panel set per gate, reused by every step's GEMM.
-    PackedA<T> pk[4];
-    for (int64_t q = 0; q < 4 && k1 > k0 && !fused_gemv<T>(s.bs[0]); ++q)  // GEMV-only: unused
-      pk[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H);
+    RecurrentForward<T, 4> rec(s, wh, H, k0, k1);
     for (int64_t p = 0; p < s.T; ++p) {
       const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
       if (bs == 0) continue;
       if (k1 > k0) {
-        if (fused_gemv<T>(bs)) {
-          std::array<const T*, kMaxSmallB> hr;
-          std::array<T*, kMaxSmallB> gr;
-          for (int64_t b = 0; b < bs; ++b) {
-            hr[b] = prev_row<T>(s, t, b, o, h0p, H);
-            gr[b] = g + (off + b) * 4 * H;
-          }
-          for (int64_t q = 0; q < 4; ++q)
-            kern::gemv<T>(bs, hr.data(), wh, H, nullptr, nullptr, 0, gr.data(), q * H + k0, q * H + k1, true);
-        } else if (pk[0].ok()) {
-          for (int64_t q = 0; q < 4; ++q)
-            step_mm_pk<T>(s, t, o, h0p, H, pk[q], T(1), g + off * 4 * H + q * H + k0, 4 * H);
-        } else {
-          for (int64_t q = 0; q < 4; ++q)
-            step_mm<T>(s, t, o, h0p, H, wh + (q * H + k0) * H, k1 - k0, T(1), g + off * 4 * H + q * H + k0, 4 * H);
-        }
+        rec.step(t, o, h0p, g + off * 4 * H, 4 * H, true);  // onto the input projection held in gates
         for (int64_t b = 0; b < bs; ++b)
           kern::lstm_fwd_row<T>(g + (off + b) * 4 * H, nullptr, nullptr, prev_row<T>(s, t, b, c, c0p, H),
                                 c + (off + b) * H, o + (off + b) * H, H, k0, k1);
       }
-      SEQFAST_BARRIER(nth);
+      cpu::team_barrier(nth);
     }
   });
 }
 
-// float32 LSTM forward on the fused AVX-512 step kernel (lstm_step.h): per thread, its units' W_ih / W_hh / bias
+// float32 LSTM forward on the fused AVX-512 step kernel (rnn_sequence_lstm_step.h): per thread, its units' W_ih / W_hh / bias
 // packed gate-interleaved once, then per step one call that does both gate GEMMs and the cell update in registers.
 // pre: [N, 4H] input pre-activations x W_ih^T + bias from one GEMM, for 1-2 row batches (streaming W_ih per step
 // would double the step's traffic there; lstm_step::step_small), or undefined (the step kernel does the input GEMM
@@ -431,7 +411,7 @@ void lstm_fwd_fused_avx512(const Steps& s, int nt, const Tensor& x, const Tensor
   float* c = cs.data_ptr<float>();
   const float* h0p = h0.const_data_ptr<float>();
   const float* c0p = c0.const_data_ptr<float>();
-  run_region(nt, [&](int tid, int nth) {
+  cpu::run_team(nt, [&](int tid, int nth) {
     int64_t k0, k1;
     unit_slice(H, nth, tid, k0, k1);
     const int64_t nu = k1 - k0;
@@ -439,9 +419,14 @@ void lstm_fwd_fused_avx512(const Steps& s, int nt, const Tensor& x, const Tensor
     // 1-2 rows (pre given): lstm_step::step_small reads W_hh in place, nothing to pack.
     const bool small = pp != nullptr;
     TORCH_CHECK(!small || s.bs[0] <= 2, "seqfast: the in-place LSTM step takes 1-2 rows, got ", s.bs[0]);
-    float* pw_i = I ? sgemm::scratch_alloc(lstm_step::pack_size(I, nu)) : nullptr;
-    float* pw_h = small ? nullptr : sgemm::scratch_alloc(lstm_step::pack_size(H, nu));
-    float* pb = sgemm::scratch_alloc(nblk * 64);
+    block_pool::Floats pw_i_buf, pw_h_buf, pb_buf(nblk * 64);
+    if (I) pw_i_buf.reset(lstm_step::pack_size(I, nu));
+    if (!small) pw_h_buf.reset(lstm_step::pack_size(H, nu));
+    TORCH_CHECK(pb_buf.ok() && (!I || pw_i_buf.ok()) && (small || pw_h_buf.ok()),
+                "seqfast LSTM: out of memory packing the weights");
+    float* pw_i = pw_i_buf.get();
+    float* pw_h = pw_h_buf.get();
+    float* pb = pb_buf.get();
     std::vector<const float*> hr(s.bs.empty() ? 0 : s.bs[0]), cr(hr.size());
     if (nu > 0) {
       if (I) lstm_step::pack_weights(wi, I, I, H, k0, k1, pw_i);
@@ -477,11 +462,8 @@ void lstm_fwd_fused_avx512(const Steps& s, int nt, const Tensor& x, const Tensor
         if (small) lstm_step::step_small(a, wh);
         else lstm_step::step(a);
       }
-      SEQFAST_BARRIER(nth);
+      cpu::team_barrier(nth);
     }
-    if (I) sgemm::scratch_free(pw_i, lstm_step::pack_size(I, nu));
-    if (!small) sgemm::scratch_free(pw_h, lstm_step::pack_size(H, nu));
-    sgemm::scratch_free(pb, nblk * 64);
   });
 }
 
@@ -497,19 +479,11 @@ void lstm_bwd_fused(const Steps& s, int nt, const Tensor& grad_out, const Tensor
   T* dhp = dh.data_ptr<T>();
   T* dcp = dc.data_ptr<T>();
   const T* wh = w_hh.const_data_ptr<T>();
-  bool any_small = false;
-  int64_t max_bs = 0;
-  for (int64_t t = 0; t < s.T; ++t) {
-    any_small |= s.bs[t] > 0 && fused_gemv<T>(s.bs[t]);
-    max_bs = std::max(max_bs, s.bs[t]);
-  }
-  Tensor whhT = any_small ? w_hh.t().contiguous() : Tensor();
-  const T* whT = any_small ? whhT.const_data_ptr<T>() : nullptr;
-  run_region(nt, [&](int tid, int nth) {
+  const Tensor whT = transposed_for_gemv<T>(s, w_hh);
+  cpu::run_team(nt, [&](int tid, int nth) {
     int64_t k0, k1;
     unit_slice(H, nth, tid, k0, k1);
-    PackedA<T> pk;
-    if (k1 > k0 && !fused_gemv<T>(max_bs)) pk.init(false, k1 - k0, max_bs, 4 * H, wh + k0, H);  // GEMV-only: unused
+    RecurrentBackward<T, 4> rec(s, wh, whT, H, k0, k1);
     for (int64_t p = s.T - 1; p >= 0; --p) {
       const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
       if (bs == 0) continue;
@@ -517,22 +491,8 @@ void lstm_bwd_fused(const Steps& s, int nt, const Tensor& grad_out, const Tensor
         kern::lstm_bwd_row<T>(g + (off + b) * 4 * H, prev_row<T>(s, t, b, c, c0p, H), c + (off + b) * H,
                               dhp + b * H, go + (off + b) * H, dcp + b * H, dg + (off + b) * 4 * H, dcp + b * H, H,
                               k0, k1);
-      SEQFAST_BARRIER(nth);
-      if (k1 <= k0) continue;
-      if (fused_gemv<T>(bs)) {
-        std::array<const T*, kMaxSmallB> xr;
-        std::array<T*, kMaxSmallB> yr;
-        for (int64_t b = 0; b < bs; ++b) {
-          xr[b] = dg + (off + b) * 4 * H;
-          yr[b] = dhp + b * H;
-        }
-        kern::gemv<T>(bs, xr.data(), whT, 4 * H, nullptr, nullptr, 0, yr.data(), k0, k1, false);
-      } else if (pk.ok()) {
-        pk.mm(bs, dg + off * 4 * H, 4 * H, T(0), dhp + k0, H);
-      } else {
-        // dh[:, k0:k1] = dg[bs, 4H] @ W_hh[:, k0:k1]
-        gemm_cm<T>('N', 'N', k1 - k0, bs, 4 * H, T(0), wh + k0, H, dg + off * 4 * H, 4 * H, dhp + k0, H);
-      }
+      cpu::team_barrier(nth);
+      if (k1 > k0) rec.step(bs, dg + off * 4 * H, dhp, false);
     }
   });
 }
@@ -555,7 +515,7 @@ void lstm_bwd_small_avx512(const Steps& s, int nt, const Tensor& grad_out, const
   nt = std::max(nt, 1);
   Tensor part_t = at::empty({2, nt, 2, H}, dh.options());  // [buffer, thread, row, unit]
   float* part = part_t.data_ptr<float>();
-  run_region(nt, [&](int tid, int nth) {
+  cpu::run_team(nt, [&](int tid, int nth) {
     int64_t k0, k1;
     unit_slice(H, nth, tid, k0, k1);
     const int64_t j0[4] = {k0, H + k0, 2 * H + k0, 3 * H + k0};
@@ -575,7 +535,7 @@ void lstm_bwd_small_avx512(const Steps& s, int nt, const Tensor& grad_out, const
       if (k1 > k0) lstm_step::gemv_t_small(bs, xr, j0, 4, k1 - k0, wh, H, H, yr);
       else
         for (int64_t b = 0; b < bs; ++b) std::fill(yr[b], yr[b] + H, 0.f);
-      SEQFAST_BARRIER(nth);
+      cpu::team_barrier(nth);
       for (int64_t b = 0; b < bs; ++b)
         for (int64_t u = k0; u < k1; ++u) {
           float sum = 0.f;
@@ -598,36 +558,20 @@ void gru_fwd_fused(const Steps& s, int nt, const Tensor& h0, const Tensor& w_hh,
   T* w = ws.data_ptr<T>();
   const T* h0p = h0.const_data_ptr<T>();
   const T* wh = w_hh.const_data_ptr<T>();
-  run_region(nt, [&](int tid, int nth) {
+  cpu::run_team(nt, [&](int tid, int nth) {
     int64_t k0, k1;
     unit_slice(H, nth, tid, k0, k1);
-    PackedA<T> pk[3];
-    for (int64_t q = 0; q < 3 && k1 > k0 && !fused_gemv<T>(s.bs[0]); ++q)  // GEMV-only: unused
-      pk[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H);
+    RecurrentForward<T, 3> rec(s, wh, H, k0, k1);
     for (int64_t p = 0; p < s.T; ++p) {
       const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
       if (bs == 0) continue;
       if (k1 > k0) {
-        if (fused_gemv<T>(bs)) {
-          std::array<const T*, kMaxSmallB> hr;
-          std::array<T*, kMaxSmallB> gr;
-          for (int64_t b = 0; b < bs; ++b) {
-            hr[b] = prev_row<T>(s, t, b, o, h0p, H);
-            gr[b] = ghp + b * 3 * H;
-          }
-          for (int64_t q = 0; q < 3; ++q)
-            kern::gemv<T>(bs, hr.data(), wh, H, nullptr, nullptr, 0, gr.data(), q * H + k0, q * H + k1, false);
-        } else if (pk[0].ok()) {
-          for (int64_t q = 0; q < 3; ++q) step_mm_pk<T>(s, t, o, h0p, H, pk[q], T(0), ghp + q * H + k0, 3 * H);
-        } else {
-          for (int64_t q = 0; q < 3; ++q)
-            step_mm<T>(s, t, o, h0p, H, wh + (q * H + k0) * H, k1 - k0, T(0), ghp + q * H + k0, 3 * H);
-        }
+        rec.step(t, o, h0p, ghp, 3 * H, false);  // W_hh h into the step's scratch (b_hn applies inside r * (.))
         for (int64_t b = 0; b < bs; ++b)
           kern::gru_fwd_row<T>(gip + (off + b) * 3 * H, nullptr, ghp + b * 3 * H, bhh,
                                prev_row<T>(s, t, b, o, h0p, H), o + (off + b) * H, w + (off + b) * 4 * H, H, k0, k1);
       }
-      SEQFAST_BARRIER(nth);
+      cpu::team_barrier(nth);
     }
   });
 }
@@ -644,19 +588,11 @@ void gru_bwd_fused(const Steps& s, int nt, const Tensor& grad_out, const Tensor&
   T* dghp = dgh.data_ptr<T>();
   T* dhp = dh.data_ptr<T>();
   const T* wh = w_hh.const_data_ptr<T>();
-  bool any_small = false;
-  int64_t max_bs = 0;
-  for (int64_t t = 0; t < s.T; ++t) {
-    any_small |= s.bs[t] > 0 && fused_gemv<T>(s.bs[t]);
-    max_bs = std::max(max_bs, s.bs[t]);
-  }
-  Tensor whhT = any_small ? w_hh.t().contiguous() : Tensor();
-  const T* whT = any_small ? whhT.const_data_ptr<T>() : nullptr;
-  run_region(nt, [&](int tid, int nth) {
+  const Tensor whT = transposed_for_gemv<T>(s, w_hh);
+  cpu::run_team(nt, [&](int tid, int nth) {
     int64_t k0, k1;
     unit_slice(H, nth, tid, k0, k1);
-    PackedA<T> pk;
-    if (k1 > k0 && !fused_gemv<T>(max_bs)) pk.init(false, k1 - k0, max_bs, 3 * H, wh + k0, H);  // GEMV-only: unused
+    RecurrentBackward<T, 3> rec(s, wh, whT, H, k0, k1);
     for (int64_t p = s.T - 1; p >= 0; --p) {
       const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
       if (bs == 0) continue;
@@ -664,21 +600,8 @@ void gru_bwd_fused(const Steps& s, int nt, const Tensor& grad_out, const Tensor&
         kern::gru_bwd_row<T>(dhp + b * H, go + (off + b) * H, prev_row<T>(s, t, b, o, h0p, H),
                              w + (off + b) * 4 * H, dgip + (off + b) * 3 * H, dghp + (off + b) * 3 * H, dhp + b * H,
                              H, k0, k1);
-      SEQFAST_BARRIER(nth);
-      if (k1 <= k0) continue;
-      if (fused_gemv<T>(bs)) {
-        std::array<const T*, kMaxSmallB> xr;
-        std::array<T*, kMaxSmallB> yr;
-        for (int64_t b = 0; b < bs; ++b) {
-          xr[b] = dghp + (off + b) * 3 * H;
-          yr[b] = dhp + b * H;
-        }
-        kern::gemv<T>(bs, xr.data(), whT, 3 * H, nullptr, nullptr, 0, yr.data(), k0, k1, true);
-      } else if (pk.ok()) {
-        pk.mm(bs, dghp + off * 3 * H, 3 * H, T(1), dhp + k0, H);
-      } else {
-        gemm_cm<T>('N', 'N', k1 - k0, bs, 3 * H, T(1), wh + k0, H, dghp + off * 3 * H, 3 * H, dhp + k0, H);
-      }
+      cpu::team_barrier(nth);
+      if (k1 > k0) rec.step(bs, dghp + off * 3 * H, dhp, true);  // onto the direct part dh * z
     }
   });
 }
@@ -968,7 +891,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
     // also do the input projection inside the step; 1-2 row batches take it from one big GEMM first (at one row the
     // step is a stream of the weights and W_ih would double it) and read W_hh in place, up to the hidden size
     // small_step_threads allows.
-    if (std::is_same_v<scalar_t, float> && sgemm::available() && s.T > 0 && !std::getenv("SEQFAST_CPU_NO_FUSED")) {
+    if (std::is_same_v<scalar_t, float> && sgemm::available() && s.T > 0 && cpu::config().fused) {
       const bool small = s.bs[0] <= 2;
       const int n = small ? small_step_threads(H) : nt;
       if (n) {
@@ -987,25 +910,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
   });
   return {out, gather_last(s, out, h0), gather_last(s, cs, c0), gates, cs};
 }
-}  // namespace
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(const Tensor& x, const Tensor& batch_sizes,
-                                                                      const Tensor& h0, const Tensor& c0,
-                                                                      const Tensor& w_ih, const Tensor& w_hh,
-                                                                      const OptTensor& b_ih, const OptTensor& b_hh,
-                                                                      bool reverse) {
-  return lstm_forward_impl(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, true);
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_inference(const Tensor& x, const Tensor& batch_sizes,
-                                                                        const Tensor& h0, const Tensor& c0,
-                                                                        const Tensor& w_ih, const Tensor& w_hh,
-                                                                        const OptTensor& b_ih, const OptTensor& b_hh,
-                                                                        bool reverse) {
-  return lstm_forward_impl(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, false);
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward_impl(
     const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& x, const Tensor& batch_sizes,
     const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& out,
     const Tensor& gates, const Tensor& cs, bool reverse) {
@@ -1022,7 +927,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
     const int nt = fused_threads<scalar_t>(s, c0.size(1), 4);
     const int small_nt = small_step_threads(c0.size(1));
     if (std::is_same_v<scalar_t, float> && sgemm::available() && s.T > 0 && s.bs[0] <= 2 && small_nt &&
-        !std::getenv("SEQFAST_CPU_NO_FUSED"))
+        cpu::config().fused)
       return lstm_bwd_small_avx512(s, small_nt, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
     if (nt) lstm_bwd_fused<scalar_t>(s, nt, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
     else lstm_bwd_loop<scalar_t>(s, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
@@ -1031,7 +936,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
   return {gemm(dgates, w_ih), dh, dc, gemm(dgates.t(), x), dw_hh, dgates.sum(0)};
 }
 
-std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
+std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_impl(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
                                                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                                                      const OptTensor& b_hh, bool reverse) {
   kern::check_cpu();
@@ -1059,7 +964,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(const Tensor& x, const Tens
   return {out, gather_last(s, out, h0), ws};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_impl(
     const Tensor& grad_out, const Tensor& grad_hn, const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
     const Tensor& w_ih, const Tensor& w_hh, const Tensor& out, const Tensor& ws, bool reverse) {
   kern::check_cpu();
@@ -1081,7 +986,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
   return {gemm(dgi, w_ih), dh, gemm(dgi.t(), x), dw_hh, dgi.sum(0), dgh.sum(0)};
 }
 
-std::tuple<Tensor, Tensor> rnn_layer_forward(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
+std::tuple<Tensor, Tensor> rnn_layer_forward_impl(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
                                              const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                                              const OptTensor& b_hh, bool relu, bool reverse) {
   kern::check_cpu();
@@ -1102,7 +1007,7 @@ std::tuple<Tensor, Tensor> rnn_layer_forward(const Tensor& x, const Tensor& batc
   return {out, gather_last(s, out, h0)};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const Tensor& grad_out, const Tensor& grad_hn,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward_impl(const Tensor& grad_out, const Tensor& grad_hn,
                                                                       const Tensor& x, const Tensor& batch_sizes,
                                                                       const Tensor& h0, const Tensor& w_ih,
                                                                       const Tensor& w_hh, const Tensor& out,
@@ -1118,6 +1023,114 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const Tens
                              [&] { rnn_bwd_loop<scalar_t>(s, grad_out, w_hh, out, relu, dpre, dh); });
   Tensor dw_hh = gemm(dpre.t(), gather_prev(s, out, h0));
   return {gemm(dpre, w_ih), dh, gemm(dpre.t(), x), dw_hh, dpre.sum(0)};
+}
+
+}  // namespace
+
+// ---- checked entries (rnn_args.h): shapes, dtypes, batch sizes, contiguity, then the kernel ----
+namespace {
+using rnn_args::kAny;
+using rnn_args::need;
+using rnn_args::need_opt;
+
+// The arguments every layer entry shares, checked: x [N, I], h0 [B, H], W_ih [G H, I], W_hh [G H, H], batch sizes.
+struct LayerArgs {
+  Tensor x, bs, h0, w_ih, w_hh;
+  int64_t N, I, B, H;
+  at::ScalarType dt;
+  LayerArgs(const char* fn, const Tensor& x_, const Tensor& bs_, const Tensor& h0_, const Tensor& w_ih_,
+            const Tensor& w_hh_, int64_t G) {
+    x = need(fn, "input", x_, {kAny, kAny}, at::ScalarType::Undefined);
+    dt = x.scalar_type();
+    N = x.size(0);
+    I = x.size(1);
+    h0 = need(fn, "hx", h0_, {kAny, kAny}, dt);
+    B = h0.size(0);
+    H = h0.size(1);
+    w_ih = need(fn, "weight_ih", w_ih_, {G * H, I}, dt);
+    w_hh = need(fn, "weight_hh", w_hh_, {G * H, H}, dt);
+    bs = rnn_args::need_batch_sizes(fn, bs_, B, N);
+  }
+};
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(const Tensor& x, const Tensor& batch_sizes,
+                                                                      const Tensor& h0, const Tensor& c0,
+                                                                      const Tensor& w_ih, const Tensor& w_hh,
+                                                                      const OptTensor& b_ih, const OptTensor& b_hh,
+                                                                      bool reverse) {
+  const char* fn = "lstm_layer_forward";
+  const LayerArgs a(fn, x, batch_sizes, h0, w_ih, w_hh, 4);
+  return lstm_forward_impl(a.x, a.bs, a.h0, need(fn, "cx", c0, {a.B, a.H}, a.dt), a.w_ih, a.w_hh,
+                           need_opt(fn, "bias_ih", b_ih, 4 * a.H, a.dt), need_opt(fn, "bias_hh", b_hh, 4 * a.H, a.dt),
+                           reverse, true);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_inference(const Tensor& x, const Tensor& batch_sizes,
+                                                                        const Tensor& h0, const Tensor& c0,
+                                                                        const Tensor& w_ih, const Tensor& w_hh,
+                                                                        const OptTensor& b_ih, const OptTensor& b_hh,
+                                                                        bool reverse) {
+  const char* fn = "lstm_layer_inference";
+  const LayerArgs a(fn, x, batch_sizes, h0, w_ih, w_hh, 4);
+  return lstm_forward_impl(a.x, a.bs, a.h0, need(fn, "cx", c0, {a.B, a.H}, a.dt), a.w_ih, a.w_hh,
+                           need_opt(fn, "bias_ih", b_ih, 4 * a.H, a.dt), need_opt(fn, "bias_hh", b_hh, 4 * a.H, a.dt),
+                           reverse, false);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
+    const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& x, const Tensor& batch_sizes,
+    const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& out,
+    const Tensor& gates, const Tensor& cs, bool reverse) {
+  const char* fn = "lstm_layer_backward";
+  const LayerArgs a(fn, x, batch_sizes, h0, w_ih, w_hh, 4);
+  const auto ws = at::ScalarType::Undefined;  // workspaces: float32 for a bfloat16 input
+  return lstm_layer_backward_impl(
+      need(fn, "grad_out", grad_out, {a.N, a.H}, a.dt), need(fn, "grad_hn", grad_hn, {a.B, a.H}, a.dt),
+      need(fn, "grad_cn", grad_cn, {a.B, a.H}, a.dt), a.x, a.bs, a.h0, need(fn, "cx", c0, {a.B, a.H}, a.dt), a.w_ih,
+      a.w_hh, need(fn, "out", out, {a.N, a.H}, a.dt), need(fn, "gates", gates, {a.N, 4 * a.H}, ws),
+      need(fn, "cs", cs, {a.N, a.H}, ws), reverse);
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
+                                                     const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                                     const OptTensor& b_hh, bool reverse) {
+  const char* fn = "gru_layer_forward";
+  const LayerArgs a(fn, x, batch_sizes, h0, w_ih, w_hh, 3);
+  return gru_layer_forward_impl(a.x, a.bs, a.h0, a.w_ih, a.w_hh, need_opt(fn, "bias_ih", b_ih, 3 * a.H, a.dt),
+                                need_opt(fn, "bias_hh", b_hh, 3 * a.H, a.dt), reverse);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
+    const Tensor& grad_out, const Tensor& grad_hn, const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
+    const Tensor& w_ih, const Tensor& w_hh, const Tensor& out, const Tensor& ws, bool reverse) {
+  const char* fn = "gru_layer_backward";
+  const LayerArgs a(fn, x, batch_sizes, h0, w_ih, w_hh, 3);
+  return gru_layer_backward_impl(need(fn, "grad_out", grad_out, {a.N, a.H}, a.dt),
+                                 need(fn, "grad_hn", grad_hn, {a.B, a.H}, a.dt), a.x, a.bs, a.h0, a.w_ih, a.w_hh,
+                                 need(fn, "out", out, {a.N, a.H}, a.dt),
+                                 need(fn, "ws", ws, {a.N, 4 * a.H}, at::ScalarType::Undefined), reverse);
+}
+
+std::tuple<Tensor, Tensor> rnn_layer_forward(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
+                                             const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                             const OptTensor& b_hh, bool relu, bool reverse) {
+  const char* fn = "rnn_layer_forward";
+  const LayerArgs a(fn, x, batch_sizes, h0, w_ih, w_hh, 1);
+  return rnn_layer_forward_impl(a.x, a.bs, a.h0, a.w_ih, a.w_hh, need_opt(fn, "bias_ih", b_ih, a.H, a.dt),
+                                need_opt(fn, "bias_hh", b_hh, a.H, a.dt), relu, reverse);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const Tensor& grad_out, const Tensor& grad_hn,
+                                                                      const Tensor& x, const Tensor& batch_sizes,
+                                                                      const Tensor& h0, const Tensor& w_ih,
+                                                                      const Tensor& w_hh, const Tensor& out,
+                                                                      bool relu, bool reverse) {
+  const char* fn = "rnn_layer_backward";
+  const LayerArgs a(fn, x, batch_sizes, h0, w_ih, w_hh, 1);
+  return rnn_layer_backward_impl(need(fn, "grad_out", grad_out, {a.N, a.H}, a.dt),
+                                 need(fn, "grad_hn", grad_hn, {a.B, a.H}, a.dt), a.x, a.bs, a.h0, a.w_ih, a.w_hh,
+                                 need(fn, "out", out, {a.N, a.H}, a.dt), relu, reverse);
 }
 
 }  // namespace seqfast

@@ -1,16 +1,17 @@
-// Fused AVX-512 LSTM step: gate GEMMs and cell update in registers. See lstm_step.h.
+// Fused AVX-512 LSTM step: gate GEMMs and cell update in registers. See rnn_sequence_lstm_step.h.
 // Compiled for AVX-512 by the target pragma below; no ATen headers here (same reason as sgemm.cpp).
-#include "lstm_step.h"
+#include "rnn/rnn_sequence_lstm_step.h"
 
 #include <algorithm>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#include "cpu/isa.h"
+
+#ifdef SEQFAST_X86_TARGETS
 #define SEQFAST_HAVE_AVX512_LSTM 1
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
+SEQFAST_TARGET_AVX512_BEGIN
 #include <immintrin.h>
 
-#include "avx512_math.h"
+#include "cpu/avx512_math.h"
 #endif
 
 namespace seqfast {
@@ -250,5 +251,5 @@ void gemv_t_small(int64_t, const float* const*, const int64_t*, int, int64_t, co
 }  // namespace seqfast
 
 #ifdef SEQFAST_HAVE_AVX512_LSTM
-#pragma GCC pop_options
+SEQFAST_TARGET_END
 #endif

@@ -1,16 +1,18 @@
-// Reusable memory for the large workspaces of the C++ kernels (seqfast._C internal; workspace_pool.cpp).
+// Reusable memory for the large workspaces of the C++ kernels (seqfast._C internal; pool.cpp).
 //
 // Why: a training step allocates the same multi-megabyte workspaces every time (LSTM gates [T*B, 4H], cell states,
 // gate gradients). glibc serves such blocks with mmap and unmaps them on free, so every step page-faults them in
-// afresh: measured on the dev box, LSTM T64 B64 H512 forward with workspaces 116 ms vs 91 ms without. These tensors
-// come from a small pool instead: a freed block goes back to the pool and the next request of a similar size takes
-// it. Bounded: at most 16 idle blocks and SEQFAST_CPU_POOL_MB (default 256) MB idle in total; 0 disables it. The
-// same pool (block_pool.h) holds the kernels' packed-weight and attention scratch.
+// afresh. These tensors come from a small pool instead: a freed block goes back to the pool and the next request of
+// a similar size takes it. Bounded: at most 16 idle blocks and config().pool_mb (SEQFAST_CPU_POOL_MB, default 256)
+// MB idle in total; 0 disables it. The same pool (block_pool.h) holds the kernels' packed-weight and attention
+// scratch. Fork-safe: the pool's lock is held across fork() and released in both processes (pthread_atfork).
 // Only kernel-internal workspaces use it (tensors saved for backward, temporaries), never tensors handed to users
 // as outputs or gradients (pooled storage cannot be resized).
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include "cpu/block_pool.h"
 
 namespace seqfast {
 

@@ -1,26 +1,28 @@
-// Own float32 GEMM for x86-64 CPUs with AVX-512 (seqfast._C internal; implementation in sgemm.cpp).
+// Own float32 GEMM for x86-64 CPUs with AVX-512 (seqfast._C internal; implementation in sgemm.cpp). Kernels reach
+// it through the GEMM entry point (cpu/gemm.h), except the AVX-512 kernels that call it on their own packed blocks.
 //
-// Why: the MKL that ships inside the PyTorch CPU wheel takes its AVX2 code path on AMD CPUs (measured on the Zen4
-// dev box: ~160 GFLOP/s on 2 threads for 4096x512x2048, while torch's LSTM runs oneDNN's AVX-512 kernels at ~200
-// GFLOP/s and the machine peaks at ~230). oneDNN's GEMM is not exported from libtorch_cpu, so the hot GEMMs of
-// the RNN layers and of attention run on this kernel instead: 8x32 register tile (16 zmm accumulators), B packed
-// once into 32-column panels and reused, A read in place with any row/column strides (so transposed operands need
-// no copy). Measured 215-225 GFLOP/s on the RNN step shapes.
+// Why: the MKL that ships inside the PyTorch CPU wheel takes its AVX2 code path on AMD CPUs, well below what
+// oneDNN's AVX-512 kernels (used by torch's own LSTM) reach; oneDNN's GEMM is not exported from libtorch_cpu, so
+// the hot GEMMs of the RNN layers and of attention run on this kernel instead: 8x32 register tile (16 zmm
+// accumulators), B packed once into 32-column panels and reused, A read in place with any row/column strides (so
+// transposed operands need no copy). The benchmark notes hold the measured rates.
 //
-// Callers must check available() first (AVX-512F present and SEQFAST_CPU_NO_OWN_GEMM unset); otherwise they use
-// BLAS. All sizes are int64_t element counts; nothing here allocates except pack_size()-sized buffers the caller
-// owns (see PackedB).
+// Callers must check available() first (AVX-512 present and config().own_gemm); otherwise they use BLAS. All sizes
+// are int64_t element counts; nothing here allocates except PackedB's pool block.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 
+#include "cpu/block_pool.h"
+
 namespace seqfast {
 namespace sgemm {
 
 constexpr int64_t kNR = 32;  // panel width (columns of B per packed panel)
 
+// AVX-512 present (cpu/isa.h) and config().own_gemm: the own GEMM and the other AVX-512 kernels may run.
 bool available();
 
 // Floats needed to pack a K x N matrix B: ceil(N / 32) panels of K rows x 32 columns, zero padded.
@@ -45,32 +47,20 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t a
 void gemm_parallel(int nt, int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t ak, const float* bp,
                    float beta, float* c, int64_t ldc, const float* bias = nullptr);
 
-// 64-byte aligned scratch for packed operands, from the kernels' block pool (block_pool.h), so that a layer called
-// every step does not page-fault fresh megabytes of packing each time.
-float* scratch_alloc(int64_t floats);
-void scratch_free(float* p, int64_t floats);
-
-// An owned packed B.
+// An owned packed B (64-byte aligned, from the block pool so that a layer called every step does not page-fault
+// fresh megabytes of packing each time).
 struct PackedB {
+  block_pool::Floats buf;
   float* p = nullptr;
-  int64_t K = 0, N = 0, cap = 0;
-  PackedB() = default;
-  PackedB(const PackedB&) = delete;
-  PackedB& operator=(const PackedB&) = delete;
+  int64_t K = 0, N = 0;
   void pack(int64_t K_, int64_t N_, const float* src, int64_t sk, int64_t sj, int nt = 1) {
-    release();
     K = K_;
     N = N_;
-    cap = pack_size(K, N);
-    p = scratch_alloc(cap);
+    buf.reset(pack_size(K, N));
+    p = buf.get();
     if (p) pack_b_parallel(nt, K, N, src, sk, sj, p);
   }
   bool ok() const { return p != nullptr; }
-  void release() {
-    if (p) scratch_free(p, cap);
-    p = nullptr;
-  }
-  ~PackedB() { release(); }
 };
 
 }  // namespace sgemm

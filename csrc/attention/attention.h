@@ -1,4 +1,5 @@
 // C++ CPU kernels for attention (seqfast._C). Declarations only; see attention.cpp / additive_attention.cpp.
+// Every argument is checked (shape, dtype, device) before a kernel reads it; bad input raises RuntimeError.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,13 +14,15 @@ namespace seqfast {
 //   bias: optional additive mask, q's dtype, any strides (0-strides from expand() are fine), shape [N,Hq,Lq,Lk].
 //   is_causal: top-left alignment (query i sees keys j <= i).
 // Returns (out [N,Hq,Lq,Dv] in q's dtype, lse [N,Hq,Lq]).
-//   lse dtype: float64 for float64 inputs, float32 otherwise. A fully masked row gives out 0 and lse = +inf
-//   (so that backward's exp(s - lse) is exactly 0 there without special cases).
+//   lse dtype: float64 for float64 inputs, float32 otherwise. A fully masked row (every key -inf or causally
+//   masked) gives out 0 and lse = -inf, the contract of seqfast/reference/attention.py. NaN/Inf in q, k, v or bias
+//   reach the output as in torch (NaN); only rows whose every key is masked give 0.
 std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const std::optional<at::Tensor>& bias, bool is_causal,
                                                 double scale);
 
-// Flash-style backward. out / lse are what sdpa_forward returned. Returns (dq, dk [N,Hk,Lk,D], dv [N,Hk,Lk,Dv]),
+// Flash-style backward. out / lse are what sdpa_forward returned (a fully masked row, lse = -inf, gets 0 grads).
+// Returns (dq, dk [N,Hk,Lk,D], dv [N,Hk,Lk,Dv]),
 // all in q's dtype; for GQA dk/dv are summed over the query heads of each group.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(const at::Tensor& grad_out, const at::Tensor& q,
                                                              const at::Tensor& k, const at::Tensor& v,

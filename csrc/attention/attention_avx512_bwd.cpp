@@ -1,21 +1,21 @@
 // AVX-512 float32 flash-attention backward block. See attention_avx512.h (BwdBlock) for the layout; compiled for
 // AVX-512 by the target pragma below, no ATen headers (same reason as sgemm.cpp).
-#include "attention_avx512.h"
+#include "attention/attention_avx512.h"
 
 #include <algorithm>
 #include <cstring>
 #include <limits>
 
-#include "sgemm.h"
+#include "cpu/isa.h"
+#include "cpu/sgemm.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef SEQFAST_X86_TARGETS
 #define SEQFAST_HAVE_AVX512_ATTN_BWD 1
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
+SEQFAST_TARGET_AVX512_BEGIN
 #include <immintrin.h>
 
-#include "attention_avx512_tiles.h"
-#include "avx512_math.h"
+#include "attention/attention_avx512_tiles.h"
+#include "cpu/avx512_math.h"
 #endif
 
 namespace seqfast {
@@ -176,5 +176,5 @@ void bwd_block(const BwdBlock&, float*) {}
 }  // namespace seqfast
 
 #ifdef SEQFAST_HAVE_AVX512_ATTN_BWD
-#pragma GCC pop_options
+SEQFAST_TARGET_END
 #endif

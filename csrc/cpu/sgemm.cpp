@@ -1,26 +1,35 @@
 // AVX-512 float32 GEMM: C = beta C + A @ B (+ bias), B pre-packed into 32-column panels. See sgemm.h for why.
 //
-// Blocking (tuned on the 2-core Zen4 dev box, fp32 peak ~115 GFLOP/s per core):
+// Blocking (tuned on a 2-core Zen4 machine):
 //   register tile 8 rows x 32 columns = 16 zmm accumulators, 2 B loads + 8 broadcasts per k step;
 //   KC = 512 rows of a panel (64 KB) per pass, MC = 64 rows of A per pass (A block stays in L2 while the panels of B
 //   stream through it; the weight panels of an RNN step are read once per step from L3).
 // This translation unit is compiled for AVX-512 by the target pragma below and includes no ATen headers, so no
 // AVX-512 instantiation of a shared inline function can leak into default-ISA code; callers check available().
-#include "sgemm.h"
+#include "cpu/sgemm.h"
 
-#include "block_pool.h"
+#include "cpu/config.h"
+#include "cpu/isa.h"
 
 #include <algorithm>
 #include <cstring>
 #include <omp.h>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+namespace seqfast {
+namespace sgemm {
+
+// Compiled for the baseline ISA, outside the AVX-512 region: this is the guard.
+bool available() { return cpu::has_avx512() && cpu::config().own_gemm; }
+
+}  // namespace sgemm
+}  // namespace seqfast
+
+#ifdef SEQFAST_X86_TARGETS
 #define SEQFAST_HAVE_AVX512_GEMM 1
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
+SEQFAST_TARGET_AVX512_BEGIN
 #include <immintrin.h>
 
-#include "avx512_math.h"
+#include "cpu/avx512_math.h"
 #endif
 
 namespace seqfast {
@@ -103,13 +112,6 @@ void scale_only(int64_t M, int64_t N, float beta, float* c, int64_t ldc, const f
 
 }  // namespace
 
-bool available() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
-                         !std::getenv("SEQFAST_CPU_NO_OWN_GEMM");
-  return ok;
-}
-
 void pack_b(int64_t K, int64_t N, const float* src, int64_t sk, int64_t sj, float* dst) {
   const int64_t np = (N + kNR - 1) / kNR;
   for (int64_t p = 0; p < np; ++p) {
@@ -171,8 +173,8 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t a
   if (pstride <= 0) pstride = K * kNR;
   if (K <= 0) return scale_only(M, N, beta, c, ldc, bias);
   const int64_t np = (N + kNR - 1) / kNR;
-  // Pack a transposed A (k-strided) when its block is reused by enough panels to pay for the copy (measured: dW
-  // 2048x512x4096 ~165 -> ~180 GFLOP/s; row-major A gains nothing, its rows are already k-contiguous streams).
+  // Pack a transposed A (k-strided) when its block is reused by enough panels to pay for the copy (a weight
+  // gradient's dgates^T gains; row-major A gains nothing, its rows are already k-contiguous streams).
   const bool pack = (np >= 4 || (np >= 2 && K >= 1024)) && ak != 1;
   alignas(64) static thread_local float abuf[kMC * kKC];
   for (int64_t m0 = 0; m0 < M; m0 += kMC) {
@@ -202,9 +204,8 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t a
   }
 }
 
-#else  // no AVX-512 build: never available
+#else  // no AVX-512 build: never available (cpu::has_avx512() is false there)
 
-bool available() { return false; }
 void pack_b(int64_t, int64_t, const float*, int64_t, int64_t, float*) {}
 void gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, float, float*, int64_t,
           const float*, int64_t) {}
@@ -224,7 +225,7 @@ void gemm_parallel(int nt, int64_t M, int64_t N, int64_t K, const float* a, int6
   if (nt <= 1 || omp_in_parallel() || M <= 0 || N <= 0) return gemm(M, N, K, a, ar, ak, bp, beta, c, ldc, bias);
   // Wide B: split its panels (each thread streams its own part of B). Narrow B (a weight gradient [4H, I] with a
   // small I, or dx with a small I): split the rows of A instead, so that no two threads pack or stream the same A
-  // (measured, LSTM B64 H128 backward: 19.3 ms with panel splits vs MKL's 16.2 ms).
+  // (with panel splits the LSTM B64 H128 backward lost to MKL).
   const bool by_rows = np < 4 * int64_t(nt) && M >= 16 * int64_t(nt);
 #pragma omp parallel num_threads(nt)
   {
@@ -243,16 +244,6 @@ void gemm_parallel(int nt, int64_t M, int64_t N, int64_t K, const float* a, int6
   }
 }
 
-float* scratch_alloc(int64_t floats) {
-  size_t got = 0;
-  return static_cast<float*>(block_pool::take(size_t(std::max<int64_t>(floats, 16)) * sizeof(float), got));
-}
-
-void scratch_free(float* p, int64_t floats) {
-  // the requested size, not the capacity: the pool may under-count a block, never over-count it
-  if (p) block_pool::give(p, size_t(std::max<int64_t>(floats, 16)) * sizeof(float));
-}
-
 void pack_b_parallel(int nt, int64_t K, int64_t N, const float* src, int64_t sk, int64_t sj, float* dst) {
   const int64_t np = (N + kNR - 1) / kNR;
   nt = int(std::min<int64_t>(nt, np));
@@ -269,5 +260,5 @@ void pack_b_parallel(int nt, int64_t K, int64_t N, const float* src, int64_t sk,
 }  // namespace seqfast
 
 #ifdef SEQFAST_HAVE_AVX512_GEMM
-#pragma GCC pop_options
+SEQFAST_TARGET_END
 #endif

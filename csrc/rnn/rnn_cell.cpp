@@ -3,8 +3,9 @@
 // and state update inside one (optionally parallel) region over hidden units; for larger batches MKL GEMMs into the
 // gate buffer followed by one fused pointwise pass. Backward: one fused pointwise pass for the gate derivatives,
 // then the GEMMs through ATen.
-#include "rnn.h"
-#include "rnn_pointwise.h"
+#include "rnn/rnn.h"
+#include "rnn/rnn_args.h"
+#include "rnn/rnn_pointwise.h"
 
 #include <ATen/Dispatch.h>
 #include <array>
@@ -121,9 +122,7 @@ void rnn_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
   }
 }
 
-}  // namespace
-
-std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& cx,
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_impl(const Tensor& x, const Tensor& hx, const Tensor& cx,
                                                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                                                      const OptTensor& b_hh) {
   kern::check_cpu();
@@ -138,7 +137,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& x, const Tens
   return {hy, cy, gates};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_impl(
     const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& x, const Tensor& hx, const Tensor& cx,
     const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates, const Tensor& cy) {
   kern::check_cpu();
@@ -163,7 +162,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
   return {dg.mm(w_ih), dg.mm(w_hh), dcx, dg.t().mm(x), dg.t().mm(hx), dg.sum(0)};
 }
 
-std::tuple<Tensor, Tensor> gru_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+std::tuple<Tensor, Tensor> gru_cell_forward_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                                             const OptTensor& b_ih, const OptTensor& b_hh) {
   kern::check_cpu();
   const int64_t B = x.size(0), H = hx.size(1);
@@ -176,7 +175,7 @@ std::tuple<Tensor, Tensor> gru_cell_forward(const Tensor& x, const Tensor& hx, c
   return {hy, ws};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward(const Tensor& grad_hy, const Tensor& x,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward_impl(const Tensor& grad_hy, const Tensor& x,
                                                                              const Tensor& hx, const Tensor& w_ih,
                                                                              const Tensor& w_hh, const Tensor& ws) {
   kern::check_cpu();
@@ -202,7 +201,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward(con
   return {dgi.mm(w_ih), dhx, dgi.t().mm(x), dgh.t().mm(hx), dgi.sum(0), dgh.sum(0)};
 }
 
-Tensor rnn_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+Tensor rnn_cell_forward_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                         const OptTensor& b_ih, const OptTensor& b_hh, bool relu) {
   kern::check_cpu();
   Tensor hy = at::empty({x.size(0), hx.size(1)}, x.options());
@@ -213,7 +212,7 @@ Tensor rnn_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& w_ih, c
   return hy;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward(const Tensor& grad_hy, const Tensor& x,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward_impl(const Tensor& grad_hy, const Tensor& x,
                                                                      const Tensor& hx, const Tensor& w_ih,
                                                                      const Tensor& w_hh, const Tensor& hy, bool relu) {
   kern::check_cpu();
@@ -229,6 +228,94 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward(const Tenso
     });
   });
   return {dp.mm(w_ih), dp.mm(w_hh), dp.t().mm(x), dp.t().mm(hx), dp.sum(0)};
+}
+
+}  // namespace
+
+// ---- checked entries (rnn_args.h): shapes, dtypes, contiguity, then the kernel ----
+using rnn_args::kAny;
+using rnn_args::need;
+using rnn_args::need_opt;
+
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& cx,
+                                                     const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                                     const OptTensor& b_hh) {
+  const char* fn = "lstm_cell_forward";
+  const Tensor xc = need(fn, "input", x, {kAny, kAny}, at::ScalarType::Undefined);
+  const auto dt = x.scalar_type();
+  const int64_t B = x.size(0), I = x.size(1);
+  const Tensor hc = need(fn, "hx", hx, {B, kAny}, dt);
+  const int64_t H = hx.size(1);
+  return lstm_cell_forward_impl(xc, hc, need(fn, "cx", cx, {B, H}, dt), need(fn, "weight_ih", w_ih, {4 * H, I}, dt),
+                                need(fn, "weight_hh", w_hh, {4 * H, H}, dt), need_opt(fn, "bias_ih", b_ih, 4 * H, dt),
+                                need_opt(fn, "bias_hh", b_hh, 4 * H, dt));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
+    const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& x, const Tensor& hx, const Tensor& cx,
+    const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates, const Tensor& cy) {
+  const char* fn = "lstm_cell_backward";
+  const Tensor xc = need(fn, "input", x, {kAny, kAny}, at::ScalarType::Undefined);
+  const auto dt = x.scalar_type();
+  const int64_t B = x.size(0), I = x.size(1);
+  const Tensor hc = need(fn, "hx", hx, {B, kAny}, dt);
+  const int64_t H = hx.size(1);
+  return lstm_cell_backward_impl(need(fn, "grad_hy", grad_hy, {B, H}, dt), need(fn, "grad_cy", grad_cy, {B, H}, dt),
+                                 xc, hc, need(fn, "cx", cx, {B, H}, dt), need(fn, "weight_ih", w_ih, {4 * H, I}, dt),
+                                 need(fn, "weight_hh", w_hh, {4 * H, H}, dt), need(fn, "gates", gates, {B, 4 * H}, dt),
+                                 need(fn, "cy", cy, {B, H}, dt));
+}
+
+std::tuple<Tensor, Tensor> gru_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+                                            const OptTensor& b_ih, const OptTensor& b_hh) {
+  const char* fn = "gru_cell_forward";
+  const Tensor xc = need(fn, "input", x, {kAny, kAny}, at::ScalarType::Undefined);
+  const auto dt = x.scalar_type();
+  const int64_t B = x.size(0), I = x.size(1);
+  const Tensor hc = need(fn, "hx", hx, {B, kAny}, dt);
+  const int64_t H = hx.size(1);
+  return gru_cell_forward_impl(xc, hc, need(fn, "weight_ih", w_ih, {3 * H, I}, dt),
+                               need(fn, "weight_hh", w_hh, {3 * H, H}, dt), need_opt(fn, "bias_ih", b_ih, 3 * H, dt),
+                               need_opt(fn, "bias_hh", b_hh, 3 * H, dt));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward(const Tensor& grad_hy, const Tensor& x,
+                                                                             const Tensor& hx, const Tensor& w_ih,
+                                                                             const Tensor& w_hh, const Tensor& ws) {
+  const char* fn = "gru_cell_backward";
+  const Tensor xc = need(fn, "input", x, {kAny, kAny}, at::ScalarType::Undefined);
+  const auto dt = x.scalar_type();
+  const int64_t B = x.size(0), I = x.size(1);
+  const Tensor hc = need(fn, "hx", hx, {B, kAny}, dt);
+  const int64_t H = hx.size(1);
+  return gru_cell_backward_impl(need(fn, "grad_hy", grad_hy, {B, H}, dt), xc, hc,
+                                need(fn, "weight_ih", w_ih, {3 * H, I}, dt), need(fn, "weight_hh", w_hh, {3 * H, H}, dt),
+                                need(fn, "ws", ws, {B, 4 * H}, dt));
+}
+
+Tensor rnn_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+                        const OptTensor& b_ih, const OptTensor& b_hh, bool relu) {
+  const char* fn = "rnn_cell_forward";
+  const Tensor xc = need(fn, "input", x, {kAny, kAny}, at::ScalarType::Undefined);
+  const auto dt = x.scalar_type();
+  const int64_t B = x.size(0), I = x.size(1);
+  const Tensor hc = need(fn, "hx", hx, {B, kAny}, dt);
+  const int64_t H = hx.size(1);
+  return rnn_cell_forward_impl(xc, hc, need(fn, "weight_ih", w_ih, {H, I}, dt), need(fn, "weight_hh", w_hh, {H, H}, dt),
+                               need_opt(fn, "bias_ih", b_ih, H, dt), need_opt(fn, "bias_hh", b_hh, H, dt), relu);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward(const Tensor& grad_hy, const Tensor& x,
+                                                                     const Tensor& hx, const Tensor& w_ih,
+                                                                     const Tensor& w_hh, const Tensor& hy, bool relu) {
+  const char* fn = "rnn_cell_backward";
+  const Tensor xc = need(fn, "input", x, {kAny, kAny}, at::ScalarType::Undefined);
+  const auto dt = x.scalar_type();
+  const int64_t B = x.size(0), I = x.size(1);
+  const Tensor hc = need(fn, "hx", hx, {B, kAny}, dt);
+  const int64_t H = hx.size(1);
+  return rnn_cell_backward_impl(need(fn, "grad_hy", grad_hy, {B, H}, dt), xc, hc, need(fn, "weight_ih", w_ih, {H, I}, dt),
+                                need(fn, "weight_hh", w_hh, {H, H}, dt), need(fn, "hy", hy, {B, H}, dt), relu);
 }
 
 bool rnn_kernels_supported() { return kern::cpu_supported(); }

@@ -1,0 +1,50 @@
+// Configuration read once; see config.h.
+#include "cpu/config.h"
+
+#include <cstdlib>
+
+#include "cpu/team.h"
+
+namespace seqfast {
+namespace cpu {
+namespace {
+
+int64_t env_int(const char* name, int64_t dflt) {
+  const char* e = std::getenv(name);
+  return (e && *e) ? std::atoll(e) : dflt;
+}
+bool env_set(const char* name) { return std::getenv(name) != nullptr; }
+
+Config from_env() {
+  Config c;
+  c.own_gemm = !env_set("SEQFAST_CPU_NO_OWN_GEMM");
+  c.fused = !env_set("SEQFAST_CPU_NO_FUSED");
+  c.mkl_pack = !env_set("SEQFAST_CPU_NO_PACK");
+  c.avx512_attention = !env_set("SEQFAST_CPU_NO_AVX512_ATTN");
+  c.par_min_work = env_int("SEQFAST_CPU_PAR_MIN_WORK", c.par_min_work);
+  c.small_batch_set = env_set("SEQFAST_CPU_SMALL_BATCH");
+  c.small_batch = env_int("SEQFAST_CPU_SMALL_BATCH", c.small_batch);
+  c.step_par_min_h = env_int("SEQFAST_CPU_STEP_PAR_MIN_H", c.step_par_min_h);
+  c.pool_mb = env_int("SEQFAST_CPU_POOL_MB", c.pool_mb);
+  c.max_threads = env_int("SEQFAST_CPU_THREADS", c.max_threads);
+  return c;
+}
+
+Config& current() {
+  static Config c = from_env();
+  return c;
+}
+
+}  // namespace
+
+const Config& config() { return current(); }
+
+void reload_config() {
+  current() = from_env();
+  refresh_usable_cpus();
+}
+
+void set_config(const Config& c) { current() = c; }
+
+}  // namespace cpu
+}  // namespace seqfast

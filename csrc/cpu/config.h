@@ -1,0 +1,45 @@
+// Run-time configuration of the C++ kernels (seqfast._C internal), read ONCE: from the SEQFAST_CPU_* environment
+// variables when the module loads, again on an explicit reload_config(), or set field by field with set_config()
+// (bound to Python, so tests force an internal path by a call instead of an environment variable). Kernels read
+// config() and never call getenv: a hot path that runs with the GIL released must not read the environment, which
+// a concurrent os.environ write can change under it.
+// set_config/reload_config are meant for tests and tuning, between calls: a kernel running meanwhile in another
+// thread may see the old or the new value of a field.
+#pragma once
+
+#include <cstdint>
+
+namespace seqfast {
+namespace cpu {
+
+struct Config {
+  // SEQFAST_CPU_NO_OWN_GEMM unset: the own AVX-512 GEMM and the other AVX-512 kernels (fused LSTM step, attention
+  // blocks) run on CPUs that have AVX-512; false forces the BLAS / AVX2 paths everywhere.
+  bool own_gemm = true;
+  // SEQFAST_CPU_NO_FUSED unset: RNN sequences run their time loop in one parallel region (see rnn_sequence.cpp).
+  bool fused = true;
+  // SEQFAST_CPU_NO_PACK unset: the fused loops pack W_hh slices once with MKL's packed GEMM (no own GEMM).
+  bool mkl_pack = true;
+  // SEQFAST_CPU_NO_AVX512_ATTN unset: float32 attention runs the AVX-512 block kernels where the CPU has them.
+  bool avx512_attention = true;
+  // SEQFAST_CPU_PAR_MIN_WORK: multiply-adds below which a step runs on one thread (fork/join costs more).
+  int64_t par_min_work = int64_t(1) << 17;
+  // SEQFAST_CPU_SMALL_BATCH: largest batch the hand-written GEMV takes (at most 16). small_batch_set records
+  // that it was given explicitly (the float32 AVX-512 paths then use it instead of their own 1-2 row range).
+  int64_t small_batch = 8;
+  bool small_batch_set = false;
+  // SEQFAST_CPU_STEP_PAR_MIN_H: hidden size from which the 1-2 row AVX-512 LSTM step splits over threads.
+  int64_t step_par_min_h = 64;
+  // SEQFAST_CPU_POOL_MB: megabytes of idle workspace blocks the pool keeps (0: no pooling).
+  int64_t pool_mb = 256;
+  // SEQFAST_CPU_THREADS: upper bound on the threads of a seqfast parallel region (0: the CPUs this process may
+  // use, from its affinity mask and cgroup v2 cpu.max quota). torch.set_num_threads bounds it too.
+  int64_t max_threads = 0;
+};
+
+const Config& config();
+void reload_config();            // re-reads the environment (and the usable CPU count)
+void set_config(const Config&);  // replaces every field
+
+}  // namespace cpu
+}  // namespace seqfast

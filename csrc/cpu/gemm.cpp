@@ -1,0 +1,170 @@
+// The GEMM entry point; see gemm.h. The only translation unit that declares BLAS symbols.
+#include "cpu/gemm.h"
+
+#include <algorithm>
+#include <cstdlib>
+
+#include "cpu/config.h"
+#include "cpu/team.h"
+
+extern "C" {
+// Fortran BLAS (column major), exported by the x86 torch wheels' statically linked MKL; weak: absent elsewhere.
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+// MKL CBLAS enums: 102 column major, 111 no transpose, 112 transpose, 151 packed, 161 the A matrix. MKL_BF16 is
+// uint16_t; LP64 ints.
+void cblas_gemm_bf16bf16f32(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
+                            float*, int) __attribute__((weak));
+size_t cblas_sgemm_pack_get_size(int, int, int, int) __attribute__((weak));
+void cblas_sgemm_pack(int, int, int, int, int, int, float, const float*, int, float*) __attribute__((weak));
+void cblas_sgemm_compute(int, int, int, int, int, int, const float*, int, const float*, int, float, float*, int)
+    __attribute__((weak));
+}
+
+namespace seqfast {
+namespace gemm {
+
+template <>
+bool blas_available<float>() {
+  return sgemm_ != nullptr;
+}
+template <>
+bool blas_available<double>() {
+  return dgemm_ != nullptr;
+}
+template <>
+bool blas_available<at::BFloat16>() {
+  return cblas_gemm_bf16bf16f32 != nullptr;
+}
+
+namespace {
+
+// Column-major C(m x n, ldc) = alpha op(A) op(B) + beta C through ATen on views of the raw buffers.
+template <typename T, typename A>
+void cm_aten(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, const T* a, int64_t lda, const T* b,
+             int64_t ldb, A beta, A* c, int64_t ldc) {
+  const auto to = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const auto co = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
+  // column-major X (r x c, ld) is the row-major [c, r] tensor with strides [ld, 1], transposed.
+  at::Tensor opA = ta ? at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, to)
+                      : at::from_blob(const_cast<T*>(a), {k, m}, {lda, 1}, to).t();
+  at::Tensor opB = tb ? at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, to)
+                      : at::from_blob(const_cast<T*>(b), {n, k}, {ldb, 1}, to).t();
+  at::Tensor C = at::from_blob(c, {n, m}, {ldc, 1}, co).t();
+  if (!std::is_same<T, A>::value) opA = opA.to(co.dtype()), opB = opB.to(co.dtype());
+  if (k == 0) {
+    if (beta == A(0)) C.zero_(); else C.mul_(beta);
+    return;
+  }
+  at::addmm_out(C, C, opA, opB, beta, alpha);
+}
+
+struct BlasArgs {
+  int m, n, k, lda, ldb, ldc;
+  char ta, tb;
+};
+
+// BLAS wants ld >= the rows of the stored matrix even when that dimension is 1.
+BlasArgs blas_args(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc) {
+  lda = std::max<int64_t>({lda, ta ? k : m, 1});
+  ldb = std::max<int64_t>({ldb, tb ? n : k, 1});
+  return {int(m), int(n), int(k), int(lda), int(ldb), int(ldc), ta ? 'T' : 'N', tb ? 'T' : 'N'};
+}
+
+}  // namespace
+
+void cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+        int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (sgemm_ == nullptr || k <= 0) return cm_aten<float, float>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  const BlasArgs x = blas_args(ta, tb, m, n, k, lda, ldb, ldc);
+  sgemm_(&x.ta, &x.tb, &x.m, &x.n, &x.k, &alpha, a, &x.lda, b, &x.ldb, &beta, c, &x.ldc);
+}
+
+void cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+        const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (dgemm_ == nullptr || k <= 0)
+    return cm_aten<double, double>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  const BlasArgs x = blas_args(ta, tb, m, n, k, lda, ldb, ldc);
+  dgemm_(&x.ta, &x.tb, &x.m, &x.n, &x.k, &alpha, a, &x.lda, b, &x.ldb, &beta, c, &x.ldc);
+}
+
+void cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const at::BFloat16* a, int64_t lda,
+        const at::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (cblas_gemm_bf16bf16f32 == nullptr || k <= 0)
+    return cm_aten<at::BFloat16, float>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  const BlasArgs x = blas_args(ta, tb, m, n, k, lda, ldb, ldc);
+  cblas_gemm_bf16bf16f32(102, ta ? 112 : 111, tb ? 112 : 111, x.m, x.n, x.k, alpha,
+                         reinterpret_cast<const uint16_t*>(a), x.lda, reinterpret_cast<const uint16_t*>(b), x.ldb,
+                         beta, c, x.ldc);
+}
+
+bool mkl_pack_available() {
+  return cblas_sgemm_compute && cblas_sgemm_pack && cblas_sgemm_pack_get_size && cpu::config().mkl_pack;
+}
+
+void PackedWeight::init(bool trans, int64_t m, int64_t nmax, int64_t k, const float* a, int64_t lda) {
+  if (sgemm::available() && m > 0) {
+    // Row-major view: C[n, m] = B[n, k] @ op(A)^T, i.e. the own GEMM's packed operand is op(A)^T (k x m).
+    m_ = m;
+    k_ = k;
+    if (trans) own_.pack(k, m, a, 1, lda);
+    else own_.pack(k, m, a, lda, 1);
+    if (own_.ok()) return;
+  }
+  // Narrow slices (< 128 units) gained nothing from MKL's packing when this was tuned; they keep the plain GEMM.
+  if (!mkl_pack_available() || m < 128 || k <= 0 || nmax <= 0) return;
+  m_ = m;
+  k_ = k;
+  const size_t bytes = (cblas_sgemm_pack_get_size(161, int(m), int(nmax), int(k)) + 63) / 64 * 64;
+  mkl_ = static_cast<float*>(std::aligned_alloc(64, bytes));
+  if (mkl_) cblas_sgemm_pack(102, 161, trans ? 112 : 111, int(m), int(nmax), int(k), 1.f, a, int(lda), mkl_);
+}
+
+void PackedWeight::mm(int64_t n, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) const {
+  if (own_.ok()) return sgemm::gemm(n, m_, k_, b, ldb, 1, own_.p, beta, c, ldc);
+  if (n > 0) cblas_sgemm_compute(102, 151, 111, int(m_), int(n), int(k_), mkl_, int(m_), b, int(ldb), beta, c, int(ldc));
+}
+
+PackedWeight::~PackedWeight() { std::free(mkl_); }
+
+namespace {
+// Packing B costs about as much per element as ~50 multiply-adds of the kernel, and each packed element is used by
+// M rows: below ~256 rows the packing eats the kernel's advantage over MKL, so short A operands stay on MKL.
+constexpr int64_t kMinOwnRows = 256;
+}  // namespace
+
+at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "mm_f32: a [M,K] and b [K,N] expected, got ",
+              a.sizes(), " and ", b.sizes());
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool own = a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() &&
+                   b.device().is_cpu() && (!has_bias || bias->scalar_type() == at::kFloat) &&
+                   a.size(0) >= kMinOwnRows && sgemm::available();
+  if (!own) return has_bias ? at::addmm(*bias, a, b) : at::mm(a, b);
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == N), "mm_f32: bias must be [", N, "], got ",
+              bias->sizes());
+  const int nt = cpu::threads();
+  sgemm::PackedB pb;
+  pb.pack(K, N, b.const_data_ptr<float>(), b.stride(0), b.stride(1), nt);
+  TORCH_CHECK(pb.ok(), "mm_f32: out of memory packing a [", K, ", ", N, "] operand");
+  at::Tensor c = at::empty({M, N}, a.options());
+  const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
+  sgemm::gemm_parallel(nt, M, N, K, a.const_data_ptr<float>(), a.stride(0), a.stride(1), pb.p, 0.f,
+                       c.data_ptr<float>(), N, has_bias ? bc.const_data_ptr<float>() : nullptr);
+  return c;
+}
+
+}  // namespace gemm
+
+at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
+  return gemm::mm(a, b, bias);
+}
+bool own_gemm_available() { return sgemm::available(); }
+
+}  // namespace seqfast

@@ -1,0 +1,88 @@
+// The one GEMM entry point of the C++ kernels (seqfast._C internal; gemm.cpp). Every GEMM a kernel runs goes
+// through here, and this is the only place that knows which implementation runs it:
+//   * the own AVX-512 float32 kernel (cpu/sgemm.h) where the CPU has AVX-512 and config().own_gemm;
+//   * the BLAS that the torch wheel links (MKL on x86: sgemm_, dgemm_, its packed GEMM and
+//     cblas_gemm_bf16bf16f32), bound as weak symbols in gemm.cpp only: called on raw pointers with no per-call ATen
+//     overhead (attention runs hundreds of block GEMMs per head; the fused RNN loops one per step and thread);
+//   * ATen (at::addmm) when that BLAS symbol is absent (other torch builds) or for whole-tensor products.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "cpu/sgemm.h"
+
+namespace seqfast {
+namespace gemm {
+
+// The BLAS routine for this operand type is linked (float: sgemm_, double: dgemm_, BFloat16: MKL's bf16 GEMM).
+template <typename T>
+bool blas_available();
+
+// Column-major C(m x n, ldc) = alpha op(A) op(B) + beta C, op(A) m x k, op(B) k x n. BLAS when available, else
+// ATen on views of the buffers. A = BFloat16 accumulates into float C.
+void cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+        int64_t ldb, float beta, float* c, int64_t ldc);
+void cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+        const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
+void cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const at::BFloat16* a, int64_t lda,
+        const at::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
+// Row-major forms on top of cm (a row-major X is the column-major X^T).
+// C[m,n] = alpha A[m,k] B[n,k]^T + beta C
+template <typename T, typename A>
+inline void mm_nt(int64_t m, int64_t n, int64_t k, A alpha, const T* a, int64_t lda, const T* b, int64_t ldb, A beta,
+                  A* c, int64_t ldc) {
+  cm(true, false, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+// C[m,n] = alpha A[m,k] B[k,n] + beta C
+template <typename T, typename A>
+inline void mm_nn(int64_t m, int64_t n, int64_t k, A alpha, const T* a, int64_t lda, const T* b, int64_t ldb, A beta,
+                  A* c, int64_t ldc) {
+  cm(false, false, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+// C[m,n] = alpha A[k,m]^T B[k,n] + beta C
+template <typename T, typename A>
+inline void mm_tn(int64_t m, int64_t n, int64_t k, A alpha, const T* a, int64_t lda, const T* b, int64_t ldb, A beta,
+                  A* c, int64_t ldc) {
+  cm(false, true, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+
+// MKL's packed GEMM is linked and config().mkl_pack.
+bool mkl_pack_available();
+
+// A weight slice packed once and reused by every step of a time loop: column-major C(m x n) = beta C + op(A)(m x k)
+// @ B(k x n), with A the packed weight. float only: the own AVX-512 packing where available, else MKL's packed GEMM
+// (slices of at least 128 rows). ok() is false otherwise (callers then use cm on the unpacked weight).
+class PackedWeight {
+ public:
+  PackedWeight() = default;
+  PackedWeight(const PackedWeight&) = delete;
+  PackedWeight& operator=(const PackedWeight&) = delete;
+  ~PackedWeight();
+  // A(i, kk) = a[kk * lda + i] when trans, else a[i * lda + kk] (row-major views of the torch weight); nmax bounds
+  // the n of later mm calls (MKL sizes its packing by it).
+  void init(bool trans, int64_t m, int64_t nmax, int64_t k, const float* a, int64_t lda);
+  bool ok() const { return mkl_ != nullptr || own_.ok(); }
+  void mm(int64_t n, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) const;
+
+ private:
+  float* mkl_ = nullptr;
+  int64_t m_ = 0, k_ = 0;
+  sgemm::PackedB own_;
+};
+
+// a [M, K] @ b [K, N] (+ bias [N]) for 2-D CPU tensors with any strides. float32 on a CPU with AVX-512 and
+// M >= 256 runs the own GEMM (B packed once, split over the team by column panels); anything else runs
+// at::mm / at::addmm.
+at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias = std::nullopt);
+
+}  // namespace gemm
+
+// Bound for the tests: gemm::mm, and whether it (and the RNN layers) use the own GEMM on this CPU.
+at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias);
+bool own_gemm_available();
+
+}  // namespace seqfast

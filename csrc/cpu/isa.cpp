@@ -1,0 +1,24 @@
+// CPU feature detection; see isa.h. Compiled for the baseline ISA (this is what guards the wider code).
+#include "cpu/isa.h"
+
+namespace seqfast {
+namespace cpu {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+bool has_avx2_fma() {
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return ok;
+}
+bool has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") && has_avx2_fma();
+  return ok;
+}
+#else
+bool has_avx2_fma() { return false; }
+bool has_avx512() { return false; }
+#endif
+
+}  // namespace cpu
+}  // namespace seqfast

@@ -1,0 +1,165 @@
+// Thread teams of the C++ kernels (seqfast._C internal): how many threads a parallel region gets, the barrier of
+// the fused RNN time loops, and exception-safe parallel regions.
+//
+// Sizing: torch.set_num_threads counts the host's cores, not what this process may use (an affinity mask, a cgroup
+// CPU quota). A team larger than the usable CPUs has threads waiting at every step barrier for a teammate that is
+// not running, so every region is capped by usable_cpus() (affinity and cgroup v2 cpu.max, read at load and on
+// reload_config) and by the configured SEQFAST_CPU_THREADS.
+//
+// Waiting: TeamBarrier spins briefly (a step of a small RNN is microseconds) and then sleeps on a futex, so a
+// late teammate (another process or Python thread running on its core) costs a short spin, not a busy core. The
+// spin budget adapts: it shrinks while waits end asleep and grows back while they end spinning.
+//
+// Errors: an exception thrown by one thread of a region (a failed check, a failed allocation) is captured, the
+// team's barrier is aborted so no teammate waits forever, and the first exception is rethrown on the calling thread
+// after the region: it reaches Python as an exception, never std::terminate.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <exception>
+#include <mutex>
+
+#include "cpu/config.h"
+
+namespace seqfast {
+namespace cpu {
+
+// CPUs this process may run on: min(affinity mask, ceil(cgroup v2 cpu.max quota / period)), at least 1.
+int usable_cpus();
+void refresh_usable_cpus();
+
+// Threads for a region that would like `want`: capped by torch's thread count (torch.set_num_threads),
+// usable_cpus() and config().max_threads; 1 inside another parallel region.
+inline int threads(int64_t want) {
+  if (omp_in_parallel()) return 1;
+  int64_t n = std::min<int64_t>({want, int64_t(at::get_num_threads()), int64_t(usable_cpus())});
+  const int64_t cap = config().max_threads;
+  if (cap > 0) n = std::min(n, cap);
+  return int(std::max<int64_t>(n, 1));
+}
+// Threads for a region of the process's default size.
+inline int threads() { return threads(INT64_MAX); }
+
+// Thrown inside a team by a barrier whose team was aborted (a teammate failed); run_team swallows it.
+struct TeamAborted {};
+
+class TeamBarrier {
+ public:
+  explicit TeamBarrier(int n = 1) : n_(n) {}
+  TeamBarrier(const TeamBarrier&) = delete;
+  TeamBarrier& operator=(const TeamBarrier&) = delete;
+  void set_threads(int n) { n_ = n; }  // only while no thread is in wait()
+
+  // Every write made by any thread before its wait() is visible to every thread after it returns: arrivals are
+  // acq_rel read-modify-writes on one counter, and the last arriver publishes the new generation with a seq_cst
+  // store the waiters acquire. Throws TeamAborted once abort() was called.
+  void wait();
+  // Wakes every waiter and makes every later wait() throw TeamAborted.
+  void abort();
+
+ private:
+  int n_;
+  alignas(64) std::atomic<int> count_{0};
+  alignas(64) std::atomic<uint32_t> gen_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<int> spin_{kMaxSpin};
+  std::atomic<bool> aborted_{false};
+  static constexpr int kMaxSpin = 4096, kMinSpin = 64;
+};
+
+// The first exception of a parallel region, rethrown after it.
+class ErrorSlot {
+ public:
+  template <class F>
+  bool run(const F& f) noexcept {
+    try {
+      f();
+      return true;
+    } catch (const TeamAborted&) {
+      return false;
+    } catch (...) {
+      std::lock_guard<std::mutex> g(mu_);
+      if (!e_) e_ = std::current_exception();
+      return false;
+    }
+  }
+  void rethrow() {
+    if (e_) std::rethrow_exception(e_);
+  }
+
+ private:
+  std::mutex mu_;
+  std::exception_ptr e_;
+};
+
+namespace detail {
+inline thread_local TeamBarrier* tl_barrier = nullptr;
+}
+
+// The step barrier of the running team (no-op for a team of one).
+inline void team_barrier(int nth) {
+  if (nth > 1) detail::tl_barrier->wait();
+}
+
+// Runs body(tid, nth) on a team of up to nt threads (the team may be smaller), or inline when nt <= 1. Inside,
+// team_barrier(nth) synchronises the team.
+template <class F>
+void run_team(int nt, const F& body) {
+  if (nt <= 1) {
+    body(0, 1);
+    return;
+  }
+  TeamBarrier bar;
+  ErrorSlot err;
+#pragma omp parallel num_threads(nt)
+  {
+#pragma omp single
+    bar.set_threads(omp_get_num_threads());  // single ends in a barrier
+    detail::tl_barrier = &bar;
+    if (!err.run([&] { body(omp_get_thread_num(), omp_get_num_threads()); })) bar.abort();
+    detail::tl_barrier = nullptr;
+  }
+  err.rethrow();
+}
+
+// Chunks parallel_for(n, grain, ...) runs in: ceil(n / grain) capped by threads().
+inline int parallel_chunks(int64_t n, int64_t grain) {
+  if (n <= 0) return 0;
+  const int64_t g = std::max<int64_t>(grain, 1);
+  return int(std::max<int64_t>(1, std::min<int64_t>(threads(), (n + g - 1) / g)));
+}
+
+// f(begin, end, chunk) over [0, n) in parallel_chunks(n, grain) contiguous chunks (chunk < that count), on a team
+// sized as above; exceptions are rethrown here.
+template <class F>
+void parallel_for(int64_t n, int64_t grain, const F& f) {
+  const int nc = parallel_chunks(n, grain);
+  if (nc == 0) return;
+  if (nc == 1) {
+    f(int64_t(0), n, 0);
+    return;
+  }
+  ErrorSlot err;
+#pragma omp parallel num_threads(nc)
+  {
+    const int nth = omp_get_num_threads();
+    // a smaller team than asked: each thread takes several chunks
+    for (int c = omp_get_thread_num(); c < nc; c += nth) {
+      const int64_t b = n * c / nc, e = n * (c + 1) / nc;
+      if (b < e) err.run([&] { f(b, e, c); });
+    }
+  }
+  err.rethrow();
+}
+
+// Test hook (bound as _C._raise_in_parallel_region): throws from one thread of a parallel_for (team = false) or of
+// a run_team whose other threads wait at a barrier (team = true); the exception must reach the caller.
+void raise_in_parallel_region(bool team);
+
+}  // namespace cpu
+}  // namespace seqfast

@@ -1,0 +1,49 @@
+"""Every kernel binding of seqfast._C releases the GIL: another Python thread keeps running while a long SDPA or
+additive-attention call runs (before, SDPA held the GIL for the whole kernel)."""
+import threading
+import time
+
+import pytest
+import torch
+
+from seqfast import _ext
+
+_C = _ext.module()
+pytestmark = pytest.mark.skipif(_C is None, reason="seqfast._C not built")
+
+
+def _ticks_during(call):
+    """Runs call() in a thread; returns how many loop iterations this thread made strictly inside the call."""
+    window = {}
+
+    def worker():
+        window["t0"] = time.perf_counter()
+        call()
+        window["t1"] = time.perf_counter()
+
+    stamps = []
+    t = threading.Thread(target=worker)
+    t.start()
+    while t.is_alive():
+        stamps.append(time.perf_counter())
+    t.join()
+    t0, t1 = window["t0"], window["t1"]
+    assert t1 - t0 > 0.02, "the call was too short to tell"
+    # margin: the GIL may change hands around the call's edges
+    return sum(t0 + 0.005 < s < t1 - 0.005 for s in stamps)
+
+
+def test_sdpa_forward_and_backward_release_the_gil():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 1536, 64) for _ in range(3))
+    out, lse = _C.sdpa_forward(q, k, v, None, False, 0.125)
+    assert _ticks_during(lambda: _C.sdpa_forward(q, k, v, None, False, 0.125)) > 100
+    g = torch.randn_like(out)
+    assert _ticks_during(lambda: _C.sdpa_backward(g, q, k, v, out, lse, None, False, 0.125)) > 100
+
+
+def test_additive_attention_releases_the_gil():
+    torch.manual_seed(0)
+    N, S, A, Dv = 64, 2048, 128, 64
+    qp, kp, v, values = torch.randn(N, A), torch.randn(N, S, A), torch.randn(A), torch.randn(N, S, Dv)
+    assert _ticks_during(lambda: _C.additive_attention_forward(qp, kp, v, values, None)) > 100
