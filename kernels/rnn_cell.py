@@ -9,9 +9,10 @@ Backward: one fused pointwise kernel turns the incoming gradients into pre-activ
 direct state gradient), then the weight/input gradients are plain GEMMs (cuBLAS via torch.mm), which are already
 at the hardware roofline and need no fusion.
 
-Conventions (the caller validates): inputs contiguous, same dtype (float32, float16, bfloat16) and device;
-optional biases may be None. Outputs are in the input dtype; all math accumulates in fp32.
-
+Conventions: the caller validates shapes and makes inputs contiguous, on one device; the forward launchers check
+that every tensor has x's dtype (float32, float16, bfloat16) and raise torch's RuntimeError otherwise. Optional
+biases may be None. Outputs are in the input dtype; all math accumulates in fp32. float32 dots use TF32 when
+torch.backends.cudnn.allow_tf32 is set (allow_tf32=None) and are exact otherwise.
 """
 import torch
 import triton
