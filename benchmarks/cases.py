@@ -15,7 +15,7 @@ from machine import native_bf16
 
 @dataclass
 class Case:
-    family: str          # rnn_cell | rnn_sequence | attention | additive_attention | module
+    family: str          # rnn_cell | rnn_sequence | attention | decoder_step | seq2seq_attention | module
     name: str            # unique, human readable
     builder: object      # builder(impl, device, **params) -> step
     params: dict = field(default_factory=dict)
@@ -216,7 +216,7 @@ def bench_cases(quick=False):
                               f"{'forward' if mode == 'infer' else 'forward+backward'}", sdpa,
                               dict(batch=1, heads=8, L=L, D=D, causal=causal, mode=mode), L, "sequence length"))
     for keys in ([128] if quick else [128, 512, 2048]):
-        cases.append(Case("attention", f"SDPA decoder step B32 H8 keys {keys} D64", sdpa,
+        cases.append(Case("decoder_step", f"SDPA decoder step B32 H8 keys {keys} D64", sdpa,
                           dict(batch=32, heads=8, L=1, D=64, causal=False, mode="infer", keys=keys), keys, "keys"))
     L = 64 if quick else 256
     for mode in modes:
@@ -227,8 +227,7 @@ def bench_cases(quick=False):
     S = 64 if quick else 512
     for kind in ("luong", "bahdanau"):
         for mode in modes:
-            cases.append(Case("additive_attention" if kind == "bahdanau" else "attention",
-                              f"{kind.capitalize()} decoder step B32 S{S} size 256 {_mode_name(mode)}",
-                              seq2seq_attention, dict(kind=kind, batch=32, source=S, size=256, mode=mode), S,
+            name = f"{kind.capitalize()} decoder step B32 S{S} size 256 {_mode_name(mode)}"
+            cases.append(Case("seq2seq_attention", name, seq2seq_attention, dict(kind=kind, batch=32, source=S, size=256, mode=mode), S,
                               "source length"))
     return cases

@@ -76,6 +76,8 @@ def plot(rows, path, title):
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    as_ratio = FuncFormatter(lambda v, _: f"{v:g}x")
     rows = [r for r in rows if r.get("ratio")]
     families = sorted({r["family"] for r in rows})
     if not families:
@@ -95,6 +97,7 @@ def plot(rows, path, title):
                          fmt="o", ms=3, color=colors[fam], elinewidth=0.7, capsize=0)
     top.axhline(1.0, color="k", lw=0.8, ls="--")
     top.set_yscale("log")
+    top.yaxis.set_major_formatter(as_ratio)
     top.set_xticks(range(len(families)), families)
     top.set_ylabel("speedup (torch time / seqfast time)")
     top.set_title("speedup per family (bar: geomean; dots: cases; whiskers: spread over rounds)", fontsize=10)
@@ -105,6 +108,12 @@ def plot(rows, path, title):
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(as_ratio)
+        ratios = [r["ratio"] for r in cases] or [1.0]
+        narrow = max(ratios + [1.0]) / min(ratios + [1.0]) < 20  # label the 2x..9x ticks only where few are shown
+        ax.yaxis.set_minor_formatter(as_ratio if narrow else NullFormatter())
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(", ".join(sorted({r["size_label"] for r in cases})), fontsize=8)
         ax.set_title(f"{fam}: speedup against size", fontsize=9)
     fig.suptitle(title, fontsize=10)
