@@ -441,48 +441,23 @@ def _pow2(x, lo=16):
     return max(lo, triton.next_power_of_2(int(x)))
 
 
-# Static configs for H100/H200 keyed on the padded head dim and the element size: (BLOCK_M, BLOCK_N, warps, stages).
-# Kept where sm_90a compiles them with no register spill and shared memory <= 227 KB (checked over head dims 16-256
-# by tests/kernels/test_compile_sm90.py); not yet timed on hardware. fp32 with input_precision="ieee" runs on FMA
-# units (no tensor cores), hence the small tiles.
-def _fwd_config(bd, elt):
-    if elt <= 2:
-        if bd <= 64:
-            return 128, 64, 4, 3
-        if bd <= 128:
-            return 128, 64, 8, 3
-        return 64, 32, 8, 2
-    if bd <= 64:
-        return 64, 32, 8, 2
-    if bd <= 128:
-        return 32, 16, 8, 2
-    return 32, 16, 8, 1
+# Static configs for H100/H200: (BLOCK_M, BLOCK_N, warps, stages) per kernel, for 2-byte and 4-byte elements, at
+# padded head dims <= 64, <= 128 and 256. Kept where sm_90a compiles them with no register spill and shared memory
+# <= 227 KB (checked over head dims 16-256 by tests/kernels/test_compile_sm90.py); not yet timed on hardware. fp32
+# with input_precision="ieee" runs on FMA units (no tensor cores), hence the small tiles. For dk/dv, BLOCK_M runs
+# over queries and BLOCK_N over keys.
+_CONFIGS = {
+    "fwd": {2: ((128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 2)),
+            4: ((64, 32, 8, 2), (32, 16, 8, 2), (32, 16, 8, 1))},
+    "dkdv": {2: ((32, 128, 8, 3), (32, 64, 8, 3), (32, 32, 8, 1)),
+             4: ((32, 32, 8, 1), (16, 32, 8, 1), (16, 32, 8, 1))},
+    "dq": {2: ((128, 32, 4, 3), (128, 32, 8, 2), (64, 16, 8, 2)),
+           4: ((64, 16, 8, 1), (32, 16, 8, 1), (16, 16, 8, 1))},
+}
 
 
-def _bwd_kv_config(bd, elt):  # (BLOCK_M over queries, BLOCK_N over keys, warps, stages)
-    if elt <= 2:
-        if bd <= 64:
-            return 32, 128, 8, 3
-        if bd <= 128:
-            return 32, 64, 8, 3
-        return 32, 32, 8, 1
-    if bd <= 64:
-        return 32, 32, 8, 1
-    return 16, 32, 8, 1
-
-
-def _bwd_q_config(bd, elt):
-    if elt <= 2:
-        if bd <= 64:
-            return 128, 32, 4, 3
-        if bd <= 128:
-            return 128, 32, 8, 2
-        return 64, 16, 8, 2
-    if bd <= 64:
-        return 64, 16, 8, 1
-    if bd <= 128:
-        return 32, 16, 8, 1
-    return 16, 16, 8, 1
+def _config(kernel, bd, elt):
+    return _CONFIGS[kernel][2 if elt <= 2 else 4][0 if bd <= 64 else 1 if bd <= 128 else 2]
 
 
 def _blocks(cfg, block_m, block_n, interp):
@@ -504,7 +479,7 @@ def forward_launch(N, Hq, Lq, D, Dv, dtype, *, has_bias=False, is_causal=False, 
     """The flash forward (Lq >= 2): grid axis 0 = query blocks x N*Hq, folded."""
     interp = interpreting() if interp is None else interp
     elt = torch.empty((), dtype=dtype).element_size()
-    bm, bn, warps, stages = _blocks(_fwd_config(_pow2(max(D, Dv)), elt), block_m, block_n, interp)
+    bm, bn, warps, stages = _blocks(_config("fwd", _pow2(max(D, Dv)), elt), block_m, block_n, interp)
     consts = _common(D, Dv, dtype, has_bias, is_causal, allow_tf32, interp)
     return Launch((cdiv(Lq, bm) * N * Hq,), dict(consts, BLOCK_M=bm, BLOCK_N=bn), warps, stages)
 
@@ -518,9 +493,9 @@ def backward_launches(N, Hq, Hk, Lq, Lk, D, Dv, dtype, *, has_bias=False, is_cau
     consts = _common(D, Dv, dtype, has_bias, is_causal, allow_tf32, interp)
     pbm = 16 if interp else 64
     pre = Launch((cdiv(Lq, pbm) * N * Hq,), dict(HEAD_DV=Dv, BLOCK_M=pbm, BLOCK_DV=consts["BLOCK_DV"]), 4, 1)
-    bm, bn, warps, stages = _blocks(_bwd_kv_config(big, elt), block_m, block_n, interp)
+    bm, bn, warps, stages = _blocks(_config("dkdv", big, elt), block_m, block_n, interp)
     dkdv = Launch((cdiv(Lk, bn) * N * Hk,), dict(consts, BLOCK_M=bm, BLOCK_N=bn), warps, stages)
-    bm, bn, warps, stages = _blocks(_bwd_q_config(big, elt), block_m, block_n, interp)
+    bm, bn, warps, stages = _blocks(_config("dq", big, elt), block_m, block_n, interp)
     dq = Launch((cdiv(Lq, bm) * N * Hq,), dict(consts, BLOCK_M=bm, BLOCK_N=bn), warps, stages)
     return pre, dkdv, dq
 
