@@ -363,12 +363,12 @@ def _to_head_batches(t, static, name, batch_heads, head_dim):
 # ----------------------------------------------------------------------------------------------------------------
 class _WeightsFromLse(torch.autograd.Function):
     """softmax(scores) given the row log-sum-exp the fused attention already computed: w = exp(s - lse), with the
-    full softmax gradient ds = w * (dw - <w, dw>) (lse depends on s). A row with every score -inf (lse = +-inf
-    depending on the backend) gives w = 0 and ds = 0."""
+    full softmax gradient ds = w * (dw - <w, dw>) (lse depends on s). A row with every score -inf (lse = -inf on
+    every backend: seqfast/reference/attention.py) gives w = 0 and ds = 0; NaN or +inf scores stay NaN, as in torch."""
 
     @staticmethod
     def forward(scores, lse):
-        lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+        lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
         return torch.exp(scores - lse.to(scores.dtype)[:, None])
 
     @staticmethod
