@@ -41,3 +41,32 @@ def check_op(op, backend, dtype, args, *, n_out, backward_args, n_grads, forward
         _close(got[i], expect[i], dtype, f"{op.name} {backend} {dtype} gradient {i}", grad_scale)
     return out
 
+
+
+# seqfast._C's internal paths, forced by an explicit set_config() call (csrc/cpu/config.h): the own AVX-512 GEMM vs
+# BLAS, the fused time loops vs per-step ones, the AVX-512 attention blocks vs the portable ones, a parallel split at
+# every size. Where this CPU lacks AVX-512, the AVX-512 settings fall back to the same portable path.
+CPP_PATHS = {
+    "default": {},
+    "blas-unfused": {"own_gemm": False, "fused": False},
+    "portable-attention": {"avx512_attention": False},
+    "always-parallel": {"par_min_work": 1},
+}
+
+
+def forced_cpp_path(name):
+    """Context manager: seqfast._C's configuration with CPP_PATHS[name] applied, restored after."""
+    import contextlib
+
+    from seqfast import _ext
+
+    @contextlib.contextmanager
+    def run():
+        module = _ext.module()
+        saved = module.get_config()
+        module.set_config(**CPP_PATHS[name])
+        try:
+            yield
+        finally:
+            module.set_config(**saved)
+    return run()

@@ -9,7 +9,7 @@ import torch
 from conftest import HAVE_TRITON
 from seqfast.ops import attention as ops
 
-from .parity import BACKENDS, check_op
+from .parity import BACKENDS, CPP_PATHS, check_op, forced_cpp_path
 
 
 def _args(N, Hq, Hk, L, S, D, Dv, causal=False, mask=None):
@@ -80,3 +80,12 @@ def test_fully_masked_rows_give_zero_and_minus_inf_lse(backend):
     assert torch.isfinite(lse[0, :, [0, 2]]).all()
     dq, dk, dv = kernels.backward(torch.randn_like(out), q, k, v, out, lse, bias, False, scale)
     assert torch.equal(dq[0, :, 1], torch.zeros_like(dq[0, :, 1]))
+
+
+@pytest.mark.parametrize("path", [p for p in CPP_PATHS if p != "default"])
+@pytest.mark.parametrize("shape", ["square", "decode"])
+def test_cpp_sdpa_paths_match_reference(shape, path):
+    """Each internal path of the C++ attention kernels, forced by an explicit set_config()."""
+    with forced_cpp_path(path):
+        check_op(ops.sdpa, "cpp", torch.float32, _args(*SHAPES[shape], causal=True, mask="padding"), n_out=1,
+                 backward_args=_bwd, n_grads=3)

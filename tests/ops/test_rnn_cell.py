@@ -4,7 +4,7 @@ import torch
 
 from seqfast.ops import rnn_cell as ops
 
-from .parity import BACKENDS, check_op
+from .parity import BACKENDS, CPP_PATHS, check_op, forced_cpp_path
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 # (batch, input, hidden): one row (the C++ GEMV step), two rows, odd sizes, hidden 1
@@ -60,3 +60,14 @@ def test_rnn_cell_relu_kernels_match_reference(backend, dtype):
     op, n_out, bwd, n_grads = CASES["rnn"]
     check_op(op, backend, dtype, _args("rnn", 4, 3, 5, True, relu=True), n_out=n_out, backward_args=bwd,
              n_grads=n_grads)
+
+
+@pytest.mark.parametrize("path", [p for p in CPP_PATHS if p != "default"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_cpp_cell_paths_match_reference(kind, path):
+    """Each internal path of the C++ cell kernels, forced by an explicit set_config()."""
+    op, n_out, bwd, n_grads = CASES[kind]
+    for shape in ((1, 5, 7), (9, 6, 20)):
+        with forced_cpp_path(path):
+            check_op(op, "cpp", torch.float32, _args(kind, *shape, True), n_out=n_out, backward_args=bwd,
+                     n_grads=n_grads)

@@ -6,7 +6,7 @@ import torch
 from conftest import HAVE_TRITON
 from seqfast.ops import rnn_sequence as ops
 
-from .parity import BACKENDS, check_op
+from .parity import BACKENDS, CPP_PATHS, check_op, forced_cpp_path
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 # batch_sizes per step: padded (4 steps of 3), packed (decreasing, ends at 1), one step of one row
@@ -74,3 +74,14 @@ def test_triton_sequence_paths_match_reference(kind, path):
     op, n_out, bwd, n_grads = CASES[kind]
     check_op(op, "triton", torch.float32, _args(kind, "packed", 3, 5, True), n_out=n_out, backward_args=bwd,
              n_grads=n_grads, forward_kwargs=path, backward_kwargs=path, grad_scale=4.0)
+
+
+@pytest.mark.parametrize("path", [p for p in CPP_PATHS if p != "default"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_cpp_layer_paths_match_reference(kind, path):
+    """Each internal path of the C++ sequence kernels, forced by an explicit set_config()."""
+    op, n_out, bwd, n_grads = CASES[kind]
+    for layout in ("padded", "packed"):
+        with forced_cpp_path(path):
+            check_op(op, "cpp", torch.float32, _args(kind, layout, 5, 6, True), n_out=n_out, backward_args=bwd,
+                     n_grads=n_grads, grad_scale=4.0)
