@@ -13,7 +13,7 @@ from ..reference import attention as _reference
 
 
 def _broadcast(*shapes):
-    """torch.broadcast_shapes, without its ~30 us of Python when the shapes already agree (the common case)."""
+    """torch.broadcast_shapes, without its Python cost when the shapes already agree (the common case)."""
     first = shapes[0]
     return first if all(s == first for s in shapes[1:]) else torch.broadcast_shapes(*shapes)
 

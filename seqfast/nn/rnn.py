@@ -39,7 +39,7 @@ class _SeqfastRNNMixin:
 
     def forward(self, input, hx=None):
         # (no self._update_flat_weights(): torch keeps _flat_weights for its cuDNN/oneDNN calls; the weights are read
-        # by name in _layer_weights, which is all seqfast uses, and the check costs ~10 us per call)
+        # by name in _layer_weights, which is all seqfast uses, and the check costs as much as a small step)
         packed = isinstance(input, PackedSequence)
         name = type(self).__name__
         if packed:

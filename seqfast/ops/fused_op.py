@@ -10,8 +10,8 @@ backend. The op is exposed two ways:
 * ``torch.ops.seqfast.<name>`` (+ ``<name>_backward``): registered custom ops with fake implementations and a
   registered autograd formula, so torch.compile(fullgraph=True) traces through them;
 * an eager fast path: a torch.autograd.Function calling the kernels directly (or, with no grad needed, the kernel
-  itself). A custom-op call costs ~16 us more than a Python call (DESIGN.md), a third of a batch-1 LSTMCell step,
-  so eager mode skips the dispatcher; both paths run the same kernels and the same backward formula.
+  itself). A custom-op call costs a sizeable share of a batch-1 LSTMCell step (DESIGN.md measures it), so eager
+  mode skips the dispatcher; both paths run the same kernels and the same backward formula.
 """
 import functools
 from typing import Callable, NamedTuple, Optional
@@ -91,7 +91,7 @@ class FusedOp:
             @classmethod
             def apply(cls, *args):
                 # torch's apply binds default arguments with inspect.signature on every call when setup_context is
-                # defined (~25 us, as much as a small kernel); forward takes *args, so there is nothing to bind.
+                # defined (as costly as a small kernel); forward takes *args, so there is nothing to bind.
                 # Under functorch transforms torch's own apply runs.
                 if torch._C._are_functorch_transforms_active():
                     return super().apply(*args)
