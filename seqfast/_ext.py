@@ -1,8 +1,8 @@
 """Loads the compiled CPU extension seqfast._C.
 
 The extension is compiled against one torch version (the one installed when seqfast was built). When it is missing
-or was built for another torch (ImportError / undefined symbols), seqfast keeps working: CPU ops run the plain
-PyTorch reference (same results, slower) and a single warning names the fix.
+or was built for another torch (ImportError / undefined symbols), seqfast keeps working: CPU ops run torch's own ops
+(same results, torch's speed) and a single warning names the fix.
 """
 import warnings
 
@@ -30,8 +30,8 @@ def available():
         _warned = True
         import torch
         warnings.warn(
-            f"seqfast: the C++ extension seqfast._C could not be loaded ({_error}); CPU ops fall back to the "
-            f"PyTorch reference implementation (correct but slower). It must be built against the installed torch "
+            f"seqfast: the C++ extension seqfast._C could not be loaded ({_error}); CPU ops fall back to torch's "
+            f"own ops (same results, without seqfast's speed-up). It must be built against the installed torch "
             f"({torch.__version__}): reinstall seqfast with `pip install --no-build-isolation --force-reinstall "
             f"--no-deps <seqfast source or sdist>` (or `make build` in a checkout).",
             RuntimeWarning, stacklevel=3)
