@@ -28,8 +28,8 @@ $(VENV)/.seqfast-deps: requirements-dev.txt
 	touch $@
 
 .deps-system:
-	@$(PY) -c "import torch, triton, pytest, pytest_benchmark" || \
-	  (echo "VENV= mode uses $(PY) as it is: it needs torch, triton, pytest and pytest-benchmark installed"; exit 1)
+	@$(PY) -c "import torch, triton, pytest" || \
+	  (echo "VENV= mode uses $(PY) as it is: it needs torch, triton and pytest installed"; exit 1)
 
 # The extension is built in place (editable install: seqfast/_C*.so, kernels/ mapped to seqfast.kernels).
 # flock: one C++ build at a time on this 2-core machine.

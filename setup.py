@@ -46,7 +46,7 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'"],
     extras_require={
         "test": ["pytest>=7", "numpy<2.3"],
-        "bench": ["pytest-benchmark>=4"],
+        "bench": ["matplotlib", "tqdm", "onnx", "onnxruntime"],
     },
     zip_safe=False,
 )
