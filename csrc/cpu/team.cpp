@@ -1,6 +1,7 @@
 // Team sizing and the futex barrier; see team.h.
 #include "cpu/team.h"
 
+#include <chrono>
 #include <climits>
 #include <fstream>
 #include <sched.h>
@@ -21,6 +22,8 @@
 namespace seqfast {
 namespace cpu {
 namespace {
+
+constexpr int kMinBackoff = 4, kMaxBackoff = 1024;
 
 int affinity_cpus() {
 #if defined(__linux__)
@@ -78,7 +81,33 @@ void futex_wait(std::atomic<uint32_t>*, uint32_t) { sched_yield(); }
 void futex_wake_all(std::atomic<uint32_t>*) {}
 #endif
 
+// Regions left to run on one thread, and how many the next contended region sets it to.
+std::atomic<int> g_skip{0};
+std::atomic<int> g_backoff{kMinBackoff};
+
 }  // namespace
+
+int64_t now_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+bool backing_off() {
+  int s = g_skip.load(std::memory_order_relaxed);
+  while (s > 0)
+    if (g_skip.compare_exchange_weak(s, s - 1, std::memory_order_relaxed)) return true;
+  return false;
+}
+
+void report_region(bool late) {
+  if (late) {
+    const int b = g_backoff.load(std::memory_order_relaxed);
+    g_skip.store(b, std::memory_order_relaxed);
+    g_backoff.store(std::min(kMaxBackoff, 2 * b), std::memory_order_relaxed);
+  } else {
+    g_backoff.store(kMinBackoff, std::memory_order_relaxed);
+  }
+}
 
 int usable_cpus() { return usable().load(std::memory_order_relaxed); }
 void refresh_usable_cpus() { usable().store(detect(), std::memory_order_relaxed); }
@@ -87,6 +116,7 @@ void TeamBarrier::wait() {
   if (n_ <= 1) return;
   if (aborted_.load(std::memory_order_acquire)) throw TeamAborted();
   const uint32_t g = gen_.load(std::memory_order_acquire);
+  waits_.fetch_add(1, std::memory_order_relaxed);
   if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
     count_.store(0, std::memory_order_relaxed);
     gen_.store(g + 1, std::memory_order_seq_cst);
@@ -104,6 +134,7 @@ void TeamBarrier::wait() {
   }
   // Late teammate: sleep until the generation changes (futex_wait returns at once if it already has).
   spin_.store(std::max(kMinSpin, spin / 2), std::memory_order_relaxed);
+  slept_.fetch_add(1, std::memory_order_relaxed);
   sleepers_.fetch_add(1, std::memory_order_seq_cst);
   while (gen_.load(std::memory_order_seq_cst) == g) futex_wait(&gen_, g);
   sleepers_.fetch_sub(1, std::memory_order_relaxed);

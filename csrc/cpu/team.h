@@ -10,6 +10,13 @@
 // late teammate (another process or Python thread running on its core) costs a short spin, not a busy core. The
 // spin budget adapts: it shrinks while waits end asleep and grows back while they end spinning.
 //
+// Contention: a team's threads may still not all run when they should (other processes or Python threads on the
+// same cores; a loaded machine). A barrier wait that ends asleep, or a parallel_for chunk that starts late, is
+// evidence of it; after a region with such evidence the next regions run on the calling thread alone (a step
+// barrier then costs nothing), a number of regions that doubles while the evidence repeats and resets after a clean
+// multi-threaded region. So an oversubscribed process degrades to one thread per caller, never to waiting a
+// scheduler time slice per step.
+//
 // Errors: an exception thrown by one thread of a region (a failed check, a failed allocation) is captured, the
 // team's barrier is aborted so no teammate waits forever, and the first exception is rethrown on the calling thread
 // after the region: it reaches Python as an exception, never std::terminate.
@@ -45,6 +52,13 @@ inline int threads(int64_t want) {
 // Threads for a region of the process's default size.
 inline int threads() { return threads(INT64_MAX); }
 
+// True when the next region should run on the calling thread alone (recent contention); consumes one skipped region.
+bool backing_off();
+// Reports how a multi-threaded region went (late = contention seen).
+void report_region(bool late);
+// Microseconds on a steady clock (parallel_for's late-start check).
+int64_t now_us();
+
 // Thrown inside a team by a barrier whose team was aborted (a teammate failed); run_team swallows it.
 struct TeamAborted {};
 
@@ -61,6 +75,11 @@ class TeamBarrier {
   void wait();
   // Wakes every waiter and makes every later wait() throw TeamAborted.
   void abort();
+  // Contention seen: a good share of the waits had to sleep.
+  bool late() const {
+    const int w = waits_.load(std::memory_order_relaxed), s = slept_.load(std::memory_order_relaxed);
+    return s > 0 && 4 * s >= w;
+  }
 
  private:
   int n_;
@@ -69,6 +88,7 @@ class TeamBarrier {
   std::atomic<int> sleepers_{0};
   std::atomic<int> spin_{kMaxSpin};
   std::atomic<bool> aborted_{false};
+  std::atomic<int> waits_{0}, slept_{0};
   static constexpr int kMaxSpin = 4096, kMinSpin = 64;
 };
 
@@ -110,7 +130,7 @@ inline void team_barrier(int nth) {
 // team_barrier(nth) synchronises the team.
 template <class F>
 void run_team(int nt, const F& body) {
-  if (nt <= 1) {
+  if (nt <= 1 || backing_off()) {
     body(0, 1);
     return;
   }
@@ -124,6 +144,7 @@ void run_team(int nt, const F& body) {
     if (!err.run([&] { body(omp_get_thread_num(), omp_get_num_threads()); })) bar.abort();
     detail::tl_barrier = nullptr;
   }
+  report_region(bar.late());
   err.rethrow();
 }
 
@@ -140,13 +161,17 @@ template <class F>
 void parallel_for(int64_t n, int64_t grain, const F& f) {
   const int nc = parallel_chunks(n, grain);
   if (nc == 0) return;
-  if (nc == 1) {
-    f(int64_t(0), n, 0);
+  if (nc == 1 || backing_off()) {
+    for (int c = 0; c < nc; ++c) f(n * c / nc, n * (c + 1) / nc, c);  // same chunks, in order
     return;
   }
   ErrorSlot err;
+  const int64_t t0 = now_us();
+  std::atomic<bool> late{false};
 #pragma omp parallel num_threads(nc)
   {
+    // a thread starting this long after the region opened was not running: another task had its core
+    if (omp_get_thread_num() > 0 && now_us() - t0 > 500) late.store(true, std::memory_order_relaxed);
     const int nth = omp_get_num_threads();
     // a smaller team than asked: each thread takes several chunks
     for (int c = omp_get_thread_num(); c < nc; c += nth) {
@@ -154,6 +179,7 @@ void parallel_for(int64_t n, int64_t grain, const F& f) {
       if (b < e) err.run([&] { f(b, e, c); });
     }
   }
+  report_region(late.load(std::memory_order_relaxed));
   err.rethrow();
 }
 
