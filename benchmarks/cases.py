@@ -15,7 +15,7 @@ from machine import native_bf16
 
 @dataclass
 class Case:
-    family: str          # rnn_cell | rnn_sequence | attention | decoder_step | seq2seq_attention | module
+    family: str          # rnn_cell | rnn_sequence | threads | attention | decoder_step | seq2seq_attention | module
     name: str            # unique, human readable
     builder: object      # builder(impl, device, **params) -> step
     params: dict = field(default_factory=dict)
@@ -122,6 +122,29 @@ def sdpa(impl, device, batch, heads, L, D, causal, mode, dtype="float32", keys=N
     return _run(lambda: fn(q, k, v, is_causal=causal), mode, lambda out: out.float().sum())
 
 
+def oversubscribed(impl, device, kind, T, batch, hidden, threads, python_threads=1):
+    """A training step of a `kind` sequence with torch.set_num_threads(threads) (more than the CPUs this process may
+    use, as in CPU-quota containers), run by `python_threads` Python threads at once, each on its own module (a
+    server's worker threads). The previous thread count is restored after each step."""
+    import threading
+    steps = [sequence(impl, device, kind, T, batch, hidden, "train") for _ in range(python_threads)]
+
+    def step():
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            if python_threads == 1:
+                return steps[0]()
+            workers = [threading.Thread(target=s) for s in steps]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+        finally:
+            torch.set_num_threads(before)
+    return step
+
+
 class _SDPA(torch.nn.Module):
     def __init__(self, causal):
         super().__init__()
@@ -208,6 +231,13 @@ def bench_cases(quick=False):
                 cases.append(Case("rnn_sequence", f"{kind.upper()} T{T} B{extra['batch']} H{extra['hidden']} {label} "
                                   f"{_mode_name(mode)}", sequence, dict(kind=kind, T=T, mode=mode, **extra),
                                   extra["batch"] * extra["hidden"], "batch x hidden"))
+    # threads past the usable CPUs (issue 14: a spinning step barrier made this 100x slower than torch)
+    over = [(8, 1)] if quick else [(3, 1), (8, 1), (2, 2)]
+    for threads, python_threads in over:
+        label = f"{python_threads} Python threads, " if python_threads > 1 else ""
+        cases.append(Case("threads", f"LSTM T{T} B1 H128 training, {label}torch.set_num_threads({threads})",
+                          oversubscribed, dict(kind="lstm", T=T, batch=1, hidden=128, threads=threads,
+                                               python_threads=python_threads), threads, "threads"))
     sdpa_shapes = [(128, 64, True)] if quick else \
         [(L, 64, causal) for L in (128, 512, 1024) for causal in (False, True)] + [(1024, 128, True)]
     for L, D, causal in sdpa_shapes:

@@ -29,15 +29,18 @@ def cpu_class():
 class Rule:
     """torch's op is faster for ``family`` ("lstm", "gru", "rnn", "lstm_cell", "gru_cell", "rnn_cell", "sdpa") in
     ``dtype`` on ``cpus`` when every given bound holds: ``training`` (True / False / None = either), ``batch`` and
-    ``hidden`` as inclusive (low, high) ranges (None = any). ``source``: the sweep run that measured it."""
+    ``hidden`` as inclusive (low, high) ranges (None = any), ``causal`` (SDPA: True / False / None = either).
+    For "sdpa", ``batch`` is the query length and ``hidden`` the key length. ``source``: the sweep run that measured
+    it."""
 
-    def __init__(self, family, dtype, cpus, *, training=None, batch=None, hidden=None, source):
+    def __init__(self, family, dtype, cpus, *, training=None, batch=None, hidden=None, causal=None, source):
         self.family, self.dtype, self.cpus = family, dtype, frozenset(cpus)
-        self.training, self.batch, self.hidden, self.source = training, batch, hidden, source
+        self.training, self.batch, self.hidden, self.causal, self.source = training, batch, hidden, causal, source
 
-    def matches(self, family, dtype, cpu, training, batch, hidden):
+    def matches(self, family, dtype, cpu, training, batch, hidden, causal):
         return (family == self.family and dtype == self.dtype and cpu in self.cpus
                 and (self.training is None or self.training == training)
+                and (self.causal is None or self.causal == causal)
                 and (self.batch is None or self.batch[0] <= batch <= self.batch[1])
                 and (self.hidden is None or self.hidden[0] <= hidden <= self.hidden[1]))
 
@@ -47,6 +50,8 @@ F32 = torch.float32
 
 INF = 1 << 62
 AVX512_BF16 = ("avx512_bf16",)
+AVX2 = ("avx2",)
+_ZEN3 = "make bench-sweep, sweep-cpu-20261204-194326 (AMD EPYC family 25 model 1, AVX2, 2 threads), commit c6aed95"
 
 RULES = [
     # bfloat16 on AVX512_BF16 CPUs: torch runs oneDNN's native bf16 RNN kernels; seqfast's C++ path computes its gates
@@ -56,17 +61,37 @@ RULES = [
     # cpu-20261127-134733.md: bf16 GRU T64 B64 H512 training 0.77x; earlier runs bf16 LSTM B64 H512 0.65-0.80x).
     Rule("lstm", BF16, AVX512_BF16, source="issue 15 sweep (main ed888a7); cpu-20261127 runs"),
     Rule("gru", BF16, AVX512_BF16, training=True, batch=(64, INF), source="issue 15 sweep; cpu-20261127-134733"),
-    Rule("sdpa", BF16, AVX512_BF16, training=True, batch=(2048, INF), hidden=(2048, INF),
+    Rule("sdpa", BF16, AVX512_BF16, training=True, batch=(2048, INF), hidden=(2048, INF), causal=True,
          source="issue 15 sweep (main ed888a7)"),
+] + [
+    # AVX2 without AVX-512 (an AMD EPYC Zen 3, family 25 model 1): the C++ kernels take their MKL / AVX2 paths.
+    # Measured by make bench-sweep on commit c6aed95 (sweep-cpu-20261204-194326, 2 threads, 5 rounds per case);
+    # each rule covers a region where the measured cases were below 1.0x (the one exception is noted).
+    Rule("rnn_cell", F32, AVX2, training=True, source=_ZEN3),  # 0.86-0.96x at every size
+    Rule("lstm_cell", F32, AVX2, training=True, hidden=(512, INF), source=_ZEN3),  # 0.74-0.95x
+    Rule("lstm_cell", F32, AVX2, training=True, batch=(256, INF), hidden=(256, INF), source=_ZEN3),  # 0.85-0.93x
+    Rule("gru_cell", F32, AVX2, training=True, batch=(32, INF), hidden=(512, INF), source=_ZEN3),  # 0.86-0.88x
+    Rule("gru_cell", F32, AVX2, training=False, batch=(256, INF), hidden=(512, INF), source=_ZEN3),  # 0.81x
+    Rule("lstm", F32, AVX2, training=True, batch=(8, INF), hidden=(256, INF), source=_ZEN3),  # 0.77-0.94x
+    Rule("lstm", F32, AVX2, training=False, batch=(32, INF), hidden=(1024, INF), source=_ZEN3),  # 0.89x
+    Rule("lstm", F32, AVX2, training=False, batch=(64, INF), hidden=(1, 64), source=_ZEN3),  # 0.68x
+    # SDPA (batch = query length >= 2; hidden = key length): torch's CPU flash kernel beats the portable C++ blocks
+    Rule("sdpa", F32, AVX2, batch=(2, INF), causal=False, source=_ZEN3),  # 0.34-0.80x
+    Rule("sdpa", F32, AVX2, training=True, batch=(2, INF), causal=True, source=_ZEN3),  # 0.64-1.28x, 2 of 3 below
+    Rule("sdpa", F32, AVX2, training=False, batch=(512, INF), causal=True, source=_ZEN3),  # 0.85-0.92x
+    Rule("sdpa", BF16, AVX2, training=False, batch=(2, INF), source=_ZEN3),  # 0.63-0.84x (training: 3.0-7.7x)
+    # the decoder step (query length 1): bfloat16 at every length, float32 over 256 keys and fewer
+    Rule("sdpa", BF16, AVX2, batch=(1, 1), source=_ZEN3),  # 0.93-1.00x
+    Rule("sdpa", F32, AVX2, batch=(1, 1), hidden=(1, 256), source=_ZEN3),  # 0.94x
 ]
 
 
 @functools.lru_cache(maxsize=4096)
-def _lookup(family, dtype, cpu, training, batch, hidden):
-    return any(rule.matches(family, dtype, cpu, training, batch, hidden) for rule in RULES)
+def _lookup(family, dtype, cpu, training, batch, hidden, causal=False):
+    return any(rule.matches(family, dtype, cpu, training, batch, hidden, causal) for rule in RULES)
 
 
-def prefer_torch(family, tensor, batch, hidden, grad_tensors):
+def prefer_torch(family, tensor, batch, hidden, grad_tensors, causal=False):
     """Whether torch's own op is the faster choice for this call: CPU tensors, no backend forced, not while
     torch.compile traces (the graph keeps seqfast's ops), and a rule matches (memoised per shape). For "sdpa",
     ``batch`` is the query length and ``hidden`` the key length. The call trains (a rule's ``training`` side) when
@@ -76,7 +101,7 @@ def prefer_torch(family, tensor, batch, hidden, grad_tensors):
     if _backend.forced_backend() is not None or torch.compiler.is_compiling():
         return False
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_tensors)
-    return _lookup(family, tensor.dtype, cpu_class(), training, int(batch), int(hidden))
+    return _lookup(family, tensor.dtype, cpu_class(), training, int(batch), int(hidden), bool(causal))
 
 
 _families = {}

@@ -101,7 +101,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     feature = dropout_p > 0.0 or (bias is not None and bias.requires_grad)
     if ((feature and _backend.use_torch_for_feature()) or _ops.sdpa.runs_torch_op(q4)
-            or (_rules.prefer_torch("sdpa", q4, L, S, (q4, k4, v4)))):
+            or (_rules.prefer_torch("sdpa", q4, L, S, (q4, k4, v4), is_causal))):
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
                                                                 scale=given_scale, enable_gqa=enable_gqa)
     if feature:  # forced reference
