@@ -87,7 +87,8 @@ RULES = [
 
 
 @functools.lru_cache(maxsize=4096)
-def _lookup(family, dtype, cpu, training, batch, hidden, causal=False):
+def _lookup(family, dtype, training, batch, hidden, causal=False):
+    cpu = cpu_class()
     return any(rule.matches(family, dtype, cpu, training, batch, hidden, causal) for rule in RULES)
 
 
@@ -101,7 +102,7 @@ def prefer_torch(family, tensor, batch, hidden, grad_tensors, causal=False):
     if _backend.forced_backend() is not None or torch.compiler.is_compiling():
         return False
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_tensors)
-    return _lookup(family, tensor.dtype, cpu_class(), training, int(batch), int(hidden), bool(causal))
+    return _lookup(family, tensor.dtype, training, batch, hidden, causal)
 
 
 _families = {}

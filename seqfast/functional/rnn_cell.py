@@ -30,13 +30,16 @@ def _check_cell(name, gates, input, states, w_ih, w_hh, b_ih, b_hh):
     rows = gates * hidden
     if w_ih.dim() != 2 or w_hh.dim() != 2 or w_ih.shape[0] != rows or w_hh.shape[0] != rows:
         return False
-    named = [(w_ih, "weight_ih"), (w_hh, "weight_hh")] + [(h, f"hidden{i}") for i, h in enumerate(states)]
-    for b, what in ((b_ih, "bias_ih"), (b_hh, "bias_hh")):
-        if b is not None:
-            if b.dim() != 1 or b.shape[0] != rows:
-                return False
-            named.append((b, what))
-    if not torch._C._is_any_autocast_enabled():  # under autocast the op casts its arguments itself
+    for b in (b_ih, b_hh):
+        if b is not None and (b.dim() != 1 or b.shape[0] != rows):
+            return False
+    # one cheap pass (dtypes are singletons; is_cpu needs no device object); the named errors only when it fails
+    on_cpu = input.is_cpu
+    tensors = (w_ih, w_hh, *states, b_ih, b_hh)
+    if any(t is not None and (t.dtype is not dtype or t.is_cpu is not on_cpu or (not on_cpu and t.device != device))
+           for t in tensors) and not torch._C._is_any_autocast_enabled():  # under autocast the op casts itself
+        named = [(w_ih, "weight_ih"), (w_hh, "weight_hh")] + [(h, f"hidden{i}") for i, h in enumerate(states)]
+        named += [(b, what) for b, what in ((b_ih, "bias_ih"), (b_hh, "bias_hh")) if b is not None]
         for t, what in named:
             if t.dtype != dtype:
                 raise RuntimeError(f"{name}: expected {what} to have dtype {dtype} (the input's), got {t.dtype}")
