@@ -10,7 +10,8 @@ Plan:
     batch_sizes is non-increasing, every active row of step t was active at its previous step too, so the
     previous state of row b is simply row b of the previous step's slice of `out` (or of h0 for a row's first
     step). The kernels pick that per row with a pointer select, and write hn/cn for a row at its last step.
-    One kernel per cell type and direction serves two launch strategies (PERSISTENT constexpr):
+    One kernel (_sequence_kernel: the time loop) runs every cell type and direction, with the step body as a
+    compile-time argument (TILE), and serves two launch strategies (PERSISTENT constexpr):
       - per-step: one launch per time step, grid (batch tiles, hidden tiles). Good for large batch / hidden.
       - persistent: one launch for the whole sequence; grid = batch tiles only; each program owns ALL hidden
         units of its batch rows and loops over time inside the kernel, with a CTA barrier between steps.
@@ -90,10 +91,11 @@ def _step_schedule(sched_ptr, s, T, Bu, UNIFORM: tl.constexpr, REVERSE: tl.const
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _lstm_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, gates_ptr, hn_ptr, cn_ptr,
-                   off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
-                   HAS_BHH: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+def _lstm_fwd_tile(ptrs, step, H, pid_b, pid_h,
+                   HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                    INTERP: tl.constexpr, PREC: tl.constexpr):
+    gx_ptr, whh_ptr, bhh_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, gates_ptr, hn_ptr, cn_ptr = ptrs
+    off_t, bs_t, prev_off, n_prev, _next_off, n_next = step
     b, cols, rmask, cmask, m = tile(pid_b, pid_h, bs_t, H, BB, BH)
     has_prev = b < n_prev
     h_rows = tl.where(has_prev, out_ptr + (prev_off + b) * H, h0_ptr + b * H)
@@ -137,10 +139,11 @@ def _lstm_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, ga
 
 
 @triton.jit
-def _lstm_bwd_tile(gout_ptr, ghn_ptr, dc_ptr, whh_ptr, gates_ptr, cs_ptr, c0_ptr, dg_ptr,
-                   off_t, bs_t, prev_off, n_prev, next_off, n_next, H, pid_b, pid_h,
-                   BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+def _lstm_bwd_tile(ptrs, step, H, pid_b, pid_h,
+                   HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                    INTERP: tl.constexpr, PREC: tl.constexpr):
+    gout_ptr, ghn_ptr, dc_ptr, whh_ptr, gates_ptr, cs_ptr, c0_ptr, dg_ptr = ptrs
+    off_t, bs_t, prev_off, n_prev, next_off, n_next = step
     b, cols, rmask, cmask, m = tile(pid_b, pid_h, bs_t, H, BB, BH)
     has_next = b < n_next
     # dh = grad_out_t + (rows with a next step: dgates_next @ W_hh ; rows at their last step: grad_hn)
@@ -173,10 +176,11 @@ def _lstm_bwd_tile(gout_ptr, ghn_ptr, dc_ptr, whh_ptr, gates_ptr, cs_ptr, c0_ptr
 
 
 @triton.jit
-def _gru_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, ws_ptr, hn_ptr,
-                  off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
-                  HAS_BHH: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+def _gru_fwd_tile(ptrs, step, H, pid_b, pid_h,
+                  HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                   INTERP: tl.constexpr, PREC: tl.constexpr):
+    gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, ws_ptr, hn_ptr = ptrs
+    off_t, bs_t, prev_off, n_prev, _next_off, n_next = step
     b, cols, rmask, cmask, m = tile(pid_b, pid_h, bs_t, H, BB, BH)
     h_rows = tl.where(b < n_prev, out_ptr + (prev_off + b) * H, h0_ptr + b * H)
     acc_r = tl.zeros((BB, BH), tl.float32)
@@ -204,10 +208,11 @@ def _gru_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, ws_ptr, hn_ptr,
 
 
 @triton.jit
-def _gru_bwd_tile(gout_ptr, carry_ptr, whh_ptr, ws_ptr, out_ptr, h0_ptr, dgi_ptr, dgh_ptr,
-                  off_t, bs_t, prev_off, n_prev, next_off, n_next, H, pid_b, pid_h,
-                  BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+def _gru_bwd_tile(ptrs, step, H, pid_b, pid_h,
+                  HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                   INTERP: tl.constexpr, PREC: tl.constexpr):
+    gout_ptr, carry_ptr, whh_ptr, ws_ptr, out_ptr, h0_ptr, dgi_ptr, dgh_ptr = ptrs
+    off_t, bs_t, prev_off, n_prev, next_off, n_next = step
     b, cols, rmask, cmask, m = tile(pid_b, pid_h, bs_t, H, BB, BH)
     # dh = grad_out_t + carry (grad_hn before the row's last step, then dh*z of the step after)
     #      + dgh_next @ W_hh (rows with a next step)
@@ -239,10 +244,11 @@ def _gru_bwd_tile(gout_ptr, carry_ptr, whh_ptr, ws_ptr, out_ptr, h0_ptr, dgi_ptr
 
 
 @triton.jit
-def _rnn_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, hn_ptr,
-                  off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
-                  HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
-                  BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+def _rnn_fwd_tile(ptrs, step, H, pid_b, pid_h,
+                  HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                  INTERP: tl.constexpr, PREC: tl.constexpr):
+    gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, hn_ptr = ptrs
+    off_t, bs_t, prev_off, n_prev, _next_off, n_next = step
     b, cols, rmask, cmask, m = tile(pid_b, pid_h, bs_t, H, BB, BH)
     h_rows = tl.where(b < n_prev, out_ptr + (prev_off + b) * H, h0_ptr + b * H)
     acc = tl.zeros((BB, BH), tl.float32)
@@ -261,10 +267,11 @@ def _rnn_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, hn_ptr,
 
 
 @triton.jit
-def _rnn_bwd_tile(gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr,
-                  off_t, bs_t, next_off, n_next, H, pid_b, pid_h,
-                  RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+def _rnn_bwd_tile(ptrs, step, H, pid_b, pid_h,
+                  HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                   INTERP: tl.constexpr, PREC: tl.constexpr):
+    gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr = ptrs
+    off_t, bs_t, _prev_off, _n_prev, next_off, n_next = step
     b, cols, rmask, cmask, m = tile(pid_b, pid_h, bs_t, H, BB, BH)
     has_next = b < n_next
     acc = tl.zeros((BB, BH), tl.float32)
@@ -283,110 +290,28 @@ def _rnn_bwd_tile(gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# kernels: one per cell type and direction. Program (pid_b[, pid_h]) walks n_steps processing steps from s0 (up in
-# the forward, down in the backward). PERSISTENT: grid = batch tiles, every hidden tile looped here, a CTA barrier
-# publishes each step's state before the next step reads it. Otherwise: grid = (batch tiles, hidden tiles), one step.
+# the kernel: one time loop for every cell type and direction. TILE (a step body above, a compile-time constant) is
+# inlined, so each (TILE, flags) pair compiles to its own specialised kernel, as six hand-written ones did. A program
+# (pid_b[, pid_h]) walks n_steps processing steps from s0 (up in the forward, down in the BACKWARD pass).
+# PERSISTENT: grid = batch tiles, every hidden tile looped here, a CTA barrier publishes each step's state before the
+# next step reads it. Otherwise: grid = (batch tiles, hidden tiles), one step per launch.
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=["s0"])
-def _lstm_fwd_kernel(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, gates_ptr, hn_ptr, cn_ptr,
-                     sched_ptr, s0, n_steps, T, Bu, H,
-                     HAS_BHH: tl.constexpr, UNIFORM: tl.constexpr, REVERSE: tl.constexpr, PERSISTENT: tl.constexpr,
-                     BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
-    pid_b = tl.program_id(0)
-    for i in range(0, n_steps):
-        off_t, bs_t, prev_off, n_prev, _next_off, n_next = _step_schedule(sched_ptr, s0 + i, T, Bu, UNIFORM, REVERSE)
-        if pid_b * BB < bs_t:
-            for pid_h in range(tl.program_id(1), _h_end(H, BH, PERSISTENT)):
-                _lstm_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, gates_ptr, hn_ptr, cn_ptr,
-                               off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
-                               HAS_BHH, BB, BH, BK, INTERP, PREC)
-        if PERSISTENT:
-            tl.debug_barrier()
-
-
-@triton.jit(do_not_specialize=["s0"])
-def _lstm_bwd_kernel(gout_ptr, ghn_ptr, dc_ptr, whh_ptr, gates_ptr, cs_ptr, c0_ptr, dg_ptr,
-                     sched_ptr, s0, n_steps, T, Bu, H,
+def _sequence_kernel(ptrs, sched_ptr, s0, n_steps, T, Bu, H,
+                     TILE: tl.constexpr, BACKWARD: tl.constexpr, HAS_BHH: tl.constexpr, RELU: tl.constexpr,
                      UNIFORM: tl.constexpr, REVERSE: tl.constexpr, PERSISTENT: tl.constexpr,
                      BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     pid_b = tl.program_id(0)
     for i in range(0, n_steps):
-        off_t, bs_t, prev_off, n_prev, next_off, n_next = _step_schedule(sched_ptr, s0 - i, T, Bu, UNIFORM, REVERSE)
-        if pid_b * BB < bs_t:
+        if BACKWARD:
+            s = s0 - i
+        else:
+            s = s0 + i
+        step = _step_schedule(sched_ptr, s, T, Bu, UNIFORM, REVERSE)
+        if pid_b * BB < step[1]:  # step[1] = bs_t: this batch tile has active rows at this step
             for pid_h in range(tl.program_id(1), _h_end(H, BH, PERSISTENT)):
-                _lstm_bwd_tile(gout_ptr, ghn_ptr, dc_ptr, whh_ptr, gates_ptr, cs_ptr, c0_ptr, dg_ptr,
-                               off_t, bs_t, prev_off, n_prev, next_off, n_next, H, pid_b, pid_h,
-                               BB, BH, BK, INTERP, PREC)
-        if PERSISTENT:
-            tl.debug_barrier()
-
-
-@triton.jit(do_not_specialize=["s0"])
-def _gru_fwd_kernel(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, ws_ptr, hn_ptr,
-                    sched_ptr, s0, n_steps, T, Bu, H,
-                    HAS_BHH: tl.constexpr, UNIFORM: tl.constexpr, REVERSE: tl.constexpr, PERSISTENT: tl.constexpr,
-                    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
-    pid_b = tl.program_id(0)
-    for i in range(0, n_steps):
-        off_t, bs_t, prev_off, n_prev, _next_off, n_next = _step_schedule(sched_ptr, s0 + i, T, Bu, UNIFORM, REVERSE)
-        if pid_b * BB < bs_t:
-            for pid_h in range(tl.program_id(1), _h_end(H, BH, PERSISTENT)):
-                _gru_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, ws_ptr, hn_ptr,
-                              off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
-                              HAS_BHH, BB, BH, BK, INTERP, PREC)
-        if PERSISTENT:
-            tl.debug_barrier()
-
-
-@triton.jit(do_not_specialize=["s0"])
-def _gru_bwd_kernel(gout_ptr, carry_ptr, whh_ptr, ws_ptr, out_ptr, h0_ptr, dgi_ptr, dgh_ptr,
-                    sched_ptr, s0, n_steps, T, Bu, H,
-                    UNIFORM: tl.constexpr, REVERSE: tl.constexpr, PERSISTENT: tl.constexpr,
-                    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
-    pid_b = tl.program_id(0)
-    for i in range(0, n_steps):
-        off_t, bs_t, prev_off, n_prev, next_off, n_next = _step_schedule(sched_ptr, s0 - i, T, Bu, UNIFORM, REVERSE)
-        if pid_b * BB < bs_t:
-            for pid_h in range(tl.program_id(1), _h_end(H, BH, PERSISTENT)):
-                _gru_bwd_tile(gout_ptr, carry_ptr, whh_ptr, ws_ptr, out_ptr, h0_ptr, dgi_ptr, dgh_ptr,
-                              off_t, bs_t, prev_off, n_prev, next_off, n_next, H, pid_b, pid_h,
-                              BB, BH, BK, INTERP, PREC)
-        if PERSISTENT:
-            tl.debug_barrier()
-
-
-@triton.jit(do_not_specialize=["s0"])
-def _rnn_fwd_kernel(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, hn_ptr,
-                    sched_ptr, s0, n_steps, T, Bu, H,
-                    HAS_BHH: tl.constexpr, RELU: tl.constexpr,
-                    UNIFORM: tl.constexpr, REVERSE: tl.constexpr, PERSISTENT: tl.constexpr,
-                    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
-    pid_b = tl.program_id(0)
-    for i in range(0, n_steps):
-        off_t, bs_t, prev_off, n_prev, _next_off, n_next = _step_schedule(sched_ptr, s0 + i, T, Bu, UNIFORM, REVERSE)
-        if pid_b * BB < bs_t:
-            for pid_h in range(tl.program_id(1), _h_end(H, BH, PERSISTENT)):
-                _rnn_fwd_tile(gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, hn_ptr,
-                              off_t, bs_t, prev_off, n_prev, n_next, H, pid_b, pid_h,
-                              HAS_BHH, RELU, BB, BH, BK, INTERP, PREC)
-        if PERSISTENT:
-            tl.debug_barrier()
-
-
-@triton.jit(do_not_specialize=["s0"])
-def _rnn_bwd_kernel(gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr,
-                    sched_ptr, s0, n_steps, T, Bu, H,
-                    RELU: tl.constexpr, UNIFORM: tl.constexpr, REVERSE: tl.constexpr, PERSISTENT: tl.constexpr,
-                    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
-    pid_b = tl.program_id(0)
-    for i in range(0, n_steps):
-        off_t, bs_t, _prev_off, _n_prev, next_off, n_next = _step_schedule(sched_ptr, s0 - i, T, Bu, UNIFORM,
-                                                                           REVERSE)
-        if pid_b * BB < bs_t:
-            for pid_h in range(tl.program_id(1), _h_end(H, BH, PERSISTENT)):
-                _rnn_bwd_tile(gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr, off_t, bs_t, next_off, n_next, H,
-                              pid_b, pid_h, RELU, BB, BH, BK, INTERP, PREC)
+                TILE(ptrs, step, H, pid_b, pid_h, HAS_BHH, RELU, BB, BH, BK, INTERP, PREC)
         if PERSISTENT:
             tl.debug_barrier()
 
@@ -416,7 +341,8 @@ def sequence_launch(B: int, H: int, n_gates: int, dtype: torch.dtype, *, persist
                     allow_tf32=None, block_m=None, interp=None) -> Launch:
     """The launch of a sequence kernel: B = rows of the first step, H hidden units, n_gates accumulators of the
     step's GEMM (4 LSTM forward, 3 GRU forward, 1 for RNN and every backward). Per-step launches cover step_rows
-    rows (default B). The constexprs UNIFORM / REVERSE and the cell's own flags are added by the launcher."""
+    rows (default B). The constexprs TILE / BACKWARD / UNIFORM / REVERSE and the cell's flags are added by the
+    launcher."""
     interp = interpreting() if interp is None else interp
     t = rnn_tiles(B, n_gates, block_m, interp)
     rows = B if step_rows is None else step_rows
@@ -494,14 +420,15 @@ class _Plan:
             return g[self.N - self.B:] if self.reverse else g[:self.B]
         return g.index_select(0, self.first)
 
-    def launches(self, kernel, launch, tensors, H, backward):
-        """Runs `kernel` over the whole sequence: one persistent launch, or one launch per step."""
+    def launches(self, tile, launch, tensors, H, backward):
+        """Runs _sequence_kernel with the step body `tile` over the whole sequence: one persistent launch, or one
+        launch per step. `tensors` is the tile's pointer tuple, in the order the tile unpacks it."""
         sched = self.sched if self.sched is not None else tensors[0]  # any pointer; UNIFORM never reads it
-        consts = dict(launch.constexprs, UNIFORM=self.uniform, REVERSE=self.reverse)
+        consts = dict(launch.constexprs, TILE=tile, BACKWARD=backward, UNIFORM=self.uniform, REVERSE=self.reverse)
         if launch.constexprs["PERSISTENT"]:
             s0 = self.T - 1 if backward else 0
             Launch(launch.grid, consts, launch.num_warps, launch.num_stages).run(
-                kernel, *tensors, sched, s0, self.T, self.T, self.B, H)
+                _sequence_kernel, tensors, sched, s0, self.T, self.T, self.B, H)
             return
         order = range(self.T - 1, -1, -1) if backward else range(self.T)
         bb = consts["BB"]
@@ -511,7 +438,7 @@ class _Plan:
                 continue
             grid = (cdiv(n, bb), launch.grid[1])
             Launch(grid, consts, launch.num_warps, launch.num_stages).run(
-                kernel, *tensors, sched, s, 1, self.T, self.B, H)
+                _sequence_kernel, tensors, sched, s, 1, self.T, self.B, H)
 
 
 @functools.lru_cache(maxsize=64)
@@ -531,10 +458,11 @@ def _input_proj(x, w_ih, b_ih):
     return torch.mm(x, w_ih.t())
 
 
-def _launch(B, H, n_gates, dt, persistent, allow_tf32, block_m, **flags):
+def _launch(B, H, n_gates, dt, persistent, allow_tf32, block_m, HAS_BHH=False, RELU=False):
     launch = sequence_launch(B, H, n_gates, dt, persistent=use_persistent(persistent, H), allow_tf32=allow_tf32,
                              block_m=block_m)
-    launch.constexprs.update(flags)
+    # every tile takes both flags (one kernel signature); a tile ignores the ones its cell does not have
+    launch.constexprs.update(HAS_BHH=HAS_BHH, RELU=RELU)
     return launch
 
 
@@ -562,7 +490,7 @@ def lstm_layer_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None,
     with on_device(x):
         gx = _input_proj(x, w_ih, b_ih)
         launch = _launch(B, H, 4, dt, persistent, allow_tf32, block_m, HAS_BHH=b_hh is not None)
-        plan.launches(_lstm_fwd_kernel, launch, (gx, w_hh, _or(b_hh, w_hh), h0, c0, out, cs, gates, hn, cn), H,
+        plan.launches(_lstm_fwd_tile, launch, (gx, w_hh, _or(b_hh, w_hh), h0, c0, out, cs, gates, hn, cn), H,
                       backward=False)
     return out, hn, cn, gates, cs
 
@@ -581,7 +509,7 @@ def lstm_layer_backward(grad_out, grad_hn, grad_cn, x, batch_sizes, h0, c0, w_ih
     with on_device(x):
         if H > 0:
             launch = _launch(B, H, 1, dt, persistent, allow_tf32, block_m)
-            plan.launches(_lstm_bwd_kernel, launch, (grad_out, grad_hn, dc, w_hh, gates, cs, c0, dgates), H,
+            plan.launches(_lstm_bwd_tile, launch, (grad_out, grad_hn, dc, w_hh, gates, cs, c0, dgates), H,
                           backward=True)
         dh0 = torch.mm(plan.first_rows(dgates), w_hh)
         dx = torch.mm(dgates, w_ih)
@@ -610,7 +538,7 @@ def gru_layer_forward(x, batch_sizes, h0, w_ih, w_hh, b_ih=None, b_hh=None, reve
     with on_device(x):
         gx = _input_proj(x, w_ih, b_ih)
         launch = _launch(B, H, 3, dt, persistent, allow_tf32, block_m, HAS_BHH=b_hh is not None)
-        plan.launches(_gru_fwd_kernel, launch, (gx, w_hh, _or(b_hh, w_hh), h0, out, ws, hn), H, backward=False)
+        plan.launches(_gru_fwd_tile, launch, (gx, w_hh, _or(b_hh, w_hh), h0, out, ws, hn), H, backward=False)
     return out, hn, ws
 
 
@@ -629,7 +557,7 @@ def gru_layer_backward(grad_out, grad_hn, x, batch_sizes, h0, w_ih, w_hh, out, w
     with on_device(x):
         if H > 0:
             launch = _launch(B, H, 1, dt, persistent, allow_tf32, block_m)
-            plan.launches(_gru_bwd_kernel, launch, (grad_out, carry, w_hh, ws, out, h0, dgi, dgh), H, backward=True)
+            plan.launches(_gru_bwd_tile, launch, (grad_out, carry, w_hh, ws, out, h0, dgi, dgh), H, backward=True)
         dh0 = torch.addmm(carry.to(dt), plan.first_rows(dgh), w_hh)
         dx = torch.mm(dgi, w_ih)
         dw_ih = torch.mm(dgi.t(), x)
@@ -657,7 +585,7 @@ def rnn_layer_forward(x, batch_sizes, h0, w_ih, w_hh, b_ih=None, b_hh=None, relu
     with on_device(x):
         gx = _input_proj(x, w_ih, b_ih)
         launch = _launch(B, H, 1, dt, persistent, allow_tf32, block_m, HAS_BHH=b_hh is not None, RELU=bool(relu))
-        plan.launches(_rnn_fwd_kernel, launch, (gx, w_hh, _or(b_hh, w_hh), h0, out, hn), H, backward=False)
+        plan.launches(_rnn_fwd_tile, launch, (gx, w_hh, _or(b_hh, w_hh), h0, out, hn), H, backward=False)
     return out, hn
 
 
@@ -674,7 +602,7 @@ def rnn_layer_backward(grad_out, grad_hn, x, batch_sizes, h0, w_ih, w_hh, out, r
     with on_device(x):
         if H > 0:
             launch = _launch(B, H, 1, dt, persistent, allow_tf32, block_m, RELU=bool(relu))
-            plan.launches(_rnn_bwd_kernel, launch, (grad_out, grad_hn, w_hh, out, dpre), H, backward=True)
+            plan.launches(_rnn_bwd_tile, launch, (grad_out, grad_hn, w_hh, out, dpre), H, backward=True)
         dh0 = torch.mm(plan.first_rows(dpre), w_hh)
         dx = torch.mm(dpre, w_ih)
         dw_ih = torch.mm(dpre.t(), x)

@@ -74,7 +74,9 @@ class Recorder:
         def run(fn, *args, grid, warmup, **kwargs):
             opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
             consts = tuple(sorted((k, repr(v)) for k, v in kwargs.items() if k not in opts))
-            ptrs = tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+            # a tuple argument (the sequence kernel's pointer tuple) contributes each of its tensors
+            flat = [t for a in args for t in (a if isinstance(a, tuple) else (a,))]
+            ptrs = tuple(str(t.dtype) for t in flat if isinstance(t, torch.Tensor))
             key = (fn.fn.__name__, consts, tuple(sorted(opts.items())), ptrs)
             entry = rec.configs.get(key)
             if entry is None:

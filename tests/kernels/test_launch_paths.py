@@ -42,10 +42,15 @@ def close(ours, ref, **tol):
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
-def _layer(kind, batch_sizes, reverse, H=5, I=3, **kw):
-    """(ours, reference) forward outputs and input gradients of one layer."""
+def _layer(kind, batch_sizes, reverse, H=5, I=3, dtype=torch.float32, **kw):
+    """(ours, reference) forward outputs and input gradients of one layer (the reference in float64 on the same
+    rounded inputs)."""
     N, B, G = sum(batch_sizes), batch_sizes[0], GATES[kind]
     bs = torch.tensor(batch_sizes)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
     x, h0, c0 = randn(N, I), randn(B, H), randn(B, H)
     w_ih, w_hh, b_ih, b_hh = randn(G * H, I), randn(G * H, H), randn(G * H), randn(G * H)
     d = [t.double() for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
@@ -78,6 +83,33 @@ def _layer(kind, batch_sizes, reverse, H=5, I=3, **kw):
 def test_sequence_paths(kind, persistent, batch_sizes, reverse):
     ours, ref = _layer(kind, batch_sizes, reverse, persistent=persistent)
     close(ours, ref)
+
+
+# dtype (the Triton backend's: fp32, fp16, bf16), path, batch tile, layout, direction: each launch variant of
+# _sequence_kernel once per cell type (the interpreter computes 16-bit dots in fp32, so fp16/bf16 check the storage
+# rounding here, the MMA only on a GPU)
+SEQUENCE_VARIANTS = {
+    "f32-persistent-padded-rev": (torch.float32, True, None, [3, 3, 3], True),
+    "f16-per_step-bm32-packed-fwd": (torch.float16, False, 32, [3, 2, 2, 1], False),
+    "bf16-per_step-bm16-2tiles-rev": (torch.bfloat16, False, 16, [18, 18, 17, 3], True),
+    "bf16-persistent-bm32-padded-fwd": (torch.bfloat16, True, 32, [3, 3, 3], False),
+}
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("variant", list(SEQUENCE_VARIANTS))
+def test_sequence_dtypes_tiles_and_directions(kind, variant):
+    dtype, persistent, block_m, batch_sizes, reverse = SEQUENCE_VARIANTS[variant]
+    ours, ref = _layer(kind, batch_sizes, reverse, H=4, dtype=dtype, persistent=persistent, block_m=block_m)
+    if dtype == torch.float32:
+        close(ours, ref)
+        return
+    # 16-bit: each step's state is stored rounded and re-read, so the error grows with the values through the
+    # recurrence; bound it relative to each output's largest magnitude (a few roundings of the format's epsilon)
+    eps = torch.finfo(dtype).eps
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        err, size = (a.double().cpu() - b.double().cpu()).abs().max(), max(1.0, b.abs().max().item())
+        assert err <= 8 * eps * size, f"output {i}: max error {err:.3g} over magnitude {size:.3g}"
 
 
 @pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per_step"])
