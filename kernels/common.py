@@ -151,6 +151,64 @@ def add_bias(acc, b_ptr, off, cols, cmask, HAS: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the saved four-gate workspace of one step (LSTM [i, f, g, o], GRU [r, z, n, hn]; the gate k at column k*H) and
+# the gate derivatives (the cell backward and the sequence backward share them)
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def store_gates(ptrs, H, g0, g1, g2, g3, m):
+    ty = ptrs.dtype.element_ty
+    tl.store(ptrs, g0.to(ty), mask=m)
+    tl.store(ptrs + H, g1.to(ty), mask=m)
+    tl.store(ptrs + 2 * H, g2.to(ty), mask=m)
+    tl.store(ptrs + 3 * H, g3.to(ty), mask=m)
+
+
+@triton.jit
+def load_gates(ptrs, H, m):
+    """The four gates stored by store_gates, in float32."""
+    g0 = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+    g1 = tl.load(ptrs + H, mask=m, other=0.0).to(tl.float32)
+    g2 = tl.load(ptrs + 2 * H, mask=m, other=0.0).to(tl.float32)
+    g3 = tl.load(ptrs + 3 * H, mask=m, other=0.0).to(tl.float32)
+    return g0, g1, g2, g3
+
+
+@triton.jit
+def store_lstm_gate_grads(dg_ptrs, H, dh, dc, c, ig, fg, gg, og, tc, m):
+    """LSTM: the pre-activation gradients of [i, f, g, o] stored at dg_ptrs + k*H (k = gate), from dh, the incoming
+    cell gradient dc, the previous cell state c, the activated gates and tc = tanh(c_t). Returns the total cell
+    gradient of the step (dc + dh * o * (1 - tc^2)); the caller scales it by f for the previous step."""
+    dc = dc + dh * og * (1.0 - tc * tc)
+    ty = dg_ptrs.dtype.element_ty
+    tl.store(dg_ptrs, (dc * gg * ig * (1.0 - ig)).to(ty), mask=m)
+    tl.store(dg_ptrs + H, (dc * c * fg * (1.0 - fg)).to(ty), mask=m)
+    tl.store(dg_ptrs + 2 * H, (dc * ig * (1.0 - gg * gg)).to(ty), mask=m)
+    tl.store(dg_ptrs + 3 * H, (dh * tc * og * (1.0 - og)).to(ty), mask=m)
+    return dc
+
+
+@triton.jit
+def store_gru_gate_grads(dgi_ptr, dgh_ptr, rows, cols, H, dh, h, r, z, n, hn, m):
+    """GRU: the pre-activation gradients of [r, z, n] stored twice, into the [*, 3H] arrays dgi (input part) and
+    dgh (hidden part; its n gradient scaled by r, which multiplies W_hn h + b_hn) at rows x cols, from dh, the
+    previous state h and the saved r, z, n, hn. Returns the direct state gradient dh * z."""
+    dn = dh * (1.0 - z) * (1.0 - n * n)
+    dz = dh * (h - n) * z * (1.0 - z)
+    dr = dn * hn * r * (1.0 - r)
+    ty = dgi_ptr.dtype.element_ty
+    # the offsets after the math, not before: computed earlier they lengthen live ranges (a 4-byte spill on sm_90a)
+    offs = rows[:, None] * (3 * H) + cols[None, :]
+    tl.store(dgi_ptr + offs, dr.to(ty), mask=m)
+    tl.store(dgi_ptr + offs + H, dz.to(ty), mask=m)
+    tl.store(dgi_ptr + offs + 2 * H, dn.to(ty), mask=m)
+    tl.store(dgh_ptr + offs, dr.to(ty), mask=m)
+    tl.store(dgh_ptr + offs + H, dz.to(ty), mask=m)
+    tl.store(dgh_ptr + offs + 2 * H, (dn * r).to(ty), mask=m)
+    return dh * z
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # tiles of the recurrent gate GEMMs (cells and sequences)
 # ----------------------------------------------------------------------------------------------------------------
 

@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (Launch, add_bias, cdiv, check_dtypes, dot_precision, gemm_gates, interpreting, on_device,
-                     rnn_tiles, sigmoid, tanh, tile)
+from .common import (Launch, add_bias, cdiv, check_dtypes, dot_precision, gemm_gates, interpreting, load_gates,
+                     on_device, rnn_tiles, sigmoid, store_gates, store_gru_gate_grads, store_lstm_gate_grads, tanh,
+                     tile)
 
 __all__ = [
     "lstm_cell_forward", "lstm_cell_backward",
@@ -33,6 +34,38 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _gate_preacts(x_ptr, hx_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_ptr, rows, cols, rmask, cmask, I, H,
+                  NG: tl.constexpr, SPLIT_N: tl.constexpr, HAS_BIH: tl.constexpr, HAS_BHH: tl.constexpr,
+                  BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    """The fp32 pre-activations of a tile's NG gates: x W_ih^T + b_ih + h W_hh^T + b_hh, gate k in accumulator k.
+    SPLIT_N (GRU, NG = 3): the n gate's input and hidden parts stay apart, because r scales only the hidden one:
+    accumulator 2 holds x W_in^T + b_in, accumulator 3 holds h W_hn^T + b_hn."""
+    acc0 = tl.zeros((BB, BH), tl.float32)
+    acc1 = tl.zeros((BB, BH), tl.float32)
+    acc2 = tl.zeros((BB, BH), tl.float32)
+    acc3 = tl.zeros((BB, BH), tl.float32)
+    acc0, acc1, acc2, acc3 = gemm_gates(acc0, acc1, acc2, acc3, x_ptr + rows * I, rmask,
+                                        wih_ptr, I, 1, H * I, cols, cmask, I, NG, BK, INTERP, PREC)
+    if SPLIT_N:
+        # gate 2 of W_hh accumulates into accumulator 3 (passed in the third slot)
+        acc0, acc1, acc3, acc2 = gemm_gates(acc0, acc1, acc3, acc2, hx_ptr + rows * H, rmask,
+                                            whh_ptr, H, 1, H * H, cols, cmask, H, NG, BK, INTERP, PREC)
+    else:
+        acc0, acc1, acc2, acc3 = gemm_gates(acc0, acc1, acc2, acc3, hx_ptr + rows * H, rmask,
+                                            whh_ptr, H, 1, H * H, cols, cmask, H, NG, BK, INTERP, PREC)
+    acc0 = add_bias(add_bias(acc0, bih_ptr, 0, cols, cmask, HAS_BIH), bhh_ptr, 0, cols, cmask, HAS_BHH)
+    if NG > 1:
+        acc1 = add_bias(add_bias(acc1, bih_ptr, H, cols, cmask, HAS_BIH), bhh_ptr, H, cols, cmask, HAS_BHH)
+    if SPLIT_N:
+        acc2 = add_bias(acc2, bih_ptr, 2 * H, cols, cmask, HAS_BIH)
+        acc3 = add_bias(acc3, bhh_ptr, 2 * H, cols, cmask, HAS_BHH)
+    elif NG > 2:
+        acc2 = add_bias(add_bias(acc2, bih_ptr, 2 * H, cols, cmask, HAS_BIH), bhh_ptr, 2 * H, cols, cmask, HAS_BHH)
+        acc3 = add_bias(add_bias(acc3, bih_ptr, 3 * H, cols, cmask, HAS_BIH), bhh_ptr, 3 * H, cols, cmask, HAS_BHH)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _lstm_cell_fwd_kernel(x_ptr, hx_ptr, cx_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_ptr,
                           hy_ptr, cy_ptr, gates_ptr,
                           B, I, H,
@@ -40,20 +73,9 @@ def _lstm_cell_fwd_kernel(x_ptr, hx_ptr, cx_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_
                           BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                           INTERP: tl.constexpr, PREC: tl.constexpr):
     rows, cols, rmask, cmask, m = tile(tl.program_id(0), tl.program_id(1), B, H, BB, BH)
-    acc_i = tl.zeros((BB, BH), tl.float32)
-    acc_f = tl.zeros((BB, BH), tl.float32)
-    acc_g = tl.zeros((BB, BH), tl.float32)
-    acc_o = tl.zeros((BB, BH), tl.float32)
-    acc_i, acc_f, acc_g, acc_o = gemm_gates(acc_i, acc_f, acc_g, acc_o, x_ptr + rows * I, rmask,
-                                             wih_ptr, I, 1, H * I, cols, cmask, I, 4, BK, INTERP, PREC)
-    acc_i, acc_f, acc_g, acc_o = gemm_gates(acc_i, acc_f, acc_g, acc_o, hx_ptr + rows * H, rmask,
-                                             whh_ptr, H, 1, H * H, cols, cmask, H, 4, BK, INTERP, PREC)
-    acc_i = add_bias(add_bias(acc_i, bih_ptr, 0, cols, cmask, HAS_BIH), bhh_ptr, 0, cols, cmask, HAS_BHH)
-    acc_f = add_bias(add_bias(acc_f, bih_ptr, H, cols, cmask, HAS_BIH), bhh_ptr, H, cols, cmask, HAS_BHH)
-    acc_g = add_bias(add_bias(acc_g, bih_ptr, 2 * H, cols, cmask, HAS_BIH), bhh_ptr, 2 * H, cols, cmask,
-                       HAS_BHH)
-    acc_o = add_bias(add_bias(acc_o, bih_ptr, 3 * H, cols, cmask, HAS_BIH), bhh_ptr, 3 * H, cols, cmask,
-                       HAS_BHH)
+    acc_i, acc_f, acc_g, acc_o = _gate_preacts(x_ptr, hx_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_ptr, rows, cols,
+                                               rmask, cmask, I, H, 4, False, HAS_BIH, HAS_BHH, BB, BH, BK, INTERP,
+                                               PREC)
     ig = sigmoid(acc_i)
     fg = sigmoid(acc_f)
     gg = tanh(acc_g)
@@ -66,10 +88,7 @@ def _lstm_cell_fwd_kernel(x_ptr, hx_ptr, cx_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_
     tl.store(cy_ptr + hoff, c_new.to(ty), mask=m)
     tl.store(hy_ptr + hoff, h_new.to(ty), mask=m)
     goff = rows[:, None] * (4 * H) + cols[None, :]
-    tl.store(gates_ptr + goff, ig.to(ty), mask=m)
-    tl.store(gates_ptr + goff + H, fg.to(ty), mask=m)
-    tl.store(gates_ptr + goff + 2 * H, gg.to(ty), mask=m)
-    tl.store(gates_ptr + goff + 3 * H, og.to(ty), mask=m)
+    store_gates(gates_ptr + goff, H, ig, fg, gg, og, m)
 
 
 @triton.jit
@@ -81,19 +100,9 @@ def _gru_cell_fwd_kernel(x_ptr, hx_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_ptr,
                          INTERP: tl.constexpr, PREC: tl.constexpr):
     rows, cols, rmask, cmask, m = tile(tl.program_id(0), tl.program_id(1), B, H, BB, BH)
     # r and z take x- and h-parts summed; n needs its h-part (hn) separately because r scales it.
-    acc_r = tl.zeros((BB, BH), tl.float32)
-    acc_z = tl.zeros((BB, BH), tl.float32)
-    acc_in = tl.zeros((BB, BH), tl.float32)
-    acc_hn = tl.zeros((BB, BH), tl.float32)
-    acc_r, acc_z, acc_in, acc_hn = gemm_gates(acc_r, acc_z, acc_in, acc_hn, x_ptr + rows * I, rmask,
-                                               wih_ptr, I, 1, H * I, cols, cmask, I, 3, BK, INTERP, PREC)
-    # second call: gate 2 of W_hh accumulates into acc_hn (passed in the third slot)
-    acc_r, acc_z, acc_hn, acc_in = gemm_gates(acc_r, acc_z, acc_hn, acc_in, hx_ptr + rows * H, rmask,
-                                               whh_ptr, H, 1, H * H, cols, cmask, H, 3, BK, INTERP, PREC)
-    acc_r = add_bias(add_bias(acc_r, bih_ptr, 0, cols, cmask, HAS_BIH), bhh_ptr, 0, cols, cmask, HAS_BHH)
-    acc_z = add_bias(add_bias(acc_z, bih_ptr, H, cols, cmask, HAS_BIH), bhh_ptr, H, cols, cmask, HAS_BHH)
-    acc_in = add_bias(acc_in, bih_ptr, 2 * H, cols, cmask, HAS_BIH)
-    acc_hn = add_bias(acc_hn, bhh_ptr, 2 * H, cols, cmask, HAS_BHH)
+    acc_r, acc_z, acc_in, acc_hn = _gate_preacts(x_ptr, hx_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_ptr, rows, cols,
+                                                 rmask, cmask, I, H, 3, True, HAS_BIH, HAS_BHH, BB, BH, BK, INTERP,
+                                                 PREC)
     r = sigmoid(acc_r)
     z = sigmoid(acc_z)
     n = tanh(acc_in + r * acc_hn)
@@ -103,10 +112,7 @@ def _gru_cell_fwd_kernel(x_ptr, hx_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_ptr,
     ty = hy_ptr.dtype.element_ty
     tl.store(hy_ptr + hoff, h_new.to(ty), mask=m)
     woff = rows[:, None] * (4 * H) + cols[None, :]
-    tl.store(ws_ptr + woff, r.to(ty), mask=m)
-    tl.store(ws_ptr + woff + H, z.to(ty), mask=m)
-    tl.store(ws_ptr + woff + 2 * H, n.to(ty), mask=m)
-    tl.store(ws_ptr + woff + 3 * H, acc_hn.to(ty), mask=m)
+    store_gates(ws_ptr + woff, H, r, z, n, acc_hn, m)
 
 
 @triton.jit
@@ -116,13 +122,9 @@ def _rnn_cell_fwd_kernel(x_ptr, hx_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_ptr, hy_p
                          BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                          INTERP: tl.constexpr, PREC: tl.constexpr):
     rows, cols, rmask, cmask, m = tile(tl.program_id(0), tl.program_id(1), B, H, BB, BH)
-    acc = tl.zeros((BB, BH), tl.float32)
-    # NG=1: only the first accumulator is used; the other slots are passed through untouched
-    acc, _u1, _u2, _u3 = gemm_gates(acc, acc, acc, acc, x_ptr + rows * I, rmask,
-                                     wih_ptr, I, 1, H * I, cols, cmask, I, 1, BK, INTERP, PREC)
-    acc, _u1, _u2, _u3 = gemm_gates(acc, acc, acc, acc, hx_ptr + rows * H, rmask,
-                                     whh_ptr, H, 1, H * H, cols, cmask, H, 1, BK, INTERP, PREC)
-    acc = add_bias(add_bias(acc, bih_ptr, 0, cols, cmask, HAS_BIH), bhh_ptr, 0, cols, cmask, HAS_BHH)
+    # NG=1: only the first accumulator is used (the compiler drops the others)
+    acc, _u1, _u2, _u3 = _gate_preacts(x_ptr, hx_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_ptr, rows, cols, rmask, cmask,
+                                       I, H, 1, False, HAS_BIH, HAS_BHH, BB, BH, BK, INTERP, PREC)
     if RELU:
         h_new = tl.maximum(acc, 0.0)
     else:
@@ -140,20 +142,12 @@ def _lstm_cell_bwd_kernel(ghy_ptr, gcy_ptr, cx_ptr, gates_ptr, cy_ptr, dgates_pt
     rows, cols, _rmask, _cmask, m = tile(tl.program_id(0), tl.program_id(1), B, H, BR, BC)
     hoff = rows[:, None] * H + cols[None, :]
     goff = rows[:, None] * (4 * H) + cols[None, :]
-    ig = tl.load(gates_ptr + goff, mask=m, other=0.0).to(tl.float32)
-    fg = tl.load(gates_ptr + goff + H, mask=m, other=0.0).to(tl.float32)
-    gg = tl.load(gates_ptr + goff + 2 * H, mask=m, other=0.0).to(tl.float32)
-    og = tl.load(gates_ptr + goff + 3 * H, mask=m, other=0.0).to(tl.float32)
+    ig, fg, gg, og = load_gates(gates_ptr + goff, H, m)
     dh = tl.load(ghy_ptr + hoff, mask=m, other=0.0).to(tl.float32)
     dc = tl.load(gcy_ptr + hoff, mask=m, other=0.0).to(tl.float32)
     c = tl.load(cx_ptr + hoff, mask=m, other=0.0).to(tl.float32)
     tc = tanh(tl.load(cy_ptr + hoff, mask=m, other=0.0).to(tl.float32))
-    dc = dc + dh * og * (1.0 - tc * tc)
-    ty = dgates_ptr.dtype.element_ty
-    tl.store(dgates_ptr + goff, (dc * gg * ig * (1.0 - ig)).to(ty), mask=m)
-    tl.store(dgates_ptr + goff + H, (dc * c * fg * (1.0 - fg)).to(ty), mask=m)
-    tl.store(dgates_ptr + goff + 2 * H, (dc * ig * (1.0 - gg * gg)).to(ty), mask=m)
-    tl.store(dgates_ptr + goff + 3 * H, (dh * tc * og * (1.0 - og)).to(ty), mask=m)
+    dc = store_lstm_gate_grads(dgates_ptr + goff, H, dh, dc, c, ig, fg, gg, og, tc, m)
     tl.store(dcx_ptr + hoff, (dc * fg).to(dcx_ptr.dtype.element_ty), mask=m)
 
 
@@ -162,25 +156,11 @@ def _gru_cell_bwd_kernel(ghy_ptr, hx_ptr, ws_ptr, dgi_ptr, dgh_ptr, dhd_ptr,
                          B, H, BR: tl.constexpr, BC: tl.constexpr):
     rows, cols, _rmask, _cmask, m = tile(tl.program_id(0), tl.program_id(1), B, H, BR, BC)
     hoff = rows[:, None] * H + cols[None, :]
-    woff = rows[:, None] * (4 * H) + cols[None, :]
-    goff = rows[:, None] * (3 * H) + cols[None, :]
-    r = tl.load(ws_ptr + woff, mask=m, other=0.0).to(tl.float32)
-    z = tl.load(ws_ptr + woff + H, mask=m, other=0.0).to(tl.float32)
-    n = tl.load(ws_ptr + woff + 2 * H, mask=m, other=0.0).to(tl.float32)
-    hn = tl.load(ws_ptr + woff + 3 * H, mask=m, other=0.0).to(tl.float32)
+    r, z, n, hn = load_gates(ws_ptr + rows[:, None] * (4 * H) + cols[None, :], H, m)
     dh = tl.load(ghy_ptr + hoff, mask=m, other=0.0).to(tl.float32)
     h = tl.load(hx_ptr + hoff, mask=m, other=0.0).to(tl.float32)
-    dn = dh * (1.0 - z) * (1.0 - n * n)
-    dz = dh * (h - n) * z * (1.0 - z)
-    dr = dn * hn * r * (1.0 - r)
-    ty = dgi_ptr.dtype.element_ty
-    tl.store(dgi_ptr + goff, dr.to(ty), mask=m)
-    tl.store(dgi_ptr + goff + H, dz.to(ty), mask=m)
-    tl.store(dgi_ptr + goff + 2 * H, dn.to(ty), mask=m)
-    tl.store(dgh_ptr + goff, dr.to(ty), mask=m)
-    tl.store(dgh_ptr + goff + H, dz.to(ty), mask=m)
-    tl.store(dgh_ptr + goff + 2 * H, (dn * r).to(ty), mask=m)
-    tl.store(dhd_ptr + hoff, (dh * z).to(dhd_ptr.dtype.element_ty), mask=m)
+    dhd = store_gru_gate_grads(dgi_ptr, dgh_ptr, rows, cols, H, dh, h, r, z, n, hn, m)
+    tl.store(dhd_ptr + hoff, dhd.to(dhd_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit

@@ -42,8 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (Launch, add_bias, cdiv, check_dtypes, dot_precision, gemm_gates, interpreting, on_device,
-                     rnn_tiles, sigmoid, tanh, tile)
+from .common import (Launch, add_bias, cdiv, check_dtypes, dot_precision, gemm_gates, interpreting, load_gates,
+                     on_device, rnn_tiles, sigmoid, store_gates, store_gru_gate_grads, store_lstm_gate_grads, tanh,
+                     tile)
 
 __all__ = [
     "lstm_layer_forward", "lstm_layer_backward",
@@ -127,11 +128,7 @@ def _lstm_fwd_tile(ptrs, step, H, pid_b, pid_h,
     o_off = (off_t + b)[:, None] * H + cols[None, :]
     tl.store(out_ptr + o_off, h_new.to(ty), mask=m)
     tl.store(cs_ptr + o_off, c_new, mask=m)
-    gw = gates_ptr + (off_t + b)[:, None] * (4 * H) + cols[None, :]
-    tl.store(gw, ig.to(ty), mask=m)
-    tl.store(gw + H, fg.to(ty), mask=m)
-    tl.store(gw + 2 * H, gg.to(ty), mask=m)
-    tl.store(gw + 3 * H, og.to(ty), mask=m)
+    store_gates(gates_ptr + (off_t + b)[:, None] * (4 * H) + cols[None, :], H, ig, fg, gg, og, m)
     last = m & (b >= n_next)[:, None]
     n_off = b[:, None] * H + cols[None, :]
     tl.store(hn_ptr + n_off, h_new.to(ty), mask=last)
@@ -156,22 +153,13 @@ def _lstm_bwd_tile(ptrs, step, H, pid_b, pid_h,
     dh += tl.load(ghn_ptr + h_off, mask=m & (~has_next)[:, None], other=0.0).to(tl.float32)
     # dc carry (fp32 [B, H]): grad_cn until the row's last step, then dc * f of the step after
     dc = tl.load(dc_ptr + h_off, mask=m, other=0.0)
-    gp = gates_ptr + (off_t + b)[:, None] * (4 * H) + cols[None, :]
-    ig = tl.load(gp, mask=m, other=0.0).to(tl.float32)
-    fg = tl.load(gp + H, mask=m, other=0.0).to(tl.float32)
-    gg = tl.load(gp + 2 * H, mask=m, other=0.0).to(tl.float32)
-    og = tl.load(gp + 3 * H, mask=m, other=0.0).to(tl.float32)
+    ig, fg, gg, og = load_gates(gates_ptr + (off_t + b)[:, None] * (4 * H) + cols[None, :], H, m)
     tc = tanh(tl.load(cs_ptr + o_off, mask=m, other=0.0))
     has_prev = (b < n_prev)[:, None]
     c = tl.load(cs_ptr + (prev_off + b)[:, None] * H + cols[None, :], mask=m & has_prev, other=0.0)
     c += tl.load(c0_ptr + h_off, mask=m & (~has_prev), other=0.0).to(tl.float32)
-    dc = dc + dh * og * (1.0 - tc * tc)
-    ty = dg_ptr.dtype.element_ty
-    dgp = dg_ptr + (off_t + b)[:, None] * (4 * H) + cols[None, :]
-    tl.store(dgp, (dc * gg * ig * (1.0 - ig)).to(ty), mask=m)
-    tl.store(dgp + H, (dc * c * fg * (1.0 - fg)).to(ty), mask=m)
-    tl.store(dgp + 2 * H, (dc * ig * (1.0 - gg * gg)).to(ty), mask=m)
-    tl.store(dgp + 3 * H, (dh * tc * og * (1.0 - og)).to(ty), mask=m)
+    dc = store_lstm_gate_grads(dg_ptr + (off_t + b)[:, None] * (4 * H) + cols[None, :], H, dh, dc, c, ig, fg, gg, og,
+                               tc, m)
     tl.store(dc_ptr + h_off, dc * fg, mask=m)
 
 
@@ -199,11 +187,7 @@ def _gru_fwd_tile(ptrs, step, H, pid_b, pid_h,
     h_new = (1.0 - z) * n + z * h
     ty = out_ptr.dtype.element_ty
     tl.store(out_ptr + (off_t + b)[:, None] * H + cols[None, :], h_new.to(ty), mask=m)
-    wp = ws_ptr + (off_t + b)[:, None] * (4 * H) + cols[None, :]
-    tl.store(wp, r.to(ty), mask=m)
-    tl.store(wp + H, z.to(ty), mask=m)
-    tl.store(wp + 2 * H, n.to(ty), mask=m)
-    tl.store(wp + 3 * H, acc_hn.to(ty), mask=m)
+    store_gates(ws_ptr + (off_t + b)[:, None] * (4 * H) + cols[None, :], H, r, z, n, acc_hn, m)
     tl.store(hn_ptr + b[:, None] * H + cols[None, :], h_new.to(ty), mask=m & (b >= n_next)[:, None])
 
 
@@ -222,25 +206,11 @@ def _gru_bwd_tile(ptrs, step, H, pid_b, pid_h,
     h_off = b[:, None] * H + cols[None, :]
     dh = acc + tl.load(gout_ptr + (off_t + b)[:, None] * H + cols[None, :], mask=m, other=0.0).to(tl.float32)
     dh += tl.load(carry_ptr + h_off, mask=m, other=0.0)
-    wp = ws_ptr + (off_t + b)[:, None] * (4 * H) + cols[None, :]
-    r = tl.load(wp, mask=m, other=0.0).to(tl.float32)
-    z = tl.load(wp + H, mask=m, other=0.0).to(tl.float32)
-    n = tl.load(wp + 2 * H, mask=m, other=0.0).to(tl.float32)
-    hn = tl.load(wp + 3 * H, mask=m, other=0.0).to(tl.float32)
+    r, z, n, hn = load_gates(ws_ptr + (off_t + b)[:, None] * (4 * H) + cols[None, :], H, m)
     h_rows = tl.where(b < n_prev, out_ptr + (prev_off + b) * H, h0_ptr + b * H)
     h = tl.load(h_rows[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    dn = dh * (1.0 - z) * (1.0 - n * n)
-    dz = dh * (h - n) * z * (1.0 - z)
-    dr = dn * hn * r * (1.0 - r)
-    ty = dgi_ptr.dtype.element_ty
-    g_off = (off_t + b)[:, None] * (3 * H) + cols[None, :]
-    tl.store(dgi_ptr + g_off, dr.to(ty), mask=m)
-    tl.store(dgi_ptr + g_off + H, dz.to(ty), mask=m)
-    tl.store(dgi_ptr + g_off + 2 * H, dn.to(ty), mask=m)
-    tl.store(dgh_ptr + g_off, dr.to(ty), mask=m)
-    tl.store(dgh_ptr + g_off + H, dz.to(ty), mask=m)
-    tl.store(dgh_ptr + g_off + 2 * H, (dn * r).to(ty), mask=m)
-    tl.store(carry_ptr + h_off, dh * z, mask=m)
+    carry = store_gru_gate_grads(dgi_ptr, dgh_ptr, off_t + b, cols, H, dh, h, r, z, n, hn, m)
+    tl.store(carry_ptr + h_off, carry, mask=m)
 
 
 @triton.jit

@@ -35,6 +35,18 @@ def close(ours, ref, **tol):
         torch.testing.assert_close(a.double().cpu(), b.double().cpu(), **(tol or F32))
 
 
+def close_in_dtype(ours, ref, dtype):
+    """fp32: elementwise. fp16/bf16: stored states are rounded and re-read, so the error grows with the values;
+    bound it relative to each output's largest magnitude (a few roundings of the format's epsilon)."""
+    if dtype == torch.float32:
+        close(ours, ref)
+        return
+    eps = torch.finfo(dtype).eps
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        err, size = (a.double().cpu() - b.double().cpu()).abs().max(), max(1.0, b.abs().max().item())
+        assert err <= 8 * eps * size, f"output {i}: max error {err:.3g} over magnitude {size:.3g}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # sequences: per-step vs persistent, padded vs packed, both directions, batch tiles
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,15 +113,7 @@ SEQUENCE_VARIANTS = {
 def test_sequence_dtypes_tiles_and_directions(kind, variant):
     dtype, persistent, block_m, batch_sizes, reverse = SEQUENCE_VARIANTS[variant]
     ours, ref = _layer(kind, batch_sizes, reverse, H=4, dtype=dtype, persistent=persistent, block_m=block_m)
-    if dtype == torch.float32:
-        close(ours, ref)
-        return
-    # 16-bit: each step's state is stored rounded and re-read, so the error grows with the values through the
-    # recurrence; bound it relative to each output's largest magnitude (a few roundings of the format's epsilon)
-    eps = torch.finfo(dtype).eps
-    for i, (a, b) in enumerate(zip(ours, ref)):
-        err, size = (a.double().cpu() - b.double().cpu()).abs().max(), max(1.0, b.abs().max().item())
-        assert err <= 8 * eps * size, f"output {i}: max error {err:.3g} over magnitude {size:.3g}"
+    close_in_dtype(ours, ref, dtype)
 
 
 @pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per_step"])
@@ -146,6 +150,35 @@ def test_cell_batch_tiles(block_m):
     w1, u1 = randn(H, I), randn(H, H)
     hy = C.rnn_cell_forward(x, h, w1, u1, relu=True, block_m=block_m)
     close((hy,), (torch.rnn_relu_cell(x.double(), h.double(), w1.double(), u1.double(), None, None),))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("dtype,block_m", [(torch.float16, 32), (torch.bfloat16, 16)], ids=["f16-bm32", "bf16-bm16"])
+def test_cell_dtypes_forward_and_backward(kind, dtype, block_m):
+    """The cell kernels (forward tile GEMM and backward pointwise kernel) in 16-bit, 37 rows over several tiles,
+    against seqfast.reference in float64 on the same rounded inputs."""
+    from seqfast.reference import rnn_cell as R
+    B, I, H, G = 37, 3, 5, GATES[kind]
+    t = [torch.randn(*s, device=DEVICE, dtype=dtype) for s in ((B, I), (B, H), (B, H), (G * H, I), (G * H, H),
+                                                               (G * H,), (G * H,), (B, H), (B, H))]
+    x, h, c, w, u, bi, bh, gh, gc = t
+    d = [v.double() for v in t]
+    if kind == "lstm":
+        hy, cy, gates = C.lstm_cell_forward(x, h, c, w, u, bi, bh, block_m=block_m)
+        ref = R.lstm_cell_forward(*d[:7])
+        grads = C.lstm_cell_backward(gh, gc, x, h, c, w, u, gates, cy)
+        ref_grads = R.lstm_cell_backward(d[7], d[8], *d[:5], ref[2], ref[1])
+        close_in_dtype((hy, cy) + grads, ref[:2] + ref_grads, dtype)
+    elif kind == "gru":
+        hy, ws = C.gru_cell_forward(x, h, w, u, bi, bh, block_m=block_m)
+        ref = R.gru_cell_forward(d[0], d[1], *d[3:7])
+        grads = C.gru_cell_backward(gh, x, h, w, u, ws)
+        close_in_dtype((hy,) + grads, ref[:1] + R.gru_cell_backward(d[7], d[0], d[1], d[3], d[4], ref[1]), dtype)
+    else:
+        hy = C.rnn_cell_forward(x, h, w, u, bi, bh, relu=False, block_m=block_m)
+        ref = R.rnn_cell_forward(d[0], d[1], *d[3:7], False)
+        grads = C.rnn_cell_backward(gh, x, h, w, u, hy, relu=False)
+        close_in_dtype((hy,) + grads, (ref,) + R.rnn_cell_backward(d[7], d[0], d[1], d[3], d[4], ref, False), dtype)
 
 
 def test_tf32_follows_torch_flags():
