@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-import plain_attention
 import seqfast
 from machine import native_bf16
+from seqfast.reference import seq2seq_attention as plain_attention
 
 
 @dataclass

@@ -21,27 +21,12 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import seqfast  # noqa: E402
+from seqfast.reference.seq2seq_attention import LuongAttention as TorchLuongAttention  # noqa: E402 (torch's side)
 from number_words import (BOS, EOS, PAD, SOURCE_VOCAB, TARGET_INDEX, TARGET_VOCAB, NumberTask,  # noqa: E402
                           decode_digits, to_words)
 
 PAD_ID, BOS_ID, EOS_ID = TARGET_INDEX[PAD], TARGET_INDEX[BOS], TARGET_INDEX[EOS]
 MAX_TARGET = 7  # 6 digits + EOS
-
-
-class TorchLuongAttention(torch.nn.Module):
-    """torch's side of seqfast.nn.LuongAttention(score="general"): same parameter (W), plain PyTorch math."""
-
-    def __init__(self, query_size, key_size):
-        super().__init__()
-        self.W = torch.nn.Linear(query_size, key_size, bias=False)
-
-    def forward(self, query, keys, mask=None, values=None):
-        values = keys if values is None else values
-        scores = torch.bmm(keys, self.W(query).unsqueeze(-1)).squeeze(-1)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        weights = torch.softmax(scores, -1)
-        return torch.bmm(weights.unsqueeze(1), values).squeeze(1), weights
 
 
 class Translator(torch.nn.Module):

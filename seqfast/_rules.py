@@ -92,26 +92,38 @@ def _lookup(family, dtype, training, batch, hidden, causal=False):
     return any(rule.matches(family, dtype, cpu, training, batch, hidden, causal) for rule in RULES)
 
 
+def _covered_here():
+    """{(family, dtype, training)} some rule of RULES covers on this CPU class: a call outside it is decided by one
+    set lookup (this runs on every decoder step)."""
+    cpu = cpu_class()
+    return frozenset((r.family, r.dtype, training) for r in RULES if cpu in r.cpus
+                     for training in (False, True) if r.training is None or r.training == training)
+
+
+_covered = None
+
+
+def set_rules(rules):
+    """Replaces the rule table (tests install their own) and clears the memos built from it."""
+    global RULES, _covered
+    RULES = list(rules)
+    _covered = None
+    _lookup.cache_clear()
+
+
 def prefer_torch(family, tensor, batch, hidden, grad_tensors, causal=False):
     """Whether torch's own op is the faster choice for this call: CPU tensors, no backend forced, not while
     torch.compile traces (the graph keeps seqfast's ops), and a rule matches (memoised per shape). For "sdpa",
     ``batch`` is the query length and ``hidden`` the key length. The call trains (a rule's ``training`` side) when
-    grad mode is on and one of ``grad_tensors`` requires grad."""
-    if (family, tensor.dtype) not in _families_here() or tensor.device.type != "cpu":
-        return False  # the common case, decided in one set lookup (this runs on every decoder step)
+    grad mode is on and one of ``grad_tensors`` (an iterable, read only in grad mode; None entries skipped) requires
+    grad."""
+    global _covered
+    if _covered is None:
+        _covered = _covered_here()
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_tensors)
+    dtype = tensor.dtype
+    if (family, dtype, training) not in _covered or not tensor.is_cpu:
+        return False  # the common case
     if _backend.forced_backend() is not None or torch.compiler.is_compiling():
         return False
-    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_tensors)
-    return _lookup(family, tensor.dtype, training, batch, hidden, causal)
-
-
-_families = {}
-
-
-def _families_here():
-    """{(family, dtype)} some rule covers on this CPU class (recomputed when RULES is replaced, as tests do)."""
-    key = id(RULES)
-    found = _families.get(key)
-    if found is None:
-        found = _families[key] = frozenset((r.family, r.dtype) for r in RULES if cpu_class() in r.cpus)
-    return found
+    return _lookup(family, dtype, training, batch, hidden, causal)

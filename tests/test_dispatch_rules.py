@@ -9,13 +9,13 @@ from seqfast import _rules
 
 @pytest.fixture
 def rule_for(monkeypatch):
-    """Installs one rule matching this CPU (and clears the lookup memo before and after)."""
+    """Installs one rule matching this CPU (set_rules clears the memos), and the real table again after."""
     def install(family, dtype, **bounds):
         rule = _rules.Rule(family, dtype, (_rules.cpu_class(),), source="test", **bounds)
-        monkeypatch.setattr(_rules, "RULES", [rule])
-        _rules._lookup.cache_clear()
+        _rules.set_rules([rule])
+    saved = list(_rules.RULES)
     yield install
-    _rules._lookup.cache_clear()
+    _rules.set_rules(saved)
 
 
 def _pair(name, *args, **kw):

@@ -205,3 +205,21 @@ def test_construction_and_errors():
         BahdanauAttention(4, 4, 6)(q, k, projected_keys=torch.randn(2, 3, 5))
     with pytest.raises(ValueError):
         BahdanauAttention(4, 4, 6)(q, None, projected_keys=torch.randn(2, 3, 6))  # values needed without keys
+
+
+@pytest.mark.parametrize("kind", ["luong", "bahdanau"])
+def test_plain_twins_match(kind):
+    """seqfast.reference.seq2seq_attention (torch's side in the benchmarks and the seq2seq example) holds the same
+    parameters as seqfast's modules and computes the same context and weights (rows with some key unmasked)."""
+    from seqfast.reference import seq2seq_attention as plain
+    torch.manual_seed(0)
+    if kind == "luong":
+        ours, twin = LuongAttention(DQ, DK, score="general").double(), plain.LuongAttention(DQ, DK).double()
+    else:
+        ours, twin = BahdanauAttention(DQ, DK, A).double(), plain.BahdanauAttention(DQ, DK, A).double()
+    twin.load_state_dict(ours.state_dict())  # strict, both ways
+    ours.load_state_dict(twin.state_dict())
+    query, keys = torch.randn(B, DQ, dtype=torch.float64), torch.randn(B, S, DK, dtype=torch.float64)
+    values, mask = torch.randn(B, S, DV, dtype=torch.float64), make_mask("some", "cpu")
+    for got, want in zip(ours(query, keys, mask=mask, values=values), twin(query, keys, mask=mask, values=values)):
+        torch.testing.assert_close(got, want)

@@ -13,7 +13,7 @@ import math
 import torch
 
 from .. import functional as seqfast_F
-from ..functional.attention import canonical_mask
+from ..functional._attention import canonical_mask
 
 __all__ = ["MultiheadAttention", "LuongAttention", "BahdanauAttention"]
 

@@ -1,5 +1,8 @@
-"""torch's side of seqfast's seq2seq attention modules (torch.nn has none): the same parameters, plain PyTorch math,
-so a benchmark can load one module's state_dict into the other and time both on the same inputs."""
+"""The plain PyTorch twins of seqfast.nn.LuongAttention(score="general") and BahdanauAttention: the same parameters
+(a state_dict loads either way) and the math as a torch user writes it. torch.nn has no such modules, so these are
+torch's side wherever seqfast's are compared with plain PyTorch: the benchmarks time them, the seq2seq example trains
+with them. Unlike seqfast's modules (see attention.py's contract) a fully masked row gives NaN here, as a plain
+masked softmax does."""
 import torch
 
 

@@ -1,4 +1,6 @@
 """Functional multi-layer (bidirectional) LSTM / GRU / RNN over a whole sequence, as torch._VF.lstm / gru / rnn_*."""
+import itertools
+
 import torch
 
 from .. import _backend, _rules
@@ -140,5 +142,6 @@ def _torch_recurrent(kind, input, h0, c0, weights, batch_sizes, num_layers, bidi
 
 def _torch_faster(kind, input, h0, c0, weights, batch_sizes):
     """The performance floor (seqfast._rules): torch's own op where it beats seqfast's kernels on this CPU."""
-    grad_tensors = (input, h0, c0, *(w for layer in weights for w in layer))
+    # a lazy chain: prefer_torch reads it only in grad mode, up to the first tensor that requires grad
+    grad_tensors = itertools.chain((input, h0, c0), *weights)
     return _rules.prefer_torch(kind, input, h0.shape[1], weights[0][1].shape[1], grad_tensors)
