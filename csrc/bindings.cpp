@@ -78,6 +78,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   // ---- RNN cells and sequences (rnn/rnn.h) ----
   m.def("rnn_kernels_supported", &seqfast::rnn_kernels_supported);
+  // metadata only, microseconds: the GIL stays held (releasing it would cost more than the check)
+  m.def("check_cell_args", &seqfast::check_cell_args, "seqfast.functional's cell checks (torch's errors)");
   // The GEMM entry point (cpu/gemm.h), bound for its parity tests.
   m.def("own_gemm_available", &seqfast::own_gemm_available);
   m.def("mm_f32", &seqfast::mm_f32, GIL(), py::arg("a"), py::arg("b"), py::arg("bias") = py::none());

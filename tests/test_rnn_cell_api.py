@@ -146,3 +146,56 @@ def test_cpu_without_the_kernels_isa_runs_the_reference(monkeypatch):
     assert build() is _ext.module().lstm_cell_forward
     monkeypatch.setattr(_ext, "_C", NoAVX2)
     assert build() is None  # FusedOp.kernels() then gives the reference's table
+
+
+def _functional_calls():
+    """(gates, (input, h, c, w_ih, w_hh, b_ih, b_hh)) for the functional cells: good, bad and odd layouts."""
+    r = torch.randn
+    calls = []
+    for gates in (4, 3, 1):
+        g = gates * 4
+        c = r(2, 4) if gates == 4 else None
+        good = (r(2, 3), r(2, 4), c, r(g, 3), r(g, 4), r(g), r(g))
+        cases = [
+            good,
+            (r(2, 5),) + good[1:],                                    # input size
+            (r(2, 3), r(3, 4), c) + good[3:],                         # batch
+            (r(2, 3), r(2, 5), c) + good[3:],                         # hidden size
+            (r(2, 3), r(2, 4, 1), c) + good[3:],                      # 3-D state
+            (r(2, 3), r(2), c) + good[3:],                            # 1-D state (IndexError)
+            (r(3),) + good[1:],                                       # 1-D input (IndexError)
+            good[:3] + (r(g + 1, 3),) + good[4:],                     # weight rows: torch's op decides
+            good[:5] + (r(g, 1), r(g)),                               # 2-D bias: torch's op decides
+            good[:5] + (None, None),                                  # no biases
+            good[:3] + (r(g, 3, dtype=torch.float64),) + good[4:],    # weight dtype
+            good[:5] + (r(g), r(g, dtype=torch.float64)),             # bias dtype
+            (r(2, 3), r(2, 4, dtype=torch.float64), c) + good[3:],    # state dtype
+        ]
+        if gates == 4:
+            cases.append((r(2, 3), r(2, 4), r(3, 4)) + good[3:])     # cell-state batch
+        calls += [(gates, args) for args in cases]
+    return calls
+
+
+@pytest.mark.skipif(not seqfast._ext.available(), reason="needs the C++ extension")
+@pytest.mark.parametrize("index", range(len(_functional_calls())))
+def test_cpp_cell_checks_match_python_twin(index):
+    """seqfast.functional's cells check their arguments in C++ where the extension loaded: the same outcome (True /
+    False) or the same exception type and message as the Python twin, which serves without the extension."""
+    from seqfast.functional import _rnn_cell as checks
+    gates, (input, h, c, w_ih, w_hh, b_ih, b_hh) = _functional_calls()[index]
+
+    def outcome(fn):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - the comparison is the point
+            return type(exc), str(exc)
+
+    native = outcome(lambda: checks._check(gates, input, h, c, w_ih, w_hh, b_ih, b_hh))
+    assert checks._native_check  # the C++ twin ran
+    python = outcome(lambda: checks._check_cell(checks._NAMES[gates], gates, input, (h,) if c is None else (h, c),
+                                                w_ih, w_hh, b_ih, b_hh))
+    if isinstance(python, tuple) and python[0] is IndexError:
+        assert native[0] is IndexError  # a missing dimension: the messages are Python's and c10's own
+    else:
+        assert native == python

@@ -11,6 +11,13 @@ using at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 
 // ---- cells (x[B,I], h[B,H]) -------------------------------------------------------------------------------------
+// seqfast.functional's cell checks (torch._VF's shape errors, any device; rnn_cell_checks.cpp): gates 4 LSTM (c
+// given), 3 GRU, 1 RNN. Returns kCellOk, kCellTorchOp where a weight or bias is not in the layout the kernels read
+// (torch's op runs then), or kCellMismatch where a tensor's dtype or device differs from the input's outside autocast
+// (the caller raises the named error).
+constexpr int64_t kCellTorchOp = 0, kCellOk = 1, kCellMismatch = 2;
+int64_t check_cell_args(int64_t gates, const Tensor& input, const Tensor& h, const OptTensor& c, const Tensor& w_ih,
+                     const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, bool autocast);
 // -> (hy, cy, gates[B,4H] = activated [i f g o], saved for backward)
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& cx,
                                                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,

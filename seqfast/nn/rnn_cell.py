@@ -16,6 +16,17 @@ def _unbatched(module_name, input, states, names):
     return dim == 1
 
 
+def _weights(module):
+    """(weight_ih, weight_hh, bias_ih, bias_hh): read from the parameter dict, as nn.Module's attribute lookup would
+    (a decoder calls a cell per step, and four Module.__getattr__ calls cost as much as a small cell's kernel).
+    A parametrized module (torch.nn.utils.parametrize) has moved them out of that dict: the attribute serves then."""
+    params = module._parameters
+    try:
+        return params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]
+    except KeyError:
+        return module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh
+
+
 def _zeros(module, input):
     return torch.zeros(input.size(0), module.hidden_size, dtype=input.dtype, device=input.device)
 
@@ -33,7 +44,7 @@ class LSTMCell(torch.nn.LSTMCell):
         if hx is None:
             zeros = _zeros(self, input)
             hx = (zeros, zeros)
-        hy, cy = seqfast_F.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        hy, cy = seqfast_F.lstm_cell(input, hx, *_weights(self))
         return (hy.squeeze(0), cy.squeeze(0)) if single else (hy, cy)
 
 
@@ -45,8 +56,7 @@ class GRUCell(torch.nn.GRUCell):
         if single:
             input = input.unsqueeze(0)
             hx = None if hx is None else hx.unsqueeze(0)
-        hy = seqfast_F.gru_cell(input, _zeros(self, input) if hx is None else hx, self.weight_ih, self.weight_hh,
-                        self.bias_ih, self.bias_hh)
+        hy = seqfast_F.gru_cell(input, _zeros(self, input) if hx is None else hx, *_weights(self))
         return hy.squeeze(0) if single else hy
 
 
@@ -58,6 +68,5 @@ class RNNCell(torch.nn.RNNCell):
         if single:
             input = input.unsqueeze(0)
             hx = None if hx is None else hx.unsqueeze(0)
-        hy = seqfast_F.rnn_cell(input, _zeros(self, input) if hx is None else hx, self.weight_ih, self.weight_hh,
-                        self.bias_ih, self.bias_hh, self.nonlinearity)
+        hy = seqfast_F.rnn_cell(input, _zeros(self, input) if hx is None else hx, *_weights(self), self.nonlinearity)
         return hy.squeeze(0) if single else hy

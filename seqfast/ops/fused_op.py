@@ -188,7 +188,8 @@ class FusedOp:
         return tuple(result)
 
     def __call__(self, *args):
-        if torch._C._is_any_autocast_enabled():
+        autocast = torch._C._is_any_autocast_enabled()
+        if autocast:
             args = _autocast(args, self._cpu_autocast)
         if torch.compiler.is_compiling():
             return self.op(*args)
@@ -196,7 +197,11 @@ class FusedOp:
             for a in args:
                 if isinstance(a, torch.Tensor) and a.requires_grad:
                     return self._function.apply(*args)
-        return _without_autocast(self._resolve(args[0], 2), args)
+        kernel = self._resolve(args[0], 2)
+        if autocast:
+            with torch.autocast(args[0].device.type, enabled=False):
+                return kernel(*args)
+        return kernel(*args)
 
 
 def _without_autocast(kernel, args):

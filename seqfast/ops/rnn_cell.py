@@ -21,18 +21,33 @@ def _triton():
     return rnn_cell
 
 
+def _dense(kernel):
+    """A Triton cell launcher fed contiguous tensors (its convention). The C++ entries make their own arguments
+    contiguous and the reference takes any strides, so the functional layer passes tensors as they come: a decoder
+    step then pays for no contiguity checks on the CPU path."""
+    def launch(*args):
+        return kernel(*(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args))
+    launch.__name__ = launch.__qualname__ = kernel.__name__
+    return launch
+
+
+def _like(t):
+    # contiguous, as every backend returns its outputs (inputs may come strided: fakes must not copy their strides)
+    return t.new_empty(t.shape)
+
+
 def _empty_like_rows(x, hx, cols):
     return hx.new_empty((x.shape[0], cols))
 
 
 # ---------------------------------------------------------------- LSTM
 def _lstm_fake(x, hx, cx, w_ih, w_hh, b_ih, b_hh):
-    return torch.empty_like(hx), torch.empty_like(cx), _empty_like_rows(x, hx, w_ih.shape[0])
+    return _like(hx), _like(cx), _empty_like_rows(x, hx, w_ih.shape[0])
 
 
 def _lstm_bwd_fake(ghy, gcy, x, hx, cx, w_ih, w_hh, gates, cy):
-    return (torch.empty_like(x), torch.empty_like(hx), torch.empty_like(cx), torch.empty_like(w_ih),
-            torch.empty_like(w_hh), w_ih.new_empty(w_ih.shape[0]))
+    return (_like(x), _like(hx), _like(cx), _like(w_ih),
+            _like(w_hh), w_ih.new_empty(w_ih.shape[0]))
 
 
 def _lstm_save(ctx, inputs, output):
@@ -53,7 +68,7 @@ lstm_cell = FusedOp(
     "lstm_cell", cpp_check="rnn_kernels_supported",
     reference=Kernels(reference.lstm_cell_forward, reference.lstm_cell_backward),
     cpp=lambda C: Kernels(C.lstm_cell_forward, C.lstm_cell_backward),
-    triton=lambda: Kernels(_triton().lstm_cell_forward, _triton().lstm_cell_backward),
+    triton=lambda: Kernels(_dense(_triton().lstm_cell_forward), _dense(_triton().lstm_cell_backward)),
     schema=f"(Tensor x, Tensor hx, Tensor cx, {_P}) -> (Tensor, Tensor, Tensor)",
     backward_schema="(Tensor grad_hy, Tensor grad_cy, Tensor x, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, "
                     "Tensor gates, Tensor cy) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
@@ -63,11 +78,11 @@ lstm_cell = FusedOp(
 
 # ---------------------------------------------------------------- GRU
 def _gru_fake(x, hx, w_ih, w_hh, b_ih, b_hh):
-    return torch.empty_like(hx), _empty_like_rows(x, hx, 4 * hx.shape[1])
+    return _like(hx), _empty_like_rows(x, hx, 4 * hx.shape[1])
 
 
 def _gru_bwd_fake(ghy, x, hx, w_ih, w_hh, ws):
-    return (torch.empty_like(x), torch.empty_like(hx), torch.empty_like(w_ih), torch.empty_like(w_hh),
+    return (_like(x), _like(hx), _like(w_ih), _like(w_hh),
             w_ih.new_empty(w_ih.shape[0]), w_hh.new_empty(w_hh.shape[0]))
 
 
@@ -87,7 +102,7 @@ gru_cell = FusedOp(
     "gru_cell", cpp_check="rnn_kernels_supported",
     reference=Kernels(reference.gru_cell_forward, reference.gru_cell_backward),
     cpp=lambda C: Kernels(C.gru_cell_forward, C.gru_cell_backward),
-    triton=lambda: Kernels(_triton().gru_cell_forward, _triton().gru_cell_backward),
+    triton=lambda: Kernels(_dense(_triton().gru_cell_forward), _dense(_triton().gru_cell_backward)),
     schema=f"({_W}, {_P}) -> (Tensor, Tensor)",
     backward_schema="(Tensor grad_hy, Tensor x, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor ws) "
                     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
@@ -97,11 +112,11 @@ gru_cell = FusedOp(
 
 # ---------------------------------------------------------------- Elman RNN (tanh / relu)
 def _rnn_fake(x, hx, w_ih, w_hh, b_ih, b_hh, relu):
-    return torch.empty_like(hx)
+    return _like(hx)
 
 
 def _rnn_bwd_fake(ghy, x, hx, w_ih, w_hh, hy, relu):
-    return (torch.empty_like(x), torch.empty_like(hx), torch.empty_like(w_ih), torch.empty_like(w_hh),
+    return (_like(x), _like(hx), _like(w_ih), _like(w_hh),
             w_ih.new_empty(w_ih.shape[0]))
 
 
@@ -122,7 +137,7 @@ rnn_cell = FusedOp(
     "rnn_cell", cpp_check="rnn_kernels_supported",
     reference=Kernels(reference.rnn_cell_forward, reference.rnn_cell_backward),
     cpp=lambda C: Kernels(C.rnn_cell_forward, C.rnn_cell_backward),
-    triton=lambda: Kernels(_triton().rnn_cell_forward, _triton().rnn_cell_backward),
+    triton=lambda: Kernels(_dense(_triton().rnn_cell_forward), _dense(_triton().rnn_cell_backward)),
     schema=f"({_W}, {_P}, bool relu) -> Tensor",
     backward_schema="(Tensor grad_hy, Tensor x, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor hy, bool relu) "
                     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
