@@ -38,6 +38,36 @@ def test_unbatched_and_default_state(ours_cls, torch_cls):
         torch.testing.assert_close(u, v)
 
 
+@pytest.mark.parametrize("ours_cls,torch_cls", PAIRS)
+@pytest.mark.parametrize("how", ["parametrize", "weight_norm"])
+def test_reparametrized_weights(ours_cls, torch_cls, how):
+    """The cell reads its weights as nn.Module would: a parametrization (torch.nn.utils.parametrize, which moves the
+    parameter out of _parameters) or an old-style weight_norm hook (which sets a plain attribute before forward)
+    gives the same result and gradients as torch's cell with the same reparametrization."""
+    torch.manual_seed(0)
+    ours, theirs = ours_cls(4, 5).double(), torch_cls(4, 5).double()
+    ours.load_state_dict(theirs.state_dict())
+
+    class Scale(torch.nn.Module):
+        def forward(self, w):
+            return 0.5 * w
+
+    for module in (ours, theirs):
+        if how == "parametrize":
+            torch.nn.utils.parametrize.register_parametrization(module, "weight_hh", Scale())
+        else:
+            torch.nn.utils.weight_norm(module, "weight_ih")
+    x = torch.randn(3, 4, dtype=torch.float64)
+    a, b = ours(x), theirs(x)
+    a, b = (a if isinstance(a, tuple) else (a,)), (b if isinstance(b, tuple) else (b,))
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v)
+    sum(u.sum() for u in a).backward()
+    sum(v.sum() for v in b).backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
 def _bad_calls(torch_cls):
     h = lambda *s: (torch.randn(*s), torch.randn(*s)) if torch_cls is torch.nn.LSTMCell else torch.randn(*s)  # noqa
     return [
