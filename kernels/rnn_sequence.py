@@ -84,7 +84,8 @@ def _step_schedule(sched_ptr, s, T, Bu, UNIFORM: tl.constexpr, REVERSE: tl.const
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# step bodies (one tile of batch rows x hidden units of one time step)
+# step bodies (one tile of batch rows x hidden units of one time step), all with one signature: the pointer tuple,
+# the step's schedule (_step_schedule), the tile's rows/columns/masks (common.tile), H and the kernel's flags.
 #   prev = the step processed before this one (the state source), next = the step processed after it.
 #   rows b < n_prev read their previous state from rows prev_off + b; other active rows start from h0/c0.
 #   rows b >= n_next have no next step: this is their last step, so they write hn/cn (forward) or take
@@ -92,12 +93,12 @@ def _step_schedule(sched_ptr, s, T, Bu, UNIFORM: tl.constexpr, REVERSE: tl.const
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _lstm_fwd_tile(ptrs, step, H, pid_b, pid_h,
+def _lstm_fwd_tile(ptrs, step, rows_cols, H,
                    HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                    INTERP: tl.constexpr, PREC: tl.constexpr):
     gx_ptr, whh_ptr, bhh_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, gates_ptr, hn_ptr, cn_ptr = ptrs
-    off_t, bs_t, prev_off, n_prev, _next_off, n_next = step
-    b, cols, rmask, cmask, m = tile(pid_b, pid_h, bs_t, H, BB, BH)
+    off_t, _bs_t, prev_off, n_prev, _next_off, n_next = step
+    b, cols, rmask, cmask, m = rows_cols
     has_prev = b < n_prev
     h_rows = tl.where(has_prev, out_ptr + (prev_off + b) * H, h0_ptr + b * H)
     acc_i = tl.zeros((BB, BH), tl.float32)
@@ -136,12 +137,12 @@ def _lstm_fwd_tile(ptrs, step, H, pid_b, pid_h,
 
 
 @triton.jit
-def _lstm_bwd_tile(ptrs, step, H, pid_b, pid_h,
+def _lstm_bwd_tile(ptrs, step, rows_cols, H,
                    HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                    INTERP: tl.constexpr, PREC: tl.constexpr):
     gout_ptr, ghn_ptr, dc_ptr, whh_ptr, gates_ptr, cs_ptr, c0_ptr, dg_ptr = ptrs
-    off_t, bs_t, prev_off, n_prev, next_off, n_next = step
-    b, cols, rmask, cmask, m = tile(pid_b, pid_h, bs_t, H, BB, BH)
+    off_t, _bs_t, prev_off, n_prev, next_off, n_next = step
+    b, cols, rmask, cmask, m = rows_cols
     has_next = b < n_next
     # dh = grad_out_t + (rows with a next step: dgates_next @ W_hh ; rows at their last step: grad_hn)
     acc = tl.zeros((BB, BH), tl.float32)
@@ -164,12 +165,12 @@ def _lstm_bwd_tile(ptrs, step, H, pid_b, pid_h,
 
 
 @triton.jit
-def _gru_fwd_tile(ptrs, step, H, pid_b, pid_h,
+def _gru_fwd_tile(ptrs, step, rows_cols, H,
                   HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                   INTERP: tl.constexpr, PREC: tl.constexpr):
     gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, ws_ptr, hn_ptr = ptrs
-    off_t, bs_t, prev_off, n_prev, _next_off, n_next = step
-    b, cols, rmask, cmask, m = tile(pid_b, pid_h, bs_t, H, BB, BH)
+    off_t, _bs_t, prev_off, n_prev, _next_off, n_next = step
+    b, cols, rmask, cmask, m = rows_cols
     h_rows = tl.where(b < n_prev, out_ptr + (prev_off + b) * H, h0_ptr + b * H)
     acc_r = tl.zeros((BB, BH), tl.float32)
     acc_z = tl.zeros((BB, BH), tl.float32)
@@ -192,12 +193,12 @@ def _gru_fwd_tile(ptrs, step, H, pid_b, pid_h,
 
 
 @triton.jit
-def _gru_bwd_tile(ptrs, step, H, pid_b, pid_h,
+def _gru_bwd_tile(ptrs, step, rows_cols, H,
                   HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                   INTERP: tl.constexpr, PREC: tl.constexpr):
     gout_ptr, carry_ptr, whh_ptr, ws_ptr, out_ptr, h0_ptr, dgi_ptr, dgh_ptr = ptrs
-    off_t, bs_t, prev_off, n_prev, next_off, n_next = step
-    b, cols, rmask, cmask, m = tile(pid_b, pid_h, bs_t, H, BB, BH)
+    off_t, _bs_t, prev_off, n_prev, next_off, n_next = step
+    b, cols, rmask, cmask, m = rows_cols
     # dh = grad_out_t + carry (grad_hn before the row's last step, then dh*z of the step after)
     #      + dgh_next @ W_hh (rows with a next step)
     acc = tl.zeros((BB, BH), tl.float32)
@@ -214,12 +215,12 @@ def _gru_bwd_tile(ptrs, step, H, pid_b, pid_h,
 
 
 @triton.jit
-def _rnn_fwd_tile(ptrs, step, H, pid_b, pid_h,
+def _rnn_fwd_tile(ptrs, step, rows_cols, H,
                   HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                   INTERP: tl.constexpr, PREC: tl.constexpr):
     gx_ptr, whh_ptr, bhh_ptr, h0_ptr, out_ptr, hn_ptr = ptrs
-    off_t, bs_t, prev_off, n_prev, _next_off, n_next = step
-    b, cols, rmask, cmask, m = tile(pid_b, pid_h, bs_t, H, BB, BH)
+    off_t, _bs_t, prev_off, n_prev, _next_off, n_next = step
+    b, cols, rmask, cmask, m = rows_cols
     h_rows = tl.where(b < n_prev, out_ptr + (prev_off + b) * H, h0_ptr + b * H)
     acc = tl.zeros((BB, BH), tl.float32)
     acc, _u1, _u2, _u3 = gemm_gates(acc, acc, acc, acc, h_rows, rmask,
@@ -237,12 +238,12 @@ def _rnn_fwd_tile(ptrs, step, H, pid_b, pid_h,
 
 
 @triton.jit
-def _rnn_bwd_tile(ptrs, step, H, pid_b, pid_h,
+def _rnn_bwd_tile(ptrs, step, rows_cols, H,
                   HAS_BHH: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                   INTERP: tl.constexpr, PREC: tl.constexpr):
     gout_ptr, ghn_ptr, whh_ptr, out_ptr, dp_ptr = ptrs
-    off_t, bs_t, _prev_off, _n_prev, next_off, n_next = step
-    b, cols, rmask, cmask, m = tile(pid_b, pid_h, bs_t, H, BB, BH)
+    off_t, _bs_t, _prev_off, _n_prev, next_off, n_next = step
+    b, cols, rmask, cmask, m = rows_cols
     has_next = b < n_next
     acc = tl.zeros((BB, BH), tl.float32)
     acc, _u1, _u2, _u3 = gemm_gates(acc, acc, acc, acc, dp_ptr + (next_off + b) * H, rmask & has_next,
@@ -281,7 +282,7 @@ def _sequence_kernel(ptrs, sched_ptr, s0, n_steps, T, Bu, H,
         step = _step_schedule(sched_ptr, s, T, Bu, UNIFORM, REVERSE)
         if pid_b * BB < step[1]:  # step[1] = bs_t: this batch tile has active rows at this step
             for pid_h in range(tl.program_id(1), _h_end(H, BH, PERSISTENT)):
-                TILE(ptrs, step, H, pid_b, pid_h, HAS_BHH, RELU, BB, BH, BK, INTERP, PREC)
+                TILE(ptrs, step, tile(pid_b, pid_h, step[1], H, BB, BH), H, HAS_BHH, RELU, BB, BH, BK, INTERP, PREC)
         if PERSISTENT:
             tl.debug_barrier()
 
