@@ -72,6 +72,15 @@ def _finish(acc, l_i, m_i):
 
 
 @triton.jit
+def _add_bias2(s, b_ptrs, mask, HAS_BIAS: tl.constexpr):
+    """Scores s (log2 units, for exp2) plus the additive mask block at b_ptrs, converted to log2 units; the forward,
+    dK/dV and dQ passes build the same scores this way (b_ptrs is never read without HAS_BIAS)."""
+    if HAS_BIAS:
+        s += tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    return s
+
+
+@triton.jit
 def _load_lse2(ptrs, mask):
     """lse in log2 units for the backward's p = exp2(s - lse); a fully masked row (-inf) reads +inf so p is 0."""
     lse = tl.load(ptrs, mask=mask, other=float("inf"))
@@ -96,10 +105,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, m_mask, of
         if INTERP:
             kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        if HAS_BIAS:
-            b = tl.load(b_base + offs_m[:, None] * s_bm + cols[None, :] * s_bl,
-                        mask=m_mask[:, None] & c_mask[None, :], other=0.0)
-            s += b.to(tl.float32) * 1.4426950408889634
+        s = _add_bias2(s, b_base + offs_m[:, None] * s_bm + cols[None, :] * s_bl, m_mask[:, None] & c_mask[None, :],
+                       HAS_BIAS)
         valid = c_mask[None, :]
         if CAUSAL_MASK:
             valid = valid & (cols[None, :] <= offs_m[:, None])
@@ -346,10 +353,8 @@ def _attn_bwd_dkdv_kernel(
             lse2 = _load_lse2(LSE + row_base + offs_m, m_mask)  # rows past Lq and fully masked rows: p = 0
             delta = tl.load(DELTA + row_base + offs_m, mask=m_mask, other=0.0)
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-            if HAS_BIAS:
-                b = tl.load(b_base + offs_m[None, :] * s_bm + offs_n[:, None] * s_bl,
-                            mask=m_mask[None, :] & n_mask[:, None], other=0.0)
-                st += b.to(tl.float32) * 1.4426950408889634
+            st = _add_bias2(st, b_base + offs_m[None, :] * s_bm + offs_n[:, None] * s_bl,
+                            m_mask[None, :] & n_mask[:, None], HAS_BIAS)
             pt = tl.exp2(st - lse2[None, :])
             valid = n_mask[:, None] & m_mask[None, :]
             if IS_CAUSAL:
@@ -416,10 +421,8 @@ def _attn_bwd_dq_kernel(
             k = k.to(tl.float32)
             vt = vt.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if HAS_BIAS:
-            b = tl.load(b_base + offs_m[:, None] * s_bm + cols[None, :] * s_bl,
-                        mask=m_mask[:, None] & c_mask[None, :], other=0.0)
-            s += b.to(tl.float32) * 1.4426950408889634
+        s = _add_bias2(s, b_base + offs_m[:, None] * s_bm + cols[None, :] * s_bl, m_mask[:, None] & c_mask[None, :],
+                       HAS_BIAS)
         p = tl.exp2(s - lse2[:, None])
         valid = m_mask[:, None] & c_mask[None, :]
         if IS_CAUSAL:

@@ -235,6 +235,22 @@ def test_attention_block_sizes(block_m, block_n, causal):
     close(grads, ref_sdpa_backward(g.double(), *d[:3], ref_out, ref_lse, d[3], causal, scale))
 
 
+@pytest.mark.parametrize("dtype,causal", [(torch.float16, True), (torch.bfloat16, False)], ids=["f16-causal", "bf16"])
+def test_attention_16bit_with_bias(dtype, causal):
+    """Forward, backward and a two-split decode step in 16-bit, with an additive mask (the bias block of every
+    pass), against the float64 reference on the same rounded inputs."""
+    q, k, v, b = _sdpa_case(1, 2, 1, 19, 23, 16, bias=True, dtype=dtype)
+    out, lse = A.sdpa_forward(q, k, v, b, causal, None, block_m=16, block_n=16)
+    d = [t.double() for t in (q, k, v, b)]
+    ref_out, ref_lse = ref_sdpa_forward(*d, causal, 0.25)
+    close_in_dtype((out, lse), (ref_out, ref_lse), dtype)
+    g = randn(*out.shape, dtype=dtype)
+    grads = A.sdpa_backward(g, q, k, v, out, lse, b, causal, None, block_m=16, block_n=16)
+    close_in_dtype(grads, ref_sdpa_backward(g.double(), *d[:3], ref_out, ref_lse, d[3], causal, 0.25), dtype)
+    out1, _ = A.sdpa_forward(q[:, :, :1], k, v, b[:, :, :1], False, None, num_splits=2, block_n=16)
+    close_in_dtype((out1,), (ref_sdpa_forward(d[0][:, :, :1], d[1], d[2], d[3][:, :, :1], False, 0.25)[0],), dtype)
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 5])
 def test_decode_splits_and_combine(num_splits):
     q, k, v, b = _sdpa_case(2, 4, 2, 1, 150, 16, bias=True)
