@@ -19,6 +19,20 @@ from .common import Launch, cdiv, check_dtypes, on_device, tanh
 
 
 @triton.jit
+def _key_features(KP, n, rows, cols, s_kn, s_ks, s_ka, mask, qp):
+    """tanh(kp[n, rows, cols] + qp) in fp32: the hidden features the score v . tanh(W q + U k) reduces (forward)
+    and the backward differentiates."""
+    kp = tl.load(KP + n * s_kn + rows[:, None] * s_ks + cols[None, :] * s_ka, mask=mask, other=0.0).to(tl.float32)
+    return tanh(kp + qp[None, :])
+
+
+@triton.jit
+def _weights(SC, n, S, rows, r_mask, m_safe, inv):
+    """Softmax weights of key rows from the raw scores in the scratch SC, the row maximum and 1 / denominator."""
+    return tl.exp(tl.load(SC + n * S + rows, mask=r_mask, other=float("-inf")) - m_safe) * inv
+
+
+@triton.jit
 def _additive_fwd_kernel(
     QP, KP, VW, VAL, MASK, CTX, W, SC,
     s_qn, s_qa, s_kn, s_ks, s_ka, s_va, s_xn, s_xs, s_xd, s_mn, s_ms,
@@ -43,9 +57,8 @@ def _additive_fwd_kernel(
             a_mask = cols < A
             qp = tl.load(QP + n * s_qn + cols * s_qa, mask=a_mask, other=0.0).to(tl.float32)
             vw = tl.load(VW + cols * s_va, mask=a_mask, other=0.0).to(tl.float32)
-            kp = tl.load(KP + n * s_kn + rows[:, None] * s_ks + cols[None, :] * s_ka,
-                         mask=r_mask[:, None] & a_mask[None, :], other=0.0).to(tl.float32)
-            e += tl.sum(tanh(kp + qp[None, :]) * vw[None, :], 1)
+            th = _key_features(KP, n, rows, cols, s_kn, s_ks, s_ka, r_mask[:, None] & a_mask[None, :], qp)
+            e += tl.sum(th * vw[None, :], 1)
         valid = r_mask
         if HAS_MASK:
             keep = tl.load(MASK + n * s_mn + rows * s_ms, mask=r_mask, other=0)
@@ -69,7 +82,7 @@ def _additive_fwd_kernel(
         for s0 in range(0, S, BLOCK_S):
             rows = s0 + offs_s0
             r_mask = rows < S
-            w = tl.exp(tl.load(SC + n * S + rows, mask=r_mask, other=float("-inf")) - m_safe) * inv
+            w = _weights(SC, n, S, rows, r_mask, m_safe, inv)
             val = tl.load(VAL + n * s_xn + rows[:, None] * s_xs + offs_dv[None, :] * s_xd,
                           mask=r_mask[:, None] & dv_mask[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(w[:, None] * val, 0)
@@ -79,7 +92,7 @@ def _additive_fwd_kernel(
     for s0 in range(0, S, BLOCK_S):
         rows = s0 + offs_s0
         r_mask = rows < S
-        w = tl.exp(tl.load(SC + n * S + rows, mask=r_mask, other=float("-inf")) - m_safe) * inv
+        w = _weights(SC, n, S, rows, r_mask, m_safe, inv)
         tl.store(W + n * S + rows, w.to(W.dtype.element_ty), mask=r_mask)
 
 
@@ -141,8 +154,7 @@ def _additive_bwd_pass2_kernel(
         t = tl.load(T + n * S + rows, mask=r_mask, other=0.0)
         de = t - w * c  # masked keys have w = 0 -> de = 0
         m2 = r_mask[:, None] & a_mask[None, :]
-        kp = tl.load(KP + n * s_kn + rows[:, None] * s_ks + cols[None, :] * s_ka, mask=m2, other=0.0).to(tl.float32)
-        th = tanh(kp + qp[None, :])
+        th = _key_features(KP, n, rows, cols, s_kn, s_ks, s_ka, m2, qp)
         dpre = de[:, None] * vw[None, :] * (1.0 - th * th)
         tl.store(DKP + (n * S + rows)[:, None] * A + cols[None, :], dpre.to(DKP.dtype.element_ty), mask=m2)
         dqp += tl.sum(dpre, 0)

@@ -27,3 +27,12 @@ def _bwd(args, out, grads):
 @pytest.mark.parametrize("backend,dtype", BACKENDS, ids=lambda v: str(v).replace("torch.", ""))
 def test_additive_attention_kernels_match_reference(backend, dtype, shape, mask):
     check_op(ops.additive_attention, backend, dtype, _args(*shape, mask), n_out=2, backward_args=_bwd, n_grads=4)
+
+
+@pytest.mark.skipif(not any(b == "triton" for b, _ in BACKENDS), reason="triton not installed")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_triton_additive_attention_16bit(dtype):
+    """The Triton kernels in 16-bit, with a mask and value columns walked in two blocks (block_dv=16)."""
+    kw = dict(block_dv=16)
+    check_op(ops.additive_attention, "triton", dtype, _args(3, 9, 6, 20, True), n_out=2, backward_args=_bwd, n_grads=4,
+             forward_kwargs=kw, backward_kwargs=kw)
