@@ -49,13 +49,16 @@ def test_every_configuration_compiles(report):
 
 
 def test_every_kernel_is_covered(report):
-    """Each @triton.jit kernel (a function named *_kernel) of kernels/ was compiled at least once."""
+    """Each @triton.jit kernel (a function named *_kernel) of kernels/ was compiled at least once, and so was each
+    step body (*_tile) that a kernel takes as its TILE argument."""
     defined = set()
     for path in (ROOT / "kernels").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel"):
+            if isinstance(node, ast.FunctionDef) and node.name.endswith(("_kernel", "_tile")):
                 defined.add(node.name)
     compiled = {c["kernel"] for c in report["configs"]}
+    compiled |= {c["constexprs"]["TILE"].rsplit(":", 1)[-1].rstrip(")") for c in report["configs"]
+                 if "TILE" in c["constexprs"]}
     assert defined <= compiled, f"never compiled: {sorted(defined - compiled)}"
 
 
