@@ -84,13 +84,17 @@ def _torch_faster(family, input, states, w_ih, w_hh, b_ih, b_hh):
     return _rules.prefer_torch(family, input, input.shape[0], w_hh.shape[1], (input, *states, w_ih, w_hh, b_ih, b_hh))
 
 
+# Each cell asks first whether torch's op runs the call (no seqfast kernel for its dtype / device, or the performance
+# floor's rules): torch's op then checks its own arguments. seqfast's checks run only before a seqfast kernel.
+
+
 def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """One LSTM step, as torch._VF.lstm_cell: ``hx`` is ``(h, c)``; returns ``(h', c')``."""
     if len(hx) != 2:
         raise RuntimeError("lstm_cell expects two hidden states")
     h, c = hx
-    if (not _check(4, input, h, c, w_ih, w_hh, b_ih, b_hh) or _ops.lstm_cell.runs_torch_op(input)
-            or _torch_faster("lstm_cell", input, (h, c), w_ih, w_hh, b_ih, b_hh)):
+    if (_ops.lstm_cell.runs_torch_op(input) or _torch_faster("lstm_cell", input, (h, c), w_ih, w_hh, b_ih, b_hh)
+            or not _check(4, input, h, c, w_ih, w_hh, b_ih, b_hh)):
         return torch._VF.lstm_cell(input, (h, c), w_ih, w_hh, b_ih, b_hh)
     hy, cy, _ = _ops.lstm_cell(input, h, c, w_ih, w_hh, b_ih, b_hh)
     return hy, cy
@@ -98,8 +102,8 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
 
 def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """One GRU step, as torch._VF.gru_cell; returns ``h'``."""
-    if (not _check(3, input, hx, None, w_ih, w_hh, b_ih, b_hh) or _ops.gru_cell.runs_torch_op(input)
-            or _torch_faster("gru_cell", input, (hx,), w_ih, w_hh, b_ih, b_hh)):
+    if (_ops.gru_cell.runs_torch_op(input) or _torch_faster("gru_cell", input, (hx,), w_ih, w_hh, b_ih, b_hh)
+            or not _check(3, input, hx, None, w_ih, w_hh, b_ih, b_hh)):
         return torch._VF.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
     hy, _ = _ops.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
     return hy
@@ -109,8 +113,8 @@ def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
     """One Elman RNN step (``nonlinearity`` "tanh" or "relu"), as torch._VF.rnn_tanh_cell / rnn_relu_cell."""
     if nonlinearity not in ("tanh", "relu"):
         raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")
-    if (not _check(1, input, hx, None, w_ih, w_hh, b_ih, b_hh) or _ops.rnn_cell.runs_torch_op(input)
-            or _torch_faster("rnn_cell", input, (hx,), w_ih, w_hh, b_ih, b_hh)):
+    if (_ops.rnn_cell.runs_torch_op(input) or _torch_faster("rnn_cell", input, (hx,), w_ih, w_hh, b_ih, b_hh)
+            or not _check(1, input, hx, None, w_ih, w_hh, b_ih, b_hh)):
         native = torch._VF.rnn_relu_cell if nonlinearity == "relu" else torch._VF.rnn_tanh_cell
         return native(input, hx, w_ih, w_hh, b_ih, b_hh)
     return _ops.rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity == "relu")
