@@ -1,5 +1,6 @@
-"""What every Triton kernel family shares: the jit math helpers, the gate GEMM, and the launch plumbing (interpreter
-detection, dot precision from torch's TF32 flags, dtype checks, the device guard, CUDA's grid limits).
+"""What every Triton kernel family shares: the jit math helpers, the gate GEMM, the RNN gate workspace and gate
+derivatives (cells and sequences), and the launch plumbing (interpreter detection, dot precision from torch's TF32
+flags, dtype checks, the device guard, CUDA's grid limits).
 
 Public names only: kernel files import from here, never private helpers from each other.
 """
