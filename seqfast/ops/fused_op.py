@@ -73,7 +73,7 @@ class FusedOp:
 
         # --- eager fast path: same kernels and formula, no dispatcher ---
         op = self
-        eager_backward = self._make_backward(run_backward)
+        eager_backward = self._make_backward(None)
 
         class _Function(torch.autograd.Function):
             @staticmethod
@@ -147,19 +147,31 @@ class FusedOp:
             self._resolved[key] = fn
         return fn
 
+    def _backend_for(self, tensor):
+        """The kernel family (seqfast._backend.select) that runs a call on ``tensor``, memoised."""
+        key = (_backend.forced_backend(), tensor.dtype, tensor.device, "backend")
+        backend = self._resolved.get(key)
+        if backend is None:
+            backend = self._resolved[key] = _backend.select(tensor.device, tensor.dtype, self._dtypes)
+        return backend
+
     def _setup(self, ctx, inputs, output):
-        first = inputs[0]
         # the backward runs on the backend the forward ran on, even if use_backend() has been left by then
-        ctx.seqfast_backend = _backend.select(first.device, first.dtype, self._dtypes)
+        ctx.seqfast_backend = self._backend_for(inputs[0])
         if isinstance(output, tuple):  # workspace outputs carry no gradient
             ctx.mark_non_differentiable(*output[self._n_diff:])
         ctx.seqfast_inputs = inputs  # for a double backward (see _differentiable_backward); no copies
         self._save(ctx, inputs, output)
 
     def _make_backward(self, run_backward):
+        """The autograd formula. ``run_backward`` None: the eager path, which calls the backward kernel of the
+        forward's backend directly; else the registered op's (it resolves the backend itself, under use_backend)."""
         def backward(ctx, *grads):
             if torch.is_grad_enabled():  # backward(create_graph=True): the gradients must be differentiable again
                 return self._differentiable_backward(ctx, grads)
+            if run_backward is None:
+                kernel = self.kernels(ctx.seqfast_backend).backward
+                return self._grad(ctx, grads, lambda *args: _without_autocast(kernel, args))
             with _backend.use_backend(ctx.seqfast_backend):
                 return self._grad(ctx, grads, run_backward)
         return backward
