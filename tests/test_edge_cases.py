@@ -181,3 +181,15 @@ def test_proj_size_and_half_precision_run_torchs_own_op(name):
         torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=0, atol=0)
     ref16, ours16 = ref.half(), ours.half()
     torch.testing.assert_close(ours16(x.half())[0], ref16(x.half())[0], rtol=0, atol=0)
+
+
+def test_sequence_after_inference_mode_trains():
+    """A padded sequence run first under torch.inference_mode, then in training: the per-shape tensors seqfast keeps
+    between calls are normal tensors (an inference tensor cannot be saved for backward)."""
+    lstm = seqfast.nn.LSTM(3, 4)
+    x = torch.randn(5, 2, 3)
+    with torch.inference_mode():
+        lstm(x)
+    out, _ = lstm(x.requires_grad_())
+    out.sum().backward()
+    assert x.grad is not None and lstm.weight_hh_l0.grad is not None

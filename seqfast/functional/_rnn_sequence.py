@@ -1,4 +1,5 @@
 """Functional multi-layer (bidirectional) LSTM / GRU / RNN over a whole sequence, as torch._VF.lstm / gru / rnn_*."""
+import functools
 import itertools
 
 import torch
@@ -9,6 +10,19 @@ from ..reference import rnn_sequence as _reference
 
 _NATIVE = {"lstm": torch._VF.lstm, "gru": torch._VF.gru, "tanh": torch._VF.rnn_tanh, "relu": torch._VF.rnn_relu}
 _GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def _uniform_steps(T, B):
+    """batch_sizes of a padded [T, B] sequence: one shared tensor per shape in eager mode (the kernels only read it)."""
+    if torch.compiler.is_compiling():
+        return torch.full((T,), B, dtype=torch.int64)
+    return _shared_uniform_steps(T, B)
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_uniform_steps(T, B):
+    with torch.inference_mode(False):  # a normal tensor even if made under inference_mode: training saves it
+        return torch.full((T,), B, dtype=torch.int64)
 
 
 def _check_steps(input, batch_sizes, h0):
@@ -85,7 +99,7 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
     if padded:
         T, B = input.shape[0], input.shape[1]
         x = input.reshape(T * B, input.shape[2])
-        batch_sizes = torch.full((T,), B, dtype=torch.int64)
+        batch_sizes = _uniform_steps(T, B)
     else:
         x = input
         batch_sizes = batch_sizes.cpu()

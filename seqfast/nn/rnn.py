@@ -13,7 +13,13 @@ class _SeqfastRNNMixin:
     _kind = None  # "lstm" | "gru" | "rnn"
 
     def _layer_weights(self):
-        return [[getattr(self, name) for name in names] for names in self._all_weights]
+        # read from the parameter dict as Module.__getattr__ would (a small sequence pays for every lookup); a
+        # parametrization (torch.nn.utils.parametrize) moves a weight out of it: the attribute serves then
+        params = self._parameters
+        try:
+            return [[params[name] for name in names] for names in self._all_weights]
+        except KeyError:
+            return [[getattr(self, name) for name in names] for names in self._all_weights]
 
     def _prepare_states(self, hx, batch, input, is_batched):
         lstm = self._kind == "lstm"
