@@ -114,3 +114,25 @@ def test_packed_output_matches_torch_with_enforce_sorted_false():
     torch.testing.assert_close(po.data, pt.data)
     torch.testing.assert_close(h, ht)
     torch.testing.assert_close(c, ct)
+
+
+def test_parametrized_weight_matches_torch():
+    """A parametrized weight (torch.nn.utils.parametrize moves it out of the parameter dict) is read as torch reads
+    it: same output and gradients as torch's LSTM with the same parametrization."""
+    torch.manual_seed(0)
+    ours, theirs = seqfast.nn.LSTM(3, 4, num_layers=2).double(), torch.nn.LSTM(3, 4, num_layers=2).double()
+    ours.load_state_dict(theirs.state_dict())
+
+    class Scale(torch.nn.Module):
+        def forward(self, w):
+            return 0.5 * w
+
+    for module in (ours, theirs):
+        torch.nn.utils.parametrize.register_parametrization(module, "weight_hh_l1", Scale())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    a, b = ours(x)[0], theirs(x)[0]
+    torch.testing.assert_close(a, b)
+    a.sum().backward()
+    b.sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
