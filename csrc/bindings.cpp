@@ -28,6 +28,7 @@ py::dict config_dict() {
   d["step_par_min_h"] = c.step_par_min_h;
   d["pool_mb"] = c.pool_mb;
   d["max_threads"] = c.max_threads;
+  d["contention_backoff"] = c.contention_backoff;
   return d;
 }
 
@@ -49,6 +50,7 @@ py::dict set_config(const py::kwargs& kw) {
     else if (k == "step_par_min_h") c.step_par_min_h = py::cast<int64_t>(v);
     else if (k == "pool_mb") c.pool_mb = py::cast<int64_t>(v);
     else if (k == "max_threads") c.max_threads = py::cast<int64_t>(v);
+    else if (k == "contention_backoff") c.contention_backoff = py::cast<bool>(v);
     else throw py::type_error("set_config() got an unexpected keyword argument '" + k + "'");
   }
   TORCH_CHECK(c.small_batch >= 0 && c.small_batch <= 16, "set_config: small_batch must be in [0, 16], got ",

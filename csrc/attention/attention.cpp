@@ -77,6 +77,8 @@ template <typename T>
 struct BiasView {
   const T* ptr = nullptr;
   int64_t sn = 0, sh = 0, si = 0, sj = 0;
+  // The mask of head (n, h), or nullptr without one.
+  const T* head(int64_t n, int64_t h) const { return ptr ? ptr + n * sn + h * sh : nullptr; }
 };
 
 // Pointer and strides of an optional [N, H, Lq, Lk] additive mask (any strides, 0-strides from expand() too).
@@ -89,6 +91,25 @@ BiasView<T> bias_view(const at::Tensor* bias) {
   }
   return bv;
 }
+
+// One [N, H, L, d] operand (blas_ready: unit stride along d): row l of head (n, h) at head(n, h) + l * sl.
+template <typename T>
+struct HeadRows {
+  const T* ptr;
+  int64_t sn, sh, sl, d;
+  explicit HeadRows(const at::Tensor& t)
+      : ptr(t.const_data_ptr<T>()), sn(t.stride(0)), sh(t.stride(1)), sl(t.stride(2)), d(t.size(3)) {}
+  const T* head(int64_t n, int64_t h) const { return ptr + n * sn + h * sh; }
+};
+
+// The inputs every kernel reads: q [N, Hq, Lq, D], k [N, Hk, Lk, D], v [N, Hk, Lk, Dv] and the optional mask.
+template <typename T>
+struct Inputs {
+  HeadRows<T> q, k, v;
+  BiasView<T> bias;
+  Inputs(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor* b)
+      : q(q_), k(k_), v(v_), bias(bias_view<T>(b)) {}
+};
 
 // S[r, c] += bias[i0 + r, j0 + c] (bias already offset to (n, h)); then causal mask j > i -> -inf.
 template <typename scalar_t, typename acc_t>
@@ -118,10 +139,56 @@ inline void mask_block(acc_t* S, int64_t ldS, int64_t mq, int64_t nk, int64_t i0
   }
 }
 
+// Score block S[mq, nk] (row stride ldS) = scale Q K[j0:j0+nk]^T, plus the mask B of the head and the causal mask,
+// for the query rows [i0, i0 + mq) at Q.
 template <typename scalar_t, typename acc_t>
-inline void to_operand(const acc_t* src, scalar_t* dst, int64_t ld, int64_t mq, int64_t nk) {
-  for (int64_t r = 0; r < mq; ++r)
-    for (int64_t c = 0; c < nk; ++c) dst[r * ld + c] = static_cast<scalar_t>(src[r * ld + c]);
+inline void score_block(acc_t* S, int64_t ldS, int64_t mq, int64_t nk, acc_t scale, const scalar_t* Q,
+                        const Inputs<scalar_t>& in, const scalar_t* K, const scalar_t* B, int64_t i0, int64_t j0,
+                        bool causal) {
+  gemm::mm_nt<scalar_t, acc_t>(mq, nk, in.q.d, scale, Q, in.q.sl, K + j0 * in.k.sl, in.k.sl, acc_t(0), S, ldS);
+  mask_block<scalar_t, acc_t>(S, ldS, mq, nk, i0, j0, B, in.bias.si, in.bias.sj, causal);
+}
+
+// A block as a GEMM operand: itself when scalar_t is the accumulation type, else rounded into buf (bfloat16, as
+// flash-attn rounds P and dS).
+template <typename scalar_t, typename acc_t>
+inline const scalar_t* as_operand(acc_t* src, scalar_t* buf, int64_t ld, int64_t mq, int64_t nk) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    for (int64_t r = 0; r < mq; ++r)
+      for (int64_t c = 0; c < nk; ++c) buf[r * ld + c] = static_cast<scalar_t>(src[r * ld + c]);
+    return buf;
+  }
+}
+
+// The AVX-512 operands of the task: query rows at q (stride sq), kv head (n, hk), keys below kv_end.
+inline void set_qkv(attn512::QkvRows& a, const Inputs<float>& in, const float* q, int64_t sq, int64_t n, int64_t hk,
+                    int64_t kv_end, float scale) {
+  a.q = q;
+  a.sq = sq;
+  a.D = in.q.d;
+  a.k = in.k.head(n, hk);
+  a.sk = in.k.sl;
+  a.v = in.v.head(n, hk);
+  a.sv = in.v.sl;
+  a.Dv = in.v.d;
+  a.kv_end = kv_end;
+  a.scale = scale;
+}
+
+// The AVX-512 query block: rows [i0, i0 + mq) of head (n, h), its kv head hk, its mask.
+inline void set_block(attn512::BlockRows& a, const Inputs<float>& in, int64_t n, int64_t h, int64_t hk, int64_t i0,
+                      int64_t mq, int64_t kv_end, bool causal, float scale) {
+  set_qkv(a, in, in.q.head(n, h) + i0 * in.q.sl, in.q.sl, n, hk, kv_end, scale);
+  a.mq = mq;
+  a.i0 = i0;
+  if (const float* b = in.bias.head(n, h)) {
+    a.bias = b + i0 * in.bias.si;
+    a.bsi = in.bias.si;
+    a.bsj = in.bias.sj;
+  }
+  a.causal = causal;
 }
 
 // Query block of the idx-th task of a head. Causal: interleave cheap (early) and expensive (late) query blocks so
@@ -135,21 +202,14 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
                 double scale_d, at::Tensor& out, at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kSame = std::is_same<scalar_t, acc_t>::value;
-  const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2);
   const int64_t Hk = k.size(1), Lk = k.size(2), Dv = v.size(3);
   const int64_t G = Hq / Hk;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const Blocks bl = pick_blocks(Lq, Lk, causal);
   const int64_t Bq = bl.bq, Bk = bl.bk;
   const int64_t nqb = (Lq + Bq - 1) / Bq;
-
-  const scalar_t* qp = q.const_data_ptr<scalar_t>();
-  const scalar_t* kp = k.const_data_ptr<scalar_t>();
-  const scalar_t* vp = v.const_data_ptr<scalar_t>();
-  const int64_t sqn = q.stride(0), sqh = q.stride(1), sql = q.stride(2);
-  const int64_t skn = k.stride(0), skh = k.stride(1), skl = k.stride(2);
-  const int64_t svn = v.stride(0), svh = v.stride(1), svl = v.stride(2);
-  const BiasView<scalar_t> bv = bias_view<scalar_t>(bias);
+  const Inputs<scalar_t> in(q, k, v, bias);
   scalar_t* op = out.data_ptr<scalar_t>();
   acc_t* lp = lse.data_ptr<acc_t>();
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
@@ -163,17 +223,16 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       const int64_t n = nh / Hq, h = nh % Hq, hk = h / G;
       const int64_t i0 = qb * Bq, mq = std::min(Bq, Lq - i0);
       const int64_t kv_end = causal ? std::min(Lk, i0 + mq) : Lk;
-      const scalar_t* Q = qp + n * sqn + h * sqh + i0 * sql;
-      const scalar_t* K = kp + n * skn + hk * skh;
-      const scalar_t* V = vp + n * svn + hk * svh;
-      const scalar_t* B = bv.ptr ? bv.ptr + n * bv.sn + h * bv.sh : nullptr;
+      const scalar_t* Q = in.q.head(n, h) + i0 * in.q.sl;
+      const scalar_t* K = in.k.head(n, hk);
+      const scalar_t* V = in.v.head(n, hk);
+      const scalar_t* B = in.bias.head(n, h);
       std::fill(m.begin(), m.begin() + mq, ninf);
       std::fill(l.begin(), l.begin() + mq, acc_t(0));
       std::fill(acc.begin(), acc.begin() + mq * Dv, acc_t(0));
       for (int64_t j0 = 0; j0 < kv_end; j0 += Bk) {
         const int64_t nk = std::min(Bk, kv_end - j0);
-        mm_nt<scalar_t, acc_t>(mq, nk, D, scale, Q, sql, K + j0 * skl, skl, acc_t(0), S.data(), Bk);
-        mask_block<scalar_t, acc_t>(S.data(), Bk, mq, nk, i0, j0, B, bv.si, bv.sj, causal);
+        score_block<scalar_t, acc_t>(S.data(), Bk, mq, nk, scale, Q, in, K, B, i0, j0, causal);
         for (int64_t r = 0; r < mq; ++r) {
           acc_t* s = S.data() + r * Bk;
           const acc_t mx = R::row_max(s, nk);
@@ -192,14 +251,8 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
             for (int64_t c = 0; c < Dv; ++c) a[c] *= alpha;
           }
         }
-        const scalar_t* Pp;
-        if constexpr (kSame) {
-          Pp = S.data();
-        } else {
-          to_operand<scalar_t, acc_t>(S.data(), P.data(), Bk, mq, nk);
-          Pp = P.data();
-        }
-        mm_nn<scalar_t, acc_t>(mq, Dv, nk, acc_t(1), Pp, Bk, V + j0 * svl, svl, acc_t(1), acc.data(), Dv);
+        const scalar_t* Pp = as_operand<scalar_t, acc_t>(S.data(), P.data(), Bk, mq, nk);
+        mm_nn<scalar_t, acc_t>(mq, Dv, nk, acc_t(1), Pp, Bk, V + j0 * in.v.sl, in.v.sl, acc_t(1), acc.data(), Dv);
       }
       scalar_t* O = op + (nh * Lq + i0) * Dv;
       acc_t* LS = lp + nh * Lq + i0;
@@ -229,13 +282,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t G = Hq / Hk;
   const T scale = static_cast<T>(scale_d);
   const int64_t kv_end = causal ? std::min<int64_t>(Lk, 1) : Lk;  // top-left causal: query 0 sees key 0 only
-  const T* qp = q.const_data_ptr<T>();
-  const T* kp = k.const_data_ptr<T>();
-  const T* vp = v.const_data_ptr<T>();
-  const int64_t sqn = q.stride(0), sqh = q.stride(1);
-  const int64_t skn = k.stride(0), skh = k.stride(1), skl = k.stride(2);
-  const int64_t svn = v.stride(0), svh = v.stride(1), svl = v.stride(2);
-  const BiasView<T> bv = bias_view<T>(bias);
+  const Inputs<T> in(q, k, v, bias);
+  const BiasView<T>& bv = in.bias;
+  const int64_t sqh = in.q.sh, skl = in.k.sl, svl = in.v.sl;
   T* op = out.data_ptr<T>();
   T* lp = lse.data_ptr<T>();
   const T ninf = -std::numeric_limits<T>::infinity();
@@ -248,22 +297,13 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       if constexpr (std::is_same_v<T, float>) {
         if (avx512) {
           attn512::DecodeHead a;
+          set_qkv(a, in, in.q.head(n, hk * G), sqh, n, hk, kv_end, scale);
           a.G = G;
-          a.q = qp + n * sqn + hk * G * sqh;
-          a.sq = sqh;
-          a.D = q.size(3);
-          a.k = kp + n * skn + hk * skh;
-          a.sk = skl;
-          a.v = vp + n * svn + hk * svh;
-          a.sv = svl;
-          a.Dv = Dv;
-          a.kv_end = kv_end;
           if (bv.ptr) {
-            a.bias = bv.ptr + n * bv.sn + hk * G * bv.sh;
+            a.bias = bv.head(n, hk * G);
             a.bsg = bv.sh;
             a.bsj = bv.sj;
           }
-          a.scale = scale;
           a.out = op + (n * Hq + hk * G) * Dv;
           a.so = Dv;
           a.lse = lp + n * Hq + hk * G;
@@ -271,9 +311,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           continue;
         }
       }
-      const T* K = kp + n * skn + hk * skh;
-      const T* V = vp + n * svn + hk * svh;
-      const T* Q = qp + n * sqn + hk * G * sqh;
+      const T* K = in.k.head(n, hk);
+      const T* V = in.v.head(n, hk);
+      const T* Q = in.q.head(n, hk * G);
       int64_t j = 0;
       for (; j + 4 <= kv_end; j += 4) {  // four keys per pass: shares the q loads, independent reductions
         const T* kr = K + j * skl;
@@ -291,7 +331,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         T* s = S.data() + g * kv_end;
         const int64_t h = hk * G + g;
         if (bv.ptr) {
-          const T* b = bv.ptr + n * bv.sn + h * bv.sh;
+          const T* b = bv.head(n, h);
           for (int64_t j = 0; j < kv_end; ++j) s[j] += b[j * bv.sj];
         }
         const T mx = R::row_max(s, kv_end);
@@ -342,18 +382,10 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
   const int64_t nqb = (Lq + Bq - 1) / Bq;
   const int64_t nkb = (Lk + Bk - 1) / Bk;
 
-  const scalar_t* qp = q.const_data_ptr<scalar_t>();
-  const scalar_t* kp = k.const_data_ptr<scalar_t>();
-  const scalar_t* vp = v.const_data_ptr<scalar_t>();
-  const scalar_t* gp = go.const_data_ptr<scalar_t>();
-  const scalar_t* opp = o.const_data_ptr<scalar_t>();
+  const Inputs<scalar_t> in(q, k, v, bias);
+  const HeadRows<scalar_t> grows(go), orows(o);
+  const int64_t sql = in.q.sl, skl = in.k.sl, svl = in.v.sl, sgl = grows.sl, sol = orows.sl;
   const acc_t* lp = lse.const_data_ptr<acc_t>();
-  const int64_t sqn = q.stride(0), sqh = q.stride(1), sql = q.stride(2);
-  const int64_t skn = k.stride(0), skh = k.stride(1), skl = k.stride(2);
-  const int64_t svn = v.stride(0), svh = v.stride(1), svl = v.stride(2);
-  const int64_t sgn = go.stride(0), sgh = go.stride(1), sgl = go.stride(2);
-  const int64_t son = o.stride(0), soh = o.stride(1), sol = o.stride(2);
-  const BiasView<scalar_t> bv = bias_view<scalar_t>(bias);
   scalar_t* dqp = dq.data_ptr<scalar_t>();
   scalar_t* dkp = dk.data_ptr<scalar_t>();
   scalar_t* dvp = dv.data_ptr<scalar_t>();
@@ -398,18 +430,18 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
       const int64_t nj = std::max<int64_t>(jhi - jlo, 0);
       dKa.assign(nj * D, acc_t(0));
       dVa.assign(nj * Dv, acc_t(0));
-      const scalar_t* K = kp + n * skn + hk * skh;
-      const scalar_t* V = vp + n * svn + hk * svh;
+      const scalar_t* K = in.k.head(n, hk);
+      const scalar_t* V = in.v.head(n, hk);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = hk * G + g;
         const int64_t nh = n * Hq + h;
-        const scalar_t* B = bv.ptr ? bv.ptr + n * bv.sn + h * bv.sh : nullptr;
+        const scalar_t* B = in.bias.head(n, h);
         for (int64_t qb = 0; qb < nqb; ++qb) {
           const int64_t i0 = qb * Bq, mq = std::min(Bq, Lq - i0);
           const int64_t kv_end = std::min(jhi, causal ? std::min(Lk, i0 + mq) : Lk);
-          const scalar_t* Q = qp + n * sqn + h * sqh + i0 * sql;
-          const scalar_t* dO = gp + n * sgn + h * sgh + i0 * sgl;
-          const scalar_t* O = opp + n * son + h * soh + i0 * sol;
+          const scalar_t* Q = in.q.head(n, h) + i0 * sql;
+          const scalar_t* dO = grows.head(n, h) + i0 * sgl;
+          const scalar_t* O = orows.head(n, h) + i0 * sol;
           acc_t* dQout = dQa.data();
           std::fill(dQa.begin(), dQa.begin() + mq * D, acc_t(0));
           if (kv_end <= jlo) {
@@ -433,27 +465,10 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
           if (any_live && avx512) {
             if constexpr (std::is_same_v<scalar_t, float>) {
               attn512::BwdBlock a;
-              a.mq = mq;
-              a.i0 = i0;
-              a.q = Q;
-              a.sq = sql;
-              a.D = D;
+              set_block(a, in, n, h, hk, i0, mq, kv_end, causal, scale);
               a.dout = dO;
               a.sdo = sgl;
-              a.Dv = Dv;
-              a.k = K;
-              a.sk = skl;
-              a.v = V;
-              a.sv = svl;
               a.j_lo = jlo;
-              a.kv_end = kv_end;
-              if (B) {
-                a.bias = B + i0 * bv.si;
-                a.bsi = bv.si;
-                a.bsj = bv.sj;
-              }
-              a.causal = causal;
-              a.scale = scale;
               a.lse = lser.data();
               a.delta = delta.data();
               a.dq = dQout;
@@ -465,29 +480,16 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
           } else if (any_live) {
             for (int64_t j0 = jlo; j0 < kv_end; j0 += Bk) {
               const int64_t nk = std::min(Bk, kv_end - j0);
-              mm_nt<scalar_t, acc_t>(mq, nk, D, scale, Q, sql, K + j0 * skl, skl, acc_t(0), S.data(), Bk);
-              mask_block<scalar_t, acc_t>(S.data(), Bk, mq, nk, i0, j0, B, bv.si, bv.sj, causal);
+              score_block<scalar_t, acc_t>(S.data(), Bk, mq, nk, scale, Q, in, K, B, i0, j0, causal);
               for (int64_t r = 0; r < mq; ++r) R::row_exp_sub(S.data() + r * Bk, nk, lser[r]);
-              const scalar_t* Pp;
-              if constexpr (kSame) {
-                Pp = S.data();
-              } else {
-                to_operand<scalar_t, acc_t>(S.data(), P.data(), Bk, mq, nk);
-                Pp = P.data();
-              }
+              const scalar_t* Pp = as_operand<scalar_t, acc_t>(S.data(), P.data(), Bk, mq, nk);
               // dV += P^T dO
               mm_tn<scalar_t, acc_t>(nk, Dv, mq, acc_t(1), Pp, Bk, dO, sgl, acc_t(1), dVa.data() + (j0 - jlo) * Dv,
                                      Dv);
               // dP = dO V^T ; dS = P * (dP - delta)
               mm_nt<scalar_t, acc_t>(mq, nk, Dv, acc_t(1), dO, sgl, V + j0 * svl, svl, acc_t(0), dS.data(), Bk);
               for (int64_t r = 0; r < mq; ++r) R::row_dsoftmax(S.data() + r * Bk, dS.data() + r * Bk, nk, delta[r]);
-              const scalar_t* dSp;
-              if constexpr (kSame) {
-                dSp = dS.data();
-              } else {
-                to_operand<scalar_t, acc_t>(dS.data(), dSm.data(), Bk, mq, nk);
-                dSp = dSm.data();
-              }
+              const scalar_t* dSp = as_operand<scalar_t, acc_t>(dS.data(), dSm.data(), Bk, mq, nk);
               // dQ += scale dS K ; dK += scale dS^T Q
               mm_nn<scalar_t, acc_t>(mq, D, nk, scale, dSp, Bk, K + j0 * skl, skl, acc_t(1), dQout, D);
               mm_tn<scalar_t, acc_t>(nk, D, mq, scale, dSp, Bk, Q, sql, acc_t(1), dKa.data() + (j0 - jlo) * D, D);
@@ -521,10 +523,7 @@ void fwd_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   const int64_t Hk = k.size(1), Lk = k.size(2), Dv = v.size(3);
   const int64_t G = Hq / Hk, Bq = attn512::kBq;
   const int64_t nqb = (Lq + Bq - 1) / Bq;
-  const float* qp = q.const_data_ptr<float>();
-  const float* kp = k.const_data_ptr<float>();
-  const float* vp = v.const_data_ptr<float>();
-  const BiasView<float> bv = bias_view<float>(bias);
+  const Inputs<float> in(q, k, v, bias);
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   const int64_t wsz = attn512::fwd_workspace(D, Dv);
@@ -536,25 +535,9 @@ void fwd_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       const int64_t nh = t / nqb, idx = t % nqb;
       const int64_t qb = query_block_order(idx, nqb, causal);
       const int64_t n = nh / Hq, h = nh % Hq, hk = h / G;
+      const int64_t i0 = qb * Bq, mq = std::min(Bq, Lq - i0);
       attn512::FwdBlock a;
-      a.i0 = qb * Bq;
-      a.mq = std::min(Bq, Lq - a.i0);
-      a.q = qp + n * q.stride(0) + h * q.stride(1) + a.i0 * q.stride(2);
-      a.sq = q.stride(2);
-      a.D = D;
-      a.k = kp + n * k.stride(0) + hk * k.stride(1);
-      a.sk = k.stride(2);
-      a.v = vp + n * v.stride(0) + hk * v.stride(1);
-      a.sv = v.stride(2);
-      a.Dv = Dv;
-      a.kv_end = causal ? std::min(Lk, a.i0 + a.mq) : Lk;
-      if (bv.ptr) {
-        a.bias = bv.ptr + n * bv.sn + h * bv.sh + a.i0 * bv.si;
-        a.bsi = bv.si;
-        a.bsj = bv.sj;
-      }
-      a.causal = causal;
-      a.scale = static_cast<float>(scale);
+      set_block(a, in, n, h, hk, i0, mq, causal ? std::min(Lk, i0 + mq) : Lk, causal, static_cast<float>(scale));
       a.out = op + (nh * Lq + a.i0) * Dv;
       a.so = Dv;
       a.lse = lp + nh * Lq + a.i0;

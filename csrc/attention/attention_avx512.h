@@ -25,20 +25,28 @@ inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 constexpr int64_t kBq = 64;   // query rows per task
 constexpr int64_t kBk = 256;  // keys per score block
 
-struct FwdBlock {
-  int64_t mq = 0;                 // query rows in this block (<= kBq)
-  const float* q = nullptr;       // row r at q + r * sq (D floats)
+// The operands every task reads: query rows, the keys and values of one kv head, the scale.
+struct QkvRows {
+  const float* q = nullptr;       // query row r (DecodeHead: query head r) at q + r * sq (D floats)
   int64_t sq = 0, D = 0;
   const float* k = nullptr;       // key j at k + j * sk
   int64_t sk = 0;
   const float* v = nullptr;       // value j at v + j * sv (Dv floats)
   int64_t sv = 0, Dv = 0;
-  int64_t kv_end = 0;             // keys [0, kv_end) are visited
+  int64_t kv_end = 0;             // keys below kv_end are visited (from 0, or from BwdBlock::j_lo)
+  float scale = 1.f;
+};
+
+// A query block of one head: QkvRows plus its row range, mask and causality (FwdBlock and BwdBlock).
+struct BlockRows : QkvRows {
+  int64_t mq = 0;                 // query rows in this block (<= kBq)
+  int64_t i0 = 0;                 // query index of row 0 (causal: row r sees keys j <= i0 + r)
   const float* bias = nullptr;    // additive mask of row r, key j at bias + r * bsi + j * bsj, or nullptr
   int64_t bsi = 0, bsj = 0;
   bool causal = false;
-  int64_t i0 = 0;                 // query index of row 0 (causal: row r sees keys j <= i0 + r)
-  float scale = 1.f;
+};
+
+struct FwdBlock : BlockRows {
   float* out = nullptr;           // row r at out + r * so (Dv floats)
   int64_t so = 0;
   float* lse = nullptr;           // mq floats; -inf for a fully masked row (whose output is 0)
@@ -56,21 +64,10 @@ void fwd_block(const FwdBlock& a, float* ws);
 // diagonal are never visited; on the diagonal, masked 16-query lane groups are skipped.
 constexpr int64_t kBkBwd = 128;  // keys per backward block
 
-struct BwdBlock {
-  int64_t mq = 0, i0 = 0;           // query rows (<= kBq) and the index of row 0 (causal: row r sees keys <= i0 + r)
-  const float* q = nullptr;         // row r at q + r * sq (D floats)
-  int64_t sq = 0, D = 0;
+struct BwdBlock : BlockRows {      // keys by absolute index (k + j * sk)
   const float* dout = nullptr;      // gradient of the output, row r at dout + r * sdo (Dv floats)
-  int64_t sdo = 0, Dv = 0;
-  const float* k = nullptr;         // key j at k + j * sk (absolute key index)
-  int64_t sk = 0;
-  const float* v = nullptr;         // value j at v + j * sv
-  int64_t sv = 0;
-  int64_t j_lo = 0, kv_end = 0;     // keys [j_lo, kv_end) are visited
-  const float* bias = nullptr;      // additive mask of row r, key j at bias + r * bsi + j * bsj, or nullptr
-  int64_t bsi = 0, bsj = 0;
-  bool causal = false;
-  float scale = 1.f;
+  int64_t sdo = 0;
+  int64_t j_lo = 0;                 // keys [j_lo, kv_end) are visited
   const float* lse = nullptr;       // mq floats, +inf for a fully masked row (P = 0 there; sdpa_backward maps the
                                     // forward's -inf to +inf)
   const float* delta = nullptr;     // mq floats: rowsum(dout * out)
@@ -88,18 +85,10 @@ void bwd_block(const BwdBlock& a, float* ws);
 // (each K and V element is used G times), so K and V are read once, row by row, in place: scores of 16 keys at a
 // time as row dot products summed by avx512::reduce16, an exact softmax over the scores kept in `scores`, then P V
 // with 4 keys in flight per 64 output columns.
-struct DecodeHead {
+struct DecodeHead : QkvRows {     // q: head g at q + g * sq
   int64_t G = 1;                  // query heads sharing this kv head
-  const float* q = nullptr;       // head g at q + g * sq (D floats)
-  int64_t sq = 0, D = 0;
-  const float* k = nullptr;       // key j at k + j * sk
-  int64_t sk = 0;
-  const float* v = nullptr;       // value j at v + j * sv (Dv floats)
-  int64_t sv = 0, Dv = 0;
-  int64_t kv_end = 0;
   const float* bias = nullptr;    // additive mask of head g, key j at bias + g * bsg + j * bsj, or nullptr
   int64_t bsg = 0, bsj = 0;
-  float scale = 1.f;
   float* out = nullptr;           // head g at out + g * so (Dv floats); 0 for a fully masked head
   int64_t so = 0;
   float* lse = nullptr;           // head g at lse[g]; -inf for a fully masked head

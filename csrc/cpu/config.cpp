@@ -27,6 +27,7 @@ Config from_env() {
   c.step_par_min_h = env_int("SEQFAST_CPU_STEP_PAR_MIN_H", c.step_par_min_h);
   c.pool_mb = env_int("SEQFAST_CPU_POOL_MB", c.pool_mb);
   c.max_threads = env_int("SEQFAST_CPU_THREADS", c.max_threads);
+  c.contention_backoff = !env_set("SEQFAST_CPU_NO_BACKOFF");
   return c;
 }
 

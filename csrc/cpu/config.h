@@ -35,6 +35,10 @@ struct Config {
   // SEQFAST_CPU_THREADS: upper bound on the threads of a seqfast parallel region (0: the CPUs this process may
   // use, from its affinity mask and cgroup v2 cpu.max quota). torch.set_num_threads bounds it too.
   int64_t max_threads = 0;
+  // SEQFAST_CPU_NO_BACKOFF unset: after a multi-threaded region that saw contention (a thread started late, a
+  // barrier wait slept), the next regions run on the calling thread alone (cpu/team.h). false: every region gets
+  // its full team whatever happened before (for A/B timing on a loaded machine).
+  bool contention_backoff = true;
 };
 
 const Config& config();

@@ -93,6 +93,7 @@ int64_t now_us() {
 }
 
 bool backing_off() {
+  if (!config().contention_backoff) return false;
   int s = g_skip.load(std::memory_order_relaxed);
   while (s > 0)
     if (g_skip.compare_exchange_weak(s, s - 1, std::memory_order_relaxed)) return true;
@@ -100,6 +101,11 @@ bool backing_off() {
 }
 
 void report_region(bool late) {
+  if (!config().contention_backoff) {  // switched off: no skips pending when it is switched back on
+    g_skip.store(0, std::memory_order_relaxed);
+    g_backoff.store(kMinBackoff, std::memory_order_relaxed);
+    return;
+  }
   if (late) {
     const int b = g_backoff.load(std::memory_order_relaxed);
     g_skip.store(b, std::memory_order_relaxed);

@@ -15,7 +15,7 @@
 // evidence of it; after a region with such evidence the next regions run on the calling thread alone (a step
 // barrier then costs nothing), a number of regions that doubles while the evidence repeats and resets after a clean
 // multi-threaded region. So an oversubscribed process degrades to one thread per caller, never to waiting a
-// scheduler time slice per step.
+// scheduler time slice per step. config().contention_backoff (SEQFAST_CPU_NO_BACKOFF) switches this off.
 //
 // Errors: an exception thrown by one thread of a region (a failed check, a failed allocation) is captured, the
 // team's barrier is aborted so no teammate waits forever, and the first exception is rethrown on the calling thread
@@ -53,8 +53,9 @@ inline int threads(int64_t want) {
 inline int threads() { return threads(INT64_MAX); }
 
 // True when the next region should run on the calling thread alone (recent contention); consumes one skipped region.
+// Always false with config().contention_backoff off.
 bool backing_off();
-// Reports how a multi-threaded region went (late = contention seen).
+// Reports how a multi-threaded region went (late = contention seen); ignored with config().contention_backoff off.
 void report_region(bool late);
 // Microseconds on a steady clock (parallel_for's late-start check).
 int64_t now_us();

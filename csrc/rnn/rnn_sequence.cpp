@@ -317,12 +317,12 @@ inline int64_t max_rows(const Steps& s) {
   return m;
 }
 
-// W_hh^T [H, G H], for the backward's small-batch GEMV (contiguous rows for dh = dg W_hh), when some step takes it;
-// made once before the region and shared by its threads.
+// W_hh^T [H, G H], for the backward's small-batch GEMV (contiguous rows for dh = dg W_hh), when some step takes it
+// (the fused region's GEMV range, or the per-step path's); made once before the loop and shared by its threads.
 template <typename T>
-Tensor transposed_for_gemv(const Steps& s, const Tensor& w_hh) {
+Tensor transposed_for_gemv(const Steps& s, const Tensor& w_hh, bool fused) {
   for (int64_t t = 0; t < s.T; ++t)
-    if (s.bs[t] > 0 && fused_gemv<T>(s.bs[t])) return w_hh.t().contiguous();
+    if (s.bs[t] > 0 && (fused ? fused_gemv<T>(s.bs[t]) : kern::use_small(s.bs[t]))) return w_hh.t().contiguous();
   return Tensor();
 }
 
@@ -362,32 +362,210 @@ class RecurrentBackward {
   PackedA<T> pk_;
 };
 
+// ---- The time loop, shared by every cell ----
+
+// Steps in processing order, or backwards (reverse_order, for a backward pass), empty steps skipped: f(t, bs, off).
+template <class F>
+inline void each_step(const Steps& s, bool reverse_order, const F& f) {
+  for (int64_t i = 0; i < s.T; ++i) {
+    const int64_t t = s.at(reverse_order ? s.T - 1 - i : i);
+    if (s.bs[t] > 0) f(t, s.bs[t], s.off[t]);
+  }
+}
+
+// One parallel region for a whole sequence: body(tid, nth, k0, k1) runs on each thread of a team of up to nt, thread
+// tid owning the hidden units [k0, k1) (unit_slice); the body synchronises its steps with cpu::team_barrier(nth).
+template <class Body>
+inline void unit_team(int nt, int64_t H, const Body& body) {
+  cpu::run_team(nt, [&](int tid, int nth) {
+    int64_t k0, k1;
+    unit_slice(H, nth, tid, k0, k1);
+    body(tid, nth, k0, k1);
+  });
+}
+
+// A cell's pointwise for one row: row(t, b, off, k0, k1) handles hidden units [k0, k1) of batch row b of step t
+// (whose first row is `off`). Passed as a template argument (inlined lambda), never through a function pointer.
+
+// Forward time loop of a cell with G gate blocks, in processing order. Per step t, the step's rows of dst (rows
+// [off, off + bs) when dst_per_step, else [0, bs): a scratch reused every step) get the recurrent product
+// h_prev W_hh^T (added onto them when accumulate), then `row` runs the cell's pointwise.
+// nt > 0: one region for the sequence, each thread its unit slice, one barrier per step (see "Fused time loop").
+// nt == 0: the per-step path: GEMV over unit chunks for small batches, else one GEMM (lp: in bf16, with the output
+// mirrored), then the pointwise over row chunks of row_work multiply-adds each.
+template <typename T, int G, class Row>
+void time_loop_forward(const Steps& s, int nt, const Tensor& h0, const Tensor& w_hh, const Tensor& out,
+                       const Tensor& dst, bool dst_per_step, bool accumulate, int64_t row_work, const LowP* lp,
+                       const Row& row) {
+  const int64_t H = h0.size(1);
+  const T* o = out.const_data_ptr<T>();
+  const T* h0p = h0.const_data_ptr<T>();
+  const T* wh = w_hh.const_data_ptr<T>();
+  T* d = dst.data_ptr<T>();
+  if (nt > 0) {
+    unit_team(nt, H, [&](int, int nth, int64_t k0, int64_t k1) {
+      RecurrentForward<T, G> rec(s, wh, H, k0, k1);
+      each_step(s, false, [&](int64_t t, int64_t bs, int64_t off) {
+        if (k1 > k0) {
+          rec.step(t, o, h0p, d + (dst_per_step ? off : 0) * G * H, G * H, accumulate);
+          for (int64_t b = 0; b < bs; ++b) row(t, b, off, k0, k1);
+        }
+        cpu::team_barrier(nth);
+      });
+    });
+    return;
+  }
+  each_step(s, false, [&](int64_t t, int64_t bs, int64_t off) {
+    const int64_t r0 = dst_per_step ? off : 0;
+    if (kern::use_small(bs)) {
+      std::array<const T*, kMaxSmallB> hr;
+      std::array<T*, kMaxSmallB> dr;
+      for (int64_t b = 0; b < bs; ++b) {
+        hr[b] = prev_row<T>(s, t, b, o, h0p, H);
+        dr[b] = d + (r0 + b) * G * H;
+      }
+      kern::par_units(H, bs * G * H * H, [&](int64_t k0, int64_t k1) {
+        for (int64_t q = 0; q < G; ++q)
+          kern::gemv<T>(bs, hr.data(), wh, H, nullptr, nullptr, 0, dr.data(), q * H + k0, q * H + k1, accumulate);
+        for (int64_t b = 0; b < bs; ++b) row(t, b, off, k0, k1);
+      });
+    } else {
+      recur(s, t, out, h0, w_hh, dst.narrow(0, r0, bs), accumulate, lp);
+      kern::par_rows(bs, row_work, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) row(t, b, off, 0, H);
+      });
+    }
+    mirror(lp, out, off, bs);
+  });
+}
+
+// Backward time loop of a cell with G gate blocks, in reverse processing order. Per step: `row` runs the cell's
+// pointwise backward (reading the running dh [B, H], writing the step's rows of the gate grads dg [N, G H]), then
+// dh[0:bs] = (accumulate ? dh : 0) + dg[off:off+bs] W_hh carries it to the previous step. nt as in
+// time_loop_forward: a barrier between the two phases in the fused region; per-step, a GEMV on W_hh^T for small
+// batches, else one GEMM.
+template <typename T, int G, class Row>
+void time_loop_backward(const Steps& s, int nt, const Tensor& w_hh, const Tensor& dg, Tensor& dh, bool accumulate,
+                        int64_t row_work, const Row& row) {
+  const int64_t H = dh.size(1);
+  const T* wh = w_hh.const_data_ptr<T>();
+  const T* dgp = dg.const_data_ptr<T>();
+  T* dhp = dh.data_ptr<T>();
+  const Tensor whT = transposed_for_gemv<T>(s, w_hh, nt > 0);
+  if (nt > 0) {
+    unit_team(nt, H, [&](int, int nth, int64_t k0, int64_t k1) {
+      RecurrentBackward<T, G> rec(s, wh, whT, H, k0, k1);
+      each_step(s, true, [&](int64_t t, int64_t bs, int64_t off) {
+        for (int64_t b = 0; b < bs && k1 > k0; ++b) row(t, b, off, k0, k1);
+        cpu::team_barrier(nth);
+        if (k1 > k0) rec.step(bs, dgp + off * G * H, dhp, accumulate);
+      });
+    });
+    return;
+  }
+  const T* whTp = whT.defined() ? whT.const_data_ptr<T>() : nullptr;
+  each_step(s, true, [&](int64_t t, int64_t bs, int64_t off) {
+    kern::par_rows(bs, row_work, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) row(t, b, off, 0, H);
+    });
+    if (kern::use_small(bs)) {
+      std::array<const T*, kMaxSmallB> xr;
+      std::array<T*, kMaxSmallB> yr;
+      for (int64_t b = 0; b < bs; ++b) {
+        xr[b] = dgp + (off + b) * G * H;
+        yr[b] = dhp + b * H;
+      }
+      kern::par_units(H, bs * G * H * H, [&](int64_t k0, int64_t k1) {
+        kern::gemv<T>(bs, xr.data(), whTp, G * H, nullptr, nullptr, 0, yr.data(), k0, k1, accumulate);
+      });
+    } else {
+      Tensor d = dh.narrow(0, 0, bs);
+      const Tensor g = dg.narrow(0, off, bs);
+      if (accumulate) d.addmm_(g, w_hh);
+      else at::mm_out(d, g, w_hh);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// LSTM: nt from fused_threads (0 = per-step path); lp only on the per-step path; small_nt > 0: the float32 AVX-512
+// 1-2 row backward on that many threads.
 template <typename T>
-void lstm_fwd_fused(const Steps& s, int nt, const Tensor& h0, const Tensor& c0, const Tensor& w_hh, Tensor& gates,
-                    Tensor& out, Tensor& cs) {
+void lstm_fwd(const Steps& s, int nt, const Tensor& h0, const Tensor& c0, const Tensor& w_hh, Tensor& gates,
+              Tensor& out, Tensor& cs, const LowP* lp) {
   const int64_t H = h0.size(1);
   T* g = gates.data_ptr<T>();
   T* o = out.data_ptr<T>();
   T* c = cs.data_ptr<T>();
-  const T* h0p = h0.const_data_ptr<T>();
   const T* c0p = c0.const_data_ptr<T>();
-  const T* wh = w_hh.const_data_ptr<T>();
-  cpu::run_team(nt, [&](int tid, int nth) {
-    int64_t k0, k1;
-    unit_slice(H, nth, tid, k0, k1);
-    RecurrentForward<T, 4> rec(s, wh, H, k0, k1);
-    for (int64_t p = 0; p < s.T; ++p) {
-      const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
-      if (bs == 0) continue;
-      if (k1 > k0) {
-        rec.step(t, o, h0p, g + off * 4 * H, 4 * H, true);  // onto the input projection held in gates
-        for (int64_t b = 0; b < bs; ++b)
-          kern::lstm_fwd_row<T>(g + (off + b) * 4 * H, nullptr, nullptr, prev_row<T>(s, t, b, c, c0p, H),
-                                c + (off + b) * H, o + (off + b) * H, H, k0, k1);
+  // gates hold the input projection: the recurrent product is added onto the step's rows
+  time_loop_forward<T, 4>(s, nt, h0, w_hh, out, gates, true, true, 64 * H, lp,
+                          [&](int64_t t, int64_t b, int64_t off, int64_t k0, int64_t k1) {
+                            kern::lstm_fwd_row<T>(g + (off + b) * 4 * H, nullptr, nullptr,
+                                                  prev_row<T>(s, t, b, c, c0p, H), c + (off + b) * H,
+                                                  o + (off + b) * H, H, k0, k1);
+                          });
+}
+
+// float32 LSTM backward for 1-2 row batches on AVX-512 (fused_gemv range with the own kernels): per step each thread
+// runs the pointwise backward of its units, then the partial dh of its own gate rows of W_hh (lstm_step::gemv_t_small:
+// the same rows its forward step read, contiguous, no transposed copy of W_hh), and after the barrier sums the
+// threads' partials for its units. Partials are double-buffered: a thread can be at most one step ahead of the rest.
+// row: the LSTM pointwise backward of lstm_bwd.
+template <class Row>
+void lstm_bwd_small_avx512(const Steps& s, int nt, const Tensor& w_hh, const Tensor& dgates, Tensor& dh,
+                           const Row& row) {
+  const int64_t H = dh.size(1);
+  const float* wh = w_hh.const_data_ptr<float>();
+  const float* dg = dgates.const_data_ptr<float>();
+  float* dhp = dh.data_ptr<float>();
+  nt = std::max(nt, 1);
+  Tensor part_t = at::empty({2, nt, 2, H}, dh.options());  // [buffer, thread, row, unit]
+  float* part = part_t.data_ptr<float>();
+  unit_team(nt, H, [&](int tid, int nth, int64_t k0, int64_t k1) {
+    const int64_t j0[4] = {k0, H + k0, 2 * H + k0, 3 * H + k0};
+    int buf = 0;
+    each_step(s, true, [&](int64_t t, int64_t bs, int64_t off) {
+      const float* xr[2];
+      float* yr[2];
+      for (int64_t b = 0; b < bs; ++b) {
+        row(t, b, off, k0, k1);
+        xr[b] = dg + (off + b) * 4 * H;
+        yr[b] = part + ((buf * nth + tid) * 2 + b) * H;
       }
+      if (k1 > k0) lstm_step::gemv_t_small(bs, xr, j0, 4, k1 - k0, wh, H, H, yr);
+      else
+        for (int64_t b = 0; b < bs; ++b) std::fill(yr[b], yr[b] + H, 0.f);
       cpu::team_barrier(nth);
-    }
+      for (int64_t b = 0; b < bs; ++b)
+        for (int64_t u = k0; u < k1; ++u) {
+          float sum = 0.f;
+          for (int i = 0; i < nth; ++i) sum += part[((buf * nth + i) * 2 + b) * H + u];
+          dhp[b * H + u] = sum;
+        }
+      buf ^= 1;
+    });
   });
+}
+
+template <typename T>
+void lstm_bwd(const Steps& s, int nt, int small_nt, const Tensor& grad_out, const Tensor& c0, const Tensor& w_hh,
+              const Tensor& gates, const Tensor& cs, Tensor& dgates, Tensor& dh, Tensor& dc) {
+  const int64_t H = c0.size(1);
+  const T* g = gates.const_data_ptr<T>();
+  const T* c = cs.const_data_ptr<T>();
+  const T* c0p = c0.const_data_ptr<T>();
+  const T* go = grad_out.const_data_ptr<T>();
+  T* dg = dgates.data_ptr<T>();
+  T* dhp = dh.data_ptr<T>();
+  T* dcp = dc.data_ptr<T>();
+  const auto row = [&](int64_t t, int64_t b, int64_t off, int64_t k0, int64_t k1) {
+    kern::lstm_bwd_row<T>(g + (off + b) * 4 * H, prev_row<T>(s, t, b, c, c0p, H), c + (off + b) * H, dhp + b * H,
+                          go + (off + b) * H, dcp + b * H, dg + (off + b) * 4 * H, dcp + b * H, H, k0, k1);
+  };
+  if constexpr (std::is_same_v<T, float>)
+    if (small_nt > 0) return lstm_bwd_small_avx512(s, small_nt, w_hh, dgates, dh, row);
+  time_loop_backward<T, 4>(s, nt, w_hh, dgates, dh, false, 64 * H, row);
 }
 
 // float32 LSTM forward on the fused AVX-512 step kernel (rnn_sequence_lstm_step.h): per thread, its units' W_ih / W_hh / bias
@@ -411,9 +589,7 @@ void lstm_fwd_fused_avx512(const Steps& s, int nt, const Tensor& x, const Tensor
   float* c = cs.data_ptr<float>();
   const float* h0p = h0.const_data_ptr<float>();
   const float* c0p = c0.const_data_ptr<float>();
-  cpu::run_team(nt, [&](int tid, int nth) {
-    int64_t k0, k1;
-    unit_slice(H, nth, tid, k0, k1);
+  unit_team(nt, H, [&](int, int nth, int64_t k0, int64_t k1) {
     const int64_t nu = k1 - k0;
     const int64_t nblk = (nu + lstm_step::kUnits - 1) / lstm_step::kUnits;
     // 1-2 rows (pre given): lstm_step::step_small reads W_hh in place, nothing to pack.
@@ -443,9 +619,7 @@ void lstm_fwd_fused_avx512(const Steps& s, int nt, const Tensor& x, const Tensor
     a.ldpre = 4 * H;
     a.u0 = k0;
     a.u1 = k1;
-    for (int64_t p = 0; p < s.T; ++p) {
-      const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
-      if (bs == 0) continue;
+    each_step(s, false, [&](int64_t t, int64_t bs, int64_t off) {
       if (nu > 0) {
         for (int64_t b = 0; b < bs; ++b) {
           hr[b] = prev_row<float>(s, t, b, o, h0p, H);
@@ -463,278 +637,34 @@ void lstm_fwd_fused_avx512(const Steps& s, int nt, const Tensor& x, const Tensor
         else lstm_step::step(a);
       }
       cpu::team_barrier(nth);
-    }
-  });
-}
-
-template <typename T>
-void lstm_bwd_fused(const Steps& s, int nt, const Tensor& grad_out, const Tensor& c0, const Tensor& w_hh,
-                    const Tensor& gates, const Tensor& cs, Tensor& dgates, Tensor& dh, Tensor& dc) {
-  const int64_t H = c0.size(1);
-  const T* g = gates.const_data_ptr<T>();
-  const T* c = cs.const_data_ptr<T>();
-  const T* c0p = c0.const_data_ptr<T>();
-  const T* go = grad_out.const_data_ptr<T>();
-  T* dg = dgates.data_ptr<T>();
-  T* dhp = dh.data_ptr<T>();
-  T* dcp = dc.data_ptr<T>();
-  const T* wh = w_hh.const_data_ptr<T>();
-  const Tensor whT = transposed_for_gemv<T>(s, w_hh);
-  cpu::run_team(nt, [&](int tid, int nth) {
-    int64_t k0, k1;
-    unit_slice(H, nth, tid, k0, k1);
-    RecurrentBackward<T, 4> rec(s, wh, whT, H, k0, k1);
-    for (int64_t p = s.T - 1; p >= 0; --p) {
-      const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
-      if (bs == 0) continue;
-      for (int64_t b = 0; b < bs && k1 > k0; ++b)
-        kern::lstm_bwd_row<T>(g + (off + b) * 4 * H, prev_row<T>(s, t, b, c, c0p, H), c + (off + b) * H,
-                              dhp + b * H, go + (off + b) * H, dcp + b * H, dg + (off + b) * 4 * H, dcp + b * H, H,
-                              k0, k1);
-      cpu::team_barrier(nth);
-      if (k1 > k0) rec.step(bs, dg + off * 4 * H, dhp, false);
-    }
-  });
-}
-
-// float32 LSTM backward for 1-2 row batches on AVX-512 (fused_gemv range with the own kernels): per step each thread
-// runs the pointwise backward of its units, then the partial dh of its own gate rows of W_hh (lstm_step::gemv_t_small:
-// the same rows its forward step read, contiguous, no transposed copy of W_hh), and after the barrier sums the
-// threads' partials for its units. Partials are double-buffered: a thread can be at most one step ahead of the rest.
-void lstm_bwd_small_avx512(const Steps& s, int nt, const Tensor& grad_out, const Tensor& c0, const Tensor& w_hh,
-                           const Tensor& gates, const Tensor& cs, Tensor& dgates, Tensor& dh, Tensor& dc) {
-  const int64_t H = c0.size(1);
-  const float* g = gates.const_data_ptr<float>();
-  const float* c = cs.const_data_ptr<float>();
-  const float* c0p = c0.const_data_ptr<float>();
-  const float* go = grad_out.const_data_ptr<float>();
-  const float* wh = w_hh.const_data_ptr<float>();
-  float* dg = dgates.data_ptr<float>();
-  float* dhp = dh.data_ptr<float>();
-  float* dcp = dc.data_ptr<float>();
-  nt = std::max(nt, 1);
-  Tensor part_t = at::empty({2, nt, 2, H}, dh.options());  // [buffer, thread, row, unit]
-  float* part = part_t.data_ptr<float>();
-  cpu::run_team(nt, [&](int tid, int nth) {
-    int64_t k0, k1;
-    unit_slice(H, nth, tid, k0, k1);
-    const int64_t j0[4] = {k0, H + k0, 2 * H + k0, 3 * H + k0};
-    int buf = 0;
-    for (int64_t p = s.T - 1; p >= 0; --p) {
-      const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
-      if (bs == 0) continue;
-      const float* xr[2];
-      float* yr[2];
-      for (int64_t b = 0; b < bs; ++b) {
-        kern::lstm_bwd_row<float>(g + (off + b) * 4 * H, prev_row<float>(s, t, b, c, c0p, H), c + (off + b) * H,
-                                  dhp + b * H, go + (off + b) * H, dcp + b * H, dg + (off + b) * 4 * H, dcp + b * H,
-                                  H, k0, k1);
-        xr[b] = dg + (off + b) * 4 * H;
-        yr[b] = part + ((buf * nth + tid) * 2 + b) * H;
-      }
-      if (k1 > k0) lstm_step::gemv_t_small(bs, xr, j0, 4, k1 - k0, wh, H, H, yr);
-      else
-        for (int64_t b = 0; b < bs; ++b) std::fill(yr[b], yr[b] + H, 0.f);
-      cpu::team_barrier(nth);
-      for (int64_t b = 0; b < bs; ++b)
-        for (int64_t u = k0; u < k1; ++u) {
-          float sum = 0.f;
-          for (int i = 0; i < nth; ++i) sum += part[((buf * nth + i) * 2 + b) * H + u];
-          dhp[b * H + u] = sum;
-        }
-      buf ^= 1;
-    }
-  });
-}
-
-template <typename T>
-void gru_fwd_fused(const Steps& s, int nt, const Tensor& h0, const Tensor& w_hh, const T* bhh, const Tensor& gi,
-                   Tensor& out, Tensor& ws) {
-  const int64_t H = h0.size(1), B = h0.size(0);
-  Tensor gh = at::empty({std::max<int64_t>(B, 1), 3 * H}, h0.options());
-  T* ghp = gh.data_ptr<T>();
-  const T* gip = gi.const_data_ptr<T>();
-  T* o = out.data_ptr<T>();
-  T* w = ws.data_ptr<T>();
-  const T* h0p = h0.const_data_ptr<T>();
-  const T* wh = w_hh.const_data_ptr<T>();
-  cpu::run_team(nt, [&](int tid, int nth) {
-    int64_t k0, k1;
-    unit_slice(H, nth, tid, k0, k1);
-    RecurrentForward<T, 3> rec(s, wh, H, k0, k1);
-    for (int64_t p = 0; p < s.T; ++p) {
-      const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
-      if (bs == 0) continue;
-      if (k1 > k0) {
-        rec.step(t, o, h0p, ghp, 3 * H, false);  // W_hh h into the step's scratch (b_hn applies inside r * (.))
-        for (int64_t b = 0; b < bs; ++b)
-          kern::gru_fwd_row<T>(gip + (off + b) * 3 * H, nullptr, ghp + b * 3 * H, bhh,
-                               prev_row<T>(s, t, b, o, h0p, H), o + (off + b) * H, w + (off + b) * 4 * H, H, k0, k1);
-      }
-      cpu::team_barrier(nth);
-    }
-  });
-}
-
-template <typename T>
-void gru_bwd_fused(const Steps& s, int nt, const Tensor& grad_out, const Tensor& h0, const Tensor& w_hh,
-                   const Tensor& out, const Tensor& ws, Tensor& dgi, Tensor& dgh, Tensor& dh) {
-  const int64_t H = h0.size(1);
-  const T* o = out.const_data_ptr<T>();
-  const T* h0p = h0.const_data_ptr<T>();
-  const T* w = ws.const_data_ptr<T>();
-  const T* go = grad_out.const_data_ptr<T>();
-  T* dgip = dgi.data_ptr<T>();
-  T* dghp = dgh.data_ptr<T>();
-  T* dhp = dh.data_ptr<T>();
-  const T* wh = w_hh.const_data_ptr<T>();
-  const Tensor whT = transposed_for_gemv<T>(s, w_hh);
-  cpu::run_team(nt, [&](int tid, int nth) {
-    int64_t k0, k1;
-    unit_slice(H, nth, tid, k0, k1);
-    RecurrentBackward<T, 3> rec(s, wh, whT, H, k0, k1);
-    for (int64_t p = s.T - 1; p >= 0; --p) {
-      const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
-      if (bs == 0) continue;
-      for (int64_t b = 0; b < bs && k1 > k0; ++b)
-        kern::gru_bwd_row<T>(dhp + b * H, go + (off + b) * H, prev_row<T>(s, t, b, o, h0p, H),
-                             w + (off + b) * 4 * H, dgip + (off + b) * 3 * H, dghp + (off + b) * 3 * H, dhp + b * H,
-                             H, k0, k1);
-      cpu::team_barrier(nth);
-      if (k1 > k0) rec.step(bs, dghp + off * 3 * H, dhp, true);  // onto the direct part dh * z
-    }
-  });
-}
-
-// ------------------------------------------------------------------------------------------------------------------
-// LSTM
-template <typename T>
-void lstm_fwd_loop(const Steps& s, const Tensor& h0, const Tensor& c0, const Tensor& w_hh, Tensor& gates, Tensor& out,
-                   Tensor& cs, const LowP* lp) {
-  const int64_t H = h0.size(1);
-  T* g = gates.data_ptr<T>();
-  T* o = out.data_ptr<T>();
-  T* c = cs.data_ptr<T>();
-  const T* h0p = h0.const_data_ptr<T>();
-  const T* c0p = c0.const_data_ptr<T>();
-  const T* wh = w_hh.const_data_ptr<T>();
-  for (int64_t p = 0; p < s.T; ++p) {
-    const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
-    if (bs == 0) continue;
-    std::array<const T*, kMaxSmallB> hr, cr;
-    if (kern::use_small(bs)) {
-      std::array<T*, kMaxSmallB> gr;
-      for (int64_t b = 0; b < bs; ++b) {
-        hr[b] = prev_row<T>(s, t, b, o, h0p, H);
-        cr[b] = prev_row<T>(s, t, b, c, c0p, H);
-        gr[b] = g + (off + b) * 4 * H;
-      }
-      kern::par_units(H, bs * 4 * H * H, [&](int64_t k0, int64_t k1) {
-        for (int64_t q = 0; q < 4; ++q)
-          kern::gemv<T>(bs, hr.data(), wh, H, nullptr, nullptr, 0, gr.data(), q * H + k0, q * H + k1, true);
-        for (int64_t b = 0; b < bs; ++b)
-          kern::lstm_fwd_row<T>(gr[b], nullptr, nullptr, cr[b], c + (off + b) * H, o + (off + b) * H, H, k0, k1);
-      });
-    } else {
-      recur(s, t, out, h0, w_hh, gates.narrow(0, off, bs), true, lp);
-      kern::par_rows(bs, 64 * H, [&](int64_t r0, int64_t r1) {
-        for (int64_t b = r0; b < r1; ++b)
-          kern::lstm_fwd_row<T>(g + (off + b) * 4 * H, nullptr, nullptr, prev_row<T>(s, t, b, c, c0p, H),
-                                c + (off + b) * H, o + (off + b) * H, H, 0, H);
-      });
-    }
-    mirror(lp, out, off, bs);
-  }
-}
-
-template <typename T>
-void lstm_bwd_loop(const Steps& s, const Tensor& grad_out, const Tensor& c0, const Tensor& w_hh, const Tensor& gates,
-                   const Tensor& cs, Tensor& dgates, Tensor& dh, Tensor& dc) {
-  const int64_t H = c0.size(1);
-  const T* g = gates.const_data_ptr<T>();
-  const T* c = cs.const_data_ptr<T>();
-  const T* c0p = c0.const_data_ptr<T>();
-  const T* go = grad_out.const_data_ptr<T>();
-  T* dg = dgates.data_ptr<T>();
-  T* dhp = dh.data_ptr<T>();
-  T* dcp = dc.data_ptr<T>();
-  Tensor whhT;  // [H, 4H] so the small-batch GEMV reads contiguous rows for dh = dg @ W_hh
-  const T* whT = nullptr;
-  for (int64_t p = s.T - 1; p >= 0; --p) {
-    const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
-    if (bs == 0) continue;
-    kern::par_rows(bs, 64 * H, [&](int64_t r0, int64_t r1) {
-      for (int64_t b = r0; b < r1; ++b)
-        kern::lstm_bwd_row<T>(g + (off + b) * 4 * H, prev_row<T>(s, t, b, c, c0p, H), c + (off + b) * H,
-                              dhp + b * H, go + (off + b) * H, dcp + b * H, dg + (off + b) * 4 * H, dcp + b * H, H,
-                              0, H);
     });
-    if (kern::use_small(bs)) {
-      if (!whT) {
-        whhT = w_hh.t().contiguous();
-        whT = whhT.const_data_ptr<T>();
-      }
-      std::array<const T*, kMaxSmallB> xr;
-      std::array<T*, kMaxSmallB> yr;
-      for (int64_t b = 0; b < bs; ++b) {
-        xr[b] = dg + (off + b) * 4 * H;
-        yr[b] = dhp + b * H;
-      }
-      kern::par_units(H, bs * 4 * H * H, [&](int64_t k0, int64_t k1) {
-        kern::gemv<T>(bs, xr.data(), whT, 4 * H, nullptr, nullptr, 0, yr.data(), k0, k1, false);
-      });
-    } else {
-      Tensor d = dh.narrow(0, 0, bs);
-      at::mm_out(d, dgates.narrow(0, off, bs), w_hh);
-    }
-  }
+  });
 }
 
 // ------------------------------------------------------------------------------------------------------------------
-// GRU
+// GRU: as LSTM.
 template <typename T>
-void gru_fwd_loop(const Steps& s, const Tensor& h0, const Tensor& w_hh, const T* bhh, const Tensor& gi, Tensor& out,
-                  Tensor& ws, const LowP* lp) {
+void gru_fwd(const Steps& s, int nt, const Tensor& h0, const Tensor& w_hh, const T* bhh, const Tensor& gi,
+             Tensor& out, Tensor& ws, const LowP* lp) {
   const int64_t H = h0.size(1), B = h0.size(0);
   Tensor gh = at::empty({std::max<int64_t>(B, 1), 3 * H}, h0.options());  // per-step W_hh h, reused
-  T* ghp = gh.data_ptr<T>();
+  const T* ghp = gh.const_data_ptr<T>();
   const T* gip = gi.const_data_ptr<T>();
   T* o = out.data_ptr<T>();
   T* w = ws.data_ptr<T>();
   const T* h0p = h0.const_data_ptr<T>();
-  const T* wh = w_hh.const_data_ptr<T>();
-  for (int64_t p = 0; p < s.T; ++p) {
-    const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
-    if (bs == 0) continue;
-    std::array<const T*, kMaxSmallB> hr;
-    if (kern::use_small(bs)) {
-      std::array<T*, kMaxSmallB> gr;
-      for (int64_t b = 0; b < bs; ++b) {
-        hr[b] = prev_row<T>(s, t, b, o, h0p, H);
-        gr[b] = ghp + b * 3 * H;
-      }
-      kern::par_units(H, bs * 3 * H * H, [&](int64_t k0, int64_t k1) {
-        for (int64_t q = 0; q < 3; ++q)
-          kern::gemv<T>(bs, hr.data(), wh, H, nullptr, nullptr, 0, gr.data(), q * H + k0, q * H + k1, false);
-        for (int64_t b = 0; b < bs; ++b)
-          kern::gru_fwd_row<T>(gip + (off + b) * 3 * H, nullptr, gr[b], bhh, hr[b], o + (off + b) * H,
-                               w + (off + b) * 4 * H, H, k0, k1);
-      });
-    } else {
-      recur(s, t, out, h0, w_hh, gh.narrow(0, 0, bs), false, lp);
-      kern::par_rows(bs, 64 * H, [&](int64_t r0, int64_t r1) {
-        for (int64_t b = r0; b < r1; ++b)
-          kern::gru_fwd_row<T>(gip + (off + b) * 3 * H, nullptr, ghp + b * 3 * H, bhh,
-                               prev_row<T>(s, t, b, o, h0p, H), o + (off + b) * H, w + (off + b) * 4 * H, H, 0, H);
-      });
-    }
-    mirror(lp, out, off, bs);
-  }
+  // W_hh h goes to the step's scratch gh, not onto gi: b_hn applies inside r * (.)
+  time_loop_forward<T, 3>(s, nt, h0, w_hh, out, gh, false, false, 64 * H, lp,
+                          [&](int64_t t, int64_t b, int64_t off, int64_t k0, int64_t k1) {
+                            kern::gru_fwd_row<T>(gip + (off + b) * 3 * H, nullptr, ghp + b * 3 * H, bhh,
+                                                 prev_row<T>(s, t, b, o, h0p, H), o + (off + b) * H,
+                                                 w + (off + b) * 4 * H, H, k0, k1);
+                          });
 }
 
 template <typename T>
-void gru_bwd_loop(const Steps& s, const Tensor& grad_out, const Tensor& h0, const Tensor& w_hh, const Tensor& out,
-                  const Tensor& ws, Tensor& dgi, Tensor& dgh, Tensor& dh) {
+void gru_bwd(const Steps& s, int nt, const Tensor& grad_out, const Tensor& h0, const Tensor& w_hh, const Tensor& out,
+             const Tensor& ws, Tensor& dgi, Tensor& dgh, Tensor& dh) {
   const int64_t H = h0.size(1);
   const T* o = out.const_data_ptr<T>();
   const T* h0p = h0.const_data_ptr<T>();
@@ -743,107 +673,42 @@ void gru_bwd_loop(const Steps& s, const Tensor& grad_out, const Tensor& h0, cons
   T* dgip = dgi.data_ptr<T>();
   T* dghp = dgh.data_ptr<T>();
   T* dhp = dh.data_ptr<T>();
-  Tensor whhT;
-  const T* whT = nullptr;
-  for (int64_t p = s.T - 1; p >= 0; --p) {
-    const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
-    if (bs == 0) continue;
-    kern::par_rows(bs, 64 * H, [&](int64_t r0, int64_t r1) {
-      for (int64_t b = r0; b < r1; ++b)
-        kern::gru_bwd_row<T>(dhp + b * H, go + (off + b) * H, prev_row<T>(s, t, b, o, h0p, H),
-                             w + (off + b) * 4 * H, dgip + (off + b) * 3 * H, dghp + (off + b) * 3 * H, dhp + b * H,
-                             H, 0, H);
-    });
-    if (kern::use_small(bs)) {
-      if (!whT) {
-        whhT = w_hh.t().contiguous();
-        whT = whhT.const_data_ptr<T>();
-      }
-      std::array<const T*, kMaxSmallB> xr;
-      std::array<T*, kMaxSmallB> yr;
-      for (int64_t b = 0; b < bs; ++b) {
-        xr[b] = dghp + (off + b) * 3 * H;
-        yr[b] = dhp + b * H;
-      }
-      kern::par_units(H, bs * 3 * H * H, [&](int64_t k0, int64_t k1) {
-        kern::gemv<T>(bs, xr.data(), whT, 3 * H, nullptr, nullptr, 0, yr.data(), k0, k1, true);
-      });
-    } else {
-      dh.narrow(0, 0, bs).addmm_(dgh.narrow(0, off, bs), w_hh);
-    }
-  }
+  // the recurrent part is added onto the direct part dh * z the pointwise left in dh
+  time_loop_backward<T, 3>(s, nt, w_hh, dgh, dh, true, 64 * H,
+                           [&](int64_t t, int64_t b, int64_t off, int64_t k0, int64_t k1) {
+                             kern::gru_bwd_row<T>(dhp + b * H, go + (off + b) * H, prev_row<T>(s, t, b, o, h0p, H),
+                                                  w + (off + b) * 4 * H, dgip + (off + b) * 3 * H,
+                                                  dghp + (off + b) * 3 * H, dhp + b * H, H, k0, k1);
+                           });
 }
 
 // ------------------------------------------------------------------------------------------------------------------
-// Elman RNN: out holds x W_ih^T + b_ih on entry and is activated in place, step by step.
+// Elman RNN (per-step path only): out holds x W_ih^T + b_ih on entry and is activated in place, step by step.
 template <typename T>
-void rnn_fwd_loop(const Steps& s, const Tensor& h0, const Tensor& w_hh, const T* bhh, bool relu, Tensor& out,
-                  const LowP* lp) {
+void rnn_fwd(const Steps& s, const Tensor& h0, const Tensor& w_hh, const T* bhh, bool relu, Tensor& out,
+             const LowP* lp) {
   const int64_t H = h0.size(1);
   T* o = out.data_ptr<T>();
-  const T* h0p = h0.const_data_ptr<T>();
-  const T* wh = w_hh.const_data_ptr<T>();
-  for (int64_t p = 0; p < s.T; ++p) {
-    const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
-    if (bs == 0) continue;
-    if (kern::use_small(bs)) {
-      std::array<const T*, kMaxSmallB> hr;
-      std::array<T*, kMaxSmallB> yr;
-      for (int64_t b = 0; b < bs; ++b) {
-        hr[b] = prev_row<T>(s, t, b, o, h0p, H);
-        yr[b] = o + (off + b) * H;
-      }
-      kern::par_units(H, bs * H * H, [&](int64_t k0, int64_t k1) {
-        kern::gemv<T>(bs, hr.data(), wh, H, nullptr, nullptr, 0, yr.data(), k0, k1, true);
-        for (int64_t b = 0; b < bs; ++b) kern::rnn_fwd_row<T>(yr[b], bhh, nullptr, yr[b], relu, k0, k1);
-      });
-    } else {
-      recur(s, t, out, h0, w_hh, out.narrow(0, off, bs), true, lp);
-      kern::par_rows(bs, 16 * H, [&](int64_t r0, int64_t r1) {
-        for (int64_t b = r0; b < r1; ++b)
-          kern::rnn_fwd_row<T>(o + (off + b) * H, bhh, nullptr, o + (off + b) * H, relu, 0, H);
-      });
-    }
-    mirror(lp, out, off, bs);
-  }
+  time_loop_forward<T, 1>(s, 0, h0, w_hh, out, out, true, true, 16 * H, lp,
+                          [&](int64_t, int64_t b, int64_t off, int64_t k0, int64_t k1) {
+                            T* y = o + (off + b) * H;
+                            kern::rnn_fwd_row<T>(y, bhh, nullptr, y, relu, k0, k1);
+                          });
 }
 
 template <typename T>
-void rnn_bwd_loop(const Steps& s, const Tensor& grad_out, const Tensor& w_hh, const Tensor& out, bool relu,
-                  Tensor& dpre, Tensor& dh) {
+void rnn_bwd(const Steps& s, const Tensor& grad_out, const Tensor& w_hh, const Tensor& out, bool relu, Tensor& dpre,
+             Tensor& dh) {
   const int64_t H = dh.size(1);
   const T* o = out.const_data_ptr<T>();
   const T* go = grad_out.const_data_ptr<T>();
   T* dp = dpre.data_ptr<T>();
   T* dhp = dh.data_ptr<T>();
-  Tensor whhT;
-  const T* whT = nullptr;
-  for (int64_t p = s.T - 1; p >= 0; --p) {
-    const int64_t t = s.at(p), bs = s.bs[t], off = s.off[t];
-    if (bs == 0) continue;
-    kern::par_rows(bs, 8 * H, [&](int64_t r0, int64_t r1) {
-      for (int64_t b = r0; b < r1; ++b)
-        kern::rnn_bwd_row<T>(dhp + b * H, go + (off + b) * H, o + (off + b) * H, dp + (off + b) * H, relu, 0, H);
-    });
-    if (kern::use_small(bs)) {
-      if (!whT) {
-        whhT = w_hh.t().contiguous();
-        whT = whhT.const_data_ptr<T>();
-      }
-      std::array<const T*, kMaxSmallB> xr;
-      std::array<T*, kMaxSmallB> yr;
-      for (int64_t b = 0; b < bs; ++b) {
-        xr[b] = dp + (off + b) * H;
-        yr[b] = dhp + b * H;
-      }
-      kern::par_units(H, bs * H * H, [&](int64_t k0, int64_t k1) {
-        kern::gemv<T>(bs, xr.data(), whT, H, nullptr, nullptr, 0, yr.data(), k0, k1, false);
-      });
-    } else {
-      Tensor d = dh.narrow(0, 0, bs);
-      at::mm_out(d, dpre.narrow(0, off, bs), w_hh);
-    }
-  }
+  time_loop_backward<T, 1>(s, 0, w_hh, dpre, dh, false, 8 * H,
+                           [&](int64_t, int64_t b, int64_t off, int64_t k0, int64_t k1) {
+                             kern::rnn_bwd_row<T>(dhp + b * H, go + (off + b) * H, o + (off + b) * H,
+                                                  dp + (off + b) * H, relu, k0, k1);
+                           });
 }
 
 // bf16 backward: upcast everything to float32 (the forward's workspaces already are float32), run the float32
@@ -880,7 +745,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
     Tensor gates = proj_bf16(x, w_ih, bias);  // [N,4H] fp32
     const LowP lp{at::empty({x.size(0), H}, x.options()), h0, w_hh};
     Tensor h0f = h0.to(at::kFloat), c0f = c0.to(at::kFloat);
-    lstm_fwd_loop<float>(s, h0f, c0f, w_hh.to(at::kFloat), gates, out, cs, &lp);
+    lstm_fwd<float>(s, 0, h0f, c0f, w_hh.to(at::kFloat), gates, out, cs, &lp);
     return {lp.out, gather_last(s, out, h0f).to(at::kBFloat16), gather_last(s, cs, c0f).to(at::kBFloat16), gates,
             cs};
   }
@@ -905,8 +770,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
       }
     }
     gates = input_proj(x, w_ih, bias.defined() ? &bias : nullptr);  // [N,4H]
-    if (nt) lstm_fwd_fused<scalar_t>(s, nt, h0, c0, w_hh, gates, out, cs);
-    else lstm_fwd_loop<scalar_t>(s, h0, c0, w_hh, gates, out, cs, nullptr);
+    lstm_fwd<scalar_t>(s, nt, h0, c0, w_hh, gates, out, cs, nullptr);
   });
   return {out, gather_last(s, out, h0), gather_last(s, cs, c0), gates, cs};
 }
@@ -925,12 +789,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward_i
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::lstm_layer_backward",
                              [&] {
     const int nt = fused_threads<scalar_t>(s, c0.size(1), 4);
-    const int small_nt = small_step_threads(c0.size(1));
-    if (std::is_same_v<scalar_t, float> && sgemm::available() && s.T > 0 && s.bs[0] <= 2 && small_nt &&
-        cpu::config().fused)
-      return lstm_bwd_small_avx512(s, small_nt, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
-    if (nt) lstm_bwd_fused<scalar_t>(s, nt, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
-    else lstm_bwd_loop<scalar_t>(s, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
+    const bool small =
+        std::is_same_v<scalar_t, float> && sgemm::available() && s.T > 0 && s.bs[0] <= 2 && cpu::config().fused;
+    const int small_nt = small ? small_step_threads(c0.size(1)) : 0;
+    lstm_bwd<scalar_t>(s, nt, small_nt, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
   });
   Tensor dw_hh = gemm(dgates.t(), gather_prev(s, out, h0));
   return {gemm(dgates, w_ih), dh, dc, gemm(dgates.t(), x), dw_hh, dgates.sum(0)};
@@ -951,15 +813,14 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_impl(const Tensor& x, const
     Tensor bhh = has(b_hh) ? b_hh->to(at::kFloat) : Tensor();
     const LowP lp{at::empty({x.size(0), H}, x.options()), h0, w_hh};
     Tensor h0f = h0.to(at::kFloat);
-    gru_fwd_loop<float>(s, h0f, w_hh.to(at::kFloat), bhh.defined() ? bhh.const_data_ptr<float>() : nullptr, gi, out,
+    gru_fwd<float>(s, 0, h0f, w_hh.to(at::kFloat), bhh.defined() ? bhh.const_data_ptr<float>() : nullptr, gi, out,
                         ws, &lp);
     return {lp.out, gather_last(s, out, h0f).to(at::kBFloat16), ws};
   }
   Tensor gi = input_proj(x, w_ih, has(b_ih) ? &*b_ih : nullptr);  // [N, 3H]
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::gru_layer_forward", [&] {
-    const int nt = fused_threads<scalar_t>(s, H, 3);
-    if (nt) gru_fwd_fused<scalar_t>(s, nt, h0, w_hh, kern::opt_ptr<scalar_t>(b_hh), gi, out, ws);
-    else gru_fwd_loop<scalar_t>(s, h0, w_hh, kern::opt_ptr<scalar_t>(b_hh), gi, out, ws, nullptr);
+    gru_fwd<scalar_t>(s, fused_threads<scalar_t>(s, H, 3), h0, w_hh, kern::opt_ptr<scalar_t>(b_hh), gi, out, ws,
+                      nullptr);
   });
   return {out, gather_last(s, out, h0), ws};
 }
@@ -978,9 +839,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_im
   Tensor dh = grad_hn.clone();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::gru_layer_backward",
                              [&] {
-    const int nt = fused_threads<scalar_t>(s, H, 3);
-    if (nt) gru_bwd_fused<scalar_t>(s, nt, grad_out, h0, w_hh, out, ws, dgi, dgh, dh);
-    else gru_bwd_loop<scalar_t>(s, grad_out, h0, w_hh, out, ws, dgi, dgh, dh);
+    gru_bwd<scalar_t>(s, fused_threads<scalar_t>(s, H, 3), grad_out, h0, w_hh, out, ws, dgi, dgh, dh);
   });
   Tensor dw_hh = gemm(dgh.t(), gather_prev(s, out, h0));
   return {gemm(dgi, w_ih), dh, gemm(dgi.t(), x), dw_hh, dgi.sum(0), dgh.sum(0)};
@@ -996,13 +855,13 @@ std::tuple<Tensor, Tensor> rnn_layer_forward_impl(const Tensor& x, const Tensor&
     Tensor bhh = has(b_hh) ? b_hh->to(at::kFloat) : Tensor();
     const LowP lp{at::empty({x.size(0), h0.size(1)}, x.options()), h0, w_hh};
     Tensor h0f = h0.to(at::kFloat);
-    rnn_fwd_loop<float>(s, h0f, w_hh.to(at::kFloat), bhh.defined() ? bhh.const_data_ptr<float>() : nullptr, relu,
+    rnn_fwd<float>(s, h0f, w_hh.to(at::kFloat), bhh.defined() ? bhh.const_data_ptr<float>() : nullptr, relu,
                         out, &lp);
     return {lp.out, gather_last(s, out, h0f).to(at::kBFloat16)};
   }
   Tensor out = input_proj(x, w_ih, has(b_ih) ? &*b_ih : nullptr);  // [N, H], activated in place
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::rnn_layer_forward", [&] {
-    rnn_fwd_loop<scalar_t>(s, h0, w_hh, kern::opt_ptr<scalar_t>(b_hh), relu, out, nullptr);
+    rnn_fwd<scalar_t>(s, h0, w_hh, kern::opt_ptr<scalar_t>(b_hh), relu, out, nullptr);
   });
   return {out, gather_last(s, out, h0)};
 }
@@ -1020,7 +879,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward_impl(const
   Tensor dpre = pooled_empty(out.sizes(), out.options());
   Tensor dh = grad_hn.clone();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::rnn_layer_backward",
-                             [&] { rnn_bwd_loop<scalar_t>(s, grad_out, w_hh, out, relu, dpre, dh); });
+                             [&] { rnn_bwd<scalar_t>(s, grad_out, w_hh, out, relu, dpre, dh); });
   Tensor dw_hh = gemm(dpre.t(), gather_prev(s, out, h0));
   return {gemm(dpre, w_ih), dh, gemm(dpre.t(), x), dw_hh, dpre.sum(0)};
 }
@@ -1052,6 +911,16 @@ struct LayerArgs {
     bs = rnn_args::need_batch_sizes(fn, bs_, B, N);
   }
 };
+
+// lstm_layer_forward and lstm_layer_inference: the same checks, then the forward saving the gates or not.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_checked(
+    const char* fn, const Tensor& x, const Tensor& batch_sizes, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
+    const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, bool reverse, bool save) {
+  const LayerArgs a(fn, x, batch_sizes, h0, w_ih, w_hh, 4);
+  return lstm_forward_impl(a.x, a.bs, a.h0, need(fn, "cx", c0, {a.B, a.H}, a.dt), a.w_ih, a.w_hh,
+                           need_opt(fn, "bias_ih", b_ih, 4 * a.H, a.dt), need_opt(fn, "bias_hh", b_hh, 4 * a.H, a.dt),
+                           reverse, save);
+}
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(const Tensor& x, const Tensor& batch_sizes,
@@ -1059,11 +928,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(const Tens
                                                                       const Tensor& w_ih, const Tensor& w_hh,
                                                                       const OptTensor& b_ih, const OptTensor& b_hh,
                                                                       bool reverse) {
-  const char* fn = "lstm_layer_forward";
-  const LayerArgs a(fn, x, batch_sizes, h0, w_ih, w_hh, 4);
-  return lstm_forward_impl(a.x, a.bs, a.h0, need(fn, "cx", c0, {a.B, a.H}, a.dt), a.w_ih, a.w_hh,
-                           need_opt(fn, "bias_ih", b_ih, 4 * a.H, a.dt), need_opt(fn, "bias_hh", b_hh, 4 * a.H, a.dt),
-                           reverse, true);
+  return lstm_forward_checked("lstm_layer_forward", x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, true);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_inference(const Tensor& x, const Tensor& batch_sizes,
@@ -1071,11 +936,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_inference(const Te
                                                                         const Tensor& w_ih, const Tensor& w_hh,
                                                                         const OptTensor& b_ih, const OptTensor& b_hh,
                                                                         bool reverse) {
-  const char* fn = "lstm_layer_inference";
-  const LayerArgs a(fn, x, batch_sizes, h0, w_ih, w_hh, 4);
-  return lstm_forward_impl(a.x, a.bs, a.h0, need(fn, "cx", c0, {a.B, a.H}, a.dt), a.w_ih, a.w_hh,
-                           need_opt(fn, "bias_ih", b_ih, 4 * a.H, a.dt), need_opt(fn, "bias_hh", b_hh, 4 * a.H, a.dt),
-                           reverse, false);
+  return lstm_forward_checked("lstm_layer_inference", x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, false);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
