@@ -12,9 +12,9 @@
 //
 // Contention: a team's threads may still not all run when they should (other processes or Python threads on the
 // same cores; a loaded machine). A barrier wait that ends asleep, or a parallel_for chunk that starts late, is
-// evidence of it; after a region with such evidence the next regions run on the calling thread alone (a step
-// barrier then costs nothing), a number of regions that doubles while the evidence repeats and resets after a clean
-// multi-threaded region. So an oversubscribed process degrades to one thread per caller, never to waiting a
+// evidence of it; after two regions in a row with such evidence the next regions run on the calling thread alone (a
+// step barrier then costs nothing), a number of regions that doubles while the evidence repeats and resets after a
+// clean multi-threaded region. So an oversubscribed process degrades to one thread per caller, never to waiting a
 // scheduler time slice per step. config().contention_backoff (SEQFAST_CPU_NO_BACKOFF) switches this off.
 //
 // Errors: an exception thrown by one thread of a region (a failed check, a failed allocation) is captured, the
@@ -59,6 +59,8 @@ bool backing_off();
 void report_region(bool late);
 // Microseconds on a steady clock (parallel_for's late-start check).
 int64_t now_us();
+// A parallel_for chunk starting this many microseconds after its region opened counts as late.
+constexpr int64_t kLateStartUs = 2000;
 
 // Thrown inside a team by a barrier whose team was aborted (a teammate failed); run_team swallows it.
 struct TeamAborted {};
@@ -171,8 +173,9 @@ void parallel_for(int64_t n, int64_t grain, const F& f) {
   std::atomic<bool> late{false};
 #pragma omp parallel num_threads(nc)
   {
-    // a thread starting this long after the region opened was not running: another task had its core
-    if (omp_get_thread_num() > 0 && now_us() - t0 > 500) late.store(true, std::memory_order_relaxed);
+    // a thread starting this long after the region opened was not running: another task had its core (a time slice
+    // is milliseconds; an idle vCPU waking for the region takes less)
+    if (omp_get_thread_num() > 0 && now_us() - t0 > kLateStartUs) late.store(true, std::memory_order_relaxed);
     const int nth = omp_get_num_threads();
     // a smaller team than asked: each thread takes several chunks
     for (int c = omp_get_thread_num(); c < nc; c += nth) {
