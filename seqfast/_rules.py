@@ -117,6 +117,15 @@ def set_rules(rules):
     _lookup.cache_clear()
 
 
+def covers(family, dtype, training):
+    """Whether some rule for this CPU class covers ``family`` in ``dtype`` on the ``training`` side: where not,
+    prefer_torch is False whatever the shapes (a caller can skip reading them)."""
+    global _covered
+    if _covered is None:
+        _covered = _covered_here()
+    return (family, dtype, training) in _covered
+
+
 def prefer_torch(family, tensor, batch, hidden, grad_tensors, causal=False):
     """Whether torch's own op is the faster choice for this call: CPU tensors, no backend forced, not while
     torch.compile traces (the graph keeps seqfast's ops), and a rule matches (memoised per shape). For "sdpa",

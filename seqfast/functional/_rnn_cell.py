@@ -81,6 +81,8 @@ def _raise_mismatch(name, input, states, w_ih, w_hh, b_ih, b_hh):
 
 def _torch_faster(family, input, states, w_ih, w_hh, b_ih, b_hh):
     """The performance floor (seqfast._rules): torch's own cell where it beats seqfast's kernel on this CPU."""
+    if not torch.is_grad_enabled() and not _rules.covers(family, input.dtype, False):
+        return False  # a no-grad step no rule covers (the decoder loop's case), decided before reading any shape
     return _rules.prefer_torch(family, input, input.shape[0], w_hh.shape[1], (input, *states, w_ih, w_hh, b_ih, b_hh))
 
 

@@ -35,6 +35,8 @@ class LSTMCell(torch.nn.LSTMCell):
     __doc__ = torch.nn.LSTMCell.__doc__
 
     def forward(self, input, hx=None):
+        if input.dim() == 2 and hx is not None and len(hx) == 2 and hx[0].dim() == 2 and hx[1].dim() == 2:
+            return seqfast_F.lstm_cell(input, hx, *_weights(self))  # a batched step with states: nothing to adapt
         states = (None, None) if hx is None else hx
         single = _unbatched("LSTMCell", input, states, ("hx[0]", "hx[1]", "hx[2]"))
         if single:
@@ -52,6 +54,8 @@ class GRUCell(torch.nn.GRUCell):
     __doc__ = torch.nn.GRUCell.__doc__
 
     def forward(self, input, hx=None):
+        if input.dim() == 2 and hx is not None and hx.dim() == 2:  # a batched step with a state: nothing to adapt
+            return seqfast_F.gru_cell(input, hx, *_weights(self))
         single = _unbatched("GRUCell", input, (hx,), ("hidden",))
         if single:
             input = input.unsqueeze(0)
@@ -64,6 +68,8 @@ class RNNCell(torch.nn.RNNCell):
     __doc__ = torch.nn.RNNCell.__doc__
 
     def forward(self, input, hx=None):
+        if input.dim() == 2 and hx is not None and hx.dim() == 2:  # a batched step with a state: nothing to adapt
+            return seqfast_F.rnn_cell(input, hx, *_weights(self), self.nonlinearity)
         single = _unbatched("RNNCell", input, (hx,), ("hidden",))
         if single:
             input = input.unsqueeze(0)
