@@ -134,12 +134,9 @@ def prefer_torch(family, tensor, batch, hidden, grad_tensors, causal=False):
     ``batch`` is the query length and ``hidden`` the key length. The call trains (a rule's ``training`` side) when
     grad mode is on and one of ``grad_tensors`` (an iterable, read only in grad mode; None entries skipped) requires
     grad."""
-    global _covered
-    if _covered is None:
-        _covered = _covered_here()
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_tensors)
     dtype = tensor.dtype
-    if (family, dtype, training) not in _covered or not tensor.is_cpu:
+    if not covers(family, dtype, training) or not tensor.is_cpu:
         return False  # the common case
     if _backend.forced_backend() is not None or torch.compiler.is_compiling():
         return False
