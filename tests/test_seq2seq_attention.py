@@ -223,3 +223,20 @@ def test_plain_twins_match(kind):
     values, mask = torch.randn(B, S, DV, dtype=torch.float64), make_mask("some", "cpu")
     for got, want in zip(ours(query, keys, mask=mask, values=values), twin(query, keys, mask=mask, values=values)):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kind", [None, "empty_row"])
+def test_luong_no_grad_route_matches_training_route(kind):
+    """LuongAttention runs two routes (seqfast.functional.dot_attention): the fused SDPA when a gradient is needed,
+    torch's batched GEMVs without. Both give the plain formula's context and weights, a fully masked row included."""
+    torch.manual_seed(0)
+    module = LuongAttention(DQ, DK, score="general").double()
+    query, keys = torch.randn(B, DQ, dtype=torch.float64), torch.randn(B, S, DK, dtype=torch.float64)
+    values, mask = torch.randn(B, S, DV, dtype=torch.float64), make_mask(kind, "cpu")
+    trained = module(query, keys, mask=mask, values=values)  # W requires grad: the fused route
+    with torch.no_grad():
+        plain = module(query, keys, mask=mask, values=values)
+    want = luong_ref(query, keys, values, mask, module.W)
+    for got_train, got_plain, expected in zip(trained, plain, want):
+        torch.testing.assert_close(got_train.detach(), expected.detach())
+        torch.testing.assert_close(got_plain, expected.detach())

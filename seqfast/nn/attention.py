@@ -114,9 +114,10 @@ class LuongAttention(torch.nn.Module):
 
     ``score="dot"``: :math:`s_j = k_j \cdot q`; ``score="general"``: :math:`s_j = k_j \cdot (W q)` with
     ``W = nn.Linear(query_size, key_size, bias)``. Weights are the softmax of the scores over the unmasked source
-    positions; context :math:`= \sum_j w_j v_j`. The step runs as torch's ops do (two batched GEMVs around a
-    softmax: see seqfast.functional.dot_attention for why not the fused SDPA); gradients flow to every input and
-    parameter.
+    positions; context :math:`= \sum_j w_j v_j`. Without gradients the step runs as torch's ops do (two batched
+    GEMVs around a softmax); in training the context comes from seqfast's fused SDPA (query length 1, scale 1, the
+    mask as a key-padding bias) and the weights from its log-sum-exp (see seqfast.functional.dot_attention for the
+    timings behind the choice); gradients flow to every input and parameter.
 
     Args:
         query_size: size of the decoder state.
