@@ -135,6 +135,11 @@ def prefer_torch(family, tensor, batch, hidden, grad_tensors, causal=False):
     grad mode is on and one of ``grad_tensors`` (an iterable, read only in grad mode; None entries skipped) requires
     grad."""
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_tensors)
+    return prefer_torch_when(family, tensor, batch, hidden, training, causal)
+
+
+def prefer_torch_when(family, tensor, batch, hidden, training, causal=False):
+    """:func:`prefer_torch` for a caller that knows whether the call trains."""
     dtype = tensor.dtype
     if not covers(family, dtype, training) or not tensor.is_cpu:
         return False  # the common case

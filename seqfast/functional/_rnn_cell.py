@@ -12,6 +12,9 @@ from .. import _ext, _rules
 from ..ops import rnn_cell as _ops
 
 _NAMES = {4: "lstm_cell", 3: "gru_cell", 1: "rnn_cell"}
+# torch's own cell ops, looked up once (torch._VF resolves every attribute through a Python __getattr__)
+_TORCH_LSTM_CELL, _TORCH_GRU_CELL = torch._VF.lstm_cell, torch._VF.gru_cell
+_TORCH_RNN_CELL = {"tanh": torch._VF.rnn_tanh_cell, "relu": torch._VF.rnn_relu_cell}
 _native_check = None  # seqfast._C.check_cell_args once looked up; False without the extension
 
 
@@ -79,11 +82,16 @@ def _raise_mismatch(name, input, states, w_ih, w_hh, b_ih, b_hh):
             raise RuntimeError(f"{name}: expected {what} on device {device} (the input's), got {t.device}")
 
 
-def _torch_faster(family, input, states, w_ih, w_hh, b_ih, b_hh):
-    """The performance floor (seqfast._rules): torch's own cell where it beats seqfast's kernel on this CPU."""
-    if not torch.is_grad_enabled() and not _rules.covers(family, input.dtype, False):
-        return False  # a no-grad step no rule covers (the decoder loop's case), decided before reading any shape
-    return _rules.prefer_torch(family, input, input.shape[0], w_hh.shape[1], (input, *states, w_ih, w_hh, b_ih, b_hh))
+def _torch_faster(family, input, h, c, w_ih, w_hh, b_ih, b_hh):
+    """The performance floor (seqfast._rules): torch's own cell where it beats seqfast's kernel on this CPU. Spelled
+    out for the cells' seven tensors: it runs on every step, and after a backward pass every line runs on cold caches."""
+    training = torch.is_grad_enabled() and (
+        w_hh.requires_grad or w_ih.requires_grad or input.requires_grad or h.requires_grad
+        or (c is not None and c.requires_grad) or (b_ih is not None and b_ih.requires_grad)
+        or (b_hh is not None and b_hh.requires_grad))
+    if not _rules.covers(family, input.dtype, training):
+        return False  # decided before reading any shape (a no-grad decoder step's usual case)
+    return _rules.prefer_torch_when(family, input, input.shape[0], w_hh.shape[1], training)
 
 
 # Each cell asks first whether torch's op runs the call (no seqfast kernel for its dtype / device, or the performance
@@ -95,18 +103,18 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     if len(hx) != 2:
         raise RuntimeError("lstm_cell expects two hidden states")
     h, c = hx
-    if (_ops.lstm_cell.runs_torch_op(input) or _torch_faster("lstm_cell", input, (h, c), w_ih, w_hh, b_ih, b_hh)
+    if (_ops.lstm_cell.runs_torch_op(input) or _torch_faster("lstm_cell", input, h, c, w_ih, w_hh, b_ih, b_hh)
             or not _check(4, input, h, c, w_ih, w_hh, b_ih, b_hh)):
-        return torch._VF.lstm_cell(input, (h, c), w_ih, w_hh, b_ih, b_hh)
+        return _TORCH_LSTM_CELL(input, (h, c), w_ih, w_hh, b_ih, b_hh)
     hy, cy, _ = _ops.lstm_cell(input, h, c, w_ih, w_hh, b_ih, b_hh)
     return hy, cy
 
 
 def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """One GRU step, as torch._VF.gru_cell; returns ``h'``."""
-    if (_ops.gru_cell.runs_torch_op(input) or _torch_faster("gru_cell", input, (hx,), w_ih, w_hh, b_ih, b_hh)
+    if (_ops.gru_cell.runs_torch_op(input) or _torch_faster("gru_cell", input, hx, None, w_ih, w_hh, b_ih, b_hh)
             or not _check(3, input, hx, None, w_ih, w_hh, b_ih, b_hh)):
-        return torch._VF.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
+        return _TORCH_GRU_CELL(input, hx, w_ih, w_hh, b_ih, b_hh)
     hy, _ = _ops.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
     return hy
 
@@ -115,8 +123,7 @@ def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
     """One Elman RNN step (``nonlinearity`` "tanh" or "relu"), as torch._VF.rnn_tanh_cell / rnn_relu_cell."""
     if nonlinearity not in ("tanh", "relu"):
         raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")
-    if (_ops.rnn_cell.runs_torch_op(input) or _torch_faster("rnn_cell", input, (hx,), w_ih, w_hh, b_ih, b_hh)
+    if (_ops.rnn_cell.runs_torch_op(input) or _torch_faster("rnn_cell", input, hx, None, w_ih, w_hh, b_ih, b_hh)
             or not _check(1, input, hx, None, w_ih, w_hh, b_ih, b_hh)):
-        native = torch._VF.rnn_relu_cell if nonlinearity == "relu" else torch._VF.rnn_tanh_cell
-        return native(input, hx, w_ih, w_hh, b_ih, b_hh)
+        return _TORCH_RNN_CELL[nonlinearity](input, hx, w_ih, w_hh, b_ih, b_hh)
     return _ops.rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity == "relu")
