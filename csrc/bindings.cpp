@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "attention/attention.h"
+#include "cpu/block_pool.h"
 #include "cpu/config.h"
 #include "cpu/gemm.h"
 #include "cpu/isa.h"
@@ -63,6 +64,15 @@ py::dict set_config(const py::kwargs& kw) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "seqfast C++ CPU kernels";
+  // The function-local statics (configuration, usable CPUs, ISA flags, the workspace pool and its fork handlers) are
+  // built here, at import, on the importing thread. Built on first use instead, inside a kernel running on another
+  // Python thread, one could be mid-initialisation when the process forks, and the child would wait forever on its
+  // initialisation guard (tests/test_cpp_fork.py caught a child hung in usable_cpus()).
+  seqfast::cpu::config();
+  seqfast::cpu::usable_cpus();
+  seqfast::cpu::has_avx2_fma();
+  seqfast::cpu::has_avx512();
+  seqfast::block_pool::init();
   using GIL = py::call_guard<py::gil_scoped_release>;
 
   // ---- configuration (cpu/config.h) and the machine ----

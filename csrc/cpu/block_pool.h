@@ -13,6 +13,8 @@ namespace block_pool {
 void* take(size_t bytes, size_t& got);
 // Returns a block from take() (with its `got`); it stays idle for reuse while the pool's bounds allow.
 void give(void* p, size_t got);
+// Builds the pool and registers its fork handlers (seqfast._C calls it at import; take() would on first use).
+void init();
 
 // An owned float buffer from the pool (64-byte aligned), released when it goes out of scope, also when the code
 // holding it throws. ok() is false when the allocation failed: the holder must check it.

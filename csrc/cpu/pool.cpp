@@ -81,6 +81,7 @@ Pool& pool() {
 namespace block_pool {
 void* take(size_t bytes, size_t& got) { return pool().take(bytes, got); }
 void give(void* p, size_t got) { pool().give(p, got); }
+void init() { pool(); }
 }  // namespace block_pool
 
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
