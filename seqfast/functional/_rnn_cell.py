@@ -63,7 +63,8 @@ def _check_cell(name, gates, input, states, w_ih, w_hh, b_ih, b_hh):
     # one cheap pass (dtypes are singletons; is_cpu needs no device object); the named errors only when it fails
     dtype, on_cpu = input.dtype, input.is_cpu
     for t in (w_ih, w_hh, *states, b_ih, b_hh):
-        if t is not None and (t.dtype is not dtype or t.is_cpu is not on_cpu or (not on_cpu and t.device != input.device)):
+        if t is not None and (t.dtype is not dtype or t.is_cpu is not on_cpu
+                              or (not on_cpu and t.device != input.device)):
             if not torch._C._is_any_autocast_enabled():  # under autocast the op casts itself
                 _raise_mismatch(name, input, states, w_ih, w_hh, b_ih, b_hh)
             break
@@ -84,7 +85,8 @@ def _raise_mismatch(name, input, states, w_ih, w_hh, b_ih, b_hh):
 
 def _torch_faster(family, input, h, c, w_ih, w_hh, b_ih, b_hh):
     """The performance floor (seqfast._rules): torch's own cell where it beats seqfast's kernel on this CPU. Spelled
-    out for the cells' seven tensors: it runs on every step, and after a backward pass every line runs on cold caches."""
+    out for the cells' seven tensors: it runs on every step, and after a backward pass every line runs on cold
+    caches."""
     training = torch.is_grad_enabled() and (
         w_hh.requires_grad or w_ih.requires_grad or input.requires_grad or h.requires_grad
         or (c is not None and c.requires_grad) or (b_ih is not None and b_ih.requires_grad)

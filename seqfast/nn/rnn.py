@@ -4,6 +4,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import functional as seqfast_F
+from ._parameters import parameters_named
 
 
 class _SeqfastRNNMixin:
@@ -13,13 +14,7 @@ class _SeqfastRNNMixin:
     _kind = None  # "lstm" | "gru" | "rnn"
 
     def _layer_weights(self):
-        # read from the parameter dict as Module.__getattr__ would (a small sequence pays for every lookup); a
-        # parametrization (torch.nn.utils.parametrize) moves a weight out of it: the attribute serves then
-        params = self._parameters
-        try:
-            return [[params[name] for name in names] for names in self._all_weights]
-        except KeyError:
-            return [[getattr(self, name) for name in names] for names in self._all_weights]
+        return [parameters_named(self, names) for names in self._all_weights]
 
     def _prepare_states(self, hx, batch, input, is_batched):
         lstm = self._kind == "lstm"

@@ -3,6 +3,7 @@ forward that runs seqfast's fused cell kernels."""
 import torch
 
 from .. import functional as seqfast_F
+from ._parameters import parameters_named
 
 
 def _unbatched(module_name, input, states, names):
@@ -16,15 +17,7 @@ def _unbatched(module_name, input, states, names):
     return dim == 1
 
 
-def _weights(module):
-    """(weight_ih, weight_hh, bias_ih, bias_hh): read from the parameter dict, as nn.Module's attribute lookup would
-    (a decoder calls a cell per step, and four Module.__getattr__ calls cost as much as a small cell's kernel).
-    A parametrized module (torch.nn.utils.parametrize) has moved them out of that dict: the attribute serves then."""
-    params = module._parameters
-    try:
-        return params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]
-    except KeyError:
-        return module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh
+_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # the functional cells' argument order
 
 
 def _zeros(module, input):
@@ -36,7 +29,8 @@ class LSTMCell(torch.nn.LSTMCell):
 
     def forward(self, input, hx=None):
         if input.dim() == 2 and hx is not None and len(hx) == 2 and hx[0].dim() == 2 and hx[1].dim() == 2:
-            return seqfast_F.lstm_cell(input, hx, *_weights(self))  # a batched step with states: nothing to adapt
+            # a batched step with its states given: nothing to adapt
+            return seqfast_F.lstm_cell(input, hx, *parameters_named(self, _WEIGHTS))
         states = (None, None) if hx is None else hx
         single = _unbatched("LSTMCell", input, states, ("hx[0]", "hx[1]", "hx[2]"))
         if single:
@@ -46,7 +40,7 @@ class LSTMCell(torch.nn.LSTMCell):
         if hx is None:
             zeros = _zeros(self, input)
             hx = (zeros, zeros)
-        hy, cy = seqfast_F.lstm_cell(input, hx, *_weights(self))
+        hy, cy = seqfast_F.lstm_cell(input, hx, *parameters_named(self, _WEIGHTS))
         return (hy.squeeze(0), cy.squeeze(0)) if single else (hy, cy)
 
 
@@ -55,12 +49,12 @@ class GRUCell(torch.nn.GRUCell):
 
     def forward(self, input, hx=None):
         if input.dim() == 2 and hx is not None and hx.dim() == 2:  # a batched step with a state: nothing to adapt
-            return seqfast_F.gru_cell(input, hx, *_weights(self))
+            return seqfast_F.gru_cell(input, hx, *parameters_named(self, _WEIGHTS))
         single = _unbatched("GRUCell", input, (hx,), ("hidden",))
         if single:
             input = input.unsqueeze(0)
             hx = None if hx is None else hx.unsqueeze(0)
-        hy = seqfast_F.gru_cell(input, _zeros(self, input) if hx is None else hx, *_weights(self))
+        hy = seqfast_F.gru_cell(input, _zeros(self, input) if hx is None else hx, *parameters_named(self, _WEIGHTS))
         return hy.squeeze(0) if single else hy
 
 
@@ -69,10 +63,11 @@ class RNNCell(torch.nn.RNNCell):
 
     def forward(self, input, hx=None):
         if input.dim() == 2 and hx is not None and hx.dim() == 2:  # a batched step with a state: nothing to adapt
-            return seqfast_F.rnn_cell(input, hx, *_weights(self), self.nonlinearity)
+            return seqfast_F.rnn_cell(input, hx, *parameters_named(self, _WEIGHTS), self.nonlinearity)
         single = _unbatched("RNNCell", input, (hx,), ("hidden",))
         if single:
             input = input.unsqueeze(0)
             hx = None if hx is None else hx.unsqueeze(0)
-        hy = seqfast_F.rnn_cell(input, _zeros(self, input) if hx is None else hx, *_weights(self), self.nonlinearity)
+        hy = seqfast_F.rnn_cell(input, _zeros(self, input) if hx is None else hx, *parameters_named(self, _WEIGHTS),
+                                self.nonlinearity)
         return hy.squeeze(0) if single else hy
