@@ -5,6 +5,7 @@
 #include <cstdlib>
 
 #include "cpu/config.h"
+#include "cpu/isa.h"
 #include "cpu/team.h"
 
 extern "C" {
@@ -75,9 +76,22 @@ BlasArgs blas_args(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t ld
 
 }  // namespace
 
+bool nt_available() { return sgemm_nt::available() && !cpu::has_avx512(); }
+
+// Whether the own AVX2 kernel should take an A [M, K] @ W^T product. Its dot products pay a horizontal reduction per
+// output, which short rows (small K) do not amortise, while BLAS packs its operands once per call, which many rows of
+// A (large M) do amortise. Measured on the Zen 3 EPYC (2 threads, N = 4K, `python benchmarks/gemm_nt.py`): the own
+// kernel won at K >= 256 while M < 2K (1.2-1.8x) and at K 64-128 while M < K (1.0-1.3x); it tied at M = K = 128 and
+// lost at M >= 2K (K 64-128: 0.5-0.7x; M 1024-2048 at K 256-512: 0.86-0.89x).
+inline bool nt_prefers(int64_t M, int64_t K) { return K >= 256 ? M < 2 * K : M < K; }
+
 void cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
         int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return;
+  // op(A) = A^T and op(B) = B with unit alpha: the row-major C^T [n, m] = B^T [n, k] @ A^T [m, k]^T, both operands
+  // k-contiguous: the dot-product form of the own AVX2 kernel (single-threaded here, as BLAS is inside a region).
+  if (ta && !tb && alpha == 1.f && (beta == 0.f || beta == 1.f) && nt_available() && nt_prefers(n, k))
+    return sgemm_nt::gemm(n, m, k, b, ldb, a, lda, beta, c, ldc);
   if (sgemm_ == nullptr || k <= 0) return cm_aten<float, float>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   const BlasArgs x = blas_args(ta, tb, m, n, k, lda, ldb, ldc);
   sgemm_(&x.ta, &x.tb, &x.m, &x.n, &x.k, &alpha, a, &x.lda, b, &x.ldb, &beta, c, &x.ldc);
@@ -108,6 +122,8 @@ bool mkl_pack_available() {
 }
 
 void PackedWeight::init(bool trans, int64_t m, int64_t nmax, int64_t k, const float* a, int64_t lda) {
+  // The own AVX2 kernel reads the weight in place (cm routes to it): nothing to pack.
+  if (trans && nt_available() && nt_prefers(nmax, k)) return;
   if (sgemm::available() && m > 0) {
     // Row-major view: C[n, m] = B[n, k] @ op(A)^T, i.e. the own GEMM's packed operand is op(A)^T (k x m).
     m_ = m;
@@ -132,6 +148,35 @@ void PackedWeight::mm(int64_t n, const float* b, int64_t ldb, float beta, float*
 
 PackedWeight::~PackedWeight() { std::free(mkl_); }
 
+// c[M, N] = beta c + a @ w^T (+ bias) on the own AVX2 kernel, W rows split over the team in whole 4-row tiles.
+void nt_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw, float beta,
+                 float* c, int64_t ldc, const float* bias) {
+  const int64_t groups = (N + 3) / 4;
+  const int64_t per_group = std::max<int64_t>(1, 4 * M * K);
+  cpu::parallel_for(groups, std::max<int64_t>(1, cpu::config().par_min_work / per_group),
+                    [&](int64_t g0, int64_t g1, int) {
+                      const int64_t j0 = 4 * g0, j1 = std::min(N, 4 * g1);
+                      sgemm_nt::gemm(M, j1 - j0, K, a, lda, w + j0 * ldw, ldw, beta, c + j0, ldc,
+                                     bias ? bias + j0 : nullptr);
+                    });
+}
+
+void linear_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool accumulate) {
+  const bool own = c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
+                   c.device().is_cpu() && a.device().is_cpu() && w.device().is_cpu() && c.dim() == 2 &&
+                   a.dim() == 2 && w.dim() == 2 && (c.stride(1) == 1 || c.size(1) <= 1) &&
+                   (a.stride(1) == 1 || a.size(1) <= 1) && (w.stride(1) == 1 || w.size(1) <= 1) &&
+                   a.size(1) == w.size(1) && c.size(0) == a.size(0) && c.size(1) == w.size(0) && nt_available() &&
+                   nt_prefers(a.size(0), a.size(1));
+  if (!own) {
+    if (accumulate) c.addmm_(a, w.t());
+    else at::mm_out(c, a, w.t());
+    return;
+  }
+  nt_parallel(a.size(0), w.size(0), a.size(1), a.const_data_ptr<float>(), a.stride(0), w.const_data_ptr<float>(),
+              w.stride(0), accumulate ? 1.f : 0.f, c.data_ptr<float>(), c.stride(0), nullptr);
+}
+
 namespace {
 // Packing B costs about as much per element as ~50 multiply-adds of the kernel, and each packed element is used by
 // M rows: below ~256 rows the packing eats the kernel's advantage over MKL, so short A operands stay on MKL.
@@ -142,6 +187,20 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "mm_f32: a [M,K] and b [K,N] expected, got ",
               a.sizes(), " and ", b.sizes());
   const bool has_bias = bias.has_value() && bias->defined();
+  const bool f32 = a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() &&
+                   b.device().is_cpu() && (!has_bias || bias->scalar_type() == at::kFloat);
+  if (f32 && nt_available() && nt_prefers(a.size(0), a.size(1)) && (a.stride(1) == 1 || a.size(1) <= 1) &&
+      (b.stride(0) == 1 || b.size(0) <= 1)) {
+    const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+    TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == N), "mm_f32: bias must be [", N, "], got ",
+                bias->sizes());
+    at::Tensor c = at::empty({M, N}, a.options());
+    const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
+    // b[k, j] = b_ptr[j * b.stride(1) + k]: W = b^T has rows j of stride b.stride(1)
+    nt_parallel(M, N, K, a.const_data_ptr<float>(), a.stride(0), b.const_data_ptr<float>(), b.stride(1), 0.f,
+                c.data_ptr<float>(), N, has_bias ? bc.const_data_ptr<float>() : nullptr);
+    return c;
+  }
   const bool own = a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() &&
                    b.device().is_cpu() && (!has_bias || bias->scalar_type() == at::kFloat) &&
                    a.size(0) >= kMinOwnRows && sgemm::available();
@@ -166,5 +225,25 @@ at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b, const std::optional<
   return gemm::mm(a, b, bias);
 }
 bool own_gemm_available() { return sgemm::available(); }
+
+at::Tensor gemm_nt_f32(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(gemm::nt_available(), "gemm_nt_f32: the own AVX2 GEMM does not run on this CPU or is switched off");
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && a.size(1) == w.size(1), "gemm_nt_f32: a [M,K] and w [N,K] expected, got ",
+              a.sizes(), " and ", w.sizes());
+  TORCH_CHECK(a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && a.device().is_cpu() &&
+                  w.device().is_cpu() && (!has_bias || (bias->scalar_type() == at::kFloat && bias->device().is_cpu())),
+              "gemm_nt_f32: float32 CPU tensors expected");
+  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == w.size(0)), "gemm_nt_f32: bias must be [",
+              w.size(0), "], got ", bias->sizes());
+  const at::Tensor ac = a.stride(1) == 1 ? a : a.contiguous(), wc = w.stride(1) == 1 ? w : w.contiguous();
+  const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
+  at::Tensor c = at::empty({a.size(0), w.size(0)}, a.options());
+  gemm::nt_parallel(a.size(0), w.size(0), a.size(1), ac.const_data_ptr<float>(), ac.stride(0),
+                    wc.const_data_ptr<float>(), wc.stride(0), 0.f, c.data_ptr<float>(), c.size(1),
+                    has_bias ? bc.const_data_ptr<float>() : nullptr);
+  return c;
+}
+bool nt_gemm_available() { return gemm::nt_available(); }
 
 }  // namespace seqfast

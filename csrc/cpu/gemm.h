@@ -1,6 +1,9 @@
 // The one GEMM entry point of the C++ kernels (seqfast._C internal; gemm.cpp). Every GEMM a kernel runs goes
 // through here, and this is the only place that knows which implementation runs it:
 //   * the own AVX-512 float32 kernel (cpu/sgemm.h) where the CPU has AVX-512 and config().own_gemm;
+//   * the own AVX2 dot-product-form float32 kernel (cpu/sgemm_nt.h) for A @ W^T products with k-contiguous rows on
+//     CPUs with AVX2 + FMA but no AVX-512 (where the wheel's MKL runs at best its AVX2 path; on AMD its generic one),
+//     with config().own_gemm;
 //   * the BLAS that the torch wheel links (MKL on x86: sgemm_, dgemm_, its packed GEMM and
 //     cblas_gemm_bf16bf16f32), bound as weak symbols in gemm.cpp only: called on raw pointers with no per-call ATen
 //     overhead (attention runs hundreds of block GEMMs per head; the fused RNN loops one per step and thread);
@@ -13,6 +16,7 @@
 #include <optional>
 
 #include "cpu/sgemm.h"
+#include "cpu/sgemm_nt.h"
 
 namespace seqfast {
 namespace gemm {
@@ -50,12 +54,27 @@ inline void mm_tn(int64_t m, int64_t n, int64_t k, A alpha, const T* a, int64_t 
   cm(false, true, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
 }
 
+// The own AVX2 kernel takes float32 A @ W^T products here (sgemm_nt::available() on a CPU without AVX-512), for the
+// shapes where it beat BLAS (gemm.cpp: nt_prefers).
+bool nt_available();
+
+// c[M, N] = (accumulate ? c : 0) + a[M, K] @ w[N, K]^T for 2-D CPU tensors of one floating dtype (c written in place;
+// a row of c must be contiguous). float32 with k-contiguous rows of a and w runs the own AVX2 kernel where
+// nt_available(), split over the team by rows of w; anything else runs at::mm_out / addmm_.
+void linear_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool accumulate);
+
+// c[M, N] (row stride ldc) = beta c + a @ w^T (+ bias) on the own AVX2 kernel, rows of w split over the team in whole
+// 4-row tiles (one thread below config().par_min_work). Requires nt_available().
+void nt_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw, float beta,
+                 float* c, int64_t ldc, const float* bias);
+
 // MKL's packed GEMM is linked and config().mkl_pack.
 bool mkl_pack_available();
 
 // A weight slice packed once and reused by every step of a time loop: column-major C(m x n) = beta C + op(A)(m x k)
 // @ B(k x n), with A the packed weight. float only: the own AVX-512 packing where available, else MKL's packed GEMM
-// (slices of at least 128 rows). ok() is false otherwise (callers then use cm on the unpacked weight).
+// (slices of at least 128 rows). ok() is false otherwise (callers then use cm on the unpacked weight), and always for
+// a trans slice where nt_available(): cm runs that product on the own AVX2 kernel straight from the weight.
 class PackedWeight {
  public:
   PackedWeight() = default;
@@ -75,7 +94,8 @@ class PackedWeight {
 };
 
 // a [M, K] @ b [K, N] (+ bias [N]) for 2-D CPU tensors with any strides. float32 on a CPU with AVX-512 and
-// M >= 256 runs the own GEMM (B packed once, split over the team by column panels); anything else runs
+// M >= 256 runs the own GEMM (B packed once, split over the team by column panels); float32 with k-contiguous rows of
+// a and of b^T (a torch weight's .t()) runs the own AVX2 kernel where nt_available(); anything else runs
 // at::mm / at::addmm.
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias = std::nullopt);
 
@@ -84,5 +104,9 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::
 // Bound for the tests: gemm::mm, and whether it (and the RNN layers) use the own GEMM on this CPU.
 at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias);
 bool own_gemm_available();
+// Bound for the tests and benchmarks/gemm_nt.py: a [M, K] @ w [N, K]^T (+ bias) on the own AVX2 kernel whatever the
+// shape rule says (float32 CPU tensors with k-contiguous rows; requires nt_gemm_available()).
+at::Tensor gemm_nt_f32(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& bias);
+bool nt_gemm_available();
 
 }  // namespace seqfast

@@ -1,11 +1,12 @@
 // RNN cell steps (LSTM / GRU / Elman) for CPU. Forward: for small batches the gate pre-activations come from our
 // own GEMV (both x W_ih^T and h W_hh^T accumulated in one pass over the weight rows), fused with bias, activations
-// and state update inside one (optionally parallel) region over hidden units; for larger batches MKL GEMMs into the
-// gate buffer followed by one fused pointwise pass. Backward: one fused pointwise pass for the gate derivatives,
+// and state update inside one (optionally parallel) region over hidden units; for larger batches GEMMs into the
+// gate buffer (gemm::linear_out: the own AVX2 kernel or BLAS) followed by one fused pointwise pass. Backward: one fused pointwise pass for the gate derivatives,
 // then the GEMMs through ATen.
 #include "rnn/rnn.h"
 #include "rnn/rnn_args.h"
 #include "rnn/rnn_pointwise.h"
+#include "cpu/gemm.h"
 
 #include <ATen/Dispatch.h>
 #include <array>
@@ -42,8 +43,8 @@ void lstm_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& cx, con
         kern::lstm_fwd_row<T>(g + b * 4 * H, b1, b2, c + b * H, cyp + b * H, hyp + b * H, H, k0, k1);
     });
   } else {
-    at::mm_out(gates, x, w_ih.t());
-    gates.addmm_(hx, w_hh.t());
+    gemm::linear_out(gates, x, w_ih, false);
+    gemm::linear_out(gates, hx, w_hh, true);
     kern::par_rows(B, 64 * H, [&](int64_t r0, int64_t r1) {
       for (int64_t b = r0; b < r1; ++b)
         kern::lstm_fwd_row<T>(g + b * 4 * H, b1, b2, c + b * H, cyp + b * H, hyp + b * H, H, 0, H);
@@ -83,8 +84,8 @@ void gru_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
                              wsp + b * 4 * H, H, k0, k1);
     });
   } else {
-    { Tensor gi = pre.narrow(1, 0, 3 * H); at::mm_out(gi, x, w_ih.t()); }
-    { Tensor gh = pre.narrow(1, 3 * H, 3 * H); at::mm_out(gh, hx, w_hh.t()); }
+    { Tensor gi = pre.narrow(1, 0, 3 * H); gemm::linear_out(gi, x, w_ih, false); }
+    { Tensor gh = pre.narrow(1, 3 * H, 3 * H); gemm::linear_out(gh, hx, w_hh, false); }
     kern::par_rows(B, 64 * H, [&](int64_t r0, int64_t r1) {
       for (int64_t b = r0; b < r1; ++b)
         kern::gru_fwd_row<T>(pp + b * 6 * H, bih, pp + b * 6 * H + 3 * H, bhh, h + b * H, hyp + b * H,
@@ -114,8 +115,8 @@ void rnn_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
       for (int64_t b = 0; b < B; ++b) kern::rnn_fwd_row<T>(y + b * H, b1, b2, y + b * H, relu, k0, k1);
     });
   } else {
-    at::mm_out(hy, x, w_ih.t());
-    hy.addmm_(hx, w_hh.t());
+    gemm::linear_out(hy, x, w_ih, false);
+    gemm::linear_out(hy, hx, w_hh, true);
     kern::par_rows(B, 16 * H, [&](int64_t r0, int64_t r1) {
       for (int64_t b = r0; b < r1; ++b) kern::rnn_fwd_row<T>(y + b * H, b1, b2, y + b * H, relu, 0, H);
     });

@@ -107,7 +107,7 @@ inline const T* prev_row(const Steps& s, int64_t t, int64_t b, const T* buf, con
   return init + b * H;
 }
 
-// Recurrent GEMM with MKL for step t: dst[0:bs] (+)= hprev[0:bs] @ w^T, hprev split into the contiguous block
+// Recurrent GEMM for step t (gemm::linear_out): dst[0:bs] (+)= hprev[0:bs] @ w^T, hprev split into the contiguous block
 // from the previous step's rows and the block from init (h0).
 inline void recur_mm(const Steps& s, int64_t t, const Tensor& buf, const Tensor& init, const Tensor& w, Tensor dst,
                      bool accumulate) {
@@ -116,13 +116,11 @@ inline void recur_mm(const Steps& s, int64_t t, const Tensor& buf, const Tensor&
   const int64_t tp = s.prev(t);
   if (np > 0) {
     Tensor d = dst.narrow(0, 0, np);
-    Tensor h = buf.narrow(0, s.off[tp], np);
-    if (accumulate) d.addmm_(h, w.t()); else at::mm_out(d, h, w.t());
+    gemm::linear_out(d, buf.narrow(0, s.off[tp], np), w, accumulate);
   }
   if (bs > np) {
     Tensor d = dst.narrow(0, np, bs - np);
-    Tensor h = init.narrow(0, np, bs - np);
-    if (accumulate) d.addmm_(h, w.t()); else at::mm_out(d, h, w.t());
+    gemm::linear_out(d, init.narrow(0, np, bs - np), w, accumulate);
   }
 }
 

@@ -1,0 +1,144 @@
+// AVX2 dot-product-form float32 GEMM: C = beta C + A @ W^T (+ bias). See sgemm_nt.h for why.
+// This translation unit is compiled for AVX2 + FMA by the target pragma below and includes no ATen headers (the same
+// rule as sgemm.cpp): callers check available().
+#include "cpu/sgemm_nt.h"
+
+#include "cpu/config.h"
+#include "cpu/isa.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace seqfast {
+namespace sgemm_nt {
+
+// Compiled for the baseline ISA, outside the AVX2 region: this is the guard.
+bool available() { return cpu::has_avx2_fma() && cpu::config().own_gemm; }
+
+}  // namespace sgemm_nt
+}  // namespace seqfast
+
+#ifdef SEQFAST_X86_TARGETS
+#define SEQFAST_HAVE_AVX2_GEMM_NT 1
+SEQFAST_TARGET_AVX2_BEGIN
+#include <immintrin.h>
+#endif
+
+namespace seqfast {
+namespace sgemm_nt {
+
+#ifdef SEQFAST_HAVE_AVX2_GEMM_NT
+namespace {
+
+constexpr int kMR = 3;                       // A rows per register tile
+constexpr int kNJ = 4;                       // W rows per register tile (one 4-float store per A row)
+constexpr int64_t kWBlockBytes = 192 << 10;  // W rows per pass: fits a 512 KB L2 beside the A block
+constexpr int64_t kABlockBytes = 96 << 10;
+
+// Lanes [0, n) set (n in 0..8).
+inline __m256i mask8(int64_t n) {
+  alignas(32) static const int32_t bits[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + 8 - std::clamp<int64_t>(n, 0, 8)));
+}
+inline __m128i mask4(int n) {
+  alignas(16) static const int32_t bits[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + 4 - n));
+}
+
+// The four horizontal sums of a, b, c, d as one vector [sum a, sum b, sum c, sum d].
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+// C[0:MR, 0:NJ] of one tile; NJ < 4 only at the right edge (stores masked to NJ columns).
+template <int MR, int NJ>
+inline __attribute__((always_inline)) void tile(int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw,
+                                                float beta, float* c, int64_t ldc, const float* bias) {
+  __m256 s[MR][kNJ];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < kNJ; ++j) s[r][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 av[MR];
+    for (int r = 0; r < MR; ++r) av[r] = _mm256_loadu_ps(a + r * lda + k);
+    for (int j = 0; j < NJ; ++j) {
+      const __m256 wv = _mm256_loadu_ps(w + j * ldw + k);
+      for (int r = 0; r < MR; ++r) s[r][j] = _mm256_fmadd_ps(av[r], wv, s[r][j]);
+    }
+  }
+  if (k < K) {
+    const __m256i m = mask8(K - k);
+    __m256 av[MR];
+    for (int r = 0; r < MR; ++r) av[r] = _mm256_maskload_ps(a + r * lda + k, m);
+    for (int j = 0; j < NJ; ++j) {
+      const __m256 wv = _mm256_maskload_ps(w + j * ldw + k, m);
+      for (int r = 0; r < MR; ++r) s[r][j] = _mm256_fmadd_ps(av[r], wv, s[r][j]);
+    }
+  }
+  const __m128i m = mask4(NJ);
+  const __m128 b = bias ? _mm_maskload_ps(bias, m) : _mm_setzero_ps();
+  for (int r = 0; r < MR; ++r) {
+    __m128 v = _mm_add_ps(hsum4(s[r][0], s[r][1], s[r][2], s[r][3]), b);
+    if (beta != 0.f) v = _mm_add_ps(v, _mm_maskload_ps(c + r * ldc, m));
+    _mm_maskstore_ps(c + r * ldc, m, v);
+  }
+}
+
+// Rows [0, m) x W rows [0, n) of a block.
+template <int MR>
+inline void rows(int64_t n, int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw, float beta, float* c,
+                 int64_t ldc, const float* bias) {
+  int64_t j = 0;
+  for (; j + kNJ <= n; j += kNJ)
+    tile<MR, kNJ>(K, a, lda, w + j * ldw, ldw, beta, c + j, ldc, bias ? bias + j : nullptr);
+  const float* wj = w + j * ldw;
+  const float* bj = bias ? bias + j : nullptr;
+  switch (n - j) {
+    case 3: tile<MR, 3>(K, a, lda, wj, ldw, beta, c + j, ldc, bj); break;
+    case 2: tile<MR, 2>(K, a, lda, wj, ldw, beta, c + j, ldc, bj); break;
+    case 1: tile<MR, 1>(K, a, lda, wj, ldw, beta, c + j, ldc, bj); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw, float beta,
+          float* c, int64_t ldc, const float* bias) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {  // C = beta C + bias
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t j = 0; j < N; ++j) c[r * ldc + j] = (beta != 0.f ? c[r * ldc + j] : 0.f) + (bias ? bias[j] : 0.f);
+    return;
+  }
+  const int64_t row_bytes = K * int64_t(sizeof(float));
+  const int64_t nb = std::max<int64_t>(kNJ, kWBlockBytes / row_bytes / kNJ * kNJ);
+  const int64_t mb = std::max<int64_t>(kMR, kABlockBytes / row_bytes / kMR * kMR);
+  for (int64_t j0 = 0; j0 < N; j0 += nb) {
+    const int64_t n = std::min(nb, N - j0);
+    const float* wb = w + j0 * ldw;
+    const float* bb = bias ? bias + j0 : nullptr;
+    for (int64_t m0 = 0; m0 < M; m0 += mb) {
+      const int64_t m1 = std::min(M, m0 + mb);
+      int64_t r = m0;
+      for (; r + kMR <= m1; r += kMR) rows<kMR>(n, K, a + r * lda, lda, wb, ldw, beta, c + r * ldc + j0, ldc, bb);
+      if (m1 - r == 2) rows<2>(n, K, a + r * lda, lda, wb, ldw, beta, c + r * ldc + j0, ldc, bb);
+      else if (m1 - r == 1) rows<1>(n, K, a + r * lda, lda, wb, ldw, beta, c + r * ldc + j0, ldc, bb);
+    }
+  }
+}
+
+#else  // no x86 target regions: never available
+
+void gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float, float*, int64_t,
+          const float*) {}
+
+#endif
+
+}  // namespace sgemm_nt
+}  // namespace seqfast
+
+#ifdef SEQFAST_HAVE_AVX2_GEMM_NT
+SEQFAST_TARGET_END
+#endif

@@ -1,0 +1,30 @@
+// Own float32 GEMM in dot-product form for x86-64 CPUs with AVX2 + FMA (seqfast._C internal; sgemm_nt.cpp).
+//
+// C = beta C + A @ W^T (+ bias) where both A [M, K] and W [N, K] have k-contiguous rows: the shape of every forward
+// product of an RNN (x W_ih^T, h W_hh^T) with torch's weight layout, so nothing is packed or transposed. Each output is
+// a dot product along k: a register tile of 3 A rows x 4 W rows (12 ymm accumulators, 7 loads per 12 FMAs), reduced
+// with a horizontal-add tree at the end; W is walked in blocks that stay in L2 while the rows of A pass over them.
+//
+// Why: the MKL inside the torch CPU wheel runs its generic code path on AMD CPUs. On the 2-core Zen 3 EPYC this was
+// written on it reached 27-98 GFLOP/s on the RNN shapes (batch 8-256 x hidden 128-1024), this kernel 105-155
+// (benchmarks/gemm_nt.py prints both side by side). The AVX-512 GEMM of sgemm.h keeps the cases it already owns.
+//
+// Callers check available() first. Single-threaded, no allocation; gemm.h's entry points split the W rows over the
+// team.
+#pragma once
+
+#include <cstdint>
+
+namespace seqfast {
+namespace sgemm_nt {
+
+// AVX2 + FMA present (cpu/isa.h) and config().own_gemm.
+bool available();
+
+// C[M, N] (row stride ldc) = beta C + A[M, K] (row stride lda) @ W[N, K]^T (row stride ldw) (+ bias[N] when bias is
+// not null). beta is 0 or 1.
+void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw, float beta,
+          float* c, int64_t ldc, const float* bias = nullptr);
+
+}  // namespace sgemm_nt
+}  // namespace seqfast
