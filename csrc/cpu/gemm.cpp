@@ -6,6 +6,7 @@
 
 #include "cpu/config.h"
 #include "cpu/isa.h"
+#include "cpu/sgemm_nn.h"
 #include "cpu/team.h"
 
 extern "C" {
@@ -85,6 +86,13 @@ bool nt_available() { return sgemm_nt::available() && !cpu::has_avx512(); }
 // lost at M >= 2K (K 64-128: 0.5-0.7x; M 1024-2048 at K 256-512: 0.86-0.89x).
 inline bool nt_prefers(int64_t M, int64_t K) { return K >= 256 ? M < 2 * K : M < K; }
 
+// Whether the own AVX2 outer-product kernel (sgemm_nn.h) should take an A [M, K] @ B [K, N] product. Measured as
+// above: it won at M <= 32 (8x512x128 101 vs 56 GF/s, 16x256x1024 99 vs 73, 32x2048x512 139 vs 116: the backward's
+// per-step dh = dgates W_hh and small cells), tied at M 64-1024 and lost from M 2048 (0.6-0.8x: the weight gradients
+// over all steps, where BLAS's packing pays). A B past 8 MB streams from memory, where BLAS read it faster (LSTMCell
+// B8 H1024 training: 18.5 ms own, 16.8 BLAS), so it stays there too.
+inline bool nn_prefers(int64_t M, int64_t K, int64_t N) { return M <= 32 && K * N <= (int64_t(1) << 21); }
+
 void cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
         int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return;
@@ -92,6 +100,11 @@ void cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const fl
   // k-contiguous: the dot-product form of the own AVX2 kernel (single-threaded here, as BLAS is inside a region).
   if (ta && !tb && alpha == 1.f && (beta == 0.f || beta == 1.f) && nt_available() && nt_prefers(n, k))
     return sgemm_nt::gemm(n, m, k, b, ldb, a, lda, beta, c, ldc);
+  // op(A) = A: the row-major C^T [n, m] = op(B)^T [n, k] @ A^T [k, m], A^T row-major with row stride lda: the own
+  // AVX2 outer-product kernel reads it in place.
+  if (!ta && alpha == 1.f && (beta == 0.f || beta == 1.f) && nt_available() && nn_prefers(n, k, m))
+    return tb ? sgemm_nn::gemm(n, m, k, b, 1, ldb, a, lda, beta, c, ldc)
+              : sgemm_nn::gemm(n, m, k, b, ldb, 1, a, lda, beta, c, ldc);
   if (sgemm_ == nullptr || k <= 0) return cm_aten<float, float>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   const BlasArgs x = blas_args(ta, tb, m, n, k, lda, ldb, ldc);
   sgemm_(&x.ta, &x.tb, &x.m, &x.n, &x.k, &alpha, a, &x.lda, b, &x.ldb, &beta, c, &x.ldc);
@@ -122,8 +135,6 @@ bool mkl_pack_available() {
 }
 
 void PackedWeight::init(bool trans, int64_t m, int64_t nmax, int64_t k, const float* a, int64_t lda) {
-  // The own AVX2 kernel reads the weight in place (cm routes to it): nothing to pack.
-  if (trans && nt_available() && nt_prefers(nmax, k)) return;
   if (sgemm::available() && m > 0) {
     // Row-major view: C[n, m] = B[n, k] @ op(A)^T, i.e. the own GEMM's packed operand is op(A)^T (k x m).
     m_ = m;
@@ -132,7 +143,10 @@ void PackedWeight::init(bool trans, int64_t m, int64_t nmax, int64_t k, const fl
     else own_.pack(k, m, a, lda, 1);
     if (own_.ok()) return;
   }
-  // Narrow slices (< 128 units) gained nothing from MKL's packing when this was tuned; they keep the plain GEMM.
+  // Narrow slices (< 128 units) gained nothing from MKL's packing when this was tuned; they keep the plain GEMM (cm:
+  // the own AVX2 kernels where nt_available()). Wider slices keep MKL's packed GEMM even there: packed once per
+  // sequence, it beat the own kernels' in-place reads in the time loop (GRU T32 B64 H1024 inference, Zen 3: 233 ms
+  // packed, 287 ms own).
   if (!mkl_pack_available() || m < 128 || k <= 0 || nmax <= 0) return;
   m_ = m;
   k_ = k;
@@ -159,6 +173,44 @@ void nt_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, c
                       sgemm_nt::gemm(M, j1 - j0, K, a, lda, w + j0 * ldw, ldw, beta, c + j0, ldc,
                                      bias ? bias + j0 : nullptr);
                     });
+}
+
+// c[M, N] = beta c + A @ b on the own AVX2 outer-product kernel, A(r, k) = a[r * ar + k * ak], b row-major: the
+// columns split over the team in whole 16-column tiles when b is wide enough, else the rows in whole 6-row tiles.
+void nn_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t ak, const float* b, int64_t ldb,
+                 float beta, float* c, int64_t ldc) {
+  const int nt = cpu::threads();
+  const int64_t grain_work = cpu::config().par_min_work;
+  if (N >= 32 * int64_t(nt)) {
+    const int64_t tiles = (N + 15) / 16;
+    cpu::parallel_for(tiles, std::max<int64_t>(1, grain_work / std::max<int64_t>(1, 16 * M * K)),
+                      [&](int64_t t0, int64_t t1, int) {
+                        const int64_t j0 = 16 * t0, j1 = std::min(N, 16 * t1);
+                        sgemm_nn::gemm(M, j1 - j0, K, a, ar, ak, b + j0, ldb, beta, c + j0, ldc);
+                      });
+  } else {
+    const int64_t tiles = (M + 5) / 6;
+    cpu::parallel_for(tiles, std::max<int64_t>(1, grain_work / std::max<int64_t>(1, 6 * N * K)),
+                      [&](int64_t t0, int64_t t1, int) {
+                        const int64_t r0 = 6 * t0, r1 = std::min(M, 6 * t1);
+                        sgemm_nn::gemm(r1 - r0, N, K, a + r0 * ar, ar, ak, b, ldb, beta, c + r0 * ldc, ldc);
+                      });
+  }
+}
+
+void matmul_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const bool own = c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+                   c.device().is_cpu() && a.device().is_cpu() && b.device().is_cpu() && c.dim() == 2 &&
+                   a.dim() == 2 && b.dim() == 2 && (c.stride(1) == 1 || c.size(1) <= 1) &&
+                   (b.stride(1) == 1 || b.size(1) <= 1) && a.size(1) == b.size(0) && c.size(0) == a.size(0) &&
+                   c.size(1) == b.size(1) && nt_available() && nn_prefers(a.size(0), a.size(1), b.size(1));
+  if (!own) {
+    if (accumulate) c.addmm_(a, b);
+    else at::mm_out(c, a, b);
+    return;
+  }
+  nn_parallel(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0), a.stride(1),
+              b.const_data_ptr<float>(), b.stride(0), accumulate ? 1.f : 0.f, c.data_ptr<float>(), c.stride(0));
 }
 
 void linear_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool accumulate) {
@@ -199,6 +251,13 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::
     // b[k, j] = b_ptr[j * b.stride(1) + k]: W = b^T has rows j of stride b.stride(1)
     nt_parallel(M, N, K, a.const_data_ptr<float>(), a.stride(0), b.const_data_ptr<float>(), b.stride(1), 0.f,
                 c.data_ptr<float>(), N, has_bias ? bc.const_data_ptr<float>() : nullptr);
+    return c;
+  }
+  if (f32 && !has_bias && nt_available() && (b.stride(1) == 1 || b.size(1) <= 1) &&
+      nn_prefers(a.size(0), a.size(1), b.size(1))) {
+    at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
+    nn_parallel(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0), a.stride(1),
+                b.const_data_ptr<float>(), b.stride(0), 0.f, c.data_ptr<float>(), c.size(1));
     return c;
   }
   const bool own = a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() &&
@@ -245,5 +304,18 @@ at::Tensor gemm_nt_f32(const at::Tensor& a, const at::Tensor& w, const std::opti
   return c;
 }
 bool nt_gemm_available() { return gemm::nt_available(); }
+
+at::Tensor gemm_nn_f32(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(gemm::nt_available(), "gemm_nn_f32: the own AVX2 GEMM does not run on this CPU or is switched off");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "gemm_nn_f32: a [M,K] and b [K,N] expected, got ",
+              a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() &&
+                  b.device().is_cpu(), "gemm_nn_f32: float32 CPU tensors expected");
+  const at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
+  at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
+  gemm::nn_parallel(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0), a.stride(1),
+                    bc.const_data_ptr<float>(), bc.stride(0), 0.f, c.data_ptr<float>(), c.size(1));
+  return c;
+}
 
 }  // namespace seqfast

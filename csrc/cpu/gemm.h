@@ -3,7 +3,8 @@
 //   * the own AVX-512 float32 kernel (cpu/sgemm.h) where the CPU has AVX-512 and config().own_gemm;
 //   * the own AVX2 dot-product-form float32 kernel (cpu/sgemm_nt.h) for A @ W^T products with k-contiguous rows on
 //     CPUs with AVX2 + FMA but no AVX-512 (where the wheel's MKL runs at best its AVX2 path; on AMD its generic one),
-//     with config().own_gemm;
+//     with config().own_gemm, and its outer-product twin (cpu/sgemm_nn.h) for A @ B with row-major B (the backward's
+//     products);
 //   * the BLAS that the torch wheel links (MKL on x86: sgemm_, dgemm_, its packed GEMM and
 //     cblas_gemm_bf16bf16f32), bound as weak symbols in gemm.cpp only: called on raw pointers with no per-call ATen
 //     overhead (attention runs hundreds of block GEMMs per head; the fused RNN loops one per step and thread);
@@ -63,6 +64,16 @@ bool nt_available();
 // nt_available(), split over the team by rows of w; anything else runs at::mm_out / addmm_.
 void linear_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool accumulate);
 
+// c[M, N] = (accumulate ? c : 0) + a[M, K] @ b[K, N] for 2-D CPU tensors of one floating dtype. float32 with
+// n-contiguous rows of b runs the own AVX2 outer-product kernel (sgemm_nn.h, any strides of a) where nt_available();
+// anything else runs at::mm_out / addmm_.
+void matmul_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+
+// c[M, N] (row stride ldc) = beta c + A @ b on the own AVX2 outer-product kernel, A(r, k) = a[r * ar + k * ak], b
+// row-major (row stride ldb), split over the team. Requires nt_available().
+void nn_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t ak, const float* b, int64_t ldb,
+                 float beta, float* c, int64_t ldc);
+
 // c[M, N] (row stride ldc) = beta c + a @ w^T (+ bias) on the own AVX2 kernel, rows of w split over the team in whole
 // 4-row tiles (one thread below config().par_min_work). Requires nt_available().
 void nt_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw, float beta,
@@ -73,8 +84,7 @@ bool mkl_pack_available();
 
 // A weight slice packed once and reused by every step of a time loop: column-major C(m x n) = beta C + op(A)(m x k)
 // @ B(k x n), with A the packed weight. float only: the own AVX-512 packing where available, else MKL's packed GEMM
-// (slices of at least 128 rows). ok() is false otherwise (callers then use cm on the unpacked weight), and always for
-// a trans slice where nt_available(): cm runs that product on the own AVX2 kernel straight from the weight.
+// (slices of at least 128 rows). ok() is false otherwise (callers then use cm on the unpacked weight).
 class PackedWeight {
  public:
   PackedWeight() = default;
@@ -95,8 +105,8 @@ class PackedWeight {
 
 // a [M, K] @ b [K, N] (+ bias [N]) for 2-D CPU tensors with any strides. float32 on a CPU with AVX-512 and
 // M >= 256 runs the own GEMM (B packed once, split over the team by column panels); float32 with k-contiguous rows of
-// a and of b^T (a torch weight's .t()) runs the own AVX2 kernel where nt_available(); anything else runs
-// at::mm / at::addmm.
+// a and of b^T (a torch weight's .t()) runs the own AVX2 kernel where nt_available(), and without bias, a row-major b
+// its outer-product twin; anything else runs at::mm / at::addmm.
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias = std::nullopt);
 
 }  // namespace gemm
@@ -108,5 +118,7 @@ bool own_gemm_available();
 // shape rule says (float32 CPU tensors with k-contiguous rows; requires nt_gemm_available()).
 at::Tensor gemm_nt_f32(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& bias);
 bool nt_gemm_available();
+// The same for a [M, K] @ b [K, N] on the own AVX2 outer-product kernel (sgemm_nn.h).
+at::Tensor gemm_nn_f32(const at::Tensor& a, const at::Tensor& b);
 
 }  // namespace seqfast

@@ -1,8 +1,8 @@
 // RNN cell steps (LSTM / GRU / Elman) for CPU. Forward: for small batches the gate pre-activations come from our
 // own GEMV (both x W_ih^T and h W_hh^T accumulated in one pass over the weight rows), fused with bias, activations
 // and state update inside one (optionally parallel) region over hidden units; for larger batches GEMMs into the
-// gate buffer (gemm::linear_out: the own AVX2 kernel or BLAS) followed by one fused pointwise pass. Backward: one fused pointwise pass for the gate derivatives,
-// then the GEMMs through ATen.
+// gate buffer (gemm::linear_out: the own AVX2 kernel or BLAS) followed by one fused pointwise pass. Backward: one
+// fused pointwise pass for the gate derivatives, then the GEMMs through gemm::mm (the own AVX2 kernels or ATen).
 #include "rnn/rnn.h"
 #include "rnn/rnn_args.h"
 #include "rnn/rnn_pointwise.h"
@@ -160,7 +160,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_im
                               dgp + b * 4 * H, dcxp + b * H, H, 0, H);
     });
   });
-  return {dg.mm(w_ih), dg.mm(w_hh), dcx, dg.t().mm(x), dg.t().mm(hx), dg.sum(0)};
+  return {gemm::mm(dg, w_ih), gemm::mm(dg, w_hh), dcx, gemm::mm(dg.t(), x), gemm::mm(dg.t(), hx), dg.sum(0)};
 }
 
 std::tuple<Tensor, Tensor> gru_cell_forward_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
@@ -199,7 +199,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward_imp
     });
   });
   dhx.addmm_(dgh, w_hh);
-  return {dgi.mm(w_ih), dhx, dgi.t().mm(x), dgh.t().mm(hx), dgi.sum(0), dgh.sum(0)};
+  return {gemm::mm(dgi, w_ih), dhx, gemm::mm(dgi.t(), x), gemm::mm(dgh.t(), hx), dgi.sum(0), dgh.sum(0)};
 }
 
 Tensor rnn_cell_forward_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
@@ -228,7 +228,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward_impl(const 
       for (int64_t b = r0; b < r1; ++b) kern::rnn_bwd_row<T>(dh + b * H, nullptr, y + b * H, d + b * H, relu, 0, H);
     });
   });
-  return {dp.mm(w_ih), dp.mm(w_hh), dp.t().mm(x), dp.t().mm(hx), dp.sum(0)};
+  return {gemm::mm(dp, w_ih), gemm::mm(dp, w_hh), gemm::mm(dp.t(), x), gemm::mm(dp.t(), hx), dp.sum(0)};
 }
 
 }  // namespace

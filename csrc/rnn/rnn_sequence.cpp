@@ -478,9 +478,7 @@ void time_loop_backward(const Steps& s, int nt, const Tensor& w_hh, const Tensor
       });
     } else {
       Tensor d = dh.narrow(0, 0, bs);
-      const Tensor g = dg.narrow(0, off, bs);
-      if (accumulate) d.addmm_(g, w_hh);
-      else at::mm_out(d, g, w_hh);
+      gemm::matmul_out(d, dg.narrow(0, off, bs), w_hh, accumulate);
     }
   });
 }

@@ -1,0 +1,126 @@
+// AVX2 outer-product float32 GEMM with B read in place: C = beta C + A @ B. See sgemm_nn.h for why.
+// Compiled for AVX2 + FMA by the target pragma below; no ATen headers (the rule of sgemm.cpp). Callers check
+// sgemm_nt::available().
+#include "cpu/sgemm_nn.h"
+
+#include "cpu/isa.h"
+
+#include <algorithm>
+
+#ifdef SEQFAST_X86_TARGETS
+#define SEQFAST_HAVE_AVX2_GEMM_NN 1
+SEQFAST_TARGET_AVX2_BEGIN
+#include <immintrin.h>
+#endif
+
+namespace seqfast {
+namespace sgemm_nn {
+
+#ifdef SEQFAST_HAVE_AVX2_GEMM_NN
+namespace {
+
+constexpr int kMR = 6;         // rows of A per register tile
+constexpr int64_t kNR = 16;    // columns of B per tile (two ymm)
+constexpr int64_t kKC = 256;   // k per pass: a 256 x 16 slice of B (16 KB) stays in L1 across the row tiles
+constexpr int64_t kMC = 192;   // rows of A per pass: a 192 x 256 block of A (192 KB) stays in L2 across the panels
+
+// Lanes [0, n) set (n clamped to 0..8).
+inline __m256i mask8(int64_t n) {
+  alignas(32) static const int32_t bits[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + 8 - std::clamp<int64_t>(n, 0, 8)));
+}
+
+// C[0:MR, 0:16] (+)= A[0:MR, 0:kc] @ B[0:kc, 0:16]; FULL: all 16 columns live (else masked by m0 / m1).
+template <int MR, bool FULL>
+inline __attribute__((always_inline)) void tile(int64_t kc, const float* a, int64_t ar, int64_t ak, const float* b,
+                                                int64_t ldb, bool load, float* c, int64_t ldc, __m256i m0,
+                                                __m256i m1) {
+  __m256 acc0[MR], acc1[MR];
+  for (int r = 0; r < MR; ++r) {
+    if (load) {
+      acc0[r] = FULL ? _mm256_loadu_ps(c + r * ldc) : _mm256_maskload_ps(c + r * ldc, m0);
+      acc1[r] = FULL ? _mm256_loadu_ps(c + r * ldc + 8) : _mm256_maskload_ps(c + r * ldc + 8, m1);
+    } else {
+      acc0[r] = acc1[r] = _mm256_setzero_ps();
+    }
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = FULL ? _mm256_loadu_ps(b) : _mm256_maskload_ps(b, m0);
+    const __m256 b1 = FULL ? _mm256_loadu_ps(b + 8) : _mm256_maskload_ps(b + 8, m1);
+    b += ldb;
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r * ar);
+      acc0[r] = _mm256_fmadd_ps(av, b0, acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(av, b1, acc1[r]);
+    }
+    a += ak;
+  }
+  for (int r = 0; r < MR; ++r) {
+    if (FULL) {
+      _mm256_storeu_ps(c + r * ldc, acc0[r]);
+      _mm256_storeu_ps(c + r * ldc + 8, acc1[r]);
+    } else {
+      _mm256_maskstore_ps(c + r * ldc, m0, acc0[r]);
+      _mm256_maskstore_ps(c + r * ldc + 8, m1, acc1[r]);
+    }
+  }
+}
+
+// Every row of A against one 16-column panel (nj live columns) for k in [0, kc).
+template <bool FULL>
+void panel(int64_t M, int64_t kc, const float* a, int64_t ar, int64_t ak, const float* b, int64_t ldb, bool load,
+           float* c, int64_t ldc, int64_t nj) {
+  const __m256i m0 = mask8(nj), m1 = mask8(nj - 8);
+  int64_t r = 0;
+  for (; r + kMR <= M; r += kMR) tile<kMR, FULL>(kc, a + r * ar, ar, ak, b, ldb, load, c + r * ldc, ldc, m0, m1);
+  const float* ar_ = a + r * ar;
+  float* cr = c + r * ldc;
+  switch (M - r) {
+    case 5: tile<5, FULL>(kc, ar_, ar, ak, b, ldb, load, cr, ldc, m0, m1); break;
+    case 4: tile<4, FULL>(kc, ar_, ar, ak, b, ldb, load, cr, ldc, m0, m1); break;
+    case 3: tile<3, FULL>(kc, ar_, ar, ak, b, ldb, load, cr, ldc, m0, m1); break;
+    case 2: tile<2, FULL>(kc, ar_, ar, ak, b, ldb, load, cr, ldc, m0, m1); break;
+    case 1: tile<1, FULL>(kc, ar_, ar, ak, b, ldb, load, cr, ldc, m0, m1); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t ak, const float* b, int64_t ldb,
+          float beta, float* c, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (beta == 0.f)
+      for (int64_t r = 0; r < M; ++r) std::fill(c + r * ldc, c + r * ldc + N, 0.f);
+    return;
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+    const int64_t kc = std::min(kKC, K - k0);
+    const bool load = k0 > 0 || beta != 0.f;
+    for (int64_t m0 = 0; m0 < M; m0 += kMC) {
+      const int64_t mc = std::min(kMC, M - m0);
+      const float* ab = a + m0 * ar + k0 * ak;
+      float* cb = c + m0 * ldc;
+      for (int64_t j = 0; j < N; j += kNR) {
+        const int64_t nj = std::min(kNR, N - j);
+        const float* bb = b + k0 * ldb + j;
+        if (nj == kNR) panel<true>(mc, kc, ab, ar, ak, bb, ldb, load, cb + j, ldc, nj);
+        else panel<false>(mc, kc, ab, ar, ak, bb, ldb, load, cb + j, ldc, nj);
+      }
+    }
+  }
+}
+
+#else  // no x86 target regions: never available (sgemm_nt::available() is false)
+
+void gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float, float*, int64_t) {}
+
+#endif
+
+}  // namespace sgemm_nn
+}  // namespace seqfast
+
+#ifdef SEQFAST_HAVE_AVX2_GEMM_NN
+SEQFAST_TARGET_END
+#endif

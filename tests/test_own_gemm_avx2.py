@@ -1,0 +1,109 @@
+"""The own AVX2 float32 GEMMs, which take the products of the C++ RNN layers and cells on CPUs with AVX2 but no
+AVX-512: the dot-product form for A @ W^T (csrc/cpu/sgemm_nt.h, binding seqfast._C.gemm_nt_f32) and the outer-product
+form for A @ B with B read in place (csrc/cpu/sgemm_nn.h, seqfast._C.gemm_nn_f32). Parity with a float64 matmul on
+sizes that hit every partial register tile and several cache blocks, strided and transposed operands, bias; and the
+layers' results (forward and gradients) with the kernels switched on and off."""
+import pytest
+import torch
+
+from seqfast import _ext
+
+_C = _ext.module()
+pytestmark = pytest.mark.skipif(_C is None or not _C.nt_gemm_available(),
+                                reason="seqfast._C not built, or the own AVX2 GEMM does not run on this CPU")
+
+# (M, N, K): M % 3, N % 4 and K % 8 take every remainder; K 0 and 1; K 1000 / 3000 give W blocks of 48 / 16 rows and
+# A blocks of 24 / 6 rows, so M 50 and N 70 cross block edges; K 13000 gives the minimum 4-row W block.
+SHAPES = [(1, 1, 1), (2, 3, 7), (3, 4, 8), (4, 5, 9), (5, 6, 15), (7, 7, 16), (8, 9, 17), (1, 1, 0), (3, 5, 0),
+          (50, 70, 1000), (29, 53, 3000), (4, 9, 13000), (0, 4, 8), (4, 0, 8), (64, 256, 128)]
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemm_nt_parity(M, N, K, bias):
+    a, w = torch.randn(M, K), torch.randn(N, K)
+    b = torch.randn(N) if bias else None
+    out = _C.gemm_nt_f32(a, w, b)
+    ref = a.double() @ w.double().t() + (b.double() if bias else 0)
+    assert out.shape == (M, N) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * max(1, K) ** 0.5)
+
+
+def test_gemm_nt_strided_rows():
+    # row strides wider than the rows (slices of bigger matrices), as the per-step recurrent GEMM passes them
+    big_a, big_w = torch.randn(40, 300), torch.randn(90, 301)
+    a, w = big_a[3:37, 5:262], big_w[1:87, 2:259]
+    torch.testing.assert_close(_C.gemm_nt_f32(a, w, None), a @ w.t(), rtol=1e-5, atol=1e-4)
+
+
+# (M, N, K) for A @ B: M % 6 and N % 16 (and % 8) take every remainder; K 300 and 600 cross the 256-deep k blocks,
+# M 400 the 192-row A blocks; K 0 leaves C zero.
+NN_SHAPES = [(1, 1, 1), (2, 7, 3), (5, 8, 9), (6, 9, 16), (7, 16, 17), (11, 17, 31), (13, 33, 300), (400, 40, 600),
+             (3, 5, 0), (0, 5, 3), (4, 0, 3), (64, 512, 128)]
+
+
+@pytest.mark.parametrize("M,N,K", NN_SHAPES)
+@pytest.mark.parametrize("a_t", [False, True])
+def test_gemm_nn_parity(M, N, K, a_t):
+    # a_t: A as a transposed view (row stride 1), as dW = dgates^T @ x passes it
+    a = torch.randn(K, M).t() if a_t else torch.randn(M, K)
+    b = torch.randn(K, N)
+    out = _C.gemm_nn_f32(a, b)
+    assert out.shape == (M, N) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-5 * max(1, K) ** 0.5)
+
+
+def test_gemm_nn_strided_rows():
+    big_a, big_b = torch.randn(40, 300), torch.randn(290, 90)
+    a, b = big_a[3:37, 5:262], big_b[1:258, 2:77]
+    torch.testing.assert_close(_C.gemm_nn_f32(a, b), a @ b, rtol=1e-5, atol=1e-4)
+
+
+def test_gemm_nn_errors():
+    with pytest.raises(RuntimeError, match="gemm_nn_f32"):
+        _C.gemm_nn_f32(torch.randn(3, 4), torch.randn(5, 6))
+    with pytest.raises(RuntimeError, match="gemm_nn_f32"):
+        _C.gemm_nn_f32(torch.randn(3, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64))
+
+
+def test_gemm_nt_errors():
+    with pytest.raises(RuntimeError, match="gemm_nt_f32"):
+        _C.gemm_nt_f32(torch.randn(3, 4), torch.randn(5, 6), None)
+    with pytest.raises(RuntimeError, match="gemm_nt_f32"):
+        _C.gemm_nt_f32(torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64), None)
+    with pytest.raises(RuntimeError, match="bias"):
+        _C.gemm_nt_f32(torch.randn(3, 4), torch.randn(5, 4), torch.randn(4))
+
+
+@pytest.fixture
+def own_gemm_restored():
+    yield
+    _C.set_config(own_gemm=True)
+
+
+def _run(module, x):
+    """Output, input gradient and parameter gradients of module(x).sum() (first output)."""
+    module.zero_grad()
+    x = x.clone().requires_grad_()
+    out = module(x)
+    y = out[0] if isinstance(out, tuple) else out
+    y.sum().backward()
+    return [y.detach(), x.grad] + [p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell", "LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("batch", [3, 24])
+def test_layers_match_torch_with_and_without_the_kernels(kind, batch, own_gemm_restored):
+    # hidden 256, input 200: the shape rules pick the own kernels for the forward and backward products (batch 24 is
+    # past the GEMV range, batch 3 in it); training mode, so saved workspaces and all gradients are compared
+    import seqfast
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, kind)(200, 256)
+    mod = getattr(seqfast.nn, kind)(200, 256)
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(batch, 200) if kind.endswith("Cell") else torch.randn(5, batch, 200)
+    expected = _run(ref, x)
+    for own in (True, False):
+        _C.set_config(own_gemm=own)
+        for got, want in zip(_run(mod, x), expected):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
