@@ -4,7 +4,9 @@
 // Gate order as torch.nn: LSTM [i f g o], GRU [r z n]. Optional biases may be absent or undefined (bias=False).
 #include <ATen/ATen.h>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace seqfast {
 using at::Tensor;
@@ -80,6 +82,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const Tens
                                                                       const Tensor& h0, const Tensor& w_ih,
                                                                       const Tensor& w_hh, const Tensor& out,
                                                                       bool relu, bool reverse);
+
+// ---- a whole module's no-grad forward (rnn_module_inference.cpp) ----
+// mode "LSTM" | "GRU" | "RNN_TANH" | "RNN_RELU"; input [T, B, I] ([B, T, I] batch_first) or unbatched [T, I]; zero
+// initial states; weights flat per layer and direction: w_ih, w_hh (, b_ih, b_hh). -> (output, h_n, c_n (LSTM, else
+// undefined)), shaped as torch.nn's.
+std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode, const Tensor& input,
+                                                         const std::vector<Tensor>& weights, bool has_biases,
+                                                         int64_t num_layers, bool bidirectional, bool batch_first);
 
 // False on an x86-64 CPU without AVX2+FMA, where the RNN kernels refuse to run (Python then uses the reference).
 bool rnn_kernels_supported();

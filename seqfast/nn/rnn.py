@@ -3,7 +3,10 @@ with a forward that runs seqfast's fused per-layer recurrences (seqfast.function
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
+from .. import _backend, _ext, _rules
 from .. import functional as seqfast_F
+from ..functional._rnn_sequence import _kernel_layout
+from ..ops import rnn_sequence as _ops
 from ._parameters import parameters_named
 
 
@@ -12,6 +15,7 @@ class _SeqfastRNNMixin:
     states, torch's own checks), around seqfast.functional.recurrent."""
 
     _kind = None  # "lstm" | "gru" | "rnn"
+    _LAYER_OP = None  # its seqfast.ops layer op
 
     def _layer_weights(self):
         return [parameters_named(self, names) for names in self._all_weights]
@@ -38,7 +42,52 @@ class _SeqfastRNNMixin:
                                f"but got {hx.dim()}-D tensor")
         return hx if is_batched else hx.unsqueeze(1)
 
+    def _inference_call(self, input):
+        """The whole forward in one C++ call (seqfast._C.rnn_module_inference) where that is all it takes: no grad,
+        no state given, a padded CPU tensor of the weights' dtype and size, no dropout to draw, the C++ kernels chosen
+        and no rule preferring torch's op. None otherwise: the regular path then runs (and raises torch's errors).
+        For a short sequence this Python is a good part of the call (it runs on caches the kernel just flushed), so
+        what depends only on the module's parameters and the input's dtype is worked out once per parameter set and
+        kept (_inference_plan); the C++ entries check the weights' shapes again on every call."""
+        if (not isinstance(input, torch.Tensor) or input.dim() not in (2, 3) or input.shape[-1] != self.input_size
+                or torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled()):
+            return None
+        key = (tuple(map(id, self._parameters.values())), input.dtype, input.device, self.training,
+               _backend.forced_backend())
+        plan = self.__dict__.get("_seqfast_plan")
+        if plan is None or plan[0] != key:
+            plan = self.__dict__["_seqfast_plan"] = (key, self._inference_plan(input))
+        weights = plan[1]
+        if weights is None or weights[0].dtype != input.dtype:  # .to(dtype) can change a parameter in place
+            return None
+        batched = input.dim() == 3
+        steps = input.shape[1 if batched and self.batch_first else 0]
+        batch = input.shape[0 if self.batch_first else 1] if batched else 1
+        if steps == 0 or batch == 0 or _rules.prefer_torch_when(self._kind, input, batch, self.hidden_size, False):
+            return None
+        out, h, c = _ext.module().rnn_module_inference(self.mode, input, weights, self.bias, self.num_layers,
+                                                       self.bidirectional, self.batch_first)
+        return out, ((h, c) if self._kind == "lstm" else h)
+
+    def _inference_plan(self, input):
+        """The flat weight list for rnn_module_inference, or None where this module's calls on ``input``'s kind of
+        tensor must take the regular path."""
+        if (self.training and self.dropout) or getattr(self, "proj_size", 0) or not self._LAYER_OP.runs_cpp(input):
+            return None
+        if self._kind == "rnn" and self.mode != ("RNN_RELU" if self.nonlinearity == "relu" else "RNN_TANH"):
+            return None
+        layers = self._layer_weights()
+        w0 = layers[0][0]
+        if w0.dtype != input.dtype or w0.device != input.device or not _kernel_layout(
+                self._kind, layers, self.input_size, self.num_layers, 2 if self.bidirectional else 1, 0):
+            return None
+        return [w for ws in layers for w in ws]
+
     def forward(self, input, hx=None):
+        if hx is None and not torch.is_grad_enabled():
+            result = self._inference_call(input)
+            if result is not None:
+                return result
         # (no self._update_flat_weights(): torch keeps _flat_weights for its cuDNN/oneDNN calls; the weights are read
         # by name in _layer_weights, which is all seqfast uses, and the check costs as much as a small step)
         packed = isinstance(input, PackedSequence)
@@ -85,13 +134,16 @@ class _SeqfastRNNMixin:
 class LSTM(_SeqfastRNNMixin, torch.nn.LSTM):
     __doc__ = torch.nn.LSTM.__doc__
     _kind = "lstm"
+    _LAYER_OP = _ops.lstm_layer
 
 
 class GRU(_SeqfastRNNMixin, torch.nn.GRU):
     __doc__ = torch.nn.GRU.__doc__
     _kind = "gru"
+    _LAYER_OP = _ops.gru_layer
 
 
 class RNN(_SeqfastRNNMixin, torch.nn.RNN):
     __doc__ = torch.nn.RNN.__doc__
     _kind = "rnn"
+    _LAYER_OP = _ops.rnn_layer

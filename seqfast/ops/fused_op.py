@@ -136,6 +136,16 @@ class FusedOp:
             hit = self._resolved[key] = _backend.use_torch_op(backend)
         return hit
 
+    def runs_cpp(self, tensor):
+        """Whether a call on ``tensor`` runs this op's C++ kernels (the extension built, this CPU able to run them,
+        the "cpp" backend chosen for the tensor's device and dtype, nothing forcing another); memoised."""
+        key = (_backend.forced_backend(), tensor.dtype, tensor.device, "cpp")
+        hit = self._resolved.get(key)
+        if hit is None:
+            hit = self._resolved[key] = (self._backend_for(tensor) == "cpp"
+                                         and self.kernels("cpp") is not self.kernels("reference"))
+        return hit
+
     def _resolve(self, tensor, which):
         """The forward (0), backward (1) or no-grad forward (2: the forward where a backend has none) for
         ``tensor``, memoised: this runs on every eager call."""

@@ -1,0 +1,71 @@
+// The whole no-grad forward of an nn.LSTM / GRU / RNN module in one call (seqfast._C.rnn_module_inference): padded
+// input, no initial state given, every layer and direction on the checked layer entries of rnn_sequence.cpp.
+//
+// Why: for a short sequence at batch 1 the layer kernel is most of the work, yet the Python around it (zero states,
+// time-major views, per-layer argument lists, the stacking of final states) cost about as much again (LSTM T32 B1
+// H64 on the Zen 3 EPYC: kernel 80 us, module 150 us); Python that runs right after a kernel also runs on cold
+// caches. The module (seqfast/nn/rnn.py) takes this path only when nothing else is needed (no grad, no state given,
+// no dropout to draw, the C++ backend chosen, shapes and dtypes as torch's checks want them) and its regular path
+// otherwise, so torch's errors stay torch's.
+#include "rnn/rnn.h"
+
+#include <vector>
+
+namespace seqfast {
+
+std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode, const Tensor& input,
+                                                         const std::vector<Tensor>& weights, bool has_biases,
+                                                         int64_t num_layers, bool bidirectional, bool batch_first) {
+  const bool lstm = mode == "LSTM", gru = mode == "GRU", relu = mode == "RNN_RELU";
+  TORCH_CHECK(lstm || gru || relu || mode == "RNN_TANH", "rnn_module_inference: unknown mode ", mode);
+  TORCH_CHECK(input.dim() == 2 || input.dim() == 3, "rnn_module_inference: input must be 2-D or 3-D, got ",
+              input.dim(), "-D");
+  const int64_t dirs = bidirectional ? 2 : 1, per = has_biases ? 4 : 2;
+  TORCH_CHECK(num_layers >= 1 && int64_t(weights.size()) == num_layers * dirs * per,
+              "rnn_module_inference: expected ", num_layers * dirs * per, " weights, got ", weights.size());
+  const bool batched = input.dim() == 3;
+  // time-major [T, B, I]
+  const Tensor x3 = !batched ? input.unsqueeze(1) : batch_first ? input.transpose(0, 1) : input;
+  const int64_t T = x3.size(0), B = x3.size(1);
+  TORCH_CHECK(T > 0, "Expected sequence length to be larger than 0 in RNN");
+  const Tensor bs = at::full({T}, B, at::TensorOptions().dtype(at::kLong));
+  Tensor x = x3.reshape({T * B, x3.size(2)}).contiguous();
+  std::vector<Tensor> hn, cn;
+  for (int64_t layer = 0; layer < num_layers; ++layer) {
+    std::vector<Tensor> outs;
+    for (int64_t d = 0; d < dirs; ++d) {
+      const Tensor* w = weights.data() + (layer * dirs + d) * per;
+      const OptTensor b_ih = has_biases ? OptTensor(w[2]) : OptTensor(), b_hh = has_biases ? OptTensor(w[3]) : OptTensor();
+      const int64_t H = w[1].size(1);
+      const Tensor h0 = at::zeros({B, H}, x.options());
+      const bool reverse = d == 1;
+      if (lstm) {
+        auto r = lstm_layer_inference(x, bs, h0, h0, w[0], w[1], b_ih, b_hh, reverse);
+        outs.push_back(std::get<0>(r));
+        hn.push_back(std::get<1>(r));
+        cn.push_back(std::get<2>(r));
+      } else if (gru) {
+        auto r = gru_layer_forward(x, bs, h0, w[0], w[1], b_ih, b_hh, reverse);
+        outs.push_back(std::get<0>(r));
+        hn.push_back(std::get<1>(r));
+      } else {
+        auto r = rnn_layer_forward(x, bs, h0, w[0], w[1], b_ih, b_hh, relu, reverse);
+        outs.push_back(std::get<0>(r));
+        hn.push_back(std::get<1>(r));
+      }
+    }
+    x = dirs == 1 ? outs[0] : at::cat(outs, 1);
+  }
+  Tensor out = x.view({T, B, x.size(1)});
+  Tensor h = at::stack(hn), c = lstm ? at::stack(cn) : Tensor();
+  if (!batched) {
+    out = out.squeeze(1);
+    h = h.squeeze(1);
+    if (lstm) c = c.squeeze(1);
+  } else if (batch_first) {
+    out = out.transpose(0, 1);
+  }
+  return {out, h, c};
+}
+
+}  // namespace seqfast
