@@ -144,9 +144,10 @@ void PackedWeight::init(bool trans, int64_t m, int64_t nmax, int64_t k, const fl
     if (own_.ok()) return;
   }
   // Narrow slices (< 128 units) gained nothing from MKL's packing when this was tuned; they keep the plain GEMM (cm:
-  // the own AVX2 kernels where nt_available()). Wider slices keep MKL's packed GEMM even there: packed once per
-  // sequence, it beat the own kernels' in-place reads in the time loop (GRU T32 B64 H1024 inference, Zen 3: 233 ms
-  // packed, 287 ms own).
+  // the own AVX2 kernels where nt_available()). Wider slices keep MKL's packed GEMM there from 33 rows on: packed
+  // once per sequence, it beat the own kernel's in-place reads in the time loop (GRU T32 B64 H1024 inference, Zen 3:
+  // 233 ms packed, 287 ms own), while at a few rows it lost to it (GRU T32 B8 H256: 0.98x torch packed, 1.9x own).
+  if (trans && nt_available() && nmax <= 32 && nt_prefers(nmax, k)) return;
   if (!mkl_pack_available() || m < 128 || k <= 0 || nmax <= 0) return;
   m_ = m;
   k_ = k;
