@@ -3,6 +3,12 @@ shared machine hits all of them alike; the spread of the per-round ratios shows 
 import statistics
 import time
 
+# Pause before each implementation's share of a round. Thread pools keep spinning for a while after their last call
+# (ONNX Runtime's by default, OpenMP's for its spin count): without the pause that spinning competes with whatever
+# runs next on a 2-core machine (seqfast's LSTM T32 B1 H64 read 278 us right after ONNX Runtime's rounds, 182 us
+# with a pause; torch's 426 / 330 us).
+SETTLE_S = 0.005
+
 
 def interleaved(fns, rounds, round_time, sync=None, case_budget=None, min_rounds=3):
     """fns: {name: zero-argument callable}. -> {name: [seconds per call, one entry per round]}.
@@ -27,6 +33,7 @@ def interleaved(fns, rounds, round_time, sync=None, case_budget=None, min_rounds
     times = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            time.sleep(SETTLE_S)
             fn, n = fns[name], calls[name]
             start = time.perf_counter()
             for _ in range(n):

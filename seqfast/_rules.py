@@ -71,7 +71,9 @@ RULES = [
     # AVX2 without AVX-512 (an AMD EPYC Zen 3, family 25 model 1): the C++ kernels take their MKL / AVX2 paths.
     # Measured by make bench-sweep on commit c6aed95 (sweep-cpu-20261204-194326, 2 threads, 5 rounds per case);
     # each rule covers a region where the measured cases were below 1.0x (the one exception is noted).
-    Rule("rnn_cell", F32, AVX2, training=True, source=_ZEN3),  # 0.86-0.96x at every size
+    # training at batch >= 128 (was every size, 0.86-0.96x; with the own AVX2 GEMMs seqfast's cell read 1.03-1.38x at
+    # batch 1-64, hidden 128-1024, and 0.74x at B256 H512, _ZEN3_OWN_GEMM)
+    Rule("rnn_cell", F32, AVX2, training=True, batch=(128, INF), source=_ZEN3 + "; " + _ZEN3_OWN_GEMM),
     # training at hidden >= 1024 (was >= 512: with the own AVX2 GEMMs seqfast's cell read 1.24x / 1.17x at B1 H512
     # and 1.07x at B64 H512 against torch's op; at H1024 B1 0.95x, B8 1.14x)
     Rule("lstm_cell", F32, AVX2, training=True, hidden=(1024, INF), source=_ZEN3 + "; " + _ZEN3_OWN_GEMM),
@@ -86,7 +88,10 @@ RULES = [
     # LSTM was the faster one in most runs of that region (sweeps 194326 / 201033 / 214300: B32 H256 0.74x / 0.78x;
     # make bench cpu-20261204-200307 / 214050, T64: B8 H512 0.93x / 0.82x, B64 H512 0.85x / 0.88x, B8 H256 two
     # layers / bidirectional 0.90-0.96x), though not in all (sweep 214300: B64 H512 1.20x, B8 H512 1.03x)
-    Rule("lstm", F32, AVX2, training=False, batch=(8, INF), hidden=(256, INF), source=_ZEN3_LATER),
+    # Narrowed to batch >= 32 with the own AVX2 GEMMs (_ZEN3_OWN_GEMM): B8 H256 1.40x, B8 H512 1.23x, B16 H1024
+    # 1.43x for seqfast; B32 H256 0.92x, B32 H512 0.96x, B64 H512 0.71x.
+    Rule("lstm", F32, AVX2, training=False, batch=(32, INF), hidden=(256, INF),
+         source=_ZEN3_LATER + "; " + _ZEN3_OWN_GEMM),
     # (a rule for inference at batch >= 64, hidden <= 64 (0.68x) is gone: 1.45x at B64 H64, 1.09x at B256 H64 with the
     # own AVX2 GEMMs, _ZEN3_OWN_GEMM)
     # SDPA (batch = query length >= 2; hidden = key length): torch's CPU flash kernel beats the portable C++ blocks
