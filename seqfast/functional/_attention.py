@@ -46,6 +46,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     too, both apply. ``dropout_p > 0`` and a float mask that requires grad have no seqfast kernel: they run torch's
     own op (the reference only when that is forced), as does any case no seqfast kernel covers.
     """
+    # Where torch's own op runs the call (no seqfast kernel for it, or a rule prefers torch's: decoder steps over few
+    # keys on AVX2, for one), decide that before any of the work below: torch's op then checks its arguments itself
+    # (its own errors), and a decoder step spends no Python on views it never uses (at 256 keys that Python cost
+    # 7% of torch's step, measured in one process).
+    if query.dim() >= 2 and key.dim() >= 2 and (_ops.sdpa.runs_torch_op(query) or _rules.prefer_torch(
+            "sdpa", query, query.shape[-2], key.shape[-2], (query, key, value), is_causal)):
+        return torch_F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                                    enable_gqa=enable_gqa)
     if not (query.dtype == key.dtype == value.dtype):
         raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got query.dtype: "
                            f"{query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead.")
@@ -100,8 +108,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                f"not broadcast to {tuple(batch) + (hq, L, S)}") from None
 
     feature = dropout_p > 0.0 or (bias is not None and bias.requires_grad)
-    if ((feature and _backend.use_torch_for_feature()) or _ops.sdpa.runs_torch_op(q4)
-            or (_rules.prefer_torch("sdpa", q4, L, S, (q4, k4, v4), is_causal))):
+    if feature and _backend.use_torch_for_feature():
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
                                                                 scale=given_scale, enable_gqa=enable_gqa)
     if feature:  # forced reference
