@@ -72,6 +72,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   seqfast::cpu::usable_cpus();
   seqfast::cpu::has_avx2_fma();
   seqfast::cpu::has_avx512();
+  seqfast::cpu::l2_cache_bytes();
   seqfast::block_pool::init();
   using GIL = py::call_guard<py::gil_scoped_release>;
 

@@ -1,6 +1,8 @@
 // CPU feature detection; see isa.h. Compiled for the baseline ISA (this is what guards the wider code).
 #include "cpu/isa.h"
 
+#include <unistd.h>
+
 namespace seqfast {
 namespace cpu {
 
@@ -19,6 +21,17 @@ bool has_avx512() {
 bool has_avx2_fma() { return false; }
 bool has_avx512() { return false; }
 #endif
+
+long l2_cache_bytes() {
+  static const long bytes = [] {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (b >= (64L << 10) && b <= (64L << 20)) return b;
+#endif
+    return 256L << 10;
+  }();
+  return bytes;
+}
 
 }  // namespace cpu
 }  // namespace seqfast

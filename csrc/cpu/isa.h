@@ -19,6 +19,9 @@ namespace cpu {
 
 bool has_avx2_fma();  // AVX2 + FMA (+ F16C): the rnn/ and attention/ AVX2 regions
 bool has_avx512();    // AVX-512 F + DQ + VL (+ FMA): the AVX-512 translation units
+// Bytes of one core's L2 cache as the OS reports it (sysconf), or 256 KB where it reports none: the own AVX2 GEMMs
+// size their cache blocks from it (Zen 2/3: 512 KB; many Intel client cores: 256 KB).
+long l2_cache_bytes();
 
 }  // namespace cpu
 }  // namespace seqfast

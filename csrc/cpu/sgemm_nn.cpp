@@ -22,7 +22,9 @@ namespace {
 constexpr int kMR = 6;         // rows of A per register tile
 constexpr int64_t kNR = 16;    // columns of B per tile (two ymm)
 constexpr int64_t kKC = 256;   // k per pass: a 256 x 16 slice of B (16 KB) stays in L1 across the row tiles
-constexpr int64_t kMC = 192;   // rows of A per pass: a 192 x 256 block of A (192 KB) stays in L2 across the panels
+// Rows of A per pass: a block of 3/8 of this core's L2 (cpu::l2_cache_bytes; 512 KB: 192 rows x 256 k) stays there
+// across the panels; whole 6-row tiles, at least one.
+inline int64_t a_block_rows() { return std::max<int64_t>(kMR, cpu::l2_cache_bytes() * 3 / 8 / (kKC * 4) / kMR * kMR); }
 
 // Lanes [0, n) set (n clamped to 0..8).
 inline __m256i mask8(int64_t n) {
@@ -98,8 +100,9 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t a
   for (int64_t k0 = 0; k0 < K; k0 += kKC) {
     const int64_t kc = std::min(kKC, K - k0);
     const bool load = k0 > 0 || beta != 0.f;
-    for (int64_t m0 = 0; m0 < M; m0 += kMC) {
-      const int64_t mc = std::min(kMC, M - m0);
+    const int64_t block = a_block_rows();
+    for (int64_t m0 = 0; m0 < M; m0 += block) {
+      const int64_t mc = std::min(block, M - m0);
       const float* ab = a + m0 * ar + k0 * ak;
       float* cb = c + m0 * ldc;
       for (int64_t j = 0; j < N; j += kNR) {

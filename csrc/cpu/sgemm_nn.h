@@ -4,8 +4,8 @@
 // C = beta C + A @ B with B [K, N] row-major (n contiguous, any row stride) and A of any strides: the shape of an RNN
 // backward's products (dx = dgates @ W_ih, dh = dgates @ W_hh with torch's weight layout; dW = dgates^T @ x, where A
 // is a transposed view). Register tile 6 rows x 16 columns (12 ymm accumulators, 2 B loads + 6 broadcasts per k);
-// a 256-deep slice of a 16-column B panel (16 KB) stays in L1 while the row tiles of a 192-row block of A (L2) pass
-// over it, so neither operand is copied.
+// a 256-deep slice of a 16-column B panel (16 KB) stays in L1 while the row tiles of a block of A sized from the L2
+// (192 rows at 512 KB) pass over it, so neither operand is copied.
 //
 // Why: the MKL inside the torch CPU wheel runs its generic path on AMD CPUs (see sgemm_nt.h). Callers check
 // sgemm_nt::available() first (the same requirement). Single-threaded, no allocation.

@@ -32,8 +32,10 @@ namespace {
 
 constexpr int kMR = 3;                       // A rows per register tile
 constexpr int kNJ = 4;                       // W rows per register tile (one 4-float store per A row)
-constexpr int64_t kWBlockBytes = 192 << 10;  // W rows per pass: fits a 512 KB L2 beside the A block
-constexpr int64_t kABlockBytes = 96 << 10;
+// Cache blocks from this core's L2 (cpu::l2_cache_bytes): W rows per pass take 3/8 of it, A rows 3/16, so both stay
+// there with room for C and the stack (512 KB, Zen 3: 192 KB of W, 96 KB of A).
+inline int64_t w_block_bytes() { return cpu::l2_cache_bytes() * 3 / 8; }
+inline int64_t a_block_bytes() { return cpu::l2_cache_bytes() * 3 / 16; }
 
 // Lanes [0, n) set (n in 0..8).
 inline __m256i mask8(int64_t n) {
@@ -113,8 +115,8 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const fl
     return;
   }
   const int64_t row_bytes = K * int64_t(sizeof(float));
-  const int64_t nb = std::max<int64_t>(kNJ, kWBlockBytes / row_bytes / kNJ * kNJ);
-  const int64_t mb = std::max<int64_t>(kMR, kABlockBytes / row_bytes / kMR * kMR);
+  const int64_t nb = std::max<int64_t>(kNJ, w_block_bytes() / row_bytes / kNJ * kNJ);
+  const int64_t mb = std::max<int64_t>(kMR, a_block_bytes() / row_bytes / kMR * kMR);
   for (int64_t j0 = 0; j0 < N; j0 += nb) {
     const int64_t n = std::min(nb, N - j0);
     const float* wb = w + j0 * ldw;
