@@ -79,6 +79,34 @@ def test_plan_follows_the_parameters():
         torch.testing.assert_close(mod(x.double())[0], ref(x.double())[0])
 
 
+def test_computed_weights_are_never_kept():
+    # a parametrization computes weight_hh_l0 from its original on every call: after the original changes in place
+    # (an optimizer step), the next no-grad call must use the new weight
+    torch.manual_seed(0)
+    ref, mod = _pair("LSTM", {})
+    for m in (ref, mod):
+        torch.nn.utils.parametrize.register_parametrization(m, "weight_hh_l0", _Doubled())
+    x = torch.randn(4, 3, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x)[0], ref(x)[0])
+        for m in (ref, mod):
+            m.parametrizations.weight_hh_l0.original.mul_(0.5)
+        torch.testing.assert_close(mod(x)[0], ref(x)[0])
+        # the same for an old-style weight_norm, which sets the weight attribute in a forward pre-hook
+        wn_ref = torch.nn.utils.weight_norm(torch.nn.GRU(5, 7), "weight_ih_l0")
+        wn_mod = torch.nn.utils.weight_norm(seqfast.nn.GRU(5, 7), "weight_ih_l0")
+        wn_mod.load_state_dict(wn_ref.state_dict())
+        torch.testing.assert_close(wn_mod(x)[0], wn_ref(x)[0])
+        for m in (wn_ref, wn_mod):
+            m.weight_ih_l0_g.mul_(2.0)
+        torch.testing.assert_close(wn_mod(x)[0], wn_ref(x)[0])
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
 @pytest.mark.parametrize("args", [(torch.randn(4, 3, 6),), (torch.randn(4, 3, 5, dtype=torch.float64),),
                                   (torch.randn(0, 3, 5),), (torch.randn(2, 3, 4, 5),)])
 def test_errors_as_torch(args):

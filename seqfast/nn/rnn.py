@@ -76,6 +76,10 @@ class _SeqfastRNNMixin:
             return None
         if self._kind == "rnn" and self.mode != ("RNN_RELU" if self.nonlinearity == "relu" else "RNN_TANH"):
             return None
+        params = self._parameters
+        if any(name not in params for names in self._all_weights for name in names):
+            # a parametrization or an old-style weight_norm computes this weight on every call: nothing to keep
+            return None
         layers = self._layer_weights()
         w0 = layers[0][0]
         if w0.dtype != input.dtype or w0.device != input.device or not _kernel_layout(
