@@ -52,6 +52,10 @@ def test_regular_path_where_the_call_needs_more():
     x = torch.randn(4, 3, 5)
     with torch.no_grad():
         assert mod._inference_call(x) is None  # training with dropout: masks to draw
+        mod.dropout = 0.0
+        assert mod._inference_call(x) is not None
+        mod.dropout = 0.5  # changed after a call: still read on every call
+        assert mod._inference_call(x) is None
         mod.eval()
         assert mod._inference_call(x) is not None
         with seqfast.use_backend("reference"):

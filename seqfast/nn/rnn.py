@@ -50,7 +50,8 @@ class _SeqfastRNNMixin:
         what depends only on the module's parameters and the input's dtype is worked out once per parameter set and
         kept (_inference_plan); the C++ entries check the weights' shapes again on every call."""
         if (not isinstance(input, torch.Tensor) or input.dim() not in (2, 3) or input.shape[-1] != self.input_size
-                or torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled()):
+                or (self.training and self.dropout) or torch.compiler.is_compiling()
+                or torch._C._is_any_autocast_enabled()):
             return None
         key = (tuple(map(id, self._parameters.values())), input.dtype, input.device, self.training,
                _backend.forced_backend())
@@ -72,7 +73,7 @@ class _SeqfastRNNMixin:
     def _inference_plan(self, input):
         """The flat weight list for rnn_module_inference, or None where this module's calls on ``input``'s kind of
         tensor must take the regular path."""
-        if (self.training and self.dropout) or getattr(self, "proj_size", 0) or not self._LAYER_OP.runs_cpp(input):
+        if getattr(self, "proj_size", 0) or not self._LAYER_OP.runs_cpp(input):
             return None
         if self._kind == "rnn" and self.mode != ("RNN_RELU" if self.nonlinearity == "relu" else "RNN_TANH"):
             return None
