@@ -199,12 +199,19 @@ void nn_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, in
   }
 }
 
+namespace {
+// A float32 CPU tensor.
+inline bool f32_cpu(const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.device().is_cpu(); }
+// A 2-D tensor whose rows are contiguous (the element stride along dim 1 is 1, or there is at most one column).
+inline bool rows_contiguous(const at::Tensor& t) { return t.dim() == 2 && (t.stride(1) == 1 || t.size(1) <= 1); }
+// A 2-D tensor whose columns are contiguous (its transpose's rows are).
+inline bool cols_contiguous(const at::Tensor& t) { return t.dim() == 2 && (t.stride(0) == 1 || t.size(0) <= 1); }
+}  // namespace
+
 void matmul_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  const bool own = c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
-                   c.device().is_cpu() && a.device().is_cpu() && b.device().is_cpu() && c.dim() == 2 &&
-                   a.dim() == 2 && b.dim() == 2 && (c.stride(1) == 1 || c.size(1) <= 1) &&
-                   (b.stride(1) == 1 || b.size(1) <= 1) && a.size(1) == b.size(0) && c.size(0) == a.size(0) &&
-                   c.size(1) == b.size(1) && nt_available() && nn_prefers(a.size(0), a.size(1), b.size(1));
+  const bool own = f32_cpu(c) && f32_cpu(a) && f32_cpu(b) && rows_contiguous(c) && a.dim() == 2 &&
+                   rows_contiguous(b) && a.size(1) == b.size(0) && c.size(0) == a.size(0) && c.size(1) == b.size(1) &&
+                   nt_available() && nn_prefers(a.size(0), a.size(1), b.size(1));
   if (!own) {
     if (accumulate) c.addmm_(a, b);
     else at::mm_out(c, a, b);
@@ -215,12 +222,9 @@ void matmul_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool ac
 }
 
 void linear_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool accumulate) {
-  const bool own = c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
-                   c.device().is_cpu() && a.device().is_cpu() && w.device().is_cpu() && c.dim() == 2 &&
-                   a.dim() == 2 && w.dim() == 2 && (c.stride(1) == 1 || c.size(1) <= 1) &&
-                   (a.stride(1) == 1 || a.size(1) <= 1) && (w.stride(1) == 1 || w.size(1) <= 1) &&
-                   a.size(1) == w.size(1) && c.size(0) == a.size(0) && c.size(1) == w.size(0) && nt_available() &&
-                   nt_prefers(a.size(0), a.size(1));
+  const bool own = f32_cpu(c) && f32_cpu(a) && f32_cpu(w) && rows_contiguous(c) && rows_contiguous(a) &&
+                   rows_contiguous(w) && a.size(1) == w.size(1) && c.size(0) == a.size(0) && c.size(1) == w.size(0) &&
+                   nt_available() && nt_prefers(a.size(0), a.size(1));
   if (!own) {
     if (accumulate) c.addmm_(a, w.t());
     else at::mm_out(c, a, w.t());
@@ -240,10 +244,9 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "mm_f32: a [M,K] and b [K,N] expected, got ",
               a.sizes(), " and ", b.sizes());
   const bool has_bias = bias.has_value() && bias->defined();
-  const bool f32 = a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() &&
-                   b.device().is_cpu() && (!has_bias || bias->scalar_type() == at::kFloat);
-  if (f32 && nt_available() && nt_prefers(a.size(0), a.size(1)) && (a.stride(1) == 1 || a.size(1) <= 1) &&
-      (b.stride(0) == 1 || b.size(0) <= 1)) {
+  const bool f32 = f32_cpu(a) && f32_cpu(b) && (!has_bias || bias->scalar_type() == at::kFloat);
+  // b = W^T of a k-contiguous W (a torch weight's .t()): the dot-product kernel reads W's rows
+  if (f32 && nt_available() && nt_prefers(a.size(0), a.size(1)) && rows_contiguous(a) && cols_contiguous(b)) {
     const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
     TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == N), "mm_f32: bias must be [", N, "], got ",
                 bias->sizes());
@@ -254,16 +257,13 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::
                 c.data_ptr<float>(), N, has_bias ? bc.const_data_ptr<float>() : nullptr);
     return c;
   }
-  if (f32 && !has_bias && nt_available() && (b.stride(1) == 1 || b.size(1) <= 1) &&
-      nn_prefers(a.size(0), a.size(1), b.size(1))) {
+  if (f32 && !has_bias && nt_available() && rows_contiguous(b) && nn_prefers(a.size(0), a.size(1), b.size(1))) {
     at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
     nn_parallel(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0), a.stride(1),
                 b.const_data_ptr<float>(), b.stride(0), 0.f, c.data_ptr<float>(), c.size(1));
     return c;
   }
-  const bool own = a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() &&
-                   b.device().is_cpu() && (!has_bias || bias->scalar_type() == at::kFloat) &&
-                   a.size(0) >= kMinOwnRows && sgemm::available();
+  const bool own = f32 && a.size(0) >= kMinOwnRows && sgemm::available();
   if (!own) return has_bias ? at::addmm(*bias, a, b) : at::mm(a, b);
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == N), "mm_f32: bias must be [", N, "], got ",

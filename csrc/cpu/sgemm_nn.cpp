@@ -11,6 +11,8 @@
 #define SEQFAST_HAVE_AVX2_GEMM_NN 1
 SEQFAST_TARGET_AVX2_BEGIN
 #include <immintrin.h>
+
+#include "cpu/avx2_masks.h"
 #endif
 
 namespace seqfast {
@@ -24,13 +26,11 @@ constexpr int64_t kNR = 16;    // columns of B per tile (two ymm)
 constexpr int64_t kKC = 256;   // k per pass: a 256 x 16 slice of B (16 KB) stays in L1 across the row tiles
 // Rows of A per pass: a block of 3/8 of this core's L2 (cpu::l2_cache_bytes; 512 KB: 192 rows x 256 k) stays there
 // across the panels; whole 6-row tiles, at least one.
-inline int64_t a_block_rows() { return std::max<int64_t>(kMR, cpu::l2_cache_bytes() * 3 / 8 / (kKC * 4) / kMR * kMR); }
-
-// Lanes [0, n) set (n clamped to 0..8).
-inline __m256i mask8(int64_t n) {
-  alignas(32) static const int32_t bits[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + 8 - std::clamp<int64_t>(n, 0, 8)));
+inline int64_t a_block_rows() {
+  return std::max<int64_t>(kMR, cpu::l2_cache_bytes() * 3 / 8 / (kKC * 4) / kMR * kMR);
 }
+
+using avx2::mask8;
 
 // C[0:MR, 0:16] (+)= A[0:MR, 0:kc] @ B[0:kc, 0:16]; FULL: all 16 columns live (else masked by m0 / m1).
 template <int MR, bool FULL>

@@ -22,6 +22,8 @@ bool available() { return cpu::has_avx2_fma() && cpu::config().own_gemm; }
 #define SEQFAST_HAVE_AVX2_GEMM_NT 1
 SEQFAST_TARGET_AVX2_BEGIN
 #include <immintrin.h>
+
+#include "cpu/avx2_masks.h"
 #endif
 
 namespace seqfast {
@@ -37,15 +39,8 @@ constexpr int kNJ = 4;                       // W rows per register tile (one 4-
 inline int64_t w_block_bytes() { return cpu::l2_cache_bytes() * 3 / 8; }
 inline int64_t a_block_bytes() { return cpu::l2_cache_bytes() * 3 / 16; }
 
-// Lanes [0, n) set (n in 0..8).
-inline __m256i mask8(int64_t n) {
-  alignas(32) static const int32_t bits[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + 8 - std::clamp<int64_t>(n, 0, 8)));
-}
-inline __m128i mask4(int n) {
-  alignas(16) static const int32_t bits[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
-  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + 4 - n));
-}
+using avx2::mask4;
+using avx2::mask8;
 
 // The four horizontal sums of a, b, c, d as one vector [sum a, sum b, sum c, sum d].
 inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {

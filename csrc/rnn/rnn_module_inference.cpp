@@ -35,7 +35,8 @@ std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode,
     std::vector<Tensor> outs;
     for (int64_t d = 0; d < dirs; ++d) {
       const Tensor* w = weights.data() + (layer * dirs + d) * per;
-      const OptTensor b_ih = has_biases ? OptTensor(w[2]) : OptTensor(), b_hh = has_biases ? OptTensor(w[3]) : OptTensor();
+      const OptTensor b_ih = has_biases ? OptTensor(w[2]) : OptTensor();
+      const OptTensor b_hh = has_biases ? OptTensor(w[3]) : OptTensor();
       const int64_t H = w[1].size(1);
       const Tensor h0 = at::zeros({B, H}, x.options());
       const bool reverse = d == 1;

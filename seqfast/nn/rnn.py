@@ -53,8 +53,7 @@ class _SeqfastRNNMixin:
                 or (self.training and self.dropout) or torch.compiler.is_compiling()
                 or torch._C._is_any_autocast_enabled()):
             return None
-        key = (tuple(map(id, self._parameters.values())), input.dtype, input.device, self.training,
-               _backend.forced_backend())
+        key = (tuple(map(id, self._parameters.values())), input.dtype, input.device, _backend.forced_backend())
         plan = self.__dict__.get("_seqfast_plan")
         if plan is None or plan[0] != key:
             plan = self.__dict__["_seqfast_plan"] = (key, self._inference_plan(input))
