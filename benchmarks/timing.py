@@ -3,11 +3,27 @@ shared machine hits all of them alike; the spread of the per-round ratios shows 
 import statistics
 import time
 
-# Pause before each implementation's share of a round. Thread pools keep spinning for a while after their last call
-# (ONNX Runtime's by default, OpenMP's for its spin count): without the pause that spinning competes with whatever
-# runs next on a 2-core machine (seqfast's LSTM T32 B1 H64 read 278 us right after ONNX Runtime's rounds, 182 us
-# with a pause; torch's 426 / 330 us).
-SETTLE_S = 0.005
+# Before each implementation's share of a round the process waits until its other threads are idle. Thread pools keep
+# spinning after their last call: OpenMP's (torch's and seqfast's) for a few ms, ONNX Runtime's for about 40 ms on a
+# Zen 3 (about 1.4 s has been reported on Intel hosts). On a 2-core machine that spinning takes a core from whatever
+# runs next: measured on LSTM T32 B1 H256, seqfast's kernel read 1278 us when it ran right after ONNX Runtime's share
+# and 639 us otherwise (a fixed 5 ms pause did not cover it). A pool still spins inside its own share, as it would
+# in a process running that engine alone.
+# Quiet means: a window of QUIET_WINDOW_S in which the other threads used under a tenth of one CPU. The window spans
+# several scheduler ticks, because another thread's CPU time is only accounted at ticks (4 ms here).
+QUIET_WINDOW_S = 0.01
+QUIET_MAX_S = 0.5  # a pool that never goes quiet costs this per share, not a hung run
+
+
+def settle():
+    """Sleep until the process's other threads stop using CPU (at most QUIET_MAX_S). -> seconds waited."""
+    start = time.perf_counter()
+    while True:
+        cpu, wall = time.process_time(), time.perf_counter()
+        time.sleep(QUIET_WINDOW_S)
+        busy = (time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-9)
+        if busy < 0.1 or time.perf_counter() - start > QUIET_MAX_S:
+            return time.perf_counter() - start
 
 
 def interleaved(fns, rounds, round_time, sync=None, case_budget=None, min_rounds=3):
@@ -33,7 +49,7 @@ def interleaved(fns, rounds, round_time, sync=None, case_budget=None, min_rounds
     times = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            time.sleep(SETTLE_S)
+            settle()
             fn, n = fns[name], calls[name]
             start = time.perf_counter()
             for _ in range(n):
