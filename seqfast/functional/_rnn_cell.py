@@ -8,7 +8,7 @@ torch's exact result or error.
 """
 import torch
 
-from .. import _ext, _rules
+from .. import _backend, _ext, _rules
 from ..ops import rnn_cell as _ops
 
 _NAMES = {4: "lstm_cell", 3: "gru_cell", 1: "rnn_cell"}
@@ -18,16 +18,41 @@ _TORCH_RNN_CELL = {"tanh": torch._VF.rnn_tanh_cell, "relu": torch._VF.rnn_relu_c
 _native_check = None  # seqfast._C.check_cell_args once looked up; False without the extension
 
 
+def _native():
+    """seqfast._C.check_cell_args, or False without the extension (looked up once)."""
+    global _native_check
+    if _native_check is None:
+        module = _ext.module()
+        _native_check = getattr(module, "check_cell_args", False) if module is not None else False
+    return _native_check
+
+
+_no_grad_kernels = {}  # (op name, forced backend, dtype, device) -> the C++ forward, or False
+
+
+def _no_grad_kernel(op, input):
+    """The C++ forward that a no-grad step on ``input``'s kind of tensor calls straight after the native checks, or
+    None where the regular path decides: grad mode on (autograd records the op), autocast, torch.compile tracing,
+    another backend for this dtype / device, no extension, or a rule of the performance floor that may prefer
+    torch's op for this cell in inference. A seq2seq decoder calls a cell per generated token: this path skips the
+    dispatch layers between the functional and the kernel (the same checks run, in C++)."""
+    if torch.is_grad_enabled() or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling():
+        return None
+    key = (op.name, _backend.forced_backend(), input.dtype, input.device)
+    kernel = _no_grad_kernels.get(key)
+    if kernel is None:
+        kernel = _no_grad_kernels[key] = (op.runs_cpp(input) and bool(_native()) and op._resolve(input, 2)) or False
+    if kernel is False or _rules.covers(op.name, input.dtype, False):
+        return None
+    return kernel
+
+
 def _check(gates, input, h, c, w_ih, w_hh, b_ih, b_hh):
     """:func:`_check_cell` for a cell with ``gates`` gates (``c``: the LSTM's cell state, else None), run by its C++
     twin where the extension loaded (seqfast._C.check_cell_args: the same checks in the same order with the same
     shape messages, at a fraction of the Python's cost on a batch-1 decoder step; it reports a dtype / device mismatch
     and the error is raised here). Not while torch.compile traces: Dynamo cannot see into it."""
-    global _native_check
-    native = _native_check
-    if native is None:
-        module = _ext.module()
-        native = _native_check = getattr(module, "check_cell_args", False) if module is not None else False
+    native = _native()
     if native and not torch.compiler.is_compiling():  # Dynamo traces the Python twin
         verdict = native(gates, input, h, c, w_ih, w_hh, b_ih, b_hh, torch._C._is_any_autocast_enabled())
         if verdict == 2:  # a dtype or device differs from the input's: the named error, worded in Python
@@ -105,6 +130,10 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     if len(hx) != 2:
         raise RuntimeError("lstm_cell expects two hidden states")
     h, c = hx
+    kernel = _no_grad_kernel(_ops.lstm_cell, input)
+    if kernel is not None and _native_check(4, input, h, c, w_ih, w_hh, b_ih, b_hh, False) == 1:
+        hy, cy, _ = kernel(input, h, c, w_ih, w_hh, b_ih, b_hh)
+        return hy, cy
     if (_ops.lstm_cell.runs_torch_op(input) or _torch_faster("lstm_cell", input, h, c, w_ih, w_hh, b_ih, b_hh)
             or not _check(4, input, h, c, w_ih, w_hh, b_ih, b_hh)):
         return _TORCH_LSTM_CELL(input, (h, c), w_ih, w_hh, b_ih, b_hh)
@@ -114,6 +143,9 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
 
 def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """One GRU step, as torch._VF.gru_cell; returns ``h'``."""
+    kernel = _no_grad_kernel(_ops.gru_cell, input)
+    if kernel is not None and _native_check(3, input, hx, None, w_ih, w_hh, b_ih, b_hh, False) == 1:
+        return kernel(input, hx, w_ih, w_hh, b_ih, b_hh)[0]
     if (_ops.gru_cell.runs_torch_op(input) or _torch_faster("gru_cell", input, hx, None, w_ih, w_hh, b_ih, b_hh)
             or not _check(3, input, hx, None, w_ih, w_hh, b_ih, b_hh)):
         return _TORCH_GRU_CELL(input, hx, w_ih, w_hh, b_ih, b_hh)
@@ -125,6 +157,9 @@ def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
     """One Elman RNN step (``nonlinearity`` "tanh" or "relu"), as torch._VF.rnn_tanh_cell / rnn_relu_cell."""
     if nonlinearity not in ("tanh", "relu"):
         raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")
+    kernel = _no_grad_kernel(_ops.rnn_cell, input)
+    if kernel is not None and _native_check(1, input, hx, None, w_ih, w_hh, b_ih, b_hh, False) == 1:
+        return kernel(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity == "relu")
     if (_ops.rnn_cell.runs_torch_op(input) or _torch_faster("rnn_cell", input, hx, None, w_ih, w_hh, b_ih, b_hh)
             or not _check(1, input, hx, None, w_ih, w_hh, b_ih, b_hh)):
         return _TORCH_RNN_CELL[nonlinearity](input, hx, w_ih, w_hh, b_ih, b_hh)
