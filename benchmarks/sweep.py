@@ -41,6 +41,13 @@ MAX_SEQUENCE_WORK_EMULATED_BF16 = MAX_SEQUENCE_WORK // 256
 # Cells (one step) and SDPA there: a bfloat16 GEMM ran ~20x slower than float32 on that Zen 3.
 MAX_CELL_WORK_EMULATED_BF16 = 8 * 512 ** 2
 MAX_SDPA_LENGTH_EMULATED_BF16 = 512
+# The run makes PASSES passes over the cases, each timing every case for a share of its rounds on implementations
+# built afresh, odd passes in reverse order; a case's ratio comes from the rounds of all passes. On a shared VM a
+# case's rounds taken back to back all fell in one slow or fast spell of the host, and one set of allocations could
+# favour one implementation for the whole case: single-pass runs of the same case read 0.99x and 1.90x (LSTM T32 B1
+# H256 inference), tight per-round spreads both times. Spread over passes, those biases average out.
+PASSES = 3
+PASSES_BUDGET_SPLIT = PASSES  # each pass: its share of a slow case's time budget (down to one round per pass)
 
 
 def _pairs(shift, quick):
@@ -105,7 +112,9 @@ def _kv_bytes(case):
     return 2 * p["batch"] * p["heads"] * p["keys"] * p["D"] * itemsize
 
 
-def run_case(case, device, rounds, round_time):
+def time_case(case, device, rounds, round_time):
+    """One pass over a case: its implementations built afresh and timed interleaved. -> ({impl: [s per call per
+    round]}, notes)."""
     steps, notes = {}, []
     for impl in case.impls:
         try:
@@ -114,8 +123,14 @@ def run_case(case, device, rounds, round_time):
             if impl in ("torch", "seqfast"):
                 raise
             notes.append(f"{impl} skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-    row = timing.summarize(timing.interleaved(steps, rounds, round_time,
-                                              torch.cuda.synchronize if device == "cuda" else None, case_budget=3.0))
+    times = timing.interleaved(steps, rounds, round_time, torch.cuda.synchronize if device == "cuda" else None,
+                               case_budget=3.0 / PASSES_BUDGET_SPLIT, min_rounds=1)
+    return times, notes
+
+
+def case_row(case, times, notes):
+    """The summary row of a case from its per-round times (all passes)."""
+    row = timing.summarize(times)
     row.update(case=case.name, family=case.family, size=case.size, size_label=case.size_label, params=case.params,
                notes=notes)
     if "onnxruntime" in row:
@@ -173,6 +188,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=None)
     # 9 rounds of 0.04 s: a median steady enough on a shared 2-core VM for a 0.95x floor (5 x 0.03 s swung +-10%)
     parser.add_argument("--round-time", type=float, default=0.04, help="seconds per implementation per round")
+    parser.add_argument("--passes", type=int, default=PASSES, help="passes over the cases (rounds split among them)")
     parser.add_argument("--no-onnx", action="store_true", help="leave ONNX Runtime out")
     parser.add_argument("--out", default=None, help="folder for the .md, sweep-latest.json, summary.jsonl "
                         "(default benchmarks/results; with --quick a temporary folder)")
@@ -192,18 +208,39 @@ def main(argv=None):
     stem = f"sweep-{m['device']}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     print("\n".join(["# seqfast performance-floor sweep"] + machine_info.header_lines(m) +
                     [f"- ONNX Runtime: {onnx_note}"]), flush=True)
-    rows, start = [], time.perf_counter()
-    cases_iter, write = results.progress(selected, "sweep")
-    for case in cases_iter:
-        case_start = time.perf_counter()
-        try:
-            row = run_case(case, args.device, rounds, args.round_time)
-        except Exception as e:  # one broken case must not lose the rest of the run
-            row = dict(case=case.name, family=case.family, params=case.params,
-                       error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-        row["wall_s"] = round(time.perf_counter() - case_start, 2)  # the case's share of the run's time
+    start = time.perf_counter()
+    passes = max(1, min(args.passes, rounds))
+    per_pass = [rounds // passes + (p < rounds % passes) for p in range(passes)]
+    times = [{} for _ in selected]
+    notes = [[] for _ in selected]
+    errors, walls = {}, [0.0] * len(selected)
+    for p in range(passes):
+        order = list(range(len(selected)))[::-1 if p % 2 else 1]
+        cases_iter, write = results.progress(order, f"sweep pass {p + 1}/{passes}")
+        for i in cases_iter:
+            if i in errors:
+                continue
+            case, case_start = selected[i], time.perf_counter()
+            try:
+                got, case_notes = time_case(case, args.device, per_pass[p], args.round_time)
+            except Exception as e:  # one broken case must not lose the rest of the run
+                errors[i] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                write(f"{case.name:52s} ERROR {errors[i]}")
+                continue
+            for impl, t in got.items():
+                times[i].setdefault(impl, []).extend(t)
+            notes[i] = sorted(set(notes[i]) | set(case_notes))
+            walls[i] += time.perf_counter() - case_start
+            if p == passes - 1:
+                write(line(case_row(case, times[i], notes[i])))
+    rows = []
+    for i, case in enumerate(selected):
+        if i in errors:
+            row = dict(case=case.name, family=case.family, params=case.params, error=errors[i])
+        else:
+            row = case_row(case, times[i], notes[i])
+        row["wall_s"] = round(walls[i], 2)  # the case's share of the run's time
         rows.append(row)
-        write(line(row))
     elapsed = time.perf_counter() - start
 
     ok = [r for r in rows if "ratio" in r]
@@ -214,8 +251,9 @@ def main(argv=None):
     for r in below:
         print("  " + line(r))
     md = ["# seqfast performance-floor sweep (`make bench-sweep`)", ""] + machine_info.header_lines(m) + [
-        f"- {len(rows)} cases, {rounds} rounds each (3 for the slowest cases; {args.round_time:g} s per implementation"
-        f" per round), interleaved;"
+        f"- {len(rows)} cases, {rounds} rounds each in {passes} passes over the cases, implementations built afresh"
+        f" each pass (fewer rounds for the slowest cases; {args.round_time:g} s per implementation per round),"
+        f" interleaved;"
         f" sequences T {T}; took {elapsed / 60:.1f} min", ""] + summary + [
         "", "Ratio = torch median / seqfast median (> 1: seqfast faster), with the min and max of the per-round "
         "ratios. vs ORT = ONNX Runtime median / seqfast median.", "",
@@ -227,7 +265,7 @@ def main(argv=None):
         f.write("\n".join(md) + "\n")
     latest = os.path.join(args.out, "sweep-latest.json")
     with open(latest, "w") as f:
-        json.dump({"machine": m, "rounds": rounds, "round_time_s": args.round_time, "sequence_length": T,
+        json.dump({"machine": m, "rounds": rounds, "passes": passes, "round_time_s": args.round_time, "sequence_length": T,
                    "onnxruntime": onnx_note, "cases": rows}, f, indent=1)
     results.append_summary(m, "sweep", rows, os.path.join(args.out, "summary.jsonl"))
     print(f"\n{md_path}\n{latest}\n{len(rows)} cases in {elapsed / 60:.1f} min")
