@@ -189,6 +189,8 @@ def main(argv=None):
     # 9 rounds of 0.04 s: a median steady enough on a shared 2-core VM for a 0.95x floor (5 x 0.03 s swung +-10%)
     parser.add_argument("--round-time", type=float, default=0.04, help="seconds per implementation per round")
     parser.add_argument("--passes", type=int, default=PASSES, help="passes over the cases (rounds split among them)")
+    parser.add_argument("--autotune", action="store_true",
+                        help="seqfast with seqfast.autotune on (its no-grad calls measure seqfast against torch's op)")
     parser.add_argument("--no-onnx", action="store_true", help="leave ONNX Runtime out")
     parser.add_argument("--out", default=None, help="folder for the .md, sweep-latest.json, summary.jsonl "
                         "(default benchmarks/results; with --quick a temporary folder)")
@@ -202,12 +204,16 @@ def main(argv=None):
                  "left out (--no-onnx)" if args.no_onnx else "not on CUDA runs" if args.device != "cpu" else
                  "skipped: onnx / onnxruntime not installed (pip install -r requirements-bench.txt)")
     rounds = args.rounds or (3 if args.quick else 9)
+    if args.autotune:
+        import seqfast.autotune
+        seqfast.autotune.enable()
     selected = [c for c in sweep_cases(args.quick, with_onnx)
                 if not args.filter or args.filter.lower() in c.name.lower()]
     m = machine_info.machine(args.device)
     stem = f"sweep-{m['device']}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     print("\n".join(["# seqfast performance-floor sweep"] + machine_info.header_lines(m) +
-                    [f"- ONNX Runtime: {onnx_note}"]), flush=True)
+                    [f"- ONNX Runtime: {onnx_note}"] + (["- seqfast.autotune on"] if args.autotune else [])),
+          flush=True)
     start = time.perf_counter()
     passes = max(1, min(args.passes, rounds))
     per_pass = [rounds // passes + (p < rounds % passes) for p in range(passes)]
@@ -254,7 +260,9 @@ def main(argv=None):
         f"- {len(rows)} cases, {rounds} rounds each in {passes} passes over the cases, implementations built afresh"
         f" each pass (fewer rounds for the slowest cases; {args.round_time:g} s per implementation per round),"
         f" interleaved;"
-        f" sequences T {T}; took {elapsed / 60:.1f} min", ""] + summary + [
+        f" sequences T {T}; took {elapsed / 60:.1f} min"] + (["- seqfast.autotune on: the first no-grad call of each"
+                                                              " shape class measured seqfast against torch's op"]
+                                                             if args.autotune else []) + [""] + summary + [
         "", "Ratio = torch median / seqfast median (> 1: seqfast faster), with the min and max of the per-round "
         "ratios. vs ORT = ONNX Runtime median / seqfast median.", "",
         f"## Cases below 1.0x ({len(below)})", "", "```"] + \

@@ -8,7 +8,7 @@ torch's exact result or error.
 """
 import torch
 
-from .. import _backend, _ext, _rules
+from .. import _backend, _ext, _rules, autotune as _autotune
 from ..ops import rnn_cell as _ops
 
 _NAMES = {4: "lstm_cell", 3: "gru_cell", 1: "rnn_cell"}
@@ -45,6 +45,14 @@ def _no_grad_kernel(op, input):
     if kernel is False or _rules.covers(op.name, input.dtype, False):
         return None
     return kernel
+
+
+def _tuned(name, input, w_ih, w_hh, torch_call, seqfast_call):
+    """A no-grad step with autotuning on (seqfast.autotune): the path measured fastest for this shape class."""
+    key = (name, input.dtype, _autotune.size_class(input.shape[0]), _autotune.size_class(w_hh.shape[1]),
+           _autotune.size_class(w_ih.shape[1]), torch.get_num_threads())
+    choice, out = _autotune.choose(key, torch_call, seqfast_call)
+    return out if out is not None else (torch_call if choice == "torch" else seqfast_call)()
 
 
 def _check(gates, input, h, c, w_ih, w_hh, b_ih, b_hh):
@@ -132,6 +140,10 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     h, c = hx
     kernel = _no_grad_kernel(_ops.lstm_cell, input)
     if kernel is not None and _native_check(4, input, h, c, w_ih, w_hh, b_ih, b_hh, False) == 1:
+        if _autotune._enabled:
+            return _tuned("lstm_cell", input, w_ih, w_hh,
+                          lambda: _TORCH_LSTM_CELL(input, (h, c), w_ih, w_hh, b_ih, b_hh),
+                          lambda: kernel(input, h, c, w_ih, w_hh, b_ih, b_hh)[:2])
         hy, cy, _ = kernel(input, h, c, w_ih, w_hh, b_ih, b_hh)
         return hy, cy
     if (_ops.lstm_cell.runs_torch_op(input) or _torch_faster("lstm_cell", input, h, c, w_ih, w_hh, b_ih, b_hh)
@@ -145,6 +157,9 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """One GRU step, as torch._VF.gru_cell; returns ``h'``."""
     kernel = _no_grad_kernel(_ops.gru_cell, input)
     if kernel is not None and _native_check(3, input, hx, None, w_ih, w_hh, b_ih, b_hh, False) == 1:
+        if _autotune._enabled:
+            return _tuned("gru_cell", input, w_ih, w_hh, lambda: _TORCH_GRU_CELL(input, hx, w_ih, w_hh, b_ih, b_hh),
+                          lambda: kernel(input, hx, w_ih, w_hh, b_ih, b_hh)[0])
         return kernel(input, hx, w_ih, w_hh, b_ih, b_hh)[0]
     if (_ops.gru_cell.runs_torch_op(input) or _torch_faster("gru_cell", input, hx, None, w_ih, w_hh, b_ih, b_hh)
             or not _check(3, input, hx, None, w_ih, w_hh, b_ih, b_hh)):
@@ -159,6 +174,10 @@ def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
         raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")
     kernel = _no_grad_kernel(_ops.rnn_cell, input)
     if kernel is not None and _native_check(1, input, hx, None, w_ih, w_hh, b_ih, b_hh, False) == 1:
+        if _autotune._enabled:
+            return _tuned(f"rnn_cell_{nonlinearity}", input, w_ih, w_hh,
+                          lambda: _TORCH_RNN_CELL[nonlinearity](input, hx, w_ih, w_hh, b_ih, b_hh),
+                          lambda: kernel(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity == "relu"))
         return kernel(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity == "relu")
     if (_ops.rnn_cell.runs_torch_op(input) or _torch_faster("rnn_cell", input, hx, None, w_ih, w_hh, b_ih, b_hh)
             or not _check(1, input, hx, None, w_ih, w_hh, b_ih, b_hh)):

@@ -3,7 +3,7 @@ with a forward that runs seqfast's fused per-layer recurrences (seqfast.function
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-from .. import _backend, _ext, _rules
+from .. import _backend, _ext, _rules, autotune as _autotune
 from .. import functional as seqfast_F
 from ..functional._rnn_sequence import _kernel_layout
 from ..ops import rnn_sequence as _ops
@@ -65,6 +65,17 @@ class _SeqfastRNNMixin:
         batch = input.shape[0 if self.batch_first else 1] if batched else 1
         if steps == 0 or batch == 0 or _rules.prefer_torch_when(self._kind, input, batch, self.hidden_size, False):
             return None
+        if _autotune._enabled:  # the measured choice (seqfast.autotune) between this call and torch's forward
+            key = ("rnn_module", self.mode, input.dtype, self.num_layers, self.bidirectional, batched,
+                   _autotune.size_class(steps), _autotune.size_class(batch), _autotune.size_class(self.hidden_size),
+                   _autotune.size_class(self.input_size), torch.get_num_threads())
+            torch_call = lambda: super(_SeqfastRNNMixin, self).forward(input)  # noqa: E731
+            ours = lambda: self._one_call(input, weights)  # noqa: E731
+            choice, out = _autotune.choose(key, torch_call, ours)
+            return out if out is not None else (torch_call if choice == "torch" else ours)()
+        return self._one_call(input, weights)
+
+    def _one_call(self, input, weights):
         out, h, c = _ext.module().rnn_module_inference(self.mode, input, weights, self.bias, self.num_layers,
                                                        self.bidirectional, self.batch_first)
         return out, ((h, c) if self._kind == "lstm" else h)
