@@ -161,3 +161,26 @@ def prefer_torch_when(family, tensor, batch, hidden, training, causal=False):
     if _backend.forced_backend() is not None or torch.compiler.is_compiling():
         return False
     return _lookup(family, dtype, training, batch, hidden, causal)
+
+
+# bfloat16 on a CPU without native bfloat16 (classes "avx2" and "avx512": no AVX512_BF16 / AMX). torch's bfloat16
+# GEMMs run emulated there (~20x slower than float32 on a Zen 3), and so do seqfast's bfloat16 RNN paths, which call
+# them. The RNN layers and cells then compute in float32 on upcast copies, with the results rounded to bfloat16 once
+# (torch rounds after every op: the float32 path is the more accurate of the two). The copies cost about a read and
+# a write of every weight per call, which a call earns back once it does enough multiply-adds per weight: a
+# batch-1 step reads each weight once, and copying it costs more than torch's emulated GEMV (A/B in the commit
+# that added this).
+UPCAST_BF16_MIN_ROWS = 8
+_UPCAST_BF16_CPUS = ("avx2", "avx512")
+
+
+def upcast_bfloat16(tensors, rows):
+    """Whether a bfloat16 call runs in float32 on upcast copies (see UPCAST_BF16_MIN_ROWS): every tensor given (None
+    entries skipped) a bfloat16 CPU tensor, ``rows`` (the multiply-adds per weight: batch, or steps x batch) at least
+    the minimum, this CPU without native bfloat16, no backend forced, no autocast, not while torch.compile traces."""
+    if rows < UPCAST_BF16_MIN_ROWS or cpu_class() not in _UPCAST_BF16_CPUS:
+        return False
+    if (_backend.forced_backend() is not None or torch._C._is_any_autocast_enabled()
+            or torch.compiler.is_compiling()):
+        return False
+    return all(t is None or (t.dtype is torch.bfloat16 and t.is_cpu) for t in tensors)

@@ -47,6 +47,16 @@ def _no_grad_kernel(op, input):
     return kernel
 
 
+def _rows(input):
+    """The batch of a cell step (0 for an input that is not 2-D: the regular path raises torch's error)."""
+    return input.shape[0] if input.dim() == 2 else 0
+
+
+def _floats(*tensors):
+    """float32 copies for a bfloat16 step computed in float32 (seqfast._rules.upcast_bfloat16); None stays None."""
+    return [None if t is None else t.float() for t in tensors]
+
+
 def _tuned(name, input, w_ih, w_hh, torch_call, seqfast_call):
     """A no-grad step with autotuning on (seqfast.autotune): the path measured fastest for this shape class."""
     key = (name, input.dtype, _autotune.size_class(input.shape[0]), _autotune.size_class(w_hh.shape[1]),
@@ -138,6 +148,9 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     if len(hx) != 2:
         raise RuntimeError("lstm_cell expects two hidden states")
     h, c = hx
+    if input.dtype is torch.bfloat16 and _rules.upcast_bfloat16((input, h, c, w_ih, w_hh, b_ih, b_hh), _rows(input)):
+        hy, cy = lstm_cell(input.float(), (h.float(), c.float()), *_floats(w_ih, w_hh, b_ih, b_hh))
+        return hy.to(torch.bfloat16), cy.to(torch.bfloat16)
     kernel = _no_grad_kernel(_ops.lstm_cell, input)
     if kernel is not None and _native_check(4, input, h, c, w_ih, w_hh, b_ih, b_hh, False) == 1:
         if _autotune._enabled:
@@ -155,6 +168,8 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
 
 def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """One GRU step, as torch._VF.gru_cell; returns ``h'``."""
+    if input.dtype is torch.bfloat16 and _rules.upcast_bfloat16((input, hx, w_ih, w_hh, b_ih, b_hh), _rows(input)):
+        return gru_cell(input.float(), hx.float(), *_floats(w_ih, w_hh, b_ih, b_hh)).to(torch.bfloat16)
     kernel = _no_grad_kernel(_ops.gru_cell, input)
     if kernel is not None and _native_check(3, input, hx, None, w_ih, w_hh, b_ih, b_hh, False) == 1:
         if _autotune._enabled:
@@ -172,6 +187,8 @@ def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
     """One Elman RNN step (``nonlinearity`` "tanh" or "relu"), as torch._VF.rnn_tanh_cell / rnn_relu_cell."""
     if nonlinearity not in ("tanh", "relu"):
         raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")
+    if input.dtype is torch.bfloat16 and _rules.upcast_bfloat16((input, hx, w_ih, w_hh, b_ih, b_hh), _rows(input)):
+        return rnn_cell(input.float(), hx.float(), *_floats(w_ih, w_hh, b_ih, b_hh), nonlinearity).to(torch.bfloat16)
     kernel = _no_grad_kernel(_ops.rnn_cell, input)
     if kernel is not None and _native_check(1, input, hx, None, w_ih, w_hh, b_ih, b_hh, False) == 1:
         if _autotune._enabled:

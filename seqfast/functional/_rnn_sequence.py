@@ -88,6 +88,15 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
     lstm = kind == "lstm"
     _check_steps(input, batch_sizes, h0)
     _check_states(input, [("hx", h0)] + ([("cx", c0)] if lstm else []))
+    if input.dtype is torch.bfloat16 and _rules.upcast_bfloat16(
+            itertools.chain((input, h0, c0), *weights), input.shape[0] * (input.shape[1] if batch_sizes is None else 1)):
+        # no native bfloat16 on this CPU: float32 kernels on upcast copies, the results rounded once (seqfast._rules)
+        up = [[w.float() for w in layer] for layer in weights]
+        out, hn, cn = recurrent(kind, input.float(), h0.float(), None if c0 is None else c0.float(), up,
+                                batch_sizes=batch_sizes, num_layers=num_layers, bidirectional=bidirectional,
+                                dropout=dropout, training=training, nonlinearity=nonlinearity, proj_size=proj_size)
+        bf16 = torch.bfloat16
+        return out.to(bf16), hn.to(bf16), (None if cn is None else cn.to(bf16))
     op = _ops.lstm_layer if lstm else _ops.gru_layer if kind == "gru" else _ops.rnn_layer
     projected = lstm and proj_size > 0
     usual = _kernel_layout(kind, weights, input.shape[-1], num_layers, 2 if bidirectional else 1, proj_size)

@@ -65,6 +65,8 @@ class _SeqfastRNNMixin:
         batch = input.shape[0 if self.batch_first else 1] if batched else 1
         if steps == 0 or batch == 0 or _rules.prefer_torch_when(self._kind, input, batch, self.hidden_size, False):
             return None
+        if input.dtype is torch.bfloat16 and _rules.upcast_bfloat16((input,), steps * batch):
+            return None  # computed in float32 by the regular path (seqfast._rules.upcast_bfloat16)
         if _autotune._enabled:  # the measured choice (seqfast.autotune) between this call and torch's forward
             key = ("rnn_module", self.mode, input.dtype, self.num_layers, self.bidirectional, batched,
                    _autotune.size_class(steps), _autotune.size_class(batch), _autotune.size_class(self.hidden_size),

@@ -1,0 +1,125 @@
+"""bfloat16 RNN layers and cells on a CPU without native bfloat16 (seqfast._rules.upcast_bfloat16): computed in
+float32 on upcast copies, results rounded to bfloat16 once. The path is forced onto this CPU's class here, so it is
+tested on any machine: outputs and gradients against float64 torch on the same bfloat16 values, bfloat16 results
+and gradients, and the regular path (torch's errors) wherever the call does not qualify."""
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import seqfast
+from conftest import assert_raises_like_torch
+from seqfast import _rules
+
+BF16 = torch.bfloat16
+TOL = dict(rtol=5e-2, atol=5e-2)
+
+
+@pytest.fixture
+def upcasts(monkeypatch):
+    """The upcast path allowed on this CPU class; -> the list of calls that took it."""
+    monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", (_rules.cpu_class(),))
+    taken = []
+    original = _rules.upcast_bfloat16
+
+    def spy(tensors, rows):
+        verdict = original(tensors, rows)
+        if verdict:
+            taken.append(rows)
+        return verdict
+    monkeypatch.setattr(_rules, "upcast_bfloat16", spy)
+    return taken
+
+
+def _pair(kind, *args, **kw):
+    """seqfast's module in bfloat16 and torch's float64 twin holding the same (bfloat16-rounded) values."""
+    ours = getattr(seqfast.nn, kind)(*args, **kw).to(BF16)
+    ref = getattr(torch.nn, kind)(*args, **kw).double()
+    ref.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    return ours, ref
+
+
+def _flat(out):
+    if hasattr(out, "batch_sizes"):  # a PackedSequence (itself a tuple): its data
+        return [out.data]
+    if isinstance(out, tuple):
+        return [t for o in out for t in _flat(o)]
+    return [out]
+
+
+@pytest.mark.parametrize("kind,kw", [("LSTM", {}), ("GRU", {}), ("RNN", {"nonlinearity": "relu"})])
+@pytest.mark.parametrize("layers,bidirectional,batch_first", [(1, False, False), (2, True, True)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_sequence_matches_float64_torch(upcasts, kind, kw, layers, bidirectional, batch_first, packed):
+    torch.manual_seed(0)
+    ours, ref = _pair(kind, 6, 8, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, **kw)
+    x = torch.randn((3, 5, 6) if batch_first else (5, 3, 6)).to(BF16).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    if packed:
+        lengths = torch.tensor([5, 3, 2])
+        got = ours(pack_padded_sequence(x, lengths, batch_first=batch_first))
+        want = ref(pack_padded_sequence(x64, lengths, batch_first=batch_first))
+    else:
+        got, want = ours(x), ref(x64)
+    assert upcasts  # the float32 path ran
+    for g, w in zip(_flat(got), _flat(want)):
+        assert g.dtype == BF16
+        torch.testing.assert_close(g.double(), w, **TOL)
+    sum(t.double().sum() for t in _flat(got)).backward()
+    sum(t.sum() for t in _flat(want)).backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-1, atol=1e-1)
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert p.grad.dtype == BF16, name
+        torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-1, atol=1e-1)
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_cell_matches_float64_torch(upcasts, kind, grad):
+    torch.manual_seed(0)
+    ours, ref = _pair(kind, 6, 8)
+    x = torch.randn(9, 6).to(BF16)
+    h = torch.randn(9, 8).to(BF16)
+    hx = (h, torch.randn(9, 8).to(BF16)) if kind == "LSTMCell" else h
+    hx64 = tuple(t.double() for t in hx) if kind == "LSTMCell" else h.double()
+    with torch.set_grad_enabled(grad):
+        got, want = _flat(ours(x, hx)), _flat(ref(x.double(), hx64))
+    assert upcasts == [9]
+    for g, w in zip(got, want):
+        assert g.dtype == BF16
+        torch.testing.assert_close(g.double(), w, **TOL)
+    if grad:
+        got[0].double().sum().backward()
+        want[0].sum().backward()
+        for p, q in zip(ours.parameters(), ref.parameters()):
+            assert p.grad.dtype == BF16
+            torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-1, atol=1e-1)
+
+
+def test_regular_path_where_the_call_does_not_qualify(upcasts):
+    torch.manual_seed(0)
+    ours, _ = _pair("LSTMCell", 6, 8)
+    ref = torch.nn.LSTMCell(6, 8).to(BF16)
+    ref.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        ours(torch.randn(4, 6).to(BF16))  # batch below UPCAST_BF16_MIN_ROWS: torch's bfloat16 cell
+        with seqfast.use_backend("torch"):  # a forced backend
+            ours(torch.randn(9, 6).to(BF16))
+        with torch.autocast("cpu", dtype=BF16):  # autocast casts itself
+            ours(torch.randn(9, 6).to(BF16))
+    assert upcasts == []
+    # a float32 state with a bfloat16 input: torch's error, as before
+    args = (torch.randn(9, 6).to(BF16), (torch.randn(9, 8), torch.randn(9, 8)))
+    assert_raises_like_torch(ref, ours, args, same_message=False)
+    seq, _ = _pair("GRU", 6, 8)
+    tseq = torch.nn.GRU(6, 8).to(BF16)
+    tseq.load_state_dict(seq.state_dict())
+    assert_raises_like_torch(tseq, seq, (torch.randn(5, 3, 6).to(BF16), torch.randn(1, 3, 8)), same_message=False)
+    assert upcasts == []
+
+
+def test_not_on_cpus_with_native_bfloat16(monkeypatch):
+    monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", ())
+    assert not _rules.upcast_bfloat16([torch.zeros(2, dtype=BF16)], 64)
+    monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", (_rules.cpu_class(),))
+    assert _rules.upcast_bfloat16([torch.zeros(2, dtype=BF16), None], 64)
+    assert not _rules.upcast_bfloat16([torch.zeros(2, dtype=BF16), torch.zeros(2)], 64)  # a float32 tensor
