@@ -107,7 +107,6 @@ RULES = [
     Rule("sdpa", F32, AVX2, training=False, batch=(512, INF), causal=True, source=_ZEN3),  # 0.85-0.92x
     Rule("sdpa", BF16, AVX2, training=False, batch=(2, INF), source=_ZEN3),  # 0.63-0.84x (training: 3.0-7.7x)
     # the decoder step (query length 1): bfloat16 at every length, float32 over 256 keys and fewer
-    Rule("sdpa", BF16, AVX2, batch=(1, 1), source=_ZEN3),  # 0.93-1.00x
     Rule("sdpa", F32, AVX2, batch=(1, 1), hidden=(1, 256), source=_ZEN3),  # 0.94x
 ]
 
@@ -158,10 +157,12 @@ def prefer_torch(family, tensor, batch, hidden, grad_tensors, causal=False):
 
 def prefer_torch_when(family, tensor, batch, hidden, training, causal=False):
     """:func:`prefer_torch` for a caller that knows whether the call trains."""
+    if torch.compiler.is_compiling():  # first: Dynamo cannot trace the CPU feature queries behind covers()
+        return False
     dtype = tensor.dtype
     if not covers(family, dtype, training) or not tensor.is_cpu:
         return False  # the common case
-    if _backend.forced_backend() is not None or torch.compiler.is_compiling():
+    if _backend.forced_backend() is not None:
         return False
     return _lookup(family, dtype, training, batch, hidden, causal)
 
@@ -181,9 +182,8 @@ def upcast_bfloat16(tensors, rows):
     """Whether a bfloat16 call runs in float32 on upcast copies (see UPCAST_BF16_MIN_ROWS): every tensor given (None
     entries skipped) a bfloat16 CPU tensor, ``rows`` (the multiply-adds per weight: batch, or steps x batch) at least
     the minimum, this CPU without native bfloat16, no backend forced, no autocast, not while torch.compile traces."""
-    if rows < UPCAST_BF16_MIN_ROWS or cpu_class() not in _UPCAST_BF16_CPUS:
+    if rows < UPCAST_BF16_MIN_ROWS or torch.compiler.is_compiling() or cpu_class() not in _UPCAST_BF16_CPUS:
         return False
-    if (_backend.forced_backend() is not None or torch._C._is_any_autocast_enabled()
-            or torch.compiler.is_compiling()):
+    if _backend.forced_backend() is not None or torch._C._is_any_autocast_enabled():
         return False
     return all(t is None or (t.dtype is torch.bfloat16 and t.is_cpu) for t in tensors)

@@ -6,7 +6,9 @@
 // does the online-softmax update (running max m, running sum l, rescaled accumulator), and accumulates P V with a
 // second GEMM. Key blocks entirely above the causal diagonal are never visited (the speed win over torch).
 // bfloat16 runs the GEMMs on bf16 operands with fp32 accumulation (P / dS are rounded to bf16 as flash-attn does);
-// softmax state is fp32. float64 is exact-ish and is what the gradient tests use.
+// softmax state is fp32. A bfloat16 decoder step (one query row) streams K and V as bfloat16 into float math instead
+// (decode_kernel_bf16: no GEMM, which runs emulated on CPUs without native bfloat16). float64 is exact-ish and is what
+// the gradient tests use.
 // float32 on CPUs with AVX-512 takes attention_avx512.h instead, forward and backward (register-tiled loops on
 // transposed blocks, attention_avx512*.cpp); float64, bfloat16 and CPUs without AVX-512 run the BLAS path below.
 #include <ATen/Dispatch.h>
@@ -366,6 +368,83 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   });
 }
 
+// The bfloat16 decoder step: decode_kernel's generic path with K and V streamed as bfloat16 (widened to float in
+// registers: half the bytes, which is what a memory-bound step costs), the query heads widened once per task, scores,
+// softmax and the output accumulated in float, the output rounded to bfloat16 once; lse in float32.
+template <class R>
+void decode_kernel_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* bias,
+                        bool causal, double scale_d, at::Tensor& out, at::Tensor& lse) {
+  using B16 = at::BFloat16;
+  const int64_t N = q.size(0), Hq = q.size(1), D = q.size(3);
+  const int64_t Hk = k.size(1), Lk = k.size(2), Dv = v.size(3);
+  const int64_t G = Hq / Hk;
+  const float scale = static_cast<float>(scale_d);
+  const int64_t kv_end = causal ? std::min<int64_t>(Lk, 1) : Lk;  // top-left causal: query 0 sees key 0 only
+  const Inputs<B16> in(q, k, v, bias);
+  const BiasView<B16>& bv = in.bias;
+  const int64_t sqh = in.q.sh, skl = in.k.sl, svl = in.v.sl;
+  B16* op = out.data_ptr<B16>();
+  float* lp = lse.data_ptr<float>();
+  const float ninf = -std::numeric_limits<float>::infinity();
+  cpu::parallel_for(N * Hk, 1, [&](int64_t begin, int64_t end, int) {
+    std::vector<float> S(G * std::max<int64_t>(kv_end, 1)), acc(G * Dv), inv(G), Q(G * D);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / Hk, hk = t % Hk;
+      const uint16_t* K = reinterpret_cast<const uint16_t*>(in.k.head(n, hk));
+      const uint16_t* V = reinterpret_cast<const uint16_t*>(in.v.head(n, hk));
+      const B16* Qb = in.q.head(n, hk * G);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < D; ++c) Q[g * D + c] = static_cast<float>(Qb[g * sqh + c]);
+      int64_t j = 0;
+      for (; j + 4 <= kv_end; j += 4) {  // four keys per pass: shares the q loads, independent reductions
+        const uint16_t* kr = K + j * skl;
+        for (int64_t g = 0; g < G; ++g) {
+          float d4[4];
+          R::dot4(Q.data() + g * D, kr, skl, D, d4);
+          for (int r = 0; r < 4; ++r) S[g * kv_end + j + r] = scale * d4[r];
+        }
+      }
+      for (; j < kv_end; ++j)
+        for (int64_t g = 0; g < G; ++g) S[g * kv_end + j] = scale * R::dot(Q.data() + g * D, K + j * skl, D);
+      for (int64_t g = 0; g < G; ++g) {
+        float* s = S.data() + g * kv_end;
+        const int64_t h = hk * G + g;
+        if (bv.ptr) {
+          const B16* b = bv.head(n, h);
+          for (int64_t jj = 0; jj < kv_end; ++jj) s[jj] += static_cast<float>(b[jj * bv.sj]);
+        }
+        const float mx = R::row_max(s, kv_end);
+        if (mx == ninf) {  // fully masked (or no keys): out 0, lse -inf; NaN scores make out and lse NaN
+          const float nan_or_0 = any_nan(s, kv_end) ? std::numeric_limits<float>::quiet_NaN() : 0.f;
+          std::fill(s, s + kv_end, 0.f);
+          inv[g] = nan_or_0;
+          lp[n * Hq + h] = nan_or_0 == 0.f ? ninf : nan_or_0;
+          continue;
+        }
+        const float l = R::row_exp_sub_sum(s, kv_end, mx);
+        inv[g] = 1.f / l;
+        lp[n * Hq + h] = mx + std::log(l);
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (j = 0; j + 4 <= kv_end; j += 4) {
+        const uint16_t* vr = V + j * svl;
+        for (int64_t g = 0; g < G; ++g) R::axpy4(acc.data() + g * Dv, vr, svl, S.data() + g * kv_end + j, 1, Dv);
+      }
+      for (; j < kv_end; ++j) {
+        const uint16_t* vr = V + j * svl;
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = S[g * kv_end + j];
+          if (p != 0.f) R::axpy(acc.data() + g * Dv, vr, p, Dv);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        B16* o = op + (n * Hq + hk * G + g) * Dv;
+        for (int64_t c = 0; c < Dv; ++c) o[c] = static_cast<B16>(acc[g * Dv + c] * inv[g]);  // 0 * NaN: NaN
+      }
+    }
+  });
+}
+
 template <class R, typename scalar_t>
 void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const at::Tensor& o, const at::Tensor& lse, const at::Tensor* bias, bool causal, double scale_d,
@@ -595,6 +674,10 @@ std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q_, const at::
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   const at::Tensor* bp = (bias.has_value() && bias->defined()) ? &*bias : nullptr;
   const int64_t Hk = k.size(1);
+  if (Lq == 1 && q.scalar_type() == at::kBFloat16) {  // memory-bound: stream bfloat16 K / V, whatever the task count
+    av::with_rows([&](auto rows) { decode_kernel_bf16<decltype(rows)>(q, k, v, bp, is_causal, scale, out, lse); });
+    return {out, lse};
+  }
   if (Lq == 1 && q.scalar_type() != at::kBFloat16 && N * Hk >= cpu::threads()) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "seqfast_sdpa_decode", [&] {
       av::with_rows([&](auto rows) { decode_kernel<decltype(rows), scalar_t>(q, k, v, bp, is_causal, scale, out, lse); });

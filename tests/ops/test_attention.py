@@ -89,3 +89,38 @@ def test_cpp_sdpa_paths_match_reference(shape, path):
     with forced_cpp_path(path):
         check_op(ops.sdpa, "cpp", torch.float32, _args(*SHAPES[shape], causal=True, mask="padding"), n_out=1,
                  backward_args=_bwd, n_grads=3)
+
+
+@pytest.mark.parametrize("mask", [None, "float", "padding"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [(3, 2, 1, 1, 11, 16, 8), (1, 4, 2, 1, 7, 5, 3), (2, 1, 1, 1, 1, 8, 8)],
+                         ids=["decode", "decode-gqa-odd", "one-key"])
+def test_cpp_bfloat16_decoder_step_matches_reference(shape, causal, mask):
+    """The C++ bfloat16 decoder step (one query row: K and V streamed as bfloat16 into float math) and the backward
+    after it, against the float64 reference on the same bfloat16 values."""
+    torch.manual_seed(0)
+    check_op(ops.sdpa, "cpp", torch.bfloat16, _args(*shape, causal=causal, mask=mask), n_out=1, backward_args=_bwd,
+             n_grads=3)
+
+
+def test_cpp_bfloat16_decoder_step_strided_and_masked_rows():
+    """K / V as strided views (keys not contiguous), a head whose keys are all masked (output 0, lse -inf) and a NaN
+    key (its head's output NaN), as the float32 step does."""
+    from seqfast import _ext
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 1, 8).bfloat16()
+    k = torch.randn(2, 2, 8, 13).bfloat16().transpose(2, 3)  # [2, 2, 13, 8], key rows 1 element apart
+    v = torch.randn(2, 13, 2, 6).bfloat16().transpose(1, 2)  # [2, 2, 13, 6]
+    bias = torch.zeros(2, 4, 1, 13).bfloat16()
+    bias[1, 3] = float("-inf")
+    out, lse = _ext.module().sdpa_forward(q, k, v, bias, False, 0.3)
+    want, want_lse = ops.sdpa.kernels("reference").forward(*(t.double() for t in (q, k, v, bias)), False, 0.3)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), want, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(lse[~torch.isinf(want_lse)].double(), want_lse[~torch.isinf(want_lse)], rtol=1e-2,
+                               atol=1e-2)
+    assert torch.equal(out[1, 3], torch.zeros_like(out[1, 3])) and torch.isneginf(lse[1, 3]).all()
+    k = k.clone()
+    k[0, 1, 4, 2] = float("nan")
+    out, _ = _ext.module().sdpa_forward(q, k, v, None, False, 0.3)
+    assert out[0, 2:].isnan().all() and not out[0, :2].isnan().any()
