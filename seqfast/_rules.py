@@ -104,7 +104,9 @@ RULES = [
     # SDPA (batch = query length >= 2; hidden = key length): torch's CPU flash kernel beats the portable C++ blocks
     Rule("sdpa", F32, AVX2, batch=(2, INF), causal=False, source=_ZEN3),  # 0.34-0.80x
     Rule("sdpa", F32, AVX2, training=True, batch=(2, INF), causal=True, source=_ZEN3),  # 0.64-1.28x, 2 of 3 below
-    Rule("sdpa", F32, AVX2, training=False, batch=(512, INF), causal=True, source=_ZEN3),  # 0.85-0.92x
+    # causal inference from 2 query rows (was 512): L64 / 128 / 256 / 512 at D64 read 0.59 / 0.81 / 0.74 /
+    # 0.94x, L128 / 1024 at D128 0.94 / 0.93x (only L512 D128 won, 1.23x: the rules have no head-dim bound)
+    Rule("sdpa", F32, AVX2, training=False, batch=(2, INF), causal=True, source=_ZEN3 + "; " + _ZEN3_SETTLED),
     Rule("sdpa", BF16, AVX2, training=False, batch=(2, INF), source=_ZEN3),  # 0.63-0.84x (training: 3.0-7.7x)
     # the decoder step (query length 1): bfloat16 at every length, float32 over 256 keys and fewer
     Rule("sdpa", F32, AVX2, batch=(1, 1), hidden=(1, 256), source=_ZEN3),  # 0.94x
