@@ -7,7 +7,7 @@
 // second GEMM. Key blocks entirely above the causal diagonal are never visited (the speed win over torch).
 // bfloat16 runs the GEMMs on bf16 operands with fp32 accumulation (P / dS are rounded to bf16 as flash-attn does);
 // softmax state is fp32. A bfloat16 decoder step (one query row) streams K and V as bfloat16 into float math instead
-// (decode_kernel_bf16: no GEMM, which runs emulated on CPUs without native bfloat16). float64 is exact-ish and is what
+// (decode_kernel: no GEMM, which runs emulated on CPUs without native bfloat16). float64 is exact-ish and is what
 // the gradient tests use.
 // float32 on CPUs with AVX-512 takes attention_avx512.h instead, forward and backward (register-tiled loops on
 // transposed blocks, attention_avx512*.cpp); float64, bfloat16 and CPUs without AVX-512 run the BLAS path below.
@@ -273,27 +273,42 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   });
 }
 
+// The type a decoder step computes in for stored type T (bfloat16: float) and how its K / V rows reach the row helpers
+// of attention_rows.inc: bfloat16 as raw bits (uint16_t), widened to float in registers, so a bfloat16 step streams
+// half the bytes of a float32 one (the op is memory-bound) and runs no GEMM (emulated on CPUs without native bf16).
+template <typename T>
+using DecodeAcc = std::conditional_t<std::is_same_v<T, at::BFloat16>, float, T>;
+template <typename T>
+inline auto decode_rows(const T* p) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) return reinterpret_cast<const uint16_t*>(p);
+  else return p;
+}
+
 // Decoder step (Lq == 1): one task per kv head (n, hk) handles all G query heads of its group, so each K and V row
 // is streamed from memory exactly once (the op is memory-bound: ~2 FLOP per loaded element). Scores for the whole key
 // range fit a small buffer, so the softmax is exact in one shot (no online rescaling), then one pass over V.
+// bfloat16 (T) computes in float (A): the query heads are widened once per task, K and V stream as bfloat16, scores,
+// softmax and output accumulate in float, the output is rounded to bfloat16 once; lse is float32.
 template <class R, typename T>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* bias, bool causal,
                    double scale_d, at::Tensor& out, at::Tensor& lse) {
+  using A = DecodeAcc<T>;
+  constexpr bool widen = !std::is_same_v<A, T>;
   const int64_t N = q.size(0), Hq = q.size(1), D = q.size(3);
   const int64_t Hk = k.size(1), Lk = k.size(2), Dv = v.size(3);
   const int64_t G = Hq / Hk;
-  const T scale = static_cast<T>(scale_d);
+  const A scale = static_cast<A>(scale_d);
   const int64_t kv_end = causal ? std::min<int64_t>(Lk, 1) : Lk;  // top-left causal: query 0 sees key 0 only
   const Inputs<T> in(q, k, v, bias);
   const BiasView<T>& bv = in.bias;
   const int64_t sqh = in.q.sh, skl = in.k.sl, svl = in.v.sl;
   T* op = out.data_ptr<T>();
-  T* lp = lse.data_ptr<T>();
-  const T ninf = -std::numeric_limits<T>::infinity();
+  A* lp = lse.data_ptr<A>();
+  const A ninf = -std::numeric_limits<A>::infinity();
   bool avx512 = false;
   if constexpr (std::is_same_v<T, float>) avx512 = use_avx512();
   cpu::parallel_for(N * Hk, 1, [&](int64_t begin, int64_t end, int) {
-    std::vector<T> S(G * std::max<int64_t>(kv_end, 1)), acc(G * Dv), inv(G);
+    std::vector<A> S(G * std::max<int64_t>(kv_end, 1)), acc(G * Dv), inv(G), Qw(widen ? G * D : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / Hk, hk = t % Hk;
       if constexpr (std::is_same_v<T, float>) {
@@ -313,133 +328,67 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           continue;
         }
       }
-      const T* K = in.k.head(n, hk);
-      const T* V = in.v.head(n, hk);
-      const T* Q = in.q.head(n, hk * G);
+      const auto K = decode_rows(in.k.head(n, hk));
+      const auto V = decode_rows(in.v.head(n, hk));
+      const A* Q;
+      int64_t sq;  // row stride of Q's heads
+      if constexpr (widen) {
+        const T* Qs = in.q.head(n, hk * G);
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t c = 0; c < D; ++c) Qw[g * D + c] = static_cast<A>(Qs[g * sqh + c]);
+        Q = Qw.data();
+        sq = D;
+      } else {
+        Q = in.q.head(n, hk * G);
+        sq = sqh;
+      }
       int64_t j = 0;
       for (; j + 4 <= kv_end; j += 4) {  // four keys per pass: shares the q loads, independent reductions
-        const T* kr = K + j * skl;
+        const auto kr = K + j * skl;
         for (int64_t g = 0; g < G; ++g) {
-          T d4[4];
-          R::dot4(Q + g * sqh, kr, skl, D, d4);
+          A d4[4];
+          R::dot4(Q + g * sq, kr, skl, D, d4);
           for (int r = 0; r < 4; ++r) S[g * kv_end + j + r] = scale * d4[r];
         }
       }
       for (; j < kv_end; ++j) {
-        const T* kr = K + j * skl;
-        for (int64_t g = 0; g < G; ++g) S[g * kv_end + j] = scale * R::dot(Q + g * sqh, kr, D);
+        const auto kr = K + j * skl;
+        for (int64_t g = 0; g < G; ++g) S[g * kv_end + j] = scale * R::dot(Q + g * sq, kr, D);
       }
       for (int64_t g = 0; g < G; ++g) {
-        T* s = S.data() + g * kv_end;
+        A* s = S.data() + g * kv_end;
         const int64_t h = hk * G + g;
         if (bv.ptr) {
           const T* b = bv.head(n, h);
-          for (int64_t j = 0; j < kv_end; ++j) s[j] += b[j * bv.sj];
+          for (int64_t j = 0; j < kv_end; ++j) s[j] += static_cast<A>(b[j * bv.sj]);
         }
-        const T mx = R::row_max(s, kv_end);
+        const A mx = R::row_max(s, kv_end);
         if (mx == ninf) {  // fully masked (or no keys): out 0, lse -inf; NaN scores make out and lse NaN
-          const T nan_or_0 = any_nan(s, kv_end) ? std::numeric_limits<T>::quiet_NaN() : T(0);
-          std::fill(s, s + kv_end, T(0));
+          const A nan_or_0 = any_nan(s, kv_end) ? std::numeric_limits<A>::quiet_NaN() : A(0);
+          std::fill(s, s + kv_end, A(0));
           inv[g] = nan_or_0;
-          lp[n * Hq + h] = nan_or_0 == T(0) ? ninf : nan_or_0;
+          lp[n * Hq + h] = nan_or_0 == A(0) ? ninf : nan_or_0;
           continue;
         }
-        const T l = R::row_exp_sub_sum(s, kv_end, mx);
-        inv[g] = T(1) / l;
+        const A l = R::row_exp_sub_sum(s, kv_end, mx);
+        inv[g] = A(1) / l;
         lp[n * Hq + h] = mx + std::log(l);
       }
-      std::fill(acc.begin(), acc.end(), T(0));
+      std::fill(acc.begin(), acc.end(), A(0));
       for (j = 0; j + 4 <= kv_end; j += 4) {
-        const T* vr = V + j * svl;
+        const auto vr = V + j * svl;
         for (int64_t g = 0; g < G; ++g) R::axpy4(acc.data() + g * Dv, vr, svl, S.data() + g * kv_end + j, 1, Dv);
       }
       for (; j < kv_end; ++j) {
-        const T* vr = V + j * svl;
+        const auto vr = V + j * svl;
         for (int64_t g = 0; g < G; ++g) {
-          const T p = S[g * kv_end + j];
-          if (p != T(0)) R::axpy(acc.data() + g * Dv, vr, p, Dv);
+          const A p = S[g * kv_end + j];
+          if (p != A(0)) R::axpy(acc.data() + g * Dv, vr, p, Dv);
         }
       }
       for (int64_t g = 0; g < G; ++g) {
         T* o = op + (n * Hq + hk * G + g) * Dv;
-        for (int64_t c = 0; c < Dv; ++c) o[c] = acc[g * Dv + c] * inv[g];  // 0 * NaN: NaN, as it must
-      }
-    }
-  });
-}
-
-// The bfloat16 decoder step: decode_kernel's generic path with K and V streamed as bfloat16 (widened to float in
-// registers: half the bytes, which is what a memory-bound step costs), the query heads widened once per task, scores,
-// softmax and the output accumulated in float, the output rounded to bfloat16 once; lse in float32.
-template <class R>
-void decode_kernel_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* bias,
-                        bool causal, double scale_d, at::Tensor& out, at::Tensor& lse) {
-  using B16 = at::BFloat16;
-  const int64_t N = q.size(0), Hq = q.size(1), D = q.size(3);
-  const int64_t Hk = k.size(1), Lk = k.size(2), Dv = v.size(3);
-  const int64_t G = Hq / Hk;
-  const float scale = static_cast<float>(scale_d);
-  const int64_t kv_end = causal ? std::min<int64_t>(Lk, 1) : Lk;  // top-left causal: query 0 sees key 0 only
-  const Inputs<B16> in(q, k, v, bias);
-  const BiasView<B16>& bv = in.bias;
-  const int64_t sqh = in.q.sh, skl = in.k.sl, svl = in.v.sl;
-  B16* op = out.data_ptr<B16>();
-  float* lp = lse.data_ptr<float>();
-  const float ninf = -std::numeric_limits<float>::infinity();
-  cpu::parallel_for(N * Hk, 1, [&](int64_t begin, int64_t end, int) {
-    std::vector<float> S(G * std::max<int64_t>(kv_end, 1)), acc(G * Dv), inv(G), Q(G * D);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / Hk, hk = t % Hk;
-      const uint16_t* K = reinterpret_cast<const uint16_t*>(in.k.head(n, hk));
-      const uint16_t* V = reinterpret_cast<const uint16_t*>(in.v.head(n, hk));
-      const B16* Qb = in.q.head(n, hk * G);
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t c = 0; c < D; ++c) Q[g * D + c] = static_cast<float>(Qb[g * sqh + c]);
-      int64_t j = 0;
-      for (; j + 4 <= kv_end; j += 4) {  // four keys per pass: shares the q loads, independent reductions
-        const uint16_t* kr = K + j * skl;
-        for (int64_t g = 0; g < G; ++g) {
-          float d4[4];
-          R::dot4(Q.data() + g * D, kr, skl, D, d4);
-          for (int r = 0; r < 4; ++r) S[g * kv_end + j + r] = scale * d4[r];
-        }
-      }
-      for (; j < kv_end; ++j)
-        for (int64_t g = 0; g < G; ++g) S[g * kv_end + j] = scale * R::dot(Q.data() + g * D, K + j * skl, D);
-      for (int64_t g = 0; g < G; ++g) {
-        float* s = S.data() + g * kv_end;
-        const int64_t h = hk * G + g;
-        if (bv.ptr) {
-          const B16* b = bv.head(n, h);
-          for (int64_t jj = 0; jj < kv_end; ++jj) s[jj] += static_cast<float>(b[jj * bv.sj]);
-        }
-        const float mx = R::row_max(s, kv_end);
-        if (mx == ninf) {  // fully masked (or no keys): out 0, lse -inf; NaN scores make out and lse NaN
-          const float nan_or_0 = any_nan(s, kv_end) ? std::numeric_limits<float>::quiet_NaN() : 0.f;
-          std::fill(s, s + kv_end, 0.f);
-          inv[g] = nan_or_0;
-          lp[n * Hq + h] = nan_or_0 == 0.f ? ninf : nan_or_0;
-          continue;
-        }
-        const float l = R::row_exp_sub_sum(s, kv_end, mx);
-        inv[g] = 1.f / l;
-        lp[n * Hq + h] = mx + std::log(l);
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (j = 0; j + 4 <= kv_end; j += 4) {
-        const uint16_t* vr = V + j * svl;
-        for (int64_t g = 0; g < G; ++g) R::axpy4(acc.data() + g * Dv, vr, svl, S.data() + g * kv_end + j, 1, Dv);
-      }
-      for (; j < kv_end; ++j) {
-        const uint16_t* vr = V + j * svl;
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = S[g * kv_end + j];
-          if (p != 0.f) R::axpy(acc.data() + g * Dv, vr, p, Dv);
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        B16* o = op + (n * Hq + hk * G + g) * Dv;
-        for (int64_t c = 0; c < Dv; ++c) o[c] = static_cast<B16>(acc[g * Dv + c] * inv[g]);  // 0 * NaN: NaN
+        for (int64_t c = 0; c < Dv; ++c) o[c] = static_cast<T>(acc[g * Dv + c] * inv[g]);  // 0 * NaN: NaN
       }
     }
   });
@@ -674,12 +623,9 @@ std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q_, const at::
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   const at::Tensor* bp = (bias.has_value() && bias->defined()) ? &*bias : nullptr;
   const int64_t Hk = k.size(1);
-  if (Lq == 1 && q.scalar_type() == at::kBFloat16) {  // memory-bound: stream bfloat16 K / V, whatever the task count
-    av::with_rows([&](auto rows) { decode_kernel_bf16<decltype(rows)>(q, k, v, bp, is_causal, scale, out, lse); });
-    return {out, lse};
-  }
-  if (Lq == 1 && q.scalar_type() != at::kBFloat16 && N * Hk >= cpu::threads()) {
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "seqfast_sdpa_decode", [&] {
+  // bfloat16 takes the decoder step whatever the task count (the other path would run emulated bf16 GEMMs)
+  if (Lq == 1 && (q.scalar_type() == at::kBFloat16 || N * Hk >= cpu::threads())) {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "seqfast_sdpa_decode", [&] {
       av::with_rows([&](auto rows) { decode_kernel<decltype(rows), scalar_t>(q, k, v, bp, is_causal, scale, out, lse); });
     });
     return {out, lse};
