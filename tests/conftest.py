@@ -72,3 +72,24 @@ def assert_raises_like_torch(torch_module, our_module, args, same_message=True):
         our_module(*args)
     if same_message:
         assert str(got.value) == str(expected.value)
+
+
+@pytest.fixture
+def no_grad_kernel_calls(monkeypatch):
+    """The op names of the cell steps that ran the no-grad path's kernel (seqfast.functional._rnn_cell
+    ._no_grad_kernel), in call order."""
+    from seqfast.functional import _rnn_cell
+    calls = []
+    original = _rnn_cell._no_grad_kernel
+
+    def counting(op, input):
+        kernel = original(op, input)
+        if kernel is None:
+            return None
+
+        def run(*args):
+            calls.append(op.name)
+            return kernel(*args)
+        return run
+    monkeypatch.setattr(_rnn_cell, "_no_grad_kernel", counting)
+    return calls

@@ -8,7 +8,6 @@ import torch
 import seqfast
 from conftest import assert_raises_like_torch
 from seqfast import _ext, _rules
-from seqfast.functional import _rnn_cell
 
 pytestmark = pytest.mark.skipif(_ext.module() is None or not _ext.module().rnn_kernels_supported(),
                                 reason="seqfast._C not built or its RNN kernels do not run on this CPU")
@@ -30,25 +29,6 @@ def _states(kind, batch, hidden=7, dtype=torch.float32):
     return torch.randn(shape, dtype=dtype)
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts the calls that went through the no-grad path's kernel."""
-    calls = []
-    original = _rnn_cell._no_grad_kernel
-
-    def counting(op, input):
-        kernel = original(op, input)
-        if kernel is None:
-            return None
-
-        def wrapped(*args):
-            calls.append(op.name)
-            return kernel(*args)
-        return wrapped
-    monkeypatch.setattr(_rnn_cell, "_no_grad_kernel", counting)
-    return calls
-
-
 def _flat(out):
     return list(out) if isinstance(out, tuple) else [out]
 
@@ -57,22 +37,22 @@ def _flat(out):
 @pytest.mark.parametrize("batch", [1, 3, 40, 0])  # 0: unbatched
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_torch(kind, kw, batch, bias, dtype, kernel_calls):
+def test_matches_torch(kind, kw, batch, bias, dtype, no_grad_kernel_calls):
     torch.manual_seed(0)
     ref, mod = _pair(kind, kw, dtype, bias)
     x = torch.randn((batch, 5) if batch else (5,), dtype=dtype)
     hx = _states(kind, batch, dtype=dtype)
     for mode in (torch.no_grad, torch.inference_mode):
         with mode():
-            before = len(kernel_calls)
+            before = len(no_grad_kernel_calls)
             got, want = _flat(mod(x, hx)), _flat(ref(x, hx))
-            assert len(kernel_calls) == before + 1  # this call took the no-grad path
+            assert len(no_grad_kernel_calls) == before + 1  # this call took the no-grad path
         for g, w in zip(got, want):
             assert g.shape == w.shape and g.dtype == w.dtype
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
-def test_strided_states_and_weights(kernel_calls):
+def test_strided_states_and_weights(no_grad_kernel_calls):
     """Arguments as they come (transposed views, a stride-0 bias): the C++ entry makes them dense."""
     torch.manual_seed(0)
     w_ih, w_hh = torch.randn(5, 28).t(), torch.randn(7, 28).t()
@@ -81,18 +61,18 @@ def test_strided_states_and_weights(kernel_calls):
     with torch.no_grad():
         got = seqfast.functional.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
         want = torch._VF.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
-    assert kernel_calls == ["lstm_cell"]
+    assert no_grad_kernel_calls == ["lstm_cell"]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
-def test_regular_path_where_it_decides(kernel_calls):
+def test_regular_path_where_it_decides(no_grad_kernel_calls):
     torch.manual_seed(0)
     ref, mod = _pair("LSTMCell", {})
     x, hx = torch.randn(3, 5), _states("LSTMCell", 3)
     # grad mode: autograd records the op
     out = mod(x, hx)
-    assert out[0].requires_grad and kernel_calls == []
+    assert out[0].requires_grad and no_grad_kernel_calls == []
     with torch.no_grad():
         # float64 input against float32 weights: the regular path raises torch's error
         assert_raises_like_torch(ref, mod, (x.double(), tuple(h.double() for h in hx)), same_message=False)
@@ -104,17 +84,17 @@ def test_regular_path_where_it_decides(kernel_calls):
             torch.testing.assert_close(mod(x, hx), ref(x, hx))
         finally:
             _rules.set_rules(saved)
-        assert kernel_calls == []
+        assert no_grad_kernel_calls == []
         # a forced backend
         with seqfast.use_backend("reference"):
             torch.testing.assert_close(mod(x, hx), ref(x, hx))
-        assert kernel_calls == []
+        assert no_grad_kernel_calls == []
         # autocast: the op picks its dtype
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mod(x, hx)
-        assert kernel_calls == []
+        assert no_grad_kernel_calls == []
         mod(x, hx)
-        assert kernel_calls == ["lstm_cell"]
+        assert no_grad_kernel_calls == ["lstm_cell"]
 
 
 @pytest.mark.parametrize("kind,kw", CELLS)
