@@ -47,7 +47,6 @@ MAX_SDPA_LENGTH_EMULATED_BF16 = 512
 # favour one implementation for the whole case: single-pass runs of the same case read 0.99x and 1.90x (LSTM T32 B1
 # H256 inference), tight per-round spreads both times. Spread over passes, those biases average out.
 PASSES = 3
-PASSES_BUDGET_SPLIT = PASSES  # each pass: its share of a slow case's time budget (down to one round per pass)
 
 
 def _pairs(shift, quick):
@@ -112,9 +111,12 @@ def _kv_bytes(case):
     return 2 * p["batch"] * p["heads"] * p["keys"] * p["D"] * itemsize
 
 
-def time_case(case, device, rounds, round_time):
-    """One pass over a case: its implementations built afresh and timed interleaved. -> ({impl: [s per call per
-    round]}, notes)."""
+CASE_BUDGET_S = 3.0  # a slow case's time over all passes (each pass gets its share, down to one round per pass)
+
+
+def time_case(case, device, rounds, round_time, passes):
+    """One of ``passes`` passes over a case: its implementations built afresh and timed interleaved. -> ({impl: [s per
+    call per round]}, notes)."""
     steps, notes = {}, []
     for impl in case.impls:
         try:
@@ -124,7 +126,7 @@ def time_case(case, device, rounds, round_time):
                 raise
             notes.append(f"{impl} skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
     times = timing.interleaved(steps, rounds, round_time, torch.cuda.synchronize if device == "cuda" else None,
-                               case_budget=3.0 / PASSES_BUDGET_SPLIT, min_rounds=1)
+                               case_budget=CASE_BUDGET_S / passes, min_rounds=1)
     return times, notes
 
 
@@ -228,7 +230,7 @@ def main(argv=None):
                 continue
             case, case_start = selected[i], time.perf_counter()
             try:
-                got, case_notes = time_case(case, args.device, per_pass[p], args.round_time)
+                got, case_notes = time_case(case, args.device, per_pass[p], args.round_time, passes)
             except Exception as e:  # one broken case must not lose the rest of the run
                 errors[i] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 write(f"{case.name:52s} ERROR {errors[i]}")
