@@ -59,16 +59,15 @@ def _clock():
     return time.perf_counter()
 
 
-def choose(key, torch_call, seqfast_call):
-    """(choice, output or None): the measured choice for ``key``. The first call of a key times both zero-argument
-    callables and returns the faster one's output too (the caller returns it as is); later calls return (choice,
-    None), and the caller runs the chosen path."""
+def run(key, torch_call, seqfast_call):
+    """The output of the path measured faster for ``key`` (two zero-argument callables giving the same result). The
+    first call of a key times both and returns the faster one's last output; later calls run the chosen path once."""
     choice = _choices.get(key)
-    if choice is not None:
-        return choice, None
-    choice, out = _measure({"torch": torch_call, "seqfast": seqfast_call})
-    _choices[key] = choice
-    return choice, out
+    if choice is None:
+        choice, out = _measure({"torch": torch_call, "seqfast": seqfast_call})
+        _choices[key] = choice
+        return out
+    return (torch_call if choice == "torch" else seqfast_call)()
 
 
 def _measure(calls):

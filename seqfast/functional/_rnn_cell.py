@@ -61,8 +61,7 @@ def _tuned(name, input, w_ih, w_hh, torch_call, seqfast_call):
     """A no-grad step with autotuning on (seqfast.autotune): the path measured fastest for this shape class."""
     key = (name, input.dtype, _autotune.size_class(input.shape[0]), _autotune.size_class(w_hh.shape[1]),
            _autotune.size_class(w_ih.shape[1]), torch.get_num_threads())
-    choice, out = _autotune.choose(key, torch_call, seqfast_call)
-    return out if out is not None else (torch_call if choice == "torch" else seqfast_call)()
+    return _autotune.run(key, torch_call, seqfast_call)
 
 
 def _check(gates, input, h, c, w_ih, w_hh, b_ih, b_hh):

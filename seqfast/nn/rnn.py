@@ -71,10 +71,8 @@ class _SeqfastRNNMixin:
             key = ("rnn_module", self.mode, input.dtype, self.num_layers, self.bidirectional, batched,
                    _autotune.size_class(steps), _autotune.size_class(batch), _autotune.size_class(self.hidden_size),
                    _autotune.size_class(self.input_size), torch.get_num_threads())
-            torch_call = lambda: super(_SeqfastRNNMixin, self).forward(input)  # noqa: E731
-            ours = lambda: self._one_call(input, weights)  # noqa: E731
-            choice, out = _autotune.choose(key, torch_call, ours)
-            return out if out is not None else (torch_call if choice == "torch" else ours)()
+            return _autotune.run(key, lambda: super(_SeqfastRNNMixin, self).forward(input),
+                                 lambda: self._one_call(input, weights))
         return self._one_call(input, weights)
 
     def _one_call(self, input, weights):
