@@ -171,6 +171,22 @@ class AttentionNet(torch.nn.Module):
 
 
 @needs_attention
+def test_first_rule_lookup_inside_a_trace(monkeypatch):
+    """The rule table's CPU-class memo may first be filled while Dynamo traces (a compiled model as a process's first
+    seqfast call): torch.cpu's feature checks cannot be traced, so the dispatch must not reach them then."""
+    from seqfast import _rules
+    monkeypatch.setattr(_rules, "_covered", None)
+    _rules.cpu_class.cache_clear()
+    q = torch.randn(1, 2, 5, 8)
+    compiled = torch.compile(lambda t: seqfast.functional.scaled_dot_product_attention(t, t, t, is_causal=True),
+                             fullgraph=True, backend="aot_eager")
+    _assert_same(compiled(q), torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True))
+    bf = torch.randn(4, 9, 6).bfloat16()  # the bfloat16 upcast check reads the CPU class too
+    rnn = seqfast.nn.GRU(6, 8).bfloat16()
+    torch.compile(rnn, fullgraph=True, backend="aot_eager")(bf)
+
+
+@needs_attention
 def test_attention_fullgraph_and_dynamic():
     torch_model, model = _pair(AttentionNet)
     assert type(model.mha) is MultiheadAttention
