@@ -564,16 +564,23 @@ void lstm_bwd(const Steps& s, int nt, int small_nt, const Tensor& grad_out, cons
   time_loop_backward<T, 4>(s, nt, w_hh, dgates, dh, false, 64 * H, row);
 }
 
-// float32 LSTM forward on the fused AVX-512 step kernel (rnn_sequence_lstm_step.h): per thread, its units' W_ih / W_hh / bias
-// packed gate-interleaved once, then per step one call that does both gate GEMMs and the cell update in registers.
-// pre: [N, 4H] input pre-activations x W_ih^T + bias from one GEMM, for 1-2 row batches (streaming W_ih per step
-// would double the step's traffic there; lstm_step::step_small), or undefined (the step kernel does the input GEMM
-// from the packed W_ih).
+// float32 LSTM forward on a fused step kernel (rnn_sequence_lstm_step.h: AVX-512, or its AVX2 twin when avx2): per
+// thread, its units' W_ih / W_hh / bias packed gate-interleaved once, then per step one call that does both gate
+// GEMMs and the cell update in registers.
+// pre: [N, 4H] input pre-activations x W_ih^T + bias from one GEMM, or undefined (the step kernel does the input GEMM
+// from the packed W_ih). AVX-512: given for 1-2 row batches (streaming W_ih per step would double the step's traffic
+// there), where lstm_step::step_small reads W_hh in place. AVX2: given where W_ih would not stay in cache between
+// steps (see lstm_forward_impl); the step then starts from those rows instead of the bias.
 // gates: [N, 4H] activated-gate workspace for the backward (may be `pre` itself: filled in place), or undefined
 // (inference: not written).
-void lstm_fwd_fused_avx512(const Steps& s, int nt, const Tensor& x, const Tensor& pre, const Tensor& h0,
-                           const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& bias, Tensor& gates,
-                           Tensor& out, Tensor& cs) {
+template <bool avx2>
+void lstm_fwd_fused(const Steps& s, int nt, const Tensor& x, const Tensor& pre, const Tensor& h0, const Tensor& c0,
+                    const Tensor& w_ih, const Tensor& w_hh, const Tensor& bias, Tensor& gates, Tensor& out,
+                    Tensor& cs) {
+  constexpr int64_t kUnits = avx2 ? lstm_step_avx2::kUnits : lstm_step::kUnits;
+  const auto pack_size = avx2 ? lstm_step_avx2::pack_size : lstm_step::pack_size;
+  const auto pack_weights = avx2 ? lstm_step_avx2::pack_weights : lstm_step::pack_weights;
+  const auto pack_bias = avx2 ? lstm_step_avx2::pack_bias : lstm_step::pack_bias;
   const int64_t H = h0.size(1), I = pre.defined() ? 0 : x.size(1);
   const float* xp = x.const_data_ptr<float>();
   const float* pp = pre.defined() ? pre.const_data_ptr<float>() : nullptr;
@@ -587,13 +594,13 @@ void lstm_fwd_fused_avx512(const Steps& s, int nt, const Tensor& x, const Tensor
   const float* c0p = c0.const_data_ptr<float>();
   unit_team(nt, H, [&](int, int nth, int64_t k0, int64_t k1) {
     const int64_t nu = k1 - k0;
-    const int64_t nblk = (nu + lstm_step::kUnits - 1) / lstm_step::kUnits;
+    const int64_t nblk = (nu + kUnits - 1) / kUnits;
     // 1-2 rows (pre given): lstm_step::step_small reads W_hh in place, nothing to pack.
-    const bool small = pp != nullptr;
+    const bool small = !avx2 && pp != nullptr;
     TORCH_CHECK(!small || s.bs[0] <= 2, "seqfast: the in-place LSTM step takes 1-2 rows, got ", s.bs[0]);
-    block_pool::Floats pw_i_buf, pw_h_buf, pb_buf(nblk * 64);
-    if (I) pw_i_buf.reset(lstm_step::pack_size(I, nu));
-    if (!small) pw_h_buf.reset(lstm_step::pack_size(H, nu));
+    block_pool::Floats pw_i_buf, pw_h_buf, pb_buf(nblk * 4 * kUnits);
+    if (I) pw_i_buf.reset(pack_size(I, nu));
+    if (!small) pw_h_buf.reset(pack_size(H, nu));
     TORCH_CHECK(pb_buf.ok() && (!I || pw_i_buf.ok()) && (small || pw_h_buf.ok()),
                 "seqfast LSTM: out of memory packing the weights");
     float* pw_i = pw_i_buf.get();
@@ -601,9 +608,9 @@ void lstm_fwd_fused_avx512(const Steps& s, int nt, const Tensor& x, const Tensor
     float* pb = pb_buf.get();
     std::vector<const float*> hr(s.bs.empty() ? 0 : s.bs[0]), cr(hr.size());
     if (nu > 0) {
-      if (I) lstm_step::pack_weights(wi, I, I, H, k0, k1, pw_i);
-      if (!small) lstm_step::pack_weights(wh, H, H, H, k0, k1, pw_h);
-      lstm_step::pack_bias(bp, H, k0, k1, pb);
+      if (I) pack_weights(wi, I, I, H, k0, k1, pw_i);
+      if (!small) pack_weights(wh, H, H, H, k0, k1, pw_h);
+      pack_bias(bp, H, k0, k1, pb);
     }
     lstm_step::StepArgs a;
     a.ldx = I;
@@ -629,7 +636,8 @@ void lstm_fwd_fused_avx512(const Steps& s, int nt, const Tensor& x, const Tensor
         a.c = c + off * H;
         a.hout = o + off * H;
         a.gates = g ? g + off * 4 * H : nullptr;
-        if (small) lstm_step::step_small(a, wh);
+        if constexpr (avx2) lstm_step_avx2::step(a);
+        else if (small) lstm_step::step_small(a, wh);
         else lstm_step::step(a);
       }
       cpu::team_barrier(nth);
@@ -760,10 +768,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
         Tensor pre;
         if (small) pre = input_proj(x, w_ih, bias.defined() ? &bias : nullptr);  // [N,4H], becomes the workspace
         if (save) gates = small ? pre : pooled_empty({x.size(0), 4 * H}, fopt);
-        lstm_fwd_fused_avx512(s, n, xc, pre, h0.contiguous(), c0.contiguous(), wc, whc, bias, gates, out, cs);
+        lstm_fwd_fused<false>(s, n, xc, pre, h0.contiguous(), c0.contiguous(), wc, whc, bias, gates, out, cs);
         if (!save) gates = at::empty({0, 4 * H}, fopt);
         return;
       }
+    }
+    // The AVX2 twin of that step on CPUs without AVX-512, for the fused loop's batches (above the GEMV range). The
+    // input product runs inside the step while both packed weight slices of a thread fit half its L2 (re-read from
+    // there every step, and the longer k loop amortises the cell update: ~80 against ~66 GFLOP/s per Zen 3 core at
+    // LSTM B8 H128); above that, re-reading W_ih every step would come from L3, and one GEMM over all steps first
+    // reads it once.
+    if (std::is_same_v<scalar_t, float> && !sgemm::available() && lstm_step_avx2::available() && nt > 0 &&
+        !fused_gemv<float>(s.bs[0])) {
+      const int64_t I = x.size(1), units = (H + nt - 1) / nt;
+      const int64_t packed_bytes = int64_t(sizeof(float)) * lstm_step_avx2::pack_size(I + H, units);
+      const bool in_step = packed_bytes <= cpu::l2_cache_bytes() / 2;
+      Tensor pre;
+      if (!in_step) pre = input_proj(x, w_ih, bias.defined() ? &bias : nullptr);  // [N,4H], becomes the workspace
+      if (save) gates = pre.defined() ? pre : pooled_empty({x.size(0), 4 * H}, fopt);
+      lstm_fwd_fused<true>(s, nt, x.contiguous(), pre, h0.contiguous(), c0.contiguous(), w_ih.contiguous(),
+                           w_hh.contiguous(), bias, gates, out, cs);
+      if (!save) gates = at::empty({0, 4 * H}, fopt);
+      return;
     }
     gates = input_proj(x, w_ih, bias.defined() ? &bias : nullptr);  // [N,4H]
     lstm_fwd<scalar_t>(s, nt, h0, c0, w_hh, gates, out, cs, nullptr);

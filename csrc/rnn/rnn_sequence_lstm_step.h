@@ -64,4 +64,23 @@ void gemv_t_small(int64_t rows, const float* const* x, const int64_t* j0, int nb
                   int64_t ldw, int64_t N, float* const* y);
 
 }  // namespace lstm_step
+
+// The same fused step for x86-64 CPUs with AVX2 + FMA and no AVX-512 (rnn_sequence_lstm_step_avx2.cpp): 8-unit
+// blocks packed [i8 f8 g8 o8] per k, register tiles of 3 batch rows x 4 gate vectors (12 ymm accumulators), the cell
+// update on them before anything is stored. It replaces the per-thread GEMM + pointwise of the fused time loop, whose
+// recurrent GEMM ran at about 55 GFLOP/s per core on a Zen 3, and the separate input-projection GEMM.
+// Callers check available() first; same StepArgs (pre, step_small: AVX-512 only).
+namespace lstm_step_avx2 {
+
+constexpr int64_t kUnits = 8;  // units per packed block
+
+bool available();  // AVX2 + FMA present (cpu/isa.h) and config().own_gemm
+
+inline int64_t pack_size(int64_t K, int64_t nunits) { return (nunits + kUnits - 1) / kUnits * K * 4 * kUnits; }
+// As lstm_step::pack_weights / pack_bias, in 8-unit blocks (u0 a multiple of 8).
+void pack_weights(const float* w, int64_t ldw, int64_t K, int64_t H, int64_t u0, int64_t u1, float* dst);
+void pack_bias(const float* bias, int64_t H, int64_t u0, int64_t u1, float* dst);
+void step(const lstm_step::StepArgs& a);
+
+}  // namespace lstm_step_avx2
 }  // namespace seqfast

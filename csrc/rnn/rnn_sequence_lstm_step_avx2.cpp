@@ -1,0 +1,208 @@
+// Fused AVX2 LSTM step: gate GEMMs and cell update in registers. See lstm_step_avx2 in rnn_sequence_lstm_step.h.
+// Compiled for AVX2 + FMA by the target pragma below; no ATen headers here (the rule of cpu/isa.h).
+#include <algorithm>
+
+#include "cpu/config.h"
+#include "cpu/isa.h"
+#include "rnn/rnn_sequence_lstm_step.h"
+
+#ifdef SEQFAST_X86_TARGETS
+#define SEQFAST_HAVE_AVX2_LSTM 1
+SEQFAST_TARGET_AVX2_BEGIN
+#include <immintrin.h>
+
+#include "cpu/avx2_masks.h"
+#include "cpu/avx2_math.h"
+#endif
+
+namespace seqfast {
+namespace lstm_step_avx2 {
+
+#ifdef SEQFAST_HAVE_AVX2_LSTM
+namespace {
+
+// Rows per register tile: 3 x 4 gate vectors = 12 of the 16 ymm registers as accumulators, 3 for the rows'
+// broadcasts and 1 for the weight vector they share (see accumulate).
+constexpr int kMR = 3;
+
+using avx2::mask8;
+using avx2::sigmoid_ps;
+using avx2::tanh_ps;
+
+// Accumulators of a tile: named variables, not an array. GCC keeps an array of 12 ymm (384 bytes, above its limit
+// for replacing an aggregate by scalars) in memory and stored all 12 to the stack on every k.
+template <int MR>
+struct Acc {
+  __m256 i0, f0, g0, o0, i1, f1, g1, o1, i2, f2, g2, o2;
+};
+
+// a += rows x w over k < K (row r's gate q at lane j: sum_k rows[r][k] * w[k][8q + j]). Per k the MR broadcasts come
+// first, then each weight vector is loaded once and used by every row: 12 + 3 + 1 registers at MR = 3, exactly the
+// 16 of AVX2.
+template <int MR>
+inline __attribute__((always_inline)) void accumulate(Acc<MR>& acc, const float* const (&rows)[3], int64_t K,
+                                                      const float* w) {
+  __m256 i0 = acc.i0, f0 = acc.f0, g0 = acc.g0, o0 = acc.o0, i1 = acc.i1, f1 = acc.f1, g1 = acc.g1, o1 = acc.o1,
+         i2 = acc.i2, f2 = acc.f2, g2 = acc.g2, o2 = acc.o2;
+  const float* r0 = rows[0];
+  const float* r1 = rows[MR > 1 ? 1 : 0];
+  const float* r2 = rows[MR > 2 ? 2 : 0];
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < K; ++k, w += 32) {
+    const __m256 v0 = _mm256_broadcast_ss(r0 + k);
+    const __m256 v1 = MR > 1 ? _mm256_broadcast_ss(r1 + k) : v0;
+    const __m256 v2 = MR > 2 ? _mm256_broadcast_ss(r2 + k) : v0;
+#define SEQFAST_GATE(q, a0, a1, a2)                          \
+  {                                                          \
+    const __m256 wq = _mm256_load_ps(w + 8 * q);             \
+    a0 = _mm256_fmadd_ps(v0, wq, a0);                        \
+    if constexpr (MR > 1) a1 = _mm256_fmadd_ps(v1, wq, a1);  \
+    if constexpr (MR > 2) a2 = _mm256_fmadd_ps(v2, wq, a2);  \
+  }
+    SEQFAST_GATE(0, i0, i1, i2)
+    SEQFAST_GATE(1, f0, f1, f2)
+    SEQFAST_GATE(2, g0, g1, g2)
+    SEQFAST_GATE(3, o0, o1, o2)
+#undef SEQFAST_GATE
+  }
+  acc = Acc<MR>{i0, f0, g0, o0, i1, f1, g1, o1, i2, f2, g2, o2};
+}
+
+// Whole-vector loads and stores for a full 8-unit block (full), masked ones for the last, partial block: AVX2's
+// masked store (vmaskmovps) is slow on AMD cores, and a step makes up to 6 stores per row and block.
+inline __attribute__((always_inline)) __m256 load(bool full, const float* p, __m256i m) {
+  return full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m);
+}
+inline __attribute__((always_inline)) void store(bool full, float* p, __m256i m, __m256 v) {
+  if (full) _mm256_storeu_ps(p, v);
+  else _mm256_maskstore_ps(p, m, v);
+}
+
+// The cell update of one row from its 4 gate pre-activations.
+inline __attribute__((always_inline)) void cell_row(const lstm_step::StepArgs& a, int64_t row, int64_t u, bool full,
+                                                    __m256i m, __m256 pi, __m256 pf, __m256 pg, __m256 po) {
+  const int64_t H = a.H;
+  const __m256 i = sigmoid_ps(pi), f = sigmoid_ps(pf), g = tanh_ps(pg), o = sigmoid_ps(po);
+  const __m256 cp = load(full, a.cprev[row] + u, m);
+  const __m256 c = _mm256_fmadd_ps(f, cp, _mm256_mul_ps(i, g));
+  const __m256 h = _mm256_mul_ps(o, tanh_ps(c));
+  store(full, a.c + row * H + u, m, c);
+  store(full, a.hout + row * H + u, m, h);
+  if (a.gates) {
+    float* gr = a.gates + row * 4 * H + u;
+    store(full, gr, m, i);
+    store(full, gr + H, m, f);
+    store(full, gr + 2 * H, m, g);
+    store(full, gr + 3 * H, m, o);
+  }
+}
+
+// Rows [r0, r0 + MR) x the 8 units of block blk.
+template <int MR>
+void tile(const lstm_step::StepArgs& a, int64_t r0, int64_t blk) {
+  const int64_t u = a.u0 + blk * kUnits;
+  const __m256i m = mask8(a.u1 - u);
+  const bool full = a.u1 - u >= kUnits;
+  Acc<MR> acc;
+  if (a.pre) {  // the rows' input pre-activations (torch gate layout), read before the gates may overwrite them
+    const int64_t H = a.H;
+    const float* p0 = a.pre + r0 * a.ldpre + u;
+    const float* p1 = a.pre + (r0 + std::min(1, MR - 1)) * a.ldpre + u;
+    const float* p2 = a.pre + (r0 + std::min(2, MR - 1)) * a.ldpre + u;
+    acc = Acc<MR>{load(full, p0, m),         load(full, p0 + H, m),     load(full, p0 + 2 * H, m),
+                  load(full, p0 + 3 * H, m), load(full, p1, m),         load(full, p1 + H, m),
+                  load(full, p1 + 2 * H, m), load(full, p1 + 3 * H, m), load(full, p2, m),
+                  load(full, p2 + H, m),     load(full, p2 + 2 * H, m), load(full, p2 + 3 * H, m)};
+  } else {
+    const float* b = a.bias + blk * 32;
+    const __m256 bi = _mm256_load_ps(b), bf = _mm256_load_ps(b + 8), bg = _mm256_load_ps(b + 16),
+                 bo = _mm256_load_ps(b + 24);
+    acc = Acc<MR>{bi, bf, bg, bo, bi, bf, bg, bo, bi, bf, bg, bo};
+  }
+  if (a.x) {
+    const float* xr[3];
+    for (int r = 0; r < 3; ++r) xr[r] = a.x + (r0 + std::min(r, MR - 1)) * a.ldx;
+    accumulate<MR>(acc, xr, a.I, a.wx + blk * a.I * 32);
+  }
+  const float* hr[3];
+  for (int r = 0; r < 3; ++r) hr[r] = a.h[r0 + std::min(r, MR - 1)];
+  accumulate<MR>(acc, hr, a.H, a.wh + blk * a.H * 32);
+  cell_row(a, r0, u, full, m, acc.i0, acc.f0, acc.g0, acc.o0);
+  if constexpr (MR > 1) cell_row(a, r0 + 1, u, full, m, acc.i1, acc.f1, acc.g1, acc.o1);
+  if constexpr (MR > 2) cell_row(a, r0 + 2, u, full, m, acc.i2, acc.f2, acc.g2, acc.o2);
+}
+
+}  // namespace
+
+void pack_weights(const float* w, int64_t ldw, int64_t K, int64_t H, int64_t u0, int64_t u1, float* dst) {
+  // Per block, gate and unit: one contiguous torch row read along k, written with a stride of 32 floats (the block's
+  // [i8 f8 g8 o8] per k); units past u1 are zero.
+  const int64_t nb = (u1 - u0 + kUnits - 1) / kUnits;
+  for (int64_t b = 0; b < nb; ++b) {
+    float* d = dst + b * K * 32;
+    const int64_t ub = u0 + b * kUnits, nu = std::min<int64_t>(kUnits, u1 - ub);
+    for (int64_t q = 0; q < 4; ++q)
+      for (int64_t j = 0; j < kUnits; ++j) {
+        float* dq = d + q * 8 + j;
+        if (j < nu) {
+          const float* row = w + (q * H + ub + j) * ldw;
+          for (int64_t k = 0; k < K; ++k) dq[k * 32] = row[k];
+        } else {
+          for (int64_t k = 0; k < K; ++k) dq[k * 32] = 0.f;
+        }
+      }
+  }
+}
+
+void pack_bias(const float* bias, int64_t H, int64_t u0, int64_t u1, float* dst) {
+  const int64_t nb = (u1 - u0 + kUnits - 1) / kUnits;
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t q = 0; q < 4; ++q)
+      for (int64_t j = 0; j < kUnits; ++j) {
+        const int64_t u = u0 + b * kUnits + j;
+        dst[b * 32 + q * 8 + j] = (bias && u < u1) ? bias[q * H + u] : 0.f;
+      }
+}
+
+void step(const lstm_step::StepArgs& a) {
+  const int64_t nb = (a.u1 - a.u0 + kUnits - 1) / kUnits;
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    int64_t r = 0;
+    for (; r + kMR <= a.rows; r += kMR) tile<kMR>(a, r, blk);
+    switch (a.rows - r) {
+      case 2: tile<2>(a, r, blk); break;
+      case 1: tile<1>(a, r, blk); break;
+      default: break;
+    }
+  }
+}
+
+#else
+
+void pack_weights(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*) {}
+void pack_bias(const float*, int64_t, int64_t, int64_t, float*) {}
+void step(const lstm_step::StepArgs&) {}
+
+#endif
+
+}  // namespace lstm_step_avx2
+}  // namespace seqfast
+
+#ifdef SEQFAST_HAVE_AVX2_LSTM
+SEQFAST_TARGET_END
+#endif
+
+namespace seqfast {
+namespace lstm_step_avx2 {
+
+// Outside the AVX2 region: called on any CPU.
+bool available() {
+#ifdef SEQFAST_HAVE_AVX2_LSTM
+  return cpu::has_avx2_fma() && cpu::config().own_gemm;
+#else
+  return false;
+#endif
+}
+
+}  // namespace lstm_step_avx2
+}  // namespace seqfast

@@ -1,0 +1,111 @@
+"""The fused AVX2 LSTM step (csrc/rnn/rnn_sequence_lstm_step_avx2.cpp) against torch.nn.LSTM in float64.
+
+On a CPU with AVX2 + FMA and no AVX-512 kernels, float32 LSTM layers above the GEMV range (3+ rows) run their time
+loop on it. Its two forms are both reached here: the input product inside the step while the thread's packed W_ih and
+W_hh fit half its L2 (small hidden sizes), or the step starting from one GEMM's input pre-activations (hidden 300 x
+input 200: over a megabyte per thread). The shapes put partial 8-unit blocks at the end of a thread's units, row
+counts that leave 1- and 2-row tiles after the 3-row ones, and packed batches that shrink step by step; training
+mode compares the saved-gate backward (in the pre-activation form the gates overwrite the pre-activations in place).
+"""
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import seqfast
+from seqfast import _ext
+
+_C = _ext.module()
+pytestmark = pytest.mark.skipif(
+    _C is None or not _C.has_avx2() or _C.own_gemm_available(),
+    reason="the AVX2 LSTM step runs on CPUs with AVX2 + FMA and without the AVX-512 kernels")
+
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(saved)
+
+
+def _pair(input_size, hidden, **kwargs):
+    ref = torch.nn.LSTM(input_size, hidden, **kwargs).double()
+    ours = seqfast.nn.LSTM(input_size, hidden, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+def _compare_training(ours, ref, x, lengths=None):
+    xs, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    if lengths is not None:
+        ins = pack_padded_sequence(xs, lengths, enforce_sorted=False)
+        inr = pack_padded_sequence(xr, lengths, enforce_sorted=False)
+    else:
+        ins, inr = xs, xr
+    with seqfast.use_backend("cpp"):
+        out, (h, c) = ours(ins)
+    out_r, (h_r, c_r) = ref(inr)
+    if lengths is not None:
+        out, out_r = out.data, out_r.data
+    for got, want in ((out, out_r), (h, h_r), (c, c_r)):
+        torch.testing.assert_close(got.double(), want.detach(), **TOL)
+    grads = [torch.randn_like(t) for t in (out_r, h_r, c_r)]
+    torch.autograd.backward([out, h, c], [g.float() for g in grads])
+    torch.autograd.backward([out_r, h_r, c_r], grads)
+    torch.testing.assert_close(xs.grad.double(), xr.grad, **TOL)
+    for (name, p), pr in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.double(), pr.grad, **TOL, msg=name)
+
+
+@pytest.mark.parametrize("T,batch,input_size,hidden", [
+    (5, 3, 7, 13),      # in-step form, one partial block per thread
+    (4, 8, 16, 24),     # tiles of 3 + 3 + 2 rows
+    (3, 17, 33, 70),    # 5 x 3 + 2 rows, partial blocks
+    (6, 4, 9, 8),       # 3 + 1 rows, one block
+    (3, 5, 200, 300),   # pre-activation form (packed weights above half of L2)
+])
+def test_training_matches_torch(threads, T, batch, input_size, hidden):
+    ours, ref = _pair(input_size, hidden)
+    _compare_training(ours, ref, torch.randn(T, batch, input_size))
+
+
+@pytest.mark.parametrize("hidden", [24, 300])
+def test_packed_batches_shrinking_to_one_row(threads, hidden):
+    # lengths 1..7 over 7 sequences: the step's rows run 7, 6, ..., 1, so every tile shape meets every block
+    ours, ref = _pair(20, hidden)
+    lengths = torch.tensor([7, 3, 5, 1, 6, 2, 4])
+    _compare_training(ours, ref, torch.randn(7, 7, 20), lengths)
+
+
+def test_layers_directions_and_no_bias(threads):
+    ours, ref = _pair(12, 40, num_layers=2, bidirectional=True, bias=False, batch_first=True)
+    _compare_training(ours, ref, torch.randn(6, 5, 12))
+
+
+@pytest.mark.parametrize("hidden", [24, 300])
+def test_inference_matches_torch(threads, hidden):
+    ours, ref = _pair(10, hidden)
+    x = torch.randn(5, 6, 10)
+    with torch.no_grad(), seqfast.use_backend("cpp"):
+        out, (h, c) = ours(x)
+    with torch.no_grad():
+        out_r, (h_r, c_r) = ref(x.double())
+    for got, want in ((out, out_r), (h, h_r), (c, c_r)):
+        torch.testing.assert_close(got.double(), want, **TOL)
+
+
+@pytest.mark.parametrize("hidden", [24, 300])
+def test_saturated_gates_and_nan(hidden):
+    # pre-activations in the hundreds: sigmoid and tanh saturate to exactly 0 / +-1 as torch's do; a NaN in one
+    # sequence's input stays in that sequence's rows, as in torch
+    ours, ref = _pair(6, hidden)
+    x = torch.randn(4, 5, 6) * 300
+    x[2, 1, 3] = float("nan")
+    with torch.no_grad(), seqfast.use_backend("cpp"):
+        out = ours(x)[0]
+    with torch.no_grad():
+        want = ref(x.double())[0]
+    torch.testing.assert_close(out.double(), want, **TOL, equal_nan=True)
+    assert torch.equal(out.isnan(), want.isnan())
