@@ -22,6 +22,7 @@ py::dict config_dict() {
   d["own_gemm"] = c.own_gemm;
   d["fused"] = c.fused;
   d["mkl_pack"] = c.mkl_pack;
+  d["avx2_lstm_step"] = c.avx2_lstm_step;
   d["avx512_attention"] = c.avx512_attention;
   d["par_min_work"] = c.par_min_work;
   d["small_batch"] = c.small_batch;
@@ -42,6 +43,7 @@ py::dict set_config(const py::kwargs& kw) {
     if (k == "own_gemm") c.own_gemm = py::cast<bool>(v);
     else if (k == "fused") c.fused = py::cast<bool>(v);
     else if (k == "mkl_pack") c.mkl_pack = py::cast<bool>(v);
+    else if (k == "avx2_lstm_step") c.avx2_lstm_step = py::cast<bool>(v);
     else if (k == "avx512_attention") c.avx512_attention = py::cast<bool>(v);
     else if (k == "par_min_work") c.par_min_work = py::cast<int64_t>(v);
     else if (k == "small_batch") {

@@ -56,6 +56,9 @@ _ZEN3_OWN_GEMM = ("same-process A/B, rules on / off, rotating order, 7 rounds, o
                   "the same AMD EPYC family 25 model 1")
 _ZEN3_SETTLED = ("same-process A/B, rules on / off, torch interleaved, 11 rounds, each share after the process's other threads "
                  "went idle (benchmarks/timing.py), on commit 06555b1 on the same AMD EPYC family 25 model 1")
+_ZEN3_STEP = ("same-process A/B, torch / seqfast with the rule table off, 8 rounds, each share after the process's other "
+              "threads went idle, on the fused AVX2 LSTM step (commit 5c46dc4 + the barrier's contention test by time "
+              "slept) on the same AMD EPYC family 25 model 1")
 _ZEN3_LATER = ("make bench-sweep runs 201033 and 214300 and make bench runs cpu-20261204-200307 / 214050 on the same "
                "AMD EPYC family 25 model 1")
 
@@ -90,15 +93,17 @@ RULES = [
     # 256, hidden >= 512 (0.81x) is gone: 1.10x at B256 H512, 1.03x at B256 H1024 now.
     Rule("gru_cell", F32, AVX2, training=True, batch=(128, INF), hidden=(512, INF),
          source=_ZEN3_LATER + "; " + _ZEN3_OWN_GEMM),
-    Rule("lstm", F32, AVX2, training=True, batch=(8, INF), hidden=(256, INF), source=_ZEN3),  # 0.77-0.94x
-    # inference at batch >= 8, hidden >= 256 (was batch >= 32, hidden >= 1024 from the first sweep): torch's oneDNN
+    # training from batch 32 at hidden >= 256 (was batch 8, where the sweep read 0.77-0.94x; with the fused AVX2 step
+    # seqfast read 1.14x / 1.16x at B8 H256 / H1024 and 1.02x / 1.00x at B32 H512 / B64 H256, _ZEN3_STEP)
+    Rule("lstm", F32, AVX2, training=True, batch=(32, INF), hidden=(256, INF), source=_ZEN3 + "; " + _ZEN3_STEP),
+    # No inference rule since the fused AVX2 step (_ZEN3_STEP): B32 H256 / B64 H512 / B32 H1024 read 1.34 / 1.08 /
+    # 1.17x, B256 H256 (the loop's packed GEMM) 1.07x. It had covered batch >= 32, hidden >= 256. Its history: at
+    # batch >= 8, hidden >= 256 (was batch >= 32, hidden >= 1024 from the first sweep): torch's oneDNN
     # LSTM was the faster one in most runs of that region (sweeps 194326 / 201033 / 214300: B32 H256 0.74x / 0.78x;
     # make bench cpu-20261204-200307 / 214050, T64: B8 H512 0.93x / 0.82x, B64 H512 0.85x / 0.88x, B8 H256 two
     # layers / bidirectional 0.90-0.96x), though not in all (sweep 214300: B64 H512 1.20x, B8 H512 1.03x)
     # Narrowed to batch >= 32 with the own AVX2 GEMMs (_ZEN3_OWN_GEMM): B8 H256 1.40x, B8 H512 1.23x, B16 H1024
     # 1.43x for seqfast; B32 H256 0.92x, B32 H512 0.96x, B64 H512 0.71x.
-    Rule("lstm", F32, AVX2, training=False, batch=(32, INF), hidden=(256, INF),
-         source=_ZEN3_LATER + "; " + _ZEN3_OWN_GEMM),
     # (a rule for inference at batch >= 64, hidden <= 64 (0.68x) is gone: 1.45x at B64 H64, 1.09x at B256 H64 with the
     # own AVX2 GEMMs, _ZEN3_OWN_GEMM)
     # SDPA (batch = query length >= 2; hidden = key length): torch's CPU flash kernel beats the portable C++ blocks

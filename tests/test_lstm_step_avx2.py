@@ -22,6 +22,15 @@ pytestmark = pytest.mark.skipif(
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
+@pytest.fixture
+def step_off():
+    """The fused loop's GEMM + pointwise pass instead of the step (config avx2_lstm_step=False)."""
+    saved = _C.get_config()["avx2_lstm_step"]
+    _C.set_config(avx2_lstm_step=False)
+    yield
+    _C.set_config(avx2_lstm_step=saved)
+
+
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def threads(request):
     saved = torch.get_num_threads()
@@ -67,6 +76,12 @@ def _compare_training(ours, ref, x, lengths=None):
     (3, 5, 200, 300),   # pre-activation form (packed weights above half of L2)
 ])
 def test_training_matches_torch(threads, T, batch, input_size, hidden):
+    ours, ref = _pair(input_size, hidden)
+    _compare_training(ours, ref, torch.randn(T, batch, input_size))
+
+
+@pytest.mark.parametrize("T,batch,input_size,hidden", [(4, 8, 16, 24), (3, 5, 200, 300)])
+def test_the_path_without_the_step_matches_torch(step_off, threads, T, batch, input_size, hidden):
     ours, ref = _pair(input_size, hidden)
     _compare_training(ours, ref, torch.randn(T, batch, input_size))
 

@@ -20,6 +20,9 @@ struct Config {
   bool fused = true;
   // SEQFAST_CPU_NO_PACK unset: the fused loops pack W_hh slices once with MKL's packed GEMM (no own GEMM).
   bool mkl_pack = true;
+  // SEQFAST_CPU_NO_AVX2_LSTM_STEP unset: on CPUs without the AVX-512 kernels, float32 LSTM layers above the GEMV range
+  // run the fused AVX2 step (rnn_sequence_lstm_step.h); false: the fused loop's GEMM + pointwise pass.
+  bool avx2_lstm_step = true;
   // SEQFAST_CPU_NO_AVX512_ATTN unset: float32 attention runs the AVX-512 block kernels where the CPU has them.
   bool avx512_attention = true;
   // SEQFAST_CPU_PAR_MIN_WORK: multiply-adds below which a step runs on one thread (fork/join costs more).

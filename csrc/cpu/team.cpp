@@ -130,7 +130,6 @@ void TeamBarrier::wait() {
   if (n_ <= 1) return;
   if (aborted_.load(std::memory_order_acquire)) throw TeamAborted();
   const uint32_t g = gen_.load(std::memory_order_acquire);
-  waits_.fetch_add(1, std::memory_order_relaxed);
   if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
     count_.store(0, std::memory_order_relaxed);
     gen_.store(g + 1, std::memory_order_seq_cst);
@@ -148,10 +147,11 @@ void TeamBarrier::wait() {
   }
   // Late teammate: sleep until the generation changes (futex_wait returns at once if it already has).
   spin_.store(std::max(kMinSpin, spin / 2), std::memory_order_relaxed);
-  slept_.fetch_add(1, std::memory_order_relaxed);
+  const int64_t t0 = now_us();
   sleepers_.fetch_add(1, std::memory_order_seq_cst);
   while (gen_.load(std::memory_order_seq_cst) == g) futex_wait(&gen_, g);
   sleepers_.fetch_sub(1, std::memory_order_relaxed);
+  slept_us_.fetch_add(now_us() - t0, std::memory_order_relaxed);
   if (aborted_.load(std::memory_order_acquire)) throw TeamAborted();
 }
 

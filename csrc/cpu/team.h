@@ -11,8 +11,11 @@
 // spin budget adapts: it shrinks while waits end asleep and grows back while they end spinning.
 //
 // Contention: a team's threads may still not all run when they should (other processes or Python threads on the
-// same cores; a loaded machine). A barrier wait that ends asleep, or a parallel_for chunk that starts late, is
-// evidence of it; after two regions in a row with such evidence the next regions run on the calling thread alone (a
+// same cores; a loaded machine). Barrier waits that sleep through a quarter of the teammates' time in a region, or a
+// parallel_for chunk that starts late, are evidence of it (a teammate descheduled for a time slice makes the others
+// sleep that long, step after step; a VM's occasional stall or an uneven step costs a few percent and is not: when
+// the test was "a quarter of the waits ended asleep", LSTM T32 B64 H512 on a quiet 2-vCPU EPYC backed off to one
+// thread in some calls and ran at 1.78 CPUs, 65 against 53 ms); after two regions in a row with such evidence the next regions run on the calling thread alone (a
 // step barrier then costs nothing), a number of regions that doubles while the evidence repeats and resets after a
 // clean multi-threaded region. So an oversubscribed process degrades to one thread per caller, never to waiting a
 // scheduler time slice per step. config().contention_backoff (SEQFAST_CPU_NO_BACKOFF) switches this off.
@@ -78,10 +81,10 @@ class TeamBarrier {
   void wait();
   // Wakes every waiter and makes every later wait() throw TeamAborted.
   void abort();
-  // Contention seen: a good share of the waits had to sleep.
-  bool late() const {
-    const int w = waits_.load(std::memory_order_relaxed), s = slept_.load(std::memory_order_relaxed);
-    return s > 0 && 4 * s >= w;
+  // Contention seen in a region of region_us microseconds: its waits slept through a quarter of the teammates' time.
+  bool late(int64_t region_us) const {
+    const int64_t s = slept_us_.load(std::memory_order_relaxed);
+    return s > 0 && 4 * s >= region_us * (n_ - 1);
   }
 
  private:
@@ -91,7 +94,7 @@ class TeamBarrier {
   std::atomic<int> sleepers_{0};
   std::atomic<int> spin_{kMaxSpin};
   std::atomic<bool> aborted_{false};
-  std::atomic<int> waits_{0}, slept_{0};
+  std::atomic<int64_t> slept_us_{0};
   static constexpr int kMaxSpin = 4096, kMinSpin = 64;
 };
 
@@ -139,6 +142,7 @@ void run_team(int nt, const F& body) {
   }
   TeamBarrier bar;
   ErrorSlot err;
+  const int64_t t0 = now_us();
 #pragma omp parallel num_threads(nt)
   {
 #pragma omp single
@@ -147,7 +151,7 @@ void run_team(int nt, const F& body) {
     if (!err.run([&] { body(omp_get_thread_num(), omp_get_num_threads()); })) bar.abort();
     detail::tl_barrier = nullptr;
   }
-  report_region(bar.late());
+  report_region(bar.late(now_us() - t0));
   err.rethrow();
 }
 

@@ -777,12 +777,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
     // input product runs inside the step while both packed weight slices of a thread fit half its L2 (re-read from
     // there every step, and the longer k loop amortises the cell update: ~80 against ~66 GFLOP/s per Zen 3 core at
     // LSTM B8 H128); above that, re-reading W_ih every step would come from L3, and one GEMM over all steps first
-    // reads it once.
+    // reads it once. That second form stops at 64 rows: beyond, the loop's packed GEMM blocks the rows better than
+    // 3-row tiles reading strided pre-activation rows (LSTM T32 B256 H256 inference, same-process A/B on a Zen 3:
+    // 82 ms against the step's 94 ms; at B32-64, H256-1024 the step read 1.09-1.11x the GEMM loop, and 0.97x once).
+    const int64_t I = x.size(1), units = (H + std::max(nt, 1) - 1) / std::max(nt, 1);
+    const bool in_step =
+        int64_t(sizeof(float)) * lstm_step_avx2::pack_size(I + H, units) <= cpu::l2_cache_bytes() / 2;
     if (std::is_same_v<scalar_t, float> && !sgemm::available() && lstm_step_avx2::available() && nt > 0 &&
-        !fused_gemv<float>(s.bs[0])) {
-      const int64_t I = x.size(1), units = (H + nt - 1) / nt;
-      const int64_t packed_bytes = int64_t(sizeof(float)) * lstm_step_avx2::pack_size(I + H, units);
-      const bool in_step = packed_bytes <= cpu::l2_cache_bytes() / 2;
+        !fused_gemv<float>(s.bs[0]) && (in_step || s.bs[0] <= 64)) {
       Tensor pre;
       if (!in_step) pre = input_proj(x, w_ih, bias.defined() ? &bias : nullptr);  // [N,4H], becomes the workspace
       if (save) gates = pre.defined() ? pre : pooled_empty({x.size(0), 4 * H}, fopt);

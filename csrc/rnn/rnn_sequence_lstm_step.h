@@ -74,7 +74,7 @@ namespace lstm_step_avx2 {
 
 constexpr int64_t kUnits = 8;  // units per packed block
 
-bool available();  // AVX2 + FMA present (cpu/isa.h) and config().own_gemm
+bool available();  // AVX2 + FMA present (cpu/isa.h), config().own_gemm and config().avx2_lstm_step
 
 inline int64_t pack_size(int64_t K, int64_t nunits) { return (nunits + kUnits - 1) / kUnits * K * 4 * kUnits; }
 // As lstm_step::pack_weights / pack_bias, in 8-unit blocks (u0 a multiple of 8).

@@ -198,7 +198,7 @@ namespace lstm_step_avx2 {
 // Outside the AVX2 region: called on any CPU.
 bool available() {
 #ifdef SEQFAST_HAVE_AVX2_LSTM
-  return cpu::has_avx2_fma() && cpu::config().own_gemm;
+  return cpu::has_avx2_fma() && cpu::config().own_gemm && cpu::config().avx2_lstm_step;
 #else
   return false;
 #endif
