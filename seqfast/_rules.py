@@ -96,9 +96,11 @@ RULES = [
     # training from batch 32 at hidden >= 256 (was batch 8, where the sweep read 0.77-0.94x; with the fused AVX2 step
     # seqfast read 1.14x / 1.16x at B8 H256 / H1024 and 1.02x / 1.00x at B32 H512 / B64 H256, _ZEN3_STEP)
     Rule("lstm", F32, AVX2, training=True, batch=(32, INF), hidden=(256, INF), source=_ZEN3 + "; " + _ZEN3_STEP),
-    # No inference rule since the fused AVX2 step (_ZEN3_STEP): B32 H256 / B64 H512 / B32 H1024 read 1.34 / 1.08 /
-    # 1.17x, B256 H256 (the loop's packed GEMM) 1.07x. It had covered batch >= 32, hidden >= 256. Its history: at
-    # batch >= 8, hidden >= 256 (was batch >= 32, hidden >= 1024 from the first sweep): torch's oneDNN
+    # inference from batch 64 at hidden >= 512 (was batch >= 32, hidden >= 256): with the fused AVX2 step
+    # (_ZEN3_STEP) B32 H256 / B32 H1024 read 1.34 / 1.17x and B256 H256 (the loop's packed GEMM) 1.07x, but B64 H512
+    # 1.08x at T32 and 0.93 / 0.95x at T64 (make bench cpu-20261205-053214, without the rule: 0.94x).
+    Rule("lstm", F32, AVX2, training=False, batch=(64, INF), hidden=(512, INF), source=_ZEN3_STEP),
+    # The rule's history: at batch >= 8, hidden >= 256 (was batch >= 32, hidden >= 1024 from the first sweep): torch's oneDNN
     # LSTM was the faster one in most runs of that region (sweeps 194326 / 201033 / 214300: B32 H256 0.74x / 0.78x;
     # make bench cpu-20261204-200307 / 214050, T64: B8 H512 0.93x / 0.82x, B64 H512 0.85x / 0.88x, B8 H256 two
     # layers / bidirectional 0.90-0.96x), though not in all (sweep 214300: B64 H512 1.20x, B8 H512 1.03x)
