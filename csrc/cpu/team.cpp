@@ -89,6 +89,7 @@ void futex_wake_all(std::atomic<uint32_t>*) {}
 std::atomic<int> g_skip{0};
 std::atomic<int> g_backoff{kMinBackoff};
 std::atomic<int> g_late_streak{0};
+std::atomic<int64_t> g_last_end_us{0};  // when the process's last multi-threaded region ended
 
 }  // namespace
 
@@ -105,12 +106,14 @@ bool backing_off() {
   return false;
 }
 
-void report_region(bool late) {
+void report_region(bool late, int64_t start_us) {
+  const int64_t previous_end = g_last_end_us.exchange(now_us(), std::memory_order_relaxed);
   if (!config().contention_backoff) {  // switched off: no skips pending when it is switched back on
     g_skip.store(0, std::memory_order_relaxed);
     g_backoff.store(kMinBackoff, std::memory_order_relaxed);
     return;
   }
+  if (late && start_us - previous_end > kPauseUs) return;  // after a pause: teammates waking, not contention
   if (late) {
     if (g_late_streak.fetch_add(1, std::memory_order_relaxed) + 1 < kLateStreak) return;
     g_late_streak.store(0, std::memory_order_relaxed);

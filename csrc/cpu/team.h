@@ -18,7 +18,10 @@
 // thread in some calls and ran at 1.78 CPUs, 65 against 53 ms); after two regions in a row with such evidence the next regions run on the calling thread alone (a
 // step barrier then costs nothing), a number of regions that doubles while the evidence repeats and resets after a
 // clean multi-threaded region. So an oversubscribed process degrades to one thread per caller, never to waiting a
-// scheduler time slice per step. config().contention_backoff (SEQFAST_CPU_NO_BACKOFF) switches this off.
+// scheduler time slice per step. A region that opens after a pause (no region of the process ended in the last
+// kPauseUs) is no evidence either way: its teammates were asleep, and waking an idle vCPU can take milliseconds.
+// Counted, those wake-ups had kept a benchmark that pauses before every timed share (and a server between requests)
+// on one thread: LSTM T32 B32 H256 inference read 0.82x of torch in full sweeps, 1.43x with the back-off off. config().contention_backoff (SEQFAST_CPU_NO_BACKOFF) switches this off.
 //
 // Errors: an exception thrown by one thread of a region (a failed check, a failed allocation) is captured, the
 // team's barrier is aborted so no teammate waits forever, and the first exception is rethrown on the calling thread
@@ -58,12 +61,15 @@ inline int threads() { return threads(INT64_MAX); }
 // True when the next region should run on the calling thread alone (recent contention); consumes one skipped region.
 // Always false with config().contention_backoff off.
 bool backing_off();
-// Reports how a multi-threaded region went (late = contention seen); ignored with config().contention_backoff off.
-void report_region(bool late);
+// Reports how a multi-threaded region that opened at start_us went (late = contention seen); ignored with
+// config().contention_backoff off.
+void report_region(bool late, int64_t start_us);
 // Microseconds on a steady clock (parallel_for's late-start check).
 int64_t now_us();
 // A parallel_for chunk starting this many microseconds after its region opened counts as late.
 constexpr int64_t kLateStartUs = 2000;
+// Microseconds without a region ending after which the next region's lateness is not counted (see Contention above).
+constexpr int64_t kPauseUs = 5000;
 
 // Thrown inside a team by a barrier whose team was aborted (a teammate failed); run_team swallows it.
 struct TeamAborted {};
@@ -151,7 +157,7 @@ void run_team(int nt, const F& body) {
     if (!err.run([&] { body(omp_get_thread_num(), omp_get_num_threads()); })) bar.abort();
     detail::tl_barrier = nullptr;
   }
-  report_region(bar.late(now_us() - t0));
+  report_region(bar.late(now_us() - t0), t0);
   err.rethrow();
 }
 
@@ -187,7 +193,7 @@ void parallel_for(int64_t n, int64_t grain, const F& f) {
       if (b < e) err.run([&] { f(b, e, c); });
     }
   }
-  report_region(late.load(std::memory_order_relaxed));
+  report_region(late.load(std::memory_order_relaxed), t0);
   err.rethrow();
 }
 
