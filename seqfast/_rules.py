@@ -93,6 +93,10 @@ RULES = [
     # 256, hidden >= 512 (0.81x) is gone: 1.10x at B256 H512, 1.03x at B256 H1024 now.
     Rule("gru_cell", F32, AVX2, training=True, batch=(128, INF), hidden=(512, INF),
          source=_ZEN3_LATER + "; " + _ZEN3_OWN_GEMM),
+    # and from batch 64 at hidden >= 1024: B64 H1024 training read below 1.0x in 9 of the 10 sweeps of
+    # 2026-12-05 (0.75-0.97x; 1.05x once), most recently 0.83x in sweep-cpu-20261205-061836
+    Rule("gru_cell", F32, AVX2, training=True, batch=(64, INF), hidden=(1024, INF),
+         source="make bench-sweep runs sweep-cpu-20261205-001425 to -061836 on the same AMD EPYC family 25 model 1"),
     # training from batch 32 at hidden >= 256 (was batch 8, where the sweep read 0.77-0.94x; with the fused AVX2 step
     # seqfast read 1.14x / 1.16x at B8 H256 / H1024 and 1.02x / 1.00x at B32 H512 / B64 H256, _ZEN3_STEP)
     Rule("lstm", F32, AVX2, training=True, batch=(32, INF), hidden=(256, INF), source=_ZEN3 + "; " + _ZEN3_STEP),
