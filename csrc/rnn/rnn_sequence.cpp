@@ -580,7 +580,6 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& x, const Tensor& pre, 
   constexpr int64_t kUnits = avx2 ? lstm_step_avx2::kUnits : lstm_step::kUnits;
   const auto pack_size = avx2 ? lstm_step_avx2::pack_size : lstm_step::pack_size;
   const auto pack_weights = avx2 ? lstm_step_avx2::pack_weights : lstm_step::pack_weights;
-  const auto pack_bias = avx2 ? lstm_step_avx2::pack_bias : lstm_step::pack_bias;
   const int64_t H = h0.size(1), I = pre.defined() ? 0 : x.size(1);
   const float* xp = x.const_data_ptr<float>();
   const float* pp = pre.defined() ? pre.const_data_ptr<float>() : nullptr;
@@ -610,7 +609,7 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& x, const Tensor& pre, 
     if (nu > 0) {
       if (I) pack_weights(wi, I, I, H, k0, k1, pw_i);
       if (!small) pack_weights(wh, H, H, H, k0, k1, pw_h);
-      pack_bias(bp, H, k0, k1, pb);
+      lstm_step::pack_bias(bp, H, k0, k1, kUnits, pb);
     }
     lstm_step::StepArgs a;
     a.ldx = I;

@@ -192,16 +192,6 @@ void pack_weights(const float* w, int64_t ldw, int64_t K, int64_t H, int64_t u0,
   }
 }
 
-void pack_bias(const float* bias, int64_t H, int64_t u0, int64_t u1, float* dst) {
-  const int64_t nb = (u1 - u0 + kUnits - 1) / kUnits;
-  for (int64_t b = 0; b < nb; ++b)
-    for (int64_t q = 0; q < 4; ++q)
-      for (int64_t j = 0; j < kUnits; ++j) {
-        const int64_t u = u0 + b * kUnits + j;
-        dst[b * 64 + q * 16 + j] = (bias && u < u1) ? bias[q * H + u] : 0.f;
-      }
-}
-
 void step(const StepArgs& a) {
   const int64_t nb = (a.u1 - a.u0 + kUnits - 1) / kUnits;
   for (int64_t blk = 0; blk < nb; ++blk) {
@@ -239,7 +229,6 @@ void gemv_t_small(int64_t rows, const float* const* x, const int64_t* j0, int nb
 #else
 
 void pack_weights(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*) {}
-void pack_bias(const float*, int64_t, int64_t, int64_t, float*) {}
 void step(const StepArgs&) {}
 void step_small(const StepArgs&, const float*) {}
 void gemv_t_small(int64_t, const float* const*, const int64_t*, int, int64_t, const float*, int64_t, int64_t,
@@ -253,3 +242,20 @@ void gemv_t_small(int64_t, const float* const*, const int64_t*, int, int64_t, co
 #ifdef SEQFAST_HAVE_AVX512_LSTM
 SEQFAST_TARGET_END
 #endif
+
+namespace seqfast {
+namespace lstm_step {
+
+// Outside the AVX-512 region: the AVX2 step packs its bias with it too, on any CPU.
+void pack_bias(const float* bias, int64_t H, int64_t u0, int64_t u1, int64_t units, float* dst) {
+  const int64_t nb = (u1 - u0 + units - 1) / units;
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t q = 0; q < 4; ++q)
+      for (int64_t j = 0; j < units; ++j) {
+        const int64_t u = u0 + b * units + j;
+        dst[(b * 4 + q) * units + j] = (bias && u < u1) ? bias[q * H + u] : 0.f;
+      }
+}
+
+}  // namespace lstm_step
+}  // namespace seqfast

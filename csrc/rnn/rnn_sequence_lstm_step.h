@@ -23,8 +23,9 @@ inline int64_t pack_size(int64_t K, int64_t nunits) { return (nunits + kUnits - 
 
 // Packs W [4H, K] (torch layout: gate blocks i, f, g, o of H rows each; row stride ldw) for units [u0, u1).
 void pack_weights(const float* w, int64_t ldw, int64_t K, int64_t H, int64_t u0, int64_t u1, float* dst);
-// Packs bias [4H] (or zeros when bias == nullptr) for units [u0, u1): ceil(n / 16) x 64 floats.
-void pack_bias(const float* bias, int64_t H, int64_t u0, int64_t u1, float* dst);
+// Packs bias [4H] (or zeros when bias == nullptr) for units [u0, u1) in blocks of `units` (16 here, 8 for
+// lstm_step_avx2): ceil(n / units) x 4 units floats. Scalar code outside the ISA regions, shared by both steps.
+void pack_bias(const float* bias, int64_t H, int64_t u0, int64_t u1, int64_t units, float* dst);
 
 struct StepArgs {
   int64_t rows = 0;              // active batch rows of this step
@@ -77,9 +78,8 @@ constexpr int64_t kUnits = 8;  // units per packed block
 bool available();  // AVX2 + FMA present (cpu/isa.h), config().own_gemm and config().avx2_lstm_step
 
 inline int64_t pack_size(int64_t K, int64_t nunits) { return (nunits + kUnits - 1) / kUnits * K * 4 * kUnits; }
-// As lstm_step::pack_weights / pack_bias, in 8-unit blocks (u0 a multiple of 8).
+// As lstm_step::pack_weights, in 8-unit blocks (u0 a multiple of 8); the bias: lstm_step::pack_bias with units = 8.
 void pack_weights(const float* w, int64_t ldw, int64_t K, int64_t H, int64_t u0, int64_t u1, float* dst);
-void pack_bias(const float* bias, int64_t H, int64_t u0, int64_t u1, float* dst);
 void step(const lstm_step::StepArgs& a);
 
 }  // namespace lstm_step_avx2

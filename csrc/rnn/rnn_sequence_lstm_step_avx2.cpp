@@ -154,16 +154,6 @@ void pack_weights(const float* w, int64_t ldw, int64_t K, int64_t H, int64_t u0,
   }
 }
 
-void pack_bias(const float* bias, int64_t H, int64_t u0, int64_t u1, float* dst) {
-  const int64_t nb = (u1 - u0 + kUnits - 1) / kUnits;
-  for (int64_t b = 0; b < nb; ++b)
-    for (int64_t q = 0; q < 4; ++q)
-      for (int64_t j = 0; j < kUnits; ++j) {
-        const int64_t u = u0 + b * kUnits + j;
-        dst[b * 32 + q * 8 + j] = (bias && u < u1) ? bias[q * H + u] : 0.f;
-      }
-}
-
 void step(const lstm_step::StepArgs& a) {
   const int64_t nb = (a.u1 - a.u0 + kUnits - 1) / kUnits;
   for (int64_t blk = 0; blk < nb; ++blk) {
@@ -180,7 +170,6 @@ void step(const lstm_step::StepArgs& a) {
 #else
 
 void pack_weights(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*) {}
-void pack_bias(const float*, int64_t, int64_t, int64_t, float*) {}
 void step(const lstm_step::StepArgs&) {}
 
 #endif
