@@ -59,6 +59,8 @@ _ZEN3_SETTLED = ("same-process A/B, rules on / off, torch interleaved, 11 rounds
 _ZEN3_STEP = ("same-process A/B, torch / seqfast with the rule table off, 8 rounds, each share after the process's other "
               "threads went idle, on the fused AVX2 LSTM step (commit 5c46dc4 + the barrier's contention test by time "
               "slept) on the same AMD EPYC family 25 model 1")
+_ZEN3_DECODE = ("same-process A/B, torch interleaved, 9-11 rounds, each share after the process's other threads went "
+                "idle, on the AVX2 decode kernel (2026-12-05) on the same AMD EPYC family 25 model 1")
 _ZEN3_LATER = ("make bench-sweep runs 201033 and 214300 and make bench runs cpu-20261204-200307 / 214050 on the same "
                "AMD EPYC family 25 model 1")
 
@@ -119,8 +121,13 @@ RULES = [
     # 0.94x, L128 / 1024 at D128 0.94 / 0.93x (only L512 D128 won, 1.23x: the rules have no head-dim bound)
     Rule("sdpa", F32, AVX2, training=False, batch=(2, INF), causal=True, source=_ZEN3 + "; " + _ZEN3_SETTLED),
     Rule("sdpa", BF16, AVX2, training=False, batch=(2, INF), source=_ZEN3),  # 0.63-0.84x (training: 3.0-7.7x)
-    # the decoder step (query length 1): bfloat16 at every length, float32 over 256 keys and fewer
-    Rule("sdpa", F32, AVX2, batch=(1, 1), hidden=(1, 256), source=_ZEN3),  # 0.94x
+    # the decoder step (query length 1): float32 training over 256 keys and fewer (its backward is the generic one:
+    # 0.71x at batch 1 x 8 heads x 16 keys, 0.86x at 256 keys, 0.91x at batch 16 x 64 keys; 1.08x / 1.16x at batch
+    # 16 x 256 / 1024 keys, _ZEN3_DECODE). Inference has no rule since the AVX2 decode kernel
+    # (attention/attention_decode_avx2.h) and the no-mask fast path of seqfast.functional.scaled_dot_product_attention:
+    # 1.01-1.38x at batch 1 (8 heads, 16-1024 keys) and 1.7-2.1x at batch 16-64 (_ZEN3_DECODE); before them, float32
+    # over 256 keys and fewer went to torch's op (0.94x, _ZEN3)
+    Rule("sdpa", F32, AVX2, training=True, batch=(1, 1), hidden=(1, 256), source=_ZEN3_DECODE),
 ]
 
 

@@ -25,6 +25,10 @@ struct Config {
   bool avx2_lstm_step = true;
   // SEQFAST_CPU_NO_AVX512_ATTN unset: float32 attention runs the AVX-512 block kernels where the CPU has them.
   bool avx512_attention = true;
+  // SEQFAST_CPU_NO_AVX2_DECODE unset: float32 / bfloat16 decoder steps (query length 1) run the AVX2 kernel of
+  // attention/attention_decode_avx2.h on CPUs with AVX2 + FMA where the AVX-512 one does not run; false: the
+  // generic row loops.
+  bool avx2_decode = true;
   // SEQFAST_CPU_PAR_MIN_WORK: multiply-adds below which a step runs on one thread (fork/join costs more).
   int64_t par_min_work = int64_t(1) << 17;
   // SEQFAST_CPU_SMALL_BATCH: largest batch the hand-written GEMV takes (at most 16). small_batch_set records

@@ -54,6 +54,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             "sdpa", query, query.shape[-2], key.shape[-2], (query, key, value), is_causal)):
         return torch_F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
                                                     enable_gqa=enable_gqa)
+    if attn_mask is None and dropout_p == 0.0 and query.dim() == key.dim() == value.dim() == 4:
+        # the common call (a decoder step or self-attention, [N, H, len, dim] each, no mask): straight to the op. The
+        # general path's broadcasting and views cost more Python than the kernel takes at batch 1 (a decoder step
+        # over 16 keys and 8 heads: ~20 against ~6 us on a Zen 3 core)
+        qs, ks, vs = query.shape, key.shape, value.shape
+        if (qs[0] == ks[0] == vs[0] and qs[1] == ks[1] == vs[1] and qs[3] == ks[3] and ks[2] == vs[2] and qs[3] > 0
+                and query.dtype == key.dtype == value.dtype and query.device == key.device == value.device):
+            return _ops.sdpa(query.contiguous(), key.contiguous(), value.contiguous(), None, is_causal,
+                             qs[3] ** -0.5 if scale is None else float(scale))[0]
     if not (query.dtype == key.dtype == value.dtype):
         raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got query.dtype: "
                            f"{query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead.")
