@@ -30,19 +30,22 @@ class Rule:
     """torch's op is faster for ``family`` ("lstm", "gru", "rnn", "lstm_cell", "gru_cell", "rnn_cell", "sdpa") in
     ``dtype`` on ``cpus`` when every given bound holds: ``training`` (True / False / None = either), ``batch`` and
     ``hidden`` as inclusive (low, high) ranges (None = any), ``causal`` (SDPA: True / False / None = either).
-    For "sdpa", ``batch`` is the query length and ``hidden`` the key length. ``source``: the sweep run that measured
-    it."""
+    For "sdpa", ``batch`` is the query length, ``hidden`` the key length and ``head_dim`` (an inclusive range, None =
+    any) the query's head dim. ``source``: the sweep run that measured it."""
 
-    def __init__(self, family, dtype, cpus, *, training=None, batch=None, hidden=None, causal=None, source):
+    def __init__(self, family, dtype, cpus, *, training=None, batch=None, hidden=None, causal=None, head_dim=None,
+                 source):
         self.family, self.dtype, self.cpus = family, dtype, frozenset(cpus)
         self.training, self.batch, self.hidden, self.causal, self.source = training, batch, hidden, causal, source
+        self.head_dim = head_dim
 
-    def matches(self, family, dtype, cpu, training, batch, hidden, causal):
+    def matches(self, family, dtype, cpu, training, batch, hidden, causal, head_dim=0):
         return (family == self.family and dtype == self.dtype and cpu in self.cpus
                 and (self.training is None or self.training == training)
                 and (self.causal is None or self.causal == causal)
                 and (self.batch is None or self.batch[0] <= batch <= self.batch[1])
-                and (self.hidden is None or self.hidden[0] <= hidden <= self.hidden[1]))
+                and (self.hidden is None or self.hidden[0] <= hidden <= self.hidden[1])
+                and (self.head_dim is None or self.head_dim[0] <= head_dim <= self.head_dim[1]))
 
 
 BF16 = torch.bfloat16
@@ -61,6 +64,8 @@ _ZEN3_STEP = ("same-process A/B, torch / seqfast with the rule table off, 8 roun
               "slept) on the same AMD EPYC family 25 model 1")
 _ZEN3_DECODE = ("same-process A/B, torch interleaved, 9-11 rounds, each share after the process's other threads went "
                 "idle, on the AVX2 decode kernel (2026-12-05) on the same AMD EPYC family 25 model 1")
+_ZEN3_ATTN = ("same-process A/B, torch interleaved, 7 rounds, each share after the process's other threads went idle, "
+              "on the AVX2 attention forward block (2026-12-05) on the same AMD EPYC family 25 model 1")
 _ZEN3_LATER = ("make bench-sweep runs 201033 and 214300 and make bench runs cpu-20261204-200307 / 214050 on the same "
                "AMD EPYC family 25 model 1")
 
@@ -114,12 +119,19 @@ RULES = [
     # 1.43x for seqfast; B32 H256 0.92x, B32 H512 0.96x, B64 H512 0.71x.
     # (a rule for inference at batch >= 64, hidden <= 64 (0.68x) is gone: 1.45x at B64 H64, 1.09x at B256 H64 with the
     # own AVX2 GEMMs, _ZEN3_OWN_GEMM)
-    # SDPA (batch = query length >= 2; hidden = key length): torch's CPU flash kernel beats the portable C++ blocks
-    Rule("sdpa", F32, AVX2, batch=(2, INF), causal=False, source=_ZEN3),  # 0.34-0.80x
-    Rule("sdpa", F32, AVX2, training=True, batch=(2, INF), causal=True, source=_ZEN3),  # 0.64-1.28x, 2 of 3 below
-    # causal inference from 2 query rows (was 512): L64 / 128 / 256 / 512 at D64 read 0.59 / 0.81 / 0.74 /
-    # 0.94x, L128 / 1024 at D128 0.94 / 0.93x (only L512 D128 won, 1.23x: the rules have no head-dim bound)
-    Rule("sdpa", F32, AVX2, training=False, batch=(2, INF), causal=True, source=_ZEN3 + "; " + _ZEN3_SETTLED),
+    # SDPA (batch = query length >= 2; hidden = key length). Training runs the generic backward: non-causal it loses
+    # to torch's CPU flash kernel (0.34-0.80x, _ZEN3; 0.92x with the AVX2 forward block below, _ZEN3_ATTN); causal,
+    # with the AVX2 forward, from 256 query rows it wins (L256-2048 at head dim 64-128: 1.16-1.62x, _ZEN3_ATTN),
+    # below it ties or loses (L192 1.06x, L128 0.94x; before the AVX2 forward 0.64-1.28x, _ZEN3).
+    Rule("sdpa", F32, AVX2, training=True, batch=(2, INF), causal=False, source=_ZEN3 + "; " + _ZEN3_ATTN),
+    Rule("sdpa", F32, AVX2, training=True, batch=(2, 255), causal=True, source=_ZEN3 + "; " + _ZEN3_ATTN),
+    # Inference runs the AVX2 forward block (attention/attention_fwd_avx2.h) from 65 query rows (_ZEN3_ATTN, 8 heads,
+    # torch / seqfast: causal L128-2048 at head dim 64-128 1.15-1.81x; non-causal 1.06-1.18x up to head dim 64,
+    # 1.00-1.15x at 96, 0.91-0.96x at 128, which stays with torch). At 2-64 query rows both take tens of microseconds
+    # and the fixed costs decide: 0.75-1.16x, torch's op runs. (Before the AVX2 block: causal inference read
+    # 0.59-0.94x, 1.23x once, _ZEN3_SETTLED; non-causal 0.34-0.80x.)
+    Rule("sdpa", F32, AVX2, training=False, batch=(2, 64), source=_ZEN3_ATTN),
+    Rule("sdpa", F32, AVX2, training=False, batch=(2, INF), causal=False, head_dim=(65, INF), source=_ZEN3_ATTN),
     Rule("sdpa", BF16, AVX2, training=False, batch=(2, INF), source=_ZEN3),  # 0.63-0.84x (training: 3.0-7.7x)
     # the decoder step (query length 1): float32 training over 256 keys and fewer (its backward is the generic one:
     # 0.71x at batch 1 x 8 heads x 16 keys, 0.86x at 256 keys, 0.91x at batch 16 x 64 keys; 1.08x / 1.16x at batch
@@ -132,9 +144,9 @@ RULES = [
 
 
 @functools.lru_cache(maxsize=4096)
-def _lookup(family, dtype, training, batch, hidden, causal=False):
+def _lookup(family, dtype, training, batch, hidden, causal=False, head_dim=0):
     cpu = cpu_class()
-    return any(rule.matches(family, dtype, cpu, training, batch, hidden, causal) for rule in RULES)
+    return any(rule.matches(family, dtype, cpu, training, batch, hidden, causal, head_dim) for rule in RULES)
 
 
 def _covered_here():
@@ -165,17 +177,17 @@ def covers(family, dtype, training):
     return (family, dtype, training) in _covered
 
 
-def prefer_torch(family, tensor, batch, hidden, grad_tensors, causal=False):
+def prefer_torch(family, tensor, batch, hidden, grad_tensors, causal=False, head_dim=0):
     """Whether torch's own op is the faster choice for this call: CPU tensors, no backend forced, not while
     torch.compile traces (the graph keeps seqfast's ops), and a rule matches (memoised per shape). For "sdpa",
-    ``batch`` is the query length and ``hidden`` the key length. The call trains (a rule's ``training`` side) when
-    grad mode is on and one of ``grad_tensors`` (an iterable, read only in grad mode; None entries skipped) requires
-    grad."""
+    ``batch`` is the query length, ``hidden`` the key length and ``head_dim`` the query's head dim. The call trains (a
+    rule's ``training`` side) when grad mode is on and one of ``grad_tensors`` (an iterable, read only in grad mode;
+    None entries skipped) requires grad."""
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_tensors)
-    return prefer_torch_when(family, tensor, batch, hidden, training, causal)
+    return prefer_torch_when(family, tensor, batch, hidden, training, causal, head_dim)
 
 
-def prefer_torch_when(family, tensor, batch, hidden, training, causal=False):
+def prefer_torch_when(family, tensor, batch, hidden, training, causal=False, head_dim=0):
     """:func:`prefer_torch` for a caller that knows whether the call trains."""
     if torch.compiler.is_compiling():  # first: Dynamo cannot trace the CPU feature queries behind covers()
         return False
@@ -184,7 +196,7 @@ def prefer_torch_when(family, tensor, batch, hidden, training, causal=False):
         return False  # the common case
     if _backend.forced_backend() is not None:
         return False
-    return _lookup(family, dtype, training, batch, hidden, causal)
+    return _lookup(family, dtype, training, batch, hidden, causal, head_dim)
 
 
 # bfloat16 on a CPU without native bfloat16 (classes "avx2" and "avx512": no AVX512_BF16 / AMX). torch's bfloat16

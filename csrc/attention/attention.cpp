@@ -10,7 +10,9 @@
 // (decode_kernel: no GEMM, which runs emulated on CPUs without native bfloat16). float64 is exact-ish and is what
 // the gradient tests use.
 // float32 on CPUs with AVX-512 takes attention_avx512.h instead, forward and backward (register-tiled loops on
-// transposed blocks, attention_avx512*.cpp); float64, bfloat16 and CPUs without AVX-512 run the BLAS path below.
+// transposed blocks, attention_avx512*.cpp); on CPUs with AVX2 and no AVX-512 kernels the float32 forward takes
+// attention_fwd_avx2.h (the same transposed layout on the own AVX2 GEMM) and decoder steps attention_decode_avx2.h.
+// float64, bfloat16 and the other backwards run the BLAS path below.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
@@ -26,6 +28,7 @@
 #include "attention/attention.h"
 #include "attention/attention_avx512.h"
 #include "attention/attention_decode_avx2.h"
+#include "attention/attention_fwd_avx2.h"
 #include "attention/attention_vec.h"
 #include "cpu/block_pool.h"
 #include "cpu/config.h"
@@ -622,6 +625,57 @@ void fwd_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   });
 }
 
+// float32 forward on AVX2 CPUs without the AVX-512 kernels: the same task split as fwd_avx512, one attn_avx2 query
+// block per task.
+void fwd_avx2(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* bias, bool causal,
+              double scale, at::Tensor& out, at::Tensor& lse) {
+  const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Hk = k.size(1), Lk = k.size(2), Dv = v.size(3);
+  const int64_t G = Hq / Hk, Bq = attn_avx2::kBq;
+  const int64_t nqb = (Lq + Bq - 1) / Bq;
+  const Inputs<float> in(q, k, v, bias);
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  const int64_t wsz = attn_avx2::fwd_workspace(D, Dv);
+  // tasks per thread: at least config().par_min_work multiply-adds each (a short sequence's few microseconds of work
+  // run on the calling thread instead of waking a team for them)
+  const int64_t task_work = std::max<int64_t>(1, std::min(Bq, Lq) * (causal ? std::min(Lk, Lq) : Lk) * (D + Dv));
+  const int64_t grain = std::max<int64_t>(1, cpu::config().par_min_work / task_work);
+  cpu::parallel_for(N * Hq * nqb, grain, [&](int64_t begin, int64_t end, int) {
+    block_pool::Floats ws_buf(wsz);
+    TORCH_CHECK(ws_buf.ok(), "seqfast sdpa: out of memory for the attention workspace");
+    float* ws = ws_buf.get();
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nh = t / nqb, idx = t % nqb;
+      const int64_t qb = query_block_order(idx, nqb, causal);
+      const int64_t n = nh / Hq, h = nh % Hq, hk = h / G;
+      attn_avx2::FwdBlock a;
+      a.i0 = qb * Bq;
+      a.mq = std::min(Bq, Lq - a.i0);
+      a.q = in.q.head(n, h) + a.i0 * in.q.sl;
+      a.sq = in.q.sl;
+      a.D = D;
+      a.k = in.k.head(n, hk);
+      a.sk = in.k.sl;
+      a.v = in.v.head(n, hk);
+      a.sv = in.v.sl;
+      a.Dv = Dv;
+      a.kv_end = causal ? std::min(Lk, a.i0 + a.mq) : Lk;
+      a.scale = static_cast<float>(scale);
+      if (const float* b = in.bias.head(n, h)) {
+        a.bias = b + a.i0 * in.bias.si;
+        a.bsi = in.bias.si;
+        a.bsj = in.bias.sj;
+      }
+      a.causal = causal;
+      a.out = op + (nh * Lq + a.i0) * Dv;
+      a.so = Dv;
+      a.lse = lp + nh * Lq + a.i0;
+      attn_avx2::fwd_block(a, ws);
+    }
+  });
+}
+
 // The checks every SDPA entry makes before a kernel reads a raw pointer (RuntimeError naming the argument).
 void check_sdpa_inputs(const char* fn, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const std::optional<at::Tensor>& bias) {
@@ -680,6 +734,10 @@ std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q_, const at::
   }
   if (q.scalar_type() == at::kFloat && use_avx512()) {
     fwd_avx512(q, k, v, bp, is_causal, scale, out, lse);
+    return {out, lse};
+  }
+  if (q.scalar_type() == at::kFloat && attn_avx2::fwd_available()) {
+    fwd_avx2(q, k, v, bp, is_causal, scale, out, lse);
     return {out, lse};
   }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "seqfast_sdpa_forward", [&] {

@@ -51,7 +51,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     # (its own errors), and a decoder step spends no Python on views it never uses (at 256 keys that Python cost
     # 7% of torch's step, measured in one process).
     if query.dim() >= 2 and key.dim() >= 2 and (_ops.sdpa.runs_torch_op(query) or _rules.prefer_torch(
-            "sdpa", query, query.shape[-2], key.shape[-2], (query, key, value), is_causal)):
+            "sdpa", query, query.shape[-2], key.shape[-2], (query, key, value), is_causal, query.shape[-1])):
         return torch_F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
                                                     enable_gqa=enable_gqa)
     if attn_mask is None and dropout_p == 0.0 and query.dim() == key.dim() == value.dim() == 4:

@@ -1,0 +1,51 @@
+// float32 flash-attention forward block for x86-64 CPUs with AVX2 + FMA (seqfast._C internal; attention_fwd_avx2.cpp).
+// attention.cpp runs it where the AVX-512 kernels do not.
+//
+// One task = one query block (up to kBq = 64 rows) of one (batch, head). Like the AVX-512 block it works transposed,
+// queries along the vector lanes (8 ymm of 8 queries), so the online softmax's maxima and sums are vertical vector
+// operations and neither K nor V is copied:
+//   * S^T [keys x queries] = K_blk (scale Q_blk)^T on the own outer-product GEMM (cpu/sgemm_nn.h): K rows are its
+//     broadcast operand, read in place; only the Q block is packed (transposed, scaled) once per task;
+//   * O^T [value columns x queries] += V_blk^T P^T on the same kernel, V read in place as the broadcast operand (a
+//     strided A) and P^T as the softmax left it; O^T is transposed to the output once per task.
+// Why: the generic path's block GEMMs went to the BLAS, and the torch wheel's MKL runs its generic code on AMD CPUs;
+// torch's own CPU flash kernel was the faster of the two on a Zen 3 (0.34-0.80x for seqfast without causal masking).
+// Causal key blocks past the diagonal are never visited. Single-threaded, no allocation; callers check available().
+#pragma once
+
+#include <cstdint>
+
+namespace seqfast {
+namespace attn_avx2 {
+
+bool fwd_available();  // AVX2 + FMA (the own AVX2 GEMMs available) and config().avx2_attention
+
+constexpr int64_t kBq = 64;   // query rows per task
+constexpr int64_t kBk = 256;  // keys per score block
+
+struct FwdBlock {
+  const float* q = nullptr;     // query row r at q + r * sq (D floats)
+  int64_t sq = 0, D = 0;
+  const float* k = nullptr;     // key j at k + j * sk (D floats)
+  int64_t sk = 0;
+  const float* v = nullptr;     // value j at v + j * sv (Dv floats)
+  int64_t sv = 0, Dv = 0;
+  int64_t kv_end = 0;           // keys [0, kv_end) are visited
+  float scale = 1.f;
+  int64_t mq = 0;               // query rows in this block (1..kBq)
+  int64_t i0 = 0;               // query index of row 0 (causal: row r sees keys j <= i0 + r)
+  const float* bias = nullptr;  // additive mask of row r, key j at bias + r * bsi + j * bsj, or nullptr
+  int64_t bsi = 0, bsj = 0;
+  bool causal = false;
+  float* out = nullptr;         // row r at out + r * so (Dv floats)
+  int64_t so = 0;
+  float* lse = nullptr;         // mq floats; -inf for a fully masked row (whose output is 0), NaN for a NaN score
+};
+
+// Floats of scratch a task needs (caller-owned, reusable across tasks).
+int64_t fwd_workspace(int64_t D, int64_t Dv);
+
+void fwd_block(const FwdBlock& a, float* ws);
+
+}  // namespace attn_avx2
+}  // namespace seqfast
