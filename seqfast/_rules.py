@@ -119,13 +119,13 @@ RULES = [
     # 1.43x for seqfast; B32 H256 0.92x, B32 H512 0.96x, B64 H512 0.71x.
     # (a rule for inference at batch >= 64, hidden <= 64 (0.68x) is gone: 1.45x at B64 H64, 1.09x at B256 H64 with the
     # own AVX2 GEMMs, _ZEN3_OWN_GEMM)
-    # SDPA (batch = query length >= 2; hidden = key length). Training runs the generic backward: non-causal it loses
-    # to torch's CPU flash kernel (0.34-0.80x, _ZEN3; 0.92x with the AVX2 forward block below, _ZEN3_ATTN); causal,
-    # with the AVX2 forward, from 256 query rows it wins (L256-2048 at head dim 64-128: 1.16-1.62x, _ZEN3_ATTN),
-    # below it ties or loses (L192 1.06x, L128 0.94x; before the AVX2 forward 0.64-1.28x, _ZEN3).
-    Rule("sdpa", F32, AVX2, training=True, batch=(2, INF), causal=False, source=_ZEN3 + "; " + _ZEN3_ATTN),
-    Rule("sdpa", F32, AVX2, training=True, batch=(2, 255), causal=True, source=_ZEN3 + "; " + _ZEN3_ATTN),
-    # Inference runs the AVX2 forward block (attention/attention_fwd_avx2.h) from 65 query rows (_ZEN3_ATTN, 8 heads,
+    # SDPA (batch = query length >= 2; hidden = key length). Training runs the AVX2 forward and backward blocks
+    # (attention/attention_avx2.h) and wins from 129 query rows (_ZEN3_ATTN, 8 heads, torch / seqfast: causal
+    # L192-2048 1.22-1.79x, non-causal L256-512 at head dim 64-128 1.07-1.18x); at 2-128 rows the fixed costs decide
+    # (L8-64 0.71-0.96x, L128 0.98-1.18x) and torch's op runs. (With the BLAS backward: non-causal 0.34-0.80x, causal
+    # 0.64-1.28x, _ZEN3.)
+    Rule("sdpa", F32, AVX2, training=True, batch=(2, 128), source=_ZEN3 + "; " + _ZEN3_ATTN),
+    # Inference runs the AVX2 forward block (attention/attention_avx2.h) from 65 query rows (_ZEN3_ATTN, 8 heads,
     # torch / seqfast: causal L128-2048 at head dim 64-128 1.15-1.81x; non-causal 1.06-1.18x up to head dim 64,
     # 1.00-1.15x at 96, 0.91-0.96x at 128, which stays with torch). At 2-64 query rows both take tens of microseconds
     # and the fixed costs decide: 0.75-1.16x, torch's op runs. (Before the AVX2 block: causal inference read

@@ -10,9 +10,9 @@
 // (decode_kernel: no GEMM, which runs emulated on CPUs without native bfloat16). float64 is exact-ish and is what
 // the gradient tests use.
 // float32 on CPUs with AVX-512 takes attention_avx512.h instead, forward and backward (register-tiled loops on
-// transposed blocks, attention_avx512*.cpp); on CPUs with AVX2 and no AVX-512 kernels the float32 forward takes
-// attention_fwd_avx2.h (the same transposed layout on the own AVX2 GEMM) and decoder steps attention_decode_avx2.h.
-// float64, bfloat16 and the other backwards run the BLAS path below.
+// transposed blocks, attention_avx512*.cpp); on CPUs with AVX2 and no AVX-512 kernels the float32 forward and backward
+// take attention_avx2.h (the same transposed layout on the own AVX2 GEMM) and decoder steps attention_decode_avx2.h.
+// float64, bfloat16, and float32 backwards of fewer than 8 query rows run the BLAS path below.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
@@ -28,7 +28,7 @@
 #include "attention/attention.h"
 #include "attention/attention_avx512.h"
 #include "attention/attention_decode_avx2.h"
-#include "attention/attention_fwd_avx2.h"
+#include "attention/attention_avx2.h"
 #include "attention/attention_vec.h"
 #include "cpu/block_pool.h"
 #include "cpu/config.h"
@@ -491,12 +491,17 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
   // float32 on AVX-512: each query block's key range runs on attn512::bwd_block (same tasks, same dQ/dK/dV buffers).
   bool avx512 = false;
   if constexpr (std::is_same_v<scalar_t, float>) avx512 = use_avx512();  // Bq <= kBq
-  const int64_t ws512_size = avx512 ? attn512::bwd_workspace(D, Dv) : 0;
+  // float32 on AVX2 CPUs without the AVX-512 kernels: attn_avx2::bwd_block, the same way, from 8 query rows (its
+  // queries run along 8-float vectors: a decoder step's one query row would compute 8 lanes for one; the BLAS
+  // blocks below keep those)
+  bool avx2 = false;
+  if constexpr (std::is_same_v<scalar_t, float>) avx2 = !avx512 && Lq >= 8 && attn_avx2::blocks_available();
+  const int64_t ws512_size = avx512 ? attn512::bwd_workspace(D, Dv) : avx2 ? attn_avx2::bwd_workspace(D, Dv) : 0;
 
   cpu::parallel_for(N * Hk * splits, 1, [&](int64_t begin, int64_t end, int) {
     block_pool::Floats ws512_buf;
-    if (avx512) ws512_buf.reset(ws512_size);
-    TORCH_CHECK(!avx512 || ws512_buf.ok(), "seqfast sdpa backward: out of memory for the workspace");
+    if (avx512 || avx2) ws512_buf.reset(ws512_size);
+    TORCH_CHECK(!(avx512 || avx2) || ws512_buf.ok(), "seqfast sdpa backward: out of memory for the workspace");
     float* ws512 = ws512_buf.get();
     std::vector<acc_t> S(Bq * Bk), dS(Bq * Bk), dQa(Bq * D), delta(Bq), lser(Bq);
     std::vector<acc_t> dKa, dVa;
@@ -541,7 +546,7 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
             // +inf: a fully masked row (sdpa_backward maps the forward's -inf), P = 0. NaN stays live: NaN grads.
             any_live |= !(lser[r] == std::numeric_limits<acc_t>::infinity());
           }
-          if (any_live && avx512) {
+          if (any_live && (avx512 || avx2)) {
             if constexpr (std::is_same_v<scalar_t, float>) {
               attn512::BwdBlock a;
               set_block(a, in, n, h, hk, i0, mq, kv_end, causal, scale);
@@ -554,7 +559,8 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
               a.sdq = D;
               a.dk = dKa.data();
               a.dv = dVa.data();
-              attn512::bwd_block(a, ws512);
+              if (avx512) attn512::bwd_block(a, ws512);
+              else attn_avx2::bwd_block(a, ws512);
             }
           } else if (any_live) {
             for (int64_t j0 = jlo; j0 < kv_end; j0 += Bk) {
@@ -736,7 +742,7 @@ std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q_, const at::
     fwd_avx512(q, k, v, bp, is_causal, scale, out, lse);
     return {out, lse};
   }
-  if (q.scalar_type() == at::kFloat && attn_avx2::fwd_available()) {
+  if (q.scalar_type() == at::kFloat && attn_avx2::blocks_available()) {
     fwd_avx2(q, k, v, bp, is_causal, scale, out, lse);
     return {out, lse};
   }

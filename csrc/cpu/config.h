@@ -29,8 +29,9 @@ struct Config {
   // attention/attention_decode_avx2.h on CPUs with AVX2 + FMA where the AVX-512 one does not run; false: the
   // generic row loops.
   bool avx2_decode = true;
-  // SEQFAST_CPU_NO_AVX2_ATTN unset: the float32 attention forward (query length > 1) runs the AVX2 block kernel of
-  // attention/attention_fwd_avx2.h on CPUs with AVX2 + FMA where the AVX-512 one does not run; false: the BLAS path.
+  // SEQFAST_CPU_NO_AVX2_ATTN unset: the float32 attention forward (query length > 1) and backward (8+ query rows) run
+  // the AVX2 blocks of attention/attention_avx2.h on CPUs with AVX2 + FMA where the AVX-512 ones do not run; false:
+  // the BLAS blocks.
   bool avx2_attention = true;
   // SEQFAST_CPU_PAR_MIN_WORK: multiply-adds below which a step runs on one thread (fork/join costs more).
   int64_t par_min_work = int64_t(1) << 17;

@@ -1,7 +1,7 @@
-// AVX2 float32 flash-attention forward block. See attention_fwd_avx2.h for the transposed layout and why.
+// AVX2 float32 flash-attention forward block. See attention_avx2.h for the transposed layout and why.
 // Compiled for AVX2 + FMA by the target pragma below; no ATen headers here (the rule of cpu/isa.h). The two products
 // run on the own AVX2 GEMM (cpu/sgemm_nn.h, its own translation unit).
-#include "attention/attention_fwd_avx2.h"
+#include "attention/attention_avx2.h"
 
 #include <algorithm>
 #include <cmath>
@@ -18,7 +18,7 @@ namespace attn_avx2 {
 
 // Compiled for the baseline ISA, outside the AVX2 region: this is the guard (sgemm_nt::available(): AVX2 + FMA and
 // the own AVX2 GEMMs allowed, which sgemm_nn shares).
-bool fwd_available() { return sgemm_nt::available() && cpu::config().avx2_attention; }
+bool blocks_available() { return sgemm_nt::available() && cpu::config().avx2_attention; }
 
 int64_t fwd_workspace(int64_t D, int64_t Dv) { return (D + kBk + Dv + 3) * kBq; }
 

@@ -1,13 +1,18 @@
-"""The AVX2 float32 attention forward block (csrc/attention/attention_fwd_avx2.cpp) against torch's SDPA in float64.
+"""The AVX2 float32 attention blocks (csrc/attention/attention_avx2.cpp, attention_avx2_bwd.cpp) against torch's SDPA
+in float64.
 
 On a CPU with AVX2 + FMA and without the AVX-512 kernels, a float32 attention forward with two or more query rows
-runs this kernel (64-query blocks, 256-key blocks, queries along the vector lanes). The shapes put query counts off
+runs the forward block (64-query blocks, 256-key blocks, queries along the vector lanes), and every float32 backward
+the backward block (64-query blocks against 128-key blocks). The shapes put query counts off
 its 8-lane vectors and 64-row blocks (2, 7, 65, 130), key counts across its key blocks (1, 9, 257, 300: the online
 softmax's rescale), head dims and value dims off the vectors (13, 24, 70, 96), GQA, causal masking with fewer or
 more keys than queries (top-left, as torch), bool masks with fully masked rows (also rows masked through the whole
 first key block only), additive masks varying by query or broadcast over queries (stride 0), and a NaN. The log-sum-
-exp it returns is what the backward reads, so training gradients are compared too. Every case also runs with the
-kernel switched off (config avx2_attention=False: the BLAS block path), which must agree.
+exp it returns is what the backward reads. The backward's cases: GQA, masks (a fully masked row gets zero
+gradients), causal blocks with fewer than 64 queries, key ranges split across tasks (batch x heads below the thread
+count), a NaN, and query blocks below 8 rows (one query row: the decoder step's backward), which keep the BLAS
+blocks. Every case also runs with the kernels switched off
+(config avx2_attention=False: the BLAS block path), which must agree.
 """
 import math
 
@@ -158,3 +163,75 @@ def test_training_gradients(causal, kernel_on):
     torch.testing.assert_close(out.double(), ref, **TOL)
     for ours, theirs in ((qs, qr), (ks, kr), (vs, vr)):
         torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=1e-4, atol=1e-4)
+
+
+BWD_SHAPES = {  # N, Hq, Hk, L, S, D, Dv
+    "one_query": (2, 2, 2, 1, 37, 16, 16),
+    "q7_k9_d13": (1, 3, 3, 7, 9, 13, 13),
+    "q65_k300_dv24": (1, 2, 2, 65, 300, 32, 24),
+    "gqa_q70_k150": (2, 4, 2, 70, 150, 24, 40),
+}
+
+
+def _grads(q, k, v, mask=None, causal=False, gqa=False, double=False):
+    ts = [(t.double() if double else t.clone()).requires_grad_() for t in (q, k, v)]
+    m = mask.double() if double and mask is not None and mask.dtype != torch.bool else mask
+    g = torch.Generator().manual_seed(11)
+    if double:
+        out = F.scaled_dot_product_attention(*ts, attn_mask=m, is_causal=causal, enable_gqa=gqa)
+    else:
+        with seqfast.use_backend("cpp"):
+            out = seqfast.functional.scaled_dot_product_attention(*ts, attn_mask=m, is_causal=causal, enable_gqa=gqa)
+    out.backward(torch.randn(out.shape, generator=g).to(out.dtype))
+    return [t.grad for t in ts]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", list(BWD_SHAPES))
+def test_backward_matches_torch(shape, causal, kernel_on, threads):
+    N, Hq, Hk, L, S, D, Dv = BWD_SHAPES[shape]
+    q, k, v = _inputs(N, Hq, Hk, L, S, D, Dv, seed=4)
+    gqa = Hq != Hk
+    ours = _grads(q, k, v, causal=causal, gqa=gqa)
+    ref = _grads(q, k, v, causal=causal, gqa=gqa, double=True)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float_per_query"])
+def test_backward_masks(mask_kind, kernel_on):
+    """A bool mask with a fully masked row (torch's grads there are NaN-free zeros after nan_to_num; seqfast gives
+    zeros) and an additive mask varying by query."""
+    q, k, v = _inputs(1, 2, 2, 66, 140, 16, 16, seed=6)
+    g = torch.Generator().manual_seed(8)
+    if mask_kind == "bool":
+        mask = torch.rand(1, 2, 66, 140, generator=g) > 0.3
+        mask[..., 0] = True
+    else:
+        mask = torch.randn(1, 2, 66, 140, generator=g)
+    ours = _grads(q, k, v, mask=mask)
+    ref = _grads(q, k, v, mask=mask, double=True)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+def test_backward_fully_masked_row_gets_zero_grads(kernel_on):
+    q, k, v = _inputs(1, 1, 1, 10, 20, 8, 8, seed=9)
+    mask = torch.ones(1, 1, 10, 20, dtype=torch.bool)
+    mask[0, 0, 4] = False
+    dq, dk, dv = _grads(q, k, v, mask=mask)
+    assert torch.equal(dq[0, 0, 4], torch.zeros(8))
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+
+
+def test_backward_nan_in_keys(kernel_on):
+    """A NaN key gives NaN gradients exactly where torch's are NaN (dQ = dS K reaches every row through the NaN key,
+    even the causally masked ones: 0 x NaN), and the same values elsewhere."""
+    q, k, v = _inputs(1, 1, 1, 40, 40, 8, 8, seed=10)
+    k[0, 0, 20, 2] = float("nan")
+    ours = _grads(q, k, v, causal=True)
+    ref = _grads(q, k, v, causal=True, double=True)
+    assert torch.isnan(ours[0]).any()
+    for a, b in zip(ours, ref):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        torch.testing.assert_close(a.double().nan_to_num(), b.nan_to_num(), rtol=1e-4, atol=1e-4)

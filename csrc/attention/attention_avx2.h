@@ -1,5 +1,5 @@
-// float32 flash-attention forward block for x86-64 CPUs with AVX2 + FMA (seqfast._C internal; attention_fwd_avx2.cpp).
-// attention.cpp runs it where the AVX-512 kernels do not.
+// float32 flash-attention forward and backward blocks for x86-64 CPUs with AVX2 + FMA (seqfast._C internal;
+// attention_avx2.cpp, attention_avx2_bwd.cpp). attention.cpp runs them where the AVX-512 kernels do not.
 //
 // One task = one query block (up to kBq = 64 rows) of one (batch, head). Like the AVX-512 block it works transposed,
 // queries along the vector lanes (8 ymm of 8 queries), so the online softmax's maxima and sums are vertical vector
@@ -10,15 +10,17 @@
 //     strided A) and P^T as the softmax left it; O^T is transposed to the output once per task.
 // Why: the generic path's block GEMMs went to the BLAS, and the torch wheel's MKL runs its generic code on AMD CPUs;
 // torch's own CPU flash kernel was the faster of the two on a Zen 3 (0.34-0.80x for seqfast without causal masking).
-// Causal key blocks past the diagonal are never visited. Single-threaded, no allocation; callers check available().
+// Causal key blocks past the diagonal are never visited. Single-threaded, no allocation; callers check blocks_available().
 #pragma once
 
 #include <cstdint>
 
+#include "attention/attention_avx512.h"  // attn512::BwdBlock (plain arguments, no AVX-512 code)
+
 namespace seqfast {
 namespace attn_avx2 {
 
-bool fwd_available();  // AVX2 + FMA (the own AVX2 GEMMs available) and config().avx2_attention
+bool blocks_available();  // AVX2 + FMA (the own AVX2 GEMMs available) and config().avx2_attention
 
 constexpr int64_t kBq = 64;   // query rows per task
 constexpr int64_t kBk = 256;  // keys per score block
@@ -46,6 +48,17 @@ struct FwdBlock {
 int64_t fwd_workspace(int64_t D, int64_t Dv);
 
 void fwd_block(const FwdBlock& a, float* ws);
+
+// Backward of one query block (up to kBq rows) of one head against keys [j_lo, kv_end) (attn512::BwdBlock: the
+// same arguments as the AVX-512 backward block, which is also laid out transposed), in key blocks of kBkBwd:
+//   S^T = K_blk (scale Q)^T and dP^T = V_blk dO^T (K, V read in place; scale Q^T and dO^T packed once per call),
+//   P^T = exp(S^T - lse), dS^T = scale P^T (dP^T - delta) as vertical vector ops over the queries,
+//   dV += P^T dO, dK += dS^T Q (dO and Q rows read in place), dQ^T += K_blk^T dS^T (K read in place, transposed to
+//   dq once per call), all on the own AVX2 GEMM (cpu/sgemm_nn.h).
+constexpr int64_t kBkBwd = 128;  // keys per backward block
+int64_t bwd_workspace(int64_t D, int64_t Dv);
+
+void bwd_block(const attn512::BwdBlock& a, float* ws);
 
 }  // namespace attn_avx2
 }  // namespace seqfast
