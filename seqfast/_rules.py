@@ -66,6 +66,9 @@ _ZEN3_DECODE = ("same-process A/B, torch interleaved, 9-11 rounds, each share af
                 "idle, on the AVX2 decode kernel (2026-12-05) on the same AMD EPYC family 25 model 1")
 _ZEN3_ATTN = ("same-process A/B, torch interleaved, 7 rounds, each share after the process's other threads went idle, "
               "on the AVX2 attention forward block (2026-12-05) on the same AMD EPYC family 25 model 1")
+_ZEN3_MALLOC = ("same-process A/B, torch / seqfast with the rule table off, 6-8 rounds, glibc malloc never returning "
+                "memory (MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=4e9), on commit 3bba69c on the same AMD EPYC "
+                "family 25 model 1")
 _ZEN3_LATER = ("make bench-sweep runs 201033 and 214300 and make bench runs cpu-20261204-200307 / 214050 on the same "
                "AMD EPYC family 25 model 1")
 
@@ -107,6 +110,12 @@ RULES = [
     # training from batch 32 at hidden >= 256 (was batch 8, where the sweep read 0.77-0.94x; with the fused AVX2 step
     # seqfast read 1.14x / 1.16x at B8 H256 / H1024 and 1.02x / 1.00x at B32 H512 / B64 H256, _ZEN3_STEP)
     Rule("lstm", F32, AVX2, training=True, batch=(32, INF), hidden=(256, INF), source=_ZEN3 + "; " + _ZEN3_STEP),
+    # and from batch 8 at hidden 256-767: T32 B8 H512 training read 0.92x / 0.89x in the full sweeps -061836 / -081522
+    # (1.25x alone). The A/B figures above ran in a fresh process where torch's and seqfast's multi-megabyte buffers
+    # page-faulted on every call; with glibc's malloc kept from returning memory (MALLOC_MMAP_THRESHOLD_ /
+    # MALLOC_TRIM_THRESHOLD_ at 4 GB, a long-running process's steady state) B8 H256 read 0.93x, B8 H512 1.00x, B16
+    # H512 1.04x and B8 H1024 1.14x (_ZEN3_MALLOC).
+    Rule("lstm", F32, AVX2, training=True, batch=(8, 31), hidden=(256, 767), source=_ZEN3_MALLOC),
     # inference from batch 64 at hidden >= 512 (was batch >= 32, hidden >= 256): with the fused AVX2 step
     # (_ZEN3_STEP) B32 H256 / B32 H1024 read 1.34 / 1.17x and B256 H256 (the loop's packed GEMM) 1.07x, but B64 H512
     # 1.08x at T32 and 0.93 / 0.95x at T64 (make bench cpu-20261205-053214, without the rule: 0.94x).
