@@ -139,6 +139,19 @@ def test_sdpa_head_dim_zero_gives_torch_result():
     assert got.shape == want.shape
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_zero_heads_gives_empty_outputs_and_grads(backend, causal):
+    """No heads at all (an empty batch of heads) is an empty call for torch: empty output, empty grads."""
+    q, k, v = (torch.randn(1, 0, 70, 16, requires_grad=True) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    with seqfast.use_backend(backend):
+        got = seqfast.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        got.sum().backward()
+    assert got.shape == want.shape
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
 def test_sdpa_rejects_mask_of_another_float_dtype():
     q = torch.randn(1, 2, 3, 4)
     mask = torch.zeros(3, 3, dtype=torch.float64)

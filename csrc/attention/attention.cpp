@@ -695,7 +695,8 @@ void check_sdpa_inputs(const char* fn, const at::Tensor& q, const at::Tensor& k,
               fn, ": q must be float32, float64 or bfloat16, got ", q.scalar_type());
   TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), fn, ": q, k and v must have the same batch size, got ",
               q.size(0), ", ", k.size(0), " and ", v.size(0));
-  TORCH_CHECK(k.size(1) > 0 && v.size(1) == k.size(1) && q.size(1) % k.size(1) == 0, fn,
+  // zero heads everywhere is an empty call (torch returns empty outputs); otherwise k's heads must divide q's
+  TORCH_CHECK(v.size(1) == k.size(1) && (k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0), fn,
               ": k and v must have the same number of heads, dividing q's, got q ", q.size(1), ", k ", k.size(1),
               ", v ", v.size(1));
   TORCH_CHECK(k.size(3) == q.size(3), fn, ": k's last dimension must match q's (", q.size(3), "), got ", k.size(3));
