@@ -31,6 +31,7 @@ std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode,
   const Tensor bs = at::full({T}, B, at::TensorOptions().dtype(at::kLong));
   Tensor x = x3.reshape({T * B, x3.size(2)}).contiguous();
   std::vector<Tensor> hn, cn;
+  Tensor h0;  // the zero initial state
   for (int64_t layer = 0; layer < num_layers; ++layer) {
     std::vector<Tensor> outs;
     for (int64_t d = 0; d < dirs; ++d) {
@@ -38,7 +39,7 @@ std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode,
       const OptTensor b_ih = has_biases ? OptTensor(w[2]) : OptTensor();
       const OptTensor b_hh = has_biases ? OptTensor(w[3]) : OptTensor();
       const int64_t H = w[1].size(1);
-      const Tensor h0 = at::zeros({B, H}, x.options());
+      if (!h0.defined() || h0.size(1) != H) h0 = at::zeros({B, H}, x.options());  // read only: shared by the layers
       const bool reverse = d == 1;
       if (lstm) {
         auto r = lstm_layer_inference(x, bs, h0, h0, w[0], w[1], b_ih, b_hh, reverse);
@@ -58,7 +59,10 @@ std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode,
     x = dirs == 1 ? outs[0] : at::cat(outs, 1);
   }
   Tensor out = x.view({T, B, x.size(1)});
-  Tensor h = at::stack(hn), c = lstm ? at::stack(cn) : Tensor();
+  // one layer and direction: a view of the layer's state, not a stacked copy (an op less per state on a call whose
+  // ATen overhead is most of its time at batch 1)
+  const auto stacked = [](const std::vector<Tensor>& ts) { return ts.size() == 1 ? ts[0].unsqueeze(0) : at::stack(ts); };
+  Tensor h = stacked(hn), c = lstm ? stacked(cn) : Tensor();
   if (!batched) {
     out = out.squeeze(1);
     h = h.squeeze(1);
