@@ -600,19 +600,21 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
   if (splits > 1 && !kSame) dq.copy_(dq_acc_t);
 }
 
-// float32 forward on the AVX-512 block kernel (attention_avx512.h): same tasks as fwd_kernel (one per (n, h,
-// query block), causal blocks interleaved for balance), each task one fwd_block call.
-void fwd_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* bias, bool causal,
-                double scale, at::Tensor& out, at::Tensor& lse) {
-  const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
+// float32 forward on a block kernel taking attn512::FwdBlock (attn512::fwd_block on AVX-512, attn_avx2::fwd_block on
+// AVX2, both with attn512::kBq-row query blocks): same tasks as fwd_kernel (one per (n, h, query block), causal
+// blocks interleaved for balance), each task one block call with a wsz-float workspace; at least grain tasks per
+// thread.
+template <class Block>
+void fwd_blocks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* bias, bool causal,
+                double scale, at::Tensor& out, at::Tensor& lse, int64_t wsz, int64_t grain, const Block& block) {
+  const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2);
   const int64_t Hk = k.size(1), Lk = k.size(2), Dv = v.size(3);
   const int64_t G = Hq / Hk, Bq = attn512::kBq;
   const int64_t nqb = (Lq + Bq - 1) / Bq;
   const Inputs<float> in(q, k, v, bias);
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
-  const int64_t wsz = attn512::fwd_workspace(D, Dv);
-  cpu::parallel_for(N * Hq * nqb, 1, [&](int64_t begin, int64_t end, int) {
+  cpu::parallel_for(N * Hq * nqb, grain, [&](int64_t begin, int64_t end, int) {
     block_pool::Floats ws_buf(wsz);
     TORCH_CHECK(ws_buf.ok(), "seqfast sdpa: out of memory for the attention workspace");
     float* ws = ws_buf.get();
@@ -626,60 +628,26 @@ void fwd_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       a.out = op + (nh * Lq + a.i0) * Dv;
       a.so = Dv;
       a.lse = lp + nh * Lq + a.i0;
-      attn512::fwd_block(a, ws);
+      block(a, ws);
     }
   });
 }
 
-// float32 forward on AVX2 CPUs without the AVX-512 kernels: the same task split as fwd_avx512, one attn_avx2 query
-// block per task.
+void fwd_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* bias, bool causal,
+                double scale, at::Tensor& out, at::Tensor& lse) {
+  fwd_blocks(q, k, v, bias, causal, scale, out, lse, attn512::fwd_workspace(q.size(3), v.size(3)), 1,
+             attn512::fwd_block);
+}
+
+// On AVX2 at least config().par_min_work multiply-adds per thread: a short sequence's few microseconds of work run
+// on the calling thread instead of waking a team for them.
 void fwd_avx2(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* bias, bool causal,
               double scale, at::Tensor& out, at::Tensor& lse) {
-  const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
-  const int64_t Hk = k.size(1), Lk = k.size(2), Dv = v.size(3);
-  const int64_t G = Hq / Hk, Bq = attn_avx2::kBq;
-  const int64_t nqb = (Lq + Bq - 1) / Bq;
-  const Inputs<float> in(q, k, v, bias);
-  float* op = out.data_ptr<float>();
-  float* lp = lse.data_ptr<float>();
-  const int64_t wsz = attn_avx2::fwd_workspace(D, Dv);
-  // tasks per thread: at least config().par_min_work multiply-adds each (a short sequence's few microseconds of work
-  // run on the calling thread instead of waking a team for them)
-  const int64_t task_work = std::max<int64_t>(1, std::min(Bq, Lq) * (causal ? std::min(Lk, Lq) : Lk) * (D + Dv));
-  const int64_t grain = std::max<int64_t>(1, cpu::config().par_min_work / task_work);
-  cpu::parallel_for(N * Hq * nqb, grain, [&](int64_t begin, int64_t end, int) {
-    block_pool::Floats ws_buf(wsz);
-    TORCH_CHECK(ws_buf.ok(), "seqfast sdpa: out of memory for the attention workspace");
-    float* ws = ws_buf.get();
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t nh = t / nqb, idx = t % nqb;
-      const int64_t qb = query_block_order(idx, nqb, causal);
-      const int64_t n = nh / Hq, h = nh % Hq, hk = h / G;
-      attn_avx2::FwdBlock a;
-      a.i0 = qb * Bq;
-      a.mq = std::min(Bq, Lq - a.i0);
-      a.q = in.q.head(n, h) + a.i0 * in.q.sl;
-      a.sq = in.q.sl;
-      a.D = D;
-      a.k = in.k.head(n, hk);
-      a.sk = in.k.sl;
-      a.v = in.v.head(n, hk);
-      a.sv = in.v.sl;
-      a.Dv = Dv;
-      a.kv_end = causal ? std::min(Lk, a.i0 + a.mq) : Lk;
-      a.scale = static_cast<float>(scale);
-      if (const float* b = in.bias.head(n, h)) {
-        a.bias = b + a.i0 * in.bias.si;
-        a.bsi = in.bias.si;
-        a.bsj = in.bias.sj;
-      }
-      a.causal = causal;
-      a.out = op + (nh * Lq + a.i0) * Dv;
-      a.so = Dv;
-      a.lse = lp + nh * Lq + a.i0;
-      attn_avx2::fwd_block(a, ws);
-    }
-  });
+  const int64_t Lq = q.size(2), Lk = k.size(2), D = q.size(3), Dv = v.size(3);
+  const int64_t task_work =
+      std::max<int64_t>(1, std::min(attn512::kBq, Lq) * (causal ? std::min(Lk, Lq) : Lk) * (D + Dv));
+  fwd_blocks(q, k, v, bias, causal, scale, out, lse, attn_avx2::fwd_workspace(D, Dv),
+             std::max<int64_t>(1, cpu::config().par_min_work / task_work), attn_avx2::fwd_block);
 }
 
 // The checks every SDPA entry makes before a kernel reads a raw pointer (RuntimeError naming the argument).

@@ -38,7 +38,7 @@ namespace attn_avx2 {
 
 #ifdef SEQFAST_HAVE_AVX2_ATTN
 
-void fwd_block(const FwdBlock& a, float* ws) {
+void fwd_block(const attn512::FwdBlock& a, float* ws) {
   const int64_t mq = a.mq, D = a.D, Dv = a.Dv;
   const int64_t nq8 = (mq + 7) / 8 * 8;  // query lanes computed: whole vectors (lanes past mq hold zeros of Q)
   const int nv = int(nq8 / 8);
@@ -67,18 +67,9 @@ void fwd_block(const FwdBlock& a, float* ws) {
     const int64_t nk = std::min(kBk, a.kv_end - j0);
     // S^T = K_blk (scale Q)^T: keys x queries, K broadcast in place
     sgemm_nn::gemm(nk, nq8, D, a.k + j0 * a.sk, a.sk, 1, QT, kBq, 0.f, ST, kBq);
-    if (a.bias) {
-      for (int64_t j = 0; j < nk; ++j) {
-        float* s = ST + j * kBq;
-        const float* b = a.bias + (j0 + j) * a.bsj;
-        for (int64_t i = 0; i < mq; ++i) s[i] += b[i * a.bsi];
-      }
-    }
-    if (a.causal && j0 + nk - 1 > a.i0) {  // the block crosses the diagonal: key j is masked for queries i < j - i0
-      for (int64_t j = 0; j < nk; ++j) {
-        const int64_t masked = std::clamp<int64_t>(j0 + j - a.i0, 0, nq8);
-        std::fill(ST + j * kBq, ST + j * kBq + masked, ninf);
-      }
+    if (a.bias) add_mask_t(a, j0, nk, ST);
+    if (a.causal && j0 + nk - 1 > a.i0) {  // the block crosses the diagonal
+      for (int64_t j = 0; j < nk; ++j) std::fill(ST + j * kBq, ST + j * kBq + causal_masked(a, j0 + j, nq8), ninf);
     }
     // the block's max per query; operand order: MAXPS returns its second operand when one is NaN, so a NaN score is
     // skipped here and reaches l (and the output) through exp below
@@ -141,7 +132,7 @@ void fwd_block(const FwdBlock& a, float* ws) {
 
 #else  // no x86 target regions: never available
 
-void fwd_block(const FwdBlock&, float*) {}
+void fwd_block(const attn512::FwdBlock&, float*) {}
 
 #endif
 

@@ -13,41 +13,44 @@
 // Causal key blocks past the diagonal are never visited. Single-threaded, no allocation; callers check blocks_available().
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
-#include "attention/attention_avx512.h"  // attn512::BwdBlock (plain arguments, no AVX-512 code)
+#include "attention/attention_avx512.h"  // attn512::FwdBlock / BwdBlock (plain arguments, no AVX-512 code)
 
 namespace seqfast {
 namespace attn_avx2 {
 
 bool blocks_available();  // AVX2 + FMA (the own AVX2 GEMMs available) and config().avx2_attention
 
-constexpr int64_t kBq = 64;   // query rows per task
+// The arguments and tasks are the AVX-512 blocks' (attention.cpp runs either through the same task loops): one
+// query block of attn512::kBq rows per task.
+constexpr int64_t kBq = attn512::kBq;
 constexpr int64_t kBk = 256;  // keys per score block
 
-struct FwdBlock {
-  const float* q = nullptr;     // query row r at q + r * sq (D floats)
-  int64_t sq = 0, D = 0;
-  const float* k = nullptr;     // key j at k + j * sk (D floats)
-  int64_t sk = 0;
-  const float* v = nullptr;     // value j at v + j * sv (Dv floats)
-  int64_t sv = 0, Dv = 0;
-  int64_t kv_end = 0;           // keys [0, kv_end) are visited
-  float scale = 1.f;
-  int64_t mq = 0;               // query rows in this block (1..kBq)
-  int64_t i0 = 0;               // query index of row 0 (causal: row r sees keys j <= i0 + r)
-  const float* bias = nullptr;  // additive mask of row r, key j at bias + r * bsi + j * bsj, or nullptr
-  int64_t bsi = 0, bsj = 0;
-  bool causal = false;
-  float* out = nullptr;         // row r at out + r * so (Dv floats)
-  int64_t so = 0;
-  float* lse = nullptr;         // mq floats; -inf for a fully masked row (whose output is 0), NaN for a NaN score
-};
+// Both blocks' scores are transposed, key j's kBq queries at st + j * kBq: st[j][i] += the additive mask of query i,
+// key j0 + j (i < a.mq, j < nk). Scalar code shared by the two translation units (compiled for the baseline ISA in
+// both, so either copy may serve).
+inline void add_mask_t(const attn512::BlockRows& a, int64_t j0, int64_t nk, float* st) {
+  for (int64_t j = 0; j < nk; ++j) {
+    float* s = st + j * kBq;
+    const float* b = a.bias + (j0 + j) * a.bsj;
+    for (int64_t i = 0; i < a.mq; ++i) s[i] += b[i * a.bsi];
+  }
+}
+
+// Causal (top-left): how many of the first `lanes` queries of the block key `key` is masked for (queries i0 + i <
+// key).
+inline int64_t causal_masked(const attn512::BlockRows& a, int64_t key, int64_t lanes) {
+  return std::clamp<int64_t>(key - a.i0, 0, lanes);
+}
 
 // Floats of scratch a task needs (caller-owned, reusable across tasks).
 int64_t fwd_workspace(int64_t D, int64_t Dv);
 
-void fwd_block(const FwdBlock& a, float* ws);
+// out / lse of one query block (attn512::FwdBlock): lse -inf for a fully masked row (whose output is 0), NaN for a
+// NaN score.
+void fwd_block(const attn512::FwdBlock& a, float* ws);
 
 // Backward of one query block (up to kBq rows) of one head against keys [j_lo, kv_end) (attn512::BwdBlock: the
 // same arguments as the AVX-512 backward block, which is also laid out transposed), in key blocks of kBkBwd:

@@ -31,7 +31,6 @@ namespace attn_avx2 {
 #ifdef SEQFAST_HAVE_AVX2_ATTN_BWD
 
 void bwd_block(const attn512::BwdBlock& a, float* ws) {
-  static_assert(kBq == attn512::kBq, "the backward's query blocks are the AVX-512 block's");
   const int64_t mq = a.mq, D = a.D, Dv = a.Dv;
   const int64_t nq8 = (mq + 7) / 8 * 8;  // query lanes computed (lanes past mq: Q, dO zero, lse +inf, so P = dS = 0)
   const int nv = int(nq8 / 8);
@@ -60,13 +59,7 @@ void bwd_block(const attn512::BwdBlock& a, float* ws) {
     const int64_t nk = std::min(kBkBwd, a.kv_end - j0);
     // P^T = exp(K_blk (scale Q)^T + mask - lse)
     sgemm_nn::gemm(nk, nq8, D, a.k + j0 * a.sk, a.sk, 1, QT, kBq, 0.f, PT, kBq);
-    if (a.bias) {
-      for (int64_t j = 0; j < nk; ++j) {
-        float* s = PT + j * kBq;
-        const float* b = a.bias + (j0 + j) * a.bsj;
-        for (int64_t i = 0; i < mq; ++i) s[i] += b[i * a.bsi];
-      }
-    }
+    if (a.bias) add_mask_t(a, j0, nk, PT);
     for (int64_t j = 0; j < nk; ++j) {
       float* s = PT + j * kBq;
       for (int v = 0; v < nv; ++v)
@@ -74,11 +67,8 @@ void bwd_block(const attn512::BwdBlock& a, float* ws) {
                                                                _mm256_loadu_ps(lse + 8 * v))));
     }
     const bool diag = a.causal && j0 + nk - 1 > a.i0;
-    if (diag) {  // key j is masked for queries i < j - i0: P = 0 there
-      for (int64_t j = 0; j < nk; ++j) {
-        const int64_t masked = std::clamp<int64_t>(j0 + j - a.i0, 0, nq8);
-        std::fill(PT + j * kBq, PT + j * kBq + masked, 0.f);
-      }
+    if (diag) {  // P = 0 where the key is causally masked
+      for (int64_t j = 0; j < nk; ++j) std::fill(PT + j * kBq, PT + j * kBq + causal_masked(a, j0 + j, nq8), 0.f);
     }
     // dV += P^T dO (k = query, dO rows read in place)
     sgemm_nn::gemm(nk, Dv, mq, PT, kBq, 1, a.dout, a.sdo, 1.f, a.dv + (j0 - a.j_lo) * Dv, Dv);
