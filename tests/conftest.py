@@ -1,5 +1,6 @@
 """Test set-up: Triton kernels run through Triton's interpreter on CPU tensors when there is no GPU. The variable must
 be set before triton is first imported, hence here, before anything imports seqfast.kernels."""
+import contextlib
 import os
 import zlib
 
@@ -93,3 +94,26 @@ def no_grad_kernel_calls(monkeypatch):
         return run
     monkeypatch.setattr(_rnn_cell, "_no_grad_kernel", counting)
     return calls
+
+
+@contextlib.contextmanager
+def cpp_config(**fields):
+    """seqfast._C's configuration with ``fields`` set inside the block (an internal path forced or switched off), the
+    previous values restored after it."""
+    from seqfast import _ext
+    c = _ext.module()
+    saved = {name: c.get_config()[name] for name in fields}
+    c.set_config(**fields)
+    try:
+        yield
+    finally:
+        c.set_config(**saved)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """torch.set_num_threads(1) and (2) for the test, restored after it: the kernels' one-thread and team paths."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(saved)

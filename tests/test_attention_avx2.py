@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import seqfast
+from conftest import cpp_config
 from seqfast import _ext
 
 _C = _ext.module()
@@ -33,18 +34,8 @@ TOL = dict(rtol=2e-5, atol=2e-5)
 
 @pytest.fixture(params=[True, False], ids=["avx2_block", "blas_blocks"])
 def kernel_on(request):
-    saved = _C.get_config()["avx2_attention"]
-    _C.set_config(avx2_attention=request.param)
-    yield request.param
-    _C.set_config(avx2_attention=saved)
-
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(saved)
+    with cpp_config(avx2_attention=request.param):
+        yield request.param
 
 
 def _inputs(N, Hq, Hk, L, S, D, Dv, seed=0):

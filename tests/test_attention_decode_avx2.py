@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import seqfast
+from conftest import cpp_config
 from seqfast import _ext
 
 _C = _ext.module()
@@ -27,18 +28,8 @@ TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=2e-2
 
 @pytest.fixture(params=[True, False], ids=["avx2_decode", "generic_rows"])
 def kernel_on(request):
-    saved = _C.get_config()["avx2_decode"]
-    _C.set_config(avx2_decode=request.param)
-    yield request.param
-    _C.set_config(avx2_decode=saved)
-
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(saved)
+    with cpp_config(avx2_decode=request.param):
+        yield request.param
 
 
 def _inputs(N, Hq, Hk, S, D, Dv, dtype, seed=0):

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import cpp_config
 from seqfast import _ext
 
 _C = _ext.module()
@@ -18,10 +19,8 @@ NAN, INF = float("nan"), float("inf")
 @pytest.fixture(params=[True, False], ids=["avx512_on", "avx512_off"])
 def avx512_attention(request):
     """The AVX-512 attention kernels on (where this CPU has them) and off: both paths see the same cases."""
-    saved = _C.get_config()["avx512_attention"]
-    _C.set_config(avx512_attention=request.param)
-    yield request.param
-    _C.set_config(avx512_attention=saved)
+    with cpp_config(avx512_attention=request.param):
+        yield request.param
 
 
 def _inputs(dtype, Lq, poison):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import seqfast
+from conftest import cpp_config
 from seqfast import _ext
 
 _C = _ext.module()
@@ -14,10 +15,8 @@ pytestmark = pytest.mark.skipif(_C is None, reason="seqfast._C not built")
 
 @pytest.fixture
 def portable_paths():
-    saved = _C.get_config()
-    _C.set_config(own_gemm=False, avx512_attention=False)
-    yield
-    _C.set_config(**saved)
+    with cpp_config(own_gemm=False, avx512_attention=False):
+        yield
 
 
 def _close(a, b, tol=1e-5):

@@ -12,6 +12,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import seqfast
+from conftest import cpp_config
 from seqfast import _ext
 
 _C = _ext.module()
@@ -25,18 +26,8 @@ TOL = dict(rtol=2e-5, atol=2e-5)
 @pytest.fixture
 def step_off():
     """The fused loop's GEMM + pointwise pass instead of the step (config avx2_lstm_step=False)."""
-    saved = _C.get_config()["avx2_lstm_step"]
-    _C.set_config(avx2_lstm_step=False)
-    yield
-    _C.set_config(avx2_lstm_step=saved)
-
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(saved)
+    with cpp_config(avx2_lstm_step=False):
+        yield
 
 
 def _pair(input_size, hidden, **kwargs):
