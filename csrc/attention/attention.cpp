@@ -323,21 +323,42 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     std::vector<A> S(G * std::max<int64_t>(kv_end, 1)), acc(G * Dv), inv(G), Qw(widen ? G * D : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / Hk, hk = t % Hk;
+      if constexpr (std::is_same_v<T, float>) {
+        if (avx512) {
+          attn512::DecodeHead a;
+          set_qkv(a, in, in.q.head(n, hk * G), sqh, n, hk, kv_end, scale);
+          a.G = G;
+          if (bv.ptr) {
+            a.bias = bv.head(n, hk * G);
+            a.bsg = bv.sh;
+            a.bsj = bv.sj;
+          }
+          a.out = op + (n * Hq + hk * G) * Dv;
+          a.so = Dv;
+          a.lse = lp + n * Hq + hk * G;
+          attn512::decode_head(a, S.data());
+          continue;
+        }
+      }
+      const A* Q;
+      int64_t sq;  // row stride of Q's heads
+      if constexpr (widen) {
+        const T* Qs = in.q.head(n, hk * G);
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t c = 0; c < D; ++c) Qw[g * D + c] = static_cast<A>(Qs[g * sqh + c]);
+        Q = Qw.data();
+        sq = D;
+      } else {
+        Q = in.q.head(n, hk * G);
+        sq = sqh;
+      }
       if constexpr (kAvx2Type) {
         if (avx2) {
           // E: how K, V and the mask are stored (bfloat16 as its raw bits); the kernel computes in float
           using E = std::conditional_t<widen, uint16_t, float>;
           attn_avx2::DecodeHead<E> a;
-          const T* Qs = in.q.head(n, hk * G);
-          if constexpr (widen) {
-            for (int64_t g = 0; g < G; ++g)
-              for (int64_t c = 0; c < D; ++c) Qw[g * D + c] = static_cast<A>(Qs[g * sqh + c]);
-            a.q = Qw.data();
-            a.sq = D;
-          } else {
-            a.q = Qs;
-            a.sq = sqh;
-          }
+          a.q = Q;
+          a.sq = sq;
           a.D = D;
           a.k = reinterpret_cast<const E*>(in.k.head(n, hk));
           a.sk = skl;
@@ -362,37 +383,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           continue;
         }
       }
-      if constexpr (std::is_same_v<T, float>) {
-        if (avx512) {
-          attn512::DecodeHead a;
-          set_qkv(a, in, in.q.head(n, hk * G), sqh, n, hk, kv_end, scale);
-          a.G = G;
-          if (bv.ptr) {
-            a.bias = bv.head(n, hk * G);
-            a.bsg = bv.sh;
-            a.bsj = bv.sj;
-          }
-          a.out = op + (n * Hq + hk * G) * Dv;
-          a.so = Dv;
-          a.lse = lp + n * Hq + hk * G;
-          attn512::decode_head(a, S.data());
-          continue;
-        }
-      }
       const auto K = decode_rows(in.k.head(n, hk));
       const auto V = decode_rows(in.v.head(n, hk));
-      const A* Q;
-      int64_t sq;  // row stride of Q's heads
-      if constexpr (widen) {
-        const T* Qs = in.q.head(n, hk * G);
-        for (int64_t g = 0; g < G; ++g)
-          for (int64_t c = 0; c < D; ++c) Qw[g * D + c] = static_cast<A>(Qs[g * sqh + c]);
-        Q = Qw.data();
-        sq = D;
-      } else {
-        Q = in.q.head(n, hk * G);
-        sq = sqh;
-      }
       int64_t j = 0;
       for (; j + 4 <= kv_end; j += 4) {  // four keys per pass: shares the q loads, independent reductions
         const auto kr = K + j * skl;
