@@ -11,6 +11,7 @@
 #include "cpu/isa.h"
 #include "cpu/team.h"
 #include "rnn/rnn.h"
+#include "rnn/rnn_module_call.h"
 
 namespace py = pybind11;
 
@@ -136,6 +137,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rnn_module_inference", &seqfast::rnn_module_inference, GIL(), py::arg("mode"), py::arg("input"),
         py::arg("weights"), py::arg("has_biases"), py::arg("num_layers"), py::arg("bidirectional"),
         py::arg("batch_first"));
+  seqfast::bind_module_call(m);
   m.def("rnn_layer_backward", &seqfast::rnn_layer_backward, GIL(), py::arg("grad_out"), py::arg("grad_hn"),
         py::arg("x"), py::arg("batch_sizes"), py::arg("h0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("out"),
         py::arg("relu"), py::arg("reverse"));

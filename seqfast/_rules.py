@@ -169,12 +169,29 @@ def _covered_here():
 _covered = None
 
 
+epoch = 0  # bumped by set_rules: what was derived from the table before (seqfast/nn/rnn.py's plans) is stale
+
+
 def set_rules(rules):
     """Replaces the rule table (tests install their own) and clears the memos built from it."""
-    global RULES, _covered
+    global RULES, _covered, epoch
     RULES = list(rules)
     _covered = None
+    epoch += 1
     _lookup.cache_clear()
+    from . import _ext
+    module = _ext.module()
+    if module is not None:
+        module.rules_changed()  # the C++ module calls built from the old table decline from now on
+
+
+def torch_batches(family, dtype, training, hidden):
+    """The inclusive batch ranges [(low, high)] where the table prefers torch's op for ``family`` in ``dtype`` at
+    ``hidden`` on this CPU (not SDPA): prefer_torch_when(family, t, batch, hidden, training) is True exactly for a
+    batch inside one of them, when nothing bypasses the table."""
+    cpu = cpu_class()
+    return [r.batch or (0, INF) for r in RULES
+            if r.matches(family, dtype, cpu, training, (r.batch or (0,))[0], hidden, False)]
 
 
 def covers(family, dtype, training):

@@ -6,7 +6,7 @@ import torch
 
 import seqfast
 from conftest import assert_raises_like_torch
-from seqfast import _ext
+from seqfast import _ext, _rules
 
 pytestmark = pytest.mark.skipif(_ext.module() is None or not _ext.module().rnn_kernels_supported(),
                                 reason="seqfast._C not built or its RNN kernels do not run on this CPU")
@@ -40,6 +40,7 @@ def test_matches_torch(kind, kw, num_layers, bidirectional, batch_first, bias, s
     for mode in (torch.no_grad, torch.inference_mode):
         with mode():
             assert mod._inference_call(x) is not None  # the one-call path serves this case
+            assert mod._seqfast_call(x) is not None  # and so does its C++ twin, which forward asks first
             got, want = _flat(mod(x)), _flat(ref(x))
         for g, w in zip(got, want):
             assert g.shape == w.shape and g.dtype == w.dtype
@@ -125,3 +126,107 @@ def test_empty_batch_as_torch():
     with torch.no_grad():
         for g, w in zip(_flat(mod(x)), _flat(ref(x))):
             assert g.shape == w.shape
+
+
+# ---- seqfast._C.ModuleCall: the C++ twin of _inference_call that forward asks first ----
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def _built(kind="LSTM", **options):
+    """A module pair after one no-grad call (which builds the module's C++ call), and that call."""
+    torch.manual_seed(0)
+    ref, mod = _pair(kind, {}, **options)
+    with torch.no_grad():
+        mod(torch.randn(4, 3, 5))
+    return ref, mod, mod._seqfast_call
+
+
+def test_module_call_declines_what_it_does_not_serve():
+    ref, mod, call = _built()
+    x = torch.randn(4, 3, 5)
+    assert call(x) is None  # grad mode on: autograd must record the op
+    with torch.no_grad():
+        assert call(x) is not None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert call(x) is None
+        for other in (x.double(), torch.randn(4, 3, 6), torch.randn(2, 4, 3, 5), torch.randn(5), torch.randn(0, 3, 5),
+                      torch.randn(4, 0, 5), x.as_subclass(_Sub), [x]):
+            assert call(other) is None
+        mod.weight_hh_l0 = torch.nn.Parameter(torch.randn_like(mod.weight_hh_l0))  # a replaced parameter
+        assert call(x) is None
+        ref.weight_hh_l0 = torch.nn.Parameter(mod.weight_hh_l0.detach().clone())
+        torch.testing.assert_close(_flat(mod(x)), _flat(ref(x)))  # the module built a new call
+        call = mod._seqfast_call
+        assert call(x) is not None
+        mod.double()  # the same parameter objects, another dtype
+        assert call(x) is None and call(x.double()) is None
+        ref.double()
+        torch.testing.assert_close(_flat(mod(x.double())), _flat(ref(x.double())))
+
+
+def test_forward_asks_the_call_only_where_python_allows():
+    _, mod = _pair("LSTM", {}, num_layers=2, dropout=0.5)
+    with torch.no_grad():
+        mod.eval()(torch.randn(4, 3, 5))  # (in training mode, with dropout, no call is built)
+    call = mod._seqfast_call
+    asked = []
+    mod.__dict__["_seqfast_call"] = lambda x: asked.append(x) or call(x)
+    x = torch.randn(4, 3, 5)
+    with torch.no_grad():
+        mod.eval()
+        mod(x)
+        assert len(asked) == 1
+        mod(x, (torch.zeros(2, 3, 7), torch.zeros(2, 3, 7)))  # a given state: the regular path
+        assert len(asked) == 1
+        mod.train()  # dropout to draw
+        mod(x)
+        with seqfast.use_backend("reference"):
+            mod.eval()
+            mod(x)
+        assert len(asked) == 1
+
+
+def test_module_call_follows_the_rule_table():
+    ref, mod, call = _built()
+    x = torch.randn(4, 3, 5)
+    saved = list(_rules.RULES)
+    try:
+        _rules.set_rules([_rules.Rule("lstm", torch.float32, (_rules.cpu_class(),), training=False, batch=(3, 3),
+                                      source="test")])
+        with torch.no_grad():
+            assert call(x) is None  # built from the old table
+            torch.testing.assert_close(_flat(mod(x)), _flat(ref(x)), rtol=0, atol=0)  # batch 3: torch's op
+            assert mod._seqfast_call(x) is None  # the new call knows batch 3 is torch's
+            x2 = torch.randn(4, 2, 5)
+            assert mod._seqfast_call(x2) is not None
+            torch.testing.assert_close(_flat(mod(x2)), _flat(ref(x2)))
+    finally:
+        _rules.set_rules(saved)
+
+
+def test_module_call_leaves_upcast_bfloat16_to_the_regular_path(monkeypatch):
+    monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", (_rules.cpu_class(),))
+    mod = seqfast.nn.GRU(5, 7).to(torch.bfloat16)
+    with torch.no_grad():
+        mod(torch.randn(2, 1, 5, dtype=torch.bfloat16))
+        call = mod._seqfast_call
+        assert call(torch.randn(7, 1, 5, dtype=torch.bfloat16)) is not None  # 7 rows: below the upcast minimum
+        assert call(torch.randn(4, 2, 5, dtype=torch.bfloat16)) is None  # 8 rows: computed in float32 instead
+
+
+def test_copies_build_their_own_call():
+    import copy
+    import io
+    _, mod, _ = _built()
+    x = torch.randn(4, 3, 5)
+    buffer = io.BytesIO()
+    torch.save(mod, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(mod), torch.load(buffer, weights_only=False)):
+        assert "_seqfast_call" not in twin.__dict__
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), mod(x))
+            twin.weight_ih_l0.mul_(2.0)  # the twin's call reads the twin's parameters, not the original's
+            assert not torch.allclose(twin(x)[0], mod(x)[0])

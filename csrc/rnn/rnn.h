@@ -59,6 +59,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_inference(const Te
                                                                         const Tensor& w_ih, const Tensor& w_hh,
                                                                         const OptTensor& b_ih, const OptTensor& b_hh,
                                                                         bool reverse);
+// The no-grad forward of a padded input: x [T * B, I], every step B rows (B = h0.size(0)), no batch-sizes tensor.
+// Called by rnn_module_inference. -> (out, hn, cn)
+std::tuple<Tensor, Tensor, Tensor> lstm_layer_padded_inference(const Tensor& x, int64_t steps, const Tensor& h0,
+                                                               const Tensor& c0, const Tensor& w_ih,
+                                                               const Tensor& w_hh, const OptTensor& b_ih,
+                                                               const OptTensor& b_hh, bool reverse);
 // -> (dx[N,I], dh0, dc0, dw_ih, dw_hh, db[4H])
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
     const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& x, const Tensor& batch_sizes,
@@ -68,6 +74,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
 std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
                                                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                                                      const OptTensor& b_hh, bool reverse);
+// The padded twin of gru_layer_forward (see lstm_layer_padded_inference) -> (out, hn)
+std::tuple<Tensor, Tensor> gru_layer_padded_forward(const Tensor& x, int64_t steps, const Tensor& h0,
+                                                    const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                                    const OptTensor& b_hh, bool reverse);
 // -> (dx, dh0, dw_ih, dw_hh, db_ih, db_hh)
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
     const Tensor& grad_out, const Tensor& grad_hn, const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
@@ -76,6 +86,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
 std::tuple<Tensor, Tensor> rnn_layer_forward(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
                                              const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                                              const OptTensor& b_hh, bool relu, bool reverse);
+// The padded twin of rnn_layer_forward (see lstm_layer_padded_inference) -> (out, hn)
+std::tuple<Tensor, Tensor> rnn_layer_padded_forward(const Tensor& x, int64_t steps, const Tensor& h0,
+                                                    const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                                    const OptTensor& b_hh, bool relu, bool reverse);
 // -> (dx, dh0, dw_ih, dw_hh, db)
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const Tensor& grad_out, const Tensor& grad_hn,
                                                                       const Tensor& x, const Tensor& batch_sizes,

@@ -28,7 +28,6 @@ std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode,
   const Tensor x3 = !batched ? input.unsqueeze(1) : batch_first ? input.transpose(0, 1) : input;
   const int64_t T = x3.size(0), B = x3.size(1);
   TORCH_CHECK(T > 0, "Expected sequence length to be larger than 0 in RNN");
-  const Tensor bs = at::full({T}, B, at::TensorOptions().dtype(at::kLong));
   Tensor x = x3.reshape({T * B, x3.size(2)}).contiguous();
   std::vector<Tensor> hn, cn;
   Tensor h0;  // the zero initial state
@@ -42,16 +41,13 @@ std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode,
       if (!h0.defined() || h0.size(1) != H) h0 = at::zeros({B, H}, x.options());  // read only: shared by the layers
       const bool reverse = d == 1;
       if (lstm) {
-        auto r = lstm_layer_inference(x, bs, h0, h0, w[0], w[1], b_ih, b_hh, reverse);
+        auto r = lstm_layer_padded_inference(x, T, h0, h0, w[0], w[1], b_ih, b_hh, reverse);
         outs.push_back(std::get<0>(r));
         hn.push_back(std::get<1>(r));
         cn.push_back(std::get<2>(r));
-      } else if (gru) {
-        auto r = gru_layer_forward(x, bs, h0, w[0], w[1], b_ih, b_hh, reverse);
-        outs.push_back(std::get<0>(r));
-        hn.push_back(std::get<1>(r));
       } else {
-        auto r = rnn_layer_forward(x, bs, h0, w[0], w[1], b_ih, b_hh, relu, reverse);
+        auto r = gru ? gru_layer_padded_forward(x, T, h0, w[0], w[1], b_ih, b_hh, reverse)
+                     : rnn_layer_padded_forward(x, T, h0, w[0], w[1], b_ih, b_hh, relu, reverse);
         outs.push_back(std::get<0>(r));
         hn.push_back(std::get<1>(r));
       }

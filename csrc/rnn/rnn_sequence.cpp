@@ -47,6 +47,10 @@ struct Steps {
   int64_t T = 0;
   std::vector<int64_t> bs, off;
   bool reverse = false;
+  // padded input: T steps of B rows each
+  Steps(int64_t steps, int64_t B, bool rev) : T(steps), bs(steps, B), off(steps), reverse(rev) {
+    for (int64_t t = 0; t < T; ++t) off[t] = t * B;
+  }
   Steps(const Tensor& batch_sizes, bool rev) : reverse(rev) {
     Tensor b = batch_sizes.to(at::kLong).contiguous();
     T = b.numel();
@@ -169,18 +173,36 @@ Tensor gather_prev(const Steps& s, const Tensor& buf, const Tensor& init) {
   return out;
 }
 
-// Final state of each row: its output at its last processed step, or init when never active.
+// Final state of each row: its output at its last processed step, or init when never active (init contiguous, of
+// buf's dtype).
 Tensor gather_last(const Steps& s, const Tensor& buf, const Tensor& init) {
-  Tensor out = init.clone();
+  Tensor out = at::empty(init.sizes(), init.options());
   const int64_t B = init.size(0), H = init.size(1);
   const int64_t es = buf.element_size();
   const char* bp = static_cast<const char*>(buf.const_data_ptr());
+  const char* ip = static_cast<const char*>(init.const_data_ptr());
   char* op = static_cast<char*>(out.data_ptr());
   for (int64_t b = 0; b < B; ++b) {
     const int64_t t = s.last_step(b);
-    if (t >= 0) std::memcpy(op + b * H * es, bp + (s.off[t] + b) * H * es, H * es);
+    std::memcpy(op + b * H * es, t >= 0 ? bp + (s.off[t] + b) * H * es : ip + b * H * es, H * es);
   }
   return out;
+}
+
+// b_ih + b_hh (either may be absent: undefined when both are) in dtype `dt`. Same-dtype biases are summed in one
+// loop rather than by ATen's add, whose dispatch costs about as much as a batch-1 step.
+Tensor summed_bias(const OptTensor& b_ih, const OptTensor& b_hh, at::ScalarType dt) {
+  if (!has(b_ih) || !has(b_hh)) return has(b_ih) ? b_ih->to(dt) : has(b_hh) ? b_hh->to(dt) : Tensor();
+  if (b_ih->scalar_type() != dt || b_hh->scalar_type() != dt || !b_ih->is_contiguous() || !b_hh->is_contiguous())
+    return b_ih->to(dt) + b_hh->to(dt);
+  Tensor sum = at::empty(b_ih->sizes(), b_ih->options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "seqfast::summed_bias", [&] {
+    const scalar_t* a = b_ih->const_data_ptr<scalar_t>();
+    const scalar_t* b = b_hh->const_data_ptr<scalar_t>();
+    scalar_t* o = sum.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < sum.numel(); ++i) o[i] = a[i] + b[i];
+  });
+  return sum;
 }
 
 // ---- Fused time loop (one parallel region per sequence) ----
@@ -728,20 +750,16 @@ Tup to_bf16(Tup r) {
 // ==================================================================================================================
 namespace {
 // save = false (inference): the gate workspace is not kept (returned empty) where the fused loop can avoid it.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tensor& x, const Tensor& batch_sizes,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tensor& x, const Steps& s,
                                                                      const Tensor& h0, const Tensor& c0,
                                                                      const Tensor& w_ih, const Tensor& w_hh,
                                                                      const OptTensor& b_ih, const OptTensor& b_hh,
-                                                                     bool reverse, bool save) {
+                                                                     bool save) {
   kern::check_cpu();
-  const Steps s(batch_sizes, reverse);
   const int64_t H = h0.size(1);
   const bool bf = x.scalar_type() == at::kBFloat16;
   const auto fopt = x.options().dtype(bf ? at::kFloat : x.scalar_type());
-  Tensor bias;
-  if (has(b_ih) && has(b_hh)) bias = b_ih->to(fopt.dtype()) + b_hh->to(fopt.dtype());
-  else if (has(b_ih)) bias = b_ih->to(fopt.dtype());
-  else if (has(b_hh)) bias = b_hh->to(fopt.dtype());
+  const Tensor bias = summed_bias(b_ih, b_hh, fopt.dtype().toScalarType());
   Tensor out = at::empty({x.size(0), H}, fopt);
   Tensor cs = pooled_empty({x.size(0), H}, fopt);  // workspace: saved for backward, never a user-visible output
   if (bf) {
@@ -821,11 +839,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward_i
   return {gemm(dgates, w_ih), dh, dc, gemm(dgates.t(), x), dw_hh, dgates.sum(0)};
 }
 
-std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_impl(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
-                                                     const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
-                                                     const OptTensor& b_hh, bool reverse) {
+std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_impl(const Tensor& x, const Steps& s, const Tensor& h0,
+                                                          const Tensor& w_ih, const Tensor& w_hh,
+                                                          const OptTensor& b_ih, const OptTensor& b_hh) {
   kern::check_cpu();
-  const Steps s(batch_sizes, reverse);
   const int64_t H = h0.size(1);
   const bool bf = x.scalar_type() == at::kBFloat16;
   const auto fopt = x.options().dtype(bf ? at::kFloat : x.scalar_type());
@@ -868,11 +885,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_im
   return {gemm(dgi, w_ih), dh, gemm(dgi.t(), x), dw_hh, dgi.sum(0), dgh.sum(0)};
 }
 
-std::tuple<Tensor, Tensor> rnn_layer_forward_impl(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
-                                             const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
-                                             const OptTensor& b_hh, bool relu, bool reverse) {
+std::tuple<Tensor, Tensor> rnn_layer_forward_impl(const Tensor& x, const Steps& s, const Tensor& h0,
+                                                  const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                                  const OptTensor& b_hh, bool relu) {
   kern::check_cpu();
-  const Steps s(batch_sizes, reverse);
   if (x.scalar_type() == at::kBFloat16) {
     Tensor out = proj_bf16(x, w_ih, has(b_ih) ? b_ih->to(at::kFloat) : Tensor());  // fp32 [N,H]
     Tensor bhh = has(b_hh) ? b_hh->to(at::kFloat) : Tensor();
@@ -915,13 +931,27 @@ using rnn_args::kAny;
 using rnn_args::need;
 using rnn_args::need_opt;
 
-// The arguments every layer entry shares, checked: x [N, I], h0 [B, H], W_ih [G H, I], W_hh [G H, H], batch sizes.
+// The arguments every layer entry shares, checked: x [N, I], h0 [B, H], W_ih [G H, I], W_hh [G H, H], and either
+// batch sizes (a packed input) or a step count (a padded input: every step B rows).
 struct LayerArgs {
   Tensor x, bs, h0, w_ih, w_hh;
-  int64_t N, I, B, H;
+  int64_t N, I, B, H, T = 0;
   at::ScalarType dt;
   LayerArgs(const char* fn, const Tensor& x_, const Tensor& bs_, const Tensor& h0_, const Tensor& w_ih_,
             const Tensor& w_hh_, int64_t G) {
+    common(fn, x_, h0_, w_ih_, w_hh_, G);
+    bs = rnn_args::need_batch_sizes(fn, bs_, B, N);
+  }
+  LayerArgs(const char* fn, const Tensor& x_, int64_t steps, const Tensor& h0_, const Tensor& w_ih_,
+            const Tensor& w_hh_, int64_t G) : T(steps) {
+    common(fn, x_, h0_, w_ih_, w_hh_, G);
+    TORCH_CHECK(T >= 0 && N == T * B, fn, ": input has ", N, " rows, not ", T, " steps of ", B);
+  }
+  Steps steps(bool reverse) const { return bs.defined() ? Steps(bs, reverse) : Steps(T, B, reverse); }
+
+ private:
+  void common(const char* fn, const Tensor& x_, const Tensor& h0_, const Tensor& w_ih_, const Tensor& w_hh_,
+              int64_t G) {
     x = need(fn, "input", x_, {kAny, kAny}, at::ScalarType::Undefined);
     dt = x.scalar_type();
     N = x.size(0);
@@ -931,18 +961,17 @@ struct LayerArgs {
     H = h0.size(1);
     w_ih = need(fn, "weight_ih", w_ih_, {G * H, I}, dt);
     w_hh = need(fn, "weight_hh", w_hh_, {G * H, H}, dt);
-    bs = rnn_args::need_batch_sizes(fn, bs_, B, N);
   }
 };
 
-// lstm_layer_forward and lstm_layer_inference: the same checks, then the forward saving the gates or not.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_checked(
-    const char* fn, const Tensor& x, const Tensor& batch_sizes, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
-    const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, bool reverse, bool save) {
-  const LayerArgs a(fn, x, batch_sizes, h0, w_ih, w_hh, 4);
-  return lstm_forward_impl(a.x, a.bs, a.h0, need(fn, "cx", c0, {a.B, a.H}, a.dt), a.w_ih, a.w_hh,
+// The LSTM forward entries: the same checks, then the forward saving the gates or not.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_checked(const char* fn, const LayerArgs& a,
+                                                                        const Tensor& c0, const OptTensor& b_ih,
+                                                                        const OptTensor& b_hh, bool reverse,
+                                                                        bool save) {
+  return lstm_forward_impl(a.x, a.steps(reverse), a.h0, need(fn, "cx", c0, {a.B, a.H}, a.dt), a.w_ih, a.w_hh,
                            need_opt(fn, "bias_ih", b_ih, 4 * a.H, a.dt), need_opt(fn, "bias_hh", b_hh, 4 * a.H, a.dt),
-                           reverse, save);
+                           save);
 }
 }  // namespace
 
@@ -951,7 +980,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(const Tens
                                                                       const Tensor& w_ih, const Tensor& w_hh,
                                                                       const OptTensor& b_ih, const OptTensor& b_hh,
                                                                       bool reverse) {
-  return lstm_forward_checked("lstm_layer_forward", x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, true);
+  const char* fn = "lstm_layer_forward";
+  return lstm_forward_checked(fn, LayerArgs(fn, x, batch_sizes, h0, w_ih, w_hh, 4), c0, b_ih, b_hh, reverse, true);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_inference(const Tensor& x, const Tensor& batch_sizes,
@@ -959,7 +989,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_inference(const Te
                                                                         const Tensor& w_ih, const Tensor& w_hh,
                                                                         const OptTensor& b_ih, const OptTensor& b_hh,
                                                                         bool reverse) {
-  return lstm_forward_checked("lstm_layer_inference", x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, false);
+  const char* fn = "lstm_layer_inference";
+  return lstm_forward_checked(fn, LayerArgs(fn, x, batch_sizes, h0, w_ih, w_hh, 4), c0, b_ih, b_hh, reverse, false);
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_layer_padded_inference(const Tensor& x, int64_t steps, const Tensor& h0,
+                                                               const Tensor& c0, const Tensor& w_ih,
+                                                               const Tensor& w_hh, const OptTensor& b_ih,
+                                                               const OptTensor& b_hh, bool reverse) {
+  const char* fn = "lstm_layer_padded_inference";
+  auto r = lstm_forward_checked(fn, LayerArgs(fn, x, steps, h0, w_ih, w_hh, 4), c0, b_ih, b_hh, reverse, false);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
@@ -981,8 +1021,20 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(const Tensor& x, const Tens
                                                      const OptTensor& b_hh, bool reverse) {
   const char* fn = "gru_layer_forward";
   const LayerArgs a(fn, x, batch_sizes, h0, w_ih, w_hh, 3);
-  return gru_layer_forward_impl(a.x, a.bs, a.h0, a.w_ih, a.w_hh, need_opt(fn, "bias_ih", b_ih, 3 * a.H, a.dt),
-                                need_opt(fn, "bias_hh", b_hh, 3 * a.H, a.dt), reverse);
+  return gru_layer_forward_impl(a.x, a.steps(reverse), a.h0, a.w_ih, a.w_hh,
+                                need_opt(fn, "bias_ih", b_ih, 3 * a.H, a.dt),
+                                need_opt(fn, "bias_hh", b_hh, 3 * a.H, a.dt));
+}
+
+std::tuple<Tensor, Tensor> gru_layer_padded_forward(const Tensor& x, int64_t steps, const Tensor& h0,
+                                                    const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                                    const OptTensor& b_hh, bool reverse) {
+  const char* fn = "gru_layer_padded_forward";
+  const LayerArgs a(fn, x, steps, h0, w_ih, w_hh, 3);
+  auto r = gru_layer_forward_impl(a.x, a.steps(reverse), a.h0, a.w_ih, a.w_hh,
+                                  need_opt(fn, "bias_ih", b_ih, 3 * a.H, a.dt),
+                                  need_opt(fn, "bias_hh", b_hh, 3 * a.H, a.dt));
+  return {std::get<0>(r), std::get<1>(r)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
@@ -1001,8 +1053,17 @@ std::tuple<Tensor, Tensor> rnn_layer_forward(const Tensor& x, const Tensor& batc
                                              const OptTensor& b_hh, bool relu, bool reverse) {
   const char* fn = "rnn_layer_forward";
   const LayerArgs a(fn, x, batch_sizes, h0, w_ih, w_hh, 1);
-  return rnn_layer_forward_impl(a.x, a.bs, a.h0, a.w_ih, a.w_hh, need_opt(fn, "bias_ih", b_ih, a.H, a.dt),
-                                need_opt(fn, "bias_hh", b_hh, a.H, a.dt), relu, reverse);
+  return rnn_layer_forward_impl(a.x, a.steps(reverse), a.h0, a.w_ih, a.w_hh, need_opt(fn, "bias_ih", b_ih, a.H, a.dt),
+                                need_opt(fn, "bias_hh", b_hh, a.H, a.dt), relu);
+}
+
+std::tuple<Tensor, Tensor> rnn_layer_padded_forward(const Tensor& x, int64_t steps, const Tensor& h0,
+                                                    const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                                    const OptTensor& b_hh, bool relu, bool reverse) {
+  const char* fn = "rnn_layer_padded_forward";
+  const LayerArgs a(fn, x, steps, h0, w_ih, w_hh, 1);
+  return rnn_layer_forward_impl(a.x, a.steps(reverse), a.h0, a.w_ih, a.w_hh, need_opt(fn, "bias_ih", b_ih, a.H, a.dt),
+                                need_opt(fn, "bias_hh", b_hh, a.H, a.dt), relu);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const Tensor& grad_out, const Tensor& grad_hn,

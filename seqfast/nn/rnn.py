@@ -17,6 +17,14 @@ class _SeqfastRNNMixin:
     _kind = None  # "lstm" | "gru" | "rnn"
     _LAYER_OP = None  # its seqfast.ops layer op
 
+    def __getstate__(self):
+        # the no-grad plans name this module's parameters (and the C++ call cannot be copied): a copy or a pickle
+        # builds its own
+        state = super().__getstate__()
+        state.pop("_seqfast_plan", None)
+        state.pop("_seqfast_call", None)
+        return state
+
     def _layer_weights(self):
         return [parameters_named(self, names) for names in self._all_weights]
 
@@ -53,10 +61,12 @@ class _SeqfastRNNMixin:
                 or (self.training and self.dropout) or torch.compiler.is_compiling()
                 or torch._C._is_any_autocast_enabled()):
             return None
-        key = (tuple(map(id, self._parameters.values())), input.dtype, input.device, _backend.forced_backend())
+        key = (tuple(map(id, self._parameters.values())), input.dtype, input.device, _backend.forced_backend(),
+               _rules.epoch)
         plan = self.__dict__.get("_seqfast_plan")
         if plan is None or plan[0] != key:
             plan = self.__dict__["_seqfast_plan"] = (key, self._inference_plan(input))
+            self.__dict__["_seqfast_call"] = self._module_call(input, plan[1])
         weights = plan[1]
         if weights is None or weights[0].dtype != input.dtype:  # .to(dtype) can change a parameter in place
             return None
@@ -74,6 +84,21 @@ class _SeqfastRNNMixin:
             return _autotune.run(key, lambda: super(_SeqfastRNNMixin, self).forward(input),
                                  lambda: self._one_call(input, weights))
         return self._one_call(input, weights)
+
+    def _module_call(self, input, weights):
+        """The C++ twin of this fast path (seqfast._C.ModuleCall) for inputs of ``input``'s dtype and device, or None
+        where only the Python path serves (no plan, a forced backend). It holds what the checks above derive from the
+        parameters and the rule table, and re-checks the rest on every call."""
+        if weights is None or _backend.forced_backend() is not None:
+            return None
+        dtype = input.dtype
+        upcast = (dtype is torch.bfloat16 and not torch.compiler.is_compiling()
+                  and _rules.cpu_class() in _rules._UPCAST_BF16_CPUS)
+        return _ext.module().ModuleCall(
+            self.mode, self._parameters, list(self._parameters.values()), weights, self.bias, self.num_layers,
+            self.bidirectional, self.batch_first, self.input_size,
+            _rules.torch_batches(self._kind, dtype, False, self.hidden_size),
+            _rules.UPCAST_BF16_MIN_ROWS if upcast else 0)
 
     def _one_call(self, input, weights):
         out, h, c = _ext.module().rnn_module_inference(self.mode, input, weights, self.bias, self.num_layers,
@@ -99,10 +124,20 @@ class _SeqfastRNNMixin:
         return [w for ws in layers for w in ws]
 
     def forward(self, input, hx=None):
-        if hx is None and not torch.is_grad_enabled():
-            result = self._inference_call(input)
-            if result is not None:
-                return result
+        if hx is None:
+            # The C++ no-grad call (seqfast._C.ModuleCall, built by _inference_call) checks grad mode, autocast, the
+            # input, the parameters and the rule table itself, and declines (None) wherever the paths below decide.
+            # Here: what it cannot see, in the order of cost.
+            call = self.__dict__.get("_seqfast_call")
+            if (call is not None and _backend._state.forced is None and not _autotune._enabled
+                    and not (self.training and self.dropout) and not torch.compiler.is_compiling()):
+                result = call(input)
+                if result is not None:
+                    return result
+            if not torch.is_grad_enabled():
+                result = self._inference_call(input)
+                if result is not None:
+                    return result
         # (no self._update_flat_weights(): torch keeps _flat_weights for its cuDNN/oneDNN calls; the weights are read
         # by name in _layer_weights, which is all seqfast uses, and the check costs as much as a small step)
         packed = isinstance(input, PackedSequence)
