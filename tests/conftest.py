@@ -77,10 +77,20 @@ def assert_raises_like_torch(torch_module, our_module, args, same_message=True):
 
 @pytest.fixture
 def no_grad_kernel_calls(monkeypatch):
-    """The op names of the cell steps that ran the no-grad path's kernel (seqfast.functional._rnn_cell
-    ._no_grad_kernel), in call order."""
+    """The op names of the cell steps that ran a no-grad kernel straight after the native checks, in call order: a
+    module's C++ step (seqfast.nn.rnn_cell._fast_step) or the functional's no-grad path (seqfast.functional._rnn_cell
+    ._no_grad_kernel)."""
     from seqfast.functional import _rnn_cell
+    from seqfast.nn import rnn_cell as nn_cell
     calls = []
+    fast_step = nn_cell._fast_step
+
+    def counting_step(module, family, input, hx):
+        result = fast_step(module, family, input, hx)
+        if result is not None:
+            calls.append(family)
+        return result
+    monkeypatch.setattr(nn_cell, "_fast_step", counting_step)
     original = _rnn_cell._no_grad_kernel
 
     def counting(op, input):

@@ -111,3 +111,93 @@ def test_errors_as_torch(kind, kw):
     with torch.no_grad():
         for args in bad:
             assert_raises_like_torch(ref, mod, args)
+
+
+# ---- seqfast._C.CellCall: the module's C++ step, asked first by forward ----
+
+class _Sub(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("kind,kw", CELLS)
+def test_cell_call_declines_what_it_does_not_serve(kind, kw):
+    torch.manual_seed(0)
+    ref, mod = _pair(kind, kw)
+    x, hx = torch.randn(3, 5), _states(kind, 3)
+    with torch.no_grad():
+        mod(x, hx)
+    call = mod._seqfast_call
+    assert call(x, hx) is None  # grad mode on
+    lstm = kind == "LSTMCell"
+    with torch.no_grad():
+        assert call(x, hx) is not None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert call(x, hx) is None
+        others = [(x.double(), hx), (torch.randn(5), hx), (x.as_subclass(_Sub), hx), (x, None)]
+        others.append((x, list(hx)) if lstm else (x, hx.as_subclass(_Sub)))
+        for args in others:
+            assert call(*args) is None
+            if args[1] is not None and args[0].dim() == 2 and args[0].dtype == x.dtype and type(args[0]) is torch.Tensor:
+                torch.testing.assert_close(_flat(mod(*args)), _flat(ref(*args)))  # the Python path serves it
+        assert not call.stale()
+        mod.weight_ih = torch.nn.Parameter(torch.randn_like(mod.weight_ih))  # a replaced parameter
+        ref.weight_ih = torch.nn.Parameter(mod.weight_ih.detach().clone())
+        assert call(x, hx) is None and call.stale()
+        torch.testing.assert_close(_flat(mod(x, hx)), _flat(ref(x, hx)))
+        assert mod._seqfast_call is not call  # rebuilt
+        call = mod._seqfast_call
+        mod.double()  # the same parameter objects, another dtype
+        ref.double()
+        assert call.stale()
+        x64, hx64 = x.double(), (tuple(h.double() for h in hx) if lstm else hx.double())
+        torch.testing.assert_close(_flat(mod(x64, hx64)), _flat(ref(x64, hx64)))
+        assert mod._seqfast_call(x64, hx64) is not None
+
+
+def test_cell_call_follows_the_rule_table():
+    torch.manual_seed(0)
+    ref, mod = _pair("GRUCell", {})
+    x, hx = torch.randn(3, 5), _states("GRUCell", 3)
+    with torch.no_grad():
+        mod(x, hx)
+        call = mod._seqfast_call
+        saved = list(_rules.RULES)
+        try:
+            _rules.set_rules([_rules.Rule("gru_cell", torch.float32, (_rules.cpu_class(),), training=False,
+                                          batch=(3, 3), source="test")])
+            assert call.stale() and call(x, hx) is None
+            torch.testing.assert_close(mod(x, hx), ref(x, hx), rtol=0, atol=0)  # batch 3: torch's op
+            assert mod._seqfast_call(x, hx) is None and not mod._seqfast_call.stale()
+            x2, hx2 = torch.randn(2, 5), _states("GRUCell", 2)
+            assert mod._seqfast_call(x2, hx2) is not None
+        finally:
+            _rules.set_rules(saved)
+
+
+def test_no_cell_call_without_a_cpp_kernel():
+    mod = seqfast.nn.LSTMCell(5, 7).to(torch.bfloat16)  # bfloat16 cells: no C++ kernel, the Python path serves
+    ref = torch.nn.LSTMCell(5, 7).to(torch.bfloat16)
+    ref.load_state_dict(mod.state_dict())
+    x, hx = torch.randn(2, 5, dtype=torch.bfloat16), _states("LSTMCell", 2, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x, hx), ref(x, hx))
+    assert mod.__dict__.get("_seqfast_call") is None
+
+
+def test_cell_copies_build_their_own_call():
+    import copy
+    import io
+    torch.manual_seed(0)
+    _, mod = _pair("RNNCell", {})
+    x, hx = torch.randn(3, 5), _states("RNNCell", 3)
+    with torch.no_grad():
+        mod(x, hx)
+    buffer = io.BytesIO()
+    torch.save(mod, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(mod), torch.load(buffer, weights_only=False)):
+        assert "_seqfast_call" not in twin.__dict__
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x, hx), mod(x, hx))
+            twin.weight_hh.mul_(2.0)  # the twin's call reads the twin's parameters
+            assert not torch.allclose(twin(x, hx), mod(x, hx))

@@ -1,10 +1,11 @@
-// seqfast._C.ModuleCall: the no-grad forward of one seqfast nn.LSTM / GRU / RNN module, with the checks that decide
-// whether it may run, in one call from Python (see rnn_module_call.h).
+// seqfast._C.ModuleCall and CellCall: the no-grad forward of one seqfast nn.LSTM / GRU / RNN module, or one step of
+// an LSTMCell / GRUCell / RNNCell, with the checks that decide whether it may run, in one call from Python (see
+// rnn_module_call.h).
 //
-// Why: at batch 1 the Python that decided whether rnn_module_inference may run cost as much as a short sequence's
-// kernel. Each check is cheap warm, but it runs right after the kernel, on caches the kernel flushed: LSTM T1 B1 H64
-// on the Zen 3 EPYC, rnn_module_inference alone 16-18 us, the module's _inference_call around it 28-33 us (ONNX
-// Runtime's whole call: about 20 us). The same checks here cost well under a microsecond.
+// Why: at batch 1 the Python that decided whether a kernel may run cost as much as a short sequence's kernel. Each
+// check is cheap warm, but it runs right after the kernel, on caches the kernel flushed: LSTM T1 B1 H64 on the Zen 3
+// EPYC, rnn_module_inference alone 16-18 us, the module's _inference_call around it 28-33 us (ONNX Runtime's whole
+// call: about 20 us). The same checks here cost well under a microsecond. A seq2seq decoder calls a cell per token.
 #include "rnn/rnn_module_call.h"
 
 #include <torch/extension.h>
@@ -31,6 +32,55 @@ bool any_autocast() {  // torch._C._is_any_autocast_enabled()
   return false;
 }
 
+// What every call checks before it looks at its arguments: grad mode off (autograd must record the op otherwise),
+// no autocast, the rule table it was built from still in force, and the module's parameter dict still holding the
+// same objects (a parameter may have been replaced or deleted).
+class Guard {
+ public:
+  Guard(py::dict params, py::list expected) : params_(std::move(params)), epoch_(g_rules_epoch.load()) {
+    for (const auto& p : expected) expected_.push_back(p.ptr());
+    refs_ = std::move(expected);
+  }
+  bool passes() const {
+    return !at::GradMode::is_enabled() && !any_autocast() && !stale();
+  }
+  // Built from another rule table or another parameter set: the module builds a new call.
+  bool stale() const {
+    if (epoch_ != g_rules_epoch.load(std::memory_order_relaxed)) return true;
+    PyObject* d = params_.ptr();
+    if (PyDict_GET_SIZE(d) != Py_ssize_t(expected_.size())) return true;
+    Py_ssize_t pos = 0, i = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(d, &pos, &key, &value))
+      if (value != expected_[i++]) return true;
+    return false;
+  }
+
+ private:
+  py::dict params_;
+  py::list refs_;  // keeps the expected objects alive, so their addresses cannot be reused
+  std::vector<PyObject*> expected_;
+  int64_t epoch_;
+};
+
+// An exact torch.Tensor or Parameter (a subclass may override torch functions: the Python path serves it) on the
+// CPU, strided, of dtype dt; else nullptr.
+const Tensor* plain_cpu(PyObject* obj, at::ScalarType dt) {
+  if (!THPVariable_CheckExact(obj)) return nullptr;
+  const Tensor& t = THPVariable_Unpack(obj);
+  if (t.layout() != at::kStrided || !t.device().is_cpu() || t.scalar_type() != dt) return nullptr;
+  return &t;
+}
+
+// Whether batch lies in one of the rule table's inclusive ranges.
+bool in_ranges(const std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t batch) {
+  for (const auto& r : ranges)
+    if (r.first <= batch && batch <= r.second) return true;
+  return false;
+}
+
+py::object wrap(Tensor t) { return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t))); }
+
 class ModuleCall {
  public:
   // params: the module's parameter dict; expected: its values when the call was built, in order; weights: the flat
@@ -40,63 +90,42 @@ class ModuleCall {
   ModuleCall(std::string mode, py::dict params, py::list expected, std::vector<Tensor> weights, bool has_biases,
              int64_t num_layers, bool bidirectional, bool batch_first, int64_t input_size,
              std::vector<std::pair<int64_t, int64_t>> torch_batches, int64_t upcast_min_rows)
-      : mode_(std::move(mode)), params_(std::move(params)), weights_(std::move(weights)), has_biases_(has_biases),
-        num_layers_(num_layers), bidirectional_(bidirectional), batch_first_(batch_first), input_size_(input_size),
-        torch_batches_(std::move(torch_batches)), upcast_min_rows_(upcast_min_rows), epoch_(g_rules_epoch.load()) {
+      : guard_(std::move(params), std::move(expected)), mode_(std::move(mode)), weights_(std::move(weights)),
+        has_biases_(has_biases), num_layers_(num_layers), bidirectional_(bidirectional), batch_first_(batch_first),
+        input_size_(input_size), torch_batches_(std::move(torch_batches)), upcast_min_rows_(upcast_min_rows) {
     TORCH_CHECK(!weights_.empty(), "ModuleCall: no weights");
     dtype_ = weights_[0].scalar_type();
-    for (const auto& p : expected) expected_.push_back(p.ptr());
-    expected_refs_ = std::move(expected);
   }
 
   // (output, states) as the module's forward returns them, or None where the module's regular path must decide.
   py::object call(const py::handle& input) const {
-    if (at::GradMode::is_enabled() || any_autocast() || epoch_ != g_rules_epoch.load(std::memory_order_relaxed))
-      return py::none();
-    PyObject* in = input.ptr();
-    if (!THPVariable_CheckExact(in)) return py::none();  // a subclass may override torch functions
-    const Tensor& x = THPVariable_Unpack(in);
-    if (x.layout() != at::kStrided || !x.device().is_cpu() || x.scalar_type() != dtype_) return py::none();
+    if (!guard_.passes()) return py::none();
+    const Tensor* xp = plain_cpu(input.ptr(), dtype_);
+    if (!xp) return py::none();
+    const Tensor& x = *xp;
     const int64_t dim = x.dim();
     if ((dim != 2 && dim != 3) || x.size(-1) != input_size_) return py::none();
-    if (!same_parameters()) return py::none();
     for (const Tensor& w : weights_)  // .to() / .double() change a parameter in place
       if (w.scalar_type() != dtype_ || !w.device().is_cpu()) return py::none();
     const bool batched = dim == 3;
     const int64_t steps = x.size(batched && batch_first_ ? 1 : 0);
     const int64_t batch = batched ? x.size(batch_first_ ? 0 : 1) : 1;
-    if (steps == 0 || batch == 0) return py::none();
-    for (const auto& r : torch_batches_)
-      if (r.first <= batch && batch <= r.second) return py::none();
+    if (steps == 0 || batch == 0 || in_ranges(torch_batches_, batch)) return py::none();
     if (upcast_min_rows_ > 0 && steps * batch >= upcast_min_rows_) return py::none();
     std::tuple<Tensor, Tensor, Tensor> r;
     {
       py::gil_scoped_release release;
       r = rnn_module_inference(mode_, x, weights_, has_biases_, num_layers_, bidirectional_, batch_first_);
     }
-    py::object out = py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(std::get<0>(r))));
-    py::object h = py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(std::get<1>(r))));
+    py::object out = wrap(std::move(std::get<0>(r))), h = wrap(std::move(std::get<1>(r)));
     if (!std::get<2>(r).defined()) return py::make_tuple(out, h);
-    py::object c = py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(std::get<2>(r))));
-    return py::make_tuple(out, py::make_tuple(h, c));
+    return py::make_tuple(out, py::make_tuple(h, wrap(std::move(std::get<2>(r)))));
   }
+  bool stale() const { return guard_.stale(); }
 
  private:
-  // The module still holds the parameters the call was built from (one may have been replaced or deleted).
-  bool same_parameters() const {
-    PyObject* d = params_.ptr();
-    if (PyDict_GET_SIZE(d) != Py_ssize_t(expected_.size())) return false;
-    Py_ssize_t pos = 0, i = 0;
-    PyObject *key, *value;
-    while (PyDict_Next(d, &pos, &key, &value))
-      if (value != expected_[i++]) return false;
-    return true;
-  }
-
+  Guard guard_;
   std::string mode_;
-  py::dict params_;
-  py::list expected_refs_;  // keeps the expected objects alive, so their addresses cannot be reused
-  std::vector<PyObject*> expected_;
   std::vector<Tensor> weights_;
   bool has_biases_;
   int64_t num_layers_;
@@ -104,7 +133,69 @@ class ModuleCall {
   int64_t input_size_;
   std::vector<std::pair<int64_t, int64_t>> torch_batches_;
   int64_t upcast_min_rows_;
-  int64_t epoch_;
+  at::ScalarType dtype_;
+};
+
+// One no-grad step of a cell module: gates 4 (LSTM: hx a pair (h, c), returns (h', c')), 3 (GRU) or 1 (RNN; relu
+// or tanh), hx a tensor, returns h'. Batched float32 / float64 steps with their state given (the C++ cell kernels'
+// dtypes); the rest is the Python path's.
+class CellCall {
+ public:
+  CellCall(int64_t gates, bool relu, py::dict params, py::list expected, Tensor w_ih, Tensor w_hh, OptTensor b_ih,
+           OptTensor b_hh, std::vector<std::pair<int64_t, int64_t>> torch_batches)
+      : guard_(std::move(params), std::move(expected)), gates_(gates), relu_(relu), w_ih_(std::move(w_ih)),
+        w_hh_(std::move(w_hh)), b_ih_(std::move(b_ih)), b_hh_(std::move(b_hh)),
+        torch_batches_(std::move(torch_batches)), dtype_(w_ih_.scalar_type()) {
+    TORCH_CHECK(gates == 4 || gates == 3 || gates == 1, "CellCall: gates must be 4, 3 or 1, got ", gates);
+  }
+
+  py::object call(const py::handle& input, const py::handle& hx) const {
+    if (!guard_.passes()) return py::none();
+    const Tensor* x = plain_cpu(input.ptr(), dtype_);
+    if (!x || x->dim() != 2) return py::none();
+    const Tensor *h = nullptr, *c = nullptr;
+    if (gates_ == 4) {
+      PyObject* pair = hx.ptr();
+      if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) return py::none();
+      h = plain_cpu(PyTuple_GET_ITEM(pair, 0), dtype_);
+      c = plain_cpu(PyTuple_GET_ITEM(pair, 1), dtype_);
+      if (!c || c->dim() != 2) return py::none();
+    } else {
+      h = plain_cpu(hx.ptr(), dtype_);
+    }
+    if (!h || h->dim() != 2) return py::none();
+    if (in_ranges(torch_batches_, x->size(0))) return py::none();
+    // torch's shape errors, raised here as the Python path raises them; a weight or bias the kernels cannot read,
+    // or a dtype / device mismatch, goes back to that path
+    if (check_cell_args(gates_, *x, *h, c ? OptTensor(*c) : OptTensor(), w_ih_, w_hh_, b_ih_, b_hh_, false) !=
+        kCellOk)
+      return py::none();
+    if (gates_ == 4) {
+      std::tuple<Tensor, Tensor, Tensor> r;
+      {
+        py::gil_scoped_release release;
+        r = lstm_cell_forward(*x, *h, *c, w_ih_, w_hh_, b_ih_, b_hh_);
+      }
+      return py::make_tuple(wrap(std::move(std::get<0>(r))), wrap(std::move(std::get<1>(r))));
+    }
+    Tensor hy;
+    {
+      py::gil_scoped_release release;
+      hy = gates_ == 3 ? std::get<0>(gru_cell_forward(*x, *h, w_ih_, w_hh_, b_ih_, b_hh_))
+                       : rnn_cell_forward(*x, *h, w_ih_, w_hh_, b_ih_, b_hh_, relu_);
+    }
+    return wrap(std::move(hy));
+  }
+  // (also after .to() / .double() changed the weights in place)
+  bool stale() const { return guard_.stale() || w_ih_.scalar_type() != dtype_ || !w_ih_.device().is_cpu(); }
+
+ private:
+  Guard guard_;
+  int64_t gates_;
+  bool relu_;
+  Tensor w_ih_, w_hh_;
+  OptTensor b_ih_, b_hh_;
+  std::vector<std::pair<int64_t, int64_t>> torch_batches_;
   at::ScalarType dtype_;
 };
 
@@ -117,9 +208,17 @@ void bind_module_call(py::module_& m) {
            py::arg("mode"), py::arg("params"), py::arg("expected"), py::arg("weights"), py::arg("has_biases"),
            py::arg("num_layers"), py::arg("bidirectional"), py::arg("batch_first"), py::arg("input_size"),
            py::arg("torch_batches"), py::arg("upcast_min_rows"))
-      .def("__call__", &ModuleCall::call, py::arg("input"));
+      .def("__call__", &ModuleCall::call, py::arg("input"))
+      .def("stale", &ModuleCall::stale);
+  py::class_<CellCall>(m, "CellCall", "one no-grad step of a seqfast RNN cell module, checks included")
+      .def(py::init<int64_t, bool, py::dict, py::list, Tensor, Tensor, OptTensor, OptTensor,
+                    std::vector<std::pair<int64_t, int64_t>>>(),
+           py::arg("gates"), py::arg("relu"), py::arg("params"), py::arg("expected"), py::arg("w_ih"),
+           py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("torch_batches"))
+      .def("__call__", &CellCall::call, py::arg("input"), py::arg("hx"))
+      .def("stale", &CellCall::stale);
   m.def("rules_changed", [] { g_rules_epoch.fetch_add(1); },
-        "seqfast._rules.set_rules calls this: every ModuleCall built before declines from then on");
+        "seqfast._rules.set_rules calls this: every ModuleCall / CellCall built before declines from then on");
 }
 
 }  // namespace seqfast

@@ -1,14 +1,16 @@
-// seqfast._C.ModuleCall (rnn_module_call.cpp): a seqfast nn.LSTM / GRU / RNN module's no-grad forward, and the checks
-// that decide whether it may run, in one Python call. Built by seqfast/nn/rnn.py from the module's parameters and
-// the rule table; it returns None wherever the module's regular path must decide (grad mode, autocast, another
-// dtype or device, a replaced parameter, a batch the rule table gives to torch's op, a changed rule table, ...).
+// seqfast._C.ModuleCall and CellCall (rnn_module_call.cpp): a seqfast nn.LSTM / GRU / RNN module's no-grad forward,
+// or one no-grad step of an LSTMCell / GRUCell / RNNCell, and the checks that decide whether it may run, in one
+// Python call. Built by seqfast/nn/rnn.py and rnn_cell.py from the module's parameters and the rule table; a call
+// returns None wherever the module's regular path must decide (grad mode, autocast, another dtype or device, a
+// replaced parameter, a batch the rule table gives to torch's op, a changed rule table, ...), and stale() says when
+// the module should build a new one.
 #pragma once
 
 #include <pybind11/pybind11.h>
 
 namespace seqfast {
 
-// Adds ModuleCall and rules_changed() to the extension module.
+// Adds ModuleCall, CellCall and rules_changed() to the extension module.
 void bind_module_call(pybind11::module_& m);
 
 }  // namespace seqfast

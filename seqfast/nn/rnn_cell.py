@@ -2,7 +2,10 @@
 forward that runs seqfast's fused cell kernels."""
 import torch
 
+from .. import _backend, _ext, _rules, autotune as _autotune
 from .. import functional as seqfast_F
+from ..functional._rnn_cell import _native
+from ..ops import rnn_cell as _ops
 from ._parameters import parameters_named
 
 
@@ -24,10 +27,66 @@ def _zeros(module, input):
     return torch.zeros(input.size(0), module.hidden_size, dtype=input.dtype, device=input.device)
 
 
-class LSTMCell(torch.nn.LSTMCell):
+_GATES = {"lstm_cell": 4, "gru_cell": 3, "rnn_cell": 1}
+_OPS = {"lstm_cell": _ops.lstm_cell, "gru_cell": _ops.gru_cell, "rnn_cell": _ops.rnn_cell}
+
+
+def _python_allows_call():
+    """What the C++ step (seqfast._C.CellCall) cannot see: a forced backend, autotune, torch.compile tracing."""
+    return _backend._state.forced is None and not _autotune._enabled and not torch.compiler.is_compiling()
+
+
+def _fast_step(module, family, input, hx):
+    """One no-grad step through the module's C++ call (seqfast._C.CellCall: grad mode, autocast, the tensors, the
+    parameters, the rule table and torch's shape errors checked in C++), or None where the Python path decides. A
+    seq2seq decoder calls a cell per generated token, and at batch 1 the Python between forward and the kernel cost
+    about a third of the step. The call is built on the first no-grad step and again when it went stale (a replaced
+    parameter, a dtype change, a new rule table)."""
+    if hx is None or not _python_allows_call():
+        return None
+    call = module.__dict__.get("_seqfast_call")
+    if call is not None:
+        result = call(input, hx)
+        if result is not None or not call.stale():
+            return result
+    if torch.is_grad_enabled():
+        return None
+    call = module.__dict__["_seqfast_call"] = _build_call(module, family, input)
+    return None if call is None else call(input, hx)
+
+
+def _build_call(module, family, input):
+    """The module's seqfast._C.CellCall for inputs of ``input``'s kind, or None where only the Python path serves (no
+    extension, no C++ kernel for this dtype / device (bfloat16 cells have none), a parametrized weight, an input of
+    another dtype)."""
+    params = module._parameters
+    if not isinstance(input, torch.Tensor) or any(name not in params for name in _WEIGHTS):
+        return None
+    w_ih, w_hh, b_ih, b_hh = (params[name] for name in _WEIGHTS)
+    dtype = input.dtype
+    if w_ih is None or w_ih.dtype != dtype or not _OPS[family].runs_cpp(input) or not _native():
+        return None
+    return _ext.module().CellCall(
+        _GATES[family], getattr(module, "nonlinearity", "tanh") == "relu", params, list(params.values()), w_ih, w_hh,
+        b_ih, b_hh, _rules.torch_batches(family, dtype, False, module.hidden_size))
+
+
+class _CellCallState:
+    """The C++ step names this module's parameters (and cannot be copied): a copy or a pickle builds its own."""
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_seqfast_call", None)
+        return state
+
+
+class LSTMCell(_CellCallState, torch.nn.LSTMCell):
     __doc__ = torch.nn.LSTMCell.__doc__
 
     def forward(self, input, hx=None):
+        result = _fast_step(self, "lstm_cell", input, hx)
+        if result is not None:
+            return result
         if input.dim() == 2 and hx is not None and len(hx) == 2 and hx[0].dim() == 2 and hx[1].dim() == 2:
             # a batched step with its states given: nothing to adapt
             return seqfast_F.lstm_cell(input, hx, *parameters_named(self, _WEIGHTS))
@@ -44,10 +103,13 @@ class LSTMCell(torch.nn.LSTMCell):
         return (hy.squeeze(0), cy.squeeze(0)) if single else (hy, cy)
 
 
-class GRUCell(torch.nn.GRUCell):
+class GRUCell(_CellCallState, torch.nn.GRUCell):
     __doc__ = torch.nn.GRUCell.__doc__
 
     def forward(self, input, hx=None):
+        result = _fast_step(self, "gru_cell", input, hx)
+        if result is not None:
+            return result
         if input.dim() == 2 and hx is not None and hx.dim() == 2:  # a batched step with a state: nothing to adapt
             return seqfast_F.gru_cell(input, hx, *parameters_named(self, _WEIGHTS))
         single = _unbatched("GRUCell", input, (hx,), ("hidden",))
@@ -58,10 +120,13 @@ class GRUCell(torch.nn.GRUCell):
         return hy.squeeze(0) if single else hy
 
 
-class RNNCell(torch.nn.RNNCell):
+class RNNCell(_CellCallState, torch.nn.RNNCell):
     __doc__ = torch.nn.RNNCell.__doc__
 
     def forward(self, input, hx=None):
+        result = _fast_step(self, "rnn_cell", input, hx)
+        if result is not None:
+            return result
         if input.dim() == 2 and hx is not None and hx.dim() == 2:  # a batched step with a state: nothing to adapt
             return seqfast_F.rnn_cell(input, hx, *parameters_named(self, _WEIGHTS), self.nonlinearity)
         single = _unbatched("RNNCell", input, (hx,), ("hidden",))
