@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "attention/attention.h"
+#include "attention/sdpa_call.h"
 #include "cpu/block_pool.h"
 #include "cpu/config.h"
 #include "cpu/gemm.h"
@@ -143,6 +144,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("relu"), py::arg("reverse"));
 
   // ---- attention (attention/attention.h) ----
+  seqfast::bind_sdpa_call(m);
   m.def("sdpa_forward", &seqfast::sdpa_forward, GIL(), "flash SDPA forward -> (out, lse)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("bias"), py::arg("is_causal"), py::arg("scale"));
   m.def("sdpa_backward", &seqfast::sdpa_backward, GIL(), "flash SDPA backward -> (dq, dk, dv)", py::arg("grad_out"),

@@ -185,6 +185,15 @@ def set_rules(rules):
         module.rules_changed()  # the C++ module calls built from the old table decline from now on
 
 
+def sdpa_torch_regions(training):
+    """The table's SDPA regions on this CPU for ``training`` calls, for seqfast._C.SdpaCall: (dtype, query length
+    low, high, key length low, high, head dim low, high, causal: 1 / 0 / -1 either), bounds inclusive."""
+    cpu = cpu_class()
+    return [(r.dtype, *(r.batch or (0, INF)), *(r.hidden or (0, INF)), *(r.head_dim or (0, INF)),
+             -1 if r.causal is None else int(r.causal))
+            for r in RULES if r.family == "sdpa" and cpu in r.cpus and r.training in (None, training)]
+
+
 def torch_batches(family, dtype, training, hidden):
     """The inclusive batch ranges [(low, high)] where the table prefers torch's op for ``family`` in ``dtype`` at
     ``hidden`` on this CPU (not SDPA): prefer_torch_when(family, t, batch, hidden, training) is True exactly for a

@@ -8,13 +8,10 @@
 // call: about 20 us). The same checks here cost well under a microsecond. A seq2seq decoder calls a cell per token.
 #include "rnn/rnn_module_call.h"
 
-#include <torch/extension.h>
-#include <ATen/autocast_mode.h>
-
-#include <atomic>
 #include <utility>
 #include <vector>
 
+#include "call_guard.h"
 #include "rnn/rnn.h"
 
 namespace py = pybind11;
@@ -22,31 +19,25 @@ namespace py = pybind11;
 namespace seqfast {
 namespace {
 
-// Bumped when seqfast's rule table changes (seqfast._rules.set_rules): calls built before then decline, and the
-// module builds a new one from the new table.
-std::atomic<int64_t> g_rules_epoch{0};
-
-bool any_autocast() {  // torch._C._is_any_autocast_enabled()
-  for (const auto device : at::autocast::_AUTOCAST_SUPPORTED_DEVICES)
-    if (at::autocast::is_autocast_enabled(device)) return true;
-  return false;
-}
+using call_guard::plain_cpu;
+using call_guard::rules_epoch;
+using call_guard::wrap;
 
 // What every call checks before it looks at its arguments: grad mode off (autograd must record the op otherwise),
 // no autocast, the rule table it was built from still in force, and the module's parameter dict still holding the
 // same objects (a parameter may have been replaced or deleted).
 class Guard {
  public:
-  Guard(py::dict params, py::list expected) : params_(std::move(params)), epoch_(g_rules_epoch.load()) {
+  Guard(py::dict params, py::list expected) : params_(std::move(params)), epoch_(rules_epoch().load()) {
     for (const auto& p : expected) expected_.push_back(p.ptr());
     refs_ = std::move(expected);
   }
   bool passes() const {
-    return !at::GradMode::is_enabled() && !any_autocast() && !stale();
+    return call_guard::plain_no_grad() && !stale();
   }
   // Built from another rule table or another parameter set: the module builds a new call.
   bool stale() const {
-    if (epoch_ != g_rules_epoch.load(std::memory_order_relaxed)) return true;
+    if (epoch_ != rules_epoch().load(std::memory_order_relaxed)) return true;
     PyObject* d = params_.ptr();
     if (PyDict_GET_SIZE(d) != Py_ssize_t(expected_.size())) return true;
     Py_ssize_t pos = 0, i = 0;
@@ -63,23 +54,12 @@ class Guard {
   int64_t epoch_;
 };
 
-// An exact torch.Tensor or Parameter (a subclass may override torch functions: the Python path serves it) on the
-// CPU, strided, of dtype dt; else nullptr.
-const Tensor* plain_cpu(PyObject* obj, at::ScalarType dt) {
-  if (!THPVariable_CheckExact(obj)) return nullptr;
-  const Tensor& t = THPVariable_Unpack(obj);
-  if (t.layout() != at::kStrided || !t.device().is_cpu() || t.scalar_type() != dt) return nullptr;
-  return &t;
-}
-
 // Whether batch lies in one of the rule table's inclusive ranges.
 bool in_ranges(const std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t batch) {
   for (const auto& r : ranges)
     if (r.first <= batch && batch <= r.second) return true;
   return false;
 }
-
-py::object wrap(Tensor t) { return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t))); }
 
 class ModuleCall {
  public:
@@ -217,8 +197,9 @@ void bind_module_call(py::module_& m) {
            py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("torch_batches"))
       .def("__call__", &CellCall::call, py::arg("input"), py::arg("hx"))
       .def("stale", &CellCall::stale);
-  m.def("rules_changed", [] { g_rules_epoch.fetch_add(1); },
-        "seqfast._rules.set_rules calls this: every ModuleCall / CellCall built before declines from then on");
+  m.def("rules_changed", [] { rules_epoch().fetch_add(1); },
+        "seqfast._rules.set_rules calls this: every ModuleCall / CellCall / SdpaCall built before declines from "
+        "then on");
 }
 
 }  // namespace seqfast

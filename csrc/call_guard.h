@@ -1,0 +1,53 @@
+// What the no-grad calls that Python asks first share (rnn/rnn_module_call.cpp, attention/sdpa_call.cpp; seqfast._C
+// internal): the checks every such call runs before it looks at its arguments, in C++ because at batch 1 the same
+// checks in Python cost as much as the kernel. Included only by translation units that include <torch/extension.h>.
+#pragma once
+
+#include <torch/extension.h>
+#include <ATen/autocast_mode.h>
+
+#include <atomic>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace seqfast {
+namespace call_guard {
+
+// Bumped when seqfast's rule table changes (seqfast._rules.set_rules -> seqfast._C.rules_changed): calls built from
+// the old table decline and report stale(), and Python builds new ones.
+inline std::atomic<int64_t>& rules_epoch() {
+  static std::atomic<int64_t> epoch{0};
+  return epoch;
+}
+
+inline bool any_autocast() {  // torch._C._is_any_autocast_enabled()
+  for (const auto device : at::autocast::_AUTOCAST_SUPPORTED_DEVICES)
+    if (at::autocast::is_autocast_enabled(device)) return true;
+  return false;
+}
+
+// Grad mode off (autograd must record the op otherwise) and no autocast (the op picks its dtype there).
+inline bool plain_no_grad() { return !at::GradMode::is_enabled() && !any_autocast(); }
+
+// An exact torch.Tensor or Parameter (a subclass may override torch functions: the Python path serves it), strided,
+// on the CPU; else nullptr.
+inline const at::Tensor* plain_cpu(PyObject* obj) {
+  if (!THPVariable_CheckExact(obj)) return nullptr;
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (t.layout() != at::kStrided || !t.device().is_cpu()) return nullptr;
+  return &t;
+}
+
+// The same, of dtype dt.
+inline const at::Tensor* plain_cpu(PyObject* obj, at::ScalarType dt) {
+  const at::Tensor* t = plain_cpu(obj);
+  return t && t->scalar_type() == dt ? t : nullptr;
+}
+
+inline pybind11::object wrap(at::Tensor t) {
+  return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(t)));
+}
+
+}  // namespace call_guard
+}  // namespace seqfast

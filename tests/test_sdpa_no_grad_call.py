@@ -1,0 +1,145 @@
+"""seqfast._C.SdpaCall, which seqfast.functional.scaled_dot_product_attention asks first for an unmasked call: it runs
+the C++ kernel on no-grad 4-D CPU calls outside the rule table's torch regions, with torch's results, and declines
+(None) wherever the function's regular path decides: grad mode, autocast, tensor subclasses, other ranks, GQA or
+broadcast batches, empty shapes, mixed dtypes, a scale that is not a number, a torch region, a changed rule table."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import seqfast
+from seqfast import _ext, _rules
+from seqfast.functional import _attention
+
+pytestmark = pytest.mark.skipif(_ext.module() is None or not _ext.module().rnn_kernels_supported(),
+                                reason="seqfast._C not built or its kernels do not run on this CPU")
+
+sdpa = seqfast.functional.scaled_dot_product_attention
+
+
+@pytest.fixture
+def no_rules():
+    """An empty rule table (every case is seqfast's kernel's on any CPU); the call built from it."""
+    saved = list(_rules.RULES)
+    _rules.set_rules([])
+    yield _attention._build_no_grad_call()
+    _rules.set_rules(saved)
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def _qkv(q_shape, k_shape, v_shape, dtype=torch.float32):
+    torch.manual_seed(0)
+    return [torch.randn(s, dtype=dtype) for s in (q_shape, k_shape, v_shape)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("L,S,D,Dv", [(1, 1, 16, 16), (1, 300, 13, 70), (3, 5, 16, 8), (70, 70, 64, 64),
+                                      (9, 4, 8, 8)])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("scale", [None, 0.3, 2])
+def test_serves_with_torchs_results(no_rules, dtype, L, S, D, Dv, is_causal, scale):
+    q, k, v = _qkv((2, 3, L, D), (2, 3, S, D), (2, 3, S, Dv), dtype)
+    with torch.no_grad():
+        got = no_rules(q, k, v, is_causal, scale, False)
+        assert got is not None
+        want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=is_causal, scale=scale)
+        assert got.dtype == dtype and got.shape == want.shape
+        tol = {torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float32: dict(rtol=1e-4, atol=1e-4),
+               torch.float64: dict(rtol=1e-10, atol=1e-10)}[dtype]
+        torch.testing.assert_close(got.double(), want, **tol)
+        torch.testing.assert_close(sdpa(q, k, v, is_causal=is_causal, scale=scale), got, rtol=0, atol=0)
+
+
+def test_reads_strided_views(no_rules):
+    q, k, v = _qkv((2, 5, 3, 16), (2, 7, 3, 16), (2, 7, 3, 16))
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [N, H, len, dim] views of [N, len, H, dim]
+    with torch.no_grad():
+        torch.testing.assert_close(no_rules(q, k, v, False, None, False), F.scaled_dot_product_attention(q, k, v),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_declines_what_it_does_not_serve(no_rules):
+    call = no_rules
+    q, k, v = _qkv((2, 3, 4, 16), (2, 3, 5, 16), (2, 3, 5, 8))
+    assert call(q, k, v, False, None, False) is None  # grad mode on (no tensor needs grad, but it is the rule)
+    with torch.no_grad():
+        assert call(q, k, v, False, None, False) is not None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert call(q, k, v, False, None, False) is None
+        bad = [
+            (q.as_subclass(_Sub), k, v), (q, k.as_subclass(_Sub), v),
+            (q[0], k[0], v[0]),  # 3-D
+            (q, k[:, :1], v[:, :1]),  # GQA (one kv head)
+            (q, k[:1], v[:1]),  # a batch to broadcast
+            (q, k.double(), v), (q.double(), k, v),  # mixed dtypes
+            (q.half(), k.half(), v.half()),  # no C++ kernel
+            (q[..., :0], k[..., :0], v),  # empty head dim
+            (q[:, :, :0], k, v), (q, k[:, :, :0], v[:, :, :0]),  # no queries / no keys
+            (q, k, v[:, :, :4]),  # key / value lengths differ
+            (q, k[..., :8], v),  # head dims differ
+        ]
+        for args in bad:
+            assert call(*args, False, None, False) is None
+            with pytest.raises(Exception) if _raises(args) else _nothing():
+                torch.testing.assert_close(sdpa(*args), F.scaled_dot_product_attention(*args), rtol=1e-3, atol=1e-3)
+        for scale in ("0.3", torch.tensor(0.3), [0.3]):
+            assert call(q, k, v, False, scale, False) is None
+
+
+def _raises(args):
+    try:
+        F.scaled_dot_product_attention(*args)
+        return False
+    except Exception:
+        return True
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_declines_torch_regions_and_a_changed_table():
+    saved = list(_rules.RULES)
+    q, k, v = _qkv((1, 2, 3, 16), (1, 2, 9, 16), (1, 2, 9, 16))
+    try:
+        _rules.set_rules([])
+        call = _attention._build_no_grad_call()
+        with torch.no_grad():
+            assert call(q, k, v, False, None, False) is not None
+            _rules.set_rules([_rules.Rule("sdpa", torch.float32, (_rules.cpu_class(),), training=False, batch=(3, 3),
+                                          hidden=(9, 9), head_dim=(16, 16), causal=True, source="test")])
+            assert call.stale() and call(q, k, v, False, None, False) is None  # built from the old table
+            torch.testing.assert_close(sdpa(q, k, v, is_causal=True),
+                                       F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=0, atol=0)
+            call = _attention._no_grad_call
+            assert not call.stale()  # the function built a new one
+            assert call(q, k, v, True, None, False) is None  # inside the region: torch's op
+            assert call(q, k, v, False, None, False) is not None  # not causal: outside it
+            assert call(q[:, :, :2], k, v, True, None, False) is not None  # another query length
+            # a training-only region leaves inference to seqfast
+            _rules.set_rules([_rules.Rule("sdpa", torch.float32, (_rules.cpu_class(),), training=True,
+                                          source="test")])
+            assert _attention._build_no_grad_call()(q, k, v, True, None, False) is not None
+    finally:
+        _rules.set_rules(saved)
+        _attention._build_no_grad_call()
+
+
+def test_function_asks_the_call_only_where_python_allows(no_rules, monkeypatch):
+    asked = []
+    monkeypatch.setattr(_attention, "_no_grad_call", lambda *a: asked.append(a) or no_rules(*a))
+    q, k, v = _qkv((1, 2, 1, 16), (1, 2, 9, 16), (1, 2, 9, 16))
+    with torch.no_grad():
+        sdpa(q, k, v)
+        assert len(asked) == 1
+        sdpa(q, k, v, attn_mask=torch.ones(1, 9, dtype=torch.bool))  # a mask: the regular path
+        sdpa(q, k, v, dropout_p=0.5)
+        with seqfast.use_backend("reference"):
+            sdpa(q, k, v)
+        assert len(asked) == 1
