@@ -47,6 +47,64 @@ def test_matches_torch(kind, kw, num_layers, bidirectional, batch_first, bias, s
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+def _states(kind, num_layers, bidirectional, shape, hidden=7, dtype=torch.float32):
+    """Random initial states for input ``shape`` (3-D batched, else unbatched), as the module takes them."""
+    slices = num_layers * (2 if bidirectional else 1)
+    size = (slices, shape[1], hidden) if len(shape) == 3 else (slices, hidden)
+    h = torch.randn(size, dtype=dtype)
+    return (h, torch.randn(size, dtype=dtype)) if kind == "LSTM" else h
+
+
+@pytest.mark.parametrize("kind,kw", KINDS)
+@pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, True)])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("shape", [(4, 3, 5), (1, 1, 5), (6, 5)])  # the last is unbatched
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_given_states_match_torch(kind, kw, num_layers, bidirectional, batch_first, shape, dtype):
+    # a decoder calling the module one step at a time passes its state on every call: the C++ call serves that too
+    torch.manual_seed(0)
+    ref, mod = _pair(kind, kw, dtype, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first)
+    x = torch.randn(shape, dtype=dtype)
+    # batch_first moves the batch of the input, not of the states: their shape is as for time-major input
+    time_major = (shape[1], shape[0], shape[2]) if len(shape) == 3 and batch_first else shape
+    hx = _states(kind, num_layers, bidirectional, time_major, dtype=dtype)
+    with torch.no_grad():
+        got, want = _flat(mod(x, hx)), _flat(ref(x, hx))  # (the first call builds the C++ call)
+        assert mod._seqfast_call(x, hx) is not None
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    for g, h in zip(got[1:], hx if isinstance(hx, tuple) else (hx,)):
+        assert g.data_ptr() != h.data_ptr()  # new final states, not the given ones
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_given_states_the_call_declines(kind):
+    torch.manual_seed(0)
+    ref, mod = _pair(kind, {}, num_layers=2)
+    x = torch.randn(4, 3, 5)
+    good = _states(kind, 2, False, x.shape)
+    lstm = kind == "LSTM"
+    bad = [_states(kind, 1, False, x.shape), _states(kind, 2, False, (4, 2, 5)), _states(kind, 2, False, (6, 5)),
+           _states(kind, 2, False, x.shape, hidden=6), _states(kind, 2, False, x.shape, dtype=torch.float64)]
+    bad.append(list(good) if lstm else good.as_subclass(_Sub))
+    if lstm:
+        bad.append((good[0], good[1][:, :2]))
+    with torch.no_grad():
+        mod(x, good)
+        call = mod._seqfast_call
+        assert call(x, good) is not None
+        for hx in bad:
+            assert call(x, hx) is None
+            try:  # the regular path: torch's result or torch's error
+                want = ref(x, hx)
+            except Exception as error:
+                with pytest.raises(type(error)):
+                    mod(x, hx)
+            else:
+                torch.testing.assert_close(_flat(mod(x, hx)), _flat(want))
+
+
 def test_regular_path_where_the_call_needs_more():
     torch.manual_seed(0)
     ref, mod = _pair("LSTM", {}, num_layers=2, dropout=0.5)
@@ -172,20 +230,20 @@ def test_forward_asks_the_call_only_where_python_allows():
         mod.eval()(torch.randn(4, 3, 5))  # (in training mode, with dropout, no call is built)
     call = mod._seqfast_call
     asked = []
-    mod.__dict__["_seqfast_call"] = lambda x: asked.append(x) or call(x)
+    mod.__dict__["_seqfast_call"] = lambda x, hx=None: asked.append(x) or call(x, hx)
     x = torch.randn(4, 3, 5)
     with torch.no_grad():
         mod.eval()
         mod(x)
         assert len(asked) == 1
-        mod(x, (torch.zeros(2, 3, 7), torch.zeros(2, 3, 7)))  # a given state: the regular path
-        assert len(asked) == 1
+        mod(x, (torch.zeros(2, 3, 7), torch.zeros(2, 3, 7)))  # a given state: asked too
+        assert len(asked) == 2
         mod.train()  # dropout to draw
         mod(x)
         with seqfast.use_backend("reference"):
             mod.eval()
             mod(x)
-        assert len(asked) == 1
+        assert len(asked) == 2
 
 
 def test_module_call_follows_the_rule_table():

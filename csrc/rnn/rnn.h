@@ -98,12 +98,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const Tens
                                                                       bool relu, bool reverse);
 
 // ---- a whole module's no-grad forward (rnn_module_inference.cpp) ----
-// mode "LSTM" | "GRU" | "RNN_TANH" | "RNN_RELU"; input [T, B, I] ([B, T, I] batch_first) or unbatched [T, I]; zero
-// initial states; weights flat per layer and direction: w_ih, w_hh (, b_ih, b_hh). -> (output, h_n, c_n (LSTM, else
+// mode "LSTM" | "GRU" | "RNN_TANH" | "RNN_RELU"; input [T, B, I] ([B, T, I] batch_first) or unbatched [T, I];
+// initial states h0 (and c0, LSTM) [layers * directions, B, H] ([layers * directions, H] unbatched), zero where not
+// given; weights flat per layer and direction: w_ih, w_hh (, b_ih, b_hh). -> (output, h_n, c_n (LSTM, else
 // undefined)), shaped as torch.nn's.
 std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode, const Tensor& input,
                                                          const std::vector<Tensor>& weights, bool has_biases,
-                                                         int64_t num_layers, bool bidirectional, bool batch_first);
+                                                         int64_t num_layers, bool bidirectional, bool batch_first,
+                                                         const OptTensor& h0 = std::nullopt,
+                                                         const OptTensor& c0 = std::nullopt);
 
 // False on an x86-64 CPU without AVX2+FMA, where the RNN kernels refuse to run (Python then uses the reference).
 bool rnn_kernels_supported();

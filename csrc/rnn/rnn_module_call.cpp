@@ -73,12 +73,14 @@ class ModuleCall {
       : guard_(std::move(params), std::move(expected)), mode_(std::move(mode)), weights_(std::move(weights)),
         has_biases_(has_biases), num_layers_(num_layers), bidirectional_(bidirectional), batch_first_(batch_first),
         input_size_(input_size), torch_batches_(std::move(torch_batches)), upcast_min_rows_(upcast_min_rows) {
-    TORCH_CHECK(!weights_.empty(), "ModuleCall: no weights");
+    TORCH_CHECK(weights_.size() >= 2, "ModuleCall: no weights");
     dtype_ = weights_[0].scalar_type();
+    hidden_size_ = weights_[1].size(1);
   }
 
-  // (output, states) as the module's forward returns them, or None where the module's regular path must decide.
-  py::object call(const py::handle& input) const {
+  // (output, states) as the module's forward returns them, or None where the module's regular path must decide. hx:
+  // None, or the initial states as the module takes them (LSTM: a tuple (h0, c0)).
+  py::object call(const py::handle& input, const py::handle& hx) const {
     if (!guard_.passes()) return py::none();
     const Tensor* xp = plain_cpu(input.ptr(), dtype_);
     if (!xp) return py::none();
@@ -92,10 +94,31 @@ class ModuleCall {
     const int64_t batch = batched ? x.size(batch_first_ ? 0 : 1) : 1;
     if (steps == 0 || batch == 0 || in_ranges(torch_batches_, batch)) return py::none();
     if (upcast_min_rows_ > 0 && steps * batch >= upcast_min_rows_) return py::none();
+    OptTensor h0, c0;
+    if (!hx.is_none()) {
+      // [layers * directions, batch, hidden] ([layers * directions, hidden] unbatched), of the input's dtype; any
+      // other form goes to the regular path, which raises torch's error or adapts it
+      const bool lstm = mode_ == "LSTM";
+      PyObject* h = hx.ptr();
+      PyObject* c = nullptr;
+      if (lstm) {
+        if (!PyTuple_CheckExact(h) || PyTuple_GET_SIZE(h) != 2) return py::none();
+        c = PyTuple_GET_ITEM(h, 1);
+        h = PyTuple_GET_ITEM(h, 0);
+      }
+      for (PyObject* o : {h, c}) {
+        if (!o) continue;
+        const Tensor* t = plain_cpu(o, dtype_);
+        if (!t || t->dim() != (batched ? 3 : 2) || t->size(0) != num_layers_ * (bidirectional_ ? 2 : 1) ||
+            t->size(-1) != hidden_size_ || (batched && t->size(1) != batch))
+          return py::none();
+        (o == h ? h0 : c0) = *t;
+      }
+    }
     std::tuple<Tensor, Tensor, Tensor> r;
     {
       py::gil_scoped_release release;
-      r = rnn_module_inference(mode_, x, weights_, has_biases_, num_layers_, bidirectional_, batch_first_);
+      r = rnn_module_inference(mode_, x, weights_, has_biases_, num_layers_, bidirectional_, batch_first_, h0, c0);
     }
     py::object out = wrap(std::move(std::get<0>(r))), h = wrap(std::move(std::get<1>(r)));
     if (!std::get<2>(r).defined()) return py::make_tuple(out, h);
@@ -114,6 +137,7 @@ class ModuleCall {
   std::vector<std::pair<int64_t, int64_t>> torch_batches_;
   int64_t upcast_min_rows_;
   at::ScalarType dtype_;
+  int64_t hidden_size_;
 };
 
 // One no-grad step of a cell module: gates 4 (LSTM: hx a pair (h, c), returns (h', c')), 3 (GRU) or 1 (RNN; relu
@@ -188,7 +212,7 @@ void bind_module_call(py::module_& m) {
            py::arg("mode"), py::arg("params"), py::arg("expected"), py::arg("weights"), py::arg("has_biases"),
            py::arg("num_layers"), py::arg("bidirectional"), py::arg("batch_first"), py::arg("input_size"),
            py::arg("torch_batches"), py::arg("upcast_min_rows"))
-      .def("__call__", &ModuleCall::call, py::arg("input"))
+      .def("__call__", &ModuleCall::call, py::arg("input"), py::arg("hx") = py::none())
       .def("stale", &ModuleCall::stale);
   py::class_<CellCall>(m, "CellCall", "one no-grad step of a seqfast RNN cell module, checks included")
       .def(py::init<int64_t, bool, py::dict, py::list, Tensor, Tensor, OptTensor, OptTensor,

@@ -1,5 +1,5 @@
 // The whole no-grad forward of an nn.LSTM / GRU / RNN module in one call (seqfast._C.rnn_module_inference): padded
-// input, no initial state given, every layer and direction on the checked layer entries of rnn_sequence.cpp.
+// input, initial states given or zero, every layer and direction on the checked layer entries of rnn_sequence.cpp.
 //
 // Why: for a short sequence at batch 1 the layer kernel is most of the work, yet the Python around it (zero states,
 // time-major views, per-layer argument lists, the stacking of final states) cost about as much again (LSTM T32 B1
@@ -15,7 +15,8 @@ namespace seqfast {
 
 std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode, const Tensor& input,
                                                          const std::vector<Tensor>& weights, bool has_biases,
-                                                         int64_t num_layers, bool bidirectional, bool batch_first) {
+                                                         int64_t num_layers, bool bidirectional, bool batch_first,
+                                                         const OptTensor& h0_all, const OptTensor& c0_all) {
   const bool lstm = mode == "LSTM", gru = mode == "GRU", relu = mode == "RNN_RELU";
   TORCH_CHECK(lstm || gru || relu || mode == "RNN_TANH", "rnn_module_inference: unknown mode ", mode);
   TORCH_CHECK(input.dim() == 2 || input.dim() == 3, "rnn_module_inference: input must be 2-D or 3-D, got ",
@@ -29,6 +30,16 @@ std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode,
   const int64_t T = x3.size(0), B = x3.size(1);
   TORCH_CHECK(T > 0, "Expected sequence length to be larger than 0 in RNN");
   Tensor x = x3.reshape({T * B, x3.size(2)}).contiguous();
+  // given initial states as [layers * directions, B, H]; the layer entries check each slice's shape and dtype
+  const auto states = [&](const OptTensor& s, const char* name) {
+    if (!s.has_value() || !s->defined()) return Tensor();
+    const Tensor s3 = batched ? *s : s->unsqueeze(1);
+    TORCH_CHECK(s3.dim() == 3 && s3.size(0) == num_layers * dirs, "rnn_module_inference: ", name, " must have ",
+                num_layers * dirs, " layer-direction slices, got shape ", s->sizes());
+    return s3;
+  };
+  TORCH_CHECK(lstm || !(c0_all.has_value() && c0_all->defined()), "rnn_module_inference: c0 is for LSTM only");
+  const Tensor h0s = states(h0_all, "h0"), c0s = states(c0_all, "c0");
   std::vector<Tensor> hn, cn;
   Tensor h0;  // the zero initial state
   for (int64_t layer = 0; layer < num_layers; ++layer) {
@@ -38,16 +49,20 @@ std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode,
       const OptTensor b_ih = has_biases ? OptTensor(w[2]) : OptTensor();
       const OptTensor b_hh = has_biases ? OptTensor(w[3]) : OptTensor();
       const int64_t H = w[1].size(1);
-      if (!h0.defined() || h0.size(1) != H) h0 = at::zeros({B, H}, x.options());  // read only: shared by the layers
+      const int64_t slice = layer * dirs + d;
+      if ((!h0s.defined() || (lstm && !c0s.defined())) && (!h0.defined() || h0.size(1) != H))
+        h0 = at::zeros({B, H}, x.options());  // read only: shared by the layers
+      const Tensor hi = h0s.defined() ? h0s[slice] : h0;
       const bool reverse = d == 1;
       if (lstm) {
-        auto r = lstm_layer_padded_inference(x, T, h0, h0, w[0], w[1], b_ih, b_hh, reverse);
+        auto r = lstm_layer_padded_inference(x, T, hi, c0s.defined() ? c0s[slice] : h0, w[0], w[1], b_ih, b_hh,
+                                             reverse);
         outs.push_back(std::get<0>(r));
         hn.push_back(std::get<1>(r));
         cn.push_back(std::get<2>(r));
       } else {
-        auto r = gru ? gru_layer_padded_forward(x, T, h0, w[0], w[1], b_ih, b_hh, reverse)
-                     : rnn_layer_padded_forward(x, T, h0, w[0], w[1], b_ih, b_hh, relu, reverse);
+        auto r = gru ? gru_layer_padded_forward(x, T, hi, w[0], w[1], b_ih, b_hh, reverse)
+                     : rnn_layer_padded_forward(x, T, hi, w[0], w[1], b_ih, b_hh, relu, reverse);
         outs.push_back(std::get<0>(r));
         hn.push_back(std::get<1>(r));
       }

@@ -61,13 +61,7 @@ class _SeqfastRNNMixin:
                 or (self.training and self.dropout) or torch.compiler.is_compiling()
                 or torch._C._is_any_autocast_enabled()):
             return None
-        key = (tuple(map(id, self._parameters.values())), input.dtype, input.device, _backend.forced_backend(),
-               _rules.epoch)
-        plan = self.__dict__.get("_seqfast_plan")
-        if plan is None or plan[0] != key:
-            plan = self.__dict__["_seqfast_plan"] = (key, self._inference_plan(input))
-            self.__dict__["_seqfast_call"] = self._module_call(input, plan[1])
-        weights = plan[1]
+        weights = self._plan(input)
         if weights is None or weights[0].dtype != input.dtype:  # .to(dtype) can change a parameter in place
             return None
         batched = input.dim() == 3
@@ -84,6 +78,18 @@ class _SeqfastRNNMixin:
             return _autotune.run(key, lambda: super(_SeqfastRNNMixin, self).forward(input),
                                  lambda: self._one_call(input, weights))
         return self._one_call(input, weights)
+
+    def _plan(self, input):
+        """The flat weights of the no-grad paths for ``input``'s kind of tensor (None: the regular path), worked out
+        again, with the C++ call (_module_call), when the parameters, the input's dtype or device, a forced backend or
+        the rule table changed."""
+        key = (tuple(map(id, self._parameters.values())), input.dtype, input.device, _backend.forced_backend(),
+               _rules.epoch)
+        plan = self.__dict__.get("_seqfast_plan")
+        if plan is None or plan[0] != key:
+            plan = self.__dict__["_seqfast_plan"] = (key, self._inference_plan(input))
+            self.__dict__["_seqfast_call"] = self._module_call(input, plan[1])
+        return plan[1]
 
     def _module_call(self, input, weights):
         """The C++ twin of this fast path (seqfast._C.ModuleCall) for inputs of ``input``'s dtype and device, or None
@@ -124,20 +130,29 @@ class _SeqfastRNNMixin:
         return [w for ws in layers for w in ws]
 
     def forward(self, input, hx=None):
-        if hx is None:
-            # The C++ no-grad call (seqfast._C.ModuleCall, built by _inference_call) checks grad mode, autocast, the
-            # input, the parameters and the rule table itself, and declines (None) wherever the paths below decide.
-            # Here: what it cannot see, in the order of cost.
+        # The C++ no-grad call (seqfast._C.ModuleCall, built with the plan) checks grad mode, autocast, the input, the
+        # given states, the parameters and the rule table itself, and declines (None) wherever the paths below
+        # decide. Here: what it cannot see, in the order of cost.
+        if (_backend._state.forced is None and not _autotune._enabled and not (self.training and self.dropout)
+                and not torch.compiler.is_compiling()):
             call = self.__dict__.get("_seqfast_call")
-            if (call is not None and _backend._state.forced is None and not _autotune._enabled
-                    and not (self.training and self.dropout) and not torch.compiler.is_compiling()):
-                result = call(input)
+            if call is not None:
+                result = call(input, hx)
                 if result is not None:
                     return result
-            if not torch.is_grad_enabled():
-                result = self._inference_call(input)
+            if (hx is not None and not torch.is_grad_enabled() and isinstance(input, torch.Tensor)
+                    and (call is None or call.stale())):
+                # a decoder that passes its state on every step builds the call here (without a state,
+                # _inference_call below does)
+                self._plan(input)
+                call = self.__dict__.get("_seqfast_call")
+                result = None if call is None else call(input, hx)
                 if result is not None:
                     return result
+        if hx is None and not torch.is_grad_enabled():
+            result = self._inference_call(input)
+            if result is not None:
+                return result
         # (no self._update_flat_weights(): torch keeps _flat_weights for its cuDNN/oneDNN calls; the weights are read
         # by name in _layer_weights, which is all seqfast uses, and the check costs as much as a small step)
         packed = isinstance(input, PackedSequence)
