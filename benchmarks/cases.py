@@ -103,6 +103,23 @@ def sequence(impl, device, kind, T, batch, hidden, mode, layers=1, bidirectional
     return _run(forward, mode, loss)
 
 
+def stepped(impl, device, kind, steps, batch, hidden):
+    """A greedy decoder's recurrence: the module called once per step (a 1-step sequence) with the state the previous
+    step returned, its output fed back as the next input; no grad."""
+    torch.manual_seed(0)
+    torch_cls, ours_cls = SEQUENCES[kind]
+    module = _twin(_made(torch_cls, hidden, hidden).to(device), ours_cls, impl).eval()
+    x = torch.randn(1, batch, hidden, device=device)
+
+    def step():
+        with torch.no_grad():
+            out, state = module(x)
+            for _ in range(steps - 1):
+                out, state = module(out, state)
+            return out
+    return step
+
+
 def sdpa(impl, device, batch, heads, L, D, causal, mode, dtype="float32", keys=None):
     """F.scaled_dot_product_attention against seqfast's; keys: the key length when it differs from L (decoder step:
     L = 1). impl "read": a plain torch.sum over as many bytes as K and V hold (the memory-bandwidth yardstick)."""
@@ -231,6 +248,12 @@ def bench_cases(quick=False):
                 cases.append(Case("rnn_sequence", f"{kind.upper()} T{T} B{extra['batch']} H{extra['hidden']} {label} "
                                   f"{_mode_name(mode)}", sequence, dict(kind=kind, T=T, mode=mode, **extra),
                                   extra["batch"] * extra["hidden"], "batch x hidden"))
+    # a decoder stepping nn.LSTM / GRU with its state, one call per token
+    for kind in ("lstm", "gru"):
+        for hidden in ((128,) if quick else (128, 512)):
+            cases.append(Case("module", f"{kind.upper()} decoder loop B1 H{hidden}, 16 one-step calls with state, "
+                              f"inference", stepped, dict(kind=kind, steps=16, batch=1, hidden=hidden), hidden,
+                              "hidden"))
     # threads past the usable CPUs (issue 14: a spinning step barrier made this 100x slower than torch)
     over = [(8, 1)] if quick else [(3, 1), (8, 1), (2, 2)]
     for threads, python_threads in over:
