@@ -174,14 +174,24 @@ def test_cell_call_follows_the_rule_table():
             _rules.set_rules(saved)
 
 
-def test_no_cell_call_without_a_cpp_kernel():
+def test_no_cell_call_without_a_cpp_kernel(monkeypatch):
+    from seqfast.nn import rnn_cell as nn_cell
+    builds = []
+    build = nn_cell._build_call
+    monkeypatch.setattr(nn_cell, "_build_call", lambda *a: builds.append(a) or build(*a))
     mod = seqfast.nn.LSTMCell(5, 7).to(torch.bfloat16)  # bfloat16 cells: no C++ kernel, the Python path serves
     ref = torch.nn.LSTMCell(5, 7).to(torch.bfloat16)
     ref.load_state_dict(mod.state_dict())
     x, hx = torch.randn(2, 5, dtype=torch.bfloat16), _states("LSTMCell", 2, dtype=torch.bfloat16)
     with torch.no_grad():
-        torch.testing.assert_close(mod(x, hx), ref(x, hx))
-    assert mod.__dict__.get("_seqfast_call") is None
+        for _ in range(3):
+            torch.testing.assert_close(mod(x, hx), ref(x, hx))
+        assert mod.__dict__.get("_seqfast_call") is False and len(builds) == 1  # tried once, not on every step
+        mod.float()  # float32 now (the same parameter objects): a call can be built for float32 input
+        ref.float()
+        x32, hx32 = x.float(), tuple(h.float() for h in hx)
+        torch.testing.assert_close(mod(x32, hx32), ref(x32, hx32))
+        assert mod.__dict__["_seqfast_call"] and len(builds) == 2
 
 
 def test_cell_copies_build_their_own_call():

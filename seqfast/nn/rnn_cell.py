@@ -45,13 +45,20 @@ def _fast_step(module, family, input, hx):
     if hx is None or not _python_allows_call():
         return None
     call = module.__dict__.get("_seqfast_call")
-    if call is not None:
+    if call:
         result = call(input, hx)
         if result is not None or not call.stale():
             return result
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or not isinstance(input, torch.Tensor):
         return None
-    call = module.__dict__["_seqfast_call"] = _build_call(module, family, input)
+    # None: never built; False: none could be built for this parameter set and input dtype / device (a bfloat16 cell,
+    # a parametrized weight): not tried again on every step
+    key = (tuple(map(id, module._parameters.values())), input.dtype, input.device)
+    if call is False and module.__dict__.get("_seqfast_call_key") == key:
+        return None
+    call = _build_call(module, family, input)
+    module.__dict__["_seqfast_call"] = call or False
+    module.__dict__["_seqfast_call_key"] = key
     return None if call is None else call(input, hx)
 
 
@@ -77,6 +84,7 @@ class _CellCallState:
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_seqfast_call", None)
+        state.pop("_seqfast_call_key", None)
         return state
 
 
