@@ -211,3 +211,25 @@ def test_cell_copies_build_their_own_call():
             torch.testing.assert_close(twin(x, hx), mod(x, hx))
             twin.weight_hh.mul_(2.0)  # the twin's call reads the twin's parameters
             assert not torch.allclose(twin(x, hx), mod(x, hx))
+
+
+@pytest.mark.parametrize("kind,kw", CELLS)
+def test_cell_swapped_parameters(kind, kw):
+    # module.to() under torch.__future__.set_swap_module_params_on_conversion swaps each parameter's contents in
+    # place (same Parameter objects): it must succeed after no-grad steps, and later steps read the new contents
+    torch.manual_seed(0)
+    ref, mod = _pair(kind, kw)
+    x, hx = torch.randn(3, 5), _states(kind, 3)
+    with torch.no_grad():
+        mod(x, hx)
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            mod.double()
+            mod.float()
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(False)
+        for p in mod.parameters():
+            p.mul_(0.5)
+        ref.load_state_dict(mod.state_dict())
+        torch.testing.assert_close(_flat(mod(x, hx)), _flat(ref(x, hx)))
+        assert mod._seqfast_call(x, hx) is not None

@@ -288,3 +288,24 @@ def test_copies_build_their_own_call():
             torch.testing.assert_close(twin(x), mod(x))
             twin.weight_ih_l0.mul_(2.0)  # the twin's call reads the twin's parameters, not the original's
             assert not torch.allclose(twin(x)[0], mod(x)[0])
+
+
+def test_swapped_parameters():
+    # module.to() under torch.__future__.set_swap_module_params_on_conversion swaps each parameter's contents in
+    # place (same Parameter objects): it must succeed after no-grad calls, and later calls read the new contents
+    torch.manual_seed(0)
+    ref, mod = _pair("LSTM", {}, num_layers=2)
+    x = torch.randn(4, 3, 5)
+    with torch.no_grad():
+        mod(x)
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            mod.double()
+            mod.float()
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(False)
+        for p in mod.parameters():
+            p.mul_(0.5)
+        ref.load_state_dict(mod.state_dict())
+        assert mod._seqfast_call(x) is not None
+        torch.testing.assert_close(_flat(mod(x)), _flat(ref(x)))

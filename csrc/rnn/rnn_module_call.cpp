@@ -54,6 +54,11 @@ class Guard {
   int64_t epoch_;
 };
 
+// The tensor a parameter object holds now. The calls keep the Python objects, never their tensors: a tensor kept in
+// C++ would go stale when torch swaps a parameter's contents in place (torch.utils.swap_tensors, which module.to()
+// uses under torch.__future__.set_swap_module_params_on_conversion), and the extra reference makes that swap fail.
+const Tensor& current(const py::handle& param) { return THPVariable_Unpack(param.ptr()); }
+
 // Whether batch lies in one of the rule table's inclusive ranges.
 bool in_ranges(const std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t batch) {
   for (const auto& r : ranges)
@@ -67,15 +72,16 @@ class ModuleCall {
   // per-layer weight list of rnn_module_inference; torch_batches: inclusive batch ranges where the rule table
   // prefers torch's op for this module's dtype and hidden size; upcast_min_rows: bfloat16 calls with at least this
   // many rows (steps x batch) take the float32 upcast path (0: never).
-  ModuleCall(std::string mode, py::dict params, py::list expected, std::vector<Tensor> weights, bool has_biases,
+  ModuleCall(std::string mode, py::dict params, py::list expected, py::list weights, bool has_biases,
              int64_t num_layers, bool bidirectional, bool batch_first, int64_t input_size,
              std::vector<std::pair<int64_t, int64_t>> torch_batches, int64_t upcast_min_rows)
       : guard_(std::move(params), std::move(expected)), mode_(std::move(mode)), weights_(std::move(weights)),
         has_biases_(has_biases), num_layers_(num_layers), bidirectional_(bidirectional), batch_first_(batch_first),
         input_size_(input_size), torch_batches_(std::move(torch_batches)), upcast_min_rows_(upcast_min_rows) {
     TORCH_CHECK(weights_.size() >= 2, "ModuleCall: no weights");
-    dtype_ = weights_[0].scalar_type();
-    hidden_size_ = weights_[1].size(1);
+    for (const auto& w : weights_) TORCH_CHECK(THPVariable_Check(w.ptr()), "ModuleCall: weights must be tensors");
+    dtype_ = current(weights_[0]).scalar_type();
+    hidden_size_ = current(weights_[1]).size(1);
   }
 
   // (output, states) as the module's forward returns them, or None where the module's regular path must decide. hx:
@@ -87,8 +93,13 @@ class ModuleCall {
     const Tensor& x = *xp;
     const int64_t dim = x.dim();
     if ((dim != 2 && dim != 3) || x.size(-1) != input_size_) return py::none();
-    for (const Tensor& w : weights_)  // .to() / .double() change a parameter in place
+    std::vector<Tensor> weights;
+    weights.reserve(weights_.size());
+    for (const auto& p : weights_) {  // .to() / .double() change a parameter in place
+      const Tensor& w = current(p);
       if (w.scalar_type() != dtype_ || !w.device().is_cpu()) return py::none();
+      weights.push_back(w);
+    }
     const bool batched = dim == 3;
     const int64_t steps = x.size(batched && batch_first_ ? 1 : 0);
     const int64_t batch = batched ? x.size(batch_first_ ? 0 : 1) : 1;
@@ -118,7 +129,7 @@ class ModuleCall {
     std::tuple<Tensor, Tensor, Tensor> r;
     {
       py::gil_scoped_release release;
-      r = rnn_module_inference(mode_, x, weights_, has_biases_, num_layers_, bidirectional_, batch_first_, h0, c0);
+      r = rnn_module_inference(mode_, x, weights, has_biases_, num_layers_, bidirectional_, batch_first_, h0, c0);
     }
     py::object out = wrap(std::move(std::get<0>(r))), h = wrap(std::move(std::get<1>(r)));
     if (!std::get<2>(r).defined()) return py::make_tuple(out, h);
@@ -129,7 +140,7 @@ class ModuleCall {
  private:
   Guard guard_;
   std::string mode_;
-  std::vector<Tensor> weights_;
+  py::list weights_;  // the parameter objects (see current())
   bool has_biases_;
   int64_t num_layers_;
   bool bidirectional_, batch_first_;
@@ -145,12 +156,16 @@ class ModuleCall {
 // dtypes); the rest is the Python path's.
 class CellCall {
  public:
-  CellCall(int64_t gates, bool relu, py::dict params, py::list expected, Tensor w_ih, Tensor w_hh, OptTensor b_ih,
-           OptTensor b_hh, std::vector<std::pair<int64_t, int64_t>> torch_batches)
+  CellCall(int64_t gates, bool relu, py::dict params, py::list expected, py::object w_ih, py::object w_hh,
+           py::object b_ih, py::object b_hh, std::vector<std::pair<int64_t, int64_t>> torch_batches)
       : guard_(std::move(params), std::move(expected)), gates_(gates), relu_(relu), w_ih_(std::move(w_ih)),
         w_hh_(std::move(w_hh)), b_ih_(std::move(b_ih)), b_hh_(std::move(b_hh)),
-        torch_batches_(std::move(torch_batches)), dtype_(w_ih_.scalar_type()) {
+        torch_batches_(std::move(torch_batches)) {
     TORCH_CHECK(gates == 4 || gates == 3 || gates == 1, "CellCall: gates must be 4, 3 or 1, got ", gates);
+    TORCH_CHECK(THPVariable_Check(w_ih_.ptr()) && THPVariable_Check(w_hh_.ptr()), "CellCall: weights must be tensors");
+    for (const py::object* b : {&b_ih_, &b_hh_})
+      TORCH_CHECK(b->is_none() || THPVariable_Check(b->ptr()), "CellCall: biases must be tensors or None");
+    dtype_ = current(w_ih_).scalar_type();
   }
 
   py::object call(const py::handle& input, const py::handle& hx) const {
@@ -171,34 +186,39 @@ class CellCall {
     if (in_ranges(torch_batches_, x->size(0))) return py::none();
     // torch's shape errors, raised here as the Python path raises them; a weight or bias the kernels cannot read,
     // or a dtype / device mismatch, goes back to that path
-    if (check_cell_args(gates_, *x, *h, c ? OptTensor(*c) : OptTensor(), w_ih_, w_hh_, b_ih_, b_hh_, false) !=
-        kCellOk)
+    const Tensor &w_ih = current(w_ih_), &w_hh = current(w_hh_);
+    const OptTensor b_ih = b_ih_.is_none() ? OptTensor() : OptTensor(current(b_ih_));
+    const OptTensor b_hh = b_hh_.is_none() ? OptTensor() : OptTensor(current(b_hh_));
+    if (check_cell_args(gates_, *x, *h, c ? OptTensor(*c) : OptTensor(), w_ih, w_hh, b_ih, b_hh, false) != kCellOk)
       return py::none();
     if (gates_ == 4) {
       std::tuple<Tensor, Tensor, Tensor> r;
       {
         py::gil_scoped_release release;
-        r = lstm_cell_forward(*x, *h, *c, w_ih_, w_hh_, b_ih_, b_hh_);
+        r = lstm_cell_forward(*x, *h, *c, w_ih, w_hh, b_ih, b_hh);
       }
       return py::make_tuple(wrap(std::move(std::get<0>(r))), wrap(std::move(std::get<1>(r))));
     }
     Tensor hy;
     {
       py::gil_scoped_release release;
-      hy = gates_ == 3 ? std::get<0>(gru_cell_forward(*x, *h, w_ih_, w_hh_, b_ih_, b_hh_))
-                       : rnn_cell_forward(*x, *h, w_ih_, w_hh_, b_ih_, b_hh_, relu_);
+      hy = gates_ == 3 ? std::get<0>(gru_cell_forward(*x, *h, w_ih, w_hh, b_ih, b_hh))
+                       : rnn_cell_forward(*x, *h, w_ih, w_hh, b_ih, b_hh, relu_);
     }
     return wrap(std::move(hy));
   }
   // (also after .to() / .double() changed the weights in place)
-  bool stale() const { return guard_.stale() || w_ih_.scalar_type() != dtype_ || !w_ih_.device().is_cpu(); }
+  bool stale() const {
+    if (guard_.stale()) return true;
+    const Tensor& w = current(w_ih_);
+    return w.scalar_type() != dtype_ || !w.device().is_cpu();
+  }
 
  private:
   Guard guard_;
   int64_t gates_;
   bool relu_;
-  Tensor w_ih_, w_hh_;
-  OptTensor b_ih_, b_hh_;
+  py::object w_ih_, w_hh_, b_ih_, b_hh_;  // the parameter objects (see current()); a bias may be None
   std::vector<std::pair<int64_t, int64_t>> torch_batches_;
   at::ScalarType dtype_;
 };
@@ -207,7 +227,7 @@ class CellCall {
 
 void bind_module_call(py::module_& m) {
   py::class_<ModuleCall>(m, "ModuleCall", "the no-grad forward of one seqfast RNN module, checks included")
-      .def(py::init<std::string, py::dict, py::list, std::vector<Tensor>, bool, int64_t, bool, bool, int64_t,
+      .def(py::init<std::string, py::dict, py::list, py::list, bool, int64_t, bool, bool, int64_t,
                     std::vector<std::pair<int64_t, int64_t>>, int64_t>(),
            py::arg("mode"), py::arg("params"), py::arg("expected"), py::arg("weights"), py::arg("has_biases"),
            py::arg("num_layers"), py::arg("bidirectional"), py::arg("batch_first"), py::arg("input_size"),
@@ -215,7 +235,7 @@ void bind_module_call(py::module_& m) {
       .def("__call__", &ModuleCall::call, py::arg("input"), py::arg("hx") = py::none())
       .def("stale", &ModuleCall::stale);
   py::class_<CellCall>(m, "CellCall", "one no-grad step of a seqfast RNN cell module, checks included")
-      .def(py::init<int64_t, bool, py::dict, py::list, Tensor, Tensor, OptTensor, OptTensor,
+      .def(py::init<int64_t, bool, py::dict, py::list, py::object, py::object, py::object, py::object,
                     std::vector<std::pair<int64_t, int64_t>>>(),
            py::arg("gates"), py::arg("relu"), py::arg("params"), py::arg("expected"), py::arg("w_ih"),
            py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("torch_batches"))
