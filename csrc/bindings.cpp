@@ -1,5 +1,6 @@
-// The Python bindings of seqfast._C. This is the only translation unit that includes <torch/extension.h> (it
-// compiles slowly); the kernel files include ATen headers only.
+// The Python bindings of seqfast._C. <torch/extension.h> compiles slowly: besides this file only the no-grad calls
+// that read Python objects include it (rnn/rnn_module_call.cpp, attention/sdpa_call.cpp, through call_guard.h); the
+// kernel files include ATen headers only.
 // Every kernel binding releases the GIL: the kernels touch no Python objects, and a server's other Python threads
 // keep running meanwhile.
 #include <torch/extension.h>
