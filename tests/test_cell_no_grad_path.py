@@ -174,24 +174,53 @@ def test_cell_call_follows_the_rule_table():
             _rules.set_rules(saved)
 
 
-def test_no_cell_call_without_a_cpp_kernel(monkeypatch):
+@pytest.mark.parametrize("kind,kw", CELLS)
+def test_cell_call_runs_torchs_op_without_a_cpp_kernel(kind, kw, monkeypatch):
+    # bfloat16 cells have no C++ kernel: seqfast.functional runs torch's cell op, and the call runs it itself
+    torch.manual_seed(0)
+    ref, mod = _pair(kind, kw, torch.bfloat16)
+    x, hx = torch.randn(3, 5, dtype=torch.bfloat16), _states(kind, 3, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(_flat(mod(x, hx)), _flat(ref(x, hx)), rtol=0, atol=0)  # torch's op: bit for bit
+        call = mod._seqfast_call
+        torch.testing.assert_close(_flat(call(x, hx)), _flat(ref(x, hx)), rtol=0, atol=0)
+        for args in [(torch.randn(3, 4, dtype=torch.bfloat16), hx),  # torch's own errors
+                     (x, _states(kind, 2, dtype=torch.bfloat16))]:
+            assert_raises_like_torch(ref, mod, args)
+    # where the functional computes bfloat16 in float32 (seqfast._rules.upcast_bfloat16: from 8 rows on a CPU without
+    # native bfloat16), the call leaves those steps to it
+    monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", (_rules.cpu_class(),))
+    _, mod = _pair(kind, kw, torch.bfloat16)
+    with torch.no_grad():
+        mod(x, hx)
+        call = mod._seqfast_call
+        assert call(x, hx) is not None  # 3 rows
+        assert call(torch.randn(8, 5, dtype=torch.bfloat16), _states(kind, 8, dtype=torch.bfloat16)) is None
+
+
+def test_no_cell_call_is_retried_on_every_step(monkeypatch):
     from seqfast.nn import rnn_cell as nn_cell
     builds = []
     build = nn_cell._build_call
     monkeypatch.setattr(nn_cell, "_build_call", lambda *a: builds.append(a) or build(*a))
-    mod = seqfast.nn.LSTMCell(5, 7).to(torch.bfloat16)  # bfloat16 cells: no C++ kernel, the Python path serves
-    ref = torch.nn.LSTMCell(5, 7).to(torch.bfloat16)
-    ref.load_state_dict(mod.state_dict())
-    x, hx = torch.randn(2, 5, dtype=torch.bfloat16), _states("LSTMCell", 2, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    ref, mod = _pair("GRUCell", {})
+    for m in (ref, mod):  # a parametrized weight is computed on every call: no call can hold it
+        torch.nn.utils.parametrize.register_parametrization(m, "weight_hh", _Halved())
+    x, hx = torch.randn(2, 5), _states("GRUCell", 2)
     with torch.no_grad():
         for _ in range(3):
             torch.testing.assert_close(mod(x, hx), ref(x, hx))
         assert mod.__dict__.get("_seqfast_call") is False and len(builds) == 1  # tried once, not on every step
-        mod.float()  # float32 now (the same parameter objects): a call can be built for float32 input
-        ref.float()
-        x32, hx32 = x.float(), tuple(h.float() for h in hx)
-        torch.testing.assert_close(mod(x32, hx32), ref(x32, hx32))
+        torch.nn.utils.parametrize.remove_parametrizations(mod, "weight_hh")  # a new parameter set: tried again
+        torch.nn.utils.parametrize.remove_parametrizations(ref, "weight_hh")
+        torch.testing.assert_close(mod(x, hx), ref(x, hx))
         assert mod.__dict__["_seqfast_call"] and len(builds) == 2
+
+
+class _Halved(torch.nn.Module):
+    def forward(self, w):
+        return 0.5 * w
 
 
 def test_cell_copies_build_their_own_call():

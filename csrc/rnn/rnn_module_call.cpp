@@ -152,15 +152,18 @@ class ModuleCall {
 };
 
 // One no-grad step of a cell module: gates 4 (LSTM: hx a pair (h, c), returns (h', c')), 3 (GRU) or 1 (RNN; relu
-// or tanh), hx a tensor, returns h'. Batched float32 / float64 steps with their state given (the C++ cell kernels'
-// dtypes); the rest is the Python path's.
+// or tanh), hx a tensor, returns h'. Batched steps with their state given; the rest is the Python path's. torch_op:
+// a dtype the C++ cell kernels do not run (bfloat16, float16), where seqfast.functional calls torch's own cell op:
+// this call runs that op itself (torch's results and errors, without the dispatch Python), except from
+// upcast_min_rows rows (when > 0), which the functional computes in float32 on the C++ kernels.
 class CellCall {
  public:
   CellCall(int64_t gates, bool relu, py::dict params, py::list expected, py::object w_ih, py::object w_hh,
-           py::object b_ih, py::object b_hh, std::vector<std::pair<int64_t, int64_t>> torch_batches)
+           py::object b_ih, py::object b_hh, std::vector<std::pair<int64_t, int64_t>> torch_batches, bool torch_op,
+           int64_t upcast_min_rows)
       : guard_(std::move(params), std::move(expected)), gates_(gates), relu_(relu), w_ih_(std::move(w_ih)),
         w_hh_(std::move(w_hh)), b_ih_(std::move(b_ih)), b_hh_(std::move(b_hh)),
-        torch_batches_(std::move(torch_batches)) {
+        torch_batches_(std::move(torch_batches)), torch_op_(torch_op), upcast_min_rows_(upcast_min_rows) {
     TORCH_CHECK(gates == 4 || gates == 3 || gates == 1, "CellCall: gates must be 4, 3 or 1, got ", gates);
     TORCH_CHECK(THPVariable_Check(w_ih_.ptr()) && THPVariable_Check(w_hh_.ptr()), "CellCall: weights must be tensors");
     for (const py::object* b : {&b_ih_, &b_hh_})
@@ -184,11 +187,15 @@ class CellCall {
     }
     if (!h || h->dim() != 2) return py::none();
     if (in_ranges(torch_batches_, x->size(0))) return py::none();
-    // torch's shape errors, raised here as the Python path raises them; a weight or bias the kernels cannot read,
-    // or a dtype / device mismatch, goes back to that path
     const Tensor &w_ih = current(w_ih_), &w_hh = current(w_hh_);
     const OptTensor b_ih = b_ih_.is_none() ? OptTensor() : OptTensor(current(b_ih_));
     const OptTensor b_hh = b_hh_.is_none() ? OptTensor() : OptTensor(current(b_hh_));
+    if (torch_op_) {
+      if (upcast_min_rows_ > 0 && x->size(0) >= upcast_min_rows_) return py::none();
+      return torch_cell(*x, *h, c, w_ih, w_hh, b_ih, b_hh);
+    }
+    // torch's shape errors, raised here as the Python path raises them; a weight or bias the kernels cannot read,
+    // or a dtype / device mismatch, goes back to that path
     if (check_cell_args(gates_, *x, *h, c ? OptTensor(*c) : OptTensor(), w_ih, w_hh, b_ih, b_hh, false) != kCellOk)
       return py::none();
     if (gates_ == 4) {
@@ -220,7 +227,30 @@ class CellCall {
   bool relu_;
   py::object w_ih_, w_hh_, b_ih_, b_hh_;  // the parameter objects (see current()); a bias may be None
   std::vector<std::pair<int64_t, int64_t>> torch_batches_;
+  bool torch_op_;
+  int64_t upcast_min_rows_;
   at::ScalarType dtype_;
+
+  // torch's own cell op (what seqfast.functional calls for these dtypes), GIL released.
+  py::object torch_cell(const Tensor& x, const Tensor& h, const Tensor* c, const Tensor& w_ih, const Tensor& w_hh,
+                        const OptTensor& b_ih, const OptTensor& b_hh) const {
+    if (gates_ == 4) {
+      std::tuple<Tensor, Tensor> r;
+      {
+        py::gil_scoped_release release;
+        r = at::lstm_cell(x, {h, *c}, w_ih, w_hh, b_ih, b_hh);
+      }
+      return py::make_tuple(wrap(std::move(std::get<0>(r))), wrap(std::move(std::get<1>(r))));
+    }
+    Tensor hy;
+    {
+      py::gil_scoped_release release;
+      hy = gates_ == 3 ? at::gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
+                       : relu_ ? at::rnn_relu_cell(x, h, w_ih, w_hh, b_ih, b_hh)
+                               : at::rnn_tanh_cell(x, h, w_ih, w_hh, b_ih, b_hh);
+    }
+    return wrap(std::move(hy));
+  }
 };
 
 }  // namespace
@@ -236,9 +266,10 @@ void bind_module_call(py::module_& m) {
       .def("stale", &ModuleCall::stale);
   py::class_<CellCall>(m, "CellCall", "one no-grad step of a seqfast RNN cell module, checks included")
       .def(py::init<int64_t, bool, py::dict, py::list, py::object, py::object, py::object, py::object,
-                    std::vector<std::pair<int64_t, int64_t>>>(),
+                    std::vector<std::pair<int64_t, int64_t>>, bool, int64_t>(),
            py::arg("gates"), py::arg("relu"), py::arg("params"), py::arg("expected"), py::arg("w_ih"),
-           py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("torch_batches"))
+           py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("torch_batches"), py::arg("torch_op"),
+           py::arg("upcast_min_rows"))
       .def("__call__", &CellCall::call, py::arg("input"), py::arg("hx"))
       .def("stale", &CellCall::stale);
   m.def("rules_changed", [] { rules_epoch().fetch_add(1); },

@@ -51,8 +51,8 @@ def _fast_step(module, family, input, hx):
             return result
     if torch.is_grad_enabled() or not isinstance(input, torch.Tensor):
         return None
-    # None: never built; False: none could be built for this parameter set and input dtype / device (a bfloat16 cell,
-    # a parametrized weight): not tried again on every step
+    # None: never built; False: none could be built for this parameter set and input dtype / device (a parametrized
+    # weight, a CUDA input): not tried again on every step
     key = (tuple(map(id, module._parameters.values())), input.dtype, input.device)
     if call is False and module.__dict__.get("_seqfast_call_key") == key:
         return None
@@ -64,18 +64,26 @@ def _fast_step(module, family, input, hx):
 
 def _build_call(module, family, input):
     """The module's seqfast._C.CellCall for inputs of ``input``'s kind, or None where only the Python path serves (no
-    extension, no C++ kernel for this dtype / device (bfloat16 cells have none), a parametrized weight, an input of
-    another dtype)."""
+    extension, a parametrized weight, an input of another dtype, another device)."""
     params = module._parameters
     if not isinstance(input, torch.Tensor) or any(name not in params for name in _WEIGHTS):
         return None
     w_ih, w_hh, b_ih, b_hh = (params[name] for name in _WEIGHTS)
-    dtype = input.dtype
-    if w_ih is None or w_ih.dtype != dtype or not _OPS[family].runs_cpp(input) or not _native():
+    dtype, op = input.dtype, _OPS[family]
+    if w_ih is None or w_ih.dtype != dtype or _ext.module() is None or not _native():
+        return None
+    if op.runs_cpp(input):
+        torch_op, upcast_rows = False, 0
+    elif op.runs_torch_op(input) and input.is_cpu:
+        # no C++ kernel for this dtype: seqfast.functional runs torch's cell op, and so does the call, except for the
+        # bfloat16 steps the functional computes in float32 (seqfast._rules.upcast_bfloat16)
+        upcast = dtype is torch.bfloat16 and _rules.cpu_class() in _rules._UPCAST_BF16_CPUS
+        torch_op, upcast_rows = True, _rules.UPCAST_BF16_MIN_ROWS if upcast else 0
+    else:
         return None
     return _ext.module().CellCall(
         _GATES[family], getattr(module, "nonlinearity", "tanh") == "relu", params, list(params.values()), w_ih, w_hh,
-        b_ih, b_hh, _rules.torch_batches(family, dtype, False, module.hidden_size))
+        b_ih, b_hh, _rules.torch_batches(family, dtype, False, module.hidden_size), torch_op, upcast_rows)
 
 
 class _CellCallState:
