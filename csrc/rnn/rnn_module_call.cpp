@@ -75,7 +75,8 @@ class ModuleCall {
   ModuleCall(std::string mode, py::dict params, py::list expected, py::list weights, bool has_biases,
              int64_t num_layers, bool bidirectional, bool batch_first, int64_t input_size,
              std::vector<std::pair<int64_t, int64_t>> torch_batches, int64_t upcast_min_rows)
-      : guard_(std::move(params), std::move(expected)), mode_(std::move(mode)), weights_(std::move(weights)),
+      : guard_(std::move(params), std::move(expected)), mode_(std::move(mode)), lstm_(mode_ == "LSTM"),
+        weights_(std::move(weights)),
         has_biases_(has_biases), num_layers_(num_layers), bidirectional_(bidirectional), batch_first_(batch_first),
         input_size_(input_size), torch_batches_(std::move(torch_batches)), upcast_min_rows_(upcast_min_rows) {
     TORCH_CHECK(weights_.size() >= 2, "ModuleCall: no weights");
@@ -109,10 +110,9 @@ class ModuleCall {
     if (!hx.is_none()) {
       // [layers * directions, batch, hidden] ([layers * directions, hidden] unbatched), of the input's dtype; any
       // other form goes to the regular path, which raises torch's error or adapts it
-      const bool lstm = mode_ == "LSTM";
       PyObject* h = hx.ptr();
       PyObject* c = nullptr;
-      if (lstm) {
+      if (lstm_) {
         if (!PyTuple_CheckExact(h) || PyTuple_GET_SIZE(h) != 2) return py::none();
         c = PyTuple_GET_ITEM(h, 1);
         h = PyTuple_GET_ITEM(h, 0);
@@ -140,6 +140,7 @@ class ModuleCall {
  private:
   Guard guard_;
   std::string mode_;
+  bool lstm_;
   py::list weights_;  // the parameter objects (see current())
   bool has_biases_;
   int64_t num_layers_;

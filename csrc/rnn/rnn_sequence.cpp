@@ -973,6 +973,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_checked(const ch
                            need_opt(fn, "bias_ih", b_ih, 4 * a.H, a.dt), need_opt(fn, "bias_hh", b_hh, 4 * a.H, a.dt),
                            save);
 }
+
+// The GRU and Elman forward entries, packed or padded: the same checks, then the forward.
+std::tuple<Tensor, Tensor, Tensor> gru_forward_checked(const char* fn, const LayerArgs& a, const OptTensor& b_ih,
+                                                       const OptTensor& b_hh, bool reverse) {
+  return gru_layer_forward_impl(a.x, a.steps(reverse), a.h0, a.w_ih, a.w_hh,
+                                need_opt(fn, "bias_ih", b_ih, 3 * a.H, a.dt),
+                                need_opt(fn, "bias_hh", b_hh, 3 * a.H, a.dt));
+}
+
+std::tuple<Tensor, Tensor> rnn_forward_checked(const char* fn, const LayerArgs& a, const OptTensor& b_ih,
+                                               const OptTensor& b_hh, bool relu, bool reverse) {
+  return rnn_layer_forward_impl(a.x, a.steps(reverse), a.h0, a.w_ih, a.w_hh, need_opt(fn, "bias_ih", b_ih, a.H, a.dt),
+                                need_opt(fn, "bias_hh", b_hh, a.H, a.dt), relu);
+}
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(const Tensor& x, const Tensor& batch_sizes,
@@ -1020,20 +1034,14 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(const Tensor& x, const Tens
                                                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                                                      const OptTensor& b_hh, bool reverse) {
   const char* fn = "gru_layer_forward";
-  const LayerArgs a(fn, x, batch_sizes, h0, w_ih, w_hh, 3);
-  return gru_layer_forward_impl(a.x, a.steps(reverse), a.h0, a.w_ih, a.w_hh,
-                                need_opt(fn, "bias_ih", b_ih, 3 * a.H, a.dt),
-                                need_opt(fn, "bias_hh", b_hh, 3 * a.H, a.dt));
+  return gru_forward_checked(fn, LayerArgs(fn, x, batch_sizes, h0, w_ih, w_hh, 3), b_ih, b_hh, reverse);
 }
 
 std::tuple<Tensor, Tensor> gru_layer_padded_forward(const Tensor& x, int64_t steps, const Tensor& h0,
                                                     const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                                                     const OptTensor& b_hh, bool reverse) {
   const char* fn = "gru_layer_padded_forward";
-  const LayerArgs a(fn, x, steps, h0, w_ih, w_hh, 3);
-  auto r = gru_layer_forward_impl(a.x, a.steps(reverse), a.h0, a.w_ih, a.w_hh,
-                                  need_opt(fn, "bias_ih", b_ih, 3 * a.H, a.dt),
-                                  need_opt(fn, "bias_hh", b_hh, 3 * a.H, a.dt));
+  auto r = gru_forward_checked(fn, LayerArgs(fn, x, steps, h0, w_ih, w_hh, 3), b_ih, b_hh, reverse);
   return {std::get<0>(r), std::get<1>(r)};
 }
 
@@ -1052,18 +1060,14 @@ std::tuple<Tensor, Tensor> rnn_layer_forward(const Tensor& x, const Tensor& batc
                                              const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                                              const OptTensor& b_hh, bool relu, bool reverse) {
   const char* fn = "rnn_layer_forward";
-  const LayerArgs a(fn, x, batch_sizes, h0, w_ih, w_hh, 1);
-  return rnn_layer_forward_impl(a.x, a.steps(reverse), a.h0, a.w_ih, a.w_hh, need_opt(fn, "bias_ih", b_ih, a.H, a.dt),
-                                need_opt(fn, "bias_hh", b_hh, a.H, a.dt), relu);
+  return rnn_forward_checked(fn, LayerArgs(fn, x, batch_sizes, h0, w_ih, w_hh, 1), b_ih, b_hh, relu, reverse);
 }
 
 std::tuple<Tensor, Tensor> rnn_layer_padded_forward(const Tensor& x, int64_t steps, const Tensor& h0,
                                                     const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                                                     const OptTensor& b_hh, bool relu, bool reverse) {
   const char* fn = "rnn_layer_padded_forward";
-  const LayerArgs a(fn, x, steps, h0, w_ih, w_hh, 1);
-  return rnn_layer_forward_impl(a.x, a.steps(reverse), a.h0, a.w_ih, a.w_hh, need_opt(fn, "bias_ih", b_ih, a.H, a.dt),
-                                need_opt(fn, "bias_hh", b_hh, a.H, a.dt), relu);
+  return rnn_forward_checked(fn, LayerArgs(fn, x, steps, h0, w_ih, w_hh, 1), b_ih, b_hh, relu, reverse);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const Tensor& grad_out, const Tensor& grad_hn,
