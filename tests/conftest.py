@@ -127,3 +127,31 @@ def threads(request):
     torch.set_num_threads(request.param)
     yield request.param
     torch.set_num_threads(saved)
+
+
+# ---- for the no-grad C++ calls (seqfast._C.ModuleCall / CellCall / SdpaCall) ----
+
+class TensorSubclass(torch.Tensor):
+    """A plain torch.Tensor subclass: the no-grad C++ calls leave subclasses (which may override torch functions) to
+    the Python path."""
+
+
+def copies(module):
+    """A deep copy and a torch.save / torch.load round trip of ``module``."""
+    import copy
+    import io
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return [copy.deepcopy(module), torch.load(buffer, weights_only=False)]
+
+
+def convert_by_swapping(module, *dtypes):
+    """module.to(dtype) for each of ``dtypes`` in turn, with torch swapping each parameter's contents in place (same
+    Parameter objects; torch.__future__.set_swap_module_params_on_conversion), the flag restored after."""
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        for dtype in dtypes:
+            module.to(dtype)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import seqfast
-from conftest import assert_raises_like_torch
+from conftest import TensorSubclass, assert_raises_like_torch, convert_by_swapping, copies
 from seqfast import _ext, _rules
 
 pytestmark = pytest.mark.skipif(_ext.module() is None or not _ext.module().rnn_kernels_supported(),
@@ -115,10 +115,6 @@ def test_errors_as_torch(kind, kw):
 
 # ---- seqfast._C.CellCall: the module's C++ step, asked first by forward ----
 
-class _Sub(torch.Tensor):
-    pass
-
-
 @pytest.mark.parametrize("kind,kw", CELLS)
 def test_cell_call_declines_what_it_does_not_serve(kind, kw):
     torch.manual_seed(0)
@@ -133,8 +129,8 @@ def test_cell_call_declines_what_it_does_not_serve(kind, kw):
         assert call(x, hx) is not None
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert call(x, hx) is None
-        others = [(x.double(), hx), (torch.randn(5), hx), (x.as_subclass(_Sub), hx), (x, None)]
-        others.append((x, list(hx)) if lstm else (x, hx.as_subclass(_Sub)))
+        others = [(x.double(), hx), (torch.randn(5), hx), (x.as_subclass(TensorSubclass), hx), (x, None)]
+        others.append((x, list(hx)) if lstm else (x, hx.as_subclass(TensorSubclass)))
         for args in others:
             assert call(*args) is None
             if args[1] is not None and args[0].dim() == 2 and args[0].dtype == x.dtype and type(args[0]) is torch.Tensor:
@@ -224,17 +220,12 @@ class _Halved(torch.nn.Module):
 
 
 def test_cell_copies_build_their_own_call():
-    import copy
-    import io
     torch.manual_seed(0)
     _, mod = _pair("RNNCell", {})
     x, hx = torch.randn(3, 5), _states("RNNCell", 3)
     with torch.no_grad():
         mod(x, hx)
-    buffer = io.BytesIO()
-    torch.save(mod, buffer)
-    buffer.seek(0)
-    for twin in (copy.deepcopy(mod), torch.load(buffer, weights_only=False)):
+    for twin in copies(mod):
         assert "_seqfast_call" not in twin.__dict__
         with torch.no_grad():
             torch.testing.assert_close(twin(x, hx), mod(x, hx))
@@ -251,12 +242,7 @@ def test_cell_swapped_parameters(kind, kw):
     x, hx = torch.randn(3, 5), _states(kind, 3)
     with torch.no_grad():
         mod(x, hx)
-        torch.__future__.set_swap_module_params_on_conversion(True)
-        try:
-            mod.double()
-            mod.float()
-        finally:
-            torch.__future__.set_swap_module_params_on_conversion(False)
+        convert_by_swapping(mod, torch.float64, torch.float32)
         for p in mod.parameters():
             p.mul_(0.5)
         ref.load_state_dict(mod.state_dict())

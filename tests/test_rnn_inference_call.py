@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import seqfast
-from conftest import assert_raises_like_torch
+from conftest import TensorSubclass, assert_raises_like_torch, convert_by_swapping, copies
 from seqfast import _ext, _rules
 
 pytestmark = pytest.mark.skipif(_ext.module() is None or not _ext.module().rnn_kernels_supported(),
@@ -87,7 +87,7 @@ def test_given_states_the_call_declines(kind):
     lstm = kind == "LSTM"
     bad = [_states(kind, 1, False, x.shape), _states(kind, 2, False, (4, 2, 5)), _states(kind, 2, False, (6, 5)),
            _states(kind, 2, False, x.shape, hidden=6), _states(kind, 2, False, x.shape, dtype=torch.float64)]
-    bad.append(list(good) if lstm else good.as_subclass(_Sub))
+    bad.append(list(good) if lstm else good.as_subclass(TensorSubclass))
     if lstm:
         bad.append((good[0], good[1][:, :2]))
     with torch.no_grad():
@@ -188,10 +188,6 @@ def test_empty_batch_as_torch():
 
 # ---- seqfast._C.ModuleCall: the C++ twin of _inference_call that forward asks first ----
 
-class _Sub(torch.Tensor):
-    pass
-
-
 def _built(kind="LSTM", **options):
     """A module pair after one no-grad call (which builds the module's C++ call), and that call."""
     torch.manual_seed(0)
@@ -210,7 +206,7 @@ def test_module_call_declines_what_it_does_not_serve():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert call(x) is None
         for other in (x.double(), torch.randn(4, 3, 6), torch.randn(2, 4, 3, 5), torch.randn(5), torch.randn(0, 3, 5),
-                      torch.randn(4, 0, 5), x.as_subclass(_Sub), [x]):
+                      torch.randn(4, 0, 5), x.as_subclass(TensorSubclass), [x]):
             assert call(other) is None
         mod.weight_hh_l0 = torch.nn.Parameter(torch.randn_like(mod.weight_hh_l0))  # a replaced parameter
         assert call(x) is None
@@ -275,14 +271,9 @@ def test_module_call_leaves_upcast_bfloat16_to_the_regular_path(monkeypatch):
 
 
 def test_copies_build_their_own_call():
-    import copy
-    import io
     _, mod, _ = _built()
     x = torch.randn(4, 3, 5)
-    buffer = io.BytesIO()
-    torch.save(mod, buffer)
-    buffer.seek(0)
-    for twin in (copy.deepcopy(mod), torch.load(buffer, weights_only=False)):
+    for twin in copies(mod):
         assert "_seqfast_call" not in twin.__dict__
         with torch.no_grad():
             torch.testing.assert_close(twin(x), mod(x))
@@ -298,12 +289,7 @@ def test_swapped_parameters():
     x = torch.randn(4, 3, 5)
     with torch.no_grad():
         mod(x)
-        torch.__future__.set_swap_module_params_on_conversion(True)
-        try:
-            mod.double()
-            mod.float()
-        finally:
-            torch.__future__.set_swap_module_params_on_conversion(False)
+        convert_by_swapping(mod, torch.float64, torch.float32)
         for p in mod.parameters():
             p.mul_(0.5)
         ref.load_state_dict(mod.state_dict())

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import seqfast
+from conftest import TensorSubclass
 from seqfast import _ext, _rules
 from seqfast.functional import _attention
 
@@ -23,10 +24,6 @@ def no_rules():
     _rules.set_rules([])
     yield _attention._build_no_grad_call()
     _rules.set_rules(saved)
-
-
-class _Sub(torch.Tensor):
-    pass
 
 
 def _qkv(q_shape, k_shape, v_shape, dtype=torch.float32):
@@ -69,7 +66,7 @@ def test_declines_what_it_does_not_serve(no_rules):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert call(q, k, v, False, None, False) is None
         bad = [
-            (q.as_subclass(_Sub), k, v), (q, k.as_subclass(_Sub), v),
+            (q.as_subclass(TensorSubclass), k, v), (q, k.as_subclass(TensorSubclass), v),
             (q[0], k[0], v[0]),  # 3-D
             (q, k[:, :1], v[:, :1]),  # GQA (one kv head)
             (q, k[:1], v[:1]),  # a batch to broadcast
