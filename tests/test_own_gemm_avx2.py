@@ -12,8 +12,9 @@ _C = _ext.module()
 pytestmark = pytest.mark.skipif(_C is None or not _C.nt_gemm_available(),
                                 reason="seqfast._C not built, or the own AVX2 GEMM does not run on this CPU")
 
-# (M, N, K): M % 3, N % 4 and K % 8 take every remainder; K 0 and 1; K 1000 / 3000 give W blocks of 48 / 16 rows and
-# A blocks of 24 / 6 rows, so M 50 and N 70 cross block edges; K 13000 gives the minimum 4-row W block.
+# (M, N, K): M % 3, N % 4 and K % 8 take every remainder; K 0 and 1; K 1000 gives A blocks of 48 rows (at 512 KB of
+# L2), so M 50 crosses a block edge; K 3000 and 13000 are summed in 3 and 13 passes of at most 1024 (the bias added
+# once, later passes adding to C).
 SHAPES = [(1, 1, 1), (2, 3, 7), (3, 4, 8), (4, 5, 9), (5, 6, 15), (7, 7, 16), (8, 9, 17), (1, 1, 0), (3, 5, 0),
           (50, 70, 1000), (29, 53, 3000), (4, 9, 13000), (0, 4, 8), (4, 0, 8), (64, 256, 128)]
 

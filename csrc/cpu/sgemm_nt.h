@@ -3,7 +3,8 @@
 // C = beta C + A @ W^T (+ bias) where both A [M, K] and W [N, K] have k-contiguous rows: the shape of every forward
 // product of an RNN (x W_ih^T, h W_hh^T) with torch's weight layout, so nothing is packed or transposed. Each output is
 // a dot product along k: a register tile of 3 A rows x 4 W rows (12 ymm accumulators, 7 loads per 12 FMAs), reduced
-// with a horizontal-add tree at the end; W is walked in blocks that stay in L2 while the rows of A pass over them.
+// with a horizontal-add tree at the end; each 4-row tile of W stays in L1 while a block of A rows (kept in L2) passes
+// over it.
 //
 // Why: the MKL inside the torch CPU wheel runs its generic code path on AMD CPUs. On the 2-core Zen 3 EPYC this was
 // written on it reached 27-98 GFLOP/s on the RNN shapes (batch 8-256 x hidden 128-1024), this kernel 105-155
