@@ -1,7 +1,8 @@
 """The GEMM choice on CPUs without AVX-512: the rate of seqfast's own AVX2 kernel (csrc/cpu/sgemm_nt.h, dot-product
 form, called directly through seqfast._C.gemm_nt_f32) against the BLAS in torch's wheel (torch.mm), on a grid of
-RNN-shaped products A [M, K] @ W [4K, K]^T, interleaved in one process. gemm.cpp's nt_prefers() holds the rule
-derived from this table. Diagnostic, not part of `make bench`. Run: python benchmarks/gemm_nt.py"""
+RNN-shaped products A [M, K] @ W [N, K]^T (N = 4K; also N = K for the small ones), interleaved in one process.
+gemm.cpp's nt_prefers() holds the rule derived from this table. Diagnostic, not part of `make bench`.
+Run: python benchmarks/gemm_nt.py"""
 import statistics
 import sys
 import time
@@ -38,11 +39,14 @@ def main():
     print(f"{'M':>5} {'K':>5} {'N':>5}   BLAS GF/s   own GF/s   own/BLAS")
     for K in (64, 128, 256, 512, 1024):
         for M in (8, 32, 64, 128, 256, 512, 2048):
-            a, w = torch.randn(M, K), torch.randn(4 * K, K)
-            flop = 2 * M * K * 4 * K
-            t = rates({"blas": lambda: torch.mm(a, w.t()), "own": lambda: C.gemm_nt_f32(a, w)})
-            print(f"{M:>5} {K:>5} {4 * K:>5}   {flop / t['blas'] / 1e9:9.1f}   {flop / t['own'] / 1e9:8.1f}"
-                  f"   {t['blas'] / t['own']:7.2f}x", flush=True)
+            # N = 4K: an LSTM's gate rows; N = K as well where the product is small (an Elman cell's, near the
+            # 2^20 multiply-adds below which gemm.cpp sends any shape to the own kernel)
+            for N in (K, 4 * K) if K <= 128 and M <= 128 else (4 * K,):
+                a, w = torch.randn(M, K), torch.randn(N, K)
+                flop = 2 * M * K * N
+                t = rates({"blas": lambda: torch.mm(a, w.t()), "own": lambda: C.gemm_nt_f32(a, w)})
+                print(f"{M:>5} {K:>5} {N:>5}   {flop / t['blas'] / 1e9:9.1f}   {flop / t['own'] / 1e9:8.1f}"
+                      f"   {t['blas'] / t['own']:7.2f}x", flush=True)
 
 
 if __name__ == "__main__":
