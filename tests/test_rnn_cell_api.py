@@ -95,6 +95,22 @@ def test_lstm_cell_needs_two_states():
         seqfast.nn.LSTMCell(3, 4)(torch.randn(2, 3), (torch.randn(2, 4),))
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_lstm_cell_unbatched_state_tuples_as_torch(grad):
+    # torch's LSTMCell reads hx[0] and hx[1] of an unbatched call: one state raises IndexError, a third is ignored
+    ours, theirs = seqfast.nn.LSTMCell(3, 4), torch.nn.LSTMCell(3, 4)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3)
+    with torch.set_grad_enabled(grad):
+        with pytest.raises(IndexError):
+            theirs(x, (torch.randn(4),))
+        with pytest.raises(IndexError):
+            ours(x, (torch.randn(4),))
+        states = (torch.randn(4), torch.randn(4), torch.randn(5))
+        for got, want in zip(ours(x, states), theirs(x, states)):
+            torch.testing.assert_close(got, want)
+
+
 def test_unknown_nonlinearity():
     with pytest.raises(RuntimeError, match="Unknown nonlinearity"):  # torch checks at forward time too
         seqfast.nn.RNNCell(3, 4, nonlinearity="gelu")(torch.randn(2, 3))

@@ -111,7 +111,8 @@ class LSTMCell(_CellCallState, torch.nn.LSTMCell):
         if single:
             input = input.unsqueeze(0)
             if hx is not None:
-                hx = [h.unsqueeze(0) for h in hx]
+                # as torch's LSTMCell: hx[0] and hx[1] only (a 1-tuple raises IndexError, a third entry is not used)
+                hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         if hx is None:
             zeros = _zeros(self, input)
             hx = (zeros, zeros)
