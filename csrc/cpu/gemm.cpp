@@ -84,11 +84,13 @@ bool nt_available() { return sgemm_nt::available() && !cpu::has_avx512(); }
 // A (large M) do amortise. Measured on the Zen 3 EPYC (2 threads, N = 4K, `python benchmarks/gemm_nt.py`): the own
 // kernel won at K >= 256 while M < 2K (1.2-1.8x) and at K 64-128 while M < K (1.0-1.3x); it tied at M = K = 128 and
 // lost at M >= 2K (K 64-128: 0.5-0.7x; M 1024-2048 at K 256-512: 0.86-0.89x). Below about 2^20 multiply-adds BLAS's
-// threading costs more than its packing saves, whatever the shape: A [64, 64] @ W [64 - 256, 64]^T (the cells at
-// batch 64, hidden 64) ran 1.03-1.63x faster on the own kernel (`python benchmarks/gemm_nt.py`, two runs), while at
-// M = K = 128 (2^21 and up) the two tied (0.92-1.10x).
+// threading costs more than its packing saves: A [64, 64] @ W [64 - 256, 64]^T (the cells at batch 64, hidden 64) ran
+// 1.03-1.63x faster on the own kernel (`python benchmarks/gemm_nt.py`, two runs), while at M = K = 128 (2^21 and up)
+// the two tied (0.92-1.10x). Not for short rows, whose dot products are mostly the horizontal reduction: a weight
+// gradient of a batch-1 step (dW = dgates^T x, K = 1) ran 1.8x (H 64) to 8x (H 256) slower on the own kernel than on
+// BLAS.
 inline bool nt_prefers(int64_t M, int64_t N, int64_t K) {
-  return (K >= 256 ? M < 2 * K : M < K) || M * N * K <= (int64_t(1) << 20);
+  return (K >= 256 ? M < 2 * K : M < K) || (K >= 64 && M * N * K <= (int64_t(1) << 20));
 }
 
 // Whether the own AVX2 outer-product kernel (sgemm_nn.h) should take an A [M, K] @ B [K, N] product. Measured as
