@@ -797,11 +797,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
     // reads it once. That second form stops at 64 rows: beyond, the loop's packed GEMM blocks the rows better than
     // 3-row tiles reading strided pre-activation rows (LSTM T32 B256 H256 inference, same-process A/B on a Zen 3:
     // 82 ms against the step's 94 ms; at B32-64, H256-1024 the step read 1.09-1.11x the GEMM loop, and 0.97x once).
+    // Either form packs its weight slices on every call, which only enough rows repay: in a same-process A/B
+    // against the GEMM loop on the Zen 3 (fused / loop, no grad), the in-step form read 0.78-0.89x at one step (B3
+    // H64, B8 H128) and 1.01-1.02x at two; the other form 0.55-0.96x at 4-32 rows (B4-B32, H256-1024, T1-T8: the
+    // packing of W_hh, up to 120 us per thread at H512 against steps of 60-250 us), 0.94-1.03x at 64-128 rows and
+    // 0.98-1.11x from 192 (B8 H512 T24 1.11x, B16 H1024 T16 0.98x). A seq2seq decoder calling the layer one step at
+    // a time (beam search at batch 8, H512) took 598 us fused against 329 us in the GEMM loop.
     const int64_t I = x.size(1), units = (H + std::max(nt, 1) - 1) / std::max(nt, 1);
     const bool in_step =
         int64_t(sizeof(float)) * lstm_step_avx2::pack_size(I + H, units) <= cpu::l2_cache_bytes() / 2;
+    const bool repays = in_step ? s.T >= 2 : x.size(0) >= 128;
     if (std::is_same_v<scalar_t, float> && !sgemm::available() && lstm_step_avx2::available() && nt > 0 &&
-        !fused_gemv<float>(s.bs[0]) && (in_step || s.bs[0] <= 64)) {
+        !fused_gemv<float>(s.bs[0]) && (in_step || s.bs[0] <= 64) && repays) {
       Tensor pre;
       if (!in_step) pre = input_proj(x, w_ih, bias.defined() ? &bias : nullptr);  // [N,4H], becomes the workspace
       if (save) gates = pre.defined() ? pre : pooled_empty({x.size(0), 4 * H}, fopt);
