@@ -248,12 +248,12 @@ def bench_cases(quick=False):
                 cases.append(Case("rnn_sequence", f"{kind.upper()} T{T} B{extra['batch']} H{extra['hidden']} {label} "
                                   f"{_mode_name(mode)}", sequence, dict(kind=kind, T=T, mode=mode, **extra),
                                   extra["batch"] * extra["hidden"], "batch x hidden"))
-    # a decoder stepping nn.LSTM / GRU with its state, one call per token
+    # a decoder stepping nn.LSTM / GRU with its state, one call per token; at batch 8, a beam of 8 hypotheses
     for kind in ("lstm", "gru"):
-        for hidden in ((128,) if quick else (128, 512)):
-            cases.append(Case("module", f"{kind.upper()} decoder loop B1 H{hidden}, 16 one-step calls with state, "
-                              f"inference", stepped, dict(kind=kind, steps=16, batch=1, hidden=hidden), hidden,
-                              "hidden"))
+        for batch, hidden in (((1, 128),) if quick else ((1, 128), (1, 512), (8, 512))):
+            cases.append(Case("module", f"{kind.upper()} decoder loop B{batch} H{hidden}, 16 one-step calls with "
+                              f"state, inference", stepped, dict(kind=kind, steps=16, batch=batch, hidden=hidden),
+                              batch * hidden, "batch x hidden"))
     # threads past the usable CPUs (issue 14: a spinning step barrier made this 100x slower than torch)
     over = [(8, 1)] if quick else [(3, 1), (8, 1), (2, 2)]
     for threads, python_threads in over:
