@@ -83,14 +83,18 @@ bool nt_available() { return sgemm_nt::available() && !cpu::has_avx512(); }
 // output, which short rows (small K) do not amortise, while BLAS packs its operands once per call, which many rows of
 // A (large M) do amortise. Measured on the Zen 3 EPYC (2 threads, N = 4K, `python benchmarks/gemm_nt.py`): the own
 // kernel won at K >= 256 while M < 2K (1.2-1.8x) and at K 64-128 while M < K (1.0-1.3x); it tied at M = K = 128 and
-// lost at M >= 2K (K 64-128: 0.5-0.7x; M 1024-2048 at K 256-512: 0.86-0.89x). Below about 2^20 multiply-adds BLAS's
-// threading costs more than its packing saves: A [64, 64] @ W [64 - 256, 64]^T (the cells at batch 64, hidden 64) ran
-// 1.03-1.63x faster on the own kernel (`python benchmarks/gemm_nt.py`, two runs), while at M = K = 128 (2^21 and up)
-// the two tied (0.92-1.10x). Not for short rows, whose dot products are mostly the horizontal reduction: a weight
-// gradient of a batch-1 step (dW = dgates^T x, K = 1) ran 1.8x (H 64) to 8x (H 256) slower on the own kernel than on
-// BLAS.
-inline bool nt_prefers(int64_t M, int64_t N, int64_t K) {
-  return (K >= 256 ? M < 2 * K : M < K) || (K >= 64 && M * N * K <= (int64_t(1) << 20));
+// lost at M >= 2K (K 64-128: 0.5-0.7x; M 1024-2048 at K 256-512: 0.86-0.89x).
+inline bool nt_prefers(int64_t M, int64_t K) { return K >= 256 ? M < 2 * K : M < K; }
+
+// The same choice for a product split over the team (linear_out, mm): below about 2^20 multiply-adds BLAS's threading
+// costs more than its packing saves. A [64, 64] @ W [64 - 256, 64]^T (the cells at batch 64, hidden 64) ran 1.03-1.63x
+// faster on the own kernel (`python benchmarks/gemm_nt.py`, two runs), while at M = K = 128 (2^21 and up) the two
+// tied (0.92-1.10x). Not for short rows, whose dot products are mostly the horizontal reduction: a weight gradient of
+// a batch-1 step (dW = dgates^T x, K = 1) ran 1.8x (H 64) to 8x (H 256) slower on the own kernel. Single-threaded
+// calls (cm, inside a region) keep nt_prefers: there BLAS does not thread, and at K = 64 it matched or beat the own
+// kernel (64x64x64 9.8 against 10.7 us, 128x128x64 27.4 against 38.9).
+inline bool nt_prefers_team(int64_t M, int64_t N, int64_t K) {
+  return nt_prefers(M, K) || (K >= 64 && M * N * K <= (int64_t(1) << 20));
 }
 
 // Whether the own AVX2 outer-product kernel (sgemm_nn.h) should take an A [M, K] @ B [K, N] product. Measured as
@@ -105,7 +109,7 @@ void cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const fl
   if (m <= 0 || n <= 0) return;
   // op(A) = A^T and op(B) = B with unit alpha: the row-major C^T [n, m] = B^T [n, k] @ A^T [m, k]^T, both operands
   // k-contiguous: the dot-product form of the own AVX2 kernel (single-threaded here, as BLAS is inside a region).
-  if (ta && !tb && alpha == 1.f && (beta == 0.f || beta == 1.f) && nt_available() && nt_prefers(n, m, k))
+  if (ta && !tb && alpha == 1.f && (beta == 0.f || beta == 1.f) && nt_available() && nt_prefers(n, k))
     return sgemm_nt::gemm(n, m, k, b, ldb, a, lda, beta, c, ldc);
   // op(A) = A: the row-major C^T [n, m] = op(B)^T [n, k] @ A^T [k, m], A^T row-major with row stride lda: the own
   // AVX2 outer-product kernel reads it in place.
@@ -154,7 +158,7 @@ void PackedWeight::init(bool trans, int64_t m, int64_t nmax, int64_t k, const fl
   // the own AVX2 kernels where nt_available()). Wider slices keep MKL's packed GEMM there from 33 rows on: packed
   // once per sequence, it beat the own kernel's in-place reads in the time loop (GRU T32 B64 H1024 inference, Zen 3:
   // 233 ms packed, 287 ms own), while at a few rows it lost to it (GRU T32 B8 H256: 0.98x torch packed, 1.9x own).
-  if (trans && nt_available() && nmax <= 32 && nt_prefers(nmax, m, k)) return;
+  if (trans && nt_available() && nmax <= 32 && nt_prefers(nmax, k)) return;
   if (!mkl_pack_available() || m < 128 || k <= 0 || nmax <= 0) return;
   m_ = m;
   k_ = k;
@@ -231,7 +235,7 @@ void matmul_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool ac
 void linear_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool accumulate) {
   const bool own = f32_cpu(c) && f32_cpu(a) && f32_cpu(w) && rows_contiguous(c) && rows_contiguous(a) &&
                    rows_contiguous(w) && a.size(1) == w.size(1) && c.size(0) == a.size(0) && c.size(1) == w.size(0) &&
-                   nt_available() && nt_prefers(a.size(0), w.size(0), a.size(1));
+                   nt_available() && nt_prefers_team(a.size(0), w.size(0), a.size(1));
   if (!own) {
     if (accumulate) c.addmm_(a, w.t());
     else at::mm_out(c, a, w.t());
@@ -253,7 +257,7 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::
   const bool has_bias = bias.has_value() && bias->defined();
   const bool f32 = f32_cpu(a) && f32_cpu(b) && (!has_bias || bias->scalar_type() == at::kFloat);
   // b = W^T of a k-contiguous W (a torch weight's .t()): the dot-product kernel reads W's rows
-  if (f32 && nt_available() && nt_prefers(a.size(0), b.size(1), a.size(1)) && rows_contiguous(a) &&
+  if (f32 && nt_available() && nt_prefers_team(a.size(0), b.size(1), a.size(1)) && rows_contiguous(a) &&
       cols_contiguous(b)) {
     const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
     TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == N), "mm_f32: bias must be [", N, "], got ",
