@@ -154,11 +154,14 @@ void PackedWeight::init(bool trans, int64_t m, int64_t nmax, int64_t k, const fl
     else own_.pack(k, m, a, lda, 1);
     if (own_.ok()) return;
   }
-  // Narrow slices (< 128 units) gained nothing from MKL's packing when this was tuned; they keep the plain GEMM (cm:
-  // the own AVX2 kernels where nt_available()). Wider slices keep MKL's packed GEMM there from 33 rows on: packed
-  // once per sequence, it beat the own kernel's in-place reads in the time loop (GRU T32 B64 H1024 inference, Zen 3:
-  // 233 ms packed, 287 ms own), while at a few rows it lost to it (GRU T32 B8 H256: 0.98x torch packed, 1.9x own).
-  if (trans && nt_available() && nmax <= 32 && nt_prefers(nmax, k)) return;
+  // Narrow slices (< 128 units) gained nothing from MKL's packing when this was tuned; they keep the plain GEMM (cm).
+  // Where the own AVX2 kernel takes the product (nt_prefers) it reads the weight in place, unpacked: MKL's packing
+  // costs milliseconds per call on this path and its packed GEMM no longer beat the own kernel per step. Same-process
+  // A/B on the Zen 3 (mkl_pack on / off, no grad), packed / in place: GRU B64 H512 T1 5.0 / 1.5 ms, T32 44.2 / 40.8;
+  // GRU B64 H1024 T32 168.8 / 158.7 (this once read 233 / 287 ms against the own kernel's earlier loop order); GRU
+  // B48 H512 T32 33.4 / 30.2; GRU B256 H256 T1 3.2 / 1.5, T32 57.8 / 57.3. MKL keeps the rows the own kernel does not
+  // take (M >= K, or 2K from K 256), packed there from 128 units.
+  if (trans && nt_available() && nt_prefers(nmax, k)) return;
   if (!mkl_pack_available() || m < 128 || k <= 0 || nmax <= 0) return;
   m_ = m;
   k_ = k;
