@@ -31,21 +31,23 @@ class Rule:
     ``dtype`` on ``cpus`` when every given bound holds: ``training`` (True / False / None = either), ``batch`` and
     ``hidden`` as inclusive (low, high) ranges (None = any), ``causal`` (SDPA: True / False / None = either).
     For "sdpa", ``batch`` is the query length, ``hidden`` the key length and ``head_dim`` (an inclusive range, None =
-    any) the query's head dim. ``source``: the sweep run that measured it."""
+    any) the query's head dim. ``steps`` (sequences only, an inclusive range, None = any): the sequence's time steps;
+    a caller that does not know them matches any bound. ``source``: the sweep run that measured it."""
 
     def __init__(self, family, dtype, cpus, *, training=None, batch=None, hidden=None, causal=None, head_dim=None,
-                 source):
+                 steps=None, source):
         self.family, self.dtype, self.cpus = family, dtype, frozenset(cpus)
         self.training, self.batch, self.hidden, self.causal, self.source = training, batch, hidden, causal, source
-        self.head_dim = head_dim
+        self.head_dim, self.steps = head_dim, steps
 
-    def matches(self, family, dtype, cpu, training, batch, hidden, causal, head_dim=0):
+    def matches(self, family, dtype, cpu, training, batch, hidden, causal, head_dim=0, steps=None):
         return (family == self.family and dtype == self.dtype and cpu in self.cpus
                 and (self.training is None or self.training == training)
                 and (self.causal is None or self.causal == causal)
                 and (self.batch is None or self.batch[0] <= batch <= self.batch[1])
                 and (self.hidden is None or self.hidden[0] <= hidden <= self.hidden[1])
-                and (self.head_dim is None or self.head_dim[0] <= head_dim <= self.head_dim[1]))
+                and (self.head_dim is None or self.head_dim[0] <= head_dim <= self.head_dim[1])
+                and (self.steps is None or steps is None or self.steps[0] <= steps <= self.steps[1]))
 
 
 BF16 = torch.bfloat16
@@ -69,6 +71,9 @@ _ZEN3_ATTN = ("same-process A/B, torch interleaved, 7 rounds, each share after t
 _ZEN3_MALLOC = ("same-process A/B, torch / seqfast with the rule table off, 6-8 rounds, glibc malloc never returning "
                 "memory (MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=4e9), on commit 3bba69c on the same AMD EPYC "
                 "family 25 model 1")
+_ZEN3_SHORT = ("same-process A/B, torch / seqfast with the rule table off, 7 rounds, each share after the process's other "
+               "threads went idle, on commit f74ffb7 (no MKL packing where the own AVX2 kernel takes the product) on the "
+               "same AMD EPYC family 25 model 1")
 _ZEN3_LATER = ("make bench-sweep runs 201033 and 214300 and make bench runs cpu-20261204-200307 / 214050 on the same "
                "AMD EPYC family 25 model 1")
 
@@ -118,8 +123,13 @@ RULES = [
     Rule("lstm", F32, AVX2, training=True, batch=(8, 31), hidden=(256, 767), source=_ZEN3_MALLOC),
     # inference from batch 64 at hidden >= 512 (was batch >= 32, hidden >= 256): with the fused AVX2 step
     # (_ZEN3_STEP) B32 H256 / B32 H1024 read 1.34 / 1.17x and B256 H256 (the loop's packed GEMM) 1.07x, but B64 H512
-    # 1.08x at T32 and 0.93 / 0.95x at T64 (make bench cpu-20261205-053214, without the rule: 0.94x).
-    Rule("lstm", F32, AVX2, training=False, batch=(64, INF), hidden=(512, INF), source=_ZEN3_STEP),
+    # 1.08x at T32 and 0.93 / 0.95x at T64 (make bench cpu-20261205-053214, without the rule: 0.94x). From 16 steps
+    # only: shorter sequences (a decoder's one-step calls) ran faster on seqfast's GEMM loop (_ZEN3_SHORT, torch /
+    # seqfast without the rule: B64 H512 T1 / T4 / T8 / T16 / T32 2.58 / 1.34 / 1.32 / 1.02 / 1.01x; B128 H512 T1 /
+    # T2 / T4 / T8 / T32 1.16 / 1.11 / 1.00 / 1.04 / 0.93x; B256 H512 T1 / T4 / T32 1.07 / 1.02 / 0.96x; B64 H1024 T1
+    # / T4 / T8 / T32 1.20 / 1.46 / 1.24 / 1.02x).
+    Rule("lstm", F32, AVX2, training=False, batch=(64, INF), hidden=(512, INF), steps=(16, INF),
+         source=_ZEN3_STEP + "; " + _ZEN3_SHORT),
     # The rule's history: at batch >= 8, hidden >= 256 (was batch >= 32, hidden >= 1024 from the first sweep): torch's oneDNN
     # LSTM was the faster one in most runs of that region (sweeps 194326 / 201033 / 214300: B32 H256 0.74x / 0.78x;
     # make bench cpu-20261204-200307 / 214050, T64: B8 H512 0.93x / 0.82x, B64 H512 0.85x / 0.88x, B8 H256 two
@@ -153,9 +163,9 @@ RULES = [
 
 
 @functools.lru_cache(maxsize=4096)
-def _lookup(family, dtype, training, batch, hidden, causal=False, head_dim=0):
+def _lookup(family, dtype, training, batch, hidden, causal=False, head_dim=0, steps=None):
     cpu = cpu_class()
-    return any(rule.matches(family, dtype, cpu, training, batch, hidden, causal, head_dim) for rule in RULES)
+    return any(rule.matches(family, dtype, cpu, training, batch, hidden, causal, head_dim, steps) for rule in RULES)
 
 
 def _covered_here():
@@ -196,8 +206,9 @@ def sdpa_torch_regions(training):
 
 def torch_batches(family, dtype, training, hidden):
     """The inclusive batch ranges [(low, high)] where the table prefers torch's op for ``family`` in ``dtype`` at
-    ``hidden`` on this CPU (not SDPA): prefer_torch_when(family, t, batch, hidden, training) is True exactly for a
-    batch inside one of them, when nothing bypasses the table."""
+    ``hidden`` on this CPU (not SDPA), at some sequence length: prefer_torch_when(family, t, batch, hidden, training)
+    is True exactly for a batch inside one of them, when nothing bypasses the table (a rule bounded in steps holds
+    for some lengths only; seqfast._C.ModuleCall declines the whole range and the Python path decides)."""
     cpu = cpu_class()
     return [r.batch or (0, INF) for r in RULES
             if r.matches(family, dtype, cpu, training, (r.batch or (0,))[0], hidden, False)]
@@ -212,17 +223,17 @@ def covers(family, dtype, training):
     return (family, dtype, training) in _covered
 
 
-def prefer_torch(family, tensor, batch, hidden, grad_tensors, causal=False, head_dim=0):
+def prefer_torch(family, tensor, batch, hidden, grad_tensors, causal=False, head_dim=0, steps=None):
     """Whether torch's own op is the faster choice for this call: CPU tensors, no backend forced, not while
     torch.compile traces (the graph keeps seqfast's ops), and a rule matches (memoised per shape). For "sdpa",
-    ``batch`` is the query length, ``hidden`` the key length and ``head_dim`` the query's head dim. The call trains (a
-    rule's ``training`` side) when grad mode is on and one of ``grad_tensors`` (an iterable, read only in grad mode;
-    None entries skipped) requires grad."""
+    ``batch`` is the query length, ``hidden`` the key length and ``head_dim`` the query's head dim; for a sequence,
+    ``steps`` its time steps. The call trains (a rule's ``training`` side) when grad mode is on and one of
+    ``grad_tensors`` (an iterable, read only in grad mode; None entries skipped) requires grad."""
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_tensors)
-    return prefer_torch_when(family, tensor, batch, hidden, training, causal, head_dim)
+    return prefer_torch_when(family, tensor, batch, hidden, training, causal, head_dim, steps)
 
 
-def prefer_torch_when(family, tensor, batch, hidden, training, causal=False, head_dim=0):
+def prefer_torch_when(family, tensor, batch, hidden, training, causal=False, head_dim=0, steps=None):
     """:func:`prefer_torch` for a caller that knows whether the call trains."""
     if torch.compiler.is_compiling():  # first: Dynamo cannot trace the CPU feature queries behind covers()
         return False
@@ -231,7 +242,7 @@ def prefer_torch_when(family, tensor, batch, hidden, training, causal=False, hea
         return False  # the common case
     if _backend.forced_backend() is not None:
         return False
-    return _lookup(family, dtype, training, batch, hidden, causal, head_dim)
+    return _lookup(family, dtype, training, batch, hidden, causal, head_dim, steps)
 
 
 # bfloat16 on a CPU without native bfloat16 (classes "avx2" and "avx512": no AVX512_BF16 / AMX). torch's bfloat16

@@ -32,13 +32,36 @@ def test_sequence_rule_runs_torchs_op(rule_for, name, family, monkeypatch):
     rule_for(family, torch.float64, training=True, batch=(2, 2))
     calls = []
     original = _rules.prefer_torch
-    monkeypatch.setattr(_rules, "prefer_torch", lambda *a: calls.append(a) or original(*a))
+    monkeypatch.setattr(_rules, "prefer_torch", lambda *a, **k: calls.append((a, k)) or original(*a, **k))
     torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=0, atol=0)  # torch's op: bit for bit
-    assert calls and original(*calls[-1])
+    assert calls and original(*calls[-1][0], **calls[-1][1])
     with torch.no_grad():  # training=True only: inference keeps seqfast's kernel (close, not bitwise)
         assert not original(family, x, 2, 4, (x,))
     with seqfast.use_backend("cpp"):  # a forced backend bypasses the table
         assert not original(family, x, 2, 4, (x,))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_sequence_rule_bounded_in_steps(rule_for, packed, grad):
+    # a rule from 4 steps on: a 3-step call runs seqfast's kernels, a 4-step one torch's op (bit for bit), whichever
+    # path the call takes (the C++ module call, the no-grad Python path, the functional; padded or packed)
+    ref, ours = _pair("LSTM", 3, 4)
+    rule_for("lstm", torch.float64, batch=(2, 2), steps=(4, 6))
+    assert not _rules.prefer_torch_when("lstm", torch.zeros(1, dtype=torch.float64), 2, 4, grad, steps=3)
+    assert _rules.prefer_torch_when("lstm", torch.zeros(1, dtype=torch.float64), 2, 4, grad, steps=4)
+    for steps, torchs in ((3, False), (4, True), (7, False)):
+        x = torch.randn(steps, 2, 3, dtype=torch.float64)
+        if packed:
+            x = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([steps, steps - 1]))
+        with torch.set_grad_enabled(grad):
+            got, want = ours(x)[0], ref(x)[0]
+        got, want = (got.data, want.data) if packed else (got, want)
+        if torchs:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(got, want)
+            assert not torch.equal(got, want)  # seqfast's kernels ran (their float64 math is not torch's bit for bit)
 
 
 @pytest.mark.parametrize("name,family", [("LSTMCell", "lstm_cell"), ("GRUCell", "gru_cell"), ("RNNCell", "rnn_cell")])
@@ -64,6 +87,6 @@ def test_rules_are_well_formed():
     classes = {"avx512_bf16", "avx512", "avx2", "other"}
     for rule in _rules.RULES:
         assert rule.family in families and rule.cpus <= classes and rule.source
-        for bound in (rule.batch, rule.hidden):
+        for bound in (rule.batch, rule.hidden, rule.head_dim, rule.steps):
             assert bound is None or bound[0] <= bound[1]
     assert _rules.cpu_class() in classes

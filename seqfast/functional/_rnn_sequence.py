@@ -167,4 +167,5 @@ def _torch_faster(kind, input, h0, c0, weights, batch_sizes):
     """The performance floor (seqfast._rules): torch's own op where it beats seqfast's kernels on this CPU."""
     # a lazy chain: prefer_torch reads it only in grad mode, up to the first tensor that requires grad
     grad_tensors = itertools.chain((input, h0, c0), *weights)
-    return _rules.prefer_torch(kind, input, h0.shape[1], weights[0][1].shape[1], grad_tensors)
+    steps = input.shape[0] if batch_sizes is None else batch_sizes.shape[0]
+    return _rules.prefer_torch(kind, input, h0.shape[1], weights[0][1].shape[1], grad_tensors, steps=steps)

@@ -67,7 +67,8 @@ class _SeqfastRNNMixin:
         batched = input.dim() == 3
         steps = input.shape[1 if batched and self.batch_first else 0]
         batch = input.shape[0 if self.batch_first else 1] if batched else 1
-        if steps == 0 or batch == 0 or _rules.prefer_torch_when(self._kind, input, batch, self.hidden_size, False):
+        if steps == 0 or batch == 0 or _rules.prefer_torch_when(self._kind, input, batch, self.hidden_size, False,
+                                                                 steps=steps):
             return None
         if input.dtype is torch.bfloat16 and _rules.upcast_bfloat16((input,), steps * batch):
             return None  # computed in float32 by the regular path (seqfast._rules.upcast_bfloat16)
