@@ -88,8 +88,9 @@ inline bool nt_prefers(int64_t M, int64_t K) { return K >= 256 ? M < 2 * K : M <
 
 // The same choice for a product split over the team (linear_out, mm): below about 2^20 multiply-adds BLAS's threading
 // costs more than its packing saves. A [64, 64] @ W [64 - 256, 64]^T (the cells at batch 64, hidden 64) ran 1.03-1.63x
-// faster on the own kernel (`python benchmarks/gemm_nt.py`, two runs), while at M = K = 128 (2^21 and up) the two
-// tied (0.92-1.10x). Not for short rows, whose dot products are mostly the horizontal reduction: a weight gradient of
+// faster on the own kernel (two same-process runs of the interleaved timing at N = 64, 192, 256, and one of
+// `python benchmarks/gemm_nt.py`: 1.44x / 1.02x at N = 64 / 256), while at M = K = 128 (2^21 and up) the two tied
+// (0.92-1.10x). Not for short rows, whose dot products are mostly the horizontal reduction: a weight gradient of
 // a batch-1 step (dW = dgates^T x, K = 1) ran 1.8x (H 64) to 8x (H 256) slower on the own kernel. Single-threaded
 // calls (cm, inside a region) keep nt_prefers: there BLAS does not thread, and at K = 64 it matched or beat the own
 // kernel (64x64x64 9.8 against 10.7 us, 128x128x64 27.4 against 38.9).
