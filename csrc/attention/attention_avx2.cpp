@@ -38,6 +38,8 @@ namespace attn_avx2 {
 
 #ifdef SEQFAST_HAVE_AVX2_ATTN
 
+constexpr int64_t kPv = 64;  // keys per exp + P V chunk (see the loop)
+
 void fwd_block(const attn512::FwdBlock& a, float* ws) {
   const int64_t mq = a.mq, D = a.D, Dv = a.Dv;
   const int64_t nq8 = (mq + 7) / 8 * 8;  // query lanes computed: whole vectors (lanes past mq hold zeros of Q)
@@ -91,19 +93,6 @@ void fwd_block(const attn512::FwdBlock& a, float* ws) {
       _mm256_storeu_ps(arow + 8 * v, alpha);
       sum[v] = _mm256_setzero_ps();
     }
-    // P^T = exp(S^T - m), in place
-    for (int64_t j = 0; j < nk; ++j) {
-      float* s = ST + j * kBq;
-      for (int v = 0; v < nv; ++v) {
-        const __m256 p = avx2::exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + 8 * v), mu[v]));
-        _mm256_storeu_ps(s + 8 * v, p);
-        sum[v] = _mm256_add_ps(sum[v], p);
-      }
-    }
-    for (int v = 0; v < nv; ++v) {
-      const __m256 l = _mm256_loadu_ps(lrow + 8 * v);
-      _mm256_storeu_ps(lrow + 8 * v, _mm256_fmadd_ps(l, _mm256_loadu_ps(arow + 8 * v), sum[v]));
-    }
     if (rescale && j0 > 0) {
       for (int64_t c = 0; c < Dv; ++c) {
         float* o = OT + c * kBq;
@@ -111,8 +100,26 @@ void fwd_block(const attn512::FwdBlock& a, float* ws) {
           _mm256_storeu_ps(o + 8 * v, _mm256_mul_ps(_mm256_loadu_ps(o + 8 * v), _mm256_loadu_ps(arow + 8 * v)));
       }
     }
-    // O^T += V_blk^T P^T: V broadcast in place (element (c, j) at v[j * sv + c])
-    sgemm_nn::gemm(Dv, nq8, nk, a.v + j0 * a.sv, 1, a.sv, ST, kBq, 1.f, OT, kBq);
+    // Per chunk of kPv keys: P^T = exp(S^T - m) in place, then O^T += V_chunk^T P_chunk^T with V broadcast in place
+    // (element (c, j) at v[j * sv + c]). Why chunks: over a whole 256-key block a row tile's V lines (one per key) and
+    // the 256 x 16 slice of P^T it multiplies (16 KB each) overflowed L1, and the product ran at ~65% of the core's
+    // FMA rate; 64 keys keep both in L1 (and the chunk of P^T is still there from the exp).
+    for (int64_t c0 = 0; c0 < nk; c0 += kPv) {
+      const int64_t nc = std::min(kPv, nk - c0);
+      for (int64_t j = c0; j < c0 + nc; ++j) {
+        float* s = ST + j * kBq;
+        for (int v = 0; v < nv; ++v) {
+          const __m256 p = avx2::exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + 8 * v), mu[v]));
+          _mm256_storeu_ps(s + 8 * v, p);
+          sum[v] = _mm256_add_ps(sum[v], p);
+        }
+      }
+      sgemm_nn::gemm(Dv, nq8, nc, a.v + (j0 + c0) * a.sv, 1, a.sv, ST + c0 * kBq, kBq, 1.f, OT, kBq);
+    }
+    for (int v = 0; v < nv; ++v) {
+      const __m256 l = _mm256_loadu_ps(lrow + 8 * v);
+      _mm256_storeu_ps(lrow + 8 * v, _mm256_fmadd_ps(l, _mm256_loadu_ps(arow + 8 * v), sum[v]));
+    }
   }
   // out = O^T^T / l; a fully masked row (or no keys: l == 0) gives 0 with lse = -inf, as torch's output and the
   // contract of attention.h; a NaN score made l NaN, so out and lse are NaN
