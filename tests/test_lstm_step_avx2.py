@@ -64,6 +64,7 @@ def _compare_training(ours, ref, x, lengths=None):
     (4, 8, 16, 24),     # tiles of 3 + 3 + 2 rows
     (3, 17, 33, 70),    # 5 x 3 + 2 rows, partial blocks
     (6, 4, 9, 8),       # 3 + 1 rows, one block
+    (3, 29, 150, 40),   # two row groups (24 + 5 rows), k chunks of 128 + 22 inputs
     (26, 5, 200, 300),  # pre-activation form (packed weights above half of L2; 130 rows)
 ])
 def test_training_matches_torch(threads, T, batch, input_size, hidden):
