@@ -29,6 +29,7 @@ py::dict config_dict() {
   d["avx512_attention"] = c.avx512_attention;
   d["avx2_decode"] = c.avx2_decode;
   d["avx2_attention"] = c.avx2_attention;
+  d["avx2_pack"] = c.avx2_pack;
   d["par_min_work"] = c.par_min_work;
   d["small_batch"] = c.small_batch;
   d["small_batch_set"] = c.small_batch_set;
@@ -52,6 +53,7 @@ py::dict set_config(const py::kwargs& kw) {
     else if (k == "avx512_attention") c.avx512_attention = py::cast<bool>(v);
     else if (k == "avx2_decode") c.avx2_decode = py::cast<bool>(v);
     else if (k == "avx2_attention") c.avx2_attention = py::cast<bool>(v);
+    else if (k == "avx2_pack") c.avx2_pack = py::cast<bool>(v);
     else if (k == "par_min_work") c.par_min_work = py::cast<int64_t>(v);
     else if (k == "small_batch") {
       c.small_batch = py::cast<int64_t>(v);

@@ -24,6 +24,7 @@ Config from_env() {
   c.avx512_attention = !env_set("SEQFAST_CPU_NO_AVX512_ATTN");
   c.avx2_decode = !env_set("SEQFAST_CPU_NO_AVX2_DECODE");
   c.avx2_attention = !env_set("SEQFAST_CPU_NO_AVX2_ATTN");
+  c.avx2_pack = !env_set("SEQFAST_CPU_NO_AVX2_PACK");
   c.par_min_work = env_int("SEQFAST_CPU_PAR_MIN_WORK", c.par_min_work);
   c.small_batch_set = env_set("SEQFAST_CPU_SMALL_BATCH");
   c.small_batch = env_int("SEQFAST_CPU_SMALL_BATCH", c.small_batch);

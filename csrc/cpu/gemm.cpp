@@ -146,7 +146,7 @@ bool mkl_pack_available() {
   return cblas_sgemm_compute && cblas_sgemm_pack && cblas_sgemm_pack_get_size && cpu::config().mkl_pack;
 }
 
-void PackedWeight::init(bool trans, int64_t m, int64_t nmax, int64_t k, const float* a, int64_t lda) {
+void PackedWeight::init(bool trans, int64_t m, int64_t nmax, int64_t k, const float* a, int64_t lda, int64_t uses) {
   if (sgemm::available() && m > 0) {
     // Row-major view: C[n, m] = B[n, k] @ op(A)^T, i.e. the own GEMM's packed operand is op(A)^T (k x m).
     m_ = m;
@@ -162,7 +162,23 @@ void PackedWeight::init(bool trans, int64_t m, int64_t nmax, int64_t k, const fl
   // GRU B64 H1024 T32 168.8 / 158.7 (this once read 233 / 287 ms against the own kernel's earlier loop order); GRU
   // B48 H512 T32 33.4 / 30.2; GRU B256 H256 T1 3.2 / 1.5, T32 57.8 / 57.3. MKL keeps the rows the own kernel does not
   // take (M >= K, or 2K from K 256), packed there from 128 units.
-  if (trans && nt_available() && nt_prefers(nmax, k)) return;
+  if (trans && nt_available() && nt_prefers(nmax, k)) {
+    // Packed for the outer-product kernel when the slice serves 2+ products and fits a quarter of this core's L2.
+    // Same-process A/B on the Zen 3 (avx2_pack on / off, no grad): GRU T32 B16 H256 1.09x, T32 B32 H64 1.12x, T32
+    // B64 H128 1.14x, T2 B64 H128 1.10x, T4 B32 H256 1.03x; LSTM (GEMM loop) T32 B128 H256 1.09x. Larger slices
+    // come from L3 and their packing is not repaid at short sequences: GRU H512 (512 KB slices at 2 threads) read
+    // 0.94x at T2 B32 and 1.03x at T32 B32.
+    const int64_t bytes = int64_t(sizeof(float)) * sgemm_nn::packed_size(m, k);
+    if (uses >= 2 && cpu::config().avx2_pack && m > 0 && k > 0 && bytes <= cpu::l2_cache_bytes() / 4) {
+      nn_.reset(sgemm_nn::packed_size(m, k));
+      if (nn_.ok()) {
+        m_ = m;
+        k_ = k;
+        sgemm_nn::pack_rows(a, lda, m, k, nn_.get());
+      }
+    }
+    return;
+  }
   if (!mkl_pack_available() || m < 128 || k <= 0 || nmax <= 0) return;
   m_ = m;
   k_ = k;
@@ -173,10 +189,13 @@ void PackedWeight::init(bool trans, int64_t m, int64_t nmax, int64_t k, const fl
 
 void PackedWeight::mm(int64_t n, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) const {
   if (own_.ok()) return sgemm::gemm(n, m_, k_, b, ldb, 1, own_.p, beta, c, ldc);
+  if (nn_.ok()) return sgemm_nn::gemm_packed(n, m_, k_, b, ldb, nn_.get(), beta, c, ldc);
   if (n > 0) cblas_sgemm_compute(102, 151, 111, int(m_), int(n), int(k_), mkl_, int(m_), b, int(ldb), beta, c, int(ldc));
 }
 
-PackedWeight::~PackedWeight() { std::free(mkl_); }
+PackedWeight::~PackedWeight() {
+  std::free(mkl_);
+}
 
 // c[M, N] = beta c + a @ w^T (+ bias) on the own AVX2 kernel, W rows split over the team in whole 4-row tiles.
 void nt_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw, float beta,

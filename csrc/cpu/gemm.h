@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "cpu/block_pool.h"
 #include "cpu/sgemm.h"
 #include "cpu/sgemm_nt.h"
 
@@ -83,8 +84,10 @@ void nt_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, c
 bool mkl_pack_available();
 
 // A weight slice packed once and reused by every step of a time loop: column-major C(m x n) = beta C + op(A)(m x k)
-// @ B(k x n), with A the packed weight. float only: the own AVX-512 packing where available, else MKL's packed GEMM
-// (slices of at least 128 rows). ok() is false otherwise (callers then use cm on the unpacked weight).
+// @ B(k x n), with A the packed weight. float only: the own AVX-512 packing where available; on AVX2 CPUs, where
+// the own kernel takes the product (nt_prefers) and the slice serves 2+ products, the panels of the own
+// outer-product kernel (sgemm_nn.h gemm_packed; config().avx2_pack); else MKL's packed GEMM (slices of at least 128
+// rows). ok() is false otherwise (callers then use cm on the unpacked weight).
 class PackedWeight {
  public:
   PackedWeight() = default;
@@ -92,13 +95,15 @@ class PackedWeight {
   PackedWeight& operator=(const PackedWeight&) = delete;
   ~PackedWeight();
   // A(i, kk) = a[kk * lda + i] when trans, else a[i * lda + kk] (row-major views of the torch weight); nmax bounds
-  // the n of later mm calls (MKL sizes its packing by it).
-  void init(bool trans, int64_t m, int64_t nmax, int64_t k, const float* a, int64_t lda);
-  bool ok() const { return mkl_ != nullptr || own_.ok(); }
+  // the n of later mm calls (MKL sizes its packing by it); uses: how many mm calls will read it (a time loop's
+  // steps), which decides whether packing for the AVX2 kernel pays.
+  void init(bool trans, int64_t m, int64_t nmax, int64_t k, const float* a, int64_t lda, int64_t uses);
+  bool ok() const { return mkl_ != nullptr || own_.ok() || nn_.ok(); }
   void mm(int64_t n, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) const;
 
  private:
   float* mkl_ = nullptr;
+  block_pool::Floats nn_;  // sgemm_nn::pack_rows panels (pooled: a fresh mapping page-faulted every call)
   int64_t m_ = 0, k_ = 0;
   sgemm::PackedB own_;
 };

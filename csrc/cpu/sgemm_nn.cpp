@@ -13,6 +13,7 @@ SEQFAST_TARGET_AVX2_BEGIN
 #include <immintrin.h>
 
 #include "cpu/avx2_masks.h"
+#include "cpu/avx2_transpose.h"
 #endif
 
 namespace seqfast {
@@ -127,9 +128,58 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t a
   }
 }
 
+void pack_rows(const float* w, int64_t ldw, int64_t N, int64_t K, float* dst) {
+  const int64_t k8 = K / 8 * 8;
+  for (int64_t j0 = 0; j0 < N; j0 += kNR) {
+    float* d = dst + j0 * K;  // panel j0 / 16: K x 16 floats
+    const int64_t nj = std::min(kNR, N - j0);
+    for (int64_t h = 0; h < kNR; h += 8) {  // the panel's two halves of 8 rows
+      const float* rows[8];
+      int64_t live = 0;
+      for (int64_t j = 0; j < 8; ++j) {
+        rows[j] = h + j < nj ? w + (j0 + h + j) * ldw : nullptr;
+        live += rows[j] != nullptr;
+      }
+      if (live == 8)
+        for (int64_t k = 0; k < k8; k += 8) avx2::transpose8(rows, k, d + k * kNR + h, kNR);
+      for (int64_t j = 0; j < 8; ++j)
+        for (int64_t k = live == 8 ? k8 : 0; k < K; ++k) d[k * kNR + h + j] = rows[j] ? rows[j][k] : 0.f;
+    }
+  }
+}
+
+void gemm_packed(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* packed, float beta,
+                 float* c, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (beta == 0.f)
+      for (int64_t r = 0; r < M; ++r) std::fill(c + r * ldc, c + r * ldc + N, 0.f);
+    return;
+  }
+  // as gemm(): k in passes of kKC, rows in L2-sized blocks, each 16-column panel's k-slice read by every row tile
+  const int64_t block = a_block_rows();
+  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+    const int64_t kc = std::min(kKC, K - k0);
+    const bool load = k0 > 0 || beta != 0.f;
+    for (int64_t m0 = 0; m0 < M; m0 += block) {
+      const int64_t mc = std::min(block, M - m0);
+      const float* ab = a + m0 * lda + k0;
+      float* cb = c + m0 * ldc;
+      for (int64_t j = 0; j < N; j += kNR) {
+        const int64_t nj = std::min(kNR, N - j);
+        const float* bb = packed + j * K + k0 * kNR;
+        if (nj == kNR) panel<true>(mc, kc, ab, lda, 1, bb, kNR, load, cb + j, ldc, nj);
+        else panel<false>(mc, kc, ab, lda, 1, bb, kNR, load, cb + j, ldc, nj);
+      }
+    }
+  }
+}
+
 #else  // no x86 target regions: never available (sgemm_nt::available() is false)
 
 void gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float, float*, int64_t) {}
+void pack_rows(const float*, int64_t, int64_t, int64_t, float*) {}
+void gemm_packed(int64_t, int64_t, int64_t, const float*, int64_t, const float*, float, float*, int64_t) {}
 
 #endif
 

@@ -276,7 +276,7 @@ inline void step_mm(const Steps& s, int64_t t, const T* buf, const T* init, int6
 // A W_hh slice packed once and reused by every step (gemm::PackedWeight; float only: double never packs).
 template <typename T>
 struct PackedA {
-  void init(bool, int64_t, int64_t, int64_t, const T*, int64_t) {}
+  void init(bool, int64_t, int64_t, int64_t, const T*, int64_t, int64_t) {}
   bool ok() const { return false; }
   void mm(int64_t, const T*, int64_t, T, T*, int64_t) const {}
 };
@@ -301,7 +301,7 @@ class RecurrentForward {
   RecurrentForward(const Steps& s, const T* wh, int64_t H, int64_t k0, int64_t k1)
       : s_(s), wh_(wh), H_(H), k0_(k0), k1_(k1) {
     for (int q = 0; q < G && k1 > k0 && !fused_gemv<T>(s.bs[0]); ++q)  // GEMV-only sequences never pack
-      pk_[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H);
+      pk_[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H, s.T);
   }
   // Step t; previous states from the output rows o (or h0p); row b of dst at dst + b * ldc.
   void step(int64_t t, const T* o, const T* h0p, T* dst, int64_t ldc, bool accumulate) {
@@ -355,7 +355,7 @@ class RecurrentBackward {
   RecurrentBackward(const Steps& s, const T* wh, const Tensor& whT, int64_t H, int64_t k0, int64_t k1)
       : wh_(wh), whT_(whT.defined() ? whT.const_data_ptr<T>() : nullptr), H_(H), k0_(k0), k1_(k1) {
     const int64_t mb = max_rows(s);
-    if (k1 > k0 && !fused_gemv<T>(mb)) pk_.init(false, k1 - k0, mb, G * H, wh + k0, H);  // GEMV-only: never packs
+    if (k1 > k0 && !fused_gemv<T>(mb)) pk_.init(false, k1 - k0, mb, G * H, wh + k0, H, s.T);  // GEMV-only: never packs
   }
   // dg: the step's first gate-gradient row (row stride G H); dh: [B, H].
   void step(int64_t bs, const T* dg, T* dh, bool accumulate) {

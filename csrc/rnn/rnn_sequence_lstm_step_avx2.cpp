@@ -13,6 +13,7 @@ SEQFAST_TARGET_AVX2_BEGIN
 
 #include "cpu/avx2_masks.h"
 #include "cpu/avx2_math.h"
+#include "cpu/avx2_transpose.h"
 #endif
 
 namespace seqfast {
@@ -186,30 +187,6 @@ void group(const lstm_step::StepArgs& a, int64_t g0, int64_t n, int64_t blk) {
   }
 }
 
-// dst[k * 32 + j] = rows[j][k] for k in [k0, k0 + 8), j < 8: one 8 x 8 transpose in registers (8 loads, 24 shuffles,
-// 8 stores in place of 64 scalar copies with a 128-byte stride).
-inline __attribute__((always_inline)) void transpose8(const float* const (&rows)[8], int64_t k0, float* dst) {
-  const __m256 r0 = _mm256_loadu_ps(rows[0] + k0), r1 = _mm256_loadu_ps(rows[1] + k0),
-               r2 = _mm256_loadu_ps(rows[2] + k0), r3 = _mm256_loadu_ps(rows[3] + k0),
-               r4 = _mm256_loadu_ps(rows[4] + k0), r5 = _mm256_loadu_ps(rows[5] + k0),
-               r6 = _mm256_loadu_ps(rows[6] + k0), r7 = _mm256_loadu_ps(rows[7] + k0);
-  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
-               t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
-               t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
-               u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
-               u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
-               u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  _mm256_storeu_ps(dst + 0 * 32, _mm256_permute2f128_ps(u0, u4, 0x20));
-  _mm256_storeu_ps(dst + 1 * 32, _mm256_permute2f128_ps(u1, u5, 0x20));
-  _mm256_storeu_ps(dst + 2 * 32, _mm256_permute2f128_ps(u2, u6, 0x20));
-  _mm256_storeu_ps(dst + 3 * 32, _mm256_permute2f128_ps(u3, u7, 0x20));
-  _mm256_storeu_ps(dst + 4 * 32, _mm256_permute2f128_ps(u0, u4, 0x31));
-  _mm256_storeu_ps(dst + 5 * 32, _mm256_permute2f128_ps(u1, u5, 0x31));
-  _mm256_storeu_ps(dst + 6 * 32, _mm256_permute2f128_ps(u2, u6, 0x31));
-  _mm256_storeu_ps(dst + 7 * 32, _mm256_permute2f128_ps(u3, u7, 0x31));
-}
-
 }  // namespace
 
 void pack_weights(const float* w, int64_t ldw, int64_t K, int64_t H, int64_t u0, int64_t u1, float* dst) {
@@ -224,7 +201,7 @@ void pack_weights(const float* w, int64_t ldw, int64_t K, int64_t H, int64_t u0,
       const float* rows[8];
       for (int64_t j = 0; j < kUnits; ++j) rows[j] = j < nu ? w + (q * H + ub + j) * ldw : nullptr;
       if (nu == kUnits)
-        for (int64_t k = 0; k < k8; k += 8) transpose8(rows, k, d + k * 32 + q * 8);
+        for (int64_t k = 0; k < k8; k += 8) avx2::transpose8(rows, k, d + k * 32 + q * 8, 32);
       for (int64_t j = 0; j < kUnits; ++j) {
         float* dq = d + q * 8 + j;
         for (int64_t k = nu == kUnits ? k8 : 0; k < K; ++k) dq[k * 32] = j < nu ? rows[j][k] : 0.f;

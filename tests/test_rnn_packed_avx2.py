@@ -1,0 +1,84 @@
+"""The recurrent products of the fused time loops on weights packed for the own AVX2 outer-product kernel
+(csrc/cpu/sgemm_nn.cpp gemm_packed, through gemm::PackedWeight) against torch.nn in float64.
+
+On a CPU with AVX2 + FMA and no AVX-512 kernels, a GRU (and an LSTM without the fused AVX2 step) above the GEMV
+range (9+ rows) packs each thread's W_hh slices once per call when the call has 2+ steps and the slice fits a
+quarter of L2 (config avx2_pack); with avx2_pack=False the dot-product kernel reads them in place. Both are compared.
+The shapes leave partial 16-unit panels at the end of a thread's units and row counts that end in 1-5 row tiles;
+packed batches shrink step by step, so later steps multiply fewer rows than the weights were packed for.
+"""
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import seqfast
+from conftest import cpp_config
+from seqfast import _ext
+
+_C = _ext.module()
+pytestmark = pytest.mark.skipif(
+    _C is None or not _C.has_avx2() or _C.own_gemm_available(),
+    reason="the packed AVX2 recurrent products run on CPUs with AVX2 + FMA and without the AVX-512 kernels")
+
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+@pytest.fixture(params=[True, False], ids=["packed", "in_place"])
+def packing(request):
+    # avx2_lstm_step off: the LSTM cases take the time loop's GEMMs, not the fused AVX2 step
+    with cpp_config(avx2_pack=request.param, avx2_lstm_step=False):
+        yield request.param
+
+
+def _pair(cls, input_size, hidden, **kwargs):
+    ref = getattr(torch.nn, cls)(input_size, hidden, **kwargs).double()
+    ours = getattr(seqfast.nn, cls)(input_size, hidden, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+def _compare(ours, ref, x, lengths=None):
+    xs, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    if lengths is not None:
+        ins = pack_padded_sequence(xs, lengths, enforce_sorted=False)
+        inr = pack_padded_sequence(xr, lengths, enforce_sorted=False)
+    else:
+        ins, inr = xs, xr
+    with seqfast.use_backend("cpp"):
+        with torch.no_grad():
+            out_ng = ours(ins)[0]
+        out, state = ours(ins)
+    out_r, state_r = ref(inr)
+    if lengths is not None:
+        out, out_r, out_ng = out.data, out_r.data, out_ng.data
+    states, states_r = (state, state_r) if isinstance(state, tuple) else ((state,), (state_r,))
+    torch.testing.assert_close(out_ng.double(), out_r.detach(), **TOL)
+    for got, want in zip((out, *states), (out_r, *states_r)):
+        torch.testing.assert_close(got.double(), want.detach(), **TOL)
+    grads = [torch.randn_like(t) for t in (out_r, *states_r)]
+    torch.autograd.backward([out, *states], [g.float() for g in grads])
+    torch.autograd.backward([out_r, *states_r], grads)
+    torch.testing.assert_close(xs.grad.double(), xr.grad, **TOL)
+    for (name, p), pr in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.double(), pr.grad, **TOL, msg=name)
+
+
+@pytest.mark.parametrize("cls,T,batch,input_size,hidden,kwargs", [
+    ("GRU", 5, 13, 7, 40, {}),                        # 20 units a thread at 2 threads: one 16-unit panel + 4
+    ("GRU", 2, 22, 30, 70, {}),                       # two steps; 6 + 6 + 6 + 4 row tiles
+    ("GRU", 3, 11, 9, 35, {}),                        # odd units; 6 + 5 rows
+    ("LSTM", 4, 16, 12, 33, {}),                      # 6 + 6 + 4 rows
+    ("LSTM", 4, 10, 5, 24, {}),                       # 6 + 4 rows
+    ("GRU", 3, 9, 6, 20, {"num_layers": 2, "bidirectional": True}),
+])
+def test_matches_torch(packing, threads, cls, T, batch, input_size, hidden, kwargs):
+    ours, ref = _pair(cls, input_size, hidden, **kwargs)
+    _compare(ours, ref, torch.randn(T, batch, input_size))
+
+
+@pytest.mark.parametrize("cls", ["GRU", "LSTM"])
+def test_shrinking_packed_batches_match_torch(packing, threads, cls):
+    # 14 sequences of lengths 1..14: the steps run 14, 13, ..., 1 rows against weights packed for 14
+    ours, ref = _pair(cls, 8, 36)
+    lengths = torch.randperm(14) + 1
+    _compare(ours, ref, torch.randn(14, 14, 8), lengths)
