@@ -302,6 +302,8 @@ class RecurrentForward {
       : s_(s), wh_(wh), H_(H), k0_(k0), k1_(k1) {
     for (int q = 0; q < G && k1 > k0 && !fused_gemv<T>(s.bs[0]); ++q)  // GEMV-only sequences never pack
       pk_[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H, s.T);
+    // every gate's slice packed, or none used (a buffer one gate could not get leaves all of them in place)
+    for (int q = 0; q < G; ++q) packed_ = (q == 0 || packed_) && pk_[q].ok();
   }
   // Step t; previous states from the output rows o (or h0p); row b of dst at dst + b * ldc.
   void step(int64_t t, const T* o, const T* h0p, T* dst, int64_t ldc, bool accumulate) {
@@ -315,7 +317,7 @@ class RecurrentForward {
       }
       for (int64_t q = 0; q < G; ++q)
         kern::gemv<T>(bs, hr.data(), wh_, H, nullptr, nullptr, 0, gr.data(), q * H + k0_, q * H + k1_, accumulate);
-    } else if (pk_[0].ok()) {
+    } else if (packed_) {
       for (int64_t q = 0; q < G; ++q) step_mm_pk<T>(s_, t, o, h0p, H, pk_[q], T(accumulate), dst + q * H + k0_, ldc);
     } else {
       for (int64_t q = 0; q < G; ++q)
@@ -328,6 +330,7 @@ class RecurrentForward {
   const T* wh_;
   int64_t H_, k0_, k1_;
   PackedA<T> pk_[G];
+  bool packed_ = false;
 };
 
 // Largest batch of any step (the packed slices are sized by it).
