@@ -358,7 +358,8 @@ class RecurrentBackward {
   RecurrentBackward(const Steps& s, const T* wh, const Tensor& whT, int64_t H, int64_t k0, int64_t k1)
       : wh_(wh), whT_(whT.defined() ? whT.const_data_ptr<T>() : nullptr), H_(H), k0_(k0), k1_(k1) {
     const int64_t mb = max_rows(s);
-    if (k1 > k0 && !fused_gemv<T>(mb)) pk_.init(false, k1 - k0, mb, G * H, wh + k0, H, s.T);  // GEMV-only: never packs
+    if (k1 > k0 && !fused_gemv<T>(mb))  // GEMV-only: never packs
+      pk_.init(false, k1 - k0, mb, G * H, wh + k0, H, s.T);
   }
   // dg: the step's first gate-gradient row (row stride G H); dh: [B, H].
   void step(int64_t bs, const T* dg, T* dh, bool accumulate) {

@@ -30,8 +30,9 @@ using avx2::mask8;
 using avx2::sigmoid_ps;
 using avx2::tanh_ps;
 
-// Accumulators of a tile (rows past a tile's MR unused): named variables, not an array. GCC keeps an array of 12 ymm (384 bytes, above its limit
-// for replacing an aggregate by scalars) in memory and stored all 12 to the stack on every k.
+// Accumulators of a tile (rows past a tile's MR unused): named variables, not an array. GCC keeps an array of 12 ymm
+// (384 bytes, above its limit for replacing an aggregate by scalars) in memory and stored all 12 to the stack on every
+// k.
 struct Acc {
   __m256 i0, f0, g0, o0, i1, f1, g1, o1, i2, f2, g2, o2;
 };
