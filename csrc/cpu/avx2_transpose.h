@@ -1,7 +1,7 @@
-// An 8 x 8 float transpose in registers (seqfast._C internal), for packing weights into the layouts of the AVX2
-// kernels: the fused LSTM step (rnn/rnn_sequence_lstm_step_avx2.cpp) and the packed outer-product GEMM
-// (cpu/sgemm_nn.cpp). Include only inside a SEQFAST_TARGET_AVX2_BEGIN region, after <immintrin.h>, in a translation
-// unit without ATen headers (the rule of cpu/isa.h).
+// An 8 x 8 float transpose in registers and the 8-row packing built on it (seqfast._C internal), for packing weights
+// into the layouts of the AVX2 kernels: the fused LSTM step (rnn/rnn_sequence_lstm_step_avx2.cpp) and the packed
+// outer-product GEMM (cpu/sgemm_nn.cpp). Include only inside a SEQFAST_TARGET_AVX2_BEGIN region, after
+// <immintrin.h>, in a translation unit without ATen headers (the rule of cpu/isa.h).
 #pragma once
 
 #include <cstdint>
@@ -32,6 +32,18 @@ inline __attribute__((always_inline)) void transpose8(const float* const (&rows)
   _mm256_storeu_ps(dst + 5 * ld, _mm256_permute2f128_ps(u1, u5, 0x31));
   _mm256_storeu_ps(dst + 6 * ld, _mm256_permute2f128_ps(u2, u6, 0x31));
   _mm256_storeu_ps(dst + 7 * ld, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+// dst[k * ld + j] = rows[j][k] for k < K, j < 8, and 0 where rows[j] is null: the packers' common step (8 weight
+// rows into the 8 lanes of each k). With all 8 rows present, whole 8-column chunks of k go through transpose8; the
+// rest is copied one float at a time.
+inline void pack8(const float* const (&rows)[8], int64_t K, float* dst, int64_t ld) {
+  bool all = true;
+  for (int j = 0; j < 8; ++j) all = all && rows[j] != nullptr;
+  const int64_t k8 = all ? K / 8 * 8 : 0;
+  for (int64_t k = 0; k < k8; k += 8) transpose8(rows, k, dst + k * ld, ld);
+  for (int j = 0; j < 8; ++j)
+    for (int64_t k = k8; k < K; ++k) dst[k * ld + j] = rows[j] ? rows[j][k] : 0.f;
 }
 
 }  // namespace avx2

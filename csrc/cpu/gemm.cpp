@@ -168,9 +168,10 @@ void PackedWeight::init(bool trans, int64_t m, int64_t nmax, int64_t k, const fl
     // B64 H128 1.14x, T2 B64 H128 1.10x, T4 B32 H256 1.03x; LSTM (GEMM loop) T32 B128 H256 1.09x. Larger slices
     // come from L3 and their packing is not repaid at short sequences: GRU H512 (512 KB slices at 2 threads) read
     // 0.94x at T2 B32 and 1.03x at T32 B32.
-    const int64_t bytes = int64_t(sizeof(float)) * sgemm_nn::packed_size(m, k);
-    if (uses >= 2 && cpu::config().avx2_pack && m > 0 && k > 0 && bytes <= cpu::l2_cache_bytes() / 4) {
-      nn_.reset(sgemm_nn::packed_size(m, k));
+    const int64_t floats = sgemm_nn::packed_size(m, k);
+    if (uses >= 2 && cpu::config().avx2_pack && m > 0 && k > 0 &&
+        int64_t(sizeof(float)) * floats <= cpu::l2_cache_bytes() / 4) {
+      nn_.reset(floats);
       if (nn_.ok()) {
         m_ = m;
         k_ = k;
@@ -193,9 +194,7 @@ void PackedWeight::mm(int64_t n, const float* b, int64_t ldb, float beta, float*
   if (n > 0) cblas_sgemm_compute(102, 151, 111, int(m_), int(n), int(k_), mkl_, int(m_), b, int(ldb), beta, c, int(ldc));
 }
 
-PackedWeight::~PackedWeight() {
-  std::free(mkl_);
-}
+PackedWeight::~PackedWeight() { std::free(mkl_); }
 
 // c[M, N] = beta c + a @ w^T (+ bias) on the own AVX2 kernel, W rows split over the team in whole 4-row tiles.
 void nt_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw, float beta,

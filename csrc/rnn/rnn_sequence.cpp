@@ -30,6 +30,7 @@
 #include "cpu/team.h"
 
 #include <ATen/Dispatch.h>
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <tuple>
@@ -303,7 +304,7 @@ class RecurrentForward {
     for (int q = 0; q < G && k1 > k0 && !fused_gemv<T>(s.bs[0]); ++q)  // GEMV-only sequences never pack
       pk_[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H, s.T);
     // every gate's slice packed, or none used (a buffer one gate could not get leaves all of them in place)
-    for (int q = 0; q < G; ++q) packed_ = (q == 0 || packed_) && pk_[q].ok();
+    packed_ = std::all_of(pk_, pk_ + G, [](const PackedA<T>& p) { return p.ok(); });
   }
   // Step t; previous states from the output rows o (or h0p); row b of dst at dst + b * ldc.
   void step(int64_t t, const T* o, const T* h0p, T* dst, int64_t ldc, bool accumulate) {

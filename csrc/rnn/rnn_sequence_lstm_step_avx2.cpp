@@ -109,14 +109,22 @@ inline __attribute__((always_inline)) Acc start(const lstm_step::StepArgs& a, in
     const float* p1 = a.pre + (r0 + std::min(1, mr - 1)) * a.ldpre + u;
     const float* p2 = a.pre + (r0 + std::min(2, mr - 1)) * a.ldpre + u;
     return Acc{load(full, p0, m),         load(full, p0 + H, m),     load(full, p0 + 2 * H, m),
-                   load(full, p0 + 3 * H, m), load(full, p1, m),         load(full, p1 + H, m),
-                   load(full, p1 + 2 * H, m), load(full, p1 + 3 * H, m), load(full, p2, m),
-                   load(full, p2 + H, m),     load(full, p2 + 2 * H, m), load(full, p2 + 3 * H, m)};
+               load(full, p0 + 3 * H, m), load(full, p1, m),         load(full, p1 + H, m),
+               load(full, p1 + 2 * H, m), load(full, p1 + 3 * H, m), load(full, p2, m),
+               load(full, p2 + H, m),     load(full, p2 + 2 * H, m), load(full, p2 + 3 * H, m)};
   }
   const float* b = a.bias + blk * 32;
   const __m256 bi = _mm256_load_ps(b), bf = _mm256_load_ps(b + 8), bg = _mm256_load_ps(b + 16),
                bo = _mm256_load_ps(b + 24);
   return Acc{bi, bf, bg, bo, bi, bf, bg, bo, bi, bf, bg, bo};
+}
+
+// The cell updates of a tile's mr rows (1..3) from its accumulators.
+inline __attribute__((always_inline)) void finish(const lstm_step::StepArgs& a, int64_t r0, int mr, int64_t u,
+                                                  bool full, __m256i m, const Acc& acc) {
+  cell_row(a, r0, u, full, m, acc.i0, acc.f0, acc.g0, acc.o0);
+  if (mr > 1) cell_row(a, r0 + 1, u, full, m, acc.i1, acc.f1, acc.g1, acc.o1);
+  if (mr > 2) cell_row(a, r0 + 2, u, full, m, acc.i2, acc.f2, acc.g2, acc.o2);
 }
 
 // k of one operand per chunk: a 128 x 32 slice of a packed block (16 KB, half of a 32 KB L1) is read by every row
@@ -151,9 +159,7 @@ void tile(const lstm_step::StepArgs& a, int64_t r0, int64_t blk) {
   Acc acc = start(a, r0, MR, blk, full, m);
   if (a.x) chunk<MR>(acc, a.x, a.ldx, nullptr, r0, 0, a.I, a.wx + blk * a.I * 32);
   chunk<MR>(acc, nullptr, 0, a.h, r0, 0, a.H, a.wh + blk * a.H * 32);
-  cell_row(a, r0, u, full, m, acc.i0, acc.f0, acc.g0, acc.o0);
-  if constexpr (MR > 1) cell_row(a, r0 + 1, u, full, m, acc.i1, acc.f1, acc.g1, acc.o1);
-  if constexpr (MR > 2) cell_row(a, r0 + 2, u, full, m, acc.i2, acc.f2, acc.g2, acc.o2);
+  finish(a, r0, MR, u, full, m, acc);
 }
 
 // Rows [g0, g0 + n) (n <= kGroupTiles * kMR) x the 8 units of block blk, K in chunks.
@@ -179,34 +185,22 @@ void group(const lstm_step::StepArgs& a, int64_t g0, int64_t n, int64_t blk) {
   };
   if (a.x) operand(a.x, a.ldx, nullptr, a.I, a.wx + blk * a.I * 32);
   operand(nullptr, 0, a.h, a.H, a.wh + blk * a.H * 32);
-  for (int t = 0; t < nt; ++t) {
-    const int64_t r0 = g0 + t * kMR;
-    const int mr = t < nt - 1 ? kMR : last;
-    cell_row(a, r0, u, full, m, acc[t].i0, acc[t].f0, acc[t].g0, acc[t].o0);
-    if (mr > 1) cell_row(a, r0 + 1, u, full, m, acc[t].i1, acc[t].f1, acc[t].g1, acc[t].o1);
-    if (mr > 2) cell_row(a, r0 + 2, u, full, m, acc[t].i2, acc[t].f2, acc[t].g2, acc[t].o2);
-  }
+  for (int t = 0; t < nt; ++t) finish(a, g0 + t * kMR, t < nt - 1 ? kMR : last, u, full, m, acc[t]);
 }
 
 }  // namespace
 
 void pack_weights(const float* w, int64_t ldw, int64_t K, int64_t H, int64_t u0, int64_t u1, float* dst) {
-  // Per block and gate: the block's 8 torch rows (units; zeros past u1) transposed into the gate's 8 lanes of each
-  // k's 32 floats [i8 f8 g8 o8]. Full 8-column chunks of k go through transpose8, the rest one float at a time.
+  // Per block and gate: the block's 8 torch rows (units; zeros past u1) packed into the gate's 8 lanes of each k's
+  // 32 floats [i8 f8 g8 o8].
   const int64_t nb = (u1 - u0 + kUnits - 1) / kUnits;
-  const int64_t k8 = K / 8 * 8;
   for (int64_t b = 0; b < nb; ++b) {
     float* d = dst + b * K * 32;
     const int64_t ub = u0 + b * kUnits, nu = std::min<int64_t>(kUnits, u1 - ub);
     for (int64_t q = 0; q < 4; ++q) {
       const float* rows[8];
       for (int64_t j = 0; j < kUnits; ++j) rows[j] = j < nu ? w + (q * H + ub + j) * ldw : nullptr;
-      if (nu == kUnits)
-        for (int64_t k = 0; k < k8; k += 8) avx2::transpose8(rows, k, d + k * 32 + q * 8, 32);
-      for (int64_t j = 0; j < kUnits; ++j) {
-        float* dq = d + q * 8 + j;
-        for (int64_t k = nu == kUnits ? k8 : 0; k < K; ++k) dq[k * 32] = j < nu ? rows[j][k] : 0.f;
-      }
+      avx2::pack8(rows, K, d + q * 8, 32);
     }
   }
 }
