@@ -119,6 +119,35 @@ def cpp_config(**fields):
     finally:
         c.set_config(**saved)
 
+def compare_rnn_with_torch(ours, ref, x, lengths=None, **tol):
+    """A float32 seqfast RNN module on the C++ backend against its float64 torch twin, on input ``x`` (padded, or
+    packed with ``lengths``): no-grad and grad-mode outputs and final states, then the gradients of the input and of
+    every parameter for the same random gradients of the outputs."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+    xs, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    if lengths is not None:
+        ins = pack_padded_sequence(xs, lengths, enforce_sorted=False)
+        inr = pack_padded_sequence(xr, lengths, enforce_sorted=False)
+    else:
+        ins, inr = xs, xr
+    with seqfast.use_backend("cpp"):
+        with torch.no_grad():
+            out_ng = ours(ins)[0]
+        out, state = ours(ins)
+    out_r, state_r = ref(inr)
+    if lengths is not None:
+        out, out_r, out_ng = out.data, out_r.data, out_ng.data
+    states, states_r = (state, state_r) if isinstance(state, tuple) else ((state,), (state_r,))
+    torch.testing.assert_close(out_ng.double(), out_r.detach(), **tol)
+    for got, want in zip((out, *states), (out_r, *states_r)):
+        torch.testing.assert_close(got.double(), want.detach(), **tol)
+    grads = [torch.randn_like(t) for t in (out_r, *states_r)]
+    torch.autograd.backward([out, *states], [g.float() for g in grads])
+    torch.autograd.backward([out_r, *states_r], grads)
+    torch.testing.assert_close(xs.grad.double(), xr.grad, **tol)
+    for (name, p), pr in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.double(), pr.grad, **tol, msg=name)
+
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def threads(request):

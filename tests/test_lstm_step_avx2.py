@@ -9,10 +9,9 @@ mode compares the saved-gate backward (in the pre-activation form the gates over
 """
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
 
 import seqfast
-from conftest import cpp_config
+from conftest import compare_rnn_with_torch, cpp_config
 from seqfast import _ext
 
 _C = _ext.module()
@@ -37,28 +36,6 @@ def _pair(input_size, hidden, **kwargs):
     return ours, ref
 
 
-def _compare_training(ours, ref, x, lengths=None):
-    xs, xr = x.clone().requires_grad_(), x.double().requires_grad_()
-    if lengths is not None:
-        ins = pack_padded_sequence(xs, lengths, enforce_sorted=False)
-        inr = pack_padded_sequence(xr, lengths, enforce_sorted=False)
-    else:
-        ins, inr = xs, xr
-    with seqfast.use_backend("cpp"):
-        out, (h, c) = ours(ins)
-    out_r, (h_r, c_r) = ref(inr)
-    if lengths is not None:
-        out, out_r = out.data, out_r.data
-    for got, want in ((out, out_r), (h, h_r), (c, c_r)):
-        torch.testing.assert_close(got.double(), want.detach(), **TOL)
-    grads = [torch.randn_like(t) for t in (out_r, h_r, c_r)]
-    torch.autograd.backward([out, h, c], [g.float() for g in grads])
-    torch.autograd.backward([out_r, h_r, c_r], grads)
-    torch.testing.assert_close(xs.grad.double(), xr.grad, **TOL)
-    for (name, p), pr in zip(ours.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad.double(), pr.grad, **TOL, msg=name)
-
-
 @pytest.mark.parametrize("T,batch,input_size,hidden", [
     (5, 3, 7, 13),      # in-step form, one partial block per thread
     (4, 8, 16, 24),     # tiles of 3 + 3 + 2 rows
@@ -69,25 +46,25 @@ def _compare_training(ours, ref, x, lengths=None):
 ])
 def test_training_matches_torch(threads, T, batch, input_size, hidden):
     ours, ref = _pair(input_size, hidden)
-    _compare_training(ours, ref, torch.randn(T, batch, input_size))
+    compare_rnn_with_torch(ours, ref, torch.randn(T, batch, input_size), **TOL)
 
 
 @pytest.mark.parametrize("T,batch,input_size,hidden", [(4, 8, 16, 24), (26, 5, 200, 300)])
 def test_the_path_without_the_step_matches_torch(step_off, threads, T, batch, input_size, hidden):
     ours, ref = _pair(input_size, hidden)
-    _compare_training(ours, ref, torch.randn(T, batch, input_size))
+    compare_rnn_with_torch(ours, ref, torch.randn(T, batch, input_size), **TOL)
 
 
 @pytest.mark.parametrize("hidden,lengths", [(24, [7, 3, 5, 1, 6, 2, 4]), (300, [37, 13, 25, 1, 31, 7, 19])])
 def test_packed_batches_shrinking_to_one_row(threads, hidden, lengths):
     # 7 sequences of distinct lengths: the step's rows run 7, 6, ..., 1, so every tile shape meets every block
     ours, ref = _pair(20, hidden)
-    _compare_training(ours, ref, torch.randn(max(lengths), 7, 20), torch.tensor(lengths))
+    compare_rnn_with_torch(ours, ref, torch.randn(max(lengths), 7, 20), torch.tensor(lengths), **TOL)
 
 
 def test_layers_directions_and_no_bias(threads):
     ours, ref = _pair(12, 40, num_layers=2, bidirectional=True, bias=False, batch_first=True)
-    _compare_training(ours, ref, torch.randn(6, 5, 12))
+    compare_rnn_with_torch(ours, ref, torch.randn(6, 5, 12), **TOL)
 
 
 @pytest.mark.parametrize("hidden,T", [(24, 5), (300, 22)])

@@ -9,10 +9,9 @@ packed batches shrink step by step, so later steps multiply fewer rows than the 
 """
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
 
 import seqfast
-from conftest import cpp_config
+from conftest import compare_rnn_with_torch, cpp_config
 from seqfast import _ext
 
 _C = _ext.module()
@@ -37,32 +36,6 @@ def _pair(cls, input_size, hidden, **kwargs):
     return ours, ref
 
 
-def _compare(ours, ref, x, lengths=None):
-    xs, xr = x.clone().requires_grad_(), x.double().requires_grad_()
-    if lengths is not None:
-        ins = pack_padded_sequence(xs, lengths, enforce_sorted=False)
-        inr = pack_padded_sequence(xr, lengths, enforce_sorted=False)
-    else:
-        ins, inr = xs, xr
-    with seqfast.use_backend("cpp"):
-        with torch.no_grad():
-            out_ng = ours(ins)[0]
-        out, state = ours(ins)
-    out_r, state_r = ref(inr)
-    if lengths is not None:
-        out, out_r, out_ng = out.data, out_r.data, out_ng.data
-    states, states_r = (state, state_r) if isinstance(state, tuple) else ((state,), (state_r,))
-    torch.testing.assert_close(out_ng.double(), out_r.detach(), **TOL)
-    for got, want in zip((out, *states), (out_r, *states_r)):
-        torch.testing.assert_close(got.double(), want.detach(), **TOL)
-    grads = [torch.randn_like(t) for t in (out_r, *states_r)]
-    torch.autograd.backward([out, *states], [g.float() for g in grads])
-    torch.autograd.backward([out_r, *states_r], grads)
-    torch.testing.assert_close(xs.grad.double(), xr.grad, **TOL)
-    for (name, p), pr in zip(ours.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad.double(), pr.grad, **TOL, msg=name)
-
-
 @pytest.mark.parametrize("cls,T,batch,input_size,hidden,kwargs", [
     ("GRU", 5, 13, 7, 40, {}),                        # 20 units a thread at 2 threads: one 16-unit panel + 4
     ("GRU", 2, 22, 30, 70, {}),                       # two steps; 6 + 6 + 6 + 4 row tiles
@@ -73,7 +46,7 @@ def _compare(ours, ref, x, lengths=None):
 ])
 def test_matches_torch(packing, threads, cls, T, batch, input_size, hidden, kwargs):
     ours, ref = _pair(cls, input_size, hidden, **kwargs)
-    _compare(ours, ref, torch.randn(T, batch, input_size))
+    compare_rnn_with_torch(ours, ref, torch.randn(T, batch, input_size), **TOL)
 
 
 @pytest.mark.parametrize("cls", ["GRU", "LSTM"])
@@ -81,4 +54,4 @@ def test_shrinking_packed_batches_match_torch(packing, threads, cls):
     # 14 sequences of lengths 1..14: the steps run 14, 13, ..., 1 rows against weights packed for 14
     ours, ref = _pair(cls, 8, 36)
     lengths = torch.randperm(14) + 1
-    _compare(ours, ref, torch.randn(14, 14, 8), lengths)
+    compare_rnn_with_torch(ours, ref, torch.randn(14, 14, 8), lengths, **TOL)
