@@ -1,6 +1,7 @@
 """The own AVX2 float32 GEMMs, which take the products of the C++ RNN layers and cells on CPUs with AVX2 but no
-AVX-512: the dot-product form for A @ W^T (csrc/cpu/sgemm_nt.h, binding seqfast._C.gemm_nt_f32) and the outer-product
-form for A @ B with B read in place (csrc/cpu/sgemm_nn.h, seqfast._C.gemm_nn_f32). Parity with a float64 matmul on
+AVX-512: the dot-product form for A @ W^T (csrc/cpu/sgemm_nt.h, binding seqfast._C.gemm_nt_f32), the outer-product
+form for A @ W^T packing W as it goes (csrc/cpu/sgemm_nn.h gemm_nt, seqfast._C.gemm_ntp_f32) and for A @ B with B
+read in place (csrc/cpu/sgemm_nn.h, seqfast._C.gemm_nn_f32). Parity with a float64 matmul on
 sizes that hit every partial register tile and several cache blocks, strided and transposed operands, bias; and the
 layers' results (forward and gradients) with the kernels switched on and off."""
 import pytest
@@ -37,6 +38,30 @@ def test_gemm_nt_strided_rows():
     torch.testing.assert_close(_C.gemm_nt_f32(a, w, None), a @ w.t(), rtol=1e-5, atol=1e-4)
 
 
+# (M, N, K) for the packing form: M % 6, N % 16 and K % 8 take every remainder (the packer's partial panels and 8x8
+# blocks); K 300 and 700 are packed in 2 and 3 slices of 256 (bias added once, later slices adding to C); M 400 crosses
+# the 192-row A blocks; K 0 leaves C zero (or the bias); 1 row, 1 column.
+NTP_SHAPES = [(1, 1, 1), (2, 3, 7), (5, 17, 9), (6, 16, 8), (7, 31, 15), (13, 33, 300), (400, 40, 700), (50, 70, 256),
+              (3, 5, 0), (0, 5, 3), (4, 0, 3), (64, 512, 128)]
+
+
+@pytest.mark.parametrize("M,N,K", NTP_SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemm_ntp_parity(M, N, K, bias):
+    a, w = torch.randn(M, K), torch.randn(N, K)
+    b = torch.randn(N) if bias else None
+    out = _C.gemm_ntp_f32(a, w, b)
+    ref = a.double() @ w.double().t() + (b.double() if bias else 0)
+    assert out.shape == (M, N) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * max(1, K) ** 0.5)
+
+
+def test_gemm_ntp_strided_rows():
+    big_a, big_w = torch.randn(90, 300), torch.randn(90, 301)
+    a, w = big_a[3:87, 5:262], big_w[1:87, 2:259]
+    torch.testing.assert_close(_C.gemm_ntp_f32(a, w, None), a @ w.t(), rtol=1e-5, atol=1e-4)
+
+
 # (M, N, K) for A @ B: M % 6 and N % 16 (and % 8) take every remainder; K 300 and 600 cross the 256-deep k blocks,
 # M 400 the 192-row A blocks; K 0 leaves C zero.
 NN_SHAPES = [(1, 1, 1), (2, 7, 3), (5, 8, 9), (6, 9, 16), (7, 16, 17), (11, 17, 31), (13, 33, 300), (400, 40, 600),
@@ -67,13 +92,15 @@ def test_gemm_nn_errors():
         _C.gemm_nn_f32(torch.randn(3, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64))
 
 
-def test_gemm_nt_errors():
-    with pytest.raises(RuntimeError, match="gemm_nt_f32"):
-        _C.gemm_nt_f32(torch.randn(3, 4), torch.randn(5, 6), None)
-    with pytest.raises(RuntimeError, match="gemm_nt_f32"):
-        _C.gemm_nt_f32(torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64), None)
+@pytest.mark.parametrize("name", ["gemm_nt_f32", "gemm_ntp_f32"])
+def test_gemm_nt_errors(name):
+    gemm = getattr(_C, name)
+    with pytest.raises(RuntimeError, match=name):
+        gemm(torch.randn(3, 4), torch.randn(5, 6), None)
+    with pytest.raises(RuntimeError, match=name):
+        gemm(torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64), None)
     with pytest.raises(RuntimeError, match="bias"):
-        _C.gemm_nt_f32(torch.randn(3, 4), torch.randn(5, 4), torch.randn(4))
+        gemm(torch.randn(3, 4), torch.randn(5, 4), torch.randn(4))
 
 
 @pytest.fixture
@@ -94,11 +121,12 @@ def _run(module, x):
 
 
 @pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell", "LSTM", "GRU", "RNN"])
-@pytest.mark.parametrize("batch,gemv_rows", [(3, None), (5, 8), (24, None)])
+@pytest.mark.parametrize("batch,gemv_rows", [(3, None), (5, 8), (24, None), (64, None)])
 def test_layers_match_torch_with_and_without_the_kernels(kind, batch, gemv_rows, own_gemm_restored):
     # hidden 256, input 200: the shape rules pick the own kernels for the forward and backward products; batch 3 takes
     # them where the GEMV range shrinks to 2 rows beside them, batch 5 with small_batch=8 keeps the GEMV (the default
-    # on other CPUs); training mode, so saved workspaces and all gradients are compared
+    # on other CPUs); the sequences' input projections (5 x batch rows from 24) and the cells at batch 64 run the
+    # packing form; training mode, so saved workspaces and all gradients are compared
     import seqfast
     if gemv_rows is not None:
         _C.set_config(small_batch=gemv_rows)
@@ -108,7 +136,9 @@ def test_layers_match_torch_with_and_without_the_kernels(kind, batch, gemv_rows,
     mod.load_state_dict(ref.state_dict())
     x = torch.randn(batch, 200) if kind.endswith("Cell") else torch.randn(5, batch, 200)
     expected = _run(ref, x)
+    # float32 sums in another order: the weight gradients sum 5 x batch rows, their rounding grows with that count
+    atol = 1e-5 if batch < 64 else 4e-5
     for own in (True, False):
         _C.set_config(own_gemm=own)
         for got, want in zip(_run(mod, x), expected):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=atol)

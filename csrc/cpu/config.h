@@ -33,9 +33,10 @@ struct Config {
   // the AVX2 blocks of attention/attention_avx2.h on CPUs with AVX2 + FMA where the AVX-512 ones do not run; false:
   // the BLAS blocks.
   bool avx2_attention = true;
-  // SEQFAST_CPU_NO_AVX2_PACK unset: on CPUs with AVX2 + FMA and no AVX-512 kernels, a time loop's recurrent W_hh
-  // slices that the own AVX2 kernel multiplies are packed once per call for its outer-product form (sgemm_nn.h
-  // gemm_packed) when the call has 2+ steps; false: the dot-product kernel reads them in place every step.
+  // SEQFAST_CPU_NO_AVX2_PACK unset: on CPUs with AVX2 + FMA and no AVX-512 kernels, the own AVX2 kernels pack weights
+  // for their outer-product form (sgemm_nn.h): a time loop's recurrent W_hh slices once per call when the call has 2+
+  // steps (gemm_packed), and W k-slice by k-slice in products of many rows (gemm_nt: input projections, cells at
+  // large batch); false: the dot-product kernel reads them in place (BLAS takes the many-row products it did not).
   bool avx2_pack = true;
   // SEQFAST_CPU_PAR_MIN_WORK: multiply-adds below which a step runs on one thread (fork/join costs more).
   int64_t par_min_work = int64_t(1) << 17;

@@ -98,6 +98,15 @@ inline bool nt_prefers_team(int64_t M, int64_t N, int64_t K) {
   return nt_prefers(M, K) || (K >= 64 && M * N * K <= (int64_t(1) << 20));
 }
 
+// Whether an A [M, K] @ W^T product split over the team should run the outer-product kernel packing W as it goes
+// (ntp_parallel) rather than the dot-product kernel or BLAS. Packing costs a transpose and a store per weight element
+// and each packed element then serves M rows, so it pays from more rows the longer the rows of W (the more of it to
+// pack). Measured on the Zen 3 EPYC (2 threads, N = 4K, `python benchmarks/gemm_nt.py`, GFLOP/s BLAS / dot / pack):
+// K 64: M 32 66 / 81 / 98, M 2048 154 / 104 / 179; K 128: M 32 85 / 124 / 133, M 512 163 / 130 / 180; K 256: M 64
+// 118 / 150 / 152, M 2048 178 / 156 / 190; K 1024: M 128 105 / 158 / 151, M 256 132 / 154 / 164. At K 512 dot and
+// pack tied from M 128 (154-173 against 159-170).
+inline bool ntp_prefers(int64_t M, int64_t K) { return M >= 32 && 4 * M >= K && cpu::config().avx2_pack; }
+
 // Whether the own AVX2 outer-product kernel (sgemm_nn.h) should take an A [M, K] @ B [K, N] product. Measured as
 // above: it won at M <= 32 (8x512x128 101 vs 56 GF/s, 16x256x1024 99 vs 73, 32x2048x512 139 vs 116: the backward's
 // per-step dh = dgates W_hh and small cells), tied at M 64-1024 and lost from M 2048 (0.6-0.8x: the weight gradients
@@ -209,6 +218,21 @@ void nt_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, c
                     });
 }
 
+// c[M, N] = beta c + a @ w^T (+ bias) on the own AVX2 outer-product kernel with W's k-slices packed as it goes
+// (sgemm_nn::gemm_nt), the columns split over the team in whole 16-column panels, each thread packing its own.
+void ntp_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw,
+                  float beta, float* c, int64_t ldc, const float* bias) {
+  const int64_t panels = (N + 15) / 16;
+  cpu::parallel_for(panels, std::max<int64_t>(1, cpu::config().par_min_work / std::max<int64_t>(1, 16 * M * K)),
+                    [&](int64_t p0, int64_t p1, int) {
+                      const int64_t j0 = 16 * p0, j1 = std::min(N, 16 * p1);
+                      block_pool::Floats scratch(sgemm_nn::nt_scratch_floats(j1 - j0));
+                      TORCH_CHECK(scratch.ok(), "seqfast: out of memory for a GEMM's packing buffer");
+                      sgemm_nn::gemm_nt(M, j1 - j0, K, a, lda, w + j0 * ldw, ldw, beta, c + j0, ldc,
+                                        bias ? bias + j0 : nullptr, scratch.get());
+                    });
+}
+
 // c[M, N] = beta c + A @ b on the own AVX2 outer-product kernel, A(r, k) = a[r * ar + k * ak], b row-major: the
 // columns split over the team in whole 16-column tiles when b is wide enough, else the rows in whole 6-row tiles.
 void nn_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t ak, const float* b, int64_t ldb,
@@ -257,12 +281,17 @@ void matmul_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool ac
 void linear_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool accumulate) {
   const bool own = f32_cpu(c) && f32_cpu(a) && f32_cpu(w) && rows_contiguous(c) && rows_contiguous(a) &&
                    rows_contiguous(w) && a.size(1) == w.size(1) && c.size(0) == a.size(0) && c.size(1) == w.size(0) &&
-                   nt_available() && nt_prefers_team(a.size(0), w.size(0), a.size(1));
+                   nt_available() &&
+                   (nt_prefers_team(a.size(0), w.size(0), a.size(1)) || ntp_prefers(a.size(0), a.size(1)));
   if (!own) {
     if (accumulate) c.addmm_(a, w.t());
     else at::mm_out(c, a, w.t());
     return;
   }
+  if (ntp_prefers(a.size(0), a.size(1)))
+    return ntp_parallel(a.size(0), w.size(0), a.size(1), a.const_data_ptr<float>(), a.stride(0),
+                        w.const_data_ptr<float>(), w.stride(0), accumulate ? 1.f : 0.f, c.data_ptr<float>(),
+                        c.stride(0), nullptr);
   nt_parallel(a.size(0), w.size(0), a.size(1), a.const_data_ptr<float>(), a.stride(0), w.const_data_ptr<float>(),
               w.stride(0), accumulate ? 1.f : 0.f, c.data_ptr<float>(), c.stride(0), nullptr);
 }
@@ -279,16 +308,17 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::
   const bool has_bias = bias.has_value() && bias->defined();
   const bool f32 = f32_cpu(a) && f32_cpu(b) && (!has_bias || bias->scalar_type() == at::kFloat);
   // b = W^T of a k-contiguous W (a torch weight's .t()): the dot-product kernel reads W's rows
-  if (f32 && nt_available() && nt_prefers_team(a.size(0), b.size(1), a.size(1)) && rows_contiguous(a) &&
-      cols_contiguous(b)) {
+  const bool nt_shape = nt_prefers_team(a.size(0), b.size(1), a.size(1)) || ntp_prefers(a.size(0), a.size(1));
+  if (f32 && nt_available() && nt_shape && rows_contiguous(a) && cols_contiguous(b)) {
     const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
     TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == N), "mm_f32: bias must be [", N, "], got ",
                 bias->sizes());
     at::Tensor c = at::empty({M, N}, a.options());
     const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
     // b[k, j] = b_ptr[j * b.stride(1) + k]: W = b^T has rows j of stride b.stride(1)
-    nt_parallel(M, N, K, a.const_data_ptr<float>(), a.stride(0), b.const_data_ptr<float>(), b.stride(1), 0.f,
-                c.data_ptr<float>(), N, has_bias ? bc.const_data_ptr<float>() : nullptr);
+    const auto product = ntp_prefers(M, K) ? ntp_parallel : nt_parallel;
+    product(M, N, K, a.const_data_ptr<float>(), a.stride(0), b.const_data_ptr<float>(), b.stride(1), 0.f,
+            c.data_ptr<float>(), N, has_bias ? bc.const_data_ptr<float>() : nullptr);
     return c;
   }
   if (f32 && !has_bias && nt_available() && rows_contiguous(b) && nn_prefers(a.size(0), a.size(1), b.size(1))) {
@@ -320,23 +350,35 @@ at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b, const std::optional<
 }
 bool own_gemm_available() { return sgemm::available(); }
 
-at::Tensor gemm_nt_f32(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(gemm::nt_available(), "gemm_nt_f32: the own AVX2 GEMM does not run on this CPU or is switched off");
+namespace {
+// a [M, K] @ w [N, K]^T (+ bias) on one of the own AVX2 kernels (nt_parallel or ntp_parallel), checked for `name`.
+at::Tensor own_nt(const char* name, bool packing, const at::Tensor& a, const at::Tensor& w,
+                  const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(gemm::nt_available(), name, ": the own AVX2 GEMM does not run on this CPU or is switched off");
   const bool has_bias = bias.has_value() && bias->defined();
-  TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && a.size(1) == w.size(1), "gemm_nt_f32: a [M,K] and w [N,K] expected, got ",
+  TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && a.size(1) == w.size(1), name, ": a [M,K] and w [N,K] expected, got ",
               a.sizes(), " and ", w.sizes());
   TORCH_CHECK(a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && a.device().is_cpu() &&
                   w.device().is_cpu() && (!has_bias || (bias->scalar_type() == at::kFloat && bias->device().is_cpu())),
-              "gemm_nt_f32: float32 CPU tensors expected");
-  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == w.size(0)), "gemm_nt_f32: bias must be [",
-              w.size(0), "], got ", bias->sizes());
+              name, ": float32 CPU tensors expected");
+  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == w.size(0)), name, ": bias must be [", w.size(0),
+              "], got ", bias->sizes());
   const at::Tensor ac = a.stride(1) == 1 ? a : a.contiguous(), wc = w.stride(1) == 1 ? w : w.contiguous();
   const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
   at::Tensor c = at::empty({a.size(0), w.size(0)}, a.options());
-  gemm::nt_parallel(a.size(0), w.size(0), a.size(1), ac.const_data_ptr<float>(), ac.stride(0),
-                    wc.const_data_ptr<float>(), wc.stride(0), 0.f, c.data_ptr<float>(), c.size(1),
-                    has_bias ? bc.const_data_ptr<float>() : nullptr);
+  (packing ? gemm::ntp_parallel : gemm::nt_parallel)(a.size(0), w.size(0), a.size(1), ac.const_data_ptr<float>(),
+                                                      ac.stride(0), wc.const_data_ptr<float>(), wc.stride(0), 0.f,
+                                                      c.data_ptr<float>(), c.size(1),
+                                                      has_bias ? bc.const_data_ptr<float>() : nullptr);
   return c;
+}
+}  // namespace
+
+at::Tensor gemm_nt_f32(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  return own_nt("gemm_nt_f32", false, a, w, bias);
+}
+at::Tensor gemm_ntp_f32(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  return own_nt("gemm_ntp_f32", true, a, w, bias);
 }
 bool nt_gemm_available() { return gemm::nt_available(); }
 

@@ -80,6 +80,11 @@ void nn_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, in
 void nt_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw, float beta,
                  float* c, int64_t ldc, const float* bias);
 
+// The same on the own AVX2 outer-product kernel with W packed k-slice by k-slice as it goes (sgemm_nn::gemm_nt), the
+// columns split over the team in whole 16-column panels. Requires nt_available().
+void ntp_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw,
+                  float beta, float* c, int64_t ldc, const float* bias);
+
 // MKL's packed GEMM is linked and config().mkl_pack.
 bool mkl_pack_available();
 
@@ -123,6 +128,9 @@ bool own_gemm_available();
 // shape rule says (float32 CPU tensors with k-contiguous rows; requires nt_gemm_available()).
 at::Tensor gemm_nt_f32(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& bias);
 bool nt_gemm_available();
+// The same on the packing outer-product form (gemm::ntp_parallel).
+at::Tensor gemm_ntp_f32(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& bias);
+
 // The same for a [M, K] @ b [K, N] on the own AVX2 outer-product kernel (sgemm_nn.h).
 at::Tensor gemm_nn_f32(const at::Tensor& a, const at::Tensor& b);
 

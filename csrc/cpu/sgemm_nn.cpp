@@ -154,11 +154,35 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, c
   blocked(M, N, K, a, lda, 1, [&](int64_t j, int64_t k0) { return packed + j * K + k0 * kNR; }, kNR, beta, c, ldc);
 }
 
+int64_t nt_scratch_floats(int64_t N) { return packed_size(N, kKC); }
+
+void gemm_nt(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw, float beta,
+             float* c, int64_t ldc, const float* bias, float* scratch) {
+  if (M <= 0 || N <= 0) return;
+  if (bias) {
+    // C = beta C + bias first, then every k-slice accumulates.
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t j = 0; j < N; ++j) c[r * ldc + j] = (beta != 0.f ? c[r * ldc + j] : 0.f) + bias[j];
+    beta = 1.f;
+  }
+  const auto none = [](int64_t, int64_t) { return static_cast<const float*>(nullptr); };
+  if (K <= 0) return blocked(M, N, 0, a, lda, 1, none, kNR, beta, c, ldc);
+  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+    const int64_t kc = std::min(kKC, K - k0);
+    pack_rows(w + k0, ldw, N, kc, scratch);
+    blocked(M, N, kc, a + k0, lda, 1, [&](int64_t j, int64_t) { return scratch + j * kc; }, kNR,
+            k0 > 0 ? 1.f : beta, c, ldc);
+  }
+}
+
 #else  // no x86 target regions: never available (sgemm_nt::available() is false)
 
 void gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float, float*, int64_t) {}
 void pack_rows(const float*, int64_t, int64_t, int64_t, float*) {}
 void gemm_packed(int64_t, int64_t, int64_t, const float*, int64_t, const float*, float, float*, int64_t) {}
+int64_t nt_scratch_floats(int64_t) { return 0; }
+void gemm_nt(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float, float*, int64_t,
+             const float*, float*) {}
 
 #endif
 

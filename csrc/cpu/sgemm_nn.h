@@ -31,5 +31,16 @@ void pack_rows(const float* w, int64_t ldw, int64_t N, int64_t K, float* dst);
 void gemm_packed(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* packed, float beta,
                  float* c, int64_t ldc);
 
+
+// C[M, N] (row stride ldc) = beta C + A[M, K] (row stride lda) @ W^T (+ bias[N] when not null) for a torch weight
+// W [N, K] (row stride ldw) read in place: each 256-deep k-slice of W is packed into scratch (pack_rows' layout,
+// nt_scratch_floats(N) floats, 64-byte aligned) and every row block of A then runs the outer-product tiles over it.
+// For many rows (an input projection over all steps, a cell at batch 64+) the packing is repaid many times over: the
+// dot-product kernel (sgemm_nt.h) pays a horizontal reduction per output, and the in-place outer-product form reads W^T
+// columns a row stride apart (a power-of-two stride maps a panel onto a few L1 sets). beta is 0 or 1.
+int64_t nt_scratch_floats(int64_t N);
+void gemm_nt(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw, float beta,
+             float* c, int64_t ldc, const float* bias, float* scratch);
+
 }  // namespace sgemm_nn
 }  // namespace seqfast
