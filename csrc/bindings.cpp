@@ -111,6 +111,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_nt_f32", &seqfast::gemm_nt_f32, GIL(), py::arg("a"), py::arg("w"), py::arg("bias") = py::none());
   m.def("gemm_ntp_f32", &seqfast::gemm_ntp_f32, GIL(), py::arg("a"), py::arg("w"), py::arg("bias") = py::none());
   m.def("gemm_nn_f32", &seqfast::gemm_nn_f32, GIL(), py::arg("a"), py::arg("b"));
+  m.def("gemm_nnp_f32", &seqfast::gemm_nnp_f32, GIL(), py::arg("a"), py::arg("b"));
   m.def("lstm_cell_forward", &seqfast::lstm_cell_forward, GIL(), py::arg("x"), py::arg("hx"), py::arg("cx"),
         py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"));
   m.def("lstm_cell_backward", &seqfast::lstm_cell_backward, GIL(), py::arg("grad_hy"), py::arg("grad_cy"),

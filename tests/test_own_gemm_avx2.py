@@ -1,7 +1,8 @@
 """The own AVX2 float32 GEMMs, which take the products of the C++ RNN layers and cells on CPUs with AVX2 but no
 AVX-512: the dot-product form for A @ W^T (csrc/cpu/sgemm_nt.h, binding seqfast._C.gemm_nt_f32), the outer-product
 form for A @ W^T packing W as it goes (csrc/cpu/sgemm_nn.h gemm_nt, seqfast._C.gemm_ntp_f32) and for A @ B with B
-read in place (csrc/cpu/sgemm_nn.h, seqfast._C.gemm_nn_f32). Parity with a float64 matmul on
+read in place (csrc/cpu/sgemm_nn.h, seqfast._C.gemm_nn_f32) or copied into panels as it goes (gemm_nn_packing,
+seqfast._C.gemm_nnp_f32). Parity with a float64 matmul on
 sizes that hit every partial register tile and several cache blocks, strided and transposed operands, bias; and the
 layers' results (forward and gradients) with the kernels switched on and off."""
 import pytest
@@ -70,26 +71,31 @@ NN_SHAPES = [(1, 1, 1), (2, 7, 3), (5, 8, 9), (6, 9, 16), (7, 16, 17), (11, 17, 
 
 @pytest.mark.parametrize("M,N,K", NN_SHAPES)
 @pytest.mark.parametrize("a_t", [False, True])
-def test_gemm_nn_parity(M, N, K, a_t):
-    # a_t: A as a transposed view (row stride 1), as dW = dgates^T @ x passes it
+@pytest.mark.parametrize("name", ["gemm_nn_f32", "gemm_nnp_f32"])
+def test_gemm_nn_parity(M, N, K, a_t, name):
+    # a_t: A as a transposed view (row stride 1), as dW = dgates^T @ x passes it; gemm_nnp_f32 copies B's k-slices into
+    # panels first (N % 16 remainders: zero-padded panels)
     a = torch.randn(K, M).t() if a_t else torch.randn(M, K)
     b = torch.randn(K, N)
-    out = _C.gemm_nn_f32(a, b)
+    out = getattr(_C, name)(a, b)
     assert out.shape == (M, N) and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-5 * max(1, K) ** 0.5)
 
 
-def test_gemm_nn_strided_rows():
+@pytest.mark.parametrize("name", ["gemm_nn_f32", "gemm_nnp_f32"])
+def test_gemm_nn_strided_rows(name):
     big_a, big_b = torch.randn(40, 300), torch.randn(290, 90)
     a, b = big_a[3:37, 5:262], big_b[1:258, 2:77]
-    torch.testing.assert_close(_C.gemm_nn_f32(a, b), a @ b, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(getattr(_C, name)(a, b), a @ b, rtol=1e-5, atol=1e-4)
 
 
-def test_gemm_nn_errors():
-    with pytest.raises(RuntimeError, match="gemm_nn_f32"):
-        _C.gemm_nn_f32(torch.randn(3, 4), torch.randn(5, 6))
-    with pytest.raises(RuntimeError, match="gemm_nn_f32"):
-        _C.gemm_nn_f32(torch.randn(3, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64))
+@pytest.mark.parametrize("name", ["gemm_nn_f32", "gemm_nnp_f32"])
+def test_gemm_nn_errors(name):
+    gemm = getattr(_C, name)
+    with pytest.raises(RuntimeError, match=name):
+        gemm(torch.randn(3, 4), torch.randn(5, 6))
+    with pytest.raises(RuntimeError, match=name):
+        gemm(torch.randn(3, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("name", ["gemm_nt_f32", "gemm_ntp_f32"])
@@ -142,3 +148,17 @@ def test_layers_match_torch_with_and_without_the_kernels(kind, batch, gemv_rows,
         _C.set_config(own_gemm=own)
         for got, want in zip(_run(mod, x), expected):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=atol)
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_weight_gradients_on_the_packing_form(kind, own_gemm_restored):
+    # batch 8, input 520, hidden 512: dW = dgates^T @ x is a (G*512) x 8 x 520 product, which the own kernel takes with
+    # x's k-slices copied into panels (gemm_nnp); its gradients must match torch's
+    import seqfast
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, kind)(520, 512)
+    mod = getattr(seqfast.nn, kind)(520, 512)
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(8, 520)
+    for got, want in zip(_run(mod, x), _run(ref, x)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)

@@ -36,7 +36,9 @@ struct Config {
   // SEQFAST_CPU_NO_AVX2_PACK unset: on CPUs with AVX2 + FMA and no AVX-512 kernels, the own AVX2 kernels pack weights
   // for their outer-product form (sgemm_nn.h): a time loop's recurrent W_hh slices once per call when the call has 2+
   // steps (gemm_packed), and W k-slice by k-slice in products of many rows (gemm_nt: input projections, cells at
-  // large batch); false: the dot-product kernel reads them in place (BLAS takes the many-row products it did not).
+  // large batch), and the backward's B k-slice by k-slice (gemm_nn_packing: weight gradients over a small batch);
+  // false: the kernels read them in place, and BLAS takes the products it took before packing (the many-row forward
+  // products, the backward's at 33-64 rows and the small-batch weight gradients).
   bool avx2_pack = true;
   // SEQFAST_CPU_PAR_MIN_WORK: multiply-adds below which a step runs on one thread (fork/join costs more).
   int64_t par_min_work = int64_t(1) << 17;

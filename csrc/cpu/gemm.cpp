@@ -114,6 +114,23 @@ inline bool ntp_prefers(int64_t M, int64_t K) { return M >= 32 && 4 * M >= K && 
 // B8 H1024 training: 18.5 ms own, 16.8 BLAS), so it stays there too.
 inline bool nn_prefers(int64_t M, int64_t K, int64_t N) { return M <= 32 && K * N <= (int64_t(1) << 21); }
 
+// The same choice for a product split over the team (matmul_out, mm), re-measured after the remainder tiles' fix
+// (2 threads, Zen 3, GFLOP/s BLAS / in place / packing): dx = dgates @ W at 64 rows still won (K 512 N 128 107 / 144 /
+// 120, K 2048 N 512 104 / 109 / 108, K 4096 N 1024 92 / 99 / 94), so did dW = dgates^T @ x over a batch of 8-16 (4H
+// x B x H: 512x8x128 44 / 80 / 78, 4096x8x1024 40 / 80 / 86; 4096x16x1024 1727 / 1374 / 1240 us), and a B beyond 8 MB
+// no longer lost (8x4096x1024 41 / 88 / 53). At a batch of 32 the weight gradients tied (2048x32x512 101 / 99 / 103)
+// and the LSTMCell B32 H512 training step read 0.93-0.98x with them on the own kernel (same-process A/B), so they stay
+// with BLAS, as do 256+ rows with a longer k (4096x256x1024 162 / 116 / 134). Module A/B with both extensions
+// (on / off, training step): RNNCell B64 H512 1.22x, GRUCell B16 H512 1.08x, LSTMCell B64 H512 1.06x, GRUCell B64
+// H1024 1.06x, LSTMCell B8 H512 1.09x.
+inline bool nn_prefers_team(int64_t M, int64_t K, int64_t N) {
+  return nn_prefers(M, K, N) || ((M <= 64 || K <= 16) && cpu::config().avx2_pack);
+}
+// Among those, the packing form where many rows meet a wide B (its rows a long, often power-of-two stride apart):
+// 4096x8x1024 80 / 86 GFLOP/s, 4096x16x1024 1374 / 1240 us; with few rows the copy is not repaid (8x4096x1024
+// 88 / 53 GFLOP/s).
+inline bool nnp_prefers(int64_t M, int64_t N) { return M >= 64 && N >= 512 && cpu::config().avx2_pack; }
+
 void cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
         int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return;
@@ -256,6 +273,21 @@ void nn_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, in
   }
 }
 
+// c[M, N] = beta c + A @ b on the own AVX2 outer-product kernel with b's k-slices copied into panels as it goes
+// (sgemm_nn::gemm_nn_packing), the columns split over the team in whole 16-column panels, each thread packing its own.
+void nnp_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t ak, const float* b,
+                  int64_t ldb, float beta, float* c, int64_t ldc) {
+  const int64_t panels = (N + 15) / 16;
+  cpu::parallel_for(panels, std::max<int64_t>(1, cpu::config().par_min_work / std::max<int64_t>(1, 16 * M * K)),
+                    [&](int64_t p0, int64_t p1, int) {
+                      const int64_t j0 = 16 * p0, j1 = std::min(N, 16 * p1);
+                      block_pool::Floats scratch(sgemm_nn::nt_scratch_floats(j1 - j0));
+                      TORCH_CHECK(scratch.ok(), "seqfast: out of memory for a GEMM's packing buffer");
+                      sgemm_nn::gemm_nn_packing(M, j1 - j0, K, a, ar, ak, b + j0, ldb, beta, c + j0, ldc,
+                                                scratch.get());
+                    });
+}
+
 namespace {
 // A float32 CPU tensor.
 inline bool f32_cpu(const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.device().is_cpu(); }
@@ -268,14 +300,15 @@ inline bool cols_contiguous(const at::Tensor& t) { return t.dim() == 2 && (t.str
 void matmul_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   const bool own = f32_cpu(c) && f32_cpu(a) && f32_cpu(b) && rows_contiguous(c) && a.dim() == 2 &&
                    rows_contiguous(b) && a.size(1) == b.size(0) && c.size(0) == a.size(0) && c.size(1) == b.size(1) &&
-                   nt_available() && nn_prefers(a.size(0), a.size(1), b.size(1));
+                   nt_available() && nn_prefers_team(a.size(0), a.size(1), b.size(1));
   if (!own) {
     if (accumulate) c.addmm_(a, b);
     else at::mm_out(c, a, b);
     return;
   }
-  nn_parallel(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0), a.stride(1),
-              b.const_data_ptr<float>(), b.stride(0), accumulate ? 1.f : 0.f, c.data_ptr<float>(), c.stride(0));
+  const auto product = nnp_prefers(a.size(0), b.size(1)) ? nnp_parallel : nn_parallel;
+  product(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0), a.stride(1),
+          b.const_data_ptr<float>(), b.stride(0), accumulate ? 1.f : 0.f, c.data_ptr<float>(), c.stride(0));
 }
 
 void linear_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool accumulate) {
@@ -321,10 +354,11 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::
             c.data_ptr<float>(), N, has_bias ? bc.const_data_ptr<float>() : nullptr);
     return c;
   }
-  if (f32 && !has_bias && nt_available() && rows_contiguous(b) && nn_prefers(a.size(0), a.size(1), b.size(1))) {
+  if (f32 && !has_bias && nt_available() && rows_contiguous(b) && nn_prefers_team(a.size(0), a.size(1), b.size(1))) {
     at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
-    nn_parallel(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0), a.stride(1),
-                b.const_data_ptr<float>(), b.stride(0), 0.f, c.data_ptr<float>(), c.size(1));
+    const auto product = nnp_prefers(a.size(0), b.size(1)) ? nnp_parallel : nn_parallel;
+    product(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0), a.stride(1),
+            b.const_data_ptr<float>(), b.stride(0), 0.f, c.data_ptr<float>(), c.size(1));
     return c;
   }
   const bool own = f32 && a.size(0) >= kMinOwnRows && sgemm::available();
@@ -382,17 +416,24 @@ at::Tensor gemm_ntp_f32(const at::Tensor& a, const at::Tensor& w, const std::opt
 }
 bool nt_gemm_available() { return gemm::nt_available(); }
 
-at::Tensor gemm_nn_f32(const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(gemm::nt_available(), "gemm_nn_f32: the own AVX2 GEMM does not run on this CPU or is switched off");
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "gemm_nn_f32: a [M,K] and b [K,N] expected, got ",
+namespace {
+// a [M, K] @ b [K, N] on one of the own AVX2 outer-product forms (nn_parallel or nnp_parallel), checked for `name`.
+at::Tensor own_nn(const char* name, bool packing, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(gemm::nt_available(), name, ": the own AVX2 GEMM does not run on this CPU or is switched off");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), name, ": a [M,K] and b [K,N] expected, got ",
               a.sizes(), " and ", b.sizes());
   TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() &&
-                  b.device().is_cpu(), "gemm_nn_f32: float32 CPU tensors expected");
+                  b.device().is_cpu(), name, ": float32 CPU tensors expected");
   const at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
   at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
-  gemm::nn_parallel(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0), a.stride(1),
-                    bc.const_data_ptr<float>(), bc.stride(0), 0.f, c.data_ptr<float>(), c.size(1));
+  (packing ? gemm::nnp_parallel : gemm::nn_parallel)(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(),
+                                                      a.stride(0), a.stride(1), bc.const_data_ptr<float>(),
+                                                      bc.stride(0), 0.f, c.data_ptr<float>(), c.size(1));
   return c;
 }
+}  // namespace
+
+at::Tensor gemm_nn_f32(const at::Tensor& a, const at::Tensor& b) { return own_nn("gemm_nn_f32", false, a, b); }
+at::Tensor gemm_nnp_f32(const at::Tensor& a, const at::Tensor& b) { return own_nn("gemm_nnp_f32", true, a, b); }
 
 }  // namespace seqfast

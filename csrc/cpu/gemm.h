@@ -85,6 +85,11 @@ void nt_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, c
 void ntp_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw,
                   float beta, float* c, int64_t ldc, const float* bias);
 
+// The same on the own AVX2 outer-product kernel with b's k-slices copied into panels as it goes
+// (sgemm_nn::gemm_nn_packing), the columns split over the team in whole 16-column panels. Requires nt_available().
+void nnp_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t ak, const float* b,
+                  int64_t ldb, float beta, float* c, int64_t ldc);
+
 // MKL's packed GEMM is linked and config().mkl_pack.
 bool mkl_pack_available();
 
@@ -133,5 +138,7 @@ at::Tensor gemm_ntp_f32(const at::Tensor& a, const at::Tensor& w, const std::opt
 
 // The same for a [M, K] @ b [K, N] on the own AVX2 outer-product kernel (sgemm_nn.h).
 at::Tensor gemm_nn_f32(const at::Tensor& a, const at::Tensor& b);
+// The same on the packing form (gemm::nnp_parallel).
+at::Tensor gemm_nnp_f32(const at::Tensor& a, const at::Tensor& b);
 
 }  // namespace seqfast

@@ -175,12 +175,35 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const
   }
 }
 
+void gemm_nn_packing(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t ak, const float* b,
+                     int64_t ldb, float beta, float* c, int64_t ldc, float* scratch) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) return gemm(M, N, 0, a, ar, ak, b, ldb, beta, c, ldc);
+  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+    const int64_t kc = std::min(kKC, K - k0);
+    for (int64_t j0 = 0; j0 < N; j0 += kNR) {  // panel j0 / 16: kc rows of 16 floats, zeros past N
+      const int64_t nj = std::min(kNR, N - j0);
+      const __m256i m0 = mask8(nj), m1 = mask8(nj - 8);
+      float* d = scratch + j0 * kc;
+      const float* src = b + k0 * ldb + j0;
+      for (int64_t k = 0; k < kc; ++k, src += ldb, d += kNR) {
+        _mm256_store_ps(d, nj == kNR ? _mm256_loadu_ps(src) : _mm256_maskload_ps(src, m0));
+        _mm256_store_ps(d + 8, nj == kNR ? _mm256_loadu_ps(src + 8) : _mm256_maskload_ps(src + 8, m1));
+      }
+    }
+    blocked(M, N, kc, a + k0 * ak, ar, ak, [&](int64_t j, int64_t) { return scratch + j * kc; }, kNR,
+            k0 > 0 ? 1.f : beta, c, ldc);
+  }
+}
+
 #else  // no x86 target regions: never available (sgemm_nt::available() is false)
 
 void gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float, float*, int64_t) {}
 void pack_rows(const float*, int64_t, int64_t, int64_t, float*) {}
 void gemm_packed(int64_t, int64_t, int64_t, const float*, int64_t, const float*, float, float*, int64_t) {}
 int64_t nt_scratch_floats(int64_t) { return 0; }
+void gemm_nn_packing(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float, float*,
+                     int64_t, float*) {}
 void gemm_nt(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float, float*, int64_t,
              const float*, float*) {}
 

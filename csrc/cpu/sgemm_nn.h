@@ -42,5 +42,12 @@ int64_t nt_scratch_floats(int64_t N);
 void gemm_nt(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw, float beta,
              float* c, int64_t ldc, const float* bias, float* scratch);
 
+// C[M, N] = beta C + A @ B, A(r, k) = a[r * ar + k * ak], B [K, N] row-major (row stride ldb) read in place: each
+// 256-deep k-slice of B is copied into 16-column panels in scratch (nt_scratch_floats(N) floats) before the row blocks
+// run over it. For many rows (the backward's dx = dgates @ W and dW = dgates^T @ x) the copy is repaid: in place, a
+// panel's rows lie a row stride apart, and a power-of-two stride maps them onto a few L1 sets. beta is 0 or 1.
+void gemm_nn_packing(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t ak, const float* b,
+                     int64_t ldb, float beta, float* c, int64_t ldc, float* scratch);
+
 }  // namespace sgemm_nn
 }  // namespace seqfast
