@@ -74,6 +74,9 @@ _ZEN3_MALLOC = ("same-process A/B, torch / seqfast with the rule table off, 6-8 
 _ZEN3_SHORT = ("same-process A/B, torch / seqfast with the rule table off, 7 rounds, each share after the process's other "
                "threads went idle, on commit f74ffb7 (no MKL packing where the own AVX2 kernel takes the product) on the "
                "same AMD EPYC family 25 model 1")
+_ZEN3_BACKWARD = ("same-process A/B, torch / seqfast with the rule table off, 21 rounds, each share after the process's "
+                  "other threads went idle, on commit 87c9f01 (backward GEMMs on the own AVX2 kernel) on the same AMD "
+                  "EPYC family 25 model 1")
 _ZEN3_LATER = ("make bench-sweep runs 201033 and 214300 and make bench runs cpu-20261204-200307 / 214050 on the same "
                "AMD EPYC family 25 model 1")
 
@@ -97,12 +100,14 @@ RULES = [
     # 0.93-0.96x); B32-48 H64 1.01-1.04x
     Rule("rnn_cell", F32, AVX2, training=True, batch=(64, INF),
          source=_ZEN3 + "; " + _ZEN3_OWN_GEMM + "; " + _ZEN3_SETTLED),
-    # training at hidden >= 1024 (was >= 512: with the own AVX2 GEMMs seqfast's cell read 1.24x / 1.17x at B1 H512
-    # and 1.07x at B64 H512 against torch's op; at H1024 B1 0.95x, B8 1.14x)
-    Rule("lstm_cell", F32, AVX2, training=True, hidden=(1024, INF), source=_ZEN3 + "; " + _ZEN3_OWN_GEMM),
     Rule("lstm_cell", F32, AVX2, training=True, batch=(256, INF), hidden=(256, INF), source=_ZEN3),  # 0.85-0.93x
-    # B16 / 32 / 64 / 128 at H512: 0.92 / 0.84 / 0.87 / 0.84x (B8 H512 1.36x, B64 H256 1.13x)
-    Rule("lstm_cell", F32, AVX2, training=True, batch=(16, INF), hidden=(512, INF), source=_ZEN3_SETTLED),
+    # training from batch 32 at hidden >= 512 (was: every batch at hidden >= 1024, and from batch 16 at 512, where
+    # B16 / 32 / 64 / 128 at H512 read 0.92 / 0.84 / 0.87 / 0.84x, _ZEN3_SETTLED). With the backward's small-batch
+    # weight gradients and 33-64-row products on the own AVX2 kernel (commit 87c9f01), torch / seqfast with the rule
+    # table off (_ZEN3_BACKWARD): B1 / 4 / 8 / 16 at H1024 2.01 / 1.33 / 1.14 / 1.25x, B16 / 24 at H512 1.19 / 1.14x,
+    # B16 H768 1.27x, B8 H2048 1.15x; B32 H512 1.02x, B64 H512 0.99x, B64 H1024 1.01x (ties: torch's op keeps them)
+    Rule("lstm_cell", F32, AVX2, training=True, batch=(32, INF), hidden=(512, INF),
+         source=_ZEN3_SETTLED + "; " + _ZEN3_BACKWARD),
     # training at hidden >= 512 and batch >= 128 (was every batch; with the own AVX2 GEMMs seqfast's cell read 1.12x /
     # 1.01x at B1 H512, 1.14x at B8 H512, 1.07x at B64 H1024, 0.83x at B256 H1024). The inference rule at batch >=
     # 256, hidden >= 512 (0.81x) is gone: 1.10x at B256 H512, 1.03x at B256 H1024 now.
