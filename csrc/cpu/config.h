@@ -38,7 +38,7 @@ struct Config {
   // steps (gemm_packed), and W k-slice by k-slice in products of many rows (gemm_nt: input projections, cells at
   // large batch), and the backward's B k-slice by k-slice (gemm_nn_packing: weight gradients over a small batch);
   // false: the kernels read them in place, and BLAS takes the products it took before packing (the many-row forward
-  // products, the backward's at 33-64 rows and the small-batch weight gradients).
+  // products, the backward's at 33-64 rows and the weight gradients over a batch of 2-8).
   bool avx2_pack = true;
   // SEQFAST_CPU_PAR_MIN_WORK: multiply-adds below which a step runs on one thread (fork/join costs more).
   int64_t par_min_work = int64_t(1) << 17;

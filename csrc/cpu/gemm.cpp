@@ -105,7 +105,8 @@ inline bool nt_prefers_team(int64_t M, int64_t N, int64_t K) {
 // K 64: M 32 66 / 81 / 98, M 2048 154 / 104 / 179; K 128: M 32 85 / 124 / 133, M 512 163 / 130 / 180; K 256: M 64
 // 118 / 150 / 152, M 2048 178 / 156 / 190; K 1024: M 128 105 / 158 / 151, M 256 132 / 154 / 164. At K 512 dot and
 // pack tied from M 128 (154-173 against 159-170).
-inline bool ntp_prefers(int64_t M, int64_t K) { return M >= 32 && 4 * M >= K && cpu::config().avx2_pack; }
+// Measured from K 64; shorter rows (an outer product, K 1: a batch-1 weight gradient through mm) keep BLAS.
+inline bool ntp_prefers(int64_t M, int64_t K) { return M >= 32 && K >= 64 && 4 * M >= K && cpu::config().avx2_pack; }
 
 // Whether the own AVX2 outer-product kernel (sgemm_nn.h) should take an A [M, K] @ B [K, N] product. Measured as
 // above: it won at M <= 32 (8x512x128 101 vs 56 GF/s, 16x256x1024 99 vs 73, 32x2048x512 139 vs 116: the backward's
@@ -116,19 +117,19 @@ inline bool nn_prefers(int64_t M, int64_t K, int64_t N) { return M <= 32 && K * 
 
 // The same choice for a product split over the team (matmul_out, mm), re-measured after the remainder tiles' fix
 // (2 threads, Zen 3, GFLOP/s BLAS / in place / packing): dx = dgates @ W at 64 rows still won (K 512 N 128 107 / 144 /
-// 120, K 2048 N 512 104 / 109 / 108, K 4096 N 1024 92 / 99 / 94), so did dW = dgates^T @ x over a batch of 8-16 (4H
-// x B x H: 512x8x128 44 / 80 / 78, 4096x8x1024 40 / 80 / 86; 4096x16x1024 1727 / 1374 / 1240 us), and a B beyond 8 MB
-// no longer lost (8x4096x1024 41 / 88 / 53). At a batch of 32 the weight gradients tied (2048x32x512 101 / 99 / 103)
-// and the LSTMCell B32 H512 training step read 0.93-0.98x with them on the own kernel (same-process A/B), so they stay
-// with BLAS, as do 256+ rows with a longer k (4096x256x1024 162 / 116 / 134). Module A/B with both extensions
-// (on / off, training step): RNNCell B64 H512 1.22x, GRUCell B16 H512 1.08x, LSTMCell B64 H512 1.06x, GRUCell B64
-// H1024 1.06x, LSTMCell B8 H512 1.09x.
+// 120, K 2048 N 512 104 / 109 / 108, K 4096 N 1024 92 / 99 / 94), so did dW = dgates^T @ x over a batch of 2-8 (4H x
+// B x H: 512x8x128 44 / 80 / 78, 4096x8x1024 40 / 80 / 86; back-to-back calls, BLAS / own us: 1024x2x256 46 / 28,
+// 2048x4x512 167 / 129, 2048x8x512 205 / 158), and a B beyond 8 MB no longer lost (8x4096x1024 41 / 88 / 53). At a
+// batch of 1 BLAS's outer-product path won (256x1x256 8 / 11 us, 2048x1x512 96 / 121); at 16 the two tied (2048x16x512
+// 261 / 278 us, 4096x16x1024 1318 / 1221); at 32 too (2048x32x512 101 / 99 / 103 GFLOP/s), and the LSTMCell B32 H512
+// training step read 0.93-0.98x with those on the own kernel (same-process A/B): BLAS keeps them, as it keeps 256+
+// rows with a longer k (4096x256x1024 162 / 116 / 134). Module A/B (on / off, training step): RNNCell B64 H512
+// 1.14-1.22x, LSTMCell B8 H512 1.09-1.25x, GRUCell B16 H512 1.08x, LSTMCell B64 H512 1.06x, GRUCell B64 H1024 1.06x.
 inline bool nn_prefers_team(int64_t M, int64_t K, int64_t N) {
-  return nn_prefers(M, K, N) || ((M <= 64 || K <= 16) && cpu::config().avx2_pack);
+  return nn_prefers(M, K, N) || ((M <= 64 || (K >= 2 && K <= 8)) && cpu::config().avx2_pack);
 }
 // Among those, the packing form where many rows meet a wide B (its rows a long, often power-of-two stride apart):
-// 4096x8x1024 80 / 86 GFLOP/s, 4096x16x1024 1374 / 1240 us; with few rows the copy is not repaid (8x4096x1024
-// 88 / 53 GFLOP/s).
+// 4096x8x1024 80 / 86 GFLOP/s; with few rows the copy is not repaid (8x4096x1024 88 / 53 GFLOP/s).
 inline bool nnp_prefers(int64_t M, int64_t N) { return M >= 64 && N >= 512 && cpu::config().avx2_pack; }
 
 void cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
