@@ -104,10 +104,15 @@ RULES = [
     # training from batch 32 at hidden >= 512 (was: every batch at hidden >= 1024, and from batch 16 at 512, where
     # B16 / 32 / 64 / 128 at H512 read 0.92 / 0.84 / 0.87 / 0.84x, _ZEN3_SETTLED). With the backward's small-batch
     # weight gradients and 33-64-row products on the own AVX2 kernel (commit 87c9f01), torch / seqfast with the rule
-    # table off (_ZEN3_BACKWARD): B1 / 4 / 8 / 16 at H1024 2.01 / 1.33 / 1.14 / 1.25x, B16 / 24 at H512 1.19 / 1.14x,
+    # table off (_ZEN3_BACKWARD): B4 / 8 / 16 at H1024 1.33 / 1.14 / 1.25x (B8 1.10x / 1.43x in two plain pairs),
+    # B16 / 24 at H512 1.19 / 1.14x,
     # B16 H768 1.27x, B8 H2048 1.15x; B32 H512 1.02x, B64 H512 0.99x, B64 H1024 1.01x (ties: torch's op keeps them)
     Rule("lstm_cell", F32, AVX2, training=True, batch=(32, INF), hidden=(512, INF),
          source=_ZEN3_SETTLED + "; " + _ZEN3_BACKWARD),
+    # and batch 1 at hidden >= 1024, a memory-bound step (32 MB of weights read twice and their gradients written)
+    # where torch's time swung 12-27 ms between runs: seqfast read 0.84x / 0.88x against its fast runs and 1.42-2.01x
+    # against its slow ones (B2 / B4 at H1024 1.24x / 1.32x, B1 H768 1.02x, in plain torch / seqfast pairs)
+    Rule("lstm_cell", F32, AVX2, training=True, batch=(1, 1), hidden=(1024, INF), source=_ZEN3_BACKWARD),
     # training at hidden >= 512 and batch >= 128 (was every batch; with the own AVX2 GEMMs seqfast's cell read 1.12x /
     # 1.01x at B1 H512, 1.14x at B8 H512, 1.07x at B64 H1024, 0.83x at B256 H1024). The inference rule at batch >=
     # 256, hidden >= 512 (0.81x) is gone: 1.10x at B256 H512, 1.03x at B256 H1024 now.
