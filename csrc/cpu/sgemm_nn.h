@@ -31,7 +31,6 @@ void pack_rows(const float* w, int64_t ldw, int64_t N, int64_t K, float* dst);
 void gemm_packed(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* packed, float beta,
                  float* c, int64_t ldc);
 
-
 // C[M, N] (row stride ldc) = beta C + A[M, K] (row stride lda) @ W^T (+ bias[N] when not null) for a torch weight
 // W [N, K] (row stride ldw) read in place: each 256-deep k-slice of W is packed into scratch (pack_rows' layout,
 // nt_scratch_floats(N) floats, 64-byte aligned) and every row block of A then runs the outer-product tiles over it.
