@@ -74,9 +74,9 @@ _ZEN3_MALLOC = ("same-process A/B, torch / seqfast with the rule table off, 6-8 
 _ZEN3_SHORT = ("same-process A/B, torch / seqfast with the rule table off, 7 rounds, each share after the process's other "
                "threads went idle, on commit f74ffb7 (no MKL packing where the own AVX2 kernel takes the product) on the "
                "same AMD EPYC family 25 model 1")
-_ZEN3_BACKWARD = ("same-process A/B, torch / seqfast with the rule table off, 21 rounds, each share after the process's "
-                  "other threads went idle, on commit 87c9f01 (backward GEMMs on the own AVX2 kernel) on the same AMD "
-                  "EPYC family 25 model 1")
+_ZEN3_BACKWARD = ("same-process A/B, torch / seqfast with the rule table off, 21 rounds, each share after the "
+                  "process's other threads went idle, on commit 87c9f01 (backward GEMMs on the own AVX2 kernel) on "
+                  "the same AMD EPYC family 25 model 1")
 _ZEN3_LATER = ("make bench-sweep runs 201033 and 214300 and make bench runs cpu-20261204-200307 / 214050 on the same "
                "AMD EPYC family 25 model 1")
 
@@ -105,8 +105,8 @@ RULES = [
     # B16 / 32 / 64 / 128 at H512 read 0.92 / 0.84 / 0.87 / 0.84x, _ZEN3_SETTLED). With the backward's small-batch
     # weight gradients and 33-64-row products on the own AVX2 kernel (commit 87c9f01), torch / seqfast with the rule
     # table off (_ZEN3_BACKWARD): B4 / 8 / 16 at H1024 1.33 / 1.14 / 1.25x (B8 1.10x / 1.43x in two plain pairs),
-    # B16 / 24 at H512 1.19 / 1.14x,
-    # B16 H768 1.27x, B8 H2048 1.15x; B32 H512 1.02x, B64 H512 0.99x, B64 H1024 1.01x (ties: torch's op keeps them)
+    # B16 / 24 at H512 1.19 / 1.14x, B16 H768 1.27x, B8 H2048 1.15x; B32 H512 1.02x, B64 H512 0.99x, B64 H1024 1.01x
+    # (ties: torch's op keeps them)
     Rule("lstm_cell", F32, AVX2, training=True, batch=(32, INF), hidden=(512, INF),
          source=_ZEN3_SETTLED + "; " + _ZEN3_BACKWARD),
     # and batch 1 at hidden >= 1024, a memory-bound step (32 MB of weights read twice and their gradients written)

@@ -21,24 +21,6 @@ SHAPES = [(1, 1, 1), (2, 3, 7), (3, 4, 8), (4, 5, 9), (5, 6, 15), (7, 7, 16), (8
           (50, 70, 1000), (29, 53, 3000), (4, 9, 13000), (0, 4, 8), (4, 0, 8), (64, 256, 128)]
 
 
-@pytest.mark.parametrize("M,N,K", SHAPES)
-@pytest.mark.parametrize("bias", [False, True])
-def test_gemm_nt_parity(M, N, K, bias):
-    a, w = torch.randn(M, K), torch.randn(N, K)
-    b = torch.randn(N) if bias else None
-    out = _C.gemm_nt_f32(a, w, b)
-    ref = a.double() @ w.double().t() + (b.double() if bias else 0)
-    assert out.shape == (M, N) and out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * max(1, K) ** 0.5)
-
-
-def test_gemm_nt_strided_rows():
-    # row strides wider than the rows (slices of bigger matrices), as the per-step recurrent GEMM passes them
-    big_a, big_w = torch.randn(40, 300), torch.randn(90, 301)
-    a, w = big_a[3:37, 5:262], big_w[1:87, 2:259]
-    torch.testing.assert_close(_C.gemm_nt_f32(a, w, None), a @ w.t(), rtol=1e-5, atol=1e-4)
-
-
 # (M, N, K) for the packing form: M % 6, N % 16 and K % 8 take every remainder (the packer's partial panels and 8x8
 # blocks); K 300 and 700 are packed in 2 and 3 slices of 256 (bias added once, later slices adding to C); M 400 crosses
 # the 192-row A blocks; K 0 leaves C zero (or the bias); 1 row, 1 column.
@@ -46,21 +28,25 @@ NTP_SHAPES = [(1, 1, 1), (2, 3, 7), (5, 17, 9), (6, 16, 8), (7, 31, 15), (13, 33
               (3, 5, 0), (0, 5, 3), (4, 0, 3), (64, 512, 128)]
 
 
-@pytest.mark.parametrize("M,N,K", NTP_SHAPES)
+@pytest.mark.parametrize("name,M,N,K", [("gemm_nt_f32",) + s for s in SHAPES] +
+                         [("gemm_ntp_f32",) + s for s in NTP_SHAPES])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemm_ntp_parity(M, N, K, bias):
+def test_gemm_nt_parity(name, M, N, K, bias):
     a, w = torch.randn(M, K), torch.randn(N, K)
     b = torch.randn(N) if bias else None
-    out = _C.gemm_ntp_f32(a, w, b)
+    out = getattr(_C, name)(a, w, b)
     ref = a.double() @ w.double().t() + (b.double() if bias else 0)
     assert out.shape == (M, N) and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * max(1, K) ** 0.5)
 
 
-def test_gemm_ntp_strided_rows():
-    big_a, big_w = torch.randn(90, 300), torch.randn(90, 301)
-    a, w = big_a[3:87, 5:262], big_w[1:87, 2:259]
-    torch.testing.assert_close(_C.gemm_ntp_f32(a, w, None), a @ w.t(), rtol=1e-5, atol=1e-4)
+@pytest.mark.parametrize("name,rows", [("gemm_nt_f32", 40), ("gemm_ntp_f32", 90)])
+def test_gemm_nt_strided_rows(name, rows):
+    # row strides wider than the rows (slices of bigger matrices), as the per-step recurrent GEMM passes them; 34 rows
+    # for the dot-product form, 84 for the packing form
+    big_a, big_w = torch.randn(rows, 300), torch.randn(90, 301)
+    a, w = big_a[3:rows - 3, 5:262], big_w[1:87, 2:259]
+    torch.testing.assert_close(getattr(_C, name)(a, w, None), a @ w.t(), rtol=1e-5, atol=1e-4)
 
 
 # (M, N, K) for A @ B: M % 6 and N % 16 (and % 8) take every remainder; K 300 and 600 cross the 256-deep k blocks,

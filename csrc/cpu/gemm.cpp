@@ -236,19 +236,29 @@ void nt_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, c
                     });
 }
 
-// c[M, N] = beta c + a @ w^T (+ bias) on the own AVX2 outer-product kernel with W's k-slices packed as it goes
-// (sgemm_nn::gemm_nt), the columns split over the team in whole 16-column panels, each thread packing its own.
-void ntp_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw,
-                  float beta, float* c, int64_t ldc, const float* bias) {
+namespace {
+// The team split of the packing forms: C's columns in whole 16-column panels, each thread with its own packing
+// buffer; product(j0, nj, scratch) computes columns [j0, j0 + nj).
+template <class F>
+void packing_parallel(int64_t M, int64_t N, int64_t K, const F& product) {
   const int64_t panels = (N + 15) / 16;
   cpu::parallel_for(panels, std::max<int64_t>(1, cpu::config().par_min_work / std::max<int64_t>(1, 16 * M * K)),
                     [&](int64_t p0, int64_t p1, int) {
                       const int64_t j0 = 16 * p0, j1 = std::min(N, 16 * p1);
                       block_pool::Floats scratch(sgemm_nn::nt_scratch_floats(j1 - j0));
                       TORCH_CHECK(scratch.ok(), "seqfast: out of memory for a GEMM's packing buffer");
-                      sgemm_nn::gemm_nt(M, j1 - j0, K, a, lda, w + j0 * ldw, ldw, beta, c + j0, ldc,
-                                        bias ? bias + j0 : nullptr, scratch.get());
+                      product(j0, j1 - j0, scratch.get());
                     });
+}
+}  // namespace
+
+// c[M, N] = beta c + a @ w^T (+ bias) on the own AVX2 outer-product kernel with W's k-slices packed as it goes
+// (sgemm_nn::gemm_nt), the columns split over the team in whole 16-column panels, each thread packing its own.
+void ntp_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw,
+                  float beta, float* c, int64_t ldc, const float* bias) {
+  packing_parallel(M, N, K, [&](int64_t j0, int64_t nj, float* scratch) {
+    sgemm_nn::gemm_nt(M, nj, K, a, lda, w + j0 * ldw, ldw, beta, c + j0, ldc, bias ? bias + j0 : nullptr, scratch);
+  });
 }
 
 // c[M, N] = beta c + A @ b on the own AVX2 outer-product kernel, A(r, k) = a[r * ar + k * ak], b row-major: the
@@ -278,15 +288,9 @@ void nn_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, in
 // (sgemm_nn::gemm_nn_packing), the columns split over the team in whole 16-column panels, each thread packing its own.
 void nnp_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t ak, const float* b,
                   int64_t ldb, float beta, float* c, int64_t ldc) {
-  const int64_t panels = (N + 15) / 16;
-  cpu::parallel_for(panels, std::max<int64_t>(1, cpu::config().par_min_work / std::max<int64_t>(1, 16 * M * K)),
-                    [&](int64_t p0, int64_t p1, int) {
-                      const int64_t j0 = 16 * p0, j1 = std::min(N, 16 * p1);
-                      block_pool::Floats scratch(sgemm_nn::nt_scratch_floats(j1 - j0));
-                      TORCH_CHECK(scratch.ok(), "seqfast: out of memory for a GEMM's packing buffer");
-                      sgemm_nn::gemm_nn_packing(M, j1 - j0, K, a, ar, ak, b + j0, ldb, beta, c + j0, ldc,
-                                                scratch.get());
-                    });
+  packing_parallel(M, N, K, [&](int64_t j0, int64_t nj, float* scratch) {
+    sgemm_nn::gemm_nn_packing(M, nj, K, a, ar, ak, b + j0, ldb, beta, c + j0, ldc, scratch);
+  });
 }
 
 namespace {

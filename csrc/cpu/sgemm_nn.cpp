@@ -165,8 +165,7 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const
       for (int64_t j = 0; j < N; ++j) c[r * ldc + j] = (beta != 0.f ? c[r * ldc + j] : 0.f) + bias[j];
     beta = 1.f;
   }
-  const auto none = [](int64_t, int64_t) { return static_cast<const float*>(nullptr); };
-  if (K <= 0) return blocked(M, N, 0, a, lda, 1, none, kNR, beta, c, ldc);
+  if (K <= 0) return gemm(M, N, 0, a, lda, 1, nullptr, 0, beta, c, ldc);
   for (int64_t k0 = 0; k0 < K; k0 += kKC) {
     const int64_t kc = std::min(kKC, K - k0);
     pack_rows(w + k0, ldw, N, kc, scratch);
