@@ -102,6 +102,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   // ---- RNN cells and sequences (rnn/rnn.h) ----
   m.def("rnn_kernels_supported", &seqfast::rnn_kernels_supported);
+  m.def("bf16_cell_weights_supported", &seqfast::bf16_cell_weights_supported);
   // metadata only, microseconds: the GIL stays held (releasing it would cost more than the check)
   m.def("check_cell_args", &seqfast::check_cell_args, "seqfast.functional's cell checks (torch's errors)");
   // The GEMM entry point (cpu/gemm.h), bound for its parity tests.

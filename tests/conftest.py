@@ -106,6 +106,22 @@ def no_grad_kernel_calls(monkeypatch):
     return calls
 
 
+def bfloat16_paths_taken(monkeypatch, rule):
+    """seqfast._rules' float32 paths for bfloat16 (upcast_bfloat16, bf16_weights_in_place) allowed on this CPU class,
+    and the decision ``rule`` (one of them, by name) spied on; -> the list of the row counts it let through."""
+    from seqfast import _rules
+    monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", (_rules.cpu_class(),))
+    taken, original = [], getattr(_rules, rule)
+
+    def spy(tensors, rows):
+        verdict = original(tensors, rows)
+        if verdict:
+            taken.append(rows)
+        return verdict
+    monkeypatch.setattr(_rules, rule, spy)
+    return taken
+
+
 @contextlib.contextmanager
 def cpp_config(**fields):
     """seqfast._C's configuration with ``fields`` set inside the block (an internal path forced or switched off), the

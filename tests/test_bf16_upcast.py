@@ -7,7 +7,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import seqfast
-from conftest import assert_raises_like_torch
+from conftest import assert_raises_like_torch, bfloat16_paths_taken
 from seqfast import _rules
 
 BF16 = torch.bfloat16
@@ -17,17 +17,7 @@ TOL = dict(rtol=5e-2, atol=5e-2)
 @pytest.fixture
 def upcasts(monkeypatch):
     """The upcast path allowed on this CPU class; -> the list of calls that took it."""
-    monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", (_rules.cpu_class(),))
-    taken = []
-    original = _rules.upcast_bfloat16
-
-    def spy(tensors, rows):
-        verdict = original(tensors, rows)
-        if verdict:
-            taken.append(rows)
-        return verdict
-    monkeypatch.setattr(_rules, "upcast_bfloat16", spy)
-    return taken
+    return bfloat16_paths_taken(monkeypatch, "upcast_bfloat16")
 
 
 def _pair(kind, *args, **kw):
@@ -77,13 +67,14 @@ def test_sequence_matches_float64_torch(upcasts, kind, kw, layers, bidirectional
 def test_cell_matches_float64_torch(upcasts, kind, grad):
     torch.manual_seed(0)
     ours, ref = _pair(kind, 6, 8)
-    x = torch.randn(9, 6).to(BF16)
-    h = torch.randn(9, 8).to(BF16)
-    hx = (h, torch.randn(9, 8).to(BF16)) if kind == "LSTMCell" else h
+    rows = _rules.BF16_IN_PLACE_MAX_ROWS + 1  # fewer rows read the weights in place (test_bf16_cell_weights.py)
+    x = torch.randn(rows, 6).to(BF16)
+    h = torch.randn(rows, 8).to(BF16)
+    hx = (h, torch.randn(rows, 8).to(BF16)) if kind == "LSTMCell" else h
     hx64 = tuple(t.double() for t in hx) if kind == "LSTMCell" else h.double()
     with torch.set_grad_enabled(grad):
         got, want = _flat(ours(x, hx)), _flat(ref(x.double(), hx64))
-    assert upcasts == [9]
+    assert upcasts == [rows]
     for g, w in zip(got, want):
         assert g.dtype == BF16
         torch.testing.assert_close(g.double(), w, **TOL)
@@ -101,7 +92,7 @@ def test_regular_path_where_the_call_does_not_qualify(upcasts):
     ref = torch.nn.LSTMCell(6, 8).to(BF16)
     ref.load_state_dict(ours.state_dict())
     with torch.no_grad():
-        ours(torch.randn(4, 6).to(BF16))  # batch below UPCAST_BF16_MIN_ROWS: torch's bfloat16 cell
+        ours(torch.randn(4, 6).to(BF16))  # batch below UPCAST_BF16_MIN_ROWS
         with seqfast.use_backend("torch"):  # a forced backend
             ours(torch.randn(9, 6).to(BF16))
         with torch.autocast("cpu", dtype=BF16):  # autocast casts itself

@@ -170,9 +170,14 @@ def test_cell_call_follows_the_rule_table():
             _rules.set_rules(saved)
 
 
+_FUNCTIONAL = {"LSTMCell": "lstm_cell", "GRUCell": "gru_cell", "RNNCell": "rnn_cell"}
+
+
 @pytest.mark.parametrize("kind,kw", CELLS)
 def test_cell_call_runs_torchs_op_without_a_cpp_kernel(kind, kw, monkeypatch):
-    # bfloat16 cells have no C++ kernel: seqfast.functional runs torch's cell op, and the call runs it itself
+    # bfloat16 cells have no C++ kernel: on a CPU with native bfloat16, seqfast.functional runs torch's cell op, and
+    # the call runs it itself
+    monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", ())
     torch.manual_seed(0)
     ref, mod = _pair(kind, kw, torch.bfloat16)
     x, hx = torch.randn(3, 5, dtype=torch.bfloat16), _states(kind, 3, dtype=torch.bfloat16)
@@ -183,15 +188,19 @@ def test_cell_call_runs_torchs_op_without_a_cpp_kernel(kind, kw, monkeypatch):
         for args in [(torch.randn(3, 4, dtype=torch.bfloat16), hx),  # torch's own errors
                      (x, _states(kind, 2, dtype=torch.bfloat16))]:
             assert_raises_like_torch(ref, mod, args)
-    # where the functional computes bfloat16 in float32 (seqfast._rules.upcast_bfloat16: from 8 rows on a CPU without
-    # native bfloat16), the call leaves those steps to it
+    # where the functional computes bfloat16 in float32 (on a CPU without native bfloat16: seqfast._rules), the call
+    # runs the steps that read the weights in place as the functional does (bf16_weights_in_place: up to 16 rows),
+    # and leaves the upcast ones (upcast_bfloat16) to it
     monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", (_rules.cpu_class(),))
     _, mod = _pair(kind, kw, torch.bfloat16)
     with torch.no_grad():
         mod(x, hx)
         call = mod._seqfast_call
-        assert call(x, hx) is not None  # 3 rows
-        assert call(torch.randn(8, 5, dtype=torch.bfloat16), _states(kind, 8, dtype=torch.bfloat16)) is None
+        if seqfast._C.bf16_cell_weights_supported():
+            want = _flat(getattr(seqfast.functional, _FUNCTIONAL[kind])(x, hx, *mod.parameters(), **kw))
+            torch.testing.assert_close(_flat(call(x, hx)), want, rtol=0, atol=0)  # 3 rows: in place, as the functional
+        rows = _rules.BF16_IN_PLACE_MAX_ROWS + 1
+        assert call(torch.randn(rows, 5, dtype=torch.bfloat16), _states(kind, rows, dtype=torch.bfloat16)) is None
 
 
 def test_no_cell_call_is_retried_on_every_step(monkeypatch):

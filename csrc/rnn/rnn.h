@@ -20,6 +20,10 @@ using OptTensor = std::optional<at::Tensor>;
 constexpr int64_t kCellTorchOp = 0, kCellOk = 1, kCellMismatch = 2;
 int64_t check_cell_args(int64_t gates, const Tensor& input, const Tensor& h, const OptTensor& c, const Tensor& w_ih,
                      const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, bool autocast);
+// The cell entries below also take bfloat16 weights (w_ih and w_hh both) under float32 inputs of at most 16 rows,
+// where bf16_cell_weights_supported(): the weights are read in place (cpu/bf16_weight_gemv.h), everything else is
+// float32, and the backward returns the weight gradients in bfloat16, rounded once.
+bool bf16_cell_weights_supported();
 // -> (hy, cy, gates[B,4H] = activated [i f g o], saved for backward)
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& cx,
                                                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,

@@ -6,10 +6,13 @@
 #include "rnn/rnn.h"
 #include "rnn/rnn_args.h"
 #include "rnn/rnn_pointwise.h"
+#include "cpu/bf16_weight_gemv.h"
 #include "cpu/gemm.h"
+#include "cpu/team.h"
 
 #include <ATen/Dispatch.h>
 #include <array>
+#include <type_traits>
 
 namespace seqfast {
 
@@ -17,7 +20,78 @@ namespace {
 
 using kern::kMaxSmallB;
 
-template <typename T>
+// TW: the weights' element type, T's own, or bfloat16 under float32 activations: a bfloat16 step at batch 1-7 on a
+// CPU without native bfloat16, which reads its weights in place (cpu/bf16_weight_gemv.h; seqfast._rules). Those
+// steps always take the small-batch GEMV; every other tensor of theirs is float32.
+template <typename T, typename TW>
+constexpr bool kBf16Weights = !std::is_same_v<T, TW>;
+
+inline const uint16_t* bits(const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
+
+template <typename T, typename TW>
+inline void gemv_w(int64_t nb, const T* const* x1, const TW* w1, int64_t K1, const T* const* x2, const TW* w2,
+                   int64_t K2, T* const* y, int64_t j0, int64_t j1, bool accumulate) {
+  if constexpr (kBf16Weights<T, TW>) {
+    static_assert(std::is_same_v<T, float> && std::is_same_v<TW, at::BFloat16>, "bfloat16 weights, float32 rows");
+    bf16w::gemv(nb, x1, bits(w1), K1, x2, bits(w2), K2, y, j0, j1, accumulate);
+  } else {
+    kern::gemv<T>(nb, x1, w1, K1, x2, w2, K2, y, j0, j1, accumulate);
+  }
+}
+
+// f(TW()) for the weights' element type (see kBf16Weights): the entries accept bfloat16 weights under float32 input
+// only.
+template <typename T, typename F>
+inline void with_weight_type(const Tensor& w, const F& f) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (w.scalar_type() == at::kBFloat16) return f(at::BFloat16());
+  }
+  f(T());
+}
+
+// Rows of a product with bfloat16 weights per chunk of the team: enough multiply-adds to be worth a thread.
+inline int64_t bf16_grain(int64_t work_per_row) {
+  return std::max<int64_t>(1, kern::par_min_work() / std::max<int64_t>(1, work_per_row));
+}
+
+// dg [B, G] @ w [G, K]: the backward's input or state gradient. bfloat16 w under float32 dg: the in-place kernel, the
+// weight rows split over the team, each chunk summing into rows of its own that are added up after.
+Tensor grad_in(const Tensor& dg, const Tensor& w) {
+  if (w.scalar_type() == dg.scalar_type()) return gemm::mm(dg, w);
+  const int64_t B = dg.size(0), G = w.size(0), K = w.size(1);
+  const Tensor d = dg.contiguous();
+  const uint16_t* wp = bits(w.const_data_ptr<at::BFloat16>());
+  const int64_t grain = bf16_grain(B * K);
+  const int nc = cpu::parallel_chunks(G, grain);
+  if (nc <= 1) {
+    Tensor y = at::empty({B, K}, dg.options());
+    bf16w::gemv_t(B, d.const_data_ptr<float>(), G, wp, K, 0, G, y.data_ptr<float>(), false);
+    return y;
+  }
+  Tensor part = at::zeros({nc, B, K}, dg.options());
+  float* pp = part.data_ptr<float>();
+  cpu::parallel_for(G, grain, [&](int64_t j0, int64_t j1, int c) {
+    bf16w::gemv_t(B, d.const_data_ptr<float>(), G, wp, K, j0, j1, pp + c * B * K, true);
+  });
+  return part.sum(0);
+}
+
+// dg [B, G]^T @ x [B, K]: a weight's gradient, of w's dtype. bfloat16 w under float32 dg: summed in float32 and
+// rounded once, the rows split over the team.
+Tensor grad_w(const Tensor& dg, const Tensor& x, const Tensor& w) {
+  if (w.scalar_type() == dg.scalar_type()) return gemm::mm(dg.t(), x);
+  const int64_t B = dg.size(0), G = dg.size(1), K = x.size(1);
+  TORCH_CHECK(B <= kMaxSmallB, "seqfast: bfloat16 weight gradients take at most ", kMaxSmallB, " rows, got ", B);
+  Tensor dw = at::empty({G, K}, w.options());
+  const Tensor d = dg.contiguous(), xc = x.contiguous();
+  uint16_t* out = reinterpret_cast<uint16_t*>(dw.data_ptr<at::BFloat16>());
+  cpu::parallel_for(G, bf16_grain(B * K), [&](int64_t j0, int64_t j1, int) {
+    bf16w::outer(B, d.const_data_ptr<float>(), G, xc.const_data_ptr<float>(), K, j0, j1, out);
+  });
+  return dw;
+}
+
+template <typename T, typename TW>
 void lstm_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh,
                         const T* b1, const T* b2, Tensor& hy, Tensor& cy, Tensor& gates) {
   const int64_t B = x.size(0), I = x.size(1), H = hx.size(1);
@@ -26,7 +100,7 @@ void lstm_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& cx, con
   const T* c = cx.const_data_ptr<T>();
   T* hyp = hy.data_ptr<T>();
   T* cyp = cy.data_ptr<T>();
-  if (kern::use_small(B)) {
+  if (kBf16Weights<T, TW> || kern::use_small(B)) {
     std::array<const T*, kMaxSmallB> xr, hr;
     std::array<T*, kMaxSmallB> gr;
     for (int64_t b = 0; b < B; ++b) {
@@ -34,11 +108,11 @@ void lstm_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& cx, con
       hr[b] = hx.const_data_ptr<T>() + b * H;
       gr[b] = g + b * 4 * H;
     }
-    const T* wi = w_ih.const_data_ptr<T>();
-    const T* wh = w_hh.const_data_ptr<T>();
+    const TW* wi = w_ih.const_data_ptr<TW>();
+    const TW* wh = w_hh.const_data_ptr<TW>();
     kern::par_units(H, B * 4 * H * (I + H), [&](int64_t k0, int64_t k1) {
       for (int64_t q = 0; q < 4; ++q)
-        kern::gemv<T>(B, xr.data(), wi, I, hr.data(), wh, H, gr.data(), q * H + k0, q * H + k1, false);
+        gemv_w<T, TW>(B, xr.data(), wi, I, hr.data(), wh, H, gr.data(), q * H + k0, q * H + k1, false);
       for (int64_t b = 0; b < B; ++b)
         kern::lstm_fwd_row<T>(g + b * 4 * H, b1, b2, c + b * H, cyp + b * H, hyp + b * H, H, k0, k1);
     });
@@ -52,7 +126,7 @@ void lstm_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& cx, con
   }
 }
 
-template <typename T>
+template <typename T, typename TW>
 void gru_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh, const T* bih,
                        const T* bhh, Tensor& hy, Tensor& ws) {
   const int64_t B = x.size(0), I = x.size(1), H = hx.size(1);
@@ -63,7 +137,7 @@ void gru_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
   const T* h = hx.const_data_ptr<T>();
   T* hyp = hy.data_ptr<T>();
   T* wsp = ws.data_ptr<T>();
-  if (kern::use_small(B)) {
+  if (kBf16Weights<T, TW> || kern::use_small(B)) {
     std::array<const T*, kMaxSmallB> xr, hr;
     std::array<T*, kMaxSmallB> gir, ghr;
     for (int64_t b = 0; b < B; ++b) {
@@ -72,12 +146,12 @@ void gru_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
       gir[b] = pp + b * 6 * H;
       ghr[b] = pp + b * 6 * H + 3 * H;
     }
-    const T* wi = w_ih.const_data_ptr<T>();
-    const T* wh = w_hh.const_data_ptr<T>();
+    const TW* wi = w_ih.const_data_ptr<TW>();
+    const TW* wh = w_hh.const_data_ptr<TW>();
     kern::par_units(H, B * 3 * H * (I + H), [&](int64_t k0, int64_t k1) {
       for (int64_t q = 0; q < 3; ++q) {
-        kern::gemv<T>(B, xr.data(), wi, I, nullptr, nullptr, 0, gir.data(), q * H + k0, q * H + k1, false);
-        kern::gemv<T>(B, hr.data(), wh, H, nullptr, nullptr, 0, ghr.data(), q * H + k0, q * H + k1, false);
+        gemv_w<T, TW>(B, xr.data(), wi, I, nullptr, nullptr, 0, gir.data(), q * H + k0, q * H + k1, false);
+        gemv_w<T, TW>(B, hr.data(), wh, H, nullptr, nullptr, 0, ghr.data(), q * H + k0, q * H + k1, false);
       }
       for (int64_t b = 0; b < B; ++b)
         kern::gru_fwd_row<T>(pp + b * 6 * H, bih, pp + b * 6 * H + 3 * H, bhh, h + b * H, hyp + b * H,
@@ -94,13 +168,13 @@ void gru_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
   }
 }
 
-template <typename T>
+template <typename T, typename TW>
 void rnn_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh, const T* b1,
                        const T* b2, bool relu, Tensor& hy) {
   const int64_t B = x.size(0), I = x.size(1), H = hx.size(1);
   if (B == 0 || H == 0) return;
   T* y = hy.data_ptr<T>();
-  if (kern::use_small(B)) {
+  if (kBf16Weights<T, TW> || kern::use_small(B)) {
     std::array<const T*, kMaxSmallB> xr, hr;
     std::array<T*, kMaxSmallB> yr;
     for (int64_t b = 0; b < B; ++b) {
@@ -108,10 +182,10 @@ void rnn_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
       hr[b] = hx.const_data_ptr<T>() + b * H;
       yr[b] = y + b * H;
     }
-    const T* wi = w_ih.const_data_ptr<T>();
-    const T* wh = w_hh.const_data_ptr<T>();
+    const TW* wi = w_ih.const_data_ptr<TW>();
+    const TW* wh = w_hh.const_data_ptr<TW>();
     kern::par_units(H, B * H * (I + H), [&](int64_t k0, int64_t k1) {
-      kern::gemv<T>(B, xr.data(), wi, I, hr.data(), wh, H, yr.data(), k0, k1, false);
+      gemv_w<T, TW>(B, xr.data(), wi, I, hr.data(), wh, H, yr.data(), k0, k1, false);
       for (int64_t b = 0; b < B; ++b) kern::rnn_fwd_row<T>(y + b * H, b1, b2, y + b * H, relu, k0, k1);
     });
   } else {
@@ -132,8 +206,10 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_impl(const Tensor& x, const
   Tensor cy = at::empty({B, H}, x.options());
   Tensor gates = at::empty({B, 4 * H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::lstm_cell_forward", [&] {
-    lstm_cell_fwd_impl<scalar_t>(x, hx, cx, w_ih, w_hh, kern::opt_ptr<scalar_t>(b_ih),
-                                 kern::opt_ptr<scalar_t>(b_hh), hy, cy, gates);
+    with_weight_type<scalar_t>(w_ih, [&](auto tw) {
+      lstm_cell_fwd_impl<scalar_t, decltype(tw)>(x, hx, cx, w_ih, w_hh, kern::opt_ptr<scalar_t>(b_ih),
+                                                 kern::opt_ptr<scalar_t>(b_hh), hy, cy, gates);
+    });
   });
   return {hy, cy, gates};
 }
@@ -160,7 +236,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_im
                               dgp + b * 4 * H, dcxp + b * H, H, 0, H);
     });
   });
-  return {gemm::mm(dg, w_ih), gemm::mm(dg, w_hh), dcx, gemm::mm(dg.t(), x), gemm::mm(dg.t(), hx), dg.sum(0)};
+  return {grad_in(dg, w_ih), grad_in(dg, w_hh), dcx, grad_w(dg, x, w_ih), grad_w(dg, hx, w_hh), dg.sum(0)};
 }
 
 std::tuple<Tensor, Tensor> gru_cell_forward_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
@@ -170,8 +246,10 @@ std::tuple<Tensor, Tensor> gru_cell_forward_impl(const Tensor& x, const Tensor& 
   Tensor hy = at::empty({B, H}, x.options());
   Tensor ws = at::empty({B, 4 * H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::gru_cell_forward", [&] {
-    gru_cell_fwd_impl<scalar_t>(x, hx, w_ih, w_hh, kern::opt_ptr<scalar_t>(b_ih), kern::opt_ptr<scalar_t>(b_hh), hy,
-                                ws);
+    with_weight_type<scalar_t>(w_ih, [&](auto tw) {
+      gru_cell_fwd_impl<scalar_t, decltype(tw)>(x, hx, w_ih, w_hh, kern::opt_ptr<scalar_t>(b_ih),
+                                                kern::opt_ptr<scalar_t>(b_hh), hy, ws);
+    });
   });
   return {hy, ws};
 }
@@ -198,8 +276,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward_imp
                              dhxp + b * H, H, 0, H);
     });
   });
-  dhx.addmm_(dgh, w_hh);
-  return {gemm::mm(dgi, w_ih), dhx, gemm::mm(dgi.t(), x), gemm::mm(dgh.t(), hx), dgi.sum(0), dgh.sum(0)};
+  if (w_hh.scalar_type() == dgh.scalar_type())
+    dhx.addmm_(dgh, w_hh);
+  else
+    dhx.add_(grad_in(dgh, w_hh));
+  return {grad_in(dgi, w_ih), dhx, grad_w(dgi, x, w_ih), grad_w(dgh, hx, w_hh), dgi.sum(0), dgh.sum(0)};
 }
 
 Tensor rnn_cell_forward_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
@@ -207,8 +288,10 @@ Tensor rnn_cell_forward_impl(const Tensor& x, const Tensor& hx, const Tensor& w_
   kern::check_cpu();
   Tensor hy = at::empty({x.size(0), hx.size(1)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::rnn_cell_forward", [&] {
-    rnn_cell_fwd_impl<scalar_t>(x, hx, w_ih, w_hh, kern::opt_ptr<scalar_t>(b_ih), kern::opt_ptr<scalar_t>(b_hh),
-                                relu, hy);
+    with_weight_type<scalar_t>(w_ih, [&](auto tw) {
+      rnn_cell_fwd_impl<scalar_t, decltype(tw)>(x, hx, w_ih, w_hh, kern::opt_ptr<scalar_t>(b_ih),
+                                                kern::opt_ptr<scalar_t>(b_hh), relu, hy);
+    });
   });
   return hy;
 }
@@ -228,7 +311,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward_impl(const 
       for (int64_t b = r0; b < r1; ++b) kern::rnn_bwd_row<T>(dh + b * H, nullptr, y + b * H, d + b * H, relu, 0, H);
     });
   });
-  return {gemm::mm(dp, w_ih), gemm::mm(dp, w_hh), gemm::mm(dp.t(), x), gemm::mm(dp.t(), hx), dp.sum(0)};
+  return {grad_in(dp, w_ih), grad_in(dp, w_hh), grad_w(dp, x, w_ih), grad_w(dp, hx, w_hh), dp.sum(0)};
 }
 
 }  // namespace
@@ -237,6 +320,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward_impl(const 
 using rnn_args::kAny;
 using rnn_args::need;
 using rnn_args::need_opt;
+
+// The weights' dtype an entry takes: the input's, or bfloat16 under a float32 input of at most kMaxSmallB rows (see
+// kBf16Weights).
+at::ScalarType weight_dtype(const char* fn, const Tensor& x, const Tensor& w_ih) {
+  const auto dt = x.scalar_type();
+  if (dt != at::kFloat || !w_ih.defined() || w_ih.scalar_type() != at::kBFloat16) return dt;
+  TORCH_CHECK(x.size(0) <= kMaxSmallB, fn, ": bfloat16 weights under a float32 input take at most ", kMaxSmallB,
+              " rows, got ", x.size(0));
+  TORCH_CHECK(bf16w::available(), fn, ": bfloat16 weights under a float32 input need a CPU with AVX2 and FMA");
+  return at::kBFloat16;
+}
+
+// An optional bias as need_opt takes it. With bfloat16 weights (wt) under a float32 input (dt) it may be bfloat16
+// too, and is returned as a float32 copy (a few hundred bytes): the caller then passes the bias as the module holds
+// it, with no conversion of its own for autograd to record (the gradient, float32, is cast back by autograd).
+OptTensor need_bias(const char* fn, const char* name, const OptTensor& b, int64_t n, at::ScalarType dt,
+                    at::ScalarType wt) {
+  if (wt != dt && b.has_value() && b->defined() && b->scalar_type() == wt)
+    return need(fn, name, *b, {n}, wt).to(dt);
+  return need_opt(fn, name, b, n, dt);
+}
 
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& cx,
                                                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
@@ -247,9 +351,10 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& x, const Tens
   const int64_t B = x.size(0), I = x.size(1);
   const Tensor hc = need(fn, "hx", hx, {B, kAny}, dt);
   const int64_t H = hx.size(1);
-  return lstm_cell_forward_impl(xc, hc, need(fn, "cx", cx, {B, H}, dt), need(fn, "weight_ih", w_ih, {4 * H, I}, dt),
-                                need(fn, "weight_hh", w_hh, {4 * H, H}, dt), need_opt(fn, "bias_ih", b_ih, 4 * H, dt),
-                                need_opt(fn, "bias_hh", b_hh, 4 * H, dt));
+  const auto wt = weight_dtype(fn, xc, w_ih);
+  return lstm_cell_forward_impl(xc, hc, need(fn, "cx", cx, {B, H}, dt), need(fn, "weight_ih", w_ih, {4 * H, I}, wt),
+                                need(fn, "weight_hh", w_hh, {4 * H, H}, wt), need_bias(fn, "bias_ih", b_ih, 4 * H, dt, wt),
+                                need_bias(fn, "bias_hh", b_hh, 4 * H, dt, wt));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
@@ -261,9 +366,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
   const int64_t B = x.size(0), I = x.size(1);
   const Tensor hc = need(fn, "hx", hx, {B, kAny}, dt);
   const int64_t H = hx.size(1);
+  const auto wt = weight_dtype(fn, xc, w_ih);
   return lstm_cell_backward_impl(need(fn, "grad_hy", grad_hy, {B, H}, dt), need(fn, "grad_cy", grad_cy, {B, H}, dt),
-                                 xc, hc, need(fn, "cx", cx, {B, H}, dt), need(fn, "weight_ih", w_ih, {4 * H, I}, dt),
-                                 need(fn, "weight_hh", w_hh, {4 * H, H}, dt), need(fn, "gates", gates, {B, 4 * H}, dt),
+                                 xc, hc, need(fn, "cx", cx, {B, H}, dt), need(fn, "weight_ih", w_ih, {4 * H, I}, wt),
+                                 need(fn, "weight_hh", w_hh, {4 * H, H}, wt), need(fn, "gates", gates, {B, 4 * H}, dt),
                                  need(fn, "cy", cy, {B, H}, dt));
 }
 
@@ -275,9 +381,10 @@ std::tuple<Tensor, Tensor> gru_cell_forward(const Tensor& x, const Tensor& hx, c
   const int64_t B = x.size(0), I = x.size(1);
   const Tensor hc = need(fn, "hx", hx, {B, kAny}, dt);
   const int64_t H = hx.size(1);
-  return gru_cell_forward_impl(xc, hc, need(fn, "weight_ih", w_ih, {3 * H, I}, dt),
-                               need(fn, "weight_hh", w_hh, {3 * H, H}, dt), need_opt(fn, "bias_ih", b_ih, 3 * H, dt),
-                               need_opt(fn, "bias_hh", b_hh, 3 * H, dt));
+  const auto wt = weight_dtype(fn, xc, w_ih);
+  return gru_cell_forward_impl(xc, hc, need(fn, "weight_ih", w_ih, {3 * H, I}, wt),
+                               need(fn, "weight_hh", w_hh, {3 * H, H}, wt), need_bias(fn, "bias_ih", b_ih, 3 * H, dt, wt),
+                               need_bias(fn, "bias_hh", b_hh, 3 * H, dt, wt));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward(const Tensor& grad_hy, const Tensor& x,
@@ -289,8 +396,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward(con
   const int64_t B = x.size(0), I = x.size(1);
   const Tensor hc = need(fn, "hx", hx, {B, kAny}, dt);
   const int64_t H = hx.size(1);
+  const auto wt = weight_dtype(fn, xc, w_ih);
   return gru_cell_backward_impl(need(fn, "grad_hy", grad_hy, {B, H}, dt), xc, hc,
-                                need(fn, "weight_ih", w_ih, {3 * H, I}, dt), need(fn, "weight_hh", w_hh, {3 * H, H}, dt),
+                                need(fn, "weight_ih", w_ih, {3 * H, I}, wt), need(fn, "weight_hh", w_hh, {3 * H, H}, wt),
                                 need(fn, "ws", ws, {B, 4 * H}, dt));
 }
 
@@ -302,8 +410,9 @@ Tensor rnn_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& w_ih, c
   const int64_t B = x.size(0), I = x.size(1);
   const Tensor hc = need(fn, "hx", hx, {B, kAny}, dt);
   const int64_t H = hx.size(1);
-  return rnn_cell_forward_impl(xc, hc, need(fn, "weight_ih", w_ih, {H, I}, dt), need(fn, "weight_hh", w_hh, {H, H}, dt),
-                               need_opt(fn, "bias_ih", b_ih, H, dt), need_opt(fn, "bias_hh", b_hh, H, dt), relu);
+  const auto wt = weight_dtype(fn, xc, w_ih);
+  return rnn_cell_forward_impl(xc, hc, need(fn, "weight_ih", w_ih, {H, I}, wt), need(fn, "weight_hh", w_hh, {H, H}, wt),
+                               need_bias(fn, "bias_ih", b_ih, H, dt, wt), need_bias(fn, "bias_hh", b_hh, H, dt, wt), relu);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward(const Tensor& grad_hy, const Tensor& x,
@@ -315,10 +424,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward(const Tenso
   const int64_t B = x.size(0), I = x.size(1);
   const Tensor hc = need(fn, "hx", hx, {B, kAny}, dt);
   const int64_t H = hx.size(1);
-  return rnn_cell_backward_impl(need(fn, "grad_hy", grad_hy, {B, H}, dt), xc, hc, need(fn, "weight_ih", w_ih, {H, I}, dt),
-                                need(fn, "weight_hh", w_hh, {H, H}, dt), need(fn, "hy", hy, {B, H}, dt), relu);
+  const auto wt = weight_dtype(fn, xc, w_ih);
+  return rnn_cell_backward_impl(need(fn, "grad_hy", grad_hy, {B, H}, dt), xc, hc, need(fn, "weight_ih", w_ih, {H, I}, wt),
+                                need(fn, "weight_hh", w_hh, {H, H}, wt), need(fn, "hy", hy, {B, H}, dt), relu);
 }
 
 bool rnn_kernels_supported() { return kern::cpu_supported(); }
+
+bool bf16_cell_weights_supported() { return bf16w::available(); }
 
 }  // namespace seqfast

@@ -156,15 +156,18 @@ class ModuleCall {
 // or tanh), hx a tensor, returns h'. Batched steps with their state given; the rest is the Python path's. torch_op:
 // a dtype the C++ cell kernels do not run (bfloat16, float16), where seqfast.functional calls torch's own cell op:
 // this call runs that op itself (torch's results and errors, without the dispatch Python), except from
-// upcast_min_rows rows (when > 0), which the functional computes in float32 on the C++ kernels.
+// upcast_min_rows rows (when > 0), which the functional computes in float32 on the C++ kernels. bf16_weights: below
+// those rows, a bfloat16 step runs the C++ kernels on float32 copies of its activations with the weights read in
+// place, as the functional does (seqfast._rules.bf16_weights_in_place).
 class CellCall {
  public:
   CellCall(int64_t gates, bool relu, py::dict params, py::list expected, py::object w_ih, py::object w_hh,
            py::object b_ih, py::object b_hh, std::vector<std::pair<int64_t, int64_t>> torch_batches, bool torch_op,
-           int64_t upcast_min_rows)
+           int64_t upcast_min_rows, bool bf16_weights)
       : guard_(std::move(params), std::move(expected)), gates_(gates), relu_(relu), w_ih_(std::move(w_ih)),
         w_hh_(std::move(w_hh)), b_ih_(std::move(b_ih)), b_hh_(std::move(b_hh)),
-        torch_batches_(std::move(torch_batches)), torch_op_(torch_op), upcast_min_rows_(upcast_min_rows) {
+        torch_batches_(std::move(torch_batches)), torch_op_(torch_op), upcast_min_rows_(upcast_min_rows),
+        bf16_weights_(bf16_weights) {
     TORCH_CHECK(gates == 4 || gates == 3 || gates == 1, "CellCall: gates must be 4, 3 or 1, got ", gates);
     TORCH_CHECK(THPVariable_Check(w_ih_.ptr()) && THPVariable_Check(w_hh_.ptr()), "CellCall: weights must be tensors");
     for (const py::object* b : {&b_ih_, &b_hh_})
@@ -193,6 +196,7 @@ class CellCall {
     const OptTensor b_hh = b_hh_.is_none() ? OptTensor() : OptTensor(current(b_hh_));
     if (torch_op_) {
       if (upcast_min_rows_ > 0 && x->size(0) >= upcast_min_rows_) return py::none();
+      if (bf16_weights_ && x->size(0) > 0) return bf16_step(*x, *h, c, w_ih, w_hh, b_ih, b_hh);
       return torch_cell(*x, *h, c, w_ih, w_hh, b_ih, b_hh);
     }
     // torch's shape errors, raised here as the Python path raises them; a weight or bias the kernels cannot read,
@@ -230,7 +234,35 @@ class CellCall {
   std::vector<std::pair<int64_t, int64_t>> torch_batches_;
   bool torch_op_;
   int64_t upcast_min_rows_;
+  bool bf16_weights_;
   at::ScalarType dtype_;
+
+  // A bfloat16 step on float32 copies of its activations (the entries copy the biases), the weights read in place;
+  // the results rounded to bfloat16 once (see bf16_weights above).
+  py::object bf16_step(const Tensor& x, const Tensor& h, const Tensor* c, const Tensor& w_ih, const Tensor& w_hh,
+                       const OptTensor& b_ih, const OptTensor& b_hh) const {
+    const int64_t verdict =
+        check_cell_args(gates_, x, h, c ? OptTensor(*c) : OptTensor(), w_ih, w_hh, b_ih, b_hh, false);
+    if (verdict == kCellTorchOp) return torch_cell(x, h, c, w_ih, w_hh, b_ih, b_hh);
+    if (verdict != kCellOk) return py::none();
+    const auto bf16 = [](const Tensor& t) { return wrap(t.to(at::kBFloat16)); };
+    if (gates_ == 4) {
+      std::tuple<Tensor, Tensor, Tensor> r;
+      {
+        py::gil_scoped_release release;
+        r = lstm_cell_forward(x.to(at::kFloat), h.to(at::kFloat), c->to(at::kFloat), w_ih, w_hh, b_ih, b_hh);
+      }
+      return py::make_tuple(bf16(std::get<0>(r)), bf16(std::get<1>(r)));
+    }
+    Tensor hy;
+    {
+      py::gil_scoped_release release;
+      const Tensor xf = x.to(at::kFloat), hf = h.to(at::kFloat);
+      hy = gates_ == 3 ? std::get<0>(gru_cell_forward(xf, hf, w_ih, w_hh, b_ih, b_hh))
+                       : rnn_cell_forward(xf, hf, w_ih, w_hh, b_ih, b_hh, relu_);
+    }
+    return bf16(hy);
+  }
 
   // torch's own cell op (what seqfast.functional calls for these dtypes), GIL released.
   py::object torch_cell(const Tensor& x, const Tensor& h, const Tensor* c, const Tensor& w_ih, const Tensor& w_hh,
@@ -267,10 +299,10 @@ void bind_module_call(py::module_& m) {
       .def("stale", &ModuleCall::stale);
   py::class_<CellCall>(m, "CellCall", "one no-grad step of a seqfast RNN cell module, checks included")
       .def(py::init<int64_t, bool, py::dict, py::list, py::object, py::object, py::object, py::object,
-                    std::vector<std::pair<int64_t, int64_t>>, bool, int64_t>(),
+                    std::vector<std::pair<int64_t, int64_t>>, bool, int64_t, bool>(),
            py::arg("gates"), py::arg("relu"), py::arg("params"), py::arg("expected"), py::arg("w_ih"),
            py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("torch_batches"), py::arg("torch_op"),
-           py::arg("upcast_min_rows"))
+           py::arg("upcast_min_rows"), py::arg("bf16_weights"))
       .def("__call__", &CellCall::call, py::arg("input"), py::arg("hx"))
       .def("stale", &CellCall::stale);
   m.def("rules_changed", [] { rules_epoch().fetch_add(1); },

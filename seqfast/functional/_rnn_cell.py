@@ -57,6 +57,21 @@ def _floats(*tensors):
     return [None if t is None else t.float() for t in tensors]
 
 
+def _bf16_weights(gates, input, h, c, w_ih, w_hh, b_ih, b_hh):
+    """Whether this bfloat16 step runs the float32 C++ kernels with its bfloat16 weights read in place
+    (seqfast._rules.bf16_weights_in_place): the extension has those kernels, and torch's checks pass with the weights
+    and biases in the layout the kernels read."""
+    global _bf16_weight_kernels
+    if _bf16_weight_kernels is None:
+        module = _ext.module()
+        _bf16_weight_kernels = bool(module is not None and getattr(module, "bf16_cell_weights_supported", bool)())
+    return (_bf16_weight_kernels and _rules.bf16_weights_in_place((input, h, c, w_ih, w_hh, b_ih, b_hh), _rows(input))
+            and _check(gates, input, h, c, w_ih, w_hh, b_ih, b_hh))
+
+
+_bf16_weight_kernels = None  # seqfast._C.bf16_cell_weights_supported(), once asked
+
+
 def _tuned(name, input, w_ih, w_hh, torch_call, seqfast_call):
     """A no-grad step with autotuning on (seqfast.autotune): the path measured fastest for this shape class."""
     key = (name, input.dtype, _autotune.size_class(input.shape[0]), _autotune.size_class(w_hh.shape[1]),
@@ -147,9 +162,13 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     if len(hx) != 2:
         raise RuntimeError("lstm_cell expects two hidden states")
     h, c = hx
-    if input.dtype is torch.bfloat16 and _rules.upcast_bfloat16((input, h, c, w_ih, w_hh, b_ih, b_hh), _rows(input)):
-        hy, cy = lstm_cell(input.float(), (h.float(), c.float()), *_floats(w_ih, w_hh, b_ih, b_hh))
-        return hy.to(torch.bfloat16), cy.to(torch.bfloat16)
+    if input.dtype is torch.bfloat16:
+        if _bf16_weights(4, input, h, c, w_ih, w_hh, b_ih, b_hh):
+            hy, cy, _ = _ops.lstm_cell(input.float(), h.float(), c.float(), w_ih, w_hh, b_ih, b_hh)
+            return hy.to(torch.bfloat16), cy.to(torch.bfloat16)
+        if _rules.upcast_bfloat16((input, h, c, w_ih, w_hh, b_ih, b_hh), _rows(input)):
+            hy, cy = lstm_cell(input.float(), (h.float(), c.float()), *_floats(w_ih, w_hh, b_ih, b_hh))
+            return hy.to(torch.bfloat16), cy.to(torch.bfloat16)
     kernel = _no_grad_kernel(_ops.lstm_cell, input)
     if kernel is not None and _native_check(4, input, h, c, w_ih, w_hh, b_ih, b_hh, False) == 1:
         if _autotune._enabled:
@@ -167,8 +186,11 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
 
 def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """One GRU step, as torch._VF.gru_cell; returns ``h'``."""
-    if input.dtype is torch.bfloat16 and _rules.upcast_bfloat16((input, hx, w_ih, w_hh, b_ih, b_hh), _rows(input)):
-        return gru_cell(input.float(), hx.float(), *_floats(w_ih, w_hh, b_ih, b_hh)).to(torch.bfloat16)
+    if input.dtype is torch.bfloat16:
+        if _bf16_weights(3, input, hx, None, w_ih, w_hh, b_ih, b_hh):
+            return _ops.gru_cell(input.float(), hx.float(), w_ih, w_hh, b_ih, b_hh)[0].to(torch.bfloat16)
+        if _rules.upcast_bfloat16((input, hx, w_ih, w_hh, b_ih, b_hh), _rows(input)):
+            return gru_cell(input.float(), hx.float(), *_floats(w_ih, w_hh, b_ih, b_hh)).to(torch.bfloat16)
     kernel = _no_grad_kernel(_ops.gru_cell, input)
     if kernel is not None and _native_check(3, input, hx, None, w_ih, w_hh, b_ih, b_hh, False) == 1:
         if _autotune._enabled:
@@ -186,8 +208,12 @@ def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
     """One Elman RNN step (``nonlinearity`` "tanh" or "relu"), as torch._VF.rnn_tanh_cell / rnn_relu_cell."""
     if nonlinearity not in ("tanh", "relu"):
         raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")
-    if input.dtype is torch.bfloat16 and _rules.upcast_bfloat16((input, hx, w_ih, w_hh, b_ih, b_hh), _rows(input)):
-        return rnn_cell(input.float(), hx.float(), *_floats(w_ih, w_hh, b_ih, b_hh), nonlinearity).to(torch.bfloat16)
+    if input.dtype is torch.bfloat16:
+        if _bf16_weights(1, input, hx, None, w_ih, w_hh, b_ih, b_hh):
+            hy = _ops.rnn_cell(input.float(), hx.float(), w_ih, w_hh, b_ih, b_hh, nonlinearity == "relu")
+            return hy.to(torch.bfloat16)
+        if _rules.upcast_bfloat16((input, hx, w_ih, w_hh, b_ih, b_hh), _rows(input)):
+            return rnn_cell(input.float(), hx.float(), *_floats(w_ih, w_hh, b_ih, b_hh), nonlinearity).to(torch.bfloat16)
     kernel = _no_grad_kernel(_ops.rnn_cell, input)
     if kernel is not None and _native_check(1, input, hx, None, w_ih, w_hh, b_ih, b_hh, False) == 1:
         if _autotune._enabled:

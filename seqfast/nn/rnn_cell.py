@@ -76,14 +76,20 @@ def _build_call(module, family, input):
         torch_op, upcast_rows = False, 0
     elif op.runs_torch_op(input) and input.is_cpu:
         # no C++ kernel for this dtype: seqfast.functional runs torch's cell op, and so does the call, except for the
-        # bfloat16 steps the functional computes in float32 (seqfast._rules.upcast_bfloat16)
+        # bfloat16 steps the functional computes in float32 (seqfast._rules.upcast_bfloat16) and, below those rows,
+        # on float32 activations with the weights read in place (seqfast._rules.bf16_weights_in_place)
         upcast = dtype is torch.bfloat16 and _rules.cpu_class() in _rules._UPCAST_BF16_CPUS
         torch_op, upcast_rows = True, _rules.UPCAST_BF16_MIN_ROWS if upcast else 0
     else:
         return None
-    return _ext.module().CellCall(
+    module_C = _ext.module()
+    bf16_weights = upcast_rows > 0 and module_C.bf16_cell_weights_supported()
+    if bf16_weights:  # the C++ step reads the weights in place up to that many rows (the functional's choice)
+        upcast_rows = _rules.BF16_IN_PLACE_MAX_ROWS + 1
+    return module_C.CellCall(
         _GATES[family], getattr(module, "nonlinearity", "tanh") == "relu", params, list(params.values()), w_ih, w_hh,
-        b_ih, b_hh, _rules.torch_batches(family, dtype, False, module.hidden_size), torch_op, upcast_rows)
+        b_ih, b_hh, _rules.torch_batches(family, dtype, False, module.hidden_size), torch_op, upcast_rows,
+        bf16_weights)
 
 
 class _CellCallState:

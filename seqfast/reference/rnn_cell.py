@@ -8,8 +8,15 @@ import torch
 import torch.nn.functional as F
 
 
+def _w(w, like):
+    """A weight or bias (or None) in ``like``'s dtype: a bfloat16 step of batch 1-16 hands the kernels bfloat16
+    weights and biases under float32 activations (seqfast._rules.bf16_weights_in_place); the math here runs in the
+    activations' dtype."""
+    return w if w is None or w.dtype == like.dtype else w.to(like.dtype)
+
+
 def lstm_cell_forward(x, hx, cx, w_ih, w_hh, b_ih, b_hh):
-    pre = F.linear(x, w_ih, b_ih) + F.linear(hx, w_hh, b_hh)
+    pre = F.linear(x, _w(w_ih, x), _w(b_ih, x)) + F.linear(hx, _w(w_hh, x), _w(b_hh, x))
     i, f, g, o = pre.chunk(4, 1)
     i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
     cy = f * cx + i * g
@@ -29,12 +36,13 @@ def lstm_gate_grads(grad_hy, grad_cy, cx, gates, cy):
 
 def lstm_cell_backward(grad_hy, grad_cy, x, hx, cx, w_ih, w_hh, gates, cy):
     dgates, dcx = lstm_gate_grads(grad_hy, grad_cy, cx, gates, cy)
-    return dgates @ w_ih, dgates @ w_hh, dcx, dgates.t() @ x, dgates.t() @ hx, dgates.sum(0)
+    return (dgates @ _w(w_ih, x), dgates @ _w(w_hh, x), dcx, (dgates.t() @ x).to(w_ih.dtype),
+            (dgates.t() @ hx).to(w_hh.dtype), dgates.sum(0))
 
 
 def gru_cell_forward(x, hx, w_ih, w_hh, b_ih, b_hh):
-    xr, xz, xn = F.linear(x, w_ih, b_ih).chunk(3, 1)
-    hr, hz, hn = F.linear(hx, w_hh, b_hh).chunk(3, 1)
+    xr, xz, xn = F.linear(x, _w(w_ih, x), _w(b_ih, x)).chunk(3, 1)
+    hr, hz, hn = F.linear(hx, _w(w_hh, x), _w(b_hh, x)).chunk(3, 1)
     r = (xr + hr).sigmoid()
     z = (xz + hz).sigmoid()
     n = (xn + r * hn).tanh()
@@ -54,12 +62,12 @@ def gru_gate_grads(grad_hy, hx, ws):
 def gru_cell_backward(grad_hy, x, hx, w_ih, w_hh, ws):
     dx_gates, dh_gates = gru_gate_grads(grad_hy, hx, ws)
     z = ws.chunk(4, 1)[1]
-    return (dx_gates @ w_ih, dh_gates @ w_hh + grad_hy * z, dx_gates.t() @ x, dh_gates.t() @ hx,
-            dx_gates.sum(0), dh_gates.sum(0))
+    return (dx_gates @ _w(w_ih, x), dh_gates @ _w(w_hh, x) + grad_hy * z, (dx_gates.t() @ x).to(w_ih.dtype),
+            (dh_gates.t() @ hx).to(w_hh.dtype), dx_gates.sum(0), dh_gates.sum(0))
 
 
 def rnn_cell_forward(x, hx, w_ih, w_hh, b_ih, b_hh, relu):
-    pre = F.linear(x, w_ih, b_ih) + F.linear(hx, w_hh, b_hh)
+    pre = F.linear(x, _w(w_ih, x), _w(b_ih, x)) + F.linear(hx, _w(w_hh, x), _w(b_hh, x))
     return pre.relu() if relu else pre.tanh()
 
 
@@ -69,7 +77,8 @@ def rnn_pre_grad(grad_hy, hy, relu):
 
 def rnn_cell_backward(grad_hy, x, hx, w_ih, w_hh, hy, relu):
     dpre = rnn_pre_grad(grad_hy, hy, relu)
-    return dpre @ w_ih, dpre @ w_hh, dpre.t() @ x, dpre.t() @ hx, dpre.sum(0)
+    return (dpre @ _w(w_ih, x), dpre @ _w(w_hh, x), (dpre.t() @ x).to(w_ih.dtype), (dpre.t() @ hx).to(w_hh.dtype),
+            dpre.sum(0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
