@@ -23,6 +23,7 @@ bool available() { return cpu::has_avx2_fma() && cpu::config().avx2_decode; }
 SEQFAST_TARGET_AVX2_BEGIN
 #include <immintrin.h>
 
+#include "cpu/avx2_bf16.h"
 #include "cpu/avx2_masks.h"
 #include "cpu/avx2_math.h"
 #endif
@@ -37,17 +38,10 @@ using avx2::mask8;
 
 // 8 elements from p as floats.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {  // bfloat16 bits: the top half of a float32
-  return _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
+inline __m256 load8(const uint16_t* p) { return avx2::load_bf16(p); }  // bfloat16 bits
 // The first n (< 8) elements from p as floats, the other lanes 0; nothing past p + n is read.
 inline __m256 load_part(const float* p, int64_t n) { return _mm256_maskload_ps(p, mask8(n)); }
-inline __m256 load_part(const uint16_t* p, int64_t n) {
-  alignas(16) uint16_t t[8] = {};
-  for (int64_t i = 0; i < n; ++i) t[i] = p[i];
-  return load8(t);
-}
+inline __m256 load_part(const uint16_t* p, int64_t n) { return avx2::load_bf16(p, n); }
 inline float to_float(float x) { return x; }
 inline float to_float(uint16_t b) {
   const uint32_t u = uint32_t(b) << 16;

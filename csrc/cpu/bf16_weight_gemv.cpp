@@ -28,6 +28,7 @@ bool available() {
 SEQFAST_TARGET_AVX2_BEGIN
 #include <immintrin.h>
 
+#include "cpu/avx2_bf16.h"
 #include "cpu/avx2_masks.h"
 #endif
 
@@ -39,27 +40,8 @@ namespace {
 
 using avx2::mask8;
 
-// Eight bfloat16 patterns to float32: a bfloat16 is the high half of the float32 with the same value.
-inline __m256 widen(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
-inline __m256 load_w(const uint16_t* p) { return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-// The first n (< 8) of them, the rest zero: never reads past p + n.
-inline __m256 load_w(const uint16_t* p, int64_t n) {
-  alignas(16) uint16_t t[8] = {};
-  std::memcpy(t, p, size_t(n) * sizeof(uint16_t));
-  return widen(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
-}
-
-// Eight float32 to bfloat16 patterns, rounded to nearest even; NaN becomes 0xFFFF, as torch's vectorized
-// float32 -> bfloat16 conversion (Tensor.to) writes it (c10's scalar conversion writes 0x7FC0: both are NaN).
-inline __m128i narrow(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0xFFFF), nan);
-  // every lane is below 0x10000 now, so the unsigned saturating pack keeps it as is
-  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-}
+inline __m256 load_w(const uint16_t* p) { return avx2::load_bf16(p); }
+inline __m256 load_w(const uint16_t* p, int64_t n) { return avx2::load_bf16(p, n); }
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -226,14 +208,14 @@ void outer(int64_t nb, const float* d, int64_t ldd, const float* x, int64_t K, i
     for (int64_t k = 0; k < kv; k += 8) {
       __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(x + k), _mm256_set1_ps(dj[0]));
       for (int64_t b = 1; b < nb; ++b) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + b * K + k), _mm256_set1_ps(dj[b]), acc);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), narrow(acc));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), avx2::to_bf16(acc));
     }
     if (tail) {
       __m256 acc = _mm256_mul_ps(_mm256_maskload_ps(x + kv, m), _mm256_set1_ps(dj[0]));
       for (int64_t b = 1; b < nb; ++b)
         acc = _mm256_fmadd_ps(_mm256_maskload_ps(x + b * K + kv, m), _mm256_set1_ps(dj[b]), acc);
       alignas(16) uint16_t t[8];
-      _mm_store_si128(reinterpret_cast<__m128i*>(t), narrow(acc));
+      _mm_store_si128(reinterpret_cast<__m128i*>(t), avx2::to_bf16(acc));
       std::memcpy(out + kv, t, size_t(tail) * sizeof(uint16_t));
     }
   }
