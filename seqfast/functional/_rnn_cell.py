@@ -57,19 +57,24 @@ def _floats(*tensors):
     return [None if t is None else t.float() for t in tensors]
 
 
-def _bf16_weights(gates, input, h, c, w_ih, w_hh, b_ih, b_hh):
-    """Whether this bfloat16 step runs the float32 C++ kernels with its bfloat16 weights read in place
-    (seqfast._rules.bf16_weights_in_place): the extension has those kernels, and torch's checks pass with the weights
-    and biases in the layout the kernels read."""
+def bf16_weight_kernels():
+    """seqfast._C.bf16_cell_weights_supported(): the C++ cell kernels take bfloat16 weights (asked once)."""
     global _bf16_weight_kernels
     if _bf16_weight_kernels is None:
         module = _ext.module()
         _bf16_weight_kernels = bool(module is not None and getattr(module, "bf16_cell_weights_supported", bool)())
-    return (_bf16_weight_kernels and _rules.bf16_weights_in_place((input, h, c, w_ih, w_hh, b_ih, b_hh), _rows(input))
+    return _bf16_weight_kernels
+
+
+_bf16_weight_kernels = None
+
+
+def _bf16_weights(gates, input, h, c, w_ih, w_hh, b_ih, b_hh):
+    """Whether this bfloat16 step runs the float32 C++ kernels with its bfloat16 weights read in place
+    (seqfast._rules.bf16_weights_in_place): the extension has those kernels, and torch's checks pass with the weights
+    and biases in the layout the kernels read."""
+    return (bf16_weight_kernels() and _rules.bf16_weights_in_place((input, h, c, w_ih, w_hh, b_ih, b_hh), _rows(input))
             and _check(gates, input, h, c, w_ih, w_hh, b_ih, b_hh))
-
-
-_bf16_weight_kernels = None  # seqfast._C.bf16_cell_weights_supported(), once asked
 
 
 def _tuned(name, input, w_ih, w_hh, torch_call, seqfast_call):

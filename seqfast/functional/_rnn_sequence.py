@@ -5,6 +5,7 @@ import itertools
 import torch
 
 from .. import _backend, _rules
+from . import _bf16_steps, _rnn_cell
 from ..ops import rnn_sequence as _ops
 from ..reference import rnn_sequence as _reference
 
@@ -74,6 +75,23 @@ def _kernel_layout(kind, weights, input_size, num_layers, dirs, proj_size):
     return True
 
 
+# Without gradients, layers with fewer weights than this (w_ih and w_hh of the first layer) keep the sequence
+# kernels' bfloat16 path below UPCAST_BF16_MIN_ROWS: its emulated GEMMs on so few weights cost less than the Python
+# of the cell steps. Same process, Zen 3, torch / seqfast, that path against the cell steps: GRU T1 B1 H64 1.41x /
+# 0.74x, RNN T2 B2 H64 1.30x / 0.79x, LSTM T1 B4 H128 (131072 weights) 1.13x / 1.14x, GRU T1 B4 H256 1.05x / 1.59x,
+# LSTM T1 B1 H512 0.76x / 1.47x. In training the cell steps won at every size tried (RNN T1 B1 H128 0.72x / 0.89x,
+# GRU T1 B1 H64 0.96x / 1.10x, LSTM T1 B1 H512 0.12x / 1.93x).
+BF16_STEPS_MIN_WEIGHTS_NO_GRAD = 131072
+
+
+def bf16_in_steps(tensors, rows, weights, grad):
+    """Whether a bfloat16 layer call over ``rows`` rows (steps x batch) runs as cell steps that read the bfloat16
+    weights in place (_bf16_steps): below seqfast._rules.UPCAST_BF16_MIN_ROWS, where the cell kernels qualify, in
+    grad mode or with at least BF16_STEPS_MIN_WEIGHTS_NO_GRAD ``weights``."""
+    return (rows < _rules.UPCAST_BF16_MIN_ROWS and (grad or weights >= BF16_STEPS_MIN_WEIGHTS_NO_GRAD)
+            and _rnn_cell.bf16_weight_kernels() and _rules.bf16_weights_in_place(tensors, rows))
+
+
 def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, bidirectional=False, dropout=0.0,
               training=False, nonlinearity="tanh", proj_size=0):
     """A multi-layer (bi)directional LSTM / GRU / RNN over a whole sequence, as torch._VF.lstm/gru/rnn_*.
@@ -88,8 +106,15 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
     lstm = kind == "lstm"
     _check_steps(input, batch_sizes, h0)
     _check_states(input, [("hx", h0)] + ([("cx", c0)] if lstm else []))
-    if input.dtype is torch.bfloat16 and _rules.upcast_bfloat16(
-            itertools.chain((input, h0, c0), *weights), input.shape[0] * (input.shape[1] if batch_sizes is None else 1)):
+    rows = input.shape[0] * (input.shape[1] if batch_sizes is None else 1)
+    if (input.dtype is torch.bfloat16 and not proj_size
+            and bf16_in_steps(itertools.chain((input, h0, c0), *weights), rows,
+                              weights[0][0].numel() + weights[0][1].numel(), torch.is_grad_enabled())
+            and _kernel_layout(kind, weights, input.shape[-1], num_layers, 2 if bidirectional else 1, 0)):
+        # so few rows that the bfloat16 cell steps, their weights read in place, beat both other paths (_bf16_steps)
+        return _bf16_steps.recurrent_in_steps(kind, input, h0, c0, weights, batch_sizes, num_layers, bidirectional,
+                                              dropout, training, nonlinearity)
+    if input.dtype is torch.bfloat16 and _rules.upcast_bfloat16(itertools.chain((input, h0, c0), *weights), rows):
         # no native bfloat16 on this CPU: float32 kernels on upcast copies, the results rounded once (seqfast._rules)
         up = [[w.float() for w in layer] for layer in weights]
         out, hn, cn = recurrent(kind, input.float(), h0.float(), None if c0 is None else c0.float(), up,

@@ -1,0 +1,125 @@
+"""bfloat16 LSTM / GRU / RNN layers over fewer than 8 rows (steps x batch) on a CPU without native bfloat16
+(seqfast.functional._bf16_steps): one cell step at a time, the weights read in place, states kept in float32 and the
+results rounded once. The path is forced onto this CPU's class, so it is tested on any machine with the kernels:
+outputs, states and gradients against float64 torch on the same bfloat16 values (padded, packed, several layers,
+both directions, batch_first, unbatched, given states), and the other paths wherever a call does not qualify."""
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import seqfast
+from conftest import bfloat16_paths_taken
+from seqfast import _ext, _rules
+from seqfast.functional import _rnn_sequence
+
+pytestmark = pytest.mark.skipif(_ext.module() is None or not _ext.module().bf16_cell_weights_supported(),
+                                reason="seqfast._C not built or no AVX2 + FMA on this CPU")
+
+BF16 = torch.bfloat16
+TOL = dict(rtol=2e-2, atol=2e-2)
+
+
+@pytest.fixture
+def in_steps(monkeypatch):
+    """The cell-step path allowed on this CPU class at every layer size; -> the row counts of the calls taking it."""
+    bfloat16_paths_taken(monkeypatch, "bf16_weights_in_place")
+    monkeypatch.setattr(_rnn_sequence, "BF16_STEPS_MIN_WEIGHTS_NO_GRAD", 0)
+    taken = []
+    original = _rnn_sequence.bf16_in_steps
+
+    def spy(tensors, rows, weights, grad):
+        verdict = original(tensors, rows, weights, grad)
+        if verdict:
+            taken.append(rows)
+        return verdict
+    monkeypatch.setattr(_rnn_sequence, "bf16_in_steps", spy)
+    return taken
+
+
+def _pair(kind, *args, **kw):
+    ours = getattr(seqfast.nn, kind)(*args, **kw).to(BF16)
+    ref = getattr(torch.nn, kind)(*args, **kw).double()
+    ref.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    return ours, ref
+
+
+def _flat(out):
+    if hasattr(out, "batch_sizes"):
+        return [out.data]
+    if isinstance(out, tuple):
+        return [t for o in out for t in _flat(o)]
+    return [out]
+
+
+def _check(got, want, ours, ref, x, x64):
+    for g, w in zip(_flat(got), _flat(want)):
+        assert g.dtype == BF16 and g.shape == w.shape
+        torch.testing.assert_close(g.double(), w, **TOL)
+    if x.requires_grad:
+        weights = [torch.randn(w.shape, dtype=torch.float64) for w in _flat(want)]
+        sum((g.double() * r).sum() for g, r in zip(_flat(got), weights)).backward()
+        sum((w * r).sum() for w, r in zip(_flat(want), weights)).backward()
+        assert x.grad.dtype == BF16
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=5e-2, atol=5e-2)
+        for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+            assert p.grad.dtype == BF16, name
+            torch.testing.assert_close(p.grad.double(), q.grad, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("kind,kw", [("LSTM", {}), ("GRU", {}), ("RNN", {"nonlinearity": "relu"}), ("RNN", {})])
+@pytest.mark.parametrize("layers,bidirectional,batch_first", [(1, False, False), (2, True, True)])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_layers_match_float64_torch(in_steps, kind, kw, layers, bidirectional, batch_first, packed, grad):
+    torch.manual_seed(0)
+    ours, ref = _pair(kind, 5, 7, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, **kw)
+    T, B = 3, 2
+    x = torch.randn((B, T, 5) if batch_first else (T, B, 5)).to(BF16).requires_grad_(grad)
+    x64 = x.detach().double().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        if packed:  # lengths 1 and 3: the states of the shorter sequence end at its first step
+            lengths = torch.tensor([1, 3])
+            got = ours(pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False))
+            want = ref(pack_padded_sequence(x64, lengths, batch_first=batch_first, enforce_sorted=False))
+        else:
+            got, want = ours(x), ref(x64)
+    assert in_steps == [4 if packed else 6] * (1 if grad or packed else 2)  # no grad: the module's fast path asks too
+    _check(got, want, ours, ref, x, x64)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_one_step_with_states_and_unbatched(in_steps, kind):
+    """A decoder's call: one step, its states given; and an unbatched step."""
+    torch.manual_seed(0)
+    ours, ref = _pair(kind, 6, 8, num_layers=2)
+    x = torch.randn(1, 1, 6).to(BF16).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    h = torch.randn(2, 1, 8).to(BF16)
+    hx = (h, torch.randn(2, 1, 8).to(BF16)) if kind == "LSTM" else h
+    hx64 = tuple(t.double() for t in hx) if kind == "LSTM" else h.double()
+    _check(ours(x, hx), ref(x64, hx64), ours, ref, x, x64)
+    with torch.no_grad():
+        u = torch.randn(3, 6).to(BF16)  # unbatched: [T, I]
+        _check(ours(u), ref(u.double()), ours, ref, u, u)
+    assert in_steps and set(in_steps) <= {1, 3}
+
+
+def test_where_the_call_does_not_qualify(in_steps, monkeypatch):
+    torch.manual_seed(0)
+    ours, ref = _pair("GRU", 5, 7)
+    with torch.no_grad():
+        ours(torch.randn(4, 2, 5).to(BF16))  # 8 rows: the upcast path's
+        with seqfast.use_backend("torch"):
+            ours(torch.randn(1, 1, 5).to(BF16))
+        lstm = seqfast.nn.LSTM(5, 7, proj_size=3).to(BF16)
+        lstm(torch.randn(1, 1, 5).to(BF16))  # proj_size: torch's op
+    assert in_steps == []
+    # without gradients, small layers keep the sequence kernels (BF16_STEPS_MIN_WEIGHTS_NO_GRAD)
+    monkeypatch.setattr(_rnn_sequence, "BF16_STEPS_MIN_WEIGHTS_NO_GRAD", 4 * 7 * 12 + 1)
+    small = seqfast.nn.LSTM(5, 7).to(BF16)
+    x = torch.randn(1, 1, 5).to(BF16)
+    with torch.no_grad():
+        small(x)
+    assert in_steps == []
+    small(x.requires_grad_())
+    assert in_steps == [1]
