@@ -106,6 +106,14 @@ def no_grad_kernel_calls(monkeypatch):
     return calls
 
 
+def bfloat16_and_float64(kind, *args, **kw):
+    """seqfast's nn module ``kind`` in bfloat16 and torch's float64 twin holding the same (bfloat16-rounded) values."""
+    ours = getattr(seqfast.nn, kind)(*args, **kw).to(torch.bfloat16)
+    ref = getattr(torch.nn, kind)(*args, **kw).double()
+    ref.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    return ours, ref
+
+
 def bfloat16_paths_taken(monkeypatch, rule):
     """seqfast._rules' float32 paths for bfloat16 (upcast_bfloat16, bf16_weights_in_place) allowed on this CPU class,
     and the decision ``rule`` (one of them, by name) spied on; -> the list of the row counts it let through."""

@@ -8,8 +8,8 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import seqfast
-from conftest import bfloat16_paths_taken
-from seqfast import _ext, _rules
+from conftest import bfloat16_and_float64, bfloat16_paths_taken
+from seqfast import _ext
 from seqfast.functional import _rnn_sequence
 
 pytestmark = pytest.mark.skipif(_ext.module() is None or not _ext.module().bf16_cell_weights_supported(),
@@ -34,13 +34,6 @@ def in_steps(monkeypatch):
         return verdict
     monkeypatch.setattr(_rnn_sequence, "bf16_in_steps", spy)
     return taken
-
-
-def _pair(kind, *args, **kw):
-    ours = getattr(seqfast.nn, kind)(*args, **kw).to(BF16)
-    ref = getattr(torch.nn, kind)(*args, **kw).double()
-    ref.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
-    return ours, ref
 
 
 def _flat(out):
@@ -72,7 +65,7 @@ def _check(got, want, ours, ref, x, x64):
 @pytest.mark.parametrize("grad", [False, True])
 def test_layers_match_float64_torch(in_steps, kind, kw, layers, bidirectional, batch_first, packed, grad):
     torch.manual_seed(0)
-    ours, ref = _pair(kind, 5, 7, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, **kw)
+    ours, ref = bfloat16_and_float64(kind, 5, 7, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, **kw)
     T, B = 3, 2
     x = torch.randn((B, T, 5) if batch_first else (T, B, 5)).to(BF16).requires_grad_(grad)
     x64 = x.detach().double().requires_grad_(grad)
@@ -91,7 +84,7 @@ def test_layers_match_float64_torch(in_steps, kind, kw, layers, bidirectional, b
 def test_one_step_with_states_and_unbatched(in_steps, kind):
     """A decoder's call: one step, its states given; and an unbatched step."""
     torch.manual_seed(0)
-    ours, ref = _pair(kind, 6, 8, num_layers=2)
+    ours, ref = bfloat16_and_float64(kind, 6, 8, num_layers=2)
     x = torch.randn(1, 1, 6).to(BF16).requires_grad_()
     x64 = x.detach().double().requires_grad_()
     h = torch.randn(2, 1, 8).to(BF16)
@@ -106,7 +99,7 @@ def test_one_step_with_states_and_unbatched(in_steps, kind):
 
 def test_where_the_call_does_not_qualify(in_steps, monkeypatch):
     torch.manual_seed(0)
-    ours, ref = _pair("GRU", 5, 7)
+    ours, ref = bfloat16_and_float64("GRU", 5, 7)
     with torch.no_grad():
         ours(torch.randn(4, 2, 5).to(BF16))  # 8 rows: the upcast path's
         with seqfast.use_backend("torch"):

@@ -7,7 +7,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import seqfast
-from conftest import assert_raises_like_torch, bfloat16_paths_taken
+from conftest import assert_raises_like_torch, bfloat16_and_float64, bfloat16_paths_taken
 from seqfast import _rules
 
 BF16 = torch.bfloat16
@@ -18,14 +18,6 @@ TOL = dict(rtol=5e-2, atol=5e-2)
 def upcasts(monkeypatch):
     """The upcast path allowed on this CPU class; -> the list of calls that took it."""
     return bfloat16_paths_taken(monkeypatch, "upcast_bfloat16")
-
-
-def _pair(kind, *args, **kw):
-    """seqfast's module in bfloat16 and torch's float64 twin holding the same (bfloat16-rounded) values."""
-    ours = getattr(seqfast.nn, kind)(*args, **kw).to(BF16)
-    ref = getattr(torch.nn, kind)(*args, **kw).double()
-    ref.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
-    return ours, ref
 
 
 def _flat(out):
@@ -41,7 +33,7 @@ def _flat(out):
 @pytest.mark.parametrize("packed", [False, True])
 def test_sequence_matches_float64_torch(upcasts, kind, kw, layers, bidirectional, batch_first, packed):
     torch.manual_seed(0)
-    ours, ref = _pair(kind, 6, 8, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, **kw)
+    ours, ref = bfloat16_and_float64(kind, 6, 8, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, **kw)
     x = torch.randn((3, 5, 6) if batch_first else (5, 3, 6)).to(BF16).requires_grad_()
     x64 = x.detach().double().requires_grad_()
     if packed:
@@ -66,7 +58,7 @@ def test_sequence_matches_float64_torch(upcasts, kind, kw, layers, bidirectional
 @pytest.mark.parametrize("grad", [False, True])
 def test_cell_matches_float64_torch(upcasts, kind, grad):
     torch.manual_seed(0)
-    ours, ref = _pair(kind, 6, 8)
+    ours, ref = bfloat16_and_float64(kind, 6, 8)
     rows = _rules.BF16_IN_PLACE_MAX_ROWS + 1  # fewer rows read the weights in place (test_bf16_cell_weights.py)
     x = torch.randn(rows, 6).to(BF16)
     h = torch.randn(rows, 8).to(BF16)
@@ -88,7 +80,7 @@ def test_cell_matches_float64_torch(upcasts, kind, grad):
 
 def test_regular_path_where_the_call_does_not_qualify(upcasts):
     torch.manual_seed(0)
-    ours, _ = _pair("LSTMCell", 6, 8)
+    ours, _ = bfloat16_and_float64("LSTMCell", 6, 8)
     ref = torch.nn.LSTMCell(6, 8).to(BF16)
     ref.load_state_dict(ours.state_dict())
     with torch.no_grad():
@@ -101,7 +93,7 @@ def test_regular_path_where_the_call_does_not_qualify(upcasts):
     # a float32 state with a bfloat16 input: torch's error, as before
     args = (torch.randn(9, 6).to(BF16), (torch.randn(9, 8), torch.randn(9, 8)))
     assert_raises_like_torch(ref, ours, args, same_message=False)
-    seq, _ = _pair("GRU", 6, 8)
+    seq, _ = bfloat16_and_float64("GRU", 6, 8)
     tseq = torch.nn.GRU(6, 8).to(BF16)
     tseq.load_state_dict(seq.state_dict())
     assert_raises_like_torch(tseq, seq, (torch.randn(5, 3, 6).to(BF16), torch.randn(1, 3, 8)), same_message=False)

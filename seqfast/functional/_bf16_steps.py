@@ -9,6 +9,7 @@ directions and dropout between layers follow torch's semantics; autograd records
 """
 import torch
 
+from . import _rnn_sequence
 from ..ops import rnn_cell as _ops
 
 
@@ -24,21 +25,15 @@ def recurrent_in_steps(kind, input, h0, c0, weights, batch_sizes, num_layers, bi
         sizes, x = [B] * T, input.reshape(T * B, input.shape[2]).float()
     else:
         sizes, x = batch_sizes.tolist(), input.float()
-    lstm, dirs = kind == "lstm", 2 if bidirectional else 1
+    lstm = kind == "lstm"
     h0, c0 = h0.float(), (c0.float() if lstm else None)
-    h_out, c_out = [], []
-    for layer in range(num_layers):
-        outs = []
-        for d in range(dirs):
-            idx = layer * dirs + d
-            out, hn, cn = _layer(kind, nonlinearity == "relu", x, sizes, h0[idx], c0[idx] if lstm else None,
-                                 weights[idx], reverse=d == 1)
-            outs.append(out)
-            h_out.append(hn)
-            c_out.append(cn)
-        x = outs[0] if dirs == 1 else torch.cat(outs, 1)
-        if dropout and training and layer < num_layers - 1:
-            x = torch.nn.functional.dropout(x, dropout, True)
+
+    def layer_direction(x, idx, reverse):
+        return _layer(kind, nonlinearity == "relu", x, sizes, h0[idx], c0[idx] if lstm else None, weights[idx],
+                      reverse)
+
+    x, h_out, c_out = _rnn_sequence.over_layers(x, num_layers, 2 if bidirectional else 1, dropout, training,
+                                                layer_direction)
     bf16 = torch.bfloat16
     output = (x.view(T, B, x.shape[1]) if padded else x).to(bf16)
     return output, torch.stack(h_out).to(bf16), (torch.stack(c_out).to(bf16) if lstm else None)

@@ -137,40 +137,50 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
     else:
         x = input
         batch_sizes = batch_sizes.cpu()
-    dirs = 2 if bidirectional else 1
     bias = len(weights[0]) >= 4
+
+    def layer_direction(x, idx, reverse):
+        w = weights[idx]
+        w_ih, w_hh = w[0].contiguous(), w[1].contiguous()
+        # biases can arrive strided or expanded (stride 0), e.g. through torch.func.functional_call
+        b_ih, b_hh = (w[2].contiguous(), w[3].contiguous()) if bias else (None, None)
+        x_c, h = x.contiguous(), h0[idx].contiguous()
+        if projected:
+            # forced reference: the plain PyTorch oracle with the projection, differentiated by autograd
+            out, hn, cn, _, _ = _reference.lstm_layer_forward(x_c, batch_sizes, h, c0[idx], w_ih, w_hh, b_ih, b_hh,
+                                                              reverse, w_hr=w[-1])
+        elif lstm:
+            out, hn, cn, _, _ = _ops.lstm_layer(x_c, batch_sizes, h, c0[idx].contiguous(), w_ih, w_hh, b_ih, b_hh,
+                                                reverse)
+        elif kind == "gru":
+            (out, hn, _), cn = _ops.gru_layer(x_c, batch_sizes, h, w_ih, w_hh, b_ih, b_hh, reverse), None
+        else:
+            (out, hn), cn = _ops.rnn_layer(x_c, batch_sizes, h, w_ih, w_hh, b_ih, b_hh, nonlinearity == "relu",
+                                           reverse), None
+        return out, hn, cn
+
+    x, h_out, c_out = over_layers(x, num_layers, 2 if bidirectional else 1, dropout, training, layer_direction)
+    output = x.view(T, B, x.shape[1]) if padded else x
+    stack = (lambda ts: ts[0].unsqueeze(0)) if len(h_out) == 1 else torch.stack  # noqa: E731 (one layer: a view)
+    return output, stack(h_out), (stack(c_out) if lstm else None)
+
+
+def over_layers(x, num_layers, dirs, dropout, training, layer_direction):
+    """x (time-major rows) through every layer and direction, layer_direction(x, index, reverse) -> (output rows, h_n,
+    c_n or None); the directions' outputs side by side, dropout between layers in training. -> (the last layer's
+    output rows, [h_n], [c_n]) in torch's layer-major order."""
     h_out, c_out = [], []
     for layer in range(num_layers):
         outs = []
         for d in range(dirs):
-            idx = layer * dirs + d
-            w = weights[idx]
-            w_ih, w_hh = w[0].contiguous(), w[1].contiguous()
-            # biases can arrive strided or expanded (stride 0), e.g. through torch.func.functional_call
-            b_ih, b_hh = (w[2].contiguous(), w[3].contiguous()) if bias else (None, None)
-            x_c, h = x.contiguous(), h0[idx].contiguous()
-            reverse = d == 1
-            if projected:
-                # forced reference: the plain PyTorch oracle with the projection, differentiated by autograd
-                out, hn, cn, _, _ = _reference.lstm_layer_forward(x_c, batch_sizes, h, c0[idx], w_ih, w_hh, b_ih,
-                                                                  b_hh, reverse, w_hr=w[-1])
-            elif lstm:
-                out, hn, cn, _, _ = _ops.lstm_layer(x_c, batch_sizes, h, c0[idx].contiguous(), w_ih, w_hh, b_ih,
-                                                    b_hh, reverse)
-            elif kind == "gru":
-                (out, hn, _), cn = _ops.gru_layer(x_c, batch_sizes, h, w_ih, w_hh, b_ih, b_hh, reverse), None
-            else:
-                (out, hn), cn = _ops.rnn_layer(x_c, batch_sizes, h, w_ih, w_hh, b_ih, b_hh,
-                                               nonlinearity == "relu", reverse), None
+            out, hn, cn = layer_direction(x, layer * dirs + d, d == 1)
             outs.append(out)
             h_out.append(hn)
             c_out.append(cn)
         x = outs[0] if dirs == 1 else torch.cat(outs, 1)
         if dropout and training and layer < num_layers - 1:
             x = torch.nn.functional.dropout(x, dropout, True)
-    output = x.view(T, B, x.shape[1]) if padded else x
-    stack = (lambda ts: ts[0].unsqueeze(0)) if len(h_out) == 1 else torch.stack  # noqa: E731 (one layer: a view)
-    return output, stack(h_out), (stack(c_out) if lstm else None)
+    return x, h_out, c_out
 
 
 def _torch_recurrent(kind, input, h0, c0, weights, batch_sizes, num_layers, bidirectional, dropout, training,
