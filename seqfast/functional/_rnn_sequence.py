@@ -5,7 +5,7 @@ import itertools
 import torch
 
 from .. import _backend, _rules
-from . import _bf16_steps, _rnn_cell
+from . import _cell_steps, _rnn_cell
 from ..ops import rnn_sequence as _ops
 from ..reference import rnn_sequence as _reference
 
@@ -84,9 +84,18 @@ def _kernel_layout(kind, weights, input_size, num_layers, dirs, proj_size):
 BF16_STEPS_MIN_WEIGHTS_NO_GRAD = 131072
 
 
+# A float32 / float64 call of one step in grad mode runs the cell kernels (_cell_steps): the sequence kernels' per-call
+# weight copies (W_hh transposed for the backward's GEMV, packed slices) are paid for one step only, and cost more than
+# it. Same process, Zen 3, 2 threads, torch / seqfast, sequence kernels against cell steps, training: GRU T1 B1 H512
+# 0.31x / 1.05x, GRU T1 B1 H1024 0.14x / 0.45x (1.00x for the GRUCell step alone in another run: the 12 MB weight
+# gradients' writes dominate both), LSTM T1 B1 H512 1.84x / 4.52x, LSTM T1 B8 H512 1.00x / 0.97x, GRU T1 B64 H256
+# 0.85x / 0.91x, LSTM T1 B1 H64 1.47x / 1.30x, RNN T1 B1 H64 0.87x / 0.80x (overhead-bound: ~300 us either way).
+SINGLE_STEP_AS_CELL = True
+
+
 def bf16_in_steps(tensors, rows, weights, grad):
     """Whether a bfloat16 layer call over ``rows`` rows (steps x batch) runs as cell steps that read the bfloat16
-    weights in place (_bf16_steps): below seqfast._rules.UPCAST_BF16_MIN_ROWS, where the cell kernels qualify, in
+    weights in place (_cell_steps): below seqfast._rules.UPCAST_BF16_MIN_ROWS, where the cell kernels qualify, in
     grad mode or with at least BF16_STEPS_MIN_WEIGHTS_NO_GRAD ``weights``."""
     return (rows < _rules.UPCAST_BF16_MIN_ROWS and (grad or weights >= BF16_STEPS_MIN_WEIGHTS_NO_GRAD)
             and _rnn_cell.bf16_weight_kernels() and _rules.bf16_weights_in_place(tensors, rows))
@@ -111,8 +120,8 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
             and bf16_in_steps(itertools.chain((input, h0, c0), *weights), rows,
                               weights[0][0].numel() + weights[0][1].numel(), torch.is_grad_enabled())
             and _kernel_layout(kind, weights, input.shape[-1], num_layers, 2 if bidirectional else 1, 0)):
-        # so few rows that the bfloat16 cell steps, their weights read in place, beat both other paths (_bf16_steps)
-        return _bf16_steps.recurrent_in_steps(kind, input, h0, c0, weights, batch_sizes, num_layers, bidirectional,
+        # so few rows that the bfloat16 cell steps, their weights read in place, beat both other paths (_cell_steps)
+        return _cell_steps.recurrent_in_steps(kind, input, h0, c0, weights, batch_sizes, num_layers, bidirectional,
                                               dropout, training, nonlinearity)
     if input.dtype is torch.bfloat16 and _rules.upcast_bfloat16(itertools.chain((input, h0, c0), *weights), rows):
         # no native bfloat16 on this CPU: float32 kernels on upcast copies, the results rounded once (seqfast._rules)
@@ -129,6 +138,12 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
             or (_torch_faster(kind, input, h0, c0, weights, batch_sizes))):
         return _torch_recurrent(kind, input, h0, c0, weights, batch_sizes, num_layers, bidirectional, dropout,
                                 training, nonlinearity)
+    if (SINGLE_STEP_AS_CELL and not projected and torch.is_grad_enabled() and input.is_cpu
+            and (input.shape[0] if batch_sizes is None else batch_sizes.shape[0]) == 1
+            and not torch.compiler.is_compiling() and op.runs_cpp(input)):
+        # one step with gradients: the cell kernels, without the sequence kernels' per-call weight copies
+        return _cell_steps.recurrent_in_steps(kind, input, h0, c0, weights, batch_sizes, num_layers, bidirectional,
+                                              dropout, training, nonlinearity)
     padded = batch_sizes is None
     if padded:
         T, B = input.shape[0], input.shape[1]

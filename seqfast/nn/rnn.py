@@ -78,7 +78,7 @@ class _SeqfastRNNMixin:
         if input.dtype is torch.bfloat16 and (_rules.upcast_bfloat16((input,), steps * batch)
                                               or _rnn_sequence.bf16_in_steps((input,), steps * batch,
                                                                              self._first_weights(), False)):
-            return None  # computed in float32 by the regular path (upcast copies, or cell steps: _bf16_steps)
+            return None  # computed in float32 by the regular path (upcast copies, or cell steps: _cell_steps)
         if _autotune._enabled:  # the measured choice (seqfast.autotune) between this call and torch's forward
             key = ("rnn_module", self.mode, input.dtype, self.num_layers, self.bidirectional, batched,
                    _autotune.size_class(steps), _autotune.size_class(batch), _autotune.size_class(self.hidden_size),

@@ -1,8 +1,9 @@
-"""bfloat16 LSTM / GRU / RNN layers over fewer than 8 rows (steps x batch) on a CPU without native bfloat16
-(seqfast.functional._bf16_steps): one cell step at a time, the weights read in place, states kept in float32 and the
-results rounded once. The path is forced onto this CPU's class, so it is tested on any machine with the kernels:
-outputs, states and gradients against float64 torch on the same bfloat16 values (padded, packed, several layers,
-both directions, batch_first, unbatched, given states), and the other paths wherever a call does not qualify."""
+"""Sequences run as one cell call per step (seqfast.functional._cell_steps): bfloat16 layers over fewer than 8 rows
+(steps x batch) on a CPU without native bfloat16, the weights read in place, states kept in float32 and the results
+rounded once (the path forced onto this CPU's class, so it is tested on any machine with the kernels: outputs, states
+and gradients against float64 torch on the same bfloat16 values, padded, packed, several layers, both directions,
+batch_first, unbatched, given states); float32 / float64 single-step calls with gradients (torch's results); and the
+other paths wherever a call does not qualify."""
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -116,3 +117,58 @@ def test_where_the_call_does_not_qualify(in_steps, monkeypatch):
     assert in_steps == []
     small(x.requires_grad_())
     assert in_steps == [1]
+
+
+@pytest.fixture
+def cell_step_calls(monkeypatch):
+    """-> the dtypes of the calls seqfast.functional.recurrent ran as cell steps."""
+    from seqfast.functional import _cell_steps
+    calls, original = [], _cell_steps.recurrent_in_steps
+
+    def spy(kind, input, *args):
+        calls.append(input.dtype)
+        return original(kind, input, *args)
+    monkeypatch.setattr(_cell_steps, "recurrent_in_steps", spy)
+    return calls
+
+
+@pytest.mark.parametrize("kind,kw", [("LSTM", {}), ("GRU", {}), ("RNN", {"nonlinearity": "relu"}), ("RNN", {})])
+@pytest.mark.parametrize("layers,bidirectional,batch_first,packed", [(1, False, False, False), (2, True, True, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_single_step_with_gradients_matches_torch(cell_step_calls, kind, kw, layers, bidirectional, batch_first,
+                                                  packed, dtype):
+    """A one-step call in grad mode (a decoder trained one token per call) runs the cell kernels: torch's outputs,
+    states and gradients."""
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, kind)(5, 7, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first,
+                                  **kw).to(dtype)
+    ours = getattr(seqfast.nn, kind)(5, 7, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first,
+                                     **kw).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn((3, 1, 5) if batch_first else (1, 3, 5), dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    if packed:
+        lengths = torch.ones(3, dtype=torch.int64)
+        got = ours(pack_padded_sequence(x, lengths, batch_first=batch_first))
+        want = ref(pack_padded_sequence(x_ref, lengths, batch_first=batch_first))
+    else:
+        got, want = ours(x), ref(x_ref)
+    assert cell_step_calls == [dtype]
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    for g, w in zip(_flat(got), _flat(want)):
+        torch.testing.assert_close(g, w, **tol)
+    weights = [torch.randn(w.shape, dtype=dtype) for w in _flat(want)]
+    sum((g * r).sum() for g, r in zip(_flat(got), weights)).backward()
+    sum((w * r).sum() for w, r in zip(_flat(want), weights)).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **tol, msg=name)
+
+
+def test_longer_or_no_grad_calls_keep_the_sequence_kernels(cell_step_calls):
+    torch.manual_seed(0)
+    ours = seqfast.nn.GRU(5, 7)
+    ours(torch.randn(2, 3, 5, requires_grad=True))  # two steps
+    with torch.no_grad():
+        ours(torch.randn(1, 3, 5))  # no gradients: the no-grad module call
+    assert cell_step_calls == []
