@@ -1,5 +1,5 @@
-"""`make bench-sweep`: the performance floor. Ops (LSTM/GRU/RNN sequences, LSTMCell/GRUCell/RNNCell, SDPA, SDPA
-decoder steps) x float32/bfloat16 x batch {1, 8, 32, 64, 256} x hidden {64 .. 1024} x inference/training, sampled to
+"""`make bench-sweep`: the performance floor. Ops (LSTM/GRU/RNN sequences and one-step layer calls,
+LSTMCell/GRUCell/RNNCell, SDPA, SDPA decoder steps) x float32/bfloat16 x batch {1, 8, 32, 64, 256} x hidden {64 .. 1024} x inference/training, sampled to
 fit the time; torch and seqfast (and ONNX Runtime for float32 inference, where installed) interleaved in one run.
 
 Prints every ratio torch/seqfast, the geomean and every case below 1.0x; decoder steps also print GB/s beside a plain
@@ -82,6 +82,17 @@ def sweep_cases(quick=False, with_onnx=True):
                     cases.append(C.Case("rnn_cell", f"{kind.upper()}Cell {dtype} B{batch} H{hidden} {mode}", C.cell,
                                         dict(kind=kind, batch=batch, hidden=hidden, mode=mode, dtype=dtype),
                                         batch * hidden, "batch x hidden", impls))
+    # one-step layer calls (T 1), as a seq2seq decoder makes them when it feeds nn.LSTM one token per call: the calls
+    # too short for the sequence kernels' per-call setup (seqfast.functional._cell_steps)
+    for kind in ("lstm", "gru", "rnn"):
+        for dtype in dtypes:
+            for mode in ("infer", "train"):
+                ort = with_onnx and dtype == "float32" and mode == "infer"
+                impls = ("torch", "seqfast") + (("onnxruntime",) if ort else ())
+                for batch, hidden in (((1, 512),) if quick else ((1, 512), (8, 128))):
+                    cases.append(C.Case("decoder_layer", f"{kind.upper()} {dtype} T1 B{batch} H{hidden} {mode}",
+                                        C.sequence, dict(kind=kind, T=1, batch=batch, hidden=hidden, mode=mode,
+                                                         dtype=dtype), batch * hidden, "batch x hidden", impls))
     lengths = (512,) if quick else (128, 512, 2048)
     for dtype in dtypes:
         for i, L in enumerate(lengths):
