@@ -143,7 +143,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("relu"), py::arg("reverse"));
   m.def("rnn_module_inference", &seqfast::rnn_module_inference, GIL(), py::arg("mode"), py::arg("input"),
         py::arg("weights"), py::arg("has_biases"), py::arg("num_layers"), py::arg("bidirectional"),
-        py::arg("batch_first"), py::arg("h0") = py::none(), py::arg("c0") = py::none());
+        py::arg("batch_first"), py::arg("h0") = py::none(), py::arg("c0") = py::none(),
+        py::arg("cell_steps") = false);
   seqfast::bind_module_call(m);
   m.def("rnn_layer_backward", &seqfast::rnn_layer_backward, GIL(), py::arg("grad_out"), py::arg("grad_hn"),
         py::arg("x"), py::arg("batch_sizes"), py::arg("h0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("out"),

@@ -92,9 +92,9 @@ def test_module_sequence(tuned, monkeypatch, kind, winner):
     one_call = module.rnn_module_inference
     ran = []
 
-    def counted(*args):
+    def counted(*args, **kw):
         ran.append(1)
-        return one_call(*args)
+        return one_call(*args, **kw)
     monkeypatch.setattr(module, "rnn_module_inference", counted)
     torch.manual_seed(0)
     ref = getattr(torch.nn, kind)(6, 8, num_layers=2, bidirectional=True)

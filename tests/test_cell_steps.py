@@ -28,7 +28,7 @@ def in_steps(monkeypatch):
     taken = []
     original = _rnn_sequence.bf16_in_steps
 
-    def spy(tensors, rows, weights, grad):
+    def spy(tensors, rows, weights=None, grad=True):
         verdict = original(tensors, rows, weights, grad)
         if verdict:
             taken.append(rows)
@@ -77,7 +77,7 @@ def test_layers_match_float64_torch(in_steps, kind, kw, layers, bidirectional, b
             want = ref(pack_padded_sequence(x64, lengths, batch_first=batch_first, enforce_sorted=False))
         else:
             got, want = ours(x), ref(x64)
-    assert in_steps == [4 if packed else 6] * (1 if grad or packed else 2)  # no grad: the module's fast path asks too
+    assert in_steps == [4 if packed else 6]  # no grad, padded: the module's C++ call (rnn_module_inference) ran it
     _check(got, want, ours, ref, x, x64)
 
 
@@ -98,25 +98,57 @@ def test_one_step_with_states_and_unbatched(in_steps, kind):
     assert in_steps and set(in_steps) <= {1, 3}
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_no_grad_module_call_matches_the_functional_steps(in_steps, kind):
+    """The module's no-grad C++ call (rnn_module_inference with cell_steps) runs the same steps as the functional:
+    the same bits, with and without given states, batch_first, both directions."""
+    torch.manual_seed(0)
+    ours, _ = bfloat16_and_float64(kind, 5, 7, num_layers=2, bidirectional=True, batch_first=True)
+    x = torch.randn(2, 3, 5).to(BF16)
+    h = torch.randn(4, 2, 7).to(BF16)
+    hx = (h, torch.randn(4, 2, 7).to(BF16)) if kind == "LSTM" else h
+    for states in ((), (hx,)):
+        with torch.no_grad():
+            got = ours(x, *states)
+            assert ours._seqfast_call(x, *states) is not None  # the C++ call takes it
+        want = ours(x.clone().requires_grad_(), *states)  # grad mode: seqfast.functional's cell steps
+        for g, w in zip(_flat(got), _flat(want)):
+            assert torch.equal(g, w.detach())
+    assert in_steps
+
+
+def test_cell_steps_entry_checks():
+    x = torch.randn(1, 2, 5)
+    w = [torch.randn(7, 5).to(BF16), torch.randn(7, 7).to(BF16)]
+    with pytest.raises(RuntimeError, match="cell_steps takes bfloat16"):
+        _ext.module().rnn_module_inference("RNN_TANH", x, w, False, 1, False, False, cell_steps=True)
+    with pytest.raises(RuntimeError, match="h0 must have dtype BFloat16"):
+        _ext.module().rnn_module_inference("RNN_TANH", x.to(BF16), w, False, 1, False, False, h0=torch.zeros(1, 2, 7),
+                                           cell_steps=True)
+
+
 def test_where_the_call_does_not_qualify(in_steps, monkeypatch):
     torch.manual_seed(0)
     ours, ref = bfloat16_and_float64("GRU", 5, 7)
     with torch.no_grad():
-        ours(torch.randn(4, 2, 5).to(BF16))  # 8 rows: the upcast path's
+        ours(torch.randn(9, 2, 5).to(BF16))  # 18 rows: the upcast path's
         with seqfast.use_backend("torch"):
             ours(torch.randn(1, 1, 5).to(BF16))
         lstm = seqfast.nn.LSTM(5, 7, proj_size=3).to(BF16)
         lstm(torch.randn(1, 1, 5).to(BF16))  # proj_size: torch's op
     assert in_steps == []
-    # without gradients, small layers keep the sequence kernels (BF16_STEPS_MIN_WEIGHTS_NO_GRAD)
+    # without gradients, small layers keep the sequence kernels on the Python path (BF16_STEPS_MIN_WEIGHTS_NO_GRAD; a
+    # packed input), while the module's padded call runs the steps in C++ at any size
     monkeypatch.setattr(_rnn_sequence, "BF16_STEPS_MIN_WEIGHTS_NO_GRAD", 4 * 7 * 12 + 1)
     small = seqfast.nn.LSTM(5, 7).to(BF16)
     x = torch.randn(1, 1, 5).to(BF16)
     with torch.no_grad():
+        small(pack_padded_sequence(x, torch.tensor([1])))
+        assert in_steps == []
         small(x)
-    assert in_steps == []
+        assert in_steps == [1]
     small(x.requires_grad_())
-    assert in_steps == [1]
+    assert in_steps == [1, 1]
 
 
 @pytest.fixture

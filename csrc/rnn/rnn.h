@@ -105,12 +105,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const Tens
 // mode "LSTM" | "GRU" | "RNN_TANH" | "RNN_RELU"; input [T, B, I] ([B, T, I] batch_first) or unbatched [T, I];
 // initial states h0 (and c0, LSTM) [layers * directions, B, H] ([layers * directions, H] unbatched), zero where not
 // given; weights flat per layer and direction: w_ih, w_hh (, b_ih, b_hh). -> (output, h_n, c_n (LSTM, else
-// undefined)), shaped as torch.nn's.
+// undefined)), shaped as torch.nn's. cell_steps: bfloat16 input of at most 16 rows per step, run as float32 cell steps
+// with the bfloat16 weights read in place (seqfast.functional._cell_steps' no-grad twin).
 std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode, const Tensor& input,
                                                          const std::vector<Tensor>& weights, bool has_biases,
                                                          int64_t num_layers, bool bidirectional, bool batch_first,
                                                          const OptTensor& h0 = std::nullopt,
-                                                         const OptTensor& c0 = std::nullopt);
+                                                         const OptTensor& c0 = std::nullopt, bool cell_steps = false);
 
 // False on an x86-64 CPU without AVX2+FMA, where the RNN kernels refuse to run (Python then uses the reference).
 bool rnn_kernels_supported();

@@ -71,14 +71,16 @@ class ModuleCall {
   // params: the module's parameter dict; expected: its values when the call was built, in order; weights: the flat
   // per-layer weight list of rnn_module_inference; torch_batches: inclusive batch ranges where the rule table
   // prefers torch's op for this module's dtype and hidden size; upcast_min_rows: bfloat16 calls with at least this
-  // many rows (steps x batch) take the float32 upcast path (0: never).
+  // many rows (steps x batch) take the float32 upcast path (0: never); bf16_cell_steps: the bfloat16 calls below it
+  // run as float32 cell steps with the weights read in place (seqfast.functional._rnn_sequence.bf16_in_steps).
   ModuleCall(std::string mode, py::dict params, py::list expected, py::list weights, bool has_biases,
              int64_t num_layers, bool bidirectional, bool batch_first, int64_t input_size,
-             std::vector<std::pair<int64_t, int64_t>> torch_batches, int64_t upcast_min_rows)
+             std::vector<std::pair<int64_t, int64_t>> torch_batches, int64_t upcast_min_rows, bool bf16_cell_steps)
       : guard_(std::move(params), std::move(expected)), mode_(std::move(mode)), lstm_(mode_ == "LSTM"),
         weights_(std::move(weights)),
         has_biases_(has_biases), num_layers_(num_layers), bidirectional_(bidirectional), batch_first_(batch_first),
-        input_size_(input_size), torch_batches_(std::move(torch_batches)), upcast_min_rows_(upcast_min_rows) {
+        input_size_(input_size), torch_batches_(std::move(torch_batches)), upcast_min_rows_(upcast_min_rows),
+        bf16_cell_steps_(bf16_cell_steps) {
     TORCH_CHECK(weights_.size() >= 2, "ModuleCall: no weights");
     for (const auto& w : weights_) TORCH_CHECK(THPVariable_Check(w.ptr()), "ModuleCall: weights must be tensors");
     dtype_ = current(weights_[0]).scalar_type();
@@ -129,7 +131,8 @@ class ModuleCall {
     std::tuple<Tensor, Tensor, Tensor> r;
     {
       py::gil_scoped_release release;
-      r = rnn_module_inference(mode_, x, weights, has_biases_, num_layers_, bidirectional_, batch_first_, h0, c0);
+      r = rnn_module_inference(mode_, x, weights, has_biases_, num_layers_, bidirectional_, batch_first_, h0, c0,
+                               bf16_cell_steps_ && dtype_ == at::kBFloat16);
     }
     py::object out = wrap(std::move(std::get<0>(r))), h = wrap(std::move(std::get<1>(r)));
     if (!std::get<2>(r).defined()) return py::make_tuple(out, h);
@@ -148,6 +151,7 @@ class ModuleCall {
   int64_t input_size_;
   std::vector<std::pair<int64_t, int64_t>> torch_batches_;
   int64_t upcast_min_rows_;
+  bool bf16_cell_steps_;
   at::ScalarType dtype_;
   int64_t hidden_size_;
 };
@@ -291,10 +295,10 @@ class CellCall {
 void bind_module_call(py::module_& m) {
   py::class_<ModuleCall>(m, "ModuleCall", "the no-grad forward of one seqfast RNN module, checks included")
       .def(py::init<std::string, py::dict, py::list, py::list, bool, int64_t, bool, bool, int64_t,
-                    std::vector<std::pair<int64_t, int64_t>>, int64_t>(),
+                    std::vector<std::pair<int64_t, int64_t>>, int64_t, bool>(),
            py::arg("mode"), py::arg("params"), py::arg("expected"), py::arg("weights"), py::arg("has_biases"),
            py::arg("num_layers"), py::arg("bidirectional"), py::arg("batch_first"), py::arg("input_size"),
-           py::arg("torch_batches"), py::arg("upcast_min_rows"))
+           py::arg("torch_batches"), py::arg("upcast_min_rows"), py::arg("bf16_cell_steps"))
       .def("__call__", &ModuleCall::call, py::arg("input"), py::arg("hx") = py::none())
       .def("stale", &ModuleCall::stale);
   py::class_<CellCall>(m, "CellCall", "one no-grad step of a seqfast RNN cell module, checks included")

@@ -1,5 +1,6 @@
 // The whole no-grad forward of an nn.LSTM / GRU / RNN module in one call (seqfast._C.rnn_module_inference): padded
-// input, initial states given or zero, every layer and direction on the checked layer entries of rnn_sequence.cpp.
+// input, initial states given or zero, every layer and direction on the checked layer entries of rnn_sequence.cpp
+// (or, for cell_steps, on the cell entries of rnn_cell.cpp one step at a time).
 //
 // Why: for a short sequence at batch 1 the layer kernel is most of the work, yet the Python around it (zero states,
 // time-major views, per-layer argument lists, the stacking of final states) cost about as much again (LSTM T32 B1
@@ -13,10 +14,40 @@
 
 namespace seqfast {
 
+namespace {
+
+// One layer and direction as cell steps on float32 rows x [T * B, I] (B rows per step), the weights as they are
+// (bfloat16 ones read in place by the cell kernels: see cell_steps below). -> (output rows, h_n, c_n or undefined)
+std::tuple<Tensor, Tensor, Tensor> layer_in_cell_steps(const std::string& mode, const Tensor& x, int64_t T,
+                                                       const Tensor& h0, const Tensor& c0, const Tensor* w,
+                                                       const OptTensor& b_ih, const OptTensor& b_hh, bool reverse) {
+  const int64_t B = h0.size(0);
+  Tensor out = at::empty({T * B, h0.size(1)}, x.options());
+  Tensor h = h0, c = c0;
+  for (int64_t i = 0; i < T; ++i) {
+    const int64_t t = reverse ? T - 1 - i : i;
+    const Tensor xt = x.narrow(0, t * B, B);
+    if (mode == "LSTM") {
+      auto r = lstm_cell_forward(xt, h, c, w[0], w[1], b_ih, b_hh);
+      h = std::get<0>(r);
+      c = std::get<1>(r);
+    } else if (mode == "GRU") {
+      h = std::get<0>(gru_cell_forward(xt, h, w[0], w[1], b_ih, b_hh));
+    } else {
+      h = rnn_cell_forward(xt, h, w[0], w[1], b_ih, b_hh, mode == "RNN_RELU");
+    }
+    out.narrow(0, t * B, B).copy_(h);
+  }
+  return {out, h, c};
+}
+
+}  // namespace
+
 std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode, const Tensor& input,
                                                          const std::vector<Tensor>& weights, bool has_biases,
                                                          int64_t num_layers, bool bidirectional, bool batch_first,
-                                                         const OptTensor& h0_all, const OptTensor& c0_all) {
+                                                         const OptTensor& h0_all, const OptTensor& c0_all,
+                                                         bool cell_steps) {
   const bool lstm = mode == "LSTM", gru = mode == "GRU", relu = mode == "RNN_RELU";
   TORCH_CHECK(lstm || gru || relu || mode == "RNN_TANH", "rnn_module_inference: unknown mode ", mode);
   TORCH_CHECK(input.dim() == 2 || input.dim() == 3, "rnn_module_inference: input must be 2-D or 3-D, got ",
@@ -30,12 +61,23 @@ std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode,
   const int64_t T = x3.size(0), B = x3.size(1);
   TORCH_CHECK(T > 0, "Expected sequence length to be larger than 0 in RNN");
   Tensor x = x3.reshape({T * B, x3.size(2)}).contiguous();
+  // cell_steps: a bfloat16 call of at most 16 rows per step, computed on float32 copies of the activations and
+  // states (the weights read in place), results rounded once (seqfast.functional._cell_steps does the same)
+  const at::ScalarType dtype = input.scalar_type();
+  TORCH_CHECK(!cell_steps || (dtype == at::kBFloat16 && B <= 16), "rnn_module_inference: cell_steps takes bfloat16 "
+              "input of at most 16 rows per step, got ", dtype, " with ", B);
+  if (cell_steps) x = x.to(at::kFloat);
   // given initial states as [layers * directions, B, H]; the layer entries check each slice's shape and dtype
   const auto states = [&](const OptTensor& s, const char* name) {
     if (!s.has_value() || !s->defined()) return Tensor();
     const Tensor s3 = batched ? *s : s->unsqueeze(1);
     TORCH_CHECK(s3.dim() == 3 && s3.size(0) == num_layers * dirs, "rnn_module_inference: ", name, " must have ",
                 num_layers * dirs, " layer-direction slices, got shape ", s->sizes());
+    if (cell_steps) {
+      TORCH_CHECK(s3.scalar_type() == dtype, "rnn_module_inference: ", name, " must have dtype ", dtype, ", got ",
+                  s3.scalar_type());
+      return s3.to(at::kFloat);
+    }
     return s3;
   };
   TORCH_CHECK(lstm || !(c0_all.has_value() && c0_all->defined()), "rnn_module_inference: c0 is for LSTM only");
@@ -54,7 +96,13 @@ std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode,
         h0 = at::zeros({B, H}, x.options());  // read only: shared by the layers
       const Tensor hi = h0s.defined() ? h0s[slice] : h0;
       const bool reverse = d == 1;
-      if (lstm) {
+      if (cell_steps) {
+        auto r = layer_in_cell_steps(mode, x, T, hi, lstm ? (c0s.defined() ? c0s[slice] : h0) : Tensor(), w, b_ih,
+                                     b_hh, reverse);
+        outs.push_back(std::get<0>(r));
+        hn.push_back(std::get<1>(r));
+        if (lstm) cn.push_back(std::get<2>(r));
+      } else if (lstm) {
         auto r = lstm_layer_padded_inference(x, T, hi, c0s.defined() ? c0s[slice] : h0, w[0], w[1], b_ih, b_hh,
                                              reverse);
         outs.push_back(std::get<0>(r));
@@ -74,6 +122,11 @@ std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode,
   // ATen overhead is most of its time at batch 1)
   const auto stacked = [](const std::vector<Tensor>& ts) { return ts.size() == 1 ? ts[0].unsqueeze(0) : at::stack(ts); };
   Tensor h = stacked(hn), c = lstm ? stacked(cn) : Tensor();
+  if (cell_steps) {
+    out = out.to(dtype);
+    h = h.to(dtype);
+    if (lstm) c = c.to(dtype);
+  }
   if (!batched) {
     out = out.squeeze(1);
     h = h.squeeze(1);

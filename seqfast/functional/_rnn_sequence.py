@@ -76,12 +76,24 @@ def _kernel_layout(kind, weights, input_size, num_layers, dirs, proj_size):
 
 
 # Without gradients, layers with fewer weights than this (w_ih and w_hh of the first layer) keep the sequence
-# kernels' bfloat16 path below UPCAST_BF16_MIN_ROWS: its emulated GEMMs on so few weights cost less than the Python
-# of the cell steps. Same process, Zen 3, torch / seqfast, that path against the cell steps: GRU T1 B1 H64 1.41x /
-# 0.74x, RNN T2 B2 H64 1.30x / 0.79x, LSTM T1 B4 H128 (131072 weights) 1.13x / 1.14x, GRU T1 B4 H256 1.05x / 1.59x,
-# LSTM T1 B1 H512 0.76x / 1.47x. In training the cell steps won at every size tried (RNN T1 B1 H128 0.72x / 0.89x,
-# GRU T1 B1 H64 0.96x / 1.10x, LSTM T1 B1 H512 0.12x / 1.93x).
+# kernels' bfloat16 path on seqfast.functional.recurrent (packed input, direct calls): its emulated GEMMs on so few
+# weights cost less than the Python of the cell steps. Same process, Zen 3, torch / seqfast, that path against the
+# Python cell steps: GRU T1 B1 H64 1.41x / 0.74x, RNN T2 B2 H64 1.30x / 0.79x, LSTM T1 B4 H128 (131072 weights)
+# 1.13x / 1.14x, GRU T1 B4 H256 1.05x / 1.59x, LSTM T1 B1 H512 0.76x / 1.47x. In training the cell steps won at every
+# size tried (RNN T1 B1 H128 0.72x / 0.89x, GRU T1 B1 H64 0.96x / 1.10x, LSTM T1 B1 H512 0.12x / 1.93x). A module's
+# padded no-grad call runs the steps in C++ (rnn_module_inference's cell_steps), which won at every size: GRU T1 B1
+# H64 1.85x / 3.08x, RNN T2 B2 H64 1.75x / 2.46x, LSTM T1 B4 H128 1.47x / 4.07x, LSTM T1 B1 H512 0.72x / 2.88x.
 BF16_STEPS_MIN_WEIGHTS_NO_GRAD = 131072
+
+
+def bf16_in_steps(tensors, rows, weights=None, grad=True):
+    """Whether a bfloat16 layer call over ``rows`` rows (steps x batch) runs as cell steps that read the bfloat16
+    weights in place (_cell_steps): up to seqfast._rules.BF16_IN_PLACE_MAX_ROWS rows (from there the upcast path's
+    copies pay), where the cell kernels qualify; without gradients only from BF16_STEPS_MIN_WEIGHTS_NO_GRAD
+    ``weights`` (None: any size, for the module's C++ call)."""
+    return (rows <= _rules.BF16_IN_PLACE_MAX_ROWS
+            and (grad or weights is None or weights >= BF16_STEPS_MIN_WEIGHTS_NO_GRAD)
+            and _rnn_cell.bf16_weight_kernels() and _rules.bf16_weights_in_place(tensors, rows))
 
 
 # A float32 / float64 call of one step in grad mode runs the cell kernels (_cell_steps): the sequence kernels' per-call
@@ -91,14 +103,6 @@ BF16_STEPS_MIN_WEIGHTS_NO_GRAD = 131072
 # gradients' writes dominate both), LSTM T1 B1 H512 1.84x / 4.52x, LSTM T1 B8 H512 1.00x / 0.97x, GRU T1 B64 H256
 # 0.85x / 0.91x, LSTM T1 B1 H64 1.47x / 1.30x, RNN T1 B1 H64 0.87x / 0.80x (overhead-bound: ~300 us either way).
 SINGLE_STEP_AS_CELL = True
-
-
-def bf16_in_steps(tensors, rows, weights, grad):
-    """Whether a bfloat16 layer call over ``rows`` rows (steps x batch) runs as cell steps that read the bfloat16
-    weights in place (_cell_steps): below seqfast._rules.UPCAST_BF16_MIN_ROWS, where the cell kernels qualify, in
-    grad mode or with at least BF16_STEPS_MIN_WEIGHTS_NO_GRAD ``weights``."""
-    return (rows < _rules.UPCAST_BF16_MIN_ROWS and (grad or weights >= BF16_STEPS_MIN_WEIGHTS_NO_GRAD)
-            and _rnn_cell.bf16_weight_kernels() and _rules.bf16_weights_in_place(tensors, rows))
 
 
 def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, bidirectional=False, dropout=0.0,

@@ -29,10 +29,6 @@ class _SeqfastRNNMixin:
     def _layer_weights(self):
         return [parameters_named(self, names) for names in self._all_weights]
 
-    def _first_weights(self):
-        """How many weights the first layer's w_ih and w_hh hold (seqfast.functional._rnn_sequence.bf16_in_steps)."""
-        return self.weight_ih_l0.numel() + self.weight_hh_l0.numel()
-
     def _prepare_states(self, hx, batch, input, is_batched):
         lstm = self._kind == "lstm"
         dirs = 2 if self.bidirectional else 1
@@ -75,17 +71,19 @@ class _SeqfastRNNMixin:
         if steps == 0 or batch == 0 or _rules.prefer_torch_when(self._kind, input, batch, self.hidden_size, False,
                                                                  steps=steps):
             return None
-        if input.dtype is torch.bfloat16 and (_rules.upcast_bfloat16((input,), steps * batch)
-                                              or _rnn_sequence.bf16_in_steps((input,), steps * batch,
-                                                                             self._first_weights(), False)):
-            return None  # computed in float32 by the regular path (upcast copies, or cell steps: _cell_steps)
+        cell_steps = False
+        if input.dtype is torch.bfloat16:
+            if _rules.upcast_bfloat16((input,), steps * batch):
+                return None  # computed in float32 by the regular path (seqfast._rules.upcast_bfloat16)
+            # fewer rows: float32 cell steps, the weights read in place (seqfast.functional._cell_steps' twin)
+            cell_steps = _rnn_sequence.bf16_in_steps((input,), steps * batch)
         if _autotune._enabled:  # the measured choice (seqfast.autotune) between this call and torch's forward
             key = ("rnn_module", self.mode, input.dtype, self.num_layers, self.bidirectional, batched,
                    _autotune.size_class(steps), _autotune.size_class(batch), _autotune.size_class(self.hidden_size),
                    _autotune.size_class(self.input_size), torch.get_num_threads())
             return _autotune.run(key, lambda: super(_SeqfastRNNMixin, self).forward(input),
-                                 lambda: self._one_call(input, weights))
-        return self._one_call(input, weights)
+                                 lambda: self._one_call(input, weights, cell_steps))
+        return self._one_call(input, weights, cell_steps)
 
     def _plan(self, input):
         """The flat weights of the no-grad paths for ``input``'s kind of tensor (None: the regular path), worked out
@@ -108,19 +106,19 @@ class _SeqfastRNNMixin:
         dtype = input.dtype
         upcast = (dtype is torch.bfloat16 and not torch.compiler.is_compiling()
                   and _rules.cpu_class() in _rules._UPCAST_BF16_CPUS)
-        # bfloat16 calls the regular path computes in float32: from UPCAST_BF16_MIN_ROWS rows, and below as cell
-        # steps where the cell kernels take bfloat16 weights and the layers are that large (_rnn_sequence.bf16_in_steps)
-        steps = (_rnn_cell.bf16_weight_kernels()
-                 and self._first_weights() >= _rnn_sequence.BF16_STEPS_MIN_WEIGHTS_NO_GRAD)
-        upcast_rows = (1 if steps else _rules.UPCAST_BF16_MIN_ROWS) if upcast else 0
+        # bfloat16 calls over more rows than the cell steps take (_rnn_sequence.bf16_in_steps) go to the regular path
+        # (upcast copies); fewer run here as cell steps, where the cell kernels take bfloat16 weights
+        steps = upcast and _rnn_cell.bf16_weight_kernels()
+        upcast_rows = (_rules.BF16_IN_PLACE_MAX_ROWS + 1 if steps else _rules.UPCAST_BF16_MIN_ROWS) if upcast else 0
         return _ext.module().ModuleCall(
             self.mode, self._parameters, list(self._parameters.values()), weights, self.bias, self.num_layers,
             self.bidirectional, self.batch_first, self.input_size,
-            _rules.torch_batches(self._kind, dtype, False, self.hidden_size), upcast_rows)
+            _rules.torch_batches(self._kind, dtype, False, self.hidden_size),
+            upcast_rows, bool(steps))
 
-    def _one_call(self, input, weights):
+    def _one_call(self, input, weights, cell_steps=False):
         out, h, c = _ext.module().rnn_module_inference(self.mode, input, weights, self.bias, self.num_layers,
-                                                       self.bidirectional, self.batch_first)
+                                                       self.bidirectional, self.batch_first, cell_steps=cell_steps)
         return out, ((h, c) if self._kind == "lstm" else h)
 
     def _inference_plan(self, input):
