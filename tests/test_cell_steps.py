@@ -204,3 +204,14 @@ def test_longer_or_no_grad_calls_keep_the_sequence_kernels(cell_step_calls):
     with torch.no_grad():
         ours(torch.randn(1, 3, 5))  # no gradients: the no-grad module call
     assert cell_step_calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_outputs_do_not_alias_the_states(in_steps, cell_step_calls, dtype):
+    """As torch's: writing into the output leaves h_n as it was (one step of one layer, where they hold equal
+    values)."""
+    torch.manual_seed(0)
+    mod = seqfast.nn.GRU(5, 7).to(dtype)
+    out, hn = mod(torch.randn(1, 2, 5, dtype=dtype, requires_grad=True))
+    assert cell_step_calls
+    assert out.untyped_storage().data_ptr() != hn.untyped_storage().data_ptr()

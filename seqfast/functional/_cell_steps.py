@@ -44,7 +44,8 @@ def recurrent_in_steps(kind, input, h0, c0, weights, batch_sizes, num_layers, bi
     x, h_out, c_out = _rnn_sequence.over_layers(x, num_layers, 2 if bidirectional else 1, dropout, training,
                                                 layer_direction)
     output = (x.view(T, B, x.shape[1]) if padded else x).to(dtype)
-    return output, torch.stack(h_out).to(dtype), (torch.stack(c_out).to(dtype) if lstm else None)
+    stack = _rnn_sequence.stack_states
+    return output, stack(h_out).to(dtype), (stack(c_out).to(dtype) if lstm else None)
 
 
 def _kernel_step(kind, relu, x, h, c, w_ih, w_hh, b_ih, b_hh):
@@ -96,4 +97,4 @@ def _layer(kind, relu, step, x, sizes, h0, c0, w, reverse):
         outs[t] = h
     hn = torch.cat([h] + ended_h[::-1]) if ended_h else h
     cn = (torch.cat([c] + ended_c[::-1]) if ended_c else c) if lstm else None
-    return torch.cat(outs), hn, cn
+    return torch.cat(outs), hn, cn  # a copy even of one step: the output must not alias h_n, as torch's does not

@@ -180,8 +180,12 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
 
     x, h_out, c_out = over_layers(x, num_layers, 2 if bidirectional else 1, dropout, training, layer_direction)
     output = x.view(T, B, x.shape[1]) if padded else x
-    stack = (lambda ts: ts[0].unsqueeze(0)) if len(h_out) == 1 else torch.stack  # noqa: E731 (one layer: a view)
-    return output, stack(h_out), (stack(c_out) if lstm else None)
+    return output, stack_states(h_out), (stack_states(c_out) if lstm else None)
+
+
+def stack_states(states):
+    """The final states of every layer and direction as one [layers * directions, B, H] tensor (one: a view)."""
+    return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)
 
 
 def over_layers(x, num_layers, dirs, dropout, training, layer_direction):
