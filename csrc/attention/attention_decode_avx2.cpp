@@ -25,6 +25,7 @@ SEQFAST_TARGET_AVX2_BEGIN
 
 #include "cpu/avx2_bf16.h"
 #include "cpu/avx2_masks.h"
+#include "cpu/avx2_reduce.h"
 #include "cpu/avx2_math.h"
 #endif
 
@@ -34,7 +35,10 @@ namespace attn_avx2 {
 #ifdef SEQFAST_HAVE_AVX2_DECODE
 namespace {
 
+using avx2::hmax8;
+using avx2::hsum8;
 using avx2::mask8;
+using avx2::reduce8;
 
 // 8 elements from p as floats.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -48,26 +52,6 @@ inline float to_float(uint16_t b) {
   float f;
   __builtin_memcpy(&f, &u, sizeof(f));
   return f;
-}
-
-inline float hmax8(__m256 x) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-inline float hsum8(__m256 x) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// [sum a0, sum a1, ..., sum a7]: the horizontal sums of 8 vectors in one vector (7 hadds, 2 lane permutes).
-inline __m256 reduce8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
-  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));  // [0123 lo | 0123 hi]
-  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));  // [4567 lo | 4567 hi]
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
 // Rows [r0, r1) of a K or V head (n elements each, row stride ld) towards L2, kAhead rows before they are read. The

@@ -30,6 +30,7 @@ SEQFAST_TARGET_AVX2_BEGIN
 
 #include "cpu/avx2_bf16.h"
 #include "cpu/avx2_masks.h"
+#include "cpu/avx2_reduce.h"
 #endif
 
 namespace seqfast {
@@ -42,13 +43,6 @@ using avx2::mask8;
 
 inline __m256 load_w(const uint16_t* p) { return avx2::load_bf16(p); }
 inline __m256 load_w(const uint16_t* p, int64_t n) { return avx2::load_bf16(p, n); }
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // acc[r][b] += sum_k x[b][k] w[r * K + k].
 template <int NB, int NR>
@@ -84,20 +78,15 @@ inline void rows(const float* const* x1, const uint16_t* w1, int64_t K1, const f
   dot<NB, NR>(x1, w1 + j * K1, K1, acc);
   if (w2) dot<NB, NR>(x2, w2 + j * K2, K2, acc);
   if constexpr (NR == 8) {
-    // the eight sums of one row at once (a hadd tree, one store): with short rows the reductions otherwise cost
-    // as much as the multiply-adds
-    for (int b = 0; b < NB; ++b) {
-      const __m256 t0 = _mm256_hadd_ps(acc[0][b], acc[1][b]), t1 = _mm256_hadd_ps(acc[2][b], acc[3][b]);
-      const __m256 t2 = _mm256_hadd_ps(acc[4][b], acc[5][b]), t3 = _mm256_hadd_ps(acc[6][b], acc[7][b]);
-      const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-      __m256 s = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    for (int b = 0; b < NB; ++b) {  // the eight sums of one row at once, one store
+      __m256 s = avx2::reduce8(acc[0][b], acc[1][b], acc[2][b], acc[3][b], acc[4][b], acc[5][b], acc[6][b], acc[7][b]);
       if (accumulate) s = _mm256_add_ps(s, _mm256_loadu_ps(y[b] + j));
       _mm256_storeu_ps(y[b] + j, s);
     }
   } else {
     for (int r = 0; r < NR; ++r)
       for (int b = 0; b < NB; ++b) {
-        const float s = hsum(acc[r][b]);
+        const float s = avx2::hsum8(acc[r][b]);
         y[b][j + r] = accumulate ? y[b][j + r] + s : s;
       }
   }

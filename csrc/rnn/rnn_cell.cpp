@@ -20,7 +20,7 @@ namespace {
 
 using kern::kMaxSmallB;
 
-// TW: the weights' element type, T's own, or bfloat16 under float32 activations: a bfloat16 step at batch 1-7 on a
+// TW: the weights' element type, T's own, or bfloat16 under float32 activations: a bfloat16 step at batch 1-16 on a
 // CPU without native bfloat16, which reads its weights in place (cpu/bf16_weight_gemv.h; seqfast._rules). Those
 // steps always take the small-batch GEMV; every other tensor of theirs is float32.
 template <typename T, typename TW>

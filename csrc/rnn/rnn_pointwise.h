@@ -39,6 +39,9 @@ SEQFAST_TARGET_AVX2_BEGIN
 #undef __AVX__
 #undef __AVX2__
 #endif
+#if defined(CPU_CAPABILITY_AVX2)
+#include "cpu/avx2_reduce.h"
+#endif
 
 namespace seqfast {
 namespace kern {
@@ -274,13 +277,7 @@ inline void store_sums(Vec<T> (&acc)[NR][NB], T* const* y, int64_t j, bool accum
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float> && NR == 8) {
     for (int b = 0; b < NB; ++b) {
-      const __m256 t0 = _mm256_hadd_ps(acc[0][b], acc[1][b]);
-      const __m256 t1 = _mm256_hadd_ps(acc[2][b], acc[3][b]);
-      const __m256 t2 = _mm256_hadd_ps(acc[4][b], acc[5][b]);
-      const __m256 t3 = _mm256_hadd_ps(acc[6][b], acc[7][b]);
-      const __m256 u0 = _mm256_hadd_ps(t0, t1);
-      const __m256 u1 = _mm256_hadd_ps(t2, t3);
-      __m256 s = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+      __m256 s = avx2::reduce8(acc[0][b], acc[1][b], acc[2][b], acc[3][b], acc[4][b], acc[5][b], acc[6][b], acc[7][b]);
       if (accumulate) s = _mm256_add_ps(s, _mm256_loadu_ps(y[b] + j));
       _mm256_storeu_ps(y[b] + j, s);
     }

@@ -1,12 +1,13 @@
 """A multi-layer (bidirectional) LSTM / GRU / RNN as one cell call per step, layer and direction: for the calls too
 short for the sequence kernels' per-call setup (their packed or transposed weight copies, paid once per call).
 
-* bfloat16 over fewer than 8 rows (steps x batch) on a CPU without native bfloat16: each step reads its bfloat16
-  weights in place (seqfast._rules.bf16_weights_in_place), states kept in float32. The sequence kernels would run
-  their bfloat16 GEMMs emulated there (measured on the Zen 3 against torch's op: LSTM T1 B1 H512 0.76x in inference
-  and 0.12x in training), and the float32 upcast path copies every weight per call, which costs more than a step
-  this short (seqfast._rules.UPCAST_BF16_MIN_ROWS). A seq2seq decoder that feeds nn.LSTM one token per call runs
-  exactly this.
+* bfloat16 over at most seqfast._rules.BF16_IN_PLACE_MAX_ROWS rows (steps x batch) on a CPU without native
+  bfloat16 (_rnn_sequence.bf16_in_steps): each step reads its bfloat16 weights in place
+  (seqfast._rules.bf16_weights_in_place), states kept in float32. The sequence kernels would run their bfloat16 GEMMs
+  emulated there (measured on the Zen 3 against torch's op: LSTM T1 B1 H512 0.76x in inference and 0.12x in
+  training), and the float32 upcast path copies every weight per call, which costs more than a call this short. A
+  seq2seq decoder that feeds nn.LSTM one token per call runs exactly this (without gradients, through the module's
+  C++ twin, rnn_module_inference's cell_steps).
 * float32 / float64 single-step calls with gradients (_rnn_sequence.recurrent): the functional cells, with their
   checks and rules.
 

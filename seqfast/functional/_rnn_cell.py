@@ -69,6 +69,14 @@ def bf16_weight_kernels():
 _bf16_weight_kernels = None
 
 
+def bf16_upcast_min_rows():
+    """The fewest rows (batch, or steps x batch) of a bfloat16 call that takes the float32 upcast path on a CPU
+    without native bfloat16: past seqfast._rules.BF16_IN_PLACE_MAX_ROWS where the C++ cell kernels read bfloat16
+    weights in place (the smaller calls run those), else seqfast._rules.UPCAST_BF16_MIN_ROWS. The modules' C++ calls
+    leave the calls from there on to the Python path."""
+    return _rules.BF16_IN_PLACE_MAX_ROWS + 1 if bf16_weight_kernels() else _rules.UPCAST_BF16_MIN_ROWS
+
+
 def _bf16_weights(gates, input, h, c, w_ih, w_hh, b_ih, b_hh):
     """Whether this bfloat16 step runs the float32 C++ kernels with its bfloat16 weights read in place
     (seqfast._rules.bf16_weights_in_place): the extension has those kernels, and torch's checks pass with the weights

@@ -106,15 +106,13 @@ class _SeqfastRNNMixin:
         dtype = input.dtype
         upcast = (dtype is torch.bfloat16 and not torch.compiler.is_compiling()
                   and _rules.cpu_class() in _rules._UPCAST_BF16_CPUS)
-        # bfloat16 calls over more rows than the cell steps take (_rnn_sequence.bf16_in_steps) go to the regular path
-        # (upcast copies); fewer run here as cell steps, where the cell kernels take bfloat16 weights
-        steps = upcast and _rnn_cell.bf16_weight_kernels()
-        upcast_rows = (_rules.BF16_IN_PLACE_MAX_ROWS + 1 if steps else _rules.UPCAST_BF16_MIN_ROWS) if upcast else 0
+        # bfloat16 calls the upcast path takes go to the regular path; fewer rows run here as cell steps, where the
+        # cell kernels take bfloat16 weights (_rnn_sequence.bf16_in_steps)
         return _ext.module().ModuleCall(
             self.mode, self._parameters, list(self._parameters.values()), weights, self.bias, self.num_layers,
             self.bidirectional, self.batch_first, self.input_size,
             _rules.torch_batches(self._kind, dtype, False, self.hidden_size),
-            upcast_rows, bool(steps))
+            _rnn_cell.bf16_upcast_min_rows() if upcast else 0, upcast and _rnn_cell.bf16_weight_kernels())
 
     def _one_call(self, input, weights, cell_steps=False):
         out, h, c = _ext.module().rnn_module_inference(self.mode, input, weights, self.bias, self.num_layers,

@@ -4,6 +4,7 @@ import torch
 
 from .. import _backend, _ext, _rules, autotune as _autotune
 from .. import functional as seqfast_F
+from ..functional import _rnn_cell
 from ..functional._rnn_cell import _native
 from ..ops import rnn_cell as _ops
 from ._parameters import parameters_named
@@ -73,23 +74,19 @@ def _build_call(module, family, input):
     if w_ih is None or w_ih.dtype != dtype or _ext.module() is None or not _native():
         return None
     if op.runs_cpp(input):
-        torch_op, upcast_rows = False, 0
+        torch_op, upcast = False, False
     elif op.runs_torch_op(input) and input.is_cpu:
         # no C++ kernel for this dtype: seqfast.functional runs torch's cell op, and so does the call, except for the
-        # bfloat16 steps the functional computes in float32 (seqfast._rules.upcast_bfloat16) and, below those rows,
-        # on float32 activations with the weights read in place (seqfast._rules.bf16_weights_in_place)
-        upcast = dtype is torch.bfloat16 and _rules.cpu_class() in _rules._UPCAST_BF16_CPUS
-        torch_op, upcast_rows = True, _rules.UPCAST_BF16_MIN_ROWS if upcast else 0
+        # bfloat16 steps the functional computes in float32: on upcast copies (seqfast._rules.upcast_bfloat16), left
+        # to it, and below those rows on float32 activations with the weights read in place
+        # (seqfast._rules.bf16_weights_in_place), which the call runs itself
+        torch_op, upcast = True, dtype is torch.bfloat16 and _rules.cpu_class() in _rules._UPCAST_BF16_CPUS
     else:
         return None
-    module_C = _ext.module()
-    bf16_weights = upcast_rows > 0 and module_C.bf16_cell_weights_supported()
-    if bf16_weights:  # the C++ step reads the weights in place up to that many rows (the functional's choice)
-        upcast_rows = _rules.BF16_IN_PLACE_MAX_ROWS + 1
-    return module_C.CellCall(
+    return _ext.module().CellCall(
         _GATES[family], getattr(module, "nonlinearity", "tanh") == "relu", params, list(params.values()), w_ih, w_hh,
-        b_ih, b_hh, _rules.torch_batches(family, dtype, False, module.hidden_size), torch_op, upcast_rows,
-        bf16_weights)
+        b_ih, b_hh, _rules.torch_batches(family, dtype, False, module.hidden_size), torch_op,
+        _rnn_cell.bf16_upcast_min_rows() if upcast else 0, upcast and _rnn_cell.bf16_weight_kernels())
 
 
 class _CellCallState:
