@@ -155,17 +155,22 @@ def test_where_the_call_does_not_qualify(in_steps, monkeypatch):
 def cell_step_calls(monkeypatch):
     """-> the dtypes of the calls seqfast.functional.recurrent ran as cell steps."""
     from seqfast.functional import _cell_steps
-    calls, original = [], _cell_steps.recurrent_in_steps
+    calls = []
 
-    def spy(kind, input, *args):
-        calls.append(input.dtype)
-        return original(kind, input, *args)
-    monkeypatch.setattr(_cell_steps, "recurrent_in_steps", spy)
+    def spy(original):
+        def run(kind, input, *args):
+            calls.append(input.dtype)
+            return original(kind, input, *args)
+        return run
+    # the general walk, and its shorter twin for a padded one-step call
+    for name in ("recurrent_in_steps", "one_step"):
+        monkeypatch.setattr(_cell_steps, name, spy(getattr(_cell_steps, name)))
     return calls
 
 
 @pytest.mark.parametrize("kind,kw", [("LSTM", {}), ("GRU", {}), ("RNN", {"nonlinearity": "relu"}), ("RNN", {})])
-@pytest.mark.parametrize("layers,bidirectional,batch_first,packed", [(1, False, False, False), (2, True, True, True)])
+@pytest.mark.parametrize("layers,bidirectional,batch_first,packed",
+                         [(1, False, False, False), (2, True, True, False), (2, True, True, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_single_step_with_gradients_matches_torch(cell_step_calls, kind, kw, layers, bidirectional, batch_first,
                                                   packed, dtype):
@@ -204,6 +209,28 @@ def test_longer_or_no_grad_calls_keep_the_sequence_kernels(cell_step_calls):
     with torch.no_grad():
         ours(torch.randn(1, 3, 5))  # no gradients: the no-grad module call
     assert cell_step_calls == []
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_single_step_dropout_draws_torchs_masks(cell_step_calls, kind):
+    """Dropout between layers of a one-step call in training: the masks torch draws from the same seed (its op applies
+    the same dropout to each layer's output), so outputs, states and gradients match."""
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, kind)(5, 7, num_layers=3, dropout=0.5, bidirectional=True)
+    ours = getattr(seqfast.nn, kind)(5, 7, num_layers=3, dropout=0.5, bidirectional=True)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 3, 5, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    torch.manual_seed(1)
+    got = ours(x)
+    torch.manual_seed(1)
+    want = ref(x_ref)
+    assert cell_step_calls == [torch.float32]
+    for g, w in zip(_flat(got), _flat(want)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    sum(t.sum() for t in _flat(got)).backward()
+    sum(t.sum() for t in _flat(want)).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])

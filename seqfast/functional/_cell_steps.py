@@ -9,7 +9,7 @@ short for the sequence kernels' per-call setup (their packed or transposed weigh
   seq2seq decoder that feeds nn.LSTM one token per call runs exactly this (without gradients, through the module's
   C++ twin, rnn_module_inference's cell_steps).
 * float32 / float64 single-step calls with gradients (_rnn_sequence.recurrent): the functional cells, with their
-  checks and rules.
+  checks and rules (one_step for padded input: the same steps with less Python around them).
 
 Packed input, several layers, both directions and dropout between layers follow torch's semantics; autograd records
 the cell steps.
@@ -47,6 +47,30 @@ def recurrent_in_steps(kind, input, h0, c0, weights, batch_sizes, num_layers, bi
     output = (x.view(T, B, x.shape[1]) if padded else x).to(dtype)
     stack = _rnn_sequence.stack_states
     return output, stack(h_out).to(dtype), (stack(c_out).to(dtype) if lstm else None)
+
+
+def one_step(kind, input, h0, c0, weights, num_layers, bidirectional, dropout, training, nonlinearity):
+    """recurrent_in_steps for a padded float32 / float64 input of one step ([1, B, I]), with less Python: a decoder
+    that feeds the layer one token per call spends a good part of such a call (tens of microseconds at batch 1) on
+    the general walk's slicing and concatenation. The same steps and results."""
+    relu, lstm = nonlinearity == "relu", kind == "lstm"
+    x, dirs = input[0], 2 if bidirectional else 1
+    h_out, c_out = [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(dirs):
+            i = layer * dirs + d
+            w = weights[i]
+            h, c = _functional_step(kind, relu, x, h0[i], c0[i] if lstm else None, w[0], w[1],
+                                    *(w[2:4] if len(w) >= 4 else (None, None)))
+            outs.append(h)
+            h_out.append(h)
+            c_out.append(c)
+        x = outs[0] if dirs == 1 else torch.cat(outs, 1)
+        if dropout and training and layer < num_layers - 1:
+            x = torch.nn.functional.dropout(x, dropout, True)
+    # h_n is stacked (a copy even of one state): the output must not alias it, as torch's does not
+    return x.unsqueeze(0), torch.stack(h_out), (_rnn_sequence.stack_states(c_out) if lstm else None)
 
 
 def _kernel_step(kind, relu, x, h, c, w_ih, w_hh, b_ih, b_hh):

@@ -146,6 +146,9 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
             and (input.shape[0] if batch_sizes is None else batch_sizes.shape[0]) == 1
             and not torch.compiler.is_compiling() and op.runs_cpp(input)):
         # one step with gradients: the cell kernels, without the sequence kernels' per-call weight copies
+        if batch_sizes is None:
+            return _cell_steps.one_step(kind, input, h0, c0, weights, num_layers, bidirectional, dropout, training,
+                                        nonlinearity)
         return _cell_steps.recurrent_in_steps(kind, input, h0, c0, weights, batch_sizes, num_layers, bidirectional,
                                               dropout, training, nonlinearity)
     padded = batch_sizes is None
