@@ -161,7 +161,10 @@ RULES = [
     # 0.59-0.94x, 1.23x once, _ZEN3_SETTLED; non-causal 0.34-0.80x.)
     Rule("sdpa", F32, AVX2, training=False, batch=(2, 64), source=_ZEN3_ATTN),
     Rule("sdpa", F32, AVX2, training=False, batch=(2, INF), causal=False, head_dim=(65, INF), source=_ZEN3_ATTN),
-    Rule("sdpa", BF16, AVX2, training=False, batch=(2, INF), source=_ZEN3),  # 0.63-0.84x (training: 3.0-7.7x)
+    # bfloat16 inference: seqfast's bfloat16 forward ran 0.63-0.84x (its GEMMs emulated; training 3.0-7.7x, _ZEN3).
+    # Where the float32 rules above keep seqfast's kernel, the call upcasts instead (sdpa_upcasts_bfloat16); this rule
+    # sends the rest to torch's op.
+    Rule("sdpa", BF16, AVX2, training=False, batch=(2, INF), source=_ZEN3),
     # the decoder step (query length 1): float32 training over 256 keys and fewer (its backward is the generic one:
     # 0.71x at batch 1 x 8 heads x 16 keys, 0.86x at 256 keys, 0.91x at batch 16 x 64 keys; 1.08x / 1.16x at batch
     # 16 x 256 / 1024 keys, _ZEN3_DECODE). Inference has no rule since the AVX2 decode kernel
@@ -206,12 +209,17 @@ def set_rules(rules):
 
 
 def sdpa_torch_regions(training):
-    """The table's SDPA regions on this CPU for ``training`` calls, for seqfast._C.SdpaCall: (dtype, query length
-    low, high, key length low, high, head dim low, high, causal: 1 / 0 / -1 either), bounds inclusive."""
+    """The table's SDPA regions on this CPU for ``training`` calls, for seqfast._C.SdpaCall, which declines the calls
+    inside them: (dtype, query length low, high, key length low, high, head dim low, high, causal: 1 / 0 / -1
+    either), bounds inclusive. Without gradients on a CPU whose bfloat16 SDPA may upcast (sdpa_upcasts_bfloat16),
+    also every bfloat16 call of 2+ query rows: the Python path decides between the upcast and torch's op."""
     cpu = cpu_class()
-    return [(r.dtype, *(r.batch or (0, INF)), *(r.hidden or (0, INF)), *(r.head_dim or (0, INF)),
-             -1 if r.causal is None else int(r.causal))
-            for r in RULES if r.family == "sdpa" and cpu in r.cpus and r.training in (None, training)]
+    regions = [(r.dtype, *(r.batch or (0, INF)), *(r.hidden or (0, INF)), *(r.head_dim or (0, INF)),
+                -1 if r.causal is None else int(r.causal))
+               for r in RULES if r.family == "sdpa" and cpu in r.cpus and r.training in (None, training)]
+    if not training and cpu in _UPCAST_BF16_CPUS:
+        regions.append((BF16, 2, INF, 0, INF, 0, INF, -1))
+    return regions
 
 
 def torch_batches(family, dtype, training, hidden):
@@ -271,6 +279,24 @@ def upcast_bfloat16(tensors, rows):
     entries skipped) a bfloat16 CPU tensor, ``rows`` (the multiply-adds per weight: batch, or steps x batch) at least
     the minimum, this CPU without native bfloat16, no backend forced, no autocast, not while torch.compile traces."""
     return rows >= UPCAST_BF16_MIN_ROWS and _float32_bfloat16(tensors)
+
+
+def sdpa_upcasts_bfloat16(query, key, value, causal):
+    """Whether a bfloat16 SDPA call without gradients (query length >= 2) runs in float32 on upcast copies, its output
+    rounded to bfloat16 once: on a CPU without native bfloat16 (the conditions of upcast_bfloat16), where the float32
+    call would run seqfast's kernel (no float32 rule prefers torch's op for its shape). There, seqfast's bfloat16
+    forward and torch's both run emulated bfloat16 GEMMs, while the float32 blocks run at the float32 rate and the
+    copies cost a read and a write of q, k and v. Same process, Zen 3, 8 heads, torch's bfloat16 op / float32
+    kernel on copies made per call: L128 D64 1.28x (non-causal), 1.63x (causal); L256 D64 1.17x; L512 D64 causal
+    1.94x; L256 D128 causal 1.06x. Where the float32 table prefers torch's op (up to 64 query rows, non-causal head
+    dim 128), torch's float32 op lost to its bfloat16 one (L64 D64 causal 0.70x, L512 D128 0.75x): those keep
+    torch's bfloat16 op."""
+    L = query.shape[-2]
+    if L < 2 or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+        return False
+    if not _float32_bfloat16((query, key, value)):
+        return False
+    return not _lookup("sdpa", torch.float32, False, L, key.shape[-2], causal, query.shape[-1])
 
 
 # Cell steps of 1 to this many rows instead run the float32 cell kernels on float32 copies of their activations and

@@ -18,12 +18,31 @@ sdpa = seqfast.functional.scaled_dot_product_attention
 
 
 @pytest.fixture
-def no_rules():
-    """An empty rule table (every case is seqfast's kernel's on any CPU); the call built from it."""
+def no_rules(monkeypatch):
+    """An empty rule table and no bfloat16 upcast (every case is seqfast's kernel's on any CPU); the call built from
+    it."""
+    monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", ())
     saved = list(_rules.RULES)
     _rules.set_rules([])
     yield _attention._build_no_grad_call()
     _rules.set_rules(saved)
+
+
+def test_leaves_bfloat16_to_the_upcast_where_it_applies(monkeypatch):
+    """On a CPU class whose bfloat16 SDPA may upcast (seqfast._rules.sdpa_upcasts_bfloat16), bfloat16 calls of 2+ query
+    rows are declined (the Python path decides); decoder steps (1 row) are still served."""
+    monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", (_rules.cpu_class(),))
+    saved = list(_rules.RULES)
+    _rules.set_rules([])
+    try:
+        call = _attention._build_no_grad_call()
+        q, k, v = _qkv((2, 3, 4, 16), (2, 3, 5, 16), (2, 3, 5, 16), torch.bfloat16)
+        with torch.no_grad():
+            assert call(q, k, v, False, None, False) is None
+            assert call(q[:, :, :1], k, v, False, None, False) is not None
+            assert call(q.float(), k.float(), v.float(), False, None, False) is not None
+    finally:
+        _rules.set_rules(saved)
 
 
 def _qkv(q_shape, k_shape, v_shape, dtype=torch.float32):

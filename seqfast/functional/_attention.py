@@ -71,6 +71,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                 return out
             if call.stale():  # a new rule table
                 _build_no_grad_call()
+    if (query.dtype is torch.bfloat16 and dropout_p == 0.0 and query.dim() >= 2 and key.dim() >= 2
+            and _rules.sdpa_upcasts_bfloat16(query, key, value, is_causal)):
+        # no native bfloat16 on this CPU: the float32 kernels on upcast copies, the output rounded once (seqfast._rules)
+        mask = attn_mask.float() if attn_mask is not None and attn_mask.dtype is torch.bfloat16 else attn_mask
+        return scaled_dot_product_attention(query.float(), key.float(), value.float(), mask, 0.0, is_causal,
+                                            scale=scale, enable_gqa=enable_gqa).to(torch.bfloat16)
     # Where torch's own op runs the call (no seqfast kernel for it, or a rule prefers torch's: decoder steps over few
     # keys on AVX2, for one), decide that before any of the work below: torch's op then checks its arguments itself
     # (its own errors), and a decoder step spends no Python on views it never uses (at 256 keys that Python cost
