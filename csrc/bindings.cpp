@@ -116,15 +116,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_cell_forward", &seqfast::lstm_cell_forward, GIL(), py::arg("x"), py::arg("hx"), py::arg("cx"),
         py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"));
   m.def("lstm_cell_backward", &seqfast::lstm_cell_backward, GIL(), py::arg("grad_hy"), py::arg("grad_cy"),
-        py::arg("x"), py::arg("hx"), py::arg("cx"), py::arg("w_ih"), py::arg("w_hh"), py::arg("gates"), py::arg("cy"));
+        py::arg("x"), py::arg("hx"), py::arg("cx"), py::arg("w_ih"), py::arg("w_hh"), py::arg("gates"), py::arg("cy"),
+        py::arg("need_dx") = true, py::arg("need_dh") = true, py::arg("need_dw_ih") = true,
+        py::arg("need_dw_hh") = true);
   m.def("gru_cell_forward", &seqfast::gru_cell_forward, GIL(), py::arg("x"), py::arg("hx"), py::arg("w_ih"),
         py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"));
   m.def("gru_cell_backward", &seqfast::gru_cell_backward, GIL(), py::arg("grad_hy"), py::arg("x"), py::arg("hx"),
-        py::arg("w_ih"), py::arg("w_hh"), py::arg("ws"));
+        py::arg("w_ih"), py::arg("w_hh"), py::arg("ws"), py::arg("need_dx") = true, py::arg("need_dh") = true,
+        py::arg("need_dw_ih") = true, py::arg("need_dw_hh") = true);
   m.def("rnn_cell_forward", &seqfast::rnn_cell_forward, GIL(), py::arg("x"), py::arg("hx"), py::arg("w_ih"),
         py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("relu"));
   m.def("rnn_cell_backward", &seqfast::rnn_cell_backward, GIL(), py::arg("grad_hy"), py::arg("x"), py::arg("hx"),
-        py::arg("w_ih"), py::arg("w_hh"), py::arg("hy"), py::arg("relu"));
+        py::arg("w_ih"), py::arg("w_hh"), py::arg("hy"), py::arg("relu"), py::arg("need_dx") = true,
+        py::arg("need_dh") = true, py::arg("need_dw_ih") = true, py::arg("need_dw_hh") = true);
   m.def("lstm_layer_forward", &seqfast::lstm_layer_forward, GIL(), py::arg("x"), py::arg("batch_sizes"),
         py::arg("h0"), py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
         py::arg("reverse"));
@@ -133,12 +137,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("reverse"));
   m.def("lstm_layer_backward", &seqfast::lstm_layer_backward, GIL(), py::arg("grad_out"), py::arg("grad_hn"),
         py::arg("grad_cn"), py::arg("x"), py::arg("batch_sizes"), py::arg("h0"), py::arg("c0"), py::arg("w_ih"),
-        py::arg("w_hh"), py::arg("out"), py::arg("gates"), py::arg("cs"), py::arg("reverse"));
+        py::arg("w_hh"), py::arg("out"), py::arg("gates"), py::arg("cs"), py::arg("reverse"),
+        py::arg("need_dx") = true, py::arg("need_dw_ih") = true, py::arg("need_dw_hh") = true);
   m.def("gru_layer_forward", &seqfast::gru_layer_forward, GIL(), py::arg("x"), py::arg("batch_sizes"), py::arg("h0"),
         py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("reverse"));
   m.def("gru_layer_backward", &seqfast::gru_layer_backward, GIL(), py::arg("grad_out"), py::arg("grad_hn"),
         py::arg("x"), py::arg("batch_sizes"), py::arg("h0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("out"),
-        py::arg("ws"), py::arg("reverse"));
+        py::arg("ws"), py::arg("reverse"), py::arg("need_dx") = true, py::arg("need_dw_ih") = true,
+        py::arg("need_dw_hh") = true);
   m.def("rnn_layer_forward", &seqfast::rnn_layer_forward, GIL(), py::arg("x"), py::arg("batch_sizes"), py::arg("h0"),
         py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("relu"), py::arg("reverse"));
   m.def("rnn_module_inference", &seqfast::rnn_module_inference, GIL(), py::arg("mode"), py::arg("input"),
@@ -148,7 +154,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   seqfast::bind_module_call(m);
   m.def("rnn_layer_backward", &seqfast::rnn_layer_backward, GIL(), py::arg("grad_out"), py::arg("grad_hn"),
         py::arg("x"), py::arg("batch_sizes"), py::arg("h0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("out"),
-        py::arg("relu"), py::arg("reverse"));
+        py::arg("relu"), py::arg("reverse"), py::arg("need_dx") = true, py::arg("need_dw_ih") = true,
+        py::arg("need_dw_hh") = true);
 
   // ---- attention (attention/attention.h) ----
   seqfast::bind_sdpa_call(m);

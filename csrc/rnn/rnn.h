@@ -28,24 +28,33 @@ bool bf16_cell_weights_supported();
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& cx,
                                                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                                                      const OptTensor& b_hh);
+// The cells' backward entries compute dx, dhx, dw_ih and dw_hh only where their need_* flag is set (autograd's
+// needs_input_grad: a first step's zero state, an input without gradients, frozen weights), and return undefined
+// tensors (None in Python) for the others: at batch 1 each is a pass over a weight matrix or a write of one.
 // -> (dx, dhx, dcx, dw_ih, dw_hh, db[4H]); db is the grad of b_ih and of b_hh alike.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
     const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& x, const Tensor& hx, const Tensor& cx,
-    const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates, const Tensor& cy);
+    const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates, const Tensor& cy, bool need_dx = true,
+    bool need_dh = true, bool need_dw_ih = true, bool need_dw_hh = true);
 // -> (hy, ws[B,4H] = [r, z, n, hn], hn = W_hn h + b_hn)
 std::tuple<Tensor, Tensor> gru_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                                             const OptTensor& b_ih, const OptTensor& b_hh);
 // -> (dx, dhx, dw_ih, dw_hh, db_ih[3H], db_hh[3H])
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward(const Tensor& grad_hy, const Tensor& x,
                                                                              const Tensor& hx, const Tensor& w_ih,
-                                                                             const Tensor& w_hh, const Tensor& ws);
+                                                                             const Tensor& w_hh, const Tensor& ws,
+                                                                             bool need_dx = true, bool need_dh = true,
+                                                                             bool need_dw_ih = true,
+                                                                             bool need_dw_hh = true);
 // -> hy ; relu selects nonlinearity='relu' (else tanh)
 Tensor rnn_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                         const OptTensor& b_ih, const OptTensor& b_hh, bool relu);
 // -> (dx, dhx, dw_ih, dw_hh, db[H])
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward(const Tensor& grad_hy, const Tensor& x,
                                                                      const Tensor& hx, const Tensor& w_ih,
-                                                                     const Tensor& w_hh, const Tensor& hy, bool relu);
+                                                                     const Tensor& w_hh, const Tensor& hy, bool relu,
+                                                                     bool need_dx = true, bool need_dh = true,
+                                                                     bool need_dw_ih = true, bool need_dw_hh = true);
 
 // ---- sequences: one layer, one direction, time-major packed input -----------------------------------------------
 // x[N,I]: step t occupies rows [off_t, off_t + bs_t); batch_sizes[T] int64 CPU, non-increasing; B = h0.size(0).
@@ -69,11 +78,15 @@ std::tuple<Tensor, Tensor, Tensor> lstm_layer_padded_inference(const Tensor& x, 
                                                                const Tensor& c0, const Tensor& w_ih,
                                                                const Tensor& w_hh, const OptTensor& b_ih,
                                                                const OptTensor& b_hh, bool reverse);
+// The layers' backward entries compute dx, dw_ih and dw_hh only where their need_* flag is set (autograd's
+// needs_input_grad: a first layer's input without gradients, frozen weights) and return undefined tensors (None in
+// Python) for the others; dh0 (and dc0) always.
 // -> (dx[N,I], dh0, dc0, dw_ih, dw_hh, db[4H])
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
     const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& x, const Tensor& batch_sizes,
     const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& out,
-    const Tensor& gates, const Tensor& cs, bool reverse);
+    const Tensor& gates, const Tensor& cs, bool reverse, bool need_dx = true, bool need_dw_ih = true,
+    bool need_dw_hh = true);
 // -> (out, hn, ws[N,4H] = [r, z, n, hn] per row)
 std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
                                                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
@@ -85,7 +98,8 @@ std::tuple<Tensor, Tensor> gru_layer_padded_forward(const Tensor& x, int64_t ste
 // -> (dx, dh0, dw_ih, dw_hh, db_ih, db_hh)
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
     const Tensor& grad_out, const Tensor& grad_hn, const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
-    const Tensor& w_ih, const Tensor& w_hh, const Tensor& out, const Tensor& ws, bool reverse);
+    const Tensor& w_ih, const Tensor& w_hh, const Tensor& out, const Tensor& ws, bool reverse, bool need_dx = true,
+    bool need_dw_ih = true, bool need_dw_hh = true);
 // -> (out, hn)
 std::tuple<Tensor, Tensor> rnn_layer_forward(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
                                              const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
@@ -99,7 +113,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const Tens
                                                                       const Tensor& x, const Tensor& batch_sizes,
                                                                       const Tensor& h0, const Tensor& w_ih,
                                                                       const Tensor& w_hh, const Tensor& out,
-                                                                      bool relu, bool reverse);
+                                                                      bool relu, bool reverse, bool need_dx = true,
+                                                                      bool need_dw_ih = true, bool need_dw_hh = true);
 
 // ---- a whole module's no-grad forward (rnn_module_inference.cpp) ----
 // mode "LSTM" | "GRU" | "RNN_TANH" | "RNN_RELU"; input [T, B, I] ([B, T, I] batch_first) or unbatched [T, I];

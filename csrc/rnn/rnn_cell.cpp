@@ -20,6 +20,11 @@ namespace {
 
 using kern::kMaxSmallB;
 
+// The input gradients a backward call computes (rnn.h: the entries' need_* flags).
+struct Needs {
+  bool dx = true, dh = true, dw_ih = true, dw_hh = true;
+};
+
 // TW: the weights' element type, T's own, or bfloat16 under float32 activations: a bfloat16 step at batch 1-16 on a
 // CPU without native bfloat16, which reads its weights in place (cpu/bf16_weight_gemv.h; seqfast._rules). Those
 // steps always take the small-batch GEMV; every other tensor of theirs is float32.
@@ -216,7 +221,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_impl(const Tensor& x, const
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_impl(
     const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& x, const Tensor& hx, const Tensor& cx,
-    const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates, const Tensor& cy) {
+    const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates, const Tensor& cy, const Needs& n) {
   kern::check_cpu();
   const int64_t B = x.size(0), H = hx.size(1);
   Tensor dg = at::empty({B, 4 * H}, x.options());
@@ -236,7 +241,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_im
                               dgp + b * 4 * H, dcxp + b * H, H, 0, H);
     });
   });
-  return {grad_in(dg, w_ih), grad_in(dg, w_hh), dcx, grad_w(dg, x, w_ih), grad_w(dg, hx, w_hh), dg.sum(0)};
+  return {n.dx ? grad_in(dg, w_ih) : Tensor(), n.dh ? grad_in(dg, w_hh) : Tensor(), dcx,
+          n.dw_ih ? grad_w(dg, x, w_ih) : Tensor(), n.dw_hh ? grad_w(dg, hx, w_hh) : Tensor(), dg.sum(0)};
 }
 
 std::tuple<Tensor, Tensor> gru_cell_forward_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
@@ -256,7 +262,8 @@ std::tuple<Tensor, Tensor> gru_cell_forward_impl(const Tensor& x, const Tensor& 
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward_impl(const Tensor& grad_hy, const Tensor& x,
                                                                              const Tensor& hx, const Tensor& w_ih,
-                                                                             const Tensor& w_hh, const Tensor& ws) {
+                                                                             const Tensor& w_hh, const Tensor& ws,
+                                                                             const Needs& n) {
   kern::check_cpu();
   const int64_t B = x.size(0), H = hx.size(1);
   Tensor dgi = at::empty({B, 3 * H}, x.options());
@@ -276,11 +283,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward_imp
                              dhxp + b * H, H, 0, H);
     });
   });
-  if (w_hh.scalar_type() == dgh.scalar_type())
+  if (!n.dh)
+    dhx = Tensor();
+  else if (w_hh.scalar_type() == dgh.scalar_type())
     dhx.addmm_(dgh, w_hh);
   else
     dhx.add_(grad_in(dgh, w_hh));
-  return {grad_in(dgi, w_ih), dhx, grad_w(dgi, x, w_ih), grad_w(dgh, hx, w_hh), dgi.sum(0), dgh.sum(0)};
+  return {n.dx ? grad_in(dgi, w_ih) : Tensor(), dhx, n.dw_ih ? grad_w(dgi, x, w_ih) : Tensor(),
+          n.dw_hh ? grad_w(dgh, hx, w_hh) : Tensor(), dgi.sum(0), dgh.sum(0)};
 }
 
 Tensor rnn_cell_forward_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
@@ -298,7 +308,8 @@ Tensor rnn_cell_forward_impl(const Tensor& x, const Tensor& hx, const Tensor& w_
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward_impl(const Tensor& grad_hy, const Tensor& x,
                                                                      const Tensor& hx, const Tensor& w_ih,
-                                                                     const Tensor& w_hh, const Tensor& hy, bool relu) {
+                                                                     const Tensor& w_hh, const Tensor& hy, bool relu,
+                                                                     const Needs& n) {
   kern::check_cpu();
   const int64_t B = x.size(0), H = hx.size(1);
   Tensor dp = at::empty({B, H}, x.options());
@@ -311,7 +322,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward_impl(const 
       for (int64_t b = r0; b < r1; ++b) kern::rnn_bwd_row<T>(dh + b * H, nullptr, y + b * H, d + b * H, relu, 0, H);
     });
   });
-  return {grad_in(dp, w_ih), grad_in(dp, w_hh), grad_w(dp, x, w_ih), grad_w(dp, hx, w_hh), dp.sum(0)};
+  return {n.dx ? grad_in(dp, w_ih) : Tensor(), n.dh ? grad_in(dp, w_hh) : Tensor(),
+          n.dw_ih ? grad_w(dp, x, w_ih) : Tensor(), n.dw_hh ? grad_w(dp, hx, w_hh) : Tensor(), dp.sum(0)};
 }
 
 }  // namespace
@@ -359,7 +371,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& x, const Tens
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
     const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& x, const Tensor& hx, const Tensor& cx,
-    const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates, const Tensor& cy) {
+    const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates, const Tensor& cy, bool need_dx, bool need_dh,
+    bool need_dw_ih, bool need_dw_hh) {
   const char* fn = "lstm_cell_backward";
   const Tensor xc = need(fn, "input", x, {kAny, kAny}, at::ScalarType::Undefined);
   const auto dt = x.scalar_type();
@@ -370,7 +383,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
   return lstm_cell_backward_impl(need(fn, "grad_hy", grad_hy, {B, H}, dt), need(fn, "grad_cy", grad_cy, {B, H}, dt),
                                  xc, hc, need(fn, "cx", cx, {B, H}, dt), need(fn, "weight_ih", w_ih, {4 * H, I}, wt),
                                  need(fn, "weight_hh", w_hh, {4 * H, H}, wt), need(fn, "gates", gates, {B, 4 * H}, dt),
-                                 need(fn, "cy", cy, {B, H}, dt));
+                                 need(fn, "cy", cy, {B, H}, dt), Needs{need_dx, need_dh, need_dw_ih, need_dw_hh});
 }
 
 std::tuple<Tensor, Tensor> gru_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
@@ -389,7 +402,9 @@ std::tuple<Tensor, Tensor> gru_cell_forward(const Tensor& x, const Tensor& hx, c
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward(const Tensor& grad_hy, const Tensor& x,
                                                                              const Tensor& hx, const Tensor& w_ih,
-                                                                             const Tensor& w_hh, const Tensor& ws) {
+                                                                             const Tensor& w_hh, const Tensor& ws,
+                                                                             bool need_dx, bool need_dh,
+                                                                             bool need_dw_ih, bool need_dw_hh) {
   const char* fn = "gru_cell_backward";
   const Tensor xc = need(fn, "input", x, {kAny, kAny}, at::ScalarType::Undefined);
   const auto dt = x.scalar_type();
@@ -399,7 +414,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward(con
   const auto wt = weight_dtype(fn, xc, w_ih);
   return gru_cell_backward_impl(need(fn, "grad_hy", grad_hy, {B, H}, dt), xc, hc,
                                 need(fn, "weight_ih", w_ih, {3 * H, I}, wt), need(fn, "weight_hh", w_hh, {3 * H, H}, wt),
-                                need(fn, "ws", ws, {B, 4 * H}, dt));
+                                need(fn, "ws", ws, {B, 4 * H}, dt), Needs{need_dx, need_dh, need_dw_ih, need_dw_hh});
 }
 
 Tensor rnn_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
@@ -417,7 +432,9 @@ Tensor rnn_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& w_ih, c
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward(const Tensor& grad_hy, const Tensor& x,
                                                                      const Tensor& hx, const Tensor& w_ih,
-                                                                     const Tensor& w_hh, const Tensor& hy, bool relu) {
+                                                                     const Tensor& w_hh, const Tensor& hy, bool relu,
+                                                                     bool need_dx, bool need_dh, bool need_dw_ih,
+                                                                     bool need_dw_hh) {
   const char* fn = "rnn_cell_backward";
   const Tensor xc = need(fn, "input", x, {kAny, kAny}, at::ScalarType::Undefined);
   const auto dt = x.scalar_type();
@@ -426,7 +443,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward(const Tenso
   const int64_t H = hx.size(1);
   const auto wt = weight_dtype(fn, xc, w_ih);
   return rnn_cell_backward_impl(need(fn, "grad_hy", grad_hy, {B, H}, dt), xc, hc, need(fn, "weight_ih", w_ih, {H, I}, wt),
-                                need(fn, "weight_hh", w_hh, {H, H}, wt), need(fn, "hy", hy, {B, H}, dt), relu);
+                                need(fn, "weight_hh", w_hh, {H, H}, wt), need(fn, "hy", hy, {B, H}, dt), relu,
+                                Needs{need_dx, need_dh, need_dw_ih, need_dw_hh});
 }
 
 bool rnn_kernels_supported() { return kern::cpu_supported(); }

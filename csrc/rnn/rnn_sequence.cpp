@@ -741,12 +741,18 @@ void rnn_bwd(const Steps& s, const Tensor& grad_out, const Tensor& w_hh, const T
                            });
 }
 
+// The gradients a layer's backward computes (rnn.h: the entries' need_* flags); dh0 (and dc0) always.
+struct LayerNeeds {
+  bool dx = true, dw_ih = true, dw_hh = true;
+};
+
 // bf16 backward: upcast everything to float32 (the forward's workspaces already are float32), run the float32
 // backward, round the grads to bf16. Correct, not tuned.
 inline Tensor f32(const Tensor& t) { return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; }
 template <class Tup>
 Tup to_bf16(Tup r) {
-  std::apply([](auto&... t) { ((t = t.to(at::kBFloat16)), ...); }, r);
+  // gradients the caller skipped stay undefined
+  std::apply([](auto&... t) { ((t = t.defined() ? t.to(at::kBFloat16) : t), ...); }, r);
   return r;
 }
 
@@ -830,11 +836,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward_impl(
     const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& x, const Tensor& batch_sizes,
     const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& out,
-    const Tensor& gates, const Tensor& cs, bool reverse) {
+    const Tensor& gates, const Tensor& cs, bool reverse, const LayerNeeds& n) {
   kern::check_cpu();
   if (x.scalar_type() == at::kBFloat16)
     return to_bf16(lstm_layer_backward(f32(grad_out), f32(grad_hn), f32(grad_cn), f32(x), batch_sizes, f32(h0),
-                                       f32(c0), f32(w_ih), f32(w_hh), f32(out), f32(gates), f32(cs), reverse));
+                                       f32(c0), f32(w_ih), f32(w_hh), f32(out), f32(gates), f32(cs), reverse, n.dx,
+                                       n.dw_ih, n.dw_hh));
   const Steps s(batch_sizes, reverse);
   Tensor dgates = pooled_empty(gates.sizes(), gates.options());
   Tensor dh = grad_hn.clone();
@@ -847,8 +854,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward_i
     const int small_nt = small ? small_step_threads(c0.size(1)) : 0;
     lstm_bwd<scalar_t>(s, nt, small_nt, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
   });
-  Tensor dw_hh = gemm(dgates.t(), gather_prev(s, out, h0));
-  return {gemm(dgates, w_ih), dh, dc, gemm(dgates.t(), x), dw_hh, dgates.sum(0)};
+  Tensor dw_hh = n.dw_hh ? gemm(dgates.t(), gather_prev(s, out, h0)) : Tensor();
+  return {n.dx ? gemm(dgates, w_ih) : Tensor(), dh, dc, n.dw_ih ? gemm(dgates.t(), x) : Tensor(), dw_hh,
+          dgates.sum(0)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_impl(const Tensor& x, const Steps& s, const Tensor& h0,
@@ -879,11 +887,12 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_impl(const Tensor& x, const
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_impl(
     const Tensor& grad_out, const Tensor& grad_hn, const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
-    const Tensor& w_ih, const Tensor& w_hh, const Tensor& out, const Tensor& ws, bool reverse) {
+    const Tensor& w_ih, const Tensor& w_hh, const Tensor& out, const Tensor& ws, bool reverse,
+    const LayerNeeds& n) {
   kern::check_cpu();
   if (x.scalar_type() == at::kBFloat16)
     return to_bf16(gru_layer_backward(f32(grad_out), f32(grad_hn), f32(x), batch_sizes, f32(h0), f32(w_ih),
-                                      f32(w_hh), f32(out), f32(ws), reverse));
+                                      f32(w_hh), f32(out), f32(ws), reverse, n.dx, n.dw_ih, n.dw_hh));
   const Steps s(batch_sizes, reverse);
   const int64_t N = x.size(0), H = h0.size(1);
   Tensor dgi = pooled_empty({N, 3 * H}, x.options());
@@ -893,8 +902,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_im
                              [&] {
     gru_bwd<scalar_t>(s, fused_threads<scalar_t>(s, H, 3), grad_out, h0, w_hh, out, ws, dgi, dgh, dh);
   });
-  Tensor dw_hh = gemm(dgh.t(), gather_prev(s, out, h0));
-  return {gemm(dgi, w_ih), dh, gemm(dgi.t(), x), dw_hh, dgi.sum(0), dgh.sum(0)};
+  Tensor dw_hh = n.dw_hh ? gemm(dgh.t(), gather_prev(s, out, h0)) : Tensor();
+  return {n.dx ? gemm(dgi, w_ih) : Tensor(), dh, n.dw_ih ? gemm(dgi.t(), x) : Tensor(), dw_hh, dgi.sum(0),
+          dgh.sum(0)};
 }
 
 std::tuple<Tensor, Tensor> rnn_layer_forward_impl(const Tensor& x, const Steps& s, const Tensor& h0,
@@ -921,18 +931,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward_impl(const
                                                                       const Tensor& x, const Tensor& batch_sizes,
                                                                       const Tensor& h0, const Tensor& w_ih,
                                                                       const Tensor& w_hh, const Tensor& out,
-                                                                      bool relu, bool reverse) {
+                                                                      bool relu, bool reverse, const LayerNeeds& n) {
   kern::check_cpu();
   if (x.scalar_type() == at::kBFloat16)
     return to_bf16(rnn_layer_backward(f32(grad_out), f32(grad_hn), f32(x), batch_sizes, f32(h0), f32(w_ih),
-                                      f32(w_hh), f32(out), relu, reverse));
+                                      f32(w_hh), f32(out), relu, reverse, n.dx, n.dw_ih, n.dw_hh));
   const Steps s(batch_sizes, reverse);
   Tensor dpre = pooled_empty(out.sizes(), out.options());
   Tensor dh = grad_hn.clone();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::rnn_layer_backward",
                              [&] { rnn_bwd<scalar_t>(s, grad_out, w_hh, out, relu, dpre, dh); });
-  Tensor dw_hh = gemm(dpre.t(), gather_prev(s, out, h0));
-  return {gemm(dpre, w_ih), dh, gemm(dpre.t(), x), dw_hh, dpre.sum(0)};
+  Tensor dw_hh = n.dw_hh ? gemm(dpre.t(), gather_prev(s, out, h0)) : Tensor();
+  return {n.dx ? gemm(dpre, w_ih) : Tensor(), dh, n.dw_ih ? gemm(dpre.t(), x) : Tensor(), dw_hh, dpre.sum(0)};
 }
 
 }  // namespace
@@ -1031,7 +1041,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_layer_padded_inference(const Tensor& x, 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
     const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& x, const Tensor& batch_sizes,
     const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& out,
-    const Tensor& gates, const Tensor& cs, bool reverse) {
+    const Tensor& gates, const Tensor& cs, bool reverse, bool need_dx, bool need_dw_ih, bool need_dw_hh) {
   const char* fn = "lstm_layer_backward";
   const LayerArgs a(fn, x, batch_sizes, h0, w_ih, w_hh, 4);
   const auto ws = at::ScalarType::Undefined;  // workspaces: float32 for a bfloat16 input
@@ -1039,7 +1049,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
       need(fn, "grad_out", grad_out, {a.N, a.H}, a.dt), need(fn, "grad_hn", grad_hn, {a.B, a.H}, a.dt),
       need(fn, "grad_cn", grad_cn, {a.B, a.H}, a.dt), a.x, a.bs, a.h0, need(fn, "cx", c0, {a.B, a.H}, a.dt), a.w_ih,
       a.w_hh, need(fn, "out", out, {a.N, a.H}, a.dt), need(fn, "gates", gates, {a.N, 4 * a.H}, ws),
-      need(fn, "cs", cs, {a.N, a.H}, ws), reverse);
+      need(fn, "cs", cs, {a.N, a.H}, ws), reverse, LayerNeeds{need_dx, need_dw_ih, need_dw_hh});
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
@@ -1059,13 +1069,15 @@ std::tuple<Tensor, Tensor> gru_layer_padded_forward(const Tensor& x, int64_t ste
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
     const Tensor& grad_out, const Tensor& grad_hn, const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
-    const Tensor& w_ih, const Tensor& w_hh, const Tensor& out, const Tensor& ws, bool reverse) {
+    const Tensor& w_ih, const Tensor& w_hh, const Tensor& out, const Tensor& ws, bool reverse, bool need_dx,
+    bool need_dw_ih, bool need_dw_hh) {
   const char* fn = "gru_layer_backward";
   const LayerArgs a(fn, x, batch_sizes, h0, w_ih, w_hh, 3);
   return gru_layer_backward_impl(need(fn, "grad_out", grad_out, {a.N, a.H}, a.dt),
                                  need(fn, "grad_hn", grad_hn, {a.B, a.H}, a.dt), a.x, a.bs, a.h0, a.w_ih, a.w_hh,
                                  need(fn, "out", out, {a.N, a.H}, a.dt),
-                                 need(fn, "ws", ws, {a.N, 4 * a.H}, at::ScalarType::Undefined), reverse);
+                                 need(fn, "ws", ws, {a.N, 4 * a.H}, at::ScalarType::Undefined), reverse,
+                                 LayerNeeds{need_dx, need_dw_ih, need_dw_hh});
 }
 
 std::tuple<Tensor, Tensor> rnn_layer_forward(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
@@ -1086,12 +1098,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const Tens
                                                                       const Tensor& x, const Tensor& batch_sizes,
                                                                       const Tensor& h0, const Tensor& w_ih,
                                                                       const Tensor& w_hh, const Tensor& out,
-                                                                      bool relu, bool reverse) {
+                                                                      bool relu, bool reverse, bool need_dx,
+                                                                      bool need_dw_ih, bool need_dw_hh) {
   const char* fn = "rnn_layer_backward";
   const LayerArgs a(fn, x, batch_sizes, h0, w_ih, w_hh, 1);
   return rnn_layer_backward_impl(need(fn, "grad_out", grad_out, {a.N, a.H}, a.dt),
                                  need(fn, "grad_hn", grad_hn, {a.B, a.H}, a.dt), a.x, a.bs, a.h0, a.w_ih, a.w_hh,
-                                 need(fn, "out", out, {a.N, a.H}, a.dt), relu, reverse);
+                                 need(fn, "out", out, {a.N, a.H}, a.dt), relu, reverse,
+                                 LayerNeeds{need_dx, need_dw_ih, need_dw_hh});
 }
 
 }  // namespace seqfast

@@ -23,10 +23,13 @@ from .. import _backend, _ext
 
 class Kernels(NamedTuple):
     """One backend's kernels for an op. ``inference``: an optional no-grad forward (same outputs; the backward's
-    workspaces may come back empty), used by the eager no-grad path; the forward serves where it is None."""
+    workspaces may come back empty), used by the eager no-grad path; the forward serves where it is None.
+    ``skips_grads``: the backward takes trailing flags naming the input gradients to compute (the op's ``grad``
+    passes them as ``needs=``) and returns None for the others."""
     forward: Callable
     backward: Callable
     inference: Optional[Callable] = None
+    skips_grads: bool = False
 
 
 class FusedOp:
@@ -39,7 +42,9 @@ class FusedOp:
     schema / backward_schema: torch.library schemas of forward and backward (without the op name).
     fake / backward_fake: shape-only implementations for tracing.
     save(ctx, inputs, outputs): what the backward needs (ctx.save_for_backward, attributes).
-    grad(ctx, grads, run_backward): turns output grads into the backward kernel's call and returns input grads.
+    grad(ctx, grads, run_backward): turns output grads into the backward kernel's call and returns input grads;
+        run_backward(*args, needs=flags) passes the flags on to a backward that skips gradients (Kernels.skips_grads)
+        and drops them for the others, which compute every gradient.
     """
 
     def __init__(self, name, *, reference, cpp, triton, schema, backward_schema, fake, backward_fake, save, grad,
@@ -180,10 +185,13 @@ class FusedOp:
             if torch.is_grad_enabled():  # backward(create_graph=True): the gradients must be differentiable again
                 return self._differentiable_backward(ctx, grads)
             if run_backward is None:
-                kernel = self.kernels(ctx.seqfast_backend).backward
-                return self._grad(ctx, grads, lambda *args: _without_autocast(kernel, args))
+                table = self.kernels(ctx.seqfast_backend)
+                kernel = table.backward
+                if table.skips_grads:
+                    return self._grad(ctx, grads, lambda *args, needs=(): _without_autocast(kernel, args + needs))
+                return self._grad(ctx, grads, lambda *args, needs=(): _without_autocast(kernel, args))
             with _backend.use_backend(ctx.seqfast_backend):
-                return self._grad(ctx, grads, run_backward)
+                return self._grad(ctx, grads, lambda *args, needs=(): run_backward(*args))
         return backward
 
     def _differentiable_backward(self, ctx, grads):
@@ -249,6 +257,13 @@ def _autocast(args, cpu_autocast):
     else:
         dtype = functools.reduce(torch.promote_types, (a.dtype for a in floats))
     return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def needed(ctx, *inputs):
+    """Whether autograd needs the gradient of each of the op's ``inputs`` (positions in its forward's arguments), as
+    the trailing flags of a backward that skips the others (Kernels.skips_grads); all True where ctx does not say."""
+    flags = getattr(ctx, "needs_input_grad", None)
+    return tuple(True for _ in inputs) if flags is None else tuple(bool(flags[i]) for i in inputs)
 
 
 def defined_grad(grad, like):

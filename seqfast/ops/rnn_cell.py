@@ -7,7 +7,7 @@ w_hh [G*H, H] (G = 4 LSTM, 3 GRU, 1 RNN).
 import torch
 
 from ..reference import rnn_cell as reference
-from .fused_op import FusedOp, Kernels, defined_grad
+from .fused_op import FusedOp, Kernels, defined_grad, needed
 
 # the C++ cell kernels are float32/float64 (bfloat16 cells run the reference on CPU)
 _DTYPES = {"cpp": (torch.float32, torch.float64)}
@@ -60,14 +60,15 @@ def _lstm_save(ctx, inputs, output):
 def _lstm_grad(ctx, grads, run_backward):
     x, hx, cx, w_ih, w_hh, gates, cy = ctx.saved_tensors
     ghy, gcy = defined_grad(grads[0], hx), defined_grad(grads[1], cx)
-    dx, dhx, dcx, dw_ih, dw_hh, db = run_backward(ghy, gcy, x, hx, cx, w_ih, w_hh, gates, cy)
+    dx, dhx, dcx, dw_ih, dw_hh, db = run_backward(ghy, gcy, x, hx, cx, w_ih, w_hh, gates, cy,
+                                                  needs=needed(ctx, 0, 1, 3, 4))
     return dx, dhx, dcx, dw_ih, dw_hh, db if ctx.bias[0] else None, db if ctx.bias[1] else None
 
 
 lstm_cell = FusedOp(
     "lstm_cell", cpp_check="rnn_kernels_supported",
     reference=Kernels(reference.lstm_cell_forward, reference.lstm_cell_backward),
-    cpp=lambda C: Kernels(C.lstm_cell_forward, C.lstm_cell_backward),
+    cpp=lambda C: Kernels(C.lstm_cell_forward, C.lstm_cell_backward, skips_grads=True),
     triton=lambda: Kernels(_dense(_triton().lstm_cell_forward), _dense(_triton().lstm_cell_backward)),
     schema=f"(Tensor x, Tensor hx, Tensor cx, {_P}) -> (Tensor, Tensor, Tensor)",
     backward_schema="(Tensor grad_hy, Tensor grad_cy, Tensor x, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, "
@@ -94,14 +95,15 @@ def _gru_save(ctx, inputs, output):
 
 def _gru_grad(ctx, grads, run_backward):
     x, hx, w_ih, w_hh, ws = ctx.saved_tensors
-    dx, dhx, dw_ih, dw_hh, db_ih, db_hh = run_backward(defined_grad(grads[0], hx), x, hx, w_ih, w_hh, ws)
+    dx, dhx, dw_ih, dw_hh, db_ih, db_hh = run_backward(defined_grad(grads[0], hx), x, hx, w_ih, w_hh, ws,
+                                                       needs=needed(ctx, 0, 1, 2, 3))
     return dx, dhx, dw_ih, dw_hh, db_ih if ctx.bias[0] else None, db_hh if ctx.bias[1] else None
 
 
 gru_cell = FusedOp(
     "gru_cell", cpp_check="rnn_kernels_supported",
     reference=Kernels(reference.gru_cell_forward, reference.gru_cell_backward),
-    cpp=lambda C: Kernels(C.gru_cell_forward, C.gru_cell_backward),
+    cpp=lambda C: Kernels(C.gru_cell_forward, C.gru_cell_backward, skips_grads=True),
     triton=lambda: Kernels(_dense(_triton().gru_cell_forward), _dense(_triton().gru_cell_backward)),
     schema=f"({_W}, {_P}) -> (Tensor, Tensor)",
     backward_schema="(Tensor grad_hy, Tensor x, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor ws) "
@@ -129,14 +131,15 @@ def _rnn_save(ctx, inputs, output):
 
 def _rnn_grad(ctx, grads, run_backward):
     x, hx, w_ih, w_hh, hy = ctx.saved_tensors
-    dx, dhx, dw_ih, dw_hh, db = run_backward(defined_grad(grads[0], hx), x, hx, w_ih, w_hh, hy, ctx.relu)
+    dx, dhx, dw_ih, dw_hh, db = run_backward(defined_grad(grads[0], hx), x, hx, w_ih, w_hh, hy, ctx.relu,
+                                             needs=needed(ctx, 0, 1, 2, 3))
     return dx, dhx, dw_ih, dw_hh, db if ctx.bias[0] else None, db if ctx.bias[1] else None, None
 
 
 rnn_cell = FusedOp(
     "rnn_cell", cpp_check="rnn_kernels_supported",
     reference=Kernels(reference.rnn_cell_forward, reference.rnn_cell_backward),
-    cpp=lambda C: Kernels(C.rnn_cell_forward, C.rnn_cell_backward),
+    cpp=lambda C: Kernels(C.rnn_cell_forward, C.rnn_cell_backward, skips_grads=True),
     triton=lambda: Kernels(_dense(_triton().rnn_cell_forward), _dense(_triton().rnn_cell_backward)),
     schema=f"({_W}, {_P}, bool relu) -> Tensor",
     backward_schema="(Tensor grad_hy, Tensor x, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor hy, bool relu) "

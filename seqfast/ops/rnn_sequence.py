@@ -10,7 +10,7 @@ semantics.
 import torch
 
 from ..reference import rnn_sequence as reference
-from .fused_op import FusedOp, Kernels, defined_grad
+from .fused_op import FusedOp, Kernels, defined_grad, needed
 
 _P = "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh"
 
@@ -53,14 +53,14 @@ def _lstm_grad(ctx, grads, run_backward):
     x, batch_sizes, h0, c0, w_ih, w_hh, out, gates, cs = ctx.saved_tensors
     dx, dh0, dc0, dw_ih, dw_hh, db = run_backward(
         defined_grad(grads[0], out), defined_grad(grads[1], h0), defined_grad(grads[2], c0), x, batch_sizes, h0, c0,
-        w_ih, w_hh, out, gates, cs, ctx.reverse)
+        w_ih, w_hh, out, gates, cs, ctx.reverse, needs=needed(ctx, 0, 4, 5))
     return (dx, None, dh0, dc0, dw_ih, dw_hh, db if ctx.bias[0] else None, db if ctx.bias[1] else None, None)
 
 
 lstm_layer = FusedOp(
     "lstm_layer", cpp_check="rnn_kernels_supported",
     reference=Kernels(reference.lstm_layer_forward, reference.lstm_layer_backward),
-    cpp=lambda C: Kernels(C.lstm_layer_forward, C.lstm_layer_backward, C.lstm_layer_inference),
+    cpp=lambda C: Kernels(C.lstm_layer_forward, C.lstm_layer_backward, C.lstm_layer_inference, skips_grads=True),
     triton=lambda: Kernels(_triton().lstm_layer_forward, _triton().lstm_layer_backward),
     schema=f"(Tensor x, Tensor batch_sizes, Tensor h0, Tensor c0, {_P}, bool reverse) "
            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
@@ -91,14 +91,15 @@ def _gru_save(ctx, inputs, output):
 def _gru_grad(ctx, grads, run_backward):
     x, batch_sizes, h0, w_ih, w_hh, out, ws = ctx.saved_tensors
     dx, dh0, dw_ih, dw_hh, db_ih, db_hh = run_backward(
-        defined_grad(grads[0], out), defined_grad(grads[1], h0), x, batch_sizes, h0, w_ih, w_hh, out, ws, ctx.reverse)
+        defined_grad(grads[0], out), defined_grad(grads[1], h0), x, batch_sizes, h0, w_ih, w_hh, out, ws, ctx.reverse,
+        needs=needed(ctx, 0, 3, 4))
     return dx, None, dh0, dw_ih, dw_hh, db_ih if ctx.bias[0] else None, db_hh if ctx.bias[1] else None, None
 
 
 gru_layer = FusedOp(
     "gru_layer", cpp_check="rnn_kernels_supported",
     reference=Kernels(reference.gru_layer_forward, reference.gru_layer_backward),
-    cpp=lambda C: Kernels(C.gru_layer_forward, C.gru_layer_backward),
+    cpp=lambda C: Kernels(C.gru_layer_forward, C.gru_layer_backward, skips_grads=True),
     triton=lambda: Kernels(_triton().gru_layer_forward, _triton().gru_layer_backward),
     schema=f"(Tensor x, Tensor batch_sizes, Tensor h0, {_P}, bool reverse) -> (Tensor, Tensor, Tensor)",
     backward_schema="(Tensor grad_out, Tensor grad_hn, Tensor x, Tensor batch_sizes, Tensor h0, Tensor w_ih, "
@@ -128,14 +129,14 @@ def _rnn_grad(ctx, grads, run_backward):
     x, batch_sizes, h0, w_ih, w_hh, out = ctx.saved_tensors
     dx, dh0, dw_ih, dw_hh, db = run_backward(
         defined_grad(grads[0], out), defined_grad(grads[1], h0), x, batch_sizes, h0, w_ih, w_hh, out, ctx.relu,
-        ctx.reverse)
+        ctx.reverse, needs=needed(ctx, 0, 3, 4))
     return dx, None, dh0, dw_ih, dw_hh, db if ctx.bias[0] else None, db if ctx.bias[1] else None, None, None
 
 
 rnn_layer = FusedOp(
     "rnn_layer", cpp_check="rnn_kernels_supported",
     reference=Kernels(reference.rnn_layer_forward, reference.rnn_layer_backward),
-    cpp=lambda C: Kernels(C.rnn_layer_forward, C.rnn_layer_backward),
+    cpp=lambda C: Kernels(C.rnn_layer_forward, C.rnn_layer_backward, skips_grads=True),
     triton=lambda: Kernels(_triton().rnn_layer_forward, _triton().rnn_layer_backward),
     schema=f"(Tensor x, Tensor batch_sizes, Tensor h0, {_P}, bool relu, bool reverse) -> (Tensor, Tensor)",
     backward_schema="(Tensor grad_out, Tensor grad_hn, Tensor x, Tensor batch_sizes, Tensor h0, Tensor w_ih, "
