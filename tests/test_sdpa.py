@@ -182,3 +182,29 @@ def test_errors_match_torch(kwargs, exc):
         F.scaled_dot_product_attention(**args)
     with pytest.raises(exc):
         sdpa(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.bool])
+def test_mask_dtypes_as_torch_accepts_them(dtype, mask_dtype):
+    """torch's rule: a bool mask, a float32 one whatever the query's dtype, or one of the query's dtype; any other
+    raises torch's error, word for word. An accepted float mask is added to the scores (against float64 math: torch
+    2.13's own op gets a float32 mask under a float64 query wrong from 16 query rows, so it is not the oracle)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 20, 8).to(dtype) for _ in range(3))
+    mask = torch.rand(20, 20) > 0.3 if mask_dtype is torch.bool else torch.randn(20, 20).to(mask_dtype)
+    if mask_dtype not in (torch.bool, torch.float32, dtype):
+        with pytest.raises(RuntimeError) as theirs:
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        with pytest.raises(RuntimeError) as ours:
+            sdpa(q, k, v, attn_mask=mask)
+        assert str(ours.value) == str(theirs.value)
+        return
+    with torch.no_grad():
+        got = sdpa(q, k, v, attn_mask=mask)
+    additive = mask.double() if mask_dtype is not torch.bool else torch.zeros(20, 20, dtype=torch.float64).masked_fill(
+        ~mask, float("-inf"))
+    want = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 8 ** 0.5 + additive, -1) @ v.double()
+    assert got.dtype == dtype
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.double(), want, **tol)

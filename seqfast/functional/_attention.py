@@ -72,6 +72,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             if call.stale():  # a new rule table
                 _build_no_grad_call()
     if (query.dtype is torch.bfloat16 and dropout_p == 0.0 and query.dim() >= 2 and key.dim() >= 2
+            and (attn_mask is None or attn_mask.dtype in (torch.bool, torch.float32, torch.bfloat16))
             and _rules.sdpa_upcasts_bfloat16(query, key, value, is_causal)):
         # no native bfloat16 on this CPU: the float32 kernels on upcast copies, the output rounded once (seqfast._rules)
         mask = attn_mask.float() if attn_mask is not None and attn_mask.dtype is torch.bfloat16 else attn_mask
@@ -110,7 +111,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if key.shape[-2] != value.shape[-2]:
         raise RuntimeError(f"scaled_dot_product_attention: key and value must have the same sequence length, got "
                            f"key {tuple(key.shape)} and value {tuple(value.shape)}")
-    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+    # torch's rule: a bool mask, a float32 one (whatever the query's dtype), or one of the query's dtype
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
         raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, but got "
                            f"attn_mask.dtype: {_cpp_name(attn_mask.dtype)} and  query.dtype: "
                            f"{_cpp_name(query.dtype)} instead.")
