@@ -54,21 +54,15 @@ def one_step(kind, input, h0, c0, weights, num_layers, bidirectional, dropout, t
     that feeds the layer one token per call spends a good part of such a call (tens of microseconds at batch 1) on
     the general walk's slicing and concatenation. The same steps and results."""
     relu, lstm = nonlinearity == "relu", kind == "lstm"
-    x, dirs = input[0], 2 if bidirectional else 1
-    h_out, c_out = [], []
-    for layer in range(num_layers):
-        outs = []
-        for d in range(dirs):
-            i = layer * dirs + d
-            w = weights[i]
-            h, c = _functional_step(kind, relu, x, h0[i], c0[i] if lstm else None, w[0], w[1],
-                                    *(w[2:4] if len(w) >= 4 else (None, None)))
-            outs.append(h)
-            h_out.append(h)
-            c_out.append(c)
-        x = outs[0] if dirs == 1 else torch.cat(outs, 1)
-        if dropout and training and layer < num_layers - 1:
-            x = torch.nn.functional.dropout(x, dropout, True)
+
+    def layer_direction(x, i, reverse):  # one step: either direction runs the same cell call
+        w = weights[i]
+        h, c = _functional_step(kind, relu, x, h0[i], c0[i] if lstm else None, w[0], w[1],
+                                *(w[2:4] if len(w) >= 4 else (None, None)))
+        return h, h, c
+
+    x, h_out, c_out = _rnn_sequence.over_layers(input[0], num_layers, 2 if bidirectional else 1, dropout, training,
+                                                layer_direction)
     # h_n is stacked (a copy even of one state): the output must not alias it, as torch's does not
     return x.unsqueeze(0), torch.stack(h_out), (_rnn_sequence.stack_states(c_out) if lstm else None)
 
