@@ -30,6 +30,7 @@ py::dict config_dict() {
   d["avx2_decode"] = c.avx2_decode;
   d["avx2_attention"] = c.avx2_attention;
   d["avx2_pack"] = c.avx2_pack;
+  d["nt_cells"] = c.nt_cells;
   d["par_min_work"] = c.par_min_work;
   d["small_batch"] = c.small_batch;
   d["small_batch_set"] = c.small_batch_set;
@@ -54,6 +55,7 @@ py::dict set_config(const py::kwargs& kw) {
     else if (k == "avx2_decode") c.avx2_decode = py::cast<bool>(v);
     else if (k == "avx2_attention") c.avx2_attention = py::cast<bool>(v);
     else if (k == "avx2_pack") c.avx2_pack = py::cast<bool>(v);
+    else if (k == "nt_cells") c.nt_cells = py::cast<bool>(v);
     else if (k == "par_min_work") c.par_min_work = py::cast<int64_t>(v);
     else if (k == "small_batch") {
       c.small_batch = py::cast<int64_t>(v);
@@ -103,6 +105,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // ---- RNN cells and sequences (rnn/rnn.h) ----
   m.def("rnn_kernels_supported", &seqfast::rnn_kernels_supported);
   m.def("bf16_cell_weights_supported", &seqfast::bf16_cell_weights_supported);
+  m.def("cell_step_fused", &seqfast::cell_step_fused, py::arg("gates"), py::arg("batch"), py::arg("input_size"),
+        py::arg("hidden_size"));
   // metadata only, microseconds: the GIL stays held (releasing it would cost more than the check)
   m.def("check_cell_args", &seqfast::check_cell_args, "seqfast.functional's cell checks (torch's errors)");
   // The GEMM entry point (cpu/gemm.h), bound for its parity tests.

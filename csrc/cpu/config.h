@@ -40,6 +40,10 @@ struct Config {
   // false: the kernels read them in place, and BLAS takes the products it took before packing (the many-row forward
   // products, the backward's at 33-64 rows and the weight gradients over a batch of 2-8).
   bool avx2_pack = true;
+  // SEQFAST_CPU_NO_NT_CELLS unset: float32 cell steps whose two gate products both run on the own AVX2 dot-product
+  // kernel (sgemm_nt.h) take them and the cell update in one region, the products summed in one pass
+  // (rnn_cell.cpp: fused_nt); false: two linear_out products and a pointwise pass.
+  bool nt_cells = true;
   // SEQFAST_CPU_PAR_MIN_WORK: multiply-adds below which a step runs on one thread (fork/join costs more).
   int64_t par_min_work = int64_t(1) << 17;
   // SEQFAST_CPU_SMALL_BATCH: largest batch the hand-written GEMV takes (at most 16). small_batch_set records

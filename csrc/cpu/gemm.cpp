@@ -316,6 +316,10 @@ void matmul_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool ac
           b.const_data_ptr<float>(), b.stride(0), accumulate ? 1.f : 0.f, c.data_ptr<float>(), c.stride(0));
 }
 
+bool nt_takes(int64_t M, int64_t N, int64_t K) {
+  return nt_available() && nt_prefers_team(M, N, K) && !ntp_prefers(M, K);
+}
+
 void linear_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool accumulate) {
   const bool own = f32_cpu(c) && f32_cpu(a) && f32_cpu(w) && rows_contiguous(c) && rows_contiguous(a) &&
                    rows_contiguous(w) && a.size(1) == w.size(1) && c.size(0) == a.size(0) && c.size(1) == w.size(0) &&

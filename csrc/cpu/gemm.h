@@ -64,6 +64,9 @@ bool nt_available();
 // a row of c must be contiguous). float32 with k-contiguous rows of a and w runs the own AVX2 kernel where
 // nt_available(), split over the team by rows of w; anything else runs at::mm_out / addmm_.
 void linear_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool accumulate);
+// Whether linear_out runs a float32 A [M, K] @ W [N, K]^T product on the own dot-product kernel (nt_parallel): the
+// range where a caller may run sgemm_nt itself (e.g. both products of a cell step in one region).
+bool nt_takes(int64_t M, int64_t N, int64_t K);
 
 // c[M, N] = (accumulate ? c : 0) + a[M, K] @ b[K, N] for 2-D CPU tensors of one floating dtype. float32 with
 // n-contiguous rows of b runs the own AVX2 outer-product kernel (sgemm_nn.h, any strides of a) where nt_available();

@@ -27,5 +27,16 @@ bool available();
 void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw, float beta,
           float* c, int64_t ldc, const float* bias = nullptr);
 
+// Whether gemm2 sums M rows of K1 + K2 floats in one pass (else it runs operand by operand).
+bool one_pass(int64_t M, int64_t K1, int64_t K2);
+
+// C = beta C + A1[M, K1] @ W1[N, K1]^T + A2[M, K2] @ W2[N, K2]^T (+ bias): the two products of an RNN step (x W_ih^T
+// and h W_hh^T) summed in the same accumulators, so each output pays one horizontal reduction and one store where two
+// calls paid two (the reduction is about a quarter of a tile's time at K = 128), where one_pass(M, K1, K2); otherwise
+// operand by operand. K2 = 0: gemm.
+void gemm2(int64_t M, int64_t N, int64_t K1, const float* a1, int64_t lda1, const float* w1, int64_t ldw1, int64_t K2,
+           const float* a2, int64_t lda2, const float* w2, int64_t ldw2, float beta, float* c, int64_t ldc,
+           const float* bias = nullptr);
+
 }  // namespace sgemm_nt
 }  // namespace seqfast

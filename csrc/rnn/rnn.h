@@ -24,6 +24,9 @@ int64_t check_cell_args(int64_t gates, const Tensor& input, const Tensor& h, con
 // where bf16_cell_weights_supported(): the weights are read in place (cpu/bf16_weight_gemv.h), everything else is
 // float32, and the backward returns the weight gradients in bfloat16, rounded once.
 bool bf16_cell_weights_supported();
+// Whether a float32 cell step of B rows (input size I, hidden H; G gates: 4 LSTM, 3 GRU, 1 RNN) runs its two gate
+// products and the cell update in one region (rnn_cell.cpp: fused_nt). Bound for the tests.
+bool cell_step_fused(int64_t G, int64_t B, int64_t I, int64_t H);
 // -> (hy, cy, gates[B,4H] = activated [i f g o], saved for backward)
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& cx,
                                                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,

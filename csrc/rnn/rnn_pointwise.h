@@ -145,12 +145,17 @@ inline void lstm_bwd_row(const T* g, const T* cp, const T* cy, const T* dh1, con
 // ---------------------------------------------------------------------------------------------------------------
 // GRU. gi: x-part pre-activations [r z n] (3H), gh: h-part W_hh h (3H); optional biases. ws row (4H) receives
 // [r, z, n, hn] with hn = W_hn h + b_hn, which is all backward needs besides h_prev.
-template <typename T>
+// summed_rz: gi's r and z already hold x W_ir^T + h W_hr^T (and z's), gh's r and z slots are not read.
+template <typename T, bool summed_rz = false>
 inline void gru_fwd_row(const T* gi, const T* bih, const T* gh, const T* bhh, const T* hp, T* hy, T* ws, int64_t H,
                         int64_t k0, int64_t k1) {
   vloop<T>(k0, k1, [&](int64_t k, int64_t n) {
-    Vec<T> pr = ld(gi + k, n) + ld(gh + k, n);
-    Vec<T> pz = ld(gi + H + k, n) + ld(gh + H + k, n);
+    Vec<T> pr = ld(gi + k, n);
+    Vec<T> pz = ld(gi + H + k, n);
+    if constexpr (!summed_rz) {
+      pr += ld(gh + k, n);
+      pz += ld(gh + H + k, n);
+    }
     Vec<T> pn = ld(gi + 2 * H + k, n);
     Vec<T> hn = ld(gh + 2 * H + k, n);
     if (bih) {

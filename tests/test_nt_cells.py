@@ -1,0 +1,74 @@
+"""Cell steps whose two gate products run on the own AVX2 dot-product kernel in one region (csrc/rnn/rnn_cell.cpp:
+fused_nt, csrc/cpu/sgemm_nt.h gemm2: x W_ih^T and h W_hh^T summed in the same accumulators, the cell update in the
+same region). Against float64 torch, forward and gradients, with the fused step on and off (config nt_cells), on
+sizes that take every partial register tile (rows % 3, units % 4, k % 8), odd input / hidden sizes, no bias, and the
+thread split (enough work for two threads, or one)."""
+import pytest
+import torch
+
+from seqfast import _ext
+
+from conftest import cpp_config
+
+_C = _ext.module()
+pytestmark = pytest.mark.skipif(_C is None or not _C.nt_gemm_available(),
+                                reason="seqfast._C not built, or the own AVX2 GEMM does not run on this CPU")
+
+GATES = {"LSTMCell": 4, "GRUCell": 3, "RNNCell": 1}
+
+# (batch, input, hidden): 3 rows (the first past the GEMV range) with hidden 64 on one thread; 8 x 37 -> 45 and
+# 5 x 130 -> 19 for the remainders (a 2-row tile, W tiles of 1-3 rows, k tails of 5 and 2); 24 x 200 -> 256 and
+# 16 x 600 -> 420 split over two threads (k of 800 and 1020 in one pass).
+SHAPES = [(3, 64, 64), (8, 37, 45), (5, 130, 19), (24, 200, 256), (16, 600, 420)]
+
+
+def _step(module, x, state):
+    """Outputs of one step and the gradients of x, the state and every parameter for fixed output gradients."""
+    module.zero_grad()
+    x = x.clone().requires_grad_()
+    state = tuple(s.clone().requires_grad_() for s in state)
+    out = module(x, state if len(state) == 2 else state[0])
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in outs]
+    torch.autograd.backward(outs, grads)
+    return [o.detach() for o in outs] + [x.grad] + [s.grad for s in state] + [p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("kind,nonlinearity", [("LSTMCell", None), ("GRUCell", None), ("RNNCell", "tanh"),
+                                               ("RNNCell", "relu")])
+@pytest.mark.parametrize("batch,input_size,hidden", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_cell_step_matches_torch(kind, nonlinearity, batch, input_size, hidden, bias):
+    import seqfast
+    assert _C.cell_step_fused(GATES[kind], batch, input_size, hidden), "this shape must take the fused step"
+    kw = {"nonlinearity": nonlinearity} if nonlinearity else {}
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, kind)(input_size, hidden, bias=bias, **kw).double()
+    mod = getattr(seqfast.nn, kind)(input_size, hidden, bias=bias, **kw)
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(batch, input_size)
+    state = tuple(torch.randn(batch, hidden) for _ in range(2 if kind == "LSTMCell" else 1))
+    expected = _step(ref, x.double(), tuple(s.double() for s in state))
+    for fused in (True, False):
+        with cpp_config(nt_cells=fused):
+            with torch.no_grad():
+                out = mod(x, state if len(state) == 2 else state[0])
+            got = _step(mod, x, state)
+        outs = out if isinstance(out, tuple) else (out,)
+        for o, want in zip(outs, expected):
+            torch.testing.assert_close(o.double(), want, rtol=1e-5, atol=2e-5)
+        for g, want in zip(got, expected):
+            torch.testing.assert_close(g.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_range():
+    # the GEMV rows (1-2) keep the GEMV; the packing form's many-row products, and rows too long for one pass of the
+    # summed products (hidden 512: k 1024 at 64 rows), keep linear_out; the configuration switch turns it off
+    assert not _C.cell_step_fused(4, 2, 64, 64)
+    assert not _C.cell_step_fused(1, 48, 100, 300)
+    assert not _C.cell_step_fused(4, 64, 512, 512)
+    assert not _C.cell_step_fused(4, 8, 600, 600)
+    with cpp_config(nt_cells=False):
+        assert not _C.cell_step_fused(4, 8, 128, 128)
+    assert _C.cell_step_fused(4, 8, 128, 128)
