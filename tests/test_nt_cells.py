@@ -72,3 +72,45 @@ def test_fused_range():
     with cpp_config(nt_cells=False):
         assert not _C.cell_step_fused(4, 8, 128, 128)
     assert _C.cell_step_fused(4, 8, 128, 128)
+
+
+# (batch, input, hidden) of one-step nn.LSTM calls that run as that cell step (lstm_one_step_as_cell): 8 x 128, and
+# 5 x 130 -> 96 (a 2-row tile, k tails); the layers of a stack see input size hidden (or 2 x hidden, bidirectional)
+ONE_STEP = [(8, 128, 128), (5, 130, 96)]
+
+
+@pytest.mark.parametrize("batch,input_size,hidden", ONE_STEP)
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])
+@pytest.mark.parametrize("batch_first,state", [(False, False), (True, True)])
+def test_one_step_lstm_layer_as_cell_matches_torch(batch, input_size, hidden, layers, bidirectional, batch_first,
+                                                   state):
+    import seqfast
+    dirs = 2 if bidirectional else 1
+    assert _C.lstm_one_step_as_cell(batch, input_size, hidden)
+    if layers > 1:
+        assert _C.lstm_one_step_as_cell(batch, dirs * hidden, hidden)
+    torch.manual_seed(0)
+    kw = dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+    ref = torch.nn.LSTM(input_size, hidden, **kw).double()
+    mod = seqfast.nn.LSTM(input_size, hidden, **kw).eval()
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(batch, 1, input_size) if batch_first else torch.randn(1, batch, input_size)
+    hx = tuple(torch.randn(layers * dirs, batch, hidden) for _ in range(2)) if state else None
+    with torch.no_grad():
+        want_out, (want_h, want_c) = ref(x.double(), None if hx is None else tuple(s.double() for s in hx))
+        for on in (True, False):
+            with cpp_config(nt_cells=on):
+                out, (h, c) = mod(x, hx)
+            for got, want in ((out, want_out), (h, want_h), (c, want_c)):
+                assert got.shape == want.shape and got.dtype == torch.float32
+                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5)
+            # the output and the final states do not share memory (torch's do not)
+            assert out.data_ptr() != h.data_ptr()
+
+
+def test_one_step_lstm_range():
+    # one thread's worth of work stays on the layer loop; GRU / RNN one-step calls are not routed
+    assert not _C.lstm_one_step_as_cell(4, 64, 64)
+    assert not _C.lstm_one_step_as_cell(2, 512, 512)
+    with cpp_config(nt_cells=False):
+        assert not _C.lstm_one_step_as_cell(8, 128, 128)

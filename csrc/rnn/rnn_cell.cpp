@@ -520,4 +520,12 @@ bool cell_step_fused(int64_t G, int64_t B, int64_t I, int64_t H) {
   return B > 0 && !kern::use_small(B) && fused_nt<float, float>(B, G, I, H);
 }
 
+// Same-process A/B on the Zen 3 EPYC (an nn.LSTM stepped 16 times with its state, no grad, cell step / layer):
+// B8 H128 1.07-1.21x, B8 H512 1.05x, B16 H512 1.04x, B32 H256 1.08x; B4 H64 0.95x, a step on one thread where the
+// cell's extra tensors (gates, the output copy) cost more than the layer's two passes. (GRU and RNN steps read
+// 0.87-1.08x as cells: their layer loop keeps them.)
+bool lstm_one_step_as_cell(int64_t B, int64_t I, int64_t H) {
+  return cell_step_fused(4, B, I, H) && nt_work(B, 4, I, H) >= kern::par_min_work();
+}
+
 }  // namespace seqfast

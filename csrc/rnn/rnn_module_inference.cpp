@@ -96,7 +96,10 @@ std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode,
         h0 = at::zeros({B, H}, x.options());  // read only: shared by the layers
       const Tensor hi = h0s.defined() ? h0s[slice] : h0;
       const bool reverse = d == 1;
-      if (cell_steps) {
+      // a float32 one-step LSTM call runs as a cell step where that is faster (rnn.h: lstm_one_step_as_cell)
+      const bool one_cell =
+          !cell_steps && lstm && T == 1 && dtype == at::kFloat && lstm_one_step_as_cell(B, x.size(1), H);
+      if (cell_steps || one_cell) {
         auto r = layer_in_cell_steps(mode, x, T, hi, lstm ? (c0s.defined() ? c0s[slice] : h0) : Tensor(), w, b_ih,
                                      b_hh, reverse);
         outs.push_back(std::get<0>(r));
