@@ -74,11 +74,26 @@ inline bool fused_nt(int64_t B, int64_t G, int64_t I, int64_t H) {
 // (a step split at the sum of both ran 0.94x at LSTMCell B4 H64, where each product alone stays on one thread).
 inline int64_t nt_work(int64_t B, int64_t G, int64_t I, int64_t H) { return B * G * H * std::max(I, H); }
 
-// out[:, j0:j1] = x W_ih[j0:j1]^T + h W_hh[j0:j1]^T (row strides I, H and ldo) on the own dot-product kernel.
-inline void nt_gates(int64_t B, const float* x, const float* wi, int64_t I, const float* h, const float* wh, int64_t H,
-                     float* out, int64_t ldo, int64_t j0, int64_t j1) {
-  sgemm_nt::gemm2(B, j1 - j0, I, x, I, wi + j0 * I, I, H, h, H, wh + j0 * H, H, 0.f, out + j0, ldo);
-}
+// A fused step's gate products on the own dot-product kernel, for the gate rows [j0, j1) of the weights, into
+// out[:, j0:j1] (row stride ldo). The tensors are float32 with contiguous rows (the entries' checks made them so).
+struct NtProducts {
+  int64_t B, I, H;
+  const float *x, *h, *wi, *wh;
+  NtProducts(const Tensor& x_, const Tensor& h_, const Tensor& w_ih, const Tensor& w_hh)
+      : B(x_.size(0)), I(x_.size(1)), H(h_.size(1)), x(x_.const_data_ptr<float>()), h(h_.const_data_ptr<float>()),
+        wi(w_ih.const_data_ptr<float>()), wh(w_hh.const_data_ptr<float>()) {}
+  // x W_ih^T + h W_hh^T, summed in one pass
+  void sum(float* out, int64_t ldo, int64_t j0, int64_t j1) const {
+    sgemm_nt::gemm2(B, j1 - j0, I, x, I, wi + j0 * I, I, H, h, H, wh + j0 * H, H, 0.f, out + j0, ldo);
+  }
+  // x W_ih^T alone, and h W_hh^T alone
+  void input(float* out, int64_t ldo, int64_t j0, int64_t j1) const {
+    sgemm_nt::gemm(B, j1 - j0, I, x, I, wi + j0 * I, I, 0.f, out + j0, ldo);
+  }
+  void hidden(float* out, int64_t ldo, int64_t j0, int64_t j1) const {
+    sgemm_nt::gemm(B, j1 - j0, H, h, H, wh + j0 * H, H, 0.f, out + j0, ldo);
+  }
+};
 
 // Rows of a product with bfloat16 weights per chunk of the team: enough multiply-adds to be worth a thread.
 inline int64_t bf16_grain(int64_t work_per_row) {
@@ -149,12 +164,9 @@ void lstm_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& cx, con
     });
   } else if (fused_nt<T, TW>(B, 4, I, H)) {
     if constexpr (std::is_same_v<T, float>) {
-      const float* xp = x.const_data_ptr<float>();
-      const float* hp = hx.const_data_ptr<float>();
-      const float* wi = w_ih.const_data_ptr<float>();
-      const float* wh = w_hh.const_data_ptr<float>();
+      const NtProducts p(x, hx, w_ih, w_hh);
       kern::par_units(H, nt_work(B, 4, I, H), [&](int64_t k0, int64_t k1) {
-        for (int64_t q = 0; q < 4; ++q) nt_gates(B, xp, wi, I, hp, wh, H, g, 4 * H, q * H + k0, q * H + k1);
+        for (int64_t q = 0; q < 4; ++q) p.sum(g, 4 * H, q * H + k0, q * H + k1);
         for (int64_t b = 0; b < B; ++b)
           kern::lstm_fwd_row<T>(g + b * 4 * H, b1, b2, c + b * H, cyp + b * H, hyp + b * H, H, k0, k1);
       });
@@ -202,15 +214,12 @@ void gru_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
     });
   } else if (fused_nt<T, TW>(B, 3, I, H)) {
     if constexpr (std::is_same_v<T, float>) {
-      const float* xp = x.const_data_ptr<float>();
-      const float* wi = w_ih.const_data_ptr<float>();
-      const float* wh = w_hh.const_data_ptr<float>();
+      const NtProducts p(x, hx, w_ih, w_hh);
       kern::par_units(H, nt_work(B, 3, I, H), [&](int64_t k0, int64_t k1) {
-        // r and z: both products summed into gi's slots; n: apart (r scales the h part)
-        for (int64_t q = 0; q < 2; ++q) nt_gates(B, xp, wi, I, h, wh, H, pp, 6 * H, q * H + k0, q * H + k1);
-        const int64_t n0 = 2 * H + k0, nn = k1 - k0;
-        sgemm_nt::gemm(B, nn, I, xp, I, wi + n0 * I, I, 0.f, pp + n0, 6 * H);
-        sgemm_nt::gemm(B, nn, H, h, H, wh + n0 * H, H, 0.f, pp + 3 * H + n0, 6 * H);
+        // r and z: both products summed into gi's slots; n: apart (r scales the h part), gh's n slot at 3H on
+        for (int64_t q = 0; q < 2; ++q) p.sum(pp, 6 * H, q * H + k0, q * H + k1);
+        p.input(pp, 6 * H, 2 * H + k0, 2 * H + k1);
+        p.hidden(pp + 3 * H, 6 * H, 2 * H + k0, 2 * H + k1);
         for (int64_t b = 0; b < B; ++b)
           kern::gru_fwd_row<T, true>(pp + b * 6 * H, bih, pp + b * 6 * H + 3 * H, bhh, h + b * H, hyp + b * H,
                                      wsp + b * 4 * H, H, k0, k1);
@@ -249,12 +258,9 @@ void rnn_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
     });
   } else if (fused_nt<T, TW>(B, 1, I, H)) {
     if constexpr (std::is_same_v<T, float>) {
-      const float* xp = x.const_data_ptr<float>();
-      const float* hp = hx.const_data_ptr<float>();
-      const float* wi = w_ih.const_data_ptr<float>();
-      const float* wh = w_hh.const_data_ptr<float>();
+      const NtProducts p(x, hx, w_ih, w_hh);
       kern::par_units(H, nt_work(B, 1, I, H), [&](int64_t k0, int64_t k1) {
-        nt_gates(B, xp, wi, I, hp, wh, H, y, H, k0, k1);
+        p.sum(y, H, k0, k1);
         for (int64_t b = 0; b < B; ++b) kern::rnn_fwd_row<T>(y + b * H, b1, b2, y + b * H, relu, k0, k1);
       });
     }
