@@ -30,6 +30,9 @@ inline bool any_autocast() {  // torch._C._is_any_autocast_enabled()
 // Grad mode off (autograd must record the op otherwise) and no autocast (the op picks its dtype there).
 inline bool plain_no_grad() { return !at::GradMode::is_enabled() && !any_autocast(); }
 
+// A forward-mode AD tangent at the first dual level (torch.autograd.forward_ad): recorded whatever the grad mode.
+inline bool has_forward_grad(const at::Tensor& t) { return t._fw_grad(/*level=*/0).defined(); }
+
 // An exact torch.Tensor or Parameter (a subclass may override torch functions: the Python path serves it), strided,
 // on the CPU; else nullptr.
 inline const at::Tensor* plain_cpu(PyObject* obj) {

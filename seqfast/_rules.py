@@ -209,9 +209,9 @@ def set_rules(rules):
 
 
 def sdpa_torch_regions(training):
-    """The table's SDPA regions on this CPU for ``training`` calls, for seqfast._C.SdpaCall, which declines the calls
-    inside them: (dtype, query length low, high, key length low, high, head dim low, high, causal: 1 / 0 / -1
-    either), bounds inclusive. Without gradients on a CPU whose bfloat16 SDPA may upcast (sdpa_upcasts_bfloat16),
+    """The table's SDPA regions on this CPU for ``training`` calls, for seqfast._C.SdpaCall (which declines the
+    inference calls inside them, and runs torch's op for the training calls inside them): (dtype, query length low,
+    high, key length low, high, head dim low, high, causal: 1 / 0 / -1 either), bounds inclusive. Without gradients on a CPU whose bfloat16 SDPA may upcast (sdpa_upcasts_bfloat16),
     also every bfloat16 call of 2+ query rows: the Python path decides between the upcast and torch's op."""
     cpu = cpu_class()
     regions = [(r.dtype, *(r.batch or (0, INF)), *(r.hidden or (0, INF)), *(r.head_dim or (0, INF)),

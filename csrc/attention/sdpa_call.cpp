@@ -32,22 +32,25 @@ struct Region {
   }
 };
 
+using Regions = std::vector<std::tuple<at::ScalarType, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int>>;
+
 class SdpaCall {
  public:
-  // dtypes: those the C++ kernels run on this CPU; regions: (dtype, L range, S range, head-dim range, causal).
-  SdpaCall(std::vector<at::ScalarType> dtypes,
-           const std::vector<std::tuple<at::ScalarType, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int>>&
-               regions)
+  // dtypes: those the C++ kernels run on this CPU; regions / training_regions: where the rule table gives a call
+  // without / with gradients to torch's op, as (dtype, L range, S range, head-dim range, causal).
+  SdpaCall(std::vector<at::ScalarType> dtypes, const Regions& regions, const Regions& training_regions)
       : dtypes_(std::move(dtypes)), epoch_(call_guard::rules_epoch().load()) {
-    for (const auto& r : regions)
-      regions_.push_back({std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r),
-                          std::get<5>(r), std::get<6>(r), std::get<7>(r)});
+    add(regions, regions_);
+    add(training_regions, training_regions_);
   }
 
-  // The attention output, or None (the regular path decides).
+  // The attention output, or None (the regular path decides). A call that needs no graph (grad mode off, or none of
+  // q, k, v requires grad: torch's output would not require grad either) runs the kernel outside the table's
+  // regions. A call that autograd records runs torch's op (recorded as torch records it) inside the table's training
+  // regions, and returns None outside them, where the regular path runs seqfast's autograd op.
   py::object call(const py::handle& query, const py::handle& key, const py::handle& value, bool is_causal,
                   const py::handle& scale, bool enable_gqa) const {
-    if (!call_guard::plain_no_grad() || stale()) return py::none();
+    if (call_guard::any_autocast() || stale()) return py::none();
     const at::Tensor* q = plain_cpu(query.ptr());
     if (!q) return py::none();
     const at::ScalarType dt = q->scalar_type();
@@ -60,7 +63,15 @@ class SdpaCall {
     if (k->size(0) != N || v->size(0) != N || k->size(1) != H || v->size(1) != H || k->size(3) != D ||
         v->size(2) != S || D == 0 || N * H * L * S * v->size(3) == 0)
       return py::none();
-    (void)enable_gqa;  // equal head counts: enable_gqa changes nothing
+    // forward-mode AD (a dual tensor's tangent) is recorded in any grad mode: the regular path
+    if (call_guard::has_forward_grad(*q) || call_guard::has_forward_grad(*k) || call_guard::has_forward_grad(*v))
+      return py::none();
+    const bool graph = at::GradMode::is_enabled() && (q->requires_grad() || k->requires_grad() || v->requires_grad());
+    if (graph) {
+      for (const Region& r : training_regions_)
+        if (r.holds(dt, L, S, D, is_causal)) return torch_op(*q, *k, *v, is_causal, scale, enable_gqa);
+      return py::none();
+    }
     for (const Region& r : regions_)
       if (r.holds(dt, L, S, D, is_causal)) return py::none();
     double s;
@@ -90,19 +101,44 @@ class SdpaCall {
       if (d == dt) return true;
     return false;
   }
+  static void add(const Regions& from, std::vector<Region>& to) {
+    for (const auto& r : from)
+      to.push_back({std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r), std::get<5>(r),
+                    std::get<6>(r), std::get<7>(r)});
+  }
+  // torch's op as torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=..., scale=..., enable_gqa=...)
+  // runs it through the dispatcher, autograd included: at batch 1 its Python binding plus the regular path's checks
+  // cost as much as the op (8 heads, 16 keys, with gradients on a Zen 3: 25.8 us against torch's 12.0). None where
+  // the scale is not a number (the regular path raises torch's error).
+  static py::object torch_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool is_causal,
+                             const py::handle& scale, bool enable_gqa) {
+    std::optional<double> s;
+    if (!scale.is_none()) {
+      if (!PyFloat_Check(scale.ptr()) && !PyLong_Check(scale.ptr())) return py::none();
+      s = PyFloat_AsDouble(scale.ptr());
+      if (*s == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return py::none();
+      }
+    }
+    at::Tensor out;
+    {
+      py::gil_scoped_release release;
+      out = at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, is_causal, s, enable_gqa);
+    }
+    return call_guard::wrap(std::move(out));
+  }
   std::vector<at::ScalarType> dtypes_;
-  std::vector<Region> regions_;
+  std::vector<Region> regions_, training_regions_;
   int64_t epoch_;
 };
 
 }  // namespace
 
 void bind_sdpa_call(py::module_& m) {
-  py::class_<SdpaCall>(m, "SdpaCall", "an unmasked no-grad scaled_dot_product_attention on 4-D CPU tensors")
-      .def(py::init<std::vector<at::ScalarType>,
-                    const std::vector<
-                        std::tuple<at::ScalarType, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int>>&>(),
-           py::arg("dtypes"), py::arg("regions"))
+  py::class_<SdpaCall>(m, "SdpaCall", "an unmasked scaled_dot_product_attention on 4-D CPU tensors")
+      .def(py::init<std::vector<at::ScalarType>, const Regions&, const Regions&>(), py::arg("dtypes"),
+           py::arg("regions"), py::arg("training_regions"))
       .def("__call__", &SdpaCall::call, py::arg("query"), py::arg("key"), py::arg("value"), py::arg("is_causal"),
            py::arg("scale"), py::arg("enable_gqa"))
       .def("stale", &SdpaCall::stale);

@@ -1,7 +1,9 @@
 """seqfast._C.SdpaCall, which seqfast.functional.scaled_dot_product_attention asks first for an unmasked call: it runs
-the C++ kernel on no-grad 4-D CPU calls outside the rule table's torch regions, with torch's results, and declines
-(None) wherever the function's regular path decides: grad mode, autocast, tensor subclasses, other ranks, GQA or
-broadcast batches, empty shapes, mixed dtypes, a scale that is not a number, a torch region, a changed rule table."""
+the C++ kernel on 4-D CPU calls with no graph to record (no grad mode, or no input requiring grad) outside the rule
+table's torch regions, with torch's results; torch's op, recorded by autograd, for calls with gradients inside the
+table's training regions; and declines (None) wherever the function's regular path decides: gradients outside those
+regions, forward-mode AD, autocast, tensor subclasses, other ranks, GQA or broadcast batches, empty shapes, mixed
+dtypes, a scale that is not a number, an inference torch region, a changed rule table."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,7 @@ def no_rules(monkeypatch):
     monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", ())
     saved = list(_rules.RULES)
     _rules.set_rules([])
-    yield _attention._build_no_grad_call()
+    yield _attention._build_cpp_call()
     _rules.set_rules(saved)
 
 
@@ -35,7 +37,7 @@ def test_leaves_bfloat16_to_the_upcast_where_it_applies(monkeypatch):
     saved = list(_rules.RULES)
     _rules.set_rules([])
     try:
-        call = _attention._build_no_grad_call()
+        call = _attention._build_cpp_call()
         q, k, v = _qkv((2, 3, 4, 16), (2, 3, 5, 16), (2, 3, 5, 16), torch.bfloat16)
         with torch.no_grad():
             assert call(q, k, v, False, None, False) is None
@@ -79,7 +81,14 @@ def test_reads_strided_views(no_rules):
 def test_declines_what_it_does_not_serve(no_rules):
     call = no_rules
     q, k, v = _qkv((2, 3, 4, 16), (2, 3, 5, 16), (2, 3, 5, 8))
-    assert call(q, k, v, False, None, False) is None  # grad mode on (no tensor needs grad, but it is the rule)
+    for i in range(3):  # grad mode, one input requiring grad, no training region: seqfast's autograd op decides
+        args = [q, k, v]
+        args[i] = args[i].detach().requires_grad_()
+        assert call(*args, False, None, False) is None
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level(), torch.no_grad():  # a tangent is recorded in any grad mode
+        assert call(fwAD.make_dual(q, torch.ones_like(q)), k, v, False, None, False) is None
+        assert call(q, k, fwAD.make_dual(v, torch.ones_like(v)), False, None, False) is None
     with torch.no_grad():
         assert call(q, k, v, False, None, False) is not None
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -125,7 +134,7 @@ def test_declines_torch_regions_and_a_changed_table():
     q, k, v = _qkv((1, 2, 3, 16), (1, 2, 9, 16), (1, 2, 9, 16))
     try:
         _rules.set_rules([])
-        call = _attention._build_no_grad_call()
+        call = _attention._build_cpp_call()
         with torch.no_grad():
             assert call(q, k, v, False, None, False) is not None
             _rules.set_rules([_rules.Rule("sdpa", torch.float32, (_rules.cpu_class(),), training=False, batch=(3, 3),
@@ -133,7 +142,7 @@ def test_declines_torch_regions_and_a_changed_table():
             assert call.stale() and call(q, k, v, False, None, False) is None  # built from the old table
             torch.testing.assert_close(sdpa(q, k, v, is_causal=True),
                                        F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=0, atol=0)
-            call = _attention._no_grad_call
+            call = _attention._cpp_call
             assert not call.stale()  # the function built a new one
             assert call(q, k, v, True, None, False) is None  # inside the region: torch's op
             assert call(q, k, v, False, None, False) is not None  # not causal: outside it
@@ -141,15 +150,15 @@ def test_declines_torch_regions_and_a_changed_table():
             # a training-only region leaves inference to seqfast
             _rules.set_rules([_rules.Rule("sdpa", torch.float32, (_rules.cpu_class(),), training=True,
                                           source="test")])
-            assert _attention._build_no_grad_call()(q, k, v, True, None, False) is not None
+            assert _attention._build_cpp_call()(q, k, v, True, None, False) is not None
     finally:
         _rules.set_rules(saved)
-        _attention._build_no_grad_call()
+        _attention._build_cpp_call()
 
 
 def test_function_asks_the_call_only_where_python_allows(no_rules, monkeypatch):
     asked = []
-    monkeypatch.setattr(_attention, "_no_grad_call", lambda *a: asked.append(a) or no_rules(*a))
+    monkeypatch.setattr(_attention, "_cpp_call", lambda *a: asked.append(a) or no_rules(*a))
     q, k, v = _qkv((1, 2, 1, 16), (1, 2, 9, 16), (1, 2, 9, 16))
     with torch.no_grad():
         sdpa(q, k, v)
@@ -159,3 +168,47 @@ def test_function_asks_the_call_only_where_python_allows(no_rules, monkeypatch):
         with seqfast.use_backend("reference"):
             sdpa(q, k, v)
         assert len(asked) == 1
+
+
+def test_serves_grad_mode_calls_that_record_nothing(no_rules):
+    """Grad mode on, but no input requires grad: torch's output would not require grad either, so the kernel runs."""
+    q, k, v = _qkv((2, 3, 4, 16), (2, 3, 5, 16), (2, 3, 5, 8))
+    assert torch.is_grad_enabled()
+    got = no_rules(q, k, v, True, None, False)
+    with torch.no_grad():
+        want = no_rules(q, k, v, True, None, False)
+    assert got is not None and not got.requires_grad and got.grad_fn is None
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("is_causal,scale", [(False, None), (True, 0.3), (False, 2)])
+def test_training_regions_run_torchs_op_with_its_gradients(is_causal, scale):
+    """With gradients inside a training region the call is torch's own op: the same output and, through autograd, the
+    same gradients as torch.nn.functional.scaled_dot_product_attention, bit for bit."""
+    saved = list(_rules.RULES)
+    try:
+        _rules.set_rules([_rules.Rule("sdpa", torch.float32, (_rules.cpu_class(),), training=True, batch=(1, 1),
+                                      hidden=(1, 64), source="test")])
+        call = _attention._build_cpp_call()
+        q, k, v = (t.requires_grad_() for t in _qkv((2, 3, 1, 16), (2, 3, 9, 16), (2, 3, 9, 12)))
+        got = call(q, k, v, is_causal, scale, False)
+        assert got is not None and got.requires_grad
+        grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for g, w in zip(grads, torch.autograd.grad(want.square().sum(), (q, k, v))):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        # the function takes that route too
+        torch.testing.assert_close(sdpa(q, k, v, is_causal=is_causal, scale=scale), want, rtol=0, atol=0)
+        # outside the region (65 keys; 2 query rows): seqfast's autograd op, by the regular path
+        k2, v2 = (torch.randn(2, 3, 65, d, requires_grad=True) for d in (16, 12))
+        assert call(q, k2, v2, is_causal, scale, False) is None
+        assert call(torch.randn(2, 3, 2, 16, requires_grad=True), k, v, is_causal, scale, False) is None
+        for s in ("0.3", [0.3]):  # not a number: the regular path raises torch's error
+            assert call(q, k, v, is_causal, s, False) is None
+        with torch.no_grad():  # no graph: the kernel (the region is a training one)
+            assert not call(q, k, v, is_causal, scale, False).requires_grad
+    finally:
+        _rules.set_rules(saved)
+        _attention._build_cpp_call()
