@@ -27,11 +27,14 @@ inline bool any_autocast() {  // torch._C._is_any_autocast_enabled()
   return false;
 }
 
-// Grad mode off (autograd must record the op otherwise) and no autocast (the op picks its dtype there).
-inline bool plain_no_grad() { return !at::GradMode::is_enabled() && !any_autocast(); }
 
-// A forward-mode AD tangent at the first dual level (torch.autograd.forward_ad): recorded whatever the grad mode.
-inline bool has_forward_grad(const at::Tensor& t) { return t._fw_grad(/*level=*/0).defined(); }
+// Whether autograd would record an op reading t: t requires grad in grad mode, or t carries a forward-mode AD
+// tangent (torch.autograd.forward_ad, first dual level; recorded whatever the grad mode). The calls run their kernels
+// only where no operand is recorded: then torch's output would not require grad either, whether or not grad mode is
+// on (a model frozen with requires_grad_(False) and called without torch.no_grad).
+inline bool recorded(const at::Tensor& t) {
+  return (t.requires_grad() && at::GradMode::is_enabled()) || t._fw_grad(/*level=*/0).defined();
+}
 
 // An exact torch.Tensor or Parameter (a subclass may override torch functions: the Python path serves it), strided,
 // on the CPU; else nullptr.

@@ -123,7 +123,7 @@ def test_cell_call_declines_what_it_does_not_serve(kind, kw):
     with torch.no_grad():
         mod(x, hx)
     call = mod._seqfast_call
-    assert call(x, hx) is None  # grad mode on
+    assert call(x, hx) is None  # grad mode on, parameters requiring grad
     lstm = kind == "LSTMCell"
     with torch.no_grad():
         assert call(x, hx) is not None
@@ -257,3 +257,39 @@ def test_cell_swapped_parameters(kind, kw):
         ref.load_state_dict(mod.state_dict())
         torch.testing.assert_close(_flat(mod(x, hx)), _flat(ref(x, hx)))
         assert mod._seqfast_call(x, hx) is not None
+
+
+@pytest.mark.parametrize("kind,kw", CELLS)
+def test_frozen_cell_in_grad_mode_takes_the_call(kind, kw, no_grad_kernel_calls):
+    """Grad mode on, but nothing the step reads requires grad (a model frozen with requires_grad_(False)): torch's
+    output does not require grad, so the C++ step serves it, with torch's results. A parameter, the input or a state
+    that requires grad, or a forward-mode tangent, sends the step back to the regular path (autograd records it)."""
+    torch.manual_seed(0)
+    ref, mod = _pair(kind, kw)
+    ref.requires_grad_(False)
+    mod.requires_grad_(False)
+    x, hx = torch.randn(3, 5), _states(kind, 3)
+    got, want = _flat(mod(x, hx)), _flat(ref(x, hx))
+    assert len(no_grad_kernel_calls) == 1  # built and served in grad mode
+    for g, w in zip(got, want):
+        assert not g.requires_grad and not w.requires_grad
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    call = mod._seqfast_call
+    xg = x.clone().requires_grad_()
+    assert call(xg, hx) is None
+    out, ref_out = _flat(mod(xg, hx))[0], _flat(ref(xg, hx))[0]
+    (gx,) = torch.autograd.grad(out.sum(), xg)
+    (wx,) = torch.autograd.grad(ref_out.sum(), xg)
+    torch.testing.assert_close(gx, wx, rtol=1e-5, atol=1e-6)
+    states = tuple(s.clone().requires_grad_() for s in hx) if kind == "LSTMCell" else hx.clone().requires_grad_()
+    assert call(x, states) is None
+    assert _flat(mod(x, states))[0].requires_grad
+    for name in ("weight_ih", "bias_hh"):
+        getattr(mod, name).requires_grad_(True)
+        assert call(x, hx) is None
+        assert _flat(mod(x, hx))[0].requires_grad
+        getattr(mod, name).requires_grad_(False)
+    assert len(no_grad_kernel_calls) == 1
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level(), torch.no_grad():
+        assert call(fwAD.make_dual(x, torch.ones_like(x)), hx) is None

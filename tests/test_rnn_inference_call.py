@@ -200,7 +200,7 @@ def _built(kind="LSTM", **options):
 def test_module_call_declines_what_it_does_not_serve():
     ref, mod, call = _built()
     x = torch.randn(4, 3, 5)
-    assert call(x) is None  # grad mode on: autograd must record the op
+    assert call(x) is None  # grad mode on, parameters requiring grad: autograd must record the op
     with torch.no_grad():
         assert call(x) is not None
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -296,3 +296,43 @@ def test_swapped_parameters():
         ref.load_state_dict(mod.state_dict())
         assert mod._seqfast_call(x) is not None
         torch.testing.assert_close(_flat(mod(x)), _flat(ref(x)))
+
+
+@pytest.mark.parametrize("kind,kw", KINDS)
+@pytest.mark.parametrize("with_states", [False, True])
+def test_frozen_module_in_grad_mode_takes_the_call(kind, kw, with_states):
+    """Grad mode on, but nothing the call reads requires grad (a model frozen with requires_grad_(False)): torch's
+    outputs do not require grad, so the no-grad call serves it, with torch's results. A parameter, the input or a state
+    that requires grad, or a forward-mode tangent, sends the call back to the regular path (autograd records it)."""
+    torch.manual_seed(0)
+    ref, mod = _pair(kind, kw, num_layers=2)
+    ref.requires_grad_(False)
+    mod.requires_grad_(False)
+    x = torch.randn(4, 3, 5)
+    hx = _states(kind, 2, False, x.shape) if with_states else None
+    assert torch.is_grad_enabled()
+    got, want = _flat(mod(x, hx)), _flat(ref(x, hx))
+    call = mod._seqfast_call
+    assert call is not None and call(x, hx) is not None  # built and served in grad mode
+    for g, w in zip(got, want):
+        assert not g.requires_grad and not w.requires_grad
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    # something the call reads requires grad: the regular path, which records it as torch does
+    xg = x.clone().requires_grad_()
+    assert call(xg, hx) is None
+    out, ref_out = _flat(mod(xg, hx))[0], _flat(ref(xg, hx))[0]
+    assert out.requires_grad
+    (gx,) = torch.autograd.grad(out.sum(), xg)
+    (wx,) = torch.autograd.grad(ref_out.sum(), xg)
+    torch.testing.assert_close(gx, wx, rtol=1e-5, atol=1e-6)
+    if with_states:
+        states = tuple(s.clone().requires_grad_() for s in hx) if kind == "LSTM" else hx.clone().requires_grad_()
+        assert call(x, states) is None
+        assert _flat(mod(x, states))[0].requires_grad
+    mod.weight_hh_l1.requires_grad_(True)
+    assert call(x, hx) is None
+    assert _flat(mod(x, hx))[0].requires_grad
+    mod.weight_hh_l1.requires_grad_(False)
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level(), torch.no_grad():
+        assert call(fwAD.make_dual(x, torch.ones_like(x)), hx) is None

@@ -63,11 +63,9 @@ class SdpaCall {
     if (k->size(0) != N || v->size(0) != N || k->size(1) != H || v->size(1) != H || k->size(3) != D ||
         v->size(2) != S || D == 0 || N * H * L * S * v->size(3) == 0)
       return py::none();
-    // forward-mode AD (a dual tensor's tangent) is recorded in any grad mode: the regular path
-    if (call_guard::has_forward_grad(*q) || call_guard::has_forward_grad(*k) || call_guard::has_forward_grad(*v))
-      return py::none();
-    const bool graph = at::GradMode::is_enabled() && (q->requires_grad() || k->requires_grad() || v->requires_grad());
-    if (graph) {
+    // forward-mode AD (a dual tensor's tangent): the regular path
+    if (q->_fw_grad(0).defined() || k->_fw_grad(0).defined() || v->_fw_grad(0).defined()) return py::none();
+    if (call_guard::recorded(*q) || call_guard::recorded(*k) || call_guard::recorded(*v)) {
       for (const Region& r : training_regions_)
         if (r.holds(dt, L, S, D, is_causal)) return torch_op(*q, *k, *v, is_causal, scale, enable_gqa);
       return py::none();

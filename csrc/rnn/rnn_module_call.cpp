@@ -20,12 +20,14 @@ namespace seqfast {
 namespace {
 
 using call_guard::plain_cpu;
+using call_guard::recorded;
 using call_guard::rules_epoch;
 using call_guard::wrap;
 
-// What every call checks before it looks at its arguments: grad mode off (autograd must record the op otherwise),
-// no autocast, the rule table it was built from still in force, and the module's parameter dict still holding the
-// same objects (a parameter may have been replaced or deleted).
+// What every call checks before it looks at its arguments: no autocast (the op picks its dtype there), the rule table
+// it was built from still in force, and the module's parameter dict still holding the same objects (a parameter may
+// have been replaced or deleted). The calls then decline where autograd would record one of the tensors they read
+// (call_guard::recorded: grad mode with a parameter, input or state requiring grad, or a forward-mode tangent).
 class Guard {
  public:
   Guard(py::dict params, py::list expected) : params_(std::move(params)), epoch_(rules_epoch().load()) {
@@ -33,7 +35,7 @@ class Guard {
     refs_ = std::move(expected);
   }
   bool passes() const {
-    return call_guard::plain_no_grad() && !stale();
+    return !call_guard::any_autocast() && !stale();
   }
   // Built from another rule table or another parameter set: the module builds a new call.
   bool stale() const {
@@ -98,9 +100,10 @@ class ModuleCall {
     if ((dim != 2 && dim != 3) || x.size(-1) != input_size_) return py::none();
     std::vector<Tensor> weights;
     weights.reserve(weights_.size());
+    if (recorded(x)) return py::none();
     for (const auto& p : weights_) {  // .to() / .double() change a parameter in place
       const Tensor& w = current(p);
-      if (w.scalar_type() != dtype_ || !w.device().is_cpu()) return py::none();
+      if (w.scalar_type() != dtype_ || !w.device().is_cpu() || recorded(w)) return py::none();
       weights.push_back(w);
     }
     const bool batched = dim == 3;
@@ -123,7 +126,7 @@ class ModuleCall {
         if (!o) continue;
         const Tensor* t = plain_cpu(o, dtype_);
         if (!t || t->dim() != (batched ? 3 : 2) || t->size(0) != num_layers_ * (bidirectional_ ? 2 : 1) ||
-            t->size(-1) != hidden_size_ || (batched && t->size(1) != batch))
+            t->size(-1) != hidden_size_ || (batched && t->size(1) != batch) || recorded(*t))
           return py::none();
         (o == h ? h0 : c0) = *t;
       }
@@ -156,7 +159,7 @@ class ModuleCall {
   int64_t hidden_size_;
 };
 
-// One no-grad step of a cell module: gates 4 (LSTM: hx a pair (h, c), returns (h', c')), 3 (GRU) or 1 (RNN; relu
+// One step of a cell module that autograd does not record: gates 4 (LSTM: hx a pair (h, c), returns (h', c')), 3 (GRU) or 1 (RNN; relu
 // or tanh), hx a tensor, returns h'. Batched steps with their state given; the rest is the Python path's. torch_op:
 // a dtype the C++ cell kernels do not run (bfloat16, float16), where seqfast.functional calls torch's own cell op:
 // this call runs that op itself (torch's results and errors, without the dispatch Python), except from
@@ -198,6 +201,9 @@ class CellCall {
     const Tensor &w_ih = current(w_ih_), &w_hh = current(w_hh_);
     const OptTensor b_ih = b_ih_.is_none() ? OptTensor() : OptTensor(current(b_ih_));
     const OptTensor b_hh = b_hh_.is_none() ? OptTensor() : OptTensor(current(b_hh_));
+    if (recorded(*x) || recorded(*h) || (c && recorded(*c)) || recorded(w_ih) || recorded(w_hh) ||
+        (b_ih && recorded(*b_ih)) || (b_hh && recorded(*b_hh)))
+      return py::none();
     if (torch_op_) {
       if (upcast_min_rows_ > 0 && x->size(0) >= upcast_min_rows_) return py::none();
       if (bf16_weights_ && x->size(0) > 0) return bf16_step(*x, *h, c, w_ih, w_hh, b_ih, b_hh);

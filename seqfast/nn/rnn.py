@@ -9,6 +9,7 @@ from ..functional import _rnn_cell, _rnn_sequence
 from ..functional._rnn_sequence import _kernel_layout
 from ..ops import rnn_sequence as _ops
 from ._parameters import parameters_named
+from ._recording import recorded
 
 
 class _SeqfastRNNMixin:
@@ -52,8 +53,8 @@ class _SeqfastRNNMixin:
         return hx if is_batched else hx.unsqueeze(1)
 
     def _inference_call(self, input):
-        """The whole forward in one C++ call (seqfast._C.rnn_module_inference) where that is all it takes: no grad,
-        no state given, a padded CPU tensor of the weights' dtype and size, no dropout to draw, the C++ kernels chosen
+        """The whole forward in one C++ call (seqfast._C.rnn_module_inference) where that is all it takes: nothing
+        for autograd to record (the caller checks: seqfast.nn._recording), no state given, a padded CPU tensor of the weights' dtype and size, no dropout to draw, the C++ kernels chosen
         and no rule preferring torch's op. None otherwise: the regular path then runs (and raises torch's errors).
         For a short sequence this Python is a good part of the call (it runs on caches the kernel just flushed), so
         what depends only on the module's parameters and the input's dtype is worked out once per parameter set and
@@ -138,9 +139,9 @@ class _SeqfastRNNMixin:
         return [w for ws in layers for w in ws]
 
     def forward(self, input, hx=None):
-        # The C++ no-grad call (seqfast._C.ModuleCall, built with the plan) checks grad mode, autocast, the input, the
-        # given states, the parameters and the rule table itself, and declines (None) wherever the paths below
-        # decide. Here: what it cannot see, in the order of cost.
+        # The C++ no-grad call (seqfast._C.ModuleCall, built with the plan) checks grad mode and requires_grad,
+        # autocast, the input, the given states, the parameters and the rule table itself, and declines (None)
+        # wherever the paths below decide. Here: what it cannot see, in the order of cost.
         if (_backend._state.forced is None and not _autotune._enabled and not (self.training and self.dropout)
                 and not torch.compiler.is_compiling()):
             call = self.__dict__.get("_seqfast_call")
@@ -148,8 +149,8 @@ class _SeqfastRNNMixin:
                 result = call(input, hx)
                 if result is not None:
                     return result
-            if (hx is not None and not torch.is_grad_enabled() and isinstance(input, torch.Tensor)
-                    and (call is None or call.stale())):
+            if (hx is not None and isinstance(input, torch.Tensor) and (call is None or call.stale())
+                    and not recorded(self, input, hx)):
                 # a decoder that passes its state on every step builds the call here (without a state,
                 # _inference_call below does)
                 self._plan(input)
@@ -157,7 +158,7 @@ class _SeqfastRNNMixin:
                 result = None if call is None else call(input, hx)
                 if result is not None:
                     return result
-        if hx is None and not torch.is_grad_enabled():
+        if hx is None and not recorded(self, input):
             result = self._inference_call(input)
             if result is not None:
                 return result

@@ -8,6 +8,7 @@ from ..functional import _rnn_cell
 from ..functional._rnn_cell import _native
 from ..ops import rnn_cell as _ops
 from ._parameters import parameters_named
+from ._recording import recorded
 
 
 def _unbatched(module_name, input, states, names):
@@ -38,10 +39,11 @@ def _python_allows_call():
 
 
 def _fast_step(module, family, input, hx):
-    """One no-grad step through the module's C++ call (seqfast._C.CellCall: grad mode, autocast, the tensors, the
-    parameters, the rule table and torch's shape errors checked in C++), or None where the Python path decides. A
+    """One step that autograd does not record (no grad mode, or nothing it reads requiring grad) through the module's
+    C++ call (seqfast._C.CellCall: grad mode and requires_grad, autocast, the tensors, the parameters, the rule table
+    and torch's shape errors checked in C++), or None where the Python path decides. A
     seq2seq decoder calls a cell per generated token, and at batch 1 the Python between forward and the kernel cost
-    about a third of the step. The call is built on the first no-grad step and again when it went stale (a replaced
+    about a third of the step. The call is built on the first such step and again when it went stale (a replaced
     parameter, a dtype change, a new rule table)."""
     if hx is None or not _python_allows_call():
         return None
@@ -50,7 +52,7 @@ def _fast_step(module, family, input, hx):
         result = call(input, hx)
         if result is not None or not call.stale():
             return result
-    if torch.is_grad_enabled() or not isinstance(input, torch.Tensor):
+    if not isinstance(input, torch.Tensor) or recorded(module, input, hx):
         return None
     # None: never built; False: none could be built for this parameter set and input dtype / device (a parametrized
     # weight, a CUDA input): not tried again on every step
