@@ -293,3 +293,38 @@ def test_frozen_cell_in_grad_mode_takes_the_call(kind, kw, no_grad_kernel_calls)
     import torch.autograd.forward_ad as fwAD
     with fwAD.dual_level(), torch.no_grad():
         assert call(fwAD.make_dual(x, torch.ones_like(x)), hx) is None
+
+
+@pytest.mark.parametrize("kind,kw", CELLS)
+def test_cell_call_runs_torchs_op_for_training_rules(kind, kw):
+    """A step that autograd records, at a batch where the rule table prefers torch's op for training: the C++ call runs
+    torch's cell op, recorded as torch records it (the module's output and gradients are torch.nn's, bit for bit);
+    at other batches it declines and seqfast's autograd op runs."""
+    family = {"LSTMCell": "lstm_cell", "GRUCell": "gru_cell", "RNNCell": "rnn_cell"}[kind]
+    saved = list(_rules.RULES)
+    try:
+        _rules.set_rules([_rules.Rule(family, torch.float32, (_rules.cpu_class(),), training=True, batch=(3, 3),
+                                      source="test")])
+        torch.manual_seed(0)
+        ref, mod = _pair(kind, kw)
+        x, hx = torch.randn(3, 5, requires_grad=True), _states(kind, 3)
+        got, want = _flat(mod(x, hx)), _flat(ref(x, hx))
+        call = mod._seqfast_call
+        assert call and all(o.requires_grad for o in _flat(call(x, hx)))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        params = list(mod.parameters()) + [x]
+        grads = torch.autograd.grad(sum(g.square().sum() for g in got), params)
+        ref_grads = torch.autograd.grad(sum(w.square().sum() for w in want), list(ref.parameters()) + [x])
+        for g, w in zip(grads, ref_grads):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        x4, hx4 = torch.randn(4, 5, requires_grad=True), _states(kind, 4)
+        assert call(x4, hx4) is None  # outside the rule's batches: seqfast's autograd op
+        for g, w in zip(_flat(mod(x4, hx4)), _flat(ref(x4, hx4))):
+            assert g.requires_grad
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        # a state of another batch: torch's error, as the module raises it
+        bad = (x, tuple(h[:2] for h in hx)) if kind == "LSTMCell" else (x, hx[:2])
+        assert_raises_like_torch(ref, mod, bad)
+    finally:
+        _rules.set_rules(saved)

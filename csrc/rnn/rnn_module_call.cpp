@@ -159,8 +159,11 @@ class ModuleCall {
   int64_t hidden_size_;
 };
 
-// One step of a cell module that autograd does not record: gates 4 (LSTM: hx a pair (h, c), returns (h', c')), 3 (GRU) or 1 (RNN; relu
-// or tanh), hx a tensor, returns h'. Batched steps with their state given; the rest is the Python path's. torch_op:
+// One step of a cell module: gates 4 (LSTM: hx a pair (h, c), returns (h', c')), 3 (GRU) or 1 (RNN; relu or tanh), hx
+// a tensor, returns h'. Batched steps with their state given; the rest is the Python path's. A step that autograd
+// records (call_guard::recorded) runs torch's cell op, recorded as torch records it, where the rule table prefers
+// torch's op for training at its batch (training_torch_batches; at batch 64 the Python path's dispatch before that op
+// cost 4% of an RNNCell H64 step), and is left to the Python path (seqfast's autograd op) elsewhere. torch_op:
 // a dtype the C++ cell kernels do not run (bfloat16, float16), where seqfast.functional calls torch's own cell op:
 // this call runs that op itself (torch's results and errors, without the dispatch Python), except from
 // upcast_min_rows rows (when > 0), which the functional computes in float32 on the C++ kernels. bf16_weights: below
@@ -169,12 +172,13 @@ class ModuleCall {
 class CellCall {
  public:
   CellCall(int64_t gates, bool relu, py::dict params, py::list expected, py::object w_ih, py::object w_hh,
-           py::object b_ih, py::object b_hh, std::vector<std::pair<int64_t, int64_t>> torch_batches, bool torch_op,
-           int64_t upcast_min_rows, bool bf16_weights)
+           py::object b_ih, py::object b_hh, std::vector<std::pair<int64_t, int64_t>> torch_batches,
+           std::vector<std::pair<int64_t, int64_t>> training_torch_batches, bool torch_op, int64_t upcast_min_rows,
+           bool bf16_weights)
       : guard_(std::move(params), std::move(expected)), gates_(gates), relu_(relu), w_ih_(std::move(w_ih)),
         w_hh_(std::move(w_hh)), b_ih_(std::move(b_ih)), b_hh_(std::move(b_hh)),
-        torch_batches_(std::move(torch_batches)), torch_op_(torch_op), upcast_min_rows_(upcast_min_rows),
-        bf16_weights_(bf16_weights) {
+        torch_batches_(std::move(torch_batches)), training_torch_batches_(std::move(training_torch_batches)),
+        torch_op_(torch_op), upcast_min_rows_(upcast_min_rows), bf16_weights_(bf16_weights) {
     TORCH_CHECK(gates == 4 || gates == 3 || gates == 1, "CellCall: gates must be 4, 3 or 1, got ", gates);
     TORCH_CHECK(THPVariable_Check(w_ih_.ptr()) && THPVariable_Check(w_hh_.ptr()), "CellCall: weights must be tensors");
     for (const py::object* b : {&b_ih_, &b_hh_})
@@ -197,13 +201,20 @@ class CellCall {
       h = plain_cpu(hx.ptr(), dtype_);
     }
     if (!h || h->dim() != 2) return py::none();
-    if (in_ranges(torch_batches_, x->size(0))) return py::none();
     const Tensor &w_ih = current(w_ih_), &w_hh = current(w_hh_);
     const OptTensor b_ih = b_ih_.is_none() ? OptTensor() : OptTensor(current(b_ih_));
     const OptTensor b_hh = b_hh_.is_none() ? OptTensor() : OptTensor(current(b_hh_));
     if (recorded(*x) || recorded(*h) || (c && recorded(*c)) || recorded(w_ih) || recorded(w_hh) ||
-        (b_ih && recorded(*b_ih)) || (b_hh && recorded(*b_hh)))
-      return py::none();
+        (b_ih && recorded(*b_ih)) || (b_hh && recorded(*b_hh))) {
+      // a forward-mode tangent, a dtype without the C++ kernels, or a batch outside the training rules: the Python
+      // path; torch's shape errors come from that path too
+      if (torch_op_ || !in_ranges(training_torch_batches_, x->size(0)) || any_forward_grad(*x, *h, c) ||
+          check_cell_args(gates_, *x, *h, c ? OptTensor(*c) : OptTensor(), w_ih, w_hh, b_ih, b_hh, false) !=
+              kCellOk)
+        return py::none();
+      return torch_cell(*x, *h, c, w_ih, w_hh, b_ih, b_hh);
+    }
+    if (in_ranges(torch_batches_, x->size(0))) return py::none();
     if (torch_op_) {
       if (upcast_min_rows_ > 0 && x->size(0) >= upcast_min_rows_) return py::none();
       if (bf16_weights_ && x->size(0) > 0) return bf16_step(*x, *h, c, w_ih, w_hh, b_ih, b_hh);
@@ -241,7 +252,12 @@ class CellCall {
   int64_t gates_;
   bool relu_;
   py::object w_ih_, w_hh_, b_ih_, b_hh_;  // the parameter objects (see current()); a bias may be None
-  std::vector<std::pair<int64_t, int64_t>> torch_batches_;
+  // A forward-mode tangent on an activation (the parameters' are checked by recorded() alone: a parameter with a
+  // tangent is as rare as it gets, and the Python path serves it the same way).
+  static bool any_forward_grad(const Tensor& x, const Tensor& h, const Tensor* c) {
+    return x._fw_grad(0).defined() || h._fw_grad(0).defined() || (c && c->_fw_grad(0).defined());
+  }
+  std::vector<std::pair<int64_t, int64_t>> torch_batches_, training_torch_batches_;
   bool torch_op_;
   int64_t upcast_min_rows_;
   bool bf16_weights_;
@@ -307,11 +323,13 @@ void bind_module_call(py::module_& m) {
            py::arg("torch_batches"), py::arg("upcast_min_rows"), py::arg("bf16_cell_steps"))
       .def("__call__", &ModuleCall::call, py::arg("input"), py::arg("hx") = py::none())
       .def("stale", &ModuleCall::stale);
-  py::class_<CellCall>(m, "CellCall", "one no-grad step of a seqfast RNN cell module, checks included")
+  py::class_<CellCall>(m, "CellCall", "one step of a seqfast RNN cell module, checks included")
       .def(py::init<int64_t, bool, py::dict, py::list, py::object, py::object, py::object, py::object,
-                    std::vector<std::pair<int64_t, int64_t>>, bool, int64_t, bool>(),
+                    std::vector<std::pair<int64_t, int64_t>>, std::vector<std::pair<int64_t, int64_t>>, bool, int64_t,
+                    bool>(),
            py::arg("gates"), py::arg("relu"), py::arg("params"), py::arg("expected"), py::arg("w_ih"),
-           py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("torch_batches"), py::arg("torch_op"),
+           py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("torch_batches"),
+           py::arg("training_torch_batches"), py::arg("torch_op"),
            py::arg("upcast_min_rows"), py::arg("bf16_weights"))
       .def("__call__", &CellCall::call, py::arg("input"), py::arg("hx"))
       .def("stale", &CellCall::stale);

@@ -9,8 +9,9 @@ def recorded(module, *tensors):
     paths as a no-grad call."""
     if not torch.is_grad_enabled():
         return False
-    if any(p is not None and p.requires_grad for p in module._parameters.values()):
-        return True
+    for p in module._parameters.values():  # a loop, not any(): this runs on every training step of a module
+        if p is not None and p.requires_grad:
+            return True
     for t in tensors:
         if isinstance(t, (tuple, list)):
             if any(isinstance(u, torch.Tensor) and u.requires_grad for u in t):

@@ -8,7 +8,6 @@ from ..functional import _rnn_cell
 from ..functional._rnn_cell import _native
 from ..ops import rnn_cell as _ops
 from ._parameters import parameters_named
-from ._recording import recorded
 
 
 def _unbatched(module_name, input, states, names):
@@ -39,12 +38,12 @@ def _python_allows_call():
 
 
 def _fast_step(module, family, input, hx):
-    """One step that autograd does not record (no grad mode, or nothing it reads requiring grad) through the module's
-    C++ call (seqfast._C.CellCall: grad mode and requires_grad, autocast, the tensors, the parameters, the rule table
-    and torch's shape errors checked in C++), or None where the Python path decides. A
-    seq2seq decoder calls a cell per generated token, and at batch 1 the Python between forward and the kernel cost
-    about a third of the step. The call is built on the first such step and again when it went stale (a replaced
-    parameter, a dtype change, a new rule table)."""
+    """One step through the module's C++ call (seqfast._C.CellCall: grad mode and requires_grad, autocast, the
+    tensors, the parameters, the rule table and torch's shape errors checked in C++): the kernel where autograd records
+    nothing, torch's op where it records the step and the rule table prefers torch's op for training; None where the
+    Python path decides. A seq2seq decoder calls a cell per generated token, and at batch 1 the Python between forward
+    and the kernel cost about a third of the step. The call is built on the first step and again when it went stale
+    (a replaced parameter, a dtype change, a new rule table)."""
     if hx is None or not _python_allows_call():
         return None
     call = module.__dict__.get("_seqfast_call")
@@ -52,7 +51,7 @@ def _fast_step(module, family, input, hx):
         result = call(input, hx)
         if result is not None or not call.stale():
             return result
-    if not isinstance(input, torch.Tensor) or recorded(module, input, hx):
+    if not isinstance(input, torch.Tensor):
         return None
     # None: never built; False: none could be built for this parameter set and input dtype / device (a parametrized
     # weight, a CUDA input): not tried again on every step
@@ -87,7 +86,8 @@ def _build_call(module, family, input):
         return None
     return _ext.module().CellCall(
         _GATES[family], getattr(module, "nonlinearity", "tanh") == "relu", params, list(params.values()), w_ih, w_hh,
-        b_ih, b_hh, _rules.torch_batches(family, dtype, False, module.hidden_size), torch_op,
+        b_ih, b_hh, _rules.torch_batches(family, dtype, False, module.hidden_size),
+        _rules.torch_batches(family, dtype, True, module.hidden_size), torch_op,
         _rnn_cell.bf16_upcast_min_rows() if upcast else 0, upcast and _rnn_cell.bf16_weight_kernels())
 
 
