@@ -77,6 +77,9 @@ _ZEN3_SHORT = ("same-process A/B, torch / seqfast with the rule table off, 7 rou
 _ZEN3_BACKWARD = ("same-process A/B, torch / seqfast with the rule table off, 21 rounds, each share after the "
                   "process's other threads went idle, on commit 87c9f01 (backward GEMMs on the own AVX2 kernel) on "
                   "the same AMD EPYC family 25 model 1")
+_ZEN3_B1_RNN_CELL = ("same-process A/B, torch / seqfast with the rule table off, 9 rounds, each share after the process's "
+                     "other threads went idle, on commit f8d36c8 on the same AMD EPYC family 25 model 1; make bench-sweep "
+                     "sweep-cpu-20261206-074108")
 _ZEN3_LATER = ("make bench-sweep runs 201033 and 214300 and make bench runs cpu-20261204-200307 / 214050 on the same "
                "AMD EPYC family 25 model 1")
 
@@ -100,6 +103,11 @@ RULES = [
     # 0.93-0.96x); B32-48 H64 1.01-1.04x
     Rule("rnn_cell", F32, AVX2, training=True, batch=(64, INF),
          source=_ZEN3 + "; " + _ZEN3_OWN_GEMM + "; " + _ZEN3_SETTLED),
+    # training at batch 1: a step is mostly autograd's bookkeeping on either side, and seqfast's one-op step gained
+    # nothing over torch's three ops (A/B, rules off, 9 rounds: H64 / 128 / 256 / 512 1.01 / 0.97 / 1.05 / 0.86x;
+    # batch 8 1.09-1.41x, batch 32 1.07-1.14x; sweep-cpu-20261206-074108: B1 H64 0.81x). The module's C++ call runs
+    # torch's op there without the Python dispatch.
+    Rule("rnn_cell", F32, AVX2, training=True, batch=(1, 1), source=_ZEN3_B1_RNN_CELL),
     Rule("lstm_cell", F32, AVX2, training=True, batch=(256, INF), hidden=(256, INF), source=_ZEN3),  # 0.85-0.93x
     # training from batch 32 at hidden >= 512 (was: every batch at hidden >= 1024, and from batch 16 at 512, where
     # B16 / 32 / 64 / 128 at H512 read 0.92 / 0.84 / 0.87 / 0.84x, _ZEN3_SETTLED). With the backward's small-batch
