@@ -16,6 +16,7 @@ import os
 import threading
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 BACKENDS = ("reference", "cpp", "triton", "torch")
 
@@ -40,8 +41,14 @@ _state = _State()
 
 
 def forced_backend():
-    """The backend forced by use_backend() or SEQFAST_BACKEND, or None for selection by device."""
-    return _state.forced
+    """The backend forced by use_backend() or SEQFAST_BACKEND, or None for selection by device. Inside a forward-mode
+    AD level (torch.autograd.forward_ad.dual_level, torch.func.jvp) with nothing forced: "torch". seqfast's kernels
+    carry no tangents (their autograd ops have no jvp, and a no-grad kernel would drop a tangent silently), while
+    torch's ops carry them or raise torch's own error."""
+    forced = _state.forced
+    if forced is None and _forward_ad._current_level >= 0:
+        return "torch"
+    return forced
 
 
 @contextlib.contextmanager

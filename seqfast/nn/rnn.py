@@ -142,7 +142,7 @@ class _SeqfastRNNMixin:
         # The C++ no-grad call (seqfast._C.ModuleCall, built with the plan) checks grad mode and requires_grad,
         # autocast, the input, the given states, the parameters and the rule table itself, and declines (None)
         # wherever the paths below decide. Here: what it cannot see, in the order of cost.
-        if (_backend._state.forced is None and not _autotune._enabled and not (self.training and self.dropout)
+        if (_backend.forced_backend() is None and not _autotune._enabled and not (self.training and self.dropout)
                 and not torch.compiler.is_compiling()):
             call = self.__dict__.get("_seqfast_call")
             if call is not None:

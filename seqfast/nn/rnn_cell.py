@@ -34,7 +34,7 @@ _OPS = {"lstm_cell": _ops.lstm_cell, "gru_cell": _ops.gru_cell, "rnn_cell": _ops
 
 def _python_allows_call():
     """What the C++ step (seqfast._C.CellCall) cannot see: a forced backend, autotune, torch.compile tracing."""
-    return _backend._state.forced is None and not _autotune._enabled and not torch.compiler.is_compiling()
+    return _backend.forced_backend() is None and not _autotune._enabled and not torch.compiler.is_compiling()
 
 
 def _fast_step(module, family, input, hx):

@@ -147,7 +147,7 @@ class FusedOp:
         key = (_backend.forced_backend(), tensor.dtype, tensor.device, "cpp")
         hit = self._resolved.get(key)
         if hit is None:
-            hit = self._resolved[key] = (self._backend_for(tensor) == "cpp"
+            hit = self._resolved[key] = (key[0] != "torch" and self._backend_for(tensor) == "cpp"
                                          and self.kernels("cpp") is not self.kernels("reference"))
         return hit
 
