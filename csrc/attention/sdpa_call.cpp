@@ -72,17 +72,9 @@ class SdpaCall {
     }
     for (const Region& r : regions_)
       if (r.holds(dt, L, S, D, is_causal)) return py::none();
-    double s;
-    if (scale.is_none()) {
-      s = std::pow(double(D), -0.5);  // as Python's D ** -0.5
-    } else {
-      if (!PyFloat_Check(scale.ptr()) && !PyLong_Check(scale.ptr())) return py::none();
-      s = PyFloat_AsDouble(scale.ptr());
-      if (s == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return py::none();
-      }
-    }
+    std::optional<double> given;
+    if (!read_scale(scale, given)) return py::none();
+    const double s = given ? *given : std::pow(double(D), -0.5);  // as Python's D ** -0.5
     at::Tensor out;
     {
       py::gil_scoped_release release;
@@ -99,6 +91,19 @@ class SdpaCall {
       if (d == dt) return true;
     return false;
   }
+  // The scale argument: None (nullopt) or a Python float / int. False for anything else (a string, a tensor, a
+  // list, an int too large for a double): the regular path raises torch's error for it.
+  static bool read_scale(const py::handle& scale, std::optional<double>& out) {
+    if (scale.is_none()) return true;
+    if (!PyFloat_Check(scale.ptr()) && !PyLong_Check(scale.ptr())) return false;
+    const double s = PyFloat_AsDouble(scale.ptr());
+    if (s == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    out = s;
+    return true;
+  }
   static void add(const Regions& from, std::vector<Region>& to) {
     for (const auto& r : from)
       to.push_back({std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r), std::get<5>(r),
@@ -111,14 +116,7 @@ class SdpaCall {
   static py::object torch_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool is_causal,
                              const py::handle& scale, bool enable_gqa) {
     std::optional<double> s;
-    if (!scale.is_none()) {
-      if (!PyFloat_Check(scale.ptr()) && !PyLong_Check(scale.ptr())) return py::none();
-      s = PyFloat_AsDouble(scale.ptr());
-      if (*s == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return py::none();
-      }
-    }
+    if (!read_scale(scale, s)) return py::none();
     at::Tensor out;
     {
       py::gil_scoped_release release;
