@@ -418,3 +418,42 @@ def test_functional_static_kv(need_weights):
     torch.testing.assert_close(a[0], b[0])
     if need_weights:
         torch.testing.assert_close(a[1], b[1])
+
+
+def test_module_is_torchs_where_the_rule_table_gives_torch_the_attention(monkeypatch):
+    """Where the rule table gives a call's attention to torch's SDPA, the module runs torch's own forward (its fused
+    inference path included): torch's results bit for bit, seqfast's functional never called. With an empty table the
+    module composes seqfast's functional as usual."""
+    from seqfast import _rules
+    from seqfast.nn import attention as nn_attention
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    mod = seqfast.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 5, 32)
+    calls = []
+    original = nn_attention.seqfast_F.multi_head_attention_forward
+    monkeypatch.setattr(nn_attention.seqfast_F, "multi_head_attention_forward",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    saved = list(_rules.RULES)
+    try:
+        _rules.set_rules([_rules.Rule("sdpa", torch.float32, (_rules.cpu_class(),), source="test")])
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                for args in ((x, x, x), (x, x[:, :3], x[:, :3])):
+                    for need_weights in (False, True):
+                        got = mod(*args, need_weights=need_weights)
+                        want = ref(*args, need_weights=need_weights)
+                        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+                        assert (got[1] is None) == (want[1] is None)
+        assert calls == []
+        _rules.set_rules([])
+        with torch.no_grad():
+            torch.testing.assert_close(mod(x, x, x)[0], ref(x, x, x)[0], rtol=1e-5, atol=1e-6)
+        assert calls == [1]
+        with seqfast.use_backend("reference"):  # a forced backend bypasses the table
+            _rules.set_rules([_rules.Rule("sdpa", torch.float32, (_rules.cpu_class(),), source="test")])
+            mod(x, x, x)
+        assert calls == [1, 1]
+    finally:
+        _rules.set_rules(saved)
