@@ -27,7 +27,6 @@ inline bool any_autocast() {  // torch._C._is_any_autocast_enabled()
   return false;
 }
 
-
 // Whether autograd would record an op reading t: t requires grad in grad mode, or t carries a forward-mode AD
 // tangent (torch.autograd.forward_ad, first dual level; recorded whatever the grad mode). The calls run their kernels
 // only where no operand is recorded: then torch's output would not require grad either, whether or not grad mode is

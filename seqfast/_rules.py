@@ -77,9 +77,9 @@ _ZEN3_SHORT = ("same-process A/B, torch / seqfast with the rule table off, 7 rou
 _ZEN3_BACKWARD = ("same-process A/B, torch / seqfast with the rule table off, 21 rounds, each share after the "
                   "process's other threads went idle, on commit 87c9f01 (backward GEMMs on the own AVX2 kernel) on "
                   "the same AMD EPYC family 25 model 1")
-_ZEN3_B1_RNN_CELL = ("same-process A/B, torch / seqfast with the rule table off, 9 rounds, each share after the process's "
-                     "other threads went idle, on commit f8d36c8 on the same AMD EPYC family 25 model 1; make bench-sweep "
-                     "sweep-cpu-20261206-074108")
+_ZEN3_B1_RNN_CELL = ("same-process A/B, torch / seqfast with the rule table off, 9 rounds, each share after the "
+                     "process's other threads went idle, on commit f8d36c8 on the same AMD EPYC family 25 model 1; "
+                     "make bench-sweep sweep-cpu-20261206-074108")
 _ZEN3_LATER = ("make bench-sweep runs 201033 and 214300 and make bench runs cpu-20261204-200307 / 214050 on the same "
                "AMD EPYC family 25 model 1")
 
@@ -219,8 +219,9 @@ def set_rules(rules):
 def sdpa_torch_regions(training):
     """The table's SDPA regions on this CPU for ``training`` calls, for seqfast._C.SdpaCall (which declines the
     inference calls inside them, and runs torch's op for the training calls inside them): (dtype, query length low,
-    high, key length low, high, head dim low, high, causal: 1 / 0 / -1 either), bounds inclusive. Without gradients on a CPU whose bfloat16 SDPA may upcast (sdpa_upcasts_bfloat16),
-    also every bfloat16 call of 2+ query rows: the Python path decides between the upcast and torch's op."""
+    high, key length low, high, head dim low, high, causal: 1 / 0 / -1 either), bounds inclusive. Without gradients on
+    a CPU whose bfloat16 SDPA may upcast (sdpa_upcasts_bfloat16), also every bfloat16 call of 2+ query rows: the
+    Python path decides between the upcast and torch's op."""
     cpu = cpu_class()
     regions = [(r.dtype, *(r.batch or (0, INF)), *(r.hidden or (0, INF)), *(r.head_dim or (0, INF)),
                 -1 if r.causal is None else int(r.causal))

@@ -46,8 +46,9 @@ class SdpaCall {
 
   // The attention output, or None (the regular path decides). A call that needs no graph (grad mode off, or none of
   // q, k, v requires grad: torch's output would not require grad either) runs the kernel outside the table's
-  // regions. A call that autograd records runs torch's op (recorded as torch records it) inside the table's training
-  // regions, and returns None outside them, where the regular path runs seqfast's autograd op.
+  // regions. A call that autograd records (call_guard::recorded: gradients, or a forward-mode tangent) runs torch's
+  // op (which records it as torch does) inside the table's training regions, and returns None outside them, where
+  // the regular path decides.
   py::object call(const py::handle& query, const py::handle& key, const py::handle& value, bool is_causal,
                   const py::handle& scale, bool enable_gqa) const {
     if (call_guard::any_autocast() || stale()) return py::none();
@@ -63,8 +64,6 @@ class SdpaCall {
     if (k->size(0) != N || v->size(0) != N || k->size(1) != H || v->size(1) != H || k->size(3) != D ||
         v->size(2) != S || D == 0 || N * H * L * S * v->size(3) == 0)
       return py::none();
-    // forward-mode AD (a dual tensor's tangent): the regular path
-    if (q->_fw_grad(0).defined() || k->_fw_grad(0).defined() || v->_fw_grad(0).defined()) return py::none();
     if (call_guard::recorded(*q) || call_guard::recorded(*k) || call_guard::recorded(*v)) {
       for (const Region& r : training_regions_)
         if (r.holds(dt, L, S, D, is_causal)) return torch_op(*q, *k, *v, is_causal, scale, enable_gqa);

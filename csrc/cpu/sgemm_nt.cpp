@@ -119,10 +119,11 @@ inline __attribute__((always_inline)) void tile(const Operand& o1, const Operand
 
 // A rows [0, m) x W rows [j0, j0 + NJ) of one W tile. The first row tile of a full W tile prefetches the next W tile
 // into L2. A tile is 4 short streams (one W row each, ldw apart) that the hardware's stream prefetchers pick up late
-// and drop at every 4 KB page, so without it each tile's rows started cold from L3 or memory. Measured on the Zen 3 EPYC (2 threads, W rotated through 16-96 MB so that it came from
-// memory or L3, GFLOP/s without / with): M 8: 78 / 91 (N 4096, K 1024), 56 / 72 (N 2048, K 512); M 2 at K 512 75 /
-// 81; M 32: 134 / 138 (K 1024), 117 / 129 (K 512), 109 / 121 (K 256); M 64 137 / 139. A single row (a GEMV, which
-// the hardware prefetchers keep at the memory's rate) read 56 / 50 and 48 / 48: it does not prefetch.
+// and drop at every 4 KB page, so without it each tile's rows started cold from L3 or memory. Measured on the Zen 3
+// EPYC (2 threads, W rotated through 16-96 MB so that it came from memory or L3, GFLOP/s without / with): M 8: 78 / 91
+// (N 4096, K 1024), 56 / 72 (N 2048, K 512); M 2 at K 512 75 / 81; M 32: 134 / 138 (K 1024), 117 / 129 (K 512), 109 /
+// 121 (K 256); M 64 137 / 139. A single row (a GEMV, which the hardware prefetchers keep at the memory's rate) read 56
+// / 50 and 48 / 48: it does not prefetch.
 template <int NJ>
 inline void cols(int64_t m, const Operand& o1, const Operand& o2, int64_t j0, float beta, float* c, int64_t ldc,
                  const float* bias) {

@@ -206,9 +206,9 @@ class CellCall {
     const OptTensor b_hh = b_hh_.is_none() ? OptTensor() : OptTensor(current(b_hh_));
     if (recorded(*x) || recorded(*h) || (c && recorded(*c)) || recorded(w_ih) || recorded(w_hh) ||
         (b_ih && recorded(*b_ih)) || (b_hh && recorded(*b_hh))) {
-      // a forward-mode tangent, a dtype without the C++ kernels, or a batch outside the training rules: the Python
-      // path; torch's shape errors come from that path too
-      if (torch_op_ || !in_ranges(training_torch_batches_, x->size(0)) || any_forward_grad(*x, *h, c) ||
+      // a dtype without the C++ kernels, or a batch outside the training rules: the Python path; torch's shape errors
+      // come from that path too. torch's op carries a forward-mode tangent as torch does.
+      if (torch_op_ || !in_ranges(training_torch_batches_, x->size(0)) ||
           check_cell_args(gates_, *x, *h, c ? OptTensor(*c) : OptTensor(), w_ih, w_hh, b_ih, b_hh, false) !=
               kCellOk)
         return py::none();
@@ -252,11 +252,6 @@ class CellCall {
   int64_t gates_;
   bool relu_;
   py::object w_ih_, w_hh_, b_ih_, b_hh_;  // the parameter objects (see current()); a bias may be None
-  // A forward-mode tangent on an activation (the parameters' are checked by recorded() alone: a parameter with a
-  // tangent is as rare as it gets, and the Python path serves it the same way).
-  static bool any_forward_grad(const Tensor& x, const Tensor& h, const Tensor* c) {
-    return x._fw_grad(0).defined() || h._fw_grad(0).defined() || (c && c->_fw_grad(0).defined());
-  }
   std::vector<std::pair<int64_t, int64_t>> torch_batches_, training_torch_batches_;
   bool torch_op_;
   int64_t upcast_min_rows_;

@@ -65,7 +65,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     # grad mode, autocast and the rule table in C++ and runs the kernel (no graph to record) or, with gradients inside
     # the table's regions, torch's op; or it declines (None) and the lines below decide. At batch 1 over 16 keys the
     # Python below took twice the kernel's time, and with gradients made torch's op 2x slower (25.8 against 12.0 us).
-    if attn_mask is None and dropout_p == 0.0 and not torch.compiler.is_compiling() and _backend.forced_backend() is None:
+    if (attn_mask is None and dropout_p == 0.0 and not torch.compiler.is_compiling()
+            and _backend.forced_backend() is None):
         call = _cpp_call if _cpp_call is not None else _build_cpp_call()
         if call:
             out = call(query, key, value, is_causal, scale, enable_gqa)

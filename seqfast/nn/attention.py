@@ -15,6 +15,7 @@ import torch
 from .. import _backend, _rules
 from .. import functional as seqfast_F
 from ..functional._attention import canonical_mask
+from ._recording import recorded
 
 __all__ = ["MultiheadAttention", "LuongAttention", "BahdanauAttention"]
 
@@ -83,9 +84,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 or torch.compiler.is_compiling()):
             return False
         seq = 1 if query.dim() == 3 and self.batch_first else 0
-        training = torch.is_grad_enabled() and (
-            query.requires_grad or key.requires_grad or (isinstance(value, torch.Tensor) and value.requires_grad)
-            or any(p is not None and p.requires_grad for p in self.parameters()))
+        training = recorded(self, query, key, value) or recorded(self.out_proj)
         return _rules.prefer_torch_when("sdpa", query, query.shape[seq], key.shape[seq], training, is_causal,
                                         self.embed_dim // self.num_heads)
 

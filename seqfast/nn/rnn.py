@@ -53,12 +53,13 @@ class _SeqfastRNNMixin:
         return hx if is_batched else hx.unsqueeze(1)
 
     def _inference_call(self, input):
-        """The whole forward in one C++ call (seqfast._C.rnn_module_inference) where that is all it takes: nothing
-        for autograd to record (the caller checks: seqfast.nn._recording), no state given, a padded CPU tensor of the weights' dtype and size, no dropout to draw, the C++ kernels chosen
-        and no rule preferring torch's op. None otherwise: the regular path then runs (and raises torch's errors).
-        For a short sequence this Python is a good part of the call (it runs on caches the kernel just flushed), so
-        what depends only on the module's parameters and the input's dtype is worked out once per parameter set and
-        kept (_inference_plan); the C++ entries check the weights' shapes again on every call."""
+        """The whole forward in one C++ call (seqfast._C.rnn_module_inference) where that is all it takes: nothing for
+        autograd to record (the caller checks: seqfast.nn._recording), no state given, a padded CPU tensor of the
+        weights' dtype and size, no dropout to draw, the C++ kernels chosen and no rule preferring torch's op. None
+        otherwise: the regular path then runs (and raises torch's errors). For a short sequence this Python is a good
+        part of the call (it runs on caches the kernel just flushed), so what depends only on the module's parameters
+        and the input's dtype is worked out once per parameter set and kept (_inference_plan); the C++ entries check the
+        weights' shapes again on every call."""
         if (not isinstance(input, torch.Tensor) or input.dim() not in (2, 3) or input.shape[-1] != self.input_size
                 or (self.training and self.dropout) or torch.compiler.is_compiling()
                 or torch._C._is_any_autocast_enabled()):
