@@ -38,6 +38,8 @@ py::dict config_dict() {
   d["pool_mb"] = c.pool_mb;
   d["max_threads"] = c.max_threads;
   d["contention_backoff"] = c.contention_backoff;
+  d["block_share"] = c.block_share;
+  d["share_test_delay_us"] = c.share_test_delay_us;
   return d;
 }
 
@@ -65,6 +67,8 @@ py::dict set_config(const py::kwargs& kw) {
     else if (k == "pool_mb") c.pool_mb = py::cast<int64_t>(v);
     else if (k == "max_threads") c.max_threads = py::cast<int64_t>(v);
     else if (k == "contention_backoff") c.contention_backoff = py::cast<bool>(v);
+    else if (k == "block_share") c.block_share = py::cast<bool>(v);
+    else if (k == "share_test_delay_us") c.share_test_delay_us = py::cast<int64_t>(v);
     else throw py::type_error("set_config() got an unexpected keyword argument '" + k + "'");
   }
   TORCH_CHECK(c.small_batch >= 0 && c.small_batch <= 16, "set_config: small_batch must be in [0, 16], got ",

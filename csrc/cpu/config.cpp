@@ -33,6 +33,7 @@ Config from_env() {
   c.pool_mb = env_int("SEQFAST_CPU_POOL_MB", c.pool_mb);
   c.max_threads = env_int("SEQFAST_CPU_THREADS", c.max_threads);
   c.contention_backoff = !env_set("SEQFAST_CPU_NO_BACKOFF");
+  c.block_share = !env_set("SEQFAST_CPU_NO_BLOCK_SHARE");
   return c;
 }
 

@@ -24,6 +24,7 @@
 #include "rnn/rnn_pointwise.h"
 #include "rnn/rnn_sequence_lstm_step.h"
 #include "cpu/block_pool.h"
+#include "cpu/block_share.h"
 #include "cpu/config.h"
 #include "cpu/gemm.h"
 #include "cpu/pool.h"
@@ -32,9 +33,11 @@
 #include <ATen/Dispatch.h>
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
+#include <thread>
 #include <vector>
 
 namespace seqfast {
@@ -618,7 +621,18 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& x, const Tensor& pre, 
   float* c = cs.data_ptr<float>();
   const float* h0p = h0.const_data_ptr<float>();
   const float* c0p = c0.const_data_ptr<float>();
-  unit_team(nt, H, [&](int, int nth, int64_t k0, int64_t k1) {
+  // Each thread packs its own slice of the units; each step's blocks are then shared by the team (cpu/block_share.h:
+  // a thread done with its own takes a slower teammate's last blocks, packed weights and all), except on the 1-2 row
+  // path, which packs nothing and reads W_hh in place.
+  struct Slice {
+    const float *wx = nullptr, *wh = nullptr, *bias = nullptr;
+    int64_t u0 = 0, u1 = 0;
+  };
+  std::vector<Slice> slices(size_t(std::max(nt, 1)));
+  cpu::BlockShare share(std::max(nt, 1));
+  const bool sharing = cpu::config().block_share;
+  const int64_t test_delay_us = cpu::config().share_test_delay_us;
+  unit_team(nt, H, [&](int tid, int nth, int64_t k0, int64_t k1) {
     const int64_t nu = k1 - k0;
     const int64_t nblk = (nu + kUnits - 1) / kUnits;
     // 1-2 rows (pre given): lstm_step::step_small reads W_hh in place, nothing to pack.
@@ -638,33 +652,49 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& x, const Tensor& pre, 
       if (!small) pack_weights(wh, H, H, H, k0, k1, pw_h);
       lstm_step::pack_bias(bp, H, k0, k1, kUnits, pb);
     }
+    // a team smaller than nt shares among its own threads (the ranges of the rest are never opened)
+    const bool shared = sharing && !small && nth > 1 && nth <= share.threads();
+    if (shared) slices[size_t(tid)] = Slice{pw_i, pw_h, pb, k0, k1};
     lstm_step::StepArgs a;
     a.ldx = I;
     a.I = I;
-    a.wx = pw_i;
-    a.wh = pw_h;
     a.H = H;
-    a.bias = pb;
     a.ldpre = 4 * H;
-    a.u0 = k0;
-    a.u1 = k1;
+    // runs blocks [b0, b1) of a slice (its packed weights) for this step's rows
+    auto run = [&](const Slice& sl, int64_t b0, int64_t b1) {
+      a.u0 = sl.u0 + b0 * kUnits;
+      a.u1 = std::min(sl.u1, sl.u0 + b1 * kUnits);
+      a.wx = sl.wx ? sl.wx + pack_size(I, b0 * kUnits) : nullptr;
+      a.wh = sl.wh ? sl.wh + pack_size(H, b0 * kUnits) : nullptr;
+      a.bias = sl.bias + b0 * 4 * kUnits;
+      if constexpr (avx2) lstm_step_avx2::step(a);
+      else if (small) lstm_step::step_small(a, wh);
+      else lstm_step::step(a);
+    };
+    const Slice own{pw_i, pw_h, pb, k0, k1};
     each_step(s, false, [&](int64_t t, int64_t bs, int64_t off) {
-      if (nu > 0) {
-        for (int64_t b = 0; b < bs; ++b) {
-          hr[b] = prev_row<float>(s, t, b, o, h0p, H);
-          cr[b] = prev_row<float>(s, t, b, c, c0p, H);
+      for (int64_t b = 0; b < bs; ++b) {
+        hr[b] = prev_row<float>(s, t, b, o, h0p, H);
+        cr[b] = prev_row<float>(s, t, b, c, c0p, H);
+      }
+      a.rows = bs;
+      a.x = I ? xp + off * I : nullptr;
+      a.pre = pp ? pp + off * 4 * H : nullptr;
+      a.h = hr.data();
+      a.cprev = cr.data();
+      a.c = c + off * H;
+      a.hout = o + off * H;
+      a.gates = g ? g + off * 4 * H : nullptr;
+      if (!shared) {
+        if (nu > 0) run(own, 0, nblk);
+      } else {
+        share.open(tid, nblk);
+        if (test_delay_us > 0 && tid > 0) std::this_thread::sleep_for(std::chrono::microseconds(test_delay_us));
+        for (int64_t b; (b = share.take_front(tid)) >= 0;) run(own, b, b + 1);
+        for (int j = 1; j < nth; ++j) {
+          const int other = (tid + j) % nth;
+          for (int64_t b; (b = share.take_back(other)) >= 0;) run(slices[size_t(other)], b, b + 1);
         }
-        a.rows = bs;
-        a.x = I ? xp + off * I : nullptr;
-        a.pre = pp ? pp + off * 4 * H : nullptr;
-        a.h = hr.data();
-        a.cprev = cr.data();
-        a.c = c + off * H;
-        a.hout = o + off * H;
-        a.gates = g ? g + off * 4 * H : nullptr;
-        if constexpr (avx2) lstm_step_avx2::step(a);
-        else if (small) lstm_step::step_small(a, wh);
-        else lstm_step::step(a);
       }
       cpu::team_barrier(nth);
     });
