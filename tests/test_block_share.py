@@ -1,10 +1,11 @@
-"""The fused LSTM time loop's shared step blocks (csrc/cpu/block_share.h, used in csrc/rnn/rnn_sequence.cpp).
+"""A team's shared work (csrc/cpu/block_share.h): the fused LSTM time loop's step blocks (csrc/rnn/rnn_sequence.cpp),
+and the pieces of the own GEMMs' team splits and of a cell step's units (cpu::parallel_for_shared in cpu/team.h).
 
-With two threads each step's unit blocks are shared: a thread done with its own blocks takes a teammate's from the
-back, with that teammate's packed weights. The test hook share_test_delay_us holds the second thread back at every
-step, so the first runs all of its blocks (the path a slow or preempted teammate causes); the outputs must equal the
-fixed split's bit for bit (each block is computed by the same code on the same operands, whichever thread runs it)
-and torch's within float32 tolerance, in inference and in training (gates saved for the backward).
+With two threads a thread done with its own blocks takes a teammate's from the back (in the LSTM loop, with that
+teammate's packed weights). The test hook share_test_delay_us holds the second thread back at every step or region,
+so the first runs all of its blocks (the path a slow or preempted teammate causes); the outputs must equal the fixed
+split's bit for bit (each output is computed by the same code on the same operands, whichever thread runs it) and
+torch's within float32 tolerance, in inference and in training (gates saved for the backward).
 """
 import pytest
 import torch
@@ -92,3 +93,45 @@ def test_sharing_is_on_by_default_and_the_environment_switches_it_off(monkeypatc
         monkeypatch.delenv("SEQFAST_CPU_NO_BLOCK_SHARE", raising=False)
         _C.reload_config()
         _C.set_config(**saved)
+
+
+# ---- the shared pieces of the own GEMMs' team splits and of a cell step's units (cpu::parallel_for_shared) ----
+
+GEMMS = [("gemm_nt_f32", 64, 522, 300), ("gemm_ntp_f32", 70, 530, 260), ("gemm_nn_f32", 40, 530, 300),
+         ("gemm_nnp_f32", 40, 530, 300), ("gemm_nn_f32", 500, 20, 300)]  # the last: split by rows
+
+
+@pytest.mark.skipif(_C is None or not _C.nt_gemm_available(), reason="the own AVX2 GEMMs do not run on this CPU")
+@pytest.mark.parametrize("name,M,N,K", GEMMS)
+def test_stolen_gemm_pieces_equal_the_fixed_split(two_threads, name, M, N, K):
+    a = torch.randn(M, K)
+    b = torch.randn(N, K) if "nt" in name else torch.randn(K, N)
+    fn = getattr(_C, name)
+    with _team(block_share=False):
+        fixed = fn(a, b)
+    with _stealing():
+        shared = fn(a, b)
+    assert torch.equal(shared, fixed)
+    want = a.double() @ (b.double().t() if "nt" in name else b.double())
+    torch.testing.assert_close(shared.double(), want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_steps_with_stolen_units_match_torch(two_threads, kind):
+    # batch 16, hidden 256: the step's units split over the team (rnn_pointwise.h par_units), in pieces
+    ref = getattr(torch.nn, kind)(200, 256).double()
+    ours = getattr(seqfast.nn, kind)(200, 256)
+    ours.load_state_dict(ref.state_dict())
+    x, h = torch.randn(16, 200), torch.randn(16, 256)
+    state = (h, torch.randn(16, 256)) if kind == "LSTMCell" else h
+    state_r = tuple(s.double() for s in state) if kind == "LSTMCell" else h.double()
+    with torch.no_grad(), seqfast.use_backend("cpp"):
+        with _team(block_share=False):
+            fixed = ours(x, state)
+        with _stealing():
+            shared = ours(x, state)
+        want = ref(x.double(), state_r)
+    pairs = zip(shared, fixed, want) if kind == "LSTMCell" else [(shared, fixed, want)]
+    for got, base, ref_t in pairs:
+        assert torch.equal(got, base)
+        torch.testing.assert_close(got.double(), ref_t, **TOL)

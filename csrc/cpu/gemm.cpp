@@ -228,12 +228,10 @@ void nt_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, c
                  float* c, int64_t ldc, const float* bias) {
   const int64_t groups = (N + 3) / 4;
   const int64_t per_group = std::max<int64_t>(1, 4 * M * K);
-  cpu::parallel_for(groups, std::max<int64_t>(1, cpu::config().par_min_work / per_group),
-                    [&](int64_t g0, int64_t g1, int) {
-                      const int64_t j0 = 4 * g0, j1 = std::min(N, 4 * g1);
-                      sgemm_nt::gemm(M, j1 - j0, K, a, lda, w + j0 * ldw, ldw, beta, c + j0, ldc,
-                                     bias ? bias + j0 : nullptr);
-                    });
+  cpu::parallel_for_shared(groups, per_group, [&](int64_t g0, int64_t g1) {
+    const int64_t j0 = 4 * g0, j1 = std::min(N, 4 * g1);
+    sgemm_nt::gemm(M, j1 - j0, K, a, lda, w + j0 * ldw, ldw, beta, c + j0, ldc, bias ? bias + j0 : nullptr);
+  });
 }
 
 namespace {
@@ -242,13 +240,12 @@ namespace {
 template <class F>
 void packing_parallel(int64_t M, int64_t N, int64_t K, const F& product) {
   const int64_t panels = (N + 15) / 16;
-  cpu::parallel_for(panels, std::max<int64_t>(1, cpu::config().par_min_work / std::max<int64_t>(1, 16 * M * K)),
-                    [&](int64_t p0, int64_t p1, int) {
-                      const int64_t j0 = 16 * p0, j1 = std::min(N, 16 * p1);
-                      block_pool::Floats scratch(sgemm_nn::nt_scratch_floats(j1 - j0));
-                      TORCH_CHECK(scratch.ok(), "seqfast: out of memory for a GEMM's packing buffer");
-                      product(j0, j1 - j0, scratch.get());
-                    });
+  cpu::parallel_for_shared(panels, 16 * M * K, [&](int64_t p0, int64_t p1) {
+    const int64_t j0 = 16 * p0, j1 = std::min(N, 16 * p1);
+    block_pool::Floats scratch(sgemm_nn::nt_scratch_floats(j1 - j0));
+    TORCH_CHECK(scratch.ok(), "seqfast: out of memory for a GEMM's packing buffer");
+    product(j0, j1 - j0, scratch.get());
+  });
 }
 }  // namespace
 
@@ -266,21 +263,18 @@ void ntp_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, 
 void nn_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t ak, const float* b, int64_t ldb,
                  float beta, float* c, int64_t ldc) {
   const int nt = cpu::threads();
-  const int64_t grain_work = cpu::config().par_min_work;
   if (N >= 32 * int64_t(nt)) {
     const int64_t tiles = (N + 15) / 16;
-    cpu::parallel_for(tiles, std::max<int64_t>(1, grain_work / std::max<int64_t>(1, 16 * M * K)),
-                      [&](int64_t t0, int64_t t1, int) {
-                        const int64_t j0 = 16 * t0, j1 = std::min(N, 16 * t1);
-                        sgemm_nn::gemm(M, j1 - j0, K, a, ar, ak, b + j0, ldb, beta, c + j0, ldc);
-                      });
+    cpu::parallel_for_shared(tiles, 16 * M * K, [&](int64_t t0, int64_t t1) {
+      const int64_t j0 = 16 * t0, j1 = std::min(N, 16 * t1);
+      sgemm_nn::gemm(M, j1 - j0, K, a, ar, ak, b + j0, ldb, beta, c + j0, ldc);
+    });
   } else {
     const int64_t tiles = (M + 5) / 6;
-    cpu::parallel_for(tiles, std::max<int64_t>(1, grain_work / std::max<int64_t>(1, 6 * N * K)),
-                      [&](int64_t t0, int64_t t1, int) {
-                        const int64_t r0 = 6 * t0, r1 = std::min(M, 6 * t1);
-                        sgemm_nn::gemm(r1 - r0, N, K, a + r0 * ar, ar, ak, b, ldb, beta, c + r0 * ldc, ldc);
-                      });
+    cpu::parallel_for_shared(tiles, 6 * N * K, [&](int64_t t0, int64_t t1) {
+      const int64_t r0 = 6 * t0, r1 = std::min(M, 6 * t1);
+      sgemm_nn::gemm(r1 - r0, N, K, a + r0 * ar, ar, ak, b, ldb, beta, c + r0 * ldc, ldc);
+    });
   }
 }
 
