@@ -209,11 +209,12 @@ void parallel_for(int64_t n, int64_t grain, const F& f) {
 // LSTMCell B256 H1024 1.14-1.20x, same-process A/B on a 2-vCPU Zen 3).
 constexpr int64_t kPieceWork = int64_t(1) << 19;
 constexpr int64_t kMaxPieces = 8;  // per thread
+// min_units: a lower bound of the caller's on a piece's units (see gemm.cpp: columns of a tall output).
 template <class F>
-void parallel_for_shared(int64_t n, int64_t unit_work, const F& f) {
+void parallel_for_shared(int64_t n, int64_t unit_work, int64_t min_units, const F& f) {
   const int64_t work = std::max<int64_t>(1, unit_work);
   const int64_t grain = std::max<int64_t>(1, config().par_min_work / work);
-  const int64_t min_piece = std::max<int64_t>(grain, kPieceWork / work);
+  const int64_t min_piece = std::max({grain, kPieceWork / work, min_units});
   const int nc = parallel_chunks(n, grain);
   if (nc == 0) return;
   if (nc == 1 || backing_off() || !config().block_share) {

@@ -375,7 +375,7 @@ inline void par_units(int64_t H, int64_t work, const F& f) {
   const int64_t nblk = (H + 15) / 16;
   // shared pieces (cpu::parallel_for_shared): the step ends with the team, not with its slowest thread. Every block
   // is its own grain, as before (par_min_work is met by the whole step).
-  cpu::parallel_for_shared(nblk, std::max<int64_t>(cpu::config().par_min_work, work / nblk),
+  cpu::parallel_for_shared(nblk, std::max<int64_t>(cpu::config().par_min_work, work / nblk), 1,
                            [&](int64_t a, int64_t b) { f(a * 16, std::min(H, b * 16)); });
 }
 
