@@ -135,3 +135,49 @@ def test_cell_steps_with_stolen_units_match_torch(two_threads, kind):
     for got, base, ref_t in pairs:
         assert torch.equal(got, base)
         torch.testing.assert_close(got.double(), ref_t, **TOL)
+
+
+# ---- the generic forward time loop (GRU, and LSTM off the fused step): each thread's slice in pieces, each with its
+# own recurrent product, shared per step. RNN layers and two-row batches take the per-step path, whose products and
+# cell units are shared pieces too (cpu::parallel_for_shared)
+
+LOOP_SHAPES = [
+    # T, batch, input, hidden, lengths
+    (6, 24, 30, 256, None),                   # several pieces per thread
+    (4, 24, 10, 96, None),                    # 3 blocks of 16 units per thread: one piece each
+    (9, 7, 20, 256, [9, 3, 5, 1, 6, 2, 4]),   # packed: the step's rows shrink from 7 to 1
+    (5, 2, 12, 96, None),                     # two rows: the per-step GEMV
+]
+
+
+def _loop_pair(kind, input_size, hidden):
+    ref = getattr(torch.nn, kind)(input_size, hidden).double()
+    ours = getattr(seqfast.nn, kind)(input_size, hidden)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN", "LSTM"])
+@pytest.mark.parametrize("T,batch,input_size,hidden,lengths", LOOP_SHAPES)
+def test_time_loop_pieces_stolen_equal_the_fixed_split_and_torch(two_threads, kind, T, batch, input_size, hidden,
+                                                                 lengths):
+    # LSTM with the fused step off: its GEMM + pointwise loop
+    extra = {"avx2_lstm_step": False} if kind == "LSTM" else {}
+    ours, ref = _loop_pair(kind, input_size, hidden)
+    x = torch.randn(T, batch, input_size)
+    packed = (lambda t: pack_padded_sequence(t, torch.tensor(lengths), enforce_sorted=False)) if lengths else None
+    inp = packed(x) if packed else x
+    with torch.no_grad(), seqfast.use_backend("cpp"):
+        with _team(block_share=False, **extra):
+            fixed = ours(inp)
+        with _team(block_share=True, share_test_delay_us=2000, **extra):
+            shared = ours(inp)
+        want = ref(packed(x.double()) if packed else x.double())
+    data = (lambda o: o.data) if packed else (lambda o: o)
+    states = (lambda o: o[1]) if kind == "LSTM" else (lambda o: (o[1],))
+    for got, base, ref_t in zip((data(shared[0]), *states(shared)), (data(fixed[0]), *states(fixed)),
+                                (data(want[0]), *states(want))):
+        assert torch.equal(got, base)
+        torch.testing.assert_close(got.double(), ref_t, **TOL)
+    with _team(block_share=True, share_test_delay_us=2000, **extra):
+        compare_rnn_with_torch(ours, ref, x, torch.tensor(lengths) if lengths else None, **TOL)

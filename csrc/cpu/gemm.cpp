@@ -173,7 +173,9 @@ bool mkl_pack_available() {
   return cblas_sgemm_compute && cblas_sgemm_pack && cblas_sgemm_pack_get_size && cpu::config().mkl_pack;
 }
 
-void PackedWeight::init(bool trans, int64_t m, int64_t nmax, int64_t k, const float* a, int64_t lda, int64_t uses) {
+void PackedWeight::init(bool trans, int64_t m, int64_t nmax, int64_t k, const float* a, int64_t lda, int64_t uses,
+                        int64_t decide_m) {
+  const int64_t dm = decide_m > 0 ? decide_m : m;
   if (sgemm::available() && m > 0) {
     // Row-major view: C[n, m] = B[n, k] @ op(A)^T, i.e. the own GEMM's packed operand is op(A)^T (k x m).
     m_ = m;
@@ -197,7 +199,7 @@ void PackedWeight::init(bool trans, int64_t m, int64_t nmax, int64_t k, const fl
     // 0.94x at T2 B32 and 1.03x at T32 B32.
     const int64_t floats = sgemm_nn::packed_size(m, k);
     if (uses >= 2 && cpu::config().avx2_pack && m > 0 && k > 0 &&
-        int64_t(sizeof(float)) * floats <= cpu::l2_cache_bytes() / 4) {
+        int64_t(sizeof(float)) * sgemm_nn::packed_size(dm, k) <= cpu::l2_cache_bytes() / 4) {
       nn_.reset(floats);
       if (nn_.ok()) {
         m_ = m;
@@ -207,7 +209,7 @@ void PackedWeight::init(bool trans, int64_t m, int64_t nmax, int64_t k, const fl
     }
     return;
   }
-  if (!mkl_pack_available() || m < 128 || k <= 0 || nmax <= 0) return;
+  if (!mkl_pack_available() || m <= 0 || dm < 128 || k <= 0 || nmax <= 0) return;
   m_ = m;
   k_ = k;
   const size_t bytes = (cblas_sgemm_pack_get_size(161, int(m), int(nmax), int(k)) + 63) / 64 * 64;

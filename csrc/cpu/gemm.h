@@ -109,8 +109,10 @@ class PackedWeight {
   ~PackedWeight();
   // A(i, kk) = a[kk * lda + i] when trans, else a[i * lda + kk] (row-major views of the torch weight); nmax bounds
   // the n of later mm calls (MKL sizes its packing by it); uses: how many mm calls will read it (a time loop's
-  // steps), which decides whether packing for the AVX2 kernel pays.
-  void init(bool trans, int64_t m, int64_t nmax, int64_t k, const float* a, int64_t lda, int64_t uses);
+  // steps), which decides whether packing for the AVX2 kernel pays. decide_m (0: m): the rows whose size decides
+  // whether to pack, where a team's slice is cut into pieces (each piece packed as the whole slice would be).
+  void init(bool trans, int64_t m, int64_t nmax, int64_t k, const float* a, int64_t lda, int64_t uses,
+            int64_t decide_m = 0);
   bool ok() const { return mkl_ != nullptr || own_.ok() || nn_.ok(); }
   void mm(int64_t n, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) const;
 

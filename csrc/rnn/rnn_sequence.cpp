@@ -35,6 +35,7 @@
 #include <array>
 #include <chrono>
 #include <cstring>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <thread>
@@ -280,7 +281,7 @@ inline void step_mm(const Steps& s, int64_t t, const T* buf, const T* init, int6
 // A W_hh slice packed once and reused by every step (gemm::PackedWeight; float only: double never packs).
 template <typename T>
 struct PackedA {
-  void init(bool, int64_t, int64_t, int64_t, const T*, int64_t, int64_t) {}
+  void init(bool, int64_t, int64_t, int64_t, const T*, int64_t, int64_t, int64_t = 0) {}
   bool ok() const { return false; }
   void mm(int64_t, const T*, int64_t, T, T*, int64_t) const {}
 };
@@ -302,10 +303,12 @@ inline void step_mm_pk(const Steps& s, int64_t t, const T* buf, const T* init, i
 template <typename T, int G>
 class RecurrentForward {
  public:
-  RecurrentForward(const Steps& s, const T* wh, int64_t H, int64_t k0, int64_t k1)
+  // slice_units: the units of the thread's slice this is a piece of (0: [k0, k1) is the slice), which decide the
+  // packing as for the whole slice.
+  RecurrentForward(const Steps& s, const T* wh, int64_t H, int64_t k0, int64_t k1, int64_t slice_units = 0)
       : s_(s), wh_(wh), H_(H), k0_(k0), k1_(k1) {
     for (int q = 0; q < G && k1 > k0 && !fused_gemv<T>(s.bs[0]); ++q)  // GEMV-only sequences never pack
-      pk_[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H, s.T);
+      pk_[q].init(true, k1 - k0, s.bs[0], H, wh + (q * H + k0) * H, H, s.T, slice_units);
     // every gate's slice packed, or none used (a buffer one gate could not get leaves all of them in place)
     packed_ = std::all_of(pk_, pk_ + G, [](const PackedA<T>& p) { return p.ok(); });
   }
@@ -415,6 +418,13 @@ inline void unit_team(int nt, int64_t H, const Body& body) {
 // A cell's pointwise for one row: row(t, b, off, k0, k1) handles hidden units [k0, k1) of batch row b of step t
 // (whose first row is `off`). Passed as a template argument (inlined lambda), never through a function pointer.
 
+// Multiply-adds of a forward time loop's shared piece per step (at the step's first batch), and pieces per thread.
+constexpr int64_t kStepPieceWork = int64_t(1) << 18;
+constexpr int64_t kStepMaxPieces = 8;
+// 16-unit blocks a piece holds at least: narrower products ran the loop slower than the fixed split (GRU T32 B64 /
+// B256 H256 and LSTM B256 H256 0.94x in pieces of one block, the packed GEMM's n of 16 columns per gate).
+constexpr int64_t kStepPieceBlocks = 4;
+
 // Forward time loop of a cell with G gate blocks, in processing order. Per step t, the step's rows of dst (rows
 // [off, off + bs) when dst_per_step, else [0, bs): a scratch reused every step) get the recurrent product
 // h_prev W_hh^T (added onto them when accumulate), then `row` runs the cell's pointwise.
@@ -431,13 +441,49 @@ void time_loop_forward(const Steps& s, int nt, const Tensor& h0, const Tensor& w
   const T* wh = w_hh.const_data_ptr<T>();
   T* d = dst.data_ptr<T>();
   if (nt > 0) {
-    unit_team(nt, H, [&](int, int nth, int64_t k0, int64_t k1) {
-      RecurrentForward<T, G> rec(s, wh, H, k0, k1);
+    // Each thread's slice in pieces of 16-unit blocks, each with its own recurrent product (packed as the whole slice
+    // would be), shared by the team every step (cpu/block_share.h): a thread done with its own pieces takes a slower
+    // teammate's last ones. A piece holds at least kStepPieceWork multiply-adds of the step's first batch.
+    struct Piece {
+      RecurrentForward<T, G>* rec;
+      int64_t k0, k1;
+    };
+    std::vector<std::vector<Piece>> pieces(size_t(std::max(nt, 1)));
+    cpu::BlockShare share(std::max(nt, 1));
+    const bool sharing = cpu::config().block_share;
+    const int64_t test_delay_us = cpu::config().share_test_delay_us;
+    unit_team(nt, H, [&](int tid, int nth, int64_t k0, int64_t k1) {
+      const bool shared = sharing && nth > 1 && k1 > k0;
+      const int64_t blocks = (k1 - k0 + 15) / 16;
+      const int64_t n = !shared ? 1
+                                : std::clamp<int64_t>(s.bs[0] * G * (k1 - k0) * H / kStepPieceWork, 1,
+                                                      std::max<int64_t>(1, std::min(blocks / kStepPieceBlocks,
+                                                                                    kStepMaxPieces)));
+      std::vector<std::unique_ptr<RecurrentForward<T, G>>> own;
+      std::vector<Piece>& mine = pieces[size_t(tid)];
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t u0 = std::min(k1, k0 + 16 * (blocks * i / n)), u1 = std::min(k1, k0 + 16 * (blocks * (i + 1) / n));
+        own.emplace_back(new RecurrentForward<T, G>(s, wh, H, u0, u1, k1 - k0));
+        mine.push_back(Piece{own.back().get(), u0, u1});
+      }
       each_step(s, false, [&](int64_t t, int64_t bs, int64_t off) {
-        if (k1 > k0) {
-          rec.step(t, o, h0p, d + (dst_per_step ? off : 0) * G * H, G * H, accumulate);
-          for (int64_t b = 0; b < bs; ++b) row(t, b, off, k0, k1);
+        T* dt = d + (dst_per_step ? off : 0) * G * H;
+        const auto run = [&](const Piece& p) {
+          p.rec->step(t, o, h0p, dt, G * H, accumulate);
+          for (int64_t b = 0; b < bs; ++b) row(t, b, off, p.k0, p.k1);
+        };
+        if (!shared) {
+          if (k1 > k0) run(mine[0]);
+        } else {
+          share.open(tid, n);
+          if (test_delay_us > 0 && tid > 0) std::this_thread::sleep_for(std::chrono::microseconds(test_delay_us));
+          for (int64_t i; (i = share.take_front(tid)) >= 0;) run(mine[size_t(i)]);
         }
+        if (nth > 1 && sharing)
+          for (int j = 1; j < nth; ++j) {
+            const int other = (tid + j) % nth;
+            for (int64_t i; (i = share.take_back(other)) >= 0;) run(pieces[size_t(other)][size_t(i)]);
+          }
         cpu::team_barrier(nth);
       });
     });
