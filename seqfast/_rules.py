@@ -80,6 +80,9 @@ _ZEN3_BACKWARD = ("same-process A/B, torch / seqfast with the rule table off, 21
 _ZEN3_B1_RNN_CELL = ("same-process A/B, torch / seqfast with the rule table off, 9 rounds, each share after the "
                      "process's other threads went idle, on commit f8d36c8 on the same AMD EPYC family 25 model 1; "
                      "make bench-sweep sweep-cpu-20261206-074108")
+_ZEN3_B1_RNN_LAYER = ("same-process A/B, torch / seqfast's kernel / seqfast forced to torch's op, 21 rounds, on commit "
+                      "a8c69c0 on the same AMD EPYC family 25 model 1; make bench-sweep sweep-cpu-20261206-104924 and "
+                      "-112555")
 _ZEN3_LATER = ("make bench-sweep runs 201033 and 214300 and make bench runs cpu-20261204-200307 / 214050 on the same "
                "AMD EPYC family 25 model 1")
 
@@ -108,6 +111,10 @@ RULES = [
     # batch 8 1.09-1.41x, batch 32 1.07-1.14x; sweep-cpu-20261206-074108: B1 H64 0.81x). The module's C++ call runs
     # torch's op there without the Python dispatch.
     Rule("rnn_cell", F32, AVX2, training=True, batch=(1, 1), source=_ZEN3_B1_RNN_CELL),
+    # and the same step as a one-step RNN layer (T1 B1 H512 training read 0.92-0.97x in sweeps 080824 to 112555; A/B,
+    # 21 rounds, torch / seqfast's kernel at H128 / 256 / 512 / 1024: 0.93 / 0.94 / 0.81 / 0.88x, torch's op through
+    # seqfast 0.99-1.12x; two steps and more: 1.15x at T2, 1.45x at T4, 2.7-4.1x at T32 in the sweeps)
+    Rule("rnn", F32, AVX2, training=True, batch=(1, 1), steps=(1, 1), source=_ZEN3_B1_RNN_LAYER),
     Rule("lstm_cell", F32, AVX2, training=True, batch=(256, INF), hidden=(256, INF), source=_ZEN3),  # 0.85-0.93x
     # training from batch 32 at hidden >= 512 (was: every batch at hidden >= 1024, and from batch 16 at 512, where
     # B16 / 32 / 64 / 128 at H512 read 0.92 / 0.84 / 0.87 / 0.84x, _ZEN3_SETTLED). With the backward's small-batch
