@@ -8,16 +8,19 @@
 // then the other threads' blocks that are still open, from the back: the slow thread's last blocks go to whoever is
 // free, and a thread that runs at the same speed as the others only pays one uncontended compare-and-swap per block.
 //
-// Use, per step: the owner calls open(tid, n) after the previous step's barrier, before taking its first block;
-// every thread takes blocks with take_front (its own) and take_back (a teammate's) until both say none, then waits
-// at the barrier. Between two barriers every range is emptied by its owner, so a teammate that looks at a range
-// before its owner reopened it for the next step finds it empty, never a stale block. open() releases what the owner
-// wrote before it (its packed weights) to a thief that takes one of its blocks.
+// Use, per step: every thread of the team calls run(tid, nth, n, f) after the previous step's barrier (n: its own
+// blocks), then waits at the barrier. Between two barriers every range is emptied by its owner, so a teammate that
+// looks at a range before its owner reopened it for the next step finds it empty, never a stale block. open()
+// releases what the owner wrote before it (its packed weights) to a thief that takes one of its blocks.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <thread>
 #include <vector>
+
+#include "cpu/config.h"
 
 namespace seqfast {
 namespace cpu {
@@ -29,6 +32,22 @@ class BlockShare {
   BlockShare& operator=(const BlockShare&) = delete;
 
   int threads() const { return int(ranges_.size()); }
+
+  // One step of thread tid of a team of nth (<= threads()) owning n blocks: opens them, runs them front to back, then
+  // any block a teammate still has open, from the back; f(owner, block). Under the test hook
+  // config().share_test_delay_us every thread but the first waits that long after opening, so the first runs their
+  // blocks.
+  template <class F>
+  void run(int tid, int nth, int64_t n, const F& f) {
+    open(tid, n);
+    const int64_t delay_us = config().share_test_delay_us;
+    if (delay_us > 0 && tid > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
+    for (int64_t i; (i = take_front(tid)) >= 0;) f(tid, i);
+    for (int j = 1; j < nth; ++j) {
+      const int other = (tid + j) % nth;
+      for (int64_t i; (i = take_back(other)) >= 0;) f(other, i);
+    }
+  }
 
   // Owner tid's blocks [0, n) are open for this step.
   void open(int tid, int64_t n) { ranges_[size_t(tid)].v.store(pack(0, uint32_t(n)), std::memory_order_release); }

@@ -67,8 +67,8 @@ struct Config {
   // pieces; false: the fixed split.
   bool block_share = true;
   // Test hook, set_config only (0 outside tests): every thread but the first waits this many microseconds at the
-  // start of each step of a sharing LSTM loop and of each shared region (cpu::parallel_for_shared), so that the
-  // first takes their blocks (the path a slow teammate causes).
+  // start of each shared step or region (cpu::BlockShare::run), so that the first takes their blocks (the path a
+  // slow teammate causes).
   int64_t share_test_delay_us = 0;
 };
 

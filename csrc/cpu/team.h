@@ -33,11 +33,9 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <cstdint>
 #include <exception>
 #include <mutex>
-#include <thread>
 
 #include "cpu/block_share.h"
 #include "cpu/config.h"
@@ -225,28 +223,17 @@ void parallel_for_shared(int64_t n, int64_t unit_work, int64_t min_units, const 
   const int64_t t0 = now_us();
   std::atomic<bool> late{false};
   BlockShare share(nc);
-  // chunk c's pieces: [piece(c, i), piece(c, i + 1)) for i < count(c)
-  const auto first = [&](int c) { return n * c / nc; };
-  const auto count = [&](int c) {
-    return std::max<int64_t>(1, std::min(kMaxPieces, (first(c + 1) - first(c)) / min_piece));
-  };
-  const auto piece = [&](int c, int64_t i) { return first(c) + (first(c + 1) - first(c)) * i / count(c); };
 #pragma omp parallel num_threads(nc)
   {
     if (omp_get_thread_num() > 0 && now_us() - t0 > kLateStartUs) late.store(true, std::memory_order_relaxed);
+    // chunk c of the team's (a smaller team than asked: fewer, longer chunks), in pieces [piece(c, i), piece(c, i + 1))
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
-    // a smaller team than asked: each thread owns several chunks; then any piece still open anywhere
-    err.run([&] {
-      for (int c = tid; c < nc; c += nth) share.open(c, count(c));
-      const int64_t delay = config().share_test_delay_us;  // test hook (config.h): the first thread takes the rest
-      if (delay > 0 && tid > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay));
-      for (int c = tid; c < nc; c += nth)
-        for (int64_t i; (i = share.take_front(c)) >= 0;) f(piece(c, i), piece(c, i + 1));
-      for (int j = 1; j < nc; ++j) {
-        const int c = (tid + j) % nc;
-        for (int64_t i; (i = share.take_back(c)) >= 0;) f(piece(c, i), piece(c, i + 1));
-      }
-    });
+    const auto first = [&](int c) { return n * c / nth; };
+    const auto count = [&](int c) {
+      return std::max<int64_t>(1, std::min(kMaxPieces, (first(c + 1) - first(c)) / min_piece));
+    };
+    const auto piece = [&](int c, int64_t i) { return first(c) + (first(c + 1) - first(c)) * i / count(c); };
+    err.run([&] { share.run(tid, nth, count(tid), [&](int c, int64_t i) { f(piece(c, i), piece(c, i + 1)); }); });
   }
   report_region(late.load(std::memory_order_relaxed), t0);
   err.rethrow();

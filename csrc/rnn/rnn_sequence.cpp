@@ -33,12 +33,10 @@
 #include <ATen/Dispatch.h>
 #include <algorithm>
 #include <array>
-#include <chrono>
 #include <cstring>
 #include <memory>
 #include <tuple>
 #include <type_traits>
-#include <thread>
 #include <vector>
 
 namespace seqfast {
@@ -451,18 +449,19 @@ void time_loop_forward(const Steps& s, int nt, const Tensor& h0, const Tensor& w
     std::vector<std::vector<Piece>> pieces(size_t(std::max(nt, 1)));
     cpu::BlockShare share(std::max(nt, 1));
     const bool sharing = cpu::config().block_share;
-    const int64_t test_delay_us = cpu::config().share_test_delay_us;
     unit_team(nt, H, [&](int tid, int nth, int64_t k0, int64_t k1) {
-      const bool shared = sharing && nth > 1 && k1 > k0;
+      const bool shared = sharing && nth > 1;
       const int64_t blocks = (k1 - k0 + 15) / 16;
-      const int64_t n = !shared ? 1
-                                : std::clamp<int64_t>(s.bs[0] * G * (k1 - k0) * H / kStepPieceWork, 1,
-                                                      std::max<int64_t>(1, std::min(blocks / kStepPieceBlocks,
-                                                                                    kStepMaxPieces)));
+      const int64_t n = k1 <= k0 ? 0
+                        : !shared ? 1
+                                  : std::clamp<int64_t>(s.bs[0] * G * (k1 - k0) * H / kStepPieceWork, 1,
+                                                        std::max<int64_t>(1, std::min(blocks / kStepPieceBlocks,
+                                                                                      kStepMaxPieces)));
       std::vector<std::unique_ptr<RecurrentForward<T, G>>> own;
       std::vector<Piece>& mine = pieces[size_t(tid)];
       for (int64_t i = 0; i < n; ++i) {
-        const int64_t u0 = std::min(k1, k0 + 16 * (blocks * i / n)), u1 = std::min(k1, k0 + 16 * (blocks * (i + 1) / n));
+        const int64_t u0 = std::min(k1, k0 + 16 * (blocks * i / n));
+        const int64_t u1 = std::min(k1, k0 + 16 * (blocks * (i + 1) / n));
         own.emplace_back(new RecurrentForward<T, G>(s, wh, H, u0, u1, k1 - k0));
         mine.push_back(Piece{own.back().get(), u0, u1});
       }
@@ -473,17 +472,10 @@ void time_loop_forward(const Steps& s, int nt, const Tensor& h0, const Tensor& w
           for (int64_t b = 0; b < bs; ++b) row(t, b, off, p.k0, p.k1);
         };
         if (!shared) {
-          if (k1 > k0) run(mine[0]);
+          if (n > 0) run(mine[0]);
         } else {
-          share.open(tid, n);
-          if (test_delay_us > 0 && tid > 0) std::this_thread::sleep_for(std::chrono::microseconds(test_delay_us));
-          for (int64_t i; (i = share.take_front(tid)) >= 0;) run(mine[size_t(i)]);
+          share.run(tid, nth, n, [&](int owner, int64_t i) { run(pieces[size_t(owner)][size_t(i)]); });
         }
-        if (nth > 1 && sharing)
-          for (int j = 1; j < nth; ++j) {
-            const int other = (tid + j) % nth;
-            for (int64_t i; (i = share.take_back(other)) >= 0;) run(pieces[size_t(other)][size_t(i)]);
-          }
         cpu::team_barrier(nth);
       });
     });
@@ -677,7 +669,6 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& x, const Tensor& pre, 
   std::vector<Slice> slices(size_t(std::max(nt, 1)));
   cpu::BlockShare share(std::max(nt, 1));
   const bool sharing = cpu::config().block_share;
-  const int64_t test_delay_us = cpu::config().share_test_delay_us;
   unit_team(nt, H, [&](int tid, int nth, int64_t k0, int64_t k1) {
     const int64_t nu = k1 - k0;
     const int64_t nblk = (nu + kUnits - 1) / kUnits;
@@ -699,8 +690,9 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& x, const Tensor& pre, 
       lstm_step::pack_bias(bp, H, k0, k1, kUnits, pb);
     }
     // a team smaller than nt shares among its own threads (the ranges of the rest are never opened)
-    const bool shared = sharing && !small && nth > 1 && nth <= share.threads();
-    if (shared) slices[size_t(tid)] = Slice{pw_i, pw_h, pb, k0, k1};
+    const bool shared = sharing && !small && nth > 1;
+    const Slice own{pw_i, pw_h, pb, k0, k1};
+    if (shared) slices[size_t(tid)] = own;
     lstm_step::StepArgs a;
     a.ldx = I;
     a.I = I;
@@ -717,7 +709,6 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& x, const Tensor& pre, 
       else if (small) lstm_step::step_small(a, wh);
       else lstm_step::step(a);
     };
-    const Slice own{pw_i, pw_h, pb, k0, k1};
     each_step(s, false, [&](int64_t t, int64_t bs, int64_t off) {
       for (int64_t b = 0; b < bs; ++b) {
         hr[b] = prev_row<float>(s, t, b, o, h0p, H);
@@ -734,13 +725,7 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& x, const Tensor& pre, 
       if (!shared) {
         if (nu > 0) run(own, 0, nblk);
       } else {
-        share.open(tid, nblk);
-        if (test_delay_us > 0 && tid > 0) std::this_thread::sleep_for(std::chrono::microseconds(test_delay_us));
-        for (int64_t b; (b = share.take_front(tid)) >= 0;) run(own, b, b + 1);
-        for (int j = 1; j < nth; ++j) {
-          const int other = (tid + j) % nth;
-          for (int64_t b; (b = share.take_back(other)) >= 0;) run(slices[size_t(other)], b, b + 1);
-        }
+        share.run(tid, nth, nblk, [&](int owner, int64_t b) { run(slices[size_t(owner)], b, b + 1); });
       }
       cpu::team_barrier(nth);
     });
