@@ -215,8 +215,12 @@ void parallel_for_shared(int64_t n, int64_t unit_work, int64_t min_units, const 
   const int64_t min_piece = std::max({grain, kPieceWork / work, min_units});
   const int nc = parallel_chunks(n, grain);
   if (nc == 0) return;
-  if (nc == 1 || backing_off() || !config().block_share) {
+  if (nc == 1 || !config().block_share) {
     parallel_for(n, grain, [&](int64_t b, int64_t e, int) { f(b, e); });
+    return;
+  }
+  if (backing_off()) {  // parallel_for's chunks, inline (parallel_for itself would consume a second skip)
+    for (int c = 0; c < nc; ++c) f(n * c / nc, n * (c + 1) / nc);
     return;
   }
   ErrorSlot err;
