@@ -75,8 +75,9 @@ def test_fused_range():
 
 
 # (batch, input, hidden) of one-step nn.LSTM calls that run as that cell step (lstm_one_step_as_cell): 8 x 128, and
-# 5 x 130 -> 96 (a 2-row tile, k tails); the layers of a stack see input size hidden (or 2 x hidden, bidirectional)
-ONE_STEP = [(8, 128, 128), (5, 130, 96)]
+# 5 x 130 -> 96 (a 2-row tile, k tails), one row (the GEMV cell; 137 -> 129: tails); the layers of a stack see input
+# size hidden (or 2 x hidden, bidirectional)
+ONE_STEP = [(8, 128, 128), (5, 130, 96), (1, 128, 128), (1, 137, 129)]
 
 
 @pytest.mark.parametrize("batch,input_size,hidden", ONE_STEP)
@@ -112,5 +113,6 @@ def test_one_step_lstm_range():
     # one thread's worth of work stays on the layer loop; GRU / RNN one-step calls are not routed
     assert not _C.lstm_one_step_as_cell(4, 64, 64)
     assert not _C.lstm_one_step_as_cell(2, 512, 512)
+    assert not _C.lstm_one_step_as_cell(1, 64, 64)  # one row of little work: the layer
     with cpp_config(nt_cells=False):
         assert not _C.lstm_one_step_as_cell(8, 128, 128)

@@ -28,7 +28,8 @@ bool bf16_cell_weights_supported();
 // products and the cell update in one region (rnn_cell.cpp: fused_nt). Bound for the tests.
 bool cell_step_fused(int64_t G, int64_t B, int64_t I, int64_t H);
 // Whether a float32 one-step LSTM layer call (no grad) runs faster as that fused cell step than as a layer (input
-// projection, then the time loop's step): where cell_step_fused and the step splits over threads.
+// projection, then the time loop's step): where cell_step_fused and the step splits over threads, and at one row from
+// 4 H (I + H) = 2^17 multiply-adds on (the GEMV cell).
 bool lstm_one_step_as_cell(int64_t B, int64_t I, int64_t H);
 // -> (hy, cy, gates[B,4H] = activated [i f g o], saved for backward)
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& cx,

@@ -530,7 +530,12 @@ bool cell_step_fused(int64_t G, int64_t B, int64_t I, int64_t H) {
 // B8 H128 1.07-1.21x, B8 H512 1.05x, B16 H512 1.04x, B32 H256 1.08x; B4 H64 0.95x, a step on one thread where the
 // cell's extra tensors (gates, the output copy) cost more than the layer's two passes. (GRU and RNN steps read
 // 0.87-1.08x as cells: their layer loop keeps them.)
+// One row: the cell's GEMV reads W_ih and W_hh in one region, where the layer runs the input projection and the step
+// as two (A/B, two runs in opposite orders, 31 rounds: B1 H128 / 256 / 512 / 1024 1.01-1.17 / 1.03-1.10 / 1.04-1.15 /
+// 1.10-1.15x; H64 0.88-0.95x and B2 0.74-0.95x stay on the layer).
+constexpr int64_t kOneRowCellWork = 4 * 128 * 256;
 bool lstm_one_step_as_cell(int64_t B, int64_t I, int64_t H) {
+  if (B == 1) return 4 * H * (I + H) >= kOneRowCellWork;
   return cell_step_fused(4, B, I, H) && nt_work(B, 4, I, H) >= kern::par_min_work();
 }
 
