@@ -248,6 +248,16 @@ def torch_batches(family, dtype, training, hidden):
             if r.matches(family, dtype, cpu, training, (r.batch or (0,))[0], hidden, False)]
 
 
+def training_torch_regions(family, dtype, hidden):
+    """The inclusive (batch low, high, steps low, high) regions where the table prefers torch's op for training
+    ``family`` (a sequence) in ``dtype`` at ``hidden`` on this CPU: seqfast._C.ModuleCall runs torch's op there for
+    the calls autograd records (prefer_torch_when(family, t, batch, hidden, True, steps=steps) is True exactly
+    inside them, when nothing bypasses the table)."""
+    cpu = cpu_class()
+    return [(*(r.batch or (0, INF)), *(r.steps or (0, INF))) for r in RULES
+            if r.training is not False and r.matches(family, dtype, cpu, True, (r.batch or (0,))[0], hidden, False)]
+
+
 def covers(family, dtype, training):
     """Whether some rule for this CPU class covers ``family`` in ``dtype`` on the ``training`` side: where not,
     prefer_torch is False whatever the shapes (a caller can skip reading them)."""

@@ -226,7 +226,7 @@ def test_forward_asks_the_call_only_where_python_allows():
         mod.eval()(torch.randn(4, 3, 5))  # (in training mode, with dropout, no call is built)
     call = mod._seqfast_call
     asked = []
-    mod.__dict__["_seqfast_call"] = lambda x, hx=None: asked.append(x) or call(x, hx)
+    mod.__dict__["_seqfast_call"] = lambda x, hx=None, training=False: asked.append(x) or call(x, hx, training)
     x = torch.randn(4, 3, 5)
     with torch.no_grad():
         mod.eval()
@@ -336,3 +336,57 @@ def test_frozen_module_in_grad_mode_takes_the_call(kind, kw, with_states):
     import torch.autograd.forward_ad as fwAD
     with fwAD.dual_level(), torch.no_grad():
         assert call(fwAD.make_dual(x, torch.ones_like(x)), hx) is None
+
+
+def _grad_states(kind, slices, batch, batched=True):
+    shape = (slices, batch, 7) if batched else (slices, 7)
+    h = torch.randn(shape, requires_grad=True)
+    return (h, torch.randn(shape, requires_grad=True)) if kind == "LSTM" else h
+
+
+@pytest.mark.parametrize("kind,kw", KINDS)
+@pytest.mark.parametrize("num_layers,bidirectional,batch_first", [(1, False, False), (2, True, True)])
+@pytest.mark.parametrize("state", [False, True])
+def test_module_call_runs_torchs_op_for_training_rules(kind, kw, num_layers, bidirectional, batch_first, state):
+    """A call that autograd records, inside a (batch, steps) region where the rule table prefers torch's op for
+    training: the C++ call runs torch's op, recorded as torch records it (outputs and gradients torch.nn's, bit for
+    bit; batched, unbatched, with and without states, in train and eval mode); outside the region it declines and
+    seqfast's autograd op runs."""
+    family = {"LSTM": "lstm", "GRU": "gru", "RNN": "rnn"}[kind]
+    saved = list(_rules.RULES)
+    try:
+        _rules.set_rules([_rules.Rule(family, torch.float32, (_rules.cpu_class(),), training=True, batch=(1, 3),
+                                      steps=(2, 4), source="test")])
+        torch.manual_seed(0)
+        ref, mod = _pair(kind, kw, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first)
+        slices = num_layers * (2 if bidirectional else 1)
+        for shape, batched in (((3, 2, 5), True), ((4, 5), False)):  # steps x batch (or batch x steps), unbatched
+            batch = shape[1 - int(batch_first)] if batched else 1
+            x = torch.randn(shape, requires_grad=True)
+            hx = _grad_states(kind, slices, batch, batched) if state else None
+            for training in (True, False):
+                mod.train(training)
+                ref.train(training)
+                got, want = _flat(mod(x, hx)), _flat(ref(x, hx))
+                call = mod._seqfast_call
+                assert call and all(o.requires_grad for o in _flat(call(x, hx, training)))
+                for g, w in zip(got, want):
+                    torch.testing.assert_close(g, w, rtol=0, atol=0)
+                leaves = [x] + ([] if hx is None else list(hx) if kind == "LSTM" else [hx])
+                grads = torch.autograd.grad(sum(g.square().sum() for g in got), list(mod.parameters()) + leaves)
+                ref_grads = torch.autograd.grad(sum(w.square().sum() for w in want), list(ref.parameters()) + leaves)
+                for g, w in zip(grads, ref_grads):
+                    torch.testing.assert_close(g, w, rtol=0, atol=0)
+        # outside the region (5 steps; batch 4): seqfast's autograd op, torch's results within tolerance
+        for shape in ((5, 2, 5), (3, 4, 5) if not batch_first else (4, 3, 5)):
+            x = torch.randn(shape, requires_grad=True)
+            assert mod._seqfast_call(x, None, True) is None
+            for g, w in zip(_flat(mod(x)), _flat(ref(x))):
+                assert g.requires_grad
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        # a state of another batch: torch's error, as the module raises it
+        x = torch.randn((2, 3, 5) if batch_first else (3, 2, 5), requires_grad=True)
+        bad = _grad_states(kind, slices, 1)
+        assert_raises_like_torch(ref, mod, (x, bad))
+    finally:
+        _rules.set_rules(saved)

@@ -8,6 +8,7 @@
 // call: about 20 us). The same checks here cost well under a microsecond. A seq2seq decoder calls a cell per token.
 #include "rnn/rnn_module_call.h"
 
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -68,6 +69,14 @@ bool in_ranges(const std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t b
   return false;
 }
 
+// Inclusive (batch low, high, steps low, high) regions of the rule table.
+using Regions = std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>;
+bool in_regions(const Regions& regions, int64_t batch, int64_t steps) {
+  for (const auto& [b0, b1, s0, s1] : regions)
+    if (b0 <= batch && batch <= b1 && s0 <= steps && steps <= s1) return true;
+  return false;
+}
+
 class ModuleCall {
  public:
   // params: the module's parameter dict; expected: its values when the call was built, in order; weights: the flat
@@ -75,14 +84,17 @@ class ModuleCall {
   // prefers torch's op for this module's dtype and hidden size; upcast_min_rows: bfloat16 calls with at least this
   // many rows (steps x batch) take the float32 upcast path (0: never); bf16_cell_steps: the bfloat16 calls below it
   // run as float32 cell steps with the weights read in place (seqfast.functional._rnn_sequence.bf16_in_steps).
+  // training_torch: the (batch, steps) regions where the rule table prefers torch's op for training at this module's
+  // dtype and hidden size.
   ModuleCall(std::string mode, py::dict params, py::list expected, py::list weights, bool has_biases,
              int64_t num_layers, bool bidirectional, bool batch_first, int64_t input_size,
-             std::vector<std::pair<int64_t, int64_t>> torch_batches, int64_t upcast_min_rows, bool bf16_cell_steps)
+             std::vector<std::pair<int64_t, int64_t>> torch_batches, int64_t upcast_min_rows, bool bf16_cell_steps,
+             Regions training_torch)
       : guard_(std::move(params), std::move(expected)), mode_(std::move(mode)), lstm_(mode_ == "LSTM"),
         weights_(std::move(weights)),
         has_biases_(has_biases), num_layers_(num_layers), bidirectional_(bidirectional), batch_first_(batch_first),
         input_size_(input_size), torch_batches_(std::move(torch_batches)), upcast_min_rows_(upcast_min_rows),
-        bf16_cell_steps_(bf16_cell_steps) {
+        bf16_cell_steps_(bf16_cell_steps), training_torch_(std::move(training_torch)) {
     TORCH_CHECK(weights_.size() >= 2, "ModuleCall: no weights");
     for (const auto& w : weights_) TORCH_CHECK(THPVariable_Check(w.ptr()), "ModuleCall: weights must be tensors");
     dtype_ = current(weights_[0]).scalar_type();
@@ -90,8 +102,10 @@ class ModuleCall {
   }
 
   // (output, states) as the module's forward returns them, or None where the module's regular path must decide. hx:
-  // None, or the initial states as the module takes them (LSTM: a tuple (h0, c0)).
-  py::object call(const py::handle& input, const py::handle& hx) const {
+  // None, or the initial states as the module takes them (LSTM: a tuple (h0, c0)). training: the module's flag (the
+  // caller has sent a training call with dropout to the regular path). A call that autograd records runs torch's op,
+  // recorded as torch records it, inside the training_torch regions, and goes to the regular path elsewhere.
+  py::object call(const py::handle& input, const py::handle& hx, bool training) const {
     if (!guard_.passes()) return py::none();
     const Tensor* xp = plain_cpu(input.ptr(), dtype_);
     if (!xp) return py::none();
@@ -100,17 +114,20 @@ class ModuleCall {
     if ((dim != 2 && dim != 3) || x.size(-1) != input_size_) return py::none();
     std::vector<Tensor> weights;
     weights.reserve(weights_.size());
-    if (recorded(x)) return py::none();
+    bool rec = recorded(x);
     for (const auto& p : weights_) {  // .to() / .double() change a parameter in place
       const Tensor& w = current(p);
-      if (w.scalar_type() != dtype_ || !w.device().is_cpu() || recorded(w)) return py::none();
+      if (w.scalar_type() != dtype_ || !w.device().is_cpu()) return py::none();
+      rec = rec || recorded(w);
       weights.push_back(w);
     }
     const bool batched = dim == 3;
     const int64_t steps = x.size(batched && batch_first_ ? 1 : 0);
     const int64_t batch = batched ? x.size(batch_first_ ? 0 : 1) : 1;
-    if (steps == 0 || batch == 0 || in_ranges(torch_batches_, batch)) return py::none();
-    if (upcast_min_rows_ > 0 && steps * batch >= upcast_min_rows_) return py::none();
+    if (steps == 0 || batch == 0) return py::none();
+    if (rec && !in_regions(training_torch_, batch, steps)) return py::none();
+    if (!rec && in_ranges(torch_batches_, batch)) return py::none();
+    if (!rec && upcast_min_rows_ > 0 && steps * batch >= upcast_min_rows_) return py::none();
     OptTensor h0, c0;
     if (!hx.is_none()) {
       // [layers * directions, batch, hidden] ([layers * directions, hidden] unbatched), of the input's dtype; any
@@ -126,11 +143,12 @@ class ModuleCall {
         if (!o) continue;
         const Tensor* t = plain_cpu(o, dtype_);
         if (!t || t->dim() != (batched ? 3 : 2) || t->size(0) != num_layers_ * (bidirectional_ ? 2 : 1) ||
-            t->size(-1) != hidden_size_ || (batched && t->size(1) != batch) || recorded(*t))
+            t->size(-1) != hidden_size_ || (batched && t->size(1) != batch) || (!rec && recorded(*t)))
           return py::none();
         (o == h ? h0 : c0) = *t;
       }
     }
+    if (rec) return torch_op(x, batched, batch, h0, c0, weights, training);
     std::tuple<Tensor, Tensor, Tensor> r;
     {
       py::gil_scoped_release release;
@@ -144,6 +162,46 @@ class ModuleCall {
   bool stale() const { return guard_.stale(); }
 
  private:
+  // torch's own op (torch._VF.lstm / gru / rnn_tanh / rnn_relu, as torch.nn's forward calls it) on the checked
+  // arguments: zero states where none are given, an unbatched call as a batch of one. Dropout is 0: a training call
+  // with dropout never gets here.
+  py::object torch_op(const Tensor& x, bool batched, int64_t batch, const OptTensor& h0, const OptTensor& c0,
+                      const std::vector<Tensor>& weights, bool training) const {
+    const int64_t slices = num_layers_ * (bidirectional_ ? 2 : 1);
+    std::tuple<Tensor, Tensor, Tensor> r;
+    {
+      py::gil_scoped_release release;
+      const Tensor xb = batched ? x : x.unsqueeze(batch_first_ ? 0 : 1);
+      const auto state = [&](const OptTensor& s) {
+        if (!s.has_value()) return at::zeros({slices, batch, hidden_size_}, x.options());
+        return batched ? *s : s->unsqueeze(1);
+      };
+      const Tensor h = state(h0);
+      if (lstm_) {
+        auto [out, hn, cn] = at::lstm(xb, {h, state(c0)}, weights, has_biases_, num_layers_, 0.0, training,
+                                      bidirectional_, batch_first_);
+        r = {out, hn, cn};
+      } else {
+        std::tuple<Tensor, Tensor> oh;
+        if (mode_ == "GRU")
+          oh = at::gru(xb, h, weights, has_biases_, num_layers_, 0.0, training, bidirectional_, batch_first_);
+        else if (mode_ == "RNN_RELU")
+          oh = at::rnn_relu(xb, h, weights, has_biases_, num_layers_, 0.0, training, bidirectional_, batch_first_);
+        else
+          oh = at::rnn_tanh(xb, h, weights, has_biases_, num_layers_, 0.0, training, bidirectional_, batch_first_);
+        r = {std::get<0>(oh), std::get<1>(oh), Tensor()};
+      }
+      if (!batched) {
+        std::get<0>(r) = std::get<0>(r).squeeze(batch_first_ ? 0 : 1);
+        std::get<1>(r) = std::get<1>(r).squeeze(1);
+        if (lstm_) std::get<2>(r) = std::get<2>(r).squeeze(1);
+      }
+    }
+    py::object out = wrap(std::move(std::get<0>(r))), h = wrap(std::move(std::get<1>(r)));
+    if (!lstm_) return py::make_tuple(out, h);
+    return py::make_tuple(out, py::make_tuple(h, wrap(std::move(std::get<2>(r)))));
+  }
+
   Guard guard_;
   std::string mode_;
   bool lstm_;
@@ -155,6 +213,7 @@ class ModuleCall {
   std::vector<std::pair<int64_t, int64_t>> torch_batches_;
   int64_t upcast_min_rows_;
   bool bf16_cell_steps_;
+  Regions training_torch_;
   at::ScalarType dtype_;
   int64_t hidden_size_;
 };
@@ -312,11 +371,12 @@ class CellCall {
 void bind_module_call(py::module_& m) {
   py::class_<ModuleCall>(m, "ModuleCall", "the no-grad forward of one seqfast RNN module, checks included")
       .def(py::init<std::string, py::dict, py::list, py::list, bool, int64_t, bool, bool, int64_t,
-                    std::vector<std::pair<int64_t, int64_t>>, int64_t, bool>(),
+                    std::vector<std::pair<int64_t, int64_t>>, int64_t, bool, Regions>(),
            py::arg("mode"), py::arg("params"), py::arg("expected"), py::arg("weights"), py::arg("has_biases"),
            py::arg("num_layers"), py::arg("bidirectional"), py::arg("batch_first"), py::arg("input_size"),
-           py::arg("torch_batches"), py::arg("upcast_min_rows"), py::arg("bf16_cell_steps"))
-      .def("__call__", &ModuleCall::call, py::arg("input"), py::arg("hx") = py::none())
+           py::arg("torch_batches"), py::arg("upcast_min_rows"), py::arg("bf16_cell_steps"),
+           py::arg("training_torch") = Regions())
+      .def("__call__", &ModuleCall::call, py::arg("input"), py::arg("hx") = py::none(), py::arg("training") = false)
       .def("stale", &ModuleCall::stale);
   py::class_<CellCall>(m, "CellCall", "one step of a seqfast RNN cell module, checks included")
       .def(py::init<int64_t, bool, py::dict, py::list, py::object, py::object, py::object, py::object,

@@ -114,7 +114,8 @@ class _SeqfastRNNMixin:
             self.mode, self._parameters, list(self._parameters.values()), weights, self.bias, self.num_layers,
             self.bidirectional, self.batch_first, self.input_size,
             _rules.torch_batches(self._kind, dtype, False, self.hidden_size),
-            _rnn_cell.bf16_upcast_min_rows() if upcast else 0, upcast and _rnn_cell.bf16_weight_kernels())
+            _rnn_cell.bf16_upcast_min_rows() if upcast else 0, upcast and _rnn_cell.bf16_weight_kernels(),
+            _rules.training_torch_regions(self._kind, dtype, self.hidden_size))
 
     def _one_call(self, input, weights, cell_steps=False):
         out, h, c = _ext.module().rnn_module_inference(self.mode, input, weights, self.bias, self.num_layers,
@@ -147,16 +148,18 @@ class _SeqfastRNNMixin:
                 and not torch.compiler.is_compiling()):
             call = self.__dict__.get("_seqfast_call")
             if call is not None:
-                result = call(input, hx)
+                result = call(input, hx, self.training)
                 if result is not None:
                     return result
-            if (hx is not None and isinstance(input, torch.Tensor) and (call is None or call.stale())
-                    and not recorded(self, input, hx)):
+            if isinstance(input, torch.Tensor) and (call is None or call.stale()) and (
+                    (hx is not None and not recorded(self, input, hx))
+                    or (_rules.covers(self._kind, input.dtype, True) and recorded(self, input, hx))):
                 # a decoder that passes its state on every step builds the call here (without a state,
-                # _inference_call below does)
+                # _inference_call below does), and so does a training call where the rule table may prefer torch's
+                # op (the call then runs it, without this module's Python or torch.nn's)
                 self._plan(input)
                 call = self.__dict__.get("_seqfast_call")
-                result = None if call is None else call(input, hx)
+                result = None if call is None else call(input, hx, self.training)
                 if result is not None:
                     return result
         if hx is None and not recorded(self, input):
