@@ -255,7 +255,7 @@ def training_torch_regions(family, dtype, hidden):
     inside them, when nothing bypasses the table)."""
     cpu = cpu_class()
     return [(*(r.batch or (0, INF)), *(r.steps or (0, INF))) for r in RULES
-            if r.training is not False and r.matches(family, dtype, cpu, True, (r.batch or (0,))[0], hidden, False)]
+            if r.matches(family, dtype, cpu, True, (r.batch or (0,))[0], hidden, False)]
 
 
 def covers(family, dtype, training):

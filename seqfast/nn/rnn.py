@@ -151,17 +151,17 @@ class _SeqfastRNNMixin:
                 result = call(input, hx, self.training)
                 if result is not None:
                     return result
-            if isinstance(input, torch.Tensor) and (call is None or call.stale()) and (
-                    (hx is not None and not recorded(self, input, hx))
-                    or (_rules.covers(self._kind, input.dtype, True) and recorded(self, input, hx))):
+            if isinstance(input, torch.Tensor) and (call is None or call.stale()):
                 # a decoder that passes its state on every step builds the call here (without a state,
                 # _inference_call below does), and so does a training call where the rule table may prefer torch's
                 # op (the call then runs it, without this module's Python or torch.nn's)
-                self._plan(input)
-                call = self.__dict__.get("_seqfast_call")
-                result = None if call is None else call(input, hx, self.training)
-                if result is not None:
-                    return result
+                rec = recorded(self, input, hx)
+                if (hx is not None and not rec) or (rec and _rules.covers(self._kind, input.dtype, True)):
+                    self._plan(input)
+                    call = self.__dict__.get("_seqfast_call")
+                    result = None if call is None else call(input, hx, self.training)
+                    if result is not None:
+                        return result
         if hx is None and not recorded(self, input):
             result = self._inference_call(input)
             if result is not None:
