@@ -1,5 +1,6 @@
 """A team's shared work (csrc/cpu/block_share.h): the fused LSTM time loop's step blocks (csrc/rnn/rnn_sequence.cpp),
-and the pieces of the own GEMMs' team splits and of a cell step's units (cpu::parallel_for_shared in cpu/team.h).
+the pieces of the own GEMMs' team splits and of a cell step's units, and the SDPA forward's tasks
+(cpu::parallel_for_shared in cpu/team.h).
 
 With two threads a thread done with its own blocks takes a teammate's from the back (in the LSTM loop, with that
 teammate's packed weights). The test hook share_test_delay_us holds the second thread back at every step or region,
@@ -181,3 +182,30 @@ def test_time_loop_pieces_stolen_equal_the_fixed_split_and_torch(two_threads, ki
         torch.testing.assert_close(got.double(), ref_t, **TOL)
     with _team(block_share=True, share_test_delay_us=2000, **extra):
         compare_rnn_with_torch(ours, ref, x, torch.tensor(lengths) if lengths else None, **TOL)
+
+
+# ---- the SDPA forward's tasks (one per batch, head and query block of 64 rows: csrc/attention/attention.cpp
+# fwd_blocks), shared pieces of each thread's run of tasks
+
+SDPA_SHAPES = [
+    # batch, heads, query length, key length, head dim, causal
+    (1, 3, 130, 130, 24, False),   # 3 heads x 3 query blocks (the last of 2 rows): an odd split of 9 tasks
+    (2, 2, 200, 200, 16, True),    # causal: the task order interleaves early and late query blocks
+    (1, 4, 96, 150, 40, False),    # more keys than queries, over the 64-row blocks' edges
+]
+
+
+@pytest.mark.skipif(_C is None or not _C.has_avx2(), reason="the AVX2 attention blocks need AVX2 + FMA")
+@pytest.mark.parametrize("N,Hh,Lq,Lk,D,causal", SDPA_SHAPES)
+def test_sdpa_tasks_stolen_equal_the_fixed_split_and_torch(two_threads, N, Hh, Lq, Lk, D, causal):
+    q = torch.randn(N, Hh, Lq, D)
+    k, v = torch.randn(N, Hh, Lk, D), torch.randn(N, Hh, Lk, D)
+    fn = seqfast.functional.scaled_dot_product_attention
+    with torch.no_grad(), seqfast.use_backend("cpp"):
+        with _team(block_share=False):
+            fixed = fn(q, k, v, is_causal=causal)
+        with _stealing():
+            shared = fn(q, k, v, is_causal=causal)
+    assert torch.equal(shared, fixed)
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
+    torch.testing.assert_close(shared.double(), want, rtol=1e-4, atol=1e-5)

@@ -62,9 +62,9 @@ struct Config {
   // its full team whatever happened before (for A/B timing on a loaded machine).
   bool contention_backoff = true;
   // SEQFAST_CPU_NO_BLOCK_SHARE unset: a team shares its work in pieces (cpu/block_share.h): the fused time loops'
-  // unit blocks each step (the LSTM step's, the generic loop's slices), the own GEMMs' column or row tiles and a cell
-  // step's units (cpu::parallel_for_shared), so that a thread done with its own takes a slower teammate's last
-  // pieces; false: the fixed split.
+  // unit blocks each step (the LSTM step's, the generic loop's slices), the own GEMMs' column or row tiles, a cell
+  // step's units and the SDPA forward's tasks (cpu::parallel_for_shared), so that a thread done with its own takes a
+  // slower teammate's last pieces; false: the fixed split.
   bool block_share = true;
   // Test hook, set_config only (0 outside tests): every thread but the first waits this many microseconds at the
   // start of each shared step or region (cpu::BlockShare::run), so that the first takes their blocks (the path a
