@@ -66,6 +66,9 @@ _ZEN3_STEP = ("same-process A/B, torch / seqfast with the rule table off, 8 roun
               "slept) on the same AMD EPYC family 25 model 1")
 _ZEN3_DECODE = ("same-process A/B, torch interleaved, 9-11 rounds, each share after the process's other threads went "
                 "idle, on the AVX2 decode kernel (2026-12-05) on the same AMD EPYC family 25 model 1")
+_ZEN3_SHARED = ("same-process A/B, torch and ONNX Runtime interleaved, 31 rounds, two runs in opposite orders, each "
+                "share after the process's other threads went idle, on commit 24a4c1a (the SDPA forward's shared tasks) "
+                "on the same AMD EPYC family 25 model 1")
 _ZEN3_ATTN = ("same-process A/B, torch interleaved, 7 rounds, each share after the process's other threads went idle, "
               "on the AVX2 attention forward block (2026-12-05) on the same AMD EPYC family 25 model 1")
 _ZEN3_MALLOC = ("same-process A/B, torch / seqfast with the rule table off, 6-8 rounds, glibc malloc never returning "
@@ -171,11 +174,12 @@ RULES = [
     Rule("sdpa", F32, AVX2, training=True, batch=(2, 128), source=_ZEN3 + "; " + _ZEN3_ATTN),
     # Inference runs the AVX2 forward block (attention/attention_avx2.h) from 65 query rows (_ZEN3_ATTN, 8 heads,
     # torch / seqfast: causal L128-2048 at head dim 64-128 1.15-1.81x; non-causal 1.06-1.18x up to head dim 64,
-    # 1.00-1.15x at 96, 0.91-0.96x at 128, which stays with torch). At 2-64 query rows both take tens of microseconds
-    # and the fixed costs decide: 0.75-1.16x, torch's op runs. (Before the AVX2 block: causal inference read
-    # 0.59-0.94x, 1.23x once, _ZEN3_SETTLED; non-causal 0.34-0.80x.)
+    # 1.00-1.15x at 96). Non-causal at head dim 128 read 0.91-0.96x and went to torch until the forward's tasks were
+    # shared by the team (_ZEN3_SHARED, batch 1, 8 heads, non-causal: head dim 128 at L128-512 1.11-1.21x, L1024
+    # 0.99-1.01x; head dim 96 at L256-512 1.07-1.22x). At 2-64 query rows both take tens of microseconds and the
+    # fixed costs decide: 0.75-1.16x, torch's op runs. (Before the AVX2 block: causal inference read 0.59-0.94x,
+    # 1.23x once, _ZEN3_SETTLED; non-causal 0.34-0.80x.)
     Rule("sdpa", F32, AVX2, training=False, batch=(2, 64), source=_ZEN3_ATTN),
-    Rule("sdpa", F32, AVX2, training=False, batch=(2, INF), causal=False, head_dim=(65, INF), source=_ZEN3_ATTN),
     # bfloat16 inference: seqfast's bfloat16 forward ran 0.63-0.84x (its GEMMs emulated; training 3.0-7.7x, _ZEN3).
     # Where the float32 rules above keep seqfast's kernel, the call upcasts instead (sdpa_upcasts_bfloat16); this rule
     # sends the rest to torch's op.
