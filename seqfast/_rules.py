@@ -32,7 +32,10 @@ class Rule:
     ``hidden`` as inclusive (low, high) ranges (None = any), ``causal`` (SDPA: True / False / None = either).
     For "sdpa", ``batch`` is the query length, ``hidden`` the key length and ``head_dim`` (an inclusive range, None =
     any) the query's head dim. ``steps`` (sequences only, an inclusive range, None = any): the sequence's time steps;
-    a caller that does not know them matches any bound. ``source``: the sweep run that measured it."""
+    a caller that does not know them matches any bound. ``source``: the sweep run that measured it.
+    Family "sdpa_upcast" (bfloat16, bounds as for "sdpa"): a bfloat16 call that sdpa_upcasts_bfloat16 would compute
+    in float32 on upcast copies keeps torch's bfloat16 op instead (the float32 kernel wins over torch's float32 op
+    there, not over its bfloat16 one)."""
 
     def __init__(self, family, dtype, cpus, *, training=None, batch=None, hidden=None, causal=None, head_dim=None,
                  steps=None, source):
@@ -184,6 +187,12 @@ RULES = [
     # Where the float32 rules above keep seqfast's kernel, the call upcasts instead (sdpa_upcasts_bfloat16); this rule
     # sends the rest to torch's op.
     Rule("sdpa", BF16, AVX2, training=False, batch=(2, INF), source=_ZEN3),
+    # Non-causal at head dim above 64 the float32 kernel on upcast copies read 0.75-1.20x torch's bfloat16 op
+    # (_ZEN3_SHARED, runs of 21-31 rounds: L512 D128 0.75x / 0.91x / 1.07x, L256 D128 0.54x / 1.05x / 1.03x, L1024
+    # D128 0.99x, L512 D96 1.20x / 1.15x): no better than torch's, so torch's bfloat16 op keeps those calls, as before
+    # the float32 table gave head dim 128 to seqfast's kernel.
+    Rule("sdpa_upcast", BF16, AVX2, training=False, batch=(2, INF), causal=False, head_dim=(65, INF),
+         source=_ZEN3_SHARED),
     # the decoder step (query length 1): float32 training over 256 keys and fewer (its backward is the generic one:
     # 0.71x at batch 1 x 8 heads x 16 keys, 0.86x at 256 keys, 0.91x at batch 16 x 64 keys; 1.08x / 1.16x at batch
     # 16 x 256 / 1024 keys, _ZEN3_DECODE). Inference has no rule since the AVX2 decode kernel
@@ -320,13 +329,16 @@ def sdpa_upcasts_bfloat16(query, key, value, causal):
     kernel on copies made per call: L128 D64 1.28x (non-causal), 1.63x (causal); L256 D64 1.17x; L512 D64 causal
     1.94x; L256 D128 causal 1.06x. Where the float32 table prefers torch's op (up to 64 query rows, non-causal head
     dim 128), torch's float32 op lost to its bfloat16 one (L64 D64 causal 0.70x, L512 D128 0.75x): those keep
-    torch's bfloat16 op."""
+    torch's bfloat16 op, as do the "sdpa_upcast" rules' regions (seqfast's float32 kernel there no better than torch's
+    bfloat16 op)."""
     L = query.shape[-2]
     if L < 2 or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
         return False
     if not _float32_bfloat16((query, key, value)):
         return False
-    return not _lookup("sdpa", torch.float32, False, L, key.shape[-2], causal, query.shape[-1])
+    S, D = key.shape[-2], query.shape[-1]
+    return not (_lookup("sdpa", torch.float32, False, L, S, causal, D)
+                or _lookup("sdpa_upcast", torch.bfloat16, False, L, S, causal, D))
 
 
 # Cell steps of 1 to this many rows instead run the float32 cell kernels on float32 copies of their activations and

@@ -98,6 +98,23 @@ def test_float32_rule_keeps_torchs_op(upcasts):
     assert upcasts == [False, True]
 
 
+def test_upcast_rule_keeps_torchs_bfloat16_op(upcasts):
+    """Where an "sdpa_upcast" rule covers the shape, the bfloat16 call does not upcast although the float32 table
+    would keep seqfast's kernel: it goes on to the bfloat16 table, here (as in seqfast's own) torch's bfloat16 op."""
+    here = (_rules.cpu_class(),)
+    _rules.set_rules([_rules.Rule("sdpa_upcast", BF16, here, training=False, batch=(2, 64), causal=False,
+                                  head_dim=(9, 64), source="test"),
+                      _rules.Rule("sdpa", BF16, here, training=False, batch=(2, 64), source="test")])
+    torch.manual_seed(0)
+    q, k, v = _bf16(1, 2, 6, 16), _bf16(1, 2, 7, 16), _bf16(1, 2, 7, 16)
+    with torch.no_grad():
+        kept = sdpa(q, k, v)
+        sdpa(q, k, v, is_causal=True)        # causal: outside the rule
+        sdpa(q[..., :8], k[..., :8], v)      # head dim 8: outside
+    assert upcasts == [False, True, True]
+    assert torch.equal(kept, F.scaled_dot_product_attention(q, k, v))
+
+
 def test_mixed_dtypes_raise_torchs_error(upcasts):
     q, k, v = _bf16(1, 2, 6, 8), torch.randn(1, 2, 6, 8), _bf16(1, 2, 6, 8)
     with pytest.raises(RuntimeError, match="same dtype"):
