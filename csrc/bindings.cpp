@@ -111,8 +111,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_cell_weights_supported", &seqfast::bf16_cell_weights_supported);
   m.def("cell_step_fused", &seqfast::cell_step_fused, py::arg("gates"), py::arg("batch"), py::arg("input_size"),
         py::arg("hidden_size"));
-  m.def("lstm_one_step_as_cell", &seqfast::lstm_one_step_as_cell, py::arg("batch"), py::arg("input_size"),
-        py::arg("hidden_size"));
+  m.def("one_step_as_cell", &seqfast::one_step_as_cell, py::arg("batch"));
   // metadata only, microseconds: the GIL stays held (releasing it would cost more than the check)
   m.def("check_cell_args", &seqfast::check_cell_args, "seqfast.functional's cell checks (torch's errors)");
   // The GEMM entry point (cpu/gemm.h), bound for its parity tests.

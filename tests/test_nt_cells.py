@@ -74,45 +74,69 @@ def test_fused_range():
     assert _C.cell_step_fused(4, 8, 128, 128)
 
 
-# (batch, input, hidden) of one-step nn.LSTM calls that run as that cell step (lstm_one_step_as_cell): 8 x 128, and
-# 5 x 130 -> 96 (a 2-row tile, k tails), one row (the GEMV cell; 137 -> 129: tails); the layers of a stack see input
-# size hidden (or 2 x hidden, bidirectional)
-ONE_STEP = [(8, 128, 128), (5, 130, 96), (1, 128, 128), (1, 137, 129)]
+# (batch, input, hidden) of one-step nn.LSTM / GRU / RNN calls without grad that run on the cell entries
+# (one_step_as_cell): 8 x 128 (the fused dot-product step), 5 x 130 -> 96 (a 2-row tile, k tails), one row (the GEMV
+# cell; 137 -> 129: tails), 4 x 64 (the fewest rows routed); the layers of a stack see input size hidden (or 2 x hidden,
+# bidirectional). 3 x 40: three rows stay on the layer.
+ONE_STEP = [(8, 128, 128), (5, 130, 96), (1, 128, 128), (1, 137, 129), (4, 64, 64), (3, 40, 40)]
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("batch,input_size,hidden", ONE_STEP)
 @pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])
 @pytest.mark.parametrize("batch_first,state", [(False, False), (True, True)])
-def test_one_step_lstm_layer_as_cell_matches_torch(batch, input_size, hidden, layers, bidirectional, batch_first,
-                                                   state):
+def test_one_step_layer_as_cell_matches_torch(kind, batch, input_size, hidden, layers, bidirectional, batch_first,
+                                              state):
     import seqfast
     dirs = 2 if bidirectional else 1
-    assert _C.lstm_one_step_as_cell(batch, input_size, hidden)
-    if layers > 1:
-        assert _C.lstm_one_step_as_cell(batch, dirs * hidden, hidden)
+    assert _C.one_step_as_cell(batch) == (batch not in (2, 3))
     torch.manual_seed(0)
     kw = dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
-    ref = torch.nn.LSTM(input_size, hidden, **kw).double()
-    mod = seqfast.nn.LSTM(input_size, hidden, **kw).eval()
+    ref = getattr(torch.nn, kind)(input_size, hidden, **kw).double()
+    mod = getattr(seqfast.nn, kind)(input_size, hidden, **kw).eval()
     mod.load_state_dict(ref.state_dict())
     x = torch.randn(batch, 1, input_size) if batch_first else torch.randn(1, batch, input_size)
-    hx = tuple(torch.randn(layers * dirs, batch, hidden) for _ in range(2)) if state else None
+    lstm = kind == "LSTM"
+    hx = None
+    if state:
+        hx = tuple(torch.randn(layers * dirs, batch, hidden) for _ in range(2 if lstm else 1))
     with torch.no_grad():
-        want_out, (want_h, want_c) = ref(x.double(), None if hx is None else tuple(s.double() for s in hx))
+        want = ref(x.double(), None if hx is None else tuple(s.double() for s in hx) if lstm else hx[0].double())
+        want = (want[0], *want[1]) if lstm else want
         for on in (True, False):
             with cpp_config(nt_cells=on):
-                out, (h, c) = mod(x, hx)
-            for got, want in ((out, want_out), (h, want_h), (c, want_c)):
-                assert got.shape == want.shape and got.dtype == torch.float32
-                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5)
+                got = mod(x, None if hx is None else hx if lstm else hx[0])
+            got = (got[0], *got[1]) if lstm else got
+            for g, w in zip(got, want):
+                assert g.shape == w.shape and g.dtype == torch.float32
+                torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=2e-5)
             # the output and the final states do not share memory (torch's do not)
-            assert out.data_ptr() != h.data_ptr()
+            assert got[0].data_ptr() != got[1].data_ptr()
 
 
-def test_one_step_lstm_range():
-    # one thread's worth of work stays on the layer loop; GRU / RNN one-step calls are not routed
-    assert not _C.lstm_one_step_as_cell(4, 64, 64)
-    assert not _C.lstm_one_step_as_cell(2, 512, 512)
-    assert not _C.lstm_one_step_as_cell(1, 64, 64)  # one row of little work: the layer
-    with cpp_config(nt_cells=False):
-        assert not _C.lstm_one_step_as_cell(8, 128, 128)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_one_step_unbatched_and_repeated_calls_match_torch(kind):
+    # an unbatched step (one row), then calls of other batches and hidden sizes without a state: the per-thread zero
+    # state of rnn_module_inference is rebuilt for each shape and never written
+    import seqfast
+    torch.manual_seed(0)
+    for hidden, shapes in ((24, [(1, 10), (1, 1, 10), (1, 6, 10), (1, 1, 10)]), (40, [(1, 5, 10), (1, 10)])):
+        ref = getattr(torch.nn, kind)(10, hidden).double()
+        mod = getattr(seqfast.nn, kind)(10, hidden).eval()
+        mod.load_state_dict(ref.state_dict())
+        for shape in shapes:
+            x = torch.randn(*shape)
+            with torch.no_grad():
+                got, want = mod(x), ref(x.double())
+            for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+                assert g.shape == w.shape
+                torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=2e-5)
+            # writing into the returned tensors leaves the next call's zero state alone
+            for g in torch.utils._pytree.tree_leaves(got):
+                g.fill_(7.0)
+
+
+def test_one_step_rows_routed():
+    # two or three rows stay on the layer loop (its 1-2 row step kernels)
+    assert _C.one_step_as_cell(1) and _C.one_step_as_cell(4) and _C.one_step_as_cell(256)
+    assert not _C.one_step_as_cell(2) and not _C.one_step_as_cell(3)

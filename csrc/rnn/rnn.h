@@ -27,10 +27,10 @@ bool bf16_cell_weights_supported();
 // Whether a float32 cell step of B rows (input size I, hidden H; G gates: 4 LSTM, 3 GRU, 1 RNN) runs its two gate
 // products and the cell update in one region (rnn_cell.cpp: fused_nt). Bound for the tests.
 bool cell_step_fused(int64_t G, int64_t B, int64_t I, int64_t H);
-// Whether a float32 one-step LSTM layer call (no grad) runs faster as that fused cell step than as a layer (input
-// projection, then the time loop's step): where cell_step_fused and the step splits over threads, and at one row from
-// 4 H (I + H) = 2^17 multiply-adds on (the GEMV cell).
-bool lstm_one_step_as_cell(int64_t B, int64_t I, int64_t H);
+// Whether a float32 one-step LSTM / GRU / RNN layer call of B rows (no grad) runs faster on the cell entries (one
+// region reads W_ih and W_hh: the fused dot-product step, the GEMV at one row, or the cell's GEMMs) than as a layer
+// (input projection, then the time loop's step): all but 2-3 rows (rnn_cell.cpp).
+bool one_step_as_cell(int64_t B);
 // -> (hy, cy, gates[B,4H] = activated [i f g o], saved for backward)
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& cx,
                                                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,

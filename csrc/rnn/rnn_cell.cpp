@@ -526,17 +526,14 @@ bool cell_step_fused(int64_t G, int64_t B, int64_t I, int64_t H) {
   return B > 0 && !kern::use_small(B) && fused_nt<float, float>(B, G, I, H);
 }
 
-// Same-process A/B on the Zen 3 EPYC (an nn.LSTM stepped 16 times with its state, no grad, cell step / layer):
-// B8 H128 1.07-1.21x, B8 H512 1.05x, B16 H512 1.04x, B32 H256 1.08x; B4 H64 0.95x, a step on one thread where the
-// cell's extra tensors (gates, the output copy) cost more than the layer's two passes. (GRU and RNN steps read
-// 0.87-1.08x as cells: their layer loop keeps them.)
-// One row: the cell's GEMV reads W_ih and W_hh in one region, where the layer runs the input projection and the step
-// as two (A/B, two runs in opposite orders, 31 rounds: B1 H128 / 256 / 512 / 1024 1.01-1.17 / 1.03-1.10 / 1.04-1.15 /
-// 1.10-1.15x; H64 0.88-0.95x and B2 0.74-0.95x stay on the layer).
-constexpr int64_t kOneRowCellWork = 4 * 128 * 256;
-bool lstm_one_step_as_cell(int64_t B, int64_t I, int64_t H) {
-  if (B == 1) return 4 * H * (I + H) >= kOneRowCellWork;
-  return cell_step_fused(4, B, I, H) && nt_work(B, 4, I, H) >= kern::par_min_work();
-}
+// Same-process A/B on the Zen 3 EPYC (no grad, module calls of one step without a state, cell route / layer, 31-41
+// rounds): LSTM B1 H64 1.04x, B4 H64 1.14x, B64 H64 1.12x, B256 H64 1.19x, B8 H1024 1.01x, B64 H512 1.03x, B256 H512
+// 1.04x; GRU B1 H64-1024 1.03-1.14x, B4 H256 1.10x, B8 H128 1.11x, B32 H256 1.08x, B64 H128 1.07x, B256 H256 1.13x,
+// B8 H512 0.97-0.98x, B16 H1024 0.98x, B64 H512 1.00-1.01x; RNN B1 H64 0.97-1.00x, B1 H128-1024 1.01-1.08x, B4-B8
+// 1.07-1.23x, B32-B256 1.06-1.13x, B64 H512 0.99x. Two or three rows stay on the layer, whose step takes them on
+// its 1-2 row kernels: LSTM B2 H512 / H1024 0.73-0.78x as cells, GRU and RNN B2-B3 0.93-0.99x. (Before the cell
+// route's ATen ops were cut in rnn_module_inference.cpp, the route lost at one row of H64 and at B4 H64, and GRU and
+// RNN kept the layer.)
+bool one_step_as_cell(int64_t B) { return B == 1 || B >= 4; }
 
 }  // namespace seqfast

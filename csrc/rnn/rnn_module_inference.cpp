@@ -1,6 +1,7 @@
 // The whole no-grad forward of an nn.LSTM / GRU / RNN module in one call (seqfast._C.rnn_module_inference): padded
 // input, initial states given or zero, every layer and direction on the checked layer entries of rnn_sequence.cpp
-// (or, for cell_steps, on the cell entries of rnn_cell.cpp one step at a time).
+// (or, for cell_steps and for float32 one-step calls where rnn.h's one_step_as_cell says so, on the cell entries of
+// rnn_cell.cpp one step at a time).
 //
 // Why: for a short sequence at batch 1 the layer kernel is most of the work, yet the Python around it (zero states,
 // time-major views, per-layer argument lists, the stacking of final states) cost about as much again (LSTM T32 B1
@@ -16,17 +17,34 @@ namespace seqfast {
 
 namespace {
 
+// A zero initial state [B, H] for a one-step call without one, kept per thread and reused while its shape and options
+// match. Why: at::zeros is two ATen ops, and on a one-step call of a few microseconds of kernel each ATen op costs
+// ~1-1.5 us on the Zen 3 EPYC (RNN T1 B1 H128 without grad: 22 us through this file's cell route against 7 us for the
+// cell entry alone, same process). Safe to share: the cell and layer entries only read their initial states, and
+// nothing they return aliases them (outputs are new tensors; gather_last copies). Small states only: a large one
+// would stay allocated for the thread's life, and its zeros cost nothing next to its step.
+constexpr int64_t kZeroStateMaxNumel = int64_t(1) << 16;
+const Tensor& cached_zero_state(int64_t B, int64_t H, const at::TensorOptions& options) {
+  static thread_local Tensor zero;
+  if (!zero.defined() || zero.size(0) != B || zero.size(1) != H || zero.options().dtype() != options.dtype() ||
+      zero.device() != options.device())
+    zero = at::zeros({B, H}, options);
+  return zero;
+}
+
 // One layer and direction as cell steps on float32 rows x [T * B, I] (B rows per step), the weights as they are
 // (bfloat16 ones read in place by the cell kernels: see cell_steps below). -> (output rows, h_n, c_n or undefined)
 std::tuple<Tensor, Tensor, Tensor> layer_in_cell_steps(const std::string& mode, const Tensor& x, int64_t T,
                                                        const Tensor& h0, const Tensor& c0, const Tensor* w,
                                                        const OptTensor& b_ih, const OptTensor& b_hh, bool reverse) {
   const int64_t B = h0.size(0);
-  Tensor out = at::empty({T * B, h0.size(1)}, x.options());
+  // one step: the output is a copy of h_n made after the step (torch's output and h_n never share memory), in place
+  // of a buffer, two views and a copy (ATen ops cost as much as a small step: see cached_zero_state)
+  Tensor out = T == 1 ? Tensor() : at::empty({T * B, h0.size(1)}, x.options());
   Tensor h = h0, c = c0;
   for (int64_t i = 0; i < T; ++i) {
     const int64_t t = reverse ? T - 1 - i : i;
-    const Tensor xt = x.narrow(0, t * B, B);
+    const Tensor xt = T == 1 ? x : x.narrow(0, t * B, B);
     if (mode == "LSTM") {
       auto r = lstm_cell_forward(xt, h, c, w[0], w[1], b_ih, b_hh);
       h = std::get<0>(r);
@@ -36,9 +54,9 @@ std::tuple<Tensor, Tensor, Tensor> layer_in_cell_steps(const std::string& mode, 
     } else {
       h = rnn_cell_forward(xt, h, w[0], w[1], b_ih, b_hh, mode == "RNN_RELU");
     }
-    out.narrow(0, t * B, B).copy_(h);
+    if (T > 1) out.narrow(0, t * B, B).copy_(h);
   }
-  return {out, h, c};
+  return {T == 1 ? h.clone() : out, h, c};
 }
 
 }  // namespace
@@ -93,12 +111,12 @@ std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode,
       const int64_t H = w[1].size(1);
       const int64_t slice = layer * dirs + d;
       if ((!h0s.defined() || (lstm && !c0s.defined())) && (!h0.defined() || h0.size(1) != H))
-        h0 = at::zeros({B, H}, x.options());  // read only: shared by the layers
+        h0 = T == 1 && B * H <= kZeroStateMaxNumel ? cached_zero_state(B, H, x.options())
+                                                    : at::zeros({B, H}, x.options());  // read only: shared by the layers
       const Tensor hi = h0s.defined() ? h0s[slice] : h0;
       const bool reverse = d == 1;
-      // a float32 one-step LSTM call runs as a cell step where that is faster (rnn.h: lstm_one_step_as_cell)
-      const bool one_cell =
-          !cell_steps && lstm && T == 1 && dtype == at::kFloat && lstm_one_step_as_cell(B, x.size(1), H);
+      // a float32 one-step call runs as a cell step where that is faster (rnn.h: one_step_as_cell)
+      const bool one_cell = !cell_steps && T == 1 && dtype == at::kFloat && one_step_as_cell(B);
       if (cell_steps || one_cell) {
         auto r = layer_in_cell_steps(mode, x, T, hi, lstm ? (c0s.defined() ? c0s[slice] : h0) : Tensor(), w, b_ih,
                                      b_hh, reverse);
