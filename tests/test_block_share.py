@@ -118,13 +118,15 @@ def test_stolen_gemm_pieces_equal_the_fixed_split(two_threads, name, M, N, K):
 
 
 @pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
-def test_cell_steps_with_stolen_units_match_torch(two_threads, kind):
-    # batch 16, hidden 256: the step's units split over the team (rnn_pointwise.h par_units), in pieces
-    ref = getattr(torch.nn, kind)(200, 256).double()
-    ours = getattr(seqfast.nn, kind)(200, 256)
+@pytest.mark.parametrize("batch,input_size,hidden", [(16, 200, 256), (70, 100, 90)])
+def test_cell_steps_with_stolen_units_match_torch(two_threads, kind, batch, input_size, hidden):
+    # batch 16, hidden 256: the step's units split over the team (rnn_pointwise.h par_units), in pieces; batch 70:
+    # both gate products in one region of the packing GEMM (gemm.h linear2_out), its 16-column panels in pieces
+    ref = getattr(torch.nn, kind)(input_size, hidden).double()
+    ours = getattr(seqfast.nn, kind)(input_size, hidden)
     ours.load_state_dict(ref.state_dict())
-    x, h = torch.randn(16, 200), torch.randn(16, 256)
-    state = (h, torch.randn(16, 256)) if kind == "LSTMCell" else h
+    x, h = torch.randn(batch, input_size), torch.randn(batch, hidden)
+    state = (h, torch.randn(batch, hidden)) if kind == "LSTMCell" else h
     state_r = tuple(s.double() for s in state) if kind == "LSTMCell" else h.double()
     with torch.no_grad(), seqfast.use_backend("cpp"):
         with _team(block_share=False):

@@ -342,6 +342,31 @@ void linear_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool ac
               w.stride(0), accumulate ? 1.f : 0.f, c.data_ptr<float>(), c.stride(0), nullptr);
 }
 
+void linear2_out(at::Tensor& c1, const at::Tensor& a1, const at::Tensor& w1, at::Tensor& c2, const at::Tensor& a2,
+                 const at::Tensor& w2, bool accumulate2) {
+  const auto own = [](const at::Tensor& c, const at::Tensor& a, const at::Tensor& w) {
+    return f32_cpu(c) && f32_cpu(a) && f32_cpu(w) && rows_contiguous(c) && rows_contiguous(a) && rows_contiguous(w) &&
+           a.size(1) == w.size(1) && c.size(0) == a.size(0) && c.size(1) == w.size(0) &&
+           ntp_prefers(a.size(0), a.size(1));
+  };
+  const int64_t M = a1.size(0), N = w1.size(0), K1 = a1.size(1), K2 = a2.size(1);
+  if (!(nt_available() && own(c1, a1, w1) && own(c2, a2, w2) && a2.size(0) == M && w2.size(0) == N)) {
+    linear_out(c1, a1, w1, false);
+    linear_out(c2, a2, w2, accumulate2);
+    return;
+  }
+  const float *a1p = a1.const_data_ptr<float>(), *w1p = w1.const_data_ptr<float>();
+  const float *a2p = a2.const_data_ptr<float>(), *w2p = w2.const_data_ptr<float>();
+  float *c1p = c1.data_ptr<float>(), *c2p = c2.data_ptr<float>();
+  const int64_t lda1 = a1.stride(0), ldw1 = w1.stride(0), ldc1 = c1.stride(0);
+  const int64_t lda2 = a2.stride(0), ldw2 = w2.stride(0), ldc2 = c2.stride(0);
+  packing_parallel(M, N, K1 + K2, [&](int64_t j0, int64_t nj, float* scratch) {
+    sgemm_nn::gemm_nt(M, nj, K1, a1p, lda1, w1p + j0 * ldw1, ldw1, 0.f, c1p + j0, ldc1, nullptr, scratch);
+    sgemm_nn::gemm_nt(M, nj, K2, a2p, lda2, w2p + j0 * ldw2, ldw2, accumulate2 ? 1.f : 0.f, c2p + j0, ldc2, nullptr,
+                      scratch);
+  });
+}
+
 namespace {
 // Packing B costs about as much per element as ~50 multiply-adds of the kernel, and each packed element is used by
 // M rows: below ~256 rows the packing eats the kernel's advantage over MKL, so short A operands stay on MKL.

@@ -64,6 +64,15 @@ bool nt_available();
 // a row of c must be contiguous). float32 with k-contiguous rows of a and w runs the own AVX2 kernel where
 // nt_available(), split over the team by rows of w; anything else runs at::mm_out / addmm_.
 void linear_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool accumulate);
+// c1 = a1 @ w1^T, then c2 = (accumulate2 ? c2 : 0) + a2 @ w2^T (c2 may be c1 itself: with accumulate2, the sum of the
+// two products), as two linear_out calls, except that where both products take the packing form (ntp_prefers), one
+// region runs both: each thread's panels of C get both products while they are in its cache. Why: a cell step's two
+// gate products at 256 rows ran as two regions 4-12% slower than one product over the concatenated k (RNNCell B256
+// H512 / H1024, same process). As cell steps on the Zen 3 EPYC (no grad, one region / two, same-process runs of 25-41
+// rounds): GRUCell B64-256 H256-1024 1.02-1.20x, LSTMCell B128-256 H512-1024 1.01-1.04x, RNNCell B128-256 H512-1024
+// 0.90-1.09x (no consistent side).
+void linear2_out(at::Tensor& c1, const at::Tensor& a1, const at::Tensor& w1, at::Tensor& c2, const at::Tensor& a2,
+                 const at::Tensor& w2, bool accumulate2);
 // Whether linear_out runs a float32 A [M, K] @ W [N, K]^T product on the own dot-product kernel (nt_parallel): the
 // range where a caller may run sgemm_nt itself (e.g. both products of a cell step in one region).
 bool nt_takes(int64_t M, int64_t N, int64_t K);

@@ -172,8 +172,7 @@ void lstm_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& cx, con
       });
     }
   } else {
-    gemm::linear_out(gates, x, w_ih, false);
-    gemm::linear_out(gates, hx, w_hh, true);
+    gemm::linear2_out(gates, x, w_ih, gates, hx, w_hh, true);  // both products in one region where it can
     kern::par_rows(B, 64 * H, [&](int64_t r0, int64_t r1) {
       for (int64_t b = r0; b < r1; ++b)
         kern::lstm_fwd_row<T>(g + b * 4 * H, b1, b2, c + b * H, cyp + b * H, hyp + b * H, H, 0, H);
@@ -226,8 +225,8 @@ void gru_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
       });
     }
   } else {
-    { Tensor gi = pre.narrow(1, 0, 3 * H); gemm::linear_out(gi, x, w_ih, false); }
-    { Tensor gh = pre.narrow(1, 3 * H, 3 * H); gemm::linear_out(gh, hx, w_hh, false); }
+    Tensor gi = pre.narrow(1, 0, 3 * H), gh = pre.narrow(1, 3 * H, 3 * H);
+    gemm::linear2_out(gi, x, w_ih, gh, hx, w_hh, false);
     kern::par_rows(B, 64 * H, [&](int64_t r0, int64_t r1) {
       for (int64_t b = r0; b < r1; ++b)
         kern::gru_fwd_row<T>(pp + b * 6 * H, bih, pp + b * 6 * H + 3 * H, bhh, h + b * H, hyp + b * H,
@@ -265,8 +264,7 @@ void rnn_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
       });
     }
   } else {
-    gemm::linear_out(hy, x, w_ih, false);
-    gemm::linear_out(hy, hx, w_hh, true);
+    gemm::linear2_out(hy, x, w_ih, hy, hx, w_hh, true);
     kern::par_rows(B, 16 * H, [&](int64_t r0, int64_t r1) {
       for (int64_t b = r0; b < r1; ++b) kern::rnn_fwd_row<T>(y + b * H, b1, b2, y + b * H, relu, 0, H);
     });
