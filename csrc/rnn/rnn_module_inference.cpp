@@ -18,9 +18,9 @@ namespace seqfast {
 namespace {
 
 // A zero initial state [B, H] for a one-step call without one, kept per thread and reused while its shape and options
-// match. Why: at::zeros is two ATen ops, and on a one-step call of a few microseconds of kernel each ATen op costs
-// ~1-1.5 us on the Zen 3 EPYC (RNN T1 B1 H128 without grad: 22 us through this file's cell route against 7 us for the
-// cell entry alone, same process). Safe to share: the cell and layer entries only read their initial states, and
+// match. Why: the ATen ops around a one-step call cost as much as its kernel (RNN T1 B1 H128 without grad on the Zen 3
+// EPYC: 22 us through this file's cell route against 7 us for the cell entry alone, same process; 10 us with this
+// state and the one-step output below), and at::zeros is two of them (an allocation and a fill). Safe to share: the cell and layer entries only read their initial states, and
 // nothing they return aliases them (outputs are new tensors; gather_last copies). Small states only: a large one
 // would stay allocated for the thread's life, and its zeros cost nothing next to its step.
 constexpr int64_t kZeroStateMaxNumel = int64_t(1) << 16;
