@@ -20,9 +20,10 @@ namespace {
 // A zero initial state [B, H] for a one-step call without one, kept per thread and reused while its shape and options
 // match. Why: the ATen ops around a one-step call cost as much as its kernel (RNN T1 B1 H128 without grad on the Zen 3
 // EPYC: 22 us through this file's cell route against 7 us for the cell entry alone, same process; 10 us with this
-// state and the one-step output below), and at::zeros is two of them (an allocation and a fill). Safe to share: the cell and layer entries only read their initial states, and
-// nothing they return aliases them (outputs are new tensors; gather_last copies). Small states only: a large one
-// would stay allocated for the thread's life, and its zeros cost nothing next to its step.
+// state and the one-step output below), and at::zeros is two of them (an allocation and a fill). Safe to share: the
+// cell and layer entries only read their initial states, and nothing they return aliases them (outputs are new
+// tensors; gather_last copies). Small states only: a large one would stay allocated for the thread's life, and its
+// zeros cost nothing next to its step.
 constexpr int64_t kZeroStateMaxNumel = int64_t(1) << 16;
 const Tensor& cached_zero_state(int64_t B, int64_t H, const at::TensorOptions& options) {
   static thread_local Tensor zero;
@@ -110,9 +111,10 @@ std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode,
       const OptTensor b_hh = has_biases ? OptTensor(w[3]) : OptTensor();
       const int64_t H = w[1].size(1);
       const int64_t slice = layer * dirs + d;
+      // the zero state, read only: shared by the layers
       if ((!h0s.defined() || (lstm && !c0s.defined())) && (!h0.defined() || h0.size(1) != H))
         h0 = T == 1 && B * H <= kZeroStateMaxNumel ? cached_zero_state(B, H, x.options())
-                                                    : at::zeros({B, H}, x.options());  // read only: shared by the layers
+                                                    : at::zeros({B, H}, x.options());
       const Tensor hi = h0s.defined() ? h0s[slice] : h0;
       const bool reverse = d == 1;
       // a float32 one-step call runs as a cell step where that is faster (rnn.h: one_step_as_cell)
