@@ -251,14 +251,19 @@ def sdpa_torch_regions(training):
     return regions
 
 
+def _sequence_rules(family, dtype, training, hidden):
+    """The rules of this CPU class for ``family`` (not SDPA) in ``dtype`` on the ``training`` side whose hidden bound
+    holds for ``hidden`` (their batch and steps bounds left to the caller)."""
+    cpu = cpu_class()
+    return [r for r in RULES if r.matches(family, dtype, cpu, training, (r.batch or (0,))[0], hidden, False)]
+
+
 def torch_batches(family, dtype, training, hidden):
     """The inclusive batch ranges [(low, high)] where the table prefers torch's op for ``family`` in ``dtype`` at
     ``hidden`` on this CPU (not SDPA), at some sequence length: prefer_torch_when(family, t, batch, hidden, training)
     is True exactly for a batch inside one of them, when nothing bypasses the table (a rule bounded in steps holds
     for some lengths only; seqfast._C.ModuleCall declines the whole range and the Python path decides)."""
-    cpu = cpu_class()
-    return [r.batch or (0, INF) for r in RULES
-            if r.matches(family, dtype, cpu, training, (r.batch or (0,))[0], hidden, False)]
+    return [r.batch or (0, INF) for r in _sequence_rules(family, dtype, training, hidden)]
 
 
 def training_torch_regions(family, dtype, hidden):
@@ -266,9 +271,7 @@ def training_torch_regions(family, dtype, hidden):
     ``family`` (a sequence) in ``dtype`` at ``hidden`` on this CPU: seqfast._C.ModuleCall runs torch's op there for
     the calls autograd records (prefer_torch_when(family, t, batch, hidden, True, steps=steps) is True exactly
     inside them, when nothing bypasses the table)."""
-    cpu = cpu_class()
-    return [(*(r.batch or (0, INF)), *(r.steps or (0, INF))) for r in RULES
-            if r.matches(family, dtype, cpu, True, (r.batch or (0,))[0], hidden, False)]
+    return [(*(r.batch or (0, INF)), *(r.steps or (0, INF))) for r in _sequence_rules(family, dtype, True, hidden)]
 
 
 def covers(family, dtype, training):

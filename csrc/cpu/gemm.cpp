@@ -324,10 +324,15 @@ bool nt_takes(int64_t M, int64_t N, int64_t K) {
   return nt_available() && nt_prefers_team(M, N, K) && !ntp_prefers(M, K);
 }
 
+// Whether c = a @ w^T has float32 CPU operands the own kernels read in place: rows of c, a and w contiguous, shapes
+// matching. linear_out and linear2_out then choose by shape.
+inline bool nt_operands(const at::Tensor& c, const at::Tensor& a, const at::Tensor& w) {
+  return f32_cpu(c) && f32_cpu(a) && f32_cpu(w) && rows_contiguous(c) && rows_contiguous(a) && rows_contiguous(w) &&
+         a.size(1) == w.size(1) && c.size(0) == a.size(0) && c.size(1) == w.size(0);
+}
+
 void linear_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool accumulate) {
-  const bool own = f32_cpu(c) && f32_cpu(a) && f32_cpu(w) && rows_contiguous(c) && rows_contiguous(a) &&
-                   rows_contiguous(w) && a.size(1) == w.size(1) && c.size(0) == a.size(0) && c.size(1) == w.size(0) &&
-                   nt_available() &&
+  const bool own = nt_operands(c, a, w) && nt_available() &&
                    (nt_prefers_team(a.size(0), w.size(0), a.size(1)) || ntp_prefers(a.size(0), a.size(1)));
   if (!own) {
     if (accumulate) c.addmm_(a, w.t());
@@ -345,9 +350,7 @@ void linear_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool ac
 void linear2_out(at::Tensor& c1, const at::Tensor& a1, const at::Tensor& w1, at::Tensor& c2, const at::Tensor& a2,
                  const at::Tensor& w2, bool accumulate2) {
   const auto own = [](const at::Tensor& c, const at::Tensor& a, const at::Tensor& w) {
-    return f32_cpu(c) && f32_cpu(a) && f32_cpu(w) && rows_contiguous(c) && rows_contiguous(a) && rows_contiguous(w) &&
-           a.size(1) == w.size(1) && c.size(0) == a.size(0) && c.size(1) == w.size(0) &&
-           ntp_prefers(a.size(0), a.size(1));
+    return nt_operands(c, a, w) && ntp_prefers(a.size(0), a.size(1));
   };
   const int64_t M = a1.size(0), N = w1.size(0), K1 = a1.size(1), K2 = a2.size(1);
   if (!(nt_available() && own(c1, a1, w1) && own(c2, a2, w2) && a2.size(0) == M && w2.size(0) == N)) {
