@@ -40,9 +40,10 @@ struct Acc {
 // a += rows x w over k < K (row r's gate q at lane j: sum_k rows[r][k] * w[k][8q + j]). Per k the MR broadcasts come
 // first, then each weight vector is loaded once and used by every row: 12 + 3 + 1 registers at MR = 3, exactly the
 // 16 of AVX2.
-template <int MR>
+// pf (when not null): a cache line fetched per k, pf + 64 k, for the chunk after this one (see group).
+template <int MR, bool PF = false>
 inline __attribute__((always_inline)) void accumulate(Acc& acc, const float* const (&rows)[3], int64_t K,
-                                                      const float* w) {
+                                                      const float* w, const char* pf = nullptr) {
   __m256 i0 = acc.i0, f0 = acc.f0, g0 = acc.g0, o0 = acc.o0, i1 = acc.i1, f1 = acc.f1, g1 = acc.g1, o1 = acc.o1,
          i2 = acc.i2, f2 = acc.f2, g2 = acc.g2, o2 = acc.o2;
   const float* r0 = rows[0];
@@ -53,6 +54,7 @@ inline __attribute__((always_inline)) void accumulate(Acc& acc, const float* con
     const __m256 v0 = _mm256_broadcast_ss(r0 + k);
     const __m256 v1 = MR > 1 ? _mm256_broadcast_ss(r1 + k) : v0;
     const __m256 v2 = MR > 2 ? _mm256_broadcast_ss(r2 + k) : v0;
+    if constexpr (PF) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
 #define SEQFAST_GATE(q, a0, a1, a2)                          \
   {                                                          \
     const __m256 wq = _mm256_load_ps(w + 8 * q);             \
@@ -140,13 +142,14 @@ constexpr int kGroupTiles = 8;
 template <int MR>
 inline __attribute__((always_inline)) void chunk(Acc& acc, const float* src, int64_t ld,
                                                  const float* const* hp, int64_t r0, int64_t k0, int64_t kc,
-                                                 const float* w) {
+                                                 const float* w, const char* pf = nullptr) {
   const float* rows[3];
   for (int r = 0; r < 3; ++r) {
     const int64_t row = r0 + std::min(r, MR - 1);
     rows[r] = (src ? src + row * ld : hp[row]) + k0;
   }
-  accumulate<MR>(acc, rows, kc, w + k0 * 32);
+  if (pf) accumulate<MR, true>(acc, rows, kc, w + k0 * 32, pf);
+  else accumulate<MR>(acc, rows, kc, w + k0 * 32);
 }
 
 // Rows [r0, r0 + MR) x the 8 units of block blk over the whole of K: the order where every block fits L1 (K up to
@@ -177,9 +180,18 @@ void group(const lstm_step::StepArgs& a, int64_t g0, int64_t n, int64_t blk) {
       const int64_t kc = std::min(kKChunk, K - k0);
       for (int t = 0; t < nt; ++t) {
         const int64_t r0 = g0 + t * kMR;
-        if (t < nt - 1 || last == 3) chunk<3>(acc[t], src, ld, hp, r0, k0, kc, w);
-        else if (last == 2) chunk<2>(acc[t], src, ld, hp, r0, k0, kc, w);
-        else chunk<1>(acc[t], src, ld, hp, r0, k0, kc, w);
+        // Tiles 1 and 2 fetch the next chunk's weights (the memory right after this chunk: the block's next chunk,
+        // or the next block's first), a line per k, kc lines each. Why: tile 0 of a chunk reads it from L3 (a
+        // thread's packed W_hh outgrows L2 from hidden ~256) while the other tiles compute from L1, so in groups of
+        // few tiles the stream stalled every chunk's first tile. Same-process A/B on a 2-vCPU Zen 3 (LSTM T32, no
+        // grad, 15 rounds, both orders): 1.00-1.10x at B8-32 H256-1024, 1 and 2 threads (B8 H1024 1.07-1.10x),
+        // 1.00x at B64 H256 (24-row groups). With 2 tiles (tile 1 fetching 2 lines per k): no effect, so not done.
+        const char* pf = t >= 1 && t <= 2 && nt >= 3
+                             ? reinterpret_cast<const char*>(w + (k0 + kc) * 32) + (t - 1) * 64 * kc
+                             : nullptr;
+        if (t < nt - 1 || last == 3) chunk<3>(acc[t], src, ld, hp, r0, k0, kc, w, pf);
+        else if (last == 2) chunk<2>(acc[t], src, ld, hp, r0, k0, kc, w, pf);
+        else chunk<1>(acc[t], src, ld, hp, r0, k0, kc, w, pf);
       }
     }
   };
