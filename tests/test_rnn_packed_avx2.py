@@ -1,8 +1,8 @@
 """The recurrent products of the fused time loops on weights packed for the own AVX2 outer-product kernel
 (csrc/cpu/sgemm_nn.cpp gemm_packed, through gemm::PackedWeight) against torch.nn in float64.
 
-On a CPU with AVX2 + FMA and no AVX-512 kernels, a GRU (and an LSTM without the fused AVX2 step) above the GEMV
-range (9+ rows) packs each thread's W_hh slices once per call when the call has 2+ steps and the slice fits a
+On a CPU with AVX2 + FMA and no AVX-512 kernels, a GRU, an Elman RNN's forward (and an LSTM without the fused AVX2
+step) above the GEMV range (9+ rows) packs each thread's W_hh slices once per call when the call has 2+ steps and the slice fits a
 quarter of L2 (config avx2_pack); with avx2_pack=False the dot-product kernel reads them in place. Both are compared.
 The shapes leave partial 16-unit panels at the end of a thread's units and row counts that end in 1-5 row tiles;
 packed batches shrink step by step, so later steps multiply fewer rows than the weights were packed for.
@@ -43,15 +43,30 @@ def _pair(cls, input_size, hidden, **kwargs):
     ("LSTM", 4, 16, 12, 33, {}),                      # 6 + 6 + 4 rows
     ("LSTM", 4, 10, 5, 24, {}),                       # 6 + 4 rows
     ("GRU", 3, 9, 6, 20, {"num_layers": 2, "bidirectional": True}),
+    ("RNN", 4, 13, 7, 40, {}),                        # the Elman forward on the fused loop too: 6 + 6 + 1 rows
+    ("RNN", 3, 11, 9, 35, {"nonlinearity": "relu", "num_layers": 2, "bidirectional": True}),
 ])
 def test_matches_torch(packing, threads, cls, T, batch, input_size, hidden, kwargs):
     ours, ref = _pair(cls, input_size, hidden, **kwargs)
     compare_rnn_with_torch(ours, ref, torch.randn(T, batch, input_size), **TOL)
 
 
-@pytest.mark.parametrize("cls", ["GRU", "LSTM"])
+@pytest.mark.parametrize("cls", ["GRU", "LSTM", "RNN"])
 def test_shrinking_packed_batches_match_torch(packing, threads, cls):
     # 14 sequences of lengths 1..14: the steps run 14, 13, ..., 1 rows against weights packed for 14
     ours, ref = _pair(cls, 8, 36)
     lengths = torch.randperm(14) + 1
     compare_rnn_with_torch(ours, ref, torch.randn(14, 14, 8), lengths, **TOL)
+
+
+@pytest.mark.parametrize("cls", ["RNN", "GRU", "LSTM"])
+@pytest.mark.parametrize("batch", [1, 2, 13])
+def test_one_region_per_call_matches_torch(threads, cls, batch):
+    # par_min_work lowered so that these small layers run the fused loop on every thread of the team (one region, a
+    # barrier per step): GEMV-sized batches (1-2 rows) from half of it, larger ones packed; packed input whose batch
+    # shrinks from `batch` rows to 1.
+    with cpp_config(par_min_work=256):
+        ours, ref = _pair(cls, 6, 40)
+        lengths = torch.arange(batch, 0, -1) + 2
+        compare_rnn_with_torch(ours, ref, torch.randn(batch + 2, batch, 6), lengths, **TOL)
+        compare_rnn_with_torch(ours, ref, torch.randn(5, batch, 6), **TOL)

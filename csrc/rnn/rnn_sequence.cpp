@@ -238,12 +238,14 @@ inline int fused_threads(const Steps& s, int64_t H, int64_t G) {
   int nt = cpu::threads(std::max<int64_t>(1, H / 16));
   const int64_t work = s.bs[0] * G * H * H;
   if (fused_gemv<T>(s.bs[0])) {
-    // GEMV-sized batches: the per-step path runs steps below par_min_work on one thread; in the band just below it,
-    // one region lets both threads stream half of W_hh each from their own cache (LSTM B1 H128 gained). Above it
-    // the per-step path is already parallel and was faster than per-gate GEMV slices (LSTM B1 H512), so it keeps
-    // those.
+    // GEMV-sized batches: the per-step path runs steps below par_min_work on one thread; from half of it, one
+    // region lets each thread stream its slice of W_hh from its own cache every step (LSTM B1 H128 gained), with a
+    // barrier per step in place of a parallel region per step. Until 2026-12-06 the per-step path kept steps from
+    // par_min_work on (it had been faster at LSTM B1 H512); a same-process A/B on a 2-vCPU Zen 3 (T32, no grad, 21
+    // rounds, both orders) then read one region / per-step 1.07-1.15x at B1 H256-384 (LSTM, GRU), 1.02-1.06x at B1
+    // H512-1024, 1.00-1.08x at B2 H256-512; training 0.98-1.03x.
     const int64_t lim = kern::par_min_work();
-    return (nt >= 2 && work >= lim / 2 && work < lim) ? nt : 0;
+    return (nt >= 2 && work >= lim / 2) ? nt : 0;
   }
   if (work < kern::par_min_work()) nt = 1;
   return std::max(nt, 1);
@@ -774,13 +776,19 @@ void gru_bwd(const Steps& s, int nt, const Tensor& grad_out, const Tensor& h0, c
 }
 
 // ------------------------------------------------------------------------------------------------------------------
-// Elman RNN (per-step path only): out holds x W_ih^T + b_ih on entry and is activated in place, step by step.
+// Elman RNN: out holds x W_ih^T + b_ih on entry and is activated in place, step by step. The forward runs the fused
+// loop where GRU / LSTM do (fused_threads; the bfloat16 path lp: per-step); until 2026-12-06 it ran per step only.
+// Same-process A/B on a 2-vCPU Zen 3 (T32, no grad, 21 rounds, both orders): fused / per-step 1.22-1.45x at B1
+// H256-384, 1.09-1.13x at B1-8 H512, 1.91x at B8 H128, 0.99-1.03x at B1 H1024 and B32-256 H256-512; one thread 1.01-
+// 1.04x (B8 H64 2.3x); training 1.00-1.08x. The backward stays per step: its fused loop read 0.87-1.15x (B8 H512
+// 0.93x, B256 H256 0.87x).
 template <typename T>
 void rnn_fwd(const Steps& s, const Tensor& h0, const Tensor& w_hh, const T* bhh, bool relu, Tensor& out,
              const LowP* lp) {
   const int64_t H = h0.size(1);
   T* o = out.data_ptr<T>();
-  time_loop_forward<T, 1>(s, 0, h0, w_hh, out, out, true, true, 16 * H, lp,
+  const int nt = lp ? 0 : fused_threads<T>(s, H, 1);
+  time_loop_forward<T, 1>(s, nt, h0, w_hh, out, out, true, true, 16 * H, lp,
                           [&](int64_t, int64_t b, int64_t off, int64_t k0, int64_t k1) {
                             T* y = o + (off + b) * H;
                             kern::rnn_fwd_row<T>(y, bhh, nullptr, y, relu, k0, k1);
