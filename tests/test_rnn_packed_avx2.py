@@ -44,6 +44,7 @@ def _pair(cls, input_size, hidden, **kwargs):
     ("LSTM", 4, 10, 5, 24, {}),                       # 6 + 4 rows
     ("GRU", 3, 9, 6, 20, {"num_layers": 2, "bidirectional": True}),
     ("RNN", 4, 13, 7, 40, {}),                        # the Elman forward on the fused loop too: 6 + 6 + 1 rows
+    ("GRU", 4, 130, 5, 200, {}),                      # slices above a quarter of a 512 KB L2: packed for 520 rows
     ("RNN", 3, 11, 9, 35, {"nonlinearity": "relu", "num_layers": 2, "bidirectional": True}),
 ])
 def test_matches_torch(packing, threads, cls, T, batch, input_size, hidden, kwargs):

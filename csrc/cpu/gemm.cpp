@@ -195,11 +195,16 @@ void PackedWeight::init(bool trans, int64_t m, int64_t nmax, int64_t k, const fl
     // Packed for the outer-product kernel when the slice serves 2+ products and fits a quarter of this core's L2.
     // Same-process A/B on the Zen 3 (avx2_pack on / off, no grad): GRU T32 B16 H256 1.09x, T32 B32 H64 1.12x, T32
     // B64 H128 1.14x, T2 B64 H128 1.10x, T4 B32 H256 1.03x; LSTM (GEMM loop) T32 B128 H256 1.09x. Larger slices
-    // come from L3 and their packing is not repaid at short sequences: GRU H512 (512 KB slices at 2 threads) read
-    // 0.94x at T2 B32 and 1.03x at T32 B32.
+    // come from L3 and their packing is repaid only by enough rows over the steps (kBigPackRows): GRU H512 (512 KB
+    // slices at 2 threads) read 0.94x at T2 B32; packed / in place, same process, 15 rounds, both orders, no grad:
+    // GRU T32 B16 H1024 1.07-1.14x, B64 H1024 1.04-1.05x, B128 H512 1.03x, T8 B64 H1024 / B128 H512 1.04x, RNN T32
+    // B16-64 H1024 1.02-1.09x, LSTM (GEMM loop) T32 B128-256 H256 0.99-1.02x, training 0.98-1.05x; below the bound,
+    // T32 B8 H1024 0.97-1.03x, T4 B8 H1024 0.62x, T2 B32 H512 0.92x.
     const int64_t floats = sgemm_nn::packed_size(m, k);
+    constexpr int64_t kBigPackRows = 512;  // rows x steps from which a slice above L2 / 4 is packed
     if (uses >= 2 && cpu::config().avx2_pack && m > 0 && k > 0 &&
-        int64_t(sizeof(float)) * sgemm_nn::packed_size(dm, k) <= cpu::l2_cache_bytes() / 4) {
+        (int64_t(sizeof(float)) * sgemm_nn::packed_size(dm, k) <= cpu::l2_cache_bytes() / 4 ||
+         uses * nmax >= kBigPackRows)) {
       nn_.reset(floats);
       if (nn_.ok()) {
         m_ = m;
