@@ -39,8 +39,7 @@ struct Acc {
 
 // a += rows x w over k < K (row r's gate q at lane j: sum_k rows[r][k] * w[k][8q + j]). Per k the MR broadcasts come
 // first, then each weight vector is loaded once and used by every row: 12 + 3 + 1 registers at MR = 3, exactly the
-// 16 of AVX2.
-// pf (when not null): a cache line fetched per k, pf + 64 k, for the chunk after this one (see group).
+// 16 of AVX2. PF: also a cache line per k, pf + 64 k, of the chunk after this one (see group).
 template <int MR, bool PF = false>
 inline __attribute__((always_inline)) void accumulate(Acc& acc, const float* const (&rows)[3], int64_t K,
                                                       const float* w, const char* pf = nullptr) {
@@ -186,6 +185,7 @@ void group(const lstm_step::StepArgs& a, int64_t g0, int64_t n, int64_t blk) {
         // few tiles the stream stalled every chunk's first tile. Same-process A/B on a 2-vCPU Zen 3 (LSTM T32, no
         // grad, 15 rounds, both orders): 1.00-1.10x at B8-32 H256-1024, 1 and 2 threads (B8 H1024 1.07-1.10x),
         // 1.00x at B64 H256 (24-row groups). With 2 tiles (tile 1 fetching 2 lines per k): no effect, so not done.
+        // After a thread's last block the lines lie past its packing: a prefetch never faults, and nothing reads them.
         const char* pf = t >= 1 && t <= 2 && nt >= 3
                              ? reinterpret_cast<const char*>(w + (k0 + kc) * 32) + (t - 1) * 64 * kc
                              : nullptr;
