@@ -2,8 +2,9 @@
 (csrc/cpu/sgemm_nn.cpp gemm_packed, through gemm::PackedWeight) against torch.nn in float64.
 
 On a CPU with AVX2 + FMA and no AVX-512 kernels, a GRU, an Elman RNN's forward (and an LSTM without the fused AVX2
-step) above the GEMV range (9+ rows) packs each thread's W_hh slices once per call when the call has 2+ steps and the slice fits a
-quarter of L2 (config avx2_pack); with avx2_pack=False the dot-product kernel reads them in place. Both are compared.
+step) above the GEMV range (9+ rows) packs each thread's W_hh slices once per call when the call has 2+ steps and the
+slice fits a quarter of L2 or the call runs 512+ rows over its steps (config avx2_pack); with avx2_pack=False the
+dot-product kernel reads them in place. Both are compared.
 The shapes leave partial 16-unit panels at the end of a thread's units and row counts that end in 1-5 row tiles;
 packed batches shrink step by step, so later steps multiply fewer rows than the weights were packed for.
 """
