@@ -777,17 +777,17 @@ void gru_bwd(const Steps& s, int nt, const Tensor& grad_out, const Tensor& h0, c
 
 // ------------------------------------------------------------------------------------------------------------------
 // Elman RNN: out holds x W_ih^T + b_ih on entry and is activated in place, step by step. The forward runs the fused
-// loop where GRU / LSTM do (fused_threads; the bfloat16 path lp: per-step); until 2026-12-06 it ran per step only.
+// loop where GRU / LSTM do (nt from fused_threads; the bfloat16 path lp: 0, per step); until 2026-12-06 it ran per
+// step only.
 // Same-process A/B on a 2-vCPU Zen 3 (T32, no grad, 21 rounds, both orders): fused / per-step 1.22-1.45x at B1
 // H256-384, 1.09-1.13x at B1-8 H512, 1.91x at B8 H128, 0.99-1.03x at B1 H1024 and B32-256 H256-512; one thread 1.01-
 // 1.04x (B8 H64 2.3x); training 1.00-1.08x. The backward stays per step: its fused loop read 0.87-1.15x (B8 H512
 // 0.93x, B256 H256 0.87x).
 template <typename T>
-void rnn_fwd(const Steps& s, const Tensor& h0, const Tensor& w_hh, const T* bhh, bool relu, Tensor& out,
+void rnn_fwd(const Steps& s, int nt, const Tensor& h0, const Tensor& w_hh, const T* bhh, bool relu, Tensor& out,
              const LowP* lp) {
   const int64_t H = h0.size(1);
   T* o = out.data_ptr<T>();
-  const int nt = lp ? 0 : fused_threads<T>(s, H, 1);
   time_loop_forward<T, 1>(s, nt, h0, w_hh, out, out, true, true, 16 * H, lp,
                           [&](int64_t, int64_t b, int64_t off, int64_t k0, int64_t k1) {
                             T* y = o + (off + b) * H;
@@ -985,13 +985,14 @@ std::tuple<Tensor, Tensor> rnn_layer_forward_impl(const Tensor& x, const Steps& 
     Tensor bhh = has(b_hh) ? b_hh->to(at::kFloat) : Tensor();
     const LowP lp{at::empty({x.size(0), h0.size(1)}, x.options()), h0, w_hh};
     Tensor h0f = h0.to(at::kFloat);
-    rnn_fwd<float>(s, h0f, w_hh.to(at::kFloat), bhh.defined() ? bhh.const_data_ptr<float>() : nullptr, relu,
-                        out, &lp);
+    rnn_fwd<float>(s, 0, h0f, w_hh.to(at::kFloat), bhh.defined() ? bhh.const_data_ptr<float>() : nullptr, relu,
+                   out, &lp);
     return {lp.out, gather_last(s, out, h0f).to(at::kBFloat16)};
   }
   Tensor out = input_proj(x, w_ih, has(b_ih) ? &*b_ih : nullptr);  // [N, H], activated in place
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::rnn_layer_forward", [&] {
-    rnn_fwd<scalar_t>(s, h0, w_hh, kern::opt_ptr<scalar_t>(b_hh), relu, out, nullptr);
+    rnn_fwd<scalar_t>(s, fused_threads<scalar_t>(s, h0.size(1), 1), h0, w_hh, kern::opt_ptr<scalar_t>(b_hh), relu,
+                      out, nullptr);
   });
   return {out, gather_last(s, out, h0)};
 }
