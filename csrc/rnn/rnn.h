@@ -43,6 +43,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
     const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& x, const Tensor& hx, const Tensor& cx,
     const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates, const Tensor& cy, bool need_dx = true,
     bool need_dh = true, bool need_dw_ih = true, bool need_dw_hh = true);
+// The forward entries writing their states to given [B, H] tensors (contiguous, the input's dtype; undefined: new
+// ones), for callers that allocate the returned tensors in their own shapes (rnn_module_inference's one-step route).
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_into(const Tensor& x, const Tensor& hx, const Tensor& cx,
+                                                          const Tensor& w_ih, const Tensor& w_hh,
+                                                          const OptTensor& b_ih, const OptTensor& b_hh,
+                                                          const Tensor& hy, const Tensor& cy);
+std::tuple<Tensor, Tensor> gru_cell_forward_into(const Tensor& x, const Tensor& hx, const Tensor& w_ih,
+                                                 const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                                                 const Tensor& hy);
+Tensor rnn_cell_forward_into(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+                             const OptTensor& b_ih, const OptTensor& b_hh, bool relu, const Tensor& hy);
 // -> (hy, ws[B,4H] = [r, z, n, hn], hn = W_hn h + b_hn)
 std::tuple<Tensor, Tensor> gru_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                                             const OptTensor& b_ih, const OptTensor& b_hh);

@@ -271,13 +271,14 @@ void rnn_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
   }
 }
 
+// hy, cy: [B, H] tensors to write the results to (see lstm_cell_forward_into), or undefined: new ones.
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_impl(const Tensor& x, const Tensor& hx, const Tensor& cx,
                                                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
-                                                     const OptTensor& b_hh) {
+                                                     const OptTensor& b_hh, Tensor hy = {}, Tensor cy = {}) {
   kern::check_cpu();
   const int64_t B = x.size(0), H = hx.size(1);
-  Tensor hy = at::empty({B, H}, x.options());
-  Tensor cy = at::empty({B, H}, x.options());
+  if (!hy.defined()) hy = at::empty({B, H}, x.options());
+  if (!cy.defined()) cy = at::empty({B, H}, x.options());
   Tensor gates = at::empty({B, 4 * H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::lstm_cell_forward", [&] {
     with_weight_type<scalar_t>(w_ih, [&](auto tw) {
@@ -314,11 +315,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_im
           n.dw_ih ? grad_w(dg, x, w_ih) : Tensor(), n.dw_hh ? grad_w(dg, hx, w_hh) : Tensor(), dg.sum(0)};
 }
 
+// hy: as lstm_cell_forward_impl's.
 std::tuple<Tensor, Tensor> gru_cell_forward_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
-                                            const OptTensor& b_ih, const OptTensor& b_hh) {
+                                            const OptTensor& b_ih, const OptTensor& b_hh, Tensor hy = {}) {
   kern::check_cpu();
   const int64_t B = x.size(0), H = hx.size(1);
-  Tensor hy = at::empty({B, H}, x.options());
+  if (!hy.defined()) hy = at::empty({B, H}, x.options());
   Tensor ws = at::empty({B, 4 * H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::gru_cell_forward", [&] {
     with_weight_type<scalar_t>(w_ih, [&](auto tw) {
@@ -362,10 +364,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward_imp
           n.dw_hh ? grad_w(dgh, hx, w_hh) : Tensor(), dgi.sum(0), dgh.sum(0)};
 }
 
+// hy: as lstm_cell_forward_impl's.
 Tensor rnn_cell_forward_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
-                        const OptTensor& b_ih, const OptTensor& b_hh, bool relu) {
+                        const OptTensor& b_ih, const OptTensor& b_hh, bool relu, Tensor hy = {}) {
   kern::check_cpu();
-  Tensor hy = at::empty({x.size(0), hx.size(1)}, x.options());
+  if (!hy.defined()) hy = at::empty({x.size(0), hx.size(1)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::rnn_cell_forward", [&] {
     with_weight_type<scalar_t>(w_ih, [&](auto tw) {
       rnn_cell_fwd_impl<scalar_t, decltype(tw)>(x, hx, w_ih, w_hh, kern::opt_ptr<scalar_t>(b_ih),
@@ -423,9 +426,29 @@ OptTensor need_bias(const char* fn, const char* name, const OptTensor& b, int64_
   return need_opt(fn, name, b, n, dt);
 }
 
+namespace {
+// An output the caller gives (the *_forward_into entries): [B, H] contiguous of the input's dtype and device, or
+// undefined (the entry makes one). Its contents are never read before the kernel writes them.
+Tensor into(const char* fn, const char* name, const Tensor& t, int64_t B, int64_t H, at::ScalarType dt) {
+  if (!t.defined()) return t;
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == H && t.scalar_type() == dt && t.device().is_cpu() &&
+                  t.is_contiguous(),
+              fn, ": ", name, " must be a contiguous CPU tensor of shape [", B, ", ", H, "] and dtype ", dt, ", got ",
+              t.sizes(), " ", t.scalar_type());
+  return t;
+}
+}  // namespace
+
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& cx,
                                                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                                                      const OptTensor& b_hh) {
+  return lstm_cell_forward_into(x, hx, cx, w_ih, w_hh, b_ih, b_hh, Tensor(), Tensor());
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_into(const Tensor& x, const Tensor& hx, const Tensor& cx,
+                                                          const Tensor& w_ih, const Tensor& w_hh,
+                                                          const OptTensor& b_ih, const OptTensor& b_hh,
+                                                          const Tensor& hy, const Tensor& cy) {
   const char* fn = "lstm_cell_forward";
   const Tensor xc = need(fn, "input", x, {kAny, kAny}, at::ScalarType::Undefined);
   const auto dt = x.scalar_type();
@@ -435,7 +458,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& x, const Tens
   const auto wt = weight_dtype(fn, xc, w_ih);
   return lstm_cell_forward_impl(xc, hc, need(fn, "cx", cx, {B, H}, dt), need(fn, "weight_ih", w_ih, {4 * H, I}, wt),
                                 need(fn, "weight_hh", w_hh, {4 * H, H}, wt), need_bias(fn, "bias_ih", b_ih, 4 * H, dt, wt),
-                                need_bias(fn, "bias_hh", b_hh, 4 * H, dt, wt));
+                                need_bias(fn, "bias_hh", b_hh, 4 * H, dt, wt), into(fn, "hy", hy, B, H, dt),
+                                into(fn, "cy", cy, B, H, dt));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
@@ -457,6 +481,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
 
 std::tuple<Tensor, Tensor> gru_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                                             const OptTensor& b_ih, const OptTensor& b_hh) {
+  return gru_cell_forward_into(x, hx, w_ih, w_hh, b_ih, b_hh, Tensor());
+}
+
+std::tuple<Tensor, Tensor> gru_cell_forward_into(const Tensor& x, const Tensor& hx, const Tensor& w_ih,
+                                                 const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                                                 const Tensor& hy) {
   const char* fn = "gru_cell_forward";
   const Tensor xc = need(fn, "input", x, {kAny, kAny}, at::ScalarType::Undefined);
   const auto dt = x.scalar_type();
@@ -466,7 +496,7 @@ std::tuple<Tensor, Tensor> gru_cell_forward(const Tensor& x, const Tensor& hx, c
   const auto wt = weight_dtype(fn, xc, w_ih);
   return gru_cell_forward_impl(xc, hc, need(fn, "weight_ih", w_ih, {3 * H, I}, wt),
                                need(fn, "weight_hh", w_hh, {3 * H, H}, wt), need_bias(fn, "bias_ih", b_ih, 3 * H, dt, wt),
-                               need_bias(fn, "bias_hh", b_hh, 3 * H, dt, wt));
+                               need_bias(fn, "bias_hh", b_hh, 3 * H, dt, wt), into(fn, "hy", hy, B, H, dt));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward(const Tensor& grad_hy, const Tensor& x,
@@ -488,6 +518,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward(con
 
 Tensor rnn_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                         const OptTensor& b_ih, const OptTensor& b_hh, bool relu) {
+  return rnn_cell_forward_into(x, hx, w_ih, w_hh, b_ih, b_hh, relu, Tensor());
+}
+
+Tensor rnn_cell_forward_into(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+                             const OptTensor& b_ih, const OptTensor& b_hh, bool relu, const Tensor& hy) {
   const char* fn = "rnn_cell_forward";
   const Tensor xc = need(fn, "input", x, {kAny, kAny}, at::ScalarType::Undefined);
   const auto dt = x.scalar_type();
@@ -496,7 +531,8 @@ Tensor rnn_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& w_ih, c
   const int64_t H = hx.size(1);
   const auto wt = weight_dtype(fn, xc, w_ih);
   return rnn_cell_forward_impl(xc, hc, need(fn, "weight_ih", w_ih, {H, I}, wt), need(fn, "weight_hh", w_hh, {H, H}, wt),
-                               need_bias(fn, "bias_ih", b_ih, H, dt, wt), need_bias(fn, "bias_hh", b_hh, H, dt, wt), relu);
+                               need_bias(fn, "bias_ih", b_ih, H, dt, wt), need_bias(fn, "bias_hh", b_hh, H, dt, wt),
+                               relu, into(fn, "hy", hy, B, H, dt));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward(const Tensor& grad_hy, const Tensor& x,
