@@ -137,33 +137,35 @@ def test_one_step_unbatched_and_repeated_calls_match_torch(kind):
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_RELU"])
-def test_one_step_states_of_every_form_match_torch(kind):
-    # the one-step route of one unidirectional layer (rnn_module_inference: one_step_layer) takes given states as
-    # [1, B, H] (unbatched [1, H]) and writes its results through aliases of the returned tensors; a state of another
-    # form (here a non-contiguous one) takes the general route. Each against torch in float64, the output apart from
-    # h_n, batch_first and unbatched alike.
+@pytest.mark.parametrize("layers", [1, 3])
+def test_one_step_states_of_every_form_match_torch(kind, layers):
+    # the one-step route of a unidirectional stack (rnn_module_inference: one_step_layers) takes given states as
+    # [layers, B, H] (unbatched [layers, H]) and writes its results through aliases of the returned tensors, each
+    # layer reading the h_n of the one below; a state of another form (here a non-contiguous one) takes the general
+    # route. Each against torch in float64, the output apart from h_n, batch_first and unbatched alike.
     import seqfast
     torch.manual_seed(0)
     name, kw = ("RNN", {"nonlinearity": "relu"}) if kind == "RNN_RELU" else (kind, {})
     lstm = kind == "LSTM"
     for batch_first in (False, True):
-        ref = getattr(torch.nn, name)(12, 20, batch_first=batch_first, **kw).double()
-        mod = getattr(seqfast.nn, name)(12, 20, batch_first=batch_first, **kw).eval()
+        ref = getattr(torch.nn, name)(12, 20, num_layers=layers, batch_first=batch_first, **kw).double()
+        mod = getattr(seqfast.nn, name)(12, 20, num_layers=layers, batch_first=batch_first, **kw).eval()
         mod.load_state_dict(ref.state_dict())
         five = (5, 1, 12) if batch_first else (1, 5, 12)
-        for x, state_shape in ((torch.randn(1, 12), (1, 20)), (torch.randn(*five), (1, 5, 20)),
-                               (torch.randn(1, 1, 12), (1, 1, 20))):
+        for x, state_shape in ((torch.randn(1, 12), (layers, 20)), (torch.randn(*five), (layers, 5, 20)),
+                               (torch.randn(1, 1, 12), (layers, 1, 20))):
             wide = [torch.randn(*state_shape[:-1], 40) for _ in range(2)]
-            for states in ([torch.randn(*state_shape) for _ in range(2)], [w[..., ::2] for w in wide]):
-                hx = tuple(states) if lstm else states[0]
+            for states in (None, [torch.randn(*state_shape) for _ in range(2)], [w[..., ::2] for w in wide]):
+                hx = None if states is None else tuple(states) if lstm else states[0]
                 with torch.no_grad():
                     got = mod(x, hx)
-                    want = ref(x.double(), tuple(s.double() for s in states) if lstm else states[0].double())
+                    want = ref(x.double(), None if states is None else
+                               tuple(s.double() for s in states) if lstm else states[0].double())
                 for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
                     assert g.shape == w.shape
                     torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=2e-5)
                 out, h = got[0], got[1][0] if lstm else got[1]
-                assert out.data_ptr() != h.data_ptr()
+                assert out.data_ptr() != h[-1].data_ptr()
                 out.fill_(7.0)  # the output and h_n are apart: h_n keeps its values
                 torch.testing.assert_close(h.double(), (want[1][0] if lstm else want[1]), rtol=1e-5, atol=2e-5)
 

@@ -62,65 +62,73 @@ std::tuple<Tensor, Tensor, Tensor> layer_in_cell_steps(const std::string& mode, 
   return {T == 1 ? h.clone() : out, h, c};
 }
 
-// A [rows, cols] alias of a contiguous tensor's data, made without an ATen op (from_blob only wraps the pointer); the
-// caller keeps `t` alive while the alias is in use.
-Tensor rows_alias(const Tensor& t, int64_t rows, int64_t cols) {
-  return at::from_blob(t.data_ptr(), {rows, cols}, t.options());
+// A [rows, cols] alias of a contiguous tensor's data from element `offset` on, made without an ATen op (from_blob
+// only wraps the pointer); the caller keeps `t` alive while the alias is in use.
+Tensor rows_alias(const Tensor& t, int64_t rows, int64_t cols, int64_t offset = 0) {
+  return at::from_blob(t.data_ptr<float>() + offset, {rows, cols}, t.options());
 }
 
-// One float32 step of one unidirectional layer on the cell entries, or nullopt where the general route below takes
-// the call (other shapes, a given state of another form: its checks raise the errors). Its returned tensors are
-// allocated in their final shapes and the cell writes h_n and c_n into them through 2-D aliases; the output is a
-// copy of h_n (torch's output and h_n never share memory). Why: this is a seq2seq decoder's call per token, and the
-// general route's ATen ops around the kernel (the input reshaped to rows, the states selected and checked, the
-// output cloned from h_n and viewed as [T, B, H], each state unsqueezed) cost about as much as a small step:
-// seqfast._C.ModuleCall took RNN B1 H128 in 8.9 us against CellCall's 4.3 on the same step. Same-process A/B on the
-// Zen 3 EPYC (module calls, no grad, 21 rounds, both orders; this route / the general one): B1 and B8 at H128
-// 1.16-1.62x (RNN B1 H128 with a state 22.1 -> 14.2 us), B1 H512 1.05-1.40x, LSTM B64 H256 0.98-1.02x.
-std::optional<std::tuple<Tensor, Tensor, Tensor>> one_step_layer(const std::string& mode, const Tensor& input,
-                                                                 const std::vector<Tensor>& weights, bool has_biases,
-                                                                 bool batch_first, const OptTensor& h0_all,
-                                                                 const OptTensor& c0_all) {
+// One float32 step of a unidirectional stack of `layers` layers on the cell entries, or nullopt where the general
+// route below takes the call (other shapes, a given state of another form: its checks raise the errors). Its returned
+// tensors are allocated in their final shapes and each layer's cell writes its h_n and c_n into them through 2-D
+// aliases (a layer's input is the h_n of the one below); the output is a copy of the top layer's h_n (torch's output
+// and h_n never share memory). Why: this is a seq2seq decoder's call per token, and the general route's ATen ops
+// around the kernels (the input reshaped to rows, the states selected and checked, the output cloned from h_n and
+// viewed as [T, B, H], the states stacked or unsqueezed) cost about as much as a small step: seqfast._C.ModuleCall
+// took RNN B1 H128 in 8.9 us against CellCall's 4.3 on the same step. Same-process A/B on the Zen 3 EPYC (module
+// calls, no grad, 21 rounds, both orders; this route / the general one): one layer, B1 and B8 at H128 1.16-1.62x
+// (RNN B1 H128 with a state 22.1 -> 14.2 us), B1 H512 1.05-1.40x, LSTM B64 H256 0.98-1.02x; 2-3 layers with a
+// state, B1 H256 and B8 H128 1.17-1.35x, RNN B1 H128 1.79x, LSTM B1 H1024 1.01-1.06x.
+std::optional<std::tuple<Tensor, Tensor, Tensor>> one_step_layers(const std::string& mode, const Tensor& input,
+                                                                  const std::vector<Tensor>& weights,
+                                                                  bool has_biases, int64_t layers, bool batch_first,
+                                                                  const OptTensor& h0_all, const OptTensor& c0_all) {
   const bool lstm = mode == "LSTM", batched = input.dim() == 3;
   const int64_t T = batched ? input.size(batch_first ? 1 : 0) : input.size(0);
   const int64_t B = batched ? input.size(batch_first ? 0 : 1) : 1;
   if (T != 1 || !one_step_as_cell(B) || !input.is_contiguous()) return std::nullopt;
-  const int64_t I = input.size(-1), H = weights[1].size(1);
+  const int64_t I = input.size(-1), H = weights[1].size(1), per = has_biases ? 4 : 2;
   const auto opt = input.options();
-  // a given state as the general route takes it for one layer ([1, B, H], unbatched [1, H]), contiguous and of the
+  // a given state as the general route takes it ([layers, B, H], unbatched [layers, H]), contiguous and of the
   // input's dtype; undefined: not given; nullopt: another form, left to the general route's checks
-  const auto state = [&](const OptTensor& s) -> std::optional<Tensor> {
+  const auto given = [&](const OptTensor& s) -> std::optional<Tensor> {
     if (!s.has_value() || !s->defined()) return Tensor();
-    if (s->dim() != (batched ? 3 : 2) || s->size(0) != 1 || (batched && s->size(1) != B) || s->size(-1) != H ||
-        s->scalar_type() != at::kFloat || !s->device().is_cpu() || !s->is_contiguous())
+    if (s->dim() != (batched ? 3 : 2) || s->size(0) != layers || (batched && s->size(1) != B) ||
+        s->size(-1) != H || s->scalar_type() != at::kFloat || !s->device().is_cpu() || !s->is_contiguous())
       return std::nullopt;
-    return rows_alias(*s, B, H);
+    return *s;
   };
-  std::optional<Tensor> h0 = state(h0_all), c0 = state(c0_all);
-  if (!h0 || !c0 || (!lstm && c0->defined())) return std::nullopt;
-  if (!h0->defined() || (lstm && !c0->defined())) {
-    const Tensor zero = B * H <= kZeroStateMaxNumel ? cached_zero_state(B, H, opt) : at::zeros({B, H}, opt);
-    if (!h0->defined()) *h0 = zero;
-    if (lstm && !c0->defined()) *c0 = zero;
-  }
+  const std::optional<Tensor> h0s = given(h0_all), c0s = given(c0_all);
+  if (!h0s || !c0s || (!lstm && c0s->defined())) return std::nullopt;
+  Tensor zero;
+  if (!h0s->defined() || (lstm && !c0s->defined()))
+    zero = B * H <= kZeroStateMaxNumel ? cached_zero_state(B, H, opt) : at::zeros({B, H}, opt);
+  // layer l's initial state: its slice of the given states, or the shared zero state
+  const auto initial = [&](const Tensor& s, int64_t l) { return s.defined() ? rows_alias(s, B, H, l * B * H) : zero; };
   // with T = 1 each layout of the input ([1, B, I], batch_first [B, 1, I], unbatched [1, I]) holds the step's rows
   // as a contiguous [B, I], and so does each of the output's
-  const Tensor x = rows_alias(input, B, I);
-  const std::vector<int64_t> state_shape = batched ? std::vector<int64_t>{1, B, H} : std::vector<int64_t>{1, H};
+  const std::vector<int64_t> state_shape =
+      batched ? std::vector<int64_t>{layers, B, H} : std::vector<int64_t>{layers, H};
   Tensor out = at::empty(!batched ? std::vector<int64_t>{1, H}
                                   : batch_first ? std::vector<int64_t>{B, 1, H} : std::vector<int64_t>{1, B, H},
                          opt);
   Tensor hn = at::empty(state_shape, opt), cn = lstm ? at::empty(state_shape, opt) : Tensor();
-  const OptTensor b_ih = has_biases ? OptTensor(weights[2]) : OptTensor();
-  const OptTensor b_hh = has_biases ? OptTensor(weights[3]) : OptTensor();
-  if (lstm)
-    lstm_cell_forward_into(x, *h0, *c0, weights[0], weights[1], b_ih, b_hh, rows_alias(hn, B, H),
-                           rows_alias(cn, B, H));
-  else if (mode == "GRU")
-    gru_cell_forward_into(x, *h0, weights[0], weights[1], b_ih, b_hh, rows_alias(hn, B, H));
-  else
-    rnn_cell_forward_into(x, *h0, weights[0], weights[1], b_ih, b_hh, mode == "RNN_RELU", rows_alias(hn, B, H));
-  std::memcpy(out.data_ptr<float>(), hn.const_data_ptr<float>(), sizeof(float) * size_t(B * H));
+  Tensor x = rows_alias(input, B, I);
+  for (int64_t l = 0; l < layers; ++l) {
+    const Tensor* w = weights.data() + l * per;
+    const OptTensor b_ih = has_biases ? OptTensor(w[2]) : OptTensor();
+    const OptTensor b_hh = has_biases ? OptTensor(w[3]) : OptTensor();
+    Tensor h = rows_alias(hn, B, H, l * B * H);
+    if (lstm)
+      lstm_cell_forward_into(x, initial(*h0s, l), initial(*c0s, l), w[0], w[1], b_ih, b_hh, h,
+                             rows_alias(cn, B, H, l * B * H));
+    else if (mode == "GRU")
+      gru_cell_forward_into(x, initial(*h0s, l), w[0], w[1], b_ih, b_hh, h);
+    else
+      rnn_cell_forward_into(x, initial(*h0s, l), w[0], w[1], b_ih, b_hh, mode == "RNN_RELU", h);
+    x = h;
+  }
+  std::memcpy(out.data_ptr<float>(), x.const_data_ptr<float>(), sizeof(float) * size_t(B * H));
   return std::make_tuple(out, hn, cn);
 }
 
@@ -138,8 +146,9 @@ std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode,
   const int64_t dirs = bidirectional ? 2 : 1, per = has_biases ? 4 : 2;
   TORCH_CHECK(num_layers >= 1 && int64_t(weights.size()) == num_layers * dirs * per,
               "rnn_module_inference: expected ", num_layers * dirs * per, " weights, got ", weights.size());
-  if (!cell_steps && num_layers == 1 && !bidirectional && input.scalar_type() == at::kFloat)
-    if (auto r = one_step_layer(mode, input, weights, has_biases, batch_first, h0_all, c0_all)) return *r;
+  if (!cell_steps && !bidirectional && input.scalar_type() == at::kFloat)
+    if (auto r = one_step_layers(mode, input, weights, has_biases, num_layers, batch_first, h0_all, c0_all))
+      return *r;
   const bool batched = input.dim() == 3;
   // time-major [T, B, I]
   const Tensor x3 = !batched ? input.unsqueeze(1) : batch_first ? input.transpose(0, 1) : input;
