@@ -116,11 +116,13 @@ def test_one_step_layer_as_cell_matches_torch(kind, batch, input_size, hidden, l
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_one_step_unbatched_and_repeated_calls_match_torch(kind):
-    # an unbatched step (one row), then calls of other batches and hidden sizes without a state: the per-thread zero
-    # state of rnn_module_inference is rebuilt for each shape and never written
+    # an unbatched step (one row), then calls of other batches, hidden sizes and lengths without a state: the
+    # per-thread zero state of rnn_module_inference (one-step calls and sequences) is rebuilt for each shape and never
+    # written
     import seqfast
     torch.manual_seed(0)
-    for hidden, shapes in ((24, [(1, 10), (1, 1, 10), (1, 6, 10), (1, 1, 10)]), (40, [(1, 5, 10), (1, 10)])):
+    for hidden, shapes in ((24, [(1, 10), (1, 1, 10), (6, 1, 10), (1, 6, 10), (4, 10), (1, 1, 10)]),
+                           (40, [(1, 5, 10), (3, 5, 10), (1, 10)])):
         ref = getattr(torch.nn, kind)(10, hidden).double()
         mod = getattr(seqfast.nn, kind)(10, hidden).eval()
         mod.load_state_dict(ref.state_dict())
