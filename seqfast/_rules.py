@@ -89,6 +89,10 @@ _ZEN3_B1_RNN_CELL = ("same-process A/B, torch / seqfast with the rule table off,
 _ZEN3_B1_RNN_LAYER = ("same-process A/B, torch / seqfast's kernel / seqfast forced to torch's op, 21 rounds, on commit "
                       "a8c69c0 on the same AMD EPYC family 25 model 1; make bench-sweep sweep-cpu-20261206-104924 and "
                       "-112555")
+_ZEN3_BF16_RNN_CELL = ("same-process A/B, torch / seqfast's kernel / seqfast with the rule, 41 rounds, each share "
+                       "after the process's other threads went idle, on commit 3d5bf2c (+ the C++ call running "
+                       "torch's op for bfloat16 training rules) on the same AMD EPYC family 25 model 1; make "
+                       "bench-sweep sweep-cpu-20261206-180155 to -205719")
 _ZEN3_LATER = ("make bench-sweep runs 201033 and 214300 and make bench runs cpu-20261204-200307 / 214050 on the same "
                "AMD EPYC family 25 model 1")
 
@@ -121,6 +125,12 @@ RULES = [
     # 21 rounds, torch / seqfast's kernel at H128 / 256 / 512 / 1024: 0.93 / 0.94 / 0.81 / 0.88x, torch's op through
     # seqfast 0.99-1.12x; two steps and more: 1.15x at T2, 1.45x at T4, 2.7-4.1x at T32 in the sweeps)
     Rule("rnn", F32, AVX2, training=True, batch=(1, 1), steps=(1, 1), source=_ZEN3_B1_RNN_LAYER),
+    # bfloat16 training at batch 1 up to hidden 128: as in float32, autograd's bookkeeping is most of the step, and
+    # seqfast's Python around its float32 kernels (the weights read in place) cost more than the kernels saved
+    # (sweeps 180155 to 205719, B1 H128: 0.98 / 1.05 / 0.99 / 0.92x). Same-process A/B, 41 rounds, torch's time over
+    # seqfast's kernel's / over torch's op run by the module's C++ call under this rule: H64 0.95-1.06x / 1.11-1.18x,
+    # H128 0.90-0.94x / 1.01-1.08x; at H256 the kernel 1.34x (the rule 1.04x), at B2-B8 the kernel 1.11-1.28x.
+    Rule("rnn_cell", BF16, AVX2, training=True, batch=(1, 1), hidden=(1, 128), source=_ZEN3_BF16_RNN_CELL),
     Rule("lstm_cell", F32, AVX2, training=True, batch=(256, INF), hidden=(256, INF), source=_ZEN3),  # 0.85-0.93x
     # training from batch 32 at hidden >= 512 (was: every batch at hidden >= 1024, and from batch 16 at 512, where
     # B16 / 32 / 64 / 128 at H512 read 0.92 / 0.84 / 0.87 / 0.84x, _ZEN3_SETTLED). With the backward's small-batch

@@ -103,8 +103,9 @@ def test_modules_match_float64_torch(in_place, kind, kw, batch, grad):
     with torch.set_grad_enabled(grad):
         got, want = ours(x, hx), ref(x64, hx64)
     got, want = (list(got), list(want)) if kind == "LSTMCell" else ([got], [want])
-    if grad:
-        assert in_place == [batch]
+    if grad:  # the kernels, except where a training rule gives the step to torch's op (RNNCell at batch 1)
+        family = {"LSTMCell": "lstm_cell", "GRUCell": "gru_cell", "RNNCell": "rnn_cell"}[kind]
+        assert in_place == ([] if _rules.prefer_torch_when(family, x, batch, 24, True) else [batch])
     else:  # a no-grad module step runs its C++ call (test_no_grad_module_call_matches_the_functional)
         assert ours._seqfast_call and in_place == []
     for g, w in zip(got, want):

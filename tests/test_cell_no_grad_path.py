@@ -328,3 +328,38 @@ def test_cell_call_runs_torchs_op_for_training_rules(kind, kw):
         assert_raises_like_torch(ref, mod, bad)
     finally:
         _rules.set_rules(saved)
+
+
+@pytest.mark.parametrize("kind,kw", CELLS)
+def test_cell_call_runs_torchs_op_for_bfloat16_training_rules(kind, kw):
+    """The same for a bfloat16 step (a dtype whose no-grad steps the call runs as torch's op or on the float32
+    kernels): inside a training rule's batches the C++ call runs torch's bfloat16 cell op, recorded as torch records
+    it; outside them it declines and seqfast.functional decides."""
+    family = {"LSTMCell": "lstm_cell", "GRUCell": "gru_cell", "RNNCell": "rnn_cell"}[kind]
+    saved = list(_rules.RULES)
+    try:
+        _rules.set_rules([_rules.Rule(family, torch.bfloat16, (_rules.cpu_class(),), training=True, batch=(3, 3),
+                                      source="test")])
+        torch.manual_seed(0)
+        bf = torch.bfloat16
+        ref, mod = _pair(kind, kw, dtype=bf)
+        x, hx = torch.randn(3, 5, dtype=bf, requires_grad=True), _states(kind, 3, dtype=bf)
+        got, want = _flat(mod(x, hx)), _flat(ref(x, hx))
+        call = mod._seqfast_call
+        assert call and all(o.requires_grad and o.dtype == bf for o in _flat(call(x, hx)))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        params = list(mod.parameters()) + [x]
+        grads = torch.autograd.grad(sum(g.float().square().sum() for g in got), params)
+        ref_grads = torch.autograd.grad(sum(w.float().square().sum() for w in want), list(ref.parameters()) + [x])
+        for g, w in zip(grads, ref_grads):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        x4, hx4 = torch.randn(4, 5, dtype=bf, requires_grad=True), _states(kind, 4, dtype=bf)
+        assert call(x4, hx4) is None  # outside the rule's batches: the Python path
+        for g, w in zip(_flat(mod(x4, hx4)), _flat(ref(x4, hx4))):
+            assert g.requires_grad and g.dtype == bf
+            torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
+        bad = (x, tuple(h[:2] for h in hx)) if kind == "LSTMCell" else (x, hx[:2])
+        assert_raises_like_torch(ref, mod, bad)
+    finally:
+        _rules.set_rules(saved)

@@ -265,9 +265,10 @@ class CellCall {
     const OptTensor b_hh = b_hh_.is_none() ? OptTensor() : OptTensor(current(b_hh_));
     if (recorded(*x) || recorded(*h) || (c && recorded(*c)) || recorded(w_ih) || recorded(w_hh) ||
         (b_ih && recorded(*b_ih)) || (b_hh && recorded(*b_hh))) {
-      // a dtype without the C++ kernels, or a batch outside the training rules: the Python path; torch's shape errors
-      // come from that path too. torch's op carries a forward-mode tangent as torch does.
-      if (torch_op_ || !in_ranges(training_torch_batches_, x->size(0)) ||
+      // a batch outside the training rules: the Python path (for a dtype without the C++ kernels, seqfast.functional
+      // then decides); torch's shape errors come from that path too. torch's op carries a forward-mode tangent as
+      // torch does.
+      if (!in_ranges(training_torch_batches_, x->size(0)) ||
           check_cell_args(gates_, *x, *h, c ? OptTensor(*c) : OptTensor(), w_ih, w_hh, b_ih, b_hh, false) !=
               kCellOk)
         return py::none();
