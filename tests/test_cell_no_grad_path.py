@@ -295,58 +295,29 @@ def test_frozen_cell_in_grad_mode_takes_the_call(kind, kw, no_grad_kernel_calls)
         assert call(fwAD.make_dual(x, torch.ones_like(x)), hx) is None
 
 
+# the tolerance against torch.nn outside the rule's batches, where seqfast's own path runs (bfloat16: float32 kernels
+# on the bfloat16 weights, rounded once, against torch's bfloat16 ops)
+_OWN_PATH_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
 @pytest.mark.parametrize("kind,kw", CELLS)
-def test_cell_call_runs_torchs_op_for_training_rules(kind, kw):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cell_call_runs_torchs_op_for_training_rules(kind, kw, dtype):
     """A step that autograd records, at a batch where the rule table prefers torch's op for training: the C++ call runs
     torch's cell op, recorded as torch records it (the module's output and gradients are torch.nn's, bit for bit);
-    at other batches it declines and seqfast's autograd op runs."""
+    at other batches it declines and seqfast's autograd op runs (bfloat16: seqfast.functional decides). bfloat16 is
+    a dtype whose no-grad steps the call runs as torch's op or on the float32 kernels."""
     family = {"LSTMCell": "lstm_cell", "GRUCell": "gru_cell", "RNNCell": "rnn_cell"}[kind]
     saved = list(_rules.RULES)
     try:
-        _rules.set_rules([_rules.Rule(family, torch.float32, (_rules.cpu_class(),), training=True, batch=(3, 3),
+        _rules.set_rules([_rules.Rule(family, dtype, (_rules.cpu_class(),), training=True, batch=(3, 3),
                                       source="test")])
         torch.manual_seed(0)
-        ref, mod = _pair(kind, kw)
-        x, hx = torch.randn(3, 5, requires_grad=True), _states(kind, 3)
+        ref, mod = _pair(kind, kw, dtype=dtype)
+        x, hx = torch.randn(3, 5, dtype=dtype, requires_grad=True), _states(kind, 3, dtype=dtype)
         got, want = _flat(mod(x, hx)), _flat(ref(x, hx))
         call = mod._seqfast_call
-        assert call and all(o.requires_grad for o in _flat(call(x, hx)))
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, rtol=0, atol=0)
-        params = list(mod.parameters()) + [x]
-        grads = torch.autograd.grad(sum(g.square().sum() for g in got), params)
-        ref_grads = torch.autograd.grad(sum(w.square().sum() for w in want), list(ref.parameters()) + [x])
-        for g, w in zip(grads, ref_grads):
-            torch.testing.assert_close(g, w, rtol=0, atol=0)
-        x4, hx4 = torch.randn(4, 5, requires_grad=True), _states(kind, 4)
-        assert call(x4, hx4) is None  # outside the rule's batches: seqfast's autograd op
-        for g, w in zip(_flat(mod(x4, hx4)), _flat(ref(x4, hx4))):
-            assert g.requires_grad
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
-        # a state of another batch: torch's error, as the module raises it
-        bad = (x, tuple(h[:2] for h in hx)) if kind == "LSTMCell" else (x, hx[:2])
-        assert_raises_like_torch(ref, mod, bad)
-    finally:
-        _rules.set_rules(saved)
-
-
-@pytest.mark.parametrize("kind,kw", CELLS)
-def test_cell_call_runs_torchs_op_for_bfloat16_training_rules(kind, kw):
-    """The same for a bfloat16 step (a dtype whose no-grad steps the call runs as torch's op or on the float32
-    kernels): inside a training rule's batches the C++ call runs torch's bfloat16 cell op, recorded as torch records
-    it; outside them it declines and seqfast.functional decides."""
-    family = {"LSTMCell": "lstm_cell", "GRUCell": "gru_cell", "RNNCell": "rnn_cell"}[kind]
-    saved = list(_rules.RULES)
-    try:
-        _rules.set_rules([_rules.Rule(family, torch.bfloat16, (_rules.cpu_class(),), training=True, batch=(3, 3),
-                                      source="test")])
-        torch.manual_seed(0)
-        bf = torch.bfloat16
-        ref, mod = _pair(kind, kw, dtype=bf)
-        x, hx = torch.randn(3, 5, dtype=bf, requires_grad=True), _states(kind, 3, dtype=bf)
-        got, want = _flat(mod(x, hx)), _flat(ref(x, hx))
-        call = mod._seqfast_call
-        assert call and all(o.requires_grad and o.dtype == bf for o in _flat(call(x, hx)))
+        assert call and all(o.requires_grad and o.dtype == dtype for o in _flat(call(x, hx)))
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
         params = list(mod.parameters()) + [x]
@@ -354,12 +325,14 @@ def test_cell_call_runs_torchs_op_for_bfloat16_training_rules(kind, kw):
         ref_grads = torch.autograd.grad(sum(w.float().square().sum() for w in want), list(ref.parameters()) + [x])
         for g, w in zip(grads, ref_grads):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
-        x4, hx4 = torch.randn(4, 5, dtype=bf, requires_grad=True), _states(kind, 4, dtype=bf)
-        assert call(x4, hx4) is None  # outside the rule's batches: the Python path
+        x4, hx4 = torch.randn(4, 5, dtype=dtype, requires_grad=True), _states(kind, 4, dtype=dtype)
+        assert call(x4, hx4) is None  # outside the rule's batches: seqfast's autograd op
         for g, w in zip(_flat(mod(x4, hx4)), _flat(ref(x4, hx4))):
-            assert g.requires_grad and g.dtype == bf
-            torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
+            assert g.requires_grad and g.dtype == dtype
+            torch.testing.assert_close(g.float(), w.float(), **_OWN_PATH_TOL[dtype])
+        # a state of another batch: torch's error, as the module raises it
         bad = (x, tuple(h[:2] for h in hx)) if kind == "LSTMCell" else (x, hx[:2])
         assert_raises_like_torch(ref, mod, bad)
     finally:
         _rules.set_rules(saved)
+

@@ -427,15 +427,13 @@ OptTensor need_bias(const char* fn, const char* name, const OptTensor& b, int64_
 }
 
 namespace {
-// An output the caller gives (the *_forward_into entries): [B, H] contiguous of the input's dtype and device, or
-// undefined (the entry makes one). Its contents are never read before the kernel writes them.
+// An output the caller gives (the *_forward_into entries): [B, H] contiguous of the input's dtype on the CPU (need's
+// checks, and already contiguous: need would write into a copy), or undefined (the entry makes one). Its contents
+// are never read before the kernel writes them.
 Tensor into(const char* fn, const char* name, const Tensor& t, int64_t B, int64_t H, at::ScalarType dt) {
   if (!t.defined()) return t;
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == H && t.scalar_type() == dt && t.device().is_cpu() &&
-                  t.is_contiguous(),
-              fn, ": ", name, " must be a contiguous CPU tensor of shape [", B, ", ", H, "] and dtype ", dt, ", got ",
-              t.sizes(), " ", t.scalar_type());
-  return t;
+  TORCH_CHECK(t.is_contiguous(), fn, ": ", name, " must be contiguous (the results are written into it)");
+  return need(fn, name, t, {B, H}, dt);
 }
 }  // namespace
 

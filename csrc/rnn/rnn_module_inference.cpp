@@ -37,6 +37,11 @@ const Tensor& cached_zero_state(int64_t B, int64_t H, const at::TensorOptions& o
   return zero;
 }
 
+// The zero initial state of a call without one: the cached one where it is small enough, a new one otherwise.
+Tensor zero_state(int64_t B, int64_t H, const at::TensorOptions& options) {
+  return B * H <= kZeroStateMaxNumel ? cached_zero_state(B, H, options) : at::zeros({B, H}, options);
+}
+
 // One layer and direction as cell steps on float32 rows x [T * B, I] (B rows per step), the weights as they are
 // (bfloat16 ones read in place by the cell kernels: see cell_steps below). -> (output rows, h_n, c_n or undefined)
 std::tuple<Tensor, Tensor, Tensor> layer_in_cell_steps(const std::string& mode, const Tensor& x, int64_t T,
@@ -104,7 +109,7 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> one_step_layers(const std::str
   if (!h0s || !c0s || (!lstm && c0s->defined())) return std::nullopt;
   Tensor zero;
   if (!h0s->defined() || (lstm && !c0s->defined()))
-    zero = B * H <= kZeroStateMaxNumel ? cached_zero_state(B, H, opt) : at::zeros({B, H}, opt);
+    zero = zero_state(B, H, opt);
   // layer l's initial state: its slice of the given states, or the shared zero state
   const auto initial = [&](const Tensor& s, int64_t l) { return s.defined() ? rows_alias(s, B, H, l * B * H) : zero; };
   // with T = 1 each layout of the input ([1, B, I], batch_first [B, 1, I], unbatched [1, I]) holds the step's rows
@@ -190,7 +195,7 @@ std::tuple<Tensor, Tensor, Tensor> rnn_module_inference(const std::string& mode,
       const int64_t slice = layer * dirs + d;
       // the zero state, read only: shared by the layers
       if ((!h0s.defined() || (lstm && !c0s.defined())) && (!h0.defined() || h0.size(1) != H))
-        h0 = B * H <= kZeroStateMaxNumel ? cached_zero_state(B, H, x.options()) : at::zeros({B, H}, x.options());
+        h0 = zero_state(B, H, x.options());
       const Tensor hi = h0s.defined() ? h0s[slice] : h0;
       const bool reverse = d == 1;
       // a float32 one-step call runs as a cell step where that is faster (rnn.h: one_step_as_cell)
