@@ -114,6 +114,17 @@ def bfloat16_and_float64(kind, *args, **kw):
     return ours, ref
 
 
+@pytest.fixture
+def no_rules():
+    """An empty rule table inside the test (seqfast's own paths wherever they take the call), restored after it. On a
+    CPU with native bfloat16 the table sends bfloat16 LSTM layers to torch's op before any float32 path is tried."""
+    from seqfast import _rules
+    saved = list(_rules.RULES)
+    _rules.set_rules([])
+    yield
+    _rules.set_rules(saved)
+
+
 def bfloat16_paths_taken(monkeypatch, rule):
     """seqfast._rules' float32 paths for bfloat16 (upcast_bfloat16, bf16_weights_in_place) allowed on this CPU class,
     and the decision ``rule`` (one of them, by name) spied on; -> the list of the row counts it let through."""

@@ -15,8 +15,9 @@ TOL = dict(rtol=5e-2, atol=5e-2)
 
 
 @pytest.fixture
-def upcasts(monkeypatch):
-    """The upcast path allowed on this CPU class; -> the list of calls that took it."""
+def upcasts(monkeypatch, no_rules):
+    """The upcast path allowed on this CPU class, no rule sending the call to torch's op; -> the list of calls that
+    took it."""
     return bfloat16_paths_taken(monkeypatch, "upcast_bfloat16")
 
 

@@ -21,8 +21,9 @@ TOL = dict(rtol=2e-2, atol=2e-2)
 
 
 @pytest.fixture
-def in_steps(monkeypatch):
-    """The cell-step path allowed on this CPU class at every layer size; -> the row counts of the calls taking it."""
+def in_steps(monkeypatch, no_rules):
+    """The cell-step path allowed on this CPU class at every layer size, no rule sending the call to torch's op; ->
+    the row counts of the calls taking it."""
     bfloat16_paths_taken(monkeypatch, "bf16_weights_in_place")
     monkeypatch.setattr(_rnn_sequence, "BF16_STEPS_MIN_WEIGHTS_NO_GRAD", 0)
     taken = []

@@ -33,17 +33,41 @@ def _ticks_during(call):
     return sum(t0 + 0.005 < s < t1 - 0.005 for s in stamps)
 
 
+def _sized(make, seconds=0.06, max_scale=16):
+    """make(scale) -> (inputs, call): the smallest power-of-two scale whose call takes at least `seconds` on this CPU
+    (a fast CPU finishes the base size in under _ticks_during's 20 ms window), or the largest scale tried."""
+    scale = 1
+    while True:
+        inputs, call = make(scale)
+        call()  # warm-up: workspaces, the team
+        t0 = time.perf_counter()
+        call()
+        if time.perf_counter() - t0 >= seconds or scale >= max_scale:
+            return inputs, call
+        scale *= 2
+
+
 def test_sdpa_forward_and_backward_release_the_gil():
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 4, 1536, 64) for _ in range(3))
-    out, lse = _C.sdpa_forward(q, k, v, None, False, 0.125)
-    assert _ticks_during(lambda: _C.sdpa_forward(q, k, v, None, False, 0.125)) > 100
+
+    def make(scale):
+        q, k, v = (torch.randn(1, 4 * scale, 1536, 64) for _ in range(3))
+        return (q, k, v), lambda: _C.sdpa_forward(q, k, v, None, False, 0.125)
+
+    (q, k, v), forward = _sized(make)
+    out, lse = forward()
+    assert _ticks_during(forward) > 100
     g = torch.randn_like(out)
     assert _ticks_during(lambda: _C.sdpa_backward(g, q, k, v, out, lse, None, False, 0.125)) > 100
 
 
 def test_additive_attention_releases_the_gil():
     torch.manual_seed(0)
-    N, S, A, Dv = 64, 2048, 128, 64
-    qp, kp, v, values = torch.randn(N, A), torch.randn(N, S, A), torch.randn(A), torch.randn(N, S, Dv)
-    assert _ticks_during(lambda: _C.additive_attention_forward(qp, kp, v, values, None)) > 100
+
+    def make(scale):
+        N, S, A, Dv = 64 * scale, 2048, 128, 64
+        qp, kp, v, values = torch.randn(N, A), torch.randn(N, S, A), torch.randn(A), torch.randn(N, S, Dv)
+        return None, lambda: _C.additive_attention_forward(qp, kp, v, values, None)
+
+    _, forward = _sized(make)
+    assert _ticks_during(forward) > 100
