@@ -11,7 +11,8 @@
 // the gradient tests use.
 // float32 on CPUs with AVX-512 takes attention_avx512.h instead, forward and backward (register-tiled loops on
 // transposed blocks, attention_avx512*.cpp); on CPUs with AVX2 and no AVX-512 kernels the float32 forward and backward
-// take attention_avx2.h (the same transposed layout on the own AVX2 GEMM) and decoder steps attention_decode_avx2.h.
+// take attention_avx2.h (the same transposed layout on the own AVX2 GEMM). Decoder steps take attention_decode_avx2.h
+// on both.
 // float64, bfloat16, and float32 backwards of fewer than 8 query rows run the BLAS path below.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -309,12 +310,12 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   T* op = out.data_ptr<T>();
   A* lp = lse.data_ptr<A>();
   const A ninf = -std::numeric_limits<A>::infinity();
-  bool avx512 = false;
-  if constexpr (std::is_same_v<T, float>) avx512 = use_avx512();
-  // float32 and bfloat16 on AVX2 CPUs without the AVX-512 kernels: attention_decode_avx2.h (the loops below ran at
-  // 39% of a plain read of the same bytes at 256 keys on a Zen 3)
+  // float32 and bfloat16 on AVX2 CPUs, AVX-512 ones included: attention_decode_avx2.h. The loops below ran at 39% of a
+  // plain read of the same bytes at 256 keys on a Zen 3; an AVX-512 kernel (16-key score blocks, reduced by a
+  // transpose tree) at 28-36% of it on a Zen 5 (AMD EPYC family 26), where this one reads at 67-92% (2.5-2.7x, B16 H8
+  // D64 at 256-4096 keys, same-process runs of 15 rounds).
   constexpr bool kAvx2Type = std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>;
-  const bool avx2 = kAvx2Type && !avx512 && attn_avx2::available();
+  const bool avx2 = kAvx2Type && attn_avx2::available();
   // Heads per thread: at least config().par_min_work multiply-adds each, so a small step (batch 1, 8 heads, a few
   // dozen keys: microseconds of work) runs on the calling thread instead of waking a team for it.
   const int64_t head_work = std::max<int64_t>(1, G * kv_end * (D + Dv));
@@ -323,23 +324,6 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     std::vector<A> S(G * std::max<int64_t>(kv_end, 1)), acc(G * Dv), inv(G), Qw(widen ? G * D : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / Hk, hk = t % Hk;
-      if constexpr (std::is_same_v<T, float>) {
-        if (avx512) {
-          attn512::DecodeHead a;
-          set_qkv(a, in, in.q.head(n, hk * G), sqh, n, hk, kv_end, scale);
-          a.G = G;
-          if (bv.ptr) {
-            a.bias = bv.head(n, hk * G);
-            a.bsg = bv.sh;
-            a.bsj = bv.sj;
-          }
-          a.out = op + (n * Hq + hk * G) * Dv;
-          a.so = Dv;
-          a.lse = lp + n * Hq + hk * G;
-          attn512::decode_head(a, S.data());
-          continue;
-        }
-      }
       const A* Q;
       int64_t sq;  // row stride of Q's heads
       if constexpr (widen) {

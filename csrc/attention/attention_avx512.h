@@ -27,7 +27,7 @@ constexpr int64_t kBk = 256;  // keys per score block
 
 // The operands every task reads: query rows, the keys and values of one kv head, the scale.
 struct QkvRows {
-  const float* q = nullptr;       // query row r (DecodeHead: query head r) at q + r * sq (D floats)
+  const float* q = nullptr;       // query row r at q + r * sq (D floats)
   int64_t sq = 0, D = 0;
   const float* k = nullptr;       // key j at k + j * sk
   int64_t sk = 0;
@@ -80,22 +80,6 @@ struct BwdBlock : BlockRows {      // keys by absolute index (k + j * sk)
 int64_t bwd_workspace(int64_t D, int64_t Dv);
 
 void bwd_block(const BwdBlock& a, float* ws);
-
-// Decoder step (one query row per head): the G query heads of one kv head against its keys [0, kv_end). Memory-bound
-// (each K and V element is used G times), so K and V are read once, row by row, in place: scores of 16 keys at a
-// time as row dot products summed by avx512::reduce16, an exact softmax over the scores kept in `scores`, then P V
-// with 4 keys in flight per 64 output columns.
-struct DecodeHead : QkvRows {     // q: head g at q + g * sq
-  int64_t G = 1;                  // query heads sharing this kv head
-  const float* bias = nullptr;    // additive mask of head g, key j at bias + g * bsg + j * bsj, or nullptr
-  int64_t bsg = 0, bsj = 0;
-  float* out = nullptr;           // head g at out + g * so (Dv floats); 0 for a fully masked head
-  int64_t so = 0;
-  float* lse = nullptr;           // head g at lse[g]; -inf for a fully masked head
-};
-
-// scores: G * kv_end floats of scratch.
-void decode_head(const DecodeHead& a, float* scores);
 
 }  // namespace attn512
 }  // namespace seqfast

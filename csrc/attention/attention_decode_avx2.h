@@ -1,5 +1,5 @@
 // Decoder step (one query row per head) for x86-64 CPUs with AVX2 + FMA (seqfast._C internal;
-// attention_decode_avx2.cpp). attention.cpp's decode_kernel calls it where the AVX-512 kernels do not run.
+// attention_decode_avx2.cpp). attention.cpp's decode_kernel calls it on every such CPU, AVX-512 ones included.
 //
 // The step is memory-bound: each K and V element is read once and used G times (G query heads per kv head), about
 // 2 FLOP per loaded element. The generic row helpers (attention_rows.inc) spent more time in their horizontal

@@ -26,8 +26,7 @@ struct Config {
   // SEQFAST_CPU_NO_AVX512_ATTN unset: float32 attention runs the AVX-512 block kernels where the CPU has them.
   bool avx512_attention = true;
   // SEQFAST_CPU_NO_AVX2_DECODE unset: float32 / bfloat16 decoder steps (query length 1) run the AVX2 kernel of
-  // attention/attention_decode_avx2.h on CPUs with AVX2 + FMA where the AVX-512 one does not run; false: the
-  // generic row loops.
+  // attention/attention_decode_avx2.h on CPUs with AVX2 + FMA (AVX-512 ones included); false: the generic row loops.
   bool avx2_decode = true;
   // SEQFAST_CPU_NO_AVX2_ATTN unset: the float32 attention forward (query length > 1) and backward (8+ query rows) run
   // the AVX2 blocks of attention/attention_avx2.h on CPUs with AVX2 + FMA where the AVX-512 ones do not run; false:
