@@ -77,7 +77,19 @@ BlasArgs blas_args(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t ld
 
 }  // namespace
 
-bool nt_available() { return sgemm_nt::available() && !cpu::has_avx512(); }
+// The own AVX2 kernels run on every CPU with AVX2 + FMA, AVX-512 ones included: the wheel's MKL takes its AVX2 path
+// on AMD cores, and there the own kernels' reading the weights in place beat it on the cell steps (Zen 5, AMD EPYC
+// family 26, same-process A/B, no grad, torch's time over seqfast's with them / without: RNNCell B32 H1024 1.58 /
+// 1.03x, LSTMCell B64 H512 1.46 / 1.07x, GRUCell B256 H512 1.25 / 1.04x, LSTMCell B8 H128 2.79 / 2.04x; training
+// LSTMCell B64 H512 1.52 / 1.25x, GRUCell B32 H512 1.41 / 1.02x). Where the CPU has AVX-512 the own AVX-512 GEMM
+// (sgemm.h) keeps what it owns: see nt_in_regions and mm.
+bool nt_available() { return sgemm_nt::available(); }
+
+// Whether the single-threaded entry (cm: the fused loops' per-step products, attention's blocks) and the sequence
+// loops' choices run the own AVX2 kernels: on CPUs without the AVX-512 GEMM only. With it the loops pack their
+// weights once for that GEMM, which beat the AVX2 kernels there (Zen 5, same-process A/B, no grad, the AVX2 kernels
+// in the loops too / not: GRU T32 B64 H512 0.68x, RNN T32 B256 H512 0.70x, GRU T32 B8 H1024 0.82x).
+bool nt_in_regions() { return nt_available() && !sgemm::available(); }
 
 // Whether the own AVX2 kernel should take an A [M, K] @ W^T product. Its dot products pay a horizontal reduction per
 // output, which short rows (small K) do not amortise, while BLAS packs its operands once per call, which many rows of
@@ -113,7 +125,13 @@ inline bool ntp_prefers(int64_t M, int64_t K) { return M >= 32 && K >= 64 && 4 *
 // per-step dh = dgates W_hh and small cells), tied at M 64-1024 and lost from M 2048 (0.6-0.8x: the weight gradients
 // over all steps, where BLAS's packing pays). A B past 8 MB streams from memory, where BLAS read it faster (LSTMCell
 // B8 H1024 training: 18.5 ms own, 16.8 BLAS), so it stays there too.
-inline bool nn_prefers(int64_t M, int64_t K, int64_t N) { return M <= 32 && K * N <= (int64_t(1) << 21); }
+// Where the CPU has AVX-512, a single row (a batch-1 step's dx = dg W) stays on BLAS, whose GEMV there read W at up to
+// 2.4x the kernel's rate (Zen 5, mm_f32 against torch.mm, 15 rounds: 1x2048x512 99 / 48 us, 1x3072x1024 335 / 135 us,
+// 1x1024x256 13.5 / 11.8 us), while from 2 rows the kernel ran 1.3-3.3x faster (2x1024x256 13 / 25 us, 4x2048x512
+// 56 / 189 us, 16x2048x512 146 / 300 us, 64x2048x512 587 / 746 us).
+inline bool nn_prefers(int64_t M, int64_t K, int64_t N) {
+  return M <= 32 && K * N <= (int64_t(1) << 21) && (M >= 2 || !sgemm::available());
+}
 
 // The same choice for a product split over the team (matmul_out, mm), re-measured after the remainder tiles' fix
 // (2 threads, Zen 3, GFLOP/s BLAS / in place / packing): dx = dgates @ W at 64 rows still won (K 512 N 128 107 / 144 /
@@ -126,6 +144,7 @@ inline bool nn_prefers(int64_t M, int64_t K, int64_t N) { return M <= 32 && K * 
 // rows with a longer k (4096x256x1024 162 / 116 / 134). Module A/B (on / off, training step): RNNCell B64 H512
 // 1.14-1.22x, LSTMCell B8 H512 1.09-1.25x, GRUCell B16 H512 1.08x, LSTMCell B64 H512 1.06x, GRUCell B64 H1024 1.06x.
 inline bool nn_prefers_team(int64_t M, int64_t K, int64_t N) {
+  if (M == 1 && sgemm::available()) return false;
   return nn_prefers(M, K, N) || ((M <= 64 || (K >= 2 && K <= 8)) && cpu::config().avx2_pack);
 }
 // Among those, the packing form where many rows meet a wide B (its rows a long, often power-of-two stride apart):
@@ -137,11 +156,11 @@ void cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const fl
   if (m <= 0 || n <= 0) return;
   // op(A) = A^T and op(B) = B with unit alpha: the row-major C^T [n, m] = B^T [n, k] @ A^T [m, k]^T, both operands
   // k-contiguous: the dot-product form of the own AVX2 kernel (single-threaded here, as BLAS is inside a region).
-  if (ta && !tb && alpha == 1.f && (beta == 0.f || beta == 1.f) && nt_available() && nt_prefers(n, k))
+  if (ta && !tb && alpha == 1.f && (beta == 0.f || beta == 1.f) && nt_in_regions() && nt_prefers(n, k))
     return sgemm_nt::gemm(n, m, k, b, ldb, a, lda, beta, c, ldc);
   // op(A) = A: the row-major C^T [n, m] = op(B)^T [n, k] @ A^T [k, m], A^T row-major with row stride lda: the own
   // AVX2 outer-product kernel reads it in place.
-  if (!ta && alpha == 1.f && (beta == 0.f || beta == 1.f) && nt_available() && nn_prefers(n, k, m))
+  if (!ta && alpha == 1.f && (beta == 0.f || beta == 1.f) && nt_in_regions() && nn_prefers(n, k, m))
     return tb ? sgemm_nn::gemm(n, m, k, b, 1, ldb, a, lda, beta, c, ldc)
               : sgemm_nn::gemm(n, m, k, b, ldb, 1, a, lda, beta, c, ldc);
   if (sgemm_ == nullptr || k <= 0) return cm_aten<float, float>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
@@ -191,7 +210,7 @@ void PackedWeight::init(bool trans, int64_t m, int64_t nmax, int64_t k, const fl
   // GRU B64 H1024 T32 168.8 / 158.7 (this once read 233 / 287 ms against the own kernel's earlier loop order); GRU
   // B48 H512 T32 33.4 / 30.2; GRU B256 H256 T1 3.2 / 1.5, T32 57.8 / 57.3. MKL keeps the rows the own kernel does not
   // take (M >= K, or 2K from K 256), packed there from 128 units.
-  if (trans && nt_available() && nt_prefers(nmax, k)) {
+  if (trans && nt_in_regions() && nt_prefers(nmax, k)) {
     // Packed for the outer-product kernel when the slice serves 2+ products and fits a quarter of this core's L2.
     // Same-process A/B on the Zen 3 (avx2_pack on / off, no grad): GRU T32 B16 H256 1.09x, T32 B32 H64 1.12x, T32
     // B64 H128 1.14x, T2 B64 H128 1.10x, T4 B32 H256 1.03x; LSTM (GEMM loop) T32 B128 H256 1.09x. Larger slices
@@ -388,7 +407,9 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::
   const bool f32 = f32_cpu(a) && f32_cpu(b) && (!has_bias || bias->scalar_type() == at::kFloat);
   // b = W^T of a k-contiguous W (a torch weight's .t()): the dot-product kernel reads W's rows
   const bool nt_shape = nt_prefers_team(a.size(0), b.size(1), a.size(1)) || ntp_prefers(a.size(0), a.size(1));
-  if (f32 && nt_available() && nt_shape && rows_contiguous(a) && cols_contiguous(b)) {
+  // from kMinOwnRows rows the AVX-512 GEMM takes it where the CPU has one (below: MKL's place, the AVX2 kernels')
+  const bool avx2_rows = a.size(0) < kMinOwnRows || !sgemm::available();
+  if (f32 && nt_available() && avx2_rows && nt_shape && rows_contiguous(a) && cols_contiguous(b)) {
     const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
     TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == N), "mm_f32: bias must be [", N, "], got ",
                 bias->sizes());
@@ -400,7 +421,8 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::
             c.data_ptr<float>(), N, has_bias ? bc.const_data_ptr<float>() : nullptr);
     return c;
   }
-  if (f32 && !has_bias && nt_available() && rows_contiguous(b) && nn_prefers_team(a.size(0), a.size(1), b.size(1))) {
+  if (f32 && !has_bias && nt_available() && avx2_rows && rows_contiguous(b) &&
+      nn_prefers_team(a.size(0), a.size(1), b.size(1))) {
     at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
     const auto product = nnp_prefers(a.size(0), b.size(1)) ? nnp_parallel : nn_parallel;
     product(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0), a.stride(1),

@@ -2,9 +2,9 @@
 // through here, and this is the only place that knows which implementation runs it:
 //   * the own AVX-512 float32 kernel (cpu/sgemm.h) where the CPU has AVX-512 and config().own_gemm;
 //   * the own AVX2 dot-product-form float32 kernel (cpu/sgemm_nt.h) for A @ W^T products with k-contiguous rows on
-//     CPUs with AVX2 + FMA but no AVX-512 (where the wheel's MKL runs at best its AVX2 path; on AMD its generic one),
-//     with config().own_gemm, and its outer-product twin (cpu/sgemm_nn.h) for A @ B with row-major B (the backward's
-//     products);
+//     CPUs with AVX2 + FMA (where the wheel's MKL runs at best its AVX2 path; on AMD its generic one), with
+//     config().own_gemm, and its outer-product twin (cpu/sgemm_nn.h) for A @ B with row-major B (the backward's
+//     products); on CPUs with AVX-512 the loops' per-step products and products of 256+ rows stay on the first;
 //   * the BLAS that the torch wheel links (MKL on x86: sgemm_, dgemm_, its packed GEMM and
 //     cblas_gemm_bf16bf16f32), bound as weak symbols in gemm.cpp only: called on raw pointers with no per-call ATen
 //     overhead (attention runs hundreds of block GEMMs per head; the fused RNN loops one per step and thread);
@@ -56,9 +56,11 @@ inline void mm_tn(int64_t m, int64_t n, int64_t k, A alpha, const T* a, int64_t 
   cm(false, true, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
 }
 
-// The own AVX2 kernel takes float32 A @ W^T products here (sgemm_nt::available() on a CPU without AVX-512), for the
-// shapes where it beat BLAS (gemm.cpp: nt_prefers).
+// The own AVX2 kernel takes float32 A @ W^T products here (sgemm_nt::available(): AVX2 + FMA), for the shapes where
+// it beat BLAS (gemm.cpp: nt_prefers).
 bool nt_available();
+// ... and in the single-threaded entry (cm) and the sequence loops' choices: on CPUs without the AVX-512 GEMM only.
+bool nt_in_regions();
 
 // c[M, N] = (accumulate ? c : 0) + a[M, K] @ w[N, K]^T for 2-D CPU tensors of one floating dtype (c written in place;
 // a row of c must be contiguous). float32 with k-contiguous rows of a and w runs the own AVX2 kernel where
