@@ -93,6 +93,9 @@ _ZEN3_BF16_RNN_CELL = ("same-process A/B, torch / seqfast's kernel / seqfast wit
                        "after the process's other threads went idle, on commit 3d5bf2c (+ the C++ call running "
                        "torch's op for bfloat16 training rules) on the same AMD EPYC family 25 model 1; make "
                        "bench-sweep sweep-cpu-20261206-180155 to -205719")
+_ZEN5_BF16 = ("same-process A/B, torch / seqfast with the rule table / seqfast without it, 11 rounds, the sweep's "
+              "cases (benchmarks/cases.py), on commit 0c336a6 on an AMD EPYC family 26 model 2 (Zen 5, AVX-512 + "
+              "AVX512_BF16, 2 threads); make bench-sweep sweep-cpu-20261206-223110")
 _ZEN3_LATER = ("make bench-sweep runs 201033 and 214300 and make bench runs cpu-20261204-200307 / 214050 on the same "
                "AMD EPYC family 25 model 1")
 
@@ -106,6 +109,27 @@ RULES = [
     Rule("gru", BF16, AVX512_BF16, training=True, batch=(64, INF), source="issue 15 sweep; cpu-20261127-134733"),
     Rule("sdpa", BF16, AVX512_BF16, training=True, batch=(2048, INF), hidden=(2048, INF), causal=True,
          source="issue 15 sweep (main ed888a7)"),
+    # Measured on a Zen 5 (AMD EPYC family 26 model 2; _ZEN5_BF16): the first sweep there (sweep-cpu-20261206-223110)
+    # read RNN training at B64 H512 / B256 H256 0.69x, GRU inference at B256 H512 0.84x, non-causal SDPA at L2048 D64
+    # inference 0.82x and L512 D64 training 0.83x. torch's time over seqfast's, no rule / the region's bounds:
+    # RNN training (T32): from batch 4 at hidden 1024 (B4 0.79x, B8 0.90x; B1 1.30x, B2 1.11x keep the kernel),
+    # from batch 16 at 512 (B16 0.86x, B32 0.83x, B64 0.60x; B8 1.14x), from batch 64 at 256 (B64 0.81x, B128 0.55x,
+    # B256 0.52x; B32 1.16x), from batch 128 below that (B128 H128 0.69x, B256 H128 0.47x, B256 H64 0.68x; B64 H128
+    # 1.18x)
+    Rule("rnn", BF16, AVX512_BF16, training=True, batch=(4, INF), hidden=(1024, INF), source=_ZEN5_BF16),
+    Rule("rnn", BF16, AVX512_BF16, training=True, batch=(16, INF), hidden=(512, 1023), source=_ZEN5_BF16),
+    Rule("rnn", BF16, AVX512_BF16, training=True, batch=(64, INF), hidden=(256, 511), source=_ZEN5_BF16),
+    Rule("rnn", BF16, AVX512_BF16, training=True, batch=(128, INF), hidden=(1, 255), source=_ZEN5_BF16),
+    # GRU inference from batch 128 at hidden >= 512 (B128 H512 0.78x, B256 H512 0.83x, B256 H1024 0.83x; B64 H512
+    # 1.21x, B256 H256 1.26x) and training at batch 32-63, hidden >= 1024 (B32 H1024 0.91x; B16 H1024 1.00x, B32 H512
+    # 1.09x; from batch 64 the rule above)
+    Rule("gru", BF16, AVX512_BF16, training=False, batch=(128, INF), hidden=(512, INF), source=_ZEN5_BF16),
+    Rule("gru", BF16, AVX512_BF16, training=True, batch=(32, 63), hidden=(1024, INF), source=_ZEN5_BF16),
+    # SDPA, 8 heads (batch = query length): non-causal from 256 query rows, inference (L256 0.97x, L256 D128 0.96x,
+    # L512 0.93x, L1024 0.88x, L2048 0.89x; L128 1.17x in the sweep) and training (L256 0.87x, L512 0.77x, L512 D128
+    # 0.75x, L1024 0.65x; L128 1.56x); causal training from 1024 (L1024 0.92x; L512 D128 1.32x in the sweep)
+    Rule("sdpa", BF16, AVX512_BF16, batch=(256, INF), causal=False, source=_ZEN5_BF16),
+    Rule("sdpa", BF16, AVX512_BF16, training=True, batch=(1024, INF), causal=True, source=_ZEN5_BF16),
 ] + [
     # AVX2 without AVX-512 (an AMD EPYC Zen 3, family 25 model 1): the C++ kernels take their MKL / AVX2 paths.
     # Measured by make bench-sweep on commit c6aed95 (sweep-cpu-20261204-194326, 2 threads, 5 rounds per case);
