@@ -105,7 +105,18 @@ RULES = [
     # bf16 LSTM 0.39-0.90x at every shape tried, bf16 GRU training 0.64-0.72x at batch >= 64, bf16 causal SDPA
     # training at length 2048 0.77x) and on the Zen 4 the kernels were tuned on (benchmarks/results/
     # cpu-20261127-134733.md: bf16 GRU T64 B64 H512 training 0.77x; earlier runs bf16 LSTM B64 H512 0.65-0.80x).
-    Rule("lstm", BF16, AVX512_BF16, source="issue 15 sweep (main ed888a7); cpu-20261127 runs"),
+    # The LSTM rule covered every call until the Zen 5 (_ZEN5_BF16): there seqfast's kernel (float32 gates, the weights
+    # read as bfloat16) won the one-step calls, short sequences at batch 1, and training at batch 1-2, where torch's
+    # oneDNN LSTM carries fixed costs of tens of microseconds. torch's time over seqfast's, no rule: inference T1 B1
+    # H512 2.46x, B8 H128 1.32x, B8 H1024 1.74x, B32 H256 1.29x, B64 H512 1.05x, B256 H256 0.79x; T2 / T4 / T32 at B1
+    # H512 1.20 / 1.06 / 0.81x, T32 B2 / B4 H256 0.93 / 0.38x; training T1 B1 H512 9.5x, B8 H128 1.40x, B32 H256
+    # 1.55x, B256 H256 1.17x, T32 B1 H128 1.33x, B2 H512 1.13x, B4 H512 0.90x, B8 H256 0.65x.
+    Rule("lstm", BF16, AVX512_BF16, training=False, steps=(8, INF),
+         source="issue 15 sweep (main ed888a7); cpu-20261127 runs; " + _ZEN5_BF16),
+    Rule("lstm", BF16, AVX512_BF16, training=False, batch=(2, INF), steps=(2, 7), source=_ZEN5_BF16),
+    Rule("lstm", BF16, AVX512_BF16, training=False, batch=(128, INF), steps=(1, 1), source=_ZEN5_BF16),
+    Rule("lstm", BF16, AVX512_BF16, training=True, batch=(4, INF), steps=(2, INF),
+         source="issue 15 sweep (main ed888a7); cpu-20261127 runs; " + _ZEN5_BF16),
     Rule("gru", BF16, AVX512_BF16, training=True, batch=(64, INF), source="issue 15 sweep; cpu-20261127-134733"),
     Rule("sdpa", BF16, AVX512_BF16, training=True, batch=(2048, INF), hidden=(2048, INF), causal=True,
          source="issue 15 sweep (main ed888a7)"),
