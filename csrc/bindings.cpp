@@ -28,6 +28,7 @@ py::dict config_dict() {
   d["avx2_lstm_step"] = c.avx2_lstm_step;
   d["avx512_attention"] = c.avx512_attention;
   d["avx2_decode"] = c.avx2_decode;
+  d["avx512_nt"] = c.avx512_nt;
   d["avx2_attention"] = c.avx2_attention;
   d["avx2_pack"] = c.avx2_pack;
   d["nt_cells"] = c.nt_cells;
@@ -55,6 +56,7 @@ py::dict set_config(const py::kwargs& kw) {
     else if (k == "avx2_lstm_step") c.avx2_lstm_step = py::cast<bool>(v);
     else if (k == "avx512_attention") c.avx512_attention = py::cast<bool>(v);
     else if (k == "avx2_decode") c.avx2_decode = py::cast<bool>(v);
+    else if (k == "avx512_nt") c.avx512_nt = py::cast<bool>(v);
     else if (k == "avx2_attention") c.avx2_attention = py::cast<bool>(v);
     else if (k == "avx2_pack") c.avx2_pack = py::cast<bool>(v);
     else if (k == "nt_cells") c.nt_cells = py::cast<bool>(v);

@@ -39,7 +39,8 @@ def _step(module, x, state):
                                                ("RNNCell", "relu")])
 @pytest.mark.parametrize("batch,input_size,hidden", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_fused_cell_step_matches_torch(kind, nonlinearity, batch, input_size, hidden, bias):
+@pytest.mark.parametrize("avx512_nt", [False, True], ids=["avx2", "avx512_where_present"])
+def test_fused_cell_step_matches_torch(kind, nonlinearity, batch, input_size, hidden, bias, avx512_nt):
     import seqfast
     assert _C.cell_step_fused(GATES[kind], batch, input_size, hidden), "this shape must take the fused step"
     kw = {"nonlinearity": nonlinearity} if nonlinearity else {}
@@ -51,7 +52,7 @@ def test_fused_cell_step_matches_torch(kind, nonlinearity, batch, input_size, hi
     state = tuple(torch.randn(batch, hidden) for _ in range(2 if kind == "LSTMCell" else 1))
     expected = _step(ref, x.double(), tuple(s.double() for s in state))
     for fused in (True, False):
-        with cpp_config(nt_cells=fused):
+        with cpp_config(nt_cells=fused, avx512_nt=avx512_nt):
             with torch.no_grad():
                 out = mod(x, state if len(state) == 2 else state[0])
             got = _step(mod, x, state)

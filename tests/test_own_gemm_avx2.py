@@ -1,10 +1,10 @@
-"""The own AVX2 float32 GEMMs, which take the products of the C++ RNN layers and cells on CPUs with AVX2 but no
-AVX-512: the dot-product form for A @ W^T (csrc/cpu/sgemm_nt.h, binding seqfast._C.gemm_nt_f32), the outer-product
-form for A @ W^T packing W as it goes (csrc/cpu/sgemm_nn.h gemm_nt, seqfast._C.gemm_ntp_f32) and for A @ B with B
-read in place (csrc/cpu/sgemm_nn.h, seqfast._C.gemm_nn_f32) or copied into panels as it goes (gemm_nn_packing,
-seqfast._C.gemm_nnp_f32). Parity with a float64 matmul on
-sizes that hit every partial register tile and several cache blocks, strided and transposed operands, bias; and the
-layers' results (forward and gradients) with the kernels switched on and off."""
+"""The own AVX2 float32 GEMMs, which take the products of the C++ RNN layers and cells on CPUs with AVX2 (on CPUs with
+AVX-512, the cells' and few-row products): the dot-product form (also in its AVX-512 twin) for A @ W^T
+(csrc/cpu/sgemm_nt.h, binding seqfast._C.gemm_nt_f32), the outer-product form for A @ W^T packing W as it goes
+(csrc/cpu/sgemm_nn.h gemm_nt, seqfast._C.gemm_ntp_f32) and for A @ B with B read in place (csrc/cpu/sgemm_nn.h,
+seqfast._C.gemm_nn_f32) or copied into panels as it goes (gemm_nn_packing, seqfast._C.gemm_nnp_f32). Parity with a
+float64 matmul on sizes that hit every partial register tile and several cache blocks, strided and transposed
+operands, bias; and the layers' results (forward and gradients) with the kernels switched on and off."""
 import pytest
 import torch
 
@@ -30,10 +30,22 @@ NTP_SHAPES = [(1, 1, 1), (2, 3, 7), (5, 17, 9), (6, 16, 8), (7, 31, 15), (13, 33
               (3, 5, 0), (0, 5, 3), (4, 0, 3), (64, 512, 128)]
 
 
+@pytest.fixture(params=["avx2", "avx512"])
+def nt_form(request):
+    """The dot-product form's vectors: AVX2, or its AVX-512 twin (csrc/cpu/sgemm_nt_avx512.cpp, on CPUs with AVX-512;
+    the same tiles on 16 lanes, so K % 16 tails too)."""
+    if request.param == "avx512" and not _C.own_gemm_available():
+        pytest.skip("no AVX-512 on this CPU")
+    saved = _C.get_config()["avx512_nt"]
+    _C.set_config(avx512_nt=request.param == "avx512")
+    yield request.param
+    _C.set_config(avx512_nt=saved)
+
+
 @pytest.mark.parametrize("name,M,N,K", [("gemm_nt_f32",) + s for s in SHAPES] +
                          [("gemm_ntp_f32",) + s for s in NTP_SHAPES])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemm_nt_parity(name, M, N, K, bias):
+def test_gemm_nt_parity(name, M, N, K, bias, nt_form):
     a, w = torch.randn(M, K), torch.randn(N, K)
     b = torch.randn(N) if bias else None
     out = getattr(_C, name)(a, w, b)
@@ -43,7 +55,7 @@ def test_gemm_nt_parity(name, M, N, K, bias):
 
 
 @pytest.mark.parametrize("name,rows", [("gemm_nt_f32", 40), ("gemm_ntp_f32", 90)])
-def test_gemm_nt_strided_rows(name, rows):
+def test_gemm_nt_strided_rows(name, rows, nt_form):
     # row strides wider than the rows (slices of bigger matrices), as the per-step recurrent GEMM passes them; 34 rows
     # for the dot-product form, 84 for the packing form
     big_a, big_w = torch.randn(rows, 300), torch.randn(90, 301)

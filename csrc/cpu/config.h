@@ -28,6 +28,9 @@ struct Config {
   // SEQFAST_CPU_NO_AVX2_DECODE unset: float32 / bfloat16 decoder steps (query length 1) run the AVX2 kernel of
   // attention/attention_decode_avx2.h on CPUs with AVX2 + FMA (AVX-512 ones included); false: the generic row loops.
   bool avx2_decode = true;
+  // SEQFAST_CPU_NO_AVX512_NT unset: on CPUs with AVX-512 the own dot-product GEMM (cpu/sgemm_nt.h) runs its AVX-512
+  // twin; false: its AVX2 form.
+  bool avx512_nt = true;
   // SEQFAST_CPU_NO_AVX2_ATTN unset: the float32 attention forward (query length > 1) and backward (8+ query rows) run
   // the AVX2 blocks of attention/attention_avx2.h on CPUs with AVX2 + FMA where the AVX-512 ones do not run; false:
   // the BLAS blocks.

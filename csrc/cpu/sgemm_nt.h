@@ -12,6 +12,10 @@
 // steps ran 1.2-1.5x faster on it than on MKL; the AVX-512 GEMM of sgemm.h keeps the cases it already owns there (the
 // packed weights of the sequence loops, products of 256+ rows).
 //
+// On CPUs with AVX-512 gemm and gemm2 run the same tiles on 16 lanes (sgemm_nt_avx512.cpp; Zen 5, same-process A/B,
+// no grad, cell steps against the AVX2 form: RNNCell B32 H1024 1.38x, LSTMCell B64 H512 1.29x, LSTMCell B32 H256
+// 1.25x, GRUCell B8 H1024 1.22x, RNNCell B8 H512 1.21x, LSTMCell B8 H128 1.10x).
+//
 // Callers check available() first. Single-threaded, no allocation; gemm.h's entry points split the W rows over the
 // team.
 #pragma once
@@ -39,6 +43,13 @@ bool one_pass(int64_t M, int64_t K1, int64_t K2);
 void gemm2(int64_t M, int64_t N, int64_t K1, const float* a1, int64_t lda1, const float* w1, int64_t ldw1, int64_t K2,
            const float* a2, int64_t lda2, const float* w2, int64_t ldw2, float beta, float* c, int64_t ldc,
            const float* bias = nullptr);
+
+// The same products on AVX-512 vectors (sgemm_nt_avx512.cpp: the same tiles, 16 lanes), which gemm and gemm2 run
+// where avx512_available(): AVX-512 present, config().own_gemm and config().avx512_nt.
+bool avx512_available();
+void gemm2_avx512(int64_t M, int64_t N, int64_t K1, const float* a1, int64_t lda1, const float* w1, int64_t ldw1,
+                  int64_t K2, const float* a2, int64_t lda2, const float* w2, int64_t ldw2, float beta, float* c,
+                  int64_t ldc, const float* bias);
 
 }  // namespace sgemm_nt
 }  // namespace seqfast
