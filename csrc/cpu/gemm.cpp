@@ -82,8 +82,20 @@ BlasArgs blas_args(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t ld
 // family 26, same-process A/B, no grad, torch's time over seqfast's with them / without: RNNCell B32 H1024 1.58 /
 // 1.03x, LSTMCell B64 H512 1.46 / 1.07x, GRUCell B256 H512 1.25 / 1.04x, LSTMCell B8 H128 2.79 / 2.04x; training
 // LSTMCell B64 H512 1.52 / 1.25x, GRUCell B32 H512 1.41 / 1.02x). Where the CPU has AVX-512 the own AVX-512 GEMM
-// (sgemm.h) keeps what it owns: see nt_in_regions and mm.
+// (sgemm.h) keeps what it owns: see nt_in_regions and kMinOwnRows.
 bool nt_available() { return sgemm_nt::available(); }
+
+namespace {
+// Rows from which a product runs on the own AVX-512 GEMM (sgemm.h), B packed per call, where the CPU has it: packing
+// costs about as much per element as ~50 multiply-adds, and each packed element serves M rows. Zen 5 (AMD EPYC family
+// 26), GFLOP/s of the packed AVX-512 GEMM / the dot-product form on AVX-512 (gemm_nt) / MKL, 2 threads, A [M, K] @
+// W [N, K]^T: 8x512x2048 152 / 231 / -, 16x512x2048 275 / 292 / -, 32x256x1024 318 / 307 / 156, 64x1024x2048 383 /
+// 347 / 186, 128x512x1536 460 / 346 / 197, 256x1024x1536 441 / 325 / 183; A @ B (row-major B, the backward's dx):
+// 32x2048x512 358 against MKL's 160 and the outer-product AVX2 kernel's 225, 64x2048x512 426 / 183 / 219,
+// 128x3072x1024 365 / 180 / -. (On the Zen 4 this was tuned on first, against MKL alone, it paid from 256 rows.)
+constexpr int64_t kMinOwnRows = 32;
+inline bool own_rows(int64_t M) { return M >= kMinOwnRows && sgemm::available(); }
+}  // namespace
 
 // Whether the single-threaded entry (cm: the fused loops' per-step products, attention's blocks) and the sequence
 // loops' choices run the own AVX2 kernels: on CPUs without the AVX-512 GEMM only. With it the loops pack their
@@ -345,7 +357,7 @@ void matmul_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool ac
 }
 
 bool nt_takes(int64_t M, int64_t N, int64_t K) {
-  return nt_available() && nt_prefers_team(M, N, K) && !ntp_prefers(M, K);
+  return nt_available() && nt_prefers_team(M, N, K) && !ntp_prefers(M, K) && !own_rows(M);
 }
 
 // Whether c = a @ w^T has float32 CPU operands the own kernels read in place: rows of c, a and w contiguous, shapes
@@ -371,12 +383,31 @@ void linear_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool ac
               w.stride(0), accumulate ? 1.f : 0.f, c.data_ptr<float>(), c.stride(0), nullptr);
 }
 
+namespace {
+// c (+)= a @ w^T on the own AVX-512 GEMM, w^T packed for it (from the block pool) and the product split over the
+// team. false (nothing written) where the packing found no memory.
+bool own_linear(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool accumulate) {
+  const int64_t M = a.size(0), K = a.size(1), N = w.size(0);
+  const int nt = cpu::threads();
+  sgemm::PackedB pb;
+  pb.pack(K, N, w.const_data_ptr<float>(), 1, w.stride(0), nt);  // B(k, j) = w[j, k]
+  if (!pb.ok()) return false;
+  sgemm::gemm_parallel(nt, M, N, K, a.const_data_ptr<float>(), a.stride(0), 1, pb.p, accumulate ? 1.f : 0.f,
+                       c.data_ptr<float>(), c.stride(0));
+  return true;
+}
+}  // namespace
+
 void linear2_out(at::Tensor& c1, const at::Tensor& a1, const at::Tensor& w1, at::Tensor& c2, const at::Tensor& a2,
                  const at::Tensor& w2, bool accumulate2) {
   const auto own = [](const at::Tensor& c, const at::Tensor& a, const at::Tensor& w) {
     return nt_operands(c, a, w) && ntp_prefers(a.size(0), a.size(1));
   };
   const int64_t M = a1.size(0), N = w1.size(0), K1 = a1.size(1), K2 = a2.size(1);
+  // a cell step's products from kMinOwnRows rows on a CPU with the AVX-512 GEMM: each weight packed once per call
+  if (own_rows(M) && nt_operands(c1, a1, w1) && nt_operands(c2, a2, w2) && own_linear(c1, a1, w1, false) &&
+      own_linear(c2, a2, w2, accumulate2))
+    return;
   if (!(nt_available() && own(c1, a1, w1) && own(c2, a2, w2) && a2.size(0) == M && w2.size(0) == N)) {
     linear_out(c1, a1, w1, false);
     linear_out(c2, a2, w2, accumulate2);
@@ -394,12 +425,6 @@ void linear2_out(at::Tensor& c1, const at::Tensor& a1, const at::Tensor& w1, at:
   });
 }
 
-namespace {
-// Packing B costs about as much per element as ~50 multiply-adds of the kernel, and each packed element is used by
-// M rows: below ~256 rows the packing eats the kernel's advantage over MKL, so short A operands stay on MKL.
-constexpr int64_t kMinOwnRows = 256;
-}  // namespace
-
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "mm_f32: a [M,K] and b [K,N] expected, got ",
               a.sizes(), " and ", b.sizes());
@@ -407,8 +432,8 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::
   const bool f32 = f32_cpu(a) && f32_cpu(b) && (!has_bias || bias->scalar_type() == at::kFloat);
   // b = W^T of a k-contiguous W (a torch weight's .t()): the dot-product kernel reads W's rows
   const bool nt_shape = nt_prefers_team(a.size(0), b.size(1), a.size(1)) || ntp_prefers(a.size(0), a.size(1));
-  // from kMinOwnRows rows the AVX-512 GEMM takes it where the CPU has one (below: MKL's place, the AVX2 kernels')
-  const bool avx2_rows = a.size(0) < kMinOwnRows || !sgemm::available();
+  // from kMinOwnRows rows the AVX-512 GEMM takes it where the CPU has one (below: the AVX2 kernels' or MKL's)
+  const bool avx2_rows = !own_rows(a.size(0));
   if (f32 && nt_available() && avx2_rows && nt_shape && rows_contiguous(a) && cols_contiguous(b)) {
     const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
     TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == N), "mm_f32: bias must be [", N, "], got ",
@@ -429,7 +454,7 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::
             b.const_data_ptr<float>(), b.stride(0), 0.f, c.data_ptr<float>(), c.size(1));
     return c;
   }
-  const bool own = f32 && a.size(0) >= kMinOwnRows && sgemm::available();
+  const bool own = f32 && own_rows(a.size(0));
   if (!own) return has_bias ? at::addmm(*bias, a, b) : at::mm(a, b);
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == N), "mm_f32: bias must be [", N, "], got ",

@@ -4,7 +4,7 @@
 //   * the own AVX2 dot-product-form float32 kernel (cpu/sgemm_nt.h) for A @ W^T products with k-contiguous rows on
 //     CPUs with AVX2 + FMA (where the wheel's MKL runs at best its AVX2 path; on AMD its generic one), with
 //     config().own_gemm, and its outer-product twin (cpu/sgemm_nn.h) for A @ B with row-major B (the backward's
-//     products); on CPUs with AVX-512 the loops' per-step products and products of 256+ rows stay on the first;
+//     products); on CPUs with AVX-512 the loops' per-step products and products of 32+ rows stay on the first;
 //   * the BLAS that the torch wheel links (MKL on x86: sgemm_, dgemm_, its packed GEMM and
 //     cblas_gemm_bf16bf16f32), bound as weak symbols in gemm.cpp only: called on raw pointers with no per-call ATen
 //     overhead (attention runs hundreds of block GEMMs per head; the fused RNN loops one per step and thread);

@@ -10,7 +10,7 @@
 // written on it reached 27-98 GFLOP/s on the RNN shapes (batch 8-256 x hidden 128-1024), this kernel 105-155
 // (benchmarks/gemm_nt.py prints both side by side). On a Zen 5 (AVX-512), where MKL also runs its AVX2 path, the cell
 // steps ran 1.2-1.5x faster on it than on MKL; the AVX-512 GEMM of sgemm.h keeps the cases it already owns there (the
-// packed weights of the sequence loops, products of 256+ rows).
+// packed weights of the sequence loops, products of 32+ rows).
 //
 // On CPUs with AVX-512 gemm and gemm2 run the same tiles on 16 lanes (sgemm_nt_avx512.cpp; Zen 5, same-process A/B,
 // no grad, cell steps against the AVX2 form: RNNCell B32 H1024 1.38x, LSTMCell B64 H512 1.29x, LSTMCell B32 H256
