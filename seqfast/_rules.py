@@ -131,6 +131,12 @@ RULES = [
     Rule("rnn", BF16, AVX512_BF16, training=True, batch=(16, INF), hidden=(512, 1023), source=_ZEN5_BF16),
     Rule("rnn", BF16, AVX512_BF16, training=True, batch=(64, INF), hidden=(256, 511), source=_ZEN5_BF16),
     Rule("rnn", BF16, AVX512_BF16, training=True, batch=(128, INF), hidden=(1, 255), source=_ZEN5_BF16),
+    # One-step training calls of RNN and GRU (a decoder trained one token per call): the step is mostly autograd's
+    # bookkeeping, and seqfast's kernel read 0.91-1.08x torch (sweep-cpu-20261206-235215: RNN T1 B1 H512 / B8 H128
+    # 0.90x, GRU T1 B8 H128 0.91x, B1 H512 0.93x); torch's op run from the module's C++ call read 1.04-1.12x
+    # (same-process, 11 rounds, B1-32, H128-512, on commit 13c8a13)
+    Rule("rnn", BF16, AVX512_BF16, training=True, steps=(1, 1), source=_ZEN5_BF16),
+    Rule("gru", BF16, AVX512_BF16, training=True, steps=(1, 1), source=_ZEN5_BF16),
     # GRU inference from batch 128 at hidden >= 512 (B128 H512 0.78x, B256 H512 0.83x, B256 H1024 0.83x; B64 H512
     # 1.21x, B256 H256 1.26x) and training at batch 32-63, hidden >= 1024 (B32 H1024 0.91x; B16 H1024 1.00x, B32 H512
     # 1.09x; from batch 64 the rule above)
