@@ -3,6 +3,8 @@ fused_nt, csrc/cpu/sgemm_nt.h gemm2: x W_ih^T and h W_hh^T summed in the same ac
 same region). Against float64 torch, forward and gradients, with the fused step on and off (config nt_cells), on
 sizes that take every partial register tile (rows % 3, units % 4, k % 8), odd input / hidden sizes, no bias, and the
 thread split (enough work for two threads, or one)."""
+import os
+
 import pytest
 import torch
 
@@ -65,11 +67,16 @@ def test_fused_cell_step_matches_torch(kind, nonlinearity, batch, input_size, hi
 
 def test_fused_range():
     # the GEMV rows (1-2) keep the GEMV; the packing form's many-row products, and rows too long for one pass of the
-    # summed products (k 1200 > 1024), keep linear_out; the configuration switch turns it off. (How many rows one pass
-    # takes follows this core's L2: 64 rows of k 1024 are one pass from a 1 MB L2, two below it.)
+    # summed products (k 1200 > 1024), keep linear_out; the configuration switch turns it off
     assert not _C.cell_step_fused(4, 2, 64, 64)
     assert not _C.cell_step_fused(1, 48, 100, 300)
     assert not _C.cell_step_fused(4, 8, 600, 600)
+    # 64 rows of k 1024 (hidden 512) keep linear_out where one pass takes fewer rows (an A block is 3/8 of this core's
+    # L2, as csrc/cpu/isa.cpp reads it: 48 rows from a 512 KB L2) and on CPUs whose AVX-512 GEMM takes 32+ rows
+    l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE") if "SC_LEVEL2_CACHE_SIZE" in os.sysconf_names else 0
+    l2 = l2 if (64 << 10) <= l2 <= (64 << 20) else 256 << 10
+    if _C.own_gemm_available() or l2 * 3 // 8 // (1024 * 4) // 3 * 3 < 64:
+        assert not _C.cell_step_fused(4, 64, 512, 512)
     with cpp_config(nt_cells=False):
         assert not _C.cell_step_fused(4, 8, 128, 128)
     assert _C.cell_step_fused(4, 8, 128, 128)

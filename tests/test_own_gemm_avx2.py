@@ -8,6 +8,7 @@ operands, bias; and the layers' results (forward and gradients) with the kernels
 import pytest
 import torch
 
+from conftest import cpp_config
 from seqfast import _ext
 
 _C = _ext.module()
@@ -36,10 +37,8 @@ def nt_form(request):
     the same tiles on 16 lanes, so K % 16 tails too)."""
     if request.param == "avx512" and not _C.own_gemm_available():
         pytest.skip("no AVX-512 on this CPU")
-    saved = _C.get_config()["avx512_nt"]
-    _C.set_config(avx512_nt=request.param == "avx512")
-    yield request.param
-    _C.set_config(avx512_nt=saved)
+    with cpp_config(avx512_nt=request.param == "avx512"):
+        yield request.param
 
 
 @pytest.mark.parametrize("name,M,N,K", [("gemm_nt_f32",) + s for s in SHAPES] +

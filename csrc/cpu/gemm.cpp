@@ -141,8 +141,9 @@ inline bool ntp_prefers(int64_t M, int64_t K) { return M >= 32 && K >= 64 && 4 *
 // 2.4x the kernel's rate (Zen 5, mm_f32 against torch.mm, 15 rounds: 1x2048x512 99 / 48 us, 1x3072x1024 335 / 135 us,
 // 1x1024x256 13.5 / 11.8 us), while from 2 rows the kernel ran 1.3-3.3x faster (2x1024x256 13 / 25 us, 4x2048x512
 // 56 / 189 us, 16x2048x512 146 / 300 us, 64x2048x512 587 / 746 us).
+inline bool blas_keeps_row(int64_t M) { return M == 1 && sgemm::available(); }
 inline bool nn_prefers(int64_t M, int64_t K, int64_t N) {
-  return M <= 32 && K * N <= (int64_t(1) << 21) && (M >= 2 || !sgemm::available());
+  return M <= 32 && K * N <= (int64_t(1) << 21) && !blas_keeps_row(M);
 }
 
 // The same choice for a product split over the team (matmul_out, mm), re-measured after the remainder tiles' fix
@@ -156,8 +157,7 @@ inline bool nn_prefers(int64_t M, int64_t K, int64_t N) {
 // rows with a longer k (4096x256x1024 162 / 116 / 134). Module A/B (on / off, training step): RNNCell B64 H512
 // 1.14-1.22x, LSTMCell B8 H512 1.09-1.25x, GRUCell B16 H512 1.08x, LSTMCell B64 H512 1.06x, GRUCell B64 H1024 1.06x.
 inline bool nn_prefers_team(int64_t M, int64_t K, int64_t N) {
-  if (M == 1 && sgemm::available()) return false;
-  return nn_prefers(M, K, N) || ((M <= 64 || (K >= 2 && K <= 8)) && cpu::config().avx2_pack);
+  return !blas_keeps_row(M) && (nn_prefers(M, K, N) || ((M <= 64 || (K >= 2 && K <= 8)) && cpu::config().avx2_pack));
 }
 // Among those, the packing form where many rows meet a wide B (its rows a long, often power-of-two stride apart):
 // 4096x8x1024 80 / 86 GFLOP/s; with few rows the copy is not repaid (8x4096x1024 88 / 53 GFLOP/s).
@@ -384,17 +384,24 @@ void linear_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool ac
 }
 
 namespace {
-// c (+)= a @ w^T on the own AVX-512 GEMM, w^T packed for it (from the block pool) and the product split over the
-// team. false (nothing written) where the packing found no memory.
-bool own_linear(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool accumulate) {
-  const int64_t M = a.size(0), K = a.size(1), N = w.size(0);
+// C[M, N] (row stride ldc) = beta C + A @ B (+ bias) on the own AVX-512 GEMM, A(r, k) = a[r * ar + k * ak] and
+// B(k, j) = b[k * bsk + j * bsj], B packed for it (from the block pool) and the product split over the team. false
+// (nothing written) where the packing found no memory.
+bool packed_product(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t ak, const float* b,
+                    int64_t bsk, int64_t bsj, float beta, float* c, int64_t ldc, const float* bias) {
   const int nt = cpu::threads();
   sgemm::PackedB pb;
-  pb.pack(K, N, w.const_data_ptr<float>(), 1, w.stride(0), nt);  // B(k, j) = w[j, k]
+  pb.pack(K, N, b, bsk, bsj, nt);
   if (!pb.ok()) return false;
-  sgemm::gemm_parallel(nt, M, N, K, a.const_data_ptr<float>(), a.stride(0), 1, pb.p, accumulate ? 1.f : 0.f,
-                       c.data_ptr<float>(), c.stride(0));
+  sgemm::gemm_parallel(nt, M, N, K, a, ar, ak, pb.p, beta, c, ldc, bias);
   return true;
+}
+
+// c (+)= a @ w^T on it (w^T: B(k, j) = w[j, k]); rows of a, w and c contiguous (nt_operands).
+bool own_linear(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool accumulate) {
+  return packed_product(a.size(0), w.size(0), a.size(1), a.const_data_ptr<float>(), a.stride(0), 1,
+                        w.const_data_ptr<float>(), 1, w.stride(0), accumulate ? 1.f : 0.f, c.data_ptr<float>(),
+                        c.stride(0), nullptr);
 }
 }  // namespace
 
@@ -459,14 +466,12 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == N), "mm_f32: bias must be [", N, "], got ",
               bias->sizes());
-  const int nt = cpu::threads();
-  sgemm::PackedB pb;
-  pb.pack(K, N, b.const_data_ptr<float>(), b.stride(0), b.stride(1), nt);
-  TORCH_CHECK(pb.ok(), "mm_f32: out of memory packing a [", K, ", ", N, "] operand");
   at::Tensor c = at::empty({M, N}, a.options());
   const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
-  sgemm::gemm_parallel(nt, M, N, K, a.const_data_ptr<float>(), a.stride(0), a.stride(1), pb.p, 0.f,
-                       c.data_ptr<float>(), N, has_bias ? bc.const_data_ptr<float>() : nullptr);
+  TORCH_CHECK(packed_product(M, N, K, a.const_data_ptr<float>(), a.stride(0), a.stride(1), b.const_data_ptr<float>(),
+                             b.stride(0), b.stride(1), 0.f, c.data_ptr<float>(), N,
+                             has_bias ? bc.const_data_ptr<float>() : nullptr),
+              "mm_f32: out of memory packing a [", K, ", ", N, "] operand");
   return c;
 }
 
