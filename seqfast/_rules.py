@@ -291,14 +291,14 @@ def sdpa_torch_regions(training):
     """The table's SDPA regions on this CPU for ``training`` calls, for seqfast._C.SdpaCall (which declines the
     inference calls inside them, and runs torch's op for the training calls inside them): (dtype, query length low,
     high, key length low, high, head dim low, high, causal: 1 / 0 / -1 either), bounds inclusive. Without gradients on
-    a CPU whose bfloat16 SDPA may upcast (sdpa_upcasts_bfloat16), also every bfloat16 call of 2+ query rows: the
-    Python path decides between the upcast and torch's op."""
+    a CPU whose bfloat16 SDPA may upcast (sdpa_upcasts_bfloat16), also every bfloat16 call from the query rows it
+    may upcast (sdpa_float32_bfloat16_min_rows): the Python path decides between the upcast and torch's op."""
     cpu = cpu_class()
     regions = [(r.dtype, *(r.batch or (0, INF)), *(r.hidden or (0, INF)), *(r.head_dim or (0, INF)),
                 -1 if r.causal is None else int(r.causal))
                for r in RULES if r.family == "sdpa" and cpu in r.cpus and r.training in (None, training)]
-    if not training and cpu in _UPCAST_BF16_CPUS:
-        regions.append((BF16, 2, INF, 0, INF, 0, INF, -1))
+    if not training and sdpa_float32_bfloat16_min_rows() < INF:
+        regions.append((BF16, sdpa_float32_bfloat16_min_rows(), INF, 0, INF, 0, INF, -1))
     return regions
 
 
@@ -310,19 +310,18 @@ def _sequence_rules(family, dtype, training, hidden):
 
 
 def torch_batches(family, dtype, training, hidden):
-    """The inclusive batch ranges [(low, high)] where the table prefers torch's op for ``family`` in ``dtype`` at
-    ``hidden`` on this CPU (not SDPA), at some sequence length: prefer_torch_when(family, t, batch, hidden, training)
-    is True exactly for a batch inside one of them, when nothing bypasses the table (a rule bounded in steps holds
-    for some lengths only; seqfast._C.ModuleCall declines the whole range and the Python path decides)."""
+    """The inclusive batch ranges [(low, high)] where the table prefers torch's op for cell ``family`` in ``dtype`` at
+    ``hidden`` on this CPU: prefer_torch_when(family, t, batch, hidden, training) is True exactly for a batch inside
+    one of them, when nothing bypasses the table (for seqfast._C.CellCall)."""
     return [r.batch or (0, INF) for r in _sequence_rules(family, dtype, training, hidden)]
 
 
-def training_torch_regions(family, dtype, hidden):
-    """The inclusive (batch low, high, steps low, high) regions where the table prefers torch's op for training
-    ``family`` (a sequence) in ``dtype`` at ``hidden`` on this CPU: seqfast._C.ModuleCall runs torch's op there for
-    the calls autograd records (prefer_torch_when(family, t, batch, hidden, True, steps=steps) is True exactly
-    inside them, when nothing bypasses the table)."""
-    return [(*(r.batch or (0, INF)), *(r.steps or (0, INF))) for r in _sequence_rules(family, dtype, True, hidden)]
+def torch_regions(family, dtype, training, hidden):
+    """The inclusive (batch low, high, steps low, high) regions where the table prefers torch's op for ``family`` (a
+    sequence) in ``dtype`` at ``hidden`` on this CPU, on the ``training`` side: seqfast._C.ModuleCall runs torch's op
+    there (prefer_torch_when(family, t, batch, hidden, training, steps=steps) is True exactly inside them, when
+    nothing bypasses the table)."""
+    return [(*(r.batch or (0, INF)), *(r.steps or (0, INF))) for r in _sequence_rules(family, dtype, training, hidden)]
 
 
 def covers(family, dtype, training):
@@ -367,11 +366,82 @@ UPCAST_BF16_MIN_ROWS = 8
 _UPCAST_BF16_CPUS = ("avx2", "avx512")
 
 
-def upcast_bfloat16(tensors, rows):
+# bfloat16 on a CPU with AVX512_BF16 and no AMX (measured on a Zen 5, _ZEN5_FLOAT32_BF16): torch runs native bfloat16
+# kernels there (oneDNN's LSTM, bfloat16 GEMMs at about twice the float32 rate), yet seqfast's float32 kernels, fed
+# float32 activations with the bfloat16 weights read in place (up to BF16_IN_PLACE_MAX_ROWS rows) or upcast copies,
+# beat them wherever a call is too small for the GEMM rate to decide: torch's bfloat16 ops carry tens of microseconds
+# of fixed costs per call (a bfloat16 LSTMCell step at batch 1, hidden 128: 43 us; seqfast's float32 one: 14 us). torch's
+# time over seqfast's, the float32 path / seqfast's bfloat16 path or torch's op by rule (same process, 9 rounds):
+#   cells (inference; training): B1 H128-1024 2.3-5.1x; 1.2-2.5x, B8 H64-256 1.2-2.9x; 1.2-2.0x, B32 H128 1.06x; 1.21x,
+#     B64 H64-128 1.12-1.26x; 1.10-1.60x, B256 H64 1.21-1.39x; 1.19-1.27x -- against B8 H512 0.91x / 0.85x, B32 H256
+#     0.96x / 0.97x, B64 H256 0.75x / 0.79x, B256 H128 0.81x / 0.98x: the float32 path up to batch x hidden^2 = 2^20;
+#   one-step layer calls: T1 B1 H512 2.95-7.31x inference, 1.25-4.47x training; T1 B8 H128 2.92-3.49x, 1.32-1.67x;
+#   GRU / RNN sequences (T32) up to hidden 512 in the same bound: GRU B8 H64 6.95x / 1.32x, B32 H128 1.81x / 1.23x,
+#     B64 H64 2.60x / 1.43x, RNN B8 H128 5.99x / 1.21x, B64 H128 2.11x / 1.08x, B32 H256 1.60x / 1.06x (training
+#     1.40x / 1.14x); beyond it GRU B1 H1024 1.06x / 1.57x, B8 H512 1.24x / 1.20x, B64 H256 1.16x / 1.24x, RNN B8
+#     H1024 0.96x / 1.02x;
+#   LSTM sequences: only T32 B1 H128 (1.14x / 0.92x; training 1.79x / 1.30x); from B1 H512, B8 H256 or B32 H64 torch's
+#     oneDNN LSTM won (0.57-0.83x);
+#   SDPA without gradients from 128 query rows: L128-2048, head dim 64-128, causal or not, 2.2-4.3x / 1.0-1.5x.
+# On an AMX CPU torch's bfloat16 GEMMs run on tiles: not measured, so the table stays off there.
+FLOAT32_BF16_WORK = 1 << 20
+FLOAT32_BF16_SDPA_MIN_ROWS = 128
+_FLOAT32_BF16_CPUS = ("avx512_bf16",)
+_ZEN5_FLOAT32_BF16 = ("same-process A/B, torch / seqfast / seqfast with the float32 paths, 9 rounds, the sweep's "
+                      "bfloat16 cases, on commit c28b2bf, AMD EPYC family 26 model 2")
+
+
+@functools.lru_cache(maxsize=None)
+def _amx():
+    return bool(torch.cpu._is_amx_tile_supported())
+
+
+def float32_bfloat16_max_batch(family, hidden, steps=1):
+    """The largest batch of a bfloat16 call of ``family`` ("lstm", "gru", "rnn" with ``steps`` time steps, or a cell
+    family) at ``hidden`` that seqfast computes in float32 on this CPU (see FLOAT32_BF16_WORK): any batch on a CPU
+    without native bfloat16, the measured bounds on one with AVX512_BF16 and no AMX, else 0 (and while torch.compile
+    traces: Dynamo cannot trace the CPU feature queries)."""
+    if torch.compiler.is_compiling():
+        return 0
+    cpu = cpu_class()
+    if cpu in _UPCAST_BF16_CPUS:
+        return INF
+    if cpu not in _FLOAT32_BF16_CPUS or _amx():
+        return 0
+    if steps > 1 and family == "lstm":
+        return 1 if hidden <= 128 else 0
+    if steps > 1 and hidden > 512:
+        return 0
+    return FLOAT32_BF16_WORK // max(1, hidden * hidden)
+
+
+def float32_bfloat16_regions(family, hidden):
+    """float32_bfloat16_max_batch as inclusive (batch low, high, steps low, high) regions for an RNN module's calls,
+    for seqfast._C.ModuleCall."""
+    regions = [(1, float32_bfloat16_max_batch(family, hidden, 1), 1, 1),
+               (1, float32_bfloat16_max_batch(family, hidden, 2), 2, INF)]
+    return [r for r in regions if r[1] >= 1]
+
+
+def sdpa_float32_bfloat16_min_rows():
+    """The fewest query rows of a bfloat16 SDPA call without gradients that may run in float32 on upcast copies on
+    this CPU (sdpa_upcasts_bfloat16): 2 without native bfloat16, FLOAT32_BF16_SDPA_MIN_ROWS with AVX512_BF16 and no
+    AMX, else none (INF; also while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return INF
+    cpu = cpu_class()
+    if cpu in _UPCAST_BF16_CPUS:
+        return 2
+    return FLOAT32_BF16_SDPA_MIN_ROWS if cpu in _FLOAT32_BF16_CPUS and not _amx() else INF
+
+
+def upcast_bfloat16(tensors, rows, family, batch, hidden, steps=1):
     """Whether a bfloat16 call runs in float32 on upcast copies (see UPCAST_BF16_MIN_ROWS): every tensor given (None
     entries skipped) a bfloat16 CPU tensor, ``rows`` (the multiply-adds per weight: batch, or steps x batch) at least
-    the minimum, this CPU without native bfloat16, no backend forced, no autocast, not while torch.compile traces."""
-    return rows >= UPCAST_BF16_MIN_ROWS and _float32_bfloat16(tensors)
+    the minimum, this CPU without native bfloat16 or the call inside float32_bfloat16_max_batch's bounds (``family``,
+    ``batch``, ``hidden``, ``steps``), no backend forced, no autocast, not while torch.compile traces."""
+    return (rows >= UPCAST_BF16_MIN_ROWS and batch <= float32_bfloat16_max_batch(family, hidden, steps)
+            and _float32_bfloat16(tensors))
 
 
 def sdpa_upcasts_bfloat16(query, key, value, causal):
@@ -388,7 +458,7 @@ def sdpa_upcasts_bfloat16(query, key, value, causal):
     L = query.shape[-2]
     if L < 2 or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
         return False
-    if not _float32_bfloat16((query, key, value)):
+    if L < sdpa_float32_bfloat16_min_rows() or not _float32_bfloat16((query, key, value)):
         return False
     S, D = key.shape[-2], query.shape[-1]
     return not (_lookup("sdpa", torch.float32, False, L, S, causal, D)
@@ -404,14 +474,15 @@ def sdpa_upcasts_bfloat16(query, key, value, causal):
 BF16_IN_PLACE_MAX_ROWS = 16
 
 
-def bf16_weights_in_place(tensors, rows):
+def bf16_weights_in_place(tensors, rows, family, batch, hidden, steps=1):
     """Whether a bfloat16 cell step of 1 to BF16_IN_PLACE_MAX_ROWS ``rows`` reads its weights in place (see there;
     the rest of the conditions as upcast_bfloat16)."""
-    return 0 < rows <= BF16_IN_PLACE_MAX_ROWS and _float32_bfloat16(tensors)
+    return (0 < rows <= BF16_IN_PLACE_MAX_ROWS and batch <= float32_bfloat16_max_batch(family, hidden, steps)
+            and _float32_bfloat16(tensors))
 
 
 def _float32_bfloat16(tensors):
-    if torch.compiler.is_compiling() or cpu_class() not in _UPCAST_BF16_CPUS:
+    if torch.compiler.is_compiling():
         return False
     if _backend.forced_backend() is not None or torch._C._is_any_autocast_enabled():
         return False

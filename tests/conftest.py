@@ -132,8 +132,8 @@ def bfloat16_paths_taken(monkeypatch, rule):
     monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", (_rules.cpu_class(),))
     taken, original = [], getattr(_rules, rule)
 
-    def spy(tensors, rows):
-        verdict = original(tensors, rows)
+    def spy(tensors, rows, *shape):
+        verdict = original(tensors, rows, *shape)
         if verdict:
             taken.append(rows)
         return verdict

@@ -178,6 +178,7 @@ def test_cell_call_runs_torchs_op_without_a_cpp_kernel(kind, kw, monkeypatch):
     # bfloat16 cells have no C++ kernel: on a CPU with native bfloat16, seqfast.functional runs torch's cell op, and
     # the call runs it itself
     monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", ())
+    monkeypatch.setattr(_rules, "_FLOAT32_BF16_CPUS", ())
     torch.manual_seed(0)
     ref, mod = _pair(kind, kw, torch.bfloat16)
     x, hx = torch.randn(3, 5, dtype=torch.bfloat16), _states(kind, 3, dtype=torch.bfloat16)

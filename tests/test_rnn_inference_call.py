@@ -243,19 +243,34 @@ def test_forward_asks_the_call_only_where_python_allows():
 
 
 def test_module_call_follows_the_rule_table():
+    """A rule for inference (batch 3, 2-4 steps) built into the C++ call: inside it the call runs torch's op itself
+    (torch's results bit for bit, with and without a state, unbatched too when the rule covers batch 1); outside it
+    (2 rows, 5 steps) seqfast's kernel."""
     ref, mod, call = _built()
     x = torch.randn(4, 3, 5)
     saved = list(_rules.RULES)
     try:
         _rules.set_rules([_rules.Rule("lstm", torch.float32, (_rules.cpu_class(),), training=False, batch=(3, 3),
-                                      source="test")])
+                                      steps=(2, 4), source="test")])
         with torch.no_grad():
             assert call(x) is None  # built from the old table
             torch.testing.assert_close(_flat(mod(x)), _flat(ref(x)), rtol=0, atol=0)  # batch 3: torch's op
-            assert mod._seqfast_call(x) is None  # the new call knows batch 3 is torch's
-            x2 = torch.randn(4, 2, 5)
-            assert mod._seqfast_call(x2) is not None
-            torch.testing.assert_close(_flat(mod(x2)), _flat(ref(x2)))
+            new = mod._seqfast_call
+            hx = (torch.randn(1, 3, 7), torch.randn(1, 3, 7))
+            for args in ((x,), (x, hx)):
+                got = new(*args)
+                assert got is not None  # the new call runs torch's op for batch 3
+                torch.testing.assert_close(_flat(got), _flat(ref(*args)), rtol=0, atol=0)
+            for other in (torch.randn(4, 2, 5), torch.randn(5, 3, 5)):  # another batch, another length
+                assert new(other) is not None
+                torch.testing.assert_close(_flat(mod(other)), _flat(ref(other)))
+            _rules.set_rules([_rules.Rule("lstm", torch.float32, (_rules.cpu_class(),), training=False, batch=(1, 1),
+                                          steps=(2, 4), source="test")])
+            xu = torch.randn(3, 5)  # unbatched: a batch of one
+            mod(xu)
+            got = mod._seqfast_call(xu)
+            assert got is not None
+            torch.testing.assert_close(_flat(got), _flat(ref(xu)), rtol=0, atol=0)
     finally:
         _rules.set_rules(saved)
 

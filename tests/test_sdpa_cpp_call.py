@@ -24,6 +24,7 @@ def no_rules(monkeypatch):
     """An empty rule table and no bfloat16 upcast (every case is seqfast's kernel's on any CPU); the call built from
     it."""
     monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", ())
+    monkeypatch.setattr(_rules, "_FLOAT32_BF16_CPUS", ())
     saved = list(_rules.RULES)
     _rules.set_rules([])
     yield _attention._build_cpp_call()

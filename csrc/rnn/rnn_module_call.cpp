@@ -80,21 +80,21 @@ bool in_regions(const Regions& regions, int64_t batch, int64_t steps) {
 class ModuleCall {
  public:
   // params: the module's parameter dict; expected: its values when the call was built, in order; weights: the flat
-  // per-layer weight list of rnn_module_inference; torch_batches: inclusive batch ranges where the rule table
-  // prefers torch's op for this module's dtype and hidden size; upcast_min_rows: bfloat16 calls with at least this
-  // many rows (steps x batch) take the float32 upcast path (0: never); bf16_cell_steps: the bfloat16 calls below it
-  // run as float32 cell steps with the weights read in place (seqfast.functional._rnn_sequence.bf16_in_steps).
-  // training_torch: the (batch, steps) regions where the rule table prefers torch's op for training at this module's
-  // dtype and hidden size.
+  // per-layer weight list of rnn_module_inference; torch_regions / training_torch: the inclusive (batch, steps)
+  // regions where the rule table prefers torch's op for this module's dtype and hidden size, without gradients / for
+  // the calls autograd records; float32: the (batch, steps) regions where a bfloat16 call computes in float32
+  // (seqfast._rules.float32_bfloat16_regions), checked before the rule table as the Python path checks them: there,
+  // calls of at least upcast_min_rows rows (steps x batch) take the upcast path (left to the Python path), and with
+  // bf16_cell_steps the fewer rows run as float32 cell steps with the weights read in place
+  // (seqfast.functional._rnn_sequence.bf16_in_steps).
   ModuleCall(std::string mode, py::dict params, py::list expected, py::list weights, bool has_biases,
-             int64_t num_layers, bool bidirectional, bool batch_first, int64_t input_size,
-             std::vector<std::pair<int64_t, int64_t>> torch_batches, int64_t upcast_min_rows, bool bf16_cell_steps,
-             Regions training_torch)
+             int64_t num_layers, bool bidirectional, bool batch_first, int64_t input_size, Regions torch_regions,
+             int64_t upcast_min_rows, bool bf16_cell_steps, Regions training_torch, Regions float32)
       : guard_(std::move(params), std::move(expected)), mode_(std::move(mode)), lstm_(mode_ == "LSTM"),
         weights_(std::move(weights)),
         has_biases_(has_biases), num_layers_(num_layers), bidirectional_(bidirectional), batch_first_(batch_first),
-        input_size_(input_size), torch_batches_(std::move(torch_batches)), upcast_min_rows_(upcast_min_rows),
-        bf16_cell_steps_(bf16_cell_steps), training_torch_(std::move(training_torch)) {
+        input_size_(input_size), torch_regions_(std::move(torch_regions)), upcast_min_rows_(upcast_min_rows),
+        bf16_cell_steps_(bf16_cell_steps), training_torch_(std::move(training_torch)), float32_(std::move(float32)) {
     TORCH_CHECK(weights_.size() >= 2, "ModuleCall: no weights");
     for (const auto& w : weights_) TORCH_CHECK(THPVariable_Check(w.ptr()), "ModuleCall: weights must be tensors");
     dtype_ = current(weights_[0]).scalar_type();
@@ -104,7 +104,8 @@ class ModuleCall {
   // (output, states) as the module's forward returns them, or None where the module's regular path must decide. hx:
   // None, or the initial states as the module takes them (LSTM: a tuple (h0, c0)). training: the module's flag (the
   // caller has sent a training call with dropout to the regular path). A call that autograd records runs torch's op,
-  // recorded as torch records it, inside the training_torch regions, and goes to the regular path elsewhere.
+  // recorded as torch records it, inside the training_torch regions, and goes to the regular path elsewhere; a call
+  // without gradients runs torch's op inside the torch_regions. Both outside the float32 regions.
   py::object call(const py::handle& input, const py::handle& hx, bool training) const {
     if (!guard_.passes()) return py::none();
     const Tensor* xp = plain_cpu(input.ptr(), dtype_);
@@ -125,9 +126,17 @@ class ModuleCall {
     const int64_t steps = x.size(batched && batch_first_ ? 1 : 0);
     const int64_t batch = batched ? x.size(batch_first_ ? 0 : 1) : 1;
     if (steps == 0 || batch == 0) return py::none();
-    if (rec && !in_regions(training_torch_, batch, steps)) return py::none();
-    if (!rec && in_ranges(torch_batches_, batch)) return py::none();
-    if (!rec && upcast_min_rows_ > 0 && steps * batch >= upcast_min_rows_) return py::none();
+    // (the Python path computes a recorded bfloat16 call inside the float32 regions in float32 too)
+    if (rec && (!in_regions(training_torch_, batch, steps) || in_regions(float32_, batch, steps)))
+      return py::none();
+    bool cell_steps = false, torch_here = rec;
+    if (!rec) {
+      if (in_regions(float32_, batch, steps)) {
+        if (upcast_min_rows_ > 0 && steps * batch >= upcast_min_rows_) return py::none();
+        cell_steps = bf16_cell_steps_ && dtype_ == at::kBFloat16;
+      }
+      torch_here = !cell_steps && in_regions(torch_regions_, batch, steps);
+    }
     OptTensor h0, c0;
     if (!hx.is_none()) {
       // [layers * directions, batch, hidden] ([layers * directions, hidden] unbatched), of the input's dtype; any
@@ -148,12 +157,12 @@ class ModuleCall {
         (o == h ? h0 : c0) = *t;
       }
     }
-    if (rec) return torch_op(x, batched, batch, h0, c0, weights, training);
+    if (torch_here) return torch_op(x, batched, batch, h0, c0, weights, training);
     std::tuple<Tensor, Tensor, Tensor> r;
     {
       py::gil_scoped_release release;
       r = rnn_module_inference(mode_, x, weights, has_biases_, num_layers_, bidirectional_, batch_first_, h0, c0,
-                               bf16_cell_steps_ && dtype_ == at::kBFloat16);
+                               cell_steps);
     }
     py::object out = wrap(std::move(std::get<0>(r))), h = wrap(std::move(std::get<1>(r)));
     if (!std::get<2>(r).defined()) return py::make_tuple(out, h);
@@ -210,10 +219,10 @@ class ModuleCall {
   int64_t num_layers_;
   bool bidirectional_, batch_first_;
   int64_t input_size_;
-  std::vector<std::pair<int64_t, int64_t>> torch_batches_;
+  Regions torch_regions_;
   int64_t upcast_min_rows_;
   bool bf16_cell_steps_;
-  Regions training_torch_;
+  Regions training_torch_, float32_;
   at::ScalarType dtype_;
   int64_t hidden_size_;
 };
@@ -227,17 +236,19 @@ class ModuleCall {
 // this call runs that op itself (torch's results and errors, without the dispatch Python), except from
 // upcast_min_rows rows (when > 0), which the functional computes in float32 on the C++ kernels. bf16_weights: below
 // those rows, a bfloat16 step runs the C++ kernels on float32 copies of its activations with the weights read in
-// place, as the functional does (seqfast._rules.bf16_weights_in_place).
+// place, as the functional does (seqfast._rules.bf16_weights_in_place). Both only up to float32_max_batch rows
+// (seqfast._rules.float32_bfloat16_max_batch); larger steps run torch's op.
 class CellCall {
  public:
   CellCall(int64_t gates, bool relu, py::dict params, py::list expected, py::object w_ih, py::object w_hh,
            py::object b_ih, py::object b_hh, std::vector<std::pair<int64_t, int64_t>> torch_batches,
            std::vector<std::pair<int64_t, int64_t>> training_torch_batches, bool torch_op, int64_t upcast_min_rows,
-           bool bf16_weights)
+           bool bf16_weights, int64_t float32_max_batch)
       : guard_(std::move(params), std::move(expected)), gates_(gates), relu_(relu), w_ih_(std::move(w_ih)),
         w_hh_(std::move(w_hh)), b_ih_(std::move(b_ih)), b_hh_(std::move(b_hh)),
         torch_batches_(std::move(torch_batches)), training_torch_batches_(std::move(training_torch_batches)),
-        torch_op_(torch_op), upcast_min_rows_(upcast_min_rows), bf16_weights_(bf16_weights) {
+        torch_op_(torch_op), upcast_min_rows_(upcast_min_rows), bf16_weights_(bf16_weights),
+        float32_max_batch_(float32_max_batch) {
     TORCH_CHECK(gates == 4 || gates == 3 || gates == 1, "CellCall: gates must be 4, 3 or 1, got ", gates);
     TORCH_CHECK(THPVariable_Check(w_ih_.ptr()) && THPVariable_Check(w_hh_.ptr()), "CellCall: weights must be tensors");
     for (const py::object* b : {&b_ih_, &b_hh_})
@@ -276,8 +287,11 @@ class CellCall {
     }
     if (in_ranges(torch_batches_, x->size(0))) return py::none();
     if (torch_op_) {
-      if (upcast_min_rows_ > 0 && x->size(0) >= upcast_min_rows_) return py::none();
-      if (bf16_weights_ && x->size(0) > 0) return bf16_step(*x, *h, c, w_ih, w_hh, b_ih, b_hh);
+      const int64_t rows = x->size(0);
+      if (rows <= float32_max_batch_) {
+        if (upcast_min_rows_ > 0 && rows >= upcast_min_rows_) return py::none();
+        if (bf16_weights_ && rows > 0) return bf16_step(*x, *h, c, w_ih, w_hh, b_ih, b_hh);
+      }
       return torch_cell(*x, *h, c, w_ih, w_hh, b_ih, b_hh);
     }
     // torch's shape errors, raised here as the Python path raises them; a weight or bias the kernels cannot read,
@@ -316,6 +330,7 @@ class CellCall {
   bool torch_op_;
   int64_t upcast_min_rows_;
   bool bf16_weights_;
+  int64_t float32_max_batch_;
   at::ScalarType dtype_;
 
   // A bfloat16 step on float32 copies of its activations (the entries copy the biases), the weights read in place;
@@ -371,22 +386,22 @@ class CellCall {
 
 void bind_module_call(py::module_& m) {
   py::class_<ModuleCall>(m, "ModuleCall", "the no-grad forward of one seqfast RNN module, checks included")
-      .def(py::init<std::string, py::dict, py::list, py::list, bool, int64_t, bool, bool, int64_t,
-                    std::vector<std::pair<int64_t, int64_t>>, int64_t, bool, Regions>(),
+      .def(py::init<std::string, py::dict, py::list, py::list, bool, int64_t, bool, bool, int64_t, Regions, int64_t,
+                    bool, Regions, Regions>(),
            py::arg("mode"), py::arg("params"), py::arg("expected"), py::arg("weights"), py::arg("has_biases"),
            py::arg("num_layers"), py::arg("bidirectional"), py::arg("batch_first"), py::arg("input_size"),
-           py::arg("torch_batches"), py::arg("upcast_min_rows"), py::arg("bf16_cell_steps"),
-           py::arg("training_torch") = Regions())
+           py::arg("torch_regions"), py::arg("upcast_min_rows"), py::arg("bf16_cell_steps"),
+           py::arg("training_torch") = Regions(), py::arg("float32") = Regions())
       .def("__call__", &ModuleCall::call, py::arg("input"), py::arg("hx") = py::none(), py::arg("training") = false)
       .def("stale", &ModuleCall::stale);
   py::class_<CellCall>(m, "CellCall", "one step of a seqfast RNN cell module, checks included")
       .def(py::init<int64_t, bool, py::dict, py::list, py::object, py::object, py::object, py::object,
                     std::vector<std::pair<int64_t, int64_t>>, std::vector<std::pair<int64_t, int64_t>>, bool, int64_t,
-                    bool>(),
+                    bool, int64_t>(),
            py::arg("gates"), py::arg("relu"), py::arg("params"), py::arg("expected"), py::arg("w_ih"),
            py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("torch_batches"),
            py::arg("training_torch_batches"), py::arg("torch_op"),
-           py::arg("upcast_min_rows"), py::arg("bf16_weights"))
+           py::arg("upcast_min_rows"), py::arg("bf16_weights"), py::arg("float32_max_batch") = 0)
       .def("__call__", &CellCall::call, py::arg("input"), py::arg("hx"))
       .def("stale", &CellCall::stale);
   m.def("rules_changed", [] { rules_epoch().fetch_add(1); },

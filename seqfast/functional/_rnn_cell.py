@@ -81,8 +81,22 @@ def _bf16_weights(gates, input, h, c, w_ih, w_hh, b_ih, b_hh):
     """Whether this bfloat16 step runs the float32 C++ kernels with its bfloat16 weights read in place
     (seqfast._rules.bf16_weights_in_place): the extension has those kernels, and torch's checks pass with the weights
     and biases in the layout the kernels read."""
-    return (bf16_weight_kernels() and _rules.bf16_weights_in_place((input, h, c, w_ih, w_hh, b_ih, b_hh), _rows(input))
+    rows = _rows(input)
+    return (bf16_weight_kernels()
+            and _rules.bf16_weights_in_place((input, h, c, w_ih, w_hh, b_ih, b_hh), rows, _NAMES[gates], rows,
+                                             _hidden(w_hh))
             and _check(gates, input, h, c, w_ih, w_hh, b_ih, b_hh))
+
+
+def _hidden(w_hh):
+    """The hidden size of a cell's recurrent weight (0 for a weight that is not 2-D: torch's op then raises)."""
+    return w_hh.shape[1] if w_hh.dim() == 2 else 0
+
+
+def _upcast(family, input, tensors, w_hh):
+    """seqfast._rules.upcast_bfloat16 for a cell step of ``family`` (its seven tensors, None where absent)."""
+    rows = _rows(input)
+    return _rules.upcast_bfloat16(tensors, rows, family, rows, _hidden(w_hh))
 
 
 def _tuned(name, input, w_ih, w_hh, torch_call, seqfast_call):
@@ -179,7 +193,7 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
         if _bf16_weights(4, input, h, c, w_ih, w_hh, b_ih, b_hh):
             hy, cy, _ = _ops.lstm_cell(input.float(), h.float(), c.float(), w_ih, w_hh, b_ih, b_hh)
             return hy.to(torch.bfloat16), cy.to(torch.bfloat16)
-        if _rules.upcast_bfloat16((input, h, c, w_ih, w_hh, b_ih, b_hh), _rows(input)):
+        if _upcast("lstm_cell", input, (input, h, c, w_ih, w_hh, b_ih, b_hh), w_hh):
             hy, cy = lstm_cell(input.float(), (h.float(), c.float()), *_floats(w_ih, w_hh, b_ih, b_hh))
             return hy.to(torch.bfloat16), cy.to(torch.bfloat16)
     kernel = _no_grad_kernel(_ops.lstm_cell, input)
@@ -202,7 +216,7 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     if input.dtype is torch.bfloat16:
         if _bf16_weights(3, input, hx, None, w_ih, w_hh, b_ih, b_hh):
             return _ops.gru_cell(input.float(), hx.float(), w_ih, w_hh, b_ih, b_hh)[0].to(torch.bfloat16)
-        if _rules.upcast_bfloat16((input, hx, w_ih, w_hh, b_ih, b_hh), _rows(input)):
+        if _upcast("gru_cell", input, (input, hx, w_ih, w_hh, b_ih, b_hh), w_hh):
             return gru_cell(input.float(), hx.float(), *_floats(w_ih, w_hh, b_ih, b_hh)).to(torch.bfloat16)
     kernel = _no_grad_kernel(_ops.gru_cell, input)
     if kernel is not None and _native_check(3, input, hx, None, w_ih, w_hh, b_ih, b_hh, False) == 1:
@@ -225,7 +239,7 @@ def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
         if _bf16_weights(1, input, hx, None, w_ih, w_hh, b_ih, b_hh):
             hy = _ops.rnn_cell(input.float(), hx.float(), w_ih, w_hh, b_ih, b_hh, nonlinearity == "relu")
             return hy.to(torch.bfloat16)
-        if _rules.upcast_bfloat16((input, hx, w_ih, w_hh, b_ih, b_hh), _rows(input)):
+        if _upcast("rnn_cell", input, (input, hx, w_ih, w_hh, b_ih, b_hh), w_hh):
             return rnn_cell(input.float(), hx.float(), *_floats(w_ih, w_hh, b_ih, b_hh), nonlinearity).to(torch.bfloat16)
     kernel = _no_grad_kernel(_ops.rnn_cell, input)
     if kernel is not None and _native_check(1, input, hx, None, w_ih, w_hh, b_ih, b_hh, False) == 1:

@@ -86,14 +86,16 @@ def _kernel_layout(kind, weights, input_size, num_layers, dirs, proj_size):
 BF16_STEPS_MIN_WEIGHTS_NO_GRAD = 131072
 
 
-def bf16_in_steps(tensors, rows, weights=None, grad=True):
-    """Whether a bfloat16 layer call over ``rows`` rows (steps x batch) runs as cell steps that read the bfloat16
-    weights in place (_cell_steps): up to seqfast._rules.BF16_IN_PLACE_MAX_ROWS rows (from there the upcast path's
-    copies pay), where the cell kernels qualify; without gradients only from BF16_STEPS_MIN_WEIGHTS_NO_GRAD
-    ``weights`` (None: any size, for the module's C++ call)."""
+def bf16_in_steps(tensors, rows, kind, steps, batch, hidden, weights=None, grad=True):
+    """Whether a bfloat16 ``kind`` layer call over ``rows`` rows (``steps`` steps of up to ``batch`` rows, at
+    ``hidden``) runs as cell steps that read the bfloat16 weights in place (_cell_steps): up to
+    seqfast._rules.BF16_IN_PLACE_MAX_ROWS rows (from there the upcast path's copies pay), where the cell kernels
+    qualify and the rules' float32 bounds hold; without gradients only from BF16_STEPS_MIN_WEIGHTS_NO_GRAD ``weights``
+    (None: any size, for the module's C++ call)."""
     return (rows <= _rules.BF16_IN_PLACE_MAX_ROWS
             and (grad or weights is None or weights >= BF16_STEPS_MIN_WEIGHTS_NO_GRAD)
-            and _rnn_cell.bf16_weight_kernels() and _rules.bf16_weights_in_place(tensors, rows))
+            and _rnn_cell.bf16_weight_kernels()
+            and _rules.bf16_weights_in_place(tensors, rows, kind, batch, hidden, steps))
 
 
 # A float32 / float64 call of one step in grad mode runs the cell kernels (_cell_steps): the sequence kernels' per-call
@@ -120,15 +122,20 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
     _check_steps(input, batch_sizes, h0)
     _check_states(input, [("hx", h0)] + ([("cx", c0)] if lstm else []))
     rows = input.shape[0] * (input.shape[1] if batch_sizes is None else 1)
+    if input.dtype is torch.bfloat16:  # the bounds of seqfast._rules' float32 paths for bfloat16
+        steps = input.shape[0] if batch_sizes is None else batch_sizes.shape[0]
+        batch, hidden = h0.shape[1], (c0 if lstm else h0).shape[-1]
     if (input.dtype is torch.bfloat16 and not proj_size
-            and bf16_in_steps(itertools.chain((input, h0, c0), *weights), rows,
+            and bf16_in_steps(itertools.chain((input, h0, c0), *weights), rows, kind, steps, batch, hidden,
                               weights[0][0].numel() + weights[0][1].numel(), torch.is_grad_enabled())
             and _kernel_layout(kind, weights, input.shape[-1], num_layers, 2 if bidirectional else 1, 0)):
         # so few rows that the bfloat16 cell steps, their weights read in place, beat both other paths (_cell_steps)
         return _cell_steps.recurrent_in_steps(kind, input, h0, c0, weights, batch_sizes, num_layers, bidirectional,
                                               dropout, training, nonlinearity)
-    if input.dtype is torch.bfloat16 and _rules.upcast_bfloat16(itertools.chain((input, h0, c0), *weights), rows):
-        # no native bfloat16 on this CPU: float32 kernels on upcast copies, the results rounded once (seqfast._rules)
+    if input.dtype is torch.bfloat16 and _rules.upcast_bfloat16(itertools.chain((input, h0, c0), *weights), rows,
+                                                                kind, batch, hidden, steps):
+        # no native bfloat16 on this CPU, or a call too small for it to pay (seqfast._rules.float32_bfloat16_max_batch):
+        # float32 kernels on upcast copies, the results rounded once
         up = [[w.float() for w in layer] for layer in weights]
         out, hn, cn = recurrent(kind, input.float(), h0.float(), None if c0 is None else c0.float(), up,
                                 batch_sizes=batch_sizes, num_layers=num_layers, bidirectional=bidirectional,

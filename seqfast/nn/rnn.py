@@ -70,15 +70,18 @@ class _SeqfastRNNMixin:
         batched = input.dim() == 3
         steps = input.shape[1 if batched and self.batch_first else 0]
         batch = input.shape[0 if self.batch_first else 1] if batched else 1
-        if steps == 0 or batch == 0 or _rules.prefer_torch_when(self._kind, input, batch, self.hidden_size, False,
-                                                                 steps=steps):
+        if steps == 0 or batch == 0:
             return None
         cell_steps = False
-        if input.dtype is torch.bfloat16:
-            if _rules.upcast_bfloat16((input,), steps * batch):
+        if input.dtype is torch.bfloat16:  # before the rule table, as seqfast.functional.recurrent decides
+            if _rules.upcast_bfloat16((input,), steps * batch, self._kind, batch, self.hidden_size, steps):
                 return None  # computed in float32 by the regular path (seqfast._rules.upcast_bfloat16)
             # fewer rows: float32 cell steps, the weights read in place (seqfast.functional._cell_steps' twin)
-            cell_steps = _rnn_sequence.bf16_in_steps((input,), steps * batch)
+            cell_steps = _rnn_sequence.bf16_in_steps((input,), steps * batch, self._kind, steps, batch,
+                                                      self.hidden_size)
+        if not cell_steps and _rules.prefer_torch_when(self._kind, input, batch, self.hidden_size, False,
+                                                       steps=steps):
+            return None
         if _autotune._enabled:  # the measured choice (seqfast.autotune) between this call and torch's forward
             key = ("rnn_module", self.mode, input.dtype, self.num_layers, self.bidirectional, batched,
                    _autotune.size_class(steps), _autotune.size_class(batch), _autotune.size_class(self.hidden_size),
@@ -106,16 +109,16 @@ class _SeqfastRNNMixin:
         if weights is None or _backend.forced_backend() is not None:
             return None
         dtype = input.dtype
-        upcast = (dtype is torch.bfloat16 and not torch.compiler.is_compiling()
-                  and _rules.cpu_class() in _rules._UPCAST_BF16_CPUS)
-        # bfloat16 calls the upcast path takes go to the regular path; fewer rows run here as cell steps, where the
-        # cell kernels take bfloat16 weights (_rnn_sequence.bf16_in_steps)
+        float32 = (_rules.float32_bfloat16_regions(self._kind, self.hidden_size)
+                   if dtype is torch.bfloat16 and not torch.compiler.is_compiling() else [])
+        # bfloat16 calls inside the float32 regions: those the upcast path takes go to the regular path; fewer rows
+        # run here as cell steps, where the cell kernels take bfloat16 weights (_rnn_sequence.bf16_in_steps)
         return _ext.module().ModuleCall(
             self.mode, self._parameters, list(self._parameters.values()), weights, self.bias, self.num_layers,
             self.bidirectional, self.batch_first, self.input_size,
-            _rules.torch_batches(self._kind, dtype, False, self.hidden_size),
-            _rnn_cell.bf16_upcast_min_rows() if upcast else 0, upcast and _rnn_cell.bf16_weight_kernels(),
-            _rules.training_torch_regions(self._kind, dtype, self.hidden_size))
+            _rules.torch_regions(self._kind, dtype, False, self.hidden_size),
+            _rnn_cell.bf16_upcast_min_rows() if float32 else 0, bool(float32) and _rnn_cell.bf16_weight_kernels(),
+            _rules.torch_regions(self._kind, dtype, True, self.hidden_size), float32)
 
     def _one_call(self, input, weights, cell_steps=False):
         out, h, c = _ext.module().rnn_module_inference(self.mode, input, weights, self.bias, self.num_layers,

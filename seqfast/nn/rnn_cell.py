@@ -75,20 +75,23 @@ def _build_call(module, family, input):
     if w_ih is None or w_ih.dtype != dtype or _ext.module() is None or not _native():
         return None
     if op.runs_cpp(input):
-        torch_op, upcast = False, False
+        torch_op, float32 = False, 0
     elif op.runs_torch_op(input) and input.is_cpu:
         # no C++ kernel for this dtype: seqfast.functional runs torch's cell op, and so does the call, except for the
         # bfloat16 steps the functional computes in float32: on upcast copies (seqfast._rules.upcast_bfloat16), left
         # to it, and below those rows on float32 activations with the weights read in place
-        # (seqfast._rules.bf16_weights_in_place), which the call runs itself
-        torch_op, upcast = True, dtype is torch.bfloat16 and _rules.cpu_class() in _rules._UPCAST_BF16_CPUS
+        # (seqfast._rules.bf16_weights_in_place), which the call runs itself; both up to the rules' float32 bounds
+        torch_op = True
+        float32 = (_rules.float32_bfloat16_max_batch(family, module.hidden_size) if dtype is torch.bfloat16
+                   and not torch.compiler.is_compiling() else 0)
     else:
         return None
     return _ext.module().CellCall(
         _GATES[family], getattr(module, "nonlinearity", "tanh") == "relu", params, list(params.values()), w_ih, w_hh,
         b_ih, b_hh, _rules.torch_batches(family, dtype, False, module.hidden_size),
         _rules.torch_batches(family, dtype, True, module.hidden_size), torch_op,
-        _rnn_cell.bf16_upcast_min_rows() if upcast else 0, upcast and _rnn_cell.bf16_weight_kernels())
+        _rnn_cell.bf16_upcast_min_rows() if float32 else 0, bool(float32) and _rnn_cell.bf16_weight_kernels(),
+        float32)
 
 
 class _CellCallState:
