@@ -6,10 +6,9 @@ the faster one on a class of CPU, with the run it comes from. Dispatch (seqfast.
 :func:`prefer_torch` before it calls a seqfast kernel, and runs torch's op there instead (same results, torch's
 speed). A forced backend (``SEQFAST_BACKEND`` / ``seqfast.use_backend``) bypasses the table.
 
-CPU classes come from the features torch reports at run time, not from a model name: "avx512_bf16" (AVX-512 with
-AVX512_BF16 or AMX: torch's bfloat16 RNNs and GEMMs run native oneDNN kernels there), "avx512", "avx2" (AVX2+FMA, no
-AVX-512: the C++ kernels take their AVX2 / MKL paths), "other".
-"""
+CPU classes come from the features torch reports at run time, not from a model name: "amx" (AVX-512 with AMX tiles)
+and "avx512_bf16" (AVX-512 with AVX512_BF16, no AMX): torch's bfloat16 RNNs and GEMMs run native oneDNN kernels on
+both; "avx512", "avx2" (AVX2+FMA, no AVX-512: the C++ kernels take their AVX2 / MKL paths), "other"."""
 import functools
 
 import torch
@@ -22,7 +21,9 @@ def cpu_class():
     """The CPU class of this machine (see the module docstring)."""
     cpu = torch.cpu
     if cpu._is_avx512_supported():
-        return "avx512_bf16" if (cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported()) else "avx512"
+        if cpu._is_amx_tile_supported():
+            return "amx"
+        return "avx512_bf16" if cpu._is_avx512_bf16_supported() else "avx512"
     return "avx2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "other"
 
 
@@ -57,7 +58,9 @@ BF16 = torch.bfloat16
 F32 = torch.float32
 
 INF = 1 << 62
-AVX512_BF16 = ("avx512_bf16",)
+AVX512_BF16 = ("avx512_bf16", "amx")  # native bfloat16 (measured without AMX; AMX CPUs kept the same table)
+BF16_NO_AMX = ("avx512_bf16",)  # where the fused bfloat16 LSTM step runs (rnn/rnn_sequence_lstm_step_bf16.h)
+AMX = ("amx",)
 AVX2 = ("avx2",)
 _ZEN3 = "make bench-sweep, sweep-cpu-20261204-194326 (AMD EPYC family 25 model 1, AVX2, 2 threads), commit c6aed95"
 _ZEN3_OWN_GEMM = ("same-process A/B, rules on / off, rotating order, 7 rounds, on commit 1c58745 (the own AVX2 GEMMs) on "
@@ -96,6 +99,8 @@ _ZEN3_BF16_RNN_CELL = ("same-process A/B, torch / seqfast's kernel / seqfast wit
 _ZEN5_BF16 = ("same-process A/B, torch / seqfast with the rule table / seqfast without it, 11 rounds, the sweep's "
               "cases (benchmarks/cases.py), on commit 0c336a6 on an AMD EPYC family 26 model 2 (Zen 5, AVX-512 + "
               "AVX512_BF16, 2 threads); make bench-sweep sweep-cpu-20261206-223110")
+_ZEN5_LSTM_BF16 = ("same-process A/B, torch / the fused bfloat16 LSTM step / the bf16-GEMM loop, no rules, 11 rounds, "
+                   "the sweep's cases, on the commit that added the step, AMD EPYC family 26 model 2")
 _ZEN3_LATER = ("make bench-sweep runs 201033 and 214300 and make bench runs cpu-20261204-200307 / 214050 on the same "
                "AMD EPYC family 25 model 1")
 
@@ -111,12 +116,28 @@ RULES = [
     # H512 2.46x, B8 H128 1.32x, B8 H1024 1.74x, B32 H256 1.29x, B64 H512 1.05x, B256 H256 0.79x; T2 / T4 / T32 at B1
     # H512 1.20 / 1.06 / 0.81x, T32 B2 / B4 H256 0.93 / 0.38x; training T1 B1 H512 9.5x, B8 H128 1.40x, B32 H256
     # 1.55x, B256 H256 1.17x, T32 B1 H128 1.33x, B2 H512 1.13x, B4 H512 0.90x, B8 H256 0.65x.
-    Rule("lstm", BF16, AVX512_BF16, training=False, steps=(8, INF),
+    # Those rules stay for AMX CPUs (torch's GEMMs on tiles there; the fused bfloat16 step below does not run on them).
+    Rule("lstm", BF16, AMX, training=False, steps=(8, INF),
          source="issue 15 sweep (main ed888a7); cpu-20261127 runs; " + _ZEN5_BF16),
-    Rule("lstm", BF16, AVX512_BF16, training=False, batch=(2, INF), steps=(2, 7), source=_ZEN5_BF16),
-    Rule("lstm", BF16, AVX512_BF16, training=False, batch=(128, INF), steps=(1, 1), source=_ZEN5_BF16),
-    Rule("lstm", BF16, AVX512_BF16, training=True, batch=(4, INF), steps=(2, INF),
+    Rule("lstm", BF16, AMX, training=False, batch=(2, INF), steps=(2, 7), source=_ZEN5_BF16),
+    Rule("lstm", BF16, AMX, training=False, batch=(128, INF), steps=(1, 1), source=_ZEN5_BF16),
+    Rule("lstm", BF16, AMX, training=True, batch=(4, INF), steps=(2, INF),
          source="issue 15 sweep (main ed888a7); cpu-20261127 runs; " + _ZEN5_BF16),
+    # With AVX512_BF16 and no AMX, bfloat16 LSTM layers run the fused bfloat16 step (vdpbf16ps; its backward upcasts).
+    # torch's oneDNN LSTM reaches the vdpbf16ps peak on large calls (T32 B64 H1024: 34 GFLOP in 39 ms on 2 cores), so
+    # torch's op keeps those. torch's time over seqfast's, the bfloat16 step / the bf16-GEMM loop before it (_ZEN5_LSTM_BF16):
+    # inference T32 B1 H512 1.06x / 0.72x, B2 / B4 H256 2.60 / 2.10x / 0.94 / 0.37x, B8 H256 1.54x / 0.39x, B8 H1024
+    # 1.05x / 0.49x, B32 H64 2.15x / 0.39x, B32 H512 1.07x / 0.56x, B64 H128 1.31x / 0.47x, B256 H64 1.87x / 0.69x,
+    # T4 B8 H256 4.16x, T4 B64 H512 1.21x, T2 B256 H256 1.15x, T1 B128 H512 1.40x, T1 B256 H256 1.27x -- against T32
+    # B256 H256 0.96x, B64 H1024 0.99x; training T32 B1 H512 1.32x, B8 H256 1.16x, B8 H1024 1.57x, B32 H64 1.25x --
+    # against B32 H512 0.71x, B64 H128 0.77x, B256 H64 0.68x, B256 H256 0.72x.
+    Rule("lstm", BF16, BF16_NO_AMX, training=False, batch=(256, INF), hidden=(256, INF), steps=(8, INF),
+         source=_ZEN5_LSTM_BF16),
+    Rule("lstm", BF16, BF16_NO_AMX, training=False, batch=(128, INF), hidden=(512, INF), steps=(8, INF),
+         source=_ZEN5_LSTM_BF16),
+    Rule("lstm", BF16, BF16_NO_AMX, training=False, batch=(64, INF), hidden=(1024, INF), steps=(8, INF),
+         source=_ZEN5_LSTM_BF16),
+    Rule("lstm", BF16, BF16_NO_AMX, training=True, batch=(32, INF), steps=(2, INF), source=_ZEN5_LSTM_BF16),
     Rule("gru", BF16, AVX512_BF16, training=True, batch=(64, INF), source="issue 15 sweep; cpu-20261127-134733"),
     Rule("sdpa", BF16, AVX512_BF16, training=True, batch=(2048, INF), hidden=(2048, INF), causal=True,
          source="issue 15 sweep (main ed888a7)"),
@@ -383,17 +404,12 @@ _UPCAST_BF16_CPUS = ("avx2", "avx512")
 #   LSTM sequences: only T32 B1 H128 (1.14x / 0.92x; training 1.79x / 1.30x); from B1 H512, B8 H256 or B32 H64 torch's
 #     oneDNN LSTM won (0.57-0.83x);
 #   SDPA without gradients from 128 query rows: L128-2048, head dim 64-128, causal or not, 2.2-4.3x / 1.0-1.5x.
-# On an AMX CPU torch's bfloat16 GEMMs run on tiles: not measured, so the table stays off there.
+# On an AMX CPU (class "amx") torch's bfloat16 GEMMs run on tiles: not measured, so the bounds stay off there.
 FLOAT32_BF16_WORK = 1 << 20
 FLOAT32_BF16_SDPA_MIN_ROWS = 128
 _FLOAT32_BF16_CPUS = ("avx512_bf16",)
 _ZEN5_FLOAT32_BF16 = ("same-process A/B, torch / seqfast / seqfast with the float32 paths, 9 rounds, the sweep's "
                       "bfloat16 cases, on commit c28b2bf, AMD EPYC family 26 model 2")
-
-
-@functools.lru_cache(maxsize=None)
-def _amx():
-    return bool(torch.cpu._is_amx_tile_supported())
 
 
 def float32_bfloat16_max_batch(family, hidden, steps=1):
@@ -406,7 +422,7 @@ def float32_bfloat16_max_batch(family, hidden, steps=1):
     cpu = cpu_class()
     if cpu in _UPCAST_BF16_CPUS:
         return INF
-    if cpu not in _FLOAT32_BF16_CPUS or _amx():
+    if cpu not in _FLOAT32_BF16_CPUS:
         return 0
     if steps > 1 and family == "lstm":
         return 1 if hidden <= 128 else 0
@@ -432,7 +448,7 @@ def sdpa_float32_bfloat16_min_rows():
     cpu = cpu_class()
     if cpu in _UPCAST_BF16_CPUS:
         return 2
-    return FLOAT32_BF16_SDPA_MIN_ROWS if cpu in _FLOAT32_BF16_CPUS and not _amx() else INF
+    return FLOAT32_BF16_SDPA_MIN_ROWS if cpu in _FLOAT32_BF16_CPUS else INF
 
 
 def upcast_bfloat16(tensors, rows, family, batch, hidden, steps=1):

@@ -86,7 +86,7 @@ def test_sdpa_rule_runs_torchs_op(rule_for):
 
 def test_rules_are_well_formed():
     families = {"lstm", "gru", "rnn", "lstm_cell", "gru_cell", "rnn_cell", "sdpa", "sdpa_upcast"}
-    classes = {"avx512_bf16", "avx512", "avx2", "other"}
+    classes = {"amx", "avx512_bf16", "avx512", "avx2", "other"}
     for rule in _rules.RULES:
         assert rule.family in families and rule.cpus <= classes and rule.source
         for bound in (rule.batch, rule.hidden, rule.head_dim, rule.steps):

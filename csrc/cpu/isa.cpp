@@ -17,9 +17,20 @@ bool has_avx512() {
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") && has_avx2_fma();
   return ok;
 }
+bool has_avx512_bf16() {
+  static const bool ok =
+      has_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+bool has_amx() {
+  static const bool ok = __builtin_cpu_supports("amx-tile");
+  return ok;
+}
 #else
 bool has_avx2_fma() { return false; }
 bool has_avx512() { return false; }
+bool has_avx512_bf16() { return false; }
+bool has_amx() { return false; }
 #endif
 
 long l2_cache_bytes() {

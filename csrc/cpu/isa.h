@@ -10,6 +10,9 @@
 //     instantiation of a shared inline function can be merged with the default-ISA copy other files use.
 //   * the AVX2 region of rnn/rnn_pointwise.h (ATen's Vectorized, put into a private inline namespace through
 //     CPU_CAPABILITY for the same no-merging reason), guarded by rnn_kernels_supported() / kern::check_cpu().
+//   * rnn/rnn_sequence_lstm_step_bf16.cpp, the native bfloat16 LSTM step, compiled for AVX-512 + AVX512_BF16 and
+//     guarded by has_avx512_bf16(): it includes cpu/avx512_math.h inside its own anonymous namespace, so its copies
+//     of those inline functions (compiled with more features) are never merged with the AVX-512 units' copies.
 //   * attention/attention_vec.h: the attention row loops compiled in a baseline, an AVX2 and an AVX-512 region
 //     (three namespaces); the kernels are templates on the chosen one, picked per call by attn_vec::with_rows().
 #pragma once
@@ -19,6 +22,8 @@ namespace cpu {
 
 bool has_avx2_fma();  // AVX2 + FMA (+ F16C): the rnn/ and attention/ AVX2 regions
 bool has_avx512();    // AVX-512 F + DQ + VL (+ FMA): the AVX-512 translation units
+bool has_avx512_bf16();  // has_avx512() + BW + AVX512_BF16 (vdpbf16ps): the native bfloat16 translation units
+bool has_amx();          // AMX tiles (torch's bfloat16 GEMMs run on them; the bfloat16 step was not measured there)
 // Bytes of one core's L2 cache as the OS reports it (sysconf), or 256 KB where it reports none: the own AVX2 GEMMs
 // size their cache blocks from it (Zen 2/3: 512 KB; many Intel client cores: 256 KB).
 long l2_cache_bytes();
@@ -31,9 +36,12 @@ long l2_cache_bytes();
 #define SEQFAST_TARGET_AVX2_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,f16c\")")
 #define SEQFAST_TARGET_AVX512_BEGIN \
   _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512vl,avx512dq,avx2,fma,f16c\")")
+#define SEQFAST_TARGET_AVX512_BF16_BEGIN \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma,f16c\")")
 #define SEQFAST_TARGET_END _Pragma("GCC pop_options")
 #else
 #define SEQFAST_TARGET_AVX2_BEGIN
 #define SEQFAST_TARGET_AVX512_BEGIN
+#define SEQFAST_TARGET_AVX512_BF16_BEGIN
 #define SEQFAST_TARGET_END
 #endif

@@ -1,0 +1,187 @@
+// Fused bfloat16 LSTM step on AVX512_BF16 (vdpbf16ps). See rnn_sequence_lstm_step_bf16.h.
+// Compiled for AVX-512 + AVX512_BF16 by the target pragma below; no ATen headers here (the rule of cpu/isa.h).
+#include "rnn/rnn_sequence_lstm_step_bf16.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/config.h"
+#include "cpu/isa.h"
+
+namespace seqfast {
+namespace lstm_step_bf16 {
+
+// Compiled for the baseline ISA, outside the target region: this is the guard.
+bool available() {
+  return cpu::has_avx512_bf16() && !cpu::has_amx() && cpu::config().fused && cpu::config().bf16_lstm_step;
+}
+
+}  // namespace lstm_step_bf16
+}  // namespace seqfast
+
+#ifdef SEQFAST_X86_TARGETS
+#define SEQFAST_HAVE_BF16_LSTM 1
+SEQFAST_TARGET_AVX512_BF16_BEGIN
+#include <immintrin.h>
+
+namespace seqfast {
+namespace lstm_step_bf16 {
+namespace {
+// this unit's own copies of the AVX-512 math (see cpu/isa.h): seqfast::lstm_step_bf16::(anonymous)::seqfast::avx512
+#include "cpu/avx512_math.h"
+}  // namespace
+}  // namespace lstm_step_bf16
+}  // namespace seqfast
+#endif
+
+namespace seqfast {
+namespace lstm_step_bf16 {
+
+#ifdef SEQFAST_HAVE_BF16_LSTM
+namespace {
+
+constexpr int kMR = 6;  // rows per register tile: 6 x 4 gate vectors = 24 accumulators
+
+using seqfast::avx512::mask16;
+using seqfast::avx512::sigmoid_ps;
+using seqfast::avx512::tanh_ps;
+using seqfast::avx512::transpose16;
+
+// Two bfloat16 values of a row, (k, k + 1), as one 32-bit word broadcast to every lane; the second is 0 past the row.
+inline __m512i pair(const uint16_t* row, int64_t k, bool last_single) {
+  uint32_t v;
+  if (last_single) {
+    v = row[k];
+  } else {
+    std::memcpy(&v, row + k, sizeof(v));
+  }
+  return _mm512_set1_epi32(int32_t(v));
+}
+
+inline __m512 dot2(__m512 acc, __m512i a, __m512i b) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+}
+
+// acc[r][q] += sum_k rows[r][k] * w[k][16q + lane] over k < K, two k per instruction.
+template <int MR>
+inline __attribute__((always_inline)) void accumulate(__m512 (&acc)[MR][4], const uint16_t* const (&rows)[MR],
+                                                      int64_t K, const uint16_t* w) {
+  const int64_t pairs = K / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512i w0 = _mm512_load_si512(w), w1 = _mm512_load_si512(w + 32), w2 = _mm512_load_si512(w + 64),
+                  w3 = _mm512_load_si512(w + 96);
+    w += 128;
+    for (int r = 0; r < MR; ++r) {
+      const __m512i v = pair(rows[r], 2 * p, false);
+      acc[r][0] = dot2(acc[r][0], v, w0);
+      acc[r][1] = dot2(acc[r][1], v, w1);
+      acc[r][2] = dot2(acc[r][2], v, w2);
+      acc[r][3] = dot2(acc[r][3], v, w3);
+    }
+  }
+  if (K & 1) {  // the last k alone: its packed pair holds 0 for k + 1, and so does the broadcast word
+    const __m512i w0 = _mm512_load_si512(w), w1 = _mm512_load_si512(w + 32), w2 = _mm512_load_si512(w + 64),
+                  w3 = _mm512_load_si512(w + 96);
+    for (int r = 0; r < MR; ++r) {
+      const __m512i v = pair(rows[r], K - 1, true);
+      acc[r][0] = dot2(acc[r][0], v, w0);
+      acc[r][1] = dot2(acc[r][1], v, w1);
+      acc[r][2] = dot2(acc[r][2], v, w2);
+      acc[r][3] = dot2(acc[r][3], v, w3);
+    }
+  }
+}
+
+// Rows [r0, r0 + MR) x units of block blk.
+template <int MR>
+void tile(const StepArgs& a, int64_t r0, int64_t blk) {
+  const int64_t u = a.u0 + blk * kUnits;
+  const __mmask16 m = mask16(a.u1 - u);
+  __m512 acc[MR][4];
+  for (int q = 0; q < 4; ++q) {
+    const __m512 b = a.bias ? _mm512_load_ps(a.bias + blk * 64 + 16 * q) : _mm512_setzero_ps();
+    for (int r = 0; r < MR; ++r) acc[r][q] = b;
+  }
+  if (a.x) {
+    const uint16_t* xr[MR];
+    for (int r = 0; r < MR; ++r) xr[r] = a.x + (r0 + r) * a.ldx;
+    accumulate<MR>(acc, xr, a.I, a.wx + blk * pack_size(a.I, kUnits));
+  }
+  {
+    const uint16_t* hr[MR];
+    for (int r = 0; r < MR; ++r) hr[r] = a.h[r0 + r];
+    accumulate<MR>(acc, hr, a.H, a.wh + blk * pack_size(a.H, kUnits));
+  }
+  const int64_t H = a.H;
+  for (int r = 0; r < MR; ++r) {
+    const int64_t row = r0 + r;
+    const __m512 i = sigmoid_ps(acc[r][0]), f = sigmoid_ps(acc[r][1]), g = tanh_ps(acc[r][2]),
+                 o = sigmoid_ps(acc[r][3]);
+    const __m512 cp = _mm512_maskz_loadu_ps(m, a.cprev[row] + u);
+    const __m512 c = _mm512_fmadd_ps(f, cp, _mm512_mul_ps(i, g));
+    const __m512 h = _mm512_mul_ps(o, tanh_ps(c));
+    _mm512_mask_storeu_ps(a.c + row * H + u, m, c);
+    _mm256_mask_storeu_epi16(a.hout + row * H + u, m, (__m256i)_mm512_cvtneps_pbh(h));
+    if (a.gates) {
+      float* gr = a.gates + row * 4 * H + u;
+      _mm512_mask_storeu_ps(gr, m, i);
+      _mm512_mask_storeu_ps(gr + H, m, f);
+      _mm512_mask_storeu_ps(gr + 2 * H, m, g);
+      _mm512_mask_storeu_ps(gr + 3 * H, m, o);
+    }
+  }
+}
+
+}  // namespace
+
+void pack_weights(const uint16_t* w, int64_t ldw, int64_t K, int64_t H, int64_t u0, int64_t u1, uint16_t* dst) {
+  // A pair of k is one 32-bit word: per block and gate, 16 unit rows x 16 pairs (32 k, zero past K) are read
+  // k-contiguous, transposed in registers as 32-bit words (permutes only: the bits pass unchanged) and stored as 16
+  // pair rows of the block's [i16 f16 g16 o16] layout (units past u1 are zero).
+  const int64_t nb = (u1 - u0 + kUnits - 1) / kUnits, pairs = (K + 1) / 2;
+  for (int64_t b = 0; b < nb; ++b) {
+    uint16_t* d = dst + b * pack_size(K, kUnits);
+    const int64_t ub = u0 + b * kUnits, nu = std::min<int64_t>(kUnits, u1 - ub);
+    for (int64_t q = 0; q < 4; ++q)
+      for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+        const int64_t nk = std::min<int64_t>(32, K - 2 * p0), np = std::min<int64_t>(16, pairs - p0);
+        const __mmask32 km = nk >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << nk) - 1u);
+        __m512 r[16];
+        for (int64_t j = 0; j < 16; ++j)
+          r[j] = j < nu ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(km, w + (q * H + ub + j) * ldw + 2 * p0))
+                        : _mm512_setzero_ps();
+        transpose16(r);
+        for (int64_t kk = 0; kk < np; ++kk) _mm512_store_ps(reinterpret_cast<float*>(d + (p0 + kk) * 128 + q * 32), r[kk]);
+      }
+  }
+}
+
+void step(const StepArgs& a) {
+  const int64_t nb = (a.u1 - a.u0 + kUnits - 1) / kUnits;
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    int64_t r = 0;
+    for (; r + kMR <= a.rows; r += kMR) tile<kMR>(a, r, blk);
+    switch (a.rows - r) {
+      case 5: tile<5>(a, r, blk); break;
+      case 4: tile<4>(a, r, blk); break;
+      case 3: tile<3>(a, r, blk); break;
+      case 2: tile<2>(a, r, blk); break;
+      case 1: tile<1>(a, r, blk); break;
+      default: break;
+    }
+  }
+}
+
+#else  // no x86 target regions: never called (available() is false)
+
+void pack_weights(const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*) {}
+void step(const StepArgs&) {}
+
+#endif
+
+}  // namespace lstm_step_bf16
+}  // namespace seqfast
+
+#ifdef SEQFAST_HAVE_BF16_LSTM
+SEQFAST_TARGET_END
+#endif
