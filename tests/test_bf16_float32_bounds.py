@@ -48,7 +48,7 @@ def _flat(out):
 def test_cells_inside_and_outside_the_bound(bounds, kind):
     """Up to batch 4 the float32 path (the C++ call reading the weights in place: the functional's result bit for
     bit); from batch 5 torch's bfloat16 op, also where no rule names the cell (bfloat16 cells have no seqfast kernel
-    of their own)."""
+    of their own), with gradients too."""
     torch.manual_seed(0)
     ours, ref64 = bfloat16_and_float64(kind, 5, HIDDEN)
     ref = getattr(torch.nn, kind)(5, HIDDEN).to(BF16)
@@ -72,6 +72,18 @@ def test_cells_inside_and_outside_the_bound(bounds, kind):
             else:
                 for g, w in zip(got, _flat(ref(x, hx))):
                     torch.testing.assert_close(g, w, rtol=0, atol=0)
+        # with gradients: inside the bound the float32 path (the C++ call declines), outside it torch's cell op run
+        # by the C++ call itself, recorded as torch records it (outputs and gradients bit for bit)
+        xg = x.clone().requires_grad_()
+        assert (call(xg, hx) is None) == inside
+        got = _flat(ours(xg, hx))
+        (gx,) = torch.autograd.grad(sum(o.float().sum() for o in got), xg)
+        if not inside:
+            xr = x.clone().requires_grad_()
+            want = _flat(ref(xr, hx))
+            (wx,) = torch.autograd.grad(sum(o.float().sum() for o in want), xr)
+            for g, w in zip(got + [gx], want + [wx]):
+                torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind,kw", [("LSTM", {}), ("GRU", {}), ("RNN", {"nonlinearity": "relu"})])

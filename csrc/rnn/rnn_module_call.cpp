@@ -231,7 +231,8 @@ class ModuleCall {
 // a tensor, returns h'. Batched steps with their state given; the rest is the Python path's. A step that autograd
 // records (call_guard::recorded) runs torch's cell op, recorded as torch records it, where the rule table prefers
 // torch's op for training at its batch (training_torch_batches; at batch 64 the Python path's dispatch before that op
-// cost 4% of an RNNCell H64 step), and is left to the Python path (seqfast's autograd op) elsewhere. torch_op:
+// cost 4% of an RNNCell H64 step), and for a dtype the C++ cell kernels do not run (torch_op below) outside the
+// float32 bound, and is left to the Python path (seqfast's autograd op, or the float32 path) elsewhere. torch_op:
 // a dtype the C++ cell kernels do not run (bfloat16, float16), where seqfast.functional calls torch's own cell op:
 // this call runs that op itself (torch's results and errors, without the dispatch Python), except from
 // upcast_min_rows rows (when > 0), which the functional computes in float32 on the C++ kernels. bf16_weights: below
@@ -277,9 +278,10 @@ class CellCall {
     if (recorded(*x) || recorded(*h) || (c && recorded(*c)) || recorded(w_ih) || recorded(w_hh) ||
         (b_ih && recorded(*b_ih)) || (b_hh && recorded(*b_hh))) {
       // a batch outside the training rules: the Python path (for a dtype without the C++ kernels, seqfast.functional
-      // then decides); torch's shape errors come from that path too. torch's op carries a forward-mode tangent as
-      // torch does.
-      if (!in_ranges(training_torch_batches_, x->size(0)) ||
+      // then decides), except for such a dtype outside the float32 bound, where the functional would run torch's
+      // op too; torch's shape errors come from that path. torch's op carries a forward-mode tangent as torch does.
+      const int64_t rows = x->size(0);
+      if (!(in_ranges(training_torch_batches_, rows) || (torch_op_ && rows > float32_max_batch_)) ||
           check_cell_args(gates_, *x, *h, c ? OptTensor(*c) : OptTensor(), w_ih, w_hh, b_ih, b_hh, false) !=
               kCellOk)
         return py::none();
