@@ -15,13 +15,13 @@ _C = _ext.module()
 pytestmark = pytest.mark.skipif(_C is None or not _C.nt_gemm_available(),
                                 reason="seqfast._C not built, or the own AVX2 GEMM does not run on this CPU")
 
-# (M, N, K): M % 3, N % 4 and K % 8 take every remainder; K 0 and 1; K 1000 gives A blocks of 48 rows (at 512 KB of
-# L2), so M 50 crosses a block edge; K 3000 and 13000 are summed in 3 and 13 passes of at most 1024 (the bias added
-# once, later passes adding to C). 2 x 8 and 6 x 12: the first row tile of each full W tile (2 or 3 rows) prefetches
-# the next W tile, the rest do not; K 1030 in two passes.
+# (M, N, K): M % 3, N % 4 and N % 8 (the AVX-512 tile's 8 W rows) and K % 8 take every remainder; K 0 and 1; K 1000
+# gives A blocks of 48 rows (at 512 KB of L2), so M 50 crosses a block edge; K 3000 and 13000 are summed in 3 and 13
+# passes of at most 1024 (the bias added once, later passes adding to C). 2 x 8, 6 x 12 and 6 x 26: the first row tile
+# of each full W tile (2 or 3 rows) prefetches the next W tile, the rest do not; K 1030 in two passes.
 SHAPES = [(1, 1, 1), (2, 3, 7), (3, 4, 8), (4, 5, 9), (5, 6, 15), (7, 7, 16), (8, 9, 17), (1, 1, 0), (3, 5, 0),
           (50, 70, 1000), (29, 53, 3000), (4, 9, 13000), (0, 4, 8), (4, 0, 8), (64, 256, 128), (2, 8, 33),
-          (6, 12, 1030)]
+          (6, 12, 1030), (2, 10, 33), (6, 26, 1030), (9, 23, 70)]
 
 
 # (M, N, K) for the packing form: M % 6, N % 16 and K % 8 take every remainder (the packer's partial panels and 8x8

@@ -93,7 +93,11 @@ namespace {
 // 347 / 186, 128x512x1536 460 / 346 / 197, 256x1024x1536 441 / 325 / 183; A @ B (row-major B, the backward's dx):
 // 32x2048x512 358 against MKL's 160 and the outer-product AVX2 kernel's 225, 64x2048x512 426 / 183 / 219,
 // 128x3072x1024 365 / 180 / -. (On the Zen 4 this was tuned on first, against MKL alone, it paid from 256 rows.)
-constexpr int64_t kMinOwnRows = 32;
+// With the dot-product form's AVX-512 tile widened to 8 W rows (sgemm_nt_body.inc), 32 rows went back to it: module
+// steps, same process, packed / dot-product form time: RNNCell B32 H1024 1.09x, B32 H256 1.08x, GRUCell B32 H512
+// 1.01x, LSTMCell B32 H256 1.01x; at 64 rows the packed GEMM kept its lead (LSTMCell B64 H512 0.89x, RNNCell B64 H512
+// 0.92x, GRUCell B64 H256 0.64x; GRUCell B64 H1024 1.10x the exception).
+constexpr int64_t kMinOwnRows = 64;
 inline bool own_rows(int64_t M) { return M >= kMinOwnRows && sgemm::available(); }
 }  // namespace
 

@@ -40,6 +40,7 @@ struct V {
   using T = __m256;
   using Mask = __m256i;
   static constexpr int64_t kW = 8;
+  static constexpr int kNJ = 4;
   static T zero() { return _mm256_setzero_ps(); }
   static T load(const float* p) { return _mm256_loadu_ps(p); }
   static Mask mask(int64_t n) { return avx2::mask8(n); }

@@ -27,6 +27,7 @@ struct V {
   using T = __m512;
   using Mask = __mmask16;
   static constexpr int64_t kW = 16;
+  static constexpr int kNJ = 8;
   static T zero() { return _mm512_setzero_ps(); }
   static T load(const float* p) { return _mm512_loadu_ps(p); }
   static Mask mask(int64_t n) { return n >= 16 ? Mask(0xFFFF) : n <= 0 ? Mask(0) : Mask((1u << n) - 1u); }
