@@ -14,7 +14,7 @@
 #include "cpu/team.h"
 #include "rnn/rnn.h"
 #include "rnn/rnn_module_call.h"
-#include "rnn/rnn_sequence_lstm_step_bf16.h"
+#include "rnn/rnn_sequence_step_bf16.h"
 
 namespace py = pybind11;
 
@@ -30,7 +30,7 @@ py::dict config_dict() {
   d["avx512_attention"] = c.avx512_attention;
   d["avx2_decode"] = c.avx2_decode;
   d["avx512_nt"] = c.avx512_nt;
-  d["bf16_lstm_step"] = c.bf16_lstm_step;
+  d["bf16_rnn_step"] = c.bf16_rnn_step;
   d["avx2_attention"] = c.avx2_attention;
   d["avx2_pack"] = c.avx2_pack;
   d["nt_cells"] = c.nt_cells;
@@ -59,7 +59,7 @@ py::dict set_config(const py::kwargs& kw) {
     else if (k == "avx512_attention") c.avx512_attention = py::cast<bool>(v);
     else if (k == "avx2_decode") c.avx2_decode = py::cast<bool>(v);
     else if (k == "avx512_nt") c.avx512_nt = py::cast<bool>(v);
-    else if (k == "bf16_lstm_step") c.bf16_lstm_step = py::cast<bool>(v);
+    else if (k == "bf16_rnn_step") c.bf16_rnn_step = py::cast<bool>(v);
     else if (k == "avx2_attention") c.avx2_attention = py::cast<bool>(v);
     else if (k == "avx2_pack") c.avx2_pack = py::cast<bool>(v);
     else if (k == "nt_cells") c.nt_cells = py::cast<bool>(v);
@@ -114,8 +114,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // ---- RNN cells and sequences (rnn/rnn.h) ----
   m.def("rnn_kernels_supported", &seqfast::rnn_kernels_supported);
   m.def("bf16_cell_weights_supported", &seqfast::bf16_cell_weights_supported);
-  m.def("bf16_lstm_step_available", &seqfast::lstm_step_bf16::available,
-        "whether bfloat16 LSTM layers run the fused bfloat16 step here (AVX512_BF16, no AMX, config on)");
+  m.def("bf16_rnn_step_available", &seqfast::step_bf16::available,
+        "whether bfloat16 LSTM / GRU layers run the fused bfloat16 steps here (AVX512_BF16, no AMX, config on)");
   m.def("cell_step_fused", &seqfast::cell_step_fused, py::arg("gates"), py::arg("batch"), py::arg("input_size"),
         py::arg("hidden_size"));
   m.def("one_step_as_cell", &seqfast::one_step_as_cell, py::arg("batch"));

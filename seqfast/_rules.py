@@ -59,7 +59,7 @@ F32 = torch.float32
 
 INF = 1 << 62
 AVX512_BF16 = ("avx512_bf16", "amx")  # native bfloat16 (measured without AMX; AMX CPUs kept the same table)
-BF16_NO_AMX = ("avx512_bf16",)  # where the fused bfloat16 LSTM step runs (rnn/rnn_sequence_lstm_step_bf16.h)
+BF16_NO_AMX = ("avx512_bf16",)  # where the fused bfloat16 steps run (csrc/rnn/rnn_sequence_step_bf16.h)
 AMX = ("amx",)
 AVX2 = ("avx2",)
 _ZEN3 = "make bench-sweep, sweep-cpu-20261204-194326 (AMD EPYC family 25 model 1, AVX2, 2 threads), commit c6aed95"
@@ -101,6 +101,9 @@ _ZEN5_BF16 = ("same-process A/B, torch / seqfast with the rule table / seqfast w
               "AVX512_BF16, 2 threads); make bench-sweep sweep-cpu-20261206-223110")
 _ZEN5_LSTM_BF16 = ("same-process A/B, torch / the fused bfloat16 LSTM step / the bf16-GEMM loop, no rules, 11 rounds, "
                    "the sweep's cases, on the commit that added the step, AMD EPYC family 26 model 2")
+_ZEN5_GRU_BF16 = ("same-process A/B, torch / the fused bfloat16 GRU step / the bf16-GEMM loop / the float32 path, no "
+                  "rules for the family, 11 rounds, the sweep's cases, on the commit that added the step, AMD EPYC "
+                  "family 26 model 2")
 _ZEN3_LATER = ("make bench-sweep runs 201033 and 214300 and make bench runs cpu-20261204-200307 / 214050 on the same "
                "AMD EPYC family 25 model 1")
 
@@ -138,7 +141,7 @@ RULES = [
     Rule("lstm", BF16, BF16_NO_AMX, training=False, batch=(64, INF), hidden=(1024, INF), steps=(8, INF),
          source=_ZEN5_LSTM_BF16),
     Rule("lstm", BF16, BF16_NO_AMX, training=True, batch=(32, INF), steps=(2, INF), source=_ZEN5_LSTM_BF16),
-    Rule("gru", BF16, AVX512_BF16, training=True, batch=(64, INF), source="issue 15 sweep; cpu-20261127-134733"),
+    Rule("gru", BF16, AMX, training=True, batch=(64, INF), source="issue 15 sweep; cpu-20261127-134733"),
     Rule("sdpa", BF16, AVX512_BF16, training=True, batch=(2048, INF), hidden=(2048, INF), causal=True,
          source="issue 15 sweep (main ed888a7)"),
     # Measured on a Zen 5 (AMD EPYC family 26 model 2; _ZEN5_BF16): the first sweep there (sweep-cpu-20261206-223110)
@@ -158,11 +161,20 @@ RULES = [
     # (same-process, 11 rounds, B1-32, H128-512, on commit 13c8a13)
     Rule("rnn", BF16, AVX512_BF16, training=True, steps=(1, 1), source=_ZEN5_BF16),
     Rule("gru", BF16, AVX512_BF16, training=True, steps=(1, 1), source=_ZEN5_BF16),
-    # GRU inference from batch 128 at hidden >= 512 (B128 H512 0.78x, B256 H512 0.83x, B256 H1024 0.83x; B64 H512
-    # 1.21x, B256 H256 1.26x) and training at batch 32-63, hidden >= 1024 (B32 H1024 0.91x; B16 H1024 1.00x, B32 H512
-    # 1.09x; from batch 64 the rule above)
-    Rule("gru", BF16, AVX512_BF16, training=False, batch=(128, INF), hidden=(512, INF), source=_ZEN5_BF16),
-    Rule("gru", BF16, AVX512_BF16, training=True, batch=(32, 63), hidden=(1024, INF), source=_ZEN5_BF16),
+    # GRU, before the fused bfloat16 step (kept for AMX CPUs, where it does not run): inference from batch 128 at
+    # hidden >= 512 (B128 H512 0.78x, B256 H512 0.83x, B256 H1024 0.83x; B64 H512 1.21x, B256 H256 1.26x) and training
+    # at batch 32-63, hidden >= 1024 (B32 H1024 0.91x; B16 H1024 1.00x, B32 H512 1.09x; from batch 64 the rule above)
+    Rule("gru", BF16, AMX, training=False, batch=(128, INF), hidden=(512, INF), source=_ZEN5_BF16),
+    Rule("gru", BF16, AMX, training=True, batch=(32, 63), hidden=(1024, INF), source=_ZEN5_BF16),
+    # With the fused bfloat16 GRU step (AVX512_BF16, no AMX; its backward upcasts), torch's time over seqfast's, the
+    # step / the bf16-GEMM loop before it (_ZEN5_GRU_BF16): inference T32 B1 H256 8.48x / 3.71x, B1 H1024 1.61x /
+    # 1.47x, B8 H64 14.5x / 1.41x, B8 H512 2.18x / 1.14x, B32 H128 4.36x / 1.35x, B32 H1024 1.31x / 1.11x, B64 H256
+    # 2.09x / 1.31x, B256 H128 2.42x / 1.31x, B256 H512 1.17x / 0.78x; training B1 H256 3.16x, B8 H512 1.44x, B32 H128
+    # 2.99x, B64 H256 1.19x, B256 H128 1.14x -- against B32 H1024 0.83x and B256 H512 0.64x: torch's op there.
+    Rule("gru", BF16, BF16_NO_AMX, training=True, batch=(32, INF), hidden=(1024, INF), steps=(2, INF),
+         source=_ZEN5_GRU_BF16),
+    Rule("gru", BF16, BF16_NO_AMX, training=True, batch=(64, INF), hidden=(512, INF), steps=(2, INF),
+         source=_ZEN5_GRU_BF16),
     # SDPA, 8 heads (batch = query length): non-causal from 256 query rows, inference (L256 0.97x, L256 D128 0.96x,
     # L512 0.93x, L1024 0.88x, L2048 0.89x; L128 1.17x in the sweep) and training (L256 0.87x, L512 0.77x, L512 D128
     # 0.75x, L1024 0.65x; L128 1.56x); causal training from 1024 (L1024 0.92x; L512 D128 1.32x in the sweep)
@@ -397,12 +409,16 @@ _UPCAST_BF16_CPUS = ("avx2", "avx512")
 #     B64 H64-128 1.12-1.26x; 1.10-1.60x, B256 H64 1.21-1.39x; 1.19-1.27x -- against B8 H512 0.91x / 0.85x, B32 H256
 #     0.96x / 0.97x, B64 H256 0.75x / 0.79x, B256 H128 0.81x / 0.98x: the float32 path up to batch x hidden^2 = 2^20;
 #   one-step layer calls: T1 B1 H512 2.95-7.31x inference, 1.25-4.47x training; T1 B8 H128 2.92-3.49x, 1.32-1.67x;
-#   GRU / RNN sequences (T32) up to hidden 512 in the same bound: GRU B8 H64 6.95x / 1.32x, B32 H128 1.81x / 1.23x,
+#   RNN (and, before the fused steps, GRU) sequences (T32) up to hidden 512 in the same bound: GRU B8 H64 6.95x / 1.32x, B32 H128 1.81x / 1.23x,
 #     B64 H64 2.60x / 1.43x, RNN B8 H128 5.99x / 1.21x, B64 H128 2.11x / 1.08x, B32 H256 1.60x / 1.06x (training
 #     1.40x / 1.14x); beyond it GRU B1 H1024 1.06x / 1.57x, B8 H512 1.24x / 1.20x, B64 H256 1.16x / 1.24x, RNN B8
 #     H1024 0.96x / 1.02x;
 #   LSTM sequences: only T32 B1 H128 (1.14x / 0.92x; training 1.79x / 1.30x); from B1 H512, B8 H256 or B32 H64 torch's
-#     oneDNN LSTM won (0.57-0.83x);
+#     oneDNN LSTM won (0.57-0.83x). Since the fused bfloat16 LSTM and GRU steps (csrc/rnn/rnn_sequence_step_bf16.h),
+#     those sequences of 2+ steps run the steps instead (GRU T32 B8 H64 14.5x against the float32 path's 7.0x, B32
+#     H128 4.36x / 2.06x, B1 H256 8.48x / 4.27x; LSTM T32 B1 H128 3.27x / 1.19x, B1 H64 5.99x / 1.26x; training GRU
+#     B8 H64 11.8x / 10.5x, LSTM B1 H128 1.91x / 1.80x); one-step calls keep the float32 cell path (GRU T1 B1 H512
+#     3.53x against the step's 0.88x, B8 H128 2.38x / 1.98x);
 #   SDPA without gradients from 128 query rows: L128-2048, head dim 64-128, causal or not, 2.2-4.3x / 1.0-1.5x.
 # On an AMX CPU (class "amx") torch's bfloat16 GEMMs run on tiles: not measured, so the bounds stay off there.
 FLOAT32_BF16_WORK = 1 << 20
@@ -424,8 +440,8 @@ def float32_bfloat16_max_batch(family, hidden, steps=1):
         return INF
     if cpu not in _FLOAT32_BF16_CPUS:
         return 0
-    if steps > 1 and family == "lstm":
-        return 1 if hidden <= 128 else 0
+    if steps > 1 and family in ("lstm", "gru"):
+        return 0  # the fused bfloat16 steps beat the float32 path there (_ZEN5_GRU_BF16)
     if steps > 1 and hidden > 512:
         return 0
     return FLOAT32_BF16_WORK // max(1, hidden * hidden)

@@ -88,18 +88,21 @@ def test_cells_inside_and_outside_the_bound(bounds, kind):
 
 @pytest.mark.parametrize("kind,kw", [("LSTM", {}), ("GRU", {}), ("RNN", {"nonlinearity": "relu"})])
 def test_sequences_take_the_float32_path_before_the_rules(bounds, kind, kw):
-    """A rule preferring torch's op for every bfloat16 call of the family: inside the float32 bounds (GRU / RNN up to
-    batch 4 at hidden 8, LSTM at batch 1) the call still computes in float32 (as cell steps up to 16 rows, the C++
-    call running them; on upcast copies from 17, left to the Python path), with and without gradients; outside them
-    the C++ call runs torch's op itself, bit for bit."""
+    """A rule preferring torch's op for every bfloat16 call of the family: inside the float32 bounds (RNN sequences up
+    to batch 4 at hidden 8; LSTM and GRU one-step calls only, their longer sequences having the fused bfloat16 steps)
+    the call still computes in float32 (as cell steps up to 16 rows, the C++ call running them; on upcast copies from
+    17, left to the Python path), with and without gradients; outside them the C++ call runs torch's op itself, bit
+    for bit."""
     torch.manual_seed(0)
     ours, ref64 = bfloat16_and_float64(kind, 5, HIDDEN, **kw)
     ref = getattr(torch.nn, kind)(5, HIDDEN, **kw).to(BF16)
     ref.load_state_dict(ours.state_dict())
     _rule(kind.lower(), None)
-    inside_batch = 1 if kind == "LSTM" else 4
-    for steps, batch, inside, in_steps in ((4, inside_batch, True, True), (17, 1, True, False),
-                                           (4, inside_batch + 1, False, False)):
+    if kind == "RNN":
+        calls = ((4, 4, True, True), (17, 1, True, False), (4, 5, False, False))
+    else:
+        calls = ((1, 4, True, True), (4, 1, False, False), (1, 5, False, False))
+    for steps, batch, inside, in_steps in calls:
         x = torch.randn(steps, batch, 5).to(BF16)
         with torch.no_grad():
             got = _flat(ours(x))

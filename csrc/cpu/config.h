@@ -31,9 +31,9 @@ struct Config {
   // SEQFAST_CPU_NO_AVX512_NT unset: on CPUs with AVX-512 the own dot-product GEMM (cpu/sgemm_nt.h) runs its AVX-512
   // twin; false: its AVX2 form.
   bool avx512_nt = true;
-  // SEQFAST_CPU_NO_BF16_LSTM_STEP unset: on CPUs with AVX512_BF16, bfloat16 LSTM layers take the fused bfloat16 step
-  // (rnn/rnn_sequence_lstm_step_bf16.h) where the layer chooses it; false: the bf16-GEMM loop of the other CPUs.
-  bool bf16_lstm_step = true;
+  // SEQFAST_CPU_NO_BF16_RNN_STEP unset: on CPUs with AVX512_BF16 (no AMX), bfloat16 LSTM and GRU layers take the
+  // fused bfloat16 steps (rnn/rnn_sequence_step_bf16.h); false: the bf16-GEMM loop of the other CPUs.
+  bool bf16_rnn_step = true;
   // SEQFAST_CPU_NO_AVX2_ATTN unset: the float32 attention forward (query length > 1) and backward (8+ query rows) run
   // the AVX2 blocks of attention/attention_avx2.h on CPUs with AVX2 + FMA where the AVX-512 ones do not run; false:
   // the BLAS blocks.

@@ -10,7 +10,7 @@
 //     instantiation of a shared inline function can be merged with the default-ISA copy other files use.
 //   * the AVX2 region of rnn/rnn_pointwise.h (ATen's Vectorized, put into a private inline namespace through
 //     CPU_CAPABILITY for the same no-merging reason), guarded by rnn_kernels_supported() / kern::check_cpu().
-//   * rnn/rnn_sequence_lstm_step_bf16.cpp, the native bfloat16 LSTM step, compiled for AVX-512 + AVX512_BF16 and
+//   * rnn/rnn_sequence_step_bf16.cpp, the native bfloat16 LSTM / GRU steps, compiled for AVX-512 + AVX512_BF16 and
 //     guarded by has_avx512_bf16(): it includes cpu/avx512_math.h inside its own anonymous namespace, so its copies
 //     of those inline functions (compiled with more features) are never merged with the AVX-512 units' copies.
 //   * attention/attention_vec.h: the attention row loops compiled in a baseline, an AVX2 and an AVX-512 region

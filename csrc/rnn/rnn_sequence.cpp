@@ -23,7 +23,7 @@
 #include "rnn/rnn_args.h"
 #include "rnn/rnn_pointwise.h"
 #include "rnn/rnn_sequence_lstm_step.h"
-#include "rnn/rnn_sequence_lstm_step_bf16.h"
+#include "rnn/rnn_sequence_step_bf16.h"
 #include "cpu/block_pool.h"
 #include "cpu/block_share.h"
 #include "cpu/config.h"
@@ -735,40 +735,41 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& x, const Tensor& pre, 
   });
 }
 
-// bfloat16 LSTM forward on the fused bfloat16 step (rnn_sequence_lstm_step_bf16.h): per thread its units' W_ih / W_hh
-// packed pair-interleaved once, then per step one call doing both gate products (vdpbf16ps) and the cell update.
-// x, h0, w_ih, w_hh: bfloat16, contiguous; c0f: float32 [B, H]; bias: float32 [4H] (b_ih + b_hh) or undefined.
-// out: bfloat16 [N, H] (each step's h, which the next step reads); cs: float32 [N, H]; gates: float32 [N, 4H]
-// activated gates for the backward, or undefined (inference).
-void lstm_fwd_fused_bf16(const Steps& s, int nt, const Tensor& x, const Tensor& h0, const Tensor& c0f,
-                         const Tensor& w_ih, const Tensor& w_hh, const Tensor& bias, Tensor& gates, Tensor& out,
-                         Tensor& cs) {
-  using lstm_step_bf16::kUnits;
-  using lstm_step_bf16::pack_size;
+// bfloat16 LSTM / GRU forward on the fused bfloat16 steps (rnn_sequence_step_bf16.h): per thread its units' W_ih /
+// W_hh packed pair-interleaved once, then per step one call doing both gate products (vdpbf16ps) and the cell update.
+// x, h0, w_ih, w_hh: bfloat16, contiguous; bias: float32 [4H] (step_bf16::StepArgs::bias) or undefined; LSTM: c0f
+// float32 [B, H], cs float32 [N, H] (GRU: both undefined). out: bfloat16 [N, H] (each step's h, which the next step
+// reads); ws: float32 [N, 4H] for the backward (StepArgs::ws), or undefined.
+template <bool kLstm>
+void fwd_fused_bf16(const Steps& s, int nt, const Tensor& x, const Tensor& h0, const Tensor& c0f, const Tensor& w_ih,
+                    const Tensor& w_hh, const Tensor& bias, Tensor& ws, Tensor& out, Tensor& cs) {
+  using step_bf16::kUnits;
+  using step_bf16::pack_size;
+  constexpr int64_t G = kLstm ? 4 : 3;
   const auto raw = [](const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>()); };
   const int64_t H = h0.size(1), I = x.size(1);
   const uint16_t *xp = raw(x), *wi = raw(w_ih), *wh = raw(w_hh), *h0p = raw(h0);
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-  float* g = gates.defined() ? gates.data_ptr<float>() : nullptr;
+  float* wsp = ws.defined() ? ws.data_ptr<float>() : nullptr;
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  float* c = cs.data_ptr<float>();
-  const float* c0p = c0f.const_data_ptr<float>();
+  float* c = kLstm ? cs.data_ptr<float>() : nullptr;
+  const float* c0p = kLstm ? c0f.const_data_ptr<float>() : nullptr;
   unit_team(nt, H, [&](int, int nth, int64_t k0, int64_t k1) {
     const int64_t nu = k1 - k0, nblk = (nu + kUnits - 1) / kUnits;
     // packed bfloat16 pairs in the pool's 64-byte-aligned float blocks (two per float)
-    block_pool::Floats pw_i_buf((pack_size(I, nu) + 1) / 2), pw_h_buf((pack_size(H, nu) + 1) / 2),
+    block_pool::Floats pw_i_buf((pack_size(I, nu, G) + 1) / 2), pw_h_buf((pack_size(H, nu, G) + 1) / 2),
         pb_buf(nblk * 4 * kUnits);
-    TORCH_CHECK(pw_i_buf.ok() && pw_h_buf.ok() && pb_buf.ok(), "seqfast LSTM: out of memory packing the weights");
+    TORCH_CHECK(pw_i_buf.ok() && pw_h_buf.ok() && pb_buf.ok(), "seqfast RNN: out of memory packing the weights");
     uint16_t* pw_i = reinterpret_cast<uint16_t*>(pw_i_buf.get());
     uint16_t* pw_h = reinterpret_cast<uint16_t*>(pw_h_buf.get());
     if (nu > 0) {
-      lstm_step_bf16::pack_weights(wi, I, I, H, k0, k1, pw_i);
-      lstm_step_bf16::pack_weights(wh, H, H, H, k0, k1, pw_h);
+      step_bf16::pack_weights(wi, I, I, H, G, k0, k1, pw_i);
+      step_bf16::pack_weights(wh, H, H, H, G, k0, k1, pw_h);
       lstm_step::pack_bias(bp, H, k0, k1, kUnits, pb_buf.get());
     }
     std::vector<const uint16_t*> hr(s.bs.empty() ? 0 : s.bs[0]);
-    std::vector<const float*> cr(hr.size());
-    lstm_step_bf16::StepArgs a;
+    std::vector<const float*> cr(kLstm ? hr.size() : 0);
+    step_bf16::StepArgs a;
     a.ldx = I;
     a.I = I;
     a.wx = pw_i;
@@ -780,26 +781,29 @@ void lstm_fwd_fused_bf16(const Steps& s, int nt, const Tensor& x, const Tensor& 
     each_step(s, false, [&](int64_t t, int64_t bs, int64_t off) {
       for (int64_t b = 0; b < bs; ++b) {
         hr[b] = prev_row<uint16_t>(s, t, b, o, h0p, H);
-        cr[b] = prev_row<float>(s, t, b, c, c0p, H);
+        if constexpr (kLstm) cr[b] = prev_row<float>(s, t, b, c, c0p, H);
       }
       a.rows = bs;
       a.x = xp + off * I;
       a.h = hr.data();
       a.cprev = cr.data();
-      a.c = c + off * H;
+      a.c = c ? c + off * H : nullptr;
       a.hout = o + off * H;
-      a.gates = g ? g + off * 4 * H : nullptr;
-      if (nu > 0) lstm_step_bf16::step(a);
+      a.ws = wsp ? wsp + off * 4 * H : nullptr;
+      if (nu > 0) {
+        if constexpr (kLstm) step_bf16::lstm(a);
+        else step_bf16::gru(a);
+      }
       cpu::team_barrier(nth);
     });
   });
 }
 
-// Threads for lstm_fwd_fused_bf16 (1: the calling thread alone), or 0: not that path (nothing to run, or already
-// inside a parallel region).
-inline int bf16_step_threads(const Steps& s, int64_t H) {
-  if (s.T == 0 || at::in_parallel_region()) return 0;
-  return s.bs[0] * 4 * H * H < kern::par_min_work() ? 1 : cpu::threads(std::max<int64_t>(1, H / 16));
+// Threads for fwd_fused_bf16 (1: the calling thread alone), or 0: not that path (no such CPU, nothing to run, or
+// already inside a parallel region).
+inline int bf16_step_threads(const Steps& s, int64_t H, int64_t G) {
+  if (!step_bf16::available() || s.T == 0 || at::in_parallel_region()) return 0;
+  return s.bs[0] * G * H * H < kern::par_min_work() ? 1 : cpu::threads(std::max<int64_t>(1, H / 16));
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -911,13 +915,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
   Tensor out = at::empty({x.size(0), H}, fopt);
   Tensor cs = pooled_empty({x.size(0), H}, fopt);  // workspace: saved for backward, never a user-visible output
   if (bf) {
-    const int nt = lstm_step_bf16::available() ? bf16_step_threads(s, H) : 0;
+    const int nt = bf16_step_threads(s, H, 4);
     if (nt > 0) {
       const Tensor h0c = h0.contiguous(), c0f = c0.to(at::kFloat).contiguous();
       Tensor outb = at::empty({x.size(0), H}, x.options());
       Tensor gates = save ? pooled_empty({x.size(0), 4 * H}, fopt) : Tensor();
-      lstm_fwd_fused_bf16(s, nt, x.contiguous(), h0c, c0f, w_ih.contiguous(), w_hh.contiguous(), bias, gates, outb,
-                          cs);
+      fwd_fused_bf16<true>(s, nt, x.contiguous(), h0c, c0f, w_ih.contiguous(), w_hh.contiguous(), bias, gates, outb,
+                           cs);
       if (!save) gates = at::empty({0, 4 * H}, fopt);
       return {outb, gather_last(s, outb, h0c), gather_last(s, cs, c0f).to(at::kBFloat16), gates, cs};
     }
@@ -1016,6 +1020,20 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_impl(const Tensor& x, const
   Tensor out = at::empty({x.size(0), H}, fopt);
   Tensor ws = pooled_empty({x.size(0), 4 * H}, fopt);
   if (bf) {
+    if (const int nt = bf16_step_threads(s, H, 3); nt > 0) {
+      // [b_ir + b_hr, b_iz + b_hz, b_in, b_hn] in float32 (step_bf16::StepArgs::bias)
+      Tensor bias = at::zeros({4 * H}, fopt), none;
+      if (has(b_ih)) bias.narrow(0, 0, 3 * H).add_(b_ih->to(at::kFloat));
+      if (has(b_hh)) {
+        bias.narrow(0, 0, 2 * H).add_(b_hh->narrow(0, 0, 2 * H).to(at::kFloat));
+        bias.narrow(0, 3 * H, H).copy_(b_hh->narrow(0, 2 * H, H));
+      }
+      const Tensor h0c = h0.contiguous();
+      Tensor outb = at::empty({x.size(0), H}, x.options());
+      fwd_fused_bf16<false>(s, nt, x.contiguous(), h0c, none, w_ih.contiguous(), w_hh.contiguous(), bias, ws, outb,
+                            none);
+      return {outb, gather_last(s, outb, h0c), ws};
+    }
     Tensor gi = proj_bf16(x, w_ih, has(b_ih) ? b_ih->to(at::kFloat) : Tensor());
     Tensor bhh = has(b_hh) ? b_hh->to(at::kFloat) : Tensor();
     const LowP lp{at::empty({x.size(0), H}, x.options()), h0, w_hh};

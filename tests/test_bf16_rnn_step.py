@@ -1,0 +1,157 @@
+"""The fused bfloat16 LSTM and GRU steps (csrc/rnn/rnn_sequence_step_bf16.h: vdpbf16ps on AVX512_BF16 CPUs without
+AMX).
+
+Their arithmetic is defined exactly: bfloat16 operands, float32 products and sums, the LSTM's cell state in float32, h
+rounded to bfloat16 once per step. The layer entries are checked against that algorithm written in plain PyTorch (LSTM
+cell states and the GRU's workspace within float32 rounding, outputs within one bfloat16 step: the bf16-GEMM loop they
+replace rounds its pre-activations to bfloat16 and misses by ~1e-3), over odd input sizes, hidden sizes off the
+16-unit blocks, batches across several 6-row tiles and both threads, packed and reversed sequences and given states;
+the modules against float64 torch in inference and training (the backward upcasts), with the rule table emptied so
+the steps take every call."""
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import seqfast
+from conftest import bfloat16_and_float64
+from seqfast import _ext, _rules
+
+C = _ext.module()
+pytestmark = pytest.mark.skipif(C is None or not C.bf16_rnn_step_available(),
+                                reason="the fused bfloat16 steps need AVX512_BF16 without AMX")
+BF16 = torch.bfloat16
+
+
+def _lstm_algorithm(x, batch_sizes, h0, c0, w_ih, w_hh, bias, reverse):
+    """The step's arithmetic over a packed sequence: x [N, I] bfloat16 in time-major packed order."""
+    H = h0.shape[1]
+    sizes = batch_sizes.tolist()
+    offsets = [sum(sizes[:t]) for t in range(len(sizes))]
+    order = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
+    h, c = h0.clone(), c0.float().clone()
+    out = torch.empty(x.shape[0], H, dtype=BF16)
+    cs = torch.empty(x.shape[0], H)
+    for t in order:
+        bs, off = sizes[t], offsets[t]
+        g = x[off:off + bs].float() @ w_ih.float().T + h[:bs].float() @ w_hh.float().T + bias
+        i, f, gg, o = g.split(H, 1)
+        cn = torch.sigmoid(f) * c[:bs] + torch.sigmoid(i) * torch.tanh(gg)
+        hn = (torch.sigmoid(o) * torch.tanh(cn)).to(BF16)
+        h, c = h.clone(), c.clone()
+        h[:bs], c[:bs] = hn, cn
+        out[off:off + bs], cs[off:off + bs] = hn, cn
+    return out, cs
+
+
+def _flat(out):
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flat(o)]
+    return [out]
+
+
+@pytest.mark.parametrize("T,sizes,I,H", [(5, None, 7, 9), (6, None, 33, 17), (4, None, 64, 48), (3, None, 16, 130),
+                                         (5, [13, 13, 9, 4, 1], 5, 40), (2, None, 128, 256)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lstm_layer_matches_the_algorithm(T, sizes, I, H, reverse):
+    torch.manual_seed(0)
+    sizes = sizes or [13 if H < 100 else 3] * T
+    batch_sizes = torch.tensor(sizes, dtype=torch.int64)
+    B, N = sizes[0], sum(sizes)
+    x = torch.randn(N, I).to(BF16)
+    h0, c0 = torch.randn(B, H).to(BF16), torch.randn(B, H).to(BF16)
+    w_ih, w_hh = (torch.randn(4 * H, I) / I ** 0.5).to(BF16), (torch.randn(4 * H, H) / H ** 0.5).to(BF16)
+    b_ih, b_hh = torch.randn(4 * H).to(BF16), torch.randn(4 * H).to(BF16)
+    want_out, want_cs = _lstm_algorithm(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih.float() + b_hh.float(), reverse)
+    out, hn, cn, gates, cs = C.lstm_layer_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
+    assert out.dtype == BF16 and cs.dtype == torch.float32 and gates.shape == (N, 4 * H)
+    torch.testing.assert_close(cs, want_cs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.float(), want_out.float(), rtol=8e-3, atol=1e-3)
+    # the final states: each row's state at its last step (packed: shorter rows end early)
+    last = [max(t for t in range(len(sizes)) if b < sizes[t]) for b in range(B)]
+    if reverse:
+        last = [0] * B
+    offs = [sum(sizes[:t]) for t in range(len(sizes))]
+    rows = torch.tensor([offs[t] + b for b, t in enumerate(last)])
+    torch.testing.assert_close(hn, out[rows], rtol=0, atol=0)
+    torch.testing.assert_close(cn, cs[rows].to(BF16), rtol=0, atol=0)
+
+
+def _gru_algorithm(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse):
+    """The GRU step's arithmetic over a packed sequence; -> (out, ws [r z n hn])."""
+    H = h0.shape[1]
+    sizes = batch_sizes.tolist()
+    offsets = [sum(sizes[:t]) for t in range(len(sizes))]
+    order = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
+    h = h0.clone()
+    out = torch.empty(x.shape[0], H, dtype=BF16)
+    ws = torch.empty(x.shape[0], 4 * H)
+    for t in order:
+        bs, off = sizes[t], offsets[t]
+        gi = x[off:off + bs].float() @ w_ih.float().T + b_ih.float()
+        gh = h[:bs].float() @ w_hh.float().T + b_hh.float()
+        r = torch.sigmoid(gi[:, :H] + gh[:, :H])
+        z = torch.sigmoid(gi[:, H:2 * H] + gh[:, H:2 * H])
+        n = torch.tanh(gi[:, 2 * H:] + r * gh[:, 2 * H:])
+        hn = ((1 - z) * n + z * h[:bs].float()).to(BF16)
+        h = h.clone()
+        h[:bs] = hn
+        out[off:off + bs] = hn
+        ws[off:off + bs] = torch.cat([r, z, n, gh[:, 2 * H:]], 1)
+    return out, ws
+
+
+@pytest.mark.parametrize("T,sizes,I,H", [(5, None, 7, 9), (6, None, 33, 17), (4, None, 64, 48), (3, None, 16, 130),
+                                         (5, [13, 13, 9, 4, 1], 5, 40), (2, None, 128, 256)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gru_layer_matches_the_algorithm(T, sizes, I, H, reverse):
+    torch.manual_seed(0)
+    sizes = sizes or [13 if H < 100 else 3] * T
+    batch_sizes = torch.tensor(sizes, dtype=torch.int64)
+    B, N = sizes[0], sum(sizes)
+    x = torch.randn(N, I).to(BF16)
+    h0 = torch.randn(B, H).to(BF16)
+    w_ih, w_hh = (torch.randn(3 * H, I) / I ** 0.5).to(BF16), (torch.randn(3 * H, H) / H ** 0.5).to(BF16)
+    b_ih, b_hh = torch.randn(3 * H).to(BF16), torch.randn(3 * H).to(BF16)
+    want_out, want_ws = _gru_algorithm(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse)
+    out, hn, ws = C.gru_layer_forward(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse)
+    assert out.dtype == BF16 and ws.dtype == torch.float32
+    torch.testing.assert_close(ws, want_ws, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.float(), want_out.float(), rtol=8e-3, atol=1e-3)
+    last = [0] * B if reverse else [max(t for t in range(len(sizes)) if b < sizes[t]) for b in range(B)]
+    offs = [sum(sizes[:t]) for t in range(len(sizes))]
+    torch.testing.assert_close(hn, out[torch.tensor([offs[t] + b for b, t in enumerate(last)])], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("layers,bidirectional,batch_first", [(1, False, False), (2, True, True)])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_module_matches_float64_torch(no_rules, monkeypatch, kind, layers, bidirectional, batch_first, packed, grad):
+    monkeypatch.setattr(_rules, "_FLOAT32_BF16_CPUS", ())  # no float32 path for small calls: the steps take them all
+    torch.manual_seed(0)
+    ours, ref = bfloat16_and_float64(kind, 9, 20, num_layers=layers, bidirectional=bidirectional,
+                                     batch_first=batch_first)
+    T, B = 7, 10  # 70 rows: past the float32 bounds and the cell steps, onto the sequence kernels
+    x = torch.randn((B, T, 9) if batch_first else (T, B, 9)).to(BF16).requires_grad_(grad)
+    x64 = x.detach().double().requires_grad_(grad)
+    h0 = torch.randn(layers * (2 if bidirectional else 1), B, 20).to(BF16)
+    states, states64 = ((h0, h0 * 0.5), (h0.double(), (h0 * 0.5).double())) if kind == "LSTM" else (h0, h0.double())
+    with torch.set_grad_enabled(grad):
+        if packed:
+            lengths = torch.tensor([7, 7, 6, 5, 5, 4, 3, 2, 1, 1])
+            got = ours(pack_padded_sequence(x, lengths, batch_first=batch_first), states)
+            want = ref(pack_padded_sequence(x64, lengths, batch_first=batch_first), states64)
+            got, want = (got[0].data, got[1]), (want[0].data, want[1])
+        else:
+            got, want = ours(x, states), ref(x64, states64)
+        got, want = _flat(got), _flat(want)
+    for g, w in zip(got, want):
+        assert g.dtype == BF16
+        torch.testing.assert_close(g.double(), w, rtol=3e-2, atol=3e-2)
+    if grad:
+        sum(g.double().sum() for g in got).backward()
+        sum(w.sum() for w in want).backward()
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-1, atol=1e-1)
+        for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+            assert p.grad.dtype == BF16, name
+            torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-1, atol=1e-1)
