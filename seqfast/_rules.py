@@ -408,17 +408,16 @@ _UPCAST_BF16_CPUS = ("avx2", "avx512")
 #   cells (inference; training): B1 H128-1024 2.3-5.1x; 1.2-2.5x, B8 H64-256 1.2-2.9x; 1.2-2.0x, B32 H128 1.06x; 1.21x,
 #     B64 H64-128 1.12-1.26x; 1.10-1.60x, B256 H64 1.21-1.39x; 1.19-1.27x -- against B8 H512 0.91x / 0.85x, B32 H256
 #     0.96x / 0.97x, B64 H256 0.75x / 0.79x, B256 H128 0.81x / 0.98x: the float32 path up to batch x hidden^2 = 2^20;
-#   one-step layer calls: T1 B1 H512 2.95-7.31x inference, 1.25-4.47x training; T1 B8 H128 2.92-3.49x, 1.32-1.67x;
-#   RNN (and, before the fused steps, GRU) sequences (T32) up to hidden 512 in the same bound: GRU B8 H64 6.95x / 1.32x, B32 H128 1.81x / 1.23x,
-#     B64 H64 2.60x / 1.43x, RNN B8 H128 5.99x / 1.21x, B64 H128 2.11x / 1.08x, B32 H256 1.60x / 1.06x (training
-#     1.40x / 1.14x); beyond it GRU B1 H1024 1.06x / 1.57x, B8 H512 1.24x / 1.20x, B64 H256 1.16x / 1.24x, RNN B8
-#     H1024 0.96x / 1.02x;
-#   LSTM sequences: only T32 B1 H128 (1.14x / 0.92x; training 1.79x / 1.30x); from B1 H512, B8 H256 or B32 H64 torch's
-#     oneDNN LSTM won (0.57-0.83x). Since the fused bfloat16 LSTM and GRU steps (csrc/rnn/rnn_sequence_step_bf16.h),
-#     those sequences of 2+ steps run the steps instead (GRU T32 B8 H64 14.5x against the float32 path's 7.0x, B32
-#     H128 4.36x / 2.06x, B1 H256 8.48x / 4.27x; LSTM T32 B1 H128 3.27x / 1.19x, B1 H64 5.99x / 1.26x; training GRU
-#     B8 H64 11.8x / 10.5x, LSTM B1 H128 1.91x / 1.80x); one-step calls keep the float32 cell path (GRU T1 B1 H512
-#     3.53x against the step's 0.88x, B8 H128 2.38x / 1.98x);
+#   one-step layer calls: T1 B1 H512 2.95-7.31x inference, 1.25-4.47x training; T1 B8 H128 2.92-3.49x, 1.32-1.67x
+#     (the fused bfloat16 steps there: GRU T1 B1 H512 0.88x, RNN 1.42x, LSTM 3.10x; T1 B8 H128 1.98-2.67x);
+#   sequences of 2+ steps: the float32 path on upcast copies read 1.1-7x at small batch x hidden (GRU T32 B8 H64
+#     6.95x, RNN B8 H128 5.99x, LSTM B1 H128 1.14x), but the fused bfloat16 steps (csrc/rnn/rnn_sequence_step_bf16.h)
+#     read more everywhere measured (_ZEN5_GRU_BF16; step / float32 path): GRU T32 B8 H64 14.5x / 7.0x, B32 H128
+#     4.36x / 2.06x, B1 H256 8.48x / 4.27x, RNN T32 B8 H128 18.1x / 5.65x, B1 H512 6.78x / 2.74x, LSTM T32 B1 H128
+#     3.27x / 1.19x, and at 16 rows and fewer (the float32 path's cell steps) LSTM T4 B1 H512 2.30x / 2.31x, RNN T4
+#     B1 H512 3.56x / 2.56x, T8 B2 H256 9.68x / 2.88x, GRU T16 B1 H128 9.75x / 3.45x. So those calls take no upcast
+#     copies here, and cell steps only when autograd records them (GRU T4 B1 H512 training 0.93x / the step's 0.51x;
+#     training T32 B1 H256 3.16x / 3.06x);
 #   SDPA without gradients from 128 query rows: L128-2048, head dim 64-128, causal or not, 2.2-4.3x / 1.0-1.5x.
 # On an AMX CPU (class "amx") torch's bfloat16 GEMMs run on tiles: not measured, so the bounds stay off there.
 FLOAT32_BF16_WORK = 1 << 20
@@ -440,16 +439,13 @@ def float32_bfloat16_max_batch(family, hidden, steps=1):
         return INF
     if cpu not in _FLOAT32_BF16_CPUS:
         return 0
-    if steps > 1 and family in ("lstm", "gru"):
-        return 0  # the fused bfloat16 steps beat the float32 path there (_ZEN5_GRU_BF16)
-    if steps > 1 and hidden > 512:
-        return 0
     return FLOAT32_BF16_WORK // max(1, hidden * hidden)
 
 
 def float32_bfloat16_regions(family, hidden):
     """float32_bfloat16_max_batch as inclusive (batch low, high, steps low, high) regions for an RNN module's calls,
-    for seqfast._C.ModuleCall."""
+    for seqfast._C.ModuleCall, with the upcast_min_rows it gets: where the regions of 2+ steps take no upcast copies
+    (upcast_bfloat16), only the cell steps of up to BF16_IN_PLACE_MAX_ROWS rows run in them."""
     regions = [(1, float32_bfloat16_max_batch(family, hidden, 1), 1, 1),
                (1, float32_bfloat16_max_batch(family, hidden, 2), 2, INF)]
     return [r for r in regions if r[1] >= 1]
@@ -471,9 +467,10 @@ def upcast_bfloat16(tensors, rows, family, batch, hidden, steps=1):
     """Whether a bfloat16 call runs in float32 on upcast copies (see UPCAST_BF16_MIN_ROWS): every tensor given (None
     entries skipped) a bfloat16 CPU tensor, ``rows`` (the multiply-adds per weight: batch, or steps x batch) at least
     the minimum, this CPU without native bfloat16 or the call inside float32_bfloat16_max_batch's bounds (``family``,
-    ``batch``, ``hidden``, ``steps``), no backend forced, no autocast, not while torch.compile traces."""
+    ``batch``, ``hidden``, ``steps``) and not a sequence of 2+ steps (those have the fused bfloat16 steps there), no
+    backend forced, no autocast, not while torch.compile traces."""
     return (rows >= UPCAST_BF16_MIN_ROWS and batch <= float32_bfloat16_max_batch(family, hidden, steps)
-            and _float32_bfloat16(tensors))
+            and (steps == 1 or cpu_class() in _UPCAST_BF16_CPUS) and _float32_bfloat16(tensors))
 
 
 def sdpa_upcasts_bfloat16(query, key, value, causal):

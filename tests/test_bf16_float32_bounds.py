@@ -88,45 +88,43 @@ def test_cells_inside_and_outside_the_bound(bounds, kind):
 
 @pytest.mark.parametrize("kind,kw", [("LSTM", {}), ("GRU", {}), ("RNN", {"nonlinearity": "relu"})])
 def test_sequences_take_the_float32_path_before_the_rules(bounds, kind, kw):
-    """A rule preferring torch's op for every bfloat16 call of the family: inside the float32 bounds (RNN sequences up
-    to batch 4 at hidden 8; LSTM and GRU one-step calls only, their longer sequences having the fused bfloat16 steps)
-    the call still computes in float32 (as cell steps up to 16 rows, the C++ call running them; on upcast copies from
-    17, left to the Python path), with and without gradients; outside them the C++ call runs torch's op itself, bit
-    for bit."""
+    """A rule preferring torch's op for every bfloat16 call of the family: inside the float32 bounds (batch 4 at hidden
+    8) one-step calls still compute in float32 (as cell steps, the C++ call running them), with and without
+    gradients, and so do sequences of up to 16 rows that autograd records (cell steps, the Python path's); sequences
+    without gradients, sequences of 17+ rows (no upcast copies on such a CPU: the fused bfloat16 steps or torch's op
+    run them) and calls outside the bounds run torch's op from the C++ call itself, bit for bit."""
     torch.manual_seed(0)
     ours, ref64 = bfloat16_and_float64(kind, 5, HIDDEN, **kw)
     ref = getattr(torch.nn, kind)(5, HIDDEN, **kw).to(BF16)
     ref.load_state_dict(ours.state_dict())
     _rule(kind.lower(), None)
-    if kind == "RNN":
-        calls = ((4, 4, True, True), (17, 1, True, False), (4, 5, False, False))
-    else:
-        calls = ((1, 4, True, True), (4, 1, False, False), (1, 5, False, False))
-    for steps, batch, inside, in_steps in calls:
+    # (steps, batch, float32 without gradients, float32 with them)
+    calls = ((1, 4, True, True), (4, 4, False, True), (17, 1, False, False), (4, 5, False, False), (1, 5, False, False))
+    for steps, batch, float32, float32_grad in calls:
         x = torch.randn(steps, batch, 5).to(BF16)
         with torch.no_grad():
             got = _flat(ours(x))
             call = ours._seqfast_call
-            if inside:
-                assert (call(x) is not None) == in_steps  # the upcast path is the Python path's
-                if in_steps:  # the C++ call ran the cell steps the Python path runs (the call set aside)
-                    ours.__dict__["_seqfast_call"] = None
-                    python = _flat(ours(x))
-                    ours.__dict__["_seqfast_call"] = call
-                    assert all(torch.equal(a, b) for a, b in zip(_flat(call(x)), python))
+            assert call(x) is not None  # cell steps or torch's op, both in C++
+            if float32:  # the cell steps seqfast's Python path runs with no rule at all (the C++ call set aside)
+                saved = list(_rules.RULES)
+                _rules.set_rules([])
+                ours.__dict__["_seqfast_call"] = None
+                python = _flat(ours(x))
+                _rules.set_rules(saved)
+                assert all(torch.equal(a, b) for a, b in zip(got, python))
                 for g, w in zip(got, _flat(ref64(x.double()))):
                     torch.testing.assert_close(g.double(), w, **TOL)
             else:
-                assert call(x) is not None
                 for g, w in zip(got, _flat(ref(x))):
                     torch.testing.assert_close(g, w, rtol=0, atol=0)
         # with gradients: the C++ call declines inside the bounds (the float32 path records its own graph) and runs
         # torch's op, as torch records it, outside them
         xg = x.clone().requires_grad_()
         out = _flat(ours(xg))
-        assert (ours._seqfast_call(xg, None, True) is None) == inside
+        assert (ours._seqfast_call(xg, None, True) is None) == float32_grad
         (gx,) = torch.autograd.grad(sum(o.float().sum() for o in out), xg)
-        if inside:
+        if float32_grad:
             x64 = x.double().requires_grad_()
             (w,) = torch.autograd.grad(sum(o.sum() for o in _flat(ref64(x64))), x64)
             torch.testing.assert_close(gx.double(), w, rtol=1e-1, atol=1e-1)

@@ -122,7 +122,51 @@ def test_gru_layer_matches_the_algorithm(T, sizes, I, H, reverse):
     torch.testing.assert_close(hn, out[torch.tensor([offs[t] + b for b, t in enumerate(last)])], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def _rnn_algorithm(x, batch_sizes, h0, w_ih, w_hh, bias, relu, reverse):
+    """The Elman RNN step's arithmetic over a packed sequence."""
+    sizes = batch_sizes.tolist()
+    offsets = [sum(sizes[:t]) for t in range(len(sizes))]
+    order = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
+    h = h0.clone()
+    out = torch.empty(x.shape[0], h0.shape[1], dtype=BF16)
+    for t in order:
+        bs, off = sizes[t], offsets[t]
+        pre = x[off:off + bs].float() @ w_ih.float().T + h[:bs].float() @ w_hh.float().T + bias
+        hn = (torch.relu(pre) if relu else torch.tanh(pre)).to(BF16)
+        h = h.clone()
+        h[:bs] = hn
+        out[off:off + bs] = hn
+    return out
+
+
+@pytest.mark.parametrize("T,sizes,I,H", [(5, None, 7, 9), (6, None, 33, 17), (4, None, 64, 100), (3, None, 16, 130),
+                                         (5, [13, 13, 9, 4, 1], 5, 70), (2, None, 128, 256)])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_rnn_layer_matches_the_algorithm(T, sizes, I, H, relu, reverse):
+    """Blocks of 64 units (four 16-unit groups): hidden sizes that end inside a group (70, 100, 130) and at a group
+    edge; outputs within one bfloat16 step of the algorithm (no float32 state to compare: the step keeps none)."""
+    torch.manual_seed(0)
+    sizes = sizes or [13 if H < 100 else 3] * T
+    batch_sizes = torch.tensor(sizes, dtype=torch.int64)
+    B, N = sizes[0], sum(sizes)
+    x = torch.randn(N, I).to(BF16)
+    h0 = torch.randn(B, H).to(BF16)
+    w_ih, w_hh = (torch.randn(H, I) / I ** 0.5).to(BF16), (torch.randn(H, H) / H ** 0.5).to(BF16)
+    b_ih, b_hh = torch.randn(H).to(BF16), torch.randn(H).to(BF16)
+    want = _rnn_algorithm(x, batch_sizes, h0, w_ih, w_hh, b_ih.float() + b_hh.float(), relu, reverse)
+    out, hn = C.rnn_layer_forward(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, relu, reverse)
+    assert out.dtype == BF16
+    # within one bfloat16 rounding step of the algorithm, and equal on all but a few elements (the bf16-GEMM loop,
+    # which rounds its input products to bfloat16 first, differs on most)
+    torch.testing.assert_close(out.float(), want.float(), rtol=8e-3, atol=1e-3)
+    assert (out != want).float().mean() < 0.02
+    last = [0] * B if reverse else [max(t for t in range(len(sizes)) if b < sizes[t]) for b in range(B)]
+    offs = [sum(sizes[:t]) for t in range(len(sizes))]
+    torch.testing.assert_close(hn, out[torch.tensor([offs[t] + b for b, t in enumerate(last)])], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("layers,bidirectional,batch_first", [(1, False, False), (2, True, True)])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("grad", [False, True])

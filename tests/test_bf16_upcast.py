@@ -113,25 +113,25 @@ def test_not_on_cpus_with_native_bfloat16(monkeypatch):
 
 def test_float32_bounds_on_cpus_with_avx512_bf16(monkeypatch):
     """With AVX512_BF16 and no AMX (class "avx512_bf16"), bfloat16 calls compute in float32 only inside the measured
-    bounds (seqfast._rules.float32_bfloat16_max_batch): cells and one-step calls up to batch x hidden^2 = 2^20, RNN
-    sequences within that up to hidden 512 (LSTM and GRU sequences have the fused bfloat16 steps), SDPA from 128
-    query rows."""
+    bounds (seqfast._rules.float32_bfloat16_max_batch): cells, one-step calls and sequences of up to 16 rows (as cell
+    steps) up to batch x hidden^2 = 2^20, no upcast copies for sequences of 2+ steps (the fused bfloat16 steps run
+    those), SDPA from 128 query rows."""
     monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", ())
     monkeypatch.setattr(_rules, "_FLOAT32_BF16_CPUS", (_rules.cpu_class(),))
     t = [torch.zeros(2, dtype=BF16)]
     assert _rules.float32_bfloat16_max_batch("lstm_cell", 1024) == 1
     assert _rules.float32_bfloat16_max_batch("gru_cell", 128) == 64
     assert _rules.upcast_bfloat16(t, 64, "rnn_cell", 64, 128) and not _rules.upcast_bfloat16(t, 65, "rnn_cell", 65, 128)
-    assert _rules.upcast_bfloat16(t, 256, "rnn", 8, 256, 32) and not _rules.upcast_bfloat16(t, 544, "rnn", 17, 256, 32)
-    assert not _rules.upcast_bfloat16(t, 256, "gru", 8, 256, 32)  # LSTM / GRU sequences: the fused bfloat16 steps
+    assert _rules.upcast_bfloat16(t, 16, "rnn_cell", 16, 256) and not _rules.upcast_bfloat16(t, 17, "rnn_cell", 17, 256)
+    assert not _rules.upcast_bfloat16(t, 256, "gru", 8, 256, 32)  # sequences: no copies (the fused bfloat16 steps)
+    assert _rules.bf16_weights_in_place(t, 16, "gru", 8, 256, 2)  # but cell steps up to 16 rows
     assert not _rules.upcast_bfloat16(t, 32, "rnn", 1, 1024, 32)  # over hidden 512
     assert _rules.upcast_bfloat16(t, 8, "rnn", 8, 256, 1)  # one step: the cells' bound
     assert _rules.upcast_bfloat16(t, 8, "lstm", 8, 128, 1) and not _rules.upcast_bfloat16(t, 32, "lstm", 1, 128, 32)
     assert _rules.bf16_weights_in_place(t, 1, "lstm_cell", 1, 1024) and not _rules.bf16_weights_in_place(
         t, 2, "lstm_cell", 2, 1024)
-    assert _rules.float32_bfloat16_regions("gru", 256) == [(1, 16, 1, 1)]
-    assert _rules.float32_bfloat16_regions("rnn", 256) == [(1, 16, 1, 1), (1, 16, 2, _rules.INF)]
-    assert _rules.float32_bfloat16_regions("lstm", 512) == [(1, 4, 1, 1)]
+    assert _rules.float32_bfloat16_regions("gru", 256) == [(1, 16, 1, 1), (1, 16, 2, _rules.INF)]
+    assert _rules.float32_bfloat16_regions("lstm", 512) == [(1, 4, 1, 1), (1, 4, 2, _rules.INF)]
     assert _rules.sdpa_float32_bfloat16_min_rows() == 128
     monkeypatch.setattr(_rules, "_FLOAT32_BF16_CPUS", ())  # an AMX CPU (class "amx"; not measured there): off
     assert _rules.float32_bfloat16_max_batch("lstm_cell", 64) == 0

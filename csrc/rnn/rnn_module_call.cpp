@@ -86,15 +86,17 @@ class ModuleCall {
   // (seqfast._rules.float32_bfloat16_regions), checked before the rule table as the Python path checks them: there,
   // calls of at least upcast_min_rows rows (steps x batch) take the upcast path (left to the Python path), and with
   // bf16_cell_steps the fewer rows run as float32 cell steps with the weights read in place
-  // (seqfast.functional._rnn_sequence.bf16_in_steps).
+  // (seqfast.functional._rnn_sequence.bf16_in_steps); upcast_steps false: calls of 2+ steps only when autograd
+  // records them, and as cell steps only (the fused bfloat16 steps run the rest).
   ModuleCall(std::string mode, py::dict params, py::list expected, py::list weights, bool has_biases,
              int64_t num_layers, bool bidirectional, bool batch_first, int64_t input_size, Regions torch_regions,
-             int64_t upcast_min_rows, bool bf16_cell_steps, Regions training_torch, Regions float32)
+             int64_t upcast_min_rows, bool bf16_cell_steps, Regions training_torch, Regions float32, bool upcast_steps)
       : guard_(std::move(params), std::move(expected)), mode_(std::move(mode)), lstm_(mode_ == "LSTM"),
         weights_(std::move(weights)),
         has_biases_(has_biases), num_layers_(num_layers), bidirectional_(bidirectional), batch_first_(batch_first),
         input_size_(input_size), torch_regions_(std::move(torch_regions)), upcast_min_rows_(upcast_min_rows),
-        bf16_cell_steps_(bf16_cell_steps), training_torch_(std::move(training_torch)), float32_(std::move(float32)) {
+        bf16_cell_steps_(bf16_cell_steps), upcast_steps_(upcast_steps), training_torch_(std::move(training_torch)),
+        float32_(std::move(float32)) {
     TORCH_CHECK(weights_.size() >= 2, "ModuleCall: no weights");
     for (const auto& w : weights_) TORCH_CHECK(THPVariable_Check(w.ptr()), "ModuleCall: weights must be tensors");
     dtype_ = current(weights_[0]).scalar_type();
@@ -126,13 +128,17 @@ class ModuleCall {
     const int64_t steps = x.size(batched && batch_first_ ? 1 : 0);
     const int64_t batch = batched ? x.size(batch_first_ ? 0 : 1) : 1;
     if (steps == 0 || batch == 0) return py::none();
-    // (the Python path computes a recorded bfloat16 call inside the float32 regions in float32 too)
-    if (rec && (!in_regions(training_torch_, batch, steps) || in_regions(float32_, batch, steps)))
-      return py::none();
+    // Inside the float32 regions a call computes in float32 (the Python path's upcast, or cell steps here); where
+    // calls of 2+ steps do not upcast (upcast_steps false: the fused bfloat16 steps run them), only those autograd
+    // records, as cell steps (the Python path's). The Python path computes a recorded call there in float32 too.
+    const bool upcast_rows = upcast_min_rows_ > 0 && steps * batch >= upcast_min_rows_;
+    bool float32 = in_regions(float32_, batch, steps);
+    if (float32 && steps > 1 && !upcast_steps_) float32 = rec && !upcast_rows;
+    if (rec && (!in_regions(training_torch_, batch, steps) || float32)) return py::none();
     bool cell_steps = false, torch_here = rec;
     if (!rec) {
-      if (in_regions(float32_, batch, steps)) {
-        if (upcast_min_rows_ > 0 && steps * batch >= upcast_min_rows_) return py::none();
+      if (float32) {
+        if (upcast_rows) return py::none();
         cell_steps = bf16_cell_steps_ && dtype_ == at::kBFloat16;
       }
       torch_here = !cell_steps && in_regions(torch_regions_, batch, steps);
@@ -221,7 +227,7 @@ class ModuleCall {
   int64_t input_size_;
   Regions torch_regions_;
   int64_t upcast_min_rows_;
-  bool bf16_cell_steps_;
+  bool bf16_cell_steps_, upcast_steps_;
   Regions training_torch_, float32_;
   at::ScalarType dtype_;
   int64_t hidden_size_;
@@ -389,11 +395,11 @@ class CellCall {
 void bind_module_call(py::module_& m) {
   py::class_<ModuleCall>(m, "ModuleCall", "the no-grad forward of one seqfast RNN module, checks included")
       .def(py::init<std::string, py::dict, py::list, py::list, bool, int64_t, bool, bool, int64_t, Regions, int64_t,
-                    bool, Regions, Regions>(),
+                    bool, Regions, Regions, bool>(),
            py::arg("mode"), py::arg("params"), py::arg("expected"), py::arg("weights"), py::arg("has_biases"),
            py::arg("num_layers"), py::arg("bidirectional"), py::arg("batch_first"), py::arg("input_size"),
            py::arg("torch_regions"), py::arg("upcast_min_rows"), py::arg("bf16_cell_steps"),
-           py::arg("training_torch") = Regions(), py::arg("float32") = Regions())
+           py::arg("training_torch") = Regions(), py::arg("float32") = Regions(), py::arg("upcast_steps") = true)
       .def("__call__", &ModuleCall::call, py::arg("input"), py::arg("hx") = py::none(), py::arg("training") = false)
       .def("stale", &ModuleCall::stale);
   py::class_<CellCall>(m, "CellCall", "one step of a seqfast RNN cell module, checks included")

@@ -735,17 +735,20 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& x, const Tensor& pre, 
   });
 }
 
-// bfloat16 LSTM / GRU forward on the fused bfloat16 steps (rnn_sequence_step_bf16.h): per thread its units' W_ih /
-// W_hh packed pair-interleaved once, then per step one call doing both gate products (vdpbf16ps) and the cell update.
-// x, h0, w_ih, w_hh: bfloat16, contiguous; bias: float32 [4H] (step_bf16::StepArgs::bias) or undefined; LSTM: c0f
-// float32 [B, H], cs float32 [N, H] (GRU: both undefined). out: bfloat16 [N, H] (each step's h, which the next step
-// reads); ws: float32 [N, 4H] for the backward (StepArgs::ws), or undefined.
-template <bool kLstm>
+// bfloat16 LSTM / GRU / RNN forward on the fused bfloat16 steps (rnn_sequence_step_bf16.h): per thread its units'
+// W_ih / W_hh packed pair-interleaved once, then per step one call doing both products (vdpbf16ps) and the cell
+// update. x, h0, w_ih, w_hh: bfloat16, contiguous; bias: float32 (step_bf16::StepArgs::bias: [4H] for LSTM / GRU,
+// [H] for RNN) or undefined; LSTM: c0f float32 [B, H], cs float32 [N, H] (else both undefined). out: bfloat16
+// [N, H] (each step's h, which the next step reads); ws: float32 [N, 4H] for the backward (StepArgs::ws), or
+// undefined.
+enum class Bf16Cell { kLstm, kGru, kRnn };
+template <Bf16Cell kCell>
 void fwd_fused_bf16(const Steps& s, int nt, const Tensor& x, const Tensor& h0, const Tensor& c0f, const Tensor& w_ih,
-                    const Tensor& w_hh, const Tensor& bias, Tensor& ws, Tensor& out, Tensor& cs) {
-  using step_bf16::kUnits;
+                    const Tensor& w_hh, const Tensor& bias, bool relu, Tensor& ws, Tensor& out, Tensor& cs) {
   using step_bf16::pack_size;
-  constexpr int64_t G = kLstm ? 4 : 3;
+  constexpr bool kLstm = kCell == Bf16Cell::kLstm, kRnn = kCell == Bf16Cell::kRnn;
+  constexpr int64_t G = kLstm ? 4 : kCell == Bf16Cell::kGru ? 3 : 1;
+  constexpr int64_t kBlock = kRnn ? step_bf16::kRnnUnits : step_bf16::kUnits;
   const auto raw = [](const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>()); };
   const int64_t H = h0.size(1), I = x.size(1);
   const uint16_t *xp = raw(x), *wi = raw(w_ih), *wh = raw(w_hh), *h0p = raw(h0);
@@ -755,17 +758,24 @@ void fwd_fused_bf16(const Steps& s, int nt, const Tensor& x, const Tensor& h0, c
   float* c = kLstm ? cs.data_ptr<float>() : nullptr;
   const float* c0p = kLstm ? c0f.const_data_ptr<float>() : nullptr;
   unit_team(nt, H, [&](int, int nth, int64_t k0, int64_t k1) {
-    const int64_t nu = k1 - k0, nblk = (nu + kUnits - 1) / kUnits;
+    const int64_t nblk = (k1 - k0 + kBlock - 1) / kBlock, span = nblk * kBlock;  // span: the units packed
     // packed bfloat16 pairs in the pool's 64-byte-aligned float blocks (two per float)
-    block_pool::Floats pw_i_buf((pack_size(I, nu, G) + 1) / 2), pw_h_buf((pack_size(H, nu, G) + 1) / 2),
-        pb_buf(nblk * 4 * kUnits);
+    block_pool::Floats pw_i_buf((pack_size(I, span, G) + 1) / 2), pw_h_buf((pack_size(H, span, G) + 1) / 2),
+        pb_buf(nblk * 4 * step_bf16::kUnits);
     TORCH_CHECK(pw_i_buf.ok() && pw_h_buf.ok() && pb_buf.ok(), "seqfast RNN: out of memory packing the weights");
     uint16_t* pw_i = reinterpret_cast<uint16_t*>(pw_i_buf.get());
     uint16_t* pw_h = reinterpret_cast<uint16_t*>(pw_h_buf.get());
-    if (nu > 0) {
-      step_bf16::pack_weights(wi, I, I, H, G, k0, k1, pw_i);
-      step_bf16::pack_weights(wh, H, H, H, G, k0, k1, pw_h);
-      lstm_step::pack_bias(bp, H, k0, k1, kUnits, pb_buf.get());
+    float* pb = pb_buf.get();
+    if (k1 > k0) {
+      if constexpr (kRnn) {
+        step_bf16::pack_rnn_weights(wi, I, I, k0, k1, pw_i);
+        step_bf16::pack_rnn_weights(wh, H, H, k0, k1, pw_h);
+        for (int64_t u = 0; u < span; ++u) pb[u] = (bp && k0 + u < k1) ? bp[k0 + u] : 0.f;
+      } else {
+        step_bf16::pack_weights(wi, I, I, H, G, k0, k1, pw_i);
+        step_bf16::pack_weights(wh, H, H, H, G, k0, k1, pw_h);
+        lstm_step::pack_bias(bp, H, k0, k1, step_bf16::kUnits, pb);
+      }
     }
     std::vector<const uint16_t*> hr(s.bs.empty() ? 0 : s.bs[0]);
     std::vector<const float*> cr(kLstm ? hr.size() : 0);
@@ -775,7 +785,8 @@ void fwd_fused_bf16(const Steps& s, int nt, const Tensor& x, const Tensor& h0, c
     a.wx = pw_i;
     a.wh = pw_h;
     a.H = H;
-    a.bias = pb_buf.get();
+    a.bias = pb;
+    a.relu = relu;
     a.u0 = k0;
     a.u1 = k1;
     each_step(s, false, [&](int64_t t, int64_t bs, int64_t off) {
@@ -790,8 +801,9 @@ void fwd_fused_bf16(const Steps& s, int nt, const Tensor& x, const Tensor& h0, c
       a.c = c ? c + off * H : nullptr;
       a.hout = o + off * H;
       a.ws = wsp ? wsp + off * 4 * H : nullptr;
-      if (nu > 0) {
+      if (k1 > k0) {
         if constexpr (kLstm) step_bf16::lstm(a);
+        else if constexpr (kRnn) step_bf16::rnn(a);
         else step_bf16::gru(a);
       }
       cpu::team_barrier(nth);
@@ -920,8 +932,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
       const Tensor h0c = h0.contiguous(), c0f = c0.to(at::kFloat).contiguous();
       Tensor outb = at::empty({x.size(0), H}, x.options());
       Tensor gates = save ? pooled_empty({x.size(0), 4 * H}, fopt) : Tensor();
-      fwd_fused_bf16<true>(s, nt, x.contiguous(), h0c, c0f, w_ih.contiguous(), w_hh.contiguous(), bias, gates, outb,
-                           cs);
+      fwd_fused_bf16<Bf16Cell::kLstm>(s, nt, x.contiguous(), h0c, c0f, w_ih.contiguous(), w_hh.contiguous(), bias,
+                                      false, gates, outb, cs);
       if (!save) gates = at::empty({0, 4 * H}, fopt);
       return {outb, gather_last(s, outb, h0c), gather_last(s, cs, c0f).to(at::kBFloat16), gates, cs};
     }
@@ -1030,8 +1042,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_impl(const Tensor& x, const
       }
       const Tensor h0c = h0.contiguous();
       Tensor outb = at::empty({x.size(0), H}, x.options());
-      fwd_fused_bf16<false>(s, nt, x.contiguous(), h0c, none, w_ih.contiguous(), w_hh.contiguous(), bias, ws, outb,
-                            none);
+      fwd_fused_bf16<Bf16Cell::kGru>(s, nt, x.contiguous(), h0c, none, w_ih.contiguous(), w_hh.contiguous(), bias,
+                                     false, ws, outb, none);
       return {outb, gather_last(s, outb, h0c), ws};
     }
     Tensor gi = proj_bf16(x, w_ih, has(b_ih) ? b_ih->to(at::kFloat) : Tensor());
@@ -1077,6 +1089,14 @@ std::tuple<Tensor, Tensor> rnn_layer_forward_impl(const Tensor& x, const Steps& 
                                                   const OptTensor& b_hh, bool relu) {
   kern::check_cpu();
   if (x.scalar_type() == at::kBFloat16) {
+    const int64_t H = h0.size(1);
+    if (const int nt = bf16_step_threads(s, H, 1); nt > 0) {
+      const Tensor bias = summed_bias(b_ih, b_hh, at::kFloat), h0c = h0.contiguous();
+      Tensor outb = at::empty({x.size(0), H}, x.options()), none;
+      fwd_fused_bf16<Bf16Cell::kRnn>(s, nt, x.contiguous(), h0c, none, w_ih.contiguous(), w_hh.contiguous(), bias,
+                                     relu, none, outb, none);
+      return {outb, gather_last(s, outb, h0c)};
+    }
     Tensor out = proj_bf16(x, w_ih, has(b_ih) ? b_ih->to(at::kFloat) : Tensor());  // fp32 [N,H]
     Tensor bhh = has(b_hh) ? b_hh->to(at::kFloat) : Tensor();
     const LowP lp{at::empty({x.size(0), h0.size(1)}, x.options()), h0, w_hh};

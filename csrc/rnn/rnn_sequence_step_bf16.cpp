@@ -158,10 +158,10 @@ void gru_tile(const StepArgs& a, int64_t r0, int64_t blk) {
   }
 }
 
-// Every block of the step, in row tiles of kMR and one remainder tile.
-template <template <int> class Tile>
+// Every block (of `units` units) of the step, in row tiles of kMR and one remainder tile.
+template <template <int> class Tile, int64_t units>
 void run(const StepArgs& a) {
-  const int64_t nb = (a.u1 - a.u0 + kUnits - 1) / kUnits;
+  const int64_t nb = (a.u1 - a.u0 + units - 1) / units;
   for (int64_t blk = 0; blk < nb; ++blk) {
     int64_t r = 0;
     for (; r + kMR <= a.rows; r += kMR) Tile<kMR>::run(a, r, blk);
@@ -175,6 +175,26 @@ void run(const StepArgs& a) {
     }
   }
 }
+// Elman RNN rows [r0, r0 + MR) x the 64 units of block blk (its four 16-unit groups): h' = tanh or relu of the sum.
+template <int MR>
+void rnn_tile(const StepArgs& a, int64_t r0, int64_t blk) {
+  __m512 acc[MR][4];
+  products<MR, 4>(acc, a, r0, blk);
+  for (int q = 0; q < 4; ++q) {
+    const int64_t u = a.u0 + blk * kRnnUnits + q * kUnits;
+    const __mmask16 m = mask16(a.u1 - u);
+    if (!m) break;
+    for (int r = 0; r < MR; ++r) {
+      const __m512 h = a.relu ? _mm512_max_ps(acc[r][q], _mm512_setzero_ps()) : tanh_ps(acc[r][q]);
+      _mm256_mask_storeu_epi16(a.hout + (r0 + r) * a.H + u, m, (__m256i)_mm512_cvtneps_pbh(h));
+    }
+  }
+}
+
+template <int MR>
+struct RnnTile {
+  static void run(const StepArgs& a, int64_t r0, int64_t blk) { rnn_tile<MR>(a, r0, blk); }
+};
 template <int MR>
 struct LstmTile {
   static void run(const StepArgs& a, int64_t r0, int64_t blk) { lstm_tile<MR>(a, r0, blk); }
@@ -186,38 +206,56 @@ struct GruTile {
 
 }  // namespace
 
+namespace {
+// Packs weight rows [row0, row0 + n) (n <= 16; zeros past n and past K) as group q of a G-group block at d. A pair of
+// k is one 32-bit word: 16 rows x 16 pairs (32 k) are read k-contiguous, transposed in registers as 32-bit words
+// (permutes only: the bits pass unchanged) and stored as 16 pair rows of the block's group-interleaved layout.
+void pack_group(const uint16_t* w, int64_t ldw, int64_t K, int64_t row0, int64_t n, int64_t G, int64_t q,
+                uint16_t* d) {
+  const int64_t pairs = (K + 1) / 2;
+  for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+    const int64_t nk = std::min<int64_t>(32, K - 2 * p0), np = std::min<int64_t>(16, pairs - p0);
+    const __mmask32 km = nk >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << nk) - 1u);
+    __m512 r[16];
+    for (int64_t j = 0; j < 16; ++j)
+      r[j] = j < n ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(km, w + (row0 + j) * ldw + 2 * p0))
+                   : _mm512_setzero_ps();
+    transpose16(r);
+    for (int64_t kk = 0; kk < np; ++kk)
+      _mm512_store_ps(reinterpret_cast<float*>(d + ((p0 + kk) * G + q) * 32), r[kk]);
+  }
+}
+}  // namespace
+
 void pack_weights(const uint16_t* w, int64_t ldw, int64_t K, int64_t H, int64_t G, int64_t u0, int64_t u1,
                   uint16_t* dst) {
-  // A pair of k is one 32-bit word: per block and gate, 16 unit rows x 16 pairs (32 k, zero past K) are read
-  // k-contiguous, transposed in registers as 32-bit words (permutes only: the bits pass unchanged) and stored as 16
-  // pair rows of the block's gate-interleaved layout (units past u1 are zero).
-  const int64_t nb = (u1 - u0 + kUnits - 1) / kUnits, pairs = (K + 1) / 2;
+  const int64_t nb = (u1 - u0 + kUnits - 1) / kUnits;
   for (int64_t b = 0; b < nb; ++b) {
-    uint16_t* d = dst + b * pack_size(K, kUnits, G);
     const int64_t ub = u0 + b * kUnits, nu = std::min<int64_t>(kUnits, u1 - ub);
-    for (int64_t q = 0; q < G; ++q)
-      for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
-        const int64_t nk = std::min<int64_t>(32, K - 2 * p0), np = std::min<int64_t>(16, pairs - p0);
-        const __mmask32 km = nk >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << nk) - 1u);
-        __m512 r[16];
-        for (int64_t j = 0; j < 16; ++j)
-          r[j] = j < nu ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(km, w + (q * H + ub + j) * ldw + 2 * p0))
-                        : _mm512_setzero_ps();
-        transpose16(r);
-        for (int64_t kk = 0; kk < np; ++kk)
-          _mm512_store_ps(reinterpret_cast<float*>(d + ((p0 + kk) * G + q) * 32), r[kk]);
-      }
+    for (int64_t q = 0; q < G; ++q) pack_group(w, ldw, K, q * H + ub, nu, G, q, dst + b * pack_size(K, kUnits, G));
   }
 }
 
-void lstm(const StepArgs& a) { run<LstmTile>(a); }
-void gru(const StepArgs& a) { run<GruTile>(a); }
+void pack_rnn_weights(const uint16_t* w, int64_t ldw, int64_t K, int64_t u0, int64_t u1, uint16_t* dst) {
+  const int64_t nb = (u1 - u0 + kRnnUnits - 1) / kRnnUnits;
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t q = 0; q < 4; ++q) {
+      const int64_t ub = u0 + b * kRnnUnits + q * kUnits;
+      pack_group(w, ldw, K, ub, std::clamp<int64_t>(u1 - ub, 0, kUnits), 4, q, dst + b * pack_size(K, kUnits, 4));
+    }
+}
+
+void lstm(const StepArgs& a) { run<LstmTile, kUnits>(a); }
+void gru(const StepArgs& a) { run<GruTile, kUnits>(a); }
+void rnn(const StepArgs& a) { run<RnnTile, kRnnUnits>(a); }
 
 #else  // no x86 target regions: never called (available() is false)
 
 void pack_weights(const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*) {}
+void pack_rnn_weights(const uint16_t*, int64_t, int64_t, int64_t, int64_t, uint16_t*) {}
 void lstm(const StepArgs&) {}
 void gru(const StepArgs&) {}
+void rnn(const StepArgs&) {}
 
 #endif
 

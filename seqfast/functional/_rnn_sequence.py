@@ -91,9 +91,12 @@ def bf16_in_steps(tensors, rows, kind, steps, batch, hidden, weights=None, grad=
     ``hidden``) runs as cell steps that read the bfloat16 weights in place (_cell_steps): up to
     seqfast._rules.BF16_IN_PLACE_MAX_ROWS rows (from there the upcast path's copies pay), where the cell kernels
     qualify and the rules' float32 bounds hold; without gradients only from BF16_STEPS_MIN_WEIGHTS_NO_GRAD ``weights``
-    (None: any size, for the module's C++ call)."""
+    (None: any size, for the module's C++ call), and on a CPU with native bfloat16 for one step only (the fused
+    bfloat16 steps beat them from two: seqfast._rules.float32_bfloat16_max_batch). ``grad``: autograd records the
+    call."""
     return (rows <= _rules.BF16_IN_PLACE_MAX_ROWS
             and (grad or weights is None or weights >= BF16_STEPS_MIN_WEIGHTS_NO_GRAD)
+            and (grad or steps == 1 or _rules.cpu_class() in _rules._UPCAST_BF16_CPUS)
             and _rnn_cell.bf16_weight_kernels()
             and _rules.bf16_weights_in_place(tensors, rows, kind, batch, hidden, steps))
 
@@ -127,7 +130,9 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
         batch, hidden = h0.shape[1], (c0 if lstm else h0).shape[-1]
     if (input.dtype is torch.bfloat16 and not proj_size
             and bf16_in_steps(itertools.chain((input, h0, c0), *weights), rows, kind, steps, batch, hidden,
-                              weights[0][0].numel() + weights[0][1].numel(), torch.is_grad_enabled())
+                              weights[0][0].numel() + weights[0][1].numel(),
+                              torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in itertools.chain(
+                                  (input, h0, c0), *weights)))
             and _kernel_layout(kind, weights, input.shape[-1], num_layers, 2 if bidirectional else 1, 0)):
         # so few rows that the bfloat16 cell steps, their weights read in place, beat both other paths (_cell_steps)
         return _cell_steps.recurrent_in_steps(kind, input, h0, c0, weights, batch_sizes, num_layers, bidirectional,

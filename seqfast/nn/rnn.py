@@ -78,7 +78,7 @@ class _SeqfastRNNMixin:
                 return None  # computed in float32 by the regular path (seqfast._rules.upcast_bfloat16)
             # fewer rows: float32 cell steps, the weights read in place (seqfast.functional._cell_steps' twin)
             cell_steps = _rnn_sequence.bf16_in_steps((input,), steps * batch, self._kind, steps, batch,
-                                                      self.hidden_size)
+                                                      self.hidden_size, grad=False)
         if not cell_steps and _rules.prefer_torch_when(self._kind, input, batch, self.hidden_size, False,
                                                        steps=steps):
             return None
@@ -118,7 +118,8 @@ class _SeqfastRNNMixin:
             self.bidirectional, self.batch_first, self.input_size,
             _rules.torch_regions(self._kind, dtype, False, self.hidden_size),
             _rnn_cell.bf16_upcast_min_rows() if float32 else 0, bool(float32) and _rnn_cell.bf16_weight_kernels(),
-            _rules.torch_regions(self._kind, dtype, True, self.hidden_size), float32)
+            _rules.torch_regions(self._kind, dtype, True, self.hidden_size), float32,
+            _rules.cpu_class() in _rules._UPCAST_BF16_CPUS)
 
     def _one_call(self, input, weights, cell_steps=False):
         out, h, c = _ext.module().rnn_module_inference(self.mode, input, weights, self.bias, self.num_layers,
