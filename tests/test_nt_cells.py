@@ -72,7 +72,8 @@ def test_fused_range():
     assert not _C.cell_step_fused(1, 48, 100, 300)
     assert not _C.cell_step_fused(4, 8, 600, 600)
     # 64 rows of k 1024 (hidden 512) keep linear_out where one pass takes fewer rows (an A block is 3/8 of this core's
-    # L2, as csrc/cpu/isa.cpp reads it: 48 rows from a 512 KB L2) and on CPUs whose AVX-512 GEMM takes 64+ rows
+    # L2, as csrc/cpu/isa.cpp reads it: 48 rows from a 512 KB L2) and on CPUs whose AVX-512 GEMM takes 64+ rows (and
+    # 32+ of rows no longer than 4 x their count)
     l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE") if "SC_LEVEL2_CACHE_SIZE" in os.sysconf_names else 0
     l2 = l2 if (64 << 10) <= l2 <= (64 << 20) else 256 << 10
     if _C.own_gemm_available() or l2 * 3 // 8 // (1024 * 4) // 3 * 3 < 64:

@@ -93,12 +93,17 @@ namespace {
 // 347 / 186, 128x512x1536 460 / 346 / 197, 256x1024x1536 441 / 325 / 183; A @ B (row-major B, the backward's dx):
 // 32x2048x512 358 against MKL's 160 and the outer-product AVX2 kernel's 225, 64x2048x512 426 / 183 / 219,
 // 128x3072x1024 365 / 180 / -. (On the Zen 4 this was tuned on first, against MKL alone, it paid from 256 rows.)
-// With the dot-product form's AVX-512 tile widened to 8 W rows (sgemm_nt_body.inc), 32 rows went back to it: module
-// steps, same process, packed / dot-product form time: RNNCell B32 H1024 1.09x, B32 H256 1.08x, GRUCell B32 H512
-// 1.01x, LSTMCell B32 H256 1.01x; at 64 rows the packed GEMM kept its lead (LSTMCell B64 H512 0.89x, RNNCell B64 H512
-// 0.92x, GRUCell B64 H256 0.64x; GRUCell B64 H1024 1.10x the exception).
-constexpr int64_t kMinOwnRows = 64;
-inline bool own_rows(int64_t M) { return M >= kMinOwnRows && sgemm::available(); }
+// With the dot-product form's AVX-512 tile widened to 8 W rows (sgemm_nt_body.inc), products A W^T of 32-63 rows whose
+// rows are long (K > 4 M, where the AVX2 packing kernel would not take them either: ntp_prefers) went back to it:
+// module steps, same process, packed / dot-product form time: RNNCell B32 H1024 1.09x, B32 H256 1.08x, GRUCell B32
+// H512 1.01x, LSTMCell B32 H256 1.01x; at 64 rows the packed GEMM kept its lead (LSTMCell B64 H512 0.89x, RNNCell B64
+// H512 0.92x, GRUCell B64 H256 0.64x; GRUCell B64 H1024 1.10x the exception). Shorter rows stay on the packed GEMM
+// from 32 (moving them to the AVX2 packing kernel read bfloat16 LSTMCell B32 H128 0.91-0.97x torch in two sweeps,
+// 1.05-1.14x before), and so do products A @ B (K = 0 here: 32x2048x512 358 GFLOP/s against the AVX2 kernel's 225).
+constexpr int64_t kMinOwnRows = 32;
+inline bool own_rows(int64_t M, int64_t K = 0) {
+  return sgemm::available() && M >= kMinOwnRows && (M >= 2 * kMinOwnRows || K == 0 || 4 * M >= K);
+}
 }  // namespace
 
 // Whether the single-threaded entry (cm: the fused loops' per-step products, attention's blocks) and the sequence
@@ -361,7 +366,7 @@ void matmul_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool ac
 }
 
 bool nt_takes(int64_t M, int64_t N, int64_t K) {
-  return nt_available() && nt_prefers_team(M, N, K) && !ntp_prefers(M, K) && !own_rows(M);
+  return nt_available() && nt_prefers_team(M, N, K) && !ntp_prefers(M, K) && !own_rows(M, K);
 }
 
 // Whether c = a @ w^T has float32 CPU operands the own kernels read in place: rows of c, a and w contiguous, shapes
@@ -416,7 +421,8 @@ void linear2_out(at::Tensor& c1, const at::Tensor& a1, const at::Tensor& w1, at:
   };
   const int64_t M = a1.size(0), N = w1.size(0), K1 = a1.size(1), K2 = a2.size(1);
   // a cell step's products from kMinOwnRows rows on a CPU with the AVX-512 GEMM: each weight packed once per call
-  if (own_rows(M) && nt_operands(c1, a1, w1) && nt_operands(c2, a2, w2) && own_linear(c1, a1, w1, false) &&
+  if ((own_rows(M, K1) || own_rows(M, K2)) && nt_operands(c1, a1, w1) && nt_operands(c2, a2, w2) &&
+      own_linear(c1, a1, w1, false) &&
       own_linear(c2, a2, w2, accumulate2))
     return;
   if (!(nt_available() && own(c1, a1, w1) && own(c2, a2, w2) && a2.size(0) == M && w2.size(0) == N)) {
@@ -443,9 +449,10 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::
   const bool f32 = f32_cpu(a) && f32_cpu(b) && (!has_bias || bias->scalar_type() == at::kFloat);
   // b = W^T of a k-contiguous W (a torch weight's .t()): the dot-product kernel reads W's rows
   const bool nt_shape = nt_prefers_team(a.size(0), b.size(1), a.size(1)) || ntp_prefers(a.size(0), a.size(1));
-  // from kMinOwnRows rows the AVX-512 GEMM takes it where the CPU has one (below: the AVX2 kernels' or MKL's)
+  // from kMinOwnRows rows the AVX-512 GEMM takes it where the CPU has one (own_rows; below: the AVX2 kernels' or MKL's)
   const bool avx2_rows = !own_rows(a.size(0));
-  if (f32 && nt_available() && avx2_rows && nt_shape && rows_contiguous(a) && cols_contiguous(b)) {
+  if (f32 && nt_available() && !own_rows(a.size(0), a.size(1)) && nt_shape && rows_contiguous(a) &&
+      cols_contiguous(b)) {
     const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
     TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == N), "mm_f32: bias must be [", N, "], got ",
                 bias->sizes());
