@@ -104,6 +104,8 @@ _ZEN5_LSTM_BF16 = ("same-process A/B, torch / the fused bfloat16 LSTM step / the
 _ZEN5_GRU_BF16 = ("same-process A/B, torch / the fused bfloat16 GRU step / the bf16-GEMM loop / the float32 path, no "
                   "rules for the family, 11 rounds, the sweep's cases, on the commit that added the step, AMD EPYC "
                   "family 26 model 2")
+_ZEN5_F32_STEP = ("same-process A/B, torch / seqfast / seqfast with the rule, 21 rounds, make bench-sweep's one-step "
+                  "cases, on commit 63be828, AMD EPYC family 26 model 2")
 _ZEN3_LATER = ("make bench-sweep runs 201033 and 214300 and make bench runs cpu-20261204-200307 / 214050 on the same "
                "AMD EPYC family 25 model 1")
 
@@ -160,6 +162,11 @@ RULES = [
     # 0.90x, GRU T1 B8 H128 0.91x, B1 H512 0.93x); torch's op run from the module's C++ call read 1.04-1.12x
     # (same-process, 11 rounds, B1-32, H128-512, on commit 13c8a13)
     Rule("rnn", BF16, AVX512_BF16, training=True, steps=(1, 1), source=_ZEN5_BF16),
+    # and in float32 at batch 1 (same process, 21 rounds, torch / seqfast's cell kernels / torch's op run from the
+    # module's C++ call, on commit 63be828: RNN T1 B1 H256 1.11x / 1.31x, H512 0.91x / 1.14x, GRU T1 B1 H512 0.93x /
+    # 1.29x, H1024 0.93x / 0.95x; at batch 8, hidden 128 the kernels kept the lead, 1.24x / 1.35x against 1.45x / 1.07x)
+    Rule("rnn", F32, BF16_NO_AMX, training=True, batch=(1, 1), steps=(1, 1), source=_ZEN5_F32_STEP),
+    Rule("gru", F32, BF16_NO_AMX, training=True, batch=(1, 1), steps=(1, 1), source=_ZEN5_F32_STEP),
     Rule("gru", BF16, AVX512_BF16, training=True, steps=(1, 1), source=_ZEN5_BF16),
     # GRU, before the fused bfloat16 step (kept for AMX CPUs, where it does not run): inference from batch 128 at
     # hidden >= 512 (B128 H512 0.78x, B256 H512 0.83x, B256 H1024 0.83x; B64 H512 1.21x, B256 H256 1.26x) and training
