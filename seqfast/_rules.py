@@ -477,7 +477,14 @@ def upcast_bfloat16(tensors, rows, family, batch, hidden, steps=1):
     ``batch``, ``hidden``, ``steps``) and not a sequence of 2+ steps (those have the fused bfloat16 steps there), no
     backend forced, no autocast, not while torch.compile traces."""
     return (rows >= UPCAST_BF16_MIN_ROWS and batch <= float32_bfloat16_max_batch(family, hidden, steps)
-            and (steps == 1 or cpu_class() in _UPCAST_BF16_CPUS) and _float32_bfloat16(tensors))
+            and (steps == 1 or float32_sequences()) and _float32_bfloat16(tensors))
+
+
+def float32_sequences():
+    """Whether bfloat16 sequences of 2+ steps compute in float32 here (on upcast copies, or without gradients as cell
+    steps): on a CPU without native bfloat16. Where bfloat16 is native the fused bfloat16 steps take those calls (see
+    FLOAT32_BF16_WORK), and only cell steps with gradients stay in float32."""
+    return cpu_class() in _UPCAST_BF16_CPUS
 
 
 def sdpa_upcasts_bfloat16(query, key, value, causal):

@@ -22,17 +22,28 @@ pytestmark = pytest.mark.skipif(C is None or not C.bf16_rnn_step_available(),
 BF16 = torch.bfloat16
 
 
-def _lstm_algorithm(x, batch_sizes, h0, c0, w_ih, w_hh, bias, reverse):
-    """The step's arithmetic over a packed sequence: x [N, I] bfloat16 in time-major packed order."""
-    H = h0.shape[1]
+def _steps(batch_sizes, reverse):
+    """(rows, first row) of each step of a packed sequence, in processing order."""
     sizes = batch_sizes.tolist()
     offsets = [sum(sizes[:t]) for t in range(len(sizes))]
     order = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
+    return [(sizes[t], offsets[t]) for t in order]
+
+
+def _final_rows(sizes, reverse):
+    """The packed row holding each batch row's final state: its last step's (reversed: the first step's)."""
+    offsets = [sum(sizes[:t]) for t in range(len(sizes))]
+    last = [0 if reverse else max(t for t in range(len(sizes)) if b < sizes[t]) for b in range(sizes[0])]
+    return torch.tensor([offsets[t] + b for b, t in enumerate(last)])
+
+
+def _lstm_algorithm(x, batch_sizes, h0, c0, w_ih, w_hh, bias, reverse):
+    """The step's arithmetic over a packed sequence: x [N, I] bfloat16 in time-major packed order."""
+    H = h0.shape[1]
     h, c = h0.clone(), c0.float().clone()
     out = torch.empty(x.shape[0], H, dtype=BF16)
     cs = torch.empty(x.shape[0], H)
-    for t in order:
-        bs, off = sizes[t], offsets[t]
+    for bs, off in _steps(batch_sizes, reverse):
         g = x[off:off + bs].float() @ w_ih.float().T + h[:bs].float() @ w_hh.float().T + bias
         i, f, gg, o = g.split(H, 1)
         cn = torch.sigmoid(f) * c[:bs] + torch.sigmoid(i) * torch.tanh(gg)
@@ -67,11 +78,7 @@ def test_lstm_layer_matches_the_algorithm(T, sizes, I, H, reverse):
     torch.testing.assert_close(cs, want_cs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.float(), want_out.float(), rtol=8e-3, atol=1e-3)
     # the final states: each row's state at its last step (packed: shorter rows end early)
-    last = [max(t for t in range(len(sizes)) if b < sizes[t]) for b in range(B)]
-    if reverse:
-        last = [0] * B
-    offs = [sum(sizes[:t]) for t in range(len(sizes))]
-    rows = torch.tensor([offs[t] + b for b, t in enumerate(last)])
+    rows = _final_rows(sizes, reverse)
     torch.testing.assert_close(hn, out[rows], rtol=0, atol=0)
     torch.testing.assert_close(cn, cs[rows].to(BF16), rtol=0, atol=0)
 
@@ -79,14 +86,10 @@ def test_lstm_layer_matches_the_algorithm(T, sizes, I, H, reverse):
 def _gru_algorithm(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse):
     """The GRU step's arithmetic over a packed sequence; -> (out, ws [r z n hn])."""
     H = h0.shape[1]
-    sizes = batch_sizes.tolist()
-    offsets = [sum(sizes[:t]) for t in range(len(sizes))]
-    order = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
     h = h0.clone()
     out = torch.empty(x.shape[0], H, dtype=BF16)
     ws = torch.empty(x.shape[0], 4 * H)
-    for t in order:
-        bs, off = sizes[t], offsets[t]
+    for bs, off in _steps(batch_sizes, reverse):
         gi = x[off:off + bs].float() @ w_ih.float().T + b_ih.float()
         gh = h[:bs].float() @ w_hh.float().T + b_hh.float()
         r = torch.sigmoid(gi[:, :H] + gh[:, :H])
@@ -117,20 +120,14 @@ def test_gru_layer_matches_the_algorithm(T, sizes, I, H, reverse):
     assert out.dtype == BF16 and ws.dtype == torch.float32
     torch.testing.assert_close(ws, want_ws, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.float(), want_out.float(), rtol=8e-3, atol=1e-3)
-    last = [0] * B if reverse else [max(t for t in range(len(sizes)) if b < sizes[t]) for b in range(B)]
-    offs = [sum(sizes[:t]) for t in range(len(sizes))]
-    torch.testing.assert_close(hn, out[torch.tensor([offs[t] + b for b, t in enumerate(last)])], rtol=0, atol=0)
+    torch.testing.assert_close(hn, out[_final_rows(sizes, reverse)], rtol=0, atol=0)
 
 
 def _rnn_algorithm(x, batch_sizes, h0, w_ih, w_hh, bias, relu, reverse):
     """The Elman RNN step's arithmetic over a packed sequence."""
-    sizes = batch_sizes.tolist()
-    offsets = [sum(sizes[:t]) for t in range(len(sizes))]
-    order = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
     h = h0.clone()
     out = torch.empty(x.shape[0], h0.shape[1], dtype=BF16)
-    for t in order:
-        bs, off = sizes[t], offsets[t]
+    for bs, off in _steps(batch_sizes, reverse):
         pre = x[off:off + bs].float() @ w_ih.float().T + h[:bs].float() @ w_hh.float().T + bias
         hn = (torch.relu(pre) if relu else torch.tanh(pre)).to(BF16)
         h = h.clone()
@@ -161,9 +158,7 @@ def test_rnn_layer_matches_the_algorithm(T, sizes, I, H, relu, reverse):
     # which rounds its input products to bfloat16 first, differs on most)
     torch.testing.assert_close(out.float(), want.float(), rtol=8e-3, atol=1e-3)
     assert (out != want).float().mean() < 0.02
-    last = [0] * B if reverse else [max(t for t in range(len(sizes)) if b < sizes[t]) for b in range(B)]
-    offs = [sum(sizes[:t]) for t in range(len(sizes))]
-    torch.testing.assert_close(hn, out[torch.tensor([offs[t] + b for b, t in enumerate(last)])], rtol=0, atol=0)
+    torch.testing.assert_close(hn, out[_final_rows(sizes, reverse)], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])

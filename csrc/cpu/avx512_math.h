@@ -1,4 +1,4 @@
-// float32 exp / sigmoid / tanh, a 16 x 16 transpose, a 16-vector horizontal sum and tail masks on zmm registers,
+// float32 exp / sigmoid / tanh, the LSTM cell update, a 16 x 16 transpose, a 16-vector horizontal sum and tail masks on zmm registers,
 // shared by the AVX-512 translation units (lstm_step.cpp, attention_avx512.cpp, sgemm.cpp). Include only after
 // `#pragma GCC target("avx512f,...")` and <immintrin.h>.
 #pragma once
@@ -65,6 +65,24 @@ inline __m512 tanh_ps(__m512 x) {
   const __m512 a = _mm512_andnot_ps(_mm512_set1_ps(-0.f), x);
   const __m512 e = exp_ps(_mm512_mul_ps(a, _mm512_set1_ps(-2.f)));
   return _mm512_or_ps(_mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e)), sign);
+}
+
+// The LSTM cell update on 16 units, shared by the float32 and bfloat16 LSTM steps: gate holds the pre-activations
+// i, f, g, o and is left holding the activated gates (the backward's workspace); cp is the previous cell. Returns the
+// new cell c; h = o tanh(c).
+inline __m512 lstm_update(__m512 (&gate)[4], __m512 cp, __m512& h) {
+  gate[0] = sigmoid_ps(gate[0]);
+  gate[1] = sigmoid_ps(gate[1]);
+  gate[2] = tanh_ps(gate[2]);
+  gate[3] = sigmoid_ps(gate[3]);
+  const __m512 c = _mm512_fmadd_ps(gate[1], cp, _mm512_mul_ps(gate[0], gate[2]));
+  h = _mm512_mul_ps(gate[3], tanh_ps(c));
+  return c;
+}
+
+// The four activated gates of lstm_update into a row of the [i f g o] workspace (gate q at gr + q H), lanes m.
+inline void store_gates(float* gr, int64_t H, __mmask16 m, const __m512 (&gate)[4]) {
+  for (int q = 0; q < 4; ++q) _mm512_mask_storeu_ps(gr + q * H, m, gate[q]);
 }
 
 // One round of transpose16: swaps the off-diagonal B x B sub-blocks of row pairs (i, i + B). B is a template

@@ -22,10 +22,10 @@ namespace {
 
 constexpr int kMR = 6;  // rows per register tile: 6 x 4 gate vectors = 24 accumulators
 
-using avx512::sigmoid_ps;
-using avx512::tanh_ps;
+using avx512::lstm_update;
 using avx512::reduce16;
 using avx512::mask16;
+using avx512::store_gates;
 
 // acc[r][q] += sum_k rows[r][k] * w[k][16q + lane] over k < K.
 template <int MR>
@@ -68,20 +68,11 @@ void tile(const StepArgs& a, int64_t r0, int64_t blk) {
   const int64_t H = a.H;
   for (int r = 0; r < MR; ++r) {
     const int64_t row = r0 + r;
-    const __m512 i = sigmoid_ps(acc[r][0]), f = sigmoid_ps(acc[r][1]), g = tanh_ps(acc[r][2]),
-                 o = sigmoid_ps(acc[r][3]);
-    const __m512 cp = _mm512_maskz_loadu_ps(m, a.cprev[row] + u);
-    const __m512 c = _mm512_fmadd_ps(f, cp, _mm512_mul_ps(i, g));
-    const __m512 h = _mm512_mul_ps(o, tanh_ps(c));
+    __m512 h;
+    const __m512 c = lstm_update(acc[r], _mm512_maskz_loadu_ps(m, a.cprev[row] + u), h);
     _mm512_mask_storeu_ps(a.c + row * H + u, m, c);
     _mm512_mask_storeu_ps(a.hout + row * H + u, m, h);
-    if (a.gates) {
-      float* gr = a.gates + row * 4 * H + u;
-      _mm512_mask_storeu_ps(gr, m, i);
-      _mm512_mask_storeu_ps(gr + H, m, f);
-      _mm512_mask_storeu_ps(gr + 2 * H, m, g);
-      _mm512_mask_storeu_ps(gr + 3 * H, m, o);
-    }
+    if (a.gates) store_gates(a.gates + row * 4 * H + u, H, m, acc[r]);
   }
 }
 
@@ -131,18 +122,12 @@ void small_block(const StepArgs& a, const float* w, int64_t u, int n) {
     }
     gate[q] = _mm512_add_ps(reduce16(acc), load_rows<NB>(pre, q * H + u, n));
   }
-  const __m512 i = sigmoid_ps(gate[0]), f = sigmoid_ps(gate[1]), g = tanh_ps(gate[2]), o = sigmoid_ps(gate[3]);
-  const __m512 c = _mm512_fmadd_ps(f, load_rows<NB>(a.cprev, u, n), _mm512_mul_ps(i, g));
-  const __m512 h = _mm512_mul_ps(o, tanh_ps(c));
+  __m512 h;
+  const __m512 c = lstm_update(gate, load_rows<NB>(a.cprev, u, n), h);
   store_rows<NB>(a.c, H, u, n, c);
   store_rows<NB>(a.hout, H, u, n, h);
-  if (a.gates) {
-    float* gr = a.gates + u;
-    store_rows<NB>(gr, 4 * H, 0, n, i);
-    store_rows<NB>(gr, 4 * H, H, n, f);
-    store_rows<NB>(gr, 4 * H, 2 * H, n, g);
-    store_rows<NB>(gr, 4 * H, 3 * H, n, o);
-  }
+  if (a.gates)
+    for (int q = 0; q < 4; ++q) store_rows<NB>(a.gates + u, 4 * H, q * H, n, gate[q]);
 }
 
 // y[b][k : k + 16 NV] for gemv_t_small: NV x NB accumulators, W rows read sequentially.

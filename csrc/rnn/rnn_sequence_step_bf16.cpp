@@ -42,8 +42,10 @@ namespace {
 
 constexpr int kMR = 6;  // rows per register tile: 6 x 4 gate vectors = 24 accumulators
 
+using seqfast::avx512::lstm_update;
 using seqfast::avx512::mask16;
 using seqfast::avx512::sigmoid_ps;
+using seqfast::avx512::store_gates;
 using seqfast::avx512::tanh_ps;
 using seqfast::avx512::transpose16;
 
@@ -115,20 +117,11 @@ void lstm_tile(const StepArgs& a, int64_t r0, int64_t blk) {
   const int64_t H = a.H;
   for (int r = 0; r < MR; ++r) {
     const int64_t row = r0 + r;
-    const __m512 i = sigmoid_ps(acc[r][0]), f = sigmoid_ps(acc[r][1]), g = tanh_ps(acc[r][2]),
-                 o = sigmoid_ps(acc[r][3]);
-    const __m512 cp = _mm512_maskz_loadu_ps(m, a.cprev[row] + u);
-    const __m512 c = _mm512_fmadd_ps(f, cp, _mm512_mul_ps(i, g));
-    const __m512 h = _mm512_mul_ps(o, tanh_ps(c));
+    __m512 h;
+    const __m512 c = lstm_update(acc[r], _mm512_maskz_loadu_ps(m, a.cprev[row] + u), h);
     _mm512_mask_storeu_ps(a.c + row * H + u, m, c);
     _mm256_mask_storeu_epi16(a.hout + row * H + u, m, (__m256i)_mm512_cvtneps_pbh(h));
-    if (a.ws) {
-      float* gr = a.ws + row * 4 * H + u;
-      _mm512_mask_storeu_ps(gr, m, i);
-      _mm512_mask_storeu_ps(gr + H, m, f);
-      _mm512_mask_storeu_ps(gr + 2 * H, m, g);
-      _mm512_mask_storeu_ps(gr + 3 * H, m, o);
-    }
+    if (a.ws) store_gates(a.ws + row * 4 * H + u, H, m, acc[r]);
   }
 }
 

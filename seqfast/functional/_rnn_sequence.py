@@ -96,7 +96,7 @@ def bf16_in_steps(tensors, rows, kind, steps, batch, hidden, weights=None, grad=
     call."""
     return (rows <= _rules.BF16_IN_PLACE_MAX_ROWS
             and (grad or weights is None or weights >= BF16_STEPS_MIN_WEIGHTS_NO_GRAD)
-            and (grad or steps == 1 or _rules.cpu_class() in _rules._UPCAST_BF16_CPUS)
+            and (grad or steps == 1 or _rules.float32_sequences())
             and _rnn_cell.bf16_weight_kernels()
             and _rules.bf16_weights_in_place(tensors, rows, kind, batch, hidden, steps))
 

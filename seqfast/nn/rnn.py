@@ -118,8 +118,7 @@ class _SeqfastRNNMixin:
             self.bidirectional, self.batch_first, self.input_size,
             _rules.torch_regions(self._kind, dtype, False, self.hidden_size),
             _rnn_cell.bf16_upcast_min_rows() if float32 else 0, bool(float32) and _rnn_cell.bf16_weight_kernels(),
-            _rules.torch_regions(self._kind, dtype, True, self.hidden_size), float32,
-            _rules.cpu_class() in _rules._UPCAST_BF16_CPUS)
+            _rules.torch_regions(self._kind, dtype, True, self.hidden_size), float32, _rules.float32_sequences())
 
     def _one_call(self, input, weights, cell_steps=False):
         out, h, c = _ext.module().rnn_module_inference(self.mode, input, weights, self.bias, self.num_layers,
