@@ -30,6 +30,7 @@ py::dict config_dict() {
   d["avx512_attention"] = c.avx512_attention;
   d["avx2_decode"] = c.avx2_decode;
   d["avx512_nt"] = c.avx512_nt;
+  d["avx512_wt"] = c.avx512_wt;
   d["bf16_rnn_step"] = c.bf16_rnn_step;
   d["avx2_attention"] = c.avx2_attention;
   d["avx2_pack"] = c.avx2_pack;
@@ -59,6 +60,7 @@ py::dict set_config(const py::kwargs& kw) {
     else if (k == "avx512_attention") c.avx512_attention = py::cast<bool>(v);
     else if (k == "avx2_decode") c.avx2_decode = py::cast<bool>(v);
     else if (k == "avx512_nt") c.avx512_nt = py::cast<bool>(v);
+    else if (k == "avx512_wt") c.avx512_wt = py::cast<bool>(v);
     else if (k == "bf16_rnn_step") c.bf16_rnn_step = py::cast<bool>(v);
     else if (k == "avx2_attention") c.avx2_attention = py::cast<bool>(v);
     else if (k == "avx2_pack") c.avx2_pack = py::cast<bool>(v);
@@ -125,6 +127,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("own_gemm_available", &seqfast::own_gemm_available);
   m.def("mm_f32", &seqfast::mm_f32, GIL(), py::arg("a"), py::arg("b"), py::arg("bias") = py::none());
   m.def("nt_gemm_available", &seqfast::nt_gemm_available);
+  m.def("gemm_wt_f32", &seqfast::gemm_wt_f32, GIL(), py::arg("a"), py::arg("w"), py::arg("bias") = py::none());
   m.def("gemm_nt_f32", &seqfast::gemm_nt_f32, GIL(), py::arg("a"), py::arg("w"), py::arg("bias") = py::none());
   m.def("gemm_ntp_f32", &seqfast::gemm_ntp_f32, GIL(), py::arg("a"), py::arg("w"), py::arg("bias") = py::none());
   m.def("gemm_nn_f32", &seqfast::gemm_nn_f32, GIL(), py::arg("a"), py::arg("b"));

@@ -1,6 +1,7 @@
-"""Cell steps whose two gate products run on the own AVX2 dot-product kernel in one region (csrc/rnn/rnn_cell.cpp:
-fused_nt, csrc/cpu/sgemm_nt.h gemm2: x W_ih^T and h W_hh^T summed in the same accumulators, the cell update in the
-same region). Against float64 torch, forward and gradients, with the fused step on and off (config nt_cells), on
+"""Cell steps whose two gate products run on the own kernels that read the weights in place, in one region
+(csrc/rnn/rnn_cell.cpp: fused_nt; the dot-product kernel's gemm2, csrc/cpu/sgemm_nt.h, or on CPUs with AVX-512 from 16
+rows the broadcast form, csrc/cpu/sgemm_wt.h: x W_ih^T and h W_hh^T summed in the same accumulators, the cell update
+in the same region). Against float64 torch, forward and gradients, with the fused step on and off (config nt_cells), on
 sizes that take every partial register tile (rows % 3, units % 4, k % 8), odd input / hidden sizes, no bias, and the
 thread split (enough work for two threads, or one)."""
 import os
@@ -41,10 +42,12 @@ def _step(module, x, state):
                                                ("RNNCell", "relu")])
 @pytest.mark.parametrize("batch,input_size,hidden", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("avx512_nt", [False, True], ids=["avx2", "avx512_where_present"])
-def test_fused_cell_step_matches_torch(kind, nonlinearity, batch, input_size, hidden, bias, avx512_nt):
+@pytest.mark.parametrize("avx512_nt,avx512_wt", [(False, False), (True, False), (True, True)],
+                         ids=["avx2", "avx512_where_present", "broadcast_form_where_present"])
+def test_fused_cell_step_matches_torch(kind, nonlinearity, batch, input_size, hidden, bias, avx512_nt, avx512_wt):
     import seqfast
-    assert _C.cell_step_fused(GATES[kind], batch, input_size, hidden), "this shape must take the fused step"
+    with cpp_config(avx512_wt=avx512_wt):
+        assert _C.cell_step_fused(GATES[kind], batch, input_size, hidden), "this shape must take the fused step"
     kw = {"nonlinearity": nonlinearity} if nonlinearity else {}
     torch.manual_seed(0)
     ref = getattr(torch.nn, kind)(input_size, hidden, bias=bias, **kw).double()
@@ -54,7 +57,7 @@ def test_fused_cell_step_matches_torch(kind, nonlinearity, batch, input_size, hi
     state = tuple(torch.randn(batch, hidden) for _ in range(2 if kind == "LSTMCell" else 1))
     expected = _step(ref, x.double(), tuple(s.double() for s in state))
     for fused in (True, False):
-        with cpp_config(nt_cells=fused, avx512_nt=avx512_nt):
+        with cpp_config(nt_cells=fused, avx512_nt=avx512_nt, avx512_wt=avx512_wt):
             with torch.no_grad():
                 out = mod(x, state if len(state) == 2 else state[0])
             got = _step(mod, x, state)
@@ -66,9 +69,21 @@ def test_fused_cell_step_matches_torch(kind, nonlinearity, batch, input_size, hi
 
 
 def test_fused_range():
-    # the GEMV rows (1-2) keep the GEMV; the packing form's many-row products, and rows too long for one pass of the
-    # summed products (k 1200 > 1024), keep linear_out; the configuration switch turns it off
+    # the GEMV rows (1-2) keep the GEMV
     assert not _C.cell_step_fused(4, 2, 64, 64)
+    # on CPUs with AVX-512 the broadcast form takes 16-128 rows of any length (and more where the weights are large)
+    if _C.own_gemm_available():
+        assert _C.cell_step_fused(1, 48, 100, 300)
+        assert _C.cell_step_fused(4, 64, 512, 512)
+        assert _C.cell_step_fused(4, 16, 600, 600)
+        assert not _C.cell_step_fused(4, 256, 128, 128)
+    with cpp_config(avx512_wt=False):
+        _dot_product_range()
+
+
+def _dot_product_range():
+    # without the broadcast form: the packing form's many-row products, and rows too long for one pass of the summed
+    # products (k 1200 > 1024), keep linear_out; the configuration switch turns it off
     assert not _C.cell_step_fused(1, 48, 100, 300)
     assert not _C.cell_step_fused(4, 8, 600, 600)
     # 64 rows of k 1024 (hidden 512) keep linear_out where one pass takes fewer rows (an A block is 3/8 of this core's

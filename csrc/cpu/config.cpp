@@ -24,6 +24,7 @@ Config from_env() {
   c.avx512_attention = !env_set("SEQFAST_CPU_NO_AVX512_ATTN");
   c.avx2_decode = !env_set("SEQFAST_CPU_NO_AVX2_DECODE");
   c.avx512_nt = !env_set("SEQFAST_CPU_NO_AVX512_NT");
+  c.avx512_wt = !env_set("SEQFAST_CPU_NO_AVX512_WT");
   c.bf16_rnn_step = !env_set("SEQFAST_CPU_NO_BF16_RNN_STEP");
   c.avx2_attention = !env_set("SEQFAST_CPU_NO_AVX2_ATTN");
   c.avx2_pack = !env_set("SEQFAST_CPU_NO_AVX2_PACK");

@@ -7,6 +7,7 @@
 #include "cpu/config.h"
 #include "cpu/isa.h"
 #include "cpu/sgemm_nn.h"
+#include "cpu/sgemm_wt.h"
 #include "cpu/team.h"
 
 extern "C" {
@@ -286,6 +287,36 @@ void nt_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, c
   });
 }
 
+// The broadcast form against the dot-product form and the packed GEMM (B packed per call), Zen 5 (AMD EPYC family 26),
+// 2 threads, GFLOP/s wt / dot / packed, A [M, K] @ W [N, K]^T: M 8 (K 1024, N 1024) 192 / 250 / 241, M 12 (512, 1024)
+// 299 / 324 / 319, M 16 (1024, 1024) 370 / 289 / 282, (128, 512) 302 / 244 / 227, M 32 (1024, 1024) 458 / 319 / 317,
+// (64, 256) 255 / 187 / 179, M 64 (1024, 3072) 499 / 400 / 354, (256, 1024) 386 / 368 / 417, M 128 (512, 2048) 487 /
+// 405 / 472, (2048, 2048) 485 / 380 / 423, (128, 512) 438 / 324 / 457; from 128 rows on the packed GEMM's packing pays
+// where W fits the caches: M 256 (1024, 1024) 479 / 348 / 494, (512, 2048) 491 / 418 / 496, against (2048, 4096) 472 /
+// 387 / 375, (2048, 1536) 465 / 383 / 435, M 192 (1024, 2048) 492 / 409 / 471. Below 16 rows a panel is mostly
+// padding.
+bool wt_takes(int64_t M, int64_t N, int64_t K) {
+  return sgemm_wt::available() && cpu::config().avx512_wt && M >= 16 &&
+         (M <= 128 || (M <= 256 && K * N >= (int64_t(1) << 21)));
+}
+
+bool wt_parallel(int64_t M, int64_t N, const WtProduct& p1, const WtProduct& p2, float beta, float* c, int64_t ldc,
+                 const float* bias) {
+  const int64_t s1 = p1.K > 0 ? sgemm_wt::pack_size(M, p1.K) : 0, s2 = p2.K > 0 ? sgemm_wt::pack_size(M, p2.K) : 0;
+  block_pool::Floats packed(s1 + s2);
+  if (!packed.ok()) return false;
+  float* pa = packed.get();
+  if (s1 > 0) sgemm_wt::pack(M, p1.K, p1.a, p1.lda, pa);
+  if (s2 > 0) sgemm_wt::pack(M, p2.K, p2.a, p2.lda, pa + s1);
+  const sgemm_wt::Operand o1{p1.K, pa, p1.w, p1.wr, p1.wk}, o2{p2.K, pa + s1, p2.w, p2.wr, p2.wk};
+  const int64_t tiles = (N + sgemm_wt::kRows - 1) / sgemm_wt::kRows;
+  const int64_t per_tile = std::max<int64_t>(1, sgemm_wt::kRows * M * (p1.K + p2.K));
+  cpu::parallel_for_shared(tiles, per_tile, min_piece_cols(M) / sgemm_wt::kRows, [&](int64_t t0, int64_t t1) {
+    sgemm_wt::gemm(M, t0 * sgemm_wt::kRows, std::min(N, t1 * sgemm_wt::kRows), o1, o2, beta, c, ldc, bias);
+  });
+  return true;
+}
+
 namespace {
 // The team split of the packing forms: C's columns in whole 16-column panels, each thread with its own packing
 // buffer; product(j0, nj, scratch) computes columns [j0, j0 + nj).
@@ -376,7 +407,16 @@ inline bool nt_operands(const at::Tensor& c, const at::Tensor& a, const at::Tens
          a.size(1) == w.size(1) && c.size(0) == a.size(0) && c.size(1) == w.size(0);
 }
 
+// The broadcast form's operand for a @ w^T (nt_operands: k-contiguous rows of a and w).
+inline WtProduct wt_product(const at::Tensor& a, const at::Tensor& w) {
+  return WtProduct{a.const_data_ptr<float>(), a.stride(0), a.size(1), w.const_data_ptr<float>(), w.stride(0), 1};
+}
+
 void linear_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& w, bool accumulate) {
+  if (nt_operands(c, a, w) && wt_takes(a.size(0), w.size(0), a.size(1)) &&
+      wt_parallel(a.size(0), w.size(0), wt_product(a, w), WtProduct{}, accumulate ? 1.f : 0.f, c.data_ptr<float>(),
+                  c.stride(0), nullptr))
+    return;
   const bool own = nt_operands(c, a, w) && nt_available() &&
                    (nt_prefers_team(a.size(0), w.size(0), a.size(1)) || ntp_prefers(a.size(0), a.size(1)));
   if (!own) {
@@ -420,6 +460,18 @@ void linear2_out(at::Tensor& c1, const at::Tensor& a1, const at::Tensor& w1, at:
     return nt_operands(c, a, w) && ntp_prefers(a.size(0), a.size(1));
   };
   const int64_t M = a1.size(0), N = w1.size(0), K1 = a1.size(1), K2 = a2.size(1);
+  // a cell step's products on the broadcast form: into one output, summed in the same accumulators
+  if (nt_operands(c1, a1, w1) && nt_operands(c2, a2, w2) && a2.size(0) == M && w2.size(0) == N &&
+      wt_takes(M, N, K1 + K2)) {
+    if (c1.is_same(c2) && accumulate2) {
+      if (wt_parallel(M, N, wt_product(a1, w1), wt_product(a2, w2), 0.f, c1.data_ptr<float>(), c1.stride(0), nullptr))
+        return;
+    } else if (wt_parallel(M, N, wt_product(a1, w1), WtProduct{}, 0.f, c1.data_ptr<float>(), c1.stride(0), nullptr) &&
+               wt_parallel(M, N, wt_product(a2, w2), WtProduct{}, accumulate2 ? 1.f : 0.f, c2.data_ptr<float>(),
+                           c2.stride(0), nullptr)) {
+      return;
+    }
+  }
   // a cell step's products from kMinOwnRows rows on a CPU with the AVX-512 GEMM: each weight packed once per call
   if ((own_rows(M, K1) || own_rows(M, K2)) && nt_operands(c1, a1, w1) && nt_operands(c2, a2, w2) &&
       own_linear(c1, a1, w1, false) &&
@@ -451,6 +503,17 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::
   const bool nt_shape = nt_prefers_team(a.size(0), b.size(1), a.size(1)) || ntp_prefers(a.size(0), a.size(1));
   // from kMinOwnRows rows the AVX-512 GEMM takes it where the CPU has one (own_rows; below: the AVX2 kernels' or MKL's)
   const bool avx2_rows = !own_rows(a.size(0));
+  if (f32 && rows_contiguous(a) && cols_contiguous(b) && wt_takes(a.size(0), b.size(1), a.size(1))) {
+    TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == b.size(1)), "mm_f32: bias must be [", b.size(1),
+                "], got ", bias->sizes());
+    at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
+    const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
+    // b[k, j] = b_ptr[j * b.stride(1) + k]: W = b^T has k-contiguous rows j of stride b.stride(1)
+    const WtProduct p{a.const_data_ptr<float>(), a.stride(0), a.size(1), b.const_data_ptr<float>(), b.stride(1), 1};
+    if (wt_parallel(a.size(0), b.size(1), p, WtProduct{}, 0.f, c.data_ptr<float>(), c.size(1),
+                    has_bias ? bc.const_data_ptr<float>() : nullptr))
+      return c;
+  }
   if (f32 && nt_available() && !own_rows(a.size(0), a.size(1)) && nt_shape && rows_contiguous(a) &&
       cols_contiguous(b)) {
     const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
@@ -524,6 +587,27 @@ at::Tensor gemm_ntp_f32(const at::Tensor& a, const at::Tensor& w, const std::opt
   return own_nt("gemm_ntp_f32", true, a, w, bias);
 }
 bool nt_gemm_available() { return gemm::nt_available(); }
+
+at::Tensor gemm_wt_f32(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(sgemm_wt::available(), "gemm_wt_f32: the own AVX-512 GEMM does not run on this CPU or is switched off");
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && a.size(1) == w.size(1), "gemm_wt_f32: a [M,K] and w [N,K] expected, got ",
+              a.sizes(), " and ", w.sizes());
+  TORCH_CHECK(a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && a.device().is_cpu() &&
+                  w.device().is_cpu() && (!has_bias || (bias->scalar_type() == at::kFloat && bias->device().is_cpu())),
+              "gemm_wt_f32: float32 CPU tensors expected");
+  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == w.size(0)), "gemm_wt_f32: bias must be [", w.size(0),
+              "], got ", bias->sizes());
+  const at::Tensor ac = a.stride(1) == 1 ? a : a.contiguous();
+  const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
+  at::Tensor c = at::empty({a.size(0), w.size(0)}, a.options());
+  const gemm::WtProduct p{ac.const_data_ptr<float>(), ac.stride(0), a.size(1), w.const_data_ptr<float>(), w.stride(0),
+                          w.stride(1)};
+  TORCH_CHECK(gemm::wt_parallel(a.size(0), w.size(0), p, gemm::WtProduct{}, 0.f, c.data_ptr<float>(), c.size(1),
+                                has_bias ? bc.const_data_ptr<float>() : nullptr),
+              "gemm_wt_f32: out of memory for the packing buffer");
+  return c;
+}
 
 namespace {
 // a [M, K] @ b [K, N] on one of the own AVX2 outer-product forms (nn_parallel or nnp_parallel), checked for `name`.

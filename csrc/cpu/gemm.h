@@ -1,6 +1,7 @@
 // The one GEMM entry point of the C++ kernels (seqfast._C internal; gemm.cpp). Every GEMM a kernel runs goes
 // through here, and this is the only place that knows which implementation runs it:
 //   * the own AVX-512 float32 kernel (cpu/sgemm.h) where the CPU has AVX-512 and config().own_gemm;
+//   * its broadcast form (cpu/sgemm_wt.h) for A @ W^T products of 16-256 rows with the weight read in place (wt_takes);
 //   * the own AVX2 dot-product-form float32 kernel (cpu/sgemm_nt.h) for A @ W^T products with k-contiguous rows on
 //     CPUs with AVX2 + FMA (where the wheel's MKL runs at best its AVX2 path; on AMD its generic one), with
 //     config().own_gemm, and its outer-product twin (cpu/sgemm_nn.h) for A @ B with row-major B (the backward's
@@ -104,6 +105,24 @@ void ntp_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, 
 void nnp_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t ar, int64_t ak, const float* b,
                   int64_t ldb, float beta, float* c, int64_t ldc);
 
+// One product of wt_parallel: A(r, k) = a[r * lda + k] (k-contiguous rows; K = 0: no product) and the weight
+// W(n, k) = w[n * wr + k * wk] read in place (a torch weight [N, K]: wr = K, wk = 1).
+struct WtProduct {
+  const float* a = nullptr;
+  int64_t lda = 0, K = 0;
+  const float* w = nullptr;
+  int64_t wr = 0, wk = 0;
+};
+// Whether the broadcast form (sgemm_wt.h) takes a float32 product A [M, K] @ W [N, K]^T (K: both products' k where
+// two are summed): on CPUs with AVX-512 and config().avx512_wt, from 16 rows to 128, and to 256 where W is large
+// (see gemm.cpp).
+bool wt_takes(int64_t M, int64_t N, int64_t K);
+// c[M, N] (row stride ldc) = beta c + A1 W1^T + A2 W2^T (+ bias) on the broadcast form: A packed once on the calling
+// thread, the W rows split over the team in whole 8-row tiles. false (nothing written) where the packing found no
+// memory. Requires sgemm_wt::available().
+bool wt_parallel(int64_t M, int64_t N, const WtProduct& p1, const WtProduct& p2, float beta, float* c, int64_t ldc,
+                 const float* bias);
+
 // MKL's packed GEMM is linked and config().mkl_pack.
 bool mkl_pack_available();
 
@@ -151,6 +170,9 @@ at::Tensor gemm_nt_f32(const at::Tensor& a, const at::Tensor& w, const std::opti
 bool nt_gemm_available();
 // The same on the packing outer-product form (gemm::ntp_parallel).
 at::Tensor gemm_ntp_f32(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& bias);
+
+// The same on the broadcast form (gemm::wt_parallel; requires own_gemm_available()).
+at::Tensor gemm_wt_f32(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& bias);
 
 // The same for a [M, K] @ b [K, N] on the own AVX2 outer-product kernel (sgemm_nn.h).
 at::Tensor gemm_nn_f32(const at::Tensor& a, const at::Tensor& b);

@@ -8,6 +8,7 @@
 #include "rnn/rnn_pointwise.h"
 #include "cpu/bf16_weight_gemv.h"
 #include "cpu/gemm.h"
+#include "cpu/sgemm_wt.h"
 #include "cpu/team.h"
 
 #include <ATen/Dispatch.h>
@@ -54,9 +55,10 @@ inline void with_weight_type(const Tensor& w, const F& f) {
   f(T());
 }
 
-// Whether a cell step of B rows takes its gate products (G gates) on the own dot-product kernel in its own parallel
-// region, with the cell update: float32 weights where gemm::nt_takes both products (as linear_out would) and gemm2
-// sums them in one pass. Why: the two products then share their accumulators (one reduction and store per output,
+// Whether a cell step of B rows takes its gate products (G gates) on the own kernels that read the weights in place, in
+// its own parallel region, with the cell update: float32 weights where gemm::wt_takes the summed products (the
+// broadcast form, A packed once before the region), or where gemm::nt_takes both (as linear_out would) and the
+// dot-product kernel's gemm2 sums them in one pass. Why: the two products then share their accumulators (one reduction and store per output,
 // not two), and the step makes one fork / join instead of three (two products, one pointwise pass). Same-process A/B
 // on the Zen 3 EPYC (module step, no grad, fused / before): LSTMCell B8 H128 31 / 40 us, B16 H64 24.5 / 30.8, GRUCell
 // B4 H128 20.2 / 26.9, B8 H256 69 / 77; 0.99-1.01x at B32 H128-256. Past one pass (LSTMCell B64 H512: 0.93-0.96x)
@@ -64,8 +66,9 @@ inline void with_weight_type(const Tensor& w, const F& f) {
 template <typename T, typename TW>
 inline bool fused_nt(int64_t B, int64_t G, int64_t I, int64_t H) {
   if constexpr (std::is_same_v<T, float> && !kBf16Weights<T, TW>)
-    return cpu::config().nt_cells && gemm::nt_takes(B, G * H, I) && gemm::nt_takes(B, G * H, H) &&
-           sgemm_nt::one_pass(B, I, H);
+    return cpu::config().nt_cells &&
+           (gemm::wt_takes(B, G * H, I + H) ||
+            (gemm::nt_takes(B, G * H, I) && gemm::nt_takes(B, G * H, H) && sgemm_nt::one_pass(B, I, H)));
   else
     return false;
 }
@@ -74,23 +77,38 @@ inline bool fused_nt(int64_t B, int64_t G, int64_t I, int64_t H) {
 // (a step split at the sum of both ran 0.94x at LSTMCell B4 H64, where each product alone stays on one thread).
 inline int64_t nt_work(int64_t B, int64_t G, int64_t I, int64_t H) { return B * G * H * std::max(I, H); }
 
-// A fused step's gate products on the own dot-product kernel, for the gate rows [j0, j1) of the weights, into
-// out[:, j0:j1] (row stride ldo). The tensors are float32 with contiguous rows (the entries' checks made them so).
+// A fused step's gate products for the gate rows [j0, j1) of the weights, into out[:, j0:j1] (row stride ldo): on the
+// broadcast form where gemm::wt_takes them (x and h packed here, on the calling thread, before the region), else on
+// the dot-product kernel. The tensors are float32 with contiguous rows (the entries' checks made them so).
 struct NtProducts {
-  int64_t B, I, H;
+  int64_t B, I, H, G;
   const float *x, *h, *wi, *wh;
+  block_pool::Floats packed;  // x, then h, packed for the broadcast form (empty: the dot-product kernel)
+  sgemm_wt::Operand xo, ho;
   NtProducts(const Tensor& x_, const Tensor& h_, const Tensor& w_ih, const Tensor& w_hh)
-      : B(x_.size(0)), I(x_.size(1)), H(h_.size(1)), x(x_.const_data_ptr<float>()), h(h_.const_data_ptr<float>()),
-        wi(w_ih.const_data_ptr<float>()), wh(w_hh.const_data_ptr<float>()) {}
+      : B(x_.size(0)), I(x_.size(1)), H(h_.size(1)), G(w_ih.size(0)), x(x_.const_data_ptr<float>()),
+        h(h_.const_data_ptr<float>()), wi(w_ih.const_data_ptr<float>()), wh(w_hh.const_data_ptr<float>()) {
+    if (!gemm::wt_takes(B, G, I + H)) return;
+    const int64_t sx = sgemm_wt::pack_size(B, I);
+    packed.reset(sx + sgemm_wt::pack_size(B, H));
+    TORCH_CHECK(packed.ok(), "seqfast: out of memory for a cell step's packing buffer");
+    sgemm_wt::pack(B, I, x, I, packed.get());
+    sgemm_wt::pack(B, H, h, H, packed.get() + sx);
+    xo = sgemm_wt::Operand{I, packed.get(), wi, I, 1};
+    ho = sgemm_wt::Operand{H, packed.get() + sx, wh, H, 1};
+  }
   // x W_ih^T + h W_hh^T, summed in one pass
   void sum(float* out, int64_t ldo, int64_t j0, int64_t j1) const {
+    if (packed.ok()) return sgemm_wt::gemm(B, j0, j1, xo, ho, 0.f, out, ldo, nullptr);
     sgemm_nt::gemm2(B, j1 - j0, I, x, I, wi + j0 * I, I, H, h, H, wh + j0 * H, H, 0.f, out + j0, ldo);
   }
   // x W_ih^T alone, and h W_hh^T alone
   void input(float* out, int64_t ldo, int64_t j0, int64_t j1) const {
+    if (packed.ok()) return sgemm_wt::gemm(B, j0, j1, xo, sgemm_wt::Operand{}, 0.f, out, ldo, nullptr);
     sgemm_nt::gemm(B, j1 - j0, I, x, I, wi + j0 * I, I, 0.f, out + j0, ldo);
   }
   void hidden(float* out, int64_t ldo, int64_t j0, int64_t j1) const {
+    if (packed.ok()) return sgemm_wt::gemm(B, j0, j1, ho, sgemm_wt::Operand{}, 0.f, out, ldo, nullptr);
     sgemm_nt::gemm(B, j1 - j0, H, h, H, wh + j0 * H, H, 0.f, out + j0, ldo);
   }
 };

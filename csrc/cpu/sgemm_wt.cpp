@@ -1,0 +1,196 @@
+// The broadcast-form GEMM of sgemm_wt.h. This translation unit is compiled for AVX-512 by the target pragma below and
+// includes no ATen headers (the rule of cpu/isa.h); callers check available().
+#include "cpu/sgemm_wt.h"
+
+#include "cpu/isa.h"
+
+#include <algorithm>
+#include <cstdint>
+
+namespace seqfast {
+namespace sgemm_wt {
+
+// Compiled for the baseline ISA, outside the AVX-512 region: this is the guard.
+bool available() { return sgemm::available(); }
+
+}  // namespace sgemm_wt
+}  // namespace seqfast
+
+#ifdef SEQFAST_X86_TARGETS
+#define SEQFAST_HAVE_AVX512_GEMM_WT 1
+SEQFAST_TARGET_AVX512_BEGIN
+#include <immintrin.h>
+#endif
+
+namespace seqfast {
+namespace sgemm_wt {
+
+#ifdef SEQFAST_HAVE_AVX512_GEMM_WT
+namespace {
+
+constexpr int64_t kNR = sgemm::kNR;  // A rows per panel (32 floats per k)
+
+// acc[r][v] += sum over k < K of W(r, k) * panel(k, 16 v .. 16 v + 15), for the MR W rows at w (W(r, k) =
+// w[r * wr + k * wk]) and NV of the panel's two 16-row halves (NV = 1: a tail panel of at most 16 live rows).
+template <int MR, int NV>
+inline __attribute__((always_inline)) void accumulate(__m512 (&acc)[kRows][2], int64_t K, const float* w, int64_t wr,
+                                                      int64_t wk, const float* bp) {
+  if (wk == 1) {  // a torch weight's k-contiguous rows: each row one stream
+    const float* row[MR];
+    for (int r = 0; r < MR; ++r) row[r] = w + r * wr;
+    for (int64_t k = 0; k < K; ++k, bp += kNR) {
+      const __m512 b0 = _mm512_load_ps(bp);
+      const __m512 b1 = NV == 2 ? _mm512_load_ps(bp + 16) : b0;
+      for (int r = 0; r < MR; ++r) {
+        const __m512 wv = _mm512_set1_ps(row[r][k]);
+        acc[r][0] = _mm512_fmadd_ps(wv, b0, acc[r][0]);
+        if (NV == 2) acc[r][1] = _mm512_fmadd_ps(wv, b1, acc[r][1]);
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < K; ++k, bp += kNR, w += wk) {
+      const __m512 b0 = _mm512_load_ps(bp);
+      const __m512 b1 = NV == 2 ? _mm512_load_ps(bp + 16) : b0;
+      for (int r = 0; r < MR; ++r) {
+        const __m512 wv = _mm512_set1_ps(w[r * wr]);
+        acc[r][0] = _mm512_fmadd_ps(wv, b0, acc[r][0]);
+        if (NV == 2) acc[r][1] = _mm512_fmadd_ps(wv, b1, acc[r][1]);
+      }
+    }
+  }
+}
+
+// Rows [0, 8) of an 8 x 8 block in registers, transposed in place (lane j of row i <-> lane i of row j).
+inline __attribute__((always_inline)) void transpose8(__m256 (&r)[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]),
+               t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]),
+               t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]),
+               t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+               u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+               u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+               u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// C[m, 0:MR] (+)= tile row m for m < mcount: the tile's MR W rows x 16 NV A rows, transposed through a small buffer
+// in 8 x 8 blocks, plus bias[0:MR] (if not null) and beta C.
+template <int MR, int NV>
+inline __attribute__((always_inline)) void store(const __m512 (&acc)[kRows][2], int64_t mcount, float* c,
+                                                 int64_t ldc, float beta, const float* bias) {
+  alignas(64) float buf[kRows][kNR];
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_store_ps(buf[r] + 16 * v, r < MR ? acc[r][v] : _mm512_setzero_ps());
+  const __mmask8 cols = __mmask8((1u << MR) - 1u);
+  const __m256 b = bias ? _mm256_maskz_loadu_ps(cols, bias) : _mm256_setzero_ps();
+  for (int64_t m0 = 0; m0 < mcount; m0 += 8) {
+    __m256 t[8];
+    for (int r = 0; r < 8; ++r) t[r] = _mm256_load_ps(buf[r] + m0);
+    transpose8(t);
+    const int64_t n = std::min<int64_t>(8, mcount - m0);
+    for (int64_t i = 0; i < n; ++i) {
+      float* d = c + (m0 + i) * ldc;
+      __m256 v = _mm256_add_ps(t[i], b);
+      if (beta != 0.f) v = _mm256_add_ps(v, _mm256_maskz_loadu_ps(cols, d));
+      _mm256_mask_storeu_ps(d, cols, v);
+    }
+  }
+}
+
+// A k range of one operand: K steps of k from the packing ap (panel p at ap + p * pstride) and the weight w (at the
+// range's first k).
+struct Part {
+  int64_t K = 0;
+  const float* ap = nullptr;
+  int64_t pstride = 0;
+  const float* w = nullptr;
+  int64_t wr = 0, wk = 0;
+};
+
+// The MR W rows from n (c and bias at column n) against every panel of A, both parts summed.
+template <int MR>
+void rows(int64_t M, int64_t n, const Part& o1, const Part& o2, float beta, float* c, int64_t ldc,
+          const float* bias) {
+  const float* w1 = o1.K > 0 ? o1.w + n * o1.wr : nullptr;
+  const float* w2 = o2.K > 0 ? o2.w + n * o2.wr : nullptr;
+  for (int64_t m0 = 0; m0 < M; m0 += kNR) {
+    const int64_t mcount = std::min(kNR, M - m0);
+    __m512 acc[kRows][2];
+    for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    const int64_t p = m0 / kNR;
+    if (mcount > 16) {
+      if (w1) accumulate<MR, 2>(acc, o1.K, w1, o1.wr, o1.wk, o1.ap + p * o1.pstride);
+      if (w2) accumulate<MR, 2>(acc, o2.K, w2, o2.wr, o2.wk, o2.ap + p * o2.pstride);
+      store<MR, 2>(acc, mcount, c + m0 * ldc + n, ldc, beta, bias ? bias + n : nullptr);
+    } else {
+      if (w1) accumulate<MR, 1>(acc, o1.K, w1, o1.wr, o1.wk, o1.ap + p * o1.pstride);
+      if (w2) accumulate<MR, 1>(acc, o2.K, w2, o2.wr, o2.wk, o2.ap + p * o2.pstride);
+      store<MR, 1>(acc, mcount, c + m0 * ldc + n, ldc, beta, bias ? bias + n : nullptr);
+    }
+  }
+}
+
+// W rows [n0, n1) against both parts: whole 8-row tiles, then the remainder.
+void pass(int64_t M, int64_t n0, int64_t n1, const Part& o1, const Part& o2, float beta, float* c, int64_t ldc,
+          const float* bias) {
+  int64_t n = n0;
+  for (; n + kRows <= n1; n += kRows) rows<kRows>(M, n, o1, o2, beta, c, ldc, bias);
+  switch (n1 - n) {
+    case 7: rows<7>(M, n, o1, o2, beta, c, ldc, bias); break;
+    case 6: rows<6>(M, n, o1, o2, beta, c, ldc, bias); break;
+    case 5: rows<5>(M, n, o1, o2, beta, c, ldc, bias); break;
+    case 4: rows<4>(M, n, o1, o2, beta, c, ldc, bias); break;
+    case 3: rows<3>(M, n, o1, o2, beta, c, ldc, bias); break;
+    case 2: rows<2>(M, n, o1, o2, beta, c, ldc, bias); break;
+    case 1: rows<1>(M, n, o1, o2, beta, c, ldc, bias); break;
+    default: break;
+  }
+}
+
+// The part of operand o over k [k0, k0 + kc).
+inline Part part(const Operand& o, int64_t k0, int64_t kc) {
+  return Part{kc, o.ap + k0 * kNR, o.K * kNR, o.w + k0 * o.wk, o.wr, o.wk};
+}
+
+}  // namespace
+
+void pack(int64_t M, int64_t K, const float* a, int64_t lda, float* dst) { sgemm::pack_b(K, M, a, 1, lda, dst); }
+
+void gemm(int64_t M, int64_t n0, int64_t n1, const Operand& o1, const Operand& o2, float beta, float* c, int64_t ldc,
+          const float* bias) {
+  if (M <= 0 || n1 <= n0) return;
+  // Every W tile reads all of A's panels: while they fit in half of this core's L2 (cpu::l2_cache_bytes) both
+  // operands run in one pass; past that, in k blocks that do, each pass adding into C.
+  const int64_t Mp = (M + kNR - 1) / kNR * kNR;
+  const int64_t budget = int64_t(cpu::l2_cache_bytes()) / 2 / int64_t(sizeof(float));  // floats
+  if (Mp * (o1.K + o2.K) <= budget) return pass(M, n0, n1, part(o1, 0, o1.K), part(o2, 0, o2.K), beta, c, ldc, bias);
+  const int64_t kc = std::max<int64_t>(64, budget / Mp / 16 * 16);
+  bool first = true;
+  for (const Operand* o : {&o1, &o2}) {
+    for (int64_t k0 = 0; k0 < o->K; k0 += kc) {
+      pass(M, n0, n1, part(*o, k0, std::min(kc, o->K - k0)), Part{}, first ? beta : 1.f, c, ldc, first ? bias : nullptr);
+      first = false;
+    }
+  }
+}
+
+#else  // no x86 target regions: never called (available() is false)
+
+void pack(int64_t, int64_t, const float*, int64_t, float*) {}
+void gemm(int64_t, int64_t, int64_t, const Operand&, const Operand&, float, float*, int64_t, const float*) {}
+
+#endif
+
+}  // namespace sgemm_wt
+}  // namespace seqfast
+
+#ifdef SEQFAST_HAVE_AVX512_GEMM_WT
+SEQFAST_TARGET_END
+#endif
