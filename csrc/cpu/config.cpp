@@ -26,6 +26,7 @@ Config from_env() {
   c.avx512_nt = !env_set("SEQFAST_CPU_NO_AVX512_NT");
   c.avx512_wt = !env_set("SEQFAST_CPU_NO_AVX512_WT");
   c.bf16_rnn_step = !env_set("SEQFAST_CPU_NO_BF16_RNN_STEP");
+  c.bf16_products = !env_set("SEQFAST_CPU_NO_BF16_PRODUCTS");
   c.avx2_attention = !env_set("SEQFAST_CPU_NO_AVX2_ATTN");
   c.avx2_pack = !env_set("SEQFAST_CPU_NO_AVX2_PACK");
   c.nt_cells = !env_set("SEQFAST_CPU_NO_NT_CELLS");

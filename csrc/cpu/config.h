@@ -37,6 +37,9 @@ struct Config {
   // SEQFAST_CPU_NO_BF16_RNN_STEP unset: on CPUs with AVX512_BF16 (no AMX), bfloat16 LSTM and GRU layers take the
   // fused bfloat16 steps (rnn/rnn_sequence_step_bf16.h); false: the bf16-GEMM loop of the other CPUs.
   bool bf16_rnn_step = true;
+  // SEQFAST_CPU_NO_BF16_PRODUCTS unset: on CPUs with AVX512_BF16 a bfloat16 RNN layer's backward runs its weight-sized
+  // products (dx, dW_ih, dW_hh) as bfloat16 GEMMs; false: the whole backward in float32 on upcast copies.
+  bool bf16_products = true;
   // SEQFAST_CPU_NO_AVX2_ATTN unset: the float32 attention forward (query length > 1) and backward (8+ query rows) run
   // the AVX2 blocks of attention/attention_avx2.h on CPUs with AVX2 + FMA where the AVX-512 ones do not run; false:
   // the BLAS blocks.

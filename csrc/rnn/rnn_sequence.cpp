@@ -28,6 +28,7 @@
 #include "cpu/block_share.h"
 #include "cpu/config.h"
 #include "cpu/gemm.h"
+#include "cpu/isa.h"
 #include "cpu/pool.h"
 #include "cpu/team.h"
 
@@ -899,14 +900,37 @@ struct LayerNeeds {
   bool dx = true, dw_ih = true, dw_hh = true;
 };
 
-// bf16 backward: upcast everything to float32 (the forward's workspaces already are float32), run the float32
-// backward, round the grads to bf16. Correct, not tuned.
+// bfloat16 backward: the time loop (the pointwise gate derivatives and the recurrent dh = dg W_hh) runs in float32
+// on upcast copies of what it reads (the forward's workspaces already are float32). Where the CPU has native bfloat16
+// (bf16_products) the weight-sized products after it stay in bfloat16 (products); elsewhere the whole backward runs
+// in float32 and the gradients are rounded to bfloat16 once (to_bf16).
 inline Tensor f32(const Tensor& t) { return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; }
 template <class Tup>
 Tup to_bf16(Tup r) {
   // gradients the caller skipped stay undefined
   std::apply([](auto&... t) { ((t = t.defined() ? t.to(at::kBFloat16) : t), ...); }, r);
   return r;
+}
+
+// Whether a bfloat16 layer's backward runs its weight-sized products (dx = dg W_ih, dW_ih = dg^T x, dW_hh = dg^T
+// h_prev) in bfloat16 with float32 accumulation: on CPUs with AVX512_BF16 (torch's bfloat16 GEMMs, oneDNN's, run
+// vdpbf16ps there, or AMX tiles), not where torch's bfloat16 GEMM is a slow generic loop; config().bf16_products.
+// Why: three of a layer backward's four products are these, and on upcast copies they ran at float32's rate. Zen 5
+// (AMD EPYC family 26), T32 training, torch's time over seqfast's with them / upcast: LSTM B32 H256 0.99x / 0.73x,
+// B64 H512 1.12x / 0.79x, B256 H256 0.98x / 0.73x; GRU B64 H512 1.27x / 0.98x, B32 H1024 1.38x / 1.01x; RNN B64 H512
+// 1.12x / 0.87x, B256 H256 0.97x / 0.72x (same process, 9 rounds).
+inline bool bf16_products() { return cpu::has_avx512_bf16() && cpu::config().bf16_products; }
+
+// The products of a backward from its float32 gate gradients dg [N, G H], in the layer's dtype: dg rounded to
+// bfloat16 once for a bfloat16 layer (the GEMMs accumulate in float32 and round their results once, as torch's own
+// bfloat16 LSTM backward does), float32 / float64 through the GEMM entry point. a @ b for a = dg (or its transpose)
+// in the layer's dtype.
+inline Tensor products(const Tensor& a, const Tensor& b) {
+  return a.scalar_type() == at::kBFloat16 ? at::mm(a, b) : gemm(a, b);
+}
+// dg in the layer's dtype (x's).
+inline Tensor layer_dtype(const Tensor& dg, const Tensor& x) {
+  return x.scalar_type() == dg.scalar_type() ? dg : dg.to(x.scalar_type());
 }
 
 }  // namespace
@@ -1001,25 +1025,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward_i
     const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& out,
     const Tensor& gates, const Tensor& cs, bool reverse, const LayerNeeds& n) {
   kern::check_cpu();
-  if (x.scalar_type() == at::kBFloat16)
+  const bool bf = x.scalar_type() == at::kBFloat16;
+  if (bf && !bf16_products())
     return to_bf16(lstm_layer_backward(f32(grad_out), f32(grad_hn), f32(grad_cn), f32(x), batch_sizes, f32(h0),
                                        f32(c0), f32(w_ih), f32(w_hh), f32(out), f32(gates), f32(cs), reverse, n.dx,
                                        n.dw_ih, n.dw_hh));
   const Steps s(batch_sizes, reverse);
-  Tensor dgates = pooled_empty(gates.sizes(), gates.options());
-  Tensor dh = grad_hn.clone();
-  Tensor dc = grad_cn.clone();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::lstm_layer_backward",
+  const Tensor go = f32(grad_out), c0l = f32(c0), whl = f32(w_hh), gl = f32(gates), csl = f32(cs);
+  Tensor dgates = pooled_empty(gl.sizes(), gl.options());
+  Tensor dh = f32(grad_hn).clone();
+  Tensor dc = f32(grad_cn).clone();
+  AT_DISPATCH_FLOATING_TYPES(gl.scalar_type(), "seqfast::lstm_layer_backward",
                              [&] {
     const int nt = fused_threads<scalar_t>(s, c0.size(1), 4);
     const bool small =
         std::is_same_v<scalar_t, float> && sgemm::available() && s.T > 0 && s.bs[0] <= 2 && cpu::config().fused;
     const int small_nt = small ? small_step_threads(c0.size(1)) : 0;
-    lstm_bwd<scalar_t>(s, nt, small_nt, grad_out, c0, w_hh, gates, cs, dgates, dh, dc);
+    lstm_bwd<scalar_t>(s, nt, small_nt, go, c0l, whl, gl, csl, dgates, dh, dc);
   });
-  Tensor dw_hh = n.dw_hh ? gemm(dgates.t(), gather_prev(s, out, h0)) : Tensor();
-  return {n.dx ? gemm(dgates, w_ih) : Tensor(), dh, dc, n.dw_ih ? gemm(dgates.t(), x) : Tensor(), dw_hh,
-          dgates.sum(0)};
+  const Tensor dg = layer_dtype(dgates, x);
+  Tensor dw_hh = n.dw_hh ? products(dg.t(), gather_prev(s, out, h0)) : Tensor();
+  Tensor db = dgates.sum(0);
+  if (bf) return to_bf16(std::make_tuple(n.dx ? products(dg, w_ih) : Tensor(), dh, dc,
+                                         n.dw_ih ? products(dg.t(), x) : Tensor(), dw_hh, db));
+  return {n.dx ? products(dg, w_ih) : Tensor(), dh, dc, n.dw_ih ? products(dg.t(), x) : Tensor(), dw_hh, db};
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_impl(const Tensor& x, const Steps& s, const Tensor& h0,
@@ -1067,21 +1096,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_im
     const Tensor& w_ih, const Tensor& w_hh, const Tensor& out, const Tensor& ws, bool reverse,
     const LayerNeeds& n) {
   kern::check_cpu();
-  if (x.scalar_type() == at::kBFloat16)
+  const bool bf = x.scalar_type() == at::kBFloat16;
+  if (bf && !bf16_products())
     return to_bf16(gru_layer_backward(f32(grad_out), f32(grad_hn), f32(x), batch_sizes, f32(h0), f32(w_ih),
                                       f32(w_hh), f32(out), f32(ws), reverse, n.dx, n.dw_ih, n.dw_hh));
   const Steps s(batch_sizes, reverse);
   const int64_t N = x.size(0), H = h0.size(1);
-  Tensor dgi = pooled_empty({N, 3 * H}, x.options());
-  Tensor dgh = pooled_empty({N, 3 * H}, x.options());
-  Tensor dh = grad_hn.clone();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::gru_layer_backward",
+  const Tensor go = f32(grad_out), h0l = f32(h0), whl = f32(w_hh), outl = f32(out), wsl = f32(ws);
+  Tensor dgi = pooled_empty({N, 3 * H}, go.options());
+  Tensor dgh = pooled_empty({N, 3 * H}, go.options());
+  Tensor dh = f32(grad_hn).clone();
+  AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "seqfast::gru_layer_backward",
                              [&] {
-    gru_bwd<scalar_t>(s, fused_threads<scalar_t>(s, H, 3), grad_out, h0, w_hh, out, ws, dgi, dgh, dh);
+    gru_bwd<scalar_t>(s, fused_threads<scalar_t>(s, H, 3), go, h0l, whl, outl, wsl, dgi, dgh, dh);
   });
-  Tensor dw_hh = n.dw_hh ? gemm(dgh.t(), gather_prev(s, out, h0)) : Tensor();
-  return {n.dx ? gemm(dgi, w_ih) : Tensor(), dh, n.dw_ih ? gemm(dgi.t(), x) : Tensor(), dw_hh, dgi.sum(0),
-          dgh.sum(0)};
+  const Tensor dgil = layer_dtype(dgi, x), dghl = layer_dtype(dgh, x);
+  Tensor dw_hh = n.dw_hh ? products(dghl.t(), gather_prev(s, out, h0)) : Tensor();
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> r{
+      n.dx ? products(dgil, w_ih) : Tensor(), dh, n.dw_ih ? products(dgil.t(), x) : Tensor(), dw_hh, dgi.sum(0),
+      dgh.sum(0)};
+  return bf ? to_bf16(std::move(r)) : r;
 }
 
 std::tuple<Tensor, Tensor> rnn_layer_forward_impl(const Tensor& x, const Steps& s, const Tensor& h0,
@@ -1119,16 +1153,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward_impl(const
                                                                       const Tensor& w_hh, const Tensor& out,
                                                                       bool relu, bool reverse, const LayerNeeds& n) {
   kern::check_cpu();
-  if (x.scalar_type() == at::kBFloat16)
+  const bool bf = x.scalar_type() == at::kBFloat16;
+  if (bf && !bf16_products())
     return to_bf16(rnn_layer_backward(f32(grad_out), f32(grad_hn), f32(x), batch_sizes, f32(h0), f32(w_ih),
                                       f32(w_hh), f32(out), relu, reverse, n.dx, n.dw_ih, n.dw_hh));
   const Steps s(batch_sizes, reverse);
-  Tensor dpre = pooled_empty(out.sizes(), out.options());
-  Tensor dh = grad_hn.clone();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::rnn_layer_backward",
-                             [&] { rnn_bwd<scalar_t>(s, grad_out, w_hh, out, relu, dpre, dh); });
-  Tensor dw_hh = n.dw_hh ? gemm(dpre.t(), gather_prev(s, out, h0)) : Tensor();
-  return {n.dx ? gemm(dpre, w_ih) : Tensor(), dh, n.dw_ih ? gemm(dpre.t(), x) : Tensor(), dw_hh, dpre.sum(0)};
+  const Tensor go = f32(grad_out), whl = f32(w_hh), outl = f32(out);
+  Tensor dpre = pooled_empty(outl.sizes(), outl.options());
+  Tensor dh = f32(grad_hn).clone();
+  AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "seqfast::rnn_layer_backward",
+                             [&] { rnn_bwd<scalar_t>(s, go, whl, outl, relu, dpre, dh); });
+  const Tensor dp = layer_dtype(dpre, x);
+  Tensor dw_hh = n.dw_hh ? products(dp.t(), gather_prev(s, out, h0)) : Tensor();
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> r{n.dx ? products(dp, w_ih) : Tensor(), dh,
+                                                       n.dw_ih ? products(dp.t(), x) : Tensor(), dw_hh, dpre.sum(0)};
+  return bf ? to_bf16(std::move(r)) : r;
 }
 
 }  // namespace
