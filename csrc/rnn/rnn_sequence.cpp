@@ -677,8 +677,7 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& x, const Tensor& pre, 
     const int64_t nu = k1 - k0;
     const int64_t nblk = (nu + kUnits - 1) / kUnits;
     // 1-2 rows (pre given): lstm_step::step_small reads W_hh in place, nothing to pack.
-    const bool small = !avx2 && pp != nullptr;
-    TORCH_CHECK(!small || s.bs[0] <= 2, "seqfast: the in-place LSTM step takes 1-2 rows, got ", s.bs[0]);
+    const bool small = !avx2 && pp != nullptr && s.bs[0] <= 2;
     block_pool::Floats pw_i_buf, pw_h_buf, pb_buf(nblk * 4 * kUnits);
     if (I) pw_i_buf.reset(pack_size(I, nu));
     if (!small) pw_h_buf.reset(pack_size(H, nu));
@@ -972,17 +971,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::lstm_layer_forward", [&] {
     const int nt = fused_threads<scalar_t>(s, H, 4);
     // Fused AVX-512 step (gate GEMMs and cell update per step in registers) for float32. Batches above the GEMV range
-    // also do the input projection inside the step; 1-2 row batches take it from one big GEMM first (at one row the
-    // step is a stream of the weights and W_ih would double it) and read W_hh in place, up to the hidden size
-    // small_step_threads allows.
+    // do the input projection inside the step, except batches of up to 8 rows whose packed W_ih and W_hh slices
+    // would not stay in half a thread's L2: there each step would stream W_ih again beside W_hh for at most two row
+    // tiles, and one GEMM over all steps first reads it once. Zen 5, 2 threads, T32, torch's time over seqfast's with
+    // the GEMM first / in the step (same process, 11-15 rounds): inference B4 H512 1.60 / 1.40x, B4 H1024 1.54 /
+    // 1.24x, B8 H512 1.19 / 1.13x, B8 H1024 1.58 / 1.06x, training B4 H512 1.27 / 1.21x, B8 H1024 1.43 / 1.23x; from
+    // 12 rows the step's own product won (B12 H1024 1.11 / 1.09x, B16 H512 1.03 / 1.13x, B32 H1024 1.09 / 1.21x, B64
+    // H512 0.92 / 1.08x). 1-2 row batches always take that GEMM first (at one row the step is a stream of the weights
+    // and W_ih would double it) and read W_hh in place, up to the hidden size small_step_threads allows.
     if (std::is_same_v<scalar_t, float> && sgemm::available() && s.T > 0 && cpu::config().fused) {
       const bool small = s.bs[0] <= 2;
       const int n = small ? small_step_threads(H) : nt;
       if (n) {
         const Tensor xc = x.contiguous(), wc = w_ih.contiguous(), whc = w_hh.contiguous();
+        const int64_t I = x.size(1), units = (H + n - 1) / n;
+        const bool proj = small || (s.T >= 2 && s.bs[0] <= 8 &&
+                                    int64_t(sizeof(float)) * lstm_step::pack_size(I + H, units) >
+                                        cpu::l2_cache_bytes() / 2);
         Tensor pre;
-        if (small) pre = input_proj(x, w_ih, bias.defined() ? &bias : nullptr);  // [N,4H], becomes the workspace
-        if (save) gates = small ? pre : pooled_empty({x.size(0), 4 * H}, fopt);
+        if (proj) pre = input_proj(x, w_ih, bias.defined() ? &bias : nullptr);  // [N,4H], becomes the workspace
+        if (save) gates = proj ? pre : pooled_empty({x.size(0), 4 * H}, fopt);
         lstm_fwd_fused<false>(s, n, xc, pre, h0.contiguous(), c0.contiguous(), wc, whc, bias, gates, out, cs);
         if (!save) gates = at::empty({0, 4 * H}, fopt);
         return;

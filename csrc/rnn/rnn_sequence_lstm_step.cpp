@@ -51,9 +51,14 @@ void tile(const StepArgs& a, int64_t r0, int64_t blk) {
   const int64_t u = a.u0 + blk * kUnits;
   const __mmask16 m = mask16(a.u1 - u);
   __m512 acc[MR][4];
-  for (int q = 0; q < 4; ++q) {
-    const __m512 b = a.bias ? _mm512_load_ps(a.bias + blk * 64 + 16 * q) : _mm512_setzero_ps();
-    for (int r = 0; r < MR; ++r) acc[r][q] = b;
+  if (a.pre) {  // the input pre-activations (bias included) from one GEMM over all steps
+    for (int r = 0; r < MR; ++r)
+      for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_maskz_loadu_ps(m, a.pre + (r0 + r) * a.ldpre + q * a.H + u);
+  } else {
+    for (int q = 0; q < 4; ++q) {
+      const __m512 b = a.bias ? _mm512_load_ps(a.bias + blk * 64 + 16 * q) : _mm512_setzero_ps();
+      for (int r = 0; r < MR; ++r) acc[r][q] = b;
+    }
   }
   if (a.x) {
     const float* xr[MR];

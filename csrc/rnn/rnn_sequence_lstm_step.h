@@ -36,9 +36,10 @@ struct StepArgs {
   const float* wh = nullptr;            // pack_weights(W_hh) for [u0, u1)
   int64_t H = 0;
   const float* bias = nullptr;          // pack_bias for [u0, u1)
-  // step_small only: precomputed input pre-activations (x_t W_ih^T + bias, torch gate layout: gate q of unit u at
-  // q * H + u; row r at pre + r * ldpre). May alias `gates` (each block reads its pre-activations before it writes
-  // the same positions), so the backward's workspace is filled in place.
+  // Precomputed input pre-activations (x_t W_ih^T + bias, torch gate layout: gate q of unit u at q * H + u; row r at
+  // pre + r * ldpre): required by step_small; for step, in place of x and the bias (then nullptr). May alias `gates`
+  // (each tile reads its pre-activations before it writes the same positions), so the backward's workspace is
+  // filled in place.
   const float* pre = nullptr;
   int64_t ldpre = 0;
   const float* const* cprev = nullptr;  // previous cell row pointers
