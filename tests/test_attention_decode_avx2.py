@@ -158,3 +158,19 @@ def test_decoder_step_training_gradients(mask_kind, kernel_on):
     torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
     for ours, theirs in ((qs, qr), (ks, kr), (vs, vr)):
         torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_step_larger_than_the_l3(kernel_on):
+    # K and V of more bytes than the L3 the OS reports (read from memory: the kernel prefetches rows ahead, and each
+    # head's first V rows during its softmax), with a key count off the 8-key blocks and the 32-row look-ahead
+    import os
+    l3 = os.sysconf("SC_LEVEL3_CACHE_SIZE") if "SC_LEVEL3_CACHE_SIZE" in os.sysconf_names else 0
+    l3 = l3 if (1 << 20) <= l3 <= (1 << 30) else 8 << 20
+    S, D = 1000 + 13, 64
+    N = l3 // (2 * 4 * S * D * 4) + 1  # 4 kv heads, float32 K and V
+    q, k, v = _inputs(N, 4, 4, S, D, D, torch.float32, seed=5)
+    assert 2 * k.numel() * 4 > l3
+    with torch.no_grad():
+        out = seqfast.functional.scaled_dot_product_attention(q, k, v)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    torch.testing.assert_close(out.double(), want, **TOL[torch.float32])

@@ -316,6 +316,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   // D64 at 256-4096 keys, same-process runs of 15 rounds).
   constexpr bool kAvx2Type = std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>;
   const bool avx2 = kAvx2Type && attn_avx2::available();
+  // the kernel's row prefetch only where K and V outgrow the L3, i.e. come from memory (see attention_decode_avx2.cpp)
+  const bool kv_from_memory =
+      N * Hk * kv_end * (D + Dv) * int64_t(sizeof(T)) > int64_t(cpu::l3_cache_bytes());
   // Heads per thread: at least config().par_min_work multiply-adds each, so a small step (batch 1, 8 heads, a few
   // dozen keys: microseconds of work) runs on the calling thread instead of waking a team for it.
   const int64_t head_work = std::max<int64_t>(1, G * kv_end * (D + Dv));
@@ -361,6 +364,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           a.out = widen ? acc.data() : reinterpret_cast<float*>(o);  // bfloat16: rounded below, once
           a.so = Dv;
           a.lse = lp + n * Hq + hk * G;
+          a.prefetch = kv_from_memory;
           attn_avx2::decode_head(a, S.data());
           if constexpr (widen)
             for (int64_t i = 0; i < G * Dv; ++i) o[i] = static_cast<T>(acc[i]);

@@ -55,9 +55,12 @@ inline float to_float(uint16_t b) {
 }
 
 // Rows [r0, r1) of a K or V head (n elements each, row stride ld) towards L2, kAhead rows before they are read. The
-// hardware prefetchers follow one stream well but fall behind on these interleaved row reads (4096 keys, from
-// memory: 81% of a plain read without, on a Zen 3).
-constexpr int64_t kAhead = 16;
+// hardware prefetchers follow one stream well but fall behind on these interleaved row reads from memory (4096 keys:
+// 81% of a plain read without, on a Zen 3); from L3 they keep up, and the prefetch instructions cost more than they
+// save (DecodeHead::prefetch). On a Zen 5 (1 thread, B16 H8 D64, share of a plain read of the same bytes): 256 keys
+// (16.8 MB, in L3) 77% without, 63% with 16 rows ahead; 1024 keys (from memory) 67% without, 77% at 16 rows, 84% at
+// 32 (2 threads: 83 / 89 / 92%), and each head's first V rows prefetched at the end of its K pass read +3-5%.
+constexpr int64_t kAhead = 32;
 template <typename E>
 inline void prefetch_rows(const E* base, int64_t ld, int64_t r0, int64_t r1, int64_t n) {
   const int64_t bytes = n * int64_t(sizeof(E));
@@ -74,7 +77,7 @@ void scores8(const DecodeHead<E>& a, int64_t j0, int64_t nj, float* scores) {
   const E* kr[8];
   for (int j = 0; j < 8; ++j) kr[j] = a.k + (j0 + std::min<int64_t>(j, nj - 1)) * a.sk;
   const int64_t D = a.D, L = a.kv_end;
-  prefetch_rows(a.k, a.sk, j0 + kAhead, std::min<int64_t>(j0 + kAhead + 8, L), D);
+  if (a.prefetch) prefetch_rows(a.k, a.sk, j0 + kAhead, std::min<int64_t>(j0 + kAhead + 8, L), D);
   for (int64_t g = 0; g < a.G; ++g) {
     const float* q = a.q + g * a.sq;
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0;
@@ -128,7 +131,7 @@ void pv64(const DecodeHead<E>& a, const float* p, int64_t c0, int64_t nc, float 
     else return n[c] == 8 ? load8(r + 8 * c) : n[c] > 0 ? load_part(r + 8 * c, n[c]) : _mm256_setzero_ps();
   };
   for (int64_t j = 0; j < a.kv_end; ++j) {
-    if (j + kAhead < a.kv_end) prefetch_rows(v, a.sv, j + kAhead, j + kAhead + 1, nc);
+    if (a.prefetch && j + kAhead < a.kv_end) prefetch_rows(v, a.sv, j + kAhead, j + kAhead + 1, nc);
     const __m256 pj = _mm256_broadcast_ss(p + j);
     const E* r = v + j * a.sv;
     o0 = _mm256_fmadd_ps(pj, ld(r, 0), o0);
@@ -153,6 +156,8 @@ void decode(const DecodeHead<E>& a, float* scores) {
   const int64_t L = a.kv_end;
   const float ninf = -std::numeric_limits<float>::infinity();
   for (int64_t j0 = 0; j0 < L; j0 += 8) scores8(a, j0, std::min<int64_t>(8, L - j0), scores);
+  // the first V rows, which pv64's look-ahead never reaches, while the softmax runs
+  if (a.prefetch) prefetch_rows(a.v, a.sv, 0, std::min<int64_t>(kAhead, L), a.Dv);
   for (int64_t g = 0; g < a.G; ++g) {
     float* s = scores + g * L;
     float* out = a.out + g * a.so;

@@ -42,6 +42,7 @@ struct DecodeHead {
   float* out = nullptr;       // head g at out + g * so (Dv floats); 0 for a fully masked head, NaN if its scores are
   int64_t so = 0;
   float* lse = nullptr;       // head g at lse[g]; -inf for a fully masked head (NaN as above)
+  bool prefetch = true;       // prefetch K and V rows ahead of the reads: for calls whose K and V come from memory
 };
 
 // scores: G * kv_end floats of scratch.

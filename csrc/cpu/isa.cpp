@@ -44,5 +44,16 @@ long l2_cache_bytes() {
   return bytes;
 }
 
+long l3_cache_bytes() {
+  static const long bytes = [] {
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    const long b = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (b >= (1L << 20) && b <= (1L << 30)) return b;
+#endif
+    return 8L << 20;
+  }();
+  return bytes;
+}
+
 }  // namespace cpu
 }  // namespace seqfast

@@ -27,6 +27,8 @@ bool has_amx();          // AMX tiles (torch's bfloat16 GEMMs run on them; the b
 // Bytes of one core's L2 cache as the OS reports it (sysconf), or 256 KB where it reports none: the own AVX2 GEMMs
 // size their cache blocks from it (Zen 2/3: 512 KB; many Intel client cores: 256 KB).
 long l2_cache_bytes();
+// Bytes of the L3 cache a core shares, as the OS reports it (sysconf), or 8 MB where it reports none.
+long l3_cache_bytes();
 
 }  // namespace cpu
 }  // namespace seqfast
