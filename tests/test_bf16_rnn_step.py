@@ -194,3 +194,46 @@ def test_module_matches_float64_torch(no_rules, monkeypatch, kind, layers, bidir
         for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
             assert p.grad.dtype == BF16, name
             torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-1, atol=1e-1)
+
+
+def _cell_pair(kind, input_size, hidden, **kw):
+    ours = getattr(seqfast.nn, kind + "Cell")(input_size, hidden, **kw).to(BF16)
+    ref = getattr(torch.nn, kind + "Cell")(input_size, hidden, **kw).to(BF16)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("batch,input_size,hidden", [(40, 33, 200), (70, 64, 130), (2, 40, 800)])
+def test_cell_steps_past_the_float32_bound_run_the_fused_step(no_rules, kind, batch, input_size, hidden):
+    # no-grad bfloat16 cell module steps past the float32 bound (batch x hidden^2 > 2^20) run the fused step as a
+    # one-step layer while the weights hold at most 2^21 elements (bit for bit the layer entry's results), torch's cell
+    # op beyond that and with the steps switched off (bit for bit torch's)
+    from conftest import cpp_config
+    torch.manual_seed(batch)
+    ours, ref = _cell_pair(kind, input_size, hidden)
+    x, h = torch.randn(batch, input_size).to(BF16), torch.randn(batch, hidden).to(BF16)
+    c = torch.randn(batch, hidden).to(BF16)
+    state = (h, c) if kind == "LSTM" else h
+    w = [p.detach() for p in ours.parameters()]  # w_ih, w_hh, b_ih, b_hh
+    bs = torch.tensor([batch])
+    fused = sum(t.numel() for t in w[:2]) <= 1 << 21
+    with torch.no_grad():
+        got = _flat(ours(x, state))
+        want_torch = _flat(ref(x, state))
+        with cpp_config(bf16_rnn_step=False):
+            got_off = _flat(ours(x, state))
+    if kind == "LSTM":
+        layer = C.lstm_layer_forward(x, bs, h, c, *w, False)
+        want_step = [layer[1], layer[2]]
+    elif kind == "GRU":
+        want_step = [C.gru_layer_forward(x, bs, h, *w, False)[1]]
+    else:
+        want_step = [C.rnn_layer_forward(x, bs, h, *w, False, False)[1]]
+    for g, s, t, o in zip(got, want_step, want_torch, got_off):
+        assert g.dtype == BF16 and g.shape == t.shape
+        assert torch.equal(g, s if fused else t)
+        assert torch.equal(o, t)
+        torch.testing.assert_close(g.float(), t.float(), rtol=2e-2, atol=2e-2)
+    if fused:
+        assert any(not torch.equal(g, t) for g, t in zip(got, want_torch)), "the fused step must be the one that ran"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import seqfast
-from conftest import TensorSubclass, assert_raises_like_torch, convert_by_swapping, copies
+from conftest import TensorSubclass, assert_raises_like_torch, convert_by_swapping, copies, cpp_config
 from seqfast import _ext, _rules
 
 pytestmark = pytest.mark.skipif(_ext.module() is None or not _ext.module().rnn_kernels_supported(),
@@ -175,14 +175,15 @@ _FUNCTIONAL = {"LSTMCell": "lstm_cell", "GRUCell": "gru_cell", "RNNCell": "rnn_c
 
 @pytest.mark.parametrize("kind,kw", CELLS)
 def test_cell_call_runs_torchs_op_without_a_cpp_kernel(kind, kw, monkeypatch):
-    # bfloat16 cells have no C++ kernel: on a CPU with native bfloat16, seqfast.functional runs torch's cell op, and
-    # the call runs it itself
+    # bfloat16 cells have no C++ cell kernel: on a CPU with native bfloat16, seqfast.functional runs torch's cell op,
+    # and the call runs it itself (where the fused bfloat16 steps run, the call takes its no-grad steps past the
+    # float32 bound there: switched off here, checked in test_bf16_rnn_step.py)
     monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", ())
     monkeypatch.setattr(_rules, "_FLOAT32_BF16_CPUS", ())
     torch.manual_seed(0)
     ref, mod = _pair(kind, kw, torch.bfloat16)
     x, hx = torch.randn(3, 5, dtype=torch.bfloat16), _states(kind, 3, dtype=torch.bfloat16)
-    with torch.no_grad():
+    with torch.no_grad(), cpp_config(bf16_rnn_step=False):
         torch.testing.assert_close(_flat(mod(x, hx)), _flat(ref(x, hx)), rtol=0, atol=0)  # torch's op: bit for bit
         call = mod._seqfast_call
         torch.testing.assert_close(_flat(call(x, hx)), _flat(ref(x, hx)), rtol=0, atol=0)

@@ -921,9 +921,8 @@ Tup to_bf16(Tup r) {
 inline bool bf16_products() { return cpu::has_avx512_bf16() && cpu::config().bf16_products; }
 
 // The products of a backward from its float32 gate gradients dg [N, G H], in the layer's dtype: dg rounded to
-// bfloat16 once for a bfloat16 layer (the GEMMs accumulate in float32 and round their results once, as torch's own
-// bfloat16 LSTM backward does), float32 / float64 through the GEMM entry point. a @ b for a = dg (or its transpose)
-// in the layer's dtype.
+// bfloat16 once for a bfloat16 layer (at::mm then accumulates in float32 and rounds each result once), float32 /
+// float64 through the GEMM entry point. a @ b for a = dg (or its transpose) in the layer's dtype.
 inline Tensor products(const Tensor& a, const Tensor& b) {
   return a.scalar_type() == at::kBFloat16 ? at::mm(a, b) : gemm(a, b);
 }
@@ -1053,10 +1052,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward_i
   });
   const Tensor dg = layer_dtype(dgates, x);
   Tensor dw_hh = n.dw_hh ? products(dg.t(), gather_prev(s, out, h0)) : Tensor();
-  Tensor db = dgates.sum(0);
-  if (bf) return to_bf16(std::make_tuple(n.dx ? products(dg, w_ih) : Tensor(), dh, dc,
-                                         n.dw_ih ? products(dg.t(), x) : Tensor(), dw_hh, db));
-  return {n.dx ? products(dg, w_ih) : Tensor(), dh, dc, n.dw_ih ? products(dg.t(), x) : Tensor(), dw_hh, db};
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> r{
+      n.dx ? products(dg, w_ih) : Tensor(), dh, dc, n.dw_ih ? products(dg.t(), x) : Tensor(), dw_hh, dgates.sum(0)};
+  return bf ? to_bf16(std::move(r)) : r;
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_impl(const Tensor& x, const Steps& s, const Tensor& h0,
