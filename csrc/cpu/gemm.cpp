@@ -503,48 +503,42 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::
   const bool nt_shape = nt_prefers_team(a.size(0), b.size(1), a.size(1)) || ntp_prefers(a.size(0), a.size(1));
   // from kMinOwnRows rows the AVX-512 GEMM takes it where the CPU has one (own_rows; below: the AVX2 kernels' or MKL's)
   const bool avx2_rows = !own_rows(a.size(0));
-  if (f32 && rows_contiguous(a) && cols_contiguous(b) && wt_takes(a.size(0), b.size(1), a.size(1))) {
-    TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == b.size(1)), "mm_f32: bias must be [", b.size(1),
-                "], got ", bias->sizes());
-    at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
-    const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
-    // b[k, j] = b_ptr[j * b.stride(1) + k]: W = b^T has k-contiguous rows j of stride b.stride(1)
-    const WtProduct p{a.const_data_ptr<float>(), a.stride(0), a.size(1), b.const_data_ptr<float>(), b.stride(1), 1};
-    if (wt_parallel(a.size(0), b.size(1), p, WtProduct{}, 0.f, c.data_ptr<float>(), c.size(1),
-                    has_bias ? bc.const_data_ptr<float>() : nullptr))
-      return c;
-  }
-  if (f32 && nt_available() && !own_rows(a.size(0), a.size(1)) && nt_shape && rows_contiguous(a) &&
-      cols_contiguous(b)) {
-    const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  // the own kernels read a bias [N] (at::addmm would broadcast others): checked where one of them takes the product
+  const auto own_bias = [&]() -> at::Tensor {
     TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == N), "mm_f32: bias must be [", N, "], got ",
                 bias->sizes());
+    return has_bias ? bias->contiguous() : at::Tensor();
+  };
+  const auto bias_ptr = [](const at::Tensor& bc) { return bc.defined() ? bc.const_data_ptr<float>() : nullptr; };
+  // b = W^T of a k-contiguous W: b[k, j] = b_ptr[j * b.stride(1) + k], rows j of W at stride b.stride(1)
+  if (f32 && rows_contiguous(a) && cols_contiguous(b) && wt_takes(M, N, K)) {
+    const at::Tensor bc = own_bias();
     at::Tensor c = at::empty({M, N}, a.options());
-    const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
-    // b[k, j] = b_ptr[j * b.stride(1) + k]: W = b^T has rows j of stride b.stride(1)
+    const WtProduct p{a.const_data_ptr<float>(), a.stride(0), K, b.const_data_ptr<float>(), b.stride(1), 1};
+    if (wt_parallel(M, N, p, WtProduct{}, 0.f, c.data_ptr<float>(), N, bias_ptr(bc))) return c;
+  }
+  if (f32 && nt_available() && !own_rows(M, K) && nt_shape && rows_contiguous(a) && cols_contiguous(b)) {
+    const at::Tensor bc = own_bias();
+    at::Tensor c = at::empty({M, N}, a.options());
     const auto product = ntp_prefers(M, K) ? ntp_parallel : nt_parallel;
     product(M, N, K, a.const_data_ptr<float>(), a.stride(0), b.const_data_ptr<float>(), b.stride(1), 0.f,
-            c.data_ptr<float>(), N, has_bias ? bc.const_data_ptr<float>() : nullptr);
+            c.data_ptr<float>(), N, bias_ptr(bc));
     return c;
   }
-  if (f32 && !has_bias && nt_available() && avx2_rows && rows_contiguous(b) &&
-      nn_prefers_team(a.size(0), a.size(1), b.size(1))) {
-    at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
-    const auto product = nnp_prefers(a.size(0), b.size(1)) ? nnp_parallel : nn_parallel;
-    product(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0), a.stride(1),
-            b.const_data_ptr<float>(), b.stride(0), 0.f, c.data_ptr<float>(), c.size(1));
+  if (f32 && !has_bias && nt_available() && avx2_rows && rows_contiguous(b) && nn_prefers_team(M, K, N)) {
+    at::Tensor c = at::empty({M, N}, a.options());
+    const auto product = nnp_prefers(M, N) ? nnp_parallel : nn_parallel;
+    product(M, N, K, a.const_data_ptr<float>(), a.stride(0), a.stride(1), b.const_data_ptr<float>(), b.stride(0), 0.f,
+            c.data_ptr<float>(), N);
     return c;
   }
-  const bool own = f32 && own_rows(a.size(0));
+  const bool own = f32 && own_rows(M);
   if (!own) return has_bias ? at::addmm(*bias, a, b) : at::mm(a, b);
-  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == N), "mm_f32: bias must be [", N, "], got ",
-              bias->sizes());
+  const at::Tensor bc = own_bias();
   at::Tensor c = at::empty({M, N}, a.options());
-  const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
   TORCH_CHECK(packed_product(M, N, K, a.const_data_ptr<float>(), a.stride(0), a.stride(1), b.const_data_ptr<float>(),
-                             b.stride(0), b.stride(1), 0.f, c.data_ptr<float>(), N,
-                             has_bias ? bc.const_data_ptr<float>() : nullptr),
+                             b.stride(0), b.stride(1), 0.f, c.data_ptr<float>(), N, bias_ptr(bc)),
               "mm_f32: out of memory packing a [", K, ", ", N, "] operand");
   return c;
 }

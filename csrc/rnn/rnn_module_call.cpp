@@ -300,7 +300,7 @@ class CellCall {
       if (rows <= float32_max_batch_) {
         if (upcast_min_rows_ > 0 && rows >= upcast_min_rows_) return py::none();
         if (bf16_weights_ && rows > 0) return bf16_step(*x, *h, c, w_ih, w_hh, b_ih, b_hh);
-      } else if (dtype_ == at::kBFloat16 && step_bf16::available() &&
+      } else if (dtype_ == at::kBFloat16 && rows >= kFusedBf16CellMinRows && step_bf16::available() &&
                  w_ih.numel() + w_hh.numel() <= kFusedBf16CellMaxWeights) {
         return fused_bf16_step(*x, *h, c, w_ih, w_hh, b_ih, b_hh);
       }
@@ -373,13 +373,16 @@ class CellCall {
   }
 
   // A bfloat16 step past the float32 bound on the fused bfloat16 steps (rnn_sequence_step_bf16.h: vdpbf16ps), run as
-  // a one-step layer (each call packs its weights), for weights of up to kFusedBf16CellMaxWeights elements. Zen 5
-  // (AMD EPYC family 26), no grad, torch's time over this one's (torch's cell op through this call: 0.94-1.01x):
-  // LSTMCell B8 H512 1.17x, B32 H256 1.67x, B64 H512 1.25x, B256 H512 1.13x; GRUCell B32 H256 1.67x, B64 H512 1.27x,
-  // B256 H128 2.03x; RNNCell B8 H1024 1.29x, B32 H512 1.55x, B256 H256 1.62x, B256 H1024 1.14x -- against weights
-  // of 6-8 M elements, where the per-call packing outweighs the step: LSTMCell H1024 0.36x (B8) to 0.86x (B256),
-  // GRUCell H1024 0.53-0.88x.
+  // a one-step layer (each call packs its weights), from kFusedBf16CellMinRows rows for weights of up to
+  // kFusedBf16CellMaxWeights elements. Zen 5 (AMD EPYC family 26), no grad, torch's time over this one's (torch's
+  // cell op through this call: 0.94-1.01x): LSTMCell B32 H256 1.67x, B32 H512 1.19-1.23x, B64 H512 1.24-1.25x, B256
+  // H512 1.13-1.16x; GRUCell B16 H512 1.25-1.28x, B32 H256 1.65-1.67x, B64 H512 1.27x, B256 H128 2.03x; RNNCell B32
+  // H512 1.53-1.55x, B256 H256 1.62x, B256 H1024 1.13-1.14x -- against weights of 6-8 M elements, where the per-call
+  // packing outweighs the step (LSTMCell H1024 0.36x at B8 to 0.86x at B256, GRUCell H1024 0.53-0.88x), and batches
+  // of 8, which read 1.16-1.30x in some runs and 0.90-0.91x in others (LSTMCell / GRUCell B8 H512: the machine's
+  // slower phases, torch's own time 1.5x its usual, hit the packing harder than torch's op).
   static constexpr int64_t kFusedBf16CellMaxWeights = int64_t(1) << 21;
+  static constexpr int64_t kFusedBf16CellMinRows = 16;
   py::object fused_bf16_step(const Tensor& x, const Tensor& h, const Tensor* c, const Tensor& w_ih,
                              const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) const {
     const int64_t verdict =
