@@ -114,6 +114,26 @@ def bfloat16_and_float64(kind, *args, **kw):
     return ours, ref
 
 
+def float32_and_float64(kind, *args, **kw):
+    """seqfast's nn module ``kind`` in float32 and torch's float64 twin holding the same values."""
+    ref = getattr(torch.nn, kind)(*args, **kw).double()
+    ours = getattr(seqfast.nn, kind)(*args, **kw)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+def compare_inference_with_torch(ours, ref, x, **tol):
+    """A float32 seqfast RNN module's no-grad call on the C++ backend against its float64 torch twin on input ``x``:
+    the output and every final state."""
+    with torch.no_grad(), seqfast.use_backend("cpp"):
+        out, state = ours(x)
+    with torch.no_grad():
+        out_r, state_r = ref(x.double())
+    states, states_r = (state, state_r) if isinstance(state, tuple) else ((state,), (state_r,))
+    for got, want in zip((out, *states), (out_r, *states_r)):
+        torch.testing.assert_close(got.double(), want, **tol)
+
+
 @pytest.fixture
 def no_rules():
     """An empty rule table inside the test (seqfast's own paths wherever they take the call), restored after it. On a

@@ -60,18 +60,28 @@ def _flat(out):
     return [out]
 
 
-@pytest.mark.parametrize("T,sizes,I,H", [(5, None, 7, 9), (6, None, 33, 17), (4, None, 64, 48), (3, None, 16, 130),
-                                         (5, [13, 13, 9, 4, 1], 5, 40), (2, None, 128, 256)])
-@pytest.mark.parametrize("reverse", [False, True])
-def test_lstm_layer_matches_the_algorithm(T, sizes, I, H, reverse):
+# (steps, batch sizes per step or None: the same each step, input size, hidden size) of the LSTM and GRU layer checks
+SHAPES = [(5, None, 7, 9), (6, None, 33, 17), (4, None, 64, 48), (3, None, 16, 130), (5, [13, 13, 9, 4, 1], 5, 40),
+          (2, None, 128, 256)]
+
+
+def _layer_inputs(T, sizes, I, H, G):
+    """A layer's bfloat16 inputs for G gates: (batch sizes list, batch_sizes, x, h0, c0, w_ih, w_hh, b_ih, b_hh)."""
     torch.manual_seed(0)
     sizes = sizes or [13 if H < 100 else 3] * T
-    batch_sizes = torch.tensor(sizes, dtype=torch.int64)
     B, N = sizes[0], sum(sizes)
     x = torch.randn(N, I).to(BF16)
     h0, c0 = torch.randn(B, H).to(BF16), torch.randn(B, H).to(BF16)
-    w_ih, w_hh = (torch.randn(4 * H, I) / I ** 0.5).to(BF16), (torch.randn(4 * H, H) / H ** 0.5).to(BF16)
-    b_ih, b_hh = torch.randn(4 * H).to(BF16), torch.randn(4 * H).to(BF16)
+    w_ih, w_hh = (torch.randn(G * H, I) / I ** 0.5).to(BF16), (torch.randn(G * H, H) / H ** 0.5).to(BF16)
+    b_ih, b_hh = torch.randn(G * H).to(BF16), torch.randn(G * H).to(BF16)
+    return sizes, torch.tensor(sizes, dtype=torch.int64), x, h0, c0, w_ih, w_hh, b_ih, b_hh
+
+
+@pytest.mark.parametrize("T,sizes,I,H", SHAPES)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lstm_layer_matches_the_algorithm(T, sizes, I, H, reverse):
+    sizes, batch_sizes, x, h0, c0, w_ih, w_hh, b_ih, b_hh = _layer_inputs(T, sizes, I, H, 4)
+    N = sum(sizes)
     want_out, want_cs = _lstm_algorithm(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih.float() + b_hh.float(), reverse)
     out, hn, cn, gates, cs = C.lstm_layer_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
     assert out.dtype == BF16 and cs.dtype == torch.float32 and gates.shape == (N, 4 * H)
@@ -103,18 +113,10 @@ def _gru_algorithm(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse):
     return out, ws
 
 
-@pytest.mark.parametrize("T,sizes,I,H", [(5, None, 7, 9), (6, None, 33, 17), (4, None, 64, 48), (3, None, 16, 130),
-                                         (5, [13, 13, 9, 4, 1], 5, 40), (2, None, 128, 256)])
+@pytest.mark.parametrize("T,sizes,I,H", SHAPES)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gru_layer_matches_the_algorithm(T, sizes, I, H, reverse):
-    torch.manual_seed(0)
-    sizes = sizes or [13 if H < 100 else 3] * T
-    batch_sizes = torch.tensor(sizes, dtype=torch.int64)
-    B, N = sizes[0], sum(sizes)
-    x = torch.randn(N, I).to(BF16)
-    h0 = torch.randn(B, H).to(BF16)
-    w_ih, w_hh = (torch.randn(3 * H, I) / I ** 0.5).to(BF16), (torch.randn(3 * H, H) / H ** 0.5).to(BF16)
-    b_ih, b_hh = torch.randn(3 * H).to(BF16), torch.randn(3 * H).to(BF16)
+    sizes, batch_sizes, x, h0, _, w_ih, w_hh, b_ih, b_hh = _layer_inputs(T, sizes, I, H, 3)
     want_out, want_ws = _gru_algorithm(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse)
     out, hn, ws = C.gru_layer_forward(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse)
     assert out.dtype == BF16 and ws.dtype == torch.float32
@@ -143,14 +145,7 @@ def _rnn_algorithm(x, batch_sizes, h0, w_ih, w_hh, bias, relu, reverse):
 def test_rnn_layer_matches_the_algorithm(T, sizes, I, H, relu, reverse):
     """Blocks of 64 units (four 16-unit groups): hidden sizes that end inside a group (70, 100, 130) and at a group
     edge; outputs within one bfloat16 step of the algorithm (no float32 state to compare: the step keeps none)."""
-    torch.manual_seed(0)
-    sizes = sizes or [13 if H < 100 else 3] * T
-    batch_sizes = torch.tensor(sizes, dtype=torch.int64)
-    B, N = sizes[0], sum(sizes)
-    x = torch.randn(N, I).to(BF16)
-    h0 = torch.randn(B, H).to(BF16)
-    w_ih, w_hh = (torch.randn(H, I) / I ** 0.5).to(BF16), (torch.randn(H, H) / H ** 0.5).to(BF16)
-    b_ih, b_hh = torch.randn(H).to(BF16), torch.randn(H).to(BF16)
+    sizes, batch_sizes, x, h0, _, w_ih, w_hh, b_ih, b_hh = _layer_inputs(T, sizes, I, H, 1)
     want = _rnn_algorithm(x, batch_sizes, h0, w_ih, w_hh, b_ih.float() + b_hh.float(), relu, reverse)
     out, hn = C.rnn_layer_forward(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, relu, reverse)
     assert out.dtype == BF16

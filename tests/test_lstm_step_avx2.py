@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import seqfast
-from conftest import compare_rnn_with_torch, cpp_config
+from conftest import compare_inference_with_torch, compare_rnn_with_torch, float32_and_float64, cpp_config
 from seqfast import _ext
 
 _C = _ext.module()
@@ -22,18 +22,15 @@ pytestmark = pytest.mark.skipif(
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
+def _lstm(input_size, hidden, **kwargs):
+    return float32_and_float64("LSTM", input_size, hidden, **kwargs)
+
+
 @pytest.fixture
 def step_off():
     """The fused loop's GEMM + pointwise pass instead of the step (config avx2_lstm_step=False)."""
     with cpp_config(avx2_lstm_step=False):
         yield
-
-
-def _pair(input_size, hidden, **kwargs):
-    ref = torch.nn.LSTM(input_size, hidden, **kwargs).double()
-    ours = seqfast.nn.LSTM(input_size, hidden, **kwargs)
-    ours.load_state_dict(ref.state_dict())
-    return ours, ref
 
 
 @pytest.mark.parametrize("T,batch,input_size,hidden", [
@@ -45,45 +42,39 @@ def _pair(input_size, hidden, **kwargs):
     (26, 5, 200, 300),  # pre-activation form (packed weights above half of L2; 130 rows)
 ])
 def test_training_matches_torch(threads, T, batch, input_size, hidden):
-    ours, ref = _pair(input_size, hidden)
+    ours, ref = _lstm(input_size, hidden)
     compare_rnn_with_torch(ours, ref, torch.randn(T, batch, input_size), **TOL)
 
 
 @pytest.mark.parametrize("T,batch,input_size,hidden", [(4, 8, 16, 24), (26, 5, 200, 300)])
 def test_the_path_without_the_step_matches_torch(step_off, threads, T, batch, input_size, hidden):
-    ours, ref = _pair(input_size, hidden)
+    ours, ref = _lstm(input_size, hidden)
     compare_rnn_with_torch(ours, ref, torch.randn(T, batch, input_size), **TOL)
 
 
 @pytest.mark.parametrize("hidden,lengths", [(24, [7, 3, 5, 1, 6, 2, 4]), (300, [37, 13, 25, 1, 31, 7, 19])])
 def test_packed_batches_shrinking_to_one_row(threads, hidden, lengths):
     # 7 sequences of distinct lengths: the step's rows run 7, 6, ..., 1, so every tile shape meets every block
-    ours, ref = _pair(20, hidden)
+    ours, ref = _lstm(20, hidden)
     compare_rnn_with_torch(ours, ref, torch.randn(max(lengths), 7, 20), torch.tensor(lengths), **TOL)
 
 
 def test_layers_directions_and_no_bias(threads):
-    ours, ref = _pair(12, 40, num_layers=2, bidirectional=True, bias=False, batch_first=True)
+    ours, ref = _lstm(12, 40, num_layers=2, bidirectional=True, bias=False, batch_first=True)
     compare_rnn_with_torch(ours, ref, torch.randn(6, 5, 12), **TOL)
 
 
 @pytest.mark.parametrize("hidden,T", [(24, 5), (300, 22)])
 def test_inference_matches_torch(threads, hidden, T):
-    ours, ref = _pair(10, hidden)
-    x = torch.randn(T, 6, 10)
-    with torch.no_grad(), seqfast.use_backend("cpp"):
-        out, (h, c) = ours(x)
-    with torch.no_grad():
-        out_r, (h_r, c_r) = ref(x.double())
-    for got, want in ((out, out_r), (h, h_r), (c, c_r)):
-        torch.testing.assert_close(got.double(), want, **TOL)
+    ours, ref = _lstm(10, hidden)
+    compare_inference_with_torch(ours, ref, torch.randn(T, 6, 10), **TOL)
 
 
 @pytest.mark.parametrize("hidden,T", [(24, 4), (300, 26)])
 def test_saturated_gates_and_nan(hidden, T):
     # pre-activations in the hundreds: sigmoid and tanh saturate to exactly 0 / +-1 as torch's do; a NaN in one
     # sequence's input stays in that sequence's rows, as in torch
-    ours, ref = _pair(6, hidden)
+    ours, ref = _lstm(6, hidden)
     x = torch.randn(T, 5, 6) * 300
     x[2, 1, 3] = float("nan")
     with torch.no_grad(), seqfast.use_backend("cpp"):

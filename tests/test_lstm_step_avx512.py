@@ -10,8 +10,7 @@ pre-activation form the gates overwrite the pre-activations in place); one step 
 import pytest
 import torch
 
-import seqfast
-from conftest import compare_rnn_with_torch
+from conftest import compare_inference_with_torch, compare_rnn_with_torch, float32_and_float64
 from seqfast import _ext
 
 _C = _ext.module()
@@ -21,11 +20,8 @@ pytestmark = pytest.mark.skipif(_C is None or not _C.own_gemm_available(),
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
-def _pair(input_size, hidden, **kwargs):
-    ref = torch.nn.LSTM(input_size, hidden, **kwargs).double()
-    ours = seqfast.nn.LSTM(input_size, hidden, **kwargs)
-    ours.load_state_dict(ref.state_dict())
-    return ours, ref
+def _lstm(input_size, hidden, **kwargs):
+    return float32_and_float64("LSTM", input_size, hidden, **kwargs)
 
 
 @pytest.mark.parametrize("T,batch,input_size,hidden", [
@@ -36,24 +32,18 @@ def _pair(input_size, hidden, **kwargs):
     (3, 9, 600, 200),   # 9 rows: in-step form
 ])
 def test_training_matches_torch(threads, T, batch, input_size, hidden):
-    ours, ref = _pair(input_size, hidden)
+    ours, ref = _lstm(input_size, hidden)
     compare_rnn_with_torch(ours, ref, torch.randn(T, batch, input_size), **TOL)
 
 
 @pytest.mark.parametrize("hidden,lengths", [(24, [7, 3, 5, 1, 6, 2, 4]), (200, [9, 3, 5, 1, 6, 2, 8])])
 def test_packed_batches_shrinking_to_one_row(threads, hidden, lengths):
     # 7 sequences of distinct lengths: the step's rows run 7, 6, ..., 1 (the last steps on the 1-2 row path)
-    ours, ref = _pair(600, hidden)
+    ours, ref = _lstm(600, hidden)
     compare_rnn_with_torch(ours, ref, torch.randn(max(lengths), 7, 600), torch.tensor(lengths), **TOL)
 
 
 @pytest.mark.parametrize("hidden,T", [(24, 5), (200, 6)])
 def test_inference_matches_torch(threads, hidden, T):
-    ours, ref = _pair(600, hidden, num_layers=2, bidirectional=True)
-    x = torch.randn(T, 8, 600)
-    with torch.no_grad(), seqfast.use_backend("cpp"):
-        out, (h, c) = ours(x)
-    with torch.no_grad():
-        out_r, (h_r, c_r) = ref(x.double())
-    for got, want in ((out, out_r), (h, h_r), (c, c_r)):
-        torch.testing.assert_close(got.double(), want, **TOL)
+    ours, ref = _lstm(600, hidden, num_layers=2, bidirectional=True)
+    compare_inference_with_torch(ours, ref, torch.randn(T, 8, 600), **TOL)

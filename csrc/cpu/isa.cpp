@@ -33,26 +33,30 @@ bool has_avx512_bf16() { return false; }
 bool has_amx() { return false; }
 #endif
 
+namespace {
+// sysconf(name) where it reports a size in [lo, hi], else fallback.
+long cache_bytes(int name, long lo, long hi, long fallback) {
+  const long b = sysconf(name);
+  return b >= lo && b <= hi ? b : fallback;
+}
+}  // namespace
+
 long l2_cache_bytes() {
-  static const long bytes = [] {
 #ifdef _SC_LEVEL2_CACHE_SIZE
-    const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    if (b >= (64L << 10) && b <= (64L << 20)) return b;
-#endif
-    return 256L << 10;
-  }();
+  static const long bytes = cache_bytes(_SC_LEVEL2_CACHE_SIZE, 64L << 10, 64L << 20, 256L << 10);
   return bytes;
+#else
+  return 256L << 10;
+#endif
 }
 
 long l3_cache_bytes() {
-  static const long bytes = [] {
 #ifdef _SC_LEVEL3_CACHE_SIZE
-    const long b = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    if (b >= (1L << 20) && b <= (1L << 30)) return b;
-#endif
-    return 8L << 20;
-  }();
+  static const long bytes = cache_bytes(_SC_LEVEL3_CACHE_SIZE, 1L << 20, 1L << 30, 8L << 20);
   return bytes;
+#else
+  return 8L << 20;
+#endif
 }
 
 }  // namespace cpu

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace seqfast {
 namespace sgemm_wt {
@@ -125,15 +126,15 @@ void rows(int64_t M, int64_t n, const Part& o1, const Part& o2, float beta, floa
     __m512 acc[kRows][2];
     for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     const int64_t p = m0 / kNR;
-    if (mcount > 16) {
-      if (w1) accumulate<MR, 2>(acc, o1.K, w1, o1.wr, o1.wk, o1.ap + p * o1.pstride);
-      if (w2) accumulate<MR, 2>(acc, o2.K, w2, o2.wr, o2.wk, o2.ap + p * o2.pstride);
-      store<MR, 2>(acc, mcount, c + m0 * ldc + n, ldc, beta, bias ? bias + n : nullptr);
-    } else {
-      if (w1) accumulate<MR, 1>(acc, o1.K, w1, o1.wr, o1.wk, o1.ap + p * o1.pstride);
-      if (w2) accumulate<MR, 1>(acc, o2.K, w2, o2.wr, o2.wk, o2.ap + p * o2.pstride);
-      store<MR, 1>(acc, mcount, c + m0 * ldc + n, ldc, beta, bias ? bias + n : nullptr);
-    }
+    // both 16-row halves of a panel, or one for a tail panel of at most 16 live rows
+    const auto panel = [&](auto nv) {
+      constexpr int NV = decltype(nv)::value;
+      if (w1) accumulate<MR, NV>(acc, o1.K, w1, o1.wr, o1.wk, o1.ap + p * o1.pstride);
+      if (w2) accumulate<MR, NV>(acc, o2.K, w2, o2.wr, o2.wk, o2.ap + p * o2.pstride);
+      store<MR, NV>(acc, mcount, c + m0 * ldc + n, ldc, beta, bias ? bias + n : nullptr);
+    };
+    if (mcount > 16) panel(std::integral_constant<int, 2>());
+    else panel(std::integral_constant<int, 1>());
   }
 }
 

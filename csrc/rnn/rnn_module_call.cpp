@@ -310,21 +310,15 @@ class CellCall {
     // or a dtype / device mismatch, goes back to that path
     if (check_cell_args(gates_, *x, *h, c ? OptTensor(*c) : OptTensor(), w_ih, w_hh, b_ih, b_hh, false) != kCellOk)
       return py::none();
-    if (gates_ == 4) {
-      std::tuple<Tensor, Tensor, Tensor> r;
-      {
-        py::gil_scoped_release release;
-        r = lstm_cell_forward(*x, *h, *c, w_ih, w_hh, b_ih, b_hh);
-      }
-      return py::make_tuple(wrap(std::move(std::get<0>(r))), wrap(std::move(std::get<1>(r))));
-    }
-    Tensor hy;
-    {
-      py::gil_scoped_release release;
-      hy = gates_ == 3 ? std::get<0>(gru_cell_forward(*x, *h, w_ih, w_hh, b_ih, b_hh))
-                       : rnn_cell_forward(*x, *h, w_ih, w_hh, b_ih, b_hh, relu_);
-    }
-    return wrap(std::move(hy));
+    return released(
+        [&] {
+          auto r = lstm_cell_forward(*x, *h, *c, w_ih, w_hh, b_ih, b_hh);
+          return std::make_tuple(std::move(std::get<0>(r)), std::move(std::get<1>(r)));
+        },
+        [&] {
+          return gates_ == 3 ? std::get<0>(gru_cell_forward(*x, *h, w_ih, w_hh, b_ih, b_hh))
+                             : rnn_cell_forward(*x, *h, w_ih, w_hh, b_ih, b_hh, relu_);
+        });
   }
   // (also after .to() / .double() changed the weights in place)
   bool stale() const {
@@ -345,6 +339,26 @@ class CellCall {
   int64_t float32_max_batch_;
   at::ScalarType dtype_;
 
+  // One step with the GIL released: lstm() -> (hy, cy) for an LSTM cell, else other() -> hy; returned as the module
+  // returns them ((hy, cy) or hy).
+  template <class Lstm, class Other>
+  py::object released(const Lstm& lstm, const Other& other) const {
+    if (gates_ == 4) {
+      std::tuple<Tensor, Tensor> r;
+      {
+        py::gil_scoped_release release;
+        r = lstm();
+      }
+      return py::make_tuple(wrap(std::move(std::get<0>(r))), wrap(std::move(std::get<1>(r))));
+    }
+    Tensor hy;
+    {
+      py::gil_scoped_release release;
+      hy = other();
+    }
+    return wrap(std::move(hy));
+  }
+
   // A bfloat16 step on float32 copies of its activations (the entries copy the biases), the weights read in place;
   // the results rounded to bfloat16 once (see bf16_weights above).
   py::object bf16_step(const Tensor& x, const Tensor& h, const Tensor* c, const Tensor& w_ih, const Tensor& w_hh,
@@ -353,23 +367,17 @@ class CellCall {
         check_cell_args(gates_, x, h, c ? OptTensor(*c) : OptTensor(), w_ih, w_hh, b_ih, b_hh, false);
     if (verdict == kCellTorchOp) return torch_cell(x, h, c, w_ih, w_hh, b_ih, b_hh);
     if (verdict != kCellOk) return py::none();
-    const auto bf16 = [](const Tensor& t) { return wrap(t.to(at::kBFloat16)); };
-    if (gates_ == 4) {
-      std::tuple<Tensor, Tensor, Tensor> r;
-      {
-        py::gil_scoped_release release;
-        r = lstm_cell_forward(x.to(at::kFloat), h.to(at::kFloat), c->to(at::kFloat), w_ih, w_hh, b_ih, b_hh);
-      }
-      return py::make_tuple(bf16(std::get<0>(r)), bf16(std::get<1>(r)));
-    }
-    Tensor hy;
-    {
-      py::gil_scoped_release release;
-      const Tensor xf = x.to(at::kFloat), hf = h.to(at::kFloat);
-      hy = gates_ == 3 ? std::get<0>(gru_cell_forward(xf, hf, w_ih, w_hh, b_ih, b_hh))
-                       : rnn_cell_forward(xf, hf, w_ih, w_hh, b_ih, b_hh, relu_);
-    }
-    return bf16(hy);
+    return released(
+        [&] {
+          auto r = lstm_cell_forward(x.to(at::kFloat), h.to(at::kFloat), c->to(at::kFloat), w_ih, w_hh, b_ih, b_hh);
+          return std::make_tuple(std::get<0>(r).to(at::kBFloat16), std::get<1>(r).to(at::kBFloat16));
+        },
+        [&] {
+          const Tensor xf = x.to(at::kFloat), hf = h.to(at::kFloat);
+          return (gates_ == 3 ? std::get<0>(gru_cell_forward(xf, hf, w_ih, w_hh, b_ih, b_hh))
+                              : rnn_cell_forward(xf, hf, w_ih, w_hh, b_ih, b_hh, relu_))
+              .to(at::kBFloat16);
+        });
   }
 
   // A bfloat16 step past the float32 bound on the fused bfloat16 steps (rnn_sequence_step_bf16.h: vdpbf16ps), run as
@@ -389,42 +397,26 @@ class CellCall {
         check_cell_args(gates_, x, h, c ? OptTensor(*c) : OptTensor(), w_ih, w_hh, b_ih, b_hh, false);
     if (verdict == kCellTorchOp) return torch_cell(x, h, c, w_ih, w_hh, b_ih, b_hh);
     if (verdict != kCellOk) return py::none();  // the Python path raises the named error
-    if (gates_ == 4) {
-      std::tuple<Tensor, Tensor, Tensor> r;
-      {
-        py::gil_scoped_release release;
-        r = lstm_layer_padded_inference(x, 1, h, *c, w_ih, w_hh, b_ih, b_hh, false);
-      }
-      return py::make_tuple(wrap(std::move(std::get<1>(r))), wrap(std::move(std::get<2>(r))));
-    }
-    Tensor hy;
-    {
-      py::gil_scoped_release release;
-      hy = gates_ == 3 ? std::get<1>(gru_layer_padded_forward(x, 1, h, w_ih, w_hh, b_ih, b_hh, false))
-                       : std::get<1>(rnn_layer_padded_forward(x, 1, h, w_ih, w_hh, b_ih, b_hh, relu_, false));
-    }
-    return wrap(std::move(hy));
+    return released(
+        [&] {
+          auto r = lstm_layer_padded_inference(x, 1, h, *c, w_ih, w_hh, b_ih, b_hh, false);
+          return std::make_tuple(std::move(std::get<1>(r)), std::move(std::get<2>(r)));
+        },
+        [&] {
+          return gates_ == 3 ? std::get<1>(gru_layer_padded_forward(x, 1, h, w_ih, w_hh, b_ih, b_hh, false))
+                             : std::get<1>(rnn_layer_padded_forward(x, 1, h, w_ih, w_hh, b_ih, b_hh, relu_, false));
+        });
   }
 
   // torch's own cell op (what seqfast.functional calls for these dtypes), GIL released.
   py::object torch_cell(const Tensor& x, const Tensor& h, const Tensor* c, const Tensor& w_ih, const Tensor& w_hh,
                         const OptTensor& b_ih, const OptTensor& b_hh) const {
-    if (gates_ == 4) {
-      std::tuple<Tensor, Tensor> r;
-      {
-        py::gil_scoped_release release;
-        r = at::lstm_cell(x, {h, *c}, w_ih, w_hh, b_ih, b_hh);
-      }
-      return py::make_tuple(wrap(std::move(std::get<0>(r))), wrap(std::move(std::get<1>(r))));
-    }
-    Tensor hy;
-    {
-      py::gil_scoped_release release;
-      hy = gates_ == 3 ? at::gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
-                       : relu_ ? at::rnn_relu_cell(x, h, w_ih, w_hh, b_ih, b_hh)
-                               : at::rnn_tanh_cell(x, h, w_ih, w_hh, b_ih, b_hh);
-    }
-    return wrap(std::move(hy));
+    return released([&] { return at::lstm_cell(x, {h, *c}, w_ih, w_hh, b_ih, b_hh); },
+                    [&] {
+                      return gates_ == 3 ? at::gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
+                             : relu_     ? at::rnn_relu_cell(x, h, w_ih, w_hh, b_ih, b_hh)
+                                         : at::rnn_tanh_cell(x, h, w_ih, w_hh, b_ih, b_hh);
+                    });
   }
 };
 
