@@ -10,6 +10,7 @@
 #include "cpu/block_pool.h"
 #include "cpu/config.h"
 #include "cpu/gemm.h"
+#include "cpu/gemv_avx512.h"
 #include "cpu/isa.h"
 #include "cpu/team.h"
 #include "rnn/rnn.h"
@@ -31,6 +32,7 @@ py::dict config_dict() {
   d["avx2_decode"] = c.avx2_decode;
   d["avx512_nt"] = c.avx512_nt;
   d["avx512_wt"] = c.avx512_wt;
+  d["avx512_gemv"] = c.avx512_gemv;
   d["bf16_rnn_step"] = c.bf16_rnn_step;
   d["bf16_products"] = c.bf16_products;
   d["avx2_attention"] = c.avx2_attention;
@@ -62,6 +64,7 @@ py::dict set_config(const py::kwargs& kw) {
     else if (k == "avx2_decode") c.avx2_decode = py::cast<bool>(v);
     else if (k == "avx512_nt") c.avx512_nt = py::cast<bool>(v);
     else if (k == "avx512_wt") c.avx512_wt = py::cast<bool>(v);
+    else if (k == "avx512_gemv") c.avx512_gemv = py::cast<bool>(v);
     else if (k == "bf16_rnn_step") c.bf16_rnn_step = py::cast<bool>(v);
     else if (k == "bf16_products") c.bf16_products = py::cast<bool>(v);
     else if (k == "avx2_attention") c.avx2_attention = py::cast<bool>(v);
@@ -130,6 +133,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm_f32", &seqfast::mm_f32, GIL(), py::arg("a"), py::arg("b"), py::arg("bias") = py::none());
   m.def("nt_gemm_available", &seqfast::nt_gemm_available);
   m.def("gemm_wt_f32", &seqfast::gemm_wt_f32, GIL(), py::arg("a"), py::arg("w"), py::arg("bias") = py::none());
+  m.def("gemv_f32", &seqfast::gemv_f32, GIL(), py::arg("x1"), py::arg("w1"), py::arg("x2") = py::none(),
+        py::arg("w2") = py::none(), py::arg("y") = py::none());
+  m.def("gemv_avx512_available", [] { return seqfast::gemv512::available(); });
   m.def("gemm_nt_f32", &seqfast::gemm_nt_f32, GIL(), py::arg("a"), py::arg("w"), py::arg("bias") = py::none());
   m.def("gemm_ntp_f32", &seqfast::gemm_ntp_f32, GIL(), py::arg("a"), py::arg("w"), py::arg("bias") = py::none());
   m.def("gemm_nn_f32", &seqfast::gemm_nn_f32, GIL(), py::arg("a"), py::arg("b"));

@@ -34,6 +34,9 @@ struct Config {
   // SEQFAST_CPU_NO_AVX512_WT unset: on CPUs with AVX-512, products A W^T of 16-256 rows (gemm::wt_takes) run the
   // broadcast form of cpu/sgemm_wt.h; false: the dot-product form or the packed GEMM, as before it.
   bool avx512_wt = true;
+  // SEQFAST_CPU_NO_AVX512_GEMV unset: on CPUs with AVX-512 the small-batch float32 GEMV (cell steps, 1-2 row time
+  // loops; kern::gemv) runs its AVX-512 form (cpu/gemv_avx512.h); false: its AVX2 form.
+  bool avx512_gemv = true;
   // SEQFAST_CPU_NO_BF16_RNN_STEP unset: on CPUs with AVX512_BF16 (no AMX), bfloat16 LSTM and GRU layers take the
   // fused bfloat16 steps (rnn/rnn_sequence_step_bf16.h); false: the bf16-GEMM loop of the other CPUs.
   bool bf16_rnn_step = true;

@@ -3,8 +3,10 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <vector>
 
 #include "cpu/config.h"
+#include "cpu/gemv_avx512.h"
 #include "cpu/isa.h"
 #include "cpu/sgemm_nn.h"
 #include "cpu/sgemm_wt.h"
@@ -601,6 +603,37 @@ at::Tensor gemm_wt_f32(const at::Tensor& a, const at::Tensor& w, const std::opti
                                 has_bias ? bc.const_data_ptr<float>() : nullptr),
               "gemm_wt_f32: out of memory for the packing buffer");
   return c;
+}
+
+at::Tensor gemv_f32(const at::Tensor& x1, const at::Tensor& w1, const std::optional<at::Tensor>& x2,
+                    const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& y) {
+  TORCH_CHECK(gemv512::available(), "gemv_f32: the AVX-512 GEMV does not run on this CPU or is switched off");
+  const bool two = x2.has_value() && x2->defined();
+  TORCH_CHECK(two == (w2.has_value() && w2->defined()), "gemv_f32: x2 and w2 go together");
+  const auto f32 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.device().is_cpu(); };
+  TORCH_CHECK(x1.dim() == 2 && w1.dim() == 2 && x1.size(1) == w1.size(1),
+              "gemv_f32: x1 [B,K1] and w1 [N,K1] expected, got ", x1.sizes(), " and ", w1.sizes());
+  TORCH_CHECK(!two || (x2->dim() == 2 && w2->dim() == 2 && x2->size(0) == x1.size(0) && x2->size(1) == w2->size(1) &&
+                       w2->size(0) == w1.size(0)),
+              "gemv_f32: x2 [B,K2] and w2 [N,K2] expected");
+  TORCH_CHECK(f32(x1) && f32(w1) && (!two || (f32(*x2) && f32(*w2))), "gemv_f32: float32 CPU tensors expected");
+  const int64_t B = x1.size(0), N = w1.size(0);
+  const bool acc = y.has_value() && y->defined();
+  TORCH_CHECK(!acc || (f32(*y) && y->dim() == 2 && y->size(0) == B && y->size(1) == N && y->is_contiguous()),
+              "gemv_f32: y must be a contiguous float32 [", B, ",", N, "]");
+  const at::Tensor a = x1.contiguous(), wa = w1.contiguous();
+  const at::Tensor b = two ? x2->contiguous() : at::Tensor(), wb = two ? w2->contiguous() : at::Tensor();
+  at::Tensor out = acc ? *y : at::empty({B, N}, x1.options());
+  std::vector<const float*> ra(static_cast<size_t>(B)), rb(static_cast<size_t>(B));
+  std::vector<float*> ry(static_cast<size_t>(B));
+  for (int64_t i = 0; i < B; ++i) {
+    ra[size_t(i)] = a.const_data_ptr<float>() + i * a.size(1);
+    rb[size_t(i)] = two ? b.const_data_ptr<float>() + i * b.size(1) : nullptr;
+    ry[size_t(i)] = out.data_ptr<float>() + i * N;
+  }
+  gemv512::gemv(B, ra.data(), wa.const_data_ptr<float>(), a.size(1), rb.data(),
+                two ? wb.const_data_ptr<float>() : nullptr, two ? b.size(1) : 0, ry.data(), 0, N, acc);
+  return out;
 }
 
 namespace {

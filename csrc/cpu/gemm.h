@@ -174,6 +174,12 @@ at::Tensor gemm_ntp_f32(const at::Tensor& a, const at::Tensor& w, const std::opt
 // The same on the broadcast form (gemm::wt_parallel; requires own_gemm_available()).
 at::Tensor gemm_wt_f32(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& bias);
 
+// Bound for the tests: x1 [B, K1] @ w1 [N, K1]^T (+ x2 [B, K2] @ w2 [N, K2]^T) on the AVX-512 small-batch GEMV
+// (cpu/gemv_avx512.h; requires its available()), added onto y [B, N] when given (and returned), else into a new
+// tensor.
+at::Tensor gemv_f32(const at::Tensor& x1, const at::Tensor& w1, const std::optional<at::Tensor>& x2,
+                    const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& y);
+
 // The same for a [M, K] @ b [K, N] on the own AVX2 outer-product kernel (sgemm_nn.h).
 at::Tensor gemm_nn_f32(const at::Tensor& a, const at::Tensor& b);
 // The same on the packing form (gemm::nnp_parallel).

@@ -17,6 +17,7 @@
 
 #include "cpu/config.h"
 #include "cpu/gemm.h"
+#include "cpu/gemv_avx512.h"
 #include "cpu/isa.h"
 #include "cpu/team.h"
 
@@ -320,6 +321,8 @@ inline void gemv_nb(const T* const* x1, const T* w1, int64_t K1, const T* const*
 template <typename T>
 inline void gemv(int64_t nb, const T* const* x1, const T* w1, int64_t K1, const T* const* x2, const T* w2, int64_t K2,
                  T* const* y, int64_t j0, int64_t j1, bool accumulate) {
+  if constexpr (std::is_same_v<T, float>)
+    if (gemv512::available()) return gemv512::gemv(nb, x1, w1, K1, x2, w2, K2, y, j0, j1, accumulate);
   for (int64_t b0 = 0; b0 < nb; b0 += 4) {
     const int64_t m = std::min<int64_t>(4, nb - b0);
     const T* const* xx2 = w2 ? x2 + b0 : nullptr;
