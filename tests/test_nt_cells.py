@@ -77,6 +77,9 @@ def test_fused_range():
         assert _C.cell_step_fused(4, 64, 512, 512)
         assert _C.cell_step_fused(4, 16, 600, 600)
         assert not _C.cell_step_fused(4, 256, 128, 128)
+        # and its narrow form 7-8 rows (k 1200 too) and 13-15, where the dot-product form kept 9-12
+        assert _C.cell_step_fused(4, 8, 600, 600) and _C.cell_step_fused(3, 7, 64, 64)
+        assert _C.cell_step_fused(1, 13, 100, 300) and not _C.cell_step_fused(4, 10, 600, 600)
     with cpp_config(avx512_wt=False):
         _dot_product_range()
 

@@ -1,5 +1,5 @@
 """The broadcast-form GEMM of CPUs with AVX-512 (csrc/cpu/sgemm_wt.h: A packed into 32-row panels, the weight read in
-place by broadcasts, C^T tiles transposed into C), through its test binding seqfast._C.gemm_wt_f32 and the entries
+place by broadcasts, C^T tiles transposed into C; up to 16 rows the narrow form, k pairs interleaved), through its test binding seqfast._C.gemm_wt_f32 and the entries
 that route to it (gemm::linear_out / linear2_out / mm, the cell steps): parity with float64 on every partial tile
 (W rows % 8, A rows % 32 and the 16-row tail panel), odd k, bias, strided rows and a row-major weight (wr = 1), and
 the same results with the form switched off (config avx512_wt)."""
@@ -14,10 +14,12 @@ _C = _ext.module()
 pytestmark = pytest.mark.skipif(_C is None or not _C.own_gemm_available(),
                                 reason="seqfast._C not built, or the own AVX-512 GEMM does not run on this CPU")
 
-# (M, K, N): one row, a 16-row tail panel of 9-16 live rows, 17-31 rows (one 32-row panel with padding), whole panels
-# and a panel plus 1 / 16 / 17 rows; N with every remainder of the 8-row W tiles; K of 1, odd, and past 1024.
-SHAPES = [(1, 5, 3), (9, 7, 9), (16, 64, 8), (17, 33, 13), (31, 100, 29), (32, 1, 16), (33, 129, 41), (48, 300, 62),
-          (49, 17, 7), (64, 256, 64), (97, 31, 30), (128, 1030, 12), (200, 300, 77)]
+# (M, K, N): the narrow form's one vector (1-8 rows: one row, 7, 8) and two (9-16), with K of 1, 2, odd and even;
+# 17-31 rows (one 32-row panel with padding), whole panels and a panel plus 1 / 16 / 17 rows; N with every remainder
+# of the 8-row W tiles; K past 1024.
+SHAPES = [(1, 5, 3), (7, 3, 17), (8, 1, 9), (8, 1023, 33), (9, 7, 9), (13, 2, 5), (15, 129, 24), (16, 64, 8),
+          (17, 33, 13), (31, 100, 29), (32, 1, 16), (33, 129, 41), (48, 300, 62), (49, 17, 7), (64, 256, 64),
+          (97, 31, 30), (128, 1030, 12), (200, 300, 77)]
 
 
 def _ref(a, w, bias):
@@ -66,11 +68,11 @@ def test_mm_routes_to_the_form(M, K, N, bias):
 
 
 @pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
-@pytest.mark.parametrize("batch,input_size,hidden", [(16, 37, 45), (40, 100, 130), (64, 512, 512), (128, 64, 96),
-                                                     (200, 300, 20)])
+@pytest.mark.parametrize("batch,input_size,hidden", [(7, 33, 20), (8, 64, 64), (14, 17, 40), (16, 37, 45),
+                                                     (40, 100, 130), (64, 512, 512), (128, 64, 96), (200, 300, 20)])
 def test_cell_steps_with_and_without_the_form(kind, batch, input_size, hidden):
-    # module steps (the fused region from 16 rows; 200 rows: linear2_out outside the form's range) against float64
-    # torch, forward and gradients, with the form on and off
+    # module steps (the fused region at 7-8 rows and from 13; 200 rows: linear2_out outside the form's range) against
+    # float64 torch, forward and gradients, with the form on and off
     import seqfast
     torch.manual_seed(batch)
     ref = getattr(torch.nn, kind)(input_size, hidden).double()
@@ -82,7 +84,7 @@ def test_cell_steps_with_and_without_the_form(kind, batch, input_size, hidden):
     want = want if isinstance(want, tuple) else (want,)
     for on in (True, False):
         with cpp_config(avx512_wt=on):
-            if on:  # the fused step on the broadcast form from 16 to 128 rows
+            if on:  # the fused step on the broadcast form at 7-8 rows and from 13 to 128
                 assert _C.cell_step_fused({"LSTMCell": 4, "GRUCell": 3, "RNNCell": 1}[kind], batch, input_size,
                                           hidden) == (batch <= 128)
             with torch.no_grad():

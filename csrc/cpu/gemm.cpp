@@ -296,10 +296,15 @@ void nt_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, c
 // 405 / 472, (2048, 2048) 485 / 380 / 423, (128, 512) 438 / 324 / 457; from 128 rows on the packed GEMM's packing pays
 // where W fits the caches: M 256 (1024, 1024) 479 / 348 / 494, (512, 2048) 491 / 418 / 496, against (2048, 4096) 472 /
 // 387 / 375, (2048, 1536) 465 / 383 / 435, M 192 (1024, 2048) 492 / 409 / 471. Below 16 rows a panel is mostly
-// padding.
+// padding; there the narrow form (k pairs interleaved, sgemm_wt.h) against the dot-product form, same machine, 2
+// threads, GFLOP/s (K, N): M 16 (1024, 1024) 421 / 308 (the panel form's 370 above), (512, 2048) 445 / 333, (128, 512)
+// 295 / 247; M 13-15 (1024, 1024) 335-384 / 307-331, M 14 (256, 1024) 355 / 320; M 11-12 (1024, 1024) 284-315 /
+// 275-299, (512, 1024) 311 / 321; M 9-10 (1024, 1024) 242-249 / 280-290 (half of the second vector padding); M 8
+// (1024, 1024) 327 / 266, (512, 2048) 348 / 295, (256, 1024) 308 / 280, M 7 (1024, 1024) 289 / 247, (256, 1024) 269 /
+// 275; M 5 (512, 2048) 217 / 242.
 bool wt_takes(int64_t M, int64_t N, int64_t K) {
-  return sgemm_wt::available() && cpu::config().avx512_wt && M >= 16 &&
-         (M <= 128 || (M <= 256 && K * N >= (int64_t(1) << 21)));
+  return sgemm_wt::available() && cpu::config().avx512_wt &&
+         ((M >= 7 && M <= 8) || (M >= 13 && (M <= 128 || (M <= 256 && K * N >= (int64_t(1) << 21)))));
 }
 
 bool wt_parallel(int64_t M, int64_t N, const WtProduct& p1, const WtProduct& p2, float beta, float* c, int64_t ldc,

@@ -1,7 +1,8 @@
 // The one GEMM entry point of the C++ kernels (seqfast._C internal; gemm.cpp). Every GEMM a kernel runs goes
 // through here, and this is the only place that knows which implementation runs it:
 //   * the own AVX-512 float32 kernel (cpu/sgemm.h) where the CPU has AVX-512 and config().own_gemm;
-//   * its broadcast form (cpu/sgemm_wt.h) for A @ W^T products of 16-256 rows with the weight read in place (wt_takes);
+//   * its broadcast form (cpu/sgemm_wt.h) for A @ W^T products of 7-8 and 13-256 rows with the weight read in place
+//     (wt_takes);
 //   * the own AVX2 dot-product-form float32 kernel (cpu/sgemm_nt.h) for A @ W^T products with k-contiguous rows on
 //     CPUs with AVX2 + FMA (where the wheel's MKL runs at best its AVX2 path; on AMD its generic one), with
 //     config().own_gemm, and its outer-product twin (cpu/sgemm_nn.h) for A @ B with row-major B (the backward's
@@ -114,8 +115,8 @@ struct WtProduct {
   int64_t wr = 0, wk = 0;
 };
 // Whether the broadcast form (sgemm_wt.h) takes a float32 product A [M, K] @ W [N, K]^T (K: both products' k where
-// two are summed): on CPUs with AVX-512 and config().avx512_wt, from 16 rows to 128, and to 256 where W is large
-// (see gemm.cpp).
+// two are summed): on CPUs with AVX-512 and config().avx512_wt, at 7-8 rows and from 13 to 128 (the narrow form up to
+// 16), and to 256 where W is large (see gemm.cpp).
 bool wt_takes(int64_t M, int64_t N, int64_t K);
 // c[M, N] (row stride ldc) = beta c + A1 W1^T + A2 W2^T (+ bias) on the broadcast form: A packed once on the calling
 // thread, the W rows split over the team in whole 8-row tiles. false (nothing written) where the packing found no

@@ -160,13 +160,130 @@ inline Part part(const Operand& o, int64_t k0, int64_t kc) {
   return Part{kc, o.ap + k0 * kNR, o.K * kNR, o.w + k0 * o.wk, o.wr, o.wk};
 }
 
+// ---- The narrow form (A of at most 16 rows, k pairs interleaved; see sgemm_wt.h) ----
+
+// W(r, k), W(r, k + 1) in every lane pair (n = 1: W(r, k), 0).
+inline __attribute__((always_inline)) __m512 wpair(const float* w, int64_t wk, int n = 2) {
+  __m128d g;
+  if (wk == 1 && n == 2) {
+    g = _mm_load_sd(reinterpret_cast<const double*>(w));
+  } else {
+    alignas(16) float t[4] = {w[0], n == 2 ? w[wk] : 0.f, 0.f, 0.f};
+    g = _mm_castps_pd(_mm_load_ps(t));
+  }
+  return _mm512_castpd_ps(_mm512_broadcastsd_pd(g));
+}
+
+// acc[r][v] += W row r's k pairs against the packed vectors: NV = 2, v = the 8-row half of A; NV = 1, v = even / odd
+// pair (two independent chains).
+template <int MR, int NV>
+inline __attribute__((always_inline)) void accumulate_narrow(__m512 (&acc)[kRows][2], int64_t K, const float* w,
+                                                             int64_t wr, int64_t wk, const float* ap) {
+  const int64_t pairs = K / 2;
+  int64_t g = 0;
+  if constexpr (NV == 2) {
+    for (; g < pairs; ++g, ap += 32) {
+      const __m512 b0 = _mm512_load_ps(ap), b1 = _mm512_load_ps(ap + 16);
+      for (int r = 0; r < MR; ++r) {
+        const __m512 wv = wpair(w + r * wr + 2 * g * wk, wk);
+        acc[r][0] = _mm512_fmadd_ps(wv, b0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(wv, b1, acc[r][1]);
+      }
+    }
+    if (2 * g < K) {  // odd K: the last k alone (A holds 0 beside it)
+      const __m512 b0 = _mm512_load_ps(ap), b1 = _mm512_load_ps(ap + 16);
+      for (int r = 0; r < MR; ++r) {
+        const __m512 wv = wpair(w + r * wr + 2 * g * wk, wk, 1);
+        acc[r][0] = _mm512_fmadd_ps(wv, b0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(wv, b1, acc[r][1]);
+      }
+    }
+  } else {
+    for (; g + 2 <= pairs; g += 2, ap += 32) {
+      const __m512 b0 = _mm512_load_ps(ap), b1 = _mm512_load_ps(ap + 16);
+      for (int r = 0; r < MR; ++r) {
+        const float* wp = w + r * wr + 2 * g * wk;
+        acc[r][0] = _mm512_fmadd_ps(wpair(wp, wk), b0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(wpair(wp + 2 * wk, wk), b1, acc[r][1]);
+      }
+    }
+    for (; 2 * g < K; ++g, ap += 16) {  // an odd last pair, and a lone last k
+      const __m512 b0 = _mm512_load_ps(ap);
+      const int n = int(std::min<int64_t>(2, K - 2 * g));
+      for (int r = 0; r < MR; ++r) acc[r][0] = _mm512_fmadd_ps(wpair(w + r * wr + 2 * g * wk, wk, n), b0, acc[r][0]);
+    }
+  }
+}
+
+// C[m, n .. n + MR) (+)= the tile's sums for m < M: lane pairs added, A row m at lane 2 (m % 8) of vector m / 8.
+template <int MR, int NV>
+void rows_narrow(int64_t M, int64_t n, const Operand& o1, const Operand& o2, float beta, float* c, int64_t ldc,
+                 const float* bias) {
+  __m512 acc[kRows][2];
+  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  if (o1.K > 0) accumulate_narrow<MR, NV>(acc, o1.K, o1.w + n * o1.wr, o1.wr, o1.wk, o1.ap);
+  if (o2.K > 0) accumulate_narrow<MR, NV>(acc, o2.K, o2.w + n * o2.wr, o2.wr, o2.wk, o2.ap);
+  alignas(64) float buf[kRows][32];
+  for (int r = 0; r < MR; ++r) {
+    if constexpr (NV == 1) {
+      const __m512 s = _mm512_add_ps(acc[r][0], acc[r][1]);
+      _mm512_store_ps(buf[r], _mm512_add_ps(s, _mm512_permute_ps(s, 0xB1)));
+    } else {
+      for (int v = 0; v < 2; ++v)
+        _mm512_store_ps(buf[r] + 16 * v, _mm512_add_ps(acc[r][v], _mm512_permute_ps(acc[r][v], 0xB1)));
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    float* d = c + m * ldc + n;
+    for (int r = 0; r < MR; ++r) {
+      const float v = buf[r][2 * m] + (bias ? bias[n + r] : 0.f);
+      d[r] = beta != 0.f ? d[r] + v : v;
+    }
+  }
+}
+
+template <int NV>
+void pass_narrow(int64_t M, int64_t n0, int64_t n1, const Operand& o1, const Operand& o2, float beta, float* c,
+                 int64_t ldc, const float* bias) {
+  int64_t n = n0;
+  for (; n + kRows <= n1; n += kRows) rows_narrow<kRows, NV>(M, n, o1, o2, beta, c, ldc, bias);
+  switch (n1 - n) {
+    case 7: rows_narrow<7, NV>(M, n, o1, o2, beta, c, ldc, bias); break;
+    case 6: rows_narrow<6, NV>(M, n, o1, o2, beta, c, ldc, bias); break;
+    case 5: rows_narrow<5, NV>(M, n, o1, o2, beta, c, ldc, bias); break;
+    case 4: rows_narrow<4, NV>(M, n, o1, o2, beta, c, ldc, bias); break;
+    case 3: rows_narrow<3, NV>(M, n, o1, o2, beta, c, ldc, bias); break;
+    case 2: rows_narrow<2, NV>(M, n, o1, o2, beta, c, ldc, bias); break;
+    case 1: rows_narrow<1, NV>(M, n, o1, o2, beta, c, ldc, bias); break;
+    default: break;
+  }
+}
+
+void pack_narrow(int64_t M, int64_t K, const float* a, int64_t lda, float* dst) {
+  const int64_t rows = 8 * narrow_vectors(M);
+  for (int64_t g = 0; g < (K + 1) / 2; ++g, dst += 2 * rows)
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t i = 0; i < 2; ++i) {
+        const int64_t k = 2 * g + i;
+        dst[2 * m + i] = m < M && k < K ? a[m * lda + k] : 0.f;
+      }
+}
+
 }  // namespace
 
-void pack(int64_t M, int64_t K, const float* a, int64_t lda, float* dst) { sgemm::pack_b(K, M, a, 1, lda, dst); }
+void pack(int64_t M, int64_t K, const float* a, int64_t lda, float* dst) {
+  if (M <= kNarrowRows) return pack_narrow(M, K, a, lda, dst);
+  sgemm::pack_b(K, M, a, 1, lda, dst);
+}
 
 void gemm(int64_t M, int64_t n0, int64_t n1, const Operand& o1, const Operand& o2, float beta, float* c, int64_t ldc,
           const float* bias) {
   if (M <= 0 || n1 <= n0) return;
+  // the narrow form's packed A is small (16 rows at most): no k blocks
+  if (M <= kNarrowRows) {
+    if (narrow_vectors(M) == 2) return pass_narrow<2>(M, n0, n1, o1, o2, beta, c, ldc, bias);
+    return pass_narrow<1>(M, n0, n1, o1, o2, beta, c, ldc, bias);
+  }
   // Every W tile reads all of A's panels: while they fit in half of this core's L2 (cpu::l2_cache_bytes) both
   // operands run in one pass; past that, in k blocks that do, each pass adding into C.
   const int64_t Mp = (M + kNR - 1) / kNR * kNR;
