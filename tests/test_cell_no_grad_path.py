@@ -338,3 +338,40 @@ def test_cell_call_runs_torchs_op_for_training_rules(kind, kw, dtype):
     finally:
         _rules.set_rules(saved)
 
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell"])
+@pytest.mark.parametrize("batch,hidden", [(1, 64), (2, 300), (1, 1400), (2, 1100)])
+def test_gate_scratch_from_two_threads(kind, batch, hidden):
+    # no-grad steps keep their gate workspace in a per-thread scratch where it fits (32 KB: the first two shapes)
+    # and allocate it where it does not (GRU B1 H1400: 33.6 KB of pre-activations; LSTM B2 H1100: 35.2 KB); two
+    # Python threads stepping at once (the GIL released in the kernel) each get torch's results, step after step
+    import threading
+    torch.manual_seed(batch * hidden)
+    ref = getattr(torch.nn, kind)(hidden, hidden).double()
+    mod = getattr(seqfast.nn, kind)(hidden, hidden)
+    mod.load_state_dict(ref.state_dict())
+    errors = []
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, hidden, generator=g)
+        state = tuple(torch.randn(batch, hidden, generator=g) for _ in range(2 if kind == "LSTMCell" else 1))
+        state = state if len(state) == 2 else state[0]
+        want = tuple(s.double() for s in state) if isinstance(state, tuple) else state.double()
+        try:
+            for _ in range(20):
+                with torch.no_grad():
+                    state = mod(x, state)
+                    want = ref(x.double(), want)
+                got, exp = (state[0], want[0]) if isinstance(state, tuple) else (state, want)
+                torch.testing.assert_close(got.double(), exp, rtol=1e-4, atol=1e-5)
+        except AssertionError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]

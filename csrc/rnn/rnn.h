@@ -45,13 +45,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
     bool need_dh = true, bool need_dw_ih = true, bool need_dw_hh = true);
 // The forward entries writing their states to given [B, H] tensors (contiguous, the input's dtype; undefined: new
 // ones), for callers that allocate the returned tensors in their own shapes (rnn_module_inference's one-step route).
+// keep_gates / keep_ws false: no backward will run (the no-grad calls), and the gate workspace is not returned
+// (undefined, or a flat scratch tensor): small steps keep it in a per-thread scratch instead of allocating it.
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_into(const Tensor& x, const Tensor& hx, const Tensor& cx,
                                                           const Tensor& w_ih, const Tensor& w_hh,
                                                           const OptTensor& b_ih, const OptTensor& b_hh,
-                                                          const Tensor& hy, const Tensor& cy);
+                                                          const Tensor& hy, const Tensor& cy, bool keep_gates = true);
 std::tuple<Tensor, Tensor> gru_cell_forward_into(const Tensor& x, const Tensor& hx, const Tensor& w_ih,
                                                  const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-                                                 const Tensor& hy);
+                                                 const Tensor& hy, bool keep_ws = true);
 Tensor rnn_cell_forward_into(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                              const OptTensor& b_ih, const OptTensor& b_hh, bool relu, const Tensor& hy);
 // -> (hy, ws[B,4H] = [r, z, n, hn], hn = W_hn h + b_hn)

@@ -34,6 +34,22 @@ constexpr bool kBf16Weights = !std::is_same_v<T, TW>;
 
 inline const uint16_t* bits(const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
 
+// A forward step's workspace of n T: `keep` itself where a backward will read it (defined), else, up to
+// kScratchBytes, slot `slot` (0 or 1) of a per-thread scratch; larger ones allocate `keep`. A no-grad cell step (a
+// seq2seq decoder's token at batch 1) otherwise allocated and freed tensors for gate values nothing reads after it.
+constexpr size_t kScratchBytes = size_t(32) << 10;
+template <typename T>
+T* step_workspace(Tensor& keep, int64_t n, const at::TensorOptions& opt, int slot) {
+  if (!keep.defined()) {
+    if (size_t(n) * sizeof(T) <= kScratchBytes) {
+      alignas(64) static thread_local unsigned char scratch[2][kScratchBytes];
+      return reinterpret_cast<T*>(scratch[slot]);
+    }
+    keep = at::empty({n}, opt);
+  }
+  return keep.data_ptr<T>();
+}
+
 template <typename T, typename TW>
 inline void gemv_w(int64_t nb, const T* const* x1, const TW* w1, int64_t K1, const T* const* x2, const TW* w2,
                    int64_t K2, T* const* y, int64_t j0, int64_t j1, bool accumulate) {
@@ -160,7 +176,9 @@ void lstm_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& cx, con
                         const T* b1, const T* b2, Tensor& hy, Tensor& cy, Tensor& gates) {
   const int64_t B = x.size(0), I = x.size(1), H = hx.size(1);
   if (B == 0 || H == 0) return;
-  T* g = gates.data_ptr<T>();
+  const bool gemms = !(kBf16Weights<T, TW> || kern::use_small(B)) && !fused_nt<T, TW>(B, 4, I, H);
+  if (gemms && !gates.defined()) gates = at::empty({B, 4 * H}, x.options());  // linear2_out writes a tensor
+  T* g = step_workspace<T>(gates, B * 4 * H, x.options(), 0);
   const T* c = cx.const_data_ptr<T>();
   T* hyp = hy.data_ptr<T>();
   T* cyp = cy.data_ptr<T>();
@@ -204,11 +222,12 @@ void gru_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
   const int64_t B = x.size(0), I = x.size(1), H = hx.size(1);
   if (B == 0 || H == 0) return;
   // gi/gh pre-activations: [B, 6H] scratch, gi = cols [0,3H), gh = [3H,6H).
-  Tensor pre = at::empty({B, 6 * H}, x.options());
-  T* pp = pre.data_ptr<T>();
+  const bool gemms = !(kBf16Weights<T, TW> || kern::use_small(B)) && !fused_nt<T, TW>(B, 3, I, H);
+  Tensor pre = gemms ? at::empty({B, 6 * H}, x.options()) : Tensor();  // linear2_out writes a tensor
+  T* pp = step_workspace<T>(pre, B * 6 * H, x.options(), 0);
   const T* h = hx.const_data_ptr<T>();
   T* hyp = hy.data_ptr<T>();
-  T* wsp = ws.data_ptr<T>();
+  T* wsp = step_workspace<T>(ws, B * 4 * H, x.options(), 1);
   if (kBf16Weights<T, TW> || kern::use_small(B)) {
     std::array<const T*, kMaxSmallB> xr, hr;
     std::array<T*, kMaxSmallB> gir, ghr;
@@ -292,12 +311,13 @@ void rnn_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
 // hy, cy: [B, H] tensors to write the results to (see lstm_cell_forward_into), or undefined: new ones.
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_impl(const Tensor& x, const Tensor& hx, const Tensor& cx,
                                                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
-                                                     const OptTensor& b_hh, Tensor hy = {}, Tensor cy = {}) {
+                                                     const OptTensor& b_hh, Tensor hy = {}, Tensor cy = {},
+                                                     bool keep_gates = true) {
   kern::check_cpu();
   const int64_t B = x.size(0), H = hx.size(1);
   if (!hy.defined()) hy = at::empty({B, H}, x.options());
   if (!cy.defined()) cy = at::empty({B, H}, x.options());
-  Tensor gates = at::empty({B, 4 * H}, x.options());
+  Tensor gates = keep_gates ? at::empty({B, 4 * H}, x.options()) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::lstm_cell_forward", [&] {
     with_weight_type<scalar_t>(w_ih, [&](auto tw) {
       lstm_cell_fwd_impl<scalar_t, decltype(tw)>(x, hx, cx, w_ih, w_hh, kern::opt_ptr<scalar_t>(b_ih),
@@ -335,11 +355,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_im
 
 // hy: as lstm_cell_forward_impl's.
 std::tuple<Tensor, Tensor> gru_cell_forward_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
-                                            const OptTensor& b_ih, const OptTensor& b_hh, Tensor hy = {}) {
+                                            const OptTensor& b_ih, const OptTensor& b_hh, Tensor hy = {},
+                                            bool keep_ws = true) {
   kern::check_cpu();
   const int64_t B = x.size(0), H = hx.size(1);
   if (!hy.defined()) hy = at::empty({B, H}, x.options());
-  Tensor ws = at::empty({B, 4 * H}, x.options());
+  Tensor ws = keep_ws ? at::empty({B, 4 * H}, x.options()) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::gru_cell_forward", [&] {
     with_weight_type<scalar_t>(w_ih, [&](auto tw) {
       gru_cell_fwd_impl<scalar_t, decltype(tw)>(x, hx, w_ih, w_hh, kern::opt_ptr<scalar_t>(b_ih),
@@ -464,7 +485,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& x, const Tens
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_into(const Tensor& x, const Tensor& hx, const Tensor& cx,
                                                           const Tensor& w_ih, const Tensor& w_hh,
                                                           const OptTensor& b_ih, const OptTensor& b_hh,
-                                                          const Tensor& hy, const Tensor& cy) {
+                                                          const Tensor& hy, const Tensor& cy, bool keep_gates) {
   const char* fn = "lstm_cell_forward";
   const Tensor xc = need(fn, "input", x, {kAny, kAny}, at::ScalarType::Undefined);
   const auto dt = x.scalar_type();
@@ -475,7 +496,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_into(const Tensor& x, const
   return lstm_cell_forward_impl(xc, hc, need(fn, "cx", cx, {B, H}, dt), need(fn, "weight_ih", w_ih, {4 * H, I}, wt),
                                 need(fn, "weight_hh", w_hh, {4 * H, H}, wt), need_bias(fn, "bias_ih", b_ih, 4 * H, dt, wt),
                                 need_bias(fn, "bias_hh", b_hh, 4 * H, dt, wt), into(fn, "hy", hy, B, H, dt),
-                                into(fn, "cy", cy, B, H, dt));
+                                into(fn, "cy", cy, B, H, dt), keep_gates);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
@@ -502,7 +523,7 @@ std::tuple<Tensor, Tensor> gru_cell_forward(const Tensor& x, const Tensor& hx, c
 
 std::tuple<Tensor, Tensor> gru_cell_forward_into(const Tensor& x, const Tensor& hx, const Tensor& w_ih,
                                                  const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-                                                 const Tensor& hy) {
+                                                 const Tensor& hy, bool keep_ws) {
   const char* fn = "gru_cell_forward";
   const Tensor xc = need(fn, "input", x, {kAny, kAny}, at::ScalarType::Undefined);
   const auto dt = x.scalar_type();
@@ -512,7 +533,7 @@ std::tuple<Tensor, Tensor> gru_cell_forward_into(const Tensor& x, const Tensor& 
   const auto wt = weight_dtype(fn, xc, w_ih);
   return gru_cell_forward_impl(xc, hc, need(fn, "weight_ih", w_ih, {3 * H, I}, wt),
                                need(fn, "weight_hh", w_hh, {3 * H, H}, wt), need_bias(fn, "bias_ih", b_ih, 3 * H, dt, wt),
-                               need_bias(fn, "bias_hh", b_hh, 3 * H, dt, wt), into(fn, "hy", hy, B, H, dt));
+                               need_bias(fn, "bias_hh", b_hh, 3 * H, dt, wt), into(fn, "hy", hy, B, H, dt), keep_ws);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward(const Tensor& grad_hy, const Tensor& x,

@@ -312,11 +312,11 @@ class CellCall {
       return py::none();
     return released(
         [&] {
-          auto r = lstm_cell_forward(*x, *h, *c, w_ih, w_hh, b_ih, b_hh);
+          auto r = lstm_cell_forward_into(*x, *h, *c, w_ih, w_hh, b_ih, b_hh, Tensor(), Tensor(), false);
           return std::make_tuple(std::move(std::get<0>(r)), std::move(std::get<1>(r)));
         },
         [&] {
-          return gates_ == 3 ? std::get<0>(gru_cell_forward(*x, *h, w_ih, w_hh, b_ih, b_hh))
+          return gates_ == 3 ? std::get<0>(gru_cell_forward_into(*x, *h, w_ih, w_hh, b_ih, b_hh, Tensor(), false))
                              : rnn_cell_forward(*x, *h, w_ih, w_hh, b_ih, b_hh, relu_);
         });
   }
@@ -369,12 +369,13 @@ class CellCall {
     if (verdict != kCellOk) return py::none();
     return released(
         [&] {
-          auto r = lstm_cell_forward(x.to(at::kFloat), h.to(at::kFloat), c->to(at::kFloat), w_ih, w_hh, b_ih, b_hh);
+          auto r = lstm_cell_forward_into(x.to(at::kFloat), h.to(at::kFloat), c->to(at::kFloat), w_ih, w_hh, b_ih,
+                                          b_hh, Tensor(), Tensor(), false);
           return std::make_tuple(std::get<0>(r).to(at::kBFloat16), std::get<1>(r).to(at::kBFloat16));
         },
         [&] {
           const Tensor xf = x.to(at::kFloat), hf = h.to(at::kFloat);
-          return (gates_ == 3 ? std::get<0>(gru_cell_forward(xf, hf, w_ih, w_hh, b_ih, b_hh))
+          return (gates_ == 3 ? std::get<0>(gru_cell_forward_into(xf, hf, w_ih, w_hh, b_ih, b_hh, Tensor(), false))
                               : rnn_cell_forward(xf, hf, w_ih, w_hh, b_ih, b_hh, relu_))
               .to(at::kBFloat16);
         });

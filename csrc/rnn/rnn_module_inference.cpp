@@ -56,11 +56,11 @@ std::tuple<Tensor, Tensor, Tensor> layer_in_cell_steps(const std::string& mode, 
     const int64_t t = reverse ? T - 1 - i : i;
     const Tensor xt = T == 1 ? x : x.narrow(0, t * B, B);
     if (mode == "LSTM") {
-      auto r = lstm_cell_forward(xt, h, c, w[0], w[1], b_ih, b_hh);
+      auto r = lstm_cell_forward_into(xt, h, c, w[0], w[1], b_ih, b_hh, Tensor(), Tensor(), false);
       h = std::get<0>(r);
       c = std::get<1>(r);
     } else if (mode == "GRU") {
-      h = std::get<0>(gru_cell_forward(xt, h, w[0], w[1], b_ih, b_hh));
+      h = std::get<0>(gru_cell_forward_into(xt, h, w[0], w[1], b_ih, b_hh, Tensor(), false));
     } else {
       h = rnn_cell_forward(xt, h, w[0], w[1], b_ih, b_hh, mode == "RNN_RELU");
     }
@@ -128,9 +128,9 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> one_step_layers(const std::str
     Tensor h = rows_alias(hn, B, H, l * B * H);
     if (lstm)
       lstm_cell_forward_into(x, initial(*h0s, l), initial(*c0s, l), w[0], w[1], b_ih, b_hh, h,
-                             rows_alias(cn, B, H, l * B * H));
+                             rows_alias(cn, B, H, l * B * H), false);
     else if (mode == "GRU")
-      gru_cell_forward_into(x, initial(*h0s, l), w[0], w[1], b_ih, b_hh, h);
+      gru_cell_forward_into(x, initial(*h0s, l), w[0], w[1], b_ih, b_hh, h, false);
     else
       rnn_cell_forward_into(x, initial(*h0s, l), w[0], w[1], b_ih, b_hh, mode == "RNN_RELU", h);
     x = h;
