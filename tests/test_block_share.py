@@ -211,3 +211,24 @@ def test_sdpa_tasks_stolen_equal_the_fixed_split_and_torch(two_threads, N, Hh, L
     assert torch.equal(shared, fixed)
     want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
     torch.testing.assert_close(shared.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("N,Hq,Hk,Lk,D", [(4, 8, 8, 100, 64), (3, 4, 2, 37, 40)])
+def test_decoder_step_heads_stolen_equal_the_fixed_split_and_torch(two_threads, dtype, N, Hq, Hk, Lk, D):
+    # the decoder step (one query row) shares its heads in pieces: the first thread takes the delayed one's heads,
+    # bit for bit the fixed split's results (grouped-query heads included)
+    torch.manual_seed(N * Lk)
+    q = torch.randn(N, Hq, 1, D).to(dtype)
+    k, v = torch.randn(N, Hk, Lk, D).to(dtype), torch.randn(N, Hk, Lk, D).to(dtype)
+    fn = seqfast.functional.scaled_dot_product_attention
+    kw = {"enable_gqa": True} if Hq != Hk else {}
+    with torch.no_grad(), seqfast.use_backend("cpp"):
+        with _team(block_share=False):
+            fixed = fn(q, k, v, **kw)
+        with _stealing():
+            shared = fn(q, k, v, **kw)
+    assert torch.equal(shared, fixed)
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kw)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(shared.double(), want, **tol)
