@@ -176,13 +176,14 @@ void lstm_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& cx, con
                         const T* b1, const T* b2, Tensor& hy, Tensor& cy, Tensor& gates) {
   const int64_t B = x.size(0), I = x.size(1), H = hx.size(1);
   if (B == 0 || H == 0) return;
-  const bool gemms = !(kBf16Weights<T, TW> || kern::use_small(B)) && !fused_nt<T, TW>(B, 4, I, H);
-  if (gemms && !gates.defined()) gates = at::empty({B, 4 * H}, x.options());  // linear2_out writes a tensor
+  // the route decided once (the workspace depends on it)
+  const bool gemv = kBf16Weights<T, TW> || kern::use_small(B), fused = !gemv && fused_nt<T, TW>(B, 4, I, H);
+  if (!gemv && !fused && !gates.defined()) gates = at::empty({B, 4 * H}, x.options());  // linear2_out writes a tensor
   T* g = step_workspace<T>(gates, B * 4 * H, x.options(), 0);
   const T* c = cx.const_data_ptr<T>();
   T* hyp = hy.data_ptr<T>();
   T* cyp = cy.data_ptr<T>();
-  if (kBf16Weights<T, TW> || kern::use_small(B)) {
+  if (gemv) {
     std::array<const T*, kMaxSmallB> xr, hr;
     std::array<T*, kMaxSmallB> gr;
     for (int64_t b = 0; b < B; ++b) {
@@ -198,7 +199,7 @@ void lstm_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& cx, con
       for (int64_t b = 0; b < B; ++b)
         kern::lstm_fwd_row<T>(g + b * 4 * H, b1, b2, c + b * H, cyp + b * H, hyp + b * H, H, k0, k1);
     });
-  } else if (fused_nt<T, TW>(B, 4, I, H)) {
+  } else if (fused) {
     if constexpr (std::is_same_v<T, float>) {
       const NtProducts p(x, hx, w_ih, w_hh);
       kern::par_units(H, nt_work(B, 4, I, H), [&](int64_t k0, int64_t k1) {
@@ -222,13 +223,14 @@ void gru_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
   const int64_t B = x.size(0), I = x.size(1), H = hx.size(1);
   if (B == 0 || H == 0) return;
   // gi/gh pre-activations: [B, 6H] scratch, gi = cols [0,3H), gh = [3H,6H).
-  const bool gemms = !(kBf16Weights<T, TW> || kern::use_small(B)) && !fused_nt<T, TW>(B, 3, I, H);
-  Tensor pre = gemms ? at::empty({B, 6 * H}, x.options()) : Tensor();  // linear2_out writes a tensor
+  // the route decided once (the workspace depends on it)
+  const bool gemv = kBf16Weights<T, TW> || kern::use_small(B), fused = !gemv && fused_nt<T, TW>(B, 3, I, H);
+  Tensor pre = !gemv && !fused ? at::empty({B, 6 * H}, x.options()) : Tensor();  // linear2_out writes a tensor
   T* pp = step_workspace<T>(pre, B * 6 * H, x.options(), 0);
   const T* h = hx.const_data_ptr<T>();
   T* hyp = hy.data_ptr<T>();
   T* wsp = step_workspace<T>(ws, B * 4 * H, x.options(), 1);
-  if (kBf16Weights<T, TW> || kern::use_small(B)) {
+  if (gemv) {
     std::array<const T*, kMaxSmallB> xr, hr;
     std::array<T*, kMaxSmallB> gir, ghr;
     for (int64_t b = 0; b < B; ++b) {
@@ -248,7 +250,7 @@ void gru_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
         kern::gru_fwd_row<T>(pp + b * 6 * H, bih, pp + b * 6 * H + 3 * H, bhh, h + b * H, hyp + b * H,
                              wsp + b * 4 * H, H, k0, k1);
     });
-  } else if (fused_nt<T, TW>(B, 3, I, H)) {
+  } else if (fused) {
     if constexpr (std::is_same_v<T, float>) {
       const NtProducts p(x, hx, w_ih, w_hh);
       kern::par_units(H, nt_work(B, 3, I, H), [&](int64_t k0, int64_t k1) {
