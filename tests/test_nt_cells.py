@@ -19,10 +19,10 @@ pytestmark = pytest.mark.skipif(_C is None or not _C.nt_gemm_available(),
 
 GATES = {"LSTMCell": 4, "GRUCell": 3, "RNNCell": 1}
 
-# (batch, input, hidden): 3 rows (the first past the GEMV range) with hidden 64 on one thread; 8 x 37 -> 45 and
-# 5 x 130 -> 19 for the remainders (a 2-row tile, W tiles of 1-3 rows, k tails of 5 and 2); 24 x 200 -> 256 and
-# 16 x 600 -> 420 split over two threads (k of 800 and 1020 in one pass).
-SHAPES = [(3, 64, 64), (8, 37, 45), (5, 130, 19), (24, 200, 256), (16, 600, 420)]
+# (batch, input, hidden): 6 rows (two whole 3-row tiles; 3-4 rows take the GEMV on CPUs with its AVX-512 form) with
+# hidden 64 on one thread; 8 x 37 -> 45 and 5 x 130 -> 19 for the remainders (a 2-row tile, W tiles of 1-3 rows, k
+# tails of 5 and 2); 24 x 200 -> 256 and 16 x 600 -> 420 split over two threads (k of 800 and 1020 in one pass).
+SHAPES = [(6, 64, 64), (8, 37, 45), (5, 130, 19), (24, 200, 256), (16, 600, 420)]
 
 
 def _step(module, x, state):
@@ -69,8 +69,9 @@ def test_fused_cell_step_matches_torch(kind, nonlinearity, batch, input_size, hi
 
 
 def test_fused_range():
-    # the GEMV rows (1-2) keep the GEMV
+    # the GEMV rows (1-2; 3-4 too where the AVX-512 GEMV runs) keep the GEMV
     assert not _C.cell_step_fused(4, 2, 64, 64)
+    assert _C.cell_step_fused(4, 4, 64, 64) == (not _C.gemv_avx512_available())
     # on CPUs with AVX-512 the broadcast form takes 13-128 rows of any length (and more where the weights are large),
     # also where the environment switched it off for the run (SEQFAST_CPU_NO_AVX512_WT) once the config turns it on
     if _C.own_gemm_available():
