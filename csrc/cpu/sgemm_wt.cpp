@@ -138,21 +138,28 @@ void rows(int64_t M, int64_t n, const Part& o1, const Part& o2, float beta, floa
   }
 }
 
-// W rows [n0, n1) against both parts: whole 8-row tiles, then the remainder.
-void pass(int64_t M, int64_t n0, int64_t n1, const Part& o1, const Part& o2, float beta, float* c, int64_t ldc,
-          const float* bias) {
+// tile(mr, n) over W rows [n0, n1): whole 8-row tiles, then the remainder; mr is std::integral_constant<int, MR>,
+// so each tile height is a compile-time constant of the tile function.
+template <class Tile>
+inline void each_tile(int64_t n0, int64_t n1, const Tile& tile) {
   int64_t n = n0;
-  for (; n + kRows <= n1; n += kRows) rows<kRows>(M, n, o1, o2, beta, c, ldc, bias);
+  for (; n + kRows <= n1; n += kRows) tile(std::integral_constant<int, kRows>(), n);
   switch (n1 - n) {
-    case 7: rows<7>(M, n, o1, o2, beta, c, ldc, bias); break;
-    case 6: rows<6>(M, n, o1, o2, beta, c, ldc, bias); break;
-    case 5: rows<5>(M, n, o1, o2, beta, c, ldc, bias); break;
-    case 4: rows<4>(M, n, o1, o2, beta, c, ldc, bias); break;
-    case 3: rows<3>(M, n, o1, o2, beta, c, ldc, bias); break;
-    case 2: rows<2>(M, n, o1, o2, beta, c, ldc, bias); break;
-    case 1: rows<1>(M, n, o1, o2, beta, c, ldc, bias); break;
+    case 7: tile(std::integral_constant<int, 7>(), n); break;
+    case 6: tile(std::integral_constant<int, 6>(), n); break;
+    case 5: tile(std::integral_constant<int, 5>(), n); break;
+    case 4: tile(std::integral_constant<int, 4>(), n); break;
+    case 3: tile(std::integral_constant<int, 3>(), n); break;
+    case 2: tile(std::integral_constant<int, 2>(), n); break;
+    case 1: tile(std::integral_constant<int, 1>(), n); break;
     default: break;
   }
+}
+
+// W rows [n0, n1) against both parts.
+void pass(int64_t M, int64_t n0, int64_t n1, const Part& o1, const Part& o2, float beta, float* c, int64_t ldc,
+          const float* bias) {
+  each_tile(n0, n1, [&](auto mr, int64_t n) { rows<decltype(mr)::value>(M, n, o1, o2, beta, c, ldc, bias); });
 }
 
 // The part of operand o over k [k0, k0 + kc).
@@ -245,18 +252,8 @@ void rows_narrow(int64_t M, int64_t n, const Operand& o1, const Operand& o2, flo
 template <int NV>
 void pass_narrow(int64_t M, int64_t n0, int64_t n1, const Operand& o1, const Operand& o2, float beta, float* c,
                  int64_t ldc, const float* bias) {
-  int64_t n = n0;
-  for (; n + kRows <= n1; n += kRows) rows_narrow<kRows, NV>(M, n, o1, o2, beta, c, ldc, bias);
-  switch (n1 - n) {
-    case 7: rows_narrow<7, NV>(M, n, o1, o2, beta, c, ldc, bias); break;
-    case 6: rows_narrow<6, NV>(M, n, o1, o2, beta, c, ldc, bias); break;
-    case 5: rows_narrow<5, NV>(M, n, o1, o2, beta, c, ldc, bias); break;
-    case 4: rows_narrow<4, NV>(M, n, o1, o2, beta, c, ldc, bias); break;
-    case 3: rows_narrow<3, NV>(M, n, o1, o2, beta, c, ldc, bias); break;
-    case 2: rows_narrow<2, NV>(M, n, o1, o2, beta, c, ldc, bias); break;
-    case 1: rows_narrow<1, NV>(M, n, o1, o2, beta, c, ldc, bias); break;
-    default: break;
-  }
+  each_tile(n0, n1,
+            [&](auto mr, int64_t n) { rows_narrow<decltype(mr)::value, NV>(M, n, o1, o2, beta, c, ldc, bias); });
 }
 
 void pack_narrow(int64_t M, int64_t K, const float* a, int64_t lda, float* dst) {

@@ -68,8 +68,11 @@ inline void gemv_w(int64_t nb, const T* const* x1, const TW* w1, int64_t K1, con
 // dot-product form's 3-row tiles. Zen 5, same process, no grad, GEMV / dot-product form: LSTMCell B4 H256 21.1 / 26.7
 // us, B3 H256 20.5 / 22.8, B4 H64 8.5 / 8.7, GRUCell B3 H512 53.9 / 58.8, B4 H1024 341 / 350, RNNCell B4 H1024 77.1 /
 // 89.4, GRU T1 B4 H512 54.3 / 66.4; training steps the same (0.98-1.00x). 5-6 rows (two groups, or an 8-row tile) read
-// 0.88-1.14x and stay on the dot-product form. An explicit SEQFAST_CPU_SMALL_BATCH keeps its meaning.
+// 0.88-1.14x and stay on the dot-product form. An explicit SEQFAST_CPU_SMALL_BATCH keeps its meaning. Steps with
+// bfloat16 weights (see kBf16Weights) always take it.
+template <typename T, typename TW>
 inline bool cell_gemv(int64_t B) {
+  if constexpr (kBf16Weights<T, TW>) return true;
   if (!cpu::config().small_batch_set && gemv512::available()) return B <= 4;
   return kern::use_small(B);
 }
@@ -190,7 +193,7 @@ void lstm_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& cx, con
   const int64_t B = x.size(0), I = x.size(1), H = hx.size(1);
   if (B == 0 || H == 0) return;
   // the route decided once (the workspace depends on it)
-  const bool gemv = kBf16Weights<T, TW> || cell_gemv(B), fused = !gemv && fused_nt<T, TW>(B, 4, I, H);
+  const bool gemv = cell_gemv<T, TW>(B), fused = !gemv && fused_nt<T, TW>(B, 4, I, H);
   if (!gemv && !fused && !gates.defined()) gates = at::empty({B, 4 * H}, x.options());  // linear2_out writes a tensor
   T* g = step_workspace<T>(gates, B * 4 * H, x.options(), 0);
   const T* c = cx.const_data_ptr<T>();
@@ -237,7 +240,7 @@ void gru_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
   if (B == 0 || H == 0) return;
   // gi/gh pre-activations: [B, 6H] scratch, gi = cols [0,3H), gh = [3H,6H).
   // the route decided once (the workspace depends on it)
-  const bool gemv = kBf16Weights<T, TW> || cell_gemv(B), fused = !gemv && fused_nt<T, TW>(B, 3, I, H);
+  const bool gemv = cell_gemv<T, TW>(B), fused = !gemv && fused_nt<T, TW>(B, 3, I, H);
   Tensor pre = !gemv && !fused ? at::empty({B, 6 * H}, x.options()) : Tensor();  // linear2_out writes a tensor
   T* pp = step_workspace<T>(pre, B * 6 * H, x.options(), 0);
   const T* h = hx.const_data_ptr<T>();
@@ -293,7 +296,7 @@ void rnn_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
   const int64_t B = x.size(0), I = x.size(1), H = hx.size(1);
   if (B == 0 || H == 0) return;
   T* y = hy.data_ptr<T>();
-  if (kBf16Weights<T, TW> || cell_gemv(B)) {
+  if (cell_gemv<T, TW>(B)) {
     std::array<const T*, kMaxSmallB> xr, hr;
     std::array<T*, kMaxSmallB> yr;
     for (int64_t b = 0; b < B; ++b) {
@@ -609,7 +612,7 @@ bool rnn_kernels_supported() { return kern::cpu_supported(); }
 bool bf16_cell_weights_supported() { return bf16w::available(); }
 
 bool cell_step_fused(int64_t G, int64_t B, int64_t I, int64_t H) {
-  return B > 0 && !cell_gemv(B) && fused_nt<float, float>(B, G, I, H);
+  return B > 0 && !cell_gemv<float, float>(B) && fused_nt<float, float>(B, G, I, H);
 }
 
 // Same-process A/B on the Zen 3 EPYC (no grad, module calls of one step without a state, cell route / layer, 31-41
