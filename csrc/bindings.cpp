@@ -102,6 +102,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   seqfast::cpu::has_avx2_fma();
   seqfast::cpu::has_avx512();
   seqfast::cpu::l2_cache_bytes();
+  seqfast::cpu::l3_cache_bytes();
   seqfast::block_pool::init();
   using GIL = py::call_guard<py::gil_scoped_release>;
 
@@ -115,6 +116,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("usable_cpus", &seqfast::cpu::usable_cpus, "CPUs this process may use (affinity and cgroup quota)");
   m.def("has_avx2", &seqfast::cpu::has_avx2_fma);
   m.def("has_avx512", &seqfast::cpu::has_avx512);
+  m.def("cache_bytes", [] {
+    return py::dict(py::arg("l2") = seqfast::cpu::l2_cache_bytes(), py::arg("l3") = seqfast::cpu::l3_cache_bytes());
+  }, "the cache sizes the kernels' rules read: one core's L2, the L3 it shares (bytes)");
   m.def("_raise_in_parallel_region", &seqfast::cpu::raise_in_parallel_region, GIL(), py::arg("team"),
         "test hook: an error thrown inside a parallel region must surface as RuntimeError");
 
@@ -126,6 +130,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cell_step_fused", &seqfast::cell_step_fused, py::arg("gates"), py::arg("batch"), py::arg("input_size"),
         py::arg("hidden_size"));
   m.def("one_step_as_cell", &seqfast::one_step_as_cell, py::arg("batch"));
+  m.def("lstm_input_first", &seqfast::lstm_input_first, py::arg("rows"), py::arg("input_size"), py::arg("hidden_size"),
+        py::arg("units"));
   // metadata only, microseconds: the GIL stays held (releasing it would cost more than the check)
   m.def("check_cell_args", &seqfast::check_cell_args, "seqfast.functional's cell checks (torch's errors)");
   // The GEMM entry point (cpu/gemm.h), bound for its parity tests.

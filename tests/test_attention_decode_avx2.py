@@ -161,11 +161,10 @@ def test_decoder_step_training_gradients(mask_kind, kernel_on):
 
 
 def test_decoder_step_larger_than_the_l3(kernel_on):
-    # K and V of more bytes than the L3 the OS reports (read from memory: the kernel prefetches rows ahead, and each
-    # head's first V rows during its softmax), with a key count off the 8-key blocks and the 32-row look-ahead
-    import os
-    l3 = os.sysconf("SC_LEVEL3_CACHE_SIZE") if "SC_LEVEL3_CACHE_SIZE" in os.sysconf_names else 0
-    l3 = l3 if (1 << 20) <= l3 <= (1 << 30) else 8 << 20
+    # K and V of more bytes than the L3 the kernels read (cpu::l3_cache_bytes: read from memory, the kernel
+    # prefetches rows ahead, and each head's first V rows during its softmax), with a key count off the 8-key blocks
+    # and the 32-row look-ahead
+    l3 = _C.cache_bytes()["l3"]
     S, D = 1000 + 13, 64
     N = l3 // (2 * 4 * S * D * 4) + 1  # 4 kv heads, float32 K and V
     q, k, v = _inputs(N, 4, 4, S, D, D, torch.float32, seed=5)

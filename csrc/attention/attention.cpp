@@ -316,7 +316,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   // D64 at 256-4096 keys, same-process runs of 15 rounds).
   constexpr bool kAvx2Type = std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>;
   const bool avx2 = kAvx2Type && attn_avx2::available();
-  // the kernel's row prefetch only where K and V outgrow the L3, i.e. come from memory (see attention_decode_avx2.cpp)
+  // the kernel's row prefetch only where K and V outgrow the L3, i.e. come from memory (see attention_decode_avx2.cpp).
+  // Zen 5 (AMD EPYC family 26, 32 MB L3), 2 threads, B16 H8 D64 float32, share of a plain read of the same bytes with /
+  // without it (same process, 21 rounds, twice): 1024 keys 93-95% / 84-85%, 4096 keys 94% / 85-86%.
   const bool kv_from_memory =
       N * Hk * kv_end * (D + Dv) * int64_t(sizeof(T)) > int64_t(cpu::l3_cache_bytes());
   // Heads per thread: at least config().par_min_work multiply-adds each (parallel_for_shared's team rule), so a small
