@@ -5,7 +5,9 @@ product inside the step, or, for batches of up to 8 rows whose thread's packed W
 L2, starting from one GEMM's input pre-activations over all steps (input 600 + hidden 200: 1.4 MB per thread at two
 threads, more than half of any L2 of up to 2 MB). The shapes put partial 16-unit blocks at the end of a thread's units and 1-5 row
 tiles after the 6-row ones; packed batches shrink step by step; training compares the saved-gate backward (in the
-pre-activation form the gates overwrite the pre-activations in place); one step keeps the in-step form.
+pre-activation form the gates overwrite the pre-activations in place); one step keeps the in-step form. Batches of
+9-32 rows start from the GEMM too where both packed weights together outgrow 3/4 of the L3 (the input size below is
+sized from the L3 this machine reports).
 """
 import pytest
 import torch
@@ -47,3 +49,34 @@ def test_packed_batches_shrinking_to_one_row(threads, hidden, lengths):
 def test_inference_matches_torch(threads, hidden, T):
     ours, ref = _lstm(600, hidden, num_layers=2, bidirectional=True)
     compare_inference_with_torch(ours, ref, torch.randn(T, 8, 600), **TOL)
+
+
+def _past_l3_input_size(hidden):
+    """An input size whose packed W_ih and W_hh (4 * hidden * (input + hidden) floats) outgrow 3/4 of the L3 here."""
+    l3 = _C.cache_bytes()["l3"]
+    return l3 * 3 // 4 // (16 * hidden) - hidden + 64
+
+
+def test_gemm_first_rule_past_the_l3():
+    H = 128
+    I = _past_l3_input_size(H)
+    assert _C.lstm_input_first(rows=32, input_size=I, hidden_size=H, units=H)
+    assert _C.lstm_input_first(rows=9, input_size=I, hidden_size=H, units=H)
+    assert not _C.lstm_input_first(rows=33, input_size=I, hidden_size=H, units=H)
+    assert not _C.lstm_input_first(rows=32, input_size=64, hidden_size=H, units=H)  # 0.8 MB: in the step
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_rows_past_eight_with_weights_past_the_l3(threads, mode):
+    # 17 rows (6 + 6 + 5 row tiles) on the GEMM-first form; small inputs keep the gates off saturation
+    H, T, B = 128, 3, 17
+    I = _past_l3_input_size(H)
+    if I > 40000:
+        pytest.skip(f"an L3 of {_C.cache_bytes()['l3']} bytes needs an input size of {I}")
+    assert _C.lstm_input_first(rows=B, input_size=I, hidden_size=H, units=H)
+    ours, ref = _lstm(I, H)
+    x = 0.05 * torch.randn(T, B, I)
+    if mode == "train":
+        compare_rnn_with_torch(ours, ref, x, **TOL)
+    else:
+        compare_inference_with_torch(ours, ref, x, **TOL)

@@ -31,6 +31,10 @@ bool cell_step_fused(int64_t G, int64_t B, int64_t I, int64_t H);
 // region reads W_ih and W_hh: the fused dot-product step, the GEMV at one row, or the cell's GEMMs) than as a layer
 // (input projection, then the time loop's step): all but 2-3 rows (rnn_cell.cpp).
 bool one_step_as_cell(int64_t B);
+// Whether the fused AVX-512 float32 LSTM step of a multi-step layer call with `rows` batch rows (input size I, hidden
+// H, threads owning `units` units each) starts from one input GEMM over all steps instead of doing x_t W_ih^T inside
+// each step (rnn_sequence.cpp, with the measurements). Bound for the tests.
+bool lstm_input_first(int64_t rows, int64_t I, int64_t H, int64_t units);
 // -> (hy, cy, gates[B,4H] = activated [i f g o], saved for backward)
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& cx,
                                                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,

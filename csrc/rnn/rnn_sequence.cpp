@@ -933,6 +933,21 @@ inline Tensor layer_dtype(const Tensor& dg, const Tensor& x) {
 
 }  // namespace
 
+// rnn.h. Inside the step, each step streams the packed W_ih beside W_hh; that pays while the stream stays in a cache
+// or enough rows share it. The GEMM goes first:
+//   * up to 8 rows, where a thread's packed slices outgrow half its L2 (measured in the caller);
+//   * up to 32 rows, where both packed matrices together outgrow 3/4 of the L3: each step then streams them from
+//     memory, 2 bytes per FLOP per batch row, and the GEMM-first form halves that stream (W_hh alone, which can stay
+//     in L3). Zen 5 (AMD EPYC family 26, 32 MB L3), 2 threads, T32 no grad, seqfast's time in the step over its time
+//     with the GEMM first (same process, 9-15 rounds): H1024 (32 MB packed) B12 1.17x, B16 1.16x / 1.155x (two
+//     runs), B24 1.065x, B32 0.99x / 1.03x, B48 0.98x, B64 0.92x; H1536 B32 1.08x; H768 (19 MB) B16 0.94x, B32
+//     0.94x; H512 (8 MB) B32 0.87x, B64 0.89x. Training (the forward is shared) H1024 B32 T16 1.02x.
+bool lstm_input_first(int64_t rows, int64_t I, int64_t H, int64_t units) {
+  const int64_t slices = int64_t(sizeof(float)) * lstm_step::pack_size(I + H, units);
+  const int64_t all = int64_t(sizeof(float)) * 4 * H * (I + H);
+  return (rows <= 8 && slices > cpu::l2_cache_bytes() / 2) || (rows <= 32 && all > cpu::l3_cache_bytes() / 4 * 3);
+}
+
 // ==================================================================================================================
 namespace {
 // save = false (inference): the gate workspace is not kept (returned empty) where the fused loop can avoid it.
@@ -970,23 +985,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::lstm_layer_forward", [&] {
     const int nt = fused_threads<scalar_t>(s, H, 4);
     // Fused AVX-512 step (gate GEMMs and cell update per step in registers) for float32. Batches above the GEMV range
-    // do the input projection inside the step, except batches of up to 8 rows whose packed W_ih and W_hh slices
-    // would not stay in half a thread's L2: there each step would stream W_ih again beside W_hh for at most two row
-    // tiles, and one GEMM over all steps first reads it once. Zen 5, 2 threads, T32, torch's time over seqfast's with
-    // the GEMM first / in the step (same process, 11-15 rounds): inference B4 H512 1.60 / 1.40x, B4 H1024 1.54 /
-    // 1.24x, B8 H512 1.19 / 1.13x, B8 H1024 1.58 / 1.06x, training B4 H512 1.27 / 1.21x, B8 H1024 1.43 / 1.23x; from
-    // 12 rows the step's own product won (B12 H1024 1.11 / 1.09x, B16 H512 1.03 / 1.13x, B32 H1024 1.09 / 1.21x, B64
-    // H512 0.92 / 1.08x). 1-2 row batches always take that GEMM first (at one row the step is a stream of the weights
-    // and W_ih would double it) and read W_hh in place, up to the hidden size small_step_threads allows.
+    // do the input projection inside the step, except where lstm_input_first: for batches of up to 8 rows, where
+    // their packed W_ih and W_hh slices would not stay in half a thread's L2, each step would stream W_ih again beside
+    // W_hh for at most two row tiles, and one GEMM over all steps first reads it once. Zen 5, 2 threads, T32, torch's
+    // time over seqfast's with the GEMM first / in the step (same process, 11-15 rounds): inference B4 H512 1.60 /
+    // 1.40x, B4 H1024 1.54 / 1.24x, B8 H512 1.19 / 1.13x, B8 H1024 1.58 / 1.06x, training B4 H512 1.27 / 1.21x, B8
+    // H1024 1.43 / 1.23x; from 12 rows, with the weights within the L3, the step's own product won (B16 H512 1.03 /
+    // 1.13x, B64 H512 0.92 / 1.08x; the weights past the L3: lstm_input_first). 1-2 row batches always take that GEMM
+    // first (at one row the step is a stream of the weights and W_ih would double it) and read W_hh in place, up to the
+    // hidden size small_step_threads allows.
     if (std::is_same_v<scalar_t, float> && sgemm::available() && s.T > 0 && cpu::config().fused) {
       const bool small = s.bs[0] <= 2;
       const int n = small ? small_step_threads(H) : nt;
       if (n) {
         const Tensor xc = x.contiguous(), wc = w_ih.contiguous(), whc = w_hh.contiguous();
         const int64_t I = x.size(1), units = (H + n - 1) / n;
-        const bool proj = small || (s.T >= 2 && s.bs[0] <= 8 &&
-                                    int64_t(sizeof(float)) * lstm_step::pack_size(I + H, units) >
-                                        cpu::l2_cache_bytes() / 2);
+        const bool proj = small || (s.T >= 2 && lstm_input_first(s.bs[0], I, H, units));
         Tensor pre;
         if (proj) pre = input_proj(x, w_ih, bias.defined() ? &bias : nullptr);  // [N,4H], becomes the workspace
         if (save) gates = proj ? pre : pooled_empty({x.size(0), 4 * H}, fopt);
