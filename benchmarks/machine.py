@@ -61,7 +61,15 @@ def machine(device):
         "seqfast": getattr(seqfast, "__version__", "?"),
         "commit": git_commit(),
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "caches": _kernel_caches(),
     }
+
+
+def _kernel_caches():
+    """The L2 and L3 sizes seqfast's CPU kernels read for their cache rules (bytes), or None without the extension."""
+    from seqfast import _ext
+    ext = _ext.module()
+    return ext.cache_bytes() if ext is not None and hasattr(ext, "cache_bytes") else None
 
 
 def device_tag(device):
@@ -77,6 +85,8 @@ def header_lines(m):
     lines = [f"- date: {m['date']}, device: {m['device']}" + (f" ({m['gpu']})" if m["gpu"] else ""),
              f"- CPU: {m['cpu']} ({m['cpu_family_model']}), ISA: {isa}; bfloat16 "
              + ("native" if m["native_bf16"] else "emulated (no avx512_bf16/amx: bfloat16 shapes shrunk)"),
-             f"- threads: {m['threads']} torch threads, {m['usable_cpus']} usable CPUs",
+             f"- threads: {m['threads']} torch threads, {m['usable_cpus']} usable CPUs"
+             + (f"; caches the kernels read: L2 {m['caches']['l2'] >> 10} KB per core, L3 {m['caches']['l3'] >> 20} MB"
+                if m.get("caches") else ""),
              f"- torch {m['torch']}, seqfast {m['seqfast']} at commit {m['commit']}"]
     return lines
