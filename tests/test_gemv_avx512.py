@@ -66,6 +66,23 @@ _CELLS = {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell, "rnn": torch.nn.RN
 def test_cell_steps_match_torch(kind, batch, input_size, hidden, on, no_rules):
     # the cells' small-batch products (forward x W_ih^T + h W_hh^T, backward dg W) on either form: float64 torch's
     # outputs and gradients (no rule table: seqfast's own op records the training step)
+    _check_cell(kind, batch, input_size, hidden, avx512_gemv=on)
+
+
+@pytest.mark.parametrize("kind", sorted(_CELLS))
+@pytest.mark.parametrize("batch,input_size,hidden", [(1, 5, 17), (3, 16, 40), (4, 64, 130)])
+def test_cell_steps_on_a_team_match_torch(kind, batch, input_size, hidden, no_rules):
+    # on the AVX-512 GEMV a step takes a team only from 1.5 x par_min_work weights (rnn_cell.cpp: gemv_work); with
+    # par_min_work 1, these small steps split their units over two threads
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check_cell(kind, batch, input_size, hidden, avx512_gemv=True, par_min_work=1, contention_backoff=False)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _check_cell(kind, batch, input_size, hidden, **config):
     import seqfast
     torch.manual_seed(batch + hidden)
     ref = _CELLS[kind](input_size, hidden).double()
@@ -75,7 +92,7 @@ def test_cell_steps_match_torch(kind, batch, input_size, hidden, on, no_rules):
     h = torch.randn(batch, hidden, dtype=torch.float64, requires_grad=True)
     state = (h, torch.randn(batch, hidden, dtype=torch.float64)) if kind == "lstm" else h
     state32 = tuple(s.detach().float() for s in state) if kind == "lstm" else h.detach().float()
-    with cpp_config(avx512_gemv=on), seqfast.use_backend("cpp"):
+    with cpp_config(**config), seqfast.use_backend("cpp"):
         with torch.no_grad():
             got = ours(x.detach().float(), state32)
         x32 = x.detach().float().requires_grad_()

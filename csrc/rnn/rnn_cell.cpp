@@ -77,6 +77,25 @@ inline bool cell_gemv(int64_t B) {
   return kern::use_small(B);
 }
 
+// The work a cell_gemv step hands kern::par_units (which splits it over the team from config().par_min_work on): B
+// rows x `weights` (G H (I + H)) multiply-adds, except on the AVX-512 GEMV, where the weights alone decide. Why: that
+// kernel's time grows with the weights it streams, hardly with the rows (one load feeds all 1-4), so a team repays
+// its fork and join from the same weight count at any row count. Zen 5 (AMD EPYC family 26), module steps, no grad,
+// same process, one thread's time over two threads': at 1-4 rows, weights 55K-153K 0.58-0.89x, 204K 0.97-1.10x, 221K
+// 0.92-0.98x, 294K 1.14-1.26x, 393K+ 1.21-1.43x; the rows x weights rule had put 2-4 rows of 33K-131K weights on two
+// threads (RNNCell B4 H128 8.9 against 5.9 us on one, LSTMCell B1 H128 10.5 against 8.1). So two threads from 1.5 x
+// par_min_work weights (196K at the default).
+template <typename T, typename TW>
+inline int64_t gemv_work(int64_t B, int64_t weights) {
+  if constexpr (std::is_same_v<T, float> && !kBf16Weights<T, TW>) {
+    if (gemv512::available()) {
+      const int64_t min_work = kern::par_min_work();
+      return weights * 2 >= min_work * 3 ? std::max(B * weights, min_work) : 0;
+    }
+  }
+  return B * weights;
+}
+
 // f(TW()) for the weights' element type (see kBf16Weights): the entries accept bfloat16 weights under float32 input
 // only.
 template <typename T, typename F>
@@ -209,7 +228,7 @@ void lstm_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& cx, con
     }
     const TW* wi = w_ih.const_data_ptr<TW>();
     const TW* wh = w_hh.const_data_ptr<TW>();
-    kern::par_units(H, B * 4 * H * (I + H), [&](int64_t k0, int64_t k1) {
+    kern::par_units(H, gemv_work<T, TW>(B, 4 * H * (I + H)), [&](int64_t k0, int64_t k1) {
       for (int64_t q = 0; q < 4; ++q)
         gemv_w<T, TW>(B, xr.data(), wi, I, hr.data(), wh, H, gr.data(), q * H + k0, q * H + k1, false);
       for (int64_t b = 0; b < B; ++b)
@@ -257,7 +276,7 @@ void gru_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
     }
     const TW* wi = w_ih.const_data_ptr<TW>();
     const TW* wh = w_hh.const_data_ptr<TW>();
-    kern::par_units(H, B * 3 * H * (I + H), [&](int64_t k0, int64_t k1) {
+    kern::par_units(H, gemv_work<T, TW>(B, 3 * H * (I + H)), [&](int64_t k0, int64_t k1) {
       for (int64_t q = 0; q < 3; ++q) {
         gemv_w<T, TW>(B, xr.data(), wi, I, nullptr, nullptr, 0, gir.data(), q * H + k0, q * H + k1, false);
         gemv_w<T, TW>(B, hr.data(), wh, H, nullptr, nullptr, 0, ghr.data(), q * H + k0, q * H + k1, false);
@@ -306,7 +325,7 @@ void rnn_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
     }
     const TW* wi = w_ih.const_data_ptr<TW>();
     const TW* wh = w_hh.const_data_ptr<TW>();
-    kern::par_units(H, B * H * (I + H), [&](int64_t k0, int64_t k1) {
+    kern::par_units(H, gemv_work<T, TW>(B, H * (I + H)), [&](int64_t k0, int64_t k1) {
       gemv_w<T, TW>(B, xr.data(), wi, I, hr.data(), wh, H, yr.data(), k0, k1, false);
       for (int64_t b = 0; b < B; ++b) kern::rnn_fwd_row<T>(y + b * H, b1, b2, y + b * H, relu, k0, k1);
     });
