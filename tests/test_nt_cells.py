@@ -68,6 +68,41 @@ def test_fused_cell_step_matches_torch(kind, nonlinearity, batch, input_size, hi
             torch.testing.assert_close(g.double(), want, rtol=1e-4, atol=1e-4)
 
 
+# (batch, input, hidden) of fused steps whose weights fit half of any L2 of 64 KB and more: from 32 rows their batch
+# rows are split over the team in 16-row blocks (rnn_cell.cpp: fused_split), below that they run on one thread.
+# Chunks on two threads: 16 + 16 rows, 32 + 38 (the last block 6 rows), 16 + 21, 48 + 52.
+ROW_SPLIT = [(32, 40, 48), (70, 33, 24), (37, 20, 30), (100, 17, 16), (20, 30, 40)]
+
+
+@pytest.mark.parametrize("kind,nonlinearity", [("LSTMCell", None), ("GRUCell", None), ("RNNCell", "tanh")])
+@pytest.mark.parametrize("batch,input_size,hidden", ROW_SPLIT)
+def test_fused_step_with_rows_split_matches_torch(kind, nonlinearity, batch, input_size, hidden):
+    import seqfast
+    assert _C.cell_step_fused(GATES[kind], batch, input_size, hidden) or not _C.own_gemm_available()
+    kw = {"nonlinearity": nonlinearity} if nonlinearity else {}
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, kind)(input_size, hidden, **kw).double()
+    mod = getattr(seqfast.nn, kind)(input_size, hidden, **kw)
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(batch, input_size)
+    state = tuple(torch.randn(batch, hidden) for _ in range(2 if kind == "LSTMCell" else 1))
+    expected = _step(ref, x.double(), tuple(s.double() for s in state))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # par_min_work 1: every step worth two chunks
+        with cpp_config(par_min_work=1, contention_backoff=False):
+            with torch.no_grad():
+                out = mod(x, state if len(state) == 2 else state[0])
+            got = _step(mod, x, state)
+    finally:
+        torch.set_num_threads(saved)
+    for o, want in zip(out if isinstance(out, tuple) else (out,), expected):
+        torch.testing.assert_close(o.double(), want, rtol=1e-5, atol=2e-5)
+    for g, want in zip(got, expected):
+        torch.testing.assert_close(g.double(), want, rtol=1e-4, atol=1e-4)
+
+
 def test_fused_range():
     # the GEMV rows (1-2; 3-4 too where the AVX-512 GEMV runs) keep the GEMV
     assert not _C.cell_step_fused(4, 2, 64, 64)
