@@ -80,3 +80,22 @@ def test_rows_past_eight_with_weights_past_the_l3(threads, mode):
         compare_rnn_with_torch(ours, ref, x, **TOL)
     else:
         compare_inference_with_torch(ours, ref, x, **TOL)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("hidden,config", [(160, {}), (24, {"par_min_work": 1, "contention_backoff": False})],
+                         ids=["default_rule", "par_min_work_1"])
+def test_one_and_two_row_steps_on_a_team(batch, hidden, config):
+    # 1-2 row steps share W_hh over two threads from 3/4 of par_min_work weights (rnn_sequence.cpp: recurrent_team):
+    # hidden 160 by the default rule (4 x 160^2 = 102K), hidden 24 with par_min_work 1
+    from conftest import cpp_config
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with cpp_config(**config):
+            ours, ref = _lstm(48, hidden)
+            compare_rnn_with_torch(ours, ref, torch.randn(5, batch, 48), **TOL)
+            ours, ref = _lstm(48, hidden, num_layers=2)
+            compare_inference_with_torch(ours, ref, torch.randn(5, batch, 48), **TOL)
+    finally:
+        torch.set_num_threads(saved)

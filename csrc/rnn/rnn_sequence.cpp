@@ -233,6 +233,15 @@ inline bool fused_gemv(int64_t nb) {
   return kern::use_small(nb);
 }
 
+// Whether a 1-2 row time loop (G gate blocks of hidden H) shares each step over the team, with a barrier per step:
+// from 3/4 of par_min_work weights of W_hh (98K at the default), whatever the rows (the step streams W_hh; one or two
+// rows hardly change its time). Zen 5 (AMD EPYC family 26, 2 vCPUs), T32 no grad, same process, one thread's time
+// over two's: LSTM B1 H64 / H128 (16K / 65K weights) 0.51 / 0.85x, H160 (102K) 1.01x, H176 1.10x, H256 1.26x; GRU B1
+// H128 0.93x, H160 (77K) 0.92x, H192 (110K) 1.09x; RNN B1 H256 (65K) 0.84x, H320 (102K) 1.03x, H384 1.12x; at two rows
+// LSTM H128 0.92x, H160 1.28x, GRU H128 0.79x, RNN H256 0.81x. (An earlier run on the same VM had read LSTM B1 H64 at
+// 25 us on two threads, as fast as one: how much a step's barrier costs moves with the host.)
+inline bool recurrent_team(int64_t G, int64_t H) { return 4 * G * H * H >= 3 * kern::par_min_work(); }
+
 // Threads for the fused loop (1 = run it on the calling thread), or 0 = use the per-step path.
 template <typename T>
 inline int fused_threads(const Steps& s, int64_t H, int64_t G) {
@@ -247,7 +256,8 @@ inline int fused_threads(const Steps& s, int64_t H, int64_t G) {
     // rounds, both orders) then read one region / per-step 1.07-1.15x at B1 H256-384 (LSTM, GRU), 1.02-1.06x at B1
     // H512-1024, 1.00-1.08x at B2 H256-512; training 0.98-1.03x.
     const int64_t lim = kern::par_min_work();
-    return (nt >= 2 && work >= lim / 2) ? nt : 0;
+    if (nt < 2 || work < lim / 2) return 0;
+    return recurrent_team(G, H) ? nt : 1;
   }
   if (work < kern::par_min_work()) nt = 1;
   return std::max(nt, 1);
@@ -259,7 +269,8 @@ inline int fused_threads(const Steps& s, int64_t H, int64_t G) {
 // its rows would stream from L3 every step, and hidden 256-512 keep the per-step GEMV path (parallel over rows): one
 // T64 B1 comparison favoured it there, though by less than this VM's run-to-run noise.
 inline int small_step_threads(int64_t H) {
-  const int nt = H >= cpu::config().step_par_min_h ? cpu::threads(std::max<int64_t>(1, H / 32)) : 1;
+  const int nt =
+      H >= cpu::config().step_par_min_h && recurrent_team(4, H) ? cpu::threads(std::max<int64_t>(1, H / 32)) : 1;
   return 16 * H * H / nt <= (int64_t(256) << 10) ? nt : 0;
 }
 
