@@ -69,8 +69,9 @@ def test_fused_cell_step_matches_torch(kind, nonlinearity, batch, input_size, hi
 
 
 # (batch, input, hidden) of fused steps whose weights fit half of any L2 of 64 KB and more: from 32 rows their batch
-# rows are split over the team in 16-row blocks (rnn_cell.cpp: fused_split), below that they run on one thread.
-# Chunks on two threads: 16 + 16 rows, 32 + 38 (the last block 6 rows), 16 + 21, 48 + 52.
+# rows are split over the team in 16-row blocks (rnn_cell.cpp: fused_split), below that their units, each thread
+# packing all the rows itself. Chunks on two threads: 16 + 16 rows, 32 + 38 (the last block 6 rows), 16 + 21, 48 + 52;
+# 20 rows: units 16 + 24.
 ROW_SPLIT = [(32, 40, 48), (70, 33, 24), (37, 20, 30), (100, 17, 16), (20, 30, 40)]
 
 

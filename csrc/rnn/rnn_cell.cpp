@@ -171,17 +171,41 @@ struct NtProducts {
 // How a fused step (fused_nt) shares its work. Where the weights fit half a core's L2, each thread can keep its own
 // copy of them, while rows packed on one core cost every teammate a transfer from that core's cache: on the Zen 5 (AMD
 // EPYC family 26, 2 vCPUs) a broadcast-form product A [128, 256] @ W [128, 256]^T ran 35 us on one thread and 38 us
-// on two with the W rows split. So with such weights the batch rows are split (each thread packing and multiplying
-// its own rows by all of the weights) from 32 rows (two 16-row blocks: the narrow form's width), and fewer rows run on
-// the calling thread (one thread over two with the units split, same process: 8-16 rows of LSTMCell / GRUCell /
-// RNNCell H64-128 0.64-0.96x, RNNCell B16 H256 1.09x, LSTMCell B16 H128 1.04x). Larger weights split the units, each
-// thread streaming its own rows of W.
+// on two with the W rows split and A packed once. So with such weights each thread packs the rows itself: from 32
+// rows the batch rows are split (each thread packing and multiplying its own rows by all of the weights; 16-row
+// blocks, the narrow form's width), below that the units (each thread packing all the rows; one chunk of units per
+// thread, no pieces to steal). Larger weights split the units in shared pieces over rows packed once: each thread
+// streams its own part of W, which dominates. Same process, Zen 5, module steps, no grad, the units split over rows
+// packed once / the new split: RNNCell B128 H128 60 / 34 us, LSTMCell B64 H64 42 / 28 us, GRUCell B128 H128 102 /
+// 87 us, LSTMCell B8 H128 18.6 / 13.0 us (one thread 18.7), B16 H128 25.9 / 17.2, B24 H128 43.2 / 25.5.
 constexpr int64_t kRowBlock = 16;
-enum class FusedSplit { kRows, kOneThread, kUnits };
+enum class FusedSplit { kRows, kUnitsOwnRows, kUnits };
 inline FusedSplit fused_split(int64_t B, int64_t G, int64_t I, int64_t H) {
   if (int64_t(sizeof(float)) * G * H * (I + H) > cpu::l2_cache_bytes() / 2) return FusedSplit::kUnits;
-  return B >= 2 * kRowBlock ? FusedSplit::kRows : FusedSplit::kOneThread;
+  return B >= 2 * kRowBlock ? FusedSplit::kRows : FusedSplit::kUnitsOwnRows;
 }
+
+// f(p, k0, k1) over the units of a fused step (kUnits or kUnitsOwnRows; p: the step's NtProducts, x and hx [B, .]
+// float32 with contiguous rows), split over the team: kUnits as kern::par_units does, kUnitsOwnRows in chunks of at
+// least 2 x config().par_min_work multiply-adds (work: the step's), since each chunk packs all the rows again
+// (GRUCell B8 H64, 0.2M multiply-adds, ran 14.1 us on two threads against 8.4 on one).
+template <class F>
+inline void fused_units(FusedSplit split, int64_t work, const Tensor& x, const Tensor& hx, const Tensor& w_ih,
+                        const Tensor& w_hh, const F& f) {
+  const int64_t H = hx.size(1);
+  if (split == FusedSplit::kUnits) {
+    const NtProducts p(x, hx, w_ih, w_hh);
+    kern::par_units(H, work, [&](int64_t k0, int64_t k1) { f(p, k0, k1); });
+    return;
+  }
+  const int64_t blocks = (H + 15) / 16, per_block = std::max<int64_t>(1, work / blocks);
+  const int64_t min_chunk = 2 * kern::par_min_work();
+  cpu::parallel_for(blocks, (min_chunk + per_block - 1) / per_block, [&](int64_t a0, int64_t a1, int) {
+    const NtProducts p(x, hx, w_ih, w_hh);
+    f(p, a0 * 16, std::min(H, a1 * 16));
+  });
+}
+
 // f(r0, r1) over the rows of a fused step in whole 16-row blocks, split over the team in chunks of at least 4 x
 // config().par_min_work multiply-adds (work: the step's, over all rows). Same process, Zen 5, module steps, no grad,
 // time with the units split / the rows split / one thread over the rows split: LSTMCell B64 H64 1.49 / 1.18x, B128
@@ -280,8 +304,8 @@ void lstm_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& cx, con
         });
         return;
       }
-      const NtProducts p(x, hx, w_ih, w_hh);
-      kern::par_units(H, split == FusedSplit::kUnits ? nt_work(B, 4, I, H) : 0, [&](int64_t k0, int64_t k1) {
+      const int64_t work = split == FusedSplit::kUnits ? nt_work(B, 4, I, H) : B * 4 * H * (I + H);
+      fused_units(split, work, x, hx, w_ih, w_hh, [&](const NtProducts& p, int64_t k0, int64_t k1) {
         for (int64_t q = 0; q < 4; ++q) p.sum(g, 4 * H, q * H + k0, q * H + k1);
         for (int64_t b = 0; b < B; ++b)
           kern::lstm_fwd_row<T>(g + b * 4 * H, b1, b2, c + b * H, cyp + b * H, hyp + b * H, H, k0, k1);
@@ -346,8 +370,8 @@ void gru_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
         });
         return;
       }
-      const NtProducts p(x, hx, w_ih, w_hh);
-      kern::par_units(H, split == FusedSplit::kUnits ? nt_work(B, 3, I, H) : 0, [&](int64_t k0, int64_t k1) {
+      const int64_t work = split == FusedSplit::kUnits ? nt_work(B, 3, I, H) : B * 3 * H * (I + H);
+      fused_units(split, work, x, hx, w_ih, w_hh, [&](const NtProducts& p, int64_t k0, int64_t k1) {
         // r and z: both products summed into gi's slots; n: apart (r scales the h part), gh's n slot at 3H on
         for (int64_t q = 0; q < 2; ++q) p.sum(pp, 6 * H, q * H + k0, q * H + k1);
         p.input(pp, 6 * H, 2 * H + k0, 2 * H + k1);
@@ -401,8 +425,8 @@ void rnn_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
         });
         return;
       }
-      const NtProducts p(x, hx, w_ih, w_hh);
-      kern::par_units(H, split == FusedSplit::kUnits ? nt_work(B, 1, I, H) : 0, [&](int64_t k0, int64_t k1) {
+      const int64_t work = split == FusedSplit::kUnits ? nt_work(B, 1, I, H) : B * H * (I + H);
+      fused_units(split, work, x, hx, w_ih, w_hh, [&](const NtProducts& p, int64_t k0, int64_t k1) {
         p.sum(y, H, k0, k1);
         for (int64_t b = 0; b < B; ++b) kern::rnn_fwd_row<T>(y + b * H, b1, b2, y + b * H, relu, k0, k1);
       });
