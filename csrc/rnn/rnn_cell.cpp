@@ -169,15 +169,16 @@ struct NtProducts {
 };
 
 // How a fused step (fused_nt) shares its work. Where the weights fit half a core's L2, each thread can keep its own
-// copy of them, while rows packed on one core cost every teammate a transfer from that core's cache: on the Zen 5 (AMD
-// EPYC family 26, 2 vCPUs) a broadcast-form product A [128, 256] @ W [128, 256]^T ran 35 us on one thread and 38 us
-// on two with the W rows split and A packed once. So with such weights each thread packs the rows itself: from 32
-// rows the batch rows are split (each thread packing and multiplying its own rows by all of the weights; 16-row
-// blocks, the narrow form's width), below that the units (each thread packing all the rows; one chunk of units per
-// thread, no pieces to steal). Larger weights split the units in shared pieces over rows packed once: each thread
-// streams its own part of W, which dominates. Same process, Zen 5, module steps, no grad, the units split over rows
-// packed once / the new split: RNNCell B128 H128 60 / 34 us, LSTMCell B64 H64 42 / 28 us, GRUCell B128 H128 102 /
-// 87 us, LSTMCell B8 H128 18.6 / 13.0 us (one thread 18.7), B16 H128 25.9 / 17.2, B24 H128 43.2 / 25.5.
+// copy of them, while rows packed on one core cost every teammate a transfer from that core's cache. So with such
+// weights each thread packs the rows itself: from 32 rows the batch rows are split (each thread packing and
+// multiplying its own rows by all of the weights; 16-row blocks, the narrow form's width), below that the units (each
+// thread packing all the rows; one chunk of units per thread, no pieces to steal). Larger weights split the units in
+// shared pieces over rows packed once: each thread streams its own part of W, which dominates. Same process, Zen 5
+// (AMD EPYC family 26, 2 vCPUs), module steps, no grad, the units split over rows packed once against this split, in
+// a phase when the VM's cross-core traffic ran slow (a 1-2 row LSTM step's barrier then cost about 0.8 us more):
+// RNNCell B128 H128 60 / 34 us, LSTMCell B64 H64 42 / 28, GRUCell B128 H128 102 / 87, LSTMCell B8 H128 18.6 / 13.0
+// (one thread 18.7), B16 H128 25.9 / 17.2, B24 H128 43.2 / 25.5; in a quicker phase 0.93-1.25x (RNNCell B128 H128
+// 1.25x, GRUCell B64-128 1.09x, RNNCell B8 H128 and B64 H64, on one thread here, 0.93x).
 constexpr int64_t kRowBlock = 16;
 enum class FusedSplit { kRows, kUnitsOwnRows, kUnits };
 inline FusedSplit fused_split(int64_t B, int64_t G, int64_t I, int64_t H) {
