@@ -186,39 +186,43 @@ inline FusedSplit fused_split(int64_t B, int64_t G, int64_t I, int64_t H) {
   return B >= 2 * kRowBlock ? FusedSplit::kRows : FusedSplit::kUnitsOwnRows;
 }
 
-// f(p, k0, k1) over the units of a fused step (kUnits or kUnitsOwnRows; p: the step's NtProducts, x and hx [B, .]
-// float32 with contiguous rows), split over the team: kUnits as kern::par_units does, kUnitsOwnRows in chunks of at
-// least 2 x config().par_min_work multiply-adds (work: the step's), since each chunk packs all the rows again
-// (GRUCell B8 H64, 0.2M multiply-adds, ran 14.1 us on two threads against 8.4 on one).
-template <class F>
-inline void fused_units(FusedSplit split, int64_t work, const Tensor& x, const Tensor& hx, const Tensor& w_ih,
-                        const Tensor& w_hh, const F& f) {
-  const int64_t H = hx.size(1);
+// A fused step's products over the team as fused_split says: units(p, k0, k1) for a chunk of units [k0, k1) of all
+// the rows, or rows(p, r0, r1) for a chunk of batch rows [r0, r1) of all the units, p the NtProducts of the rows it
+// covers (x, hx [B, .] float32 with contiguous rows; w_ih [G H, I], w_hh [G H, H]). Teams:
+//   * kUnits: kern::par_units on nt_work, rows packed once (shared pieces);
+//   * kUnitsOwnRows: one chunk of 16-unit blocks per thread, from 2 x config().par_min_work multiply-adds each, since
+//     every chunk packs all the rows again (GRUCell B8 H64, 0.2M multiply-adds, ran 14.1 us on two threads against
+//     8.4 on one);
+//   * kRows: 16-row blocks, from 4 x par_min_work multiply-adds a chunk. Same process, Zen 5, module steps, no grad,
+//     time with the units split / the rows split / one thread over the rows split: LSTMCell B64 H64 1.49 / 1.18x,
+//     B128 H64 1.22 / 1.35x, B100 H96 1.11 / 1.46x, GRUCell B64 H64 1.50 / 1.13x, B128 H128 1.18 / 1.56x, RNNCell
+//     B128 H128 1.77 / 1.37x, B64 H256 1.33 / 1.53x; RNNCell B64 H64 (0.5M multiply-adds) 1.36 / 0.83x, hence the 4 x.
+template <class Units, class Rows>
+inline void fused_step(const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh, const Units& units,
+                       const Rows& rows) {
+  const int64_t B = x.size(0), I = x.size(1), H = hx.size(1), GH = w_ih.size(0);
+  const FusedSplit split = fused_split(B, GH / H, I, H);
+  const int64_t work = B * GH * (I + H);
+  const auto chunks = [&](int64_t blocks, int64_t min_chunk, const auto& f) {
+    const int64_t per_block = std::max<int64_t>(1, work / blocks);
+    cpu::parallel_for(blocks, (min_chunk + per_block - 1) / per_block, [&](int64_t a0, int64_t a1, int) { f(a0, a1); });
+  };
   if (split == FusedSplit::kUnits) {
     const NtProducts p(x, hx, w_ih, w_hh);
-    kern::par_units(H, work, [&](int64_t k0, int64_t k1) { f(p, k0, k1); });
-    return;
+    kern::par_units(H, nt_work(B, GH / H, I, H), [&](int64_t k0, int64_t k1) { units(p, k0, k1); });
+  } else if (split == FusedSplit::kUnitsOwnRows) {
+    chunks((H + 15) / 16, 2 * kern::par_min_work(), [&](int64_t a0, int64_t a1) {
+      const NtProducts p(x, hx, w_ih, w_hh);
+      units(p, a0 * 16, std::min(H, a1 * 16));
+    });
+  } else {
+    chunks((B + kRowBlock - 1) / kRowBlock, 4 * kern::par_min_work(), [&](int64_t a0, int64_t a1) {
+      const int64_t r0 = a0 * kRowBlock, r1 = std::min(B, a1 * kRowBlock);
+      const NtProducts p(r1 - r0, I, H, GH, x.const_data_ptr<float>() + r0 * I, hx.const_data_ptr<float>() + r0 * H,
+                         w_ih.const_data_ptr<float>(), w_hh.const_data_ptr<float>());
+      rows(p, r0, r1);
+    });
   }
-  const int64_t blocks = (H + 15) / 16, per_block = std::max<int64_t>(1, work / blocks);
-  const int64_t min_chunk = 2 * kern::par_min_work();
-  cpu::parallel_for(blocks, (min_chunk + per_block - 1) / per_block, [&](int64_t a0, int64_t a1, int) {
-    const NtProducts p(x, hx, w_ih, w_hh);
-    f(p, a0 * 16, std::min(H, a1 * 16));
-  });
-}
-
-// f(r0, r1) over the rows of a fused step in whole 16-row blocks, split over the team in chunks of at least 4 x
-// config().par_min_work multiply-adds (work: the step's, over all rows). Same process, Zen 5, module steps, no grad,
-// time with the units split / the rows split / one thread over the rows split: LSTMCell B64 H64 1.49 / 1.18x, B128
-// H64 1.22 / 1.35x, B100 H96 1.11 / 1.46x, GRUCell B64 H64 1.50 / 1.13x, B128 H128 1.18 / 1.56x, RNNCell B128 H128
-// 1.77 / 1.37x, B64 H256 1.33 / 1.53x; RNNCell B64 H64 (0.5M multiply-adds) 1.36 / 0.83x, hence the 4 x.
-template <class F>
-inline void par_row_blocks(int64_t B, int64_t work, const F& f) {
-  const int64_t blocks = (B + kRowBlock - 1) / kRowBlock;
-  const int64_t per_block = std::max<int64_t>(1, work / blocks), min_chunk = 4 * kern::par_min_work();
-  cpu::parallel_for(blocks, (min_chunk + per_block - 1) / per_block, [&](int64_t b0, int64_t b1, int) {
-    f(b0 * kRowBlock, std::min(B, b1 * kRowBlock));
-  });
 }
 
 // Rows of a product with bfloat16 weights per chunk of the team: enough multiply-adds to be worth a thread.
@@ -293,24 +297,20 @@ void lstm_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& cx, con
     });
   } else if (fused) {
     if constexpr (std::is_same_v<T, float>) {
-      const FusedSplit split = fused_split(B, 4, I, H);
-      if (split == FusedSplit::kRows) {
-        par_row_blocks(B, B * 4 * H * (I + H), [&](int64_t r0, int64_t r1) {
-          const NtProducts p(r1 - r0, I, H, 4 * H, x.const_data_ptr<float>() + r0 * I,
-                             hx.const_data_ptr<float>() + r0 * H, w_ih.const_data_ptr<float>(),
-                             w_hh.const_data_ptr<float>());
-          p.sum(g + r0 * 4 * H, 4 * H, 0, 4 * H);
-          for (int64_t b = r0; b < r1; ++b)
-            kern::lstm_fwd_row<T>(g + b * 4 * H, b1, b2, c + b * H, cyp + b * H, hyp + b * H, H, 0, H);
-        });
-        return;
-      }
-      const int64_t work = split == FusedSplit::kUnits ? nt_work(B, 4, I, H) : B * 4 * H * (I + H);
-      fused_units(split, work, x, hx, w_ih, w_hh, [&](const NtProducts& p, int64_t k0, int64_t k1) {
-        for (int64_t q = 0; q < 4; ++q) p.sum(g, 4 * H, q * H + k0, q * H + k1);
-        for (int64_t b = 0; b < B; ++b)
+      const auto update = [&](int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
+        for (int64_t b = r0; b < r1; ++b)
           kern::lstm_fwd_row<T>(g + b * 4 * H, b1, b2, c + b * H, cyp + b * H, hyp + b * H, H, k0, k1);
-      });
+      };
+      fused_step(
+          x, hx, w_ih, w_hh,
+          [&](const NtProducts& p, int64_t k0, int64_t k1) {
+            for (int64_t q = 0; q < 4; ++q) p.sum(g, 4 * H, q * H + k0, q * H + k1);
+            update(0, B, k0, k1);
+          },
+          [&](const NtProducts& p, int64_t r0, int64_t r1) {
+            p.sum(g + r0 * 4 * H, 4 * H, 0, 4 * H);
+            update(r0, r1, 0, H);
+          });
     }
   } else {
     gemm::linear2_out(gates, x, w_ih, gates, hx, w_hh, true);  // both products in one region where it can
@@ -356,31 +356,27 @@ void gru_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
     });
   } else if (fused) {
     if constexpr (std::is_same_v<T, float>) {
-      const FusedSplit split = fused_split(B, 3, I, H);
-      if (split == FusedSplit::kRows) {
-        par_row_blocks(B, B * 3 * H * (I + H), [&](int64_t r0, int64_t r1) {
-          const NtProducts p(r1 - r0, I, H, 3 * H, x.const_data_ptr<float>() + r0 * I, h + r0 * H,
-                             w_ih.const_data_ptr<float>(), w_hh.const_data_ptr<float>());
-          float* pr = pp + r0 * 6 * H;
-          p.sum(pr, 6 * H, 0, 2 * H);
-          p.input(pr, 6 * H, 2 * H, 3 * H);
-          p.hidden(pr + 3 * H, 6 * H, 2 * H, 3 * H);
-          for (int64_t b = r0; b < r1; ++b)
-            kern::gru_fwd_row<T, true>(pp + b * 6 * H, bih, pp + b * 6 * H + 3 * H, bhh, h + b * H, hyp + b * H,
-                                       wsp + b * 4 * H, H, 0, H);
-        });
-        return;
-      }
-      const int64_t work = split == FusedSplit::kUnits ? nt_work(B, 3, I, H) : B * 3 * H * (I + H);
-      fused_units(split, work, x, hx, w_ih, w_hh, [&](const NtProducts& p, int64_t k0, int64_t k1) {
-        // r and z: both products summed into gi's slots; n: apart (r scales the h part), gh's n slot at 3H on
-        for (int64_t q = 0; q < 2; ++q) p.sum(pp, 6 * H, q * H + k0, q * H + k1);
-        p.input(pp, 6 * H, 2 * H + k0, 2 * H + k1);
-        p.hidden(pp + 3 * H, 6 * H, 2 * H + k0, 2 * H + k1);
-        for (int64_t b = 0; b < B; ++b)
+      const auto update = [&](int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
+        for (int64_t b = r0; b < r1; ++b)
           kern::gru_fwd_row<T, true>(pp + b * 6 * H, bih, pp + b * 6 * H + 3 * H, bhh, h + b * H, hyp + b * H,
                                      wsp + b * 4 * H, H, k0, k1);
-      });
+      };
+      // r and z: both products summed into gi's slots; n: apart (r scales the h part), gh's n slot at 3H on
+      const auto products = [&](const NtProducts& p, float* out, int64_t k0, int64_t k1) {
+        for (int64_t q = 0; q < 2; ++q) p.sum(out, 6 * H, q * H + k0, q * H + k1);
+        p.input(out, 6 * H, 2 * H + k0, 2 * H + k1);
+        p.hidden(out + 3 * H, 6 * H, 2 * H + k0, 2 * H + k1);
+      };
+      fused_step(
+          x, hx, w_ih, w_hh,
+          [&](const NtProducts& p, int64_t k0, int64_t k1) {
+            products(p, pp, k0, k1);
+            update(0, B, k0, k1);
+          },
+          [&](const NtProducts& p, int64_t r0, int64_t r1) {
+            products(p, pp + r0 * 6 * H, 0, H);
+            update(r0, r1, 0, H);
+          });
     }
   } else {
     Tensor gi = pre.narrow(1, 0, 3 * H), gh = pre.narrow(1, 3 * H, 3 * H);
@@ -415,22 +411,19 @@ void rnn_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
     });
   } else if (fused_nt<T, TW>(B, 1, I, H)) {
     if constexpr (std::is_same_v<T, float>) {
-      const FusedSplit split = fused_split(B, 1, I, H);
-      if (split == FusedSplit::kRows) {
-        par_row_blocks(B, B * H * (I + H), [&](int64_t r0, int64_t r1) {
-          const NtProducts p(r1 - r0, I, H, H, x.const_data_ptr<float>() + r0 * I,
-                             hx.const_data_ptr<float>() + r0 * H, w_ih.const_data_ptr<float>(),
-                             w_hh.const_data_ptr<float>());
-          p.sum(y + r0 * H, H, 0, H);
-          for (int64_t b = r0; b < r1; ++b) kern::rnn_fwd_row<T>(y + b * H, b1, b2, y + b * H, relu, 0, H);
-        });
-        return;
-      }
-      const int64_t work = split == FusedSplit::kUnits ? nt_work(B, 1, I, H) : B * H * (I + H);
-      fused_units(split, work, x, hx, w_ih, w_hh, [&](const NtProducts& p, int64_t k0, int64_t k1) {
-        p.sum(y, H, k0, k1);
-        for (int64_t b = 0; b < B; ++b) kern::rnn_fwd_row<T>(y + b * H, b1, b2, y + b * H, relu, k0, k1);
-      });
+      const auto update = [&](int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
+        for (int64_t b = r0; b < r1; ++b) kern::rnn_fwd_row<T>(y + b * H, b1, b2, y + b * H, relu, k0, k1);
+      };
+      fused_step(
+          x, hx, w_ih, w_hh,
+          [&](const NtProducts& p, int64_t k0, int64_t k1) {
+            p.sum(y, H, k0, k1);
+            update(0, B, k0, k1);
+          },
+          [&](const NtProducts& p, int64_t r0, int64_t r1) {
+            p.sum(y + r0 * H, H, 0, H);
+            update(r0, r1, 0, H);
+          });
     }
   } else {
     gemm::linear2_out(hy, x, w_ih, hy, hx, w_hh, true);

@@ -254,7 +254,8 @@ inline int fused_threads(const Steps& s, int64_t H, int64_t G) {
     // barrier per step in place of a parallel region per step. Until 2026-12-06 the per-step path kept steps from
     // par_min_work on (it had been faster at LSTM B1 H512); a same-process A/B on a 2-vCPU Zen 3 (T32, no grad, 21
     // rounds, both orders) then read one region / per-step 1.07-1.15x at B1 H256-384 (LSTM, GRU), 1.02-1.06x at B1
-    // H512-1024, 1.00-1.08x at B2 H256-512; training 0.98-1.03x.
+    // H512-1024, 1.00-1.08x at B2 H256-512; training 0.98-1.03x. Since 2026-12-07 that region has its team only where
+    // recurrent_team says so, and runs on the calling thread below.
     const int64_t lim = kern::par_min_work();
     if (nt < 2 || work < lim / 2) return 0;
     return recurrent_team(G, H) ? nt : 1;
