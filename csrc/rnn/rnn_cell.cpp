@@ -88,10 +88,7 @@ inline bool cell_gemv(int64_t B) {
 template <typename T, typename TW>
 inline int64_t gemv_work(int64_t B, int64_t weights) {
   if constexpr (std::is_same_v<T, float> && !kBf16Weights<T, TW>) {
-    if (gemv512::available()) {
-      const int64_t min_work = kern::par_min_work();
-      return weights * 2 >= min_work * 3 ? std::max(B * weights, min_work) : 0;
-    }
+    if (gemv512::available()) return weights * 2 >= kern::par_min_work() * 3 ? B * weights : 0;
   }
   return B * weights;
 }
