@@ -161,6 +161,21 @@ def bfloat16_paths_taken(monkeypatch, rule):
     return taken
 
 
+@pytest.fixture
+def two_threads():
+    """torch.set_num_threads(2) for the test, restored after it: the kernels' team paths."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+def team_config(**fields):
+    """cpp_config with ``fields`` and a team of two for every step however small (par_min_work 1), with no back-off
+    to one thread."""
+    return cpp_config(par_min_work=1, contention_backoff=False, **fields)
+
+
 @contextlib.contextmanager
 def cpp_config(**fields):
     """seqfast._C's configuration with ``fields`` set inside the block (an internal path forced or switched off), the

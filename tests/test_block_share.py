@@ -13,7 +13,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import seqfast
-from conftest import compare_rnn_with_torch, cpp_config
+from conftest import compare_rnn_with_torch, team_config
 from seqfast import _ext
 
 _C = _ext.module()
@@ -30,14 +30,6 @@ SHAPES = [
 ]
 
 
-@pytest.fixture
-def two_threads():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _pair(input_size, hidden):
     ref = torch.nn.LSTM(input_size, hidden).double()
     ours = seqfast.nn.LSTM(input_size, hidden)
@@ -45,14 +37,9 @@ def _pair(input_size, hidden):
     return ours, ref
 
 
-def _team(**fields):
-    # a team of two for every step however small (par_min_work), and no back-off to one thread
-    return cpp_config(par_min_work=1, contention_backoff=False, **fields)
-
-
 def _stealing():
     # the second thread sleeps at each step's start, so the first takes its blocks
-    return _team(block_share=True, share_test_delay_us=2000)
+    return team_config(block_share=True, share_test_delay_us=2000)
 
 
 @pytest.mark.parametrize("T,batch,input_size,hidden,lengths", SHAPES)
@@ -62,7 +49,7 @@ def test_stolen_blocks_equal_the_fixed_split_and_torch(two_threads, T, batch, in
     packed = (lambda t: pack_padded_sequence(t, torch.tensor(lengths), enforce_sorted=False)) if lengths else None
     inp = packed(x) if packed else x
     with torch.no_grad(), seqfast.use_backend("cpp"):
-        with _team(block_share=False):
+        with team_config(block_share=False):
             fixed = ours(inp)
         with _stealing():
             shared = ours(inp)
@@ -108,7 +95,7 @@ def test_stolen_gemm_pieces_equal_the_fixed_split(two_threads, name, M, N, K):
     a = torch.randn(M, K)
     b = torch.randn(N, K) if "nt" in name else torch.randn(K, N)
     fn = getattr(_C, name)
-    with _team(block_share=False):
+    with team_config(block_share=False):
         fixed = fn(a, b)
     with _stealing():
         shared = fn(a, b)
@@ -129,7 +116,7 @@ def test_cell_steps_with_stolen_units_match_torch(two_threads, kind, batch, inpu
     state = (h, torch.randn(batch, hidden)) if kind == "LSTMCell" else h
     state_r = tuple(s.double() for s in state) if kind == "LSTMCell" else h.double()
     with torch.no_grad(), seqfast.use_backend("cpp"):
-        with _team(block_share=False):
+        with team_config(block_share=False):
             fixed = ours(x, state)
         with _stealing():
             shared = ours(x, state)
@@ -171,9 +158,9 @@ def test_time_loop_pieces_stolen_equal_the_fixed_split_and_torch(two_threads, ki
     packed = (lambda t: pack_padded_sequence(t, torch.tensor(lengths), enforce_sorted=False)) if lengths else None
     inp = packed(x) if packed else x
     with torch.no_grad(), seqfast.use_backend("cpp"):
-        with _team(block_share=False, **extra):
+        with team_config(block_share=False, **extra):
             fixed = ours(inp)
-        with _team(block_share=True, share_test_delay_us=2000, **extra):
+        with team_config(block_share=True, share_test_delay_us=2000, **extra):
             shared = ours(inp)
         want = ref(packed(x.double()) if packed else x.double())
     data = (lambda o: o.data) if packed else (lambda o: o)
@@ -182,7 +169,7 @@ def test_time_loop_pieces_stolen_equal_the_fixed_split_and_torch(two_threads, ki
                                 (data(want[0]), *states(want))):
         assert torch.equal(got, base)
         torch.testing.assert_close(got.double(), ref_t, **TOL)
-    with _team(block_share=True, share_test_delay_us=2000, **extra):
+    with team_config(block_share=True, share_test_delay_us=2000, **extra):
         compare_rnn_with_torch(ours, ref, x, torch.tensor(lengths) if lengths else None, **TOL)
 
 
@@ -204,7 +191,7 @@ def test_sdpa_tasks_stolen_equal_the_fixed_split_and_torch(two_threads, N, Hh, L
     k, v = torch.randn(N, Hh, Lk, D), torch.randn(N, Hh, Lk, D)
     fn = seqfast.functional.scaled_dot_product_attention
     with torch.no_grad(), seqfast.use_backend("cpp"):
-        with _team(block_share=False):
+        with team_config(block_share=False):
             fixed = fn(q, k, v, is_causal=causal)
         with _stealing():
             shared = fn(q, k, v, is_causal=causal)
@@ -224,7 +211,7 @@ def test_decoder_step_heads_stolen_equal_the_fixed_split_and_torch(two_threads, 
     fn = seqfast.functional.scaled_dot_product_attention
     kw = {"enable_gqa": True} if Hq != Hk else {}
     with torch.no_grad(), seqfast.use_backend("cpp"):
-        with _team(block_share=False):
+        with team_config(block_share=False):
             fixed = fn(q, k, v, **kw)
         with _stealing():
             shared = fn(q, k, v, **kw)

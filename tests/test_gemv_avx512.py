@@ -9,7 +9,7 @@ import torch
 
 from seqfast import _ext
 
-from conftest import cpp_config
+from conftest import cpp_config, team_config
 
 _C = _ext.module()
 pytestmark = pytest.mark.skipif(_C is None or not _C.gemv_avx512_available(),
@@ -71,18 +71,13 @@ def test_cell_steps_match_torch(kind, batch, input_size, hidden, on, no_rules):
 
 @pytest.mark.parametrize("kind", sorted(_CELLS))
 @pytest.mark.parametrize("batch,input_size,hidden", [(1, 5, 17), (3, 16, 40), (4, 64, 130)])
-def test_cell_steps_on_a_team_match_torch(kind, batch, input_size, hidden, no_rules):
+def test_cell_steps_on_a_team_match_torch(kind, batch, input_size, hidden, no_rules, two_threads):
     # on the AVX-512 GEMV a step takes a team only from 1.5 x par_min_work weights (rnn_cell.cpp: gemv_work); with
     # par_min_work 1, these small steps split their units over two threads
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        _check_cell(kind, batch, input_size, hidden, avx512_gemv=True, par_min_work=1, contention_backoff=False)
-    finally:
-        torch.set_num_threads(saved)
+    _check_cell(kind, batch, input_size, hidden, team=True, avx512_gemv=True)
 
 
-def _check_cell(kind, batch, input_size, hidden, **config):
+def _check_cell(kind, batch, input_size, hidden, team=False, **config):
     import seqfast
     torch.manual_seed(batch + hidden)
     ref = _CELLS[kind](input_size, hidden).double()
@@ -92,7 +87,7 @@ def _check_cell(kind, batch, input_size, hidden, **config):
     h = torch.randn(batch, hidden, dtype=torch.float64, requires_grad=True)
     state = (h, torch.randn(batch, hidden, dtype=torch.float64)) if kind == "lstm" else h
     state32 = tuple(s.detach().float() for s in state) if kind == "lstm" else h.detach().float()
-    with cpp_config(**config), seqfast.use_backend("cpp"):
+    with (team_config if team else cpp_config)(**config), seqfast.use_backend("cpp"):
         with torch.no_grad():
             got = ours(x.detach().float(), state32)
         x32 = x.detach().float().requires_grad_()

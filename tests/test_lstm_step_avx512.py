@@ -9,10 +9,12 @@ pre-activation form the gates overwrite the pre-activations in place); one step 
 9-32 rows start from the GEMM too where both packed weights together outgrow 3/4 of the L3 (the input size below is
 sized from the L3 this machine reports).
 """
+import contextlib
+
 import pytest
 import torch
 
-from conftest import compare_inference_with_torch, compare_rnn_with_torch, float32_and_float64
+from conftest import compare_inference_with_torch, compare_rnn_with_torch, float32_and_float64, team_config
 from seqfast import _ext
 
 _C = _ext.module()
@@ -83,19 +85,12 @@ def test_rows_past_eight_with_weights_past_the_l3(threads, mode):
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("hidden,config", [(160, {}), (24, {"par_min_work": 1, "contention_backoff": False})],
-                         ids=["default_rule", "par_min_work_1"])
-def test_one_and_two_row_steps_on_a_team(batch, hidden, config):
+@pytest.mark.parametrize("hidden,team", [(160, False), (24, True)], ids=["default_rule", "par_min_work_1"])
+def test_one_and_two_row_steps_on_a_team(batch, hidden, team, two_threads):
     # 1-2 row steps share W_hh over two threads from 3/4 of par_min_work weights (rnn_sequence.cpp: recurrent_team):
     # hidden 160 by the default rule (4 x 160^2 = 102K), hidden 24 with par_min_work 1
-    from conftest import cpp_config
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with cpp_config(**config):
-            ours, ref = _lstm(48, hidden)
-            compare_rnn_with_torch(ours, ref, torch.randn(5, batch, 48), **TOL)
-            ours, ref = _lstm(48, hidden, num_layers=2)
-            compare_inference_with_torch(ours, ref, torch.randn(5, batch, 48), **TOL)
-    finally:
-        torch.set_num_threads(saved)
+    with team_config() if team else contextlib.nullcontext():
+        ours, ref = _lstm(48, hidden)
+        compare_rnn_with_torch(ours, ref, torch.randn(5, batch, 48), **TOL)
+        ours, ref = _lstm(48, hidden, num_layers=2)
+        compare_inference_with_torch(ours, ref, torch.randn(5, batch, 48), **TOL)

@@ -11,7 +11,7 @@ import torch
 
 from seqfast import _ext
 
-from conftest import cpp_config
+from conftest import cpp_config, team_config
 
 _C = _ext.module()
 pytestmark = pytest.mark.skipif(_C is None or not _C.nt_gemm_available(),
@@ -77,7 +77,7 @@ ROW_SPLIT = [(32, 40, 48), (70, 33, 24), (37, 20, 30), (100, 17, 16), (20, 30, 4
 
 @pytest.mark.parametrize("kind,nonlinearity", [("LSTMCell", None), ("GRUCell", None), ("RNNCell", "tanh")])
 @pytest.mark.parametrize("batch,input_size,hidden", ROW_SPLIT)
-def test_fused_step_with_rows_split_matches_torch(kind, nonlinearity, batch, input_size, hidden):
+def test_fused_step_with_rows_split_matches_torch(kind, nonlinearity, batch, input_size, hidden, two_threads):
     import seqfast
     # the broadcast form switched on (also where the environment switched it off for the run): these row counts take
     # the fused step on CPUs with the AVX-512 kernels
@@ -91,16 +91,11 @@ def test_fused_step_with_rows_split_matches_torch(kind, nonlinearity, batch, inp
     x = torch.randn(batch, input_size)
     state = tuple(torch.randn(batch, hidden) for _ in range(2 if kind == "LSTMCell" else 1))
     expected = _step(ref, x.double(), tuple(s.double() for s in state))
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        # par_min_work 1: every step worth two chunks
-        with cpp_config(par_min_work=1, contention_backoff=False, avx512_wt=True):
-            with torch.no_grad():
-                out = mod(x, state if len(state) == 2 else state[0])
-            got = _step(mod, x, state)
-    finally:
-        torch.set_num_threads(saved)
+    # par_min_work 1: every step worth two chunks
+    with team_config(avx512_wt=True):
+        with torch.no_grad():
+            out = mod(x, state if len(state) == 2 else state[0])
+        got = _step(mod, x, state)
     for o, want in zip(out if isinstance(out, tuple) else (out,), expected):
         torch.testing.assert_close(o.double(), want, rtol=1e-5, atol=2e-5)
     for g, want in zip(got, expected):
