@@ -130,6 +130,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cell_step_fused", &seqfast::cell_step_fused, py::arg("gates"), py::arg("batch"), py::arg("input_size"),
         py::arg("hidden_size"));
   m.def("one_step_as_cell", &seqfast::one_step_as_cell, py::arg("batch"));
+  m.def("sdpa_bf16_upcasts", &seqfast::sdpa_bf16_upcasts,
+        "whether bfloat16 SDPA (but the forward decoder step) computes in float32 on upcast copies here");
   m.def("lstm_input_first", &seqfast::lstm_input_first, py::arg("rows"), py::arg("input_size"), py::arg("hidden_size"),
         py::arg("units"));
   // metadata only, microseconds: the GIL stays held (releasing it would cost more than the check)

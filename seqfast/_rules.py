@@ -108,6 +108,9 @@ _ZEN5_F32_STEP = ("same-process A/B, torch / seqfast / seqfast with the rule, 21
                   "cases, on commit 63be828, AMD EPYC family 26 model 2")
 _ZEN5_BF16_BWD = ("same-process A/B, torch / seqfast without the family's rules / seqfast with them, 5-9 rounds, T32, "
                   "on the commit whose backward runs its weight-sized products in bfloat16, AMD EPYC family 26 model 2")
+_ZEN5_SDPA_BF16 = ("same-process A/B, torch / seqfast with the rule table / seqfast without the bfloat16 SDPA rules, 7 "
+                   "rounds, batch 1 (4 at L2-100) x 8 heads, on the commit whose bfloat16 SDPA computes in float32 "
+                   "on upcast copies, AMD EPYC family 26 model 2")
 _ZEN3_LATER = ("make bench-sweep runs 201033 and 214300 and make bench runs cpu-20261204-200307 / 214050 on the same "
                "AMD EPYC family 25 model 1")
 
@@ -155,7 +158,7 @@ RULES = [
     Rule("lstm", BF16, BF16_NO_AMX, training=True, batch=(128, INF), hidden=(1024, INF), steps=(2, INF),
          source=_ZEN5_BF16_BWD),
     Rule("gru", BF16, AMX, training=True, batch=(64, INF), source="issue 15 sweep; cpu-20261127-134733"),
-    Rule("sdpa", BF16, AVX512_BF16, training=True, batch=(2048, INF), hidden=(2048, INF), causal=True,
+    Rule("sdpa", BF16, AMX, training=True, batch=(2048, INF), hidden=(2048, INF), causal=True,
          source="issue 15 sweep (main ed888a7)"),
     # Measured on a Zen 5 (AMD EPYC family 26 model 2; _ZEN5_BF16): the first sweep there (sweep-cpu-20261206-223110)
     # read RNN training at B64 H512 / B256 H256 0.69x, GRU inference at B256 H512 0.84x, non-causal SDPA at L2048 D64
@@ -202,11 +205,16 @@ RULES = [
     # B256 H1024 0.84x.
     Rule("gru", BF16, BF16_NO_AMX, training=True, batch=(96, INF), hidden=(512, INF), steps=(2, INF),
          source=_ZEN5_BF16_BWD),
-    # SDPA, 8 heads (batch = query length): non-causal from 256 query rows, inference (L256 0.97x, L256 D128 0.96x,
-    # L512 0.93x, L1024 0.88x, L2048 0.89x; L128 1.17x in the sweep) and training (L256 0.87x, L512 0.77x, L512 D128
-    # 0.75x, L1024 0.65x; L128 1.56x); causal training from 1024 (L1024 0.92x; L512 D128 1.32x in the sweep)
-    Rule("sdpa", BF16, AVX512_BF16, batch=(256, INF), causal=False, source=_ZEN5_BF16),
-    Rule("sdpa", BF16, AVX512_BF16, training=True, batch=(1024, INF), causal=True, source=_ZEN5_BF16),
+    # SDPA, 8 heads (batch = query length), with the bfloat16 blocks (the BLAS's bfloat16 GEMM per block): non-causal
+    # from 256 query rows, inference (L256 0.97x, L256 D128 0.96x, L512 0.93x, L1024 0.88x, L2048 0.89x; L128 1.17x in
+    # the sweep) and training (L256 0.87x, L512 0.77x, L512 D128 0.75x, L1024 0.65x; L128 1.56x); causal training from
+    # 1024 (L1024 0.92x; L512 D128 1.32x in the sweep). Kept for AMX CPUs: elsewhere the op computes bfloat16 in
+    # float32 on upcast copies (csrc/attention/attention.cpp: bf16_upcasts), and training read 1.48-4.4x torch's
+    # bfloat16 op without these rules (_ZEN5_SDPA_BF16: L256 / L512 / L1024 / L2048 D64 1.78x / 1.66x / 1.48x /
+    # 1.57x, causal L1024 / L2048 2.03x / 1.80x, L256 / L512 D128 1.67x / 1.58x, causal L1024 D128 1.79x; L2-100
+    # 1.01-4.4x), where the rules' torch op read 0.96-1.01x.
+    Rule("sdpa", BF16, AMX, batch=(256, INF), causal=False, source=_ZEN5_BF16),
+    Rule("sdpa", BF16, AMX, training=True, batch=(1024, INF), causal=True, source=_ZEN5_BF16),
 ] + [
     # AVX2 without AVX-512 (an AMD EPYC Zen 3, family 25 model 1): the C++ kernels take their MKL / AVX2 paths.
     # Measured by make bench-sweep on commit c6aed95 (sweep-cpu-20261204-194326, 2 threads, 5 rounds per case);

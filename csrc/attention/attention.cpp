@@ -5,15 +5,15 @@
 // row strides, so no copies and no per-call ATen overhead), applies bias / causal masking,
 // does the online-softmax update (running max m, running sum l, rescaled accumulator), and accumulates P V with a
 // second GEMM. Key blocks entirely above the causal diagonal are never visited (the speed win over torch).
-// bfloat16 runs the GEMMs on bf16 operands with fp32 accumulation (P / dS are rounded to bf16 as flash-attn does);
-// softmax state is fp32. A bfloat16 decoder step (one query row) streams K and V as bfloat16 into float math instead
-// (decode_kernel: no GEMM, which runs emulated on CPUs without native bfloat16). float64 is exact-ish and is what
-// the gradient tests use.
+// bfloat16 computes in float32 on upcast copies wherever the own float32 blocks run (bf16_upcasts), except the forward
+// decoder step (one query row), which streams K and V as bfloat16 into float math (decode_kernel: half the bytes
+// read). Elsewhere (no AVX2) bfloat16 runs the GEMMs below on bf16 operands with fp32 accumulation (P / dS rounded to
+// bf16 as flash-attn does; softmax state fp32). float64 is exact-ish and is what the gradient tests use.
 // float32 on CPUs with AVX-512 takes attention_avx512.h instead, forward and backward (register-tiled loops on
 // transposed blocks, attention_avx512*.cpp); on CPUs with AVX2 and no AVX-512 kernels the float32 forward and backward
 // take attention_avx2.h (the same transposed layout on the own AVX2 GEMM). Decoder steps take attention_decode_avx2.h
 // on both.
-// float64, bfloat16, and float32 backwards of fewer than 8 query rows run the BLAS path below.
+// float64, bfloat16 without AVX2, and float32 backwards of fewer than 8 query rows run the BLAS path below.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
@@ -32,8 +32,10 @@
 #include "attention/attention_avx2.h"
 #include "attention/attention_vec.h"
 #include "cpu/block_pool.h"
+#include "cpu/pool.h"
 #include "cpu/config.h"
 #include "cpu/gemm.h"
+#include "cpu/isa.h"
 #include "cpu/team.h"
 
 namespace seqfast {
@@ -47,6 +49,25 @@ using gemm::mm_tn;
 
 // float32 runs the AVX-512 block kernels (attention_avx512.h) where the CPU has them and the configuration allows.
 inline bool use_avx512() { return sgemm::available() && cpu::config().avx512_attention; }
+
+// (sdpa_bf16_upcasts, below the anonymous namespace, says why and where)
+inline bool bf16_upcasts(const at::Tensor& q) { return q.scalar_type() == at::kBFloat16 && sdpa_bf16_upcasts(); }
+// A float32 copy of t from the block pool (cpu/pool.h: these copies are as large as q, k and v, and at::empty's fresh
+// pages cost more than the conversion).
+inline at::Tensor widened(const at::Tensor& t) {
+  at::Tensor w = pooled_empty(t.sizes(), t.options().dtype(at::kFloat), 0);
+  w.copy_(t);
+  return w;
+}
+// The mask bias in float32, still broadcast where it was (a mask expanded over batch and heads is copied once, not
+// once per head).
+inline std::optional<at::Tensor> float_bias(const std::optional<at::Tensor>& bias) {
+  if (!bias.has_value() || !bias->defined()) return std::nullopt;
+  at::Tensor compact = *bias;
+  for (int64_t d = 0; d < compact.dim(); ++d)
+    if (compact.stride(d) == 0 && compact.size(d) > 1) compact = compact.narrow(d, 0, 1);
+  return compact.to(at::kFloat).expand(bias->sizes());
+}
 
 // True when some of the n scores is NaN (a row whose finite maximum is -inf may still hold NaN, which must reach
 // the output as in torch).
@@ -673,7 +694,35 @@ void check_like(const char* fn, const char* name, const at::Tensor& t, at::IntAr
   TORCH_CHECK(t.scalar_type() == dtype, fn, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
 }
 
+// The forward's block kernels for q's dtype (the query length >= 2, or a decoder step left to them): float32 on the
+// AVX-512 or AVX2 blocks where they run, anything else on the BLAS blocks (fwd_kernel).
+void forward_blocks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* bp, bool is_causal,
+                    double scale, at::Tensor& out, at::Tensor& lse) {
+  if (q.scalar_type() == at::kFloat && use_avx512()) {
+    fwd_avx512(q, k, v, bp, is_causal, scale, out, lse);
+    return;
+  }
+  if (q.scalar_type() == at::kFloat && attn_avx2::blocks_available()) {
+    fwd_avx2(q, k, v, bp, is_causal, scale, out, lse);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "seqfast_sdpa_forward", [&] {
+    av::with_rows([&](auto rows) { fwd_kernel<decltype(rows), scalar_t>(q, k, v, bp, is_causal, scale, out, lse); });
+  });
+}
+
 }  // namespace
+
+// bfloat16 calls other than the forward decoder step compute in float32 on upcast copies wherever the own float32
+// blocks run (AVX-512, or AVX2 + FMA): forward and backward, the results rounded to bfloat16 once. Why: the bfloat16
+// blocks below run the BLAS's bfloat16 GEMM on each small block (emulated on CPUs without native bfloat16; on the Zen 5
+// with AVX512_BF16 no faster than torch's own bfloat16 op), while the float32 blocks run register-tiled near the FMA
+// peak and the copies cost one read and write of q, k, v (and grad_out, out), O(L D) against the O(L^2 D) work. Same
+// process on a Zen 5 (AMD EPYC family 26), 8 heads, training step, torch's bfloat16 op over float32 seqfast on copies:
+// L512 D64 1.88x, L2048 D64 causal 1.78x, L128 D128 2.40x, L512 D128 causal 2.46x (the bfloat16 blocks: 0.97-1.26x).
+// The op keeps bfloat16 inputs and outputs, so what autograd saves stays bfloat16. Not on AMX CPUs, where the BLAS's
+// bfloat16 GEMM runs on tiles (not measured there).
+bool sdpa_bf16_upcasts() { return !cpu::has_amx() && (use_avx512() || attn_avx2::blocks_available()); }
 
 std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                                                 const std::optional<at::Tensor>& bias, bool is_causal,
@@ -694,17 +743,14 @@ std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q_, const at::
     });
     return {out, lse};
   }
-  if (q.scalar_type() == at::kFloat && use_avx512()) {
-    fwd_avx512(q, k, v, bp, is_causal, scale, out, lse);
+  if (bf16_upcasts(q)) {
+    const std::optional<at::Tensor> bf = float_bias(bias);
+    at::Tensor o32 = pooled_empty(out.sizes(), out.options().dtype(at::kFloat), 0);
+    forward_blocks(widened(q), widened(k), widened(v), bf ? &*bf : nullptr, is_causal, scale, o32, lse);
+    out.copy_(o32);
     return {out, lse};
   }
-  if (q.scalar_type() == at::kFloat && attn_avx2::blocks_available()) {
-    fwd_avx2(q, k, v, bp, is_causal, scale, out, lse);
-    return {out, lse};
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "seqfast_sdpa_forward", [&] {
-    av::with_rows([&](auto rows) { fwd_kernel<decltype(rows), scalar_t>(q, k, v, bp, is_causal, scale, out, lse); });
-  });
+  forward_blocks(q, k, v, bp, is_causal, scale, out, lse);
   return {out, lse};
 }
 
@@ -733,6 +779,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(const at::Tensor& g
     if (q.numel() == 0 || k.size(2) == 0) return {dq, dk, dv};
   }
   const at::Tensor* bp = (bias.has_value() && bias->defined()) ? &*bias : nullptr;
+  if (bf16_upcasts(q)) {  // float32 gradients on widened copies, rounded into dq, dk, dv once
+    const std::optional<at::Tensor> bf = float_bias(bias);
+    at::Tensor dq32 = pooled_empty(dq.sizes(), dq.options().dtype(at::kFloat), 0);
+    at::Tensor dk32 = pooled_empty(dk.sizes(), dk.options().dtype(at::kFloat), 0);
+    at::Tensor dv32 = pooled_empty(dv.sizes(), dv.options().dtype(at::kFloat), 0);
+    const at::Tensor go32 = widened(go), q32 = widened(q), k32 = widened(k), v32 = widened(v), o32 = widened(o);
+    av::with_rows([&](auto rows) {
+      bwd_kernel<decltype(rows), float>(go32, q32, k32, v32, o32, l, bf ? &*bf : nullptr, is_causal, scale, dq32, dk32,
+                                        dv32);
+    });
+    dq.copy_(dq32), dk.copy_(dk32), dv.copy_(dv32);
+    return {dq, dk, dv};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "seqfast_sdpa_backward", [&] {
     av::with_rows(
         [&](auto rows) { bwd_kernel<decltype(rows), scalar_t>(go, q, k, v, o, l, bp, is_causal, scale, dq, dk, dv); });

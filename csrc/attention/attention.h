@@ -21,6 +21,10 @@ std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q, const at::T
                                                 const std::optional<at::Tensor>& bias, bool is_causal,
                                                 double scale);
 
+// Whether bfloat16 calls (other than the forward decoder step) compute in float32 on upcast copies here, the results
+// rounded to bfloat16 once (attention.cpp: bf16_upcasts): where the own float32 blocks run, not on AMX CPUs.
+bool sdpa_bf16_upcasts();
+
 // Flash-style backward. out / lse are what sdpa_forward returned (a fully masked row, lse = -inf, gets 0 grads).
 // Returns (dq, dk [N,Hk,Lk,D], dv [N,Hk,Lk,Dv]),
 // all in q's dtype; for GQA dk/dv are summed over the query heads of each group.

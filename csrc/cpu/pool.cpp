@@ -85,10 +85,15 @@ void init() { pool(); }
 }  // namespace block_pool
 
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return pooled_empty(sizes, options, kMinBytes);
+}
+
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options, size_t min_bytes) {
   int64_t n = 1;
   for (int64_t s : sizes) n *= s;
   const size_t bytes = size_t(std::max<int64_t>(n, 0)) * options.dtype().itemsize();
-  if (!options.device().is_cpu() || bytes < kMinBytes || cap_bytes() == 0) return at::empty(sizes, options);
+  if (!options.device().is_cpu() || bytes < std::max<size_t>(min_bytes, 1) || cap_bytes() == 0)
+    return at::empty(sizes, options);
   size_t got = 0;
   void* p = block_pool::take(bytes, got);
   TORCH_CHECK(p != nullptr, "seqfast: out of memory allocating a ", bytes, "-byte workspace");

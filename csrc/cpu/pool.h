@@ -18,5 +18,9 @@ namespace seqfast {
 
 // Like at::empty(sizes, options) for CPU float tensors; small requests and other dtypes/devices go to at::empty.
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
+// The same from min_bytes on (0: any non-empty request), for temporaries of a few hundred KB made and dropped on
+// every call: glibc returns such blocks at the top of its heap to the system on free (its trim threshold), and the
+// next call faults their pages in afresh.
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options, size_t min_bytes);
 
 }  // namespace seqfast
