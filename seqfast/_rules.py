@@ -442,7 +442,9 @@ _UPCAST_BF16_CPUS = ("avx2", "avx512")
 # time over seqfast's, the float32 path / seqfast's bfloat16 path or torch's op by rule (same process, 9 rounds):
 #   cells (inference; training): B1 H128-1024 2.3-5.1x; 1.2-2.5x, B8 H64-256 1.2-2.9x; 1.2-2.0x, B32 H128 1.06x; 1.21x,
 #     B64 H64-128 1.12-1.26x; 1.10-1.60x, B256 H64 1.21-1.39x; 1.19-1.27x -- against B8 H512 0.91x / 0.85x, B32 H256
-#     0.96x / 0.97x, B64 H256 0.75x / 0.79x, B256 H128 0.81x / 0.98x: the float32 path up to batch x hidden^2 = 2^20;
+#     0.96x / 0.97x, B64 H256 0.75x / 0.79x, B256 H128 0.81x / 0.98x: the float32 path up to batch x hidden^2 = 2^20
+#     (the modules' no-grad steps past the in-place rows run the fused bfloat16 step instead of upcast copies, 2.5-3.5x
+#     torch at B17-256 H64-181: csrc/rnn/rnn_module_call.cpp, fused_bf16_step);
 #   one-step layer calls: T1 B1 H512 2.95-7.31x inference, 1.25-4.47x training; T1 B8 H128 2.92-3.49x, 1.32-1.67x
 #     (the fused bfloat16 steps there: GRU T1 B1 H512 0.88x, RNN 1.42x, LSTM 3.10x; T1 B8 H128 1.98-2.67x);
 #   sequences of 2+ steps: the float32 path on upcast copies read 1.1-7x at small batch x hidden (GRU T32 B8 H64

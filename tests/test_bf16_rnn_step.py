@@ -233,3 +233,46 @@ def test_cell_steps_past_the_float32_bound_run_the_fused_step(no_rules, kind, ba
         torch.testing.assert_close(g.float(), t.float(), rtol=2e-2, atol=2e-2)
     if fused:
         assert any(not torch.equal(g, t) for g, t in zip(got, want_torch)), "the fused step must be the one that ran"
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("batch,input_size,hidden", [(17, 24, 128), (40, 33, 100), (64, 16, 128)])
+def test_steps_inside_the_float32_bound_past_the_in_place_rows_run_the_fused_step(no_rules, monkeypatch, kind, batch,
+                                                                                   input_size, hidden):
+    # inside the float32 bound (batch x hidden^2 <= 2^20) but past the rows that read the weights in place, a no-grad
+    # cell module step, and a one-step module call, run the fused step (bit for bit the layer entry's results) in
+    # place of float32 upcast copies, which they take with the steps switched off (close to torch's op)
+    from conftest import cpp_config
+    assert _rules.BF16_IN_PLACE_MAX_ROWS < batch <= _rules.float32_bfloat16_max_batch(kind.lower() + "_cell", hidden)
+    torch.manual_seed(batch)
+    ours, ref = _cell_pair(kind, input_size, hidden)
+    x, h = torch.randn(batch, input_size).to(BF16), torch.randn(batch, hidden).to(BF16)
+    c = torch.randn(batch, hidden).to(BF16)
+    state = (h, c) if kind == "LSTM" else h
+    w = [p.detach() for p in ours.parameters()]  # w_ih, w_hh, b_ih, b_hh
+    bs = torch.tensor([batch])
+    if kind == "LSTM":
+        layer = C.lstm_layer_forward(x, bs, h, c, *w, False)
+        want_step = [layer[1], layer[2]]
+    elif kind == "GRU":
+        want_step = [C.gru_layer_forward(x, bs, h, *w, False)[1]]
+    else:
+        want_step = [C.rnn_layer_forward(x, bs, h, *w, False, False)[1]]
+    seq = getattr(seqfast.nn, kind)(input_size, hidden).to(BF16)
+    seq.load_state_dict({f"{k}_l0": v for k, v in ours.state_dict().items()})
+    upcasts, original = [], _rules.upcast_bfloat16
+    monkeypatch.setattr(_rules, "upcast_bfloat16", lambda *a: upcasts.append(original(*a)) or upcasts[-1])
+    with torch.no_grad():
+        got = _flat(ours(x, state))
+        want_torch = _flat(ref(x, state))
+        seq_state = (h[None], c[None]) if kind == "LSTM" else h[None]
+        got_seq = _flat(seq(x[None], seq_state)[1])
+        assert True not in upcasts  # no float32 copies made
+        with cpp_config(bf16_rnn_step=False):
+            got_off = _flat(ours(x, state))
+        assert upcasts[-1] is True  # the copies, with the steps switched off
+    for g, s, gs, t, o in zip(got, want_step, got_seq, want_torch, got_off):
+        assert g.dtype == BF16 and g.shape == t.shape
+        assert torch.equal(g, s) and torch.equal(gs[0], s)
+        torch.testing.assert_close(g.float(), t.float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(o.float(), t.float(), rtol=2e-2, atol=2e-2)

@@ -135,6 +135,10 @@ class ModuleCall {
     const bool upcast_rows = upcast_min_rows_ > 0 && steps * batch >= upcast_min_rows_;
     bool float32 = in_regions(float32_, batch, steps);
     if (float32 && steps > 1 && !upcast_steps_) float32 = rec && !upcast_rows;
+    // likewise a no-grad single step past the in-place rows: the fused bfloat16 step, not upcast copies (CellCall)
+    if (float32 && steps == 1 && !upcast_steps_ && !rec && upcast_rows && dtype_ == at::kBFloat16 &&
+        step_bf16::available())
+      float32 = false;
     if (rec && (!in_regions(training_torch_, batch, steps) || float32)) return py::none();
     bool cell_steps = false, torch_here = rec;
     if (!rec) {
@@ -242,10 +246,11 @@ class ModuleCall {
 // float32 bound, and is left to the Python path (seqfast's autograd op, or the float32 path) elsewhere. torch_op:
 // a dtype the C++ cell kernels do not run (bfloat16, float16), where seqfast.functional calls torch's own cell op:
 // this call runs that op itself (torch's results and errors, without the dispatch Python), except from
-// upcast_min_rows rows (when > 0), which the functional computes in float32 on the C++ kernels. bf16_weights: below
-// those rows, a bfloat16 step runs the C++ kernels on float32 copies of its activations with the weights read in
-// place, as the functional does (seqfast._rules.bf16_weights_in_place). Both only up to float32_max_batch rows
-// (seqfast._rules.float32_bfloat16_max_batch); larger steps run torch's op.
+// upcast_min_rows rows (when > 0), which the functional computes in float32 on the C++ kernels, or where the fused
+// bfloat16 step runs (fused_bf16_step), this call on it. bf16_weights: below those rows, a bfloat16 step runs the C++
+// kernels on float32 copies of its activations with the weights read in place, as the functional does
+// (seqfast._rules.bf16_weights_in_place). Both only up to float32_max_batch rows
+// (seqfast._rules.float32_bfloat16_max_batch); larger steps run the fused bfloat16 step or torch's op.
 class CellCall {
  public:
   CellCall(int64_t gates, bool relu, py::dict params, py::list expected, py::object w_ih, py::object w_hh,
@@ -297,11 +302,14 @@ class CellCall {
     if (in_ranges(torch_batches_, x->size(0))) return py::none();
     if (torch_op_) {
       const int64_t rows = x->size(0);
+      const bool fused = dtype_ == at::kBFloat16 && rows >= kFusedBf16CellMinRows && step_bf16::available() &&
+                         w_ih.numel() + w_hh.numel() <= kFusedBf16CellMaxWeights;
       if (rows <= float32_max_batch_) {
-        if (upcast_min_rows_ > 0 && rows >= upcast_min_rows_) return py::none();
+        // past the in-place rows, the fused bfloat16 step where it runs, else float32 upcast copies (the Python path)
+        if (upcast_min_rows_ > 0 && rows >= upcast_min_rows_)
+          return fused ? fused_bf16_step(*x, *h, c, w_ih, w_hh, b_ih, b_hh) : py::none();
         if (bf16_weights_ && rows > 0) return bf16_step(*x, *h, c, w_ih, w_hh, b_ih, b_hh);
-      } else if (dtype_ == at::kBFloat16 && rows >= kFusedBf16CellMinRows && step_bf16::available() &&
-                 w_ih.numel() + w_hh.numel() <= kFusedBf16CellMaxWeights) {
+      } else if (fused) {
         return fused_bf16_step(*x, *h, c, w_ih, w_hh, b_ih, b_hh);
       }
       return torch_cell(*x, *h, c, w_ih, w_hh, b_ih, b_hh);
@@ -381,9 +389,15 @@ class CellCall {
         });
   }
 
-  // A bfloat16 step past the float32 bound on the fused bfloat16 steps (rnn_sequence_step_bf16.h: vdpbf16ps), run as
-  // a one-step layer (each call packs its weights), from kFusedBf16CellMinRows rows for weights of up to
-  // kFusedBf16CellMaxWeights elements. Zen 5 (AMD EPYC family 26), no grad, torch's time over this one's (torch's
+  // A bfloat16 step on the fused bfloat16 steps (rnn_sequence_step_bf16.h: vdpbf16ps), run as a one-step layer (each
+  // call packs its weights), from kFusedBf16CellMinRows rows for weights of up to kFusedBf16CellMaxWeights elements:
+  // past the float32 bound, and inside it past the rows that read the weights in place, in place of float32 upcast
+  // copies. Those copies are fresh memory each call, written by one core and read by the other (the weights by both
+  // threads of the team), which this VM's cross-core traffic made slow and bimodal: same process, no grad, torch's
+  // time over this step's / over the upcast copies': LSTMCell B32 H128 2.59x / 1.14x (0.79x in sweep 110902), RNNCell
+  // B64 H128 3.00x / 1.25x, LSTMCell B256 H64 2.55x / 1.13x, GRUCell B64 H64 2.53x / 1.22x, B17 H181 2.77x / 1.27x;
+  // one-step layers (ModuleCall) LSTM T1 B32 H128 2.95x / 0.90x, GRU T1 B64 H64 3.53x / 1.08x, RNN T1 B256 H64 2.70x /
+  // 0.93x. Past the float32 bound: Zen 5 (AMD EPYC family 26), no grad, torch's time over this one's (torch's
   // cell op through this call: 0.94-1.01x): LSTMCell B32 H256 1.67x, B32 H512 1.19-1.23x, B64 H512 1.24-1.25x, B256
   // H512 1.13-1.16x; GRUCell B16 H512 1.25-1.28x, B32 H256 1.65-1.67x, B64 H512 1.27x, B256 H128 2.03x; RNNCell B32
   // H512 1.53-1.55x, B256 H256 1.62x, B256 H1024 1.13-1.14x -- against weights of 6-8 M elements, where the per-call
