@@ -136,3 +136,27 @@ def test_decoder_step_training():
     want = torch.autograd.grad(out64, (q64, k64, v64), g.double())
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("mask_dtype", [None, torch.bool, BF16, torch.float32])
+def test_upcast_calls_reach_the_op_without_python_copies(monkeypatch, mask_dtype):
+    """A call that seqfast._rules computes in float32 (sdpa_upcasts_bfloat16) goes to the op with its bfloat16 tensors
+    (the op makes the copies), except with a float32 mask, which keeps its precision on Python's float32 copies."""
+    from seqfast.functional import _attention
+    seen = []
+    inner = _attention.scaled_dot_product_attention
+    monkeypatch.setattr(_attention, "scaled_dot_product_attention",
+                        lambda *a, **kw: seen.append(a[0].dtype) or inner(*a, **kw))
+    monkeypatch.setattr(_rules, "sdpa_upcasts_bfloat16", lambda *a: True)
+    torch.manual_seed(5)
+    q, k, v = _bf16(2, 3, 8, 16), _bf16(2, 3, 11, 16), _bf16(2, 3, 11, 16)
+    mask = None if mask_dtype is None else (torch.rand(8, 11) > 0.3 if mask_dtype is torch.bool
+                                            else torch.randn(2, 1, 8, 11).to(mask_dtype))
+    if mask is not None and mask_dtype is torch.bool:
+        mask[:, 0] = True
+    with torch.no_grad():
+        got = inner(q, k, v, attn_mask=mask)
+        want = inner(q.float(), k.float(), v.float(), attn_mask=None if mask is None else (
+            mask if mask_dtype in (torch.bool, torch.float32) else mask.float()))
+    assert seen == ([torch.float32] if mask_dtype is torch.float32 else [])  # Python's copies: float32 masks only
+    assert got.dtype == BF16 and torch.equal(got, want.to(BF16))

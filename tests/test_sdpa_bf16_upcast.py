@@ -20,6 +20,10 @@ def upcasts(monkeypatch):
     monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", (_rules.cpu_class(),))
     saved = list(_rules.RULES)
     _rules.set_rules([])
+    # the Python copies themselves, as on a CPU whose op does not compute bfloat16 in float32 (the direct route:
+    # test_sdpa_bf16_float32_blocks.py)
+    from seqfast.functional import _attention
+    monkeypatch.setattr(_attention, "_op_upcasts", lambda query: False)
     verdicts, original = [], _rules.sdpa_upcasts_bfloat16
 
     def spy(*args):
