@@ -33,6 +33,7 @@ py::dict config_dict() {
   d["avx512_nt"] = c.avx512_nt;
   d["avx512_wt"] = c.avx512_wt;
   d["avx512_gemv"] = c.avx512_gemv;
+  d["avx512_pointwise"] = c.avx512_pointwise;
   d["bf16_rnn_step"] = c.bf16_rnn_step;
   d["bf16_products"] = c.bf16_products;
   d["avx2_attention"] = c.avx2_attention;
@@ -65,6 +66,7 @@ py::dict set_config(const py::kwargs& kw) {
     else if (k == "avx512_nt") c.avx512_nt = py::cast<bool>(v);
     else if (k == "avx512_wt") c.avx512_wt = py::cast<bool>(v);
     else if (k == "avx512_gemv") c.avx512_gemv = py::cast<bool>(v);
+    else if (k == "avx512_pointwise") c.avx512_pointwise = py::cast<bool>(v);
     else if (k == "bf16_rnn_step") c.bf16_rnn_step = py::cast<bool>(v);
     else if (k == "bf16_products") c.bf16_products = py::cast<bool>(v);
     else if (k == "avx2_attention") c.avx2_attention = py::cast<bool>(v);

@@ -26,6 +26,7 @@ Config from_env() {
   c.avx512_nt = !env_set("SEQFAST_CPU_NO_AVX512_NT");
   c.avx512_wt = !env_set("SEQFAST_CPU_NO_AVX512_WT");
   c.avx512_gemv = !env_set("SEQFAST_CPU_NO_AVX512_GEMV");
+  c.avx512_pointwise = !env_set("SEQFAST_CPU_NO_AVX512_POINTWISE");
   c.bf16_rnn_step = !env_set("SEQFAST_CPU_NO_BF16_RNN_STEP");
   c.bf16_products = !env_set("SEQFAST_CPU_NO_BF16_PRODUCTS");
   c.avx2_attention = !env_set("SEQFAST_CPU_NO_AVX2_ATTN");

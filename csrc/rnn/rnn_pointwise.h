@@ -18,6 +18,7 @@
 #include "cpu/config.h"
 #include "cpu/gemm.h"
 #include "cpu/gemv_avx512.h"
+#include "cpu/pointwise_avx512.h"
 #include "cpu/isa.h"
 #include "cpu/team.h"
 
@@ -195,6 +196,8 @@ inline void gru_bwd_row(const T* dh1, const T* dh2, const T* hp, const T* ws, T*
 // Elman RNN. pre -> hy (may alias), optional biases.
 template <typename T>
 inline void rnn_fwd_row(const T* pre, const T* b1, const T* b2, T* hy, bool relu, int64_t k0, int64_t k1) {
+  if constexpr (std::is_same_v<T, float>)
+    if (pointwise512::available()) return pointwise512::rnn_fwd_row(pre, b1, b2, hy, relu, k0, k1);
   const Vec<T> zero(T(0));
   vloop<T>(k0, k1, [&](int64_t k, int64_t n) {
     Vec<T> p = add_opt(add_opt(ld(pre + k, n), b1, k, n), b2, k, n);

@@ -1,0 +1,57 @@
+// AVX-512 RNN pointwise rows; see pointwise_avx512.h. Compiled for AVX-512 by the target pragma below; no ATen headers
+// here (the rule of cpu/isa.h).
+#include "cpu/pointwise_avx512.h"
+
+#include "cpu/config.h"
+#include "cpu/isa.h"
+
+#ifdef SEQFAST_X86_TARGETS
+#define SEQFAST_HAVE_AVX512_POINTWISE 1
+SEQFAST_TARGET_AVX512_BEGIN
+#include <immintrin.h>
+
+#include "cpu/avx512_math.h"
+#endif
+
+namespace seqfast {
+namespace pointwise512 {
+
+#ifdef SEQFAST_HAVE_AVX512_POINTWISE
+
+void rnn_fwd_row(const float* pre, const float* b1, const float* b2, float* hy, bool relu, int64_t k0, int64_t k1) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t k = k0; k < k1; k += 16) {
+    const __mmask16 m = avx512::mask16(k1 - k);
+    __m512 p = _mm512_maskz_loadu_ps(m, pre + k);
+    if (b1) p = _mm512_add_ps(p, _mm512_maskz_loadu_ps(m, b1 + k));
+    if (b2) p = _mm512_add_ps(p, _mm512_maskz_loadu_ps(m, b2 + k));
+    __m512 y;
+    if (relu) {  // max(p, 0), with p itself where p is NaN (MAXPS would return the 0)
+      y = _mm512_mask_mov_ps(_mm512_max_ps(p, zero), _mm512_cmp_ps_mask(p, p, _CMP_UNORD_Q), p);
+    } else {
+      y = avx512::tanh_ps(p);
+    }
+    _mm512_mask_storeu_ps(hy + k, m, y);
+  }
+}
+
+#else  // no x86 target regions: never called (available() is false)
+
+void rnn_fwd_row(const float*, const float*, const float*, float*, bool, int64_t, int64_t) {}
+
+#endif
+
+}  // namespace pointwise512
+}  // namespace seqfast
+
+#ifdef SEQFAST_HAVE_AVX512_POINTWISE
+SEQFAST_TARGET_END
+#endif
+
+namespace seqfast {
+namespace pointwise512 {
+
+bool available() { return cpu::has_avx512() && cpu::config().avx512_pointwise; }
+
+}  // namespace pointwise512
+}  // namespace seqfast

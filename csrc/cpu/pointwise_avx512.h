@@ -1,0 +1,22 @@
+// AVX-512 forms of the RNN cells' per-row pointwise updates (seqfast._C internal; pointwise_avx512.cpp), for x86-64
+// CPUs with AVX-512. rnn/rnn_pointwise.h's rows run on ATen's AVX2 vectors, whose exp is an out-of-line call; here
+// 16 lanes and the inline exp of cpu/avx512_math.h. Why: at RNNCell B64 H64 the AVX2 update (tanh per element) was 15%
+// of the step's samples (perf, Zen 5), the step itself a few microseconds, fixed-cost bound against ONNX Runtime.
+//
+// Single-threaded, no allocation, no ATen headers (the rule of cpu/isa.h). Callers check available() first.
+#pragma once
+
+#include <cstdint>
+
+namespace seqfast {
+namespace pointwise512 {
+
+// AVX-512 present and config().avx512_pointwise (SEQFAST_CPU_NO_AVX512_POINTWISE unset).
+bool available();
+
+// hy[k] = act(pre[k] + b1[k] + b2[k]) for k in [k0, k1) (b1 / b2 may be null; hy may alias pre): act = tanh, or relu
+// with NaN propagated as torch's relu propagates it.
+void rnn_fwd_row(const float* pre, const float* b1, const float* b2, float* hy, bool relu, int64_t k0, int64_t k1);
+
+}  // namespace pointwise512
+}  // namespace seqfast
