@@ -6,18 +6,11 @@ import torch
 
 import seqfast
 from conftest import cpp_config
-from seqfast import _ext, _rules
+from seqfast import _ext
 
 C = _ext.module()
-pytestmark = pytest.mark.skipif(C is None or not C.has_avx512(), reason="the AVX-512 form runs on CPUs with AVX-512")
-
-
-@pytest.fixture(autouse=True)
-def no_rules():
-    saved = list(_rules.RULES)
-    _rules.set_rules([])
-    yield
-    _rules.set_rules(saved)
+pytestmark = [pytest.mark.skipif(C is None or not C.has_avx512(), reason="the AVX-512 form runs on CPUs with AVX-512"),
+              pytest.mark.usefixtures("no_rules")]
 
 
 def _pair(cls, *args, **kw):

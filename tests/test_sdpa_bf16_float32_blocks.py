@@ -15,16 +15,9 @@ C = _ext.module()
 BF16 = torch.bfloat16
 sdpa = seqfast.functional.scaled_dot_product_attention
 
-pytestmark = pytest.mark.skipif(C is None or not C.sdpa_bf16_upcasts(),
-                                reason="bfloat16 SDPA computes in float32 where the own float32 blocks run (not AMX)")
-
-
-@pytest.fixture(autouse=True)
-def no_rules():
-    saved = list(_rules.RULES)
-    _rules.set_rules([])
-    yield
-    _rules.set_rules(saved)
+pytestmark = [pytest.mark.skipif(C is None or not C.sdpa_bf16_upcasts(),
+                                 reason="bfloat16 SDPA computes in float32 where the own float32 blocks run (not AMX)"),
+              pytest.mark.usefixtures("no_rules")]
 
 
 def _bf16(*shape, grad=False):
