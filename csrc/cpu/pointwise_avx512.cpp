@@ -35,9 +35,28 @@ void rnn_fwd_row(const float* pre, const float* b1, const float* b2, float* hy, 
   }
 }
 
+void lstm_fwd_row(float* g, const float* b1, const float* b2, const float* cp, float* cy, float* hy, int64_t H,
+                  int64_t k0, int64_t k1) {
+  for (int64_t k = k0; k < k1; k += 16) {
+    const __mmask16 m = avx512::mask16(k1 - k);
+    __m512 gate[4];
+    for (int q = 0; q < 4; ++q) {
+      gate[q] = _mm512_maskz_loadu_ps(m, g + q * H + k);
+      if (b1) gate[q] = _mm512_add_ps(gate[q], _mm512_maskz_loadu_ps(m, b1 + q * H + k));
+      if (b2) gate[q] = _mm512_add_ps(gate[q], _mm512_maskz_loadu_ps(m, b2 + q * H + k));
+    }
+    __m512 h;
+    const __m512 c = avx512::lstm_update(gate, _mm512_maskz_loadu_ps(m, cp + k), h);
+    avx512::store_gates(g + k, H, m, gate);
+    _mm512_mask_storeu_ps(cy + k, m, c);
+    _mm512_mask_storeu_ps(hy + k, m, h);
+  }
+}
+
 #else  // no x86 target regions: never called (available() is false)
 
 void rnn_fwd_row(const float*, const float*, const float*, float*, bool, int64_t, int64_t) {}
+void lstm_fwd_row(float*, const float*, const float*, const float*, float*, float*, int64_t, int64_t, int64_t) {}
 
 #endif
 

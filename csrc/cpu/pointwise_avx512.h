@@ -1,4 +1,4 @@
-// AVX-512 forms of the RNN cells' per-row pointwise updates (seqfast._C internal; pointwise_avx512.cpp), for x86-64
+// AVX-512 forms of the Elman RNN and LSTM rows' pointwise updates (seqfast._C internal; pointwise_avx512.cpp), for x86-64
 // CPUs with AVX-512. rnn/rnn_pointwise.h's rows run on ATen's AVX2 vectors, whose exp is an out-of-line call; here
 // 16 lanes and the inline exp of cpu/avx512_math.h. Why: at RNNCell B64 H64 the AVX2 update (tanh per element) was 15%
 // of the step's samples (perf, Zen 5), the step itself a few microseconds, fixed-cost bound against ONNX Runtime.
@@ -17,6 +17,12 @@ bool available();
 // hy[k] = act(pre[k] + b1[k] + b2[k]) for k in [k0, k1) (b1 / b2 may be null; hy may alias pre): act = tanh, or relu
 // with NaN propagated as torch's relu propagates it.
 void rnn_fwd_row(const float* pre, const float* b1, const float* b2, float* hy, bool relu, int64_t k0, int64_t k1);
+
+// The LSTM cell update for units [k0, k1) of one row: g holds the pre-activations [i f g o] (4H; b1 / b2, optional,
+// added here) and is left holding the activated gates; cy = f cp + i g, hy = o tanh(cy) (avx512::lstm_update, the
+// fused LSTM step's own update).
+void lstm_fwd_row(float* g, const float* b1, const float* b2, const float* cp, float* cy, float* hy, int64_t H,
+                  int64_t k0, int64_t k1);
 
 }  // namespace pointwise512
 }  // namespace seqfast

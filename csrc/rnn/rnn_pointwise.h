@@ -106,6 +106,8 @@ inline void vloop(int64_t k0, int64_t k1, F&& f) {
 template <typename T>
 inline void lstm_fwd_row(T* g, const T* b1, const T* b2, const T* cp, T* cy, T* hy, int64_t H, int64_t k0,
                          int64_t k1) {
+  if constexpr (std::is_same_v<T, float>)
+    if (pointwise512::available()) return pointwise512::lstm_fwd_row(g, b1, b2, cp, cy, hy, H, k0, k1);
   vloop<T>(k0, k1, [&](int64_t k, int64_t n) {
     Vec<T> pi = ld(g + k, n), pf = ld(g + H + k, n), pg = ld(g + 2 * H + k, n), po = ld(g + 3 * H + k, n);
     if (b1) {
