@@ -1,5 +1,5 @@
-"""The float32 Elman RNN and LSTM rows' updates on AVX-512 (csrc/cpu/pointwise_avx512.h: tanh / relu of the
-pre-activations plus biases; the LSTM cell update) against float64 torch, with the AVX2 forms (config avx512_pointwise
+"""The float32 Elman RNN, LSTM and GRU rows' updates on AVX-512 (csrc/cpu/pointwise_avx512.h: tanh / relu of the
+pre-activations plus biases; the LSTM and GRU cell updates) against float64 torch, with the AVX2 forms (config avx512_pointwise
 off) beside them: cells and layers, tanh and relu, hidden sizes off the 16-lane vector (tail masks), NaN and infinities
 as torch propagates them."""
 import pytest
@@ -119,3 +119,42 @@ def test_lstm_nan_and_infinities():
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5, equal_nan=True)
     assert got[1][:, 3].isnan().all()
+
+
+@pytest.mark.parametrize("on", [True, False])
+@pytest.mark.parametrize("batch,hidden", [(1, 37), (5, 16), (64, 64), (3, 130)])
+def test_gru_cell_against_float64_torch(on, batch, hidden):
+    torch.manual_seed(3 * batch + hidden)
+    ours, ref = _pair("GRUCell", 11, hidden)
+    x, h = torch.randn(batch, 11, requires_grad=True), torch.randn(batch, hidden, requires_grad=True)
+    with cpp_config(avx512_pointwise=on):
+        with torch.no_grad():
+            got_nograd = ours(x, h)
+        got = ours(x, h)
+        got.sum().backward()
+    x64, h64 = x.detach().double().requires_grad_(), h.detach().double().requires_grad_()
+    want = ref(x64, h64)
+    want.sum().backward()
+    torch.testing.assert_close(got_nograd.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-4)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch,hidden", [(1, 37), (8, 64), (20, 100)])
+def test_gru_layer_both_forms(batch, hidden):
+    torch.manual_seed(hidden + 1)
+    ours, ref = _pair("GRU", 7, hidden, num_layers=2)
+    x = torch.randn(5, batch, 7)
+    with torch.no_grad():
+        outs = []
+        for on in (True, False):
+            with cpp_config(avx512_pointwise=on):
+                outs.append(ours(x))
+    want = ref(x.double())
+    assert not torch.equal(outs[0][0], outs[1][0])  # two exp polynomials: some last bits differ, so each form ran
+    for out, hn in outs:
+        torch.testing.assert_close(out.double(), want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hn.double(), want[1], rtol=1e-5, atol=1e-5)

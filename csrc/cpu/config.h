@@ -37,8 +37,9 @@ struct Config {
   // SEQFAST_CPU_NO_AVX512_GEMV unset: on CPUs with AVX-512 the small-batch float32 GEMV (cell steps, 1-2 row time
   // loops; kern::gemv) runs its AVX-512 form (cpu/gemv_avx512.h); false: its AVX2 form.
   bool avx512_gemv = true;
-  // SEQFAST_CPU_NO_AVX512_POINTWISE unset: on CPUs with AVX-512 the float32 Elman RNN and LSTM rows' updates
-  // (kern::rnn_fwd_row, kern::lstm_fwd_row) run their AVX-512 forms (cpu/pointwise_avx512.h); false: the AVX2 ones.
+  // SEQFAST_CPU_NO_AVX512_POINTWISE unset: on CPUs with AVX-512 the float32 Elman RNN, LSTM and GRU rows' forward
+  // updates (kern::rnn_fwd_row, lstm_fwd_row, gru_fwd_row) run their AVX-512 forms (cpu/pointwise_avx512.h); false:
+  // the AVX2 ones.
   bool avx512_pointwise = true;
   // SEQFAST_CPU_NO_BF16_RNN_STEP unset: on CPUs with AVX512_BF16 (no AMX), bfloat16 LSTM and GRU layers take the
   // fused bfloat16 steps (rnn/rnn_sequence_step_bf16.h); false: the bf16-GEMM loop of the other CPUs.

@@ -53,7 +53,41 @@ void lstm_fwd_row(float* g, const float* b1, const float* b2, const float* cp, f
   }
 }
 
+void gru_fwd_row(const float* gi, const float* bih, const float* gh, const float* bhh, const float* hp, float* hy,
+                 float* ws, int64_t H, int64_t k0, int64_t k1, bool summed_rz) {
+  for (int64_t k = k0; k < k1; k += 16) {
+    const __mmask16 m = avx512::mask16(k1 - k);
+    const auto ld = [&](const float* p) { return _mm512_maskz_loadu_ps(m, p + k); };
+    __m512 pr = ld(gi), pz = ld(gi + H), pn = ld(gi + 2 * H), hn = ld(gh + 2 * H);
+    if (!summed_rz) {
+      pr = _mm512_add_ps(pr, ld(gh));
+      pz = _mm512_add_ps(pz, ld(gh + H));
+    }
+    if (bih) {
+      pr = _mm512_add_ps(pr, ld(bih));
+      pz = _mm512_add_ps(pz, ld(bih + H));
+      pn = _mm512_add_ps(pn, ld(bih + 2 * H));
+    }
+    if (bhh) {
+      pr = _mm512_add_ps(pr, ld(bhh));
+      pz = _mm512_add_ps(pz, ld(bhh + H));
+      hn = _mm512_add_ps(hn, ld(bhh + 2 * H));
+    }
+    const __m512 r = avx512::sigmoid_ps(pr), z = avx512::sigmoid_ps(pz);
+    const __m512 n = avx512::tanh_ps(_mm512_fmadd_ps(r, hn, pn));
+    const __m512 h = _mm512_fmadd_ps(z, _mm512_sub_ps(ld(hp), n), n);  // (1 - z) n + z h
+    _mm512_mask_storeu_ps(ws + k, m, r);
+    _mm512_mask_storeu_ps(ws + H + k, m, z);
+    _mm512_mask_storeu_ps(ws + 2 * H + k, m, n);
+    _mm512_mask_storeu_ps(ws + 3 * H + k, m, hn);
+    _mm512_mask_storeu_ps(hy + k, m, h);
+  }
+}
+
 #else  // no x86 target regions: never called (available() is false)
+
+void gru_fwd_row(const float*, const float*, const float*, const float*, const float*, float*, float*, int64_t,
+                 int64_t, int64_t, bool) {}
 
 void rnn_fwd_row(const float*, const float*, const float*, float*, bool, int64_t, int64_t) {}
 void lstm_fwd_row(float*, const float*, const float*, const float*, float*, float*, int64_t, int64_t, int64_t) {}

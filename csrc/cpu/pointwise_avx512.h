@@ -1,4 +1,4 @@
-// AVX-512 forms of the Elman RNN and LSTM rows' pointwise updates (seqfast._C internal; pointwise_avx512.cpp), for x86-64
+// AVX-512 forms of the Elman RNN, LSTM and GRU rows' pointwise updates (seqfast._C internal; pointwise_avx512.cpp), for x86-64
 // CPUs with AVX-512. rnn/rnn_pointwise.h's rows run on ATen's AVX2 vectors, whose exp is an out-of-line call; here
 // 16 lanes and the inline exp of cpu/avx512_math.h. Why: at RNNCell B64 H64 the AVX2 update (tanh per element) was 15%
 // of the step's samples (perf, Zen 5), the step itself a few microseconds, fixed-cost bound against ONNX Runtime.
@@ -23,6 +23,12 @@ void rnn_fwd_row(const float* pre, const float* b1, const float* b2, float* hy, 
 // fused LSTM step's own update).
 void lstm_fwd_row(float* g, const float* b1, const float* b2, const float* cp, float* cy, float* hy, int64_t H,
                   int64_t k0, int64_t k1);
+
+// The GRU update for units [k0, k1) of one row (rnn/rnn_pointwise.h: gru_fwd_row, whose layout and results it
+// computes): gi the x-part pre-activations [r z n] (3H), gh the h-part W_hh h [r z n] (3H; its r and z not read when
+// summed_rz: gi's already hold both parts), optional biases bih / bhh, hp the previous h; ws receives [r z n hn].
+void gru_fwd_row(const float* gi, const float* bih, const float* gh, const float* bhh, const float* hp, float* hy,
+                 float* ws, int64_t H, int64_t k0, int64_t k1, bool summed_rz);
 
 }  // namespace pointwise512
 }  // namespace seqfast

@@ -153,6 +153,9 @@ inline void lstm_bwd_row(const T* g, const T* cp, const T* cy, const T* dh1, con
 template <typename T, bool summed_rz = false>
 inline void gru_fwd_row(const T* gi, const T* bih, const T* gh, const T* bhh, const T* hp, T* hy, T* ws, int64_t H,
                         int64_t k0, int64_t k1) {
+  if constexpr (std::is_same_v<T, float>)
+    if (pointwise512::available())
+      return pointwise512::gru_fwd_row(gi, bih, gh, bhh, hp, hy, ws, H, k0, k1, summed_rz);
   vloop<T>(k0, k1, [&](int64_t k, int64_t n) {
     Vec<T> pr = ld(gi + k, n);
     Vec<T> pz = ld(gi + H + k, n);
