@@ -21,12 +21,15 @@ def _pair(cls, *args, **kw):
     return ours, ref
 
 
+KINDS = [("tanh", {"nonlinearity": "tanh"}), ("relu", {"nonlinearity": "relu"}), ("GRU", {})]
+
+
 @pytest.mark.parametrize("on", [True, False])
-@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("kind,kw", KINDS)
 @pytest.mark.parametrize("batch,hidden", [(1, 37), (5, 16), (64, 64), (3, 130)])
-def test_cell_against_float64_torch(on, nonlinearity, batch, hidden):
+def test_cell_against_float64_torch(on, kind, kw, batch, hidden):
     torch.manual_seed(batch * hidden)
-    ours, ref = _pair("RNNCell", 11, hidden, nonlinearity=nonlinearity)
+    ours, ref = _pair("GRUCell" if kind == "GRU" else "RNNCell", 11, hidden, **kw)
     x, h = torch.randn(batch, 11, requires_grad=True), torch.randn(batch, hidden, requires_grad=True)
     with cpp_config(avx512_pointwise=on):
         with torch.no_grad():
@@ -43,11 +46,11 @@ def test_cell_against_float64_torch(on, nonlinearity, batch, hidden):
         torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("kind,kw", KINDS)
 @pytest.mark.parametrize("batch,hidden", [(1, 37), (8, 64), (20, 100)])
-def test_layer_both_forms_agree(nonlinearity, batch, hidden):
+def test_layer_both_forms_agree(kind, kw, batch, hidden):
     torch.manual_seed(hidden)
-    ours, ref = _pair("RNN", 7, hidden, nonlinearity=nonlinearity, num_layers=2)
+    ours, ref = _pair("GRU" if kind == "GRU" else "RNN", 7, hidden, num_layers=2, **kw)
     x = torch.randn(5, batch, 7)
     with torch.no_grad():
         outs = []
@@ -55,7 +58,7 @@ def test_layer_both_forms_agree(nonlinearity, batch, hidden):
             with cpp_config(avx512_pointwise=on):
                 outs.append(ours(x))
     want = ref(x.double())
-    if nonlinearity == "tanh":  # two tanh polynomials: some last bits differ, so each form ran
+    if kind != "relu":  # two exp polynomials: some last bits differ, so each form ran
         assert not torch.equal(outs[0][0], outs[1][0])
     for out, hn in outs:
         torch.testing.assert_close(out.double(), want[0], rtol=1e-5, atol=1e-5)
@@ -120,41 +123,3 @@ def test_lstm_nan_and_infinities():
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5, equal_nan=True)
     assert got[1][:, 3].isnan().all()
 
-
-@pytest.mark.parametrize("on", [True, False])
-@pytest.mark.parametrize("batch,hidden", [(1, 37), (5, 16), (64, 64), (3, 130)])
-def test_gru_cell_against_float64_torch(on, batch, hidden):
-    torch.manual_seed(3 * batch + hidden)
-    ours, ref = _pair("GRUCell", 11, hidden)
-    x, h = torch.randn(batch, 11, requires_grad=True), torch.randn(batch, hidden, requires_grad=True)
-    with cpp_config(avx512_pointwise=on):
-        with torch.no_grad():
-            got_nograd = ours(x, h)
-        got = ours(x, h)
-        got.sum().backward()
-    x64, h64 = x.detach().double().requires_grad_(), h.detach().double().requires_grad_()
-    want = ref(x64, h64)
-    want.sum().backward()
-    torch.testing.assert_close(got_nograd.double(), want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-4)
-    for p, q in zip(ours.parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("batch,hidden", [(1, 37), (8, 64), (20, 100)])
-def test_gru_layer_both_forms(batch, hidden):
-    torch.manual_seed(hidden + 1)
-    ours, ref = _pair("GRU", 7, hidden, num_layers=2)
-    x = torch.randn(5, batch, 7)
-    with torch.no_grad():
-        outs = []
-        for on in (True, False):
-            with cpp_config(avx512_pointwise=on):
-                outs.append(ours(x))
-    want = ref(x.double())
-    assert not torch.equal(outs[0][0], outs[1][0])  # two exp polynomials: some last bits differ, so each form ran
-    for out, hn in outs:
-        torch.testing.assert_close(out.double(), want[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(hn.double(), want[1], rtol=1e-5, atol=1e-5)
