@@ -198,6 +198,25 @@ def _cell_pair(kind, input_size, hidden, **kw):
     return ours, ref
 
 
+def _one_step(kind, batch, input_size, hidden):
+    """A bfloat16 cell pair of ``kind`` (seed ``batch``), one step's x, h, c and the layer entry's results for that step
+    run as a one-step layer (h', and c' for the LSTM)."""
+    torch.manual_seed(batch)
+    ours, ref = _cell_pair(kind, input_size, hidden)
+    x, h = torch.randn(batch, input_size).to(BF16), torch.randn(batch, hidden).to(BF16)
+    c = torch.randn(batch, hidden).to(BF16)
+    w = [p.detach() for p in ours.parameters()]  # w_ih, w_hh, b_ih, b_hh
+    bs = torch.tensor([batch])
+    if kind == "LSTM":
+        layer = C.lstm_layer_forward(x, bs, h, c, *w, False)
+        want_step = [layer[1], layer[2]]
+    elif kind == "GRU":
+        want_step = [C.gru_layer_forward(x, bs, h, *w, False)[1]]
+    else:
+        want_step = [C.rnn_layer_forward(x, bs, h, *w, False, False)[1]]
+    return ours, ref, x, h, c, want_step
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("batch,input_size,hidden", [(40, 33, 200), (70, 64, 130), (17, 40, 800), (9, 20, 400)])
 def test_cell_steps_past_the_float32_bound_run_the_fused_step(no_rules, kind, batch, input_size, hidden):
@@ -206,26 +225,14 @@ def test_cell_steps_past_the_float32_bound_run_the_fused_step(no_rules, kind, ba
     # results), torch's cell op below 16 rows, beyond that weight bound and with the steps switched off (bit for bit
     # torch's)
     from conftest import cpp_config
-    torch.manual_seed(batch)
-    ours, ref = _cell_pair(kind, input_size, hidden)
-    x, h = torch.randn(batch, input_size).to(BF16), torch.randn(batch, hidden).to(BF16)
-    c = torch.randn(batch, hidden).to(BF16)
+    ours, ref, x, h, c, want_step = _one_step(kind, batch, input_size, hidden)
     state = (h, c) if kind == "LSTM" else h
-    w = [p.detach() for p in ours.parameters()]  # w_ih, w_hh, b_ih, b_hh
-    bs = torch.tensor([batch])
-    fused = batch >= 16 and sum(t.numel() for t in w[:2]) <= 1 << 21
+    fused = batch >= 16 and ours.weight_ih.numel() + ours.weight_hh.numel() <= 1 << 21
     with torch.no_grad():
         got = _flat(ours(x, state))
         want_torch = _flat(ref(x, state))
         with cpp_config(bf16_rnn_step=False):
             got_off = _flat(ours(x, state))
-    if kind == "LSTM":
-        layer = C.lstm_layer_forward(x, bs, h, c, *w, False)
-        want_step = [layer[1], layer[2]]
-    elif kind == "GRU":
-        want_step = [C.gru_layer_forward(x, bs, h, *w, False)[1]]
-    else:
-        want_step = [C.rnn_layer_forward(x, bs, h, *w, False, False)[1]]
     for g, s, t, o in zip(got, want_step, want_torch, got_off):
         assert g.dtype == BF16 and g.shape == t.shape
         assert torch.equal(g, s if fused else t)
@@ -244,20 +251,8 @@ def test_steps_inside_the_float32_bound_past_the_in_place_rows_run_the_fused_ste
     # place of float32 upcast copies, which they take with the steps switched off (close to torch's op)
     from conftest import cpp_config
     assert _rules.BF16_IN_PLACE_MAX_ROWS < batch <= _rules.float32_bfloat16_max_batch(kind.lower() + "_cell", hidden)
-    torch.manual_seed(batch)
-    ours, ref = _cell_pair(kind, input_size, hidden)
-    x, h = torch.randn(batch, input_size).to(BF16), torch.randn(batch, hidden).to(BF16)
-    c = torch.randn(batch, hidden).to(BF16)
+    ours, ref, x, h, c, want_step = _one_step(kind, batch, input_size, hidden)
     state = (h, c) if kind == "LSTM" else h
-    w = [p.detach() for p in ours.parameters()]  # w_ih, w_hh, b_ih, b_hh
-    bs = torch.tensor([batch])
-    if kind == "LSTM":
-        layer = C.lstm_layer_forward(x, bs, h, c, *w, False)
-        want_step = [layer[1], layer[2]]
-    elif kind == "GRU":
-        want_step = [C.gru_layer_forward(x, bs, h, *w, False)[1]]
-    else:
-        want_step = [C.rnn_layer_forward(x, bs, h, *w, False, False)[1]]
     seq = getattr(seqfast.nn, kind)(input_size, hidden).to(BF16)
     seq.load_state_dict({f"{k}_l0": v for k, v in ours.state_dict().items()})
     upcasts, original = [], _rules.upcast_bfloat16

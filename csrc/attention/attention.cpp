@@ -52,13 +52,11 @@ inline bool use_avx512() { return sgemm::available() && cpu::config().avx512_att
 
 // (sdpa_bf16_upcasts, below the anonymous namespace, says why and where)
 inline bool bf16_upcasts(const at::Tensor& q) { return q.scalar_type() == at::kBFloat16 && sdpa_bf16_upcasts(); }
-// A float32 copy of t from the block pool (cpu/pool.h: these copies are as large as q, k and v, and at::empty's fresh
-// pages cost more than the conversion).
-inline at::Tensor widened(const at::Tensor& t) {
-  at::Tensor w = pooled_empty(t.sizes(), t.options().dtype(at::kFloat), 0);
-  w.copy_(t);
-  return w;
-}
+// An uninitialised float32 tensor of t's sizes from the block pool (cpu/pool.h: the upcast route's copies and float32
+// results are as large as q, k and v, and at::empty's fresh pages cost more than the conversion); widened: t copied
+// into one.
+inline at::Tensor float_like(const at::Tensor& t) { return pooled_empty(t.sizes(), t.options().dtype(at::kFloat), 0); }
+inline at::Tensor widened(const at::Tensor& t) { return float_like(t).copy_(t); }
 // The mask bias in float32, still broadcast where it was (a mask expanded over batch and heads is copied once, not
 // once per head).
 inline std::optional<at::Tensor> float_bias(const std::optional<at::Tensor>& bias) {
@@ -745,7 +743,7 @@ std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q_, const at::
   }
   if (bf16_upcasts(q)) {
     const std::optional<at::Tensor> bf = float_bias(bias);
-    at::Tensor o32 = pooled_empty(out.sizes(), out.options().dtype(at::kFloat), 0);
+    at::Tensor o32 = float_like(out);
     forward_blocks(widened(q), widened(k), widened(v), bf ? &*bf : nullptr, is_causal, scale, o32, lse);
     out.copy_(o32);
     return {out, lse};
@@ -781,9 +779,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(const at::Tensor& g
   const at::Tensor* bp = (bias.has_value() && bias->defined()) ? &*bias : nullptr;
   if (bf16_upcasts(q)) {  // float32 gradients on widened copies, rounded into dq, dk, dv once
     const std::optional<at::Tensor> bf = float_bias(bias);
-    at::Tensor dq32 = pooled_empty(dq.sizes(), dq.options().dtype(at::kFloat), 0);
-    at::Tensor dk32 = pooled_empty(dk.sizes(), dk.options().dtype(at::kFloat), 0);
-    at::Tensor dv32 = pooled_empty(dv.sizes(), dv.options().dtype(at::kFloat), 0);
+    at::Tensor dq32 = float_like(dq);
+    at::Tensor dk32 = float_like(dk);
+    at::Tensor dv32 = float_like(dv);
     const at::Tensor go32 = widened(go), q32 = widened(q), k32 = widened(k), v32 = widened(v), o32 = widened(o);
     av::with_rows([&](auto rows) {
       bwd_kernel<decltype(rows), float>(go32, q32, k32, v32, o32, l, bf ? &*bf : nullptr, is_causal, scale, dq32, dk32,

@@ -1,5 +1,5 @@
-// AVX-512 RNN pointwise rows; see pointwise_avx512.h. Compiled for AVX-512 by the target pragma below; no ATen headers
-// here (the rule of cpu/isa.h).
+// AVX-512 RNN / LSTM / GRU pointwise rows; see pointwise_avx512.h. Compiled for AVX-512 by the target pragma below; no
+// ATen headers here (the rule of cpu/isa.h).
 #include "cpu/pointwise_avx512.h"
 
 #include "cpu/config.h"
@@ -86,11 +86,10 @@ void gru_fwd_row(const float* gi, const float* bih, const float* gh, const float
 
 #else  // no x86 target regions: never called (available() is false)
 
-void gru_fwd_row(const float*, const float*, const float*, const float*, const float*, float*, float*, int64_t,
-                 int64_t, int64_t, bool) {}
-
 void rnn_fwd_row(const float*, const float*, const float*, float*, bool, int64_t, int64_t) {}
 void lstm_fwd_row(float*, const float*, const float*, const float*, float*, float*, int64_t, int64_t, int64_t) {}
+void gru_fwd_row(const float*, const float*, const float*, const float*, const float*, float*, float*, int64_t,
+                 int64_t, int64_t, bool) {}
 
 #endif
 
