@@ -44,6 +44,28 @@ def test_gemm_wt_parity(M, K, N, bias, layout):
     torch.testing.assert_close(out.double(), _ref(a, w, b), rtol=1e-5, atol=1e-5 * max(1, K) ** 0.5)
 
 
+def _l2_budget_floats():
+    """Floats of A's panels that one pass of the form keeps in L2 (sgemm_wt.cpp: half of this core's L2)."""
+    return _C.cache_bytes()["l2"] // 2 // 4
+
+
+# Past the budget, sized from this machine's L2: groups of A rows with all of k in one pass (three 32-row panels per
+# group; 200 rows end in a group of 8, the narrow tail of a panel), and k blocks where one panel's k range alone
+# passes half the budget (each k block adding into C). N 41: whole 8-row W tiles (each fetching the next) and a 1-row
+# tile; on two threads each thread's range ends in its own partial tile.
+@pytest.mark.parametrize("rows,k_of_budget", [(200, lambda f: f // 96 - 3), (70, lambda f: f // 32 + 3)],
+                         ids=["row_groups", "k_blocks"])
+@pytest.mark.parametrize("layout", ["weight", "row_major"])
+def test_gemm_wt_past_the_l2_budget(rows, k_of_budget, layout):
+    torch.manual_seed(rows)
+    K = k_of_budget(_l2_budget_floats())
+    a, w = torch.randn(rows, K), torch.randn(41, K)
+    if layout == "row_major":
+        w = w.t().contiguous().t()
+    b = torch.randn(41)
+    torch.testing.assert_close(_C.gemm_wt_f32(a, w, b).double(), _ref(a, w, b), rtol=1e-5, atol=1e-5 * K ** 0.5)
+
+
 def test_gemm_wt_errors():
     with pytest.raises(RuntimeError, match="gemm_wt_f32"):
         _C.gemm_wt_f32(torch.randn(3, 4), torch.randn(5, 6), None)
