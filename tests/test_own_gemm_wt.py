@@ -66,6 +66,40 @@ def test_gemm_wt_past_the_l2_budget(rows, k_of_budget, layout):
     torch.testing.assert_close(_C.gemm_wt_f32(a, w, b).double(), _ref(a, w, b), rtol=1e-5, atol=1e-5 * K ** 0.5)
 
 
+# Weights past half of this machine's L3 (sgemm_wt.h: streams_weights): the narrow form fetches each next W tile ahead
+# (k-contiguous weights; a row-major weight reads as before). One and two vectors of the narrow form, N with a partial
+# last tile.
+@pytest.mark.parametrize("M", [5, 8, 13])
+@pytest.mark.parametrize("layout", ["weight", "row_major"])
+def test_gemm_wt_narrow_streamed_weights(M, layout):
+    torch.manual_seed(M)
+    K = 1024
+    N = _C.cache_bytes()["l3"] // 2 // 4 // K + 67
+    a, w = torch.randn(M, K), torch.randn(N, K)
+    if layout == "row_major":
+        w = w.t().contiguous().t()
+    b = torch.randn(N)
+    torch.testing.assert_close(_C.gemm_wt_f32(a, w, b).double(), _ref(a, w, b), rtol=1e-5, atol=1e-5 * K ** 0.5)
+
+
+@pytest.mark.parametrize("cell", ["RNNCell", "LSTMCell"])
+def test_cell_step_with_streamed_weights(cell):
+    """A cell step whose W_ih and W_hh together pass half of the L3, at 8 rows (the narrow form), against float64."""
+    import seqfast
+    torch.manual_seed(0)
+    hidden = 64
+    gates = 4 * hidden if cell == "LSTMCell" else hidden
+    input_size = _C.cache_bytes()["l3"] // 2 // 4 // gates + 31
+    ref = getattr(torch.nn, cell)(input_size, hidden).double()
+    mod = getattr(seqfast.nn, cell)(input_size, hidden)
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(8, input_size, dtype=torch.float64)
+    with torch.no_grad():
+        want, got = ref(x), mod(x.float())
+    for w_, g_ in zip(want if cell == "LSTMCell" else [want], got if cell == "LSTMCell" else [got]):
+        torch.testing.assert_close(g_.double(), w_, rtol=1e-4, atol=1e-4)
+
+
 def test_gemm_wt_errors():
     with pytest.raises(RuntimeError, match="gemm_wt_f32"):
         _C.gemm_wt_f32(torch.randn(3, 4), torch.randn(5, 6), None)

@@ -315,7 +315,8 @@ bool wt_parallel(int64_t M, int64_t N, const WtProduct& p1, const WtProduct& p2,
   float* pa = packed.get();
   if (s1 > 0) sgemm_wt::pack(M, p1.K, p1.a, p1.lda, pa);
   if (s2 > 0) sgemm_wt::pack(M, p2.K, p2.a, p2.lda, pa + s1);
-  const sgemm_wt::Operand o1{p1.K, pa, p1.w, p1.wr, p1.wk}, o2{p2.K, pa + s1, p2.w, p2.wr, p2.wk};
+  const bool stream = sgemm_wt::streams_weights(N * (p1.K + p2.K));
+  const sgemm_wt::Operand o1{p1.K, pa, p1.w, p1.wr, p1.wk, stream}, o2{p2.K, pa + s1, p2.w, p2.wr, p2.wk, stream};
   const int64_t tiles = (N + sgemm_wt::kRows - 1) / sgemm_wt::kRows;
   const int64_t per_tile = std::max<int64_t>(1, sgemm_wt::kRows * M * (p1.K + p2.K));
   cpu::parallel_for_shared(tiles, per_tile, min_piece_cols(M) / sgemm_wt::kRows, [&](int64_t t0, int64_t t1) {

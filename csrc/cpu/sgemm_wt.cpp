@@ -14,6 +14,10 @@ namespace sgemm_wt {
 // Compiled for the baseline ISA, outside the AVX-512 region: this is the guard.
 bool available() { return sgemm::available(); }
 
+bool streams_weights(int64_t weight_floats) {
+  return weight_floats * int64_t(sizeof(float)) > int64_t(cpu::l3_cache_bytes()) / 2;
+}
+
 }  // namespace sgemm_wt
 }  // namespace seqfast
 
@@ -191,14 +195,18 @@ inline __attribute__((always_inline)) __m512 wpair(const float* w, int64_t wk, i
 }
 
 // acc[r][v] += W row r's k pairs against the packed vectors: NV = 2, v = the 8-row half of A; NV = 1, v = even / odd
-// pair (two independent chains).
+// pair (two independent chains). pf (k-contiguous rows; may be null): the next tile's rows, fetched a line per row
+// every 8 pairs.
 template <int MR, int NV>
 inline __attribute__((always_inline)) void accumulate_narrow(__m512 (&acc)[kRows][2], int64_t K, const float* w,
-                                                             int64_t wr, int64_t wk, const float* ap) {
+                                                             int64_t wr, int64_t wk, const float* ap,
+                                                             const float* pf = nullptr) {
   const int64_t pairs = K / 2;
   int64_t g = 0;
   if constexpr (NV == 2) {
     for (; g < pairs; ++g, ap += 32) {
+      if (pf && (g & 7) == 0)
+        for (int r = 0; r < kRows; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf + r * wr + 2 * g), _MM_HINT_T1);
       const __m512 b0 = _mm512_load_ps(ap), b1 = _mm512_load_ps(ap + 16);
       for (int r = 0; r < MR; ++r) {
         const __m512 wv = wpair(w + r * wr + 2 * g * wk, wk);
@@ -216,6 +224,8 @@ inline __attribute__((always_inline)) void accumulate_narrow(__m512 (&acc)[kRows
     }
   } else {
     for (; g + 2 <= pairs; g += 2, ap += 32) {
+      if (pf && (g & 7) == 0)
+        for (int r = 0; r < kRows; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf + r * wr + 2 * g), _MM_HINT_T1);
       const __m512 b0 = _mm512_load_ps(ap), b1 = _mm512_load_ps(ap + 16);
       for (int r = 0; r < MR; ++r) {
         const float* wp = w + r * wr + 2 * g * wk;
@@ -233,12 +243,15 @@ inline __attribute__((always_inline)) void accumulate_narrow(__m512 (&acc)[kRows
 
 // C[m, n .. n + MR) (+)= the tile's sums for m < M: lane pairs added, A row m at lane 2 (m % 8) of vector m / 8.
 template <int MR, int NV>
-void rows_narrow(int64_t M, int64_t n, const Operand& o1, const Operand& o2, float beta, float* c, int64_t ldc,
+void rows_narrow(int64_t M, int64_t n, int64_t n_end, const Operand& o1, const Operand& o2, float beta, float* c, int64_t ldc,
                  const float* bias) {
   __m512 acc[kRows][2];
   for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  if (o1.K > 0) accumulate_narrow<MR, NV>(acc, o1.K, o1.w + n * o1.wr, o1.wr, o1.wk, o1.ap);
-  if (o2.K > 0) accumulate_narrow<MR, NV>(acc, o2.K, o2.w + n * o2.wr, o2.wr, o2.wk, o2.ap);
+  // the next whole tile's rows (k-contiguous weights that do not stay in the L3 only: see streams_weights)
+  const bool next = n + 2 * kRows <= n_end;
+  const auto ahead = [&](const Operand& o) { return next && o.stream && o.wk == 1 ? o.w + (n + kRows) * o.wr : nullptr; };
+  if (o1.K > 0) accumulate_narrow<MR, NV>(acc, o1.K, o1.w + n * o1.wr, o1.wr, o1.wk, o1.ap, ahead(o1));
+  if (o2.K > 0) accumulate_narrow<MR, NV>(acc, o2.K, o2.w + n * o2.wr, o2.wr, o2.wk, o2.ap, ahead(o2));
   alignas(64) float buf[kRows][32];
   for (int r = 0; r < MR; ++r) {
     if constexpr (NV == 1) {
@@ -262,7 +275,7 @@ template <int NV>
 void pass_narrow(int64_t M, int64_t n0, int64_t n1, const Operand& o1, const Operand& o2, float beta, float* c,
                  int64_t ldc, const float* bias) {
   each_tile(n0, n1,
-            [&](auto mr, int64_t n) { rows_narrow<decltype(mr)::value, NV>(M, n, o1, o2, beta, c, ldc, bias); });
+            [&](auto mr, int64_t n) { rows_narrow<decltype(mr)::value, NV>(M, n, n1, o1, o2, beta, c, ldc, bias); });
 }
 
 void pack_narrow(int64_t M, int64_t K, const float* a, int64_t lda, float* dst) {

@@ -50,12 +50,22 @@ inline int64_t pack_size(int64_t M, int64_t K) {
 void pack(int64_t M, int64_t K, const float* a, int64_t lda, float* dst);
 
 // One product of a gemm call: K (0: no product), A packed by pack(M, K, ...), W(n, k) = w[n * wr + k * wk].
+// stream: the weights of the whole call step do not stay in the L3 between calls (streams_weights); the narrow form
+// then fetches each next W tile ahead.
 struct Operand {
   int64_t K = 0;
   const float* ap = nullptr;
   const float* w = nullptr;
   int64_t wr = 0, wk = 0;
+  bool stream = false;
 };
+
+// Whether weights of this many floats, read once per call (a cell step's W_ih and W_hh together), pass half of the
+// L3 (cpu::l3_cache_bytes), so that each call streams them from memory. Why the narrow form asks: there the next
+// tile's rows fetched ahead gave 1.06x (LSTMCell B8 H1024, 32 MB) and 1.08x (GRUCell B8 H1024, 24 MB), but cost
+// 0.80-0.89x where the weights stay in the L3 (RNNCell B8 H512 / H1024, LSTMCell B8 H256 / H512; same process, Zen 5
+// with a 32 MB L3), where the hardware's prefetch already keeps up and the extra loads compete with the broadcasts.
+bool streams_weights(int64_t weight_floats);
 
 // Columns [n0, n1) of C[M, N] (row stride ldc; c points at C[0, 0]) = beta C + A1 W1^T + A2 W2^T (+ bias[n] when
 // bias is not null): both products summed in the same accumulators. beta is 0 or 1.

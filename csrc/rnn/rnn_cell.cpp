@@ -146,8 +146,9 @@ struct NtProducts {
     if (!packed.ok()) return;  // no memory for the packing: the dot-product kernel, which needs none
     sgemm_wt::pack(B, I, x, I, packed.get());
     sgemm_wt::pack(B, H, h, H, packed.get() + sx);
-    xo = sgemm_wt::Operand{I, packed.get(), wi, I, 1};
-    ho = sgemm_wt::Operand{H, packed.get() + sx, wh, H, 1};
+    const bool stream = sgemm_wt::streams_weights(G * (I + H));
+    xo = sgemm_wt::Operand{I, packed.get(), wi, I, 1, stream};
+    ho = sgemm_wt::Operand{H, packed.get() + sx, wh, H, 1, stream};
   }
   // x W_ih^T + h W_hh^T, summed in one pass
   void sum(float* out, int64_t ldo, int64_t j0, int64_t j1) const {
