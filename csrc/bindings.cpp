@@ -39,6 +39,7 @@ py::dict config_dict() {
   d["avx2_attention"] = c.avx2_attention;
   d["avx2_pack"] = c.avx2_pack;
   d["nt_cells"] = c.nt_cells;
+  d["rows_split"] = c.rows_split;
   d["par_min_work"] = c.par_min_work;
   d["small_batch"] = c.small_batch;
   d["small_batch_set"] = c.small_batch_set;
@@ -72,6 +73,7 @@ py::dict set_config(const py::kwargs& kw) {
     else if (k == "avx2_attention") c.avx2_attention = py::cast<bool>(v);
     else if (k == "avx2_pack") c.avx2_pack = py::cast<bool>(v);
     else if (k == "nt_cells") c.nt_cells = py::cast<bool>(v);
+    else if (k == "rows_split") c.rows_split = py::cast<bool>(v);
     else if (k == "par_min_work") c.par_min_work = py::cast<int64_t>(v);
     else if (k == "small_batch") {
       c.small_batch = py::cast<int64_t>(v);

@@ -10,9 +10,10 @@ _C = _ext.module()
 pytestmark = pytest.mark.skipif(_C is None, reason="seqfast._C not built")
 
 # M >= 256 takes the own kernel (shorter A operands run MKL): partial 8-row tiles, partial 32-column panels, several
-# 64-row and 512-deep blocks, K = 0; the small shapes check the fallback keeps the same contract.
+# 64-row and 512-deep blocks, K = 0; the small shapes check the fallback keeps the same contract. A transposed A is
+# packed from 4 panels of B (257 x 256 x 513; 270 x 130 x 600: a last 14-row block of one whole tile and a 6-row one).
 SHAPES = [(256, 1, 1), (263, 33, 5), (264, 32, 512), (300, 45, 1000), (257, 256, 513), (270, 31, 0), (0, 5, 3),
-          (300, 0, 4), (1, 1, 1), (13, 45, 1000)]
+          (300, 0, 4), (1, 1, 1), (13, 45, 1000), (270, 130, 600)]
 
 
 @pytest.mark.parametrize("M,N,K", SHAPES)

@@ -32,6 +32,7 @@ Config from_env() {
   c.avx2_attention = !env_set("SEQFAST_CPU_NO_AVX2_ATTN");
   c.avx2_pack = !env_set("SEQFAST_CPU_NO_AVX2_PACK");
   c.nt_cells = !env_set("SEQFAST_CPU_NO_NT_CELLS");
+  c.rows_split = !env_set("SEQFAST_CPU_NO_ROWS_SPLIT");
   c.par_min_work = env_int("SEQFAST_CPU_PAR_MIN_WORK", c.par_min_work);
   c.small_batch_set = env_set("SEQFAST_CPU_SMALL_BATCH");
   c.small_batch = env_int("SEQFAST_CPU_SMALL_BATCH", c.small_batch);

@@ -161,7 +161,17 @@ namespace {
 // (r, k) at k * kMR + r. The micro-kernel's broadcasts then walk one contiguous stream whatever A's strides
 // (a transposed A, e.g. dgates^T in a weight gradient, otherwise touches a new cache line at every k).
 void pack_a(int64_t mb, int64_t kc, const float* a, int64_t ar, int64_t ak, float* dst) {
-  for (int64_t t = 0; t * kMR < mb; ++t) {
+  // Row-contiguous A (ar == 1: a transposed operand such as dgates^T): per k, the whole tiles' rows are one
+  // contiguous run of the source, copied into each tile's column k. Why not tile by tile: that walked the block's k
+  // rows (a stride of a whole source row apart) once per tile, and the copy took a quarter of the product's time.
+  // Same process, weight gradients dg^T x, GFLOP/s 2 threads before / after: [512, 128] over 8192 rows 299 / 370,
+  // [1024, 256] over 2048 336 / 414, [1536, 512] over 8192 343 / 371, [4096, 1024] over 1024 408 / 444.
+  const int64_t whole = ar == 1 ? mb / kMR : 0;
+  for (int64_t k = 0; k < kc && whole > 0; ++k) {
+    const float* src = a + k * ak;
+    for (int64_t t = 0; t < whole; ++t) _mm256_store_ps(dst + t * kc * kMR + k * kMR, _mm256_loadu_ps(src + t * kMR));
+  }
+  for (int64_t t = whole; t * kMR < mb; ++t) {
     const int64_t r0 = t * kMR, nr = std::min(kMR, mb - r0);
     float* d = dst + t * kc * kMR;
     if (ar == 1 && nr == kMR) {
