@@ -1,6 +1,6 @@
-"""The backward time loops that split the batch rows between the threads (csrc/rnn/rnn_sequence.cpp:
-rows_split_backward; config rows_split): LSTM, GRU and Elman RNN layers on two threads, with W_hh inside half a core's
-L2 and 16+ rows per thread, against float64 torch (outputs, final states, input and parameter gradients), with the
+"""The time loops that split the batch rows between the threads (csrc/rnn/rnn_sequence.cpp: rows_split_backward, and
+rows_split_forward for the GRU / RNN forward; config rows_split): LSTM, GRU and Elman RNN layers on two threads, with
+W_hh inside half a core's L2 and 16+ rows per thread, against float64 torch (outputs, final states, input and parameter gradients), with the
 split on and off: padded batches of 37 rows (shares of 16 and 21) and packed batches whose later steps leave the second
 thread's rows empty; bidirectional and two layers."""
 import pytest
@@ -40,9 +40,12 @@ def test_backward_rows_split(kind, rows_split, packed, two_threads):
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
-def test_backward_rows_split_layers(kind, two_threads):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_rows_split_layers(kind, packed, two_threads):
+    """Two bidirectional layers; packed, the reverse direction's batch grows step by step (rows from h0 join)."""
     torch.manual_seed(8)
     ours, ref = _pair(kind, 20, 64, num_layers=2, bidirectional=True)
-    x = torch.randn(6, 33, 20)
+    x = torch.randn(6, 35, 20)
+    lengths = torch.tensor([6 - (i * 6) // 35 for i in range(35)]) if packed else None
     with cpp_config(rows_split=True):
-        compare_rnn_with_torch(ours, ref, x, rtol=1e-4, atol=1e-4)
+        compare_rnn_with_torch(ours, ref, x, lengths, rtol=1e-4, atol=1e-4)

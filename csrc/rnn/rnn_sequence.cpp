@@ -326,6 +326,21 @@ class RecurrentForward {
     // every gate's slice packed, or none used (a buffer one gate could not get leaves all of them in place)
     packed_ = std::all_of(pk_, pk_ + G, [](const PackedA<T>& p) { return p.ok(); });
   }
+  // Rows [r0, r1) of step t (r1 <= its batch), on the packed slices or the weight in place (never the GEMV);
+  // row b of dst at dst + b * ldc as in step.
+  void step_rows(int64_t t, int64_t r0, int64_t r1, const T* o, const T* h0p, T* dst, int64_t ldc, bool accumulate) {
+    const int64_t np = s_.n_from_prev(t), H = H_;
+    const T beta = T(accumulate);
+    const auto product = [&](int64_t q, int64_t n, const T* h, T* c) {
+      if (packed_) pk_[q].mm(n, h, H, beta, c, ldc);
+      else mm_wt<T>(n, k1_ - k0_, H, h, H, wh_ + (q * H + k0_) * H, H, beta, c, ldc);
+    };
+    for (int64_t q = 0; q < G; ++q) {
+      T* c = dst + q * H + k0_;
+      if (std::min(r1, np) > r0) product(q, std::min(r1, np) - r0, o + (s_.off[s_.prev(t)] + r0) * H, c + r0 * ldc);
+      if (r1 > std::max(r0, np)) product(q, r1 - std::max(r0, np), h0p + std::max(r0, np) * H, c + std::max(r0, np) * ldc);
+    }
+  }
   // Step t; previous states from the output rows o (or h0p); row b of dst at dst + b * ldc.
   void step(int64_t t, const T* o, const T* h0p, T* dst, int64_t ldc, bool accumulate) {
     const int64_t bs = s_.bs[t], H = H_;
@@ -439,6 +454,34 @@ constexpr int64_t kStepMaxPieces = 8;
 // B256 H256 and LSTM B256 H256 0.94x in pieces of one block, the packed GEMM's n of 16 columns per gate).
 constexpr int64_t kStepPieceBlocks = 4;
 
+// Whether a backward time loop on nt threads splits the batch rows between them instead of the units: each thread
+// then carries its own rows (16 or more) through every step, the pointwise backward of all units and then dh = dg
+// W_hh with the whole of W_hh packed in its own cache, with no barrier and nothing read from a teammate's cache; the
+// price, each thread reading all of W_hh, is paid from L2 while W_hh fits half of it. The units split had every
+// thread read the other's half of each step's gate gradients after a barrier. Same process, training, T32, rows /
+// units split (Elman RNN: rows / its per-step path): LSTM B256 H128 1.07x, B64 H128 1.12x, B256 H64 1.22x, GRU B256
+// H128 1.12x, B256 H64 1.17x; RNN B256 H256 1.19x, B256 H128 1.17x, B64 H256 1.17x, B32 H128 1.26x (Zen 5, 2 vCPUs,
+// in a phase with slow cross-core transfers; 1.03-1.06x in a quicker one).
+template <typename T>
+inline bool rows_split_backward(const Steps& s, int nt, int64_t G, int64_t H) {
+  return cpu::config().rows_split && nt > 1 && max_rows(s) >= 16 * int64_t(nt) &&
+         G * H * H * int64_t(sizeof(T)) <= int64_t(cpu::l2_cache_bytes()) / 2;
+}
+
+// First row of thread tid's share of B rows split over nt threads, in whole 8-row register tiles (tid == nt: B).
+inline int64_t row_share(int64_t B, int nt, int tid) {
+  return tid >= nt ? B : std::min(B, (B / 8) * tid / nt * 8);
+}
+
+// The same split for the generic forward time loop (GRU, Elman RNN; the LSTM off its fused step): each thread its own
+// rows' recurrent product with the whole of W_hh (packed once per thread) and their pointwise, no barrier, no h rows
+// read from a teammate's cache. Same process, T32, rows / units split: GRU B256 H128 1.11x (training 1.09x), B256 H64
+// 1.11x, B32 H64 1.12x, B64 H128 1.04x; RNN B256 H256 1.02x, B64 H128 1.05x.
+template <typename T>
+inline bool rows_split_forward(const Steps& s, int nt, int64_t G, int64_t H) {
+  return rows_split_backward<T>(s, nt, G, H);
+}
+
 // Forward time loop of a cell with G gate blocks, in processing order. Per step t, the step's rows of dst (rows
 // [off, off + bs) when dst_per_step, else [0, bs): a scratch reused every step) get the recurrent product
 // h_prev W_hh^T (added onto them when accumulate), then `row` runs the cell's pointwise.
@@ -454,6 +497,21 @@ void time_loop_forward(const Steps& s, int nt, const Tensor& h0, const Tensor& w
   const T* h0p = h0.const_data_ptr<T>();
   const T* wh = w_hh.const_data_ptr<T>();
   T* d = dst.data_ptr<T>();
+  if (rows_split_forward<T>(s, nt, G, H)) {
+    const int64_t B = max_rows(s);
+    cpu::run_team(nt, [&](int tid, int nth) {
+      const int64_t b0 = row_share(B, nth, tid), b1 = row_share(B, nth, tid + 1);
+      if (b1 <= b0) return;
+      RecurrentForward<T, G> rec(s, wh, H, 0, H);  // the whole of W_hh, this thread's own packing
+      each_step(s, false, [&](int64_t t, int64_t bs, int64_t off) {
+        const int64_t r1 = std::min(bs, b1);
+        if (r1 <= b0) return;
+        rec.step_rows(t, b0, r1, o, h0p, d + (dst_per_step ? off : 0) * G * H, G * H, accumulate);
+        for (int64_t b = b0; b < r1; ++b) row(t, b, off, 0, H);
+      });
+    });
+    return;
+  }
   if (nt > 0) {
     // Each thread's slice in pieces of 16-unit blocks, each with its own recurrent product (packed as the whole slice
     // would be), shared by the team every step (cpu/block_share.h): a thread done with its own pieces takes a slower
@@ -519,25 +577,6 @@ void time_loop_forward(const Steps& s, int nt, const Tensor& h0, const Tensor& w
     }
     mirror(lp, out, off, bs);
   });
-}
-
-// Whether a backward time loop on nt threads splits the batch rows between them instead of the units: each thread
-// then carries its own rows (16 or more) through every step, the pointwise backward of all units and then dh = dg
-// W_hh with the whole of W_hh packed in its own cache, with no barrier and nothing read from a teammate's cache; the
-// price, each thread reading all of W_hh, is paid from L2 while W_hh fits half of it. The units split had every
-// thread read the other's half of each step's gate gradients after a barrier. Same process, training, T32, rows /
-// units split (Elman RNN: rows / its per-step path): LSTM B256 H128 1.07x, B64 H128 1.12x, B256 H64 1.22x, GRU B256
-// H128 1.12x, B256 H64 1.17x; RNN B256 H256 1.19x, B256 H128 1.17x, B64 H256 1.17x, B32 H128 1.26x (Zen 5, 2 vCPUs,
-// in a phase with slow cross-core transfers; 1.03-1.06x in a quicker one).
-template <typename T>
-inline bool rows_split_backward(const Steps& s, int nt, int64_t G, int64_t H) {
-  return cpu::config().rows_split && nt > 1 && max_rows(s) >= 16 * int64_t(nt) &&
-         G * H * H * int64_t(sizeof(T)) <= int64_t(cpu::l2_cache_bytes()) / 2;
-}
-
-// First row of thread tid's share of B rows split over nt threads, in whole 8-row register tiles (tid == nt: B).
-inline int64_t row_share(int64_t B, int nt, int tid) {
-  return tid >= nt ? B : std::min(B, (B / 8) * tid / nt * 8);
 }
 
 // Backward time loop of a cell with G gate blocks, in reverse processing order. Per step: `row` runs the cell's
