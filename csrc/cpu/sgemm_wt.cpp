@@ -141,8 +141,10 @@ void rows(int64_t m_begin, int64_t M, int64_t n, int64_t n_end, const Part& o1, 
       // The first panel also fetches the next whole tile's W rows into L2, so that its first panel does not wait on
       // L3 or memory: the weights of the largest cells (LSTMCell H1024: 32 MB) do not stay in cache between calls.
       const bool pf = m0 == m_begin && n + 2 * kRows <= n_end;
-      if (w1) accumulate<MR, NV>(acc, o1.K, w1, o1.wr, o1.wk, o1.ap + p * o1.pstride, pf ? w1 + kRows * o1.wr : nullptr);
-      if (w2) accumulate<MR, NV>(acc, o2.K, w2, o2.wr, o2.wk, o2.ap + p * o2.pstride, pf ? w2 + kRows * o2.wr : nullptr);
+      const float* ahead1 = pf && w1 ? w1 + kRows * o1.wr : nullptr;
+      const float* ahead2 = pf && w2 ? w2 + kRows * o2.wr : nullptr;
+      if (w1) accumulate<MR, NV>(acc, o1.K, w1, o1.wr, o1.wk, o1.ap + p * o1.pstride, ahead1);
+      if (w2) accumulate<MR, NV>(acc, o2.K, w2, o2.wr, o2.wk, o2.ap + p * o2.pstride, ahead2);
       store<MR, NV>(acc, mcount, c + m0 * ldc + n, ldc, beta, bias ? bias + n : nullptr);
     };
     if (mcount > 16) panel(std::integral_constant<int, 2>());
@@ -243,13 +245,16 @@ inline __attribute__((always_inline)) void accumulate_narrow(__m512 (&acc)[kRows
 
 // C[m, n .. n + MR) (+)= the tile's sums for m < M: lane pairs added, A row m at lane 2 (m % 8) of vector m / 8.
 template <int MR, int NV>
-void rows_narrow(int64_t M, int64_t n, int64_t n_end, const Operand& o1, const Operand& o2, float beta, float* c, int64_t ldc,
+void rows_narrow(int64_t M, int64_t n, int64_t n_end, const Operand& o1, const Operand& o2, float beta, float* c,
+                 int64_t ldc,
                  const float* bias) {
   __m512 acc[kRows][2];
   for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   // the next whole tile's rows (k-contiguous weights that do not stay in the L3 only: see streams_weights)
   const bool next = n + 2 * kRows <= n_end;
-  const auto ahead = [&](const Operand& o) { return next && o.stream && o.wk == 1 ? o.w + (n + kRows) * o.wr : nullptr; };
+  const auto ahead = [&](const Operand& o) {
+    return next && o.stream && o.wk == 1 ? o.w + (n + kRows) * o.wr : nullptr;
+  };
   if (o1.K > 0) accumulate_narrow<MR, NV>(acc, o1.K, o1.w + n * o1.wr, o1.wr, o1.wk, o1.ap, ahead(o1));
   if (o2.K > 0) accumulate_narrow<MR, NV>(acc, o2.K, o2.w + n * o2.wr, o2.wr, o2.wk, o2.ap, ahead(o2));
   alignas(64) float buf[kRows][32];

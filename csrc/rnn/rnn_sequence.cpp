@@ -37,6 +37,7 @@
 #include <array>
 #include <cstring>
 #include <memory>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -335,10 +336,11 @@ class RecurrentForward {
       if (packed_) pk_[q].mm(n, h, H, beta, c, ldc);
       else mm_wt<T>(n, k1_ - k0_, H, h, H, wh_ + (q * H + k0_) * H, H, beta, c, ldc);
     };
+    const int64_t p1 = std::min(r1, np), i0 = std::max(r0, np);  // rows [r0, p1) from the previous step, [i0, r1) h0
     for (int64_t q = 0; q < G; ++q) {
       T* c = dst + q * H + k0_;
-      if (std::min(r1, np) > r0) product(q, std::min(r1, np) - r0, o + (s_.off[s_.prev(t)] + r0) * H, c + r0 * ldc);
-      if (r1 > std::max(r0, np)) product(q, r1 - std::max(r0, np), h0p + std::max(r0, np) * H, c + std::max(r0, np) * ldc);
+      if (p1 > r0) product(q, p1 - r0, o + (s_.off[s_.prev(t)] + r0) * H, c + r0 * ldc);
+      if (r1 > i0) product(q, r1 - i0, h0p + i0 * H, c + i0 * ldc);
     }
   }
   // Step t; previous states from the output rows o (or h0p); row b of dst at dst + b * ldc.
@@ -461,10 +463,13 @@ constexpr int64_t kStepPieceBlocks = 4;
 // thread read the other's half of each step's gate gradients after a barrier. Same process, training, T32, rows /
 // units split (Elman RNN: rows / its per-step path): LSTM B256 H128 1.07x, B64 H128 1.12x, B256 H64 1.22x, GRU B256
 // H128 1.12x, B256 H64 1.17x; RNN B256 H256 1.19x, B256 H128 1.17x, B64 H256 1.17x, B32 H128 1.26x (Zen 5, 2 vCPUs,
-// in a phase with slow cross-core transfers; 1.03-1.06x in a quicker one).
+// in a phase with slow cross-core transfers; 1.03-1.06x in a quicker one). float32 on the own AVX-512 GEMM only:
+// with the MKL / AVX2 kernels (SEQFAST_CPU_NO_OWN_GEMM on the same machine) the split read 0.84-1.31x (GRU B64 H128
+// 0.84x, LSTM B64 H128 training 0.88x), and no AVX2-only CPU was at hand to settle it there.
 template <typename T>
 inline bool rows_split_backward(const Steps& s, int nt, int64_t G, int64_t H) {
-  return cpu::config().rows_split && nt > 1 && max_rows(s) >= 16 * int64_t(nt) &&
+  return std::is_same_v<T, float> && sgemm::available() && cpu::config().rows_split && nt > 1 &&
+         max_rows(s) >= 16 * int64_t(nt) &&
          G * H * H * int64_t(sizeof(T)) <= int64_t(cpu::l2_cache_bytes()) / 2;
 }
 
@@ -762,7 +767,15 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& x, const Tensor& pre, 
   std::vector<Slice> slices(size_t(std::max(nt, 1)));
   cpu::BlockShare share(std::max(nt, 1));
   const bool sharing = cpu::config().block_share;
-  unit_team(nt, H, [&](int tid, int nth, int64_t k0, int64_t k1) {
+  // The rows split of rows_split_backward, for the AVX-512 step: each thread packs all the units' weights, which must
+  // fit half its L2. Same process, T32, rows / units split: inference B256 H128 1.15x, B64 H128 1.15x, B256 H64
+  // 1.28x, B32 H64 1.37x, B64 H96 1.20x; training B256 H128 0.97-1.05x, B128 H128 1.03x, B64 H128 1.05x, B256 H64
+  // 1.07x.
+  const int64_t packed_bytes = int64_t(sizeof(float)) * (pack_size(I, H) + pack_size(H, H));
+  const bool by_rows = !avx2 && cpu::config().rows_split && nt > 1 && max_rows(s) >= 16 * int64_t(nt) &&
+                       packed_bytes <= int64_t(cpu::l2_cache_bytes()) / 2;
+  // units [k0, k1) of batch rows [row0, row1) (by_rows: all units of the thread's rows, no barrier)
+  const auto body = [&](int tid, int nth, int64_t k0, int64_t k1, int64_t row0, int64_t row1) {
     const int64_t nu = k1 - k0;
     const int64_t nblk = (nu + kUnits - 1) / kUnits;
     // 1-2 rows (pre given): lstm_step::step_small reads W_hh in place, nothing to pack.
@@ -782,7 +795,7 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& x, const Tensor& pre, 
       lstm_step::pack_bias(bp, H, k0, k1, kUnits, pb);
     }
     // a team smaller than nt shares among its own threads (the ranges of the rest are never opened)
-    const bool shared = sharing && !small && nth > 1;
+    const bool shared = sharing && !small && nth > 1 && !by_rows;
     const Slice own{pw_i, pw_h, pb, k0, k1};
     if (shared) slices[size_t(tid)] = own;
     lstm_step::StepArgs a;
@@ -802,26 +815,41 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& x, const Tensor& pre, 
       else lstm_step::step(a);
     };
     each_step(s, false, [&](int64_t t, int64_t bs, int64_t off) {
-      for (int64_t b = 0; b < bs; ++b) {
-        hr[b] = prev_row<float>(s, t, b, o, h0p, H);
-        cr[b] = prev_row<float>(s, t, b, c, c0p, H);
+      const int64_t r1 = std::min(bs, row1);
+      if (r1 > row0) {
+        for (int64_t b = row0; b < r1; ++b) {
+          hr[b - row0] = prev_row<float>(s, t, b, o, h0p, H);
+          cr[b - row0] = prev_row<float>(s, t, b, c, c0p, H);
+        }
+        const int64_t r = off + row0;  // the first row of this step handled here
+        a.rows = r1 - row0;
+        a.x = I ? xp + r * I : nullptr;
+        a.pre = pp ? pp + r * 4 * H : nullptr;
+        a.h = hr.data();
+        a.cprev = cr.data();
+        a.c = c + r * H;
+        a.hout = o + r * H;
+        a.gates = g ? g + r * 4 * H : nullptr;
+        if (!shared) {
+          if (nu > 0) run(own, 0, nblk);
+        } else {
+          share.run(tid, nth, nblk, [&](int owner, int64_t b) { run(slices[size_t(owner)], b, b + 1); });
+        }
       }
-      a.rows = bs;
-      a.x = I ? xp + off * I : nullptr;
-      a.pre = pp ? pp + off * 4 * H : nullptr;
-      a.h = hr.data();
-      a.cprev = cr.data();
-      a.c = c + off * H;
-      a.hout = o + off * H;
-      a.gates = g ? g + off * 4 * H : nullptr;
-      if (!shared) {
-        if (nu > 0) run(own, 0, nblk);
-      } else {
-        share.run(tid, nth, nblk, [&](int owner, int64_t b) { run(slices[size_t(owner)], b, b + 1); });
-      }
-      cpu::team_barrier(nth);
+      if (!by_rows) cpu::team_barrier(nth);
     });
-  });
+  };
+  if (by_rows) {
+    const int64_t B = max_rows(s);
+    cpu::run_team(nt, [&](int tid, int nth) {
+      const int64_t r0 = row_share(B, nth, tid), r1 = row_share(B, nth, tid + 1);
+      if (r1 > r0) body(tid, nth, 0, H, r0, r1);
+    });
+  } else {
+    unit_team(nt, H, [&](int tid, int nth, int64_t k0, int64_t k1) {
+      body(tid, nth, k0, k1, 0, std::numeric_limits<int64_t>::max());
+    });
+  }
 }
 
 // bfloat16 LSTM / GRU / RNN forward on the fused bfloat16 steps (rnn_sequence_step_bf16.h): per thread its units'
