@@ -5,6 +5,7 @@
 // fused pointwise pass for the gate derivatives, then the GEMMs through gemm::mm (the own AVX2 kernels or ATen).
 #include "rnn/rnn.h"
 #include "rnn/rnn_args.h"
+#include "rnn/rnn_cell_products.h"
 #include "rnn/rnn_pointwise.h"
 #include "cpu/bf16_weight_gemv.h"
 #include "cpu/gemm.h"
@@ -226,6 +227,35 @@ inline void fused_step(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
 // Rows of a product with bfloat16 weights per chunk of the team: enough multiply-adds to be worth a thread.
 inline int64_t bf16_grain(int64_t work_per_row) {
   return std::max<int64_t>(1, kern::par_min_work() / std::max<int64_t>(1, work_per_row));
+}
+
+// The products of a backward (dx, dh, dW_ih, dW_hh and the bias gradients) from the gate gradients dgi (input product)
+// and dgh (hidden product; the same tensor for the LSTM and the Elman RNN) in one pass (rnn/rnn_cell_products.h),
+// where the step has at most cell_products::kMaxRows rows and weights of its own dtype up to kMaxWeights elements;
+// false: the caller runs grad_in / grad_w. dh: defined (the GRU's pointwise part) to add the product into; else made
+// here where needed. The six results as the cells' backward returns them (db_h undefined when dgh is dgi).
+bool small_products(const Tensor& dgi, const Tensor& dgh, const Tensor& x, const Tensor& hx, const Tensor& w_ih,
+                    const Tensor& w_hh, const Needs& n, Tensor dh, std::array<Tensor, 6>& out) {
+  const int64_t B = x.size(0), G = w_ih.size(0), I = x.size(1), H = hx.size(1);
+  if (B > cell_products::kMaxRows || w_ih.scalar_type() != x.scalar_type() ||
+      B * G * (I + H) > cell_products::kMaxWork)
+    return false;
+  const bool acc = dh.defined(), two = !dgh.is_same(dgi);
+  const auto opt = x.options();
+  Tensor dx = n.dx ? at::empty({B, I}, opt) : Tensor();
+  if (!n.dh) dh = Tensor();
+  else if (!acc) dh = at::empty({B, H}, opt);
+  Tensor dwi = n.dw_ih ? at::empty({G, I}, opt) : Tensor(), dwh = n.dw_hh ? at::empty({G, H}, opt) : Tensor();
+  Tensor dbi = at::empty({G}, opt), dbh = two ? at::empty({G}, opt) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast::cell_products", [&] {
+    using T = scalar_t;
+    const auto ptr = [](Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    cell_products::backward<T>(B, G, I, H, dgi.const_data_ptr<T>(), dgh.const_data_ptr<T>(), x.const_data_ptr<T>(),
+                               hx.const_data_ptr<T>(), w_ih.const_data_ptr<T>(), w_hh.const_data_ptr<T>(), ptr(dx),
+                               ptr(dh), acc, ptr(dwi), ptr(dwh), ptr(dbi), ptr(dbh));
+  });
+  out = {dx, dh, dwi, dwh, dbi, dbh};
+  return true;
 }
 
 // dg [B, G] @ w [G, K]: the backward's input or state gradient. bfloat16 w under float32 dg: the in-place kernel, the
@@ -472,6 +502,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_im
                               dgp + b * 4 * H, dcxp + b * H, H, 0, H);
     });
   });
+  std::array<Tensor, 6> p;
+  if (small_products(dg, dg, x, hx, w_ih, w_hh, n, Tensor(), p)) return {p[0], p[1], dcx, p[2], p[3], p[4]};
   return {n.dx ? grad_in(dg, w_ih) : Tensor(), n.dh ? grad_in(dg, w_hh) : Tensor(), dcx,
           n.dw_ih ? grad_w(dg, x, w_ih) : Tensor(), n.dw_hh ? grad_w(dg, hx, w_hh) : Tensor(), dg.sum(0)};
 }
@@ -516,6 +548,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward_imp
                              dhxp + b * H, H, 0, H);
     });
   });
+  std::array<Tensor, 6> p;
+  if (small_products(dgi, dgh, x, hx, w_ih, w_hh, n, dhx, p)) return {p[0], p[1], p[2], p[3], p[4], p[5]};
   if (!n.dh)
     dhx = Tensor();
   else if (w_hh.scalar_type() == dgh.scalar_type())
@@ -556,6 +590,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward_impl(const 
       for (int64_t b = r0; b < r1; ++b) kern::rnn_bwd_row<T>(dh + b * H, nullptr, y + b * H, d + b * H, relu, 0, H);
     });
   });
+  std::array<Tensor, 6> p;
+  if (small_products(dp, dp, x, hx, w_ih, w_hh, n, Tensor(), p)) return {p[0], p[1], p[2], p[3], p[4]};
   return {n.dx ? grad_in(dp, w_ih) : Tensor(), n.dh ? grad_in(dp, w_hh) : Tensor(),
           n.dw_ih ? grad_w(dp, x, w_ih) : Tensor(), n.dw_hh ? grad_w(dp, hx, w_hh) : Tensor(), dp.sum(0)};
 }
