@@ -22,6 +22,10 @@ CASES = {
                                     {"mask": "float", "enable_gqa": True}),
     "decoder_step_all_masked": ((2, 2, 1, 16), (2, 2, 17, 16), (2, 2, 17, 16), {"mask": "key_padding_all"}),
     "decoder_step_causal": ((2, 2, 1, 16), (2, 2, 9, 16), (2, 2, 9, 16), {"is_causal": True}),
+    # its backward's per-key pass over several key blocks of one head (split between tasks, dq summed), and a scale
+    "decoder_step_long": ((1, 1, 1, 24), (1, 1, 300, 24), (1, 1, 300, 40), {"mask": "float", "scale": 0.3}),
+    "decoder_step_long_gqa": ((1, 4, 1, 16), (1, 1, 270, 16), (1, 1, 270, 16),
+                              {"mask": "key_padding", "enable_gqa": True}),
     "bool_mask_2d": ((2, 2, 6, 16), (2, 2, 7, 16), (2, 2, 7, 16), {"mask": "bool"}),
     "float_mask": ((2, 2, 6, 16), (2, 2, 7, 16), (2, 2, 7, 16), {"mask": "float"}),
     "mask_and_causal": ((1, 2, 7, 16), (1, 2, 7, 16), (1, 2, 7, 16), {"mask": "float", "is_causal": True}),
