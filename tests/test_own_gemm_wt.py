@@ -109,11 +109,12 @@ def test_gemm_wt_errors():
         _C.gemm_wt_f32(torch.randn(3, 4), torch.randn(5, 4), torch.randn(4))
 
 
-@pytest.mark.parametrize("M,K,N", [(16, 64, 40), (32, 200, 96), (100, 1030, 24), (129, 33, 17), (256, 2048, 1100)])
+@pytest.mark.parametrize("M,K,N", [(16, 64, 40), (32, 200, 96), (100, 1030, 24), (129, 33, 17), (256, 2048, 1100),
+                                   (200, 512, 2049)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_mm_routes_to_the_form(M, K, N, bias):
-    # gemm::mm with b = W^T (the layers' input projection) takes the broadcast form in its range (16-128 rows; 256 rows
-    # of a weight of 2^21+ elements) and the other kernels outside it: the same results either way
+    # gemm::mm with b = W^T (the layers' input projection) takes the broadcast form in its range (16-128 rows; 129-256
+    # rows of a weight of 2^20+ elements) and the other kernels outside it: the same results either way
     torch.manual_seed(M + K)
     a, w = torch.randn(M, K), torch.randn(N, K)
     b = torch.randn(N) if bias else None

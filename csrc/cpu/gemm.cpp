@@ -301,10 +301,14 @@ void nt_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, c
 // 295 / 247; M 13-15 (1024, 1024) 335-384 / 307-331, M 14 (256, 1024) 355 / 320; M 11-12 (1024, 1024) 284-315 /
 // 275-299, (512, 1024) 311 / 321; M 9-10 (1024, 1024) 242-249 / 280-290 (half of the second vector padding); M 8
 // (1024, 1024) 327 / 266, (512, 2048) 348 / 295, (256, 1024) 308 / 280, M 7 (1024, 1024) 289 / 247, (256, 1024) 269 /
-// 275; M 5 (512, 2048) 217 / 242.
+// 275; M 5 (512, 2048) 217 / 242. From 129 rows the bound was W of 2^21 elements until 2026-12-07; from 2^20 the
+// packing costs more than it saves once W is out of cache, as between the calls of a model: same process, times
+// packed / broadcast form with a 64 MB write between calls, M 136-256 at (512, 2048), (1024, 1024), (256, 4096), (768,
+// 1536), (1024, 1536) 1.09-1.23x; called back to back (W in the L3) 0.96-1.06x (M 136 (512, 2048) 0.96x, M 256 0.99x,
+// (1024, 1536) 1.06x). The LSTM T32 B8 H512 layer's input projection: 1.13x / 1.08x; GRUCell B160-256 H512 1.00-1.06x.
 bool wt_takes(int64_t M, int64_t N, int64_t K) {
   return sgemm_wt::available() && cpu::config().avx512_wt &&
-         ((M >= 7 && M <= 8) || (M >= 13 && (M <= 128 || (M <= 256 && K * N >= (int64_t(1) << 21)))));
+         ((M >= 7 && M <= 8) || (M >= 13 && (M <= 128 || (M <= 256 && K * N >= (int64_t(1) << 20)))));
 }
 
 bool wt_parallel(int64_t M, int64_t N, const WtProduct& p1, const WtProduct& p2, float beta, float* c, int64_t ldc,
