@@ -1,8 +1,9 @@
-"""The time loops that split the batch rows between the threads (csrc/rnn/rnn_sequence.cpp: rows_split_backward,
-rows_split_forward for the GRU / RNN forward, the LSTM's fused AVX-512 step; config rows_split): LSTM, GRU and Elman
-RNN layers on two threads, with W_hh inside half a core's L2 and 16+ rows per thread, against float64 torch (outputs,
-final states, input and parameter gradients), with the split on and off: padded batches of 37 rows (shares of 16 and
-21) and packed batches whose later steps leave the second thread's rows empty; bidirectional and two layers."""
+"""The time loops that split the batch rows between the threads (csrc/rnn/rnn_sequence.cpp: rows_split for the
+backward loops and the GRU / RNN forward, rows_split_fits for the LSTM's fused AVX-512 step; config rows_split):
+LSTM, GRU and Elman RNN layers on two threads, with W_hh inside half a core's L2 and 16+ rows per thread, against
+float64 torch (outputs, final states, input and parameter gradients), with the split on and off: padded batches of 37
+rows (shares of 16 and 21) and packed batches whose later steps leave the second thread's rows empty; bidirectional
+and two layers."""
 import pytest
 import torch
 

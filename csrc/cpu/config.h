@@ -62,9 +62,10 @@ struct Config {
   // kernel (sgemm_nt.h) take them and the cell update in one region, the products summed in one pass
   // (rnn_cell.cpp: fused_nt); false: two linear_out products and a pointwise pass.
   bool nt_cells = true;
-  // SEQFAST_CPU_NO_ROWS_SPLIT unset: a backward time loop, or the generic forward loop, whose W_hh fits half a core's
-  // L2 splits the batch rows between its threads (rnn_sequence.cpp: rows_split_backward / rows_split_forward); false:
-  // the units split with a barrier per step (the per-step path for the Elman RNN's backward).
+  // SEQFAST_CPU_NO_ROWS_SPLIT unset: a float32 time loop whose weights fit half a core's L2 (the backward loops, the
+  // GRU and RNN forward loop, the LSTM's fused step) splits the batch rows between its threads (rnn_sequence.cpp:
+  // rows_split, rows_split_fits); false: the units split with a barrier per step (the per-step path for the Elman
+  // RNN's backward).
   bool rows_split = true;
   // SEQFAST_CPU_PAR_MIN_WORK: multiply-adds below which a step runs on one thread (fork/join costs more).
   int64_t par_min_work = int64_t(1) << 17;

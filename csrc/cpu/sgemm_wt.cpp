@@ -35,6 +35,11 @@ namespace {
 
 constexpr int64_t kNR = sgemm::kNR;  // A rows per panel (32 floats per k)
 
+// One line of each of the next tile's kRows weight rows (row r at pf + r * wr), from element k on, into L2.
+inline __attribute__((always_inline)) void fetch_rows(const float* pf, int64_t wr, int64_t k) {
+  for (int r = 0; r < kRows; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf + r * wr + k), _MM_HINT_T1);
+}
+
 // acc[r][v] += sum over k < K of W(r, k) * panel(k, 16 v .. 16 v + 15), for the MR W rows at w (W(r, k) =
 // w[r * wr + k * wk]) and NV of the panel's two 16-row halves (NV = 1: a tail panel of at most 16 live rows).
 // pf (k-contiguous rows only; may be null): the next tile's kRows rows, at the same k, fetched into L2 a line per
@@ -46,8 +51,7 @@ inline __attribute__((always_inline)) void accumulate(__m512 (&acc)[kRows][2], i
     const float* row[MR];
     for (int r = 0; r < MR; ++r) row[r] = w + r * wr;
     for (int64_t k = 0; k < K; ++k, bp += kNR) {
-      if (pf && (k & 15) == 0)
-        for (int r = 0; r < kRows; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf + r * wr + k), _MM_HINT_T1);
+      if (pf && (k & 15) == 0) fetch_rows(pf, wr, k);
       const __m512 b0 = _mm512_load_ps(bp);
       const __m512 b1 = NV == 2 ? _mm512_load_ps(bp + 16) : b0;
       for (int r = 0; r < MR; ++r) {
@@ -207,8 +211,7 @@ inline __attribute__((always_inline)) void accumulate_narrow(__m512 (&acc)[kRows
   int64_t g = 0;
   if constexpr (NV == 2) {
     for (; g < pairs; ++g, ap += 32) {
-      if (pf && (g & 7) == 0)
-        for (int r = 0; r < kRows; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf + r * wr + 2 * g), _MM_HINT_T1);
+      if (pf && (g & 7) == 0) fetch_rows(pf, wr, 2 * g);
       const __m512 b0 = _mm512_load_ps(ap), b1 = _mm512_load_ps(ap + 16);
       for (int r = 0; r < MR; ++r) {
         const __m512 wv = wpair(w + r * wr + 2 * g * wk, wk);
@@ -226,8 +229,7 @@ inline __attribute__((always_inline)) void accumulate_narrow(__m512 (&acc)[kRows
     }
   } else {
     for (; g + 2 <= pairs; g += 2, ap += 32) {
-      if (pf && (g & 7) == 0)
-        for (int r = 0; r < kRows; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf + r * wr + 2 * g), _MM_HINT_T1);
+      if (pf && (g & 7) == 0) fetch_rows(pf, wr, 2 * g);
       const __m512 b0 = _mm512_load_ps(ap), b1 = _mm512_load_ps(ap + 16);
       for (int r = 0; r < MR; ++r) {
         const float* wp = w + r * wr + 2 * g * wk;

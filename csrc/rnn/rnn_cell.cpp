@@ -231,7 +231,8 @@ inline int64_t bf16_grain(int64_t work_per_row) {
 
 // The products of a backward (dx, dh, dW_ih, dW_hh and the bias gradients) from the gate gradients dgi (input product)
 // and dgh (hidden product; the same tensor for the LSTM and the Elman RNN) in one pass (rnn/rnn_cell_products.h),
-// where the step has at most cell_products::kMaxRows rows and weights of its own dtype up to kMaxWeights elements;
+// where the step has at most cell_products::kMaxRows rows, weights of its own dtype and at most kMaxWork
+// multiply-adds per product pair;
 // false: the caller runs grad_in / grad_w. dh: defined (the GRU's pointwise part) to add the product into; else made
 // here where needed. The six results as the cells' backward returns them (db_h undefined when dgh is dgi).
 bool small_products(const Tensor& dgi, const Tensor& dgh, const Tensor& x, const Tensor& hx, const Tensor& w_ih,

@@ -456,35 +456,33 @@ constexpr int64_t kStepMaxPieces = 8;
 // B256 H256 and LSTM B256 H256 0.94x in pieces of one block, the packed GEMM's n of 16 columns per gate).
 constexpr int64_t kStepPieceBlocks = 4;
 
-// Whether a backward time loop on nt threads splits the batch rows between them instead of the units: each thread
-// then carries its own rows (16 or more) through every step, the pointwise backward of all units and then dh = dg
-// W_hh with the whole of W_hh packed in its own cache, with no barrier and nothing read from a teammate's cache; the
-// price, each thread reading all of W_hh, is paid from L2 while W_hh fits half of it. The units split had every
-// thread read the other's half of each step's gate gradients after a barrier. Same process, training, T32, rows /
-// units split (Elman RNN: rows / its per-step path): LSTM B256 H128 1.07x, B64 H128 1.12x, B256 H64 1.22x, GRU B256
-// H128 1.12x, B256 H64 1.17x; RNN B256 H256 1.19x, B256 H128 1.17x, B64 H256 1.17x, B32 H128 1.26x (Zen 5, 2 vCPUs,
-// in a phase with slow cross-core transfers; 1.03-1.06x in a quicker one). float32 on the own AVX-512 GEMM only:
-// with the MKL / AVX2 kernels (SEQFAST_CPU_NO_OWN_GEMM on the same machine) the split read 0.84-1.31x (GRU B64 H128
-// 0.84x, LSTM B64 H128 training 0.88x), and no AVX2-only CPU was at hand to settle it there.
+// Whether a time loop on nt threads splits the batch rows between them instead of the units, each thread holding
+// weights of `bytes` (packed in its own cache): each thread then carries its own rows (16 or more) through every step
+// with no barrier and nothing read from a teammate's cache (the units split had every thread read the other's half
+// of each step's h rows or gate gradients after a barrier); the price, each thread reading all of the weights, is
+// paid from L2 while they fit half of it. float32 on the own AVX-512 GEMM only: with the MKL / AVX2 kernels
+// (SEQFAST_CPU_NO_OWN_GEMM on the same machine) the split read 0.84-1.31x (GRU B64 H128 0.84x, LSTM B64 H128 training
+// 0.88x), and no AVX2-only CPU was at hand to settle it there.
+inline bool rows_split_fits(const Steps& s, int nt, int64_t bytes) {
+  return sgemm::available() && cpu::config().rows_split && nt > 1 && max_rows(s) >= 16 * int64_t(nt) &&
+         bytes <= int64_t(cpu::l2_cache_bytes()) / 2;
+}
+
+// The split for the generic time loops, each thread holding all of W_hh: the backward loops (the pointwise backward of
+// all units, then dh = dg W_hh) and the forward loop of the GRU and the Elman RNN (the recurrent product, then the
+// pointwise). Same process, T32, rows / units split (Elman RNN backward: rows / its per-step path): training LSTM B256
+// H128 1.07x, B64 H128 1.12x, B256 H64 1.22x, GRU B256 H128 1.12x, B256 H64 1.17x; RNN B256 H256 1.19x, B256 H128
+// 1.17x, B64 H256 1.17x, B32 H128 1.26x (Zen 5, 2 vCPUs, in a phase with slow cross-core transfers; 1.03-1.06x in a
+// quicker one); GRU forward B256 H128 1.11x (training 1.09x), B256 H64 1.11x, B32 H64 1.12x, B64 H128 1.04x; RNN
+// forward B256 H256 1.02x, B64 H128 1.05x.
 template <typename T>
-inline bool rows_split_backward(const Steps& s, int nt, int64_t G, int64_t H) {
-  return std::is_same_v<T, float> && sgemm::available() && cpu::config().rows_split && nt > 1 &&
-         max_rows(s) >= 16 * int64_t(nt) &&
-         G * H * H * int64_t(sizeof(T)) <= int64_t(cpu::l2_cache_bytes()) / 2;
+inline bool rows_split(const Steps& s, int nt, int64_t G, int64_t H) {
+  return std::is_same_v<T, float> && rows_split_fits(s, nt, G * H * H * int64_t(sizeof(T)));
 }
 
 // First row of thread tid's share of B rows split over nt threads, in whole 8-row register tiles (tid == nt: B).
 inline int64_t row_share(int64_t B, int nt, int tid) {
   return tid >= nt ? B : std::min(B, (B / 8) * tid / nt * 8);
-}
-
-// The same split for the generic forward time loop (GRU, Elman RNN; the LSTM off its fused step): each thread its own
-// rows' recurrent product with the whole of W_hh (packed once per thread) and their pointwise, no barrier, no h rows
-// read from a teammate's cache. Same process, T32, rows / units split: GRU B256 H128 1.11x (training 1.09x), B256 H64
-// 1.11x, B32 H64 1.12x, B64 H128 1.04x; RNN B256 H256 1.02x, B64 H128 1.05x.
-template <typename T>
-inline bool rows_split_forward(const Steps& s, int nt, int64_t G, int64_t H) {
-  return rows_split_backward<T>(s, nt, G, H);
 }
 
 // Forward time loop of a cell with G gate blocks, in processing order. Per step t, the step's rows of dst (rows
@@ -502,7 +500,7 @@ void time_loop_forward(const Steps& s, int nt, const Tensor& h0, const Tensor& w
   const T* h0p = h0.const_data_ptr<T>();
   const T* wh = w_hh.const_data_ptr<T>();
   T* d = dst.data_ptr<T>();
-  if (rows_split_forward<T>(s, nt, G, H)) {
+  if (rows_split<T>(s, nt, G, H)) {
     const int64_t B = max_rows(s);
     cpu::run_team(nt, [&](int tid, int nth) {
       const int64_t b0 = row_share(B, nth, tid), b1 = row_share(B, nth, tid + 1);
@@ -587,8 +585,8 @@ void time_loop_forward(const Steps& s, int nt, const Tensor& h0, const Tensor& w
 // Backward time loop of a cell with G gate blocks, in reverse processing order. Per step: `row` runs the cell's
 // pointwise backward (reading the running dh [B, H], writing the step's rows of the gate grads dg [N, G H]), then
 // dh[0:bs] = (accumulate ? dh : 0) + dg[off:off+bs] W_hh carries it to the previous step. nt as in
-// time_loop_forward: a barrier between the two phases in the fused region (or, where rows_split_backward, each thread
-// its own rows and no barrier); per-step, a GEMV on W_hh^T for small batches, else one GEMM.
+// time_loop_forward: a barrier between the two phases in the fused region (or, where rows_split, each thread its
+// own rows and no barrier); per-step, a GEMV on W_hh^T for small batches, else one GEMM.
 template <typename T, int G, class Row>
 void time_loop_backward(const Steps& s, int nt, const Tensor& w_hh, const Tensor& dg, Tensor& dh, bool accumulate,
                         int64_t row_work, const Row& row) {
@@ -596,7 +594,7 @@ void time_loop_backward(const Steps& s, int nt, const Tensor& w_hh, const Tensor
   const T* wh = w_hh.const_data_ptr<T>();
   const T* dgp = dg.const_data_ptr<T>();
   T* dhp = dh.data_ptr<T>();
-  if (rows_split_backward<T>(s, nt, G, H)) {
+  if (rows_split<T>(s, nt, G, H)) {
     const int64_t B = max_rows(s);
     cpu::run_team(nt, [&](int tid, int nth) {
       const int64_t b0 = row_share(B, nth, tid), b1 = row_share(B, nth, tid + 1);
@@ -767,13 +765,11 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& x, const Tensor& pre, 
   std::vector<Slice> slices(size_t(std::max(nt, 1)));
   cpu::BlockShare share(std::max(nt, 1));
   const bool sharing = cpu::config().block_share;
-  // The rows split of rows_split_backward, for the AVX-512 step: each thread packs all the units' weights, which must
-  // fit half its L2. Same process, T32, rows / units split: inference B256 H128 1.15x, B64 H128 1.15x, B256 H64
-  // 1.28x, B32 H64 1.37x, B64 H96 1.20x; training B256 H128 0.97-1.05x, B128 H128 1.03x, B64 H128 1.05x, B256 H64
-  // 1.07x.
-  const int64_t packed_bytes = int64_t(sizeof(float)) * (pack_size(I, H) + pack_size(H, H));
-  const bool by_rows = !avx2 && cpu::config().rows_split && nt > 1 && max_rows(s) >= 16 * int64_t(nt) &&
-                       packed_bytes <= int64_t(cpu::l2_cache_bytes()) / 2;
+  // The rows split (rows_split_fits), for the AVX-512 step: each thread packs all the units' weights. Same process,
+  // T32, rows / units split: inference B256 H128 1.15x, B64 H128 1.15x, B256 H64 1.28x, B32 H64 1.37x, B64 H96 1.20x;
+  // training B256 H128 0.97-1.05x, B128 H128 1.03x, B64 H128 1.05x, B256 H64 1.07x.
+  const bool by_rows =
+      !avx2 && rows_split_fits(s, nt, int64_t(sizeof(float)) * (pack_size(I, H) + pack_size(H, H)));
   // units [k0, k1) of batch rows [row0, row1) (by_rows: all units of the thread's rows, no barrier)
   const auto body = [&](int tid, int nth, int64_t k0, int64_t k1, int64_t row0, int64_t row1) {
     const int64_t nu = k1 - k0;
@@ -1004,9 +1000,9 @@ void rnn_bwd(const Steps& s, const Tensor& grad_out, const Tensor& w_hh, const T
   const T* go = grad_out.const_data_ptr<T>();
   T* dp = dpre.data_ptr<T>();
   T* dhp = dh.data_ptr<T>();
-  // the per-step path, except where the rows split pays (rows_split_backward)
+  // the per-step path, except where the rows split pays (rows_split)
   int nt = fused_threads<T>(s, H, 1);
-  if (!rows_split_backward<T>(s, nt, 1, H)) nt = 0;
+  if (!rows_split<T>(s, nt, 1, H)) nt = 0;
   time_loop_backward<T, 1>(s, nt, w_hh, dpre, dh, false, 8 * H,
                            [&](int64_t, int64_t b, int64_t off, int64_t k0, int64_t k1) {
                              kern::rnn_bwd_row<T>(dhp + b * H, go + (off + b) * H, o + (off + b) * H,
