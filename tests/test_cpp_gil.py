@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(_C is None, reason="seqfast._C not built")
 
 
 def _ticks_during(call):
-    """Runs call() in a thread; returns how many loop iterations this thread made strictly inside the call."""
+    """Runs call() in a thread; returns how many loop iterations this thread made inside the call's first half."""
     window = {}
 
     def worker():
@@ -29,8 +29,9 @@ def _ticks_during(call):
     t.join()
     t0, t1 = window["t0"], window["t1"]
     assert t1 - t0 > 0.02, "the call was too short to tell"
-    # margin: the GIL may change hands around the call's edges
-    return sum(t0 + 0.005 < s < t1 - 0.005 for s in stamps)
+    # the call's first half past a margin: the GIL may change hands around the call's start, and after a call that
+    # held it, this thread runs for a switch interval (5 ms) before the worker can stamp t1
+    return sum(t0 + 0.005 < s < (t0 + t1) / 2 for s in stamps)
 
 
 def _sized(make, seconds=0.06, max_scale=16):
@@ -71,3 +72,38 @@ def test_additive_attention_releases_the_gil():
 
     _, forward = _sized(make)
     assert _ticks_during(forward) > 100
+
+
+def test_module_calls_release_the_gil_past_small_steps():
+    """The modules' C++ calls (seqfast._C.CellCall / ModuleCall / SdpaCall) keep the GIL only for steps of at most
+    about a million multiply-adds (call_guard::released_unless_small); a longer no-grad call lets other threads run."""
+    import seqfast
+    from seqfast.functional import _attention
+    torch.manual_seed(0)
+
+    def no_grad(call):  # grad mode is per thread: the worker thread's call sets its own
+        def run():
+            with torch.no_grad():
+                assert call() is not None, "the C++ call declined"
+        return run
+
+    def cell(scale):
+        m = seqfast.nn.GRUCell(512, 512)
+        x, h = torch.randn(256 * scale, 512), torch.randn(256 * scale, 512)
+        no_grad(lambda: m(x, h))()  # builds the module's C++ call
+        return None, no_grad(lambda: m.__dict__["_seqfast_call"](x, h))
+
+    def layer(scale):
+        m = seqfast.nn.LSTM(256, 256)
+        x, hx = torch.randn(16 * scale, 32, 256), (torch.zeros(1, 32, 256), torch.zeros(1, 32, 256))
+        no_grad(lambda: m(x, hx))()
+        return None, no_grad(lambda: m.__dict__["_seqfast_call"](x, hx, False))
+
+    def attention(scale):
+        q, k, v = (torch.randn(1, 4 * scale, 1024, 64) for _ in range(3))
+        no_grad(lambda: seqfast.functional.scaled_dot_product_attention(q, k, v))()
+        return None, no_grad(lambda: _attention._cpp_call(q, k, v, False, None, False))
+
+    for make in (cell, layer, attention):
+        _, call = _sized(make)
+        assert _ticks_during(call) > 100, make.__name__

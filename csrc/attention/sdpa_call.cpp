@@ -74,12 +74,9 @@ class SdpaCall {
     std::optional<double> given;
     if (!read_scale(scale, given)) return py::none();
     const double s = given ? *given : std::pow(double(D), -0.5);  // as Python's D ** -0.5
-    at::Tensor out;
-    {
-      py::gil_scoped_release release;
-      out = std::get<0>(sdpa_forward(q->contiguous(), k->contiguous(), v->contiguous(), std::nullopt, is_causal, s));
-    }
-    return call_guard::wrap(std::move(out));
+    return call_guard::wrap(call_guard::released_unless_small(work(*q, *k, *v), [&] {
+      return std::get<0>(sdpa_forward(q->contiguous(), k->contiguous(), v->contiguous(), std::nullopt, is_causal, s));
+    }));
   }
   // Built from another rule table: Python builds a new call.
   bool stale() const { return epoch_ != call_guard::rules_epoch().load(std::memory_order_relaxed); }
@@ -103,6 +100,10 @@ class SdpaCall {
     out = s;
     return true;
   }
+  // The op's multiply-adds (QK^T and PV), for call_guard::released_unless_small.
+  static int64_t work(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    return q.numel() / q.size(-1) * k.size(-2) * (q.size(-1) + v.size(-1));
+  }
   static void add(const Regions& from, std::vector<Region>& to) {
     for (const auto& r : from)
       to.push_back({std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r), std::get<5>(r),
@@ -116,12 +117,9 @@ class SdpaCall {
                              const py::handle& scale, bool enable_gqa) {
     std::optional<double> s;
     if (!read_scale(scale, s)) return py::none();
-    at::Tensor out;
-    {
-      py::gil_scoped_release release;
-      out = at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, is_causal, s, enable_gqa);
-    }
-    return call_guard::wrap(std::move(out));
+    return call_guard::wrap(call_guard::released_unless_small(work(q, k, v), [&] {
+      return at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, is_causal, s, enable_gqa);
+    }));
   }
   std::vector<at::ScalarType> dtypes_;
   std::vector<Region> regions_, training_regions_;

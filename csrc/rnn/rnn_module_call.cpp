@@ -23,6 +23,7 @@ namespace {
 
 using call_guard::plain_cpu;
 using call_guard::recorded;
+using call_guard::released_unless_small;
 using call_guard::rules_epoch;
 using call_guard::wrap;
 
@@ -169,12 +170,10 @@ class ModuleCall {
       }
     }
     if (torch_here) return torch_op(x, batched, batch, h0, c0, weights, training);
-    std::tuple<Tensor, Tensor, Tensor> r;
-    {
-      py::gil_scoped_release release;
-      r = rnn_module_inference(mode_, x, weights, has_biases_, num_layers_, bidirectional_, batch_first_, h0, c0,
-                               cell_steps);
-    }
+    std::tuple<Tensor, Tensor, Tensor> r = released_unless_small(work(x, weights), [&] {
+      return rnn_module_inference(mode_, x, weights, has_biases_, num_layers_, bidirectional_, batch_first_, h0, c0,
+                                  cell_steps);
+    });
     py::object out = wrap(std::move(std::get<0>(r))), h = wrap(std::move(std::get<1>(r)));
     if (!std::get<2>(r).defined()) return py::make_tuple(out, h);
     return py::make_tuple(out, py::make_tuple(h, wrap(std::move(std::get<2>(r)))));
@@ -188,9 +187,8 @@ class ModuleCall {
   py::object torch_op(const Tensor& x, bool batched, int64_t batch, const OptTensor& h0, const OptTensor& c0,
                       const std::vector<Tensor>& weights, bool training) const {
     const int64_t slices = num_layers_ * (bidirectional_ ? 2 : 1);
-    std::tuple<Tensor, Tensor, Tensor> r;
-    {
-      py::gil_scoped_release release;
+    auto r = released_unless_small(work(x, weights), [&] {
+      std::tuple<Tensor, Tensor, Tensor> r;
       const Tensor xb = batched ? x : x.unsqueeze(batch_first_ ? 0 : 1);
       const auto state = [&](const OptTensor& s) {
         if (!s.has_value()) return at::zeros({slices, batch, hidden_size_}, x.options());
@@ -216,10 +214,19 @@ class ModuleCall {
         std::get<1>(r) = std::get<1>(r).squeeze(1);
         if (lstm_) std::get<2>(r) = std::get<2>(r).squeeze(1);
       }
-    }
+      return r;
+    });
     py::object out = wrap(std::move(std::get<0>(r))), h = wrap(std::move(std::get<1>(r)));
     if (!lstm_) return py::make_tuple(out, h);
     return py::make_tuple(out, py::make_tuple(h, wrap(std::move(std::get<2>(r)))));
+  }
+
+  // The call's multiply-adds, near enough (each row of x times every weight; layers past the first read their own
+  // inputs), for released_unless_small.
+  static int64_t work(const Tensor& x, const std::vector<Tensor>& weights) {
+    int64_t elements = 0;
+    for (const Tensor& w : weights) elements += w.numel();
+    return x.numel() / x.size(-1) * elements;
   }
 
   Guard guard_;
@@ -318,7 +325,7 @@ class CellCall {
     // or a dtype / device mismatch, goes back to that path
     if (check_cell_args(gates_, *x, *h, c ? OptTensor(*c) : OptTensor(), w_ih, w_hh, b_ih, b_hh, false) != kCellOk)
       return py::none();
-    return released(
+    return released(*x, w_ih, w_hh,
         [&] {
           auto r = lstm_cell_forward_into(*x, *h, *c, w_ih, w_hh, b_ih, b_hh, Tensor(), Tensor(), false);
           return std::make_tuple(std::move(std::get<0>(r)), std::move(std::get<1>(r)));
@@ -347,24 +354,18 @@ class CellCall {
   int64_t float32_max_batch_;
   at::ScalarType dtype_;
 
-  // One step with the GIL released: lstm() -> (hy, cy) for an LSTM cell, else other() -> hy; returned as the module
-  // returns them ((hy, cy) or hy).
+  // One step of x's rows through these weights, the GIL released unless the step is small
+  // (call_guard::released_unless_small): lstm() -> (hy, cy) for an LSTM cell, else other() -> hy; returned as the
+  // module returns them ((hy, cy) or hy).
   template <class Lstm, class Other>
-  py::object released(const Lstm& lstm, const Other& other) const {
+  py::object released(const Tensor& x, const Tensor& w_ih, const Tensor& w_hh, const Lstm& lstm,
+                      const Other& other) const {
+    const int64_t work = x.size(0) * (w_ih.numel() + w_hh.numel());
     if (gates_ == 4) {
-      std::tuple<Tensor, Tensor> r;
-      {
-        py::gil_scoped_release release;
-        r = lstm();
-      }
+      std::tuple<Tensor, Tensor> r = released_unless_small(work, lstm);
       return py::make_tuple(wrap(std::move(std::get<0>(r))), wrap(std::move(std::get<1>(r))));
     }
-    Tensor hy;
-    {
-      py::gil_scoped_release release;
-      hy = other();
-    }
-    return wrap(std::move(hy));
+    return wrap(released_unless_small(work, other));
   }
 
   // A bfloat16 step on float32 copies of its activations (the entries copy the biases), the weights read in place;
@@ -375,7 +376,7 @@ class CellCall {
         check_cell_args(gates_, x, h, c ? OptTensor(*c) : OptTensor(), w_ih, w_hh, b_ih, b_hh, false);
     if (verdict == kCellTorchOp) return torch_cell(x, h, c, w_ih, w_hh, b_ih, b_hh);
     if (verdict != kCellOk) return py::none();
-    return released(
+    return released(x, w_ih, w_hh,
         [&] {
           auto r = lstm_cell_forward_into(x.to(at::kFloat), h.to(at::kFloat), c->to(at::kFloat), w_ih, w_hh, b_ih,
                                           b_hh, Tensor(), Tensor(), false);
@@ -412,7 +413,7 @@ class CellCall {
         check_cell_args(gates_, x, h, c ? OptTensor(*c) : OptTensor(), w_ih, w_hh, b_ih, b_hh, false);
     if (verdict == kCellTorchOp) return torch_cell(x, h, c, w_ih, w_hh, b_ih, b_hh);
     if (verdict != kCellOk) return py::none();  // the Python path raises the named error
-    return released(
+    return released(x, w_ih, w_hh,
         [&] {
           auto r = lstm_layer_padded_inference(x, 1, h, *c, w_ih, w_hh, b_ih, b_hh, false);
           return std::make_tuple(std::move(std::get<1>(r)), std::move(std::get<2>(r)));
@@ -426,7 +427,7 @@ class CellCall {
   // torch's own cell op (what seqfast.functional calls for these dtypes), GIL released.
   py::object torch_cell(const Tensor& x, const Tensor& h, const Tensor* c, const Tensor& w_ih, const Tensor& w_hh,
                         const OptTensor& b_ih, const OptTensor& b_hh) const {
-    return released([&] { return at::lstm_cell(x, {h, *c}, w_ih, w_hh, b_ih, b_hh); },
+    return released(x, w_ih, w_hh, [&] { return at::lstm_cell(x, {h, *c}, w_ih, w_hh, b_ih, b_hh); },
                     [&] {
                       return gates_ == 3 ? at::gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
                              : relu_     ? at::rnn_relu_cell(x, h, w_ih, w_hh, b_ih, b_hh)
