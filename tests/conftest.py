@@ -87,7 +87,8 @@ def no_grad_kernel_calls(monkeypatch):
 
     def counting_step(module, family, input, hx):
         result = fast_step(module, family, input, hx)
-        if result is not None:
+        # (a recorded step, which the C++ step also takes, leaves a graph: not a no-grad kernel call)
+        if result is not None and (result[0] if isinstance(result, tuple) else result).grad_fn is None:
             calls.append(family)
         return result
     monkeypatch.setattr(nn_cell, "_fast_step", counting_step)
@@ -254,3 +255,26 @@ def convert_by_swapping(module, *dtypes):
             module.to(dtype)
     finally:
         torch.__future__.set_swap_module_params_on_conversion(False)
+
+
+# ---- cell modules against torch.nn's (test_cell_no_grad_path.py, test_cell_recorded_step.py) ----
+CELL_KINDS = [("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {}), ("RNNCell", {"nonlinearity": "relu"})]
+
+
+def cell_pair(kind, kw, dtype=torch.float32, bias=True, input_size=5, hidden=7):
+    """(torch.nn's cell, seqfast.nn's twin holding the same weights)."""
+    ref = getattr(torch.nn, kind)(input_size, hidden, bias=bias, **kw).to(dtype)
+    mod = getattr(seqfast.nn, kind)(input_size, hidden, bias=bias, **kw).to(dtype)
+    mod.load_state_dict(ref.state_dict())
+    return ref, mod
+
+
+def cell_states(kind, batch, hidden=7, dtype=torch.float32, grad=False):
+    """A cell's states as its forward takes them (batch 0: unbatched)."""
+    def one():
+        return torch.randn((batch, hidden) if batch else (hidden,), dtype=dtype, requires_grad=grad)
+    return (one(), one()) if kind == "LSTMCell" else one()
+
+
+def flat_outputs(out):
+    return list(out) if isinstance(out, tuple) else [out]

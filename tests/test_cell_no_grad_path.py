@@ -6,31 +6,15 @@ import pytest
 import torch
 
 import seqfast
+from conftest import CELL_KINDS as CELLS
 from conftest import TensorSubclass, assert_raises_like_torch, convert_by_swapping, copies, cpp_config
+from conftest import cell_pair as _pair
+from conftest import cell_states as _states
+from conftest import flat_outputs as _flat
 from seqfast import _ext, _rules
 
 pytestmark = pytest.mark.skipif(_ext.module() is None or not _ext.module().rnn_kernels_supported(),
                                 reason="seqfast._C not built or its RNN kernels do not run on this CPU")
-
-CELLS = [("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {}), ("RNNCell", {"nonlinearity": "relu"})]
-
-
-def _pair(kind, kw, dtype=torch.float32, bias=True, input_size=5, hidden=7):
-    ref = getattr(torch.nn, kind)(input_size, hidden, bias=bias, **kw).to(dtype)
-    mod = getattr(seqfast.nn, kind)(input_size, hidden, bias=bias, **kw).to(dtype)
-    mod.load_state_dict(ref.state_dict())
-    return ref, mod
-
-
-def _states(kind, batch, hidden=7, dtype=torch.float32):
-    shape = (batch, hidden) if batch else (hidden,)
-    if kind == "LSTMCell":
-        return (torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype))
-    return torch.randn(shape, dtype=dtype)
-
-
-def _flat(out):
-    return list(out) if isinstance(out, tuple) else [out]
 
 
 @pytest.mark.parametrize("kind,kw", CELLS)
@@ -123,7 +107,8 @@ def test_cell_call_declines_what_it_does_not_serve(kind, kw):
     with torch.no_grad():
         mod(x, hx)
     call = mod._seqfast_call
-    assert call(x, hx) is None  # grad mode on, parameters requiring grad
+    recorded = _flat(call(x, hx))  # grad mode on, parameters requiring grad: the step recorded from C++
+    assert all(o.grad_fn is not None for o in recorded)
     lstm = kind == "LSTMCell"
     with torch.no_grad():
         assert call(x, hx) is not None
@@ -269,7 +254,8 @@ def test_cell_swapped_parameters(kind, kw):
 def test_frozen_cell_in_grad_mode_takes_the_call(kind, kw, no_grad_kernel_calls):
     """Grad mode on, but nothing the step reads requires grad (a model frozen with requires_grad_(False)): torch's
     output does not require grad, so the C++ step serves it, with torch's results. A parameter, the input or a state
-    that requires grad, or a forward-mode tangent, sends the step back to the regular path (autograd records it)."""
+    that requires grad makes it a recorded step (the C++ node), and a forward-mode tangent sends it back to the
+    regular path."""
     torch.manual_seed(0)
     ref, mod = _pair(kind, kw)
     ref.requires_grad_(False)
@@ -282,17 +268,17 @@ def test_frozen_cell_in_grad_mode_takes_the_call(kind, kw, no_grad_kernel_calls)
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
     call = mod._seqfast_call
     xg = x.clone().requires_grad_()
-    assert call(xg, hx) is None
+    assert _flat(call(xg, hx))[0].grad_fn is not None  # recorded (the C++ node)
     out, ref_out = _flat(mod(xg, hx))[0], _flat(ref(xg, hx))[0]
     (gx,) = torch.autograd.grad(out.sum(), xg)
     (wx,) = torch.autograd.grad(ref_out.sum(), xg)
     torch.testing.assert_close(gx, wx, rtol=1e-5, atol=1e-6)
     states = tuple(s.clone().requires_grad_() for s in hx) if kind == "LSTMCell" else hx.clone().requires_grad_()
-    assert call(x, states) is None
+    assert _flat(call(x, states))[0].grad_fn is not None
     assert _flat(mod(x, states))[0].requires_grad
     for name in ("weight_ih", "bias_hh"):
         getattr(mod, name).requires_grad_(True)
-        assert call(x, hx) is None
+        assert _flat(call(x, hx))[0].grad_fn is not None
         assert _flat(mod(x, hx))[0].requires_grad
         getattr(mod, name).requires_grad_(False)
     assert len(no_grad_kernel_calls) == 1
@@ -311,7 +297,8 @@ _OWN_PATH_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict
 def test_cell_call_runs_torchs_op_for_training_rules(kind, kw, dtype):
     """A step that autograd records, at a batch where the rule table prefers torch's op for training: the C++ call runs
     torch's cell op, recorded as torch records it (the module's output and gradients are torch.nn's, bit for bit);
-    at other batches it declines and seqfast's autograd op runs (bfloat16: seqfast.functional decides). bfloat16 is
+    at other batches seqfast's kernels run, recorded from C++ (bfloat16: the call declines and seqfast.functional
+    decides). bfloat16 is
     a dtype whose no-grad steps the call runs as torch's op or on the float32 kernels."""
     family = {"LSTMCell": "lstm_cell", "GRUCell": "gru_cell", "RNNCell": "rnn_cell"}[kind]
     saved = list(_rules.RULES)
@@ -332,7 +319,8 @@ def test_cell_call_runs_torchs_op_for_training_rules(kind, kw, dtype):
         for g, w in zip(grads, ref_grads):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
         x4, hx4 = torch.randn(4, 5, dtype=dtype, requires_grad=True), _states(kind, 4, dtype=dtype)
-        assert call(x4, hx4) is None  # outside the rule's batches: seqfast's autograd op
+        # outside the rule's batches: seqfast's kernels, recorded from C++ (bfloat16: seqfast.functional decides)
+        assert (call(x4, hx4) is None) == (dtype is torch.bfloat16)
         for g, w in zip(_flat(mod(x4, hx4)), _flat(ref(x4, hx4))):
             assert g.requires_grad and g.dtype == dtype
             torch.testing.assert_close(g.float(), w.float(), **_OWN_PATH_TOL[dtype])

@@ -14,6 +14,7 @@
 
 #include "call_guard.h"
 #include "rnn/rnn.h"
+#include "rnn/rnn_cell_autograd.h"
 #include "rnn/rnn_sequence_step_bf16.h"
 
 namespace py = pybind11;
@@ -296,15 +297,26 @@ class CellCall {
     const OptTensor b_hh = b_hh_.is_none() ? OptTensor() : OptTensor(current(b_hh_));
     if (recorded(*x) || recorded(*h) || (c && recorded(*c)) || recorded(w_ih) || recorded(w_hh) ||
         (b_ih && recorded(*b_ih)) || (b_hh && recorded(*b_hh))) {
-      // a batch outside the training rules: the Python path (for a dtype without the C++ kernels, seqfast.functional
-      // then decides), except for such a dtype outside the float32 bound, where the functional would run torch's
-      // op too; torch's shape errors come from that path. torch's op carries a forward-mode tangent as torch does.
+      // Inside the training rules (and, for a dtype without the C++ kernels, past the float32 bound, where the
+      // functional would run it too): torch's op, which carries a forward-mode tangent as torch does. Elsewhere, for
+      // the C++ kernels' dtypes, the step recorded from C++ (rnn_cell_autograd.h) where nothing asks for more
+      // (a tangent, a functorch transform, a dispatch mode); the rest goes to the Python path (for a dtype without
+      // the C++ kernels, seqfast.functional then decides). torch's shape errors come from that path.
       const int64_t rows = x->size(0);
-      if (!(in_ranges(training_torch_batches_, rows) || (torch_op_ && rows > float32_max_batch_)) ||
-          check_cell_args(gates_, *x, *h, c ? OptTensor(*c) : OptTensor(), w_ih, w_hh, b_ih, b_hh, false) !=
-              kCellOk)
+      const bool torch_here = in_ranges(training_torch_batches_, rows) || (torch_op_ && rows > float32_max_batch_);
+      if (!torch_here && (torch_op_ || rows == 0 ||
+                          !recordable_here({x, h, c, &w_ih, &w_hh, b_ih ? &*b_ih : nullptr,
+                                            b_hh ? &*b_hh : nullptr})))
         return py::none();
-      return torch_cell(*x, *h, c, w_ih, w_hh, b_ih, b_hh);
+      if (check_cell_args(gates_, *x, *h, c ? OptTensor(*c) : OptTensor(), w_ih, w_hh, b_ih, b_hh, false) != kCellOk)
+        return py::none();
+      if (torch_here) return torch_cell(*x, *h, c, w_ih, w_hh, b_ih, b_hh);
+      return released(
+          *x, w_ih, w_hh, [&] { return lstm_cell_recorded(*x, *h, *c, w_ih, w_hh, b_ih, b_hh); },
+          [&] {
+            return gates_ == 3 ? gru_cell_recorded(*x, *h, w_ih, w_hh, b_ih, b_hh)
+                               : rnn_cell_recorded(*x, *h, w_ih, w_hh, b_ih, b_hh, relu_);
+          });
     }
     if (in_ranges(torch_batches_, x->size(0))) return py::none();
     if (torch_op_) {
