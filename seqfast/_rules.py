@@ -106,6 +106,9 @@ _ZEN5_GRU_BF16 = ("same-process A/B, torch / the fused bfloat16 GRU step / the b
                   "family 26 model 2")
 _ZEN5_F32_STEP = ("same-process A/B, torch / seqfast / seqfast with the rule, 21 rounds, make bench-sweep's one-step "
                   "cases, on commit 63be828, AMD EPYC family 26 model 2")
+_ZEN5_T1_RECORDED = ("same-process A/B, torch / seqfast's cell steps recorded from C++ / torch's op run from the "
+                     "module's C++ call, 15 rounds of a training step (forward, backward of the output's sum), on "
+                     "the commit that records one-step calls so, AMD EPYC family 26 model 2")
 _ZEN5_BF16_BWD = ("same-process A/B, torch / seqfast without the family's rules / seqfast with them, 5-9 rounds, T32, "
                   "on the commit whose backward runs its weight-sized products in bfloat16, AMD EPYC family 26 model 2")
 _ZEN5_SDPA_BF16 = ("same-process A/B, torch / seqfast with the rule table / seqfast without the bfloat16 SDPA rules, 7 "
@@ -184,11 +187,17 @@ RULES = [
     # 0.90x, GRU T1 B8 H128 0.91x, B1 H512 0.93x); torch's op run from the module's C++ call read 1.04-1.12x
     # (same-process, 11 rounds, B1-32, H128-512, on commit 13c8a13)
     Rule("rnn", BF16, AVX512_BF16, training=True, steps=(1, 1), source=_ZEN5_BF16),
-    # and in float32 at batch 1 (same process, 21 rounds, torch / seqfast's cell kernels / torch's op run from the
-    # module's C++ call, on commit 63be828: RNN T1 B1 H256 1.11x / 1.31x, H512 0.91x / 1.14x, GRU T1 B1 H512 0.93x /
-    # 1.29x, H1024 0.93x / 0.95x; at batch 8, hidden 128 the kernels kept the lead, 1.24x / 1.35x against 1.45x / 1.07x)
-    Rule("rnn", F32, BF16_NO_AMX, training=True, batch=(1, 1), steps=(1, 1), source=_ZEN5_F32_STEP),
-    Rule("gru", F32, BF16_NO_AMX, training=True, batch=(1, 1), steps=(1, 1), source=_ZEN5_F32_STEP),
+    # and in float32 at batch 1 from hidden 1024 (RNN) / 512 (GRU). Since the module's C++ call records such a step
+    # as C++ cell nodes (csrc/rnn/rnn_cell_autograd.h), torch's time over seqfast's cell steps / over torch's op run
+    # from the call (_ZEN5_T1_RECORDED): RNN T1 B1 H64 / 128 / 256 / 512 / 1024 1.63 / 1.58 / 1.52 / 1.27 / 0.99x
+    # against 1.13 / 1.10 / 1.10 / 1.04 / 1.03x; GRU 1.99 / 1.94 / 1.50 / 0.91 / 0.81x against 1.07 / 1.07 / 1.03 /
+    # 0.90 / 1.04x; batch 8, hidden 128: RNN 1.60x / 1.44x, GRU 2.11x / 2.09x. (Before those nodes, the Python cell
+    # steps lost to torch's op at every hidden size: RNN T1 B1 H256 1.11x / 1.31x, GRU H512 0.93x / 1.29x,
+    # _ZEN5_F32_STEP.)
+    Rule("rnn", F32, BF16_NO_AMX, training=True, batch=(1, 1), steps=(1, 1), hidden=(1024, INF),
+         source=_ZEN5_T1_RECORDED),
+    Rule("gru", F32, BF16_NO_AMX, training=True, batch=(1, 1), steps=(1, 1), hidden=(512, INF),
+         source=_ZEN5_T1_RECORDED),
     Rule("gru", BF16, AVX512_BF16, training=True, steps=(1, 1), source=_ZEN5_BF16),
     # GRU, before the fused bfloat16 step (kept for AMX CPUs, where it does not run): inference from batch 128 at
     # hidden >= 512 (B128 H512 0.78x, B256 H512 0.83x, B256 H1024 0.83x; B64 H512 1.21x, B256 H256 1.26x) and training

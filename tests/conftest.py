@@ -278,3 +278,18 @@ def cell_states(kind, batch, hidden=7, dtype=torch.float32, grad=False):
 
 def flat_outputs(out):
     return list(out) if isinstance(out, tuple) else [out]
+
+
+def recorded_as_cell_steps(tensor):
+    """Whether a C++ cell-step node (csrc/rnn/rnn_cell_autograd.cpp) lies among the first nodes of tensor's graph:
+    the step was recorded from C++, not by the Python path."""
+    nodes, seen = [tensor.grad_fn], 0
+    while nodes and seen < 16:
+        node = nodes.pop(0)
+        seen += 1
+        if node is None:
+            continue
+        if "CellStep" in node.name():
+            return True
+        nodes.extend(next_node for next_node, _ in node.next_functions)
+    return False

@@ -141,8 +141,12 @@ class ModuleCall {
     if (float32 && steps == 1 && !upcast_steps_ && !rec && upcast_rows && dtype_ == at::kBFloat16 &&
         step_bf16::available())
       float32 = false;
-    if (rec && (!in_regions(training_torch_, batch, steps) || float32)) return py::none();
-    bool cell_steps = false, torch_here = rec;
+    // A recorded call outside the training rules: one step of a float32 / float64 module runs as cell steps recorded
+    // from C++ (recorded_step); anything else is the Python path's.
+    const bool recorded_cells = rec && !float32 && !in_regions(training_torch_, batch, steps);
+    if (recorded_cells && (steps != 1 || (dtype_ != at::kFloat && dtype_ != at::kDouble))) return py::none();
+    if (rec && float32) return py::none();
+    bool cell_steps = false, torch_here = rec && !recorded_cells;
     if (!rec) {
       if (float32) {
         if (upcast_rows) return py::none();
@@ -170,6 +174,7 @@ class ModuleCall {
         (o == h ? h0 : c0) = *t;
       }
     }
+    if (recorded_cells) return recorded_step(x, batched, batch, h0, c0, weights);
     if (torch_here) return torch_op(x, batched, batch, h0, c0, weights, training);
     std::tuple<Tensor, Tensor, Tensor> r = released_unless_small(work(x, weights), [&] {
       return rnn_module_inference(mode_, x, weights, has_biases_, num_layers_, bidirectional_, batch_first_, h0, c0,
@@ -220,6 +225,68 @@ class ModuleCall {
     py::object out = wrap(std::move(std::get<0>(r))), h = wrap(std::move(std::get<1>(r)));
     if (!lstm_) return py::make_tuple(out, h);
     return py::make_tuple(out, py::make_tuple(h, wrap(std::move(std::get<2>(r)))));
+  }
+
+  // One step (x: [1, B, I], [B, 1, I] batch first, or [1, I] unbatched) as each layer's and direction's cell step,
+  // recorded by autograd from C++ (rnn_cell_autograd.h): a seq2seq decoder trained one token per call (torch's own
+  // seq2seq tutorial steps nn.GRU so) runs no Python autograd Function. Dropout is 0 here (a training call with
+  // dropout never gets here); results as seqfast.functional._cell_steps.one_step's: the output a view of the last
+  // layer's states, h_n (c_n) stacked copies. None (the Python path) where a tensor asks for more than the kernels
+  // (a tangent, a functorch transform) or a weight is not in the layout they read.
+  py::object recorded_step(const Tensor& x, bool batched, int64_t batch, const OptTensor& h0, const OptTensor& c0,
+                           const std::vector<Tensor>& weights) const {
+    const int64_t dirs = bidirectional_ ? 2 : 1, per = has_biases_ ? 4 : 2;
+    if (!rnn_kernels_supported() || int64_t(weights.size()) != num_layers_ * dirs * per) return py::none();
+    const Tensor rows = batched ? x.select(batch_first_ ? 1 : 0, 0) : x;  // [B, I] ([1, I] unbatched)
+    const auto state = [&](const OptTensor& s, int64_t i) {
+      if (!s.has_value()) return at::zeros({batch, hidden_size_}, x.options());
+      return batched ? s->select(0, i) : s->select(0, i).unsqueeze(0);
+    };
+    const int64_t gates = lstm_ ? 4 : mode_ == "GRU" ? 3 : 1;
+    std::vector<const Tensor*> operands{&x, h0 ? &*h0 : nullptr, c0 ? &*c0 : nullptr};
+    for (const Tensor& w : weights) operands.push_back(&w);
+    for (const Tensor* t : operands)
+      if (t && !recordable_here({t})) return py::none();
+    const bool relu = mode_ == "RNN_RELU";
+    auto [out, hn, cn] = released_unless_small(work(x, weights), [&] {
+      Tensor input = rows;
+      std::vector<Tensor> hs, cs;
+      for (int64_t layer = 0; layer < num_layers_; ++layer) {
+        std::vector<Tensor> outs;
+        for (int64_t d = 0; d < dirs; ++d) {  // one step: either direction runs the same cell step
+          const int64_t i = layer * dirs + d;
+          const Tensor* w = &weights[i * per];
+          const OptTensor b_ih = has_biases_ ? OptTensor(w[2]) : OptTensor();
+          const OptTensor b_hh = has_biases_ ? OptTensor(w[3]) : OptTensor();
+          const Tensor h = state(h0, i), c = lstm_ ? state(c0, i) : Tensor();
+          // a weight the kernels cannot read: the Python path redoes the call (these steps' nodes are dropped)
+          if (check_cell_args(gates, input, h, lstm_ ? OptTensor(c) : OptTensor(), w[0], w[1], b_ih, b_hh, false) !=
+              kCellOk)
+            return std::make_tuple(Tensor(), Tensor(), Tensor());
+          if (lstm_) {
+            auto [hy, cy] = lstm_cell_recorded(input, h, c, w[0], w[1], b_ih, b_hh);
+            hs.push_back(hy);
+            cs.push_back(cy);
+          } else {
+            hs.push_back(gates == 3 ? gru_cell_recorded(input, h, w[0], w[1], b_ih, b_hh)
+                                    : rnn_cell_recorded(input, h, w[0], w[1], b_ih, b_hh, relu));
+          }
+          outs.push_back(hs.back());
+        }
+        input = dirs == 2 ? at::cat(outs, 1) : outs[0];
+      }
+      // h_n is stacked (a copy even of one state): the output must not alias it, as torch's does not
+      Tensor hn = at::stack(hs), cn = lstm_ ? at::stack(cs) : Tensor();
+      if (!batched) {
+        hn = hn.squeeze(1);
+        if (lstm_) cn = cn.squeeze(1);
+      }
+      return std::make_tuple(batched ? input.unsqueeze(batch_first_ ? 1 : 0) : input, hn, cn);
+    });
+    if (!out.defined()) return py::none();
+    py::object o = wrap(std::move(out)), h = wrap(std::move(hn));
+    if (!lstm_) return py::make_tuple(o, h);
+    return py::make_tuple(o, py::make_tuple(h, wrap(std::move(cn))));
   }
 
   // The call's multiply-adds, near enough (each row of x times every weight; layers past the first read their own

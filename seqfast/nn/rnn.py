@@ -157,9 +157,11 @@ class _SeqfastRNNMixin:
             if isinstance(input, torch.Tensor) and (call is None or call.stale()):
                 # a decoder that passes its state on every step builds the call here (without a state,
                 # _inference_call below does), and so does a training call where the rule table may prefer torch's
-                # op (the call then runs it, without this module's Python or torch.nn's)
+                # op (the call then runs it, without this module's Python or torch.nn's) or of one step
                 rec = recorded(self, input, hx)
-                if (hx is not None and not rec) or (rec and _rules.covers(self._kind, input.dtype, True)):
+                # (a recorded call of one step: the call runs it as cell steps recorded from C++)
+                if (hx is not None and not rec) or (rec and (_rules.covers(self._kind, input.dtype, True) or input.shape[
+                        1 if self.batch_first and input.dim() == 3 else 0] == 1)):
                     self._plan(input)
                     call = self.__dict__.get("_seqfast_call")
                     result = None if call is None else call(input, hx, self.training)
