@@ -160,8 +160,8 @@ class _SeqfastRNNMixin:
                 # op (the call then runs it, without this module's Python or torch.nn's) or of one step
                 rec = recorded(self, input, hx)
                 # (a recorded call of one step: the call runs it as cell steps recorded from C++)
-                if (hx is not None and not rec) or (rec and (_rules.covers(self._kind, input.dtype, True) or input.shape[
-                        1 if self.batch_first and input.dim() == 3 else 0] == 1)):
+                one_step = input.dim() in (2, 3) and input.shape[1 if self.batch_first and input.dim() == 3 else 0] == 1
+                if (hx is not None and not rec) or (rec and (one_step or _rules.covers(self._kind, input.dtype, True))):
                     self._plan(input)
                     call = self.__dict__.get("_seqfast_call")
                     result = None if call is None else call(input, hx, self.training)
