@@ -243,10 +243,9 @@ class ModuleCall {
       return batched ? s->select(0, i) : s->select(0, i).unsqueeze(0);
     };
     const int64_t gates = lstm_ ? 4 : mode_ == "GRU" ? 3 : 1;
-    std::vector<const Tensor*> operands{&x, h0 ? &*h0 : nullptr, c0 ? &*c0 : nullptr};
-    for (const Tensor& w : weights) operands.push_back(&w);
-    for (const Tensor* t : operands)
-      if (t && !recordable_here({t})) return py::none();
+    if (!recordable_here({&x, h0 ? &*h0 : nullptr, c0 ? &*c0 : nullptr})) return py::none();
+    for (const Tensor& w : weights)
+      if (!recordable_here({&w})) return py::none();
     const bool relu = mode_ == "RNN_RELU";
     auto [out, hn, cn] = released_unless_small(work(x, weights), [&] {
       Tensor input = rows;
@@ -503,7 +502,7 @@ class CellCall {
         });
   }
 
-  // torch's own cell op (what seqfast.functional calls for these dtypes), GIL released.
+  // torch's own cell op (what seqfast.functional calls for these dtypes), the GIL released unless the step is small.
   py::object torch_cell(const Tensor& x, const Tensor& h, const Tensor* c, const Tensor& w_ih, const Tensor& w_hh,
                         const OptTensor& b_ih, const OptTensor& b_hh) const {
     return released(x, w_ih, w_hh, [&] { return at::lstm_cell(x, {h, *c}, w_ih, w_hh, b_ih, b_hh); },
