@@ -485,6 +485,17 @@ inline int64_t row_share(int64_t B, int nt, int tid) {
   return tid >= nt ? B : std::min(B, (B / 8) * tid / nt * 8);
 }
 
+// The rows split's team: fn(tid, nth, b0, b1) on each thread with a share [b0, b1) of the steps' rows (threads left
+// without rows do nothing).
+template <class Fn>
+void run_row_shares(const Steps& s, int nt, const Fn& fn) {
+  const int64_t B = max_rows(s);
+  cpu::run_team(nt, [&](int tid, int nth) {
+    const int64_t b0 = row_share(B, nth, tid), b1 = row_share(B, nth, tid + 1);
+    if (b1 > b0) fn(tid, nth, b0, b1);
+  });
+}
+
 // Forward time loop of a cell with G gate blocks, in processing order. Per step t, the step's rows of dst (rows
 // [off, off + bs) when dst_per_step, else [0, bs): a scratch reused every step) get the recurrent product
 // h_prev W_hh^T (added onto them when accumulate), then `row` runs the cell's pointwise.
@@ -501,10 +512,7 @@ void time_loop_forward(const Steps& s, int nt, const Tensor& h0, const Tensor& w
   const T* wh = w_hh.const_data_ptr<T>();
   T* d = dst.data_ptr<T>();
   if (rows_split<T>(s, nt, G, H)) {
-    const int64_t B = max_rows(s);
-    cpu::run_team(nt, [&](int tid, int nth) {
-      const int64_t b0 = row_share(B, nth, tid), b1 = row_share(B, nth, tid + 1);
-      if (b1 <= b0) return;
+    run_row_shares(s, nt, [&](int, int, int64_t b0, int64_t b1) {
       RecurrentForward<T, G> rec(s, wh, H, 0, H);  // the whole of W_hh, this thread's own packing
       each_step(s, false, [&](int64_t t, int64_t bs, int64_t off) {
         const int64_t r1 = std::min(bs, b1);
@@ -595,10 +603,7 @@ void time_loop_backward(const Steps& s, int nt, const Tensor& w_hh, const Tensor
   const T* dgp = dg.const_data_ptr<T>();
   T* dhp = dh.data_ptr<T>();
   if (rows_split<T>(s, nt, G, H)) {
-    const int64_t B = max_rows(s);
-    cpu::run_team(nt, [&](int tid, int nth) {
-      const int64_t b0 = row_share(B, nth, tid), b1 = row_share(B, nth, tid + 1);
-      if (b1 <= b0) return;
+    run_row_shares(s, nt, [&](int, int, int64_t b0, int64_t b1) {
       PackedA<T> pk;  // the whole of W_hh, this thread's own copy
       pk.init(false, H, b1 - b0, G * H, wh, H, s.T);
       each_step(s, true, [&](int64_t t, int64_t bs, int64_t off) {
@@ -836,11 +841,7 @@ void lstm_fwd_fused(const Steps& s, int nt, const Tensor& x, const Tensor& pre, 
     });
   };
   if (by_rows) {
-    const int64_t B = max_rows(s);
-    cpu::run_team(nt, [&](int tid, int nth) {
-      const int64_t r0 = row_share(B, nth, tid), r1 = row_share(B, nth, tid + 1);
-      if (r1 > r0) body(tid, nth, 0, H, r0, r1);
-    });
+    run_row_shares(s, nt, [&](int tid, int nth, int64_t r0, int64_t r1) { body(tid, nth, 0, H, r0, r1); });
   } else {
     unit_team(nt, H, [&](int tid, int nth, int64_t k0, int64_t k1) {
       body(tid, nth, k0, k1, 0, std::numeric_limits<int64_t>::max());
