@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import seqfast
-from conftest import recorded_as_cell_steps
+from conftest import assert_raises_like_torch, recorded_as_cell_steps
 from seqfast import _ext
 
 pytestmark = pytest.mark.skipif(_ext.module() is None or not _ext.module().rnn_kernels_supported(),
@@ -106,3 +106,13 @@ def test_two_steps_and_dropout_keep_their_paths():
     assert not recorded_as_cell_steps(got[0])
     mod.eval()  # dropout off outside training: the one-step path again
     assert recorded_as_cell_steps(mod(x[:1])[0])
+
+
+@pytest.mark.parametrize("kind,kw", KINDS)
+def test_bad_input_in_grad_mode_raises_as_torch(kind, kw):
+    """A 0-D or 1-D input in grad mode (the one-step check reads the input's shape before the module's own checks):
+    torch's error, not an IndexError."""
+    torch.manual_seed(0)
+    ref, mod = _pair(kind, kw)
+    for x in (torch.tensor(1.0, requires_grad=True), torch.randn(5, requires_grad=True)):
+        assert_raises_like_torch(ref, mod, (x,))
