@@ -13,6 +13,7 @@
 #include "cpu/gemv_avx512.h"
 #include "cpu/isa.h"
 #include "cpu/team.h"
+#include "linear/linear_call.h"
 #include "rnn/rnn.h"
 #include "rnn/rnn_module_call.h"
 #include "rnn/rnn_sequence_step_bf16.h"
@@ -195,6 +196,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("batch_sizes"), py::arg("h0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("out"),
         py::arg("relu"), py::arg("reverse"), py::arg("need_dx") = true, py::arg("need_dw_ih") = true,
         py::arg("need_dw_hh") = true);
+
+  // ---- linear (linear/linear_call.h) ----
+  seqfast::bind_linear(m);
 
   // ---- attention (attention/attention.h) ----
   seqfast::bind_sdpa_call(m);

@@ -5,9 +5,12 @@
 
 #include <torch/extension.h>
 #include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include <atomic>
 #include <cstdint>
+#include <initializer_list>
 #include <utility>
 #include <vector>
 
@@ -33,6 +36,24 @@ inline bool any_autocast() {  // torch._C._is_any_autocast_enabled()
 // on (a model frozen with requires_grad_(False) and called without torch.no_grad).
 inline bool recorded(const at::Tensor& t) {
   return (t.requires_grad() && at::GradMode::is_enabled()) || t._fw_grad(/*level=*/0).defined();
+}
+
+// Whether these operands (and this thread's dispatch state) let a call record its own C++ autograd node
+// (rnn/rnn_cell_autograd.h, linear/linear_call.cpp): float32 / float64, no forward-mode tangent, no functorch
+// transform or wrapper, no Python dispatch mode (their wrappers and modes must see torch's ops, not these kernels).
+inline bool recordable_here(std::initializer_list<const at::Tensor*> operands) {
+  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+      c10::impl::TorchDispatchModeTLS::stack_len() > 0)
+    return false;
+  const c10::DispatchKeySet wrapped({c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::FuncTorchBatched,
+                                     c10::DispatchKey::Functionalize, c10::DispatchKey::Python});
+  for (const at::Tensor* t : operands) {
+    if (!t || !t->defined()) continue;
+    const auto st = t->scalar_type();
+    if ((st != at::kFloat && st != at::kDouble) || t->key_set().has_any(wrapped) || t->_fw_grad(0).defined())
+      return false;
+  }
+  return true;
 }
 
 // An exact torch.Tensor or Parameter (a subclass may override torch functions: the Python path serves it), strided,

@@ -4,11 +4,9 @@
 // Python frames and the kernel-selection bookkeeping around a 5 us kernel.
 #include "rnn/rnn_cell_autograd.h"
 
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <c10/core/impl/TorchDispatchModeTLS.h>
-
 #include <vector>
 
+#include "call_guard.h"
 #include "rnn/rnn.h"
 
 namespace seqfast {
@@ -124,23 +122,6 @@ struct RnnCellStep : torch::autograd::Function<RnnCellStep> {
 };
 
 }  // namespace
-
-bool recordable_here(std::initializer_list<const Tensor*> operands) {
-  // a functorch transform (torch.func.grad / vmap) or a Python dispatch mode in force: its wrappers and modes see
-  // torch's ops, not these kernels
-  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-      c10::impl::TorchDispatchModeTLS::stack_len() > 0)
-    return false;
-  const c10::DispatchKeySet wrapped({c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::FuncTorchBatched,
-                                     c10::DispatchKey::Functionalize, c10::DispatchKey::Python});
-  for (const Tensor* t : operands) {
-    if (!t || !t->defined()) continue;
-    const auto st = t->scalar_type();
-    if ((st != at::kFloat && st != at::kDouble) || t->key_set().has_any(wrapped) || t->_fw_grad(0).defined())
-      return false;
-  }
-  return true;
-}
 
 std::tuple<Tensor, Tensor> lstm_cell_recorded(const Tensor& x, const Tensor& hx, const Tensor& cx, const Tensor& w_ih,
                                               const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) {

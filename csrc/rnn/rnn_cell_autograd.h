@@ -2,7 +2,7 @@
 // leaves when seqfast._C.CellCall runs it (rnn_module_call.cpp). The same C++ kernels as the Python path (seqfast.ops'
 // FusedOp, a torch.autograd.Function), without its Python: at batch 1, hidden 128 that Python was about a third of a
 // training step. Only for float32 / float64 CPU tensors that carry no forward-mode tangent and no functorch wrapper
-// (recordable_here); the caller has run check_cell_args. Included only by translation units that include
+// (call_guard::recordable_here); the caller has run check_cell_args. Included only by translation units that include
 // <torch/extension.h>.
 #pragma once
 
@@ -12,10 +12,6 @@
 #include <tuple>
 
 namespace seqfast {
-
-// Whether these operands (and this thread's dispatch state) let the steps below record: no tangent, no functorch
-// transform or wrapper, no Python dispatch mode; float32 / float64.
-bool recordable_here(std::initializer_list<const at::Tensor*> operands);
 
 // -> (hy, cy), recorded
 std::tuple<at::Tensor, at::Tensor> lstm_cell_recorded(const at::Tensor& x, const at::Tensor& hx, const at::Tensor& cx,

@@ -27,6 +27,7 @@ using call_guard::recorded;
 using call_guard::released_unless_small;
 using call_guard::rules_epoch;
 using call_guard::wrap;
+using call_guard::recordable_here;
 
 // What every call checks before it looks at its arguments: no autocast (the op picks its dtype there), the rule table
 // it was built from still in force, and the module's parameter dict still holding the same objects (a parameter may

@@ -10,6 +10,7 @@ import torch.nn.functional as torch_F
 from .. import _backend, _ext, _rules
 from ..ops import attention as _ops
 from ..reference import attention as _reference
+from ._linear import linear
 
 
 def _broadcast(*shapes):
@@ -231,15 +232,15 @@ def _in_projection_packed(q, k, v, w, b):
     E = q.size(-1)
     if k is v:
         if q is k:
-            proj = torch_F.linear(q, w, b).unflatten(-1, (3, E))
+            proj = linear(q, w, b).unflatten(-1, (3, E))
             return proj[..., 0, :], proj[..., 1, :], proj[..., 2, :]
         w_q, w_kv = w.split([E, E * 2])
         b_q, b_kv = (None, None) if b is None else b.split([E, E * 2])
-        kv = torch_F.linear(k, w_kv, b_kv).unflatten(-1, (2, E))
-        return torch_F.linear(q, w_q, b_q), kv[..., 0, :], kv[..., 1, :]
+        kv = linear(k, w_kv, b_kv).unflatten(-1, (2, E))
+        return linear(q, w_q, b_q), kv[..., 0, :], kv[..., 1, :]
     w_q, w_k, w_v = w.chunk(3)
     b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
-    return torch_F.linear(q, w_q, b_q), torch_F.linear(k, w_k, b_k), torch_F.linear(v, w_v, b_v)
+    return linear(q, w_q, b_q), linear(k, w_k, b_k), linear(v, w_v, b_v)
 
 
 def _in_projection(q, k, v, w_q, w_k, w_v, b_q, b_k, b_v):
@@ -251,7 +252,7 @@ def _in_projection(q, k, v, w_q, w_k, w_v, b_q, b_k, b_v):
     for name, t in (("query bias", b_q), ("key bias", b_k), ("value bias", b_v)):
         if t is not None and t.shape != (Eq,):
             raise AssertionError(f"expecting {name} shape of {(Eq,)}, but got {t.shape}")
-    return torch_F.linear(q, w_q, b_q), torch_F.linear(k, w_k, b_k), torch_F.linear(v, w_v, b_v)
+    return linear(q, w_q, b_q), linear(k, w_k, b_k), linear(v, w_v, b_v)
 
 
 def multi_head_attention_forward(query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias,
@@ -385,7 +386,7 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check, num_head
         if dropout_p > 0.0:
             weights = torch_F.dropout(weights, p=dropout_p)
         out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
-        out = torch_F.linear(out, out_proj_weight, out_proj_bias).view(tgt_len, bsz, -1)
+        out = linear(out, out_proj_weight, out_proj_bias).view(tgt_len, bsz, -1)
         weights = weights.view(bsz, num_heads, tgt_len, src_len)
         if average_attn_weights:
             weights = weights.mean(dim=1)
@@ -405,7 +406,7 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check, num_head
         v = v.reshape(bsz, num_heads, src_len, head_dim)
     out = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
     out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
-    out = torch_F.linear(out, out_proj_weight, out_proj_bias).view(tgt_len, bsz, -1)
+    out = linear(out, out_proj_weight, out_proj_bias).view(tgt_len, bsz, -1)
     if not is_batched:
         out = out.squeeze(1)
     return out, None

@@ -15,6 +15,7 @@ import torch
 from .. import _backend, _rules
 from .. import functional as seqfast_F
 from ..functional._attention import canonical_mask
+from ._linear import Linear
 from ._recording import recorded
 
 __all__ = ["MultiheadAttention", "LuongAttention", "BahdanauAttention"]
@@ -163,7 +164,7 @@ class LuongAttention(torch.nn.Module):
         if score == "dot" and bias:
             raise ValueError("LuongAttention: bias applies to the 'general' score only")
         self.query_size, self.key_size, self.score = query_size, key_size, score
-        self.W = torch.nn.Linear(query_size, key_size, bias=bias, device=device, dtype=dtype) \
+        self.W = Linear(query_size, key_size, bias=bias, device=device, dtype=dtype) \
             if score == "general" else None
 
     def extra_repr(self):
@@ -200,8 +201,8 @@ class BahdanauAttention(torch.nn.Module):
     def __init__(self, query_size, key_size, attn_size, device=None, dtype=None):
         super().__init__()
         self.query_size, self.key_size, self.attn_size = query_size, key_size, attn_size
-        self.W = torch.nn.Linear(query_size, attn_size, bias=False, device=device, dtype=dtype)
-        self.U = torch.nn.Linear(key_size, attn_size, bias=True, device=device, dtype=dtype)
+        self.W = Linear(query_size, attn_size, bias=False, device=device, dtype=dtype)
+        self.U = Linear(key_size, attn_size, bias=True, device=device, dtype=dtype)
         self.v = torch.nn.Parameter(torch.empty(attn_size, device=device, dtype=dtype))
         self.reset_parameters()
 
