@@ -22,30 +22,32 @@ OptTensor or_none(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nu
 
 // Gradients that autograd can differentiate again (a backward with create_graph=True: a gradient penalty, a
 // Hessian-vector product). The kernels' fused backward is not itself differentiable, so torch's own cell op,
-// recomputed from the saved inputs by recompute(), is differentiated with create_graph, as the Python path
+// recomputed by recompute(a) from the saved inputs, is differentiated with create_graph, as the Python path
 // differentiates seqfast's reference. slots: the forward's arguments in order (undefined for a missing bias or a
-// flag); a tensor passed twice gets its whole gradient at its first place.
+// flag). The recompute reads each slot that requires grad through an alias of its own (a view), and the gradients are
+// taken with respect to those aliases: partial derivatives, as a backward must return. With respect to the saved
+// tensors themselves they would be total ones, wrong wherever one argument depends on another (an unrolled cell's
+// h_t on x and the weights): autograd would also follow the paths between them.
 template <class Recompute>
 variable_list differentiable(const variable_list& grads, const std::vector<Tensor>& slots, const Recompute& recompute) {
   variable_list result(slots.size());
-  std::vector<Tensor> wanted;
+  std::vector<Tensor> aliased = slots, wanted;
   std::vector<size_t> where;
   for (size_t i = 0; i < slots.size(); ++i) {
     if (!slots[i].defined() || !slots[i].requires_grad()) continue;
-    bool seen = false;
-    for (const Tensor& w : wanted) seen = seen || w.is_same(slots[i]);
-    if (seen) continue;
-    wanted.push_back(slots[i]);
+    aliased[i] = slots[i].view_as(slots[i]);
+    wanted.push_back(aliased[i]);
     where.push_back(i);
   }
-  const variable_list outputs = recompute();
+  if (wanted.empty()) return result;
+  const variable_list outputs = recompute(aliased);
   variable_list outs, gs;
   for (size_t i = 0; i < outputs.size(); ++i)
     if (grads[i].defined() && outputs[i].requires_grad()) {
       outs.push_back(outputs[i]);
       gs.push_back(grads[i]);
     }
-  if (outs.empty() || wanted.empty()) return result;
+  if (outs.empty()) return result;
   const variable_list got = torch::autograd::grad(outs, wanted, gs, /*retain_graph=*/true, /*create_graph=*/true,
                                                   /*allow_unused=*/true);
   for (size_t j = 0; j < where.size(); ++j) result[where[j]] = got[j];
@@ -63,8 +65,8 @@ struct LstmCellStep : torch::autograd::Function<LstmCellStep> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
     if (at::GradMode::is_enabled())
-      return differentiable(grads, {s[0], s[1], s[2], s[3], s[4], s[5], s[6]}, [&] {
-        auto [hy, cy] = at::lstm_cell(s[0], {s[1], s[2]}, s[3], s[4], or_none(s[5]), or_none(s[6]));
+      return differentiable(grads, {s[0], s[1], s[2], s[3], s[4], s[5], s[6]}, [](const std::vector<Tensor>& a) {
+        auto [hy, cy] = at::lstm_cell(a[0], {a[1], a[2]}, a[3], a[4], or_none(a[5]), or_none(a[6]));
         return variable_list{hy, cy};
       });
     auto [dx, dhx, dcx, dw_ih, dw_hh, db] =
@@ -86,8 +88,8 @@ struct GruCellStep : torch::autograd::Function<GruCellStep> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
     if (at::GradMode::is_enabled())
-      return differentiable(grads, {s[0], s[1], s[2], s[3], s[4], s[5]}, [&] {
-        return variable_list{at::gru_cell(s[0], s[1], s[2], s[3], or_none(s[4]), or_none(s[5]))};
+      return differentiable(grads, {s[0], s[1], s[2], s[3], s[4], s[5]}, [](const std::vector<Tensor>& a) {
+        return variable_list{at::gru_cell(a[0], a[1], a[2], a[3], or_none(a[4]), or_none(a[5]))};
       });
     auto [dx, dhx, dw_ih, dw_hh, db_ih, db_hh] =
         gru_cell_backward(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[6], ctx->needs_input_grad(0),
@@ -109,10 +111,10 @@ struct RnnCellStep : torch::autograd::Function<RnnCellStep> {
     const variable_list s = ctx->get_saved_variables();
     const bool relu = ctx->saved_data["relu"].toBool();
     if (at::GradMode::is_enabled())
-      return differentiable(grads, {s[0], s[1], s[2], s[3], s[4], s[5], Tensor()}, [&] {
-        const OptTensor b_ih = or_none(s[4]), b_hh = or_none(s[5]);
-        return variable_list{relu ? at::rnn_relu_cell(s[0], s[1], s[2], s[3], b_ih, b_hh)
-                                  : at::rnn_tanh_cell(s[0], s[1], s[2], s[3], b_ih, b_hh)};
+      return differentiable(grads, {s[0], s[1], s[2], s[3], s[4], s[5], Tensor()}, [&](const std::vector<Tensor>& a) {
+        const OptTensor b_ih = or_none(a[4]), b_hh = or_none(a[5]);
+        return variable_list{relu ? at::rnn_relu_cell(a[0], a[1], a[2], a[3], b_ih, b_hh)
+                                  : at::rnn_tanh_cell(a[0], a[1], a[2], a[3], b_ih, b_hh)};
       });
     auto [dx, dhx, dw_ih, dw_hh, db] =
         rnn_cell_backward(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[6], relu, ctx->needs_input_grad(0),

@@ -197,21 +197,25 @@ class FusedOp:
     def _differentiable_backward(self, ctx, grads):
         """Gradients that autograd can differentiate again (a gradient penalty, a Hessian-vector product): the
         kernels' fused backward is not itself differentiable, so autograd differentiates the reference forward,
-        recomputed from the saved inputs, with create_graph=True."""
+        recomputed from the saved inputs, with create_graph=True. The recompute reads each input through an alias of
+        its own (a view, one per argument slot), and the gradients are taken with respect to those aliases: partial
+        derivatives, as a backward must return. Taken with respect to the inputs themselves they would be total ones,
+        wrong wherever one input depends on another (an unrolled cell's h_t on x, a key computed from the query):
+        autograd.grad would also follow the paths between them."""
         inputs = ctx.seqfast_inputs
-        wanted, seen = [], set()
-        for i, a in enumerate(inputs):
-            # one gradient per tensor: an input passed twice (q is k in self-attention) gets it at its first place
-            if isinstance(a, torch.Tensor) and a.requires_grad and id(a) not in seen:
-                wanted.append(i)
-                seen.add(id(a))
+        wanted = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor) and a.requires_grad]
+        result = [None] * len(inputs)
+        if not wanted:
+            return tuple(result)
         with torch.enable_grad():
-            outputs = _without_autocast(self.kernels("reference").forward, inputs)
+            aliased = list(inputs)
+            for i in wanted:
+                aliased[i] = inputs[i].view_as(inputs[i])
+            outputs = _without_autocast(self.kernels("reference").forward, tuple(aliased))
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs[:self._n_diff], grads) if g is not None and o.requires_grad]
-        result = [None] * len(inputs)
-        if pairs and wanted:
-            got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+        if pairs:
+            got = torch.autograd.grad([o for o, _ in pairs], [aliased[i] for i in wanted], [g for _, g in pairs],
                                       create_graph=True, allow_unused=True)
             for i, g in zip(wanted, got):
                 result[i] = g
