@@ -136,6 +136,69 @@ def test_saved_tensor_modified_in_place_raises_as_torch():
             out.sum().backward()
 
 
+def _edit_input(kind, x, states, outs):
+    x.add_(1)
+
+
+def _edit_state(kind, x, states, outs):
+    states[0].add_(1)
+
+
+def _edit_cell_output(kind, x, states, outs):
+    outs[-1].mul_(0.5)  # the LSTM's returned cy (an RNN / GRU cell's hy: saved by torch's tanh / relu as well)
+
+
+def _inference_input(kind, x, states, outs):
+    pass  # x was made under inference_mode
+
+
+# (what happens after the forward, which parameters are frozen, whether x is an inference tensor)
+SAVED_CASES = [
+    (_edit_input, ("weight_ih",), False), (_edit_input, (), False), (_edit_state, ("weight_hh",), False),
+    (_edit_state, (), False), (_edit_cell_output, (), False), (_inference_input, ("weight_ih",), True),
+]
+
+
+@pytest.mark.parametrize("kind,kw", CELLS)
+@pytest.mark.parametrize("edit,frozen,inference", SAVED_CASES)
+def test_saved_operands_as_torchs(kind, kw, edit, frozen, inference):
+    """The node keeps for its backward's values what torch's cell saves (x only where W_ih needs a gradient, no copy of
+    the returned cy, ...): an in-place change of an operand torch does not save, or an input made under inference_mode,
+    raises nothing, and one torch does save raises torch's error."""
+    torch.manual_seed(0)
+    ref, mod = _pair(kind, kw)
+    outcomes = []
+    for module in (ref, mod):
+        for name in frozen:
+            getattr(module, name).requires_grad_(False)
+        torch.manual_seed(1)  # the same inputs for both
+        if inference:
+            with torch.inference_mode():
+                x = torch.randn(3, 5)
+        else:
+            x = torch.randn(3, 5)
+        hx = _states(kind, 3)
+        states = list(hx) if kind == "LSTMCell" else [hx]
+        out = module(x, hx)
+        assert module is ref or _recorded_here(out)
+        outs = _flat(out)
+        loss = outs[0].sum()
+        with torch.no_grad():
+            edit(kind, x, states, outs)
+        try:
+            loss.backward()
+            outcomes.append("ok")
+        except RuntimeError as e:
+            assert "modified by an inplace operation" in str(e)
+            outcomes.append("raised")
+    assert outcomes[1] == outcomes[0]
+    if outcomes[0] == "ok":
+        for a, b in zip(ref.parameters(), mod.parameters()):
+            assert (a.grad is None) == (b.grad is None)
+            if a.grad is not None:
+                torch.testing.assert_close(b.grad, a.grad, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("kind,kw", CELLS)
 def test_transforms_get_torchs_results(kind, kw):
     """A forward-mode tangent and torch.func.grad: the C++ step declines, and the module's results are torch's."""

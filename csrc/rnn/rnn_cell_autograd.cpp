@@ -4,6 +4,7 @@
 // Python frames and the kernel-selection bookkeeping around a 5 us kernel.
 #include "rnn/rnn_cell_autograd.h"
 
+#include <string>
 #include <vector>
 
 #include "call_guard.h"
@@ -54,17 +55,73 @@ variable_list differentiable(const variable_list& grads, const std::vector<Tenso
   return result;
 }
 
-// Saved: x, hx, cx, w_ih, w_hh, b_ih, b_hh (undefined where absent), gates, cy.
+// What a node keeps of its arguments: torch's own cell saves an operand for its backward only where that backward
+// reads its values (x for W_ih's gradient, W_ih for x's, ...), so an in-place change of an operand it does not save,
+// or an operand made under inference_mode, raises nothing there. Likewise here: each argument the first-order backward
+// reads goes through save_for_backward (autograd's version check); the others are only kept aside (saved_data, with
+// their version) for the kernels' shapes and pointers, whose values they do not read. A backward with create_graph,
+// which recomputes the step from every argument's values, checks those versions itself. names: one per argument
+// slot (nullptr where the slot holds no tensor); values: whether the first-order backward reads that slot's values.
+struct Kept {
+  static void keep(AutogradContext* ctx, const std::vector<Tensor>& args, const std::vector<bool>& values,
+                   const std::vector<Tensor>& internal) {
+    std::vector<Tensor> saved;
+    for (size_t i = 0; i < args.size(); ++i) {
+      const bool save = values[i] && args[i].defined();
+      saved.push_back(save ? args[i] : Tensor());
+      if (!save && args[i].defined()) {
+        ctx->saved_data["aside" + std::to_string(i)] = args[i];
+        // (an inference tensor has no version counter: -1, unchecked)
+        ctx->saved_data["version" + std::to_string(i)] =
+            args[i].is_inference() ? int64_t(-1) : static_cast<int64_t>(args[i]._version());
+      }
+    }
+    saved.insert(saved.end(), internal.begin(), internal.end());
+    ctx->save_for_backward(saved);
+  }
+  // -> the arguments (saved or kept aside; undefined where absent), then the internal tensors. checked: the kept
+  // aside ones must be unchanged (their values are read).
+  static variable_list get(AutogradContext* ctx, size_t n_args, bool checked) {
+    variable_list s = ctx->get_saved_variables();
+    for (size_t i = 0; i < n_args; ++i) {
+      const auto it = ctx->saved_data.find("aside" + std::to_string(i));
+      if (s[i].defined() || it == ctx->saved_data.end()) continue;
+      s[i] = it->second.toTensor();
+      const int64_t version = ctx->saved_data["version" + std::to_string(i)].toInt();
+      TORCH_CHECK(!checked || version < 0 || s[i]._version() == version,
+                  "one of the variables needed for gradient computation has been modified by an inplace operation: "
+                  "argument ", i, " of a seqfast cell step, at version ", s[i]._version(), "; expected version ",
+                  version, " instead.");
+    }
+    return s;
+  }
+};
+
+bool any_requires_grad(std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts)
+    if (t && t->defined() && t->requires_grad()) return true;
+  return false;
+}
+
+// Arguments x, hx, cx, w_ih, w_hh, b_ih, b_hh (undefined where absent); internal: gates, a copy of cy (torch's cell
+// saves tanh(cy), not the cy it returns: an in-place change of the returned cy raises nothing there).
 struct LstmCellStep : torch::autograd::Function<LstmCellStep> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& hx, const Tensor& cx,
                                const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) {
     auto [hy, cy, gates] = lstm_cell_forward(x, hx, cx, w_ih, w_hh, b_ih, b_hh);
-    ctx->save_for_backward({x, hx, cx, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh), gates, cy});
+    const Tensor bi = or_undefined(b_ih), bh = or_undefined(b_hh);
+    // the gates' gradient, which reads cx, is needed unless only cx asks for a gradient
+    const bool gates_grad = any_requires_grad({&x, &hx, &w_ih, &w_hh, &bi, &bh});
+    Kept::keep(ctx, {x, hx, cx, w_ih, w_hh, bi, bh},
+               {w_ih.requires_grad(), w_hh.requires_grad(), gates_grad, x.requires_grad(), hx.requires_grad(), false,
+                false},
+               {gates, cy.clone()});
     return {hy, cy};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list s = ctx->get_saved_variables();
-    if (at::GradMode::is_enabled())
+    const bool again = at::GradMode::is_enabled();
+    const variable_list s = Kept::get(ctx, 7, again);
+    if (again)
       return differentiable(grads, {s[0], s[1], s[2], s[3], s[4], s[5], s[6]}, [](const std::vector<Tensor>& a) {
         auto [hy, cy] = at::lstm_cell(a[0], {a[1], a[2]}, a[3], a[4], or_none(a[5]), or_none(a[6]));
         return variable_list{hy, cy};
@@ -77,40 +134,50 @@ struct LstmCellStep : torch::autograd::Function<LstmCellStep> {
   }
 };
 
-// Saved: x, hx, w_ih, w_hh, b_ih, b_hh (undefined where absent), ws.
+// Arguments x, hx, w_ih, w_hh, b_ih, b_hh (undefined where absent); internal: ws, and a copy of hx where W_hh
+// needs no gradient: the update gate's gradient reads hx, where torch's cell saves hx - n (its own tensor), and hx
+// itself only for W_hh's gradient.
 struct GruCellStep : torch::autograd::Function<GruCellStep> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& hx, const Tensor& w_ih,
                                const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) {
     auto [hy, ws] = gru_cell_forward(x, hx, w_ih, w_hh, b_ih, b_hh);
-    ctx->save_for_backward({x, hx, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh), ws});
+    Kept::keep(ctx, {x, hx, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh)},
+               {w_ih.requires_grad(), w_hh.requires_grad(), x.requires_grad(), hx.requires_grad(), false, false},
+               {ws, w_hh.requires_grad() ? Tensor() : hx.clone()});
     return {hy};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list s = ctx->get_saved_variables();
-    if (at::GradMode::is_enabled())
+    const bool again = at::GradMode::is_enabled();
+    const variable_list s = Kept::get(ctx, 6, again);
+    if (again)
       return differentiable(grads, {s[0], s[1], s[2], s[3], s[4], s[5]}, [](const std::vector<Tensor>& a) {
         return variable_list{at::gru_cell(a[0], a[1], a[2], a[3], or_none(a[4]), or_none(a[5]))};
       });
     auto [dx, dhx, dw_ih, dw_hh, db_ih, db_hh] =
-        gru_cell_backward(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[6], ctx->needs_input_grad(0),
-                          ctx->needs_input_grad(1), ctx->needs_input_grad(2), ctx->needs_input_grad(3));
+        gru_cell_backward(grads[0].contiguous(), s[0], s[7].defined() ? s[7] : s[1], s[2], s[3], s[6],
+                          ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
+                          ctx->needs_input_grad(3));
     return {dx, dhx, dw_ih, dw_hh, s[4].defined() ? db_ih : Tensor(), s[5].defined() ? db_hh : Tensor()};
   }
 };
 
-// Saved: x, hx, w_ih, w_hh, b_ih, b_hh (undefined where absent), hy; saved_data "relu".
+// Arguments x, hx, w_ih, w_hh, b_ih, b_hh (undefined where absent); internal: hy (torch's tanh / relu saves its
+// output too); saved_data "relu".
 struct RnnCellStep : torch::autograd::Function<RnnCellStep> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& hx, const Tensor& w_ih,
                                const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, bool relu) {
     Tensor hy = rnn_cell_forward(x, hx, w_ih, w_hh, b_ih, b_hh, relu);
-    ctx->save_for_backward({x, hx, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh), hy});
+    Kept::keep(ctx, {x, hx, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh)},
+               {w_ih.requires_grad(), w_hh.requires_grad(), x.requires_grad(), hx.requires_grad(), false, false},
+               {hy});
     ctx->saved_data["relu"] = relu;
     return {hy};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list s = ctx->get_saved_variables();
+    const bool again = at::GradMode::is_enabled();
+    const variable_list s = Kept::get(ctx, 6, again);
     const bool relu = ctx->saved_data["relu"].toBool();
-    if (at::GradMode::is_enabled())
+    if (again)
       return differentiable(grads, {s[0], s[1], s[2], s[3], s[4], s[5], Tensor()}, [&](const std::vector<Tensor>& a) {
         const OptTensor b_ih = or_none(a[4]), b_hh = or_none(a[5]);
         return variable_list{relu ? at::rnn_relu_cell(a[0], a[1], a[2], a[3], b_ih, b_hh)
