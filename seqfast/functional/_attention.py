@@ -65,9 +65,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """torch.nn.functional.scaled_dot_product_attention, fused (same signature, semantics and errors).
 
     query [..., Hq, L, E], key [..., Hk, S, E], value [..., Hk, S, Ev] (leading dims broadcast; Hk may divide Hq with
-    enable_gqa). attn_mask: bool (True = attend) or additive float, broadcastable to [..., Hq, L, S]; with is_causal
-    too, both apply. ``dropout_p > 0`` and a float mask that requires grad have no seqfast kernel: they run torch's
-    own op (the reference only when that is forced), as does any case no seqfast kernel covers.
+    enable_gqa). attn_mask: bool (True = attend) or additive float, broadcastable to [..., Hq, L, S]. ``dropout_p >
+    0`` and a float mask that requires grad have no seqfast kernel: they run torch's own op (the reference only when
+    that is forced), as does any case no seqfast kernel covers. A mask with is_causal applies both on 4-D inputs, as
+    torch's CPU op does; on others torch's op raises its error.
     """
     # An unmasked call on 4-D CPU tensors (a decoder step, self-attention): seqfast._C.SdpaCall checks the tensors,
     # grad mode, autocast and the rule table in C++ and runs the kernel (no graph to record) or, with gradients inside
@@ -133,7 +134,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                            f"attn_mask.dtype: {_cpp_name(attn_mask.dtype)} and  query.dtype: "
                            f"{_cpp_name(query.dtype)} instead.")
     L, E, S, Ev = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
-    if E == 0:  # no scores to scale (torch gives an empty or uniform result): torch's own op, exactly
+    # torch's own op, exactly (its result or its error), for: no scores to scale (an empty or uniform result); an
+    # empty query, key or value (whose mask the views below cannot fold); a mask with is_causal on other than 4-D
+    # inputs (torch's math path raises there, its 4-D CPU path applies both, as seqfast's op does); enable_gqa on
+    # inputs without a head dimension (torch raises IndexError)
+    if (E == 0 or query.numel() == 0 or key.numel() == 0 or value.numel() == 0
+            or (is_causal and attn_mask is not None and not query.dim() == key.dim() == value.dim() == 4)
+            or (enable_gqa and min(query.dim(), key.dim(), value.dim()) < 3)):
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
                                                                 scale=scale, enable_gqa=enable_gqa)
     given_scale, scale = scale, (E ** -0.5 if scale is None else float(scale))

@@ -42,7 +42,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if self._torch_runs_attention(query, key, value, is_causal):
+        if self._torch_runs_attention(query, key, value, is_causal) or _empty(query, key, value):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
         is_batched = query.dim() == 3
@@ -88,6 +88,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         training = recorded(self, query, key, value) or recorded(self.out_proj)
         return _rules.prefer_torch_when("sdpa", query, query.shape[seq], key.shape[seq], training, is_causal,
                                         self.embed_dim // self.num_heads)
+
+
+def _empty(*tensors):
+    """An empty batch or sequence: torch's module forward returns its empty output (the fused path's views of zero
+    elements cannot infer their sizes)."""
+    return any(isinstance(t, torch.Tensor) and t.numel() == 0 for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------------------------------
