@@ -245,3 +245,19 @@ def test_cpp_cell_checks_match_python_twin(index):
         assert native[0] is IndexError  # a missing dimension: the messages are Python's and c10's own
     else:
         assert native == python
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("c_dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_lstm_cell_state_of_another_float_dtype_promotes_as_torch(c_dtype, grad):
+    """torch's LSTMCell mixes a cell state of another floating dtype into its pointwise part (float64 outputs for a
+    float64 c, float32 for a bfloat16 / float16 one) instead of raising."""
+    ref = torch.nn.LSTMCell(8, 4)
+    mod = seqfast.nn.LSTMCell(8, 4)
+    mod.load_state_dict(ref.state_dict())
+    x, h, c = torch.randn(3, 8), torch.randn(3, 4), torch.randn(3, 4).to(c_dtype)
+    with torch.set_grad_enabled(grad):
+        want, got = ref(x, (h, c)), mod(x, (h, c))
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b)

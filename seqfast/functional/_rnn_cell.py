@@ -189,6 +189,9 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     if len(hx) != 2:
         raise RuntimeError("lstm_cell expects two hidden states")
     h, c = hx
+    if c.dtype != input.dtype and isinstance(c, torch.Tensor) and c.is_floating_point():
+        # torch's cell promotes a cell state of another floating dtype (its pointwise part mixes them): its op
+        return _TORCH_LSTM_CELL(input, (h, c), w_ih, w_hh, b_ih, b_hh)
     if input.dtype is torch.bfloat16:
         if _bf16_weights(4, input, h, c, w_ih, w_hh, b_ih, b_hh):
             hy, cy, _ = _ops.lstm_cell(input.float(), h.float(), c.float(), w_ih, w_hh, b_ih, b_hh)
