@@ -57,11 +57,16 @@ inline bool recordable_here(std::initializer_list<const at::Tensor*> operands) {
 }
 
 // An exact torch.Tensor or Parameter (a subclass may override torch functions: the Python path serves it), strided,
-// on the CPU; else nullptr.
+// on the CPU, with storage of its own (not a functorch wrapper: torch.func.vmap's batched tensors, grad's wrappers,
+// functionalization, a Python-keyed tensor), outside any Python dispatch mode (which must see torch's ops); else
+// nullptr.
 inline const at::Tensor* plain_cpu(PyObject* obj) {
   if (!THPVariable_CheckExact(obj)) return nullptr;
   const at::Tensor& t = THPVariable_Unpack(obj);
   if (t.layout() != at::kStrided || !t.device().is_cpu()) return nullptr;
+  static const c10::DispatchKeySet wrapped({c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::FuncTorchBatched,
+                                            c10::DispatchKey::Functionalize, c10::DispatchKey::Python});
+  if (t.key_set().has_any(wrapped) || c10::impl::TorchDispatchModeTLS::stack_len() > 0) return nullptr;
   return &t;
 }
 

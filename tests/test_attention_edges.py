@@ -58,3 +58,33 @@ def test_multihead_attention_empty_batch(need_weights, grad):
         want, got = ref(q, kv, kv, need_weights=need_weights), mod(q, kv, kv, need_weights=need_weights)
     assert got[0].shape == want[0].shape
     assert (got[1] is None) == (want[1] is None)
+
+
+def test_vmap_over_attention_and_cells_gets_torchs_results():
+    """torch.func.vmap over seqfast's C++ calls (SDPA, MultiheadAttention, a cell with and without grad mode): its
+    batched tensors go to torch's ops or the reference, not to kernels that read their data pointers."""
+    q, k, v = r(3, 2, 4, 5, 8), r(3, 2, 4, 6, 8), r(3, 2, 4, 6, 8)
+    got = torch.func.vmap(seqfast.functional.scaled_dot_product_attention)(q, k, v)
+    torch.testing.assert_close(got, torch.func.vmap(F.scaled_dot_product_attention)(q, k, v), rtol=1e-5, atol=1e-5)
+    ref, mod = torch.nn.GRUCell(8, 4), seqfast.nn.GRUCell(8, 4)
+    mod.load_state_dict(ref.state_dict())
+    x, h = r(3, 2, 8), r(3, 2, 4)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(torch.func.vmap(mod)(x, h), torch.func.vmap(ref)(x, h), rtol=1e-5, atol=1e-5)
+    mha_ref = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    mha = seqfast.nn.MultiheadAttention(8, 2, batch_first=True)
+    mha.load_state_dict(mha_ref.state_dict())
+    xs = r(3, 2, 5, 8)
+
+    def run(m):
+        return torch.func.vmap(lambda t: m(t, t, t, need_weights=False)[0])(xs)
+    torch.testing.assert_close(run(mha), run(mha_ref), rtol=1e-5, atol=1e-5)
+
+
+def test_bahdanau_values_batch_mismatch_without_keys_is_a_value_error():
+    m = seqfast.nn.BahdanauAttention(4, 6, 5)
+    q, k, v = r(2, 4), r(2, 3, 6), r(3, 3, 7)
+    for kwargs in (dict(keys=k), dict(keys=None, projected_keys=m.precompute_keys(k))):
+        with pytest.raises(ValueError, match="values batch"):
+            m(q, values=v, **kwargs)

@@ -84,3 +84,45 @@ def test_attention_keys_from_the_query(path):
             out.append([gq.detach(), gv.detach(), *torch.autograd.grad((gq.sum() + gv.square().sum()), (q, v))])
     for got, want in zip(out[1], out[0]):
         torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_fully_masked_row_second_order_is_finite(path):
+    """A query row that sees no key (output 0): the create_graph backward differentiates the reference, whose
+    logsumexp over an all -inf row had a NaN gradient that reached dq and dk."""
+    q, k, v = (torch.randn(1, 2, n, 8, requires_grad=True) for n in (3, 4, 4))
+    mask = torch.ones(1, 1, 3, 4, dtype=torch.bool)
+    mask[..., 1, :] = False
+    with _context(path):
+        y = seqfast.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        first = torch.autograd.grad(y.square().sum(), (q, k, v), create_graph=True)
+        plain = torch.autograd.grad(seqfast.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                                    .square().sum(), (q, k, v))
+        second = torch.autograd.grad(sum(g.square().sum() for g in first), (q, k, v))
+    for got, want in zip(first, plain):
+        torch.testing.assert_close(got.detach(), want, **TOL)
+    assert all(torch.isfinite(g).all() for g in second)
+
+
+def test_multihead_attention_padding_sample_penalty_is_finite():
+    mha = seqfast.nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    pad = torch.tensor([[False, False, False], [True, True, True]])  # the second sample is all padding
+    out, _ = mha(x, x, x, key_padding_mask=pad, need_weights=False)
+    (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    grads = torch.autograd.grad(gx.square().sum(), [x, mha.in_proj_weight])
+    assert torch.isfinite(gx).all() and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("path", [None, "reference"])
+def test_input_changed_in_place_raises_before_a_create_graph_backward(path):
+    """The create_graph backward recomputes from the inputs' values: one changed in place since the forward raises
+    torch's error (torch raises for this call too) instead of giving wrong gradients."""
+    m = seqfast.nn.LSTM(4, 5)
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    h0, c0 = torch.randn(1, 2, 5), torch.randn(1, 2, 5)
+    with _context(path):
+        out, (h, c) = m(x, (h0, c0))
+    h0.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out.sum() + h.sum(), x, create_graph=True)

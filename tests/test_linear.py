@@ -188,3 +188,37 @@ def test_score_layers_are_torch_linears():
     out = bahdanau(torch.randn(3, 8), keys)
     assert seen == [torch.Size([3, 300, 5])]
     assert _own_node(out[0])
+
+
+@pytest.mark.parametrize("case", ["x changed, W frozen", "W changed, x without grad", "inference x, W frozen"])
+def test_saved_operands_as_torchs(case):
+    """x is kept for the backward only where W needs a gradient, W only where x does (as torch's linear): an in-place
+    change of the other, or an inference-mode x under a frozen W, raises nothing."""
+    outcomes = []
+    for fn in (F.linear, linear):
+        torch.manual_seed(0)
+        if case == "inference x, W frozen":
+            with torch.inference_mode():
+                x = torch.randn(300, 16)
+        else:
+            x = torch.randn(300, 16, requires_grad=case == "x changed, W frozen")
+        w = torch.randn(8, 16, requires_grad=case == "W changed, x without grad")
+        b = torch.randn(8, requires_grad=True)
+        y = fn(x, w, b)
+        with torch.no_grad():
+            if case == "x changed, W frozen":
+                x.add_(1)
+            elif case == "W changed, x without grad":
+                w.add_(1)
+        y.square().sum().backward()
+        outcomes.append([t.grad for t in (x, w, b) if t.requires_grad])
+    for got, want in zip(*reversed(outcomes)):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+def test_vmap_gets_torchs_results():
+    """torch.func.vmap's batched tensors are not plain tensors: torch's op runs them (the C++ call read their data
+    pointer before)."""
+    x, w, b = torch.randn(3, 4, 5), torch.randn(6, 5), torch.randn(6)
+    got = torch.func.vmap(lambda t: linear(t, w, b))(x)
+    torch.testing.assert_close(got, torch.func.vmap(lambda t: F.linear(t, w, b))(x))

@@ -27,10 +27,12 @@ using torch::autograd::variable_list;
 using Tensor = at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// x2 [M, K], w [N, K], b [N] or none. Saved: x2, w (the bias's gradient needs neither).
+// x2 [M, K], w [N, K], b [N] or none. Saved as torch's linear saves them: x2 only where w needs a gradient (dW reads
+// it), w only where x2 does (dX reads it); the bias's gradient needs neither. So an in-place change of an operand
+// that is not read, or an inference-mode x under a frozen weight, raises nothing, as in torch.
 struct LinearNode : torch::autograd::Function<LinearNode> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x2, const Tensor& w, const OptTensor& b) {
-    ctx->save_for_backward({x2, w});
+    ctx->save_for_backward({w.requires_grad() ? x2 : Tensor(), x2.requires_grad() ? w : Tensor()});
     ctx->saved_data["bias"] = b.has_value();
     return {gemm::mm(x2, w.t(), b)};
   }

@@ -33,10 +33,12 @@ _no_grad_kernels = {}  # (op name, forced backend, dtype, device) -> the C++ for
 def _no_grad_kernel(op, input):
     """The C++ forward that a no-grad step on ``input``'s kind of tensor calls straight after the native checks, or
     None where the regular path decides: grad mode on (autograd records the op), autocast, torch.compile tracing,
-    another backend for this dtype / device, no extension, or a rule of the performance floor that may prefer
-    torch's op for this cell in inference. A seq2seq decoder calls a cell per generated token: this path skips the
-    dispatch layers between the functional and the kernel (the same checks run, in C++)."""
-    if torch.is_grad_enabled() or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling():
+    a torch.func transform (vmap's batched tensors have no data pointer), another backend for this dtype / device,
+    no extension, or a rule of the performance floor that may prefer torch's op for this cell in inference. A seq2seq
+    decoder calls a cell per generated token: this path skips the dispatch layers between the functional and the
+    kernel (the same checks run, in C++)."""
+    if (torch.is_grad_enabled() or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
+            or torch._C._functorch.peek_interpreter_stack() is not None):  # a torch.func transform's wrapped tensors
         return None
     key = (op.name, _backend.forced_backend(), input.dtype, input.device)
     kernel = _no_grad_kernels.get(key)

@@ -124,6 +124,8 @@ def _check_decoder_step(name, query, keys, values, mask, query_size, key_size):
             raise ValueError(f"{name}: query batch {B} does not match keys batch {keys.shape[0]}")
         if key_size is not None and keys.shape[-1] != key_size:
             raise ValueError(f"{name}: expected keys of size {key_size}, got {keys.shape[-1]}")
+    if values is not None and values.shape[0] != B:
+        raise ValueError(f"{name}: query batch {B} does not match values batch {values.shape[0]}")
     if values is not None and keys is not None and values.shape[:2] != keys.shape[:2]:
         raise ValueError(f"{name}: values {tuple(values.shape)} must match keys {tuple(keys.shape)} in batch and "
                          "source length")

@@ -176,6 +176,7 @@ class FusedOp:
         if isinstance(output, tuple):  # workspace outputs carry no gradient
             ctx.mark_non_differentiable(*output[self._n_diff:])
         ctx.seqfast_inputs = inputs  # for a double backward (see _differentiable_backward); no copies
+        ctx.seqfast_versions = tuple(_version(a) for a in inputs)
         self._save(ctx, inputs, output)
 
     def _make_backward(self, run_backward):
@@ -203,6 +204,14 @@ class FusedOp:
         wrong wherever one input depends on another (an unrolled cell's h_t on x, a key computed from the query):
         autograd.grad would also follow the paths between them."""
         inputs = ctx.seqfast_inputs
+        # the recompute reads every input's values: one changed in place since the forward would give wrong
+        # gradients silently, where torch raises (the inputs are kept as they are, outside save_for_backward)
+        for i, (a, version) in enumerate(zip(inputs, ctx.seqfast_versions)):
+            if version is not None and a._version != version:
+                raise RuntimeError(
+                    f"one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: argument {i} of seqfast::{self.name}, {tuple(a.shape)}, is at version {a._version}; "
+                    f"expected version {version} instead.")
         wanted = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor) and a.requires_grad]
         result = [None] * len(inputs)
         if not wanted:
@@ -227,6 +236,10 @@ class FusedOp:
             args = _autocast(args, self._cpu_autocast)
         if torch.compiler.is_compiling():
             return self.op(*args)
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            # inside a torch.func transform (vmap, grad, jvp, ...): the reference's plain torch ops, which every
+            # transform supports (the kernels and this op's autograd Function have no vmap rule)
+            return _without_autocast(self.kernels("reference").forward, args)
         if torch.is_grad_enabled():
             for a in args:
                 if isinstance(a, torch.Tensor) and a.requires_grad:
@@ -236,6 +249,11 @@ class FusedOp:
             with torch.autocast(args[0].device.type, enabled=False):
                 return kernel(*args)
         return kernel(*args)
+
+
+def _version(a):
+    """A tensor argument's version counter (None for other arguments and for inference tensors, which have none)."""
+    return a._version if isinstance(a, torch.Tensor) and not a.is_inference() else None
 
 
 def _without_autocast(kernel, args):

@@ -32,6 +32,14 @@ def _scores(q, k, bias, is_causal, scale):
     return s
 
 
+def _lse(s):
+    """logsumexp over the keys; -inf for a row with every key masked, computed on finite stand-ins there: torch's
+    logsumexp of an all -inf row has a NaN gradient, which a backward with create_graph=True (it differentiates this
+    module) would carry into dq and dk even though the row's output is 0."""
+    dead = torch.isneginf(s).all(-1, keepdim=True)
+    return torch.logsumexp(s.masked_fill(dead, 0.0), -1).masked_fill(dead.squeeze(-1), float("-inf"))
+
+
 def _probs(s, lse):
     # fully masked rows: lse = -inf; exp(-inf - 0) = 0 instead of NaN
     return torch.exp(s - torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)[..., None])
@@ -39,7 +47,7 @@ def _probs(s, lse):
 
 def sdpa_forward(q, k, v, bias, is_causal, scale):
     s = _scores(q, k, bias, is_causal, scale)
-    lse = torch.logsumexp(s, -1)
+    lse = _lse(s)
     acc = _acc(q)
     out = _probs(s, lse) @ _expand_kv(v, q.shape[1]).to(acc)
     return out.to(q.dtype), lse
@@ -66,7 +74,7 @@ def sdpa_backward(grad_out, q, k, v, out, lse, bias, is_causal, scale):
 def sdpa_dropout(q, k, v, bias, is_causal, scale, dropout_p):
     """Attention with dropout on the weights (differentiated by autograd, so backward reuses the forward's mask)."""
     s = _scores(q, k, bias, is_causal, scale)
-    lse = torch.logsumexp(s, -1)
+    lse = _lse(s)
     p = torch.nn.functional.dropout(_probs(s, lse), dropout_p, True)
     acc = _acc(q)
     return (p @ _expand_kv(v, q.shape[1]).to(acc)).to(q.dtype)
