@@ -3,8 +3,12 @@ kernels under a C++ autograd node instead of the Python path's autograd Function
 torch.nn's (every gradient, partial requires_grad, an unused output, an input passed twice, double backward, float64
 gradcheck), and whatever needs more than the kernels (a forward-mode tangent, a functorch transform) must still get
 torch's results."""
+import contextlib
+
 import pytest
 import torch
+
+import seqfast
 
 from conftest import CELL_KINDS as CELLS
 from conftest import cell_pair as _pair
@@ -159,12 +163,19 @@ SAVED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("python_path", [False, True])
 @pytest.mark.parametrize("kind,kw", CELLS)
 @pytest.mark.parametrize("edit,frozen,inference", SAVED_CASES)
-def test_saved_operands_as_torchs(kind, kw, edit, frozen, inference):
-    """The node keeps for its backward's values what torch's cell saves (x only where W_ih needs a gradient, no copy of
-    the returned cy, ...): an in-place change of an operand torch does not save, or an input made under inference_mode,
-    raises nothing, and one torch does save raises torch's error."""
+def test_saved_operands_as_torchs(kind, kw, edit, frozen, inference, python_path):
+    """The node keeps for its backward's values what torch's cell saves (x only where W_ih needs a gradient, not the
+    returned cy, ...): an in-place change of an operand torch does not save, or an input made under inference_mode,
+    raises nothing, and one torch does save raises torch's error. python_path: the same for the Python path's
+    autograd op (seqfast.ops.rnn_cell: a forced backend, torch.compile)."""
+    with seqfast.use_backend("cpp") if python_path else contextlib.nullcontext():
+        _saved_case(kind, kw, edit, frozen, inference, python_path)
+
+
+def _saved_case(kind, kw, edit, frozen, inference, python_path):
     torch.manual_seed(0)
     ref, mod = _pair(kind, kw)
     outcomes = []
@@ -180,7 +191,7 @@ def test_saved_operands_as_torchs(kind, kw, edit, frozen, inference):
         hx = _states(kind, 3)
         states = list(hx) if kind == "LSTMCell" else [hx]
         out = module(x, hx)
-        assert module is ref or _recorded_here(out)
+        assert module is ref or _recorded_here(out) != python_path
         outs = _flat(out)
         loss = outs[0].sum()
         with torch.no_grad():
@@ -222,3 +233,4 @@ def test_transforms_get_torchs_results(kind, kw):
     want = torch.func.grad(loss(ref))(dict(ref.named_parameters()), x)
     for name in want:
         torch.testing.assert_close(got[name], want[name], **TOL[torch.float32])
+

@@ -281,6 +281,29 @@ def _autocast(args, cpu_autocast):
     return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
+def keep_for_backward(ctx, tensors, values):
+    """Saves for the backward what torch's own op saves: the tensors whose values the first-order backward reads
+    (``values[i]``: x only where W_ih needs a gradient, W_ih only where x does, ...) go through save_for_backward and
+    its version check; the others are kept aside (ctx.seqfast_aside) for the kernels' shapes and pointers only, so an
+    in-place change of one of them, or an inference-mode one, raises nothing, as in torch. (A create_graph backward
+    reads every input's values and checks their versions itself: FusedOp._differentiable_backward.)"""
+    ctx.save_for_backward(*(t if keep else None for t, keep in zip(tensors, values)))
+    ctx.seqfast_aside = {i: t for i, (t, keep) in enumerate(zip(tensors, values)) if not keep}
+
+
+def any_requires_grad(*tensors):
+    """Whether any of these (None allowed) requires grad."""
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def kept_tensors(ctx):
+    """keep_for_backward's tensors, in order."""
+    saved = list(ctx.saved_tensors)
+    for i, t in ctx.seqfast_aside.items():
+        saved[i] = t
+    return saved
+
+
 def needed(ctx, *inputs):
     """Whether autograd needs the gradient of each of the op's ``inputs`` (positions in its forward's arguments), as
     the trailing flags of a backward that skips the others (Kernels.skips_grads); all True where ctx does not say."""

@@ -7,7 +7,7 @@ w_hh [G*H, H] (G = 4 LSTM, 3 GRU, 1 RNN).
 import torch
 
 from ..reference import rnn_cell as reference
-from .fused_op import FusedOp, Kernels, defined_grad, needed
+from .fused_op import FusedOp, Kernels, any_requires_grad, defined_grad, keep_for_backward, kept_tensors, needed
 
 # the C++ cell kernels are float32/float64 (bfloat16 cells run the reference on CPU)
 _DTYPES = {"cpp": (torch.float32, torch.float64)}
@@ -50,15 +50,21 @@ def _lstm_bwd_fake(ghy, gcy, x, hx, cx, w_ih, w_hh, gates, cy):
             _like(w_hh), w_ih.new_empty(w_ih.shape[0]))
 
 
+# What each cell's backward reads, as torch's cell saves it (seqfast.ops.fused_op.keep_for_backward; the C++ nodes of
+# csrc/rnn/rnn_cell_autograd.cpp keep the same): x for W_ih's gradient, hx for W_hh's, W_ih for x's, W_hh for hx's,
+# the LSTM's cx wherever the gates need a gradient and a copy of its cy (torch keeps tanh(cy), not the cy it returns),
+# the GRU's hx always (a copy where W_hh is frozen: torch keeps hx - n there).
 def _lstm_save(ctx, inputs, output):
     x, hx, cx, w_ih, w_hh, b_ih, b_hh = inputs
     hy, cy, gates = output
-    ctx.save_for_backward(x, hx, cx, w_ih, w_hh, gates, cy)
+    keep_for_backward(ctx, (x, hx, cx, w_ih, w_hh, gates, cy.clone()),
+                      (w_ih.requires_grad, w_hh.requires_grad, any_requires_grad(x, hx, w_ih, w_hh, b_ih, b_hh),
+                       x.requires_grad, hx.requires_grad, True, True))
     ctx.bias = (b_ih is not None, b_hh is not None)
 
 
 def _lstm_grad(ctx, grads, run_backward):
-    x, hx, cx, w_ih, w_hh, gates, cy = ctx.saved_tensors
+    x, hx, cx, w_ih, w_hh, gates, cy = kept_tensors(ctx)
     ghy, gcy = defined_grad(grads[0], hx), defined_grad(grads[1], cx)
     dx, dhx, dcx, dw_ih, dw_hh, db = run_backward(ghy, gcy, x, hx, cx, w_ih, w_hh, gates, cy,
                                                   needs=needed(ctx, 0, 1, 3, 4))
@@ -89,12 +95,13 @@ def _gru_bwd_fake(ghy, x, hx, w_ih, w_hh, ws):
 
 def _gru_save(ctx, inputs, output):
     x, hx, w_ih, w_hh, b_ih, b_hh = inputs
-    ctx.save_for_backward(x, hx, w_ih, w_hh, output[1])
+    keep_for_backward(ctx, (x, hx if w_hh.requires_grad else hx.clone(), w_ih, w_hh, output[1]),
+                      (w_ih.requires_grad, True, x.requires_grad, hx.requires_grad, True))
     ctx.bias = (b_ih is not None, b_hh is not None)
 
 
 def _gru_grad(ctx, grads, run_backward):
-    x, hx, w_ih, w_hh, ws = ctx.saved_tensors
+    x, hx, w_ih, w_hh, ws = kept_tensors(ctx)
     dx, dhx, dw_ih, dw_hh, db_ih, db_hh = run_backward(defined_grad(grads[0], hx), x, hx, w_ih, w_hh, ws,
                                                        needs=needed(ctx, 0, 1, 2, 3))
     return dx, dhx, dw_ih, dw_hh, db_ih if ctx.bias[0] else None, db_hh if ctx.bias[1] else None
@@ -124,13 +131,14 @@ def _rnn_bwd_fake(ghy, x, hx, w_ih, w_hh, hy, relu):
 
 def _rnn_save(ctx, inputs, output):
     x, hx, w_ih, w_hh, b_ih, b_hh, relu = inputs
-    ctx.save_for_backward(x, hx, w_ih, w_hh, output)
+    keep_for_backward(ctx, (x, hx, w_ih, w_hh, output),
+                      (w_ih.requires_grad, w_hh.requires_grad, x.requires_grad, hx.requires_grad, True))
     ctx.bias = (b_ih is not None, b_hh is not None)
     ctx.relu = relu
 
 
 def _rnn_grad(ctx, grads, run_backward):
-    x, hx, w_ih, w_hh, hy = ctx.saved_tensors
+    x, hx, w_ih, w_hh, hy = kept_tensors(ctx)
     dx, dhx, dw_ih, dw_hh, db = run_backward(defined_grad(grads[0], hx), x, hx, w_ih, w_hh, hy, ctx.relu,
                                              needs=needed(ctx, 0, 1, 2, 3))
     return dx, dhx, dw_ih, dw_hh, db if ctx.bias[0] else None, db if ctx.bias[1] else None, None

@@ -10,7 +10,7 @@ semantics.
 import torch
 
 from ..reference import rnn_sequence as reference
-from .fused_op import FusedOp, Kernels, defined_grad, needed
+from .fused_op import FusedOp, Kernels, any_requires_grad, defined_grad, keep_for_backward, kept_tensors, needed
 
 _P = "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh"
 
@@ -42,15 +42,21 @@ def _lstm_bwd_fake(g_out, g_hn, g_cn, x, batch_sizes, h0, c0, w_ih, w_hh, out, g
             torch.empty_like(w_hh), w_ih.new_empty(w_ih.shape[0]))
 
 
+# What each layer's backward reads, as torch's own layers save it (seqfast.ops.fused_op.keep_for_backward): x for
+# W_ih's gradient, h0 for W_hh's (and, for the GRU, its update gate's: a copy where W_hh is frozen, since torch's
+# cell keeps h - n there, not h), c0 wherever the gates need a gradient, W_ih for x's gradient; W_hh, the outputs
+# and the workspaces always.
 def _lstm_save(ctx, inputs, output):
     x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse = inputs
     out, hn, cn, gates, cs = output
-    ctx.save_for_backward(x, batch_sizes, h0, c0, w_ih, w_hh, out, gates, cs)
+    keep_for_backward(ctx, (x, batch_sizes, h0, c0, w_ih, w_hh, out, gates, cs),
+                      (w_ih.requires_grad, True, w_hh.requires_grad, any_requires_grad(x, h0, w_ih, w_hh, b_ih, b_hh),
+                       x.requires_grad, True, True, True, True))
     ctx.bias, ctx.reverse = (b_ih is not None, b_hh is not None), reverse
 
 
 def _lstm_grad(ctx, grads, run_backward):
-    x, batch_sizes, h0, c0, w_ih, w_hh, out, gates, cs = ctx.saved_tensors
+    x, batch_sizes, h0, c0, w_ih, w_hh, out, gates, cs = kept_tensors(ctx)
     dx, dh0, dc0, dw_ih, dw_hh, db = run_backward(
         defined_grad(grads[0], out), defined_grad(grads[1], h0), defined_grad(grads[2], c0), x, batch_sizes, h0, c0,
         w_ih, w_hh, out, gates, cs, ctx.reverse, needs=needed(ctx, 0, 4, 5))
@@ -84,12 +90,13 @@ def _gru_bwd_fake(g_out, g_hn, x, batch_sizes, h0, w_ih, w_hh, out, ws, reverse)
 def _gru_save(ctx, inputs, output):
     x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse = inputs
     out, hn, ws = output
-    ctx.save_for_backward(x, batch_sizes, h0, w_ih, w_hh, out, ws)
+    keep_for_backward(ctx, (x, batch_sizes, h0 if w_hh.requires_grad else h0.clone(), w_ih, w_hh, out, ws),
+                      (w_ih.requires_grad, True, True, x.requires_grad, True, True, True))
     ctx.bias, ctx.reverse = (b_ih is not None, b_hh is not None), reverse
 
 
 def _gru_grad(ctx, grads, run_backward):
-    x, batch_sizes, h0, w_ih, w_hh, out, ws = ctx.saved_tensors
+    x, batch_sizes, h0, w_ih, w_hh, out, ws = kept_tensors(ctx)
     dx, dh0, dw_ih, dw_hh, db_ih, db_hh = run_backward(
         defined_grad(grads[0], out), defined_grad(grads[1], h0), x, batch_sizes, h0, w_ih, w_hh, out, ws, ctx.reverse,
         needs=needed(ctx, 0, 3, 4))
@@ -121,12 +128,13 @@ def _rnn_bwd_fake(g_out, g_hn, x, batch_sizes, h0, w_ih, w_hh, out, relu, revers
 
 def _rnn_save(ctx, inputs, output):
     x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, relu, reverse = inputs
-    ctx.save_for_backward(x, batch_sizes, h0, w_ih, w_hh, output[0])
+    keep_for_backward(ctx, (x, batch_sizes, h0, w_ih, w_hh, output[0]),
+                      (w_ih.requires_grad, True, w_hh.requires_grad, x.requires_grad, True, True))
     ctx.bias, ctx.relu, ctx.reverse = (b_ih is not None, b_hh is not None), relu, reverse
 
 
 def _rnn_grad(ctx, grads, run_backward):
-    x, batch_sizes, h0, w_ih, w_hh, out = ctx.saved_tensors
+    x, batch_sizes, h0, w_ih, w_hh, out = kept_tensors(ctx)
     dx, dh0, dw_ih, dw_hh, db = run_backward(
         defined_grad(grads[0], out), defined_grad(grads[1], h0), x, batch_sizes, h0, w_ih, w_hh, out, ctx.relu,
         ctx.reverse, needs=needed(ctx, 0, 3, 4))
