@@ -38,35 +38,34 @@ inline bool recorded(const at::Tensor& t) {
   return (t.requires_grad() && at::GradMode::is_enabled()) || t._fw_grad(/*level=*/0).defined();
 }
 
+// A tensor whose own dispatch must see torch's ops, not these kernels: a functorch wrapper (torch.func.vmap's batched
+// tensors, grad's wrappers: no storage of their own), a functionalized or a Python-keyed tensor; or any tensor while a
+// Python dispatch mode is in force.
+inline bool wrapped_or_in_mode(const at::Tensor& t) {
+  static const c10::DispatchKeySet wrapped({c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::FuncTorchBatched,
+                                            c10::DispatchKey::Functionalize, c10::DispatchKey::Python});
+  return t.key_set().has_any(wrapped) || c10::impl::TorchDispatchModeTLS::stack_len() > 0;
+}
+
 // Whether these operands (and this thread's dispatch state) let a call record its own C++ autograd node
 // (rnn/rnn_cell_autograd.h, linear/linear_call.cpp): float32 / float64, no forward-mode tangent, no functorch
-// transform or wrapper, no Python dispatch mode (their wrappers and modes must see torch's ops, not these kernels).
+// transform, none of them wrapped_or_in_mode.
 inline bool recordable_here(std::initializer_list<const at::Tensor*> operands) {
-  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-      c10::impl::TorchDispatchModeTLS::stack_len() > 0)
-    return false;
-  const c10::DispatchKeySet wrapped({c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::FuncTorchBatched,
-                                     c10::DispatchKey::Functionalize, c10::DispatchKey::Python});
+  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) return false;
   for (const at::Tensor* t : operands) {
     if (!t || !t->defined()) continue;
     const auto st = t->scalar_type();
-    if ((st != at::kFloat && st != at::kDouble) || t->key_set().has_any(wrapped) || t->_fw_grad(0).defined())
-      return false;
+    if ((st != at::kFloat && st != at::kDouble) || wrapped_or_in_mode(*t) || t->_fw_grad(0).defined()) return false;
   }
   return true;
 }
 
 // An exact torch.Tensor or Parameter (a subclass may override torch functions: the Python path serves it), strided,
-// on the CPU, with storage of its own (not a functorch wrapper: torch.func.vmap's batched tensors, grad's wrappers,
-// functionalization, a Python-keyed tensor), outside any Python dispatch mode (which must see torch's ops); else
-// nullptr.
+// on the CPU, not wrapped_or_in_mode; else nullptr.
 inline const at::Tensor* plain_cpu(PyObject* obj) {
   if (!THPVariable_CheckExact(obj)) return nullptr;
   const at::Tensor& t = THPVariable_Unpack(obj);
-  if (t.layout() != at::kStrided || !t.device().is_cpu()) return nullptr;
-  static const c10::DispatchKeySet wrapped({c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::FuncTorchBatched,
-                                            c10::DispatchKey::Functionalize, c10::DispatchKey::Python});
-  if (t.key_set().has_any(wrapped) || c10::impl::TorchDispatchModeTLS::stack_len() > 0) return nullptr;
+  if (t.layout() != at::kStrided || !t.device().is_cpu() || wrapped_or_in_mode(t)) return nullptr;
   return &t;
 }
 

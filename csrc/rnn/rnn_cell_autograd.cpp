@@ -58,40 +58,46 @@ variable_list differentiable(const variable_list& grads, const std::vector<Tenso
 // What a node keeps of its arguments: torch's own cell saves an operand for its backward only where that backward
 // reads its values (x for W_ih's gradient, W_ih for x's, ...), so an in-place change of an operand it does not save,
 // or an operand made under inference_mode, raises nothing there. Likewise here: each argument the first-order backward
-// reads goes through save_for_backward (autograd's version check); the others are only kept aside (saved_data, with
-// their version) for the kernels' shapes and pointers, whose values they do not read. A backward with create_graph,
-// which recomputes the step from every argument's values, checks those versions itself. names: one per argument
-// slot (nullptr where the slot holds no tensor); values: whether the first-order backward reads that slot's values.
+// reads goes through save_for_backward (autograd's version check); the others are only kept aside (saved_data
+// "aside", with their versions in "versions") for the kernels' shapes and pointers, whose values they do not read. A
+// backward with create_graph, which recomputes the step from every argument's values, checks those versions itself.
+// values: whether the first-order backward reads that argument's values.
 struct Kept {
   static void keep(AutogradContext* ctx, const std::vector<Tensor>& args, const std::vector<bool>& values,
                    const std::vector<Tensor>& internal) {
-    std::vector<Tensor> saved;
+    std::vector<Tensor> saved, aside(args.size());
+    std::vector<int64_t> versions(args.size(), -1);  // -1: none kept aside, or an inference tensor (no version)
+    bool any_aside = false;
     for (size_t i = 0; i < args.size(); ++i) {
       const bool save = values[i] && args[i].defined();
       saved.push_back(save ? args[i] : Tensor());
       if (!save && args[i].defined()) {
-        ctx->saved_data["aside" + std::to_string(i)] = args[i];
-        // (an inference tensor has no version counter: -1, unchecked)
-        ctx->saved_data["version" + std::to_string(i)] =
-            args[i].is_inference() ? int64_t(-1) : static_cast<int64_t>(args[i]._version());
+        aside[i] = args[i];
+        if (!args[i].is_inference()) versions[i] = static_cast<int64_t>(args[i]._version());
+        any_aside = true;
       }
     }
     saved.insert(saved.end(), internal.begin(), internal.end());
     ctx->save_for_backward(saved);
+    if (any_aside) {  // (a step training every operand keeps none aside: no entries)
+      ctx->saved_data["aside"] = aside;
+      ctx->saved_data["versions"] = versions;
+    }
   }
   // -> the arguments (saved or kept aside; undefined where absent), then the internal tensors. checked: the kept
   // aside ones must be unchanged (their values are read).
-  static variable_list get(AutogradContext* ctx, size_t n_args, bool checked) {
+  static variable_list get(AutogradContext* ctx, bool checked) {
     variable_list s = ctx->get_saved_variables();
-    for (size_t i = 0; i < n_args; ++i) {
-      const auto it = ctx->saved_data.find("aside" + std::to_string(i));
-      if (s[i].defined() || it == ctx->saved_data.end()) continue;
-      s[i] = it->second.toTensor();
-      const int64_t version = ctx->saved_data["version" + std::to_string(i)].toInt();
-      TORCH_CHECK(!checked || version < 0 || s[i]._version() == version,
+    if (ctx->saved_data.find("aside") == ctx->saved_data.end()) return s;
+    const std::vector<Tensor> aside = ctx->saved_data["aside"].toTensorVector();
+    const std::vector<int64_t> versions = ctx->saved_data["versions"].toIntVector();
+    for (size_t i = 0; i < aside.size(); ++i) {
+      if (s[i].defined() || !aside[i].defined()) continue;
+      s[i] = aside[i];
+      TORCH_CHECK(!checked || versions[i] < 0 || s[i]._version() == versions[i],
                   "one of the variables needed for gradient computation has been modified by an inplace operation: "
                   "argument ", i, " of a seqfast cell step, at version ", s[i]._version(), "; expected version ",
-                  version, " instead.");
+                  versions[i], " instead.");
     }
     return s;
   }
@@ -120,7 +126,7 @@ struct LstmCellStep : torch::autograd::Function<LstmCellStep> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const bool again = at::GradMode::is_enabled();
-    const variable_list s = Kept::get(ctx, 7, again);
+    const variable_list s = Kept::get(ctx, again);
     if (again)
       return differentiable(grads, {s[0], s[1], s[2], s[3], s[4], s[5], s[6]}, [](const std::vector<Tensor>& a) {
         auto [hy, cy] = at::lstm_cell(a[0], {a[1], a[2]}, a[3], a[4], or_none(a[5]), or_none(a[6]));
@@ -148,7 +154,7 @@ struct GruCellStep : torch::autograd::Function<GruCellStep> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const bool again = at::GradMode::is_enabled();
-    const variable_list s = Kept::get(ctx, 6, again);
+    const variable_list s = Kept::get(ctx, again);
     if (again)
       return differentiable(grads, {s[0], s[1], s[2], s[3], s[4], s[5]}, [](const std::vector<Tensor>& a) {
         return variable_list{at::gru_cell(a[0], a[1], a[2], a[3], or_none(a[4]), or_none(a[5]))};
@@ -175,7 +181,7 @@ struct RnnCellStep : torch::autograd::Function<RnnCellStep> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const bool again = at::GradMode::is_enabled();
-    const variable_list s = Kept::get(ctx, 6, again);
+    const variable_list s = Kept::get(ctx, again);
     const bool relu = ctx->saved_data["relu"].toBool();
     if (again)
       return differentiable(grads, {s[0], s[1], s[2], s[3], s[4], s[5], Tensor()}, [&](const std::vector<Tensor>& a) {
