@@ -116,6 +116,29 @@ def test_packed_output_matches_torch_with_enforce_sorted_false():
     torch.testing.assert_close(c, ct)
 
 
+_H = torch.zeros(1, 1, 3)
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+@pytest.mark.parametrize("hx", [_H, (_H,), (_H, _H, _H), (_H, 5), 5], ids=["tensor", "one", "three", "int-in", "int"])
+def test_packed_lstm_states_of_the_wrong_form_raise_like_torch(hx, enforce_sorted):
+    """An LSTM's hx that is not two tensors, with packed input: torch's exception type (its op's argument parser, or
+    permute_hidden first where the pack is unsorted), not an error about hx[0]'s shape or an IndexError; where torch
+    runs (an unsorted pack's permute_hidden keeps the first two of three), the same result."""
+    ours, theirs = seqfast.nn.LSTM(4, 3), torch.nn.LSTM(4, 3)
+    ours.load_state_dict(theirs.state_dict())
+    packed = pack_padded_sequence(torch.randn(2, 1, 4), torch.tensor([2]), enforce_sorted=enforce_sorted)
+    try:
+        expected = theirs(packed, hx)
+    except Exception as e:
+        with pytest.raises(type(e)):
+            ours(packed, hx)
+        return
+    got = ours(packed, hx)
+    torch.testing.assert_close(got[0].data, expected[0].data)
+    torch.testing.assert_close(got[1], expected[1])
+
+
 def test_parametrized_weight_matches_torch():
     """A parametrized weight (torch.nn.utils.parametrize moves it out of the parameter dict) is read as torch reads
     it: same output and gradients as torch's LSTM with the same parametrization."""

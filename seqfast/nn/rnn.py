@@ -12,6 +12,18 @@ from ._parameters import parameters_named
 from ._recording import recorded
 
 
+def _check_lstm_states(hx):
+    """torch's checks of an LSTM's (h_0, c_0) where its packed path hands them to its op unchecked (the op's argument
+    parser: TypeError, then its count: RuntimeError), before seqfast's shape checks would read them."""
+    if not isinstance(hx, (tuple, list)):
+        raise TypeError(f"LSTM: hx must be a tuple (h_0, c_0) of tensors, got {type(hx).__name__}")
+    if len(hx) != 2:
+        raise RuntimeError("lstm expects two hidden states")
+    for i, h in enumerate(hx):
+        if not isinstance(h, torch.Tensor):
+            raise TypeError(f"LSTM: expected Tensor as element {i} of hx, but got {type(h).__name__}")
+
+
 class _SeqfastRNNMixin:
     """The input handling of torch.nn.RNNBase.forward (packed / batched / unbatched / batch_first, default and permuted
     states, torch's own checks), around seqfast.functional.recurrent."""
@@ -181,6 +193,8 @@ class _SeqfastRNNMixin:
             hx = self._prepare_states(hx, int(batch_sizes[0]), data, None)
             if given:
                 hx = self.permute_hidden(hx, sorted_indices)
+                if self._kind == "lstm":
+                    _check_lstm_states(hx)
             self.check_forward_args(data, hx, batch_sizes)
             is_batched = True
         else:
