@@ -159,3 +159,36 @@ def test_parametrized_weight_matches_torch():
     b.sum().backward()
     for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+@pytest.mark.parametrize("shape", [(2, 3), (3,)], ids=["2d", "1d"])
+def test_packed_lstm_states_of_too_few_dims_raise_like_torch(shape, enforce_sorted):
+    """torch's packed LSTM gives its states to its op without torch.nn's shape checks: its IndexError."""
+    ours, theirs = seqfast.nn.LSTM(4, 3), torch.nn.LSTM(4, 3)
+    packed = pack_padded_sequence(torch.randn(5, 2, 4), torch.tensor([5, 3]), enforce_sorted=enforce_sorted)
+    h = torch.zeros(*shape)
+    assert_raises_like_torch(theirs, ours, (packed, (h, h)))
+
+
+def test_packed_lstm_states_of_four_dims_raise():
+    """(torch's own op crashes the process on these: not run here)"""
+    packed = pack_padded_sequence(torch.randn(5, 2, 4), torch.tensor([5, 3]))
+    h = torch.zeros(1, 1, 2, 3)
+    with pytest.raises(RuntimeError, match="must be 3-D"):
+        seqfast.nn.LSTM(4, 3)(packed, (h, h))
+
+
+def test_lstm_states_stacked_in_one_tensor_raise_like_torch():
+    """One tensor stacking h and c passes torch.nn's own checks (it indexes hx[0] and hx[1]); torch's ops then refuse
+    it (TypeError), where unpacking it would run the step on it."""
+    x, h = torch.randn(2, 4), torch.randn(2, 3)
+    cells = torch.nn.LSTMCell(4, 3), seqfast.nn.LSTMCell(4, 3)
+    layers = torch.nn.LSTM(4, 3), seqfast.nn.LSTM(4, 3)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            for hx in (h, torch.stack([h, h])):
+                assert_raises_like_torch(*cells, (x, hx), same_message=False)
+            assert_raises_like_torch(*layers, (x[None], torch.stack([h[None], h[None]])), same_message=False)
+    with pytest.raises(TypeError):
+        seqfast.functional.lstm_cell(x, torch.stack([h, h]), cells[1].weight_ih, cells[1].weight_hh)

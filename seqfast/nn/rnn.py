@@ -13,8 +13,9 @@ from ._recording import recorded
 
 
 def _check_lstm_states(hx):
-    """torch's checks of an LSTM's (h_0, c_0) where its packed path hands them to its op unchecked (the op's argument
-    parser: TypeError, then its count: RuntimeError), before seqfast's shape checks would read them."""
+    """torch's checks of an LSTM's (h_0, c_0) that its op's argument parser makes (TypeError, then the count:
+    RuntimeError): a tensor stacking h_0 and c_0 passes torch.nn's own checks (and would unpack here as two states)
+    and its packed path checks nothing before its op."""
     if not isinstance(hx, (tuple, list)):
         raise TypeError(f"LSTM: hx must be a tuple (h_0, c_0) of tensors, got {type(hx).__name__}")
     if len(hx) != 2:
@@ -22,6 +23,19 @@ def _check_lstm_states(hx):
     for i, h in enumerate(hx):
         if not isinstance(h, torch.Tensor):
             raise TypeError(f"LSTM: expected Tensor as element {i} of hx, but got {type(h).__name__}")
+
+
+def _check_packed_lstm_state_dims(hx):
+    """torch's packed LSTM hands its states to its op without torch.nn's shape checks: a state of fewer than 3
+    dimensions raises the op's IndexError (it reads dim 2 first); one of more crashes torch's op, here a clear error."""
+    for state in hx:
+        d = state.dim()
+        if d < 3:
+            raise IndexError(f"Dimension out of range (expected to be in range of [{-max(d, 1)}, {max(d, 1) - 1}], "
+                             f"but got 2)")
+        if d > 3:
+            raise RuntimeError(f"LSTM: with a PackedSequence input, h_0 and c_0 must be 3-D (num_layers * "
+                               f"num_directions, batch, hidden), got {d}-D")
 
 
 class _SeqfastRNNMixin:
@@ -193,8 +207,9 @@ class _SeqfastRNNMixin:
             hx = self._prepare_states(hx, int(batch_sizes[0]), data, None)
             if given:
                 hx = self.permute_hidden(hx, sorted_indices)
-                if self._kind == "lstm":
+                if self._kind == "lstm":  # (torch's GRU / RNN check their state's shape here, as below)
                     _check_lstm_states(hx)
+                    _check_packed_lstm_state_dims(hx)
             self.check_forward_args(data, hx, batch_sizes)
             is_batched = True
         else:
@@ -207,6 +222,8 @@ class _SeqfastRNNMixin:
             batch = input.size(0 if self.batch_first else 1)
             hx = self._prepare_states(hx, batch, input, is_batched)
             self.check_forward_args(input, hx, None)
+            if self._kind == "lstm":
+                _check_lstm_states(hx)
             batch_sizes = None
             data = input.transpose(0, 1) if self.batch_first else input  # time-major
         h0, c0 = hx if self._kind == "lstm" else (hx, None)
