@@ -80,13 +80,15 @@ SEQUENCES = {"lstm": (torch.nn.LSTM, seqfast.nn.LSTM), "gru": (torch.nn.GRU, seq
 
 
 def sequence(impl, device, kind, T, batch, hidden, mode, layers=1, bidirectional=False, dtype="float32",
-             packed=False):
-    """T x batch x hidden (input size = hidden); packed: lengths spread evenly over 1..T, packed inside the step."""
+             packed=False, proj_size=0):
+    """T x batch x hidden (input size = hidden); packed: lengths spread evenly over 1..T, packed inside the step;
+    proj_size: an LSTM's projection (LSTMP)."""
     torch.manual_seed(0)
     dtype = getattr(torch, dtype)
     torch_cls, ours_cls = SEQUENCES[kind]
-    module = _twin(_made(torch_cls, hidden, hidden, num_layers=layers, bidirectional=bidirectional).to(device, dtype),
-                   ours_cls, impl if impl != "onnxruntime" else "torch")
+    kw = dict(proj_size=proj_size) if proj_size else {}
+    module = _twin(_made(torch_cls, hidden, hidden, num_layers=layers, bidirectional=bidirectional, **kw).to(
+        device, dtype), ours_cls, impl if impl != "onnxruntime" else "torch")
     x = torch.randn(T, batch, hidden, device=device, dtype=dtype, requires_grad=mode == "train")
     if impl == "onnxruntime":
         from onnx_step import onnx_step
@@ -248,6 +250,12 @@ def bench_cases(quick=False):
                 cases.append(Case("rnn_sequence", f"{kind.upper()} T{T} B{extra['batch']} H{extra['hidden']} {label} "
                                   f"{_mode_name(mode)}", sequence, dict(kind=kind, T=T, mode=mode, **extra),
                                   extra["batch"] * extra["hidden"], "batch x hidden"))
+    # an LSTM with a projection (speech models' LSTMP): torch's CPU op runs its generic path there (no oneDNN)
+    for batch, hidden, proj in ([] if quick else [(8, 512, 128), (32, 1024, 256)]):
+        for mode in modes:
+            cases.append(Case("rnn_sequence", f"LSTM T{T} B{batch} H{hidden} proj_size {proj} {_mode_name(mode)}",
+                              sequence, dict(kind="lstm", T=T, batch=batch, hidden=hidden, mode=mode, proj_size=proj),
+                              batch * hidden, "batch x hidden"))
     # a decoder stepping nn.LSTM / GRU with its state, one call per token; at batch 8, a beam of 8 hypotheses
     for kind in ("lstm", "gru"):
         for batch, hidden in (((1, 128),) if quick else ((1, 128), (1, 512), (8, 512))):

@@ -102,6 +102,14 @@ def sweep_cases(quick=False, with_onnx=True):
                     cases.append(C.Case("decoder_layer", f"{kind.upper()} {dtype} T1 B{batch} H{hidden} {mode}",
                                         C.sequence, dict(kind=kind, T=1, batch=batch, hidden=hidden, mode=mode,
                                                          dtype=dtype), batch * hidden, "batch x hidden", impls))
+    # LSTM with a projection (proj_size): seqfast's projected layer in float32, torch's op in bfloat16
+    for dtype in dtypes:
+        for mode in ("infer", "train"):
+            for batch, hidden in (((8, 512),) if quick else ((8, 512), (64, 1024))):
+                cases.append(C.Case("rnn_sequence", f"LSTM {dtype} T32 B{batch} H{hidden} proj_size {hidden // 4} "
+                                    f"{mode}", C.sequence, dict(kind="lstm", T=32, batch=batch, hidden=hidden,
+                                                                 mode=mode, dtype=dtype, proj_size=hidden // 4),
+                                    batch * hidden, "batch x hidden"))
     lengths = (512,) if quick else (128, 512, 2048)
     for dtype in dtypes:
         for i, L in enumerate(lengths):

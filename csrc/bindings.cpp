@@ -179,6 +179,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_cn"), py::arg("x"), py::arg("batch_sizes"), py::arg("h0"), py::arg("c0"), py::arg("w_ih"),
         py::arg("w_hh"), py::arg("out"), py::arg("gates"), py::arg("cs"), py::arg("reverse"),
         py::arg("need_dx") = true, py::arg("need_dw_ih") = true, py::arg("need_dw_hh") = true);
+  m.def("lstm_proj_layer_forward", &seqfast::lstm_proj_layer_forward, GIL(), py::arg("x"), py::arg("batch_sizes"),
+        py::arg("h0"), py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
+        py::arg("w_hr"), py::arg("reverse"));
+  m.def("lstm_proj_layer_backward", &seqfast::lstm_proj_layer_backward, GIL(), py::arg("grad_out"),
+        py::arg("grad_hn"), py::arg("grad_cn"), py::arg("x"), py::arg("batch_sizes"), py::arg("h0"), py::arg("c0"),
+        py::arg("w_ih"), py::arg("w_hh"), py::arg("w_hr"), py::arg("out"), py::arg("gates"), py::arg("cs"),
+        py::arg("hs"), py::arg("reverse"), py::arg("need_dx") = true, py::arg("need_dw_ih") = true,
+        py::arg("need_dw_hh") = true, py::arg("need_dw_hr") = true);
   m.def("gru_layer_forward", &seqfast::gru_layer_forward, GIL(), py::arg("x"), py::arg("batch_sizes"), py::arg("h0"),
         py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("reverse"));
   m.def("gru_layer_backward", &seqfast::gru_layer_backward, GIL(), py::arg("grad_out"), py::arg("grad_hn"),

@@ -111,6 +111,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
     const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& out,
     const Tensor& gates, const Tensor& cs, bool reverse, bool need_dx = true, bool need_dw_ih = true,
     bool need_dw_hh = true);
+// An LSTM layer with a projection (proj_size P > 0; rnn_sequence_proj.cpp), float32 / float64: h0 [B, P], c0 [B, H],
+// w_hh [4H, P], w_hr [P, H]. -> (out[N,P], hn[B,P], cn[B,H], gates[N,4H] activated gates, cs[N,H] cell state after each
+// step, hs[N,H] the unprojected h = o tanh(c) of each step)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_proj_layer_forward(
+    const Tensor& x, const Tensor& batch_sizes, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
+    const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const Tensor& w_hr, bool reverse);
+// -> (dx, dh0, dc0, dw_ih, dw_hh, db[4H], dw_hr); dx and the weight gradients only where their need_* flag is set
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_proj_layer_backward(
+    const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& x, const Tensor& batch_sizes,
+    const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& w_hr, const Tensor& out,
+    const Tensor& gates, const Tensor& cs, const Tensor& hs, bool reverse, bool need_dx = true,
+    bool need_dw_ih = true, bool need_dw_hh = true, bool need_dw_hr = true);
 // -> (out, hn, ws[N,4H] = [r, z, n, hn] per row)
 std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(const Tensor& x, const Tensor& batch_sizes, const Tensor& h0,
                                                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,

@@ -30,7 +30,10 @@ inline at::Tensor need(const char* fn, const char* name, const at::Tensor& t, st
   }
   bool ok = t.dim() == int64_t(sizes.size());
   int64_t d = 0;
-  for (int64_t s : sizes) ok = ok && (s == kAny || t.size(d++) == s);
+  for (int64_t s : sizes) {  // (d advances past a kAny too)
+    ok = ok && (s == kAny || t.size(d) == s);
+    ++d;
+  }
   if (!ok) {
     std::string want = "[";
     d = 0;

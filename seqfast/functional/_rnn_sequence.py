@@ -4,10 +4,9 @@ import itertools
 
 import torch
 
-from .. import _backend, _rules
+from .. import _rules
 from . import _cell_steps, _rnn_cell
 from ..ops import rnn_sequence as _ops
-from ..reference import rnn_sequence as _reference
 
 _NATIVE = {"lstm": torch._VF.lstm, "gru": torch._VF.gru, "tanh": torch._VF.rnn_tanh, "relu": torch._VF.rnn_relu}
 _GATES = {"lstm": 4, "gru": 3, "rnn": 1}
@@ -118,8 +117,8 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
     h0 / c0: [layers * directions, B, H] (c0 for LSTM only). weights: per layer and direction, torch's parameter
     list [w_ih, w_hh, (b_ih, b_hh), (w_hr)]. Returns (output, h_n, c_n or None), output in input's layout.
 
-    LSTM proj_size has no seqfast kernel: it runs torch's own op (the reference only when that is forced), as does
-    any case no seqfast kernel covers (see seqfast._backend).
+    LSTM proj_size runs seqfast's projected layer (C++, float32 / float64 on CPU; torch's own op elsewhere), and any
+    case no seqfast kernel covers runs torch's own op (see seqfast._backend).
     """
     lstm = kind == "lstm"
     _check_steps(input, batch_sizes, h0)
@@ -137,7 +136,7 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
         # so few rows that the bfloat16 cell steps, their weights read in place, beat both other paths (_cell_steps)
         return _cell_steps.recurrent_in_steps(kind, input, h0, c0, weights, batch_sizes, num_layers, bidirectional,
                                               dropout, training, nonlinearity)
-    if input.dtype is torch.bfloat16 and _rules.upcast_bfloat16(itertools.chain((input, h0, c0), *weights), rows,
+    if input.dtype is torch.bfloat16 and not proj_size and _rules.upcast_bfloat16(itertools.chain((input, h0, c0), *weights), rows,
                                                                 kind, batch, hidden, steps):
         # no native bfloat16 on this CPU, or a call too small for it to pay (seqfast._rules.float32_bfloat16_max_batch):
         # float32 kernels on upcast copies, the results rounded once
@@ -147,11 +146,14 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
                                 dropout=dropout, training=training, nonlinearity=nonlinearity, proj_size=proj_size)
         bf16 = torch.bfloat16
         return out.to(bf16), hn.to(bf16), (None if cn is None else cn.to(bf16))
-    op = _ops.lstm_layer if lstm else _ops.gru_layer if kind == "gru" else _ops.rnn_layer
     projected = lstm and proj_size > 0
+    op = (_ops.lstm_proj_layer if projected else _ops.lstm_layer) if lstm else (
+        _ops.gru_layer if kind == "gru" else _ops.rnn_layer)
     usual = _kernel_layout(kind, weights, input.shape[-1], num_layers, 2 if bidirectional else 1, proj_size)
-    if (not usual or op.runs_torch_op(input) or (projected and _backend.use_torch_for_feature())
-            or (_torch_faster(kind, input, h0, c0, weights, batch_sizes))):
+    # (the rule table's measurements are of torch's oneDNN layers, which take no projection: torch's projected LSTM
+    # runs its generic per-step ops, slower than seqfast's layer at every size measured)
+    if (not usual or op.runs_torch_op(input)
+            or (not projected and _torch_faster(kind, input, h0, c0, weights, batch_sizes))):
         return _torch_recurrent(kind, input, h0, c0, weights, batch_sizes, num_layers, bidirectional, dropout,
                                 training, nonlinearity)
     if (SINGLE_STEP_AS_CELL and not projected and torch.is_grad_enabled() and input.is_cpu
@@ -180,9 +182,8 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
         b_ih, b_hh = (w[2].contiguous(), w[3].contiguous()) if bias else (None, None)
         x_c, h = x.contiguous(), h0[idx].contiguous()
         if projected:
-            # forced reference: the plain PyTorch oracle with the projection, differentiated by autograd
-            out, hn, cn, _, _ = _reference.lstm_layer_forward(x_c, batch_sizes, h, c0[idx], w_ih, w_hh, b_ih, b_hh,
-                                                              reverse, w_hr=w[-1])
+            out, hn, cn, _, _, _ = _ops.lstm_proj_layer(x_c, batch_sizes, h, c0[idx].contiguous(), w_ih, w_hh, b_ih,
+                                                        b_hh, w[-1].contiguous(), reverse)
         elif lstm:
             out, hn, cn, _, _ = _ops.lstm_layer(x_c, batch_sizes, h, c0[idx].contiguous(), w_ih, w_hh, b_ih, b_hh,
                                                 reverse)

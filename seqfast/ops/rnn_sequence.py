@@ -1,7 +1,7 @@
-"""One recurrent layer in one direction over a whole sequence: seqfast::lstm_layer, seqfast::gru_layer,
-seqfast::rnn_layer. The input projection of every step is one GEMM; the time loop runs inside the kernel layer
-(C++ on CPU, Triton on CUDA); the backward walks time in reverse there and forms weight gradients with one GEMM over
-all steps.
+"""One recurrent layer in one direction over a whole sequence: seqfast::lstm_layer, seqfast::lstm_proj_layer (an
+LSTM with proj_size: C++ only, float32 / float64), seqfast::gru_layer, seqfast::rnn_layer. The input projection of
+every step is one GEMM; the time loop runs inside the kernel layer (C++ on CPU, Triton on CUDA); the backward walks
+time in reverse there and forms weight gradients with one GEMM over all steps.
 
 Layout (PackedSequence's, time-major): x [N, I], step t in rows [off_t, off_t + bs_t), batch_sizes [T] int64 on the
 CPU, non-increasing; padded input is bs_t = B for every t. See seqfast.reference.rnn_sequence for the exact
@@ -75,6 +75,51 @@ lstm_layer = FusedOp(
                     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     fake=_lstm_fake, backward_fake=_lstm_bwd_fake, save=_lstm_save, grad=_lstm_grad,
     num_outputs_differentiable=3)
+
+
+# ---------------------------------------------------------------- LSTM with a projection (proj_size)
+def _lstm_proj_fake(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    return (_rows(x, h0), torch.empty_like(h0), torch.empty_like(c0), _rows(x, c0, w_ih.shape[0]), _rows(x, c0),
+            _rows(x, c0))
+
+
+def _lstm_proj_bwd_fake(g_out, g_hn, g_cn, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates, cs, hs, reverse):
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
+            torch.empty_like(w_hh), w_ih.new_empty(w_ih.shape[0]), torch.empty_like(w_hr))
+
+
+# As _lstm_save, and W_hr (always: the projection's input gradient) and the unprojected h (W_hr's gradient). W_hh's
+# values only where a gradient flows through a state (a second step, or h0 wanting one), as torch's per-step graph.
+def _lstm_proj_save(ctx, inputs, output):
+    x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse = inputs
+    out, hn, cn, gates, cs, hs = output
+    keep_for_backward(ctx, (x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates, cs, hs),
+                      (w_ih.requires_grad, True, w_hh.requires_grad,
+                       any_requires_grad(x, h0, w_ih, w_hh, b_ih, b_hh, w_hr), x.requires_grad,
+                       batch_sizes.shape[0] > 1 or h0.requires_grad, True, True, True, True, True))
+    ctx.bias, ctx.reverse = (b_ih is not None, b_hh is not None), reverse
+
+
+def _lstm_proj_grad(ctx, grads, run_backward):
+    x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates, cs, hs = kept_tensors(ctx)
+    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = run_backward(
+        defined_grad(grads[0], out), defined_grad(grads[1], h0), defined_grad(grads[2], c0), x, batch_sizes, h0, c0,
+        w_ih, w_hh, w_hr, out, gates, cs, hs, ctx.reverse, needs=needed(ctx, 0, 4, 5, 8))
+    return (dx, None, dh0, dc0, dw_ih, dw_hh, db if ctx.bias[0] else None, db if ctx.bias[1] else None, dw_hr, None)
+
+
+lstm_proj_layer = FusedOp(
+    "lstm_proj_layer", cpp_check="rnn_kernels_supported",
+    reference=Kernels(reference.lstm_proj_layer_forward, reference.lstm_proj_layer_backward),
+    cpp=lambda C: Kernels(C.lstm_proj_layer_forward, C.lstm_proj_layer_backward, skips_grads=True),
+    triton=None,  # CUDA: torch's op (cuDNN)
+    schema=f"(Tensor x, Tensor batch_sizes, Tensor h0, Tensor c0, {_P}, Tensor w_hr, bool reverse) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    backward_schema="(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor x, Tensor batch_sizes, Tensor h0, "
+                    "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor w_hr, Tensor out, Tensor gates, Tensor cs, "
+                    "Tensor hs, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fake=_lstm_proj_fake, backward_fake=_lstm_proj_bwd_fake, save=_lstm_proj_save, grad=_lstm_proj_grad,
+    num_outputs_differentiable=3, dtypes={"cpp": (torch.float32, torch.float64), "triton": ()})
 
 
 # ---------------------------------------------------------------- GRU

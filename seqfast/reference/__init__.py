@@ -9,12 +9,13 @@ from .attention import sdpa_backward, sdpa_dropout, sdpa_forward
 from .rnn_cell import (gru_cell_backward, gru_cell_forward, gru_gate_grads, lstm_cell_backward, lstm_cell_forward,
                        lstm_gate_grads, rnn_cell_backward, rnn_cell_forward, rnn_pre_grad)
 from .rnn_sequence import (gru_layer_backward, gru_layer_forward, lstm_layer_backward, lstm_layer_forward,
-                           rnn_layer_backward, rnn_layer_forward)
+                           lstm_proj_layer_backward, lstm_proj_layer_forward, rnn_layer_backward, rnn_layer_forward)
 
 __all__ = [
     "lstm_cell_forward", "lstm_cell_backward", "gru_cell_forward", "gru_cell_backward", "rnn_cell_forward",
     "rnn_cell_backward", "lstm_gate_grads", "gru_gate_grads", "rnn_pre_grad",
-    "lstm_layer_forward", "lstm_layer_backward", "gru_layer_forward", "gru_layer_backward", "rnn_layer_forward",
+    "lstm_layer_forward", "lstm_layer_backward", "lstm_proj_layer_forward", "lstm_proj_layer_backward",
+    "gru_layer_forward", "gru_layer_backward", "rnn_layer_forward",
     "rnn_layer_backward",
     "sdpa_forward", "sdpa_backward", "sdpa_dropout",
     "additive_attention_forward", "additive_attention_backward",

@@ -66,6 +66,30 @@ def lstm_layer_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, 
     return (_cat(pieces, 0, 0, h0), hn, cn, _cat(pieces, 1, 0, x, 4 * c0.shape[1]), _cat(pieces, 0, 1, c0))
 
 
+def lstm_proj_layer_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    """The LSTM layer with a projection (proj_size): returns (out [N, P], hn [B, P], cn [B, H], gates [N, 4H],
+    cs [N, H], hs [N, H] = o tanh(c), the unprojected h each step's projection reads)."""
+    out, hn, cn, gates, cs = lstm_layer_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, w_hr=w_hr)
+    return out, hn, cn, gates, cs, gates[:, 3 * cs.shape[1]:] * cs.tanh()
+
+
+def lstm_proj_layer_backward(grad_out, grad_hn, grad_cn, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates, cs,
+                             hs, reverse):
+    """lstm_proj_layer_forward's gradients: (dx, dh0, dc0, dw_ih, dw_hh, db [4H], dw_hr); db is the gradient of b_ih
+    and of b_hh alike. As lstm_layer_backward, with each step's output gradient taken through the projection."""
+    dr, dc = grad_hn.clone(), grad_cn.clone()
+    dgates, dout = torch.empty_like(gates), torch.empty_like(out)
+    c_prev = _prev_states(cs, c0, batch_sizes, reverse)
+    for t, off, bs in reversed(_steps(batch_sizes, reverse)):
+        rows = slice(off, off + bs)
+        dout[rows] = dr[:bs] + grad_out[rows]
+        dg, dc[:bs] = lstm_gate_grads(dout[rows] @ w_hr, dc[:bs], c_prev[rows], gates[rows], cs[rows])
+        dr[:bs] = dg @ w_hh
+        dgates[rows] = dg
+    h_prev = _prev_states(out, h0, batch_sizes, reverse)
+    return dgates @ w_ih, dr, dc, dgates.t() @ x, dgates.t() @ h_prev, dgates.sum(0), dout.t() @ hs
+
+
 def gru_layer_forward(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse):
     """Returns (out [N, H], hn, ws [N, 4H] = [r, z, n, hn])."""
     def step(px, state):

@@ -1,0 +1,184 @@
+// One LSTM layer with a projection (torch.nn.LSTM proj_size > 0), one direction over a whole sequence, forward and
+// backward (rnn.h: lstm_proj_layer_forward / _backward, with the layout).
+//
+// Why its own loop: torch's CPU LSTM has no oneDNN path with a projection and runs its generic one (per step: the
+// gate GEMM, five pointwise ops, the projection GEMM, each an ATen op), and seqfast's fused sequence kernels keep
+// the hidden state at the gates' width. Here each step is two GEMMs on seqfast's GEMM entry (gemm::linear_out: the
+// own kernels where they run) around one fused pointwise pass (kern::lstm_fwd_row), and the backward forms every
+// weight gradient in one GEMM over all steps. float32 / float64.
+#include "rnn/rnn.h"
+#include "rnn/rnn_args.h"
+#include "rnn/rnn_pointwise.h"
+#include "cpu/gemm.h"
+
+#include <ATen/Dispatch.h>
+#include <vector>
+
+namespace seqfast {
+namespace {
+
+using rnn_args::kAny;
+using rnn_args::need;
+using rnn_args::need_batch_sizes;
+using rnn_args::need_opt;
+
+// (first row, rows) of every step t, and the order the forward visits them.
+struct Steps {
+  std::vector<int64_t> off, bs;
+  bool reverse;
+  Steps(const Tensor& batch_sizes, bool rev) : reverse(rev) {
+    const int64_t T = batch_sizes.numel();
+    const int64_t* p = batch_sizes.const_data_ptr<int64_t>();
+    int64_t o = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      off.push_back(o);
+      bs.push_back(p[t]);
+      o += p[t];
+    }
+  }
+  int64_t T() const { return int64_t(bs.size()); }
+  // the t of the forward's s-th step
+  int64_t at(int64_t s) const { return reverse ? T() - 1 - s : s; }
+};
+
+// prev[rows of step t] = the state that step started from: the rows the step before carried (its output rows), the
+// rest (rows that start at this step: a reversed packed sequence) from s0. -> [N, width]
+Tensor previous_states(const Steps& st, const Tensor& rows, const Tensor& s0) {
+  Tensor prev = at::empty({rows.size(0), s0.size(1)}, rows.options());
+  int64_t last_off = -1, last_bs = 0;
+  for (int64_t s = 0; s < st.T(); ++s) {
+    const int64_t t = st.at(s), off = st.off[t], bs = st.bs[t];
+    const int64_t carried = last_off < 0 ? 0 : std::min(bs, last_bs);
+    if (carried) prev.narrow(0, off, carried).copy_(rows.narrow(0, last_off, carried));
+    if (bs > carried) prev.narrow(0, off + carried, bs - carried).copy_(s0.narrow(0, carried, bs - carried));
+    last_off = off;
+    last_bs = bs;
+  }
+  return prev;
+}
+
+// The operands both entries take, checked (rnn_args: RuntimeError naming the argument) and contiguous.
+struct Operands {
+  Tensor x, h0, c0, w_ih, w_hh, w_hr;
+  at::ScalarType dt;
+  int64_t N, I, B, H, P;
+  Operands(const char* fn, const Tensor& x_, const Tensor& h0_, const Tensor& c0_, const Tensor& w_ih_,
+           const Tensor& w_hh_, const Tensor& w_hr_) {
+    x = need(fn, "x", x_, {kAny, kAny}, at::ScalarType::Undefined);
+    dt = x.scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, fn, ": x must be float32 or float64, got ", dt);
+    N = x.size(0);
+    I = x.size(1);
+    c0 = need(fn, "c0", c0_, {kAny, kAny}, dt);
+    B = c0.size(0);
+    H = c0.size(1);
+    w_hr = need(fn, "w_hr", w_hr_, {kAny, H}, dt);
+    P = w_hr.size(0);
+    h0 = need(fn, "h0", h0_, {B, P}, dt);
+    w_ih = need(fn, "w_ih", w_ih_, {4 * H, I}, dt);
+    w_hh = need(fn, "w_hh", w_hh_, {4 * H, P}, dt);
+  }
+};
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_proj_layer_forward(
+    const Tensor& x_, const Tensor& batch_sizes_, const Tensor& h0_, const Tensor& c0_, const Tensor& w_ih_,
+    const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_, const Tensor& w_hr_, bool reverse) {
+  const char* fn = "lstm_proj_layer_forward";
+  const Operands a(fn, x_, h0_, c0_, w_ih_, w_hh_, w_hr_);
+  const Tensor &x = a.x, &h0 = a.h0, &c0 = a.c0, &w_ih = a.w_ih, &w_hh = a.w_hh, &w_hr = a.w_hr;
+  const auto dt = a.dt;
+  const int64_t N = a.N, B = a.B, H = a.H, P = a.P;
+  const auto b_ih = need_opt(fn, "b_ih", b_ih_, 4 * H, dt), b_hh = need_opt(fn, "b_hh", b_hh_, 4 * H, dt);
+  const Tensor batch_sizes = need_batch_sizes(fn, batch_sizes_, B, N);
+  kern::check_cpu();
+  const Steps st(batch_sizes, reverse);
+  // the input projection of every step in one GEMM, both biases folded in
+  Tensor gates = at::empty({N, 4 * H}, x.options());
+  gemm::linear_out(gates, x, w_ih, false);
+  if (b_ih) gates.add_(*b_ih);
+  if (b_hh) gates.add_(*b_hh);
+  Tensor out = at::empty({N, P}, x.options()), cs = at::empty({N, H}, x.options()), hs = at::empty({N, H}, x.options());
+  Tensor h = h0.clone(), c = c0.clone();
+  AT_DISPATCH_FLOATING_TYPES(dt, "seqfast::lstm_proj_layer_forward", [&] {
+    using T = scalar_t;
+    for (int64_t s = 0; s < st.T(); ++s) {
+      const int64_t t = st.at(s), off = st.off[t], bs = st.bs[t];
+      if (bs == 0) continue;
+      Tensor g = gates.narrow(0, off, bs);
+      gemm::linear_out(g, h.narrow(0, 0, bs), w_hh, true);
+      T* gp = g.data_ptr<T>();
+      const T* cp = c.const_data_ptr<T>();
+      T* cyp = cs.data_ptr<T>() + off * H;
+      T* hyp = hs.data_ptr<T>() + off * H;
+      kern::par_rows(bs, 8 * H, [&](int64_t r0, int64_t r1) {
+        for (int64_t b = r0; b < r1; ++b)
+          kern::lstm_fwd_row<T>(gp + b * 4 * H, nullptr, nullptr, cp + b * H, cyp + b * H, hyp + b * H, H, 0, H);
+      });
+      c.narrow(0, 0, bs).copy_(cs.narrow(0, off, bs));
+      Tensor o = out.narrow(0, off, bs);
+      gemm::linear_out(o, hs.narrow(0, off, bs), w_hr, false);
+      h.narrow(0, 0, bs).copy_(o);
+    }
+  });
+  return {out, h, c, gates, cs, hs};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_proj_layer_backward(
+    const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& grad_cn_, const Tensor& x_,
+    const Tensor& batch_sizes_, const Tensor& h0_, const Tensor& c0_, const Tensor& w_ih_, const Tensor& w_hh_,
+    const Tensor& w_hr_, const Tensor& out_, const Tensor& gates_, const Tensor& cs_, const Tensor& hs_, bool reverse,
+    bool need_dx, bool need_dw_ih, bool need_dw_hh, bool need_dw_hr) {
+  const char* fn = "lstm_proj_layer_backward";
+  const Operands a(fn, x_, h0_, c0_, w_ih_, w_hh_, w_hr_);
+  const Tensor &x = a.x, &h0 = a.h0, &c0 = a.c0, &w_ih = a.w_ih, &w_hh = a.w_hh, &w_hr = a.w_hr;
+  const auto dt = a.dt;
+  const int64_t N = a.N, I = a.I, B = a.B, H = a.H, P = a.P;
+  const Tensor grad_out = need(fn, "grad_out", grad_out_, {N, P}, dt);
+  const Tensor grad_hn = need(fn, "grad_hn", grad_hn_, {B, P}, dt), grad_cn = need(fn, "grad_cn", grad_cn_, {B, H}, dt);
+  const Tensor out = need(fn, "out", out_, {N, P}, dt), gates = need(fn, "gates", gates_, {N, 4 * H}, dt);
+  const Tensor cs = need(fn, "cs", cs_, {N, H}, dt), hs = need(fn, "hs", hs_, {N, H}, dt);
+  const Tensor batch_sizes = need_batch_sizes(fn, batch_sizes_, B, N);
+  kern::check_cpu();
+  const Steps st(batch_sizes, reverse);
+  // the cell each step started from (its backward reads it), and the state for W_hh's gradient
+  const Tensor c_prev = previous_states(st, cs, c0);
+  Tensor dr = grad_hn.clone(), dc = grad_cn.clone();  // running gradients of the state rows
+  Tensor dgates = at::empty({N, 4 * H}, x.options()), dout = at::empty({N, P}, x.options());
+  Tensor dh = at::empty({B, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "seqfast::lstm_proj_layer_backward", [&] {
+    using T = scalar_t;
+    for (int64_t s = st.T() - 1; s >= 0; --s) {  // the forward's steps, last first
+      const int64_t t = st.at(s), off = st.off[t], bs = st.bs[t];
+      if (bs == 0) continue;
+      // the gradient of this step's projected output: from later steps (dr) and from the layer's output
+      Tensor drt = dout.narrow(0, off, bs);
+      at::add_out(drt, dr.narrow(0, 0, bs), grad_out.narrow(0, off, bs));
+      Tensor dht = dh.narrow(0, 0, bs);
+      gemm::matmul_out(dht, drt, w_hr, false);  // through the projection
+      const T* gp = gates.const_data_ptr<T>() + off * 4 * H;
+      const T* cpp = c_prev.const_data_ptr<T>() + off * H;
+      const T* cyp = cs.const_data_ptr<T>() + off * H;
+      const T* dhp = dht.const_data_ptr<T>();
+      T* dcp = dc.data_ptr<T>();
+      T* dgp = dgates.data_ptr<T>() + off * 4 * H;
+      kern::par_rows(bs, 8 * H, [&](int64_t r0, int64_t r1) {
+        for (int64_t b = r0; b < r1; ++b)
+          kern::lstm_bwd_row<T>(gp + b * 4 * H, cpp + b * H, cyp + b * H, dhp + b * H, nullptr, dcp + b * H,
+                                dgp + b * 4 * H, dcp + b * H, H, 0, H);
+      });
+      Tensor drn = dr.narrow(0, 0, bs);
+      gemm::matmul_out(drn, dgates.narrow(0, off, bs), w_hh, false);  // to the state this step started from
+    }
+  });
+  // rows a reversed packed sequence starts late keep their h0 / c0 gradient in dr / dc from their first step on
+  Tensor dx = need_dx ? at::empty({N, I}, x.options()) : Tensor();
+  if (need_dx) gemm::matmul_out(dx, dgates, w_ih, false);
+  Tensor dw_ih = need_dw_ih ? gemm::mm(dgates.t(), x) : Tensor();
+  Tensor dw_hh = need_dw_hh ? gemm::mm(dgates.t(), previous_states(st, out, h0)) : Tensor();
+  Tensor dw_hr = need_dw_hr ? gemm::mm(dout.t(), hs) : Tensor();
+  return {dx, dr, dc, dw_ih, dw_hh, dgates.sum(0), dw_hr};
+}
+
+}  // namespace seqfast
