@@ -136,8 +136,8 @@ def recurrent(kind, input, h0, c0, weights, *, batch_sizes=None, num_layers=1, b
         # so few rows that the bfloat16 cell steps, their weights read in place, beat both other paths (_cell_steps)
         return _cell_steps.recurrent_in_steps(kind, input, h0, c0, weights, batch_sizes, num_layers, bidirectional,
                                               dropout, training, nonlinearity)
-    if input.dtype is torch.bfloat16 and not proj_size and _rules.upcast_bfloat16(itertools.chain((input, h0, c0), *weights), rows,
-                                                                kind, batch, hidden, steps):
+    if input.dtype is torch.bfloat16 and not proj_size and _rules.upcast_bfloat16(
+            itertools.chain((input, h0, c0), *weights), rows, kind, batch, hidden, steps):
         # no native bfloat16 on this CPU, or a call too small for it to pay (seqfast._rules.float32_bfloat16_max_batch):
         # float32 kernels on upcast copies, the results rounded once
         up = [[w.float() for w in layer] for layer in weights]

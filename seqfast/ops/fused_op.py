@@ -204,6 +204,9 @@ class FusedOp:
         wrong wherever one input depends on another (an unrolled cell's h_t on x, a key computed from the query):
         autograd.grad would also follow the paths between them."""
         inputs = ctx.seqfast_inputs
+        # what the plain backward would read, through autograd's own version check (a saved output changed in place
+        # raises here as in torch, though the recompute below does not read it)
+        ctx.saved_tensors
         # the recompute reads every input's values: one changed in place since the forward would give wrong
         # gradients silently, where torch raises (the inputs are kept as they are, outside save_for_backward)
         for i, (a, version) in enumerate(zip(inputs, ctx.seqfast_versions)):
