@@ -76,10 +76,12 @@ void gru_fwd_row(const float* gi, const float* bih, const float* gh, const float
     const __m512 r = avx512::sigmoid_ps(pr), z = avx512::sigmoid_ps(pz);
     const __m512 n = avx512::tanh_ps(_mm512_fmadd_ps(r, hn, pn));
     const __m512 h = _mm512_fmadd_ps(z, _mm512_sub_ps(ld(hp), n), n);  // (1 - z) n + z h
-    _mm512_mask_storeu_ps(ws + k, m, r);
-    _mm512_mask_storeu_ps(ws + H + k, m, z);
-    _mm512_mask_storeu_ps(ws + 2 * H + k, m, n);
-    _mm512_mask_storeu_ps(ws + 3 * H + k, m, hn);
+    if (ws) {
+      _mm512_mask_storeu_ps(ws + k, m, r);
+      _mm512_mask_storeu_ps(ws + H + k, m, z);
+      _mm512_mask_storeu_ps(ws + 2 * H + k, m, n);
+      _mm512_mask_storeu_ps(ws + 3 * H + k, m, hn);
+    }
     _mm512_mask_storeu_ps(hy + k, m, h);
   }
 }

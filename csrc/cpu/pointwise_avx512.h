@@ -26,7 +26,8 @@ void lstm_fwd_row(float* g, const float* b1, const float* b2, const float* cp, f
 
 // The GRU update for units [k0, k1) of one row (rnn/rnn_pointwise.h: gru_fwd_row, whose layout and results it
 // computes): gi the x-part pre-activations [r z n] (3H), gh the h-part W_hh h [r z n] (3H; its r and z not read when
-// summed_rz: gi's already hold both parts), optional biases bih / bhh, hp the previous h; ws receives [r z n hn].
+// summed_rz: gi's already hold both parts), optional biases bih / bhh, hp the previous h; ws receives [r z n hn]
+// (nullptr: not stored).
 void gru_fwd_row(const float* gi, const float* bih, const float* gh, const float* bhh, const float* hp, float* hy,
                  float* ws, int64_t H, int64_t k0, int64_t k1, bool summed_rz);
 

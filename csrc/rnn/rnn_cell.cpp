@@ -362,7 +362,9 @@ void gru_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
   T* pp = step_workspace<T>(pre, B * 6 * H, x.options(), 0);
   const T* h = hx.const_data_ptr<T>();
   T* hyp = hy.data_ptr<T>();
-  T* wsp = step_workspace<T>(ws, B * 4 * H, x.options(), 1);
+  // the gate values a backward reads, or none (not stored) where no backward will
+  T* wsp = ws.defined() ? ws.data_ptr<T>() : nullptr;
+  const auto ws_row = [&](int64_t b) { return wsp ? wsp + b * 4 * H : nullptr; };
   if (gemv) {
     std::array<const T*, kMaxSmallB> xr, hr;
     std::array<T*, kMaxSmallB> gir, ghr;
@@ -381,14 +383,14 @@ void gru_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
       }
       for (int64_t b = 0; b < B; ++b)
         kern::gru_fwd_row<T>(pp + b * 6 * H, bih, pp + b * 6 * H + 3 * H, bhh, h + b * H, hyp + b * H,
-                             wsp + b * 4 * H, H, k0, k1);
+                             ws_row(b), H, k0, k1);
     });
   } else if (fused) {
     if constexpr (std::is_same_v<T, float>) {
       const auto update = [&](int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
         for (int64_t b = r0; b < r1; ++b)
           kern::gru_fwd_row<T, true>(pp + b * 6 * H, bih, pp + b * 6 * H + 3 * H, bhh, h + b * H, hyp + b * H,
-                                     wsp + b * 4 * H, H, k0, k1);
+                                     ws_row(b), H, k0, k1);
       };
       // r and z: both products summed into gi's slots; n: apart (r scales the h part), gh's n slot at 3H on
       const auto products = [&](const NtProducts& p, float* out, int64_t k0, int64_t k1) {
@@ -413,7 +415,7 @@ void gru_cell_fwd_impl(const Tensor& x, const Tensor& hx, const Tensor& w_ih, co
     kern::par_rows(B, 64 * H, [&](int64_t r0, int64_t r1) {
       for (int64_t b = r0; b < r1; ++b)
         kern::gru_fwd_row<T>(pp + b * 6 * H, bih, pp + b * 6 * H + 3 * H, bhh, h + b * H, hyp + b * H,
-                             wsp + b * 4 * H, H, 0, H);
+                             ws_row(b), H, 0, H);
     });
   }
 }

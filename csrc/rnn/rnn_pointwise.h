@@ -148,7 +148,8 @@ inline void lstm_bwd_row(const T* g, const T* cp, const T* cy, const T* dh1, con
 
 // ---------------------------------------------------------------------------------------------------------------
 // GRU. gi: x-part pre-activations [r z n] (3H), gh: h-part W_hh h (3H); optional biases. ws row (4H) receives
-// [r, z, n, hn] with hn = W_hn h + b_hn, which is all backward needs besides h_prev.
+// [r, z, n, hn] with hn = W_hn h + b_hn, which is all backward needs besides h_prev (ws nullptr: not stored, for a
+// step no backward reads).
 // summed_rz: gi's r and z already hold x W_ir^T + h W_hr^T (and z's), gh's r and z slots are not read.
 template <typename T, bool summed_rz = false>
 inline void gru_fwd_row(const T* gi, const T* bih, const T* gh, const T* bhh, const T* hp, T* hy, T* ws, int64_t H,
@@ -174,7 +175,9 @@ inline void gru_fwd_row(const T* gi, const T* bih, const T* gh, const T* bhh, co
     const Vec<T> r = sigmoid(pr), z = sigmoid(pz);
     const Vec<T> nn = tanh_(at::vec::fmadd(r, hn, pn));
     const Vec<T> h = at::vec::fmadd(z, ld(hp + k, n) - nn, nn);  // (1-z) n + z h
-    st(r, ws + k, n); st(z, ws + H + k, n); st(nn, ws + 2 * H + k, n); st(hn, ws + 3 * H + k, n);
+    if (ws) {
+      st(r, ws + k, n); st(z, ws + H + k, n); st(nn, ws + 2 * H + k, n); st(hn, ws + 3 * H + k, n);
+    }
     st(h, hy + k, n);
   });
 }
