@@ -190,3 +190,14 @@ def test_saved_weight_hh_as_torch(steps):
     else:
         for got, want in zip(outcomes[1], outcomes[0]):
             torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["forward", "bidirectional"])
+def test_batch_rows_of_the_broadcast_products(bidirectional, no_torch_lstm):
+    """float32 steps of 7-8 and 13-24 rows, where each step's products read the weights in place (gemm::wt_takes):
+    a packed batch of 24 shrinking to 1, so the steps' row counts cross every range, in both directions."""
+    ref, ours = _pair(torch.float32, I=9, H=40, proj_size=12, bidirectional=bidirectional)
+    lengths = torch.tensor([9] * 8 + [8] * 5 + [6] * 6 + [3, 3, 2, 1, 1])
+    x = torch.randn(9, 24, 9)
+    _check(ref, ours, x, lengths=lengths, dtype=torch.float32)
+    _check(ref, ours, x[:, :16], dtype=torch.float32)
