@@ -113,7 +113,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_proj_layer_forwa
   const Steps st(batch_sizes, reverse);
   // the input projection of every step in one GEMM, both biases folded in
   const std::optional<Tensor> bias = b_ih && b_hh ? std::optional<Tensor>(*b_ih + *b_hh) : b_ih ? b_ih : b_hh;
-  Tensor gates = gemm::mm(x, w_ih.t(), bias);
+  Tensor gates = gemm::mm(x, w_ih.t(), bias).contiguous();  // (its rows are read by pointer)
   Tensor out = at::empty({N, P}, x.options()), cs = at::empty({N, H}, x.options()), hs = at::empty({N, H}, x.options());
   Tensor h = h0.clone(), c = c0.clone();
   AT_DISPATCH_FLOATING_TYPES(dt, "seqfast::lstm_proj_layer_forward", [&] {
@@ -149,7 +149,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_proj_lay
   const Operands a(fn, x_, h0_, c0_, w_ih_, w_hh_, w_hr_);
   const Tensor &x = a.x, &h0 = a.h0, &c0 = a.c0, &w_ih = a.w_ih, &w_hh = a.w_hh, &w_hr = a.w_hr;
   const auto dt = a.dt;
-  const int64_t N = a.N, I = a.I, B = a.B, H = a.H, P = a.P;
+  const int64_t N = a.N, B = a.B, H = a.H, P = a.P;
   const Tensor grad_out = need(fn, "grad_out", grad_out_, {N, P}, dt);
   const Tensor grad_hn = need(fn, "grad_hn", grad_hn_, {B, P}, dt), grad_cn = need(fn, "grad_cn", grad_cn_, {B, H}, dt);
   const Tensor out = need(fn, "out", out_, {N, P}, dt), gates = need(fn, "gates", gates_, {N, 4 * H}, dt);
