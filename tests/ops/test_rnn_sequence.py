@@ -1,5 +1,6 @@
-"""seqfast::lstm_layer / gru_layer / rnn_layer: every backend's kernels against the reference, forward and backward,
-padded and packed, both directions, and each internal Triton path forced by its launcher argument."""
+"""seqfast::lstm_layer / gru_layer / rnn_layer (and lstm_proj_layer, C++ only): every backend's kernels against the
+reference, forward and backward, padded and packed, both directions, and each internal Triton path forced by its
+launcher argument."""
 import pytest
 import torch
 
@@ -85,3 +86,28 @@ def test_cpp_layer_paths_match_reference(kind, path):
         with forced_cpp_path(path):
             check_op(op, "cpp", torch.float32, _args(kind, layout, 5, 6, True), n_out=n_out, backward_args=bwd,
                      n_grads=n_grads, grad_scale=4.0)
+
+
+def _proj_args(layout, I, H, P, reverse, bias=True):
+    bs = torch.tensor(LAYOUTS[layout], dtype=torch.int64)
+    N, B = int(bs.sum()), int(bs[0])
+    w = (torch.randn(4 * H, I) * 0.4, torch.randn(4 * H, P) * 0.4)
+    b = (torch.randn(4 * H), torch.randn(4 * H)) if bias else (None, None)
+    return (torch.randn(N, I), bs, torch.randn(B, P), torch.randn(B, H), *w, *b, torch.randn(P, H) * 0.4, reverse)
+
+
+def _proj_bwd(args, out, grads):
+    x, bs, h0, c0, w_ih, w_hh = args[:6]
+    o, hn, cn, gates, cs, hs = out
+    return (*grads[:3], x, bs, h0, c0, w_ih, w_hh, args[8], o, gates, cs, hs, args[-1])
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_proj_layer_kernels_match_reference(dtype, layout, reverse, bias):
+    """The C++ projected LSTM layer: outputs (out, hn, cn) and all seven gradients (dx, dh0, dc0, dW_ih, dW_hh, db,
+    dW_hr)."""
+    check_op(ops.lstm_proj_layer, "cpp", dtype, _proj_args(layout, 5, 6, 3, reverse, bias), n_out=3,
+             backward_args=_proj_bwd, n_grads=7, grad_scale=4.0)
