@@ -59,3 +59,29 @@ def test_saved_operands_as_torchs(kind, frozen, edit, inference, x_grad, h0_grad
             assert (a is None) == (b is None)
             if a is not None:
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("kind", ["GRU", "RNN", "LSTM-proj", "LSTM-float64"])
+def test_one_step_without_state_does_not_keep_weight_hh(kind, packed, backend):
+    """A one-step sequence from a zero state: no gradient goes through a state, so torch's per-step graph keeps no
+    W_hh, and changing it in place after the forward leaves the backward as it was (the layer ops keep W_hh aside
+    there). torch's float32 LSTM (oneDNN) keeps it and raises, hence float64 / a projection for the LSTM here."""
+    dtype = torch.float64 if kind == "LSTM-float64" else torch.float32
+    name = kind.split("-")[0]
+    kw = dict(proj_size=2) if kind == "LSTM-proj" else {}
+    grads = []
+    for lib in (torch.nn, seqfast.nn):
+        torch.manual_seed(0)
+        m = getattr(lib, name)(3, 4, **kw).to(dtype)
+        x = torch.randn(1, 2, 3, dtype=dtype, requires_grad=True)
+        inp = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([1, 1])) if packed else x
+        with seqfast.use_backend(backend):
+            out = m(inp)[0]
+        loss = (out.data if packed else out).sum()
+        with torch.no_grad():
+            m.weight_hh_l0.mul_(0.5)
+        grads.append(torch.autograd.grad(loss, [x, m.weight_ih_l0]))
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want)

@@ -42,16 +42,22 @@ def _lstm_bwd_fake(g_out, g_hn, g_cn, x, batch_sizes, h0, c0, w_ih, w_hh, out, g
             torch.empty_like(w_hh), w_ih.new_empty(w_ih.shape[0]))
 
 
+def _through_states(batch_sizes, h0):
+    """Whether a layer's backward sends a gradient through a state, so reads W_hh's values: a second step, or h0
+    wanting one (at one step from a state without gradients torch's per-step graph keeps no W_hh)."""
+    return batch_sizes.shape[0] > 1 or h0.requires_grad
+
+
 # What each layer's backward reads, as torch's own layers save it (seqfast.ops.fused_op.keep_for_backward): x for
 # W_ih's gradient, h0 for W_hh's (and, for the GRU, its update gate's: a copy where W_hh is frozen, since torch's
-# cell keeps h - n there, not h), c0 wherever the gates need a gradient, W_ih for x's gradient; W_hh, the outputs
-# and the workspaces always.
+# cell keeps h - n there, not h), c0 wherever the gates need a gradient, W_ih for x's gradient, W_hh wherever a
+# gradient goes through a state (_through_states); the outputs and the workspaces always.
 def _lstm_save(ctx, inputs, output):
     x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse = inputs
     out, hn, cn, gates, cs = output
     keep_for_backward(ctx, (x, batch_sizes, h0, c0, w_ih, w_hh, out, gates, cs),
                       (w_ih.requires_grad, True, w_hh.requires_grad, any_requires_grad(x, h0, w_ih, w_hh, b_ih, b_hh),
-                       x.requires_grad, True, True, True, True))
+                       x.requires_grad, _through_states(batch_sizes, h0), True, True, True))
     ctx.bias, ctx.reverse = (b_ih is not None, b_hh is not None), reverse
 
 
@@ -88,15 +94,14 @@ def _lstm_proj_bwd_fake(g_out, g_hn, g_cn, x, batch_sizes, h0, c0, w_ih, w_hh, w
             torch.empty_like(w_hh), w_ih.new_empty(w_ih.shape[0]), torch.empty_like(w_hr))
 
 
-# As _lstm_save, and W_hr (always: the projection's input gradient) and the unprojected h (W_hr's gradient). W_hh's
-# values only where a gradient flows through a state (a second step, or h0 wanting one), as torch's per-step graph.
+# As _lstm_save, and W_hr (always: the projection's input gradient) and the unprojected h (W_hr's gradient).
 def _lstm_proj_save(ctx, inputs, output):
     x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse = inputs
     out, hn, cn, gates, cs, hs = output
     keep_for_backward(ctx, (x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates, cs, hs),
                       (w_ih.requires_grad, True, w_hh.requires_grad,
                        any_requires_grad(x, h0, w_ih, w_hh, b_ih, b_hh, w_hr), x.requires_grad,
-                       batch_sizes.shape[0] > 1 or h0.requires_grad, True, True, True, True, True))
+                       _through_states(batch_sizes, h0), True, True, True, True, True))
     ctx.bias, ctx.reverse = (b_ih is not None, b_hh is not None), reverse
 
 
@@ -136,7 +141,7 @@ def _gru_save(ctx, inputs, output):
     x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse = inputs
     out, hn, ws = output
     keep_for_backward(ctx, (x, batch_sizes, h0 if w_hh.requires_grad else h0.clone(), w_ih, w_hh, out, ws),
-                      (w_ih.requires_grad, True, True, x.requires_grad, True, True, True))
+                      (w_ih.requires_grad, True, True, x.requires_grad, _through_states(batch_sizes, h0), True, True))
     ctx.bias, ctx.reverse = (b_ih is not None, b_hh is not None), reverse
 
 
@@ -174,7 +179,8 @@ def _rnn_bwd_fake(g_out, g_hn, x, batch_sizes, h0, w_ih, w_hh, out, relu, revers
 def _rnn_save(ctx, inputs, output):
     x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, relu, reverse = inputs
     keep_for_backward(ctx, (x, batch_sizes, h0, w_ih, w_hh, output[0]),
-                      (w_ih.requires_grad, True, w_hh.requires_grad, x.requires_grad, True, True))
+                      (w_ih.requires_grad, True, w_hh.requires_grad, x.requires_grad, _through_states(batch_sizes, h0),
+                       True))
     ctx.bias, ctx.relu, ctx.reverse = (b_ih is not None, b_hh is not None), relu, reverse
 
 
