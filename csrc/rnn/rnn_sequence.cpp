@@ -23,6 +23,7 @@
 #include "rnn/rnn_args.h"
 #include "rnn/rnn_pointwise.h"
 #include "rnn/rnn_sequence_lstm_step.h"
+#include "rnn/rnn_sequence_shared.h"
 #include "rnn/rnn_sequence_step_bf16.h"
 #include "cpu/block_pool.h"
 #include "cpu/block_share.h"
@@ -47,52 +48,11 @@ namespace seqfast {
 namespace {
 
 using kern::kMaxSmallB;
-
-// Step schedule derived from batch_sizes.
-struct Steps {
-  int64_t T = 0;
-  std::vector<int64_t> bs, off;
-  bool reverse = false;
-  // padded input: T steps of B rows each
-  Steps(int64_t steps, int64_t B, bool rev) : T(steps), bs(steps, B), off(steps), reverse(rev) {
-    for (int64_t t = 0; t < T; ++t) off[t] = t * B;
-  }
-  Steps(const Tensor& batch_sizes, bool rev) : reverse(rev) {
-    Tensor b = batch_sizes.to(at::kLong).contiguous();
-    T = b.numel();
-    bs.resize(T);
-    off.resize(T);
-    const int64_t* p = b.const_data_ptr<int64_t>();
-    int64_t o = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      bs[t] = p[t];
-      off[t] = o;
-      o += p[t];
-    }
-  }
-  // t of the p-th processed step
-  int64_t at(int64_t p) const { return reverse ? T - 1 - p : p; }
-  // Previous processed step of time t, or -1.
-  int64_t prev(int64_t t) const {
-    if (reverse) return t + 1 < T ? t + 1 : -1;
-    return t - 1;
-  }
-  // Number of rows of step t whose previous state is a row of the previous processed step (the rest read h0).
-  int64_t n_from_prev(int64_t t) const {
-    const int64_t tp = prev(t);
-    return tp < 0 ? 0 : std::min(bs[t], bs[tp]);
-  }
-  // Time of the last processed step of batch row b, or -1 if the row is never active.
-  int64_t last_step(int64_t b) const {
-    if (T == 0 || bs[0] <= b) return -1;
-    if (reverse) return 0;
-    int64_t len = 0;
-    while (len < T && bs[len] > b) ++len;
-    return len - 1;
-  }
-};
-
-inline bool has(const OptTensor& b) { return b.has_value() && b->defined(); }
+using seq::gather_prev;
+using seq::has;
+using seq::prev_row;
+using seq::Steps;
+using seq::summed_bias;
 
 // 2-D a @ b through the GEMM entry point (cpu/gemm.h); transposed views cost no copy.
 inline Tensor gemm(const Tensor& a, const Tensor& b, const Tensor* bias = nullptr) {
@@ -107,14 +67,6 @@ Tensor proj_bf16(const Tensor& x, const Tensor& w, const Tensor& bias_f32) {
   Tensor r = at::mm(x, w.t()).to(at::kFloat);
   if (bias_f32.defined()) r.add_(bias_f32);
   return r;
-}
-
-// Pointers to the previous-state rows of step t: rows [0, nprev) of the previous step in `buf`, the rest from init.
-template <typename T>
-inline const T* prev_row(const Steps& s, int64_t t, int64_t b, const T* buf, const T* init, int64_t H) {
-  const int64_t tp = s.prev(t);
-  if (tp >= 0 && b < s.bs[tp]) return buf + (s.off[tp] + b) * H;
-  return init + b * H;
 }
 
 // Recurrent GEMM for step t (gemm::linear_out): dst[0:bs] (+)= hprev[0:bs] @ w^T, hprev split into the contiguous block
@@ -163,22 +115,6 @@ inline void mirror(const LowP* lp, const Tensor& out, int64_t off, int64_t bs) {
   if (lp) lp->out.narrow(0, off, bs).copy_(out.narrow(0, off, bs));
 }
 
-// [N,H] matrix of the previous state of every row (for dW_hh = dgates^T @ Hprev as one GEMM).
-Tensor gather_prev(const Steps& s, const Tensor& buf, const Tensor& init) {
-  const int64_t H = buf.size(1);
-  Tensor out = at::empty_like(buf);
-  const int64_t es = buf.element_size();
-  const char* bp = static_cast<const char*>(buf.const_data_ptr());
-  const char* ip = static_cast<const char*>(init.const_data_ptr());
-  char* op = static_cast<char*>(out.data_ptr());
-  for (int64_t t = 0; t < s.T; ++t) {
-    const int64_t np = s.n_from_prev(t), tp = s.prev(t), bs = s.bs[t];
-    if (np > 0) std::memcpy(op + s.off[t] * H * es, bp + s.off[tp] * H * es, np * H * es);
-    if (bs > np) std::memcpy(op + (s.off[t] + np) * H * es, ip + np * H * es, (bs - np) * H * es);
-  }
-  return out;
-}
-
 // Final state of each row: its output at its last processed step, or init when never active (init contiguous, of
 // buf's dtype).
 Tensor gather_last(const Steps& s, const Tensor& buf, const Tensor& init) {
@@ -193,22 +129,6 @@ Tensor gather_last(const Steps& s, const Tensor& buf, const Tensor& init) {
     std::memcpy(op + b * H * es, t >= 0 ? bp + (s.off[t] + b) * H * es : ip + b * H * es, H * es);
   }
   return out;
-}
-
-// b_ih + b_hh (either may be absent: undefined when both are) in dtype `dt`. Same-dtype biases are summed in one
-// loop rather than by ATen's add, whose dispatch costs about as much as a batch-1 step.
-Tensor summed_bias(const OptTensor& b_ih, const OptTensor& b_hh, at::ScalarType dt) {
-  if (!has(b_ih) || !has(b_hh)) return has(b_ih) ? b_ih->to(dt) : has(b_hh) ? b_hh->to(dt) : Tensor();
-  if (b_ih->scalar_type() != dt || b_hh->scalar_type() != dt || !b_ih->is_contiguous() || !b_hh->is_contiguous())
-    return b_ih->to(dt) + b_hh->to(dt);
-  Tensor sum = at::empty(b_ih->sizes(), b_ih->options());
-  AT_DISPATCH_FLOATING_TYPES(dt, "seqfast::summed_bias", [&] {
-    const scalar_t* a = b_ih->const_data_ptr<scalar_t>();
-    const scalar_t* b = b_hh->const_data_ptr<scalar_t>();
-    scalar_t* o = sum.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < sum.numel(); ++i) o[i] = a[i] + b[i];
-  });
-  return sum;
 }
 
 // ---- Fused time loop (one parallel region per sequence) ----

@@ -9,6 +9,7 @@
 #include "rnn/rnn.h"
 #include "rnn/rnn_args.h"
 #include "rnn/rnn_pointwise.h"
+#include "rnn/rnn_sequence_shared.h"
 #include "cpu/gemm.h"
 #include "cpu/sgemm_wt.h"
 
@@ -22,41 +23,9 @@ using rnn_args::kAny;
 using rnn_args::need;
 using rnn_args::need_batch_sizes;
 using rnn_args::need_opt;
-
-// (first row, rows) of every step t, and the order the forward visits them.
-struct Steps {
-  std::vector<int64_t> off, bs;
-  bool reverse;
-  Steps(const Tensor& batch_sizes, bool rev) : reverse(rev) {
-    const int64_t T = batch_sizes.numel();
-    const int64_t* p = batch_sizes.const_data_ptr<int64_t>();
-    int64_t o = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      off.push_back(o);
-      bs.push_back(p[t]);
-      o += p[t];
-    }
-  }
-  int64_t T() const { return int64_t(bs.size()); }
-  // the t of the forward's s-th step
-  int64_t at(int64_t s) const { return reverse ? T() - 1 - s : s; }
-};
-
-// prev[rows of step t] = the state that step started from: the rows the step before carried (its output rows), the
-// rest (rows that start at this step: a reversed packed sequence) from s0. -> [N, width]
-Tensor previous_states(const Steps& st, const Tensor& rows, const Tensor& s0) {
-  Tensor prev = at::empty({rows.size(0), s0.size(1)}, rows.options());
-  int64_t last_off = -1, last_bs = 0;
-  for (int64_t s = 0; s < st.T(); ++s) {
-    const int64_t t = st.at(s), off = st.off[t], bs = st.bs[t];
-    const int64_t carried = last_off < 0 ? 0 : std::min(bs, last_bs);
-    if (carried) prev.narrow(0, off, carried).copy_(rows.narrow(0, last_off, carried));
-    if (bs > carried) prev.narrow(0, off + carried, bs - carried).copy_(s0.narrow(0, carried, bs - carried));
-    last_off = off;
-    last_bs = bs;
-  }
-  return prev;
-}
+using seq::gather_prev;
+using seq::prev_row;
+using seq::Steps;
 
 // The operands both entries take, checked (rnn_args: RuntimeError naming the argument) and contiguous.
 struct Operands {
@@ -112,13 +81,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_proj_layer_forwa
   kern::check_cpu();
   const Steps st(batch_sizes, reverse);
   // the input projection of every step in one GEMM, both biases folded in
-  const std::optional<Tensor> bias = b_ih && b_hh ? std::optional<Tensor>(*b_ih + *b_hh) : b_ih ? b_ih : b_hh;
-  Tensor gates = gemm::mm(x, w_ih.t(), bias).contiguous();  // (its rows are read by pointer)
+  const Tensor bias = seq::summed_bias(b_ih, b_hh, dt);
+  Tensor gates = gemm::mm(x, w_ih.t(), bias.defined() ? OptTensor(bias) : OptTensor()).contiguous();  // rows by pointer
   Tensor out = at::empty({N, P}, x.options()), cs = at::empty({N, H}, x.options()), hs = at::empty({N, H}, x.options());
   Tensor h = h0.clone(), c = c0.clone();
   AT_DISPATCH_FLOATING_TYPES(dt, "seqfast::lstm_proj_layer_forward", [&] {
     using T = scalar_t;
-    for (int64_t s = 0; s < st.T(); ++s) {
+    for (int64_t s = 0; s < st.T; ++s) {
       const int64_t t = st.at(s), off = st.off[t], bs = st.bs[t];
       if (bs == 0) continue;
       Tensor g = gates.narrow(0, off, bs);
@@ -157,13 +126,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_proj_lay
   const Tensor batch_sizes = need_batch_sizes(fn, batch_sizes_, B, N);
   kern::check_cpu();
   const Steps st(batch_sizes, reverse);
-  // the cell each step started from (its backward reads it), and the state for W_hh's gradient
-  const Tensor c_prev = previous_states(st, cs, c0);
   Tensor dr = grad_hn.clone(), dc = grad_cn.clone();  // running gradients of the state rows
   Tensor dgates = at::empty({N, 4 * H}, x.options()), dout = at::empty({N, P}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "seqfast::lstm_proj_layer_backward", [&] {
     using T = scalar_t;
-    for (int64_t s = st.T() - 1; s >= 0; --s) {  // the forward's steps, last first
+    for (int64_t s = st.T - 1; s >= 0; --s) {  // the forward's steps, last first
       const int64_t t = st.at(s), off = st.off[t], bs = st.bs[t];
       if (bs == 0) continue;
       // the gradient of this step's projected output: from later steps (dr) and from the layer's output
@@ -172,15 +139,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_proj_lay
       // (products with the weights row-major: gemm::mm was the fastest entry at 8-64 rows, 1.0-2.0x matmul_out)
       const Tensor dht = gemm::mm(drt, w_hr).contiguous();  // through the projection (rows read by pointer)
       const T* gp = gates.const_data_ptr<T>() + off * 4 * H;
-      const T* cpp = c_prev.const_data_ptr<T>() + off * H;
-      const T* cyp = cs.const_data_ptr<T>() + off * H;
+      const T* csp = cs.const_data_ptr<T>();
+      const T* c0p = c0.const_data_ptr<T>();
+      const T* cyp = csp + off * H;
       const T* dhp = dht.const_data_ptr<T>();
       T* dcp = dc.data_ptr<T>();
       T* dgp = dgates.data_ptr<T>() + off * 4 * H;
       kern::par_rows(bs, 8 * H, [&](int64_t r0, int64_t r1) {
         for (int64_t b = r0; b < r1; ++b)
-          kern::lstm_bwd_row<T>(gp + b * 4 * H, cpp + b * H, cyp + b * H, dhp + b * H, nullptr, dcp + b * H,
-                                dgp + b * 4 * H, dcp + b * H, H, 0, H);
+          kern::lstm_bwd_row<T>(gp + b * 4 * H, prev_row(st, t, b, csp, c0p, H), cyp + b * H, dhp + b * H, nullptr,
+                                dcp + b * H, dgp + b * 4 * H, dcp + b * H, H, 0, H);  // (the cell it started from)
       });
       dr.narrow(0, 0, bs).copy_(gemm::mm(dgates.narrow(0, off, bs), w_hh));  // to the state this step started from
     }
@@ -188,7 +156,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_proj_lay
   // rows a reversed packed sequence starts late keep their h0 / c0 gradient in dr / dc from their first step on
   Tensor dx = need_dx ? gemm::mm(dgates, w_ih) : Tensor();
   Tensor dw_ih = need_dw_ih ? gemm::mm(dgates.t(), x) : Tensor();
-  Tensor dw_hh = need_dw_hh ? gemm::mm(dgates.t(), previous_states(st, out, h0)) : Tensor();
+  Tensor dw_hh = need_dw_hh ? gemm::mm(dgates.t(), gather_prev(st, out, h0)) : Tensor();
   Tensor dw_hr = need_dw_hr ? gemm::mm(dout.t(), hs) : Tensor();
   return {dx, dr, dc, dw_ih, dw_hh, dgates.sum(0), dw_hr};
 }
