@@ -76,18 +76,9 @@ def lstm_proj_layer_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr
 def lstm_proj_layer_backward(grad_out, grad_hn, grad_cn, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates, cs,
                              hs, reverse):
     """lstm_proj_layer_forward's gradients: (dx, dh0, dc0, dw_ih, dw_hh, db [4H], dw_hr); db is the gradient of b_ih
-    and of b_hh alike. As lstm_layer_backward, with each step's output gradient taken through the projection."""
-    dr, dc = grad_hn.clone(), grad_cn.clone()
-    dgates, dout = torch.empty_like(gates), torch.empty_like(out)
-    c_prev = _prev_states(cs, c0, batch_sizes, reverse)
-    for t, off, bs in reversed(_steps(batch_sizes, reverse)):
-        rows = slice(off, off + bs)
-        dout[rows] = dr[:bs] + grad_out[rows]
-        dg, dc[:bs] = lstm_gate_grads(dout[rows] @ w_hr, dc[:bs], c_prev[rows], gates[rows], cs[rows])
-        dr[:bs] = dg @ w_hh
-        dgates[rows] = dg
-    h_prev = _prev_states(out, h0, batch_sizes, reverse)
-    return dgates @ w_ih, dr, dc, dgates.t() @ x, dgates.t() @ h_prev, dgates.sum(0), dout.t() @ hs
+    and of b_hh alike."""
+    return lstm_layer_backward(grad_out, grad_hn, grad_cn, x, batch_sizes, h0, c0, w_ih, w_hh, out, gates, cs, reverse,
+                               w_hr=w_hr, hs=hs)
 
 
 def gru_layer_forward(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse):
@@ -121,17 +112,23 @@ def _cat(pieces, kind, index, like, width=None):
     return torch.cat([p[kind][index] for p in pieces])
 
 
-def lstm_layer_backward(grad_out, grad_hn, grad_cn, x, batch_sizes, h0, c0, w_ih, w_hh, out, gates, cs, reverse):
+def lstm_layer_backward(grad_out, grad_hn, grad_cn, x, batch_sizes, h0, c0, w_ih, w_hh, out, gates, cs, reverse,
+                        w_hr=None, hs=None):
+    """(dx, dh0, dc0, dw_ih, dw_hh, db); with the projection w_hr (and the unprojected h of each step, hs), each step's
+    output gradient goes through it to the cell, and dw_hr comes last."""
     dh, dc = grad_hn.clone(), grad_cn.clone()
-    dgates = torch.empty_like(gates)
+    dgates, dout = torch.empty_like(gates), torch.empty_like(out)
     c_prev = _prev_states(cs, c0, batch_sizes, reverse)
     for t, off, bs in reversed(_steps(batch_sizes, reverse)):
         rows = slice(off, off + bs)
-        dg, dc[:bs] = lstm_gate_grads(dh[:bs] + grad_out[rows], dc[:bs], c_prev[rows], gates[rows], cs[rows])
+        dout[rows] = dh[:bs] + grad_out[rows]
+        dg, dc[:bs] = lstm_gate_grads(dout[rows] if w_hr is None else dout[rows] @ w_hr, dc[:bs], c_prev[rows],
+                                      gates[rows], cs[rows])
         dh[:bs] = dg @ w_hh
         dgates[rows] = dg
     h_prev = _prev_states(out, h0, batch_sizes, reverse)
-    return dgates @ w_ih, dh, dc, dgates.t() @ x, dgates.t() @ h_prev, dgates.sum(0)
+    grads = dgates @ w_ih, dh, dc, dgates.t() @ x, dgates.t() @ h_prev, dgates.sum(0)
+    return grads if w_hr is None else grads + (dout.t() @ hs,)
 
 
 def gru_layer_backward(grad_out, grad_hn, x, batch_sizes, h0, w_ih, w_hh, out, ws, reverse):
