@@ -2,8 +2,8 @@
 
     cpu  -> "cpp"     (seqfast._C)
     cuda -> "triton"  (seqfast.kernels)
-    where seqfast has no kernel for a case (device, dtype, CPU ISA, a missing extension, a feature such as LSTM
-    proj_size or attention dropout) -> "torch": torch's own op (torch._VF.lstm, torch.lstm_cell,
+    where seqfast has no kernel for a case (device, dtype, CPU ISA, a missing extension, a feature such as
+    attention dropout) -> "torch": torch's own op (torch._VF.lstm, torch.lstm_cell,
     F.scaled_dot_product_attention, ...), never a Python time loop.
 
 Override with the environment variable SEQFAST_BACKEND=reference|cpp|triton|torch (read at import) or, scoped,
@@ -100,6 +100,6 @@ def use_torch_op(kernel_backend):
 
 
 def use_torch_for_feature():
-    """Whether a feature no seqfast kernel implements (LSTM proj_size, attention dropout, a mask that needs a
-    gradient) runs torch's own op: always, unless the reference is forced (then seqfast's plain PyTorch oracle)."""
+    """Whether a feature no seqfast kernel implements (attention dropout, a mask that needs a gradient) runs torch's
+    own op: always, unless the reference is forced (then seqfast's plain PyTorch oracle)."""
     return forced_backend() != "reference"
