@@ -65,7 +65,9 @@ def test_partial_requires_grad(wants):
     ref.square().sum().backward()
     for t, g in zip((x, w, b), got):
         if t.requires_grad:
-            torch.testing.assert_close(g, t.grad, **TOL[torch.float32])
+            # the weight's gradient sums 1500 rows: float32 rounding scales with its largest entries (~1e4), so an
+            # entry that cancels to ~1 is compared at that scale, not at its own
+            torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-5 * float(t.grad.abs().max()))
         else:
             assert g is None and t.grad is None
 

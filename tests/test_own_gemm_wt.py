@@ -96,8 +96,10 @@ def test_cell_step_with_streamed_weights(cell):
     x = torch.randn(8, input_size, dtype=torch.float64)
     with torch.no_grad():
         want, got = ref(x), mod(x.float())
+    # float32 rounding in a product of input_size terms grows with input_size (a 480 MB L3 makes it ~10^6 terms)
+    tol = max(1e-4, 2e-9 * input_size)
     for w_, g_ in zip(want if cell == "LSTMCell" else [want], got if cell == "LSTMCell" else [got]):
-        torch.testing.assert_close(g_.double(), w_, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(g_.double(), w_, rtol=tol, atol=tol)
 
 
 def test_gemm_wt_errors():
