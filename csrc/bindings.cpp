@@ -26,6 +26,7 @@ py::dict config_dict() {
   const seqfast::cpu::Config& c = seqfast::cpu::config();
   py::dict d;
   d["own_gemm"] = c.own_gemm;
+  d["blas_native"] = c.blas_native;
   d["fused"] = c.fused;
   d["mkl_pack"] = c.mkl_pack;
   d["avx2_lstm_step"] = c.avx2_lstm_step;
@@ -60,6 +61,7 @@ py::dict set_config(const py::kwargs& kw) {
     const std::string k = py::cast<std::string>(item.first);
     const py::handle v = item.second;
     if (k == "own_gemm") c.own_gemm = py::cast<bool>(v);
+    else if (k == "blas_native") c.blas_native = py::cast<int64_t>(v);
     else if (k == "fused") c.fused = py::cast<bool>(v);
     else if (k == "mkl_pack") c.mkl_pack = py::cast<bool>(v);
     else if (k == "avx2_lstm_step") c.avx2_lstm_step = py::cast<bool>(v);
@@ -139,6 +141,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether bfloat16 SDPA (but the forward decoder step) computes in float32 on upcast copies here");
   m.def("lstm_input_first", &seqfast::lstm_input_first, py::arg("rows"), py::arg("input_size"), py::arg("hidden_size"),
         py::arg("units"));
+  m.def("lstm_step_yields", &seqfast::lstm_step_yields, py::arg("rows"), py::arg("input_size"), py::arg("hidden_size"),
+        py::arg("units"));
+  m.def("blas_native", &seqfast::gemm::blas_native, "whether the BLAS takes the products it runs faster here");
   // metadata only, microseconds: the GIL stays held (releasing it would cost more than the check)
   m.def("check_cell_args", &seqfast::check_cell_args, "seqfast.functional's cell checks (torch's errors)");
   // The GEMM entry point (cpu/gemm.h), bound for its parity tests.

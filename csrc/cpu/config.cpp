@@ -18,6 +18,7 @@ bool env_set(const char* name) { return std::getenv(name) != nullptr; }
 Config from_env() {
   Config c;
   c.own_gemm = !env_set("SEQFAST_CPU_NO_OWN_GEMM");
+  c.blas_native = env_int("SEQFAST_CPU_BLAS_NATIVE", c.blas_native);
   c.fused = !env_set("SEQFAST_CPU_NO_FUSED");
   c.mkl_pack = !env_set("SEQFAST_CPU_NO_PACK");
   c.avx2_lstm_step = !env_set("SEQFAST_CPU_NO_AVX2_LSTM_STEP");

@@ -16,6 +16,9 @@ struct Config {
   // SEQFAST_CPU_NO_OWN_GEMM unset: the own AVX-512 GEMM and the other AVX-512 kernels (fused LSTM step, attention
   // blocks) run on CPUs that have AVX-512; false forces the BLAS / AVX2 paths everywhere.
   bool own_gemm = true;
+  // SEQFAST_CPU_BLAS_NATIVE=0|1 forces gemm.cpp's blas_native (whether the BLAS runs its own AVX-512 kernels here,
+  // so that it takes the products it computes faster than the own GEMM); -1 (unset): from the CPU's vendor.
+  int64_t blas_native = -1;
   // SEQFAST_CPU_NO_FUSED unset: RNN sequences run their time loop in one parallel region (see rnn_sequence.cpp).
   bool fused = true;
   // SEQFAST_CPU_NO_PACK unset: the fused loops pack W_hh slices once with MKL's packed GEMM (no own GEMM).

@@ -88,6 +88,23 @@ BlasArgs blas_args(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t ld
 // (sgemm.h) keeps what it owns: see nt_in_regions and kMinOwnRows.
 bool nt_available() { return sgemm_nt::available(); }
 
+// (gemm.h) MKL, the BLAS of torch's x86 wheels, runs its own AVX-512 kernels on Intel CPUs (cpu::is_intel), where the
+// measurements below, made against MKL's generic path on AMD EPYCs, do not hold. config().blas_native forces the answer
+// either way (tests, A/B). There the BLAS takes every product with a row-major B (the backward's dx = dgates @ W and
+// weight gradients dW = dgates^T @ x) and products A @ W^T from kBlasMinRows rows; the own forms keep the products A @
+// W^T of fewer rows (the steps' gate products). Measured on an Intel Xeon (family 6 model 167, AVX-512 + AMX, 2
+// threads; mm_f32 with the own kernels / torch.mm, GFLOP/s, M x K x N): dx 8x4096x1024 69 / 98, 32x2048x512 167 / 230,
+// 256x4096x1024 254 / 309 (2x1024x256 89 / 49 the exception); dW 4096x1x1024 12 / 26, 4096x8x1024 105 / 166,
+// 2048x32x512 242 / 346, 4096x1024x1024 278 / 329; A @ W^T at K 512-1024, N 2048-4096, M 512-2048 259-289 / 303-357,
+// against M 8 181 / 72 (the broadcast form), M 16 229 / 121, M 64 288 / 234, M 128 302 / 279, M 256 283 / 285 (K 1024,
+// N 4096). Module A/B (own / BLAS choice), LSTMCell B8 H1024 training step 10.5 / 8.1 ms, LSTM T32 B32 H1024 no-grad
+// 72.2 / 64.3 ms (torch's op).
+bool blas_native() {
+  const int64_t forced = cpu::config().blas_native;
+  if (forced >= 0) return forced > 0 && sgemm_ != nullptr;
+  return sgemm_ != nullptr && cpu::has_avx512() && cpu::is_intel();
+}
+
 namespace {
 // Rows from which a product runs on the own AVX-512 GEMM (sgemm.h), B packed per call, where the CPU has it: packing
 // costs about as much per element as ~50 multiply-adds, and each packed element serves M rows. Zen 5 (AMD EPYC family
@@ -104,8 +121,12 @@ namespace {
 // from 32 (moving them to the AVX2 packing kernel read bfloat16 LSTMCell B32 H128 0.91-0.97x torch in two sweeps,
 // 1.05-1.14x before), and so do products A @ B (K = 0 here: 32x2048x512 358 GFLOP/s against the AVX2 kernel's 225).
 constexpr int64_t kMinOwnRows = 32;
+
+constexpr int64_t kBlasMinRows = 512;
+inline bool blas_rows(int64_t M) { return M >= kBlasMinRows && blas_native(); }
+
 inline bool own_rows(int64_t M, int64_t K = 0) {
-  return sgemm::available() && M >= kMinOwnRows && (M >= 2 * kMinOwnRows || K == 0 || 4 * M >= K);
+  return sgemm::available() && M >= kMinOwnRows && (M >= 2 * kMinOwnRows || K == 0 || 4 * M >= K) && !blas_rows(M);
 }
 }  // namespace
 
@@ -131,7 +152,7 @@ inline bool nt_prefers(int64_t M, int64_t K) { return K >= 256 ? M < 2 * K : M <
 // calls (cm, inside a region) keep nt_prefers: there BLAS does not thread, and at K = 64 it matched or beat the own
 // kernel (64x64x64 9.8 against 10.7 us, 128x128x64 27.4 against 38.9).
 inline bool nt_prefers_team(int64_t M, int64_t N, int64_t K) {
-  return nt_prefers(M, K) || (K >= 64 && M * N * K <= (int64_t(1) << 20));
+  return (nt_prefers(M, K) || (K >= 64 && M * N * K <= (int64_t(1) << 20))) && !blas_rows(M);
 }
 
 // Whether an A [M, K] @ W^T product split over the team should run the outer-product kernel packing W as it goes
@@ -142,7 +163,9 @@ inline bool nt_prefers_team(int64_t M, int64_t N, int64_t K) {
 // 118 / 150 / 152, M 2048 178 / 156 / 190; K 1024: M 128 105 / 158 / 151, M 256 132 / 154 / 164. At K 512 dot and
 // pack tied from M 128 (154-173 against 159-170).
 // Measured from K 64; shorter rows (an outer product, K 1: a batch-1 weight gradient through mm) keep BLAS.
-inline bool ntp_prefers(int64_t M, int64_t K) { return M >= 32 && K >= 64 && 4 * M >= K && cpu::config().avx2_pack; }
+inline bool ntp_prefers(int64_t M, int64_t K) {
+  return M >= 32 && K >= 64 && 4 * M >= K && cpu::config().avx2_pack && !blas_rows(M);
+}
 
 // Whether the own AVX2 outer-product kernel (sgemm_nn.h) should take an A [M, K] @ B [K, N] product. Measured as
 // above: it won at M <= 32 (8x512x128 101 vs 56 GF/s, 16x256x1024 99 vs 73, 32x2048x512 139 vs 116: the backward's
@@ -155,7 +178,7 @@ inline bool ntp_prefers(int64_t M, int64_t K) { return M >= 32 && K >= 64 && 4 *
 // 56 / 189 us, 16x2048x512 146 / 300 us, 64x2048x512 587 / 746 us).
 inline bool blas_keeps_row(int64_t M) { return M == 1 && sgemm::available(); }
 inline bool nn_prefers(int64_t M, int64_t K, int64_t N) {
-  return M <= 32 && K * N <= (int64_t(1) << 21) && !blas_keeps_row(M);
+  return M <= 32 && K * N <= (int64_t(1) << 21) && !blas_keeps_row(M) && !blas_native();
 }
 
 // The same choice for a product split over the team (matmul_out, mm), re-measured after the remainder tiles' fix
@@ -169,7 +192,8 @@ inline bool nn_prefers(int64_t M, int64_t K, int64_t N) {
 // rows with a longer k (4096x256x1024 162 / 116 / 134). Module A/B (on / off, training step): RNNCell B64 H512
 // 1.14-1.22x, LSTMCell B8 H512 1.09-1.25x, GRUCell B16 H512 1.08x, LSTMCell B64 H512 1.06x, GRUCell B64 H1024 1.06x.
 inline bool nn_prefers_team(int64_t M, int64_t K, int64_t N) {
-  return !blas_keeps_row(M) && (nn_prefers(M, K, N) || ((M <= 64 || (K >= 2 && K <= 8)) && cpu::config().avx2_pack));
+  return !blas_keeps_row(M) && !blas_native() &&
+         (nn_prefers(M, K, N) || ((M <= 64 || (K >= 2 && K <= 8)) && cpu::config().avx2_pack));
 }
 // Among those, the packing form where many rows meet a wide B (its rows a long, often power-of-two stride apart):
 // 4096x8x1024 80 / 86 GFLOP/s; with few rows the copy is not repaid (8x4096x1024 88 / 53 GFLOP/s).
@@ -545,7 +569,8 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::
             c.data_ptr<float>(), N);
     return c;
   }
-  const bool own = f32 && own_rows(M);
+  // b row-major (not a weight's W^T view): the BLAS where it runs natively (blas_native)
+  const bool own = f32 && own_rows(M) && !(blas_native() && !(b.stride(0) == 1 && K > 1));
   if (!own) return has_bias ? at::addmm(*bias, a, b) : at::mm(a, b);
   const at::Tensor bc = own_bias();
   at::Tensor c = at::empty({M, N}, a.options());

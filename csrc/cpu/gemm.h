@@ -61,6 +61,10 @@ inline void mm_tn(int64_t m, int64_t n, int64_t k, A alpha, const T* a, int64_t 
 // The own AVX2 kernel takes float32 A @ W^T products here (sgemm_nt::available(): AVX2 + FMA), for the shapes where
 // it beat BLAS (gemm.cpp: nt_prefers).
 bool nt_available();
+// Whether the BLAS runs its own AVX-512 kernels on this CPU (MKL on Intel CPUs; config().blas_native forces it): there
+// it takes the products it computed faster than the own kernels (gemm.cpp says which), and the LSTM layer's fused
+// step yields to the GEMM loop where it would stream its weights from the L3 (rnn_sequence.cpp).
+bool blas_native();
 // ... and in the single-threaded entry (cm) and the sequence loops' choices: on CPUs without the AVX-512 GEMM only.
 bool nt_in_regions();
 

@@ -30,11 +30,16 @@ bool has_amx() {
   static const bool ok = __builtin_cpu_supports("amx-tile");
   return ok;
 }
+bool is_intel() {
+  static const bool ok = __builtin_cpu_is("intel");
+  return ok;
+}
 #else
 bool has_avx2_fma() { return false; }
 bool has_avx512() { return false; }
 bool has_avx512_bf16() { return false; }
 bool has_amx() { return false; }
+bool is_intel() { return false; }
 #endif
 
 namespace {

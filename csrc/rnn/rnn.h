@@ -35,6 +35,9 @@ bool one_step_as_cell(int64_t B);
 // H, threads owning `units` units each) starts from one input GEMM over all steps instead of doing x_t W_ih^T inside
 // each step (rnn_sequence.cpp, with the measurements). Bound for the tests.
 bool lstm_input_first(int64_t rows, int64_t I, int64_t H, int64_t units);
+// Whether such a layer call leaves the fused step for the GEMM loop instead (gemm::blas_native CPUs, rnn_sequence.cpp).
+// Bound for the tests.
+bool lstm_step_yields(int64_t rows, int64_t I, int64_t H, int64_t units);
 // -> (hy, cy, gates[B,4H] = activated [i f g o], saved for backward)
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& x, const Tensor& hx, const Tensor& cx,
                                                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,

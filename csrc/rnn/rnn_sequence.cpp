@@ -985,6 +985,21 @@ bool lstm_input_first(int64_t rows, int64_t I, int64_t H, int64_t units) {
   return (rows <= 8 && slices > cpu::l2_cache_bytes() / 2) || (rows <= 32 && all > cpu::l3_cache_bytes() / 4 * 3);
 }
 
+// Whether the LSTM layer leaves the fused step for the per-step path (one input GEMM, then per step the recurrent
+// product split over the team and the pointwise pass) on a CPU whose BLAS runs natively (gemm::blas_native: Intel):
+// from 8 to 64 rows, where a thread's packed slices outgrow twice its L2, the fused step re-reads them from the L3
+// every step, which an Intel core's share of its mesh L3 feeds more slowly than the EPYCs' L3 the step was tuned on.
+// Intel Xeon (family 6 model 167, 2 MB L2 per core), 2 threads, T32, torch's time over seqfast's, same process, 5-7
+// rounds. The fused step / the per-step path (config fused off), no grad: H1024 (16 MB of slices per thread) B4 1.33
+// / 1.45x, B8 0.92 / 1.06x, B16 0.85 / 1.15x, B32 0.92 / 1.07x, B64 0.93 / 1.03x; against B256 H1024 0.98 / 0.92x;
+// H512 (4 MB) B8 1.24 / 1.15x, B16 1.02 / 1.16x, B32 0.90 / 0.98x, B64 1.01 / 0.93x; H256 (1 MB) B8-256 1.05-1.15 /
+// 0.61-0.88x. With this rule / without it (blas_native forced off), H1024: B4 1.42 / 1.52x (so from 8 rows), B8
+// 1.05 / 0.95x, B16 1.09 / 0.87x, B32 0.99 / 0.84x, B64 1.02 / 0.96x; training B16 1.30 / 1.15x, B64 1.09 / 0.99x.
+bool lstm_step_yields(int64_t rows, int64_t I, int64_t H, int64_t units) {
+  const int64_t slices = int64_t(sizeof(float)) * lstm_step::pack_size(I + H, units);
+  return rows >= 8 && rows <= 64 && slices > 2 * cpu::l2_cache_bytes() && gemm::blas_native();
+}
+
 // ==================================================================================================================
 namespace {
 // save = false (inference): the gate workspace is not kept (returned empty) where the fused loop can avoid it.
@@ -1030,11 +1045,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
     // H1024 1.43 / 1.23x; from 12 rows, with the weights within the L3, the step's own product won (B16 H512 1.03 /
     // 1.13x, B64 H512 0.92 / 1.08x; the weights past the L3: lstm_input_first). 1-2 row batches always take that GEMM
     // first (at one row the step is a stream of the weights and W_ih would double it) and read W_hh in place, up to the
-    // hidden size small_step_threads allows.
+    // hidden size small_step_threads allows. Where the step yields (lstm_step_yields), the per-step path below runs
+    // the layer (the steps' products split over the team by gemm::linear_out).
+    int loop_nt = nt;
     if (std::is_same_v<scalar_t, float> && sgemm::available() && s.T > 0 && cpu::config().fused) {
       const bool small = s.bs[0] <= 2;
       const int n = small ? small_step_threads(H) : nt;
-      if (n) {
+      if (!small && n && lstm_step_yields(s.bs[0], x.size(1), H, (H + n - 1) / n)) loop_nt = 0;
+      if (n && loop_nt) {
         const Tensor xc = x.contiguous(), wc = w_ih.contiguous(), whc = w_hh.contiguous();
         const int64_t I = x.size(1), units = (H + n - 1) / n;
         const bool proj = small || (s.T >= 2 && lstm_input_first(s.bs[0], I, H, units));
@@ -1074,7 +1092,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
       return;
     }
     gates = input_proj(x, w_ih, bias.defined() ? &bias : nullptr);  // [N,4H]
-    lstm_fwd<scalar_t>(s, nt, h0, c0, w_hh, gates, out, cs, nullptr);
+    lstm_fwd<scalar_t>(s, loop_nt, h0, c0, w_hh, gates, out, cs, nullptr);
   });
   return {out, gather_last(s, out, h0), gather_last(s, cs, c0), gates, cs};
 }
