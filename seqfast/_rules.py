@@ -96,6 +96,10 @@ _ZEN3_BF16_RNN_CELL = ("same-process A/B, torch / seqfast's kernel / seqfast wit
                        "after the process's other threads went idle, on commit 3d5bf2c (+ the C++ call running "
                        "torch's op for bfloat16 training rules) on the same AMD EPYC family 25 model 1; make "
                        "bench-sweep sweep-cpu-20261206-180155 to -205719")
+_XEON_AMX = ("make bench-sweep, sweep-cpu-20261208-002725 (Intel Xeon family 6 model 167, AVX-512 + AMX, 2 threads), "
+             "commit 9299f92")
+_XEON_AMX_STEPS = ("same-process A/B, torch / seqfast / seqfast on the torch backend, 5-7 rounds, on commit 1b6051e on "
+                   "the same Intel Xeon")
 _ZEN5_BF16 = ("same-process A/B, torch / seqfast with the rule table / seqfast without it, 11 rounds, the sweep's "
               "cases (benchmarks/cases.py), on commit 0c336a6 on an AMD EPYC family 26 model 2 (Zen 5, AVX-512 + "
               "AVX512_BF16, 2 threads); make bench-sweep sweep-cpu-20261206-223110")
@@ -204,6 +208,14 @@ RULES = [
     # at batch 32-63, hidden >= 1024 (B32 H1024 0.91x; B16 H1024 1.00x, B32 H512 1.09x; from batch 64 the rule above)
     Rule("gru", BF16, AMX, training=False, batch=(128, INF), hidden=(512, INF), source=_ZEN5_BF16),
     Rule("gru", BF16, AMX, training=True, batch=(32, 63), hidden=(1024, INF), source=_ZEN5_BF16),
+    # On an AMX CPU (Intel Xeon, family 6 model 167), inference calls of one to a few steps from hidden 384 (GRU) /
+    # 1024 (RNN), torch's time over seqfast's (the sweep: GRU T1 B1 H512 0.75-0.76x in two runs; same process, 5-7
+    # rounds): GRU T1 B1 H384 / 512 / 1024 0.81 / 0.78 / 0.35x, T1 B8 H512 0.78x, T1 B32 H512 0.89x, T2 B1 H1024 0.78x,
+    # T4 B1 H1024 0.94x, RNN T1 B1 H1024 0.78x -- against GRU T1 B1 H256 1.33x, T8 / T32 B1 H1024 1.12 / 1.18x, T4 B8
+    # H512 1.00x, LSTM T1 B1 H512 / H1024 1.37 / 1.51x.
+    Rule("gru", BF16, AMX, training=False, hidden=(384, INF), steps=(1, 2), source=_XEON_AMX_STEPS),
+    Rule("gru", BF16, AMX, training=False, hidden=(1024, INF), steps=(3, 4), source=_XEON_AMX_STEPS),
+    Rule("rnn", BF16, AMX, training=False, hidden=(1024, INF), steps=(1, 1), source=_XEON_AMX_STEPS),
     # With the fused bfloat16 GRU step (AVX512_BF16, no AMX; its backward upcasts), torch's time over seqfast's, the
     # step / the bf16-GEMM loop before it (_ZEN5_GRU_BF16): inference T32 B1 H256 8.48x / 3.71x, B1 H1024 1.61x /
     # 1.47x, B8 H64 14.5x / 1.41x, B8 H512 2.18x / 1.14x, B32 H128 4.36x / 1.35x, B32 H1024 1.31x / 1.11x, B64 H256
@@ -224,6 +236,12 @@ RULES = [
     # 1.01-4.4x), where the rules' torch op read 0.96-1.01x.
     Rule("sdpa", BF16, AMX, batch=(256, INF), causal=False, source=_ZEN5_BF16),
     Rule("sdpa", BF16, AMX, training=True, batch=(1024, INF), causal=True, source=_ZEN5_BF16),
+    # Measured on an AMX CPU (Intel Xeon, family 6 model 167; _XEON_AMX): torch's bfloat16 attention runs on AMX tiles
+    # there, and the inference calls on seqfast's bfloat16 blocks read 0.53-0.80x (causal L128 / L512 / L2048 0.62 /
+    # 0.80 / 0.53x, full L128 0.65x), the decoder step (query length 1) 0.79x at 4096 keys and 0.87x at 1024 (1.04x at
+    # 256); training kept seqfast's lead there (L128 2.10-2.97x, causal L512 D128 1.56x).
+    Rule("sdpa", BF16, AMX, training=False, batch=(2, INF), source=_XEON_AMX),
+    Rule("sdpa", BF16, AMX, training=False, batch=(1, 1), hidden=(1024, INF), source=_XEON_AMX),
 ] + [
     # AVX2 without AVX-512 (an AMD EPYC Zen 3, family 25 model 1): the C++ kernels take their MKL / AVX2 paths.
     # Measured by make bench-sweep on commit c6aed95 (sweep-cpu-20261204-194326, 2 threads, 5 rounds per case);
@@ -365,18 +383,23 @@ def set_rules(rules):
 
 
 def sdpa_torch_regions(training):
-    """The table's SDPA regions on this CPU for ``training`` calls, for seqfast._C.SdpaCall (which declines the
-    inference calls inside them, and runs torch's op for the training calls inside them): (dtype, query length low,
-    high, key length low, high, head dim low, high, causal: 1 / 0 / -1 either), bounds inclusive. Without gradients on
-    a CPU whose bfloat16 SDPA may upcast (sdpa_upcasts_bfloat16), also every bfloat16 call from the query rows it
-    may upcast (sdpa_float32_bfloat16_min_rows): the Python path decides between the upcast and torch's op."""
+    """The table's SDPA regions on this CPU for ``training`` calls, for seqfast._C.SdpaCall (which runs torch's op
+    for the calls inside them): (dtype, query length low, high, key length low, high, head dim low, high, causal: 1 /
+    0 / -1 either), bounds inclusive."""
     cpu = cpu_class()
-    regions = [(r.dtype, *(r.batch or (0, INF)), *(r.hidden or (0, INF)), *(r.head_dim or (0, INF)),
-                -1 if r.causal is None else int(r.causal))
-               for r in RULES if r.family == "sdpa" and cpu in r.cpus and r.training in (None, training)]
-    if not training and sdpa_float32_bfloat16_min_rows() < INF:
-        regions.append((BF16, sdpa_float32_bfloat16_min_rows(), INF, 0, INF, 0, INF, -1))
-    return regions
+    return [(r.dtype, *(r.batch or (0, INF)), *(r.hidden or (0, INF)), *(r.head_dim or (0, INF)),
+             -1 if r.causal is None else int(r.causal))
+            for r in RULES if r.family == "sdpa" and cpu in r.cpus and r.training in (None, training)]
+
+
+def sdpa_declined_regions():
+    """The regions, in sdpa_torch_regions' form, of the calls without gradients that seqfast._C.SdpaCall leaves to the
+    Python path (checked before the table's): on a CPU whose bfloat16 SDPA may upcast (sdpa_upcasts_bfloat16), every
+    bfloat16 call from the query rows it may upcast (sdpa_float32_bfloat16_min_rows), where that path decides between
+    the upcast and torch's op."""
+    if sdpa_float32_bfloat16_min_rows() < INF:
+        return [(BF16, sdpa_float32_bfloat16_min_rows(), INF, 0, INF, 0, INF, -1)]
+    return []
 
 
 def _sequence_rules(family, dtype, training, hidden):

@@ -1,5 +1,5 @@
 """The BLAS-native choices (csrc/cpu/gemm.cpp: blas_native, rnn_sequence.cpp: lstm_step_yields) on any CPU: where MKL
-runs its own AVX-512 kernels (Intel CPUs) the BLAS takes the products with a row-major B and those of 512+ rows, and
+runs its own AVX-512 kernels (Intel CPUs) the BLAS takes the products with a row-major B and those of 129+ rows, and
 the LSTM layer's fused step yields to the per-step path from 8 to 64 rows when a thread's packed weights outgrow twice
 its L2. The config field blas_native forces either answer, so both routes are checked here against float64 whatever
 the machine's vendor."""
@@ -32,7 +32,8 @@ def _ref(a, b):
     (37, 300, 70, "row_major"),
     (300, 8, 96, "transposed_a"),   # dW = dgates^T @ x over a batch of 8
     (200, 1, 64, "transposed_a"),   # over a batch of 1 (an outer product)
-    (600, 96, 136, "weight"),       # A @ W^T of 512+ rows
+    (600, 96, 136, "weight"),       # A @ W^T of 129+ rows
+    (200, 512, 2048, "weight"),     # 129-256 rows with K N >= 2^20 (the broadcast form where blas_native is false)
     (8, 256, 100, "weight"),        # A @ W^T of 8 rows (the broadcast form)
 ])
 def test_products_match_float64(native, M, K, N, form):

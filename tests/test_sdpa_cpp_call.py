@@ -130,7 +130,7 @@ class _nothing:
         return False
 
 
-def test_declines_torch_regions_and_a_changed_table():
+def test_runs_torchs_op_in_torch_regions_and_declines_a_changed_table():
     saved = list(_rules.RULES)
     q, k, v = _qkv((1, 2, 3, 16), (1, 2, 9, 16), (1, 2, 9, 16))
     try:
@@ -145,7 +145,13 @@ def test_declines_torch_regions_and_a_changed_table():
                                        F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=0, atol=0)
             call = _attention._cpp_call
             assert not call.stale()  # the function built a new one
-            assert call(q, k, v, True, None, False) is None  # inside the region: torch's op
+            # inside the region: torch's op, run by the call itself
+            torch.testing.assert_close(call(q, k, v, True, None, False),
+                                       F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=0, atol=0)
+            torch.testing.assert_close(call(q, k, v, True, 0.3, False),
+                                       F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3), rtol=0,
+                                       atol=0)
+            assert call(q, k, v, True, "x", False) is None  # a scale torch rejects: the regular path raises
             assert call(q, k, v, False, None, False) is not None  # not causal: outside it
             assert call(q[:, :, :2], k, v, True, None, False) is not None  # another query length
             # a training-only region leaves inference to seqfast
@@ -155,6 +161,22 @@ def test_declines_torch_regions_and_a_changed_table():
     finally:
         _rules.set_rules(saved)
         _attention._build_cpp_call()
+
+
+def test_declined_regions_go_to_the_regular_path():
+    # the regions seqfast._rules.sdpa_declined_regions gives (bfloat16 calls the Python path may upcast), checked
+    # before the table's
+    q, k, v = _qkv((1, 2, 3, 16), (1, 2, 9, 16), (1, 2, 9, 16))
+    inf = 1 << 62
+    every = (torch.float32, 0, inf, 0, inf, 0, inf, -1)
+    module = _ext.module()
+    with torch.no_grad():
+        assert module.SdpaCall([torch.float32], [], [], [every])(q, k, v, False, None, False) is None
+        assert module.SdpaCall([torch.float32], [every], [], [every])(q, k, v, False, None, False) is None
+        torch.testing.assert_close(module.SdpaCall([torch.float32], [every], [], [])(q, k, v, False, None, False),
+                                   F.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
+        other = (torch.bfloat16, 0, inf, 0, inf, 0, inf, -1)
+        assert module.SdpaCall([torch.float32], [], [], [other])(q, k, v, False, None, False) is not None
 
 
 def test_function_asks_the_call_only_where_python_allows(no_rules, monkeypatch):

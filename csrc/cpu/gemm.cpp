@@ -91,14 +91,16 @@ bool nt_available() { return sgemm_nt::available(); }
 // (gemm.h) MKL, the BLAS of torch's x86 wheels, runs its own AVX-512 kernels on Intel CPUs (cpu::is_intel), where the
 // measurements below, made against MKL's generic path on AMD EPYCs, do not hold. config().blas_native forces the answer
 // either way (tests, A/B). There the BLAS takes every product with a row-major B (the backward's dx = dgates @ W and
-// weight gradients dW = dgates^T @ x) and products A @ W^T from kBlasMinRows rows; the own forms keep the products A @
-// W^T of fewer rows (the steps' gate products). Measured on an Intel Xeon (family 6 model 167, AVX-512 + AMX, 2
+// weight gradients dW = dgates^T @ x) and products A @ W^T from kBlasMinRows (129) rows; the own forms keep the
+// products A @ W^T of fewer rows (the steps' gate products). Measured on an Intel Xeon (family 6 model 167, AVX-512 + AMX, 2
 // threads; mm_f32 with the own kernels / torch.mm, GFLOP/s, M x K x N): dx 8x4096x1024 69 / 98, 32x2048x512 167 / 230,
 // 256x4096x1024 254 / 309 (2x1024x256 89 / 49 the exception); dW 4096x1x1024 12 / 26, 4096x8x1024 105 / 166,
 // 2048x32x512 242 / 346, 4096x1024x1024 278 / 329; A @ W^T at K 512-1024, N 2048-4096, M 512-2048 259-289 / 303-357,
 // against M 8 181 / 72 (the broadcast form), M 16 229 / 121, M 64 288 / 234, M 128 302 / 279, M 256 283 / 285 (K 1024,
-// N 4096). Module A/B (own / BLAS choice), LSTMCell B8 H1024 training step 10.5 / 8.1 ms, LSTM T32 B32 H1024 no-grad
-// 72.2 / 64.3 ms (torch's op).
+// N 4096), and at (1024, 1024) M 256 the broadcast form's 268 against 294. Module A/B, own / BLAS choice: LSTMCell B8
+// H1024 training step 10.5 / 8.1 ms (torch's op 8.1); with the BLAS from 512 rows / from 129, torch's time over
+// seqfast's (same process, 7 rounds): RNNCell B256 H1024 no-grad 0.86 / 1.06x, training 0.91 / 1.05x, LSTMCell B256
+// H1024 no-grad 0.90 / 1.05x, B256 H512 training 0.92 / 1.20x.
 bool blas_native() {
   const int64_t forced = cpu::config().blas_native;
   if (forced >= 0) return forced > 0 && sgemm_ != nullptr;
@@ -121,8 +123,8 @@ namespace {
 // from 32 (moving them to the AVX2 packing kernel read bfloat16 LSTMCell B32 H128 0.91-0.97x torch in two sweeps,
 // 1.05-1.14x before), and so do products A @ B (K = 0 here: 32x2048x512 358 GFLOP/s against the AVX2 kernel's 225).
 constexpr int64_t kMinOwnRows = 32;
-
-constexpr int64_t kBlasMinRows = 512;
+// (blas_native, above; wt_takes keeps its 129-256 rows only where it is false)
+constexpr int64_t kBlasMinRows = 129;
 inline bool blas_rows(int64_t M) { return M >= kBlasMinRows && blas_native(); }
 
 inline bool own_rows(int64_t M, int64_t K = 0) {
@@ -332,7 +334,8 @@ void nt_parallel(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, c
 // (1024, 1536) 1.06x). The LSTM T32 B8 H512 layer's input projection: 1.13x / 1.08x; GRUCell B160-256 H512 1.00-1.06x.
 bool wt_takes(int64_t M, int64_t N, int64_t K) {
   return sgemm_wt::available() && cpu::config().avx512_wt &&
-         ((M >= 7 && M <= 8) || (M >= 13 && (M <= 128 || (M <= 256 && K * N >= (int64_t(1) << 20)))));
+         ((M >= 7 && M <= 8) ||
+          (M >= 13 && (M <= 128 || (M <= 256 && K * N >= (int64_t(1) << 20) && !blas_native()))));
 }
 
 bool wt_parallel(int64_t M, int64_t N, const WtProduct& p1, const WtProduct& p2, float beta, float* c, int64_t ldc,

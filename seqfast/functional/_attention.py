@@ -48,7 +48,8 @@ def _build_cpp_call():
     module = _ext.module()
     dtypes = [dt for dt in (torch.float32, torch.float64, torch.bfloat16)
               if module is not None and _ops.sdpa.runs_cpp(torch.empty(0, dtype=dt))]
-    _cpp_call = (module.SdpaCall(dtypes, _rules.sdpa_torch_regions(False), _rules.sdpa_torch_regions(True))
+    _cpp_call = (module.SdpaCall(dtypes, _rules.sdpa_torch_regions(False), _rules.sdpa_torch_regions(True),
+                                 _rules.sdpa_declined_regions())
                  if dtypes else False)
     return _cpp_call
 
