@@ -47,12 +47,12 @@ class SdpaCall {
     add(declined_regions, declined_regions_);
   }
 
-  // The attention output, or None (the regular path decides). A call that needs no graph (grad mode off, or none of
-  // q, k, v requires grad: torch's output would not require grad either) returns None inside the declined regions,
-  // runs torch's op inside the table's regions (without the regular path's Python: bfloat16 L128 on an AMX CPU,
-  // torch's op 104 us, through that path 118 us) and the kernel elsewhere. A call that autograd records (call_guard::recorded: gradients, or a forward-mode tangent) runs torch's
-  // op (which records it as torch does) inside the table's training regions, and returns None outside them, where
-  // the regular path decides.
+  // The attention output, or None (the regular path decides). A call that needs no graph (grad mode off, or none of q,
+  // k, v requires grad: torch's output would not require grad either) returns None inside the declined regions, runs
+  // torch's op inside the table's regions (without the regular path's Python: bfloat16 L128 on an AMX CPU, torch's op
+  // 104 us, through that path 118 us) and the kernel elsewhere. A call that autograd records (call_guard::recorded:
+  // gradients, or a forward-mode tangent) runs torch's op (which records it as torch does) inside the table's training
+  // regions, and returns None outside them, where the regular path decides.
   py::object call(const py::handle& query, const py::handle& key, const py::handle& value, bool is_causal,
                   const py::handle& scale, bool enable_gqa) const {
     if (call_guard::any_autocast() || stale()) return py::none();

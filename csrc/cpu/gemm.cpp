@@ -92,9 +92,9 @@ bool nt_available() { return sgemm_nt::available(); }
 // measurements below, made against MKL's generic path on AMD EPYCs, do not hold. config().blas_native forces the answer
 // either way (tests, A/B). There the BLAS takes every product with a row-major B (the backward's dx = dgates @ W and
 // weight gradients dW = dgates^T @ x) and products A @ W^T from kBlasMinRows (129) rows; the own forms keep the
-// products A @ W^T of fewer rows (the steps' gate products). Measured on an Intel Xeon (family 6 model 167, AVX-512 + AMX, 2
-// threads; mm_f32 with the own kernels / torch.mm, GFLOP/s, M x K x N): dx 8x4096x1024 69 / 98, 32x2048x512 167 / 230,
-// 256x4096x1024 254 / 309 (2x1024x256 89 / 49 the exception); dW 4096x1x1024 12 / 26, 4096x8x1024 105 / 166,
+// products A @ W^T of fewer rows (the steps' gate products). Measured on an Intel Xeon (family 6 model 167, AVX-512 +
+// AMX, 2 threads; mm_f32 with the own kernels / torch.mm, GFLOP/s, M x K x N): dx 8x4096x1024 69 / 98, 32x2048x512 167
+// / 230, 256x4096x1024 254 / 309 (2x1024x256 89 / 49 the exception); dW 4096x1x1024 12 / 26, 4096x8x1024 105 / 166,
 // 2048x32x512 242 / 346, 4096x1024x1024 278 / 329; A @ W^T at K 512-1024, N 2048-4096, M 512-2048 259-289 / 303-357,
 // against M 8 181 / 72 (the broadcast form), M 16 229 / 121, M 64 288 / 234, M 128 302 / 279, M 256 283 / 285 (K 1024,
 // N 4096), and at (1024, 1024) M 256 the broadcast form's 268 against 294. Module A/B, own / BLAS choice: LSTMCell B8
@@ -572,8 +572,9 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::
             c.data_ptr<float>(), N);
     return c;
   }
-  // b row-major (not a weight's W^T view): the BLAS where it runs natively (blas_native)
-  const bool own = f32 && own_rows(M) && !(blas_native() && !(b.stride(0) == 1 && K > 1));
+  // a b that is not a weight's W^T view (row-major: the backward's products) goes to the BLAS where it runs natively
+  const bool w_view = b.stride(0) == 1 && K > 1;
+  const bool own = f32 && own_rows(M) && (w_view || !blas_native());
   if (!own) return has_bias ? at::addmm(*bias, a, b) : at::mm(a, b);
   const at::Tensor bc = own_bias();
   at::Tensor c = at::empty({M, N}, a.options());

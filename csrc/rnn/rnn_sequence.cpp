@@ -1047,12 +1047,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
     // first (at one row the step is a stream of the weights and W_ih would double it) and read W_hh in place, up to the
     // hidden size small_step_threads allows. Where the step yields (lstm_step_yields), the per-step path below runs
     // the layer (the steps' products split over the team by gemm::linear_out).
-    int loop_nt = nt;
+    bool yields = false;
     if (std::is_same_v<scalar_t, float> && sgemm::available() && s.T > 0 && cpu::config().fused) {
       const bool small = s.bs[0] <= 2;
       const int n = small ? small_step_threads(H) : nt;
-      if (!small && n && lstm_step_yields(s.bs[0], x.size(1), H, (H + n - 1) / n)) loop_nt = 0;
-      if (n && loop_nt) {
+      yields = !small && n && lstm_step_yields(s.bs[0], x.size(1), H, (H + n - 1) / n);
+      if (n && !yields) {
         const Tensor xc = x.contiguous(), wc = w_ih.contiguous(), whc = w_hh.contiguous();
         const int64_t I = x.size(1), units = (H + n - 1) / n;
         const bool proj = small || (s.T >= 2 && lstm_input_first(s.bs[0], I, H, units));
@@ -1092,7 +1092,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(const Tenso
       return;
     }
     gates = input_proj(x, w_ih, bias.defined() ? &bias : nullptr);  // [N,4H]
-    lstm_fwd<scalar_t>(s, loop_nt, h0, c0, w_hh, gates, out, cs, nullptr);
+    lstm_fwd<scalar_t>(s, yields ? 0 : nt, h0, c0, w_hh, gates, out, cs, nullptr);
   });
   return {out, gather_last(s, out, h0), gather_last(s, cs, c0), gates, cs};
 }
