@@ -33,22 +33,36 @@ class Rule:
     ``hidden`` as inclusive (low, high) ranges (None = any), ``causal`` (SDPA: True / False / None = either).
     For "sdpa", ``batch`` is the query length, ``hidden`` the key length and ``head_dim`` (an inclusive range, None =
     any) the query's head dim. ``steps`` (sequences only, an inclusive range, None = any): the sequence's time steps;
-    a caller that does not know them matches any bound. ``source``: the sweep run that measured it.
+    a caller that does not know them matches any bound. RNNs: ``work``, an inclusive range of batch x hidden^2 (a
+    step's multiply-adds per gate and input), and ``past_float32``: only batches past float32_bfloat16_max_batch's
+    bound for the call's hidden size (the calls seqfast does not compute in float32).
+    ``source``: the sweep run that measured it.
     Family "sdpa_upcast" (bfloat16, bounds as for "sdpa"): a bfloat16 call that sdpa_upcasts_bfloat16 would compute
     in float32 on upcast copies keeps torch's bfloat16 op instead (the float32 kernel wins over torch's float32 op
     there, not over its bfloat16 one)."""
 
     def __init__(self, family, dtype, cpus, *, training=None, batch=None, hidden=None, causal=None, head_dim=None,
-                 steps=None, source):
+                 steps=None, work=None, past_float32=False, source):
         self.family, self.dtype, self.cpus = family, dtype, frozenset(cpus)
         self.training, self.batch, self.hidden, self.causal, self.source = training, batch, hidden, causal, source
-        self.head_dim, self.steps = head_dim, steps
+        self.head_dim, self.steps, self.work, self.past_float32 = head_dim, steps, work, past_float32
+
+    def batches(self, hidden):
+        """The rule's inclusive batch range at ``hidden`` (work and past_float32 narrow it)."""
+        low, high = self.batch or (0, INF)
+        if self.work is not None:
+            square = max(1, hidden * hidden)
+            low, high = max(low, -(-self.work[0] // square)), min(high, self.work[1] // square)
+        if self.past_float32:
+            low = max(low, float32_bfloat16_max_batch(self.family, hidden) + 1)
+        return low, high
 
     def matches(self, family, dtype, cpu, training, batch, hidden, causal, head_dim=0, steps=None):
         return (family == self.family and dtype == self.dtype and cpu in self.cpus
                 and (self.training is None or self.training == training)
                 and (self.causal is None or self.causal == causal)
-                and (self.batch is None or self.batch[0] <= batch <= self.batch[1])
+                and (self.batch is None and self.work is None and not self.past_float32
+                     or self.batches(hidden)[0] <= batch <= self.batches(hidden)[1])
                 and (self.hidden is None or self.hidden[0] <= hidden <= self.hidden[1])
                 and (self.head_dim is None or self.head_dim[0] <= head_dim <= self.head_dim[1])
                 and (self.steps is None or steps is None or self.steps[0] <= steps <= self.steps[1]))
@@ -58,8 +72,8 @@ BF16 = torch.bfloat16
 F32 = torch.float32
 
 INF = 1 << 62
-AVX512_BF16 = ("avx512_bf16", "amx")  # native bfloat16 (measured without AMX; AMX CPUs kept the same table)
-BF16_NO_AMX = ("avx512_bf16",)  # where the fused bfloat16 steps run (csrc/rnn/rnn_sequence_step_bf16.h)
+AVX512_BF16 = ("avx512_bf16", "amx")  # native bfloat16 (measured on a Zen 5; one-step training held on the Xeon)
+BF16_NO_AMX = ("avx512_bf16",)  # AVX512_BF16 without AMX tiles (torch's bfloat16 GEMMs on vdpbf16ps, as seqfast's)
 AMX = ("amx",)
 AVX2 = ("avx2",)
 _ZEN3 = "make bench-sweep, sweep-cpu-20261204-194326 (AMD EPYC family 25 model 1, AVX2, 2 threads), commit c6aed95"
@@ -98,8 +112,9 @@ _ZEN3_BF16_RNN_CELL = ("same-process A/B, torch / seqfast's kernel / seqfast wit
                        "bench-sweep sweep-cpu-20261206-180155 to -205719")
 _XEON_AMX = ("make bench-sweep, sweep-cpu-20261208-002725 (Intel Xeon family 6 model 167, AVX-512 + AMX, 2 threads), "
              "commit 9299f92")
-_XEON_AMX_STEPS = ("same-process A/B, torch / seqfast / seqfast on the torch backend, 5-7 rounds, on commit 1b6051e on "
-                   "the same Intel Xeon")
+_XEON_AMX_RNN = ("same-process, torch / seqfast without the table's bfloat16 rules interleaved, 3-5 rounds, make "
+                 "bench-sweep's bfloat16 RNN cases and the regions' edges, the fused bfloat16 steps and the float32 "
+                 "path on, on the same Intel Xeon, 2026-12-08")
 _ZEN5_BF16 = ("same-process A/B, torch / seqfast with the rule table / seqfast without it, 11 rounds, the sweep's "
               "cases (benchmarks/cases.py), on commit 0c336a6 on an AMD EPYC family 26 model 2 (Zen 5, AVX-512 + "
               "AVX512_BF16, 2 threads); make bench-sweep sweep-cpu-20261206-223110")
@@ -133,13 +148,7 @@ RULES = [
     # H512 2.46x, B8 H128 1.32x, B8 H1024 1.74x, B32 H256 1.29x, B64 H512 1.05x, B256 H256 0.79x; T2 / T4 / T32 at B1
     # H512 1.20 / 1.06 / 0.81x, T32 B2 / B4 H256 0.93 / 0.38x; training T1 B1 H512 9.5x, B8 H128 1.40x, B32 H256
     # 1.55x, B256 H256 1.17x, T32 B1 H128 1.33x, B2 H512 1.13x, B4 H512 0.90x, B8 H256 0.65x.
-    # Those rules stay for AMX CPUs (torch's GEMMs on tiles there; the fused bfloat16 step below does not run on them).
-    Rule("lstm", BF16, AMX, training=False, steps=(8, INF),
-         source="issue 15 sweep (main ed888a7); cpu-20261127 runs; " + _ZEN5_BF16),
-    Rule("lstm", BF16, AMX, training=False, batch=(2, INF), steps=(2, 7), source=_ZEN5_BF16),
-    Rule("lstm", BF16, AMX, training=False, batch=(128, INF), steps=(1, 1), source=_ZEN5_BF16),
-    Rule("lstm", BF16, AMX, training=True, batch=(4, INF), steps=(2, INF),
-         source="issue 15 sweep (main ed888a7); cpu-20261127 runs; " + _ZEN5_BF16),
+    # (AMX CPUs: the "amx" block below.)
     # With AVX512_BF16 and no AMX, bfloat16 LSTM layers run the fused bfloat16 step (vdpbf16ps). torch's oneDNN LSTM
     # reaches the vdpbf16ps peak on large calls (T32 B64 H1024: 34 GFLOP in 39 ms on 2 cores), so torch's op keeps
     # those. torch's time over seqfast's, the bfloat16 step / the bf16-GEMM loop before it (_ZEN5_LSTM_BF16):
@@ -164,7 +173,6 @@ RULES = [
          source=_ZEN5_BF16_BWD),
     Rule("lstm", BF16, BF16_NO_AMX, training=True, batch=(128, INF), hidden=(1024, INF), steps=(2, INF),
          source=_ZEN5_BF16_BWD),
-    Rule("gru", BF16, AMX, training=True, batch=(64, INF), source="issue 15 sweep; cpu-20261127-134733"),
     Rule("sdpa", BF16, AMX, training=True, batch=(2048, INF), hidden=(2048, INF), causal=True,
          source="issue 15 sweep (main ed888a7)"),
     # Measured on a Zen 5 (AMD EPYC family 26 model 2; _ZEN5_BF16): the first sweep there (sweep-cpu-20261206-223110)
@@ -173,11 +181,7 @@ RULES = [
     # RNN training (T32): from batch 4 at hidden 1024 (B4 0.79x, B8 0.90x; B1 1.30x, B2 1.11x keep the kernel),
     # from batch 16 at 512 (B16 0.86x, B32 0.83x, B64 0.60x; B8 1.14x), from batch 64 at 256 (B64 0.81x, B128 0.55x,
     # B256 0.52x; B32 1.16x), from batch 128 below that (B128 H128 0.69x, B256 H128 0.47x, B256 H64 0.68x; B64 H128
-    # 1.18x). Kept for AMX CPUs.
-    Rule("rnn", BF16, AMX, training=True, batch=(4, INF), hidden=(1024, INF), source=_ZEN5_BF16),
-    Rule("rnn", BF16, AMX, training=True, batch=(16, INF), hidden=(512, 1023), source=_ZEN5_BF16),
-    Rule("rnn", BF16, AMX, training=True, batch=(64, INF), hidden=(256, 511), source=_ZEN5_BF16),
-    Rule("rnn", BF16, AMX, training=True, batch=(128, INF), hidden=(1, 255), source=_ZEN5_BF16),
+    # 1.18x). (Those rules have since been replaced by the ones below.)
     # Without AMX, since the backward's weight-sized products run in bfloat16 (_ZEN5_BF16_BWD): B4 H1024 2.04x, B8 H1024
     # 1.58x, B16 H512 1.82x, B64 H256 1.53x, B128 H128 1.46x, B256 H64 1.60x, B256 H128 1.33x -- against B16 H1024
     # 1.09-1.34x, B32 H1024 0.78-1.05x, B64 H512 0.89-1.12x, B128 H256 1.02-1.18x (two or three runs each: kept on
@@ -203,19 +207,6 @@ RULES = [
     Rule("gru", F32, BF16_NO_AMX, training=True, batch=(1, 1), steps=(1, 1), hidden=(512, INF),
          source=_ZEN5_T1_RECORDED),
     Rule("gru", BF16, AVX512_BF16, training=True, steps=(1, 1), source=_ZEN5_BF16),
-    # GRU, before the fused bfloat16 step (kept for AMX CPUs, where it does not run): inference from batch 128 at
-    # hidden >= 512 (B128 H512 0.78x, B256 H512 0.83x, B256 H1024 0.83x; B64 H512 1.21x, B256 H256 1.26x) and training
-    # at batch 32-63, hidden >= 1024 (B32 H1024 0.91x; B16 H1024 1.00x, B32 H512 1.09x; from batch 64 the rule above)
-    Rule("gru", BF16, AMX, training=False, batch=(128, INF), hidden=(512, INF), source=_ZEN5_BF16),
-    Rule("gru", BF16, AMX, training=True, batch=(32, 63), hidden=(1024, INF), source=_ZEN5_BF16),
-    # On an AMX CPU (Intel Xeon, family 6 model 167), inference calls of one to a few steps from hidden 384 (GRU) /
-    # 1024 (RNN), torch's time over seqfast's (the sweep: GRU T1 B1 H512 0.75-0.76x in two runs; same process, 5-7
-    # rounds): GRU T1 B1 H384 / 512 / 1024 0.81 / 0.78 / 0.35x, T1 B8 H512 0.78x, T1 B32 H512 0.89x, T2 B1 H1024 0.78x,
-    # T4 B1 H1024 0.94x, RNN T1 B1 H1024 0.78x -- against GRU T1 B1 H256 1.33x, T8 / T32 B1 H1024 1.12 / 1.18x, T4 B8
-    # H512 1.00x, LSTM T1 B1 H512 / H1024 1.37 / 1.51x.
-    Rule("gru", BF16, AMX, training=False, hidden=(384, INF), steps=(1, 2), source=_XEON_AMX_STEPS),
-    Rule("gru", BF16, AMX, training=False, hidden=(1024, INF), steps=(3, 4), source=_XEON_AMX_STEPS),
-    Rule("rnn", BF16, AMX, training=False, hidden=(1024, INF), steps=(1, 1), source=_XEON_AMX_STEPS),
     # With the fused bfloat16 GRU step (AVX512_BF16, no AMX; its backward upcasts), torch's time over seqfast's, the
     # step / the bf16-GEMM loop before it (_ZEN5_GRU_BF16): inference T32 B1 H256 8.48x / 3.71x, B1 H1024 1.61x /
     # 1.47x, B8 H64 14.5x / 1.41x, B8 H512 2.18x / 1.14x, B32 H128 4.36x / 1.35x, B32 H1024 1.31x / 1.11x, B64 H256
@@ -236,6 +227,53 @@ RULES = [
     # 1.01-4.4x), where the rules' torch op read 0.96-1.01x.
     Rule("sdpa", BF16, AMX, batch=(256, INF), causal=False, source=_ZEN5_BF16),
     Rule("sdpa", BF16, AMX, training=True, batch=(1024, INF), causal=True, source=_ZEN5_BF16),
+    # bfloat16 RNNs on an AMX CPU (Intel Xeon, family 6 model 167; _XEON_AMX_RNN). torch's bfloat16 GEMMs run on AMX
+    # tiles there, and its LSTM is oneDNN's (its GRU and RNN loop over those GEMMs). seqfast runs the float32 path
+    # inside float32_bfloat16_max_batch's bound (cells, one-step calls, recorded steps) and the fused bfloat16 steps
+    # (vdpbf16ps: about an eighth of a tile's multiply-adds per cycle) past it; torch's op takes the regions below.
+    # A step's work is batch x hidden^2. torch's time over seqfast's without these rules (T32 unless named):
+    # LSTM inference: B1 H64 / 192 / 256 3.84 / 1.67 / 1.33x, B2 H128 / 192 / 256 1.97 / 1.55 / 1.20x, B4 H64 / 128
+    #   2.09 / 1.39x, B8 H64 1.79x, B16 H64 1.14x -- against B1 H384 0.70x, B1 H512 0.63x, B32 H64 0.68x, B8 H256 0.46x,
+    #   B64 H128 0.41x, B32 H512 0.20x: from work 2^17, 8+ steps. Shorter: T4 B2 H128 2.85x, B8 H128 1.83x, B4 H256
+    #   1.60x, B1 H512 1.29x (torch's op from work 2^19, unmeasured there); one step past the float32 bound T1 B2 / B4
+    #   / B8 H1024 1.97 / 1.84 / 1.55x, B8 H512 1.52x -- against B16 H512 1.02x, B32 H512 0.71x, B32 H1024 0.76x, B64
+    #   H256 0.72x, B64 H512 0.48x, B128 H128 0.77x, B256 H256 0.34x (the step packs its weights per call): from 16.
+    Rule("lstm", BF16, AMX, training=False, steps=(8, INF), work=(1 << 17, INF), source=_XEON_AMX_RNN),
+    Rule("lstm", BF16, AMX, training=False, steps=(2, 7), work=(1 << 19, INF), source=_XEON_AMX_RNN),
+    Rule("lstm", BF16, AMX, training=False, steps=(1, 1), batch=(16, INF), past_float32=True, source=_XEON_AMX_RNN),
+    # LSTM training: B1 H128 / 512 1.97 / 1.92x, B2 H1024 1.85x, B4 H512 2.43x, B8 H128 / 256 / 1024 1.29 / 1.04 /
+    #   1.51x, B16 H64 1.20x, B16 H1024 1.08x -- against B16 H128 0.98x, B16 H256 0.77x, B32 H64 / 512 0.99 / 0.51x,
+    #   B64 H128 0.58x, B64 H1024 0.50x, B256 H64 0.49x: from batch 16.
+    Rule("lstm", BF16, AMX, training=True, batch=(16, INF), steps=(2, INF), source=_XEON_AMX_RNN),
+    # GRU inference: B1 H256 6.36x, B1 H1024 1.08x, B2 H1024 1.23x, B4 H512 1.48x, B8 H64 8.76x, B16 H256 1.43x, B32
+    #   H128 / 256 2.28 / 1.03x, B64 H64 / 128 3.47 / 1.64x, B128 H128 1.36x, B256 H64 / 128 2.04 / 1.00x -- against B8
+    #   H512 0.91x, B16 H512 0.69x, B8 H1024 0.68x, B64 H256 0.71x, B32 H1024 0.31x, B256 H512 0.26x: from work 2^21
+    #   (from hidden 384), past it below. One step past the float32 bound (T1 B8 H512 0.79x; cells GRUCell B32 H256
+    #   0.78x, B64 H512 0.39x), and 2-4 steps at hidden 1024 (T2 / T4 B1 H1024 0.88 / 1.02x; T2 B1 H512 1.18x).
+    Rule("gru", BF16, AMX, training=False, hidden=(384, INF), work=(1 << 21, INF), source=_XEON_AMX_RNN),
+    Rule("gru", BF16, AMX, training=False, hidden=(1, 383), work=((1 << 21) + 1, INF), source=_XEON_AMX_RNN),
+    Rule("gru", BF16, AMX, training=False, steps=(1, 1), past_float32=True, source=_XEON_AMX_RNN),
+    Rule("gru", BF16, AMX, training=False, hidden=(1024, INF), steps=(2, 4), source=_XEON_AMX_RNN),
+    # GRU training: B1 H1024 2.17x, B8 H512 2.34x, B16 H1024 1.15x, B32 H512 1.08x, B64 H256 1.19x, B256 H128 1.23x
+    #   -- against B64 H512 0.83x, B32 H1024 0.83x, B256 H512 0.46x: from work 2^24 (one step: the rule above for
+    #   either class).
+    Rule("gru", BF16, AMX, training=True, steps=(2, INF), work=(1 << 24, INF), source=_XEON_AMX_RNN),
+    # RNN inference: B1 H512 5.16x, B2 / B4 H1024 1.57 / 1.31x, B8 H512 1.59x, B16 H512 1.01x, B32 / B64 H256 1.49 /
+    #   1.08x, B256 H128 1.36x -- against B8 H1024 0.81x, B32 H512 0.69x, B128 H256 0.77x, B64 H512 0.49x, B256 H256
+    #   0.58x: from work 2^23. One step past the float32 bound: T1 B8 H512 1.19x, B64 H256 1.44x, B128 H128 1.96x --
+    #   against B2 / B4 H1024 0.86 / 0.77x, B16 H512 0.94x: from hidden 1024, and from batch 16 at 512.
+    Rule("rnn", BF16, AMX, training=False, work=(1 << 23, INF), source=_XEON_AMX_RNN),
+    Rule("rnn", BF16, AMX, training=False, hidden=(1024, INF), steps=(1, 1), past_float32=True, source=_XEON_AMX_RNN),
+    Rule("rnn", BF16, AMX, training=False, hidden=(512, INF), batch=(16, INF), steps=(1, 1), past_float32=True,
+         source=_XEON_AMX_RNN),
+    # RNN training: B8 H1024 1.63x, B16 H512 / 1024 1.54 / 1.23x, B32 H512 1.05x, B128 H256 1.07x, B256 H64 1.59x --
+    #   against B32 H1024 0.88x, B64 H512 0.78x, B256 H256 0.79x: from work 2^24.
+    Rule("rnn", BF16, AMX, training=True, steps=(2, INF), work=(1 << 24, INF), source=_XEON_AMX_RNN),
+    # Cells with gradients on the float32 path (inside the bound; past it the call runs torch's op): LSTMCell B32 H128
+    #   0.87x, B256 H64 0.96x, RNNCell B64 H128 0.92x, B256 H64 0.92x -- against LSTMCell B8 H256 1.05x, RNNCell B32
+    #   H64 1.43x, GRUCell B64 H64 1.30x, B32 H256 0.98x.
+    Rule("lstm_cell", BF16, AMX, training=True, batch=(32, INF), hidden=(1, 255), source=_XEON_AMX_RNN),
+    Rule("rnn_cell", BF16, AMX, training=True, batch=(64, INF), hidden=(1, 255), source=_XEON_AMX_RNN),
     # Measured on an AMX CPU (Intel Xeon, family 6 model 167; _XEON_AMX): torch's bfloat16 attention runs on AMX tiles
     # there, and the inference calls on seqfast's bfloat16 blocks read 0.53-0.80x (causal L128 / L512 / L2048 0.62 /
     # 0.80 / 0.53x, full L128 0.65x), the decoder step (query length 1) 0.79x at 4096 keys and 0.87x at 1024 (1.04x at
@@ -406,14 +444,14 @@ def _sequence_rules(family, dtype, training, hidden):
     """The rules of this CPU class for ``family`` (not SDPA) in ``dtype`` on the ``training`` side whose hidden bound
     holds for ``hidden`` (their batch and steps bounds left to the caller)."""
     cpu = cpu_class()
-    return [r for r in RULES if r.matches(family, dtype, cpu, training, (r.batch or (0,))[0], hidden, False)]
+    return [r for r in RULES if r.matches(family, dtype, cpu, training, r.batches(hidden)[0], hidden, False)]
 
 
 def torch_batches(family, dtype, training, hidden):
     """The inclusive batch ranges [(low, high)] where the table prefers torch's op for cell ``family`` in ``dtype`` at
     ``hidden`` on this CPU: prefer_torch_when(family, t, batch, hidden, training) is True exactly for a batch inside
     one of them, when nothing bypasses the table (for seqfast._C.CellCall)."""
-    return [r.batch or (0, INF) for r in _sequence_rules(family, dtype, training, hidden)]
+    return [r.batches(hidden) for r in _sequence_rules(family, dtype, training, hidden)]
 
 
 def torch_regions(family, dtype, training, hidden):
@@ -421,7 +459,7 @@ def torch_regions(family, dtype, training, hidden):
     sequence) in ``dtype`` at ``hidden`` on this CPU, on the ``training`` side: seqfast._C.ModuleCall runs torch's op
     there (prefer_torch_when(family, t, batch, hidden, training, steps=steps) is True exactly inside them, when
     nothing bypasses the table)."""
-    return [(*(r.batch or (0, INF)), *(r.steps or (0, INF))) for r in _sequence_rules(family, dtype, training, hidden)]
+    return [(*r.batches(hidden), *(r.steps or (0, INF))) for r in _sequence_rules(family, dtype, training, hidden)]
 
 
 def covers(family, dtype, training):
@@ -488,10 +526,26 @@ _UPCAST_BF16_CPUS = ("avx2", "avx512")
 #     copies here, and cell steps only when autograd records them (GRU T4 B1 H512 training 0.93x / the step's 0.51x;
 #     training T32 B1 H256 3.16x / 3.06x);
 #   SDPA without gradients from 128 query rows: L128-2048, head dim 64-128, causal or not, 2.2-4.3x / 1.0-1.5x.
-# On an AMX CPU (class "amx") torch's bfloat16 GEMMs run on tiles: not measured, so the bounds stay off there.
+# On an AMX CPU (class "amx"; measured on an Intel Xeon, family 6 model 167, _XEON_AMX_FLOAT32) torch's bfloat16 GEMMs
+# run on tiles, yet its bfloat16 cell ops carry the same fixed costs (a bfloat16 LSTMCell step at batch 1, hidden 128:
+# 72-86 us), and the float32 path read, torch's time over seqfast's, cells (inference; training) B1 H128-1024
+# 1.9-6.2x; 1.2-2.5x, B8 H64-256 1.4-3.5x; 1.1-2.0x, B32-64 H64-128 1.5-1.9x; 0.87-1.43x, B256 H64 1.4-1.6x; 0.92-0.96x,
+# one-step layers T1 B1 H512 3.7-5.9x; 1.3-2.6x, T1 B8 H128 3.0-4.0x; 1.4-2.0x. Past the same bound the fused
+# bfloat16 cell step lost to torch's AMX GEMMs (LSTMCell B32 H512 0.46x, GRUCell B64 H512 0.39x, RNNCell B64 H1024
+# 0.29x): on that class cells past the bound run torch's op (fused_bf16_cells_past_float32). The float32 SDPA on
+# upcast copies stays off there (torch's bfloat16 attention on tiles: see the "sdpa" rules).
 FLOAT32_BF16_WORK = 1 << 20
 FLOAT32_BF16_SDPA_MIN_ROWS = 128
-_FLOAT32_BF16_CPUS = ("avx512_bf16",)
+_FLOAT32_BF16_CPUS = ("avx512_bf16", "amx")
+_FLOAT32_BF16_SDPA_CPUS = ("avx512_bf16",)
+_XEON_AMX_FLOAT32 = ("same-process, torch / seqfast interleaved, 3-5 rounds, make bench-sweep's bfloat16 RNN cases, with "
+                     "and without the table's bfloat16 rules, on an Intel Xeon family 6 model 167 (AMX), 2026-12-08")
+
+
+def fused_bf16_cells_past_float32():
+    """Whether a bfloat16 cell step past float32_bfloat16_max_batch's bound runs the fused bfloat16 step (where it
+    runs; else torch's op): not on an AMX CPU (see FLOAT32_BF16_WORK)."""
+    return cpu_class() != "amx"
 _ZEN5_FLOAT32_BF16 = ("same-process A/B, torch / seqfast / seqfast with the float32 paths, 9 rounds, the sweep's "
                       "bfloat16 cases, on commit c28b2bf, AMD EPYC family 26 model 2")
 
@@ -529,7 +583,7 @@ def sdpa_float32_bfloat16_min_rows():
     cpu = cpu_class()
     if cpu in _UPCAST_BF16_CPUS:
         return 2
-    return FLOAT32_BF16_SDPA_MIN_ROWS if cpu in _FLOAT32_BF16_CPUS else INF
+    return FLOAT32_BF16_SDPA_MIN_ROWS if cpu in _FLOAT32_BF16_SDPA_CPUS else INF
 
 
 def upcast_bfloat16(tensors, rows, family, batch, hidden, steps=1):

@@ -15,7 +15,7 @@ from conftest import cpp_config
 
 C = _ext.module()
 pytestmark = pytest.mark.skipif(C is None or not C.bf16_rnn_step_available(),
-                                reason="the bfloat16 products run on CPUs with AVX512_BF16 (measured without AMX)")
+                                reason="the bfloat16 products run on CPUs with AVX512_BF16")
 BF16 = torch.bfloat16
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 

@@ -27,6 +27,7 @@ def bounds(monkeypatch):
     float32 up to batch 4; the rule table as the test sets it (restored after)."""
     monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", ())
     monkeypatch.setattr(_rules, "_FLOAT32_BF16_CPUS", (_rules.cpu_class(),))
+    monkeypatch.setattr(_rules, "_FLOAT32_BF16_SDPA_CPUS", (_rules.cpu_class(),))
     monkeypatch.setattr(_rules, "FLOAT32_BF16_WORK", 4 * HIDDEN * HIDDEN)
     saved = list(_rules.RULES)
     _rules.set_rules([])

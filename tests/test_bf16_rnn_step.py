@@ -1,5 +1,5 @@
-"""The fused bfloat16 LSTM and GRU steps (csrc/rnn/rnn_sequence_step_bf16.h: vdpbf16ps on AVX512_BF16 CPUs without
-AMX).
+"""The fused bfloat16 LSTM and GRU steps (csrc/rnn/rnn_sequence_step_bf16.h: vdpbf16ps on AVX512_BF16 CPUs, AMX
+ones included).
 
 Their arithmetic is defined exactly: bfloat16 operands, float32 products and sums, the LSTM's cell state in float32, h
 rounded to bfloat16 once per step. The layer entries are checked against that algorithm written in plain PyTorch (LSTM
@@ -18,7 +18,7 @@ from seqfast import _ext, _rules
 
 C = _ext.module()
 pytestmark = pytest.mark.skipif(C is None or not C.bf16_rnn_step_available(),
-                                reason="the fused bfloat16 steps need AVX512_BF16 without AMX")
+                                reason="the fused bfloat16 steps need AVX512_BF16")
 BF16 = torch.bfloat16
 
 
@@ -217,17 +217,20 @@ def _one_step(kind, batch, input_size, hidden):
     return ours, ref, x, h, c, want_step
 
 
+@pytest.mark.parametrize("past", [True, False])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("batch,input_size,hidden", [(40, 33, 200), (70, 64, 130), (17, 40, 800), (9, 20, 400)])
-def test_cell_steps_past_the_float32_bound_run_the_fused_step(no_rules, kind, batch, input_size, hidden):
+def test_cell_steps_past_the_float32_bound_run_the_fused_step(no_rules, monkeypatch, past, kind, batch, input_size,
+                                                               hidden):
     # no-grad bfloat16 cell module steps past the float32 bound (batch x hidden^2 > 2^20) run the fused step as a
     # one-step layer from 16 rows while the weights hold at most 2^21 elements (bit for bit the layer entry's
-    # results), torch's cell op below 16 rows, beyond that weight bound and with the steps switched off (bit for bit
-    # torch's)
+    # results), torch's cell op below 16 rows, beyond that weight bound, with the steps switched off and where
+    # seqfast._rules.fused_bf16_cells_past_float32 says no (an AMX CPU; bit for bit torch's)
     from conftest import cpp_config
+    monkeypatch.setattr(_rules, "fused_bf16_cells_past_float32", lambda: past)
     ours, ref, x, h, c, want_step = _one_step(kind, batch, input_size, hidden)
     state = (h, c) if kind == "LSTM" else h
-    fused = batch >= 16 and ours.weight_ih.numel() + ours.weight_hh.numel() <= 1 << 21
+    fused = past and batch >= 16 and ours.weight_ih.numel() + ours.weight_hh.numel() <= 1 << 21
     with torch.no_grad():
         got = _flat(ours(x, state))
         want_torch = _flat(ref(x, state))

@@ -120,6 +120,7 @@ def test_float32_bounds_on_cpus_with_avx512_bf16(monkeypatch):
     those), SDPA from 128 query rows."""
     monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", ())
     monkeypatch.setattr(_rules, "_FLOAT32_BF16_CPUS", (_rules.cpu_class(),))
+    monkeypatch.setattr(_rules, "_FLOAT32_BF16_SDPA_CPUS", (_rules.cpu_class(),))
     t = [torch.zeros(2, dtype=BF16)]
     assert _rules.float32_bfloat16_max_batch("lstm_cell", 1024) == 1
     assert _rules.float32_bfloat16_max_batch("gru_cell", 128) == 64
@@ -135,6 +136,19 @@ def test_float32_bounds_on_cpus_with_avx512_bf16(monkeypatch):
     assert _rules.float32_bfloat16_regions("gru", 256) == [(1, 16, 1, 1), (1, 16, 2, _rules.INF)]
     assert _rules.float32_bfloat16_regions("lstm", 512) == [(1, 4, 1, 1), (1, 4, 2, _rules.INF)]
     assert _rules.sdpa_float32_bfloat16_min_rows() == 128
-    monkeypatch.setattr(_rules, "_FLOAT32_BF16_CPUS", ())  # an AMX CPU (class "amx"; not measured there): off
-    assert _rules.float32_bfloat16_max_batch("lstm_cell", 64) == 0
+    monkeypatch.setattr(_rules, "_FLOAT32_BF16_SDPA_CPUS", ())  # an AMX CPU (class "amx"): SDPA off, RNNs on
+    assert _rules.float32_bfloat16_max_batch("lstm_cell", 64) == 256
     assert _rules.sdpa_float32_bfloat16_min_rows() == _rules.INF
+    monkeypatch.setattr(_rules, "_FLOAT32_BF16_CPUS", ())  # a class outside both: off
+    assert _rules.float32_bfloat16_max_batch("lstm_cell", 64) == 0
+
+
+def test_amx_class_bounds():
+    """On an AMX CPU the RNNs' float32 bounds hold as with AVX512_BF16 alone, SDPA takes no upcast copies and a cell
+    step past the bound runs torch's op, not the fused bfloat16 step (measured: seqfast._rules.FLOAT32_BF16_WORK)."""
+    assert "amx" in _rules._FLOAT32_BF16_CPUS and "amx" not in _rules._FLOAT32_BF16_SDPA_CPUS
+    if _rules.cpu_class() == "amx":
+        assert not _rules.fused_bf16_cells_past_float32()
+        assert _rules.float32_bfloat16_max_batch("gru_cell", 128) == 64
+    elif _rules.cpu_class() == "avx512_bf16":
+        assert _rules.fused_bf16_cells_past_float32()

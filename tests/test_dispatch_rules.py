@@ -89,6 +89,44 @@ def test_rules_are_well_formed():
     classes = {"amx", "avx512_bf16", "avx512", "avx2", "other"}
     for rule in _rules.RULES:
         assert rule.family in families and rule.cpus <= classes and rule.source
-        for bound in (rule.batch, rule.hidden, rule.head_dim, rule.steps):
+        for bound in (rule.batch, rule.hidden, rule.head_dim, rule.steps, rule.work):
             assert bound is None or bound[0] <= bound[1]
     assert _rules.cpu_class() in classes
+
+
+def test_work_bound_narrows_batches(rule_for):
+    """``work`` bounds batch x hidden^2 (inclusive): the batch range at each hidden, in prefer_torch_when and in the
+    regions the C++ calls get (torch_regions / torch_batches), and a call inside it runs torch's op bit for bit."""
+    rule_for("lstm", torch.float64, work=(64, 200), steps=(2, _rules.INF))
+    t = torch.zeros(1, dtype=torch.float64)
+    # hidden 4: batches 4-12 (16 x batch in [64, 200]); hidden 8: batch 1-3
+    assert [b for b in range(1, 20) if _rules.prefer_torch_when("lstm", t, b, 4, False, steps=5)] == list(range(4, 13))
+    assert [b for b in range(1, 20) if _rules.prefer_torch_when("lstm", t, b, 8, False, steps=5)] == [1, 2, 3]
+    assert not _rules.prefer_torch_when("lstm", t, 4, 4, False, steps=1)  # the steps bound still holds
+    assert _rules.torch_regions("lstm", torch.float64, False, 4) == [(4, 12, 2, _rules.INF)]
+    assert _rules.torch_regions("lstm", torch.float64, False, 16) == []  # 256 x batch > 200: no batch
+    ref, ours = _pair("LSTM", 3, 4)
+    for batch, torchs in ((3, False), (4, True)):
+        x = torch.randn(5, batch, 3, dtype=torch.float64)
+        with torch.no_grad():
+            got, want = ours(x)[0], ref(x)[0]
+        assert torch.equal(got, want) == torchs
+
+
+def test_past_float32_bound(rule_for, monkeypatch):
+    """``past_float32``: only the batches past float32_bfloat16_max_batch's bound at the call's hidden size."""
+    monkeypatch.setattr(_rules, "float32_bfloat16_max_batch", lambda family, hidden, steps=1: 1024 // (hidden * hidden))
+    rule_for("gru_cell", torch.bfloat16, training=False, past_float32=True)
+    t = torch.zeros(1, dtype=torch.bfloat16)
+    assert not _rules.prefer_torch_when("gru_cell", t, 16, 8, False)  # 16 x 64 = 1024: inside
+    assert _rules.prefer_torch_when("gru_cell", t, 17, 8, False)
+    assert _rules.torch_batches("gru_cell", torch.bfloat16, False, 8) == [(17, _rules.INF)]
+    assert _rules.torch_batches("gru_cell", torch.bfloat16, False, 64) == [(1, _rules.INF)]  # bound 0: every batch
+
+
+def test_rules_bounds_are_well_formed_for_every_hidden():
+    """Every rule of the table gives a well-formed (possibly empty) batch range at any hidden size."""
+    for rule in _rules.RULES:
+        for hidden in (1, 7, 64, 128, 384, 1024, 4096):
+            low, high = rule.batches(hidden)
+            assert 0 <= low and high <= _rules.INF

@@ -132,7 +132,7 @@ def test_mixed_dtypes_raise_torchs_error(upcasts):
 
 def test_not_on_cpus_with_native_bfloat16(monkeypatch):
     monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", ())
-    monkeypatch.setattr(_rules, "_FLOAT32_BF16_CPUS", ())
+    monkeypatch.setattr(_rules, "_FLOAT32_BF16_SDPA_CPUS", ())
     q = _bf16(1, 2, 6, 8)
     with torch.no_grad():
         assert not _rules.sdpa_upcasts_bfloat16(q, q, q, False)

@@ -25,6 +25,7 @@ def no_rules(monkeypatch):
     it."""
     monkeypatch.setattr(_rules, "_UPCAST_BF16_CPUS", ())
     monkeypatch.setattr(_rules, "_FLOAT32_BF16_CPUS", ())
+    monkeypatch.setattr(_rules, "_FLOAT32_BF16_SDPA_CPUS", ())
     saved = list(_rules.RULES)
     _rules.set_rules([])
     yield _attention._build_cpp_call()

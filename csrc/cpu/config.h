@@ -44,7 +44,7 @@ struct Config {
   // updates (kern::rnn_fwd_row, lstm_fwd_row, gru_fwd_row) run their AVX-512 forms (cpu/pointwise_avx512.h); false:
   // the AVX2 ones.
   bool avx512_pointwise = true;
-  // SEQFAST_CPU_NO_BF16_RNN_STEP unset: on CPUs with AVX512_BF16 (no AMX), bfloat16 LSTM and GRU layers take the
+  // SEQFAST_CPU_NO_BF16_RNN_STEP unset: on CPUs with AVX512_BF16, bfloat16 LSTM, GRU and RNN layers take the
   // fused bfloat16 steps (rnn/rnn_sequence_step_bf16.h); false: the bf16-GEMM loop of the other CPUs.
   bool bf16_rnn_step = true;
   // SEQFAST_CPU_NO_BF16_PRODUCTS unset: on CPUs with AVX512_BF16 a bfloat16 RNN layer's backward runs its weight-sized

@@ -23,7 +23,7 @@ namespace cpu {
 bool has_avx2_fma();  // AVX2 + FMA (+ F16C): the rnn/ and attention/ AVX2 regions
 bool has_avx512();    // AVX-512 F + DQ + VL (+ FMA): the AVX-512 translation units
 bool has_avx512_bf16();  // has_avx512() + BW + AVX512_BF16 (vdpbf16ps): the native bfloat16 translation units
-bool has_amx();          // AMX tiles (torch's bfloat16 GEMMs run on them; the bfloat16 step was not measured there)
+bool has_amx();          // AMX tiles (torch's bfloat16 GEMMs run on them)
 // The CPU's vendor is Intel: MKL, the BLAS of torch's x86 wheels, chooses its code path by vendor as well as by
 // features, and runs its AVX-512 kernels on Intel CPUs only (on AMD ones a generic AVX2 path; gemm.cpp:
 // blas_native says what that changes).

@@ -331,12 +331,12 @@ class CellCall {
   CellCall(int64_t gates, bool relu, py::dict params, py::list expected, py::object w_ih, py::object w_hh,
            py::object b_ih, py::object b_hh, std::vector<std::pair<int64_t, int64_t>> torch_batches,
            std::vector<std::pair<int64_t, int64_t>> training_torch_batches, bool torch_op, int64_t upcast_min_rows,
-           bool bf16_weights, int64_t float32_max_batch)
+           bool bf16_weights, int64_t float32_max_batch, bool fused_past_float32)
       : guard_(std::move(params), std::move(expected)), gates_(gates), relu_(relu), w_ih_(std::move(w_ih)),
         w_hh_(std::move(w_hh)), b_ih_(std::move(b_ih)), b_hh_(std::move(b_hh)),
         torch_batches_(std::move(torch_batches)), training_torch_batches_(std::move(training_torch_batches)),
         torch_op_(torch_op), upcast_min_rows_(upcast_min_rows), bf16_weights_(bf16_weights),
-        float32_max_batch_(float32_max_batch) {
+        float32_max_batch_(float32_max_batch), fused_past_float32_(fused_past_float32) {
     TORCH_CHECK(gates == 4 || gates == 3 || gates == 1, "CellCall: gates must be 4, 3 or 1, got ", gates);
     TORCH_CHECK(THPVariable_Check(w_ih_.ptr()) && THPVariable_Check(w_hh_.ptr()), "CellCall: weights must be tensors");
     for (const py::object* b : {&b_ih_, &b_hh_})
@@ -395,7 +395,7 @@ class CellCall {
         if (upcast_min_rows_ > 0 && rows >= upcast_min_rows_)
           return fused ? fused_bf16_step(*x, *h, c, w_ih, w_hh, b_ih, b_hh) : py::none();
         if (bf16_weights_ && rows > 0) return bf16_step(*x, *h, c, w_ih, w_hh, b_ih, b_hh);
-      } else if (fused) {
+      } else if (fused && fused_past_float32_) {
         return fused_bf16_step(*x, *h, c, w_ih, w_hh, b_ih, b_hh);
       }
       return torch_cell(*x, *h, c, w_ih, w_hh, b_ih, b_hh);
@@ -431,6 +431,7 @@ class CellCall {
   int64_t upcast_min_rows_;
   bool bf16_weights_;
   int64_t float32_max_batch_;
+  bool fused_past_float32_;  // the fused bfloat16 step past the float32 bound (seqfast._rules.fused_bf16_cells_past_float32)
   at::ScalarType dtype_;
 
   // One step of x's rows through these weights, the GIL released unless the step is small
@@ -530,11 +531,12 @@ void bind_module_call(py::module_& m) {
   py::class_<CellCall>(m, "CellCall", "one step of a seqfast RNN cell module, checks included")
       .def(py::init<int64_t, bool, py::dict, py::list, py::object, py::object, py::object, py::object,
                     std::vector<std::pair<int64_t, int64_t>>, std::vector<std::pair<int64_t, int64_t>>, bool, int64_t,
-                    bool, int64_t>(),
+                    bool, int64_t, bool>(),
            py::arg("gates"), py::arg("relu"), py::arg("params"), py::arg("expected"), py::arg("w_ih"),
            py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("torch_batches"),
            py::arg("training_torch_batches"), py::arg("torch_op"),
-           py::arg("upcast_min_rows"), py::arg("bf16_weights"), py::arg("float32_max_batch") = 0)
+           py::arg("upcast_min_rows"), py::arg("bf16_weights"), py::arg("float32_max_batch") = 0,
+           py::arg("fused_past_float32") = true)
       .def("__call__", &CellCall::call, py::arg("input"), py::arg("hx"))
       .def("stale", &CellCall::stale);
   m.def("rules_changed", [] { rules_epoch().fetch_add(1); },

@@ -13,7 +13,7 @@ namespace step_bf16 {
 
 // Compiled for the baseline ISA, outside the target region: this is the guard.
 bool available() {
-  return cpu::has_avx512_bf16() && !cpu::has_amx() && cpu::config().fused && cpu::config().bf16_rnn_step;
+  return cpu::has_avx512_bf16() && cpu::config().fused && cpu::config().bf16_rnn_step;
 }
 
 }  // namespace step_bf16

@@ -25,8 +25,9 @@ namespace step_bf16 {
 constexpr int64_t kUnits = 16;     // units per packed block (LSTM, GRU), and per group of an RNN block
 constexpr int64_t kRnnUnits = 64;  // units per packed RNN block: four groups of 16 stand in for the gates
 
-// AVX-512 + AVX512_BF16 and no AMX on this CPU (cpu/isa.h; AMX CPUs keep torch's op and the bf16-GEMM loop,
-// seqfast._rules), the own AVX-512 kernels on (config().fused) and config().bf16_rnn_step.
+// AVX-512 + AVX512_BF16 on this CPU (cpu/isa.h), the own AVX-512 kernels on (config().fused) and
+// config().bf16_rnn_step. On AMX CPUs torch's bfloat16 GEMMs run on tiles and outrun the steps' vdpbf16ps from a few
+// hundred thousand multiply-adds per step: seqfast._rules gives those calls to torch's op there.
 bool available();
 
 // bfloat16 elements of the packed weights of G gate blocks (LSTM 4, GRU 3) for `nunits` units with K inputs:

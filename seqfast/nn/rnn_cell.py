@@ -91,7 +91,7 @@ def _build_call(module, family, input):
         b_ih, b_hh, _rules.torch_batches(family, dtype, False, module.hidden_size),
         _rules.torch_batches(family, dtype, True, module.hidden_size), torch_op,
         _rnn_cell.bf16_upcast_min_rows() if float32 else 0, bool(float32) and _rnn_cell.bf16_weight_kernels(),
-        float32)
+        float32, _rules.fused_bf16_cells_past_float32())
 
 
 class _CellCallState:
