@@ -219,7 +219,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v"), py::arg("bias"), py::arg("is_causal"), py::arg("scale"));
   m.def("sdpa_backward", &seqfast::sdpa_backward, GIL(), "flash SDPA backward -> (dq, dk, dv)", py::arg("grad_out"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("bias"),
-        py::arg("is_causal"), py::arg("scale"));
+        py::arg("is_causal"), py::arg("scale"), py::arg("fold_kv") = false);
   m.def("additive_attention_forward", &seqfast::additive_attention_forward, GIL(),
         "fused Bahdanau attention step -> (context, weights)", py::arg("qp"), py::arg("kp"), py::arg("v"),
         py::arg("values"), py::arg("mask"));

@@ -453,7 +453,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 template <class R, typename scalar_t>
 void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const at::Tensor& o, const at::Tensor& lse, const at::Tensor* bias, bool causal, double scale_d,
-                at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, bool fold_kv) {
+  // fold_kv (sdpa_backward: k and v the same tensor): dk receives dK + dV, and dv is not written
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kSame = std::is_same<scalar_t, acc_t>::value;
   const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
@@ -472,7 +473,7 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
   const acc_t* lp = lse.const_data_ptr<acc_t>();
   scalar_t* dqp = dq.data_ptr<scalar_t>();
   scalar_t* dkp = dk.data_ptr<scalar_t>();
-  scalar_t* dvp = dv.data_ptr<scalar_t>();
+  scalar_t* dvp = fold_kv ? nullptr : dv.data_ptr<scalar_t>();
 
   // Work split: a task owns one kv head (n, hk) and a range [kb0, kb1) of its key blocks, so dK/dV of that range are
   // private to it. Normally one task per kv head covers all key blocks (dQ is then private too and written directly).
@@ -522,7 +523,8 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
       const int64_t jlo = kb0 * Bk, jhi = std::min(Lk, kb1 * Bk);
       const int64_t nj = std::max<int64_t>(jhi - jlo, 0);
       dKa.assign(nj * D, acc_t(0));
-      dVa.assign(nj * Dv, acc_t(0));
+      // one query row folding dV into dK: its pass adds both into dKa (below), dVa stays empty
+      dVa.assign(fold_kv && one_row ? 0 : nj * Dv, acc_t(0));
       const scalar_t* K = in.k.head(n, hk);
       const scalar_t* V = in.v.head(n, hk);
       for (int64_t g = 0; g < G; ++g) {
@@ -569,7 +571,7 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
                 const acc_t p = std::exp(sc - l);
                 if (p == acc_t(0)) continue;  // a masked key (or one past exp's range): no gradient from it
                 const acc_t ds = p * (R::dot(dO, vj, Dv) - dl);
-                R::axpy(dVa.data() + (j - jlo) * Dv, dO, p, Dv);
+                R::axpy((fold_kv ? dKa : dVa).data() + (j - jlo) * Dv, dO, p, Dv);
                 R::axpy(dKa.data() + (j - jlo) * D, Q, scale * ds, D);
                 R::axpy(dQout, kj, scale * ds, D);
               }
@@ -619,9 +621,15 @@ void bwd_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, 
         }
       }
       scalar_t* dKo = dkp + ((n * Hk + hk) * Lk + jlo) * D;
-      scalar_t* dVo = dvp + ((n * Hk + hk) * Lk + jlo) * Dv;
-      for (int64_t x = 0; x < nj * D; ++x) dKo[x] = static_cast<scalar_t>(dKa[x]);
-      for (int64_t x = 0; x < nj * Dv; ++x) dVo[x] = static_cast<scalar_t>(dVa[x]);
+      if (fold_kv && !dVa.empty()) {
+        for (int64_t x = 0; x < nj * D; ++x) dKo[x] = static_cast<scalar_t>(dKa[x] + dVa[x]);
+      } else {
+        for (int64_t x = 0; x < nj * D; ++x) dKo[x] = static_cast<scalar_t>(dKa[x]);
+      }
+      if (!fold_kv) {
+        scalar_t* dVo = dvp + ((n * Hk + hk) * Lk + jlo) * Dv;
+        for (int64_t x = 0; x < nj * Dv; ++x) dVo[x] = static_cast<scalar_t>(dVa[x]);
+      }
     }
   });
 
@@ -779,8 +787,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(const at::Tensor& g
                                                              const at::Tensor& k_, const at::Tensor& v_,
                                                              const at::Tensor& out, const at::Tensor& lse,
                                                              const std::optional<at::Tensor>& bias, bool is_causal,
-                                                             double scale) {
+                                                             double scale, bool fold_kv) {
   check_sdpa_inputs("sdpa_backward", q_, k_, v_, bias);
+  // k and v one tensor (a Luong step's keys as its values): autograd would add the two gradients into a third
+  // tensor; here dK + dV is summed where it is computed (one query row: in the per-key pass itself) and dv comes back
+  // undefined (None: the caller returns the sum as k's gradient alone)
+  fold_kv = fold_kv && k_.is_same(v_);
   const std::vector<int64_t> out_sizes{q_.size(0), q_.size(1), q_.size(2), v_.size(3)};
   check_like("sdpa_backward", "grad_out", grad_out, out_sizes, q_.scalar_type());
   check_like("sdpa_backward", "out", out, out_sizes, q_.scalar_type());
@@ -794,9 +806,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(const at::Tensor& g
   l = at::where(l == -std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity(), l);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dv = fold_kv ? at::Tensor() : at::empty(v.sizes(), v.options());
   if (q.numel() == 0 || k.numel() == 0 || v.numel() == 0) {
-    dq.zero_(), dk.zero_(), dv.zero_();
+    dq.zero_(), dk.zero_();
+    if (!fold_kv) dv.zero_();
     if (q.numel() == 0 || k.size(2) == 0) return {dq, dk, dv};
   }
   const at::Tensor* bp = (bias.has_value() && bias->defined()) ? &*bias : nullptr;
@@ -804,18 +817,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(const at::Tensor& g
     const std::optional<at::Tensor> bf = float_bias(bias);
     at::Tensor dq32 = float_like(dq);
     at::Tensor dk32 = float_like(dk);
-    at::Tensor dv32 = float_like(dv);
-    const at::Tensor go32 = widened(go), q32 = widened(q), k32 = widened(k), v32 = widened(v), o32 = widened(o);
+    at::Tensor dv32 = fold_kv ? at::Tensor() : float_like(dv);
+    const at::Tensor go32 = widened(go), q32 = widened(q), k32 = widened(k), v32 = fold_kv ? k32 : widened(v);
+    const at::Tensor o32 = widened(o);
     av::with_rows([&](auto rows) {
       bwd_kernel<decltype(rows), float>(go32, q32, k32, v32, o32, l, bf ? &*bf : nullptr, is_causal, scale, dq32, dk32,
-                                        dv32);
+                                        dv32, fold_kv);
     });
-    dq.copy_(dq32), dk.copy_(dk32), dv.copy_(dv32);
+    dq.copy_(dq32), dk.copy_(dk32);
+    if (!fold_kv) dv.copy_(dv32);
     return {dq, dk, dv};
   }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "seqfast_sdpa_backward", [&] {
     av::with_rows(
-        [&](auto rows) { bwd_kernel<decltype(rows), scalar_t>(go, q, k, v, o, l, bp, is_causal, scale, dq, dk, dv); });
+        [&](auto rows) {
+          bwd_kernel<decltype(rows), scalar_t>(go, q, k, v, o, l, bp, is_causal, scale, dq, dk, dv, fold_kv);
+        });
   });
   return {dq, dk, dv};
 }

@@ -27,12 +27,13 @@ bool sdpa_bf16_upcasts();
 
 // Flash-style backward. out / lse are what sdpa_forward returned (a fully masked row, lse = -inf, gets 0 grads).
 // Returns (dq, dk [N,Hk,Lk,D], dv [N,Hk,Lk,Dv]),
-// all in q's dtype; for GQA dk/dv are summed over the query heads of each group.
+// all in q's dtype; for GQA dk/dv are summed over the query heads of each group. fold_kv, where k and v are the same
+// tensor: dk holds dK + dV and dv is undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(const at::Tensor& grad_out, const at::Tensor& q,
                                                              const at::Tensor& k, const at::Tensor& v,
                                                              const at::Tensor& out, const at::Tensor& lse,
                                                              const std::optional<at::Tensor>& bias, bool is_causal,
-                                                             double scale);
+                                                             double scale, bool fold_kv = false);
 
 // Fused additive (Bahdanau) attention, one decoder step.
 //   qp [N,A], kp [N,S,A], v [A], values [N,S,Dv], mask [N,S] bool (True = keep) or None.

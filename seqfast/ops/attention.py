@@ -29,18 +29,22 @@ def _sdpa_save(ctx, inputs, output):
     q, k, v, bias, is_causal, scale = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], bias)
     ctx.is_causal, ctx.scale = is_causal, scale
+    ctx.kv_same = k is v  # a Luong step's keys as its values (seqfast.functional.dot_attention)
 
 
 def _sdpa_grad(ctx, grads, run_backward):
+    # k and v one tensor: the C++ backward (given the flag: Kernels.skips_grads) returns dK + dV as dk and None for
+    # dv, so that autograd does not add two key-sized gradients into a third (the others ignore the flag)
     q, k, v, out, lse, bias = ctx.saved_tensors
-    dq, dk, dv = run_backward(defined_grad(grads[0], out), q, k, v, out, lse, bias, ctx.is_causal, ctx.scale)
+    dq, dk, dv = run_backward(defined_grad(grads[0], out), q, k, v, out, lse, bias, ctx.is_causal, ctx.scale,
+                              needs=(ctx.kv_same,))
     return dq, dk, dv, None, None, None
 
 
 sdpa = FusedOp(
     "sdpa",
     reference=Kernels(reference.sdpa_forward, reference.sdpa_backward),
-    cpp=lambda C: Kernels(C.sdpa_forward, C.sdpa_backward),
+    cpp=lambda C: Kernels(C.sdpa_forward, C.sdpa_backward, skips_grads=True),
     triton=lambda: Kernels(_triton().sdpa_forward, _triton().sdpa_backward),
     schema="(Tensor q, Tensor k, Tensor v, Tensor? bias, bool is_causal, float scale) -> (Tensor, Tensor)",
     backward_schema="(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? bias, "

@@ -24,8 +24,8 @@ from .. import _backend, _ext
 class Kernels(NamedTuple):
     """One backend's kernels for an op. ``inference``: an optional no-grad forward (same outputs; the backward's
     workspaces may come back empty), used by the eager no-grad path; the forward serves where it is None.
-    ``skips_grads``: the backward takes trailing flags naming the input gradients to compute (the op's ``grad``
-    passes them as ``needs=``) and returns None for the others."""
+    ``skips_grads``: the backward takes the trailing flags the op's ``grad`` passes as ``needs=`` (which input
+    gradients to compute; for sdpa, whether k and v are one tensor) and returns None for a gradient it leaves out."""
     forward: Callable
     backward: Callable
     inference: Optional[Callable] = None
