@@ -337,9 +337,14 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const bool avx2 = kAvx2Type && attn_avx2::available();
   // the kernel's row prefetch only where K and V outgrow the L3, i.e. come from memory (see attention_decode_avx2.cpp).
   // Zen 5 (AMD EPYC family 26, 32 MB L3), 2 threads, B16 H8 D64 float32, share of a plain read of the same bytes with /
-  // without it (same process, 21 rounds, twice): 1024 keys 93-95% / 84-85%, 4096 keys 94% / 85-86%.
-  const bool kv_from_memory =
-      N * Hk * kv_end * (D + Dv) * int64_t(sizeof(T)) > int64_t(cpu::l3_cache_bytes());
+  // without it (same process, 21 rounds, twice): 1024 keys 93-95% / 84-85%, 4096 keys 94% / 85-86%. The L3 counted is
+  // at most kL3PerCpu per thread of the team: a VM reports its host's whole L3, which the host's other guests share
+  // (an Intel Xeon family 6 model 167 guest with 2 vCPUs reports 480 MB; there, with / without the prefetch, same
+  // process, 11 rounds: float32 1024 keys (67 MB) 99% / 94%, 4096 keys 108% / 96%, 256 keys (17 MB) 87% / 86%,
+  // bfloat16 1024 keys 86% / 85%).
+  constexpr int64_t kL3PerCpu = int64_t(16) << 20;
+  const int64_t l3 = std::min<int64_t>(cpu::l3_cache_bytes(), kL3PerCpu * std::max(1, cpu::threads()));
+  const bool kv_from_memory = N * Hk * kv_end * (D + Dv) * int64_t(sizeof(T)) > l3;
   // Heads per thread: at least config().par_min_work multiply-adds each (parallel_for_shared's team rule), so a small
   // step (batch 1, 8 heads, a few dozen keys: microseconds of work) runs on the calling thread instead of waking a
   // team for it.
