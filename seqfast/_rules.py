@@ -112,6 +112,8 @@ _ZEN3_BF16_RNN_CELL = ("same-process A/B, torch / seqfast's kernel / seqfast wit
                        "bench-sweep sweep-cpu-20261206-180155 to -205719")
 _XEON_AMX = ("make bench-sweep, sweep-cpu-20261208-002725 (Intel Xeon family 6 model 167, AVX-512 + AMX, 2 threads), "
              "commit 9299f92")
+_XEON_AMX_DECODE = ("same-process, torch / seqfast's kernel (use_backend cpp) interleaved, 11 rounds, on commit f098210 "
+                    "on the same Intel Xeon")
 _XEON_AMX_RNN = ("same-process, torch / seqfast without the table's bfloat16 rules interleaved, 3-5 rounds, make "
                  "bench-sweep's bfloat16 RNN cases and the regions' edges, the fused bfloat16 steps and the float32 "
                  "path on, on the same Intel Xeon, 2026-12-08")
@@ -279,7 +281,12 @@ RULES = [
     # 0.80 / 0.53x, full L128 0.65x), the decoder step (query length 1) 0.79x at 4096 keys and 0.87x at 1024 (1.04x at
     # 256); training kept seqfast's lead there (L128 2.10-2.97x, causal L512 D128 1.56x).
     Rule("sdpa", BF16, AMX, training=False, batch=(2, INF), source=_XEON_AMX),
-    Rule("sdpa", BF16, AMX, training=False, batch=(1, 1), hidden=(1024, INF), source=_XEON_AMX),
+    # The decoder step's rule stops at 3071 keys since its kernel prefetches K and V rows there (csrc/attention/
+    # attention.cpp: the L3 counted per thread): B16 H8 D64, torch's time over the kernel's (_XEON_AMX_DECODE) 1024
+    # keys 0.81x, 2048 0.98x -- against 3072 1.34x, 4096 1.32x, 8192 1.11x (torch's own step slows 2.4x from 2048 to
+    # 3072 keys there).
+    Rule("sdpa", BF16, AMX, training=False, batch=(1, 1), hidden=(1024, 3071),
+         source=_XEON_AMX + "; " + _XEON_AMX_DECODE),
 ] + [
     # AVX2 without AVX-512 (an AMD EPYC Zen 3, family 25 model 1): the C++ kernels take their MKL / AVX2 paths.
     # Measured by make bench-sweep on commit c6aed95 (sweep-cpu-20261204-194326, 2 threads, 5 rounds per case);
