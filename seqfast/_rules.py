@@ -57,12 +57,17 @@ class Rule:
             low = max(low, float32_bfloat16_max_batch(self.family, hidden) + 1)
         return low, high
 
+    def _holds_batch(self, batch, hidden):
+        if self.batch is None and self.work is None and not self.past_float32:
+            return True
+        low, high = self.batches(hidden)
+        return low <= batch <= high
+
     def matches(self, family, dtype, cpu, training, batch, hidden, causal, head_dim=0, steps=None):
         return (family == self.family and dtype == self.dtype and cpu in self.cpus
                 and (self.training is None or self.training == training)
                 and (self.causal is None or self.causal == causal)
-                and (self.batch is None and self.work is None and not self.past_float32
-                     or self.batches(hidden)[0] <= batch <= self.batches(hidden)[1])
+                and self._holds_batch(batch, hidden)
                 and (self.hidden is None or self.hidden[0] <= hidden <= self.hidden[1])
                 and (self.head_dim is None or self.head_dim[0] <= head_dim <= self.head_dim[1])
                 and (self.steps is None or steps is None or self.steps[0] <= steps <= self.steps[1]))

@@ -979,8 +979,15 @@ inline Tensor layer_dtype(const Tensor& dg, const Tensor& x) {
 //     with the GEMM first (same process, 9-15 rounds): H1024 (32 MB packed) B12 1.17x, B16 1.16x / 1.155x (two
 //     runs), B24 1.065x, B32 0.99x / 1.03x, B48 0.98x, B64 0.92x; H1536 B32 1.08x; H768 (19 MB) B16 0.94x, B32
 //     0.94x; H512 (8 MB) B32 0.87x, B64 0.89x. Training (the forward is shared) H1024 B32 T16 1.02x.
+namespace {
+// Bytes of one thread's packed W_ih and W_hh slices for the fused AVX-512 LSTM step (`units` units, I inputs).
+int64_t step_slice_bytes(int64_t I, int64_t H, int64_t units) {
+  return int64_t(sizeof(float)) * lstm_step::pack_size(I + H, units);
+}
+}  // namespace
+
 bool lstm_input_first(int64_t rows, int64_t I, int64_t H, int64_t units) {
-  const int64_t slices = int64_t(sizeof(float)) * lstm_step::pack_size(I + H, units);
+  const int64_t slices = step_slice_bytes(I, H, units);
   const int64_t all = int64_t(sizeof(float)) * 4 * H * (I + H);
   return (rows <= 8 && slices > cpu::l2_cache_bytes() / 2) || (rows <= 32 && all > cpu::l3_cache_bytes() / 4 * 3);
 }
@@ -996,8 +1003,7 @@ bool lstm_input_first(int64_t rows, int64_t I, int64_t H, int64_t units) {
 // 0.61-0.88x. With this rule / without it (blas_native forced off), H1024: B4 1.42 / 1.52x (so from 8 rows), B8
 // 1.05 / 0.95x, B16 1.09 / 0.87x, B32 0.99 / 0.84x, B64 1.02 / 0.96x; training B16 1.30 / 1.15x, B64 1.09 / 0.99x.
 bool lstm_step_yields(int64_t rows, int64_t I, int64_t H, int64_t units) {
-  const int64_t slices = int64_t(sizeof(float)) * lstm_step::pack_size(I + H, units);
-  return rows >= 8 && rows <= 64 && slices > 2 * cpu::l2_cache_bytes() && gemm::blas_native();
+  return rows >= 8 && rows <= 64 && step_slice_bytes(I, H, units) > 2 * cpu::l2_cache_bytes() && gemm::blas_native();
 }
 
 // ==================================================================================================================
